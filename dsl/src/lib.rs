@@ -1,0 +1,175 @@
+//! # weft-dsl: the pattern IR
+//!
+//! Every sparse-attention pattern weft knows is one value of [`PatternExpr`]: a tree whose
+//! leaves are static predicates over token positions, dynamic families chosen from Q and K
+//! at run time (block, vertical-vector, vertical-slash, grid) and decode-time retrieval
+//! operators; whose inner nodes are union, intersection, a virtual permutation and a ring
+//! partition. The IR is plain serde data; it carries no behaviour beyond evaluation of
+//! static predicates, validation and hashing. Semantics of the dynamic families live in
+//! `weft-patterns`, lowering in `weft-codegen`.
+//!
+//! ## Three ways in, one IR
+//! - the `#[sparse_pattern]` attribute (crate `weft-macros`, re-exported by `weft`), checked at
+//!   compile time with errors at the offending token;
+//! - the [`builder`] functions and operators, for code that assembles patterns at run time;
+//! - text: the same expression syntax in a string ([`parse_pattern_str`]), or a TOML/JSON file
+//!   ([`load_pattern_file`]) holding either that string or the serialized IR.
+//!
+//! All three go through the same parser or constructors and give the same IR and the same
+//! [`PatternHash`].
+//!
+//! ## Hashing
+//! [`Pattern::hash`] is BLAKE3 over a versioned canonical encoding ([`canonical`]): union and
+//! intersection operands are flattened, sorted and deduplicated, and their static operands
+//! merged, so `a | b` and `b | a` share kernels in the cache. The name is not hashed.
+
+pub mod builder;
+pub mod canonical;
+mod display;
+pub mod eval;
+pub mod ir;
+pub mod syntax;
+pub mod validate;
+
+use std::path::Path;
+
+pub use canonical::{PatternHash, IR_VERSION};
+pub use eval::Env;
+pub use ir::*;
+pub use validate::ValidationError;
+
+/// Everything that can go wrong reading or checking a pattern.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A parameter out of range or a node in the wrong place.
+    #[error("invalid pattern:\n  {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Invalid(Vec<ValidationError>),
+    /// Pattern text that does not parse.
+    #[error("{origin}:{line}:{column}: {message}\n  {snippet}")]
+    Syntax {
+        origin: String,
+        line: usize,
+        column: usize,
+        message: String,
+        snippet: String,
+    },
+    /// A pattern file that cannot be read.
+    #[error("cannot read pattern file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A pattern file whose structure is wrong.
+    #[error("pattern file {path}: {message}")]
+    File { path: String, message: String },
+}
+
+impl Pattern {
+    /// A named pattern (not yet validated: see [`Pattern::validate`]).
+    pub fn new(name: impl Into<String>, expr: impl Into<PatternExpr>) -> Pattern {
+        Pattern {
+            name: name.into(),
+            expr: expr.into(),
+        }
+    }
+
+    /// Checks every parameter range and the tree's shape.
+    pub fn validate(&self) -> Result<(), Error> {
+        validate::validate(&self.expr).map_err(Error::Invalid)
+    }
+
+    /// The content hash (independent of the name).
+    pub fn hash(&self) -> PatternHash {
+        canonical::hash_expr(&self.expr)
+    }
+
+    /// The canonical form of the expression.
+    pub fn canonical(&self) -> Pattern {
+        Pattern {
+            name: self.name.clone(),
+            expr: canonical::canonicalize(&self.expr),
+        }
+    }
+
+    /// The IR as pretty JSON (the `ir` form of a pattern file).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.expr, f)
+    }
+}
+
+fn syntax_error(origin: &str, src: &str, e: &syn::Error) -> Error {
+    let start = e.span().start();
+    let line_text = src.lines().nth(start.line.saturating_sub(1)).unwrap_or("");
+    Error::Syntax {
+        origin: origin.to_string(),
+        line: start.line.max(1),
+        column: start.column + 1,
+        message: e.to_string(),
+        snippet: format!("{line_text}\n  {}^", " ".repeat(start.column)),
+    }
+}
+
+/// Parses DSL text such as `"causal & vertical_slash(vertical = top_k(1000))"` and validates it.
+pub fn parse_pattern_str(name: &str, src: &str) -> Result<Pattern, Error> {
+    parse_with_origin(name, src, "<pattern>")
+}
+
+fn parse_with_origin(name: &str, src: &str, origin: &str) -> Result<Pattern, Error> {
+    let expr: syn::Expr = syn::parse_str(src).map_err(|e| syntax_error(origin, src, &e))?;
+    let expr = syntax::pattern(&expr).map_err(|e| syntax_error(origin, src, &e))?;
+    Ok(Pattern::new(name, expr))
+}
+
+/// The on-disk form: a name and either the DSL text (`pattern`) or the serialized IR (`ir`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatternFile {
+    name: Option<String>,
+    pattern: Option<String>,
+    ir: Option<PatternExpr>,
+}
+
+/// Reads a pattern from TOML or JSON text. `origin` names the source in errors.
+///
+/// ```toml
+/// name = "video"
+/// pattern = "sink(64) | local(256) | vertical_vector(q_block = 128, keep = top_p(0.95))"
+/// ```
+pub fn parse_pattern_file(origin: &str, text: &str, default_name: &str) -> Result<Pattern, Error> {
+    let file_err = |message: String| Error::File {
+        path: origin.to_string(),
+        message,
+    };
+    let looks_json = text.trim_start().starts_with('{');
+    let file: PatternFile = if looks_json {
+        serde_json::from_str(text).map_err(|e| file_err(format!("invalid JSON: {e}")))?
+    } else {
+        toml::from_str(text).map_err(|e| file_err(format!("invalid TOML: {e}")))?
+    };
+    let name = file.name.unwrap_or_else(|| default_name.to_string());
+    let pattern = match (file.pattern, file.ir) {
+        (Some(src), None) => parse_with_origin(&name, &src, &format!("{origin} (pattern)"))?,
+        (None, Some(expr)) => Pattern::new(name, expr),
+        (Some(_), Some(_)) => return Err(file_err("give either `pattern` (DSL text) or `ir` (serialized IR), not both".into())),
+        (None, None) => return Err(file_err("missing `pattern = \"...\"` (DSL text such as \"causal & window(1024)\") or `ir`".into())),
+    };
+    pattern.validate()?;
+    Ok(pattern)
+}
+
+/// Reads a `.toml` or `.json` pattern file; the name defaults to the file stem.
+pub fn load_pattern_file(path: &Path) -> Result<Pattern, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("pattern");
+    parse_pattern_file(&path.display().to_string(), &text, stem)
+}

@@ -1,0 +1,26 @@
+//! # weft
+//!
+//! A compiler and autotuner for sparse-attention and KV-retrieval GPU kernels.
+//!
+//! Describe a pattern with `#[sparse_pattern]`, the [`dsl::builder`] or a pattern file; weft
+//! builds its sparse index from Q and K, computes reference attention on the CPU
+//! ([`patterns`]), and (in later crates) lowers it to CUDA, autotunes it per GPU and loads
+//! tuned kernels at run time.
+//!
+//! ```
+//! use weft::sparse_pattern;
+//!
+//! #[sparse_pattern]
+//! fn video() -> Pattern {
+//!     sink(64) | local(256) | vertical_vector(q_block = 128, keep = top_p(0.95))
+//! }
+//!
+//! let p = video();
+//! assert_eq!(p.name, "video");
+//! assert_eq!(p.hash(), weft::dsl::parse_pattern_str("video",
+//!     "sink(64) | local(256) | vertical_vector(q_block = 128, keep = top_p(0.95))").unwrap().hash());
+//! ```
+
+pub use weft_dsl as dsl;
+pub use weft_macros::sparse_pattern;
+pub use weft_patterns as patterns;
