@@ -99,7 +99,7 @@ impl Var {
 
 /// Integer binary operators. Division and remainder are Euclidean and their divisor must be
 /// a positive constant, so every backend (CPU, CUDA) agrees and no division by zero exists.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IntOp {
     Add,
@@ -127,7 +127,7 @@ impl IntOp {
 }
 
 /// An integer expression (64-bit, saturating).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IntExpr {
     Var(Var),
@@ -141,7 +141,7 @@ pub enum IntExpr {
 }
 
 /// Comparison operators.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CmpOp {
     Lt,
@@ -167,7 +167,7 @@ impl CmpOp {
 }
 
 /// A boolean predicate over (q, k, h, nq, nk).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Pred {
     Const(bool),

@@ -1,0 +1,324 @@
+//! Dynamic selection: each family's choice of blocks or columns for one head, from Q and K.
+//!
+//! Resolution turns a pattern expression into a [`Node`] tree for one head, in which every
+//! dynamic family has been replaced by what it selected ([`BlockSel`], [`ColSel`]) and by
+//! the static predicates it always keeps (sink, local band, grid rows). The index builder and
+//! the dense mask both read this tree, so they agree by construction on *what* was selected;
+//! the property tests check that the compressed index agrees with the tree pair by pair.
+//!
+//! Selections are made over the candidates the enclosing intersection allows: in
+//! `causal & block(keep = top_k(4))` the four blocks are chosen among those not entirely in
+//! the future, as MInference does.
+
+use weft_dsl::builder;
+use weft_dsl::*;
+
+use crate::interval::{decide, Region};
+use crate::retrieval;
+use crate::select::select;
+use crate::tensor::{dot, Tensor};
+use crate::Error;
+
+/// The inputs of one head's selection, in index coordinates (already permuted if the
+/// pattern is permuted).
+pub struct HeadInputs<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    /// Query head.
+    pub h: usize,
+    /// Key/value head (`h / group` under GQA).
+    pub kv: usize,
+    pub scale: f64,
+}
+
+impl HeadInputs<'_> {
+    fn nq(&self) -> usize {
+        self.q.tokens
+    }
+    fn nk(&self) -> usize {
+        self.k.tokens
+    }
+    fn region(&self, q0: usize, q1: usize, k0: usize, k1: usize) -> Region {
+        Region {
+            q0: q0 as i64,
+            q1: q1 as i64,
+            k0: k0 as i64,
+            k1: k1 as i64,
+            h: self.h as i64,
+            nq: self.nq() as i64,
+            nk: self.nk() as i64,
+        }
+    }
+    fn pooled_q(&self, q0: usize, q1: usize) -> Vec<f32> {
+        pooled(self.q, self.h, q0, q1)
+    }
+}
+
+fn pooled(t: &Tensor, head: usize, t0: usize, t1: usize) -> Vec<f32> {
+    let mut acc = vec![0f64; t.dim];
+    for i in t0..t1 {
+        for (a, x) in acc.iter_mut().zip(t.row(head, i)) {
+            *a += f64::from(*x);
+        }
+    }
+    let n = (t1 - t0).max(1) as f64;
+    acc.into_iter().map(|a| (a / n) as f32).collect()
+}
+
+/// Blocks kept at `bq x bk` granularity.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockSel {
+    pub bq: usize,
+    pub bk: usize,
+    pub nkb: usize,
+    /// `keep[qb * nkb + kb]`.
+    pub keep: Vec<bool>,
+}
+
+impl BlockSel {
+    /// Whether block `(qb, kb)` is kept.
+    pub fn selected(&self, qb: usize, kb: usize) -> bool {
+        kb < self.nkb && self.keep.get(qb * self.nkb + kb).copied().unwrap_or(false)
+    }
+}
+
+/// Key columns kept per group of `bq` query rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ColSel {
+    pub bq: usize,
+    /// Sorted columns of each query group.
+    pub cols: Vec<Vec<u32>>,
+}
+
+impl ColSel {
+    /// The columns of the group holding query row `q`.
+    pub fn columns_for_row(&self, q: usize) -> &[u32] {
+        self.cols.get(q / self.bq).map(Vec::as_slice).unwrap_or(&[])
+    }
+    /// Whether column `c` is kept for query row `q`.
+    pub fn selected(&self, q: usize, c: usize) -> bool {
+        self.columns_for_row(q).binary_search(&(c as u32)).is_ok()
+    }
+}
+
+/// A pattern for one head with every dynamic choice made.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Node {
+    Static(Pred),
+    Blocks(BlockSel),
+    Columns(ColSel),
+    Union(Vec<Node>),
+    Intersect(Vec<Node>),
+}
+
+impl Node {
+    /// Membership of one pair, straight from the selections (the dense definition).
+    pub fn contains(&self, q: usize, k: usize, env: &Env) -> bool {
+        match self {
+            Node::Static(p) => p.eval(env),
+            Node::Blocks(b) => b.selected(q / b.bq, k / b.bk),
+            Node::Columns(c) => c.selected(q, k),
+            Node::Union(items) => items.iter().any(|n| n.contains(q, k, env)),
+            Node::Intersect(items) => items.iter().all(|n| n.contains(q, k, env)),
+        }
+    }
+
+    /// Every column selection in the tree.
+    pub fn column_sels(&self) -> Vec<&ColSel> {
+        match self {
+            Node::Columns(c) => vec![c],
+            Node::Union(items) | Node::Intersect(items) => items.iter().flat_map(Node::column_sels).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn static_pred(e: PatternExpr) -> Pred {
+    match e {
+        PatternExpr::Static(p) => p,
+        _ => Pred::Const(false),
+    }
+}
+
+/// Resolves `expr` for one head; `ctx` is the static predicate of enclosing intersections.
+pub fn resolve(expr: &PatternExpr, inp: &HeadInputs<'_>, ctx: &Pred) -> Result<Node, Error> {
+    Ok(match expr {
+        PatternExpr::Static(p) => Node::Static(p.clone()),
+        PatternExpr::Union(items) => {
+            Node::Union(items.iter().map(|e| resolve(e, inp, ctx)).collect::<Result<_, _>>()?)
+        }
+        PatternExpr::Intersect(items) => {
+            let mut inner_ctx = ctx.clone();
+            for item in items {
+                if let PatternExpr::Static(p) = item {
+                    inner_ctx = inner_ctx.and(p.clone());
+                }
+            }
+            Node::Intersect(items.iter().map(|e| resolve(e, inp, &inner_ctx)).collect::<Result<_, _>>()?)
+        }
+        PatternExpr::Block(b) => Node::Blocks(block(b, inp, ctx)),
+        PatternExpr::VerticalVector(v) => {
+            let mut items = vec![Node::Columns(vertical_vector(v, inp, ctx))];
+            if v.sink > 0 {
+                items.push(Node::Static(static_pred(builder::sink(v.sink))));
+            }
+            if v.local > 0 {
+                items.push(Node::Static(static_pred(builder::local(v.local))));
+            }
+            Node::Union(items)
+        }
+        PatternExpr::VerticalSlash(v) => {
+            let (cols, blocks) = vertical_slash(v, inp, ctx);
+            Node::Union(vec![Node::Columns(cols), Node::Blocks(blocks)])
+        }
+        PatternExpr::Grid(g) => grid(g, inp, ctx),
+        PatternExpr::Retrieval(r) => Node::Columns(retrieval::select_head(r, inp, ctx)),
+        PatternExpr::Permuted { .. } | PatternExpr::Ring { .. } => {
+            return Err(Error::Layout(
+                "permuted(...) and ring(...) must be outermost; the index builder strips them first".into(),
+            ))
+        }
+    })
+}
+
+/// `ctx` allows at least one pair of the region.
+fn allowed(ctx: &Pred, r: &Region) -> bool {
+    decide(ctx, r) != Some(false)
+}
+
+fn block(b: &Block, inp: &HeadInputs<'_>, ctx: &Pred) -> BlockSel {
+    let (bq, bk) = (b.block_q as usize, b.block_k as usize);
+    let nqb = inp.nq().div_ceil(bq);
+    let nkb = inp.nk().div_ceil(bk);
+    let mut keep = vec![false; nqb * nkb];
+    match &b.keep {
+        BlockKeep::Where(p) => {
+            for qb in 0..nqb {
+                for kb in 0..nkb {
+                    let env = Env { q: qb as i64, k: kb as i64, h: inp.h as i64, nq: inp.nq() as i64, nk: inp.nk() as i64 };
+                    keep[qb * nkb + kb] = p.eval(&env);
+                }
+            }
+        }
+        BlockKeep::Budget(budget) => {
+            let pooled_k: Vec<Vec<f32>> =
+                (0..nkb).map(|kb| pooled(inp.k, inp.kv, kb * bk, ((kb + 1) * bk).min(inp.nk()))).collect();
+            for qb in 0..nqb {
+                let (q0, q1) = (qb * bq, ((qb + 1) * bq).min(inp.nq()));
+                let pq = inp.pooled_q(q0, q1);
+                let cands: Vec<(u32, f64)> = (0..nkb)
+                    .filter(|&kb| allowed(ctx, &inp.region(q0, q1, kb * bk, ((kb + 1) * bk).min(inp.nk()))))
+                    .map(|kb| (kb as u32, inp.scale * dot(&pq, &pooled_k[kb])))
+                    .collect();
+                for kb in select(&cands, *budget) {
+                    keep[qb * nkb + kb as usize] = true;
+                }
+            }
+        }
+    }
+    BlockSel { bq, bk, nkb, keep }
+}
+
+fn vertical_vector(v: &VerticalVector, inp: &HeadInputs<'_>, ctx: &Pred) -> ColSel {
+    let bq = v.q_block as usize;
+    let groups = inp.nq().div_ceil(bq);
+    let cols = (0..groups)
+        .map(|g| {
+            let (q0, q1) = (g * bq, ((g + 1) * bq).min(inp.nq()));
+            let pq = inp.pooled_q(q0, q1);
+            // Sink columns are always kept, so they do not compete for the budget.
+            let cands: Vec<(u32, f64)> = (v.sink as usize..inp.nk())
+                .filter(|&c| allowed(ctx, &inp.region(q0, q1, c, c + 1)))
+                .map(|c| (c as u32, inp.scale * dot(&pq, inp.k.row(inp.kv, c))))
+                .collect();
+            select(&cands, v.keep)
+        })
+        .collect();
+    ColSel { bq, cols }
+}
+
+/// Softmax rows of the last `last` queries over the keys `ctx` allows; calls `f(row, key, p)`.
+pub(crate) fn last_rows_attention(inp: &HeadInputs<'_>, ctx: &Pred, last: usize, mut f: impl FnMut(usize, usize, f64)) {
+    let (nq, nk) = (inp.nq(), inp.nk());
+    for r in nq - last.min(nq)..nq {
+        let env = |k: usize| Env { q: r as i64, k: k as i64, h: inp.h as i64, nq: nq as i64, nk: nk as i64 };
+        let logits: Vec<(usize, f64)> = (0..nk)
+            .filter(|&k| ctx.eval(&env(k)))
+            .map(|k| (k, inp.scale * dot(inp.q.row(inp.h, r), inp.k.row(inp.kv, k))))
+            .collect();
+        let Some(max) = logits.iter().map(|x| x.1).reduce(f64::max) else { continue };
+        let total: f64 = logits.iter().map(|x| (x.1 - max).exp()).sum();
+        for (k, s) in logits {
+            f(r, k, (s - max).exp() / total);
+        }
+    }
+}
+
+fn mass_select(mass: impl Iterator<Item = (u32, f64)>, budget: Budget) -> Vec<u32> {
+    // Masses are probabilities: their log is a logit, so top_p and threshold read as mass.
+    let cands: Vec<(u32, f64)> = mass.filter(|x| x.1 > 0.0).map(|(i, m)| (i, m.ln())).collect();
+    select(&cands, budget)
+}
+
+fn vertical_slash(v: &VerticalSlash, inp: &HeadInputs<'_>, ctx: &Pred) -> (ColSel, BlockSel) {
+    let (nq, nk) = (inp.nq(), inp.nk());
+    let b = v.block as usize;
+    let mut vert = vec![0f64; nk];
+    // Diagonal of (r, k) numbered i = r + nk - k, in 1..nq + nk; i = nq is the causal main
+    // diagonal (k = r + nk - nq) and larger i lie further in the past.
+    let mut slash = vec![0f64; nq + nk];
+    last_rows_attention(inp, ctx, v.last_q as usize, |r, k, p| {
+        vert[k] += p;
+        slash[r + nk - k] += p;
+    });
+    let verticals = mass_select(vert.iter().enumerate().map(|(k, m)| (k as u32, *m)), v.vertical);
+    let slashes = mass_select(slash.iter().enumerate().map(|(i, m)| (i as u32, *m)), v.slash);
+    let groups = nq.div_ceil(b);
+    let nkb = nk.div_ceil(b);
+    let mut keep = vec![false; groups * nkb];
+    for g in 0..groups {
+        let (q0, q1) = (g * b, ((g + 1) * b).min(nq));
+        for &i in &slashes {
+            // Row q meets diagonal i at key q + nk - i.
+            let lo = (q0 + nk).saturating_sub(i as usize);
+            let hi = (q1 - 1 + nk).checked_sub(i as usize).map(|x| x.min(nk - 1));
+            if let Some(hi) = hi {
+                if lo <= hi {
+                    for kb in lo / b..=hi / b {
+                        keep[g * nkb + kb] = true;
+                    }
+                }
+            }
+        }
+    }
+    (ColSel { bq: b, cols: vec![verticals; groups] }, BlockSel { bq: b, bk: b, nkb, keep })
+}
+
+fn grid(g: &Grid, inp: &HeadInputs<'_>, ctx: &Pred) -> Node {
+    let stride = g.stride as usize;
+    let phase = g.phase.map(|p| p as usize).unwrap_or_else(|| {
+        let mut mass = vec![0f64; stride];
+        last_rows_attention(inp, ctx, 64, |_, k, p| mass[k % stride] += p);
+        // The heaviest in-frame position; ties go to the lowest.
+        let mut best = 0;
+        for (i, m) in mass.iter().enumerate() {
+            if *m > mass[best] {
+                best = i;
+            }
+        }
+        best
+    });
+    let mut items = Vec::new();
+    if matches!(g.lines, GridLines::Cols | GridLines::Both) {
+        let cols: Vec<u32> = (phase..inp.nk()).step_by(stride).map(|c| c as u32).collect();
+        // One group spans every query.
+        items.push(Node::Columns(ColSel { bq: inp.nq().max(1), cols: vec![cols] }));
+    }
+    if matches!(g.lines, GridLines::Rows | GridLines::Both) {
+        items.push(Node::Static(builder::q().rem(stride as i64).eq(builder::lit(phase as i64))));
+    }
+    if g.sink > 0 {
+        items.push(Node::Static(static_pred(builder::sink(g.sink))));
+    }
+    Node::Union(items)
+}

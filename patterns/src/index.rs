@@ -1,0 +1,468 @@
+//! The sparse index: one format for the CPU reference and every GPU kernel.
+//!
+//! See the crate documentation for the picture. In short: per head and query block of
+//! `block_m` rows, a CSR list of key blocks of `block_n` keys, each either full or partial,
+//! and a CSR list of single key columns outside those blocks' pairs. A partial block or a
+//! column carries a mask id: the index of a static predicate in [`SparseIndex::masks`] that
+//! the kernel evaluates per pair; full entries skip it.
+//!
+//! The builder evaluates the resolved pattern ([`Node`]) on each block symbolically: static
+//! leaves by interval analysis (true, false, or "mask"), dynamic leaves by their selection.
+//! A result that is still a mask is checked pair by pair once, so full blocks are marked full
+//! and empty ones dropped even when intervals cannot prove it.
+
+use std::collections::HashMap;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use weft_dsl::{Env, PatternExpr, Permutation, Pred};
+
+use crate::families::{resolve, HeadInputs, Node};
+use crate::interval::{decide, decide_exact, Region};
+use crate::permute;
+use crate::tensor::{check_qkv, Tensor};
+use crate::Error;
+
+/// Mask id of an entry that needs no predicate.
+pub const FULL: u16 = u16::MAX;
+
+/// The sparse index of a pattern over one input (see the module docs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SparseIndex {
+    /// Query heads.
+    pub heads: usize,
+    /// Queries and keys.
+    pub nq: usize,
+    pub nk: usize,
+    /// Rows per query block and keys per key block.
+    pub block_m: usize,
+    pub block_n: usize,
+    /// When set, positions are in permuted order: index row `i` is token
+    /// `permute::inverse(p, i, nq)`, index key `j` is token `permute::inverse(p, j, nk)`.
+    pub permutation: Option<Permutation>,
+    /// Residual predicates of partial entries, over index positions.
+    pub masks: Vec<Pred>,
+    /// `block_ptr[r]..block_ptr[r + 1]`: the key blocks of row `r = head * q_blocks + qb`.
+    pub block_ptr: Vec<u32>,
+    pub block_idx: Vec<u32>,
+    pub block_mask: Vec<u16>,
+    /// `col_ptr[r]..col_ptr[r + 1]`: the extra key columns of row `r`, ascending.
+    pub col_ptr: Vec<u32>,
+    pub col_idx: Vec<u32>,
+    pub col_mask: Vec<u16>,
+}
+
+/// Block sizes and scale for [`build_index`]; `None` picks the pattern's natural choice.
+#[derive(Clone, Debug, Default)]
+pub struct IndexOptions {
+    /// Rows per query block (default: the finest query granularity of the pattern, or 64).
+    pub block_m: Option<usize>,
+    /// Keys per key block (default: the finest key granularity of the pattern, or 64).
+    pub block_n: Option<usize>,
+    /// Softmax scale (default `1 / sqrt(head_dim)`).
+    pub scale: Option<f64>,
+}
+
+/// A pattern resolved for an input: every dynamic choice made, per head.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub nodes: Vec<Node>,
+    pub permutation: Option<Permutation>,
+    pub heads: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub block_m: usize,
+    pub block_n: usize,
+    pub scale: f64,
+}
+
+fn granularity(e: &PatternExpr, qs: &mut Vec<usize>, ks: &mut Vec<usize>) {
+    match e {
+        PatternExpr::Block(b) => {
+            qs.push(b.block_q as usize);
+            ks.push(b.block_k as usize);
+        }
+        PatternExpr::VerticalVector(v) => qs.push(v.q_block as usize),
+        PatternExpr::VerticalSlash(v) => {
+            qs.push(v.block as usize);
+            ks.push(v.block as usize);
+        }
+        PatternExpr::Retrieval(_) => qs.push(1),
+        PatternExpr::Union(items) | PatternExpr::Intersect(items) => {
+            items.iter().for_each(|i| granularity(i, qs, ks))
+        }
+        PatternExpr::Permuted { inner, .. } | PatternExpr::Ring { inner, .. } => granularity(inner, qs, ks),
+        PatternExpr::Static(_) | PatternExpr::Grid(_) => {}
+    }
+}
+
+/// The block sizes an index of `e` uses: each must divide every granularity of the pattern,
+/// so a block never straddles two selection units.
+pub fn layout(e: &PatternExpr, opts: &IndexOptions) -> Result<(usize, usize), Error> {
+    let (mut qs, mut ks) = (Vec::new(), Vec::new());
+    granularity(e, &mut qs, &mut ks);
+    let bm = opts.block_m.unwrap_or_else(|| qs.iter().copied().min().unwrap_or(64));
+    let bn = opts.block_n.unwrap_or_else(|| ks.iter().copied().min().unwrap_or(64));
+    if bm == 0 || bn == 0 {
+        return Err(Error::Layout("block sizes must be at least 1".into()));
+    }
+    if let Some(g) = qs.iter().find(|g| **g % bm != 0) {
+        return Err(Error::Layout(format!(
+            "block_m = {bm} does not divide the pattern's query granularity {g}; use a divisor of {g}"
+        )));
+    }
+    if let Some(g) = ks.iter().find(|g| **g % bn != 0) {
+        return Err(Error::Layout(format!(
+            "block_n = {bn} does not divide the pattern's key granularity {g}; use a divisor of {g}"
+        )));
+    }
+    Ok((bm, bn))
+}
+
+/// Makes every dynamic choice of `pattern` for inputs `q` `[hq, nq, d]` and `k` `[hkv, nk, d]`.
+pub fn resolve_pattern(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &IndexOptions) -> Result<Resolved, Error> {
+    weft_dsl::validate::validate(pattern).map_err(|e| Error::Pattern(weft_dsl::Error::Invalid(e)))?;
+    let group = check_qkv(q, k, None)?;
+    q.check_finite("q")?;
+    k.check_finite("k")?;
+    let (bm, bn) = layout(pattern, opts)?;
+    let scale = opts.scale.unwrap_or(1.0 / (q.dim as f64).sqrt());
+    // The ring changes the schedule, not the pairs.
+    let mut expr = pattern;
+    if let PatternExpr::Ring { inner, .. } = expr {
+        expr = inner;
+    }
+    let (permutation, expr) = match expr {
+        PatternExpr::Permuted { permutation, inner } => (Some(*permutation), &**inner),
+        other => (None, other),
+    };
+    // The CPU builder may copy: kernels apply the same permutation while loading.
+    let (pq, pk);
+    let (q, k) = match permutation {
+        Some(p) => {
+            pq = q.gather_tokens(|i| permute::inverse(p, i, q.tokens));
+            pk = k.gather_tokens(|i| permute::inverse(p, i, k.tokens));
+            (&pq, &pk)
+        }
+        None => (q, k),
+    };
+    let nodes = (0..q.heads)
+        .into_par_iter()
+        .map(|h| {
+            let inp = HeadInputs { q, k, h, kv: h / group, scale };
+            resolve(expr, &inp, &Pred::Const(true))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Resolved { nodes, permutation, heads: q.heads, nq: q.tokens, nk: k.tokens, block_m: bm, block_n: bn, scale })
+}
+
+/// Builds the sparse index of `pattern` for `q` and `k`.
+pub fn build_index(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &IndexOptions) -> Result<SparseIndex, Error> {
+    resolve_pattern(pattern, q, k, opts)?.index()
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Cov {
+    None,
+    All,
+    Mask(Pred),
+}
+
+fn or(a: Cov, b: Cov) -> Cov {
+    match (a, b) {
+        (Cov::All, _) | (_, Cov::All) => Cov::All,
+        (Cov::None, x) | (x, Cov::None) => x,
+        (Cov::Mask(a), Cov::Mask(b)) => Cov::Mask(a.or(b)),
+    }
+}
+
+fn and(a: Cov, b: Cov) -> Cov {
+    match (a, b) {
+        (Cov::None, _) | (_, Cov::None) => Cov::None,
+        (Cov::All, x) | (x, Cov::All) => x,
+        (Cov::Mask(a), Cov::Mask(b)) => Cov::Mask(a.and(b)),
+    }
+}
+
+/// What `node` keeps of region `r`; `col` is set in the column pass (a one-key region).
+fn cov(node: &Node, r: &Region, col: Option<usize>) -> Cov {
+    let all_or_none = |b: bool| if b { Cov::All } else { Cov::None };
+    match node {
+        Node::Static(p) => match decide(p, r) {
+            Some(b) => all_or_none(b),
+            None => Cov::Mask(p.clone()),
+        },
+        Node::Blocks(b) => all_or_none(b.selected(r.q0 as usize / b.bq, r.k0 as usize / b.bk)),
+        Node::Columns(c) => all_or_none(col.is_some_and(|col| c.selected(r.q0 as usize, col))),
+        Node::Union(items) => items.iter().map(|n| cov(n, r, col)).fold(Cov::None, or),
+        Node::Intersect(items) => items.iter().map(|n| cov(n, r, col)).fold(Cov::All, and),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Entry {
+    Full,
+    Mask(Pred),
+}
+
+/// Settles a coverage on its region: full, empty (`None`) or a predicate that is mixed there.
+fn settle(c: Cov, r: &Region) -> Option<Entry> {
+    match c {
+        Cov::None => None,
+        Cov::All => Some(Entry::Full),
+        Cov::Mask(p) => match decide_exact(&p, r) {
+            Some(true) => Some(Entry::Full),
+            Some(false) => None,
+            None => Some(Entry::Mask(p)),
+        },
+    }
+}
+
+type Row = (Vec<(u32, Entry)>, Vec<(u32, Entry)>);
+
+impl Resolved {
+    fn region(&self, h: usize, q0: usize, q1: usize, k0: usize, k1: usize) -> Region {
+        Region {
+            q0: q0 as i64,
+            q1: q1 as i64,
+            k0: k0 as i64,
+            k1: k1 as i64,
+            h: h as i64,
+            nq: self.nq as i64,
+            nk: self.nk as i64,
+        }
+    }
+
+    fn head_rows(&self, h: usize) -> Vec<Row> {
+        let node = &self.nodes[h];
+        let (bm, bn) = (self.block_m, self.block_n);
+        let nkb = self.nk.div_ceil(bn);
+        let sels = node.column_sels();
+        (0..self.nq.div_ceil(bm))
+            .map(|qb| {
+                let (q0, q1) = (qb * bm, ((qb + 1) * bm).min(self.nq));
+                let blocks: Vec<(u32, Entry)> = (0..nkb)
+                    .filter_map(|kb| {
+                        let r = self.region(h, q0, q1, kb * bn, ((kb + 1) * bn).min(self.nk));
+                        settle(cov(node, &r, None), &r).map(|e| (kb as u32, e))
+                    })
+                    .collect();
+                let mut cands: Vec<u32> = sels.iter().flat_map(|s| s.columns_for_row(q0).iter().copied()).collect();
+                cands.sort_unstable();
+                cands.dedup();
+                let cols = cands
+                    .into_iter()
+                    .filter_map(|c| {
+                        let r = self.region(h, q0, q1, c as usize, c as usize + 1);
+                        let here = cov(node, &r, Some(c as usize));
+                        let kb = c as usize / bn;
+                        // Only what the block entry of this key does not already compute.
+                        let extra = match blocks.binary_search_by_key(&(kb as u32), |e| e.0) {
+                            Err(_) => here,
+                            Ok(i) => match &blocks[i].1 {
+                                Entry::Full => Cov::None,
+                                Entry::Mask(pb) => and(here, Cov::Mask(!pb.clone())),
+                            },
+                        };
+                        settle(extra, &r).map(|e| (c, e))
+                    })
+                    .collect();
+                (blocks, cols)
+            })
+            .collect()
+    }
+
+    /// Compresses the resolved pattern into the shared index format.
+    pub fn index(&self) -> Result<SparseIndex, Error> {
+        let per_head: Vec<Vec<Row>> = (0..self.heads).into_par_iter().map(|h| self.head_rows(h)).collect();
+        let mut masks: Vec<Pred> = Vec::new();
+        let mut ids: HashMap<Pred, u16> = HashMap::new();
+        let mut intern = |e: Entry| -> Result<u16, Error> {
+            match e {
+                Entry::Full => Ok(FULL),
+                Entry::Mask(p) => {
+                    if let Some(id) = ids.get(&p) {
+                        return Ok(*id);
+                    }
+                    let id = u16::try_from(masks.len())
+                        .ok()
+                        .filter(|id| *id < FULL)
+                        .ok_or_else(|| Error::Layout("more than 65534 distinct partial-block predicates".into()))?;
+                    ids.insert(p.clone(), id);
+                    masks.push(p);
+                    Ok(id)
+                }
+            }
+        };
+        let too_big = || Error::Layout("the index has more than 2^32 entries; use larger blocks".into());
+        let mut ix = SparseIndex {
+            heads: self.heads,
+            nq: self.nq,
+            nk: self.nk,
+            block_m: self.block_m,
+            block_n: self.block_n,
+            permutation: self.permutation,
+            masks: Vec::new(),
+            block_ptr: vec![0],
+            block_idx: Vec::new(),
+            block_mask: Vec::new(),
+            col_ptr: vec![0],
+            col_idx: Vec::new(),
+            col_mask: Vec::new(),
+        };
+        for rows in per_head {
+            for (blocks, cols) in rows {
+                for (kb, e) in blocks {
+                    ix.block_idx.push(kb);
+                    ix.block_mask.push(intern(e)?);
+                }
+                for (c, e) in cols {
+                    ix.col_idx.push(c);
+                    ix.col_mask.push(intern(e)?);
+                }
+                ix.block_ptr.push(u32::try_from(ix.block_idx.len()).map_err(|_| too_big())?);
+                ix.col_ptr.push(u32::try_from(ix.col_idx.len()).map_err(|_| too_big())?);
+            }
+        }
+        ix.masks = masks;
+        Ok(ix)
+    }
+
+    /// Membership of a pair in index coordinates, straight from the selections.
+    pub fn contains(&self, h: usize, q: usize, k: usize) -> bool {
+        let env = Env { q: q as i64, k: k as i64, h: h as i64, nq: self.nq as i64, nk: self.nk as i64 };
+        self.nodes[h].contains(q, k, &env)
+    }
+
+    /// Membership in token (original) coordinates.
+    pub fn contains_token(&self, h: usize, q: usize, k: usize) -> bool {
+        match self.permutation {
+            Some(p) => self.contains(h, permute::forward(p, q, self.nq), permute::forward(p, k, self.nk)),
+            None => self.contains(h, q, k),
+        }
+    }
+}
+
+impl SparseIndex {
+    /// Query blocks per head.
+    pub fn q_blocks(&self) -> usize {
+        self.nq.div_ceil(self.block_m)
+    }
+
+    fn row(&self, h: usize, qb: usize) -> usize {
+        h * self.q_blocks() + qb
+    }
+
+    /// `(key block, mask id)` entries of a row.
+    pub fn blocks(&self, h: usize, qb: usize) -> impl Iterator<Item = (usize, u16)> + '_ {
+        let r = self.row(h, qb);
+        let (a, b) = (self.block_ptr[r] as usize, self.block_ptr[r + 1] as usize);
+        self.block_idx[a..b].iter().zip(&self.block_mask[a..b]).map(|(k, m)| (*k as usize, *m))
+    }
+
+    /// `(key column, mask id)` entries of a row.
+    pub fn columns(&self, h: usize, qb: usize) -> impl Iterator<Item = (usize, u16)> + '_ {
+        let r = self.row(h, qb);
+        let (a, b) = (self.col_ptr[r] as usize, self.col_ptr[r + 1] as usize);
+        self.col_idx[a..b].iter().zip(&self.col_mask[a..b]).map(|(k, m)| (*k as usize, *m))
+    }
+
+    fn passes(&self, mask: u16, h: usize, q: usize, k: usize) -> bool {
+        mask == FULL
+            || self.masks.get(mask as usize).is_some_and(|p| {
+                p.eval(&Env { q: q as i64, k: k as i64, h: h as i64, nq: self.nq as i64, nk: self.nk as i64 })
+            })
+    }
+
+    /// Calls `f(k)` for every key of index row `q` (index coordinates), each once.
+    pub fn for_each_key(&self, h: usize, q: usize, mut f: impl FnMut(usize)) {
+        let qb = q / self.block_m;
+        for (kb, m) in self.blocks(h, qb) {
+            for k in kb * self.block_n..((kb + 1) * self.block_n).min(self.nk) {
+                if self.passes(m, h, q, k) {
+                    f(k)
+                }
+            }
+        }
+        for (c, m) in self.columns(h, qb) {
+            if self.passes(m, h, q, c) {
+                f(c)
+            }
+        }
+    }
+
+    /// Whether the index computes pair `(q, k)` of head `h` (index coordinates).
+    pub fn contains(&self, h: usize, q: usize, k: usize) -> bool {
+        let qb = q / self.block_m;
+        let kb = k / self.block_n;
+        self.blocks(h, qb).any(|(b, m)| b == kb && self.passes(m, h, q, k))
+            || self.columns(h, qb).any(|(c, m)| c == k && self.passes(m, h, q, k))
+    }
+
+    /// Pairs computed, over all heads.
+    pub fn pairs(&self) -> u64 {
+        (0..self.heads)
+            .into_par_iter()
+            .map(|h| {
+                let mut n = 0u64;
+                for qb in 0..self.q_blocks() {
+                    let rows = (((qb + 1) * self.block_m).min(self.nq) - qb * self.block_m) as u64;
+                    for (kb, m) in self.blocks(h, qb) {
+                        let keys = (((kb + 1) * self.block_n).min(self.nk) - kb * self.block_n) as u64;
+                        if m == FULL {
+                            n += rows * keys;
+                        } else {
+                            for q in qb * self.block_m..((qb + 1) * self.block_m).min(self.nq) {
+                                for k in kb * self.block_n..((kb + 1) * self.block_n).min(self.nk) {
+                                    n += u64::from(self.passes(m, h, q, k));
+                                }
+                            }
+                        }
+                    }
+                    for (c, m) in self.columns(h, qb) {
+                        for q in qb * self.block_m..((qb + 1) * self.block_m).min(self.nq) {
+                            n += u64::from(self.passes(m, h, q, c));
+                        }
+                    }
+                }
+                n
+            })
+            .sum()
+    }
+
+    /// Share of all `heads * nq * nk` pairs that the index computes.
+    pub fn density(&self) -> f64 {
+        self.pairs() as f64 / (self.heads as f64 * self.nq as f64 * self.nk as f64)
+    }
+
+    /// Entry counts: (full blocks, partial blocks, columns).
+    pub fn entry_counts(&self) -> (usize, usize, usize) {
+        let full = self.block_mask.iter().filter(|m| **m == FULL).count();
+        (full, self.block_mask.len() - full, self.col_idx.len())
+    }
+
+    /// Index position of token `t` on the query axis.
+    pub fn q_pos(&self, t: usize) -> usize {
+        self.permutation.map_or(t, |p| permute::forward(p, t, self.nq))
+    }
+
+    /// Index position of token `t` on the key axis.
+    pub fn k_pos(&self, t: usize) -> usize {
+        self.permutation.map_or(t, |p| permute::forward(p, t, self.nk))
+    }
+
+    /// Token at index position `i` of the query axis.
+    pub fn q_token(&self, i: usize) -> usize {
+        self.permutation.map_or(i, |p| permute::inverse(p, i, self.nq))
+    }
+
+    /// Token at index position `i` of the key axis.
+    pub fn k_token(&self, i: usize) -> usize {
+        self.permutation.map_or(i, |p| permute::inverse(p, i, self.nk))
+    }
+
+    /// Whether the index computes the pair of tokens `(q, k)` (original coordinates).
+    pub fn contains_token(&self, h: usize, q: usize, k: usize) -> bool {
+        self.contains(h, self.q_pos(q), self.k_pos(k))
+    }
+}

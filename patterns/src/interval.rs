@@ -1,0 +1,157 @@
+//! Interval analysis of static predicates over a rectangle of (query, key) positions.
+//!
+//! The index builder asks, for each block, whether a predicate is true for every pair, false
+//! for every pair, or mixed. Intervals answer the first two cheaply and soundly (never a wrong
+//! "all"); when they cannot decide, the builder checks the block pair by pair.
+
+use weft_dsl::eval::{apply_cmp, apply_int};
+use weft_dsl::{CmpOp, IntExpr, IntOp, Pred, Var};
+
+/// A rectangle of positions `q in q0..q1`, `k in k0..k1` (half-open) at head `h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub q0: i64,
+    pub q1: i64,
+    pub k0: i64,
+    pub k1: i64,
+    pub h: i64,
+    pub nq: i64,
+    pub nk: i64,
+}
+
+impl Region {
+    /// Number of pairs.
+    pub fn pairs(&self) -> u64 {
+        ((self.q1 - self.q0).max(0) as u64) * ((self.k1 - self.k0).max(0) as u64)
+    }
+
+    /// Every pair, row by row.
+    pub fn for_each(&self, mut f: impl FnMut(i64, i64)) {
+        for q in self.q0..self.q1 {
+            for k in self.k0..self.k1 {
+                f(q, k)
+            }
+        }
+    }
+
+    fn env(&self, q: i64, k: i64) -> weft_dsl::Env {
+        weft_dsl::Env { q, k, h: self.h, nq: self.nq, nk: self.nk }
+    }
+
+    /// Evaluates `p` at one pair of this region's head.
+    pub fn eval(&self, p: &Pred, q: i64, k: i64) -> bool {
+        p.eval(&self.env(q, k))
+    }
+}
+
+type Iv = (i64, i64);
+
+fn corners(op: IntOp, a: Iv, b: Iv) -> Iv {
+    let c = [apply_int(op, a.0, b.0), apply_int(op, a.0, b.1), apply_int(op, a.1, b.0), apply_int(op, a.1, b.1)];
+    (c.iter().copied().min().unwrap_or(0), c.iter().copied().max().unwrap_or(0))
+}
+
+fn interval(e: &IntExpr, r: &Region) -> Iv {
+    match e {
+        IntExpr::Var(Var::Q) => (r.q0, r.q1 - 1),
+        IntExpr::Var(Var::K) => (r.k0, r.k1 - 1),
+        IntExpr::Var(Var::H) => (r.h, r.h),
+        IntExpr::Var(Var::Nq) => (r.nq, r.nq),
+        IntExpr::Var(Var::Nk) => (r.nk, r.nk),
+        IntExpr::Const(c) => (*c, *c),
+        IntExpr::Neg(a) => {
+            let (lo, hi) = interval(a, r);
+            (hi.saturating_neg(), lo.saturating_neg())
+        }
+        IntExpr::Bin { op, lhs, rhs } => {
+            let a = interval(lhs, r);
+            let b = interval(rhs, r);
+            match op {
+                IntOp::Add => (a.0.saturating_add(b.0), a.1.saturating_add(b.1)),
+                IntOp::Sub => (a.0.saturating_sub(b.1), a.1.saturating_sub(b.0)),
+                IntOp::Mul | IntOp::Min | IntOp::Max => corners(*op, a, b),
+                IntOp::Div if b.0 == b.1 && b.0 > 0 => (a.0.div_euclid(b.0), a.1.div_euclid(b.0)),
+                IntOp::Rem if b.0 == b.1 && b.0 > 0 => {
+                    let c = b.0;
+                    if a.0.div_euclid(c) == a.1.div_euclid(c) {
+                        (a.0.rem_euclid(c), a.1.rem_euclid(c))
+                    } else {
+                        (0, c - 1)
+                    }
+                }
+                // Validation forbids other divisors; stay sound anyway.
+                _ => (i64::MIN, i64::MAX),
+            }
+        }
+    }
+}
+
+/// `Some(true)` if `p` holds for every pair of `r`, `Some(false)` if for none, `None` if the
+/// intervals cannot tell.
+pub fn decide(p: &Pred, r: &Region) -> Option<bool> {
+    if r.pairs() == 0 {
+        return Some(false);
+    }
+    match p {
+        Pred::Const(b) => Some(*b),
+        Pred::Cmp { op, lhs, rhs } => {
+            // Compare through the difference: keeps q - k correlations exact.
+            let d = interval(
+                &IntExpr::Bin { op: IntOp::Sub, lhs: Box::new(lhs.clone()), rhs: Box::new(rhs.clone()) },
+                r,
+            );
+            if d.0 == d.1 {
+                return Some(apply_cmp(*op, d.0, 0));
+            }
+            match op {
+                CmpOp::Lt => decided(d.1 < 0, d.0 >= 0),
+                CmpOp::Le => decided(d.1 <= 0, d.0 > 0),
+                CmpOp::Gt => decided(d.0 > 0, d.1 <= 0),
+                CmpOp::Ge => decided(d.0 >= 0, d.1 < 0),
+                CmpOp::Eq => decided(false, d.0 > 0 || d.1 < 0),
+                CmpOp::Ne => decided(d.0 > 0 || d.1 < 0, false),
+            }
+        }
+        Pred::And(a, b) => match (decide(a, r), decide(b, r)) {
+            (Some(false), _) | (_, Some(false)) => Some(false),
+            (Some(true), Some(true)) => Some(true),
+            _ => None,
+        },
+        Pred::Or(a, b) => match (decide(a, r), decide(b, r)) {
+            (Some(true), _) | (_, Some(true)) => Some(true),
+            (Some(false), Some(false)) => Some(false),
+            _ => None,
+        },
+        Pred::Not(a) => decide(a, r).map(|x| !x),
+    }
+}
+
+fn decided(all: bool, none: bool) -> Option<bool> {
+    if all {
+        Some(true)
+    } else if none {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// Like [`decide`], but settles undecided regions by checking every pair.
+pub fn decide_exact(p: &Pred, r: &Region) -> Option<bool> {
+    if let Some(x) = decide(p, r) {
+        return Some(x);
+    }
+    let (mut any, mut all) = (false, true);
+    r.for_each(|q, k| {
+        let v = r.eval(p, q, k);
+        any |= v;
+        all &= v;
+    });
+    if all {
+        Some(true)
+    } else if !any {
+        Some(false)
+    } else {
+        None
+    }
+}

@@ -1,0 +1,173 @@
+//! Retrieval operators for decode (Quest, RetroInfer, ParisKV): per query token, score the
+//! KV units, keep a budget of them, always keep the sink and recent tokens.
+//!
+//! Definitions the GPU operators must match:
+//! - a query row `q` sees keys `k <= q + nk - nq` (decode: the last query sees every key);
+//! - units are fixed on the whole key axis: pages of `n` consecutive tokens, single tokens,
+//!   or k-means clusters ([`clusters`]); a unit is a candidate for row `q` when it has a
+//!   visible token outside the always-kept sink (`k < sink`) and recent (`k > last - recent`)
+//!   tokens, and a kept unit contributes its visible tokens;
+//! - scores: `min_max` is Quest's bound `sum_d max(q_d * min_d, q_d * max_d)` over the page's
+//!   elementwise key minimum and maximum; `centroid` is `q . c`; `quantized(b)` is `q . k'`
+//!   with `k'` the key quantized per token to `b` bits ([`quantize`]), a page scoring its best
+//!   token;
+//! - the budget ranks `scale * score` (ties: lower unit first) exactly as the other families.
+
+use weft_dsl::{Budget, Pred, Retrieval, Score, Unit};
+
+use crate::families::{ColSel, HeadInputs};
+use crate::select::select;
+use crate::tensor::{dot, Tensor};
+
+/// Lloyd iterations of the deterministic k-means behind `cluster(n)` units.
+pub const KMEANS_ITERS: usize = 8;
+
+/// `b`-bit symmetric per-token quantization, dequantized: `round(x / s) * s` with
+/// `s = max|x| / (2^(b-1) - 1)`, clamped to the code range; 1 bit keeps the sign at the mean
+/// magnitude.
+pub fn quantize(row: &[f32], bits: u32) -> Vec<f32> {
+    if bits <= 1 {
+        let mean = row.iter().map(|x| x.abs()).sum::<f32>() / row.len().max(1) as f32;
+        return row.iter().map(|x| if *x >= 0.0 { mean } else { -mean }).collect();
+    }
+    let levels = ((1u32 << (bits - 1)) - 1) as f32;
+    let max = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+    if max == 0.0 {
+        return vec![0.0; row.len()];
+    }
+    let s = max / levels;
+    row.iter().map(|x| (x / s).round().clamp(-levels, levels) * s).collect()
+}
+
+/// Deterministic k-means over the keys of one head: `ceil(nk / size)` clusters started at
+/// evenly spaced keys, [`KMEANS_ITERS`] Lloyd steps with squared L2 distance (ties: lower
+/// cluster), empty clusters keep their centroid. Returns (assignment per key, centroids).
+pub fn clusters(k: &Tensor, head: usize, size: usize) -> (Vec<usize>, Vec<Vec<f64>>) {
+    let nk = k.tokens;
+    let n = nk.div_ceil(size.max(1)).max(1);
+    let mut cent: Vec<Vec<f64>> =
+        (0..n).map(|c| k.row(head, c * nk / n).iter().map(|x| f64::from(*x)).collect()).collect();
+    let mut assign = vec![0usize; nk];
+    for _ in 0..KMEANS_ITERS {
+        for (t, a) in assign.iter_mut().enumerate() {
+            let row = k.row(head, t);
+            let mut best = (f64::INFINITY, 0);
+            for (c, ce) in cent.iter().enumerate() {
+                let d: f64 = row.iter().zip(ce).map(|(x, y)| (f64::from(*x) - y).powi(2)).sum();
+                if d < best.0 {
+                    best = (d, c);
+                }
+            }
+            *a = best.1;
+        }
+        let mut sum = vec![vec![0f64; k.dim]; n];
+        let mut count = vec![0usize; n];
+        for (t, &a) in assign.iter().enumerate() {
+            count[a] += 1;
+            for (s, x) in sum[a].iter_mut().zip(k.row(head, t)) {
+                *s += f64::from(*x);
+            }
+        }
+        for c in 0..n {
+            if count[c] > 0 {
+                cent[c] = sum[c].iter().map(|s| s / count[c] as f64).collect();
+            }
+        }
+    }
+    (assign, cent)
+}
+
+/// The units of a key axis: the tokens of each unit, sorted.
+pub fn units(r: &Retrieval, k: &Tensor, head: usize) -> (Vec<Vec<usize>>, Vec<Vec<f64>>) {
+    let nk = k.tokens;
+    match r.unit {
+        Unit::Token => ((0..nk).map(|t| vec![t]).collect(), Vec::new()),
+        Unit::Page(n) => {
+            let n = n as usize;
+            ((0..nk.div_ceil(n)).map(|p| (p * n..((p + 1) * n).min(nk)).collect()).collect(), Vec::new())
+        }
+        Unit::Cluster(size) => {
+            let (assign, cent) = clusters(k, head, size as usize);
+            let mut members = vec![Vec::new(); cent.len()];
+            for (t, a) in assign.into_iter().enumerate() {
+                members[a].push(t);
+            }
+            (members, cent)
+        }
+    }
+}
+
+/// The score of one unit for query row `qrow` (before `scale`).
+pub fn unit_score(score: Score, qrow: &[f32], k: &Tensor, head: usize, tokens: &[usize], centroid: Option<&[f64]>) -> f64 {
+    match score {
+        Score::MinMax => (0..k.dim)
+            .map(|d| {
+                let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+                for &t in tokens {
+                    let x = f64::from(k.row(head, t)[d]);
+                    lo = lo.min(x);
+                    hi = hi.max(x);
+                }
+                let qd = f64::from(qrow[d]);
+                (qd * lo).max(qd * hi)
+            })
+            .sum(),
+        Score::Centroid => centroid.map_or(f64::NEG_INFINITY, |c| qrow.iter().zip(c).map(|(a, b)| f64::from(*a) * b).sum()),
+        Score::Quantized(bits) => tokens
+            .iter()
+            .map(|&t| dot(qrow, &quantize(k.row(head, t), bits)))
+            .fold(f64::NEG_INFINITY, f64::max),
+    }
+}
+
+/// Kept keys of one query row, sorted.
+#[allow(clippy::too_many_arguments)]
+pub fn kept_for_row(
+    r: &Retrieval,
+    qrow: &[f32],
+    k: &Tensor,
+    head: usize,
+    units: &[Vec<usize>],
+    centroids: &[Vec<f64>],
+    visible: usize,
+    scale: f64,
+) -> Vec<u32> {
+    if visible == 0 {
+        return Vec::new();
+    }
+    let sink = (r.sink as usize).min(visible);
+    let recent_from = visible.saturating_sub(r.recent as usize).max(sink);
+    let forced = |t: usize| t < sink || t >= recent_from;
+    let cands: Vec<(u32, f64)> = units
+        .iter()
+        .enumerate()
+        .filter(|(_, toks)| toks.iter().any(|&t| t < visible && !forced(t)))
+        .map(|(u, toks)| (u as u32, scale * unit_score(r.score, qrow, k, head, toks, centroids.get(u).map(Vec::as_slice))))
+        .collect();
+    let budget: Budget = r.budget;
+    let mut keep = vec![false; visible];
+    for t in (0..sink).chain(recent_from..visible) {
+        keep[t] = true;
+    }
+    for u in select(&cands, budget) {
+        for &t in &units[u as usize] {
+            if t < visible {
+                keep[t] = true;
+            }
+        }
+    }
+    keep.iter().enumerate().filter(|(_, k)| **k).map(|(t, _)| t as u32).collect()
+}
+
+/// The retrieval selection of one head: one column list per query row.
+pub(crate) fn select_head(r: &Retrieval, inp: &HeadInputs<'_>, _ctx: &Pred) -> ColSel {
+    let (nq, nk) = (inp.q.tokens, inp.k.tokens);
+    let (units, cents) = units(r, inp.k, inp.kv);
+    let cols = (0..nq)
+        .map(|q| {
+            let visible = (q + nk + 1).saturating_sub(nq).min(nk);
+            kept_for_row(r, inp.q.row(inp.h, q), inp.k, inp.kv, &units, &cents, visible, inp.scale)
+        })
+        .collect();
+    ColSel { bq: 1, cols }
+}
