@@ -24,3 +24,7 @@
 pub use weft_dsl as dsl;
 pub use weft_macros::sparse_pattern;
 pub use weft_patterns as patterns;
+
+pub mod catalog;
+pub mod qk;
+pub mod viz;

@@ -1,1 +1,523 @@
-fn main(){}
+//! The `weft` command.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use weft::catalog;
+use weft::dsl::{self, Pattern, PatternExpr};
+use weft::patterns::synthetic::{planted_qk, Plant};
+use weft::patterns::{self as pat, IndexOptions, SparseIndex, Tensor, Universe};
+
+const QUICKSTART_PATTERN: &str = include_str!("../examples/patterns/video.toml");
+
+/// weft: a compiler and autotuner for sparse-attention and KV-retrieval GPU kernels.
+///
+/// Describe an attention pattern in weft's DSL (a pattern file, a built-in name, or the
+/// expression itself in quotes), then inspect it: its IR and hash, the sparse index it
+/// builds on real or synthetic Q/K, its density and recall, and a picture of its block map.
+#[derive(Parser)]
+#[command(name = "weft", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    /// Log more (repeat for more detail); WEFT_LOG=debug works too.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the pattern families with their parameters and defaults, and the built-in patterns.
+    Patterns,
+    /// Print a pattern's IR, hash and validation result, build its index and report density
+    /// and recall.
+    ///
+    /// Example: weft explain "causal & vertical_slash(vertical = top_k(256))" --seq 4096
+    Explain {
+        #[command(flatten)]
+        pattern: PatternArg,
+        #[command(flatten)]
+        input: InputArgs,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Draw a pattern's block map and column picks for one head as a PNG, or write the dense
+    /// mask as a NumPy array.
+    ///
+    /// Example: weft mask vertical-vector --seq 4096 --png vv.png
+    Mask {
+        #[command(flatten)]
+        pattern: PatternArg,
+        #[command(flatten)]
+        input: InputArgs,
+        /// Head to draw.
+        #[arg(long, default_value_t = 0)]
+        head: usize,
+        /// Write the block map here (PNG).
+        #[arg(long, value_name = "FILE")]
+        png: Option<PathBuf>,
+        /// Write the dense boolean mask [queries, keys] here (.npy; at most 8192 tokens).
+        #[arg(long, value_name = "FILE")]
+        npy: Option<PathBuf>,
+        /// Largest side of the picture in pixels (each pixel covers several tokens beyond it).
+        #[arg(long, default_value_t = 1024, value_name = "PIXELS")]
+        px: usize,
+    },
+    /// Run everything that exists so far on a bundled example, and say what comes next.
+    Quickstart {
+        /// Where to write the example's pictures.
+        #[arg(long, default_value = "weft-quickstart", value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct PatternArg {
+    /// A pattern file (.toml or .json), a built-in name (see `weft patterns`), or DSL text in
+    /// quotes such as "sink(64) | local(256) | vertical_vector(keep = top_p(0.95))".
+    #[arg(value_name = "PATTERN")]
+    pattern: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Synthetic {
+    /// Heads with planted vertical columns, diagonals and grid lines, and a dense one.
+    Planted,
+    /// Gaussian noise.
+    Random,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum UniverseArg {
+    /// Causal when the pattern mentions causal or window, else all keys.
+    Auto,
+    All,
+    Causal,
+}
+
+#[derive(Args)]
+struct InputArgs {
+    /// Sequence length (keys) of the synthetic input.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    seq: usize,
+    /// Queries (default: the sequence length, or 1 for retrieval patterns).
+    #[arg(long, value_name = "N")]
+    queries: Option<usize>,
+    /// Query heads of the synthetic input.
+    #[arg(long, default_value_t = 4, value_name = "H")]
+    heads: usize,
+    /// Key/value heads (GQA); must divide --heads (default: --heads).
+    #[arg(long, value_name = "H")]
+    kv_heads: Option<usize>,
+    /// Head dimension of the synthetic input.
+    #[arg(long, default_value_t = 64, value_name = "D")]
+    head_dim: usize,
+    /// Which synthetic input.
+    #[arg(long, value_enum, default_value_t = Synthetic::Planted)]
+    synthetic: Synthetic,
+    /// Seed of the synthetic input.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Real Q/K instead: a safetensors file with `q` and `k` ([heads, tokens, head_dim]).
+    #[arg(long, value_name = "FILE")]
+    qk: Option<PathBuf>,
+    /// With --qk, read `layers.<L>.q` and `layers.<L>.k`.
+    #[arg(long, value_name = "L", requires = "qk")]
+    layer: Option<usize>,
+    /// Rows per query block of the index (default: the pattern's own).
+    #[arg(long)]
+    block_m: Option<usize>,
+    /// Keys per key block of the index (default: the pattern's own).
+    #[arg(long)]
+    block_n: Option<usize>,
+    /// Softmax mass recall is measured against.
+    #[arg(long, value_enum, default_value_t = UniverseArg::Auto)]
+    universe: UniverseArg,
+    /// Query rows per head sampled for recall (0: all).
+    #[arg(long, default_value_t = 256, value_name = "ROWS")]
+    recall_rows: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let env = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| filter.into());
+    tracing_subscriber::fmt().with_env_filter(env).with_writer(std::io::stderr).init();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Patterns => {
+            print_patterns();
+            Ok(())
+        }
+        Command::Explain { pattern, input, json } => explain(&load_pattern(&pattern.pattern)?, &input, json),
+        Command::Mask { pattern, input, head, png, npy, px } => {
+            mask(&load_pattern(&pattern.pattern)?, &input, head, png.as_deref(), npy.as_deref(), px)
+        }
+        Command::Quickstart { out } => quickstart(&out),
+    }
+}
+
+/// A pattern from a file, a built-in name, or DSL text.
+fn load_pattern(arg: &str) -> Result<Pattern> {
+    let path = Path::new(arg);
+    if path.is_file() {
+        return Ok(dsl::load_pattern_file(path)?);
+    }
+    if let Some(p) = catalog::builtin(arg) {
+        return Ok(p);
+    }
+    let looks_like_text = arg.contains(['(', '&', '|', ' ', '<', '>', '=']) || arg == "causal" || arg == "full";
+    if looks_like_text {
+        return Ok(dsl::parse_pattern_str("cli", arg)?);
+    }
+    let names: Vec<&str> = catalog::builtins().into_iter().map(|(n, _)| n).collect();
+    bail!(
+        "`{arg}` is neither a pattern file, nor a built-in pattern ({}), nor DSL text; \
+         quote DSL text, e.g. \"causal & window(1024)\"",
+        names.join(", ")
+    )
+}
+
+fn print_patterns() {
+    println!("Pattern families (combine with `|` for union and `&` for intersection):\n");
+    for f in catalog::families() {
+        println!("  {:<26} {}", f.name, f.summary);
+        for p in &f.params {
+            println!("      {:<12} default {:<18} {}", p.name, p.default, p.accepted);
+        }
+    }
+    println!("\nBudgets: top_k(n) keeps the n best; top_p(p) the fewest whose softmax mass reaches p;");
+    println!("threshold(t) every candidate within -ln(t) of the best score.\n");
+    println!("Built-in patterns (usable wherever a PATTERN is expected):\n");
+    for (name, e) in catalog::builtins() {
+        println!("  {name:<16} {e}");
+    }
+}
+
+fn is_retrieval(e: &PatternExpr) -> bool {
+    match e {
+        PatternExpr::Retrieval(_) => true,
+        PatternExpr::Union(v) | PatternExpr::Intersect(v) => v.iter().any(is_retrieval),
+        PatternExpr::Permuted { inner, .. } | PatternExpr::Ring { inner, .. } => is_retrieval(inner),
+        _ => false,
+    }
+}
+
+struct Input {
+    q: Tensor,
+    k: Tensor,
+    description: String,
+}
+
+fn synthetic_plants(heads: usize, n: usize, d: usize) -> Vec<Plant> {
+    (0..heads)
+        .map(|h| match h % 4 {
+            0 => Plant::Vertical((0..8).map(|i| (i * 997 + 13) % n.max(1)).collect()),
+            1 => Plant::Diagonal(d.min(64)),
+            2 => Plant::Grid { stride: 16.min(d), phase: 5 },
+            _ => Plant::Dense,
+        })
+        .collect()
+}
+
+fn make_input(args: &InputArgs, pattern: &Pattern) -> Result<Input> {
+    if let Some(path) = &args.qk {
+        let (q, k) = weft::qk::load(path, args.layer)?;
+        let description = format!(
+            "{}: q [{}, {}, {}], k [{}, {}, {}]",
+            path.display(),
+            q.heads,
+            q.tokens,
+            q.dim,
+            k.heads,
+            k.tokens,
+            k.dim
+        );
+        return Ok(Input { q, k, description });
+    }
+    let n = args.seq;
+    let nq = args.queries.unwrap_or(if is_retrieval(&pattern.expr) { 1 } else { n });
+    let kvh = args.kv_heads.unwrap_or(args.heads);
+    if n == 0 || nq == 0 || args.heads == 0 || kvh == 0 || args.head_dim == 0 {
+        bail!("--seq, --queries, --heads, --kv-heads and --head-dim must be at least 1");
+    }
+    if args.heads % kvh != 0 {
+        bail!("--kv-heads {kvh} must divide --heads {}", args.heads);
+    }
+    if nq > n {
+        bail!("--queries {nq} is larger than --seq {n}: queries are the last tokens of the sequence");
+    }
+    if (nq as u128) * (n as u128) * (args.heads as u128) > 1 << 36 {
+        bail!("{} heads x {nq} x {n} pairs is too large for the CPU reference; lower --seq or --heads", args.heads);
+    }
+    let (q, k, what) = match args.synthetic {
+        Synthetic::Planted => {
+            let plants = synthetic_plants(args.heads, n, args.head_dim);
+            let (q_all, k_all) = planted_qk(&plants, n, args.head_dim, 8.0, args.seed);
+            // Queries are the last nq tokens; K/V heads are the first of each GQA group.
+            let q = q_all.gather_tokens(|i| i + n - nq);
+            let q = Tensor::new(q.heads, nq, q.dim, q.data[..q.heads * nq * q.dim].to_vec())?;
+            let group = args.heads / kvh;
+            let mut k = Tensor::zeros(kvh, n, args.head_dim);
+            for h in 0..kvh {
+                for t in 0..n {
+                    k.row_mut(h, t).copy_from_slice(k_all.row(h * group, t));
+                }
+            }
+            (q, k, "synthetic planted Q/K (vertical, diagonal, grid, dense heads)")
+        }
+        Synthetic::Random => (
+            Tensor::random(args.heads, nq, args.head_dim, args.seed),
+            Tensor::random(kvh, n, args.head_dim, args.seed + 1),
+            "synthetic Gaussian Q/K",
+        ),
+    };
+    let description = format!(
+        "{what}: {} query heads, {kvh} kv heads, {nq} queries x {n} keys, head dim {}, seed {}",
+        args.heads, args.head_dim, args.seed
+    );
+    Ok(Input { q, k, description })
+}
+
+struct Report {
+    index: SparseIndex,
+    build_ms: f64,
+    density: f64,
+    recall: pat::Recall,
+    universe: Universe,
+    scale: f64,
+}
+
+fn analyse(pattern: &Pattern, input: &Input, args: &InputArgs) -> Result<Report> {
+    let opts = IndexOptions { block_m: args.block_m, block_n: args.block_n, scale: None };
+    let start = Instant::now();
+    let resolved = pat::resolve_pattern(&pattern.expr, &input.q, &input.k, &opts)?;
+    let index = resolved.index()?;
+    let build_ms = start.elapsed().as_secs_f64() * 1e3;
+    let universe = match args.universe {
+        UniverseArg::All => Universe::All,
+        UniverseArg::Causal => Universe::Causal,
+        UniverseArg::Auto => {
+            let text = pattern.to_string();
+            if text.contains("causal") || text.contains("window(") || is_retrieval(&pattern.expr) {
+                Universe::Causal
+            } else {
+                Universe::All
+            }
+        }
+    };
+    let sample = (args.recall_rows > 0).then_some(args.recall_rows);
+    let recall = pat::recall(&index, &input.q, &input.k, resolved.scale, universe, sample)?;
+    Ok(Report { density: index.density(), index, build_ms, recall, universe, scale: resolved.scale })
+}
+
+fn explain(pattern: &Pattern, args: &InputArgs, json: bool) -> Result<()> {
+    let valid = pattern.validate();
+    if json && valid.is_err() {
+        let out = serde_json::json!({
+            "name": pattern.name, "text": pattern.to_string(), "hash": pattern.hash().to_hex(),
+            "valid": false, "errors": valid.as_ref().err().map(|e| e.to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        bail!("the pattern is invalid");
+    }
+    if !json {
+        println!("pattern   {}", pattern.name);
+        println!("text      {pattern}");
+        println!("canonical {}", pattern.canonical());
+        println!("hash      {}", pattern.hash());
+        match &valid {
+            Ok(()) => println!("valid     yes"),
+            Err(e) => {
+                println!("valid     no");
+                return Err(anyhow::anyhow!("{e}"));
+            }
+        }
+    }
+    let input = make_input(args, pattern)?;
+    let r = analyse(pattern, &input, args)?;
+    let (full, partial, cols) = r.index.entry_counts();
+    let per_head_density: Vec<f64> = (0..r.index.heads).map(|h| r.index.head_density(h)).collect();
+    if json {
+        let out = serde_json::json!({
+            "name": pattern.name,
+            "text": pattern.to_string(),
+            "hash": pattern.hash().to_hex(),
+            "valid": true,
+            "ir": pattern.expr,
+            "input": input.description,
+            "block_m": r.index.block_m,
+            "block_n": r.index.block_n,
+            "full_blocks": full, "partial_blocks": partial, "columns": cols,
+            "masks": r.index.masks.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+            "build_ms": r.build_ms,
+            "density": r.density,
+            "density_per_head": per_head_density,
+            "recall_mean": r.recall.mean, "recall_min": r.recall.min,
+            "recall_per_head": r.recall.per_head,
+            "recall_universe": format!("{:?}", r.universe).to_lowercase(),
+            "recall_rows_per_head": r.recall.rows,
+            "scale": r.scale,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("ir        {}", serde_json::to_string(&pattern.expr)?);
+    println!("input     {}", input.description);
+    println!("layout    block_m = {}, block_n = {}", r.index.block_m, r.index.block_n);
+    println!(
+        "index     built in {:.1} ms: {full} full blocks, {partial} partial blocks, {cols} columns, {} mask predicate(s)",
+        r.build_ms,
+        r.index.masks.len()
+    );
+    for (i, m) in r.index.masks.iter().enumerate() {
+        println!("  mask {i}  {m}");
+    }
+    println!(
+        "density   {:.2}% of all pairs (per head: {})",
+        100.0 * r.density,
+        per_head_density.iter().map(|d| format!("{:.1}%", 100.0 * d)).collect::<Vec<_>>().join(", ")
+    );
+    println!(
+        "recall    {:.2}% mean, {:.2}% worst row, of the {} softmax mass ({} rows per head; per head: {})",
+        100.0 * r.recall.mean,
+        100.0 * r.recall.min,
+        match r.universe {
+            Universe::All => "bidirectional",
+            Universe::Causal => "causal",
+        },
+        r.recall.rows,
+        r.recall.per_head.iter().map(|d| format!("{:.1}%", 100.0 * d)).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}
+
+fn mask(pattern: &Pattern, args: &InputArgs, head: usize, png: Option<&Path>, npy: Option<&Path>, px: usize) -> Result<()> {
+    if png.is_none() && npy.is_none() {
+        bail!("nothing to write: give --png FILE and/or --npy FILE");
+    }
+    if px == 0 {
+        bail!("--px must be at least 1");
+    }
+    let input = make_input(args, pattern)?;
+    if head >= input.q.heads {
+        bail!("--head {head} is out of range: the input has {} query heads", input.q.heads);
+    }
+    if npy.is_some() && input.q.tokens.max(input.k.tokens) > 8192 {
+        bail!("--npy writes a dense [queries, keys] mask and is limited to 8192 tokens; use --png for longer sequences");
+    }
+    let r = analyse(pattern, &input, args)?;
+    let slice = &r.index;
+    if let Some(path) = png {
+        let (w, h, rgb) = weft::viz::block_map(slice, head, px);
+        weft::viz::write_png(path, w, h, &rgb).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {} ({w} x {h} px): head {head} of `{}`", path.display(), pattern.name);
+        println!("legend: {}", weft::viz::LEGEND);
+        if r.index.permutation.is_some() {
+            println!("axes are permuted positions (the order the kernel iterates)");
+        }
+    }
+    if let Some(path) = npy {
+        let m = weft::viz::dense_mask(slice, head);
+        weft::viz::write_npy_bool(path, slice.nq, slice.nk, &m).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {} (bool [{}, {}], token order)", path.display(), slice.nq, slice.nk);
+    }
+    println!(
+        "head {head}: density {:.2}%, recall {:.2}%",
+        100.0 * r.index.head_density(head),
+        100.0 * r.recall.per_head[head]
+    );
+    Ok(())
+}
+
+fn quickstart(out: &Path) -> Result<()> {
+    println!("weft quickstart\n");
+    println!("1. A pattern, written in weft's DSL (examples/patterns/video.toml):\n");
+    for line in QUICKSTART_PATTERN.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        println!("     {line}");
+    }
+    let pattern = dsl::parse_pattern_file("examples/patterns/video.toml", QUICKSTART_PATTERN, "video")?;
+    use dsl::builder::*;
+    let built = Pattern::new("video", sink(64) | local(128) | vertical_vector().q_block(64).keep(top_k(64)));
+    println!("\n   parsed and validated; content hash {}", pattern.hash());
+    println!(
+        "   the same pattern from the Rust builder hashes to {} ({})",
+        built.hash().short(),
+        if built.hash() == pattern.hash() { "identical" } else { "DIFFERENT" }
+    );
+    if built.hash() != pattern.hash() {
+        bail!("the builder and the file disagree: this is a bug in weft");
+    }
+
+    println!("\n2. Its sparse index on synthetic Q/K with planted structure (4 heads, 1024 tokens, d = 64):\n");
+    let args = InputArgs {
+        seq: 1024,
+        queries: None,
+        heads: 4,
+        kv_heads: Some(2),
+        head_dim: 64,
+        synthetic: Synthetic::Planted,
+        seed: 7,
+        qk: None,
+        layer: None,
+        block_m: None,
+        block_n: None,
+        universe: UniverseArg::All,
+        recall_rows: 128,
+    };
+    let input = make_input(&args, &pattern)?;
+    let r = analyse(&pattern, &input, &args)?;
+    let (full, partial, cols) = r.index.entry_counts();
+    println!("   built in {:.1} ms: {full} full blocks, {partial} partial blocks, {cols} columns", r.build_ms);
+    println!("   density {:.2}% of pairs, recall {:.2}% of the softmax mass", 100.0 * r.density, 100.0 * r.recall.mean);
+
+    println!("\n3. Reference attention over the index, checked against dense masked attention:\n");
+    let v = Tensor::random(input.k.heads, input.k.tokens, 64, 11);
+    let start = Instant::now();
+    let sparse = pat::attention(&r.index, &input.q, &input.k, &v, r.scale)?;
+    let sparse_ms = start.elapsed().as_secs_f64() * 1e3;
+    let ix = &r.index;
+    let dense = pat::dense_attention(|h, q, k| ix.contains_token(h, q, k), &input.q, &input.k, &v, r.scale)?;
+    let diff = sparse.out.data.iter().zip(&dense.out.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("   sparse reference {sparse_ms:.0} ms; max |sparse - dense| = {diff:.2e}");
+    if diff > 1e-5 {
+        bail!("the sparse reference disagrees with dense masked attention: this is a bug in weft");
+    }
+
+    println!("\n4. Pictures of the block map:\n");
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    for head in 0..2 {
+        let (w, h, rgb) = weft::viz::block_map(&r.index, head, 512);
+        let path = out.join(format!("video_head{head}.png"));
+        weft::viz::write_png(&path, w, h, &rgb).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("   wrote {}", path.display());
+    }
+    println!("   legend: {}", weft::viz::LEGEND);
+
+    println!("\nNext steps (not built yet; they need an NVIDIA GPU, except code generation):");
+    println!("   - lower the pattern to CUDA C++ and compile it with NVRTC (weft-codegen, weft-runtime)");
+    println!("   - autotune the kernel on the GPU and store it in the kernel database (weft-autotune, weft-cache)");
+    println!("   - load the tuned kernel at run time with weft::Runtime (GPU)");
+    println!("\nTry: weft patterns | weft explain vertical-slash --seq 8192 | weft mask grid --png grid.png");
+    Ok(())
+}

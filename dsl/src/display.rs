@@ -63,18 +63,15 @@ fn sugar(p: &Pred) -> Option<String> {
     if *p == as_pred(builder::causal()) {
         return Some("causal".into());
     }
-    // The width is read from the predicate, then the whole predicate is rebuilt to compare.
-    let first_const = |p: &Pred| -> Option<u32> {
-        fn find(p: &Pred) -> Option<i64> {
-            match p {
-                Pred::Cmp { rhs: IntExpr::Const(c), .. } => Some(*c),
-                Pred::And(a, _) => find(a),
-                _ => None,
-            }
+    // The width is the constant of the predicate's last comparison; rebuild and compare.
+    fn last_const(p: &Pred) -> Option<u32> {
+        match p {
+            Pred::Cmp { rhs: IntExpr::Const(c), .. } => u32::try_from(*c).ok(),
+            Pred::And(_, b) => last_const(b),
+            _ => None,
         }
-        find(p).and_then(|c| u32::try_from(c).ok())
-    };
-    let n = first_const(p)?;
+    }
+    let n = last_const(p)?;
     for (name, make) in [
         ("sink", builder::sink as fn(u32) -> PatternExpr),
         ("local", builder::local),
@@ -82,14 +79,6 @@ fn sugar(p: &Pred) -> Option<String> {
     ] {
         if *p == as_pred(make(n)) {
             return Some(format!("{name}({n})"));
-        }
-    }
-    // window(w) keeps its width in the second comparison.
-    if let Pred::And(_, b) = p {
-        if let Some(w) = first_const(b) {
-            if *p == as_pred(builder::window(w)) {
-                return Some(format!("window({w})"));
-            }
         }
     }
     None

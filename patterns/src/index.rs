@@ -399,35 +399,36 @@ impl SparseIndex {
             || self.columns(h, qb).any(|(c, m)| c == k && self.passes(m, h, q, k))
     }
 
-    /// Pairs computed, over all heads.
-    pub fn pairs(&self) -> u64 {
-        (0..self.heads)
-            .into_par_iter()
-            .map(|h| {
-                let mut n = 0u64;
-                for qb in 0..self.q_blocks() {
-                    let rows = (((qb + 1) * self.block_m).min(self.nq) - qb * self.block_m) as u64;
-                    for (kb, m) in self.blocks(h, qb) {
-                        let keys = (((kb + 1) * self.block_n).min(self.nk) - kb * self.block_n) as u64;
-                        if m == FULL {
-                            n += rows * keys;
-                        } else {
-                            for q in qb * self.block_m..((qb + 1) * self.block_m).min(self.nq) {
-                                for k in kb * self.block_n..((kb + 1) * self.block_n).min(self.nk) {
-                                    n += u64::from(self.passes(m, h, q, k));
-                                }
-                            }
-                        }
-                    }
-                    for (c, m) in self.columns(h, qb) {
-                        for q in qb * self.block_m..((qb + 1) * self.block_m).min(self.nq) {
-                            n += u64::from(self.passes(m, h, q, c));
-                        }
+    /// Pairs computed for head `h`.
+    pub fn head_pairs(&self, h: usize) -> u64 {
+        let mut n = 0u64;
+        for qb in 0..self.q_blocks() {
+            let (q0, q1) = (qb * self.block_m, ((qb + 1) * self.block_m).min(self.nq));
+            for (kb, m) in self.blocks(h, qb) {
+                let (k0, k1) = (kb * self.block_n, ((kb + 1) * self.block_n).min(self.nk));
+                if m == FULL {
+                    n += ((q1 - q0) * (k1 - k0)) as u64;
+                } else {
+                    for q in q0..q1 {
+                        n += (k0..k1).filter(|&k| self.passes(m, h, q, k)).count() as u64;
                     }
                 }
-                n
-            })
-            .sum()
+            }
+            for (c, m) in self.columns(h, qb) {
+                n += (q0..q1).filter(|&q| self.passes(m, h, q, c)).count() as u64;
+            }
+        }
+        n
+    }
+
+    /// Pairs computed, over all heads.
+    pub fn pairs(&self) -> u64 {
+        (0..self.heads).into_par_iter().map(|h| self.head_pairs(h)).sum()
+    }
+
+    /// Share of head `h`'s `nq * nk` pairs that the index computes.
+    pub fn head_density(&self, h: usize) -> f64 {
+        self.head_pairs(h) as f64 / (self.nq as f64 * self.nk as f64)
     }
 
     /// Share of all `heads * nq * nk` pairs that the index computes.

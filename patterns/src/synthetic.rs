@@ -24,7 +24,7 @@ pub enum Plant {
 }
 
 /// Q `[plants.len(), tokens, dim]` and K with the same heads; head `h` carries `plants[h]`.
-/// `strength` scales the planted component against unit noise (8 gives sharp structure).
+/// A planted match adds `strength` to the scaled logit (noise adds about 0.25): 8 is sharp.
 pub fn planted_qk(plants: &[Plant], tokens: usize, dim: usize, strength: f32, seed: u64) -> (Tensor, Tensor) {
     let heads = plants.len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -34,7 +34,8 @@ pub fn planted_qk(plants: &[Plant], tokens: usize, dim: usize, strength: f32, se
     };
     let mut q = noise(heads, tokens);
     let mut k = noise(heads, tokens);
-    let unit = strength / (dim as f32).sqrt().sqrt();
+    // q . k gains unit^2 on a planted match, i.e. `strength` logits after the 1/sqrt(d) scale.
+    let unit = (strength * (dim as f32).sqrt()).sqrt();
     for (h, plant) in plants.iter().enumerate() {
         match plant {
             Plant::Dense => {}

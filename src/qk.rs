@@ -1,0 +1,86 @@
+//! Captured Q and K from a safetensors file.
+//!
+//! Layout: tensors named `q` and `k`, or `layers.{L}.q` and `layers.{L}.k` for layer `L`,
+//! each `[heads, tokens, head_dim]` in f32, bf16 or f16, taken after rotary embedding. K may
+//! have fewer heads than Q (GQA) as long as it divides them.
+
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors};
+use weft_patterns::Tensor;
+
+/// A problem with a Q/K file, naming the tensor involved.
+#[derive(Debug, thiserror::Error)]
+pub enum QkError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid safetensors file: {message}")]
+    Format { path: String, message: String },
+    #[error("{path} has no tensor `{name}` (it has: {present}); expected `q`/`k` or `layers.<L>.q`/`layers.<L>.k`")]
+    Missing { path: String, name: String, present: String },
+    #[error("tensor `{name}` in {path}: {message}")]
+    Bad { path: String, name: String, message: String },
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => return None,
+    })
+}
+
+fn tensor(st: &SafeTensors<'_>, path: &str, name: &str) -> Result<Tensor, QkError> {
+    let bad = |message: String| QkError::Bad { path: path.into(), name: name.into(), message };
+    let view = st.tensor(name).map_err(|_| {
+        let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+        names.sort();
+        names.truncate(8);
+        QkError::Missing { path: path.into(), name: name.into(), present: names.join(", ") }
+    })?;
+    let shape = view.shape();
+    let [heads, tokens, dim] = shape else {
+        return Err(bad(format!("shape {shape:?} is not [heads, tokens, head_dim]")));
+    };
+    let data = to_f32(view.dtype(), view.data())
+        .ok_or_else(|| bad(format!("dtype {:?} is not supported; use f32, bf16 or f16", view.dtype())))?;
+    let t = Tensor::new(*heads, *tokens, *dim, data).map_err(|e| bad(e.to_string()))?;
+    t.check_finite(name).map_err(|e| bad(e.to_string()))?;
+    Ok(t)
+}
+
+/// Reads Q and K (of `layer`, when given) from a safetensors file.
+pub fn load(path: &Path, layer: Option<usize>) -> Result<(Tensor, Tensor), QkError> {
+    let p = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| QkError::Io { path: p.clone(), source })?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| QkError::Format { path: p.clone(), message: e.to_string() })?;
+    let (qn, kn) = match layer {
+        Some(l) => (format!("layers.{l}.q"), format!("layers.{l}.k")),
+        None => ("q".to_string(), "k".to_string()),
+    };
+    let q = tensor(&st, &p, &qn)?;
+    let k = tensor(&st, &p, &kn)?;
+    weft_patterns::tensor::check_qkv(&q, &k, None).map_err(|e| QkError::Bad { path: p, name: kn, message: e.to_string() })?;
+    Ok((q, k))
+}
+
+/// Writes Q and K as f32 tensors `q` and `k` (used by tests and the quickstart).
+pub fn save(path: &Path, q: &Tensor, k: &Tensor) -> Result<(), QkError> {
+    let p = path.display().to_string();
+    let bytes = |t: &Tensor| t.data.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (qb, kb) = (bytes(q), bytes(k));
+    let views = [
+        ("q", safetensors::tensor::TensorView::new(Dtype::F32, vec![q.heads, q.tokens, q.dim], &qb)),
+        ("k", safetensors::tensor::TensorView::new(Dtype::F32, vec![k.heads, k.tokens, k.dim], &kb)),
+    ];
+    let mut ok = Vec::new();
+    for (n, v) in views {
+        ok.push((n, v.map_err(|e| QkError::Format { path: p.clone(), message: e.to_string() })?));
+    }
+    safetensors::serialize_to_file(ok, &None, path).map_err(|e| QkError::Format { path: p, message: e.to_string() })
+}
