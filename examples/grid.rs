@@ -16,7 +16,10 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (q, k) = planted_qk(&[Plant::Grid { stride: 48, phase: 17 }], n, 64, 8.0, 5);
     let index = build_index(&pattern.expr, &q, &k, &IndexOptions::default())?;
     let (full, partial, columns) = index.entry_counts();
-    println!("{pattern}: {full} full blocks, {partial} partial blocks, {columns} columns, density {:.1}%", 100.0 * index.density());
+    println!(
+        "{pattern}: {full} full blocks, {partial} partial blocks, {columns} columns, density {:.1}%",
+        100.0 * index.density()
+    );
     // The phase was recovered from the data: column 17 of every frame is kept for every query.
     for f in 0..16 {
         assert!(index.contains_token(0, 5, f * 48 + 17));

@@ -275,8 +275,7 @@ fn make_input(args: &InputArgs, pattern: &Pattern) -> Result<Input> {
             let plants = synthetic_plants(args.heads, n, args.head_dim);
             let (q_all, k_all) = planted_qk(&plants, n, args.head_dim, 8.0, args.seed);
             // Queries are the last nq tokens; K/V heads are the first of each GQA group.
-            let q = q_all.gather_tokens(|i| i + n - nq);
-            let q = Tensor::new(q.heads, nq, q.dim, q.data[..q.heads * nq * q.dim].to_vec())?;
+            let q = q_all.slice_tokens(n - nq, n);
             let group = args.heads / kvh;
             let mut k = Tensor::zeros(kvh, n, args.head_dim);
             for h in 0..kvh {
@@ -412,7 +411,14 @@ fn explain(pattern: &Pattern, args: &InputArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn mask(pattern: &Pattern, args: &InputArgs, head: usize, png: Option<&Path>, npy: Option<&Path>, px: usize) -> Result<()> {
+fn mask(
+    pattern: &Pattern,
+    args: &InputArgs,
+    head: usize,
+    png: Option<&Path>,
+    npy: Option<&Path>,
+    px: usize,
+) -> Result<()> {
     if png.is_none() && npy.is_none() {
         bail!("nothing to write: give --png FILE and/or --npy FILE");
     }
@@ -424,7 +430,9 @@ fn mask(pattern: &Pattern, args: &InputArgs, head: usize, png: Option<&Path>, np
         bail!("--head {head} is out of range: the input has {} query heads", input.q.heads);
     }
     if npy.is_some() && input.q.tokens.max(input.k.tokens) > 8192 {
-        bail!("--npy writes a dense [queries, keys] mask and is limited to 8192 tokens; use --png for longer sequences");
+        bail!(
+            "--npy writes a dense [queries, keys] mask and is limited to 8192 tokens; use --png for longer sequences"
+        );
     }
     let r = analyse(pattern, &input, args)?;
     let slice = &r.index;
@@ -439,7 +447,8 @@ fn mask(pattern: &Pattern, args: &InputArgs, head: usize, png: Option<&Path>, np
     }
     if let Some(path) = npy {
         let m = weft::viz::dense_mask(slice, head);
-        weft::viz::write_npy_bool(path, slice.nq, slice.nk, &m).with_context(|| format!("cannot write {}", path.display()))?;
+        weft::viz::write_npy_bool(path, slice.nq, slice.nk, &m)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {} (bool [{}, {}], token order)", path.display(), slice.nq, slice.nk);
     }
     println!(

@@ -58,14 +58,19 @@ fn tensor(st: &SafeTensors<'_>, path: &str, name: &str) -> Result<Tensor, QkErro
 pub fn load(path: &Path, layer: Option<usize>) -> Result<(Tensor, Tensor), QkError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| QkError::Io { path: p.clone(), source })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| QkError::Format { path: p.clone(), message: e.to_string() })?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| QkError::Format { path: p.clone(), message: e.to_string() })?;
     let (qn, kn) = match layer {
         Some(l) => (format!("layers.{l}.q"), format!("layers.{l}.k")),
         None => ("q".to_string(), "k".to_string()),
     };
     let q = tensor(&st, &p, &qn)?;
     let k = tensor(&st, &p, &kn)?;
-    weft_patterns::tensor::check_qkv(&q, &k, None).map_err(|e| QkError::Bad { path: p, name: kn, message: e.to_string() })?;
+    weft_patterns::tensor::check_qkv(&q, &k, None).map_err(|e| QkError::Bad {
+        path: p,
+        name: kn,
+        message: e.to_string(),
+    })?;
     Ok((q, k))
 }
 

@@ -50,7 +50,8 @@ pub fn block_map(ix: &SparseIndex, h: usize, max_px: usize) -> (usize, usize, Ve
                         // Faint block boundaries when blocks are at least 4 pixels wide.
                         let bw = ix.block_n * wid / nk.max(1);
                         let bh = ix.block_m * hgt / nq.max(1);
-                        let edge = (bw >= 4 && k0 % ix.block_n == 0 && k0 > 0) || (bh >= 4 && q0 % ix.block_m == 0 && q0 > 0);
+                        let edge =
+                            (bw >= 4 && k0 % ix.block_n == 0 && k0 > 0) || (bh >= 4 && q0 % ix.block_m == 0 && q0 > 0);
                         if edge {
                             colour::GRID
                         } else {

@@ -42,22 +42,10 @@ pub fn lit(value: i64) -> IntExpr {
 }
 
 fn bin(op: IntOp, lhs: IntExpr, rhs: IntExpr) -> IntExpr {
-    IntExpr::Bin {
-        op,
-        lhs: Box::new(lhs),
-        rhs: Box::new(rhs),
-    }
+    IntExpr::Bin { op, lhs: Box::new(lhs), rhs: Box::new(rhs) }
 }
 
 impl IntExpr {
-    /// `self / divisor` (Euclidean; the divisor must be a positive constant).
-    pub fn div(self, divisor: i64) -> IntExpr {
-        bin(IntOp::Div, self, lit(divisor))
-    }
-    /// `self % divisor` (Euclidean; the divisor must be a positive constant).
-    pub fn rem(self, divisor: i64) -> IntExpr {
-        bin(IntOp::Rem, self, lit(divisor))
-    }
     /// `min(self, other)`.
     pub fn min(self, other: IntExpr) -> IntExpr {
         bin(IntOp::Min, self, other)
@@ -67,11 +55,7 @@ impl IntExpr {
         bin(IntOp::Max, self, other)
     }
     fn cmp(self, op: CmpOp, other: IntExpr) -> Pred {
-        Pred::Cmp {
-            op,
-            lhs: self,
-            rhs: other,
-        }
+        Pred::Cmp { op, lhs: self, rhs: other }
     }
     /// `self < other`.
     pub fn lt(self, other: IntExpr) -> Pred {
@@ -115,6 +99,20 @@ impl std::ops::Mul for IntExpr {
     type Output = IntExpr;
     fn mul(self, rhs: IntExpr) -> IntExpr {
         bin(IntOp::Mul, self, rhs)
+    }
+}
+/// `self / divisor` (Euclidean; the divisor must be a positive constant).
+impl std::ops::Div<i64> for IntExpr {
+    type Output = IntExpr;
+    fn div(self, divisor: i64) -> IntExpr {
+        bin(IntOp::Div, self, lit(divisor))
+    }
+}
+/// `self % divisor` (Euclidean; the divisor must be a positive constant).
+impl std::ops::Rem<i64> for IntExpr {
+    type Output = IntExpr;
+    fn rem(self, divisor: i64) -> IntExpr {
+        bin(IntOp::Rem, self, lit(divisor))
     }
 }
 impl std::ops::Neg for IntExpr {
@@ -170,19 +168,12 @@ pub fn sink(tokens: u32) -> PatternExpr {
 /// A diagonal band: `|q + nk - nq - k| < width`.
 pub fn local(width: u32) -> PatternExpr {
     let w = lit(width.into());
-    pred(
-        (q_on_k_axis() - k())
-            .lt(w.clone())
-            .and((k() - q_on_k_axis()).lt(w)),
-    )
+    pred((q_on_k_axis() - k()).lt(w.clone()).and((k() - q_on_k_axis()).lt(w)))
 }
 
 /// A causal sliding window: `0 <= q + nk - nq - k < width`.
 pub fn window(width: u32) -> PatternExpr {
-    pred(
-        k().le(q_on_k_axis())
-            .and((q_on_k_axis() - k()).lt(lit(width.into()))),
-    )
+    pred(k().le(q_on_k_axis()).and((q_on_k_axis() - k()).lt(lit(width.into()))))
 }
 
 /// Budget: the `n` best.
@@ -212,10 +203,7 @@ pub fn vertical_slash() -> VerticalSlash {
 }
 /// MMInference grid with defaults (stride 256, phase chosen per head, rows and columns).
 pub fn grid(stride: u32) -> Grid {
-    Grid {
-        stride,
-        ..Grid::default()
-    }
+    Grid { stride, ..Grid::default() }
 }
 /// Retrieval operator with Quest-like defaults (pages of 16, min-max bounds, top 64 pages).
 pub fn retrieval() -> Retrieval {
@@ -224,19 +212,12 @@ pub fn retrieval() -> Retrieval {
 
 /// `inner` in stride-permuted order.
 pub fn permuted(permutation: Permutation, inner: impl Into<PatternExpr>) -> PatternExpr {
-    PatternExpr::Permuted {
-        permutation,
-        inner: Box::new(inner.into()),
-    }
+    PatternExpr::Permuted { permutation, inner: Box::new(inner.into()) }
 }
 
 /// `inner` split over a ring of `workers`.
 pub fn ring(workers: u32, layout: RingLayout, inner: impl Into<PatternExpr>) -> PatternExpr {
-    PatternExpr::Ring {
-        workers,
-        layout,
-        inner: Box::new(inner.into()),
-    }
+    PatternExpr::Ring { workers, layout, inner: Box::new(inner.into()) }
 }
 
 macro_rules! setters {

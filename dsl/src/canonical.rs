@@ -47,15 +47,12 @@ pub fn canonicalize(expr: &PatternExpr) -> PatternExpr {
     match expr {
         PatternExpr::Union(items) => nary(items, true),
         PatternExpr::Intersect(items) => nary(items, false),
-        PatternExpr::Permuted { permutation, inner } => PatternExpr::Permuted {
-            permutation: *permutation,
-            inner: Box::new(canonicalize(inner)),
-        },
-        PatternExpr::Ring { workers, layout, inner } => PatternExpr::Ring {
-            workers: *workers,
-            layout: *layout,
-            inner: Box::new(canonicalize(inner)),
-        },
+        PatternExpr::Permuted { permutation, inner } => {
+            PatternExpr::Permuted { permutation: *permutation, inner: Box::new(canonicalize(inner)) }
+        }
+        PatternExpr::Ring { workers, layout, inner } => {
+            PatternExpr::Ring { workers: *workers, layout: *layout, inner: Box::new(canonicalize(inner)) }
+        }
         other => other.clone(),
     }
 }
@@ -105,8 +102,7 @@ fn nary(items: &[PatternExpr], union: bool) -> PatternExpr {
         }
     }
     let flat = parts;
-    let (statics, mut rest): (Vec<_>, Vec<_>) =
-        flat.into_iter().partition(|e| matches!(e, PatternExpr::Static(_)));
+    let (statics, mut rest): (Vec<_>, Vec<_>) = flat.into_iter().partition(|e| matches!(e, PatternExpr::Static(_)));
     let mut preds: Vec<(Vec<u8>, Pred)> = statics
         .into_iter()
         .filter_map(|e| match e {

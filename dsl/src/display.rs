@@ -72,11 +72,9 @@ fn sugar(p: &Pred) -> Option<String> {
         }
     }
     let n = last_const(p)?;
-    for (name, make) in [
-        ("sink", builder::sink as fn(u32) -> PatternExpr),
-        ("local", builder::local),
-        ("window", builder::window),
-    ] {
+    for (name, make) in
+        [("sink", builder::sink as fn(u32) -> PatternExpr), ("local", builder::local), ("window", builder::window)]
+    {
         if *p == as_pred(make(n)) {
             return Some(format!("{name}({n})"));
         }

@@ -43,17 +43,10 @@ pub enum PatternExpr {
     Intersect(Vec<PatternExpr>),
     /// The inner pattern applied in permuted token order; the output is un-permuted.
     /// Must be the outermost node (or directly inside [`PatternExpr::Ring`]).
-    Permuted {
-        permutation: Permutation,
-        inner: Box<PatternExpr>,
-    },
+    Permuted { permutation: Permutation, inner: Box<PatternExpr> },
     /// The inner pattern computed by `workers` ring workers, merged exactly by log-sum-exp.
     /// It changes the schedule, not the pairs. Must be the outermost node.
-    Ring {
-        workers: u32,
-        layout: RingLayout,
-        inner: Box<PatternExpr>,
-    },
+    Ring { workers: u32, layout: RingLayout, inner: Box<PatternExpr> },
 }
 
 /// A variable of a static predicate.
@@ -133,11 +126,7 @@ pub enum IntExpr {
     Var(Var),
     Const(i64),
     Neg(Box<IntExpr>),
-    Bin {
-        op: IntOp,
-        lhs: Box<IntExpr>,
-        rhs: Box<IntExpr>,
-    },
+    Bin { op: IntOp, lhs: Box<IntExpr>, rhs: Box<IntExpr> },
 }
 
 /// Comparison operators.
@@ -171,11 +160,7 @@ impl CmpOp {
 #[serde(rename_all = "snake_case")]
 pub enum Pred {
     Const(bool),
-    Cmp {
-        op: CmpOp,
-        lhs: IntExpr,
-        rhs: IntExpr,
-    },
+    Cmp { op: CmpOp, lhs: IntExpr, rhs: IntExpr },
     And(Box<Pred>, Box<Pred>),
     Or(Box<Pred>, Box<Pred>),
     Not(Box<Pred>),
@@ -213,11 +198,7 @@ pub struct Block {
 
 impl Default for Block {
     fn default() -> Self {
-        Block {
-            block_q: 64,
-            block_k: 64,
-            keep: BlockKeep::Budget(Budget::TopP(0.9)),
-        }
+        Block { block_q: 64, block_k: 64, keep: BlockKeep::Budget(Budget::TopP(0.9)) }
     }
 }
 
@@ -233,12 +214,7 @@ pub struct VerticalVector {
 
 impl Default for VerticalVector {
     fn default() -> Self {
-        VerticalVector {
-            q_block: 64,
-            keep: Budget::Threshold(0.05),
-            sink: 64,
-            local: 64,
-        }
+        VerticalVector { q_block: 64, keep: Budget::Threshold(0.05), sink: 64, local: 64 }
     }
 }
 
@@ -255,12 +231,7 @@ pub struct VerticalSlash {
 
 impl Default for VerticalSlash {
     fn default() -> Self {
-        VerticalSlash {
-            block: 64,
-            last_q: 64,
-            vertical: Budget::TopK(1024),
-            slash: Budget::TopK(64),
-        }
+        VerticalSlash { block: 64, last_q: 64, vertical: Budget::TopK(1024), slash: Budget::TopK(64) }
     }
 }
 
@@ -289,12 +260,7 @@ pub struct Grid {
 
 impl Default for Grid {
     fn default() -> Self {
-        Grid {
-            stride: 256,
-            phase: None,
-            lines: GridLines::Both,
-            sink: 0,
-        }
+        Grid { stride: 256, phase: None, lines: GridLines::Both, sink: 0 }
     }
 }
 
@@ -357,12 +323,6 @@ pub struct Retrieval {
 
 impl Default for Retrieval {
     fn default() -> Self {
-        Retrieval {
-            unit: Unit::Page(16),
-            score: Score::MinMax,
-            budget: Budget::TopK(64),
-            sink: 4,
-            recent: 64,
-        }
+        Retrieval { unit: Unit::Page(16), score: Score::MinMax, budget: Budget::TopK(64), sink: 4, recent: 64 }
     }
 }

@@ -46,13 +46,7 @@ pub enum Error {
     Invalid(Vec<ValidationError>),
     /// Pattern text that does not parse.
     #[error("{origin}:{line}:{column}: {message}\n  {snippet}")]
-    Syntax {
-        origin: String,
-        line: usize,
-        column: usize,
-        message: String,
-        snippet: String,
-    },
+    Syntax { origin: String, line: usize, column: usize, message: String, snippet: String },
     /// A pattern file that cannot be read.
     #[error("cannot read pattern file {path}: {source}")]
     Io {
@@ -68,10 +62,7 @@ pub enum Error {
 impl Pattern {
     /// A named pattern (not yet validated: see [`Pattern::validate`]).
     pub fn new(name: impl Into<String>, expr: impl Into<PatternExpr>) -> Pattern {
-        Pattern {
-            name: name.into(),
-            expr: expr.into(),
-        }
+        Pattern { name: name.into(), expr: expr.into() }
     }
 
     /// Checks every parameter range and the tree's shape.
@@ -86,10 +77,7 @@ impl Pattern {
 
     /// The canonical form of the expression.
     pub fn canonical(&self) -> Pattern {
-        Pattern {
-            name: self.name.clone(),
-            expr: canonical::canonicalize(&self.expr),
-        }
+        Pattern { name: self.name.clone(), expr: canonical::canonicalize(&self.expr) }
     }
 
     /// The IR as pretty JSON (the `ir` form of a pattern file).
@@ -143,10 +131,7 @@ struct PatternFile {
 /// pattern = "sink(64) | local(256) | vertical_vector(q_block = 128, keep = top_p(0.95))"
 /// ```
 pub fn parse_pattern_file(origin: &str, text: &str, default_name: &str) -> Result<Pattern, Error> {
-    let file_err = |message: String| Error::File {
-        path: origin.to_string(),
-        message,
-    };
+    let file_err = |message: String| Error::File { path: origin.to_string(), message };
     let looks_json = text.trim_start().starts_with('{');
     let file: PatternFile = if looks_json {
         serde_json::from_str(text).map_err(|e| file_err(format!("invalid JSON: {e}")))?
@@ -157,8 +142,14 @@ pub fn parse_pattern_file(origin: &str, text: &str, default_name: &str) -> Resul
     let pattern = match (file.pattern, file.ir) {
         (Some(src), None) => parse_with_origin(&name, &src, &format!("{origin} (pattern)"))?,
         (None, Some(expr)) => Pattern::new(name, expr),
-        (Some(_), Some(_)) => return Err(file_err("give either `pattern` (DSL text) or `ir` (serialized IR), not both".into())),
-        (None, None) => return Err(file_err("missing `pattern = \"...\"` (DSL text such as \"causal & window(1024)\") or `ir`".into())),
+        (Some(_), Some(_)) => {
+            return Err(file_err("give either `pattern` (DSL text) or `ir` (serialized IR), not both".into()))
+        }
+        (None, None) => {
+            return Err(file_err(
+                "missing `pattern = \"...\"` (DSL text such as \"causal & window(1024)\") or `ir`".into(),
+            ))
+        }
     };
     pattern.validate()?;
     Ok(pattern)
@@ -166,10 +157,8 @@ pub fn parse_pattern_file(origin: &str, text: &str, default_name: &str) -> Resul
 
 /// Reads a `.toml` or `.json` pattern file; the name defaults to the file stem.
 pub fn load_pattern_file(path: &Path) -> Result<Pattern, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("pattern");
     parse_pattern_file(&path.display().to_string(), &text, stem)
 }

@@ -81,21 +81,11 @@ fn call_of(e: &Expr) -> Option<Call<'_>> {
                     _ => positional.push(arg),
                 }
             }
-            Some(Call {
-                name: name.to_string(),
-                span: e.span(),
-                named,
-                positional,
-            })
+            Some(Call { name: name.to_string(), span: e.span(), named, positional })
         }
         Expr::Path(_) => {
             let name = ident_of(e)?;
-            Some(Call {
-                name: name.to_string(),
-                span: e.span(),
-                named: Vec::new(),
-                positional: Vec::new(),
-            })
+            Some(Call { name: name.to_string(), span: e.span(), named: Vec::new(), positional: Vec::new() })
         }
         _ => None,
     }
@@ -146,9 +136,10 @@ impl<'a> Call<'a> {
     }
 
     fn positional(&self, i: usize, what: &str) -> Result<&'a Expr> {
-        self.positional.get(i).copied().ok_or_else(|| {
-            syn::Error::new(self.span, format!("`{}` is missing its {what}", self.name))
-        })
+        self.positional
+            .get(i)
+            .copied()
+            .ok_or_else(|| syn::Error::new(self.span, format!("`{}` is missing its {what}", self.name)))
     }
 
     fn u32_or(&self, name: &str, default: u32) -> Result<u32> {
@@ -196,9 +187,8 @@ fn int_lit(e: &Expr, what: &str) -> Result<i64> {
 
 fn lit_u32(e: &Expr, what: &str) -> Result<u32> {
     let v = int_lit(e, what)?;
-    u32::try_from(v).map_err(|_| {
-        syn::Error::new(e.span(), format!("`{what}` must be between 0 and {}, got {v}", u32::MAX))
-    })
+    u32::try_from(v)
+        .map_err(|_| syn::Error::new(e.span(), format!("`{what}` must be between 0 and {}, got {v}", u32::MAX)))
 }
 
 fn lit_f64(e: &Expr, what: &str) -> Result<f64> {
@@ -230,10 +220,8 @@ fn budget(e: &Expr) -> Result<Budget> {
 }
 
 fn choice<T>(e: &Expr, what: &str, options: &[(&str, bool)], make: impl Fn(&str, Option<u32>) -> T) -> Result<T> {
-    let accepted: Vec<String> = options
-        .iter()
-        .map(|(n, arg)| if *arg { format!("{n}(n)") } else { n.to_string() })
-        .collect();
+    let accepted: Vec<String> =
+        options.iter().map(|(n, arg)| if *arg { format!("{n}(n)") } else { n.to_string() }).collect();
     let bad = || syn::Error::new(e.span(), format!("expected {what}: {}", accepted.join(", ")));
     let c = call_of(e).ok_or_else(bad)?;
     let (_, takes_arg) = options.iter().find(|(n, _)| *n == c.name).ok_or_else(bad)?;
@@ -266,7 +254,10 @@ fn int_expr(e: &Expr) -> Result<IntExpr> {
             Lit::Int(_) => {
                 let v = int_lit(e, "constant")?;
                 if v.abs() > MAX_CONST {
-                    return err(e.span(), format!("constant {v} is out of range: predicates use 32-bit integers (|c| <= {MAX_CONST})"));
+                    return err(
+                        e.span(),
+                        format!("constant {v} is out of range: predicates use 32-bit integers (|c| <= {MAX_CONST})"),
+                    );
                 }
                 Ok(IntExpr::Const(v))
             }
@@ -277,7 +268,10 @@ fn int_expr(e: &Expr) -> Result<IntExpr> {
         Expr::Path(_) => {
             let id = ident_of(e).ok_or_else(|| syn::Error::new(e.span(), "expected q, k, h, nq, nk or an integer"))?;
             Var::from_name(&id.to_string()).map(IntExpr::Var).ok_or_else(|| {
-                syn::Error::new(id.span(), format!("unknown variable `{id}`; predicates use q, k, h, nq, nk and integer constants"))
+                syn::Error::new(
+                    id.span(),
+                    format!("unknown variable `{id}`; predicates use q, k, h, nq, nk and integer constants"),
+                )
             })
         }
         Expr::Unary(u) => match u.op {
@@ -319,7 +313,12 @@ fn int_expr(e: &Expr) -> Result<IntExpr> {
             let op = match c.name.as_str() {
                 "min" => IntOp::Min,
                 "max" => IntOp::Max,
-                other => return err(c.span, format!("unknown function `{other}` in an integer expression; use min(a, b) or max(a, b)")),
+                other => {
+                    return err(
+                        c.span,
+                        format!("unknown function `{other}` in an integer expression; use min(a, b) or max(a, b)"),
+                    )
+                }
             };
             c.check(&[], 2)?;
             let a = int_expr(c.positional(0, "first operand")?)?;
@@ -332,27 +331,27 @@ fn int_expr(e: &Expr) -> Result<IntExpr> {
 
 /// How an operator is spelled in source.
 fn quote_op(op: &BinOp) -> &'static str {
-        match op {
-            BinOp::Add(_) => "+",
-            BinOp::Sub(_) => "-",
-            BinOp::Mul(_) => "*",
-            BinOp::Div(_) => "/",
-            BinOp::Rem(_) => "%",
-            BinOp::And(_) => "&&",
-            BinOp::Or(_) => "||",
-            BinOp::BitXor(_) => "^",
-            BinOp::BitAnd(_) => "&",
-            BinOp::BitOr(_) => "|",
-            BinOp::Shl(_) => "<<",
-            BinOp::Shr(_) => ">>",
-            BinOp::Eq(_) => "==",
-            BinOp::Lt(_) => "<",
-            BinOp::Le(_) => "<=",
-            BinOp::Ne(_) => "!=",
-            BinOp::Ge(_) => ">=",
-            BinOp::Gt(_) => ">",
-            _ => "compound assignment",
-        }
+    match op {
+        BinOp::Add(_) => "+",
+        BinOp::Sub(_) => "-",
+        BinOp::Mul(_) => "*",
+        BinOp::Div(_) => "/",
+        BinOp::Rem(_) => "%",
+        BinOp::And(_) => "&&",
+        BinOp::Or(_) => "||",
+        BinOp::BitXor(_) => "^",
+        BinOp::BitAnd(_) => "&",
+        BinOp::BitOr(_) => "|",
+        BinOp::Shl(_) => "<<",
+        BinOp::Shr(_) => ">>",
+        BinOp::Eq(_) => "==",
+        BinOp::Lt(_) => "<",
+        BinOp::Le(_) => "<=",
+        BinOp::Ne(_) => "!=",
+        BinOp::Ge(_) => ">=",
+        BinOp::Gt(_) => ">",
+        _ => "compound assignment",
+    }
 }
 
 fn cmp_op(op: &BinOp) -> Option<CmpOp> {
@@ -407,7 +406,9 @@ pub fn predicate(e: &Expr) -> Result<Pred> {
     match strip(e) {
         Expr::Lit(l) => match &l.lit {
             Lit::Bool(b) => Ok(Pred::Const(b.value)),
-            Lit::Int(_) | Lit::Float(_) => err(l.span(), "expected a condition (a comparison such as `q >= k`), found a number"),
+            Lit::Int(_) | Lit::Float(_) => {
+                err(l.span(), "expected a condition (a comparison such as `q >= k`), found a number")
+            }
             other => err(other.span(), "expected a condition such as `q >= k`"),
         },
         Expr::Unary(u) if matches!(u.op, UnOp::Not(_)) => Ok(Pred::Not(Box::new(predicate(&u.expr)?))),
@@ -505,11 +506,18 @@ fn family(c: &Call<'_>, place: Place) -> Result<PatternExpr> {
                 Some(e) => match call_of(e) {
                     Some(k) if k.name == "blocks" => BlockKeep::Where(predicate(one_arg(&k, "block predicate")?)?),
                     _ => BlockKeep::Budget(budget(e).map_err(|_| {
-                        syn::Error::new(e.span(), "expected top_k(n), top_p(p), threshold(t) or blocks(predicate over block indices q, k)")
+                        syn::Error::new(
+                            e.span(),
+                            "expected top_k(n), top_p(p), threshold(t) or blocks(predicate over block indices q, k)",
+                        )
                     })?),
                 },
             };
-            PatternExpr::Block(Block { block_q: c.u32_or("block_q", d.block_q)?, block_k: c.u32_or("block_k", d.block_k)?, keep })
+            PatternExpr::Block(Block {
+                block_q: c.u32_or("block_q", d.block_q)?,
+                block_k: c.u32_or("block_k", d.block_k)?,
+                keep,
+            })
         }
         "vertical_vector" => {
             c.check(&["q_block", "keep", "sink", "local"], 0)?;
@@ -535,15 +543,22 @@ fn family(c: &Call<'_>, place: Place) -> Result<PatternExpr> {
             c.check(&["stride", "phase", "lines", "sink"], 0)?;
             let stride = match c.get("stride") {
                 Some(e) => lit_u32(e, "stride")?,
-                None => return err(c.span, "`grid` is missing `stride` (the frame size in tokens), e.g. `grid(stride = 256)`"),
+                None => {
+                    return err(
+                        c.span,
+                        "`grid` is missing `stride` (the frame size in tokens), e.g. `grid(stride = 256)`",
+                    )
+                }
             };
             let lines = match c.get("lines") {
                 None => GridLines::Both,
-                Some(e) => choice(e, "grid lines", &[("rows", false), ("cols", false), ("both", false)], |n, _| match n {
-                    "rows" => GridLines::Rows,
-                    "cols" => GridLines::Cols,
-                    _ => GridLines::Both,
-                })?,
+                Some(e) => {
+                    choice(e, "grid lines", &[("rows", false), ("cols", false), ("both", false)], |n, _| match n {
+                        "rows" => GridLines::Rows,
+                        "cols" => GridLines::Cols,
+                        _ => GridLines::Both,
+                    })?
+                }
             };
             let phase = c.get("phase").map(|e| lit_u32(e, "phase")).transpose()?;
             PatternExpr::Grid(Grid { stride, phase, lines, sink: c.u32_or("sink", 0)? })
@@ -553,19 +568,26 @@ fn family(c: &Call<'_>, place: Place) -> Result<PatternExpr> {
             let d = Retrieval::default();
             let unit = match c.get("unit") {
                 None => d.unit,
-                Some(e) => choice(e, "a KV unit", &[("token", false), ("page", true), ("cluster", true)], |n, a| match n {
-                    "token" => Unit::Token,
-                    "page" => Unit::Page(a.unwrap_or(16)),
-                    _ => Unit::Cluster(a.unwrap_or(16)),
-                })?,
+                Some(e) => {
+                    choice(e, "a KV unit", &[("token", false), ("page", true), ("cluster", true)], |n, a| match n {
+                        "token" => Unit::Token,
+                        "page" => Unit::Page(a.unwrap_or(16)),
+                        _ => Unit::Cluster(a.unwrap_or(16)),
+                    })?
+                }
             };
             let score = match c.get("score") {
                 None => d.score,
-                Some(e) => choice(e, "a unit score", &[("min_max", false), ("centroid", false), ("quantized", true)], |n, a| match n {
-                    "min_max" => Score::MinMax,
-                    "centroid" => Score::Centroid,
-                    _ => Score::Quantized(a.unwrap_or(4)),
-                })?,
+                Some(e) => choice(
+                    e,
+                    "a unit score",
+                    &[("min_max", false), ("centroid", false), ("quantized", true)],
+                    |n, a| match n {
+                        "min_max" => Score::MinMax,
+                        "centroid" => Score::Centroid,
+                        _ => Score::Quantized(a.unwrap_or(4)),
+                    },
+                )?,
             };
             PatternExpr::Retrieval(Retrieval {
                 unit,
@@ -581,7 +603,8 @@ fn family(c: &Call<'_>, place: Place) -> Result<PatternExpr> {
             }
             c.check(&[], 2)?;
             let perm_e = c.positional(0, "permutation, e.g. `stride(16)`")?;
-            let permutation = choice(perm_e, "a permutation", &[("stride", true)], |_, a| Permutation::Stride(a.unwrap_or(1)))?;
+            let permutation =
+                choice(perm_e, "a permutation", &[("stride", true)], |_, a| Permutation::Stride(a.unwrap_or(1)))?;
             let inner = pattern_at(c.positional(1, "inner pattern")?, Place::Inner)?;
             PatternExpr::Permuted { permutation, inner: Box::new(inner) }
         }
@@ -592,21 +615,34 @@ fn family(c: &Call<'_>, place: Place) -> Result<PatternExpr> {
             c.check(&["workers", "layout"], 1)?;
             let workers = match c.get("workers") {
                 Some(e) => lit_u32(e, "workers")?,
-                None => return err(c.span, "`ring` is missing `workers`, e.g. `ring(workers = 4, layout = zigzag, causal)`"),
+                None => {
+                    return err(
+                        c.span,
+                        "`ring` is missing `workers`, e.g. `ring(workers = 4, layout = zigzag, causal)`",
+                    )
+                }
             };
             let layout = match c.get("layout") {
                 None => RingLayout::ZigZag,
-                Some(e) => choice(e, "a ring layout", &[("contiguous", false), ("zigzag", false), ("striped", true)], |n, a| match n {
-                    "contiguous" => RingLayout::Contiguous,
-                    "zigzag" => RingLayout::ZigZag,
-                    _ => RingLayout::Striped(a.unwrap_or(128)),
-                })?,
+                Some(e) => choice(
+                    e,
+                    "a ring layout",
+                    &[("contiguous", false), ("zigzag", false), ("striped", true)],
+                    |n, a| match n {
+                        "contiguous" => RingLayout::Contiguous,
+                        "zigzag" => RingLayout::ZigZag,
+                        _ => RingLayout::Striped(a.unwrap_or(128)),
+                    },
+                )?,
             };
             let inner = pattern_at(c.positional(0, "inner pattern")?, Place::InsideRing)?;
             PatternExpr::Ring { workers, layout, inner: Box::new(inner) }
         }
         name if Var::from_name(name).is_some() => {
-            return err(c.span, format!("`{name}` is a position, not a pattern; compare it inside parentheses, e.g. `(q >= k)`"))
+            return err(
+                c.span,
+                format!("`{name}` is a position, not a pattern; compare it inside parentheses, e.g. `(q >= k)`"),
+            )
         }
         name => return err(c.span, format!("unknown pattern family `{name}`; expected one of: {FAMILIES}")),
     };

@@ -28,20 +28,12 @@ struct Ctx {
 
 impl Ctx {
     fn err(&mut self, path: &str, field: &'static str, message: String) {
-        self.errors.push(ValidationError {
-            path: path.to_string(),
-            field,
-            message,
-        });
+        self.errors.push(ValidationError { path: path.to_string(), field, message });
     }
 
     fn pow2(&mut self, path: &str, field: &'static str, v: u32, lo: u32, hi: u32) {
         if !(v.is_power_of_two() && (lo..=hi).contains(&v)) {
-            self.err(
-                path,
-                field,
-                format!("must be a power of two between {lo} and {hi}, got {v}"),
-            );
+            self.err(path, field, format!("must be a power of two between {lo} and {hi}, got {v}"));
         }
     }
 
@@ -142,11 +134,7 @@ impl Ctx {
                 self.range(&path, "stride", g.stride, 1, MAX_TOKENS);
                 if let Some(phase) = g.phase {
                     if phase >= g.stride.max(1) {
-                        self.err(
-                            &path,
-                            "phase",
-                            format!("must be below the stride ({}), got {phase}", g.stride),
-                        );
+                        self.err(&path, "phase", format!("must be below the stride ({}), got {phase}", g.stride));
                     }
                 }
                 self.range(&path, "sink", g.sink, 0, MAX_TOKENS);
@@ -166,8 +154,12 @@ impl Ctx {
                         }
                     }
                     (Score::MinMax, _) => self.err(&path, "score", "min_max scores pages: use unit = page(n)".into()),
-                    (Score::Centroid, _) => self.err(&path, "score", "centroid scores clusters: use unit = cluster(n)".into()),
-                    (Score::Quantized(_), _) => self.err(&path, "score", "quantized scores tokens or pages: use unit = token or page(n)".into()),
+                    (Score::Centroid, _) => {
+                        self.err(&path, "score", "centroid scores clusters: use unit = cluster(n)".into())
+                    }
+                    (Score::Quantized(_), _) => {
+                        self.err(&path, "score", "quantized scores tokens or pages: use unit = token or page(n)".into())
+                    }
                 }
                 self.budget(&path, "keep", &r.budget);
                 self.range(&path, "sink", r.sink, 0, MAX_TOKENS);

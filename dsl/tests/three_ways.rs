@@ -31,18 +31,12 @@ fn builder_text_and_file_agree() {
             permuted(weft_dsl::Permutation::Stride(16), block().keep(top_k(4))),
             "permuted(stride(16), block(keep = top_k(4)))",
         ),
-        (
-            ring(4, weft_dsl::RingLayout::Striped(128), causal()),
-            "ring(workers = 4, layout = striped(128), causal)",
-        ),
+        (ring(4, weft_dsl::RingLayout::Striped(128), causal()), "ring(workers = 4, layout = striped(128), causal)"),
         (
             retrieval().unit(weft_dsl::Unit::Cluster(32)).score(weft_dsl::Score::Centroid).budget(top_p(0.9)).into(),
             "retrieval(unit = cluster(32), score = centroid, keep = top_p(0.9))",
         ),
-        (
-            causal() & pred(k().rem(64).eq(lit(0)).or((q() - k()).lt(lit(128)))),
-            "causal & (k % 64 == 0 || q - k < 128)",
-        ),
+        (causal() & pred((k() % 64).eq(lit(0)).or((q() - k()).lt(lit(128)))), "causal & (k % 64 == 0 || q - k < 128)"),
         (
             block().block_q(128).block_k(32).keep_where(q().ge(k()).and(h().lt(lit(4)))).into(),
             "block(block_q = 128, block_k = 32, keep = blocks(q >= k && h < 4))",
@@ -156,7 +150,8 @@ fn arb_int() -> impl Strategy<Value = String> {
         prop_oneof![
             (inner.clone(), inner.clone(), prop::sample::select(vec!["+", "-", "*"]))
                 .prop_map(|(a, b, op)| format!("({a} {op} {b})")),
-            (inner.clone(), 1i64..50, prop::sample::select(vec!["/", "%"])).prop_map(|(a, c, op)| format!("({a} {op} {c})")),
+            (inner.clone(), 1i64..50, prop::sample::select(vec!["/", "%"]))
+                .prop_map(|(a, c, op)| format!("({a} {op} {c})")),
             (inner.clone(), inner).prop_map(|(a, b)| format!("min({a}, {b})")),
         ]
     })

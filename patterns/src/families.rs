@@ -144,9 +144,7 @@ fn static_pred(e: PatternExpr) -> Pred {
 pub fn resolve(expr: &PatternExpr, inp: &HeadInputs<'_>, ctx: &Pred) -> Result<Node, Error> {
     Ok(match expr {
         PatternExpr::Static(p) => Node::Static(p.clone()),
-        PatternExpr::Union(items) => {
-            Node::Union(items.iter().map(|e| resolve(e, inp, ctx)).collect::<Result<_, _>>()?)
-        }
+        PatternExpr::Union(items) => Node::Union(items.iter().map(|e| resolve(e, inp, ctx)).collect::<Result<_, _>>()?),
         PatternExpr::Intersect(items) => {
             let mut inner_ctx = ctx.clone();
             for item in items {
@@ -195,7 +193,8 @@ fn block(b: &Block, inp: &HeadInputs<'_>, ctx: &Pred) -> BlockSel {
         BlockKeep::Where(p) => {
             for qb in 0..nqb {
                 for kb in 0..nkb {
-                    let env = Env { q: qb as i64, k: kb as i64, h: inp.h as i64, nq: inp.nq() as i64, nk: inp.nk() as i64 };
+                    let env =
+                        Env { q: qb as i64, k: kb as i64, h: inp.h as i64, nq: inp.nq() as i64, nk: inp.nk() as i64 };
                     keep[qb * nkb + kb] = p.eval(&env);
                 }
             }
@@ -315,7 +314,7 @@ fn grid(g: &Grid, inp: &HeadInputs<'_>, ctx: &Pred) -> Node {
         items.push(Node::Columns(ColSel { bq: inp.nq().max(1), cols: vec![cols] }));
     }
     if matches!(g.lines, GridLines::Rows | GridLines::Both) {
-        items.push(Node::Static(builder::q().rem(stride as i64).eq(builder::lit(phase as i64))));
+        items.push(Node::Static((builder::q() % stride as i64).eq(builder::lit(phase as i64))));
     }
     if g.sink > 0 {
         items.push(Node::Static(static_pred(builder::sink(g.sink))));

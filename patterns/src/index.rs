@@ -88,9 +88,7 @@ fn granularity(e: &PatternExpr, qs: &mut Vec<usize>, ks: &mut Vec<usize>) {
             ks.push(v.block as usize);
         }
         PatternExpr::Retrieval(_) => qs.push(1),
-        PatternExpr::Union(items) | PatternExpr::Intersect(items) => {
-            items.iter().for_each(|i| granularity(i, qs, ks))
-        }
+        PatternExpr::Union(items) | PatternExpr::Intersect(items) => items.iter().for_each(|i| granularity(i, qs, ks)),
         PatternExpr::Permuted { inner, .. } | PatternExpr::Ring { inner, .. } => granularity(inner, qs, ks),
         PatternExpr::Static(_) | PatternExpr::Grid(_) => {}
     }

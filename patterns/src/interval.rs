@@ -96,10 +96,8 @@ pub fn decide(p: &Pred, r: &Region) -> Option<bool> {
         Pred::Const(b) => Some(*b),
         Pred::Cmp { op, lhs, rhs } => {
             // Compare through the difference: keeps q - k correlations exact.
-            let d = interval(
-                &IntExpr::Bin { op: IntOp::Sub, lhs: Box::new(lhs.clone()), rhs: Box::new(rhs.clone()) },
-                r,
-            );
+            let d =
+                interval(&IntExpr::Bin { op: IntOp::Sub, lhs: Box::new(lhs.clone()), rhs: Box::new(rhs.clone()) }, r);
             if d.0 == d.1 {
                 return Some(apply_cmp(*op, d.0, 0));
             }

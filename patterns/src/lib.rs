@@ -86,7 +86,9 @@ pub enum Error {
     #[error("shape mismatch: {0}")]
     Shape(String),
     /// A NaN or infinity in an input.
-    #[error("tensor `{tensor}` holds a NaN or infinity at head {head}, token {token}; attention inputs must be finite")]
+    #[error(
+        "tensor `{tensor}` holds a NaN or infinity at head {head}, token {token}; attention inputs must be finite"
+    )]
     NonFinite { tensor: String, head: usize, token: usize },
     /// Block sizes that do not fit the pattern.
     #[error("index layout: {0}")]

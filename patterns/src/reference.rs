@@ -99,9 +99,7 @@ pub fn kept_keys(ix: &SparseIndex, h: usize, t: usize) -> Vec<usize> {
 pub fn attention(ix: &SparseIndex, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Attention, Error> {
     let group = check_qkv(q, k, Some(v))?;
     check_index(ix, q, k)?;
-    Ok(assemble(q.heads, q.tokens, v.dim, |h, t| {
-        attend_row(q.row(h, t), &kept_keys(ix, h, t), k, v, h / group, scale)
-    }))
+    Ok(assemble(q.heads, q.tokens, v.dim, |h, t| attend_row(q.row(h, t), &kept_keys(ix, h, t), k, v, h / group, scale)))
 }
 
 /// Naive attention over every pair for which `mask(head, q, k)` holds (token coordinates).

@@ -98,7 +98,14 @@ pub fn units(r: &Retrieval, k: &Tensor, head: usize) -> (Vec<Vec<usize>>, Vec<Ve
 }
 
 /// The score of one unit for query row `qrow` (before `scale`).
-pub fn unit_score(score: Score, qrow: &[f32], k: &Tensor, head: usize, tokens: &[usize], centroid: Option<&[f64]>) -> f64 {
+pub fn unit_score(
+    score: Score,
+    qrow: &[f32],
+    k: &Tensor,
+    head: usize,
+    tokens: &[usize],
+    centroid: Option<&[f64]>,
+) -> f64 {
     match score {
         Score::MinMax => (0..k.dim)
             .map(|d| {
@@ -112,11 +119,12 @@ pub fn unit_score(score: Score, qrow: &[f32], k: &Tensor, head: usize, tokens: &
                 (qd * lo).max(qd * hi)
             })
             .sum(),
-        Score::Centroid => centroid.map_or(f64::NEG_INFINITY, |c| qrow.iter().zip(c).map(|(a, b)| f64::from(*a) * b).sum()),
-        Score::Quantized(bits) => tokens
-            .iter()
-            .map(|&t| dot(qrow, &quantize(k.row(head, t), bits)))
-            .fold(f64::NEG_INFINITY, f64::max),
+        Score::Centroid => {
+            centroid.map_or(f64::NEG_INFINITY, |c| qrow.iter().zip(c).map(|(a, b)| f64::from(*a) * b).sum())
+        }
+        Score::Quantized(bits) => {
+            tokens.iter().map(|&t| dot(qrow, &quantize(k.row(head, t), bits))).fold(f64::NEG_INFINITY, f64::max)
+        }
     }
 }
 
@@ -142,7 +150,9 @@ pub fn kept_for_row(
         .iter()
         .enumerate()
         .filter(|(_, toks)| toks.iter().any(|&t| t < visible && !forced(t)))
-        .map(|(u, toks)| (u as u32, scale * unit_score(r.score, qrow, k, head, toks, centroids.get(u).map(Vec::as_slice))))
+        .map(|(u, toks)| {
+            (u as u32, scale * unit_score(r.score, qrow, k, head, toks, centroids.get(u).map(Vec::as_slice)))
+        })
         .collect();
     let budget: Budget = r.budget;
     let mut keep = vec![false; visible];

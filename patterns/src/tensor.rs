@@ -65,6 +65,19 @@ impl Tensor {
         out
     }
 
+    /// Tokens `start..end` of every head (clamped to the tensor).
+    pub fn slice_tokens(&self, start: usize, end: usize) -> Tensor {
+        let end = end.min(self.tokens);
+        let start = start.min(end);
+        let mut data = Vec::with_capacity(self.heads * (end - start) * self.dim);
+        for h in 0..self.heads {
+            for t in start..end {
+                data.extend_from_slice(self.row(h, t));
+            }
+        }
+        Tensor { heads: self.heads, tokens: end - start, dim: self.dim, data }
+    }
+
     /// Fails naming the tensor, head and token of the first NaN or infinity.
     pub fn check_finite(&self, name: &str) -> Result<(), Error> {
         match self.data.iter().position(|x| !x.is_finite()) {

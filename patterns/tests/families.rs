@@ -161,7 +161,8 @@ fn vertical_slash_finds_planted_columns_and_diagonals() {
 
 #[test]
 fn grid_recovers_the_planted_phase() {
-    let (q, k) = planted_qk(&[Plant::Grid { stride: 8, phase: 3 }, Plant::Grid { stride: 8, phase: 6 }], 200, 16, 8.0, 5);
+    let (q, k) =
+        planted_qk(&[Plant::Grid { stride: 8, phase: 3 }, Plant::Grid { stride: 8, phase: 6 }], 200, 16, 8.0, 5);
     let e: PatternExpr = grid(8).lines(GridLines::Cols).into();
     let ix = build_index(&e, &q, &k, &IndexOptions::default()).unwrap();
     assert_eq!(kept(&ix, 0, 10), (3..200).step_by(8).collect::<Vec<_>>());

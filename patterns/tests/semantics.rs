@@ -20,7 +20,13 @@ struct Shape {
 }
 
 fn arb_shape() -> impl Strategy<Value = Shape> {
-    (prop::sample::select(vec![(1usize, 1usize), (2, 1), (4, 2)]), 1usize..80, 0usize..3, prop::sample::select(vec![4usize, 8]), any::<u64>())
+    (
+        prop::sample::select(vec![(1usize, 1usize), (2, 1), (4, 2)]),
+        1usize..80,
+        0usize..3,
+        prop::sample::select(vec![4usize, 8]),
+        any::<u64>(),
+    )
         .prop_map(|((hq, hkv), nq, extra, d, seed)| {
             // Mostly square; sometimes more keys than queries (chunked prefill, decode).
             let nk = nq + extra * 13;
@@ -48,8 +54,8 @@ fn arb_pred() -> impl Strategy<Value = Pred> {
         (1u32..20).prop_map(sink),
         (1u32..30).prop_map(local),
         (1u32..30).prop_map(window),
-        (2i64..9, 0i64..9).prop_map(|(m, r)| pred(k().rem(m).eq(lit(r % m)))),
-        (2i64..40).prop_map(|b| pred(q().div(b).eq(k().div(b)))),
+        (2i64..9, 0i64..9).prop_map(|(m, r)| pred((k() % m).eq(lit(r % m)))),
+        (2i64..40).prop_map(|b| pred((q() / b).eq(k() / b))),
         (0i64..3, 1u32..10).prop_map(|(hh, n)| pred(h().eq(lit(hh)).or(k().lt(lit(n.into()))))),
         (1i64..60).prop_map(|c| pred((q() - k()).max(k() - q()).ge(lit(c)))),
     ]
@@ -74,13 +80,21 @@ fn arb_dynamic() -> impl Strategy<Value = PatternExpr> {
     prop_oneof![
         (prop::sample::select(vec![16u32, 32]), prop::sample::select(vec![16u32, 32]), arb_budget())
             .prop_map(|(bq, bk, b)| block().block_q(bq).block_k(bk).keep(b).into()),
-        (prop::sample::select(vec![16u32, 32]), arb_pred())
-            .prop_map(|(b, p)| block().block_q(b).block_k(b).keep_where(p).into()),
+        (prop::sample::select(vec![16u32, 32]), arb_pred()).prop_map(|(b, p)| block()
+            .block_q(b)
+            .block_k(b)
+            .keep_where(p)
+            .into()),
         (prop::sample::select(vec![64u32, 128]), arb_budget(), 0u32..6, 0u32..12)
             .prop_map(|(qb, b, s, l)| vertical_vector().q_block(qb).keep(b).sink(s).local(l).into()),
         (prop::sample::select(vec![16u32, 32]), 1u32..20, arb_budget(), arb_budget())
             .prop_map(|(b, lq, v, s)| vertical_slash().block(b).last_q(lq).vertical(v).slash(s).into()),
-        (2u32..9, prop::option::of(0u32..2), prop::sample::select(vec![GridLines::Rows, GridLines::Cols, GridLines::Both]), 0u32..4)
+        (
+            2u32..9,
+            prop::option::of(0u32..2),
+            prop::sample::select(vec![GridLines::Rows, GridLines::Cols, GridLines::Both]),
+            0u32..4
+        )
             .prop_map(|(st, ph, lines, sk)| {
                 let g = grid(st).lines(lines).sink(sk);
                 match ph {
@@ -107,7 +121,12 @@ fn pairs(s: &Shape) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
 }
 
 /// The index keeps exactly the resolved pattern's pairs, lists each once, and counts them right.
-fn check_index_exact(expr: &PatternExpr, s: &Shape, x: &Qkv, opts: &IndexOptions) -> Result<SparseIndex, TestCaseError> {
+fn check_index_exact(
+    expr: &PatternExpr,
+    s: &Shape,
+    x: &Qkv,
+    opts: &IndexOptions,
+) -> Result<SparseIndex, TestCaseError> {
     let resolved = resolve_pattern(expr, &x.q, &x.k, opts).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let ix = resolved.index().map_err(|e| TestCaseError::fail(e.to_string()))?;
     let mut count = 0u64;
@@ -277,7 +296,8 @@ fn zigzag_balances_causal_work() {
 #[test]
 fn causal_index_marks_full_and_partial_blocks() {
     let (q, k) = (Tensor::random(1, 100, 4, 1), Tensor::random(1, 100, 4, 2));
-    let ix = build_index(&causal(), &q, &k, &IndexOptions { block_m: Some(32), block_n: Some(32), scale: None }).unwrap();
+    let ix =
+        build_index(&causal(), &q, &k, &IndexOptions { block_m: Some(32), block_n: Some(32), scale: None }).unwrap();
     // 4 query blocks: the diagonal blocks are partial, those below are full.
     assert_eq!(ix.entry_counts(), (6, 4, 0));
     assert_eq!(ix.pairs(), 100 * 101 / 2);

@@ -31,9 +31,7 @@ use weft_dsl::*;
 /// Declares a sparse-attention pattern; see the crate docs for the syntax.
 #[proc_macro_attribute]
 pub fn sparse_pattern(attr: proc_macro::TokenStream, item: proc_macro::TokenStream) -> proc_macro::TokenStream {
-    expand(attr.into(), item.into())
-        .unwrap_or_else(syn::Error::into_compile_error)
-        .into()
+    expand(attr.into(), item.into()).unwrap_or_else(syn::Error::into_compile_error).into()
 }
 
 /// The expansion, on `proc_macro2` tokens so it can be unit- and snapshot-tested.
@@ -56,18 +54,24 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
     if let syn::ReturnType::Type(_, ty) = &sig.output {
         let ok = matches!(&**ty, syn::Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "Pattern"));
         if !ok {
-            return Err(syn::Error::new(ty.span(), "a #[sparse_pattern] function returns `Pattern` (or omits the return type)"));
+            return Err(syn::Error::new(
+                ty.span(),
+                "a #[sparse_pattern] function returns `Pattern` (or omits the return type)",
+            ));
         }
     }
     let body = match func.block.stmts.as_slice() {
         [syn::Stmt::Expr(e, None)] => e,
-        [] => return Err(syn::Error::new(func.block.span(), "the body of a #[sparse_pattern] function is one pattern expression, e.g. `causal & window(1024)`")),
-        [first, ..] => {
+        [] => {
             return Err(syn::Error::new(
-                first.span(),
-                "the body of a #[sparse_pattern] function is one pattern expression, without statements or a trailing `;`",
+                func.block.span(),
+                "the body of a #[sparse_pattern] function is one pattern expression, e.g. `causal & window(1024)`",
             ))
         }
+        [first, ..] => return Err(syn::Error::new(
+            first.span(),
+            "the body of a #[sparse_pattern] function is one pattern expression, without statements or a trailing `;`",
+        )),
     };
     let expr = syntax::pattern(body)?;
     let name = sig.ident.to_string();
@@ -96,9 +100,8 @@ fn crate_path(attr: TokenStream) -> syn::Result<TokenStream> {
     if attr.is_empty() {
         return Ok(quote!(::weft::dsl));
     }
-    let meta: syn::MetaNameValue = syn::parse2(attr).map_err(|e| {
-        syn::Error::new(e.span(), "expected `crate = path::to::weft_dsl` or no arguments")
-    })?;
+    let meta: syn::MetaNameValue = syn::parse2(attr)
+        .map_err(|e| syn::Error::new(e.span(), "expected `crate = path::to::weft_dsl` or no arguments"))?;
     if !meta.path.is_ident("crate") {
         return Err(syn::Error::new(meta.path.span(), "the only argument is `crate = path::to::weft_dsl`"));
     }

@@ -1,0 +1,173 @@
+//! The `weft` command: output a person can read, JSON a program can read, and errors (never
+//! panics) on bad input.
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn weft() -> Command {
+    Command::cargo_bin("weft").unwrap()
+}
+
+fn no_panic() -> impl Predicate<str> {
+    predicate::str::contains("panicked").not().and(predicate::str::contains("RUST_BACKTRACE").not())
+}
+
+#[test]
+fn help_lists_the_commands() {
+    weft().arg("--help").assert().success().stdout(
+        predicate::str::contains("patterns")
+            .and(predicate::str::contains("explain"))
+            .and(predicate::str::contains("quickstart")),
+    );
+}
+
+#[test]
+fn patterns_lists_families_and_defaults() {
+    let out = weft().arg("patterns").assert().success().get_output().stdout.clone();
+    let text = String::from_utf8(out).unwrap();
+    for family in ["block", "vertical_vector", "vertical_slash", "grid", "permuted", "ring", "retrieval", "causal"] {
+        assert!(text.contains(family), "missing {family}");
+    }
+    assert!(text.contains("q_block      default 64"), "{text}");
+}
+
+#[test]
+fn explain_json_reports_exact_density() {
+    let out = weft()
+        .args(["explain", "causal", "--seq", "100", "--heads", "2", "--kv-heads", "1", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let density = v["density"].as_f64().unwrap();
+    assert!((density - 5050.0 / 10000.0).abs() < 1e-12, "{density}");
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["hash"].as_str().unwrap().len(), 64);
+    assert!((v["recall_mean"].as_f64().unwrap() - 1.0).abs() < 1e-9, "causal keeps all causal mass");
+}
+
+#[test]
+fn explain_reads_files_builtins_and_text() {
+    weft().args(["explain", "examples/patterns/video.toml", "--seq", "300", "--heads", "1"]).assert().success().stdout(
+        predicate::str::contains("hash")
+            .and(predicate::str::contains("density"))
+            .and(predicate::str::contains("recall")),
+    );
+    weft().args(["explain", "vertical-slash", "--seq", "200", "--heads", "2"]).assert().success();
+    weft()
+        .args(["explain", "retrieval", "--seq", "500", "--heads", "2"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("1 queries x 500 keys"));
+    weft().args(["explain", "(q / 64 == k / 64) | sink(4)", "--seq", "130", "--heads", "1"]).assert().success();
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    weft().args(["explain", "vertical_vector(q_block = 96)"]).assert().failure().stderr(
+        predicate::str::contains("must be 64 or 128, got 96")
+            .and(predicate::str::contains("<pattern>:1:27"))
+            .and(no_panic()),
+    );
+    weft()
+        .args(["explain", "no-such-pattern"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("neither a pattern file").and(no_panic()));
+    weft()
+        .args(["explain", "causal", "--heads", "3", "--kv-heads", "2"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("must divide").and(no_panic()));
+    weft()
+        .args(["explain", "causal", "--qk", "/nonexistent.safetensors"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("cannot read /nonexistent.safetensors").and(no_panic()));
+    weft()
+        .args(["mask", "causal", "--seq", "100"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("nothing to write"));
+    weft()
+        .args(["mask", "causal", "--seq", "10000", "--heads", "1", "--npy", "x.npy"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("limited to 8192"));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "pattern = \"grid(stride = 0)\"\n").unwrap();
+    weft()
+        .args(["explain", bad.to_str().unwrap()])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("stride").and(predicate::str::contains("bad.toml")).and(no_panic()));
+    std::fs::write(&bad, [0xffu8, 0xfe, 0x00]).unwrap();
+    weft().args(["explain", bad.to_str().unwrap()]).assert().failure().stderr(no_panic());
+}
+
+#[test]
+fn mask_writes_a_png_and_an_npy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (png_path, npy_path) = (dir.path().join("m.png"), dir.path().join("m.npy"));
+    weft()
+        .args(["mask", "causal & window(40)", "--seq", "200", "--heads", "2", "--head", "1", "--px", "128"])
+        .arg("--png")
+        .arg(&png_path)
+        .arg("--npy")
+        .arg(&npy_path)
+        .assert()
+        .success();
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png_path).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    assert_eq!((reader.info().width, reader.info().height), (128, 128));
+    let bytes = std::fs::read(&npy_path).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    assert_eq!((10 + header_len) % 64, 0);
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    assert!(header.contains("'shape': (200, 200)") && header.contains("|b1"), "{header}");
+    let ones = bytes[10 + header_len..].iter().filter(|b| **b == 1).count();
+    // window(40) under causal: row t keeps min(t + 1, 40) keys.
+    let want: usize = (0..200).map(|t: usize| (t + 1).min(40)).sum();
+    assert_eq!(ones, want);
+}
+
+#[test]
+fn real_qk_from_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qk.safetensors");
+    let q = weft::patterns::Tensor::random(4, 96, 16, 1);
+    let k = weft::patterns::Tensor::random(2, 96, 16, 2);
+    weft::qk::save(&path, &q, &k).unwrap();
+    weft()
+        .args(["explain", "causal & block(block_q = 32, block_k = 32, keep = top_k(2))", "--qk"])
+        .arg(&path)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("q [4, 96, 16], k [2, 96, 16]"));
+    let (q2, k2) = weft::qk::load(&path, None).unwrap();
+    assert_eq!((q2, k2), (q, k));
+    let err = weft::qk::load(&path, Some(3)).unwrap_err().to_string();
+    assert!(err.contains("no tensor `layers.3.q`"), "{err}");
+    let mut bad = weft::patterns::Tensor::random(1, 4, 2, 1);
+    bad.data[3] = f32::NAN;
+    weft::qk::save(&path, &bad, &bad).unwrap();
+    let err = weft::qk::load(&path, None).unwrap_err().to_string();
+    assert!(err.contains("tensor `q`") && err.contains("NaN"), "{err}");
+}
+
+#[test]
+fn quickstart_runs_and_says_what_needs_a_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    weft()
+        .arg("quickstart")
+        .arg("--out")
+        .arg(dir.path())
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("identical").and(predicate::str::contains("need an NVIDIA GPU")));
+    assert!(dir.path().join("video_head0.png").exists());
+}
