@@ -214,15 +214,6 @@ fn print_patterns() {
     }
 }
 
-fn is_retrieval(e: &PatternExpr) -> bool {
-    match e {
-        PatternExpr::Retrieval(_) => true,
-        PatternExpr::Union(v) | PatternExpr::Intersect(v) => v.iter().any(is_retrieval),
-        PatternExpr::Permuted { inner, .. } | PatternExpr::Ring { inner, .. } => is_retrieval(inner),
-        _ => false,
-    }
-}
-
 struct Input {
     q: Tensor,
     k: Tensor,
@@ -256,7 +247,7 @@ fn make_input(args: &InputArgs, pattern: &Pattern) -> Result<Input> {
         return Ok(Input { q, k, description });
     }
     let n = args.seq;
-    let nq = args.queries.unwrap_or(if is_retrieval(&pattern.expr) { 1 } else { n });
+    let nq = args.queries.unwrap_or(if pattern.expr.contains_retrieval() { 1 } else { n });
     let kvh = args.kv_heads.unwrap_or(args.heads);
     if n == 0 || nq == 0 || args.heads == 0 || kvh == 0 || args.head_dim == 0 {
         bail!("--seq, --queries, --heads, --kv-heads and --head-dim must be at least 1");
@@ -318,7 +309,7 @@ fn analyse(pattern: &Pattern, input: &Input, args: &InputArgs) -> Result<Report>
         UniverseArg::Causal => Universe::Causal,
         UniverseArg::Auto => {
             let text = pattern.to_string();
-            if text.contains("causal") || text.contains("window(") || is_retrieval(&pattern.expr) {
+            if text.contains("causal") || text.contains("window(") || pattern.expr.contains_retrieval() {
                 Universe::Causal
             } else {
                 Universe::All

@@ -86,6 +86,18 @@ impl Pattern {
     }
 }
 
+impl PatternExpr {
+    /// Whether a retrieval operator (a decode-time, one-query-per-row family) occurs.
+    pub fn contains_retrieval(&self) -> bool {
+        match self {
+            PatternExpr::Retrieval(_) => true,
+            PatternExpr::Union(items) | PatternExpr::Intersect(items) => items.iter().any(Self::contains_retrieval),
+            PatternExpr::Permuted { inner, .. } | PatternExpr::Ring { inner, .. } => inner.contains_retrieval(),
+            _ => false,
+        }
+    }
+}
+
 impl std::fmt::Display for Pattern {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Display::fmt(&self.expr, f)

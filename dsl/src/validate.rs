@@ -181,7 +181,7 @@ impl Ctx {
                 }
                 let Permutation::Stride(s) = *permutation;
                 self.range(&path, "permutation", s, 1, MAX_TOKENS);
-                if contains_retrieval(inner) {
+                if inner.contains_retrieval() {
                     self.err(&path, "expr", "retrieval operators run on decode tokens and cannot be permuted".into());
                 }
                 self.expr(&path, inner, Top::Inner);
@@ -206,15 +206,6 @@ enum Top {
     Outer,
     InsideRing,
     Inner,
-}
-
-fn contains_retrieval(e: &PatternExpr) -> bool {
-    match e {
-        PatternExpr::Retrieval(_) => true,
-        PatternExpr::Union(items) | PatternExpr::Intersect(items) => items.iter().any(contains_retrieval),
-        PatternExpr::Permuted { inner, .. } | PatternExpr::Ring { inner, .. } => contains_retrieval(inner),
-        _ => false,
-    }
 }
 
 /// Checks every parameter and the tree's shape; returns every problem found.
