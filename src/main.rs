@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use weft::catalog;
-use weft::dsl::{self, Pattern, PatternExpr};
+use weft::dsl::{self, Pattern};
 use weft::patterns::synthetic::{planted_qk, Plant};
 use weft::patterns::{self as pat, IndexOptions, SparseIndex, Tensor, Universe};
 
