@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# NVRTC without a GPU: the pinned wheel (13.0.x, to match the 580 driver of the GPU machine).
+nvrtc_dir=.tools/nvrtc
+if [ ! -e "$nvrtc_dir/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+    python3 -m pip install --quiet --disable-pip-version-check --target "$nvrtc_dir" nvidia-cuda-nvrtc==13.0.88
+fi
+export LD_LIBRARY_PATH="$PWD/$nvrtc_dir/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -1,11 +1,298 @@
-//! # weft-codegen: pattern IR + kernel config -> CUDA C++ (not written yet)
+//! # weft-codegen: pattern + index masks + kernel config -> CUDA C++
 //!
-//! This crate will lower a validated `weft_dsl::Pattern` and a kernel configuration (block
-//! sizes, warps, pipeline stages, head dim, dtype, GQA ratio) to self-contained CUDA C++ text:
-//! FlashAttention-2-style forward kernels with online softmax, tensor-core `mma.sync` through
-//! inline PTX and `cp.async` pipelines, iterating the shared sparse index of `weft-patterns`
-//! (full blocks without masking, partial blocks and columns with the index's mask predicates
-//! inlined as device functions), plus index-building, ring-merge and retrieval-decode kernels.
+//! weft compiles every family through one kernel shape, because every family reduces to the
+//! same sparse index (`weft_patterns::SparseIndex`): per query block, a list of key blocks
+//! (full or partial) and a list of gathered key columns. The generated kernel runs the
+//! FlashAttention-2 schedule over that index:
 //!
-//! It depends on no GPU and builds and tests on any machine. Nothing is implemented yet:
-//! see the project's issue on codegen and runtime.
+//! - one CTA per (query block, head); `block_m / 16` warps, 16 query rows each;
+//! - the row's tiles, block entries first, then its columns in chunks of `block_n`: both are
+//!   loaded by row index into the same padded shared-memory tile with `cp.async` (double
+//!   buffered), so gathered columns run the same `mma.sync.m16n8k16` tensor-core math as
+//!   blocks and compute follows the kept columns, not whole blocks;
+//! - full blocks skip the per-pair test; partial blocks and columns evaluate the index's mask
+//!   predicates, inlined as a `switch` over mask ids ([`cuda_pred`]);
+//! - `permuted(...)` is virtual: positions map to token rows by index arithmetic while loading
+//!   Q/K/V and storing O; GQA maps query head `h` to key head `h / (hq / hkv)`;
+//! - online softmax in f32 in the log2 domain; the output is normalized and written with the
+//!   natural-log log-sum-exp of each row (`-inf` for a row without keys, output 0).
+//!
+//! The source is self-contained (no CUDA headers: bf16/fp16 are raw 16-bit values handled with
+//! inline PTX), deterministic for the same inputs, and starts with a header naming the pattern,
+//! its hash, the config and the masks. The mask predicates come from the index, so a kernel
+//! serves every index of a pattern whose mask table is the same (in practice: the same pattern
+//! and sequence-length class); the kernel key in the header and the entry-point name cover them.
+//!
+//! Not yet generated: ring merge and retrieval decode kernels, packed batches (`cu_seqlens`),
+//! and GPU-side index building (see the project's issues).
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+use weft_dsl::{CmpOp, IntExpr, IntOp, Pattern, Permutation, Pred, Var};
+
+/// Bumped whenever generated code changes meaning; part of every kernel key.
+pub const CODEGEN_VERSION: u32 = 1;
+
+const TEMPLATE: &str = include_str!("templates/attention.cu");
+
+/// Element type of Q, K, V and O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DType {
+    Bf16,
+    F16,
+}
+
+impl DType {
+    /// The name used on the command line and in headers.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::Bf16 => "bf16",
+            DType::F16 => "fp16",
+        }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "bf16" => Ok(DType::Bf16),
+            "fp16" | "f16" => Ok(DType::F16),
+            other => Err(Error::Config(format!("dtype `{other}` is not supported; use bf16 or fp16"))),
+        }
+    }
+}
+
+/// The tunable shape of a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KernelConfig {
+    /// Query rows per CTA; must equal the index's `block_m` (16, 32, 64 or 128).
+    pub block_m: u32,
+    /// Keys per tile; must equal the index's `block_n` (16, 32, 64 or 128).
+    pub block_n: u32,
+    /// Head dimension (64, 128 or 256).
+    pub head_dim: u32,
+    pub dtype: DType,
+}
+
+impl KernelConfig {
+    /// The default config for a head dim and dtype, with 64 x 64 tiles.
+    pub fn new(head_dim: u32, dtype: DType) -> KernelConfig {
+        KernelConfig { block_m: 64, block_n: 64, head_dim, dtype }
+    }
+
+    /// Threads per CTA.
+    pub fn threads(&self) -> u32 {
+        self.block_m / 16 * 32
+    }
+
+    /// Dynamic shared memory per CTA in bytes.
+    pub fn shared_bytes(&self) -> u32 {
+        let lds = self.head_dim + 8;
+        let tiles = (self.block_m + 2 * 2 * self.block_n) * lds * 2;
+        tiles + 2 * self.block_n * (4 + 2)
+    }
+
+    /// Checks the config, naming the field and the accepted values.
+    pub fn validate(&self) -> Result<(), Error> {
+        if ![16, 32, 64, 128].contains(&self.block_m) {
+            return Err(Error::Config(format!("block_m must be 16, 32, 64 or 128, got {}", self.block_m)));
+        }
+        if ![16, 32, 64, 128].contains(&self.block_n) {
+            return Err(Error::Config(format!("block_n must be 16, 32, 64 or 128, got {}", self.block_n)));
+        }
+        if ![64, 128, 256].contains(&self.head_dim) {
+            return Err(Error::Config(format!("head_dim must be 64, 128 or 256, got {}", self.head_dim)));
+        }
+        // The H100/H200 and A100 give a CTA at most 227 KiB of shared memory.
+        if self.shared_bytes() > 227 * 1024 {
+            return Err(Error::Config(format!(
+                "{} x {} tiles at head_dim {} need {} bytes of shared memory, over the 227 KiB limit",
+                self.block_m,
+                self.block_n,
+                self.head_dim,
+                self.shared_bytes()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for KernelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "block_m={} block_n={} head_dim={} dtype={}",
+            self.block_m,
+            self.block_n,
+            self.head_dim,
+            self.dtype.name()
+        )
+    }
+}
+
+/// Everything a kernel depends on.
+#[derive(Clone, Debug)]
+pub struct KernelSpec<'a> {
+    pub pattern: &'a Pattern,
+    /// The index's mask table (`SparseIndex::masks`).
+    pub masks: &'a [Pred],
+    /// The index's permutation (`SparseIndex::permutation`).
+    pub permutation: Option<Permutation>,
+    pub config: KernelConfig,
+}
+
+/// A generated kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kernel {
+    /// The `extern "C"` entry point.
+    pub name: String,
+    pub source: String,
+    /// Hash of everything the source depends on (pattern, masks, permutation, config, codegen).
+    pub key: String,
+    pub threads: u32,
+    pub shared_bytes: u32,
+}
+
+/// Errors of code generation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kernel config: {0}")]
+    Config(String),
+    #[error("invalid pattern: {0}")]
+    Pattern(#[from] weft_dsl::Error),
+}
+
+fn cuda_int(e: &IntExpr) -> String {
+    match e {
+        IntExpr::Var(v) => match v {
+            Var::Q => "q",
+            Var::K => "k",
+            Var::H => "h",
+            Var::Nq => "nq",
+            Var::Nk => "nk",
+        }
+        .to_string(),
+        IntExpr::Const(c) => format!("{c}LL"),
+        IntExpr::Neg(a) => format!("(-{})", cuda_int(a)),
+        IntExpr::Bin { op, lhs, rhs } => {
+            let (a, b) = (cuda_int(lhs), cuda_int(rhs));
+            match op {
+                IntOp::Add => format!("({a} + {b})"),
+                IntOp::Sub => format!("({a} - {b})"),
+                IntOp::Mul => format!("({a} * {b})"),
+                IntOp::Div => format!("weft_div({a}, {b})"),
+                IntOp::Rem => format!("weft_rem({a}, {b})"),
+                IntOp::Min => format!("weft_min({a}, {b})"),
+                IntOp::Max => format!("weft_max({a}, {b})"),
+            }
+        }
+    }
+}
+
+/// A static predicate as a CUDA boolean expression over `q, k, h, nq, nk` (64-bit, Euclidean
+/// division, as `weft_dsl::eval` defines them).
+pub fn cuda_pred(p: &Pred) -> String {
+    match p {
+        Pred::Const(b) => b.to_string(),
+        Pred::Cmp { op, lhs, rhs } => {
+            let op = match op {
+                CmpOp::Lt => "<",
+                CmpOp::Le => "<=",
+                CmpOp::Gt => ">",
+                CmpOp::Ge => ">=",
+                CmpOp::Eq => "==",
+                CmpOp::Ne => "!=",
+            };
+            format!("({} {op} {})", cuda_int(lhs), cuda_int(rhs))
+        }
+        Pred::And(a, b) => format!("({} && {})", cuda_pred(a), cuda_pred(b)),
+        Pred::Or(a, b) => format!("({} || {})", cuda_pred(a), cuda_pred(b)),
+        Pred::Not(a) => format!("(!{})", cuda_pred(a)),
+    }
+}
+
+fn token_body(p: Option<Permutation>) -> String {
+    match p {
+        None => "    return pos;  // identity: the pattern is not permuted".to_string(),
+        Some(Permutation::Stride(s)) => format!(
+            "    // stride({s}) permutation, inverse: position `pos` holds token f * {s} + p.\n\
+             \x20   const int s = {s}, frames = n / s, rest = n % s, split = rest * (frames + 1);\n\
+             \x20   if (pos < split) return (pos % (frames + 1)) * s + pos / (frames + 1);\n\
+             \x20   const int j = pos - split, per = frames > 0 ? frames : 1;\n\
+             \x20   return (j % per) * s + rest + j / per;"
+        ),
+    }
+}
+
+/// Generates the kernel for `spec`.
+pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
+    spec.pattern.validate()?;
+    let c = spec.config;
+    c.validate()?;
+    let mut key_input = format!("weft-codegen/{CODEGEN_VERSION}\n{}\n{c}\n", spec.pattern.hash());
+    if let Some(Permutation::Stride(s)) = spec.permutation {
+        let _ = writeln!(key_input, "permutation stride({s})");
+    }
+    for m in spec.masks {
+        let _ = writeln!(key_input, "mask {}", cuda_pred(m));
+    }
+    let key = blake3::hash(key_input.as_bytes()).to_hex().to_string();
+    let name = format!("weft_attn_{}", &key[..16]);
+
+    let mut header = String::new();
+    let _ = writeln!(header, "// Generated by weft-codegen {CODEGEN_VERSION}. Do not edit.");
+    let _ = writeln!(header, "// pattern  {} = {}", spec.pattern.name, spec.pattern);
+    let _ = writeln!(header, "// hash     {}", spec.pattern.hash());
+    let _ = writeln!(header, "// config   {c} threads={} shared_bytes={}", c.threads(), c.shared_bytes());
+    let _ = writeln!(header, "// kernel   {key}");
+    if let Some(p) = spec.permutation {
+        let _ = writeln!(header, "// permuted {p}");
+    }
+    let mut cases = String::new();
+    for (i, m) in spec.masks.iter().enumerate() {
+        let _ = writeln!(cases, "    case {i}: return {};  // {m}", cuda_pred(m));
+    }
+    let (mma_type, cvt_type) = match c.dtype {
+        DType::Bf16 => ("bf16", "bf16x2"),
+        DType::F16 => ("f16", "f16x2"),
+    };
+    let source = TEMPLATE
+        .replace("{{HEADER}}", header.trim_end())
+        .replace("{{NAME}}", &name)
+        .replace("{{BM}}", &c.block_m.to_string())
+        .replace("{{BN}}", &c.block_n.to_string())
+        .replace("{{D}}", &c.head_dim.to_string())
+        .replace("{{MASK_CASES}}", cases.trim_end_matches('\n'))
+        .replace("{{TOKEN_BODY}}", &token_body(spec.permutation))
+        .replace("{{MMA_TYPE}}", mma_type)
+        .replace("{{CVT_TYPE}}", cvt_type);
+    Ok(Kernel { name, source, key, threads: c.threads(), shared_bytes: c.shared_bytes() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_dsl::builder::*;
+
+    #[test]
+    fn predicates_lower_with_euclidean_division() {
+        let p = match causal() & pred((k() % 64).eq(lit(0)).or((q() / 128).ne(-k()))) {
+            weft_dsl::PatternExpr::Intersect(v) => match &v[1] {
+                weft_dsl::PatternExpr::Static(p) => p.clone(),
+                _ => unreachable!(),
+            },
+            _ => unreachable!(),
+        };
+        assert_eq!(cuda_pred(&p), "((weft_rem(k, 64LL) == 0LL) || (weft_div(q, 128LL) != (-k)))");
+    }
+
+    #[test]
+    fn configs_are_checked() {
+        assert!(KernelConfig::new(128, DType::Bf16).validate().is_ok());
+        assert!(KernelConfig { block_m: 48, ..KernelConfig::new(64, DType::F16) }.validate().is_err());
+        let big = KernelConfig { block_m: 128, block_n: 128, head_dim: 256, dtype: DType::Bf16 };
+        assert!(big.validate().unwrap_err().to_string().contains("227 KiB"));
+    }
+}

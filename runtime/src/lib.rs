@@ -1,8 +1,251 @@
-//! # weft-runtime: NVRTC, module loading and launches (not written yet)
+//! # weft-runtime: NVRTC, module loading and launches
 //!
-//! The only crate that will touch the GPU: it will compile `weft-codegen`'s CUDA C++ with NVRTC
-//! (through cudarc, CUBIN for the device in hand, PTX as fallback), cache loaded modules by
-//! (source hash, options, device), validate shapes, dtypes, strides and alignment before a
-//! launch, and expose the user-facing `Runtime` that loads tuned kernels from the database.
-//! A missing GPU, libcuda or libnvrtc will be an error that says what to install, never a
-//! panic. Nothing is implemented yet.
+//! The only crate that touches the GPU.
+//!
+//! - [`nvrtc`]: CUDA C++ to CUBIN for the device's architecture (PTX kept alongside), with
+//!   the compiler's register/shared-memory/spill report; needs libnvrtc but no GPU.
+//! - [`Gpu`]: a device, its stream, and an in-memory module cache keyed by (kernel key,
+//!   architecture); [`Gpu::attention`] launches a generated attention kernel over device
+//!   buffers after checking every shape, dtype and index against the kernel's config.
+//!
+//! A missing libcuda or libnvrtc, or no GPU, is an [`Error`] that says what to install or
+//! check; cudarc would panic on first use, so the libraries are probed first.
+//!
+//! Not yet here (see the project's issues): the user-facing `Runtime` over the kernel
+//! database, split-KV and retrieval-decode launches, ring merges.
+
+pub mod nvrtc;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use weft_codegen::{Kernel, KernelConfig};
+use weft_patterns::SparseIndex;
+
+pub use nvrtc::{Arch, Compiled, ResourceReport};
+
+/// Everything that can go wrong compiling, loading or launching.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A shared library is not installed or not on the loader path.
+    #[error("{library} could not be loaded: {help}")]
+    MissingLibrary { library: &'static str, help: String },
+    /// NVRTC rejected a program.
+    #[error("{message}\n{log}")]
+    Nvrtc { message: String, log: String },
+    /// The CUDA driver failed.
+    #[error("CUDA driver: {what}: {source}")]
+    Driver {
+        what: String,
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    /// Buffers or an index that do not fit the kernel.
+    #[error("launch: {0}")]
+    Shape(String),
+    /// A bad argument from the caller.
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Codegen(#[from] weft_codegen::Error),
+}
+
+fn driver(what: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+    let what = what.into();
+    move |source| Error::Driver { what, source }
+}
+
+/// Checks that libcuda can be loaded.
+pub fn check_driver() -> Result<(), Error> {
+    if unsafe { sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(Error::MissingLibrary {
+            library: "libcuda.so.1",
+            help: "no NVIDIA driver on this machine; GPU commands need one (code generation and \
+                   `weft compile` do not)"
+                .into(),
+        })
+    }
+}
+
+/// The sparse index on the device.
+pub struct DeviceIndex {
+    pub heads: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub block_m: usize,
+    pub block_n: usize,
+    block_ptr: CudaSlice<u32>,
+    block_idx: CudaSlice<u32>,
+    block_mask: CudaSlice<u16>,
+    col_ptr: CudaSlice<u32>,
+    col_idx: CudaSlice<u32>,
+    col_mask: CudaSlice<u16>,
+}
+
+/// Shapes of one attention call: Q `[hq, nq, d]`, K and V `[hkv, nk, d]`, O `[hq, nq, d]`,
+/// LSE `[hq, nq]`, all contiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub hq: usize,
+    pub hkv: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub head_dim: usize,
+}
+
+/// One GPU with its stream and loaded kernels.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub arch: Arch,
+    pub name: String,
+    pub sm_count: u32,
+    modules: Mutex<HashMap<(String, Arch), CudaFunction>>,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`.
+    pub fn open(ordinal: usize) -> Result<Gpu, Error> {
+        check_driver()?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::Driver {
+            what: format!("cannot open GPU {ordinal} (is there an NVIDIA GPU and a working driver?)"),
+            source: e,
+        })?;
+        let (major, minor) = ctx.compute_capability().map_err(driver("compute capability"))?;
+        let name = ctx.name().map_err(driver("device name"))?;
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("multiprocessor count"))? as u32;
+        let stream = ctx.default_stream();
+        Ok(Gpu {
+            ctx,
+            stream,
+            arch: Arch { sm: (major * 10 + minor) as u32 },
+            name,
+            sm_count,
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Compiles (once per kernel key and architecture) and loads `kernel`.
+    pub fn load(&self, kernel: &Kernel) -> Result<CudaFunction, Error> {
+        let key = (kernel.key.clone(), self.arch);
+        if let Some(f) = self.modules.lock().map_err(|_| Error::Usage("module cache poisoned".into()))?.get(&key) {
+            return Ok(f.clone());
+        }
+        let compiled = nvrtc::compile(&kernel.source, &kernel.name, self.arch)?;
+        tracing::debug!(kernel = %kernel.name, ms = compiled.millis, registers = compiled.report.registers, "compiled");
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
+            .map_err(driver(format!("loading {}", kernel.name)))?;
+        let f = module.load_function(&kernel.name).map_err(driver(format!("finding {}", kernel.name)))?;
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            kernel.shared_bytes as i32,
+        )
+        .map_err(driver(format!(
+            "raising the shared-memory limit of {} to {} bytes",
+            kernel.name, kernel.shared_bytes
+        )))?;
+        if let Ok(mut m) = self.modules.lock() {
+            m.insert(key, f.clone());
+        }
+        Ok(f)
+    }
+
+    /// Copies an index to the device.
+    pub fn upload_index(&self, ix: &SparseIndex) -> Result<DeviceIndex, Error> {
+        let s = &self.stream;
+        // Empty lists still need a valid pointer.
+        let nonempty_u32 = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
+        let nonempty_u16 = |v: &[u16]| if v.is_empty() { vec![0u16] } else { v.to_vec() };
+        let up = "uploading the index";
+        Ok(DeviceIndex {
+            heads: ix.heads,
+            nq: ix.nq,
+            nk: ix.nk,
+            block_m: ix.block_m,
+            block_n: ix.block_n,
+            block_ptr: s.clone_htod(&ix.block_ptr).map_err(driver(up))?,
+            block_idx: s.clone_htod(&nonempty_u32(&ix.block_idx)).map_err(driver(up))?,
+            block_mask: s.clone_htod(&nonempty_u16(&ix.block_mask)).map_err(driver(up))?,
+            col_ptr: s.clone_htod(&ix.col_ptr).map_err(driver(up))?,
+            col_idx: s.clone_htod(&nonempty_u32(&ix.col_idx)).map_err(driver(up))?,
+            col_mask: s.clone_htod(&nonempty_u16(&ix.col_mask)).map_err(driver(up))?,
+        })
+    }
+
+    /// Launches `kernel` (generated for `config`) over `index` on the stream.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        kernel: &Kernel,
+        config: &KernelConfig,
+        index: &DeviceIndex,
+        shape: AttnShape,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        lse: &mut CudaSlice<f32>,
+        scale: f32,
+    ) -> Result<(), Error> {
+        check_launch(config, index, shape, [q.len(), k.len(), v.len(), out.len(), lse.len()])?;
+        let f = self.load(kernel)?;
+        let grid = (shape.nq.div_ceil(config.block_m as usize) as u32, shape.hq as u32, 1);
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (config.threads(), 1, 1),
+            shared_mem_bytes: config.shared_bytes(),
+        };
+        let (nq, nk, hq, hkv) = (shape.nq as i32, shape.nk as i32, shape.hq as i32, shape.hkv as i32);
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(q).arg(k).arg(v).arg(out).arg(lse);
+        b.arg(&index.block_ptr).arg(&index.block_idx).arg(&index.block_mask);
+        b.arg(&index.col_ptr).arg(&index.col_idx).arg(&index.col_mask);
+        b.arg(&nq).arg(&nk).arg(&hq).arg(&hkv).arg(&scale_log2);
+        // Safety: the argument list matches the generated signature, and `check_launch`
+        // verified every buffer's length against the shapes the kernel indexes with.
+        unsafe { b.launch(cfg) }.map_err(driver(format!("launching {}", kernel.name)))?;
+        Ok(())
+    }
+}
+
+/// Validates a launch: config against index, buffer lengths against shapes.
+pub fn check_launch(config: &KernelConfig, ix: &DeviceIndex, s: AttnShape, lens: [usize; 5]) -> Result<(), Error> {
+    let bad = |m: String| Err(Error::Shape(m));
+    if s.hq == 0 || s.hkv == 0 || s.nq == 0 || s.nk == 0 {
+        return bad(format!("empty problem {s:?}"));
+    }
+    if s.hq % s.hkv != 0 {
+        return bad(format!("{} query heads are not a multiple of {} key heads", s.hq, s.hkv));
+    }
+    if s.head_dim != config.head_dim as usize {
+        return bad(format!("head dim {} but the kernel was generated for {}", s.head_dim, config.head_dim));
+    }
+    if (ix.block_m, ix.block_n) != (config.block_m as usize, config.block_n as usize) {
+        return bad(format!(
+            "the index has {} x {} blocks but the kernel tiles are {} x {}; generate the kernel with the index's block sizes",
+            ix.block_m, ix.block_n, config.block_m, config.block_n
+        ));
+    }
+    if (ix.heads, ix.nq, ix.nk) != (s.hq, s.nq, s.nk) {
+        return bad(format!("the index is for {} heads x {} x {}, the call for {:?}", ix.heads, ix.nq, ix.nk, s));
+    }
+    if s.nq.max(s.nk) >= i32::MAX as usize / 2 {
+        return bad("sequences over 2^30 tokens are not supported".into());
+    }
+    let d = s.head_dim;
+    let want = [s.hq * s.nq * d, s.hkv * s.nk * d, s.hkv * s.nk * d, s.hq * s.nq * d, s.hq * s.nq];
+    for ((name, have), want) in ["q", "k", "v", "out", "lse"].iter().zip(lens).zip(want) {
+        if have != want {
+            return bad(format!("`{name}` holds {have} elements, the shape needs {want}"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,271 @@
+{{HEADER}}
+// Forward attention over weft's sparse index (FlashAttention-2 schedule).
+// One CTA computes one index row: BM query rows of one head against the row's tiles. A tile
+// is either a key block from the block list (BN consecutive keys) or a chunk of up to BN
+// gathered key columns; both land in the same shared-memory tile, so columns run on the same
+// tensor-core math as blocks. Online softmax in f32 (log2 domain), mma.sync m16n8k16,
+// ldmatrix, and cp.async double buffering of the K/V tiles. Self-contained: no headers.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+constexpr int BM = {{BM}};          // query rows per CTA (the index's block_m)
+constexpr int BN = {{BN}};          // keys per tile (the index's block_n)
+constexpr int D = {{D}};            // head dimension
+constexpr int STAGES = 2;           // K/V tiles in flight
+constexpr int WARPS = BM / 16;      // each warp owns 16 query rows
+constexpr int THREADS = WARPS * 32;
+constexpr int LDS = D + 8;          // padded shared row (elements): ldmatrix stays conflict-free
+constexpr int NT = BN / 8;          // 8-key column tiles of S per warp
+constexpr int DT = D / 8;           // 8-wide column tiles of O per warp
+constexpr int KQ = D / 16;          // k-steps of Q K^T
+constexpr int CHUNKS = D / 8;       // 16-byte chunks per row
+constexpr u16 FULL = 0xffff;        // mask id of an entry without a predicate
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// ---- the index's mask predicates (positions are index positions) ----
+__device__ __forceinline__ long long weft_div(long long a, long long c) { return a >= 0 ? a / c : -((-a + c - 1) / c); }
+__device__ __forceinline__ long long weft_rem(long long a, long long c) { return a - c * weft_div(a, c); }
+__device__ __forceinline__ long long weft_min(long long a, long long b) { return a < b ? a : b; }
+__device__ __forceinline__ long long weft_max(long long a, long long b) { return a > b ? a : b; }
+
+__device__ __forceinline__ bool weft_mask(int id, long long q, long long k, long long h, long long nq, long long nk) {
+    switch (id) {
+{{MASK_CASES}}
+    default: return false;
+    }
+}
+
+// ---- index position -> token row ----
+__device__ __forceinline__ int weft_token(int pos, int n) {
+{{TOKEN_BODY}}
+}
+
+// ---- PTX helpers ----
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// c += a (16x16, row) * b (16x8, col), f32 accumulate.
+__device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.{{MMA_TYPE}}.{{MMA_TYPE}}.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Two floats to a packed pair, `lo` in the low half.
+__device__ __forceinline__ u32 pack(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.{{CVT_TYPE}}.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Key `r` of tile `t`: its index position (-1 past the end) and mask id.
+__device__ __forceinline__ void tile_key(int t, int r, u32 nblocks, u32 ncols, const u32* bidx, const u16* bmask,
+                                         const u32* cidx, const u16* cmask, int nk, int& pos, u16& mask) {
+    if (t < (int)nblocks) {
+        pos = (int)bidx[t] * BN + r;
+        mask = bmask[t];
+        if (pos >= nk) pos = -1;
+    } else {
+        u32 i = (u32)(t - (int)nblocks) * BN + r;
+        pos = i < ncols ? (int)cidx[i] : -1;
+        mask = i < ncols ? cmask[i] : FULL;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
+    const u16* __restrict__ Q, const u16* __restrict__ K, const u16* __restrict__ V,
+    u16* __restrict__ O, float* __restrict__ LSE,
+    const u32* __restrict__ block_ptr, const u32* __restrict__ block_idx, const u16* __restrict__ block_mask,
+    const u32* __restrict__ col_ptr, const u32* __restrict__ col_idx, const u16* __restrict__ col_mask,
+    int nq, int nk, int hq, int hkv, float scale_log2)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    u16* sQ = (u16*)smem;                           // [BM][LDS]
+    u16* sK = sQ + BM * LDS;                        // [STAGES][BN][LDS]
+    u16* sV = sK + STAGES * BN * LDS;               // [STAGES][BN][LDS]
+    int* sKeyPos = (int*)(sV + STAGES * BN * LDS);  // [STAGES][BN] index position of each key, -1 if none
+    u16* sKeyMask = (u16*)(sKeyPos + STAGES * BN);  // [STAGES][BN] mask id of each key
+
+    const int qb = blockIdx.x, h = blockIdx.y;
+    const int kv_head = h / (hq / hkv);
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int row = h * gridDim.x + qb;
+    const u32 nblocks = block_ptr[row + 1] - block_ptr[row];
+    const u32 ncols = col_ptr[row + 1] - col_ptr[row];
+    const u32* bidx = block_idx + block_ptr[row];
+    const u16* bmask = block_mask + block_ptr[row];
+    const u32* cidx = col_idx + col_ptr[row];
+    const u16* cmask = col_mask + col_ptr[row];
+    const int ntiles = (int)nblocks + (int)((ncols + BN - 1) / BN);
+    const u16* Qh = Q + (size_t)h * nq * D;
+    const u16* Kh = K + (size_t)kv_head * nk * D;
+    const u16* Vh = V + (size_t)kv_head * nk * D;
+
+    // Q tile: query positions qb * BM + r, zero-filled past the end.
+    for (int c = tid; c < BM * CHUNKS; c += THREADS) {
+        const int r = c / CHUNKS, col = (c % CHUNKS) * 8, pos = qb * BM + r;
+        const bool ok = pos < nq;
+        cp_async16(smem_u32(sQ + r * LDS + col), ok ? Qh + (size_t)weft_token(pos, nq) * D + col : Qh, ok ? 16 : 0);
+    }
+
+    auto load_tile = [&](int t, int stage) {
+        u16* k_s = sK + stage * BN * LDS;
+        u16* v_s = sV + stage * BN * LDS;
+        for (int c = tid; c < BN * CHUNKS; c += THREADS) {
+            const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
+            int pos; u16 mask;
+            tile_key(t, r, nblocks, ncols, bidx, bmask, cidx, cmask, nk, pos, mask);
+            const bool ok = pos >= 0;
+            const size_t off = ok ? (size_t)weft_token(pos, nk) * D + col : 0;
+            cp_async16(smem_u32(k_s + r * LDS + col), Kh + off, ok ? 16 : 0);
+            cp_async16(smem_u32(v_s + r * LDS + col), Vh + off, ok ? 16 : 0);
+            if (col == 0) {
+                sKeyPos[stage * BN + r] = pos;
+                sKeyMask[stage * BN + r] = mask;
+            }
+        }
+    };
+
+    if (ntiles > 0) load_tile(0, 0);
+    cp_async_commit();
+
+    const int row0 = qb * BM + warp * 16 + lane / 4;  // index position of this thread's first row
+    float m[2] = {neg_inf(), neg_inf()};               // running row max (log2 units)
+    float l[2] = {0.f, 0.f};                           // this thread's share of the row sum
+    float o[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+    u32 qf[KQ][4];
+
+    for (int t = 0; t < ntiles; ++t) {
+        const int stage = t % STAGES;
+        if (t + 1 < ntiles) load_tile(t + 1, (t + 1) % STAGES);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+
+        if (t == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KQ; ++kk)
+                ldmatrix_x4(qf[kk], smem_u32(sQ + (warp * 16 + lane % 16) * LDS + kk * 16 + (lane / 16) * 8));
+        }
+
+        // S = Q K^T for this warp's 16 rows and the tile's BN keys.
+        const u16* k_s = sK + stage * BN * LDS;
+        float s[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+            for (int j = 0; j < NT; j += 2) {
+                u32 b[4];
+                const int mat = lane / 8;
+                ldmatrix_x4(b, smem_u32(k_s + (j * 8 + (mat / 2) * 8 + lane % 8) * LDS + kk * 16 + (mat % 2) * 8));
+                mma(s[j], qf[kk], b[0], b[1]);
+                mma(s[j + 1], qf[kk], b[2], b[3]);
+            }
+        }
+
+        // Scale, then mask: a full block in range skips the per-pair test.
+        const bool full = t < (int)nblocks && bmask[t] == FULL && ((int)bidx[t] + 1) * BN <= nk;
+        const int* kpos = sKeyPos + stage * BN;
+        const u16* kmask = sKeyMask + stage * BN;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = s[j][e] * scale_log2;
+                if (!full) {
+                    const int key = j * 8 + (lane % 4) * 2 + (e & 1);
+                    const int qpos = row0 + (e >= 2 ? 8 : 0);
+                    const int kp = kpos[key];
+                    const u16 id = kmask[key];
+                    const bool keep = kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
+                    if (!keep) x = neg_inf();
+                }
+                s[j][e] = x;
+            }
+        }
+
+        // Online softmax per row (two rows per thread; a quad shares a row).
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            float mx = m[i];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            const float base = mx == neg_inf() ? 0.f : mx;
+            const float alpha = m[i] == neg_inf() ? 0.f : exp2f(m[i] - base);
+            m[i] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                s[j][2 * i] = exp2f(s[j][2 * i] - base);
+                s[j][2 * i + 1] = exp2f(s[j][2 * i + 1] - base);
+                sum += s[j][2 * i] + s[j][2 * i + 1];
+            }
+            l[i] = l[i] * alpha + sum;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[dt][2 * i] *= alpha;
+                o[dt][2 * i + 1] *= alpha;
+            }
+        }
+
+        // O += P V: the S accumulators become the A operand without leaving registers.
+        const u16* v_s = sV + stage * BN * LDS;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const u32 a[4] = {pack(s[2 * kk][0], s[2 * kk][1]), pack(s[2 * kk][2], s[2 * kk][3]),
+                              pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dt = 0; dt < DT; dt += 2) {
+                u32 b[4];
+                const int mat = lane / 8;
+                ldmatrix_x4_trans(b, smem_u32(v_s + (kk * 16 + (mat % 2) * 8 + lane % 8) * LDS + dt * 8 + (mat / 2) * 8));
+                mma(o[dt], a, b[0], b[1]);
+                mma(o[dt + 1], a, b[2], b[3]);
+            }
+        }
+        __syncthreads();  // the stage is refilled by the next iteration's load
+    }
+    cp_async_wait<0>();
+
+    // Normalize and write the output row at its token, with the natural-log log-sum-exp.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        float sum = l[i];
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        sum += __shfl_xor_sync(0xffffffff, sum, 2);
+        const int qpos = row0 + 8 * i;
+        if (qpos < nq) {
+            const int tok = weft_token(qpos, nq);
+            const float inv = sum > 0.f ? 1.f / sum : 0.f;
+            u16* dst = O + ((size_t)h * nq + tok) * D + (lane % 4) * 2;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt)
+                *(u32*)(dst + dt * 8) = pack(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+            if (lane % 4 == 0)
+                LSE[(size_t)h * nq + tok] = sum > 0.f ? (m[i] + log2f(sum)) * 0.69314718055994531f : neg_inf();
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! NVRTC: CUDA C++ to CUBIN (and PTX), with the compiler's resource report.
+//!
+//! cudarc's safe wrapper returns only PTX and only logs failures; weft needs the CUBIN for the
+//! device in hand and `ptxas -v`'s register, shared-memory and spill report, so this goes
+//! through `cudarc::nvrtc::result`/`sys`. NVRTC needs no GPU: CI compiles every kernel here.
+
+use std::ffi::{c_char, CString};
+
+use cudarc::nvrtc::{result, sys};
+
+use crate::Error;
+
+/// A target architecture, e.g. `sm_90` (H100/H200) or `sm_80` (A100).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Arch {
+    /// Compute capability as `major * 10 + minor`.
+    pub sm: u32,
+}
+
+impl Arch {
+    pub const SM80: Arch = Arch { sm: 80 };
+    pub const SM90: Arch = Arch { sm: 90 };
+
+    /// `sm_90` style name.
+    pub fn name(&self) -> String {
+        format!("sm_{}", self.sm)
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Arch, Error> {
+        s.strip_prefix("sm_")
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|n| *n >= 80)
+            .map(|sm| Arch { sm })
+            .ok_or_else(|| Error::Usage(format!("architecture `{s}`: use sm_80 or later, e.g. sm_90")))
+    }
+}
+
+/// Per-kernel resources from `ptxas -v`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResourceReport {
+    pub registers: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+    pub stack_frame: u32,
+    /// Static shared memory (the kernels use dynamic shared memory, so usually 0).
+    pub static_shared: u32,
+}
+
+/// The output of one compilation.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub arch: Arch,
+    pub cubin: Vec<u8>,
+    pub ptx: String,
+    pub log: String,
+    pub report: ResourceReport,
+    pub millis: f64,
+}
+
+/// Whether libnvrtc can be loaded, with the error to show when it cannot.
+pub fn check_available() -> Result<(), Error> {
+    // cudarc panics on first use when the library is missing: ask first.
+    if unsafe { sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(Error::MissingLibrary {
+            library: "libnvrtc.so.13",
+            help: "install the pinned NVRTC wheel (`python3 -m pip install --target .tools/nvrtc \
+                   nvidia-cuda-nvrtc==13.0.88`) and add `.tools/nvrtc/nvidia/cu13/lib` to LD_LIBRARY_PATH; \
+                   scripts/test.sh does both"
+                .into(),
+        })
+    }
+}
+
+/// NVRTC's version as (major, minor).
+pub fn version() -> Result<(i32, i32), Error> {
+    check_available()?;
+    let (mut major, mut minor) = (0, 0);
+    unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| Error::Nvrtc { message: format!("nvrtcVersion: {e:?}"), log: String::new() })?;
+    Ok((major, minor))
+}
+
+fn to_string(chars: Vec<c_char>) -> String {
+    let bytes: Vec<u8> = chars.into_iter().take_while(|c| *c != 0).map(|c| c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn number_before(line: &str, word: &str) -> Option<u32> {
+    let i = line.find(word)?;
+    line[..i].split_whitespace().last()?.parse().ok()
+}
+
+/// Parses `ptxas info` lines of the program log.
+pub fn parse_report(log: &str) -> ResourceReport {
+    let mut r = ResourceReport::default();
+    for line in log.lines() {
+        if let Some(n) = number_before(line, "registers") {
+            r.registers = n;
+        }
+        if let Some(n) = number_before(line, "bytes spill stores") {
+            r.spill_stores = n;
+        }
+        if let Some(n) = number_before(line, "bytes spill loads") {
+            r.spill_loads = n;
+        }
+        if let Some(n) = number_before(line, "bytes stack frame") {
+            r.stack_frame = n;
+        }
+        if let Some(n) = number_before(line, "bytes smem") {
+            r.static_shared = n;
+        }
+    }
+    r
+}
+
+/// Quotes the source lines NVRTC's errors point at (`name.cu(LINE): error: ...`).
+fn annotate(log: &str, file: &str, source: &str) -> String {
+    let lines: Vec<&str> = source.lines().collect();
+    let mut out = String::new();
+    for l in log.lines() {
+        out.push_str(l);
+        out.push('\n');
+        let at = l.strip_prefix(file).and_then(|r| r.strip_prefix('(')).and_then(|r| r.split(')').next());
+        if let Some(n) = at.and_then(|n| n.parse::<usize>().ok()) {
+            if let Some(text) = lines.get(n.wrapping_sub(1)) {
+                out.push_str(&format!("    {n} | {}\n", text.trim_end()));
+            }
+        }
+    }
+    out
+}
+
+/// Compiles `source` for `arch`, returning CUBIN, PTX, the log and the resource report.
+pub fn compile(source: &str, name: &str, arch: Arch) -> Result<Compiled, Error> {
+    check_available()?;
+    let start = std::time::Instant::now();
+    let file = format!("{name}.cu");
+    let src = CString::new(source).map_err(|_| Error::Usage("the kernel source contains a NUL byte".into()))?;
+    let file_c = CString::new(file.clone()).map_err(|_| Error::Usage("bad kernel name".into()))?;
+    let nvrtc_err =
+        |what: &str, e: result::NvrtcError| Error::Nvrtc { message: format!("{what}: {e:?}"), log: String::new() };
+    let prog = result::create_program(&src, Some(&file_c)).map_err(|e| nvrtc_err("nvrtcCreateProgram", e))?;
+    let options = vec![
+        format!("--gpu-architecture={}", arch.name()),
+        "--std=c++17".to_string(),
+        "--use_fast_math".to_string(),
+        "-Xptxas=-v".to_string(),
+    ];
+    let compiled = unsafe { result::compile_program(prog, &options) };
+    let log = unsafe { result::get_program_log(prog) }.map(to_string).unwrap_or_default();
+    let finish = |r: Result<Compiled, Error>| {
+        let _ = unsafe { result::destroy_program(prog) };
+        r
+    };
+    if compiled.is_err() {
+        return finish(Err(Error::Nvrtc {
+            message: format!("NVRTC could not compile `{name}` for {}", arch.name()),
+            log: annotate(&log, &file, source),
+        }));
+    }
+    let ptx = match unsafe { result::get_ptx(prog) } {
+        Ok(p) => to_string(p),
+        Err(e) => return finish(Err(nvrtc_err("nvrtcGetPTX", e))),
+    };
+    let mut size = 0usize;
+    let cubin = unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }.result().and_then(|_| {
+        let mut buf = vec![0u8; size];
+        unsafe { sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char) }.result().map(|_| buf)
+    });
+    let cubin = match cubin {
+        Ok(c) => c,
+        Err(e) => return finish(Err(nvrtc_err("nvrtcGetCUBIN", e))),
+    };
+    finish(Ok(Compiled {
+        arch,
+        cubin,
+        ptx,
+        report: parse_report(&log),
+        log,
+        millis: start.elapsed().as_secs_f64() * 1e3,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_parsing() {
+        let log = "ptxas info    : Compiling entry function 'weft_attn_x' for 'sm_90'\n\
+                   ptxas info    : Function properties for weft_attn_x\n\
+                   \x20   16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n\
+                   ptxas info    : Used 168 registers, used 1 barriers, 384 bytes cmem[0]\n";
+        let r = parse_report(log);
+        assert_eq!(
+            r,
+            ResourceReport { registers: 168, spill_stores: 8, spill_loads: 12, stack_frame: 16, static_shared: 0 }
+        );
+    }
+
+    #[test]
+    fn arch_names() {
+        assert_eq!("sm_90".parse::<Arch>().unwrap(), Arch::SM90);
+        assert!("sm_70".parse::<Arch>().is_err());
+        assert!("hopper".parse::<Arch>().is_err());
+    }
+}

@@ -1,0 +1,81 @@
+//! Every family's kernel compiles with NVRTC for sm_80 and sm_90, bf16 and fp16, head dims 64
+//! and 128, with no register spills at the default config. Needs libnvrtc (scripts/test.sh
+//! installs the pinned wheel), no GPU.
+
+use rayon::prelude::*;
+use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
+use weft_dsl::builder::*;
+use weft_dsl::{Pattern, Permutation, RingLayout};
+use weft_patterns::{build_index, IndexOptions, Tensor};
+use weft_runtime::nvrtc::{compile, version, Arch};
+
+fn families() -> Vec<Pattern> {
+    vec![
+        Pattern::new("dense", full()),
+        Pattern::new("causal", causal()),
+        Pattern::new("documents", causal() & pred((q() / 512).eq(k() / 512).or(k().lt(lit(4))))),
+        Pattern::new("block", causal() & block().keep(top_k(4))),
+        Pattern::new("block_static", block().block_q(32).block_k(32).keep_where(q().ge(k()))),
+        Pattern::new("vertical_vector", sink(64) | local(128) | vertical_vector().keep(top_p(0.9))),
+        Pattern::new("vertical_slash", causal() & vertical_slash().vertical(top_k(64)).slash(top_k(8))),
+        Pattern::new("grid", grid(16)),
+        Pattern::new("permuted_grid", permuted(Permutation::Stride(16), block().keep(top_k(2)))),
+        Pattern::new("ring", ring(4, RingLayout::ZigZag, causal() & window(256))),
+    ]
+}
+
+#[test]
+fn every_family_compiles_without_spills() {
+    let (major, minor) = version().expect("NVRTC is required for this test");
+    assert!(major >= 12, "NVRTC {major}.{minor}");
+    let (q, k) = (Tensor::random(2, 300, 16, 1), Tensor::random(2, 300, 16, 2));
+    let mut jobs = Vec::new();
+    for p in families() {
+        let ix = build_index(&p.expr, &q, &k, &IndexOptions::default()).unwrap();
+        for dtype in [DType::Bf16, DType::F16] {
+            for d in [64u32, 128] {
+                let config =
+                    KernelConfig { block_m: ix.block_m as u32, block_n: ix.block_n as u32, head_dim: d, dtype };
+                let kernel =
+                    emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();
+                for arch in [Arch::SM80, Arch::SM90] {
+                    jobs.push((p.name.clone(), config, arch, kernel.clone()));
+                }
+            }
+        }
+    }
+    let results: Vec<String> = jobs
+        .par_iter()
+        .map(|(name, config, arch, kernel)| {
+            let c = compile(&kernel.source, &kernel.name, *arch)
+                .unwrap_or_else(|e| panic!("{name} {config} {}: {e}", arch.name()));
+            assert!(!c.cubin.is_empty() && c.ptx.contains(".entry"), "{name}: no CUBIN/PTX");
+            assert!(c.ptx.contains("mma.sync.aligned.m16n8k16"), "{name}: no tensor-core mma");
+            let r = &c.report;
+            assert!(r.registers > 0, "{name}: no ptxas report in the log:\n{}", c.log);
+            assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{name} {config} {} spills: {r:?}", arch.name());
+            format!(
+                "{name:<16} {:<5} d={:<3} {} regs={:<3} stack={} {:.0} ms",
+                config.dtype.name(),
+                config.head_dim,
+                arch.name(),
+                r.registers,
+                r.stack_frame,
+                c.millis
+            )
+        })
+        .collect();
+    println!("{}", results.join("\n"));
+    assert_eq!(results.len(), families().len() * 8);
+}
+
+#[test]
+fn compile_errors_carry_the_log_and_the_line() {
+    version().expect("NVRTC is required for this test");
+    let src = "extern \"C\" __global__ void broken() {\n  int x = ;\n}\n";
+    let e = compile(src, "broken", Arch::SM90).unwrap_err().to_string();
+    assert!(
+        e.contains("could not compile `broken`") && e.contains("broken.cu(2)") && e.contains("2 |   int x = ;"),
+        "{e}"
+    );
+}

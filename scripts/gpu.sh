@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds the GPU test binaries (and the weft CLI) on this machine into gpu-bin/, which the
+# device tool carries to the GPU machine. There, one command runs them all:
+#     bash scripts/gpu-run.sh            (logs under $OUT when set)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf gpu-bin && mkdir -p gpu-bin
+cargo build --release --locked --bin weft
+cp target/release/weft gpu-bin/
+cargo test --release --locked -p weft-runtime --features gpu --no-run --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, sys, shutil
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        shutil.copy(m["executable"], "gpu-bin/test-" + m["target"]["name"])
+        print("gpu-bin/test-" + m["target"]["name"])
+'
+ls -la gpu-bin
