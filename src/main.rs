@@ -67,6 +67,29 @@ enum Command {
         #[arg(long, default_value_t = 1024, value_name = "PIXELS")]
         px: usize,
     },
+    /// Print the CUDA C++ weft generates for a pattern (its masks come from the index built on
+    /// a synthetic input of --seq tokens).
+    ///
+    /// Example: weft emit vertical-vector --head-dim 128 --dtype bf16
+    Emit {
+        #[command(flatten)]
+        pattern: PatternArg,
+        #[command(flatten)]
+        kernel: KernelArgs,
+    },
+    /// Compile a pattern's kernel with NVRTC and print its registers, shared memory and spills
+    /// (no GPU needed; libnvrtc is).
+    ///
+    /// Example: weft compile "causal & window(1024)" --arch sm_90
+    Compile {
+        #[command(flatten)]
+        pattern: PatternArg,
+        #[command(flatten)]
+        kernel: KernelArgs,
+        /// Target architecture.
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
+    },
     /// Run everything that exists so far on a bundled example, and say what comes next.
     Quickstart {
         /// Where to write the example's pictures.
@@ -81,6 +104,25 @@ struct PatternArg {
     /// quotes such as "sink(64) | local(256) | vertical_vector(keep = top_p(0.95))".
     #[arg(value_name = "PATTERN")]
     pattern: String,
+}
+
+#[derive(Args)]
+struct KernelArgs {
+    /// Head dimension: 64, 128 or 256.
+    #[arg(long, default_value_t = 128)]
+    head_dim: u32,
+    /// Element type: bf16 or fp16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Tokens of the synthetic input whose index supplies the layout and masks.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    seq: usize,
+    /// Rows per query block (default: the pattern's own).
+    #[arg(long)]
+    block_m: Option<usize>,
+    /// Keys per key block (default: the pattern's own).
+    #[arg(long)]
+    block_n: Option<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -173,6 +215,12 @@ fn run(command: Command) -> Result<()> {
         Command::Mask { pattern, input, head, png, npy, px } => {
             mask(&load_pattern(&pattern.pattern)?, &input, head, png.as_deref(), npy.as_deref(), px)
         }
+        Command::Emit { pattern, kernel } => {
+            let k = generate(&load_pattern(&pattern.pattern)?, &kernel)?;
+            print!("{}", k.source);
+            Ok(())
+        }
+        Command::Compile { pattern, kernel, arch } => compile(&load_pattern(&pattern.pattern)?, &kernel, &arch),
         Command::Quickstart { out } => quickstart(&out),
     }
 }
@@ -450,6 +498,53 @@ fn mask(
     Ok(())
 }
 
+/// The kernel for a pattern, with the layout and masks of its index on a synthetic input.
+fn generate(pattern: &Pattern, args: &KernelArgs) -> Result<weft::codegen::Kernel> {
+    pattern.validate()?;
+    if args.seq == 0 {
+        bail!("--seq must be at least 1");
+    }
+    let dtype: weft::codegen::DType = args.dtype.parse()?;
+    if pattern.expr.contains_retrieval() {
+        bail!("retrieval operators need the decode kernel, which weft does not generate yet");
+    }
+    let q = Tensor::random(1, args.seq, 16, 1);
+    let k = Tensor::random(1, args.seq, 16, 2);
+    let opts = IndexOptions { block_m: args.block_m, block_n: args.block_n, scale: None };
+    let ix = pat::build_index(&pattern.expr, &q, &k, &opts)?;
+    let config = weft::codegen::KernelConfig {
+        block_m: ix.block_m as u32,
+        block_n: ix.block_n as u32,
+        head_dim: args.head_dim,
+        dtype,
+    };
+    let spec = weft::codegen::KernelSpec { pattern, masks: &ix.masks, permutation: ix.permutation, config };
+    Ok(weft::codegen::emit(&spec)?)
+}
+
+fn compile(pattern: &Pattern, args: &KernelArgs, arch: &str) -> Result<()> {
+    let arch: weft::runtime::Arch = arch.parse()?;
+    let kernel = generate(pattern, args)?;
+    let (major, minor) = weft::runtime::nvrtc::version()?;
+    let c = weft::runtime::nvrtc::compile(&kernel.source, &kernel.name, arch)?;
+    let r = &c.report;
+    println!("kernel        {}", kernel.name);
+    println!("pattern       {} = {pattern}", pattern.name);
+    println!("target        {} (NVRTC {major}.{minor}), {:.0} ms", arch.name(), c.millis);
+    println!("threads       {} per CTA", kernel.threads);
+    println!("registers     {} per thread", r.registers);
+    println!("shared memory {} bytes dynamic, {} static", kernel.shared_bytes, r.static_shared);
+    println!("stack frame   {} bytes", r.stack_frame);
+    println!(
+        "spills        {} bytes stored, {} loaded{}",
+        r.spill_stores,
+        r.spill_loads,
+        if r.spill_stores + r.spill_loads > 0 { "  <- spills: try a smaller head dim or block" } else { "" }
+    );
+    println!("cubin         {} bytes, ptx {} bytes", c.cubin.len(), c.ptx.len());
+    Ok(())
+}
+
 fn quickstart(out: &Path) -> Result<()> {
     println!("weft quickstart\n");
     println!("1. A pattern, written in weft's DSL (examples/patterns/video.toml):\n");
@@ -514,10 +609,30 @@ fn quickstart(out: &Path) -> Result<()> {
     }
     println!("   legend: {}", weft::viz::LEGEND);
 
-    println!("\nNext steps (not built yet; they need an NVIDIA GPU, except code generation):");
-    println!("   - lower the pattern to CUDA C++ and compile it with NVRTC (weft-codegen, weft-runtime)");
-    println!("   - autotune the kernel on the GPU and store it in the kernel database (weft-autotune, weft-cache)");
-    println!("   - load the tuned kernel at run time with weft::Runtime (GPU)");
-    println!("\nTry: weft patterns | weft explain vertical-slash --seq 8192 | weft mask grid --png grid.png");
+    println!("\n5. The CUDA kernel for it (weft emit examples/patterns/video.toml prints it all):\n");
+    let kernel = generate(
+        &pattern,
+        &KernelArgs { head_dim: 128, dtype: "bf16".into(), seq: 1024, block_m: None, block_n: None },
+    )?;
+    for line in kernel.source.lines().take(5) {
+        println!("   {line}");
+    }
+    match weft::runtime::nvrtc::check_available() {
+        Ok(()) => {
+            let c = weft::runtime::nvrtc::compile(&kernel.source, &kernel.name, weft::runtime::Arch::SM90)?;
+            println!(
+                "   compiled with NVRTC for sm_90 in {:.0} ms: {} registers, {} bytes spilled",
+                c.millis,
+                c.report.registers,
+                c.report.spill_stores + c.report.spill_loads
+            );
+        }
+        Err(e) => println!("   (not compiled: {e})"),
+    }
+    println!("\nNext steps need an NVIDIA GPU:");
+    println!("   - run the kernel: scripts/gpu.sh builds the GPU tests, scripts/gpu-run.sh runs them there");
+    println!("   - autotune it and store it in the kernel database (weft-autotune, weft-cache: to come)");
+    println!("   - load tuned kernels at run time with weft::Runtime (to come)");
+    println!("\nTry: weft patterns | weft explain vertical-slash --seq 8192 | weft compile grid --arch sm_80");
     Ok(())
 }

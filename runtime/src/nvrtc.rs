@@ -150,7 +150,7 @@ pub fn compile(source: &str, name: &str, arch: Arch) -> Result<Compiled, Error> 
         format!("--gpu-architecture={}", arch.name()),
         "--std=c++17".to_string(),
         "--use_fast_math".to_string(),
-        "-Xptxas=-v".to_string(),
+        "--ptxas-options=-v".to_string(),
     ];
     let compiled = unsafe { result::compile_program(prog, &options) };
     let log = unsafe { result::get_program_log(prog) }.map(to_string).unwrap_or_default();
