@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf gpu-bin && mkdir -p gpu-bin
-cargo build --release --locked --bin weft
-cp target/release/weft gpu-bin/
+cargo build --release --locked --bin weft && cargo build --release --locked -p weft-bench
+cp target/release/weft target/release/weft-bench gpu-bin/
 cargo test --release --locked -p weft-runtime --features gpu --no-run --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys, shutil

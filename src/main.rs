@@ -512,12 +512,7 @@ fn generate(pattern: &Pattern, args: &KernelArgs) -> Result<weft::codegen::Kerne
     let k = Tensor::random(1, args.seq, 16, 2);
     let opts = IndexOptions { block_m: args.block_m, block_n: args.block_n, scale: None };
     let ix = pat::build_index(&pattern.expr, &q, &k, &opts)?;
-    let config = weft::codegen::KernelConfig {
-        block_m: ix.block_m as u32,
-        block_n: ix.block_n as u32,
-        head_dim: args.head_dim,
-        dtype,
-    };
+    let config = weft::codegen::KernelConfig::for_blocks(ix.block_m, ix.block_n, args.head_dim, dtype);
     let spec = weft::codegen::KernelSpec { pattern, masks: &ix.masks, permutation: ix.permutation, config };
     Ok(weft::codegen::emit(&spec)?)
 }

@@ -74,17 +74,30 @@ pub struct KernelConfig {
     /// Head dimension (64, 128 or 256).
     pub head_dim: u32,
     pub dtype: DType,
+    /// Query rows per warp: 16, or 32 to feed each K/V fragment to two tensor-core ops.
+    pub warp_rows: u32,
 }
 
 impl KernelConfig {
     /// The default config for a head dim and dtype, with 64 x 64 tiles.
     pub fn new(head_dim: u32, dtype: DType) -> KernelConfig {
-        KernelConfig { block_m: 64, block_n: 64, head_dim, dtype }
+        KernelConfig { block_m: 64, block_n: 64, head_dim, dtype, warp_rows: 16 }
+    }
+
+    /// The default config for an index's block sizes: 32 rows per warp for 128-row blocks.
+    pub fn for_blocks(block_m: usize, block_n: usize, head_dim: u32, dtype: DType) -> KernelConfig {
+        KernelConfig {
+            block_m: block_m as u32,
+            block_n: block_n as u32,
+            head_dim,
+            dtype,
+            warp_rows: if block_m >= 128 { 32 } else { 16 },
+        }
     }
 
     /// Threads per CTA.
     pub fn threads(&self) -> u32 {
-        self.block_m / 16 * 32
+        self.block_m / self.warp_rows * 32
     }
 
     /// Dynamic shared memory per CTA in bytes.
@@ -101,6 +114,12 @@ impl KernelConfig {
         }
         if ![16, 32, 64, 128].contains(&self.block_n) {
             return Err(Error::Config(format!("block_n must be 16, 32, 64 or 128, got {}", self.block_n)));
+        }
+        if !(self.warp_rows == 16 || self.warp_rows == 32) || self.warp_rows > self.block_m {
+            return Err(Error::Config(format!(
+                "warp_rows must be 16 or 32 and at most block_m ({}), got {}",
+                self.block_m, self.warp_rows
+            )));
         }
         if ![64, 128, 256].contains(&self.head_dim) {
             return Err(Error::Config(format!("head_dim must be 64, 128 or 256, got {}", self.head_dim)));
@@ -121,14 +140,9 @@ impl KernelConfig {
 
 impl std::fmt::Display for KernelConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "block_m={} block_n={} head_dim={} dtype={}",
-            self.block_m,
-            self.block_n,
-            self.head_dim,
-            self.dtype.name()
-        )
+        // Every field: this text is part of the kernel key.
+        let KernelConfig { block_m, block_n, head_dim, dtype, warp_rows } = self;
+        write!(f, "block_m={block_m} block_n={block_n} head_dim={head_dim} dtype={} warp_rows={warp_rows}", dtype.name())
     }
 }
 
@@ -264,6 +278,7 @@ pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
         .replace("{{BM}}", &c.block_m.to_string())
         .replace("{{BN}}", &c.block_n.to_string())
         .replace("{{D}}", &c.head_dim.to_string())
+        .replace("{{MT}}", &(c.warp_rows / 16).to_string())
         .replace("{{MASK_CASES}}", cases.trim_end_matches('\n'))
         .replace("{{TOKEN_BODY}}", &token_body(spec.permutation))
         .replace("{{MMA_TYPE}}", mma_type)
@@ -289,10 +304,31 @@ mod tests {
     }
 
     #[test]
+    fn every_config_field_changes_the_kernel_key() {
+        let p = Pattern::new("p", full());
+        let base = KernelConfig::for_blocks(128, 64, 128, DType::Bf16);
+        let variants = [
+            base,
+            KernelConfig { warp_rows: 16, ..base },
+            KernelConfig { block_n: 32, ..base },
+            KernelConfig { block_m: 64, ..base },
+            KernelConfig { head_dim: 64, ..base },
+            KernelConfig { dtype: DType::F16, ..base },
+        ];
+        let mut keys: Vec<String> = variants
+            .iter()
+            .map(|c| emit(&KernelSpec { pattern: &p, masks: &[], permutation: None, config: *c }).unwrap().key)
+            .collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), variants.len());
+    }
+
+    #[test]
     fn configs_are_checked() {
         assert!(KernelConfig::new(128, DType::Bf16).validate().is_ok());
         assert!(KernelConfig { block_m: 48, ..KernelConfig::new(64, DType::F16) }.validate().is_err());
-        let big = KernelConfig { block_m: 128, block_n: 128, head_dim: 256, dtype: DType::Bf16 };
+        let big = KernelConfig { block_m: 128, block_n: 128, head_dim: 256, dtype: DType::Bf16, warp_rows: 32 };
         assert!(big.validate().unwrap_err().to_string().contains("227 KiB"));
     }
 }

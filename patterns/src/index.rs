@@ -413,7 +413,7 @@ impl SparseIndex {
                 }
             }
             for (c, m) in self.columns(h, qb) {
-                n += (q0..q1).filter(|&q| self.passes(m, h, q, c)).count() as u64;
+                n += if m == FULL { (q1 - q0) as u64 } else { (q0..q1).filter(|&q| self.passes(m, h, q, c)).count() as u64 };
             }
         }
         n

@@ -10,6 +10,15 @@ use weft_patterns::synthetic::{planted_qk, Plant};
 use weft_patterns::{attention, build_index, IndexOptions, Tensor};
 use weft_runtime::{AttnShape, Gpu};
 
+/// Patterns with the index's query block forced to 128 rows (32 rows per warp).
+fn tall() -> Vec<Pattern> {
+    vec![
+        Pattern::new("dense_tall", full()),
+        Pattern::new("causal_tall", causal()),
+        Pattern::new("documents_tall", causal() & pred((q() / 300).eq(k() / 300).or(k().lt(lit(4))))),
+    ]
+}
+
 fn families() -> Vec<Pattern> {
     vec![
         Pattern::new("dense", full()),
@@ -60,7 +69,8 @@ fn every_family_matches_the_cpu_reference() {
     println!("GPU: {} ({}, {} SMs)", gpu.name, gpu.arch.name(), gpu.sm_count);
     let mut failures = Vec::new();
     let mut seed = 1000u64;
-    for p in families() {
+    let cases = families().into_iter().map(|p| (p, None)).chain(tall().into_iter().map(|p| (p, Some(128))));
+    for (p, block_m) in cases {
         for (dtype, d) in [(DType::Bf16, 128usize), (DType::F16, 64), (DType::Bf16, 64), (DType::F16, 128)] {
             for (n, hq, hkv) in [(1000usize, 4usize, 2usize), (333, 2, 2)] {
                 seed += 1;
@@ -80,11 +90,11 @@ fn every_family_matches_the_cpu_reference() {
                     Tensor::new(hkv, n, d, kr).unwrap(),
                     Tensor::new(hkv, n, d, vr).unwrap(),
                 );
-                let ix = build_index(&p.expr, &q, &k, &IndexOptions::default()).unwrap();
+                let ix = build_index(&p.expr, &q, &k, &IndexOptions { block_m, ..Default::default() }).unwrap();
                 let scale = 1.0 / (d as f64).sqrt();
                 let want = attention(&ix, &q, &k, &v, scale).unwrap();
                 let config =
-                    KernelConfig { block_m: ix.block_m as u32, block_n: ix.block_n as u32, head_dim: d as u32, dtype };
+                    KernelConfig::for_blocks(ix.block_m, ix.block_n, d as u32, dtype);
                 let kernel =
                     emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();
                 let s = &gpu.stream;
@@ -126,8 +136,8 @@ fn every_family_matches_the_cpu_reference() {
                 };
                 let ok = nan == 0 && rel < tol && lse_err < 2e-2;
                 println!(
-                    "{} {:<20} {:<5} d={:<3} n={:<5} hq={} hkv={} density={:.3} rel_err={:.2e} lse_err={:.2e} unwritten={}",
-                    if ok { "ok  " } else { "FAIL" }, p.name, dtype.name(), d, n, hq, hkv, ix.density(), rel, lse_err, nan
+                    "{} {:<20} {:<5} d={:<3} n={:<5} hq={} hkv={} bm={:<3} density={:.3} rel_err={:.2e} lse_err={:.2e} unwritten={}",
+                    if ok { "ok  " } else { "FAIL" }, p.name, dtype.name(), d, n, hq, hkv, ix.block_m, ix.density(), rel, lse_err, nan
                 );
                 if !ok {
                     failures.push(format!("{} {} d={d} n={n}", p.name, dtype.name()));

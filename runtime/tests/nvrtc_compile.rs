@@ -35,7 +35,7 @@ fn every_family_compiles_without_spills() {
         for dtype in [DType::Bf16, DType::F16] {
             for d in [64u32, 128] {
                 let config =
-                    KernelConfig { block_m: ix.block_m as u32, block_n: ix.block_n as u32, head_dim: d, dtype };
+                    KernelConfig::for_blocks(ix.block_m, ix.block_n, d, dtype);
                 let kernel =
                     emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();
                 for arch in [Arch::SM80, Arch::SM90] {

@@ -13,7 +13,9 @@ constexpr int BM = {{BM}};          // query rows per CTA (the index's block_m)
 constexpr int BN = {{BN}};          // keys per tile (the index's block_n)
 constexpr int D = {{D}};            // head dimension
 constexpr int STAGES = 2;           // K/V tiles in flight
-constexpr int WARPS = BM / 16;      // each warp owns 16 query rows
+constexpr int MT = {{MT}};            // 16-row m-tiles per warp: each K/V fragment feeds MT mma
+constexpr int WARPS = BM / (16 * MT);
+constexpr bool Q_IN_REGS = MT == 1; // with one m-tile, Q's fragments stay in registers
 constexpr int THREADS = WARPS * 32;
 constexpr int LDS = D + 8;          // padded shared row (elements): ldmatrix stays conflict-free
 constexpr int NT = BN / 8;          // 8-key column tiles of S per warp
@@ -75,18 +77,27 @@ __device__ __forceinline__ u32 pack(float lo, float hi) {
     return r;
 }
 
-// Key `r` of tile `t`: its index position (-1 past the end) and mask id.
-__device__ __forceinline__ void tile_key(int t, int r, u32 nblocks, u32 ncols, const u32* bidx, const u16* bmask,
-                                         const u32* cidx, const u16* cmask, int nk, int& pos, u16& mask) {
-    if (t < (int)nblocks) {
-        pos = (int)bidx[t] * BN + r;
-        mask = bmask[t];
-        if (pos >= nk) pos = -1;
+// Where tile `t`'s keys come from: a key block (keys base + r) or a chunk of the column list.
+struct TileSource {
+    bool is_block;
+    int base;    // first key position of a block, or first column of the chunk
+    int count;   // keys in the tile
+    u16 mask;    // the block's mask id (columns carry their own)
+};
+
+__device__ __forceinline__ TileSource tile_source(int t, u32 nblocks, u32 ncols, const u32* bidx, const u16* bmask, int nk) {
+    TileSource s;
+    s.is_block = t < (int)nblocks;
+    if (s.is_block) {
+        s.base = (int)bidx[t] * BN;
+        s.count = min(BN, nk - s.base);
+        s.mask = bmask[t];
     } else {
-        u32 i = (u32)(t - (int)nblocks) * BN + r;
-        pos = i < ncols ? (int)cidx[i] : -1;
-        mask = i < ncols ? cmask[i] : FULL;
+        s.base = (t - (int)nblocks) * BN;
+        s.count = min(BN, (int)ncols - s.base);
+        s.mask = FULL;
     }
+    return s;
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
@@ -125,20 +136,22 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
         cp_async16(smem_u32(sQ + r * LDS + col), ok ? Qh + (size_t)weft_token(pos, nq) * D + col : Qh, ok ? 16 : 0);
     }
 
+    // Each thread copies one 16-byte column chunk of every (THREADS / CHUNKS)-th key row.
     auto load_tile = [&](int t, int stage) {
+        const TileSource src = tile_source(t, nblocks, ncols, bidx, bmask, nk);
         u16* k_s = sK + stage * BN * LDS;
         u16* v_s = sV + stage * BN * LDS;
-        for (int c = tid; c < BN * CHUNKS; c += THREADS) {
-            const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
-            int pos; u16 mask;
-            tile_key(t, r, nblocks, ncols, bidx, bmask, cidx, cmask, nk, pos, mask);
-            const bool ok = pos >= 0;
+        const int col = (tid % CHUNKS) * 8;
+#pragma unroll 2
+        for (int r = tid / CHUNKS; r < BN; r += THREADS / CHUNKS) {
+            const bool ok = r < src.count;
+            const int pos = !ok ? -1 : src.is_block ? src.base + r : (int)cidx[src.base + r];
             const size_t off = ok ? (size_t)weft_token(pos, nk) * D + col : 0;
             cp_async16(smem_u32(k_s + r * LDS + col), Kh + off, ok ? 16 : 0);
             cp_async16(smem_u32(v_s + r * LDS + col), Vh + off, ok ? 16 : 0);
             if (col == 0) {
                 sKeyPos[stage * BN + r] = pos;
-                sKeyMask[stage * BN + r] = mask;
+                sKeyMask[stage * BN + r] = !ok ? FULL : src.is_block ? src.mask : cmask[src.base + r];
             }
         }
     };
@@ -146,13 +159,18 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
     if (ntiles > 0) load_tile(0, 0);
     cp_async_commit();
 
-    const int row0 = qb * BM + warp * 16 + lane / 4;  // index position of this thread's first row
-    float m[2] = {neg_inf(), neg_inf()};               // running row max (log2 units)
-    float l[2] = {0.f, 0.f};                           // this thread's share of the row sum
-    float o[DT][4];
+    // Index position of this thread's first row in m-tile `mt` (the second is 8 below).
+    const int row0 = qb * BM + warp * 16 * MT + lane / 4;
+    float m[MT][2], l[MT][2];                          // running row max (log2 units), this thread's row-sum share
+    float o[MT][DT][4];
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
-    u32 qf[KQ][4];
+    for (int mt = 0; mt < MT; ++mt) {
+        m[mt][0] = m[mt][1] = neg_inf();
+        l[mt][0] = l[mt][1] = 0.f;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+    }
+    u32 qf[Q_IN_REGS ? KQ : 1][4];
 
     for (int t = 0; t < ntiles; ++t) {
         const int stage = t % STAGES;
@@ -161,73 +179,99 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
         cp_async_wait<1>();
         __syncthreads();
 
-        if (t == 0) {
+        if constexpr (Q_IN_REGS) {
+            if (t == 0) {
 #pragma unroll
-            for (int kk = 0; kk < KQ; ++kk)
-                ldmatrix_x4(qf[kk], smem_u32(sQ + (warp * 16 + lane % 16) * LDS + kk * 16 + (lane / 16) * 8));
+                for (int kk = 0; kk < KQ; ++kk)
+                    ldmatrix_x4(qf[kk], smem_u32(sQ + (warp * 16 + lane % 16) * LDS + kk * 16 + (lane / 16) * 8));
+            }
         }
 
-        // S = Q K^T for this warp's 16 rows and the tile's BN keys.
+        // S = Q K^T for this warp's MT x 16 rows and the tile's BN keys.
         const u16* k_s = sK + stage * BN * LDS;
-        float s[NT][4];
+        float s[MT][NT][4];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < NT; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < KQ; ++kk) {
+            u32 qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (Q_IN_REGS) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) qa[mt][i] = qf[kk][i];
+                } else {
+                    ldmatrix_x4(qa[mt], smem_u32(sQ + (warp * 16 * MT + mt * 16 + lane % 16) * LDS + kk * 16 + (lane / 16) * 8));
+                }
+            }
 #pragma unroll
             for (int j = 0; j < NT; j += 2) {
                 u32 b[4];
                 const int mat = lane / 8;
                 ldmatrix_x4(b, smem_u32(k_s + (j * 8 + (mat / 2) * 8 + lane % 8) * LDS + kk * 16 + (mat % 2) * 8));
-                mma(s[j], qf[kk], b[0], b[1]);
-                mma(s[j + 1], qf[kk], b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma(s[mt][j], qa[mt], b[0], b[1]);
+                    mma(s[mt][j + 1], qa[mt], b[2], b[3]);
+                }
             }
         }
 
-        // Scale, then mask: a full block in range skips the per-pair test.
+        // Mask (a full block in range skips the per-pair test); the scale is folded into exp2 below.
         const bool full = t < (int)nblocks && bmask[t] == FULL && ((int)bidx[t] + 1) * BN <= nk;
         const int* kpos = sKeyPos + stage * BN;
         const u16* kmask = sKeyMask + stage * BN;
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
+        for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x = s[j][e] * scale_log2;
-                if (!full) {
-                    const int key = j * 8 + (lane % 4) * 2 + (e & 1);
-                    const int qpos = row0 + (e >= 2 ? 8 : 0);
-                    const int kp = kpos[key];
-                    const u16 id = kmask[key];
-                    const bool keep = kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
-                    if (!keep) x = neg_inf();
+            for (int j = 0; j < NT; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float x = s[mt][j][e];
+                    if (!full) {
+                        const int key = j * 8 + (lane % 4) * 2 + (e & 1);
+                        const int qpos = row0 + mt * 16 + (e >= 2 ? 8 : 0);
+                        const int kp = kpos[key];
+                        const u16 id = kmask[key];
+                        const bool keep = kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
+                        if (!keep) x = neg_inf();
+                    }
+                    s[mt][j][e] = x;
                 }
-                s[j][e] = x;
             }
         }
 
-        // Online softmax per row (two rows per thread; a quad shares a row).
+        // Online softmax per row (two rows per m-tile and thread; a quad shares a row).
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            float mx = m[i];
+        for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-            for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-            const float base = mx == neg_inf() ? 0.f : mx;
-            const float alpha = m[i] == neg_inf() ? 0.f : exp2f(m[i] - base);
-            m[i] = mx;
-            float sum = 0.f;
+            for (int i = 0; i < 2; ++i) {
+                // Raw scores: the max commutes with the positive scale.
+                float raw = neg_inf();
 #pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                s[j][2 * i] = exp2f(s[j][2 * i] - base);
-                s[j][2 * i + 1] = exp2f(s[j][2 * i + 1] - base);
-                sum += s[j][2 * i] + s[j][2 * i + 1];
-            }
-            l[i] = l[i] * alpha + sum;
+                for (int j = 0; j < NT; ++j) raw = fmaxf(raw, fmaxf(s[mt][j][2 * i], s[mt][j][2 * i + 1]));
+                raw = fmaxf(raw, __shfl_xor_sync(0xffffffff, raw, 1));
+                raw = fmaxf(raw, __shfl_xor_sync(0xffffffff, raw, 2));
+                const float mx = fmaxf(m[mt][i], raw * scale_log2);
+                const float base = mx == neg_inf() ? 0.f : mx;
+                const float alpha = m[mt][i] == neg_inf() ? 0.f : exp2f(m[mt][i] - base);
+                m[mt][i] = mx;
+                float sum = 0.f;
 #pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                o[dt][2 * i] *= alpha;
-                o[dt][2 * i + 1] *= alpha;
+                for (int j = 0; j < NT; ++j) {
+                    // One FFMA and one EX2 per score.
+                    s[mt][j][2 * i] = exp2f(fmaf(s[mt][j][2 * i], scale_log2, -base));
+                    s[mt][j][2 * i + 1] = exp2f(fmaf(s[mt][j][2 * i + 1], scale_log2, -base));
+                    sum += s[mt][j][2 * i] + s[mt][j][2 * i + 1];
+                }
+                l[mt][i] = l[mt][i] * alpha + sum;
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt) {
+                    o[mt][dt][2 * i] *= alpha;
+                    o[mt][dt][2 * i + 1] *= alpha;
+                }
             }
         }
 
@@ -235,37 +279,49 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
         const u16* v_s = sV + stage * BN * LDS;
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            const u32 a[4] = {pack(s[2 * kk][0], s[2 * kk][1]), pack(s[2 * kk][2], s[2 * kk][3]),
-                              pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            u32 a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                a[mt][0] = pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                a[mt][1] = pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                a[mt][2] = pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                a[mt][3] = pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int dt = 0; dt < DT; dt += 2) {
                 u32 b[4];
                 const int mat = lane / 8;
                 ldmatrix_x4_trans(b, smem_u32(v_s + (kk * 16 + (mat % 2) * 8 + lane % 8) * LDS + dt * 8 + (mat / 2) * 8));
-                mma(o[dt], a, b[0], b[1]);
-                mma(o[dt + 1], a, b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma(o[mt][dt], a[mt], b[0], b[1]);
+                    mma(o[mt][dt + 1], a[mt], b[2], b[3]);
+                }
             }
         }
         __syncthreads();  // the stage is refilled by the next iteration's load
     }
     cp_async_wait<0>();
 
-    // Normalize and write the output row at its token, with the natural-log log-sum-exp.
+    // Normalize and write the output rows at their tokens, with the natural-log log-sum-exp.
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        float sum = l[i];
-        sum += __shfl_xor_sync(0xffffffff, sum, 1);
-        sum += __shfl_xor_sync(0xffffffff, sum, 2);
-        const int qpos = row0 + 8 * i;
-        if (qpos < nq) {
-            const int tok = weft_token(qpos, nq);
-            const float inv = sum > 0.f ? 1.f / sum : 0.f;
-            u16* dst = O + ((size_t)h * nq + tok) * D + (lane % 4) * 2;
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-            for (int dt = 0; dt < DT; ++dt)
-                *(u32*)(dst + dt * 8) = pack(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
-            if (lane % 4 == 0)
-                LSE[(size_t)h * nq + tok] = sum > 0.f ? (m[i] + log2f(sum)) * 0.69314718055994531f : neg_inf();
+        for (int i = 0; i < 2; ++i) {
+            float sum = l[mt][i];
+            sum += __shfl_xor_sync(0xffffffff, sum, 1);
+            sum += __shfl_xor_sync(0xffffffff, sum, 2);
+            const int qpos = row0 + mt * 16 + 8 * i;
+            if (qpos < nq) {
+                const int tok = weft_token(qpos, nq);
+                const float inv = sum > 0.f ? 1.f / sum : 0.f;
+                u16* dst = O + ((size_t)h * nq + tok) * D + (lane % 4) * 2;
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt)
+                    *(u32*)(dst + dt * 8) = pack(o[mt][dt][2 * i] * inv, o[mt][dt][2 * i + 1] * inv);
+                if (lane % 4 == 0)
+                    LSE[(size_t)h * nq + tok] = sum > 0.f ? (m[mt][i] + log2f(sum)) * 0.69314718055994531f : neg_inf();
+            }
         }
     }
 }

@@ -1,0 +1,279 @@
+//! `weft-bench`: times weft's generated attention kernels on the GPU and writes the same
+//! inputs and masks for `bench/peers.py`, which times torch SDPA (flash, cuDNN) and
+//! FlexAttention on them in the same run (`bench/run.sh` runs both).
+//!
+//! Cases (B = 1, H = 32, D = 128, bf16, non-causal):
+//! - `dense`: every block full;
+//! - `block-10`, `block-3`: random 128 x 128 blocks, a fixed number per query block row
+//!   (the diagonal always kept), FlexAttention's "random blocks" measurement;
+//! - `vv-10`, `vv-3`: vertical vectors at token granularity: per 64-query block, the first 64
+//!   keys, the 64-key blocks on and left of the diagonal, and random single key columns.
+//!
+//! Indexes are built directly (random masks, not from Q/K), so the timing is of the attention
+//! kernel alone. Timing: CUDA events (CU_EVENT_DEFAULT) around each launch, 3 warm-ups, the
+//! median of 20; Q/K/V are 128 MiB or more each, beyond the 60 MB L2, so no rotation is needed.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use cudarc::driver::sys::CUevent_flags;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
+use weft_dsl::{builder, Pattern, Pred};
+use weft_patterns::{SparseIndex, FULL};
+use weft_runtime::{AttnShape, Gpu};
+
+#[derive(Parser)]
+#[command(about = "Time weft's kernels and write inputs and masks for bench/peers.py")]
+struct Args {
+    /// Sequence lengths.
+    #[arg(long, value_delimiter = ',', default_values_t = [16384usize, 65536])]
+    seq: Vec<usize>,
+    /// Heads.
+    #[arg(long, default_value_t = 32)]
+    heads: usize,
+    /// Cases to run (dense, block-10, block-3, vv-10, vv-3).
+    #[arg(long, value_delimiter = ',', default_values_t = ["dense".to_string(), "block-10".into(), "block-3".into(), "vv-10".into(), "vv-3".into()])]
+    cases: Vec<String>,
+    /// Where to write inputs, masks and timings.
+    #[arg(long, default_value = "bench-data")]
+    out: PathBuf,
+    /// Timed repetitions (median reported).
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    /// Kernel shapes for the dense case, as BLOCK_MxBLOCK_NxWARP_ROWS (the first is reported
+    /// to the peers' table; the others are printed for comparison).
+    #[arg(long, value_delimiter = ',', default_values_t = ["64x64x16".to_string()])]
+    dense_configs: Vec<String>,
+}
+
+fn parse_config(s: &str) -> Result<KernelConfig> {
+    let parts: Vec<u32> = s.split('x').map(str::parse).collect::<Result<_, _>>().context("BLOCK_MxBLOCK_NxWARP_ROWS")?;
+    let [bm, bn, wr] = parts[..] else { anyhow::bail!("expected BLOCK_MxBLOCK_NxWARP_ROWS, got {s}") };
+    let c = KernelConfig { block_m: bm, block_n: bn, head_dim: D as u32, dtype: DType::Bf16, warp_rows: wr };
+    c.validate()?;
+    Ok(c)
+}
+
+const D: usize = 128;
+
+struct Case {
+    name: String,
+    index: SparseIndex,
+    /// Per (head, 128-query block): the kept 128-key blocks (block cases).
+    blocks128: Option<Vec<Vec<u32>>>,
+    /// Per 64-query block: the random columns (vv cases; the same for every head).
+    columns: Option<Vec<Vec<u32>>>,
+}
+
+fn empty_index(heads: usize, n: usize) -> SparseIndex {
+    SparseIndex {
+        heads,
+        nq: n,
+        nk: n,
+        block_m: 64,
+        block_n: 64,
+        permutation: None,
+        masks: Vec::new(),
+        block_ptr: vec![0],
+        block_idx: Vec::new(),
+        block_mask: Vec::new(),
+        col_ptr: vec![0],
+        col_idx: Vec::new(),
+        col_mask: Vec::new(),
+    }
+}
+
+fn push_row(ix: &mut SparseIndex, blocks: &[u32], cols: &[u32]) {
+    ix.block_idx.extend_from_slice(blocks);
+    ix.block_mask.extend(blocks.iter().map(|_| FULL));
+    ix.col_idx.extend_from_slice(cols);
+    ix.col_mask.extend(cols.iter().map(|_| FULL));
+    ix.block_ptr.push(ix.block_idx.len() as u32);
+    ix.col_ptr.push(ix.col_idx.len() as u32);
+}
+
+fn dense(heads: usize, n: usize, bm: usize, bn: usize) -> Case {
+    let mut ix = SparseIndex { block_m: bm, block_n: bn, ..empty_index(heads, n) };
+    let all: Vec<u32> = (0..n.div_ceil(bn) as u32).collect();
+    for _ in 0..heads * n.div_ceil(bm) {
+        push_row(&mut ix, &all, &[]);
+    }
+    Case { name: "dense".into(), index: ix, blocks128: None, columns: None }
+}
+
+fn random_blocks(heads: usize, n: usize, density: f64, seed: u64) -> Case {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let nb = n / 128;
+    let per_row = ((density * nb as f64).round() as usize).max(1);
+    let mut ix = empty_index(heads, n);
+    let mut kept = Vec::new();
+    for _h in 0..heads {
+        for qb in 0..nb {
+            let mut others: Vec<u32> = (0..nb as u32).filter(|b| *b != qb as u32).collect();
+            others.shuffle(&mut rng);
+            let mut row: Vec<u32> = others[..per_row - 1].to_vec();
+            row.push(qb as u32);
+            row.sort_unstable();
+            // Each 128-block is two 64-key entries, for both 64-row halves of the query block.
+            let entries: Vec<u32> = row.iter().flat_map(|b| [2 * b, 2 * b + 1]).collect();
+            push_row(&mut ix, &entries, &[]);
+            push_row(&mut ix, &entries, &[]);
+            kept.push(row);
+        }
+    }
+    Case { name: format!("block-{}", (density * 100.0).round()), index: ix, blocks128: Some(kept), columns: None }
+}
+
+fn vertical_vectors(heads: usize, n: usize, density: f64, seed: u64) -> Case {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let nqb = n / 64;
+    let target = (density * n as f64).round() as usize;
+    let mut columns = Vec::new();
+    let mut rows = Vec::new();
+    for qb in 0..nqb {
+        // Sink block 0 and the local blocks qb - 1, qb: full blocks.
+        let mut blocks: Vec<u32> = vec![0, qb.saturating_sub(1) as u32, qb as u32];
+        blocks.sort_unstable();
+        blocks.dedup();
+        let taken = blocks.len() * 64;
+        let want = target.saturating_sub(taken);
+        let mut cols = std::collections::BTreeSet::new();
+        while cols.len() < want {
+            let c = rng.random_range(0..n as u32);
+            if !blocks.contains(&(c / 64)) {
+                cols.insert(c);
+            }
+        }
+        let cols: Vec<u32> = cols.into_iter().collect();
+        rows.push((blocks, cols.clone()));
+        columns.push(cols);
+    }
+    let mut ix = empty_index(heads, n);
+    for _h in 0..heads {
+        for (blocks, cols) in &rows {
+            push_row(&mut ix, blocks, cols);
+        }
+    }
+    Case { name: format!("vv-{}", (density * 100.0).round()), index: ix, blocks128: None, columns: Some(columns) }
+}
+
+/// Rows padded to the longest with 0 (key 0 is always kept: the sink), row-major.
+fn write_u32(path: &Path, rows: &[Vec<u32>]) -> Result<()> {
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for r in rows {
+        for i in 0..width {
+            f.write_all(&r.get(i).copied().unwrap_or(0).to_le_bytes())?;
+        }
+    }
+    Ok(f.flush()?)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.out)?;
+    let gpu = Gpu::open(0)?;
+    eprintln!("GPU {} ({}, {} SMs)", gpu.name, gpu.arch.name(), gpu.sm_count);
+    let mut results = std::fs::File::create(args.out.join("ours.jsonl"))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let h = args.heads;
+    for &n in &args.seq {
+        // Inputs: N(0, 1) bf16, written once per length for the peers.
+        let gen = |rng: &mut rand::rngs::StdRng| -> Vec<u16> {
+            (0..h * n * D)
+                .map(|_| {
+                    let x: f32 = rng.sample(rand_distr::StandardNormal);
+                    half::bf16::from_f32(x).to_bits()
+                })
+                .collect()
+        };
+        let (q, k, v) = (gen(&mut rng), gen(&mut rng), gen(&mut rng));
+        for (name, data) in [("q", &q), ("k", &k), ("v", &v)] {
+            let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            std::fs::write(args.out.join(format!("{name}_{n}.bf16")), bytes)?;
+        }
+        let s = &gpu.stream;
+        let (qd, kd, vd) = (s.clone_htod(&q)?, s.clone_htod(&k)?, s.clone_htod(&v)?);
+        let mut out = s.alloc_zeros::<u16>(h * n * D)?;
+        let mut lse = s.alloc_zeros::<f32>(h * n)?;
+        let configs: Vec<KernelConfig> = args.dense_configs.iter().map(|c| parse_config(c)).collect::<Result<_>>()?;
+        let mut runs: Vec<(String, KernelConfig)> = Vec::new();
+        for case_name in &args.cases {
+            if case_name == "dense" {
+                // Variants first, the reported config last so its output stays in `out`.
+                for c in configs.iter().skip(1) {
+                    runs.push(("dense-variant".into(), *c));
+                }
+                runs.push(("dense".into(), configs[0]));
+            } else {
+                runs.push((case_name.clone(), KernelConfig::new(D as u32, DType::Bf16)));
+            }
+        }
+        for (case_name, config) in &runs {
+            let case = match case_name.as_str() {
+                "dense" | "dense-variant" => dense(h, n, config.block_m as usize, config.block_n as usize),
+                "block-10" => random_blocks(h, n, 0.10, n as u64),
+                "block-3" => random_blocks(h, n, 0.03, n as u64 + 1),
+                "vv-10" => vertical_vectors(h, n, 0.10, n as u64 + 2),
+                "vv-3" => vertical_vectors(h, n, 0.03, n as u64 + 3),
+                other => anyhow::bail!("unknown case `{other}`"),
+            };
+            let ix = &case.index;
+            let pairs = ix.pairs();
+            let density = pairs as f64 / (h as f64 * n as f64 * n as f64);
+            let pattern = Pattern::new(&case.name, builder::full());
+            let masks: Vec<Pred> = Vec::new();
+            let config = *config;
+            let kernel = emit(&KernelSpec { pattern: &pattern, masks: &masks, permutation: None, config })?;
+            let dix = gpu.upload_index(ix)?;
+            let shape = AttnShape { hq: h, hkv: h, nq: n, nk: n, head_dim: D };
+            let scale = 1.0 / (D as f32).sqrt();
+            let mut times = Vec::new();
+            for i in 0..args.reps + 3 {
+                let start = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale)?;
+                let end = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+                end.synchronize()?;
+                if i >= 3 {
+                    times.push(start.elapsed_ms(&end)? as f64);
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let ms = times[times.len() / 2];
+            let tflops = 4.0 * pairs as f64 * D as f64 / (ms * 1e-3) / 1e12;
+            eprintln!(
+                "weft {:<9} N={n:<6} [{config}] density={:.4} median={ms:.3} ms (min {:.3}, max {:.3}) {tflops:.0} TFLOP/s",
+                case.name,
+                density,
+                times[0],
+                times[times.len() - 1]
+            );
+            if case_name == "dense-variant" {
+                continue;
+            }
+            writeln!(
+                results,
+                "{}",
+                serde_json::json!({"case": case.name, "n": n, "heads": h, "density": density, "pairs": pairs,
+                    "ms": ms, "ms_min": times[0], "ms_max": times[times.len()-1], "tflops": tflops})
+            )?;
+            // Masks for the peers, and our output of the dense case for a cross-check.
+            if let Some(b) = &case.blocks128 {
+                write_u32(&args.out.join(format!("{}_{n}.u32", case.name)), b)?;
+            }
+            if let Some(c) = &case.columns {
+                write_u32(&args.out.join(format!("{}_{n}.u32", case.name)), c)?;
+            }
+            if case.name == "dense" && n <= 16384 {
+                let o = s.clone_dtoh(&out)?;
+                let bytes: Vec<u8> = o.iter().flat_map(|x| x.to_le_bytes()).collect();
+                std::fs::write(args.out.join(format!("out_dense_{n}.bf16")), bytes).context("writing our output")?;
+            }
+        }
+    }
+    Ok(())
+}
