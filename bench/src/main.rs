@@ -6,8 +6,8 @@
 //! - `dense`: every block full;
 //! - `block-10`, `block-3`: random 128 x 128 blocks, a fixed number per query block row
 //!   (the diagonal always kept), FlexAttention's "random blocks" measurement;
-//! - `vv-10`, `vv-3`: vertical vectors at token granularity: per 64-query block, the first 64
-//!   keys, the 64-key blocks on and left of the diagonal, and random single key columns.
+//! - `vv-10`, `vv-3`: vertical vectors at token granularity: per 128-query block, the first 64
+//!   keys, the 64-key blocks around the diagonal, and random single key columns.
 //!
 //! Indexes are built directly (random masks, not from Q/K), so the timing is of the attention
 //! kernel alone. Timing: CUDA events (CU_EVENT_DEFAULT) around each launch, 3 warm-ups, the
@@ -46,7 +46,7 @@ struct Args {
     reps: usize,
     /// Kernel shapes for the dense case, as BLOCK_MxBLOCK_NxWARP_ROWS (the first is reported
     /// to the peers' table; the others are printed for comparison).
-    #[arg(long, value_delimiter = ',', default_values_t = ["64x64x16".to_string()])]
+    #[arg(long, value_delimiter = ',', default_values_t = ["128x64x32".to_string()])]
     dense_configs: Vec<String>,
 }
 
@@ -105,11 +105,13 @@ fn dense(heads: usize, n: usize, bm: usize, bn: usize) -> Case {
     Case { name: "dense".into(), index: ix, blocks128: None, columns: None }
 }
 
+/// Random 128 x 128 blocks, `density` of each query block row (the diagonal always kept), as
+/// an index of 128-row query blocks and 64-key entries.
 fn random_blocks(heads: usize, n: usize, density: f64, seed: u64) -> Case {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let nb = n / 128;
     let per_row = ((density * nb as f64).round() as usize).max(1);
-    let mut ix = empty_index(heads, n);
+    let mut ix = SparseIndex { block_m: 128, ..empty_index(heads, n) };
     let mut kept = Vec::new();
     for _h in 0..heads {
         for qb in 0..nb {
@@ -118,9 +120,7 @@ fn random_blocks(heads: usize, n: usize, density: f64, seed: u64) -> Case {
             let mut row: Vec<u32> = others[..per_row - 1].to_vec();
             row.push(qb as u32);
             row.sort_unstable();
-            // Each 128-block is two 64-key entries, for both 64-row halves of the query block.
             let entries: Vec<u32> = row.iter().flat_map(|b| [2 * b, 2 * b + 1]).collect();
-            push_row(&mut ix, &entries, &[]);
             push_row(&mut ix, &entries, &[]);
             kept.push(row);
         }
@@ -128,19 +128,21 @@ fn random_blocks(heads: usize, n: usize, density: f64, seed: u64) -> Case {
     Case { name: format!("block-{}", (density * 100.0).round()), index: ix, blocks128: Some(kept), columns: None }
 }
 
+/// Vertical vectors over 128-query blocks: the sink (keys 0..64), the 64-key blocks covering
+/// the diagonal band (2qb - 1, 2qb, 2qb + 1) as full blocks, and random single columns up to
+/// `density` of the keys; the same columns for every head.
 fn vertical_vectors(heads: usize, n: usize, density: f64, seed: u64) -> Case {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let nqb = n / 64;
+    let nqb = n / 128;
+    let nkb = (n / 64) as u32;
     let target = (density * n as f64).round() as usize;
     let mut columns = Vec::new();
     let mut rows = Vec::new();
-    for qb in 0..nqb {
-        // Sink block 0 and the local blocks qb - 1, qb: full blocks.
-        let mut blocks: Vec<u32> = vec![0, qb.saturating_sub(1) as u32, qb as u32];
+    for qb in 0..nqb as u32 {
+        let mut blocks: Vec<u32> = [0, (2 * qb).saturating_sub(1), 2 * qb, (2 * qb + 1).min(nkb - 1)].to_vec();
         blocks.sort_unstable();
         blocks.dedup();
-        let taken = blocks.len() * 64;
-        let want = target.saturating_sub(taken);
+        let want = target.saturating_sub(blocks.len() * 64);
         let mut cols = std::collections::BTreeSet::new();
         while cols.len() < want {
             let c = rng.random_range(0..n as u32);
@@ -152,7 +154,7 @@ fn vertical_vectors(heads: usize, n: usize, density: f64, seed: u64) -> Case {
         rows.push((blocks, cols.clone()));
         columns.push(cols);
     }
-    let mut ix = empty_index(heads, n);
+    let mut ix = SparseIndex { block_m: 128, ..empty_index(heads, n) };
     for _h in 0..heads {
         for (blocks, cols) in &rows {
             push_row(&mut ix, blocks, cols);
@@ -210,7 +212,7 @@ fn main() -> Result<()> {
                 }
                 runs.push(("dense".into(), configs[0]));
             } else {
-                runs.push((case_name.clone(), KernelConfig::new(D as u32, DType::Bf16)));
+                runs.push((case_name.clone(), KernelConfig::for_blocks(128, 64, D as u32, DType::Bf16)));
             }
         }
         for (case_name, config) in &runs {
