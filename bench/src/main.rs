@@ -51,7 +51,8 @@ struct Args {
 }
 
 fn parse_config(s: &str) -> Result<KernelConfig> {
-    let parts: Vec<u32> = s.split('x').map(str::parse).collect::<Result<_, _>>().context("BLOCK_MxBLOCK_NxWARP_ROWS")?;
+    let parts: Vec<u32> =
+        s.split('x').map(str::parse).collect::<Result<_, _>>().context("BLOCK_MxBLOCK_NxWARP_ROWS")?;
     let [bm, bn, wr] = parts[..] else { anyhow::bail!("expected BLOCK_MxBLOCK_NxWARP_ROWS, got {s}") };
     let c = KernelConfig { block_m: bm, block_n: bn, head_dim: D as u32, dtype: DType::Bf16, warp_rows: wr };
     c.validate()?;

@@ -413,7 +413,11 @@ impl SparseIndex {
                 }
             }
             for (c, m) in self.columns(h, qb) {
-                n += if m == FULL { (q1 - q0) as u64 } else { (q0..q1).filter(|&q| self.passes(m, h, q, c)).count() as u64 };
+                n += if m == FULL {
+                    (q1 - q0) as u64
+                } else {
+                    (q0..q1).filter(|&q| self.passes(m, h, q, c)).count() as u64
+                };
             }
         }
         n
@@ -458,6 +462,81 @@ impl SparseIndex {
     /// Token at index position `i` of the key axis.
     pub fn k_token(&self, i: usize) -> usize {
         self.permutation.map_or(i, |p| permute::inverse(p, i, self.nk))
+    }
+
+    /// The pairs of this index that also satisfy `p` (a static predicate over index
+    /// positions): entries where `p` is all-true stay as they are, those where it is false
+    /// go, the rest carry `mask && p`.
+    pub fn restrict(&self, p: &Pred) -> Result<SparseIndex, Error> {
+        let mut ids: HashMap<Pred, u16> = self.masks.iter().cloned().enumerate().map(|(i, m)| (m, i as u16)).collect();
+        let mut masks = self.masks.clone();
+        let mut intern = |pred: Pred| -> Result<u16, Error> {
+            if let Some(id) = ids.get(&pred) {
+                return Ok(*id);
+            }
+            let id = u16::try_from(masks.len())
+                .ok()
+                .filter(|id| *id < FULL)
+                .ok_or_else(|| Error::Layout("more than 65534 distinct partial-block predicates".into()))?;
+            ids.insert(pred.clone(), id);
+            masks.push(pred);
+            Ok(id)
+        };
+        let mut out = SparseIndex {
+            masks: Vec::new(),
+            block_ptr: vec![0],
+            block_idx: Vec::new(),
+            block_mask: Vec::new(),
+            col_ptr: vec![0],
+            col_idx: Vec::new(),
+            col_mask: Vec::new(),
+            ..self.clone()
+        };
+        let region = |h: usize, q0: usize, q1: usize, k0: usize, k1: usize| Region {
+            q0: q0 as i64,
+            q1: q1 as i64,
+            k0: k0 as i64,
+            k1: k1 as i64,
+            h: h as i64,
+            nq: self.nq as i64,
+            nk: self.nk as i64,
+        };
+        // The entry's pairs that satisfy `p`: None (drop), or the new mask id.
+        let mut narrow = |m: u16, r: &Region| -> Result<Option<u16>, Error> {
+            match decide(p, r) {
+                Some(false) => return Ok(None),
+                Some(true) => return Ok(Some(m)),
+                None => {}
+            }
+            let combined = if m == FULL { p.clone() } else { self.masks[m as usize].clone().and(p.clone()) };
+            match decide_exact(&combined, r) {
+                Some(true) => Ok(Some(FULL)),
+                Some(false) => Ok(None),
+                None => intern(combined).map(Some),
+            }
+        };
+        for h in 0..self.heads {
+            for qb in 0..self.q_blocks() {
+                let (q0, q1) = (qb * self.block_m, ((qb + 1) * self.block_m).min(self.nq));
+                for (kb, m) in self.blocks(h, qb) {
+                    let r = region(h, q0, q1, kb * self.block_n, ((kb + 1) * self.block_n).min(self.nk));
+                    if let Some(m) = narrow(m, &r)? {
+                        out.block_idx.push(kb as u32);
+                        out.block_mask.push(m);
+                    }
+                }
+                for (c, m) in self.columns(h, qb) {
+                    if let Some(m) = narrow(m, &region(h, q0, q1, c, c + 1))? {
+                        out.col_idx.push(c as u32);
+                        out.col_mask.push(m);
+                    }
+                }
+                out.block_ptr.push(out.block_idx.len() as u32);
+                out.col_ptr.push(out.col_idx.len() as u32);
+            }
+        }
+        out.masks = masks;
+        Ok(out)
     }
 
     /// Whether the index computes the pair of tokens `(q, k)` (original coordinates).

@@ -321,3 +321,45 @@ fn bad_inputs_are_errors() {
     assert!(e.contains("does not divide"), "{e}");
     assert!(Tensor::new(1, 2, 3, vec![0.0; 5]).is_err());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Ring steps partition the index, and their partial attentions merge to the whole.
+    #[test]
+    fn ring_steps_partition_and_merge(e in arb_pattern(), workers in 1usize..5,
+            layout in prop::sample::select(vec![RingLayout::Contiguous, RingLayout::ZigZag, RingLayout::Striped(3), RingLayout::Striped(16)]),
+            s in arb_shape()) {
+        let x = inputs(&s);
+        let ix = build_index(&e, &x.q, &x.k, &IndexOptions::default()).unwrap();
+        let steps: Vec<SparseIndex> = (0..workers).map(|st| ring::step_index(&ix, layout, workers, st).unwrap()).collect();
+        for (h, q, k) in pairs(&s) {
+            let owners = steps.iter().filter(|st| st.contains(h, q, k)).count();
+            prop_assert_eq!(owners, usize::from(ix.contains(h, q, k)), "pair {} {} {}", h, q, k);
+            // The step of a pair is the one its key's shard is visited at.
+            for (st, sx) in steps.iter().enumerate() {
+                if sx.contains(h, q, k) {
+                    let (wq, wk) = (ring::worker_of(layout, q, s.nq, workers), ring::worker_of(layout, k, s.nk, workers));
+                    prop_assert_eq!(ring::shard_at_step(wq, st, workers), wk);
+                }
+            }
+        }
+        let scale = 0.4;
+        let whole = attention(&ix, &x.q, &x.k, &x.v, scale).unwrap();
+        let parts: Vec<Attention> = steps.iter().map(|st| attention(st, &x.q, &x.k, &x.v, scale).unwrap()).collect();
+        for h in 0..s.hq {
+            for t in 0..s.nq {
+                let ps: Vec<reference::Partial> = parts.iter().map(|a| reference::Partial {
+                    out: a.out.row(h, t).iter().map(|v| f64::from(*v)).collect(),
+                    lse: a.lse[h * s.nq + t],
+                }).collect();
+                let m = reference::merge(&ps, s.d + 1);
+                for (a, b) in m.out.iter().zip(whole.out.row(h, t)) {
+                    prop_assert!((a - f64::from(*b)).abs() < 1e-5, "{} vs {}", a, b);
+                }
+                let w = whole.lse[h * s.nq + t];
+                prop_assert!(m.lse == w || (m.lse - w).abs() < 1e-9);
+            }
+        }
+    }
+}

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use weft_codegen::{Kernel, KernelConfig};
+use weft_codegen::{Kernel, KernelConfig, DECODE_THREADS, MERGE_THREADS};
 use weft_patterns::SparseIndex;
 
 pub use nvrtc::{Arch, Compiled, ResourceReport};
@@ -194,6 +194,12 @@ impl Gpu {
         lse: &mut CudaSlice<f32>,
         scale: f32,
     ) -> Result<(), Error> {
+        if kernel.head_dim != config.head_dim {
+            return Err(Error::Shape(format!(
+                "the kernel was generated for head dim {}, the config says {}",
+                kernel.head_dim, config.head_dim
+            )));
+        }
         check_launch(config, index, shape, [q.len(), k.len(), v.len(), out.len(), lse.len()])?;
         let f = self.load(kernel)?;
         let grid = (shape.nq.div_ceil(config.block_m as usize) as u32, shape.hq as u32, 1);
@@ -216,6 +222,112 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// Decode over an index with one query per row (`block_m = 1`): `splits` CTAs per row
+    /// write f32 partials that `merge` (from `emit_merge(.., Partial::F32)`) combines into
+    /// `out` and `lse`. `splits` = 0 picks enough splits to fill the GPU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode(
+        &self,
+        kernel: &Kernel,
+        merge: &Kernel,
+        index: &DeviceIndex,
+        shape: AttnShape,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        lse: &mut CudaSlice<f32>,
+        scale: f32,
+        splits: usize,
+    ) -> Result<(), Error> {
+        if shape.head_dim != kernel.head_dim as usize || shape.head_dim != merge.head_dim as usize {
+            return Err(Error::Shape(format!(
+                "head dim {} but the kernels were generated for {} and {}",
+                shape.head_dim, kernel.head_dim, merge.head_dim
+            )));
+        }
+        if index.block_m != 1 {
+            return Err(Error::Shape(format!(
+                "decode needs an index with one query per row, this one has {}",
+                index.block_m
+            )));
+        }
+        check_shapes(index, shape, [q.len(), k.len(), v.len(), out.len(), lse.len()])?;
+        let rows = shape.hq * shape.nq;
+        let splits =
+            if splits == 0 { (4 * self.sm_count as usize).div_ceil(rows).clamp(1, 64) } else { splits.min(1024) };
+        let s = &self.stream;
+        let what = "allocating decode partials";
+        let mut opart = s.alloc_zeros::<f32>(splits * rows * shape.head_dim).map_err(driver(what))?;
+        let mut lpart = s.alloc_zeros::<f32>(splits * rows).map_err(driver(what))?;
+        let f = self.load(kernel)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((shape.nq * splits) as u32, shape.hq as u32, 1),
+            block_dim: (DECODE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (nq, nk, hq, hkv, sp) =
+            (shape.nq as i32, shape.nk as i32, shape.hq as i32, shape.hkv as i32, splits as i32);
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let mut b = s.launch_builder(&f);
+        b.arg(q).arg(k).arg(v).arg(&mut opart).arg(&mut lpart);
+        b.arg(&index.block_ptr).arg(&index.block_idx).arg(&index.block_mask);
+        b.arg(&index.col_ptr).arg(&index.col_idx).arg(&index.col_mask);
+        b.arg(&nq).arg(&nk).arg(&hq).arg(&hkv).arg(&scale_log2).arg(&sp);
+        // Safety: arguments match the generated decode signature; lengths checked above.
+        unsafe { b.launch(cfg) }.map_err(driver(format!("launching {}", kernel.name)))?;
+        self.merge(merge, &opart, &lpart, splits, rows, shape.head_dim, out, lse)
+    }
+
+    /// Merges `parts` partial results (`[parts, rows, head_dim]` and `[parts, rows]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn merge<T: cudarc::driver::DeviceRepr>(
+        &self,
+        merge: &Kernel,
+        partials: &CudaSlice<T>,
+        lses: &CudaSlice<f32>,
+        parts: usize,
+        rows: usize,
+        head_dim: usize,
+        out: &mut CudaSlice<u16>,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<(), Error> {
+        if head_dim != merge.head_dim as usize {
+            return Err(Error::Shape(format!(
+                "head dim {head_dim} but the merge kernel was generated for {}",
+                merge.head_dim
+            )));
+        }
+        if partials.len() != parts * rows * head_dim
+            || lses.len() != parts * rows
+            || out.len() != rows * head_dim
+            || lse.len() != rows
+        {
+            return Err(Error::Shape(format!(
+                "merge of {parts} parts x {rows} rows x {head_dim}: got {} partial values, {} partial lse, {} outputs, {} lse",
+                partials.len(),
+                lses.len(),
+                out.len(),
+                lse.len()
+            )));
+        }
+        let f = self.load(merge)?;
+        let per = (MERGE_THREADS / 32) as usize;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(per) as u32, 1, 1),
+            block_dim: (MERGE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (np, nr) = (parts as i32, rows as i32);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(partials).arg(lses).arg(out).arg(lse).arg(&np).arg(&nr);
+        // Safety: arguments match the generated merge signature; lengths checked above.
+        unsafe { b.launch(cfg) }.map_err(driver(format!("launching {}", merge.name)))?;
+        Ok(())
+    }
+}
+
 /// Validates a launch: config against index, buffer lengths against shapes.
 pub fn check_launch(config: &KernelConfig, ix: &DeviceIndex, s: AttnShape, lens: [usize; 5]) -> Result<(), Error> {
     let bad = |m: String| Err(Error::Shape(m));
@@ -233,6 +345,15 @@ pub fn check_launch(config: &KernelConfig, ix: &DeviceIndex, s: AttnShape, lens:
             "the index has {} x {} blocks but the kernel tiles are {} x {}; generate the kernel with the index's block sizes",
             ix.block_m, ix.block_n, config.block_m, config.block_n
         ));
+    }
+    check_shapes(ix, s, lens)
+}
+
+/// Validates buffer lengths and the index against the problem's shapes.
+pub fn check_shapes(ix: &DeviceIndex, s: AttnShape, lens: [usize; 5]) -> Result<(), Error> {
+    let bad = |m: String| Err(Error::Shape(m));
+    if s.hq == 0 || s.hkv == 0 || s.nq == 0 || s.nk == 0 || s.hq % s.hkv != 0 {
+        return bad(format!("bad problem {s:?}: every size at least 1, query heads a multiple of key heads"));
     }
     if (ix.heads, ix.nq, ix.nk) != (s.hq, s.nq, s.nk) {
         return bad(format!("the index is for {} heads x {} x {}, the call for {:?}", ix.heads, ix.nq, ix.nk, s));

@@ -3,11 +3,11 @@
 //! Built with `--features gpu`; run on the GPU machine by `scripts/gpu.sh`.
 #![cfg(feature = "gpu")]
 
-use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
+use weft_codegen::{emit, emit_decode, emit_merge, DType, DecodeSpec, KernelConfig, KernelSpec, Partial};
 use weft_dsl::builder::*;
-use weft_dsl::{Pattern, Permutation, RingLayout};
+use weft_dsl::{Pattern, Permutation, RingLayout, Score, Unit};
 use weft_patterns::synthetic::{planted_qk, Plant};
-use weft_patterns::{attention, build_index, IndexOptions, Tensor};
+use weft_patterns::{attention, build_index, ring, Attention, IndexOptions, Tensor};
 use weft_runtime::{AttnShape, Gpu};
 
 /// Patterns with the index's query block forced to 128 rows (32 rows per warp).
@@ -93,8 +93,7 @@ fn every_family_matches_the_cpu_reference() {
                 let ix = build_index(&p.expr, &q, &k, &IndexOptions { block_m, ..Default::default() }).unwrap();
                 let scale = 1.0 / (d as f64).sqrt();
                 let want = attention(&ix, &q, &k, &v, scale).unwrap();
-                let config =
-                    KernelConfig::for_blocks(ix.block_m, ix.block_n, d as u32, dtype);
+                let config = KernelConfig::for_blocks(ix.block_m, ix.block_n, d as u32, dtype);
                 let kernel =
                     emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();
                 let s = &gpu.stream;
@@ -142,6 +141,177 @@ fn every_family_matches_the_cpu_reference() {
                 if !ok {
                     failures.push(format!("{} {} d={d} n={n}", p.name, dtype.name()));
                 }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "failed: {failures:?}");
+}
+
+/// Relative L2 error of `got` against the reference, count of non-finite values, and the
+/// worst log-sum-exp error (`-inf` rows must be `-inf`).
+fn compare(got: &[f32], got_lse: &[f32], want: &Attention) -> (f64, usize, f64) {
+    let (mut num, mut den, mut nan) = (0f64, 0f64, 0usize);
+    for (g, w) in got.iter().zip(&want.out.data) {
+        nan += usize::from(!g.is_finite());
+        num += f64::from(g - w).powi(2);
+        den += f64::from(*w).powi(2);
+    }
+    let mut lse_err = 0f64;
+    for (g, w) in got_lse.iter().zip(&want.lse) {
+        let e = if w.is_infinite() {
+            if *g == f32::NEG_INFINITY {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        } else {
+            (f64::from(*g) - w).abs()
+        };
+        lse_err = lse_err.max(if e.is_nan() { f64::INFINITY } else { e });
+    }
+    ((num / den.max(1e-30)).sqrt(), nan, lse_err)
+}
+
+struct Inputs {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qb: Vec<u16>,
+    kb: Vec<u16>,
+    vb: Vec<u16>,
+}
+
+fn inputs(hq: usize, hkv: usize, nq: usize, nk: usize, d: usize, dtype: DType, seed: u64) -> Inputs {
+    let (q, k, v) =
+        (Tensor::random(hq, nq, d, seed), Tensor::random(hkv, nk, d, seed + 1), Tensor::random(hkv, nk, d, seed + 2));
+    let (qb, qr) = round(&q.data, dtype);
+    let (kb, kr) = round(&k.data, dtype);
+    let (vb, vr) = round(&v.data, dtype);
+    Inputs {
+        q: Tensor::new(hq, nq, d, qr).unwrap(),
+        k: Tensor::new(hkv, nk, d, kr).unwrap(),
+        v: Tensor::new(hkv, nk, d, vr).unwrap(),
+        qb,
+        kb,
+        vb,
+    }
+}
+
+#[test]
+fn retrieval_decode_matches_the_cpu_reference() {
+    let gpu = Gpu::open(0).expect("a GPU");
+    let patterns = vec![
+        Pattern::new("quest", retrieval().budget(top_k(16))),
+        Pattern::new("retro", retrieval().unit(Unit::Cluster(32)).score(Score::Centroid).budget(top_p(0.9))),
+        Pattern::new("paris", retrieval().unit(Unit::Token).score(Score::Quantized(4)).budget(top_k(200))),
+        Pattern::new("quest_window", retrieval().budget(top_k(8)) | window(100)),
+    ];
+    let mut failures = Vec::new();
+    let mut seed = 5000;
+    for p in &patterns {
+        for (dtype, d) in [(DType::Bf16, 128usize), (DType::F16, 64)] {
+            // Decode (one query) and a short chunk of queries, GQA 4:2, keys not a multiple of 64.
+            for (nq, nk, splits) in [(1usize, 3001usize, 0usize), (1, 700, 1), (3, 1000, 5)] {
+                seed += 1;
+                let (hq, hkv) = (4, 2);
+                let x = inputs(hq, hkv, nq, nk, d, dtype, seed);
+                let ix = build_index(&p.expr, &x.q, &x.k, &IndexOptions::default()).unwrap();
+                let scale = 1.0 / (d as f64).sqrt();
+                let want = attention(&ix, &x.q, &x.k, &x.v, scale).unwrap();
+                let spec = DecodeSpec {
+                    pattern: p,
+                    masks: &ix.masks,
+                    permutation: None,
+                    block_n: ix.block_n as u32,
+                    head_dim: d as u32,
+                    dtype,
+                };
+                let kernel = emit_decode(&spec).unwrap();
+                let merge = emit_merge(d as u32, dtype, Partial::F32).unwrap();
+                let s = &gpu.stream;
+                let dix = gpu.upload_index(&ix).unwrap();
+                let (qd, kd, vd) =
+                    (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
+                let mut out = s.clone_htod(&vec![0xffffu16; hq * nq * d]).unwrap();
+                let mut lse = s.clone_htod(&vec![f32::NAN; hq * nq]).unwrap();
+                let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
+                gpu.decode(&kernel, &merge, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32, splits)
+                    .unwrap();
+                s.synchronize().unwrap();
+                let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
+                let (rel, nan, lse_err) = compare(&got, &s.clone_dtoh(&lse).unwrap(), &want);
+                let tol = match dtype {
+                    DType::Bf16 => 1.5e-2,
+                    DType::F16 => 2e-3,
+                };
+                let ok = nan == 0 && rel < tol && lse_err < 2e-2;
+                println!(
+                    "{} decode {:<13} {:<5} d={:<3} nq={nq} nk={nk:<5} splits={splits} kept={:.3} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                    if ok { "ok  " } else { "FAIL" }, p.name, dtype.name(), d, ix.density()
+                );
+                if !ok {
+                    failures.push(format!("{} {} nq={nq} nk={nk}", p.name, dtype.name()));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "failed: {failures:?}");
+}
+
+#[test]
+fn ring_steps_merged_on_the_gpu_match_the_cpu_reference() {
+    let gpu = Gpu::open(0).expect("a GPU");
+    let mut failures = Vec::new();
+    for (layout, workers) in [(RingLayout::ZigZag, 4usize), (RingLayout::Contiguous, 3), (RingLayout::Striped(128), 2)]
+    {
+        for (dtype, d) in [(DType::Bf16, 128usize), (DType::F16, 64)] {
+            let p = Pattern::new("ring", ring(workers as u32, layout, causal() & (window(400) | sink(8))));
+            let (n, hq, hkv) = (1100usize, 4usize, 2usize);
+            let x = inputs(hq, hkv, n, n, d, dtype, 7000 + workers as u64);
+            let ix = build_index(&p.expr, &x.q, &x.k, &IndexOptions::default()).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let want = attention(&ix, &x.q, &x.k, &x.v, scale).unwrap();
+            let s = &gpu.stream;
+            let (qd, kd, vd) =
+                (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
+            let shape = AttnShape { hq, hkv, nq: n, nk: n, head_dim: d };
+            let rows = hq * n;
+            // One attention launch per ring step, each writing its partial output and lse.
+            let mut parts = s.alloc_zeros::<u16>(workers * rows * d).unwrap();
+            let mut lses = s.alloc_zeros::<f32>(workers * rows).unwrap();
+            for step in 0..workers {
+                let sx = ring::step_index(&ix, layout, workers, step).unwrap();
+                let config = KernelConfig::for_blocks(sx.block_m, sx.block_n, d as u32, dtype);
+                let kernel = emit(&KernelSpec { pattern: &p, masks: &sx.masks, permutation: None, config }).unwrap();
+                let dix = gpu.upload_index(&sx).unwrap();
+                let mut o = s.alloc_zeros::<u16>(rows * d).unwrap();
+                let mut l = s.alloc_zeros::<f32>(rows).unwrap();
+                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut o, &mut l, scale as f32).unwrap();
+                s.memcpy_dtod(&o, &mut parts.slice_mut(step * rows * d..(step + 1) * rows * d)).unwrap();
+                s.memcpy_dtod(&l, &mut lses.slice_mut(step * rows..(step + 1) * rows)).unwrap();
+            }
+            let merge = emit_merge(d as u32, dtype, Partial::Dtype).unwrap();
+            let mut out = s.clone_htod(&vec![0xffffu16; rows * d]).unwrap();
+            let mut lse = s.clone_htod(&vec![f32::NAN; rows]).unwrap();
+            gpu.merge(&merge, &parts, &lses, workers, rows, d, &mut out, &mut lse).unwrap();
+            s.synchronize().unwrap();
+            let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
+            let (rel, nan, lse_err) = compare(&got, &s.clone_dtoh(&lse).unwrap(), &want);
+            // Partials are rounded to the dtype before the merge: allow twice the rounding.
+            let tol = match dtype {
+                DType::Bf16 => 2e-2,
+                DType::F16 => 3e-3,
+            };
+            let ok = nan == 0 && rel < tol && lse_err < 2e-2;
+            println!(
+                "{} ring {:?} x{workers} {:<5} d={:<3} n={n} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                if ok { "ok  " } else { "FAIL" },
+                layout,
+                dtype.name(),
+                d
+            );
+            if !ok {
+                failures.push(format!("{layout:?} {workers} {}", dtype.name()));
             }
         }
     }

@@ -3,9 +3,9 @@
 //! installs the pinned wheel), no GPU.
 
 use rayon::prelude::*;
-use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
+use weft_codegen::{emit, emit_decode, emit_merge, DType, DecodeSpec, KernelConfig, KernelSpec, Partial};
 use weft_dsl::builder::*;
-use weft_dsl::{Pattern, Permutation, RingLayout};
+use weft_dsl::{Pattern, Permutation, RingLayout, Score, Unit};
 use weft_patterns::{build_index, IndexOptions, Tensor};
 use weft_runtime::nvrtc::{compile, version, Arch};
 
@@ -34,8 +34,7 @@ fn every_family_compiles_without_spills() {
         let ix = build_index(&p.expr, &q, &k, &IndexOptions::default()).unwrap();
         for dtype in [DType::Bf16, DType::F16] {
             for d in [64u32, 128] {
-                let config =
-                    KernelConfig::for_blocks(ix.block_m, ix.block_n, d, dtype);
+                let config = KernelConfig::for_blocks(ix.block_m, ix.block_n, d, dtype);
                 let kernel =
                     emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();
                 for arch in [Arch::SM80, Arch::SM90] {
@@ -67,6 +66,47 @@ fn every_family_compiles_without_spills() {
         .collect();
     println!("{}", results.join("\n"));
     assert_eq!(results.len(), families().len() * 8);
+}
+
+fn retrievals() -> Vec<Pattern> {
+    vec![
+        Pattern::new("quest", retrieval()),
+        Pattern::new("retro", retrieval().unit(Unit::Cluster(32)).score(Score::Centroid).budget(top_p(0.9))),
+        Pattern::new("paris", retrieval().unit(Unit::Token).score(Score::Quantized(4)).budget(top_k(256))),
+        Pattern::new("quest_window", retrieval() | window(128)),
+    ]
+}
+
+#[test]
+fn decode_and_merge_kernels_compile_without_spills() {
+    version().expect("NVRTC is required for this test");
+    let (q, k) = (Tensor::random(2, 1, 16, 1), Tensor::random(2, 500, 16, 2));
+    let mut kernels = Vec::new();
+    for p in retrievals() {
+        let ix = build_index(&p.expr, &q, &k, &IndexOptions::default()).unwrap();
+        assert_eq!(ix.block_m, 1);
+        for dtype in [DType::Bf16, DType::F16] {
+            for d in [64u32, 128] {
+                let spec = DecodeSpec {
+                    pattern: &p,
+                    masks: &ix.masks,
+                    permutation: None,
+                    block_n: ix.block_n as u32,
+                    head_dim: d,
+                    dtype,
+                };
+                kernels.push((p.name.clone(), emit_decode(&spec).unwrap()));
+                for partial in [Partial::F32, Partial::Dtype] {
+                    kernels.push((format!("merge {partial:?}"), emit_merge(d, dtype, partial).unwrap()));
+                }
+            }
+        }
+    }
+    let jobs: Vec<_> = kernels.iter().flat_map(|k| [(k, Arch::SM80), (k, Arch::SM90)]).collect();
+    jobs.par_iter().for_each(|((name, kernel), arch)| {
+        let c = compile(&kernel.source, &kernel.name, *arch).unwrap_or_else(|e| panic!("{name} {}: {e}", arch.name()));
+        assert_eq!((c.report.spill_stores, c.report.spill_loads), (0, 0), "{name} spills: {:?}", c.report);
+    });
 }
 
 #[test]

@@ -1,0 +1,63 @@
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+constexpr u16 FULL = 0xffff;        // mask id of an entry without a predicate
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// ---- the index's mask predicates (positions are index positions) ----
+__device__ __forceinline__ long long weft_div(long long a, long long c) { return a >= 0 ? a / c : -((-a + c - 1) / c); }
+__device__ __forceinline__ long long weft_rem(long long a, long long c) { return a - c * weft_div(a, c); }
+__device__ __forceinline__ long long weft_min(long long a, long long b) { return a < b ? a : b; }
+__device__ __forceinline__ long long weft_max(long long a, long long b) { return a > b ? a : b; }
+
+__device__ __forceinline__ bool weft_mask(int id, long long q, long long k, long long h, long long nq, long long nk) {
+    switch (id) {
+{{MASK_CASES}}
+    default: return false;
+    }
+}
+
+// ---- index position -> token row ----
+__device__ __forceinline__ int weft_token(int pos, int n) {
+{{TOKEN_BODY}}
+}
+
+// ---- PTX helpers ----
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// c += a (16x16, row) * b (16x8, col), f32 accumulate.
+__device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.{{MMA_TYPE}}.{{MMA_TYPE}}.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Two floats to a packed pair, `lo` in the low half.
+__device__ __forceinline__ u32 pack(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.{{CVT_TYPE}}.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Two packed 16-bit values to floats (`lo` from the low half).
+__device__ __forceinline__ void unpack(u32 v, float& lo, float& hi) {
+{{UNPACK_BODY}}
+}
+
