@@ -522,20 +522,24 @@ fn compile(pattern: &Pattern, args: &KernelArgs, arch: &str) -> Result<()> {
     let kernel = generate(pattern, args)?;
     let (major, minor) = weft::runtime::nvrtc::version()?;
     let c = weft::runtime::nvrtc::compile(&kernel.source, &kernel.name, arch)?;
-    let r = &c.report;
     println!("kernel        {}", kernel.name);
     println!("pattern       {} = {pattern}", pattern.name);
     println!("target        {} (NVRTC {major}.{minor}), {:.0} ms", arch.name(), c.millis);
     println!("threads       {} per CTA", kernel.threads);
-    println!("registers     {} per thread", r.registers);
-    println!("shared memory {} bytes dynamic, {} static", kernel.shared_bytes, r.static_shared);
-    println!("stack frame   {} bytes", r.stack_frame);
-    println!(
-        "spills        {} bytes stored, {} loaded{}",
-        r.spill_stores,
-        r.spill_loads,
-        if r.spill_stores + r.spill_loads > 0 { "  <- spills: try a smaller head dim or block" } else { "" }
-    );
+    match &c.report {
+        Some(r) => {
+            println!("registers     {} per thread", r.registers);
+            println!("shared memory {} bytes dynamic, {} static", kernel.shared_bytes, r.static_shared);
+            println!("stack frame   {} bytes", r.stack_frame);
+            println!(
+                "spills        {} bytes stored, {} loaded{}",
+                r.spill_stores,
+                r.spill_loads,
+                if r.spill_stores + r.spill_loads > 0 { "  <- spills: try a smaller head dim or block" } else { "" }
+            );
+        }
+        None => println!("resources     not reported by this NVRTC (no ptxas info in its log)"),
+    }
     println!("cubin         {} bytes, ptx {} bytes", c.cubin.len(), c.ptx.len());
     Ok(())
 }
@@ -615,12 +619,15 @@ fn quickstart(out: &Path) -> Result<()> {
     match weft::runtime::nvrtc::check_available() {
         Ok(()) => {
             let c = weft::runtime::nvrtc::compile(&kernel.source, &kernel.name, weft::runtime::Arch::SM90)?;
-            println!(
-                "   compiled with NVRTC for sm_90 in {:.0} ms: {} registers, {} bytes spilled",
-                c.millis,
-                c.report.registers,
-                c.report.spill_stores + c.report.spill_loads
-            );
+            match &c.report {
+                Some(r) => println!(
+                    "   compiled with NVRTC for sm_90 in {:.0} ms: {} registers, {} bytes spilled",
+                    c.millis,
+                    r.registers,
+                    r.spill_stores + r.spill_loads
+                ),
+                None => println!("   compiled with NVRTC for sm_90 in {:.0} ms", c.millis),
+            }
         }
         Err(e) => println!("   (not compiled: {e})"),
     }

@@ -137,11 +137,17 @@ impl Gpu {
             return Ok(f.clone());
         }
         let compiled = nvrtc::compile(&kernel.source, &kernel.name, self.arch)?;
-        tracing::debug!(kernel = %kernel.name, ms = compiled.millis, registers = compiled.report.registers, "compiled");
-        let module = self
-            .ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
-            .map_err(driver(format!("loading {}", kernel.name)))?;
+        tracing::debug!(kernel = %kernel.name, ms = compiled.millis, report = ?compiled.report, "compiled");
+        // CUBIN for this device first; the PTX (JIT-compiled by the driver) if it is refused.
+        let module = match self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(kernel = %kernel.name, error = %e, "CUBIN refused, loading PTX");
+                self.ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_src(compiled.ptx))
+                    .map_err(driver(format!("loading {} (CUBIN and PTX)", kernel.name)))?
+            }
+        };
         let f = module.load_function(&kernel.name).map_err(driver(format!("finding {}", kernel.name)))?;
         f.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

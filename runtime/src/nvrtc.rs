@@ -56,7 +56,8 @@ pub struct Compiled {
     pub cubin: Vec<u8>,
     pub ptx: String,
     pub log: String,
-    pub report: ResourceReport,
+    /// `None` when this NVRTC's log carries no `ptxas info` lines.
+    pub report: Option<ResourceReport>,
     pub millis: f64,
 }
 
@@ -96,8 +97,11 @@ fn number_before(line: &str, word: &str) -> Option<u32> {
     line[..i].split_whitespace().last()?.parse().ok()
 }
 
-/// Parses `ptxas info` lines of the program log.
-pub fn parse_report(log: &str) -> ResourceReport {
+/// Parses `ptxas info` lines of the program log (`None` if there are none).
+pub fn parse_report(log: &str) -> Option<ResourceReport> {
+    if !log.contains("registers") {
+        return None;
+    }
     let mut r = ResourceReport::default();
     for line in log.lines() {
         if let Some(n) = number_before(line, "registers") {
@@ -116,7 +120,7 @@ pub fn parse_report(log: &str) -> ResourceReport {
             r.static_shared = n;
         }
     }
-    r
+    Some(r)
 }
 
 /// Quotes the source lines NVRTC's errors point at (`name.cu(LINE): error: ...`).
@@ -202,6 +206,11 @@ mod tests {
             r,
             ResourceReport { registers: 168, spill_stores: 8, spill_loads: 12, stack_frame: 16, static_shared: 0 }
         );
+    }
+
+    #[test]
+    fn no_report_without_ptxas_lines() {
+        assert_eq!(parse_report(""), None);
     }
 
     #[test]
