@@ -201,7 +201,7 @@ mod tests {
                    ptxas info    : Function properties for weft_attn_x\n\
                    \x20   16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n\
                    ptxas info    : Used 168 registers, used 1 barriers, 384 bytes cmem[0]\n";
-        let r = parse_report(log);
+        let r = parse_report(log).unwrap();
         assert_eq!(
             r,
             ResourceReport { registers: 168, spill_stores: 8, spill_loads: 12, stack_frame: 16, static_shared: 0 }
