@@ -544,3 +544,106 @@ impl SparseIndex {
         self.contains(h, self.q_pos(q), self.k_pos(k))
     }
 }
+
+/// The indexes of a packed batch of sequences (cu_seqlens style), concatenated.
+///
+/// Q is `[heads, total_q, d]` with sequence `b` at tokens `seq_q[b]..seq_q[b + 1]` (K and V
+/// likewise with `seq_k`). Rows are ordered by sequence, then head, then query block: the rows
+/// of sequence `b` start at `heads * seq_qb[b]`. Key blocks, columns and mask predicates use
+/// positions local to the sequence (and its own `nq`, `nk`); the mask table is shared.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchIndex {
+    pub heads: usize,
+    pub block_m: usize,
+    pub block_n: usize,
+    pub permutation: Option<Permutation>,
+    pub masks: Vec<Pred>,
+    pub block_ptr: Vec<u32>,
+    pub block_idx: Vec<u32>,
+    pub block_mask: Vec<u16>,
+    pub col_ptr: Vec<u32>,
+    pub col_idx: Vec<u32>,
+    pub col_mask: Vec<u16>,
+    /// Cumulative query tokens, key tokens and query blocks: `batch + 1` entries from 0.
+    pub seq_q: Vec<i32>,
+    pub seq_k: Vec<i32>,
+    pub seq_qb: Vec<i32>,
+}
+
+impl BatchIndex {
+    /// Concatenates per-sequence indexes (same heads, block sizes and permutation).
+    pub fn concat(parts: &[SparseIndex]) -> Result<BatchIndex, Error> {
+        let first = parts.first().ok_or_else(|| Error::Shape("a batch needs at least one sequence".into()))?;
+        let mut out = BatchIndex {
+            heads: first.heads,
+            block_m: first.block_m,
+            block_n: first.block_n,
+            permutation: first.permutation,
+            masks: Vec::new(),
+            block_ptr: vec![0],
+            block_idx: Vec::new(),
+            block_mask: Vec::new(),
+            col_ptr: vec![0],
+            col_idx: Vec::new(),
+            col_mask: Vec::new(),
+            seq_q: vec![0],
+            seq_k: vec![0],
+            seq_qb: vec![0],
+        };
+        let mut ids: HashMap<Pred, u16> = HashMap::new();
+        let too_big = || Error::Layout("the batch is too large for 32-bit offsets".into());
+        for (b, ix) in parts.iter().enumerate() {
+            if (ix.heads, ix.block_m, ix.block_n, ix.permutation) != (out.heads, out.block_m, out.block_n, out.permutation) {
+                return Err(Error::Shape(format!(
+                    "sequence {b}'s index has {} heads, {} x {} blocks and permutation {:?}; sequence 0's has {}, {} x {}, {:?}",
+                    ix.heads, ix.block_m, ix.block_n, ix.permutation, out.heads, out.block_m, out.block_n, out.permutation
+                )));
+            }
+            // This sequence's mask ids in the shared table.
+            let mut remap = Vec::with_capacity(ix.masks.len());
+            for m in &ix.masks {
+                let id = match ids.get(m) {
+                    Some(id) => *id,
+                    None => {
+                        let id = u16::try_from(out.masks.len())
+                            .ok()
+                            .filter(|id| *id < FULL)
+                            .ok_or_else(|| Error::Layout("more than 65534 distinct partial-block predicates".into()))?;
+                        ids.insert(m.clone(), id);
+                        out.masks.push(m.clone());
+                        id
+                    }
+                };
+                remap.push(id);
+            }
+            let map = |m: u16| if m == FULL { FULL } else { remap[m as usize] };
+            let (b0, c0) = (*out.block_ptr.last().unwrap_or(&0), *out.col_ptr.last().unwrap_or(&0));
+            out.block_ptr.extend(ix.block_ptr[1..].iter().map(|p| p + b0));
+            out.col_ptr.extend(ix.col_ptr[1..].iter().map(|p| p + c0));
+            out.block_idx.extend_from_slice(&ix.block_idx);
+            out.block_mask.extend(ix.block_mask.iter().map(|m| map(*m)));
+            out.col_idx.extend_from_slice(&ix.col_idx);
+            out.col_mask.extend(ix.col_mask.iter().map(|m| map(*m)));
+            let last = |v: &Vec<i32>| *v.last().unwrap_or(&0);
+            let next = |v: &Vec<i32>, add: usize| i32::try_from(add).ok().and_then(|a| last(v).checked_add(a)).ok_or_else(too_big);
+            let (sq, sk, sqb) = (next(&out.seq_q, ix.nq)?, next(&out.seq_k, ix.nk)?, next(&out.seq_qb, ix.q_blocks())?);
+            out.seq_q.push(sq);
+            out.seq_k.push(sk);
+            out.seq_qb.push(sqb);
+        }
+        if out.block_idx.len() > u32::MAX as usize || out.col_idx.len() > u32::MAX as usize {
+            return Err(too_big());
+        }
+        Ok(out)
+    }
+
+    /// Sequences in the batch.
+    pub fn batch(&self) -> usize {
+        self.seq_q.len() - 1
+    }
+
+    /// The index of a single sequence, as a batch of one.
+    pub fn single(ix: &SparseIndex) -> Result<BatchIndex, Error> {
+        BatchIndex::concat(std::slice::from_ref(ix))
+    }
+}

@@ -71,7 +71,7 @@ pub mod select;
 pub mod synthetic;
 pub mod tensor;
 
-pub use index::{build_index, layout, resolve_pattern, IndexOptions, Resolved, SparseIndex, FULL};
+pub use index::{build_index, layout, resolve_pattern, BatchIndex, IndexOptions, Resolved, SparseIndex, FULL};
 pub use metrics::{recall, Recall, Universe};
 pub use reference::{attention, dense_attention, Attention};
 pub use tensor::Tensor;

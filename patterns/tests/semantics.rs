@@ -363,3 +363,46 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn batch_concatenation_keeps_every_sequence_and_shares_masks() {
+    let shapes = [(100usize, 100usize), (1, 40), (257, 300)];
+    let patterns = [causal() & window(50), sink(4) | local(30) | vertical_vector().keep(top_k(5)), causal()];
+    let mut parts = Vec::new();
+    for (i, ((nq, nk), e)) in shapes.iter().zip(patterns.iter()).enumerate() {
+        let q = Tensor::random(2, *nq, 8, i as u64);
+        let k = Tensor::random(2, *nk, 8, 100 + i as u64);
+        parts.push(build_index(e, &q, &k, &IndexOptions { block_m: Some(64), block_n: Some(64), scale: None }).unwrap());
+    }
+    let b = BatchIndex::concat(&parts).unwrap();
+    assert_eq!(b.seq_q, vec![0, 100, 101, 358]);
+    assert_eq!(b.seq_k, vec![0, 100, 140, 440]);
+    assert_eq!(b.seq_qb, vec![0, 2, 3, 8]);
+    // causal appears in two sequences' tables but once in the shared one.
+    let causal_pred = match causal() {
+        PatternExpr::Static(p) => p,
+        _ => unreachable!(),
+    };
+    assert_eq!(b.masks.iter().filter(|m| **m == causal_pred).count(), 1);
+    for (seq, ix) in parts.iter().enumerate() {
+        let row0 = b.heads * b.seq_qb[seq] as usize;
+        for r in 0..ix.heads * ix.q_blocks() {
+            let (s0, s1) = (b.block_ptr[row0 + r] as usize, b.block_ptr[row0 + r + 1] as usize);
+            let (o0, o1) = (ix.block_ptr[r] as usize, ix.block_ptr[r + 1] as usize);
+            assert_eq!(&b.block_idx[s0..s1], &ix.block_idx[o0..o1]);
+            for (m_b, m_o) in b.block_mask[s0..s1].iter().zip(&ix.block_mask[o0..o1]) {
+                if *m_o == FULL {
+                    assert_eq!(*m_b, FULL);
+                } else {
+                    assert_eq!(b.masks[*m_b as usize], ix.masks[*m_o as usize]);
+                }
+            }
+            let (s0, s1) = (b.col_ptr[row0 + r] as usize, b.col_ptr[row0 + r + 1] as usize);
+            let (o0, o1) = (ix.col_ptr[r] as usize, ix.col_ptr[r + 1] as usize);
+            assert_eq!(&b.col_idx[s0..s1], &ix.col_idx[o0..o1]);
+        }
+    }
+    assert!(BatchIndex::concat(&[]).is_err());
+    let other = build_index(&causal(), &Tensor::random(3, 10, 8, 1), &Tensor::random(3, 10, 8, 2), &IndexOptions::default()).unwrap();
+    assert!(BatchIndex::concat(&[parts[0].clone(), other]).unwrap_err().to_string().contains("sequence 1"));
+}

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use weft_codegen::{Kernel, KernelConfig, DECODE_THREADS, MERGE_THREADS};
-use weft_patterns::SparseIndex;
+use weft_patterns::{BatchIndex, SparseIndex};
 
 pub use nvrtc::{Arch, Compiled, ResourceReport};
 
@@ -70,13 +70,20 @@ pub fn check_driver() -> Result<(), Error> {
     }
 }
 
-/// The sparse index on the device.
+/// The sparse index of a packed batch (one sequence or more) on the device.
 pub struct DeviceIndex {
     pub heads: usize,
+    /// Query and key tokens over all sequences.
     pub nq: usize,
     pub nk: usize,
     pub block_m: usize,
     pub block_n: usize,
+    /// Sequences, and query blocks over all of them (the launch grid).
+    pub batch: usize,
+    pub q_blocks: usize,
+    seq_q: CudaSlice<i32>,
+    seq_k: CudaSlice<i32>,
+    seq_qb: CudaSlice<i32>,
     block_ptr: CudaSlice<u32>,
     block_idx: CudaSlice<u32>,
     block_mask: CudaSlice<u16>,
@@ -163,19 +170,31 @@ impl Gpu {
         Ok(f)
     }
 
-    /// Copies an index to the device.
+    /// Copies the index of one sequence to the device.
     pub fn upload_index(&self, ix: &SparseIndex) -> Result<DeviceIndex, Error> {
+        let b = BatchIndex::single(ix).map_err(|e| Error::Shape(e.to_string()))?;
+        self.upload_batch(&b)
+    }
+
+    /// Copies the index of a packed batch to the device.
+    pub fn upload_batch(&self, ix: &BatchIndex) -> Result<DeviceIndex, Error> {
         let s = &self.stream;
         // Empty lists still need a valid pointer.
         let nonempty_u32 = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
         let nonempty_u16 = |v: &[u16]| if v.is_empty() { vec![0u16] } else { v.to_vec() };
         let up = "uploading the index";
+        let last = |v: &[i32]| v.last().copied().unwrap_or(0).max(0) as usize;
         Ok(DeviceIndex {
             heads: ix.heads,
-            nq: ix.nq,
-            nk: ix.nk,
+            nq: last(&ix.seq_q),
+            nk: last(&ix.seq_k),
             block_m: ix.block_m,
             block_n: ix.block_n,
+            batch: ix.batch(),
+            q_blocks: last(&ix.seq_qb),
+            seq_q: s.clone_htod(&ix.seq_q).map_err(driver(up))?,
+            seq_k: s.clone_htod(&ix.seq_k).map_err(driver(up))?,
+            seq_qb: s.clone_htod(&ix.seq_qb).map_err(driver(up))?,
             block_ptr: s.clone_htod(&ix.block_ptr).map_err(driver(up))?,
             block_idx: s.clone_htod(&nonempty_u32(&ix.block_idx)).map_err(driver(up))?,
             block_mask: s.clone_htod(&nonempty_u16(&ix.block_mask)).map_err(driver(up))?,
@@ -185,7 +204,8 @@ impl Gpu {
         })
     }
 
-    /// Launches `kernel` (generated for `config`) over `index` on the stream.
+    /// Launches `kernel` (generated for `config`) over `index` on the stream. For a packed
+    /// batch, `shape.nq` and `shape.nk` are the token totals.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -208,19 +228,24 @@ impl Gpu {
         }
         check_launch(config, index, shape, [q.len(), k.len(), v.len(), out.len(), lse.len()])?;
         let f = self.load(kernel)?;
-        let grid = (shape.nq.div_ceil(config.block_m as usize) as u32, shape.hq as u32, 1);
+        if index.q_blocks == 0 {
+            return Ok(());
+        }
+        let grid = (index.q_blocks as u32, shape.hq as u32, 1);
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: (config.threads(), 1, 1),
             shared_mem_bytes: config.shared_bytes(),
         };
         let (nq, nk, hq, hkv) = (shape.nq as i32, shape.nk as i32, shape.hq as i32, shape.hkv as i32);
+        let batch = index.batch as i32;
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let mut b = self.stream.launch_builder(&f);
         b.arg(q).arg(k).arg(v).arg(out).arg(lse);
         b.arg(&index.block_ptr).arg(&index.block_idx).arg(&index.block_mask);
         b.arg(&index.col_ptr).arg(&index.col_idx).arg(&index.col_mask);
-        b.arg(&nq).arg(&nk).arg(&hq).arg(&hkv).arg(&scale_log2);
+        b.arg(&index.seq_q).arg(&index.seq_k).arg(&index.seq_qb);
+        b.arg(&batch).arg(&nq).arg(&nk).arg(&hq).arg(&hkv).arg(&scale_log2);
         // Safety: the argument list matches the generated signature, and `check_launch`
         // verified every buffer's length against the shapes the kernel indexes with.
         unsafe { b.launch(cfg) }.map_err(driver(format!("launching {}", kernel.name)))?;

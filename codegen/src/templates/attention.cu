@@ -49,7 +49,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
     u16* __restrict__ O, float* __restrict__ LSE,
     const u32* __restrict__ block_ptr, const u32* __restrict__ block_idx, const u16* __restrict__ block_mask,
     const u32* __restrict__ col_ptr, const u32* __restrict__ col_idx, const u16* __restrict__ col_mask,
-    int nq, int nk, int hq, int hkv, float scale_log2)
+    const int* __restrict__ seq_q, const int* __restrict__ seq_k, const int* __restrict__ seq_qb,
+    int batch, int total_q, int total_k, int hq, int hkv, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem[];
     u16* sQ = (u16*)smem;                           // [BM][LDS]
@@ -58,10 +59,19 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
     int* sKeyPos = (int*)(sV + STAGES * BN * LDS);  // [STAGES][BN] index position of each key, -1 if none
     u16* sKeyMask = (u16*)(sKeyPos + STAGES * BN);  // [STAGES][BN] mask id of each key
 
-    const int qb = blockIdx.x, h = blockIdx.y;
+    // Packed batch: blockIdx.x counts query blocks over all sequences; find this one's sequence.
+    const int h = blockIdx.y;
+    int lo = 0, hi = batch - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (seq_qb[mid] <= (int)blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    const int b = lo;
+    const int qb = blockIdx.x - seq_qb[b];
+    const int nq = seq_q[b + 1] - seq_q[b], nk = seq_k[b + 1] - seq_k[b];
     const int kv_head = h / (hq / hkv);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int row = h * gridDim.x + qb;
+    const int row = hq * seq_qb[b] + h * (seq_qb[b + 1] - seq_qb[b]) + qb;  // rows: sequence, head, block
     const u32 nblocks = block_ptr[row + 1] - block_ptr[row];
     const u32 ncols = col_ptr[row + 1] - col_ptr[row];
     const u32* bidx = block_idx + block_ptr[row];
@@ -69,9 +79,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
     const u32* cidx = col_idx + col_ptr[row];
     const u16* cmask = col_mask + col_ptr[row];
     const int ntiles = (int)nblocks + (int)((ncols + BN - 1) / BN);
-    const u16* Qh = Q + (size_t)h * nq * D;
-    const u16* Kh = K + (size_t)kv_head * nk * D;
-    const u16* Vh = V + (size_t)kv_head * nk * D;
+    const u16* Qh = Q + ((size_t)h * total_q + seq_q[b]) * D;
+    const u16* Kh = K + ((size_t)kv_head * total_k + seq_k[b]) * D;
+    const u16* Vh = V + ((size_t)kv_head * total_k + seq_k[b]) * D;
 
     // Q tile: query positions qb * BM + r, zero-filled past the end.
     for (int c = tid; c < BM * CHUNKS; c += THREADS) {
@@ -259,12 +269,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
             if (qpos < nq) {
                 const int tok = weft_token(qpos, nq);
                 const float inv = sum > 0.f ? 1.f / sum : 0.f;
-                u16* dst = O + ((size_t)h * nq + tok) * D + (lane % 4) * 2;
+                u16* dst = O + ((size_t)h * total_q + seq_q[b] + tok) * D + (lane % 4) * 2;
 #pragma unroll
                 for (int dt = 0; dt < DT; ++dt)
                     *(u32*)(dst + dt * 8) = pack(o[mt][dt][2 * i] * inv, o[mt][dt][2 * i + 1] * inv);
                 if (lane % 4 == 0)
-                    LSE[(size_t)h * nq + tok] = sum > 0.f ? (m[mt][i] + log2f(sum)) * 0.69314718055994531f : neg_inf();
+                    LSE[(size_t)h * total_q + seq_q[b] + tok] = sum > 0.f ? (m[mt][i] + log2f(sum)) * 0.69314718055994531f : neg_inf();
             }
         }
     }
