@@ -96,7 +96,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
         u16* k_s = sK + stage * BN * LDS;
         u16* v_s = sV + stage * BN * LDS;
         const int col = (tid % CHUNKS) * 8;
-#pragma unroll 2
+        // Fully unrolled with one m-tile per warp; with two, partly, to save registers.
+#pragma unroll (MT == 1 ? BN : 2)
         for (int r = tid / CHUNKS; r < BN; r += THREADS / CHUNKS) {
             const bool ok = r < src.count;
             const int pos = !ok ? -1 : src.is_block ? src.base + r : (int)cidx[src.base + r];
