@@ -90,12 +90,42 @@ enum Command {
         #[arg(long, default_value = "sm_90")]
         arch: String,
     },
+    /// Inspect and maintain the kernel database (tuned kernels, tuning records, search results).
+    Cache {
+        /// The database directory (default: $WEFT_DB, else the per-user cache directory).
+        #[arg(long, global = true, value_name = "DIR")]
+        db: Option<PathBuf>,
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// Run everything that exists so far on a bundled example, and say what comes next.
     Quickstart {
         /// Where to write the example's pictures.
         #[arg(long, default_value = "weft-quickstart", value_name = "DIR")]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// List every entry with a one-line summary.
+    Ls,
+    /// Print the entries whose key contains KEY, as JSON.
+    Show { key: String },
+    /// Write every entry as JSON (to FILE, or to standard output).
+    Export {
+        /// JSON is the export format (the only one).
+        #[arg(long)]
+        json: bool,
+        #[arg(value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Add the entries of an export (overwriting equal keys).
+    Import { file: PathBuf },
+    /// Remove every entry (a database too damaged to open is deleted).
+    Clear,
+    /// Check that every entry decodes and, on a GPU machine, was made by this GPU and toolchain.
+    Verify,
 }
 
 #[derive(Args)]
@@ -221,6 +251,7 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Compile { pattern, kernel, arch } => compile(&load_pattern(&pattern.pattern)?, &kernel, &arch),
+        Command::Cache { db, action } => cache(db, action),
         Command::Quickstart { out } => quickstart(&out),
     }
 }
@@ -495,6 +526,106 @@ fn mask(
         100.0 * r.index.head_density(head),
         100.0 * r.recall.per_head[head]
     );
+    Ok(())
+}
+
+fn summary(e: &weft::cache::Entry) -> String {
+    let v = &e.value["value"];
+    match e.tree.as_str() {
+        "kernels" => format!(
+            "{} ({} bytes CUBIN, {} threads)",
+            v["name"].as_str().unwrap_or("?"),
+            v["cubin"].as_array().map_or(0, Vec::len),
+            v["threads"]
+        ),
+        "tuning" => format!("best {} ms (default {} ms), config {}", v["best_ms"], v["default_ms"], v["best"]),
+        "search" => format!("recall {}, density {}", v["recall"], v["density"]),
+        _ => String::new(),
+    }
+}
+
+fn cache(db: Option<PathBuf>, action: CacheAction) -> Result<()> {
+    use weft::cache::{default_path, Db, Entry, Error as CacheError};
+    let path = match db {
+        Some(p) => p,
+        None => default_path()?,
+    };
+    if let CacheAction::Clear = action {
+        return match Db::open(&path) {
+            Ok(db) => {
+                println!("removed {} entries from {}", db.clear()?, path.display());
+                Ok(())
+            }
+            Err(CacheError::Corrupt { .. }) => {
+                Db::destroy(&path)?;
+                println!("deleted the unreadable database {}", path.display());
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        };
+    }
+    let db = Db::open(&path)?;
+    match action {
+        CacheAction::Ls => {
+            let entries = db.entries()?;
+            println!("{}: {} entries", path.display(), entries.len());
+            for e in &entries {
+                println!("{:<8} {}  {}", e.tree, e.key, summary(e));
+            }
+        }
+        CacheAction::Show { key } => {
+            let found: Vec<Entry> = db.entries()?.into_iter().filter(|e| e.key.contains(&key)).collect();
+            if found.is_empty() {
+                bail!("no entry of {} has a key containing `{key}` (see `weft cache ls`)", path.display());
+            }
+            println!("{}", serde_json::to_string_pretty(&found)?);
+        }
+        CacheAction::Export { json, out } => {
+            if !json {
+                bail!("give --json: JSON is the export format");
+            }
+            let text = serde_json::to_string_pretty(&db.entries()?)?;
+            match out {
+                Some(f) => {
+                    std::fs::write(&f, text).with_context(|| format!("cannot write {}", f.display()))?;
+                    println!("exported {} to {}", path.display(), f.display());
+                }
+                None => println!("{text}"),
+            }
+        }
+        CacheAction::Import { file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let entries: Vec<Entry> = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a `weft cache export --json` file", file.display()))?;
+            println!("imported {} entries into {}", db.import(&entries)?, path.display());
+        }
+        CacheAction::Verify => {
+            let current = weft::runtime::Gpu::open(0).ok().and_then(|g| g.toolchain().ok());
+            let v = db.verify(current.as_ref())?;
+            println!("{}: {} entries checked", path.display(), v.checked);
+            for (tree, key, why) in &v.corrupt {
+                println!("corrupt  {tree}/{key}: {why}");
+            }
+            match &current {
+                Some(tc) => {
+                    for (tree, key) in &v.stale {
+                        println!("stale    {tree}/{key}: made by another GPU or toolchain, will be re-tuned");
+                    }
+                    println!(
+                        "current toolchain: {} sm_{} driver {} NVRTC {}.{}",
+                        tc.gpu_name, tc.sm, tc.driver_version, tc.nvrtc_version.0, tc.nvrtc_version.1
+                    );
+                }
+                None => println!(
+                    "no GPU here: staleness (another GPU, driver, NVRTC or codegen) is checked on a GPU machine"
+                ),
+            }
+            if !v.corrupt.is_empty() {
+                bail!("{} corrupt entries; `weft cache clear` resets the database", v.corrupt.len());
+            }
+        }
+        CacheAction::Clear => {}
+    }
     Ok(())
 }
 

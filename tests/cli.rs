@@ -207,3 +207,77 @@ fn compile_reports_registers_and_spills() {
         .failure()
         .stderr(predicate::str::contains("sm_80 or later"));
 }
+
+#[test]
+fn cache_commands_round_trip_and_report_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let db_s = db.to_str().unwrap();
+    weft().args(["cache", "ls", "--db", db_s]).assert().success().stdout(predicate::str::contains("0 entries"));
+    // Import an export made by the library.
+    {
+        let d = weft::cache::Db::open(&db).unwrap();
+        let key = weft::cache::SearchKey { model: "tiny".into(), layer: 1, head: 2 };
+        let rec = weft::cache::SearchRecord {
+            pattern: serde_json::json!({"name": "p"}),
+            recall: 0.97,
+            density: 0.12,
+            created: 0,
+        };
+        d.put_search(&key, &rec).unwrap();
+    }
+    let export = dir.path().join("export.json");
+    weft().args(["cache", "export", "--json", "--db", db_s]).arg(&export).assert().success();
+    weft().args(["cache", "ls", "--db", db_s]).assert().success().stdout(predicate::str::contains("recall 0.97"));
+    weft()
+        .args(["cache", "show", "l00001", "--db", db_s])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("\"density\": 0.12"));
+    weft()
+        .args(["cache", "show", "nothing-like-this", "--db", db_s])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("no entry"));
+    weft()
+        .args(["cache", "verify", "--db", db_s])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("1 entries checked"));
+    weft()
+        .args(["cache", "clear", "--db", db_s])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("removed 1 entries"));
+    weft()
+        .args(["cache", "import", "--db", db_s])
+        .arg(&export)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("imported 1"));
+    // Locked: another process (this test) holds the database.
+    {
+        let _held = weft::cache::Db::open(&db).unwrap();
+        weft().args(["cache", "ls", "--db", db_s]).assert().failure().stderr(
+            predicate::str::contains("in use by another process").and(predicate::str::contains("pid")).and(no_panic()),
+        );
+    }
+    // Corrupt: unreadable files; clear deletes the database as the message says.
+    for f in std::fs::read_dir(&db).unwrap() {
+        let p = f.unwrap().path();
+        if p.is_file() && p.file_name().unwrap() != "holder" {
+            std::fs::write(&p, vec![0xa5u8; 4096]).unwrap();
+        }
+    }
+    weft().args(["cache", "ls", "--db", db_s]).assert().failure().stderr(
+        predicate::str::contains("cannot be read").and(predicate::str::contains("weft cache clear")).and(no_panic()),
+    );
+    weft()
+        .args(["cache", "clear", "--db", db_s])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("deleted the unreadable database"));
+    weft().args(["cache", "ls", "--db", db_s]).assert().success();
+    // WEFT_DB is the default location.
+    weft().args(["cache", "ls"]).env("WEFT_DB", db_s).assert().success().stdout(predicate::str::contains(db_s));
+}

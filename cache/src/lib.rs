@@ -1,8 +1,441 @@
-//! # weft-cache: the kernel database (not written yet)
+//! # weft-cache: the kernel database
 //!
-//! This crate will wrap a sled database with trees for compiled kernels (CUBIN/PTX, source
-//! hash, options), tuning records keyed by GPU, driver, NVRTC and codegen versions, pattern
-//! hash, head and shape bucket, and per-head search results. Values will be versioned and
-//! serde-encoded; entries from another GPU or toolchain will never be loaded; a locked or
-//! corrupt database will be an error that names the path and says how to recover. Nothing is
-//! implemented yet.
+//! One sled database with three trees:
+//!
+//! - `kernels`: compiled kernels (CUBIN and PTX, the source's kernel key, NVRTC options),
+//!   keyed by toolchain + kernel key + architecture;
+//! - `tuning`: autotuning records (best config, every timing, date), keyed by toolchain +
+//!   pattern hash + head + shape bucket;
+//! - `search`: per-head pattern search results, keyed by model, layer and head.
+//!
+//! Every value is a versioned envelope (`{"schema": N, "value": ...}`, JSON). The
+//! [`Toolchain`] (GPU name, compute capability, SM count, driver, NVRTC and codegen versions)
+//! is part of every kernel and tuning key, so an entry made by another GPU or toolchain is
+//! never found by a lookup; [`Db::verify`] reports such entries as stale, and entries that do
+//! not decode as corrupt. Each write is flushed before it returns, so a process killed in the
+//! middle of a tune leaves every finished record intact.
+//!
+//! sled allows one process per database: a second one gets [`Error::Locked`] naming the path
+//! and, from the `holder` file the first wrote, its process id and command line. A database
+//! sled cannot read gets [`Error::Corrupt`], which says how to reset it.
+//!
+//! The default location is a per-user cache directory ([`default_path`]), overridden by the
+//! `WEFT_DB` environment variable (and by `--db` on the command line).
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Version of the value envelope; bumped when a record's layout changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The trees of the database.
+pub const TREES: [&str; 3] = ["kernels", "tuning", "search"];
+
+const HOLDER_FILE: &str = "holder";
+
+/// Everything that can go wrong with the database.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "the kernel database {path} is in use by another process ({holder}); sled allows one process at a time: \
+         wait for it to finish, or use another database with --db or WEFT_DB"
+    )]
+    Locked { path: String, holder: String },
+    #[error(
+        "the kernel database {path} cannot be read ({detail}); it only caches tuned kernels: reset it with \
+         `weft cache clear --db {path}` or delete that directory"
+    )]
+    Corrupt { path: String, detail: String },
+    #[error("kernel database {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel database {path}: {detail}")]
+    Sled { path: String, detail: String },
+    #[error("no per-user cache directory on this system: give a database path with --db or WEFT_DB")]
+    NoCacheDir,
+    #[error("{0}")]
+    Format(String),
+}
+
+/// Where the database lives by default: `$WEFT_DB`, else `<user cache dir>/weft/db`.
+pub fn default_path() -> Result<PathBuf, Error> {
+    if let Some(p) = std::env::var_os("WEFT_DB").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    dirs::cache_dir().map(|d| d.join("weft").join("db")).ok_or(Error::NoCacheDir)
+}
+
+/// What a compiled kernel is valid for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Toolchain {
+    pub gpu_name: String,
+    /// Compute capability as `major * 10 + minor`.
+    pub sm: u32,
+    pub sm_count: u32,
+    pub driver_version: i32,
+    /// NVRTC (major, minor).
+    pub nvrtc_version: (i32, i32),
+    pub codegen_version: u32,
+}
+
+impl Toolchain {
+    fn key(&self) -> String {
+        format!(
+            "{}|sm{}|{}sm|drv{}|nvrtc{}.{}|cg{}",
+            self.gpu_name.replace('|', "/"),
+            self.sm,
+            self.sm_count,
+            self.driver_version,
+            self.nvrtc_version.0,
+            self.nvrtc_version.1,
+            self.codegen_version
+        )
+    }
+}
+
+/// The shape class a tuning record applies to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ShapeBucket {
+    /// Sequence-length bucket: the next power of two of the key length, at least 1024.
+    pub seq: u32,
+    pub head_dim: u32,
+    pub dtype: String,
+    /// Query heads per key head.
+    pub gqa: u32,
+    pub causal: bool,
+}
+
+impl ShapeBucket {
+    /// The bucket of a problem.
+    pub fn new(seq_len: usize, head_dim: u32, dtype: &str, gqa: u32, causal: bool) -> ShapeBucket {
+        let seq = (seq_len.max(1024) as u64).next_power_of_two().min(u64::from(u32::MAX)) as u32;
+        ShapeBucket { seq, head_dim, dtype: dtype.to_string(), gqa, causal }
+    }
+}
+
+/// Key of a compiled kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelKey {
+    pub toolchain: Toolchain,
+    /// The generated source's kernel key (`weft_codegen::Kernel::key`).
+    pub kernel: String,
+    /// Target architecture, e.g. `sm_90`.
+    pub arch: String,
+}
+
+/// A compiled kernel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelRecord {
+    pub name: String,
+    pub cubin: Vec<u8>,
+    pub ptx: String,
+    pub options: Vec<String>,
+    pub threads: u32,
+    pub shared_bytes: u32,
+    pub head_dim: u32,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+}
+
+/// Key of a tuning record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TuneKey {
+    pub toolchain: Toolchain,
+    pub pattern_hash: String,
+    /// The head, when heads of one pattern tune differently.
+    pub head: Option<u32>,
+    pub bucket: ShapeBucket,
+}
+
+/// The outcome of tuning one (pattern, head, bucket).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TuneRecord {
+    /// The winning config (serialized `weft_codegen::KernelConfig`).
+    pub best: serde_json::Value,
+    pub best_ms: f64,
+    pub default_ms: f64,
+    /// Every config tried with its median time (`None` when it failed to compile or run).
+    pub timings: Vec<(serde_json::Value, Option<f64>)>,
+    /// The winner's kernel key in the `kernels` tree.
+    pub kernel: String,
+    pub created: u64,
+}
+
+/// Key of a search result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SearchKey {
+    pub model: String,
+    pub layer: u32,
+    pub head: u32,
+}
+
+/// The pattern chosen for one head.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SearchRecord {
+    /// The pattern (serialized `weft_dsl::Pattern`).
+    pub pattern: serde_json::Value,
+    pub recall: f64,
+    pub density: f64,
+    pub created: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    schema: u32,
+    value: T,
+}
+
+/// One entry as listed or exported.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub tree: String,
+    pub key: String,
+    pub value: serde_json::Value,
+}
+
+/// What [`Db::verify`] found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Verification {
+    pub checked: usize,
+    /// (tree, key, why) of entries that do not decode.
+    pub corrupt: Vec<(String, String, String)>,
+    /// (tree, key) of entries made by another toolchain than the one given.
+    pub stale: Vec<(String, String)>,
+}
+
+/// An open kernel database.
+pub struct Db {
+    path: PathBuf,
+    db: sled::Db,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch, for `created` fields.
+pub fn timestamp() -> u64 {
+    now()
+}
+
+fn tree_key(parts: &[&str]) -> String {
+    parts.join("/")
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Db, Error> {
+        let p = path.display().to_string();
+        std::fs::create_dir_all(path).map_err(|source| Error::Io { path: p.clone(), source })?;
+        let db = sled::Config::new().path(path).open().map_err(|e| match e {
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                let holder = std::fs::read_to_string(path.join(HOLDER_FILE))
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "holder unknown".into());
+                Error::Locked { path: p.clone(), holder }
+            }
+            sled::Error::Io(source) => Error::Io { path: p.clone(), source },
+            other => Error::Corrupt { path: p.clone(), detail: other.to_string() },
+        })?;
+        let args: Vec<String> = std::env::args().collect();
+        let holder = format!("pid {}: {}", std::process::id(), args.join(" "));
+        // Best effort: the holder file only improves the message another process sees.
+        let _ = std::fs::write(path.join(HOLDER_FILE), holder);
+        Ok(Db { path: path.to_path_buf(), db })
+    }
+
+    /// Deletes the database directory at `path` (for a database too damaged to open). Refuses
+    /// a directory holding anything but sled's files, so a mistyped path deletes nothing else.
+    pub fn destroy(path: &Path) -> Result<(), Error> {
+        let p = path.display().to_string();
+        let io = |source| Error::Io { path: p.clone(), source };
+        if !path.exists() {
+            return Ok(());
+        }
+        for entry in std::fs::read_dir(path).map_err(io)? {
+            let name = entry.map_err(io)?.file_name().to_string_lossy().into_owned();
+            let sled_file = ["conf", "db", "blobs", HOLDER_FILE].contains(&name.as_str()) || name.starts_with("snap.");
+            if !sled_file {
+                return Err(Error::Format(format!(
+                    "{p} holds `{name}`, which is not part of a weft database; not deleting it"
+                )));
+            }
+        }
+        std::fs::remove_dir_all(path).map_err(io)
+    }
+
+    /// The database's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: sled::Error) -> Error {
+        Error::Sled { path: self.path.display().to_string(), detail: e.to_string() }
+    }
+
+    fn tree(&self, name: &str) -> Result<sled::Tree, Error> {
+        self.db.open_tree(name).map_err(|e| self.err(e))
+    }
+
+    fn put<T: Serialize>(&self, tree: &str, key: &str, value: &T) -> Result<(), Error> {
+        let bytes = serde_json::to_vec(&Envelope { schema: SCHEMA_VERSION, value })
+            .map_err(|e| Error::Format(format!("cannot encode a {tree} record: {e}")))?;
+        self.tree(tree)?.insert(key.as_bytes(), bytes).map_err(|e| self.err(e))?;
+        // A finished record survives a kill that follows.
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn get<T: DeserializeOwned>(&self, tree: &str, key: &str) -> Result<Option<T>, Error> {
+        let Some(bytes) = self.tree(tree)?.get(key.as_bytes()).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<Envelope<T>>(&bytes) {
+            Ok(env) if env.schema == SCHEMA_VERSION => Ok(Some(env.value)),
+            // An entry of another schema is as good as absent: it is re-tuned and overwritten.
+            Ok(_) => Ok(None),
+            Err(e) => Err(Error::Format(format!(
+                "entry {tree}/{key} in {} does not decode ({e}); run `weft cache verify`",
+                self.path.display()
+            ))),
+        }
+    }
+
+    fn kernel_key(k: &KernelKey) -> String {
+        tree_key(&[&k.toolchain.key(), &k.kernel, &k.arch])
+    }
+
+    fn tune_key(k: &TuneKey) -> String {
+        let head = k.head.map_or("all".to_string(), |h| format!("h{h}"));
+        let b = &k.bucket;
+        let bucket =
+            format!("n{}|d{}|{}|g{}|{}", b.seq, b.head_dim, b.dtype, b.gqa, if b.causal { "causal" } else { "full" });
+        tree_key(&[&k.toolchain.key(), &k.pattern_hash, &head, &bucket])
+    }
+
+    fn search_key(k: &SearchKey) -> String {
+        tree_key(&[&k.model.replace('/', "\u{2215}"), &format!("l{:05}", k.layer), &format!("h{:05}", k.head)])
+    }
+
+    /// Stores a compiled kernel.
+    pub fn put_kernel(&self, key: &KernelKey, record: &KernelRecord) -> Result<(), Error> {
+        self.put("kernels", &Self::kernel_key(key), record)
+    }
+
+    /// A compiled kernel, if one was stored for exactly this toolchain.
+    pub fn kernel(&self, key: &KernelKey) -> Result<Option<KernelRecord>, Error> {
+        self.get("kernels", &Self::kernel_key(key))
+    }
+
+    /// Stores a tuning record.
+    pub fn put_tuning(&self, key: &TuneKey, record: &TuneRecord) -> Result<(), Error> {
+        self.put("tuning", &Self::tune_key(key), record)
+    }
+
+    /// The tuning record for exactly this toolchain, pattern, head and bucket.
+    pub fn tuning(&self, key: &TuneKey) -> Result<Option<TuneRecord>, Error> {
+        self.get("tuning", &Self::tune_key(key))
+    }
+
+    /// Stores a search result.
+    pub fn put_search(&self, key: &SearchKey, record: &SearchRecord) -> Result<(), Error> {
+        self.put("search", &Self::search_key(key), record)
+    }
+
+    /// The search result of one head.
+    pub fn search(&self, key: &SearchKey) -> Result<Option<SearchRecord>, Error> {
+        self.get("search", &Self::search_key(key))
+    }
+
+    /// Every entry, tree by tree, in key order (values decoded to JSON; undecodable values as
+    /// a string saying so).
+    pub fn entries(&self) -> Result<Vec<Entry>, Error> {
+        let mut out = Vec::new();
+        for tree in TREES {
+            for item in self.tree(tree)?.iter() {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                let value = serde_json::from_slice(&v)
+                    .unwrap_or_else(|e| serde_json::Value::String(format!("<undecodable: {e}>")));
+                out.push(Entry { tree: tree.to_string(), key: String::from_utf8_lossy(&k).into_owned(), value });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds exported entries (overwriting equal keys); returns how many.
+    pub fn import(&self, entries: &[Entry]) -> Result<usize, Error> {
+        for e in entries {
+            if !TREES.contains(&e.tree.as_str()) {
+                return Err(Error::Format(format!(
+                    "unknown tree `{}` in the import; expected one of {TREES:?}",
+                    e.tree
+                )));
+            }
+            let bytes = serde_json::to_vec(&e.value).map_err(|err| Error::Format(err.to_string()))?;
+            self.tree(&e.tree)?.insert(e.key.as_bytes(), bytes).map_err(|err| self.err(err))?;
+        }
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(entries.len())
+    }
+
+    /// Removes every entry; returns how many.
+    pub fn clear(&self) -> Result<usize, Error> {
+        let mut n = 0;
+        for tree in TREES {
+            let t = self.tree(tree)?;
+            n += t.len();
+            t.clear().map_err(|e| self.err(e))?;
+        }
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(n)
+    }
+
+    /// Checks every entry: it decodes with this schema, and (when `current` is given) it was
+    /// made by that toolchain.
+    pub fn verify(&self, current: Option<&Toolchain>) -> Result<Verification, Error> {
+        let mut v = Verification::default();
+        let current_key = current.map(Toolchain::key);
+        for tree in TREES {
+            for item in self.tree(tree)?.iter() {
+                let (k, bytes) = item.map_err(|e| self.err(e))?;
+                let key = String::from_utf8_lossy(&k).into_owned();
+                v.checked += 1;
+                let problem = match tree {
+                    "kernels" => check::<KernelRecord>(&bytes),
+                    "tuning" => check::<TuneRecord>(&bytes),
+                    _ => check::<SearchRecord>(&bytes),
+                };
+                if let Some(why) = problem {
+                    v.corrupt.push((tree.to_string(), key.clone(), why));
+                }
+                if let Some(ck) = &current_key {
+                    if tree != "search" && !key.starts_with(&format!("{ck}/")) {
+                        v.stale.push((tree.to_string(), key));
+                    }
+                }
+            }
+        }
+        Ok(v)
+    }
+}
+
+#[derive(Deserialize)]
+struct SchemaOnly {
+    schema: u32,
+}
+
+fn check<T: DeserializeOwned>(bytes: &[u8]) -> Option<String> {
+    match serde_json::from_slice::<SchemaOnly>(bytes) {
+        Err(e) => return Some(e.to_string()),
+        Ok(s) if s.schema != SCHEMA_VERSION => {
+            return Some(format!("schema {} (this weft reads {SCHEMA_VERSION})", s.schema))
+        }
+        Ok(_) => {}
+    }
+    serde_json::from_slice::<Envelope<T>>(bytes).err().map(|e| e.to_string())
+}

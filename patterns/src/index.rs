@@ -593,7 +593,9 @@ impl BatchIndex {
         let mut ids: HashMap<Pred, u16> = HashMap::new();
         let too_big = || Error::Layout("the batch is too large for 32-bit offsets".into());
         for (b, ix) in parts.iter().enumerate() {
-            if (ix.heads, ix.block_m, ix.block_n, ix.permutation) != (out.heads, out.block_m, out.block_n, out.permutation) {
+            if (ix.heads, ix.block_m, ix.block_n, ix.permutation)
+                != (out.heads, out.block_m, out.block_n, out.permutation)
+            {
                 return Err(Error::Shape(format!(
                     "sequence {b}'s index has {} heads, {} x {} blocks and permutation {:?}; sequence 0's has {}, {} x {}, {:?}",
                     ix.heads, ix.block_m, ix.block_n, ix.permutation, out.heads, out.block_m, out.block_n, out.permutation
@@ -625,7 +627,9 @@ impl BatchIndex {
             out.col_idx.extend_from_slice(&ix.col_idx);
             out.col_mask.extend(ix.col_mask.iter().map(|m| map(*m)));
             let last = |v: &Vec<i32>| *v.last().unwrap_or(&0);
-            let next = |v: &Vec<i32>, add: usize| i32::try_from(add).ok().and_then(|a| last(v).checked_add(a)).ok_or_else(too_big);
+            let next = |v: &Vec<i32>, add: usize| {
+                i32::try_from(add).ok().and_then(|a| last(v).checked_add(a)).ok_or_else(too_big)
+            };
             let (sq, sk, sqb) = (next(&out.seq_q, ix.nq)?, next(&out.seq_k, ix.nk)?, next(&out.seq_qb, ix.q_blocks())?);
             out.seq_q.push(sq);
             out.seq_k.push(sk);

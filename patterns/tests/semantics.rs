@@ -372,7 +372,8 @@ fn batch_concatenation_keeps_every_sequence_and_shares_masks() {
     for (i, ((nq, nk), e)) in shapes.iter().zip(patterns.iter()).enumerate() {
         let q = Tensor::random(2, *nq, 8, i as u64);
         let k = Tensor::random(2, *nk, 8, 100 + i as u64);
-        parts.push(build_index(e, &q, &k, &IndexOptions { block_m: Some(64), block_n: Some(64), scale: None }).unwrap());
+        parts
+            .push(build_index(e, &q, &k, &IndexOptions { block_m: Some(64), block_n: Some(64), scale: None }).unwrap());
     }
     let b = BatchIndex::concat(&parts).unwrap();
     assert_eq!(b.seq_q, vec![0, 100, 101, 358]);
@@ -403,6 +404,8 @@ fn batch_concatenation_keeps_every_sequence_and_shares_masks() {
         }
     }
     assert!(BatchIndex::concat(&[]).is_err());
-    let other = build_index(&causal(), &Tensor::random(3, 10, 8, 1), &Tensor::random(3, 10, 8, 2), &IndexOptions::default()).unwrap();
+    let other =
+        build_index(&causal(), &Tensor::random(3, 10, 8, 1), &Tensor::random(3, 10, 8, 2), &IndexOptions::default())
+            .unwrap();
     assert!(BatchIndex::concat(&[parts[0].clone(), other]).unwrap_err().to_string().contains("sequence 1"));
 }

@@ -137,6 +137,21 @@ impl Gpu {
         })
     }
 
+    /// What kernels compiled here are valid for: the key prefix of every cache entry.
+    pub fn toolchain(&self) -> Result<weft_cache::Toolchain, Error> {
+        let mut driver_version = 0;
+        // Safety: a plain out-parameter call; libcuda was loaded by `Gpu::open`.
+        unsafe { sys::cuDriverGetVersion(&mut driver_version) }.result().map_err(driver("driver version"))?;
+        Ok(weft_cache::Toolchain {
+            gpu_name: self.name.clone(),
+            sm: self.arch.sm,
+            sm_count: self.sm_count,
+            driver_version,
+            nvrtc_version: nvrtc::version()?,
+            codegen_version: weft_codegen::CODEGEN_VERSION,
+        })
+    }
+
     /// Compiles (once per kernel key and architecture) and loads `kernel`.
     pub fn load(&self, kernel: &Kernel) -> Result<CudaFunction, Error> {
         let key = (kernel.key.clone(), self.arch);

@@ -334,9 +334,13 @@ fn packed_batch_matches_per_sequence_references() {
     for p in &patterns {
         for (dtype, d) in [(DType::Bf16, 128usize), (DType::F16, 64)] {
             let (hq, hkv) = (4usize, 2usize);
-            let xs: Vec<Inputs> =
-                seqs.iter().enumerate().map(|(i, (nq, nk))| inputs(hq, hkv, *nq, *nk, d, dtype, 9000 + i as u64)).collect();
-            let ixs: Vec<_> = xs.iter().map(|x| build_index(&p.expr, &x.q, &x.k, &IndexOptions::default()).unwrap()).collect();
+            let xs: Vec<Inputs> = seqs
+                .iter()
+                .enumerate()
+                .map(|(i, (nq, nk))| inputs(hq, hkv, *nq, *nk, d, dtype, 9000 + i as u64))
+                .collect();
+            let ixs: Vec<_> =
+                xs.iter().map(|x| build_index(&p.expr, &x.q, &x.k, &IndexOptions::default()).unwrap()).collect();
             let batch = BatchIndex::concat(&ixs).unwrap();
             // Packed [heads, total, d] buffers.
             let pack = |get: &dyn Fn(&Inputs) -> (&Vec<u16>, usize), heads: usize| -> Vec<u16> {
@@ -377,7 +381,10 @@ fn packed_batch_matches_per_sequence_references() {
                     gl.extend_from_slice(&got_lse[h * tq + q0..h * tq + q0 + nq]);
                 }
                 let (rel, nan, lse_err) = compare(&g, &gl, &want);
-                let tol = match dtype { DType::Bf16 => 1.5e-2, DType::F16 => 2e-3 };
+                let tol = match dtype {
+                    DType::Bf16 => 1.5e-2,
+                    DType::F16 => 2e-3,
+                };
                 let ok = nan == 0 && rel < tol && lse_err < 2e-2;
                 println!(
                     "{} batch {:<16} {:<5} d={:<3} seq {i} ({nq} x {}) rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",

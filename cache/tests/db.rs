@@ -1,0 +1,172 @@
+//! The kernel database: round trips, versioning, staleness, export/import, a locked and a
+//! corrupt database.
+
+use weft_cache::*;
+
+fn toolchain(gpu: &str, driver: i32) -> Toolchain {
+    Toolchain {
+        gpu_name: gpu.into(),
+        sm: 90,
+        sm_count: 132,
+        driver_version: driver,
+        nvrtc_version: (13, 0),
+        codegen_version: 1,
+    }
+}
+
+fn kernel_record() -> KernelRecord {
+    KernelRecord {
+        name: "weft_attn_0123".into(),
+        cubin: (0..=255).collect(),
+        ptx: ".entry weft_attn_0123".into(),
+        options: vec!["--gpu-architecture=sm_90".into()],
+        threads: 128,
+        shared_bytes: 105216,
+        head_dim: 128,
+        created: timestamp(),
+    }
+}
+
+fn tune_key(tc: Toolchain, head: Option<u32>) -> TuneKey {
+    TuneKey { toolchain: tc, pattern_hash: "ab12".into(), head, bucket: ShapeBucket::new(16000, 128, "bf16", 4, true) }
+}
+
+fn tune_record() -> TuneRecord {
+    TuneRecord {
+        best: serde_json::json!({"block_m": 128, "block_n": 64}),
+        best_ms: 1.5,
+        default_ms: 2.0,
+        timings: vec![(serde_json::json!({"block_m": 64}), Some(2.0)), (serde_json::json!({"block_m": 256}), None)],
+        kernel: "k1".into(),
+        created: timestamp(),
+    }
+}
+
+#[test]
+fn records_round_trip_and_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    let h200 = toolchain("NVIDIA H200", 580);
+    let kk = KernelKey { toolchain: h200.clone(), kernel: "k1".into(), arch: "sm_90".into() };
+    let sk = SearchKey { model: "org/model".into(), layer: 3, head: 7 };
+    let sr = SearchRecord { pattern: serde_json::json!({"name": "p"}), recall: 0.96, density: 0.1, created: 1 };
+    {
+        let db = Db::open(dir.path()).unwrap();
+        db.put_kernel(&kk, &kernel_record()).unwrap();
+        db.put_tuning(&tune_key(h200.clone(), Some(2)), &tune_record()).unwrap();
+        db.put_search(&sk, &sr).unwrap();
+    }
+    let db = Db::open(dir.path()).unwrap();
+    assert_eq!(db.kernel(&kk).unwrap().unwrap(), kernel_record_with(db.kernel(&kk).unwrap().unwrap().created));
+    assert_eq!(db.tuning(&tune_key(h200.clone(), Some(2))).unwrap().unwrap().best_ms, 1.5);
+    assert!(db.tuning(&tune_key(h200.clone(), None)).unwrap().is_none(), "per-head records are per head");
+    assert_eq!(db.search(&sk).unwrap().unwrap(), sr);
+    assert_eq!(db.entries().unwrap().len(), 3);
+}
+
+fn kernel_record_with(created: u64) -> KernelRecord {
+    KernelRecord { created, ..kernel_record() }
+}
+
+#[test]
+fn another_toolchain_never_sees_an_entry_and_verify_calls_it_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).unwrap();
+    let old = toolchain("NVIDIA H200", 570);
+    let new = toolchain("NVIDIA H200", 580);
+    db.put_tuning(&tune_key(old.clone(), None), &tune_record()).unwrap();
+    assert!(db.tuning(&tune_key(new.clone(), None)).unwrap().is_none());
+    assert!(db.tuning(&tune_key(toolchain("NVIDIA H100", 570), None)).unwrap().is_none());
+    let kk = |tc: Toolchain| KernelKey { toolchain: tc, kernel: "k".into(), arch: "sm_90".into() };
+    db.put_kernel(&kk(old.clone()), &kernel_record()).unwrap();
+    assert!(db.kernel(&kk(new.clone())).unwrap().is_none());
+    let v = db.verify(Some(&new)).unwrap();
+    assert_eq!(v.checked, 2);
+    assert_eq!(v.stale.len(), 2);
+    assert!(v.corrupt.is_empty());
+    assert!(db.verify(Some(&old)).unwrap().stale.is_empty());
+}
+
+#[test]
+fn buckets_round_up_to_powers_of_two() {
+    assert_eq!(ShapeBucket::new(100, 64, "bf16", 1, false).seq, 1024);
+    assert_eq!(ShapeBucket::new(16384, 64, "bf16", 1, false).seq, 16384);
+    assert_eq!(ShapeBucket::new(16385, 64, "bf16", 1, false).seq, 32768);
+}
+
+#[test]
+fn export_import_and_clear() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let src = Db::open(a.path()).unwrap();
+    let tc = toolchain("NVIDIA H200", 580);
+    src.put_tuning(&tune_key(tc.clone(), None), &tune_record()).unwrap();
+    src.put_kernel(&KernelKey { toolchain: tc.clone(), kernel: "k1".into(), arch: "sm_90".into() }, &kernel_record())
+        .unwrap();
+    let exported = src.entries().unwrap();
+    let json = serde_json::to_string(&exported).unwrap();
+    let dst = Db::open(b.path()).unwrap();
+    let back: Vec<Entry> = serde_json::from_str(&json).unwrap();
+    assert_eq!(dst.import(&back).unwrap(), 2);
+    assert_eq!(dst.entries().unwrap(), exported);
+    assert_eq!(
+        dst.tuning(&tune_key(tc, None)).unwrap().unwrap(),
+        src.tuning(&tune_key(toolchain("NVIDIA H200", 580), None)).unwrap().unwrap()
+    );
+    let bad = vec![Entry { tree: "nope".into(), key: "x".into(), value: serde_json::json!(1) }];
+    assert!(dst.import(&bad).unwrap_err().to_string().contains("unknown tree `nope`"));
+    assert_eq!(dst.clear().unwrap(), 2);
+    assert!(dst.entries().unwrap().is_empty());
+}
+
+#[test]
+fn undecodable_and_old_schema_entries_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).unwrap();
+    db.import(&[
+        Entry { tree: "tuning".into(), key: "garbage".into(), value: serde_json::json!({"schema": 1, "value": 5}) },
+        Entry { tree: "search".into(), key: "future".into(), value: serde_json::json!({"schema": 99, "value": {}}) },
+    ])
+    .unwrap();
+    let v = db.verify(None).unwrap();
+    assert_eq!(v.corrupt.len(), 2, "{v:?}");
+    assert!(v.corrupt.iter().any(|c| c.2.contains("schema 99")));
+}
+
+#[test]
+fn a_second_opener_is_told_who_holds_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Db::open(dir.path()).unwrap();
+    let second = Db::open(dir.path()).err().expect("the database is locked");
+    let msg = second.to_string();
+    assert!(msg.contains("in use by another process") && msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+    assert!(msg.contains(&dir.path().display().to_string()));
+}
+
+#[test]
+fn a_corrupt_database_says_how_to_reset_it() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = Db::open(dir.path()).unwrap();
+        db.put_search(
+            &SearchKey { model: "m".into(), layer: 0, head: 0 },
+            &SearchRecord { pattern: serde_json::json!(null), recall: 1.0, density: 1.0, created: 0 },
+        )
+        .unwrap();
+    }
+    // Overwrite sled's config and data with garbage.
+    for f in std::fs::read_dir(dir.path()).unwrap() {
+        let p = f.unwrap().path();
+        if p.is_file() && p.file_name().unwrap() != "holder" {
+            std::fs::write(&p, vec![0xa5u8; 4096]).unwrap();
+        }
+    }
+    let msg = Db::open(dir.path()).err().expect("garbage must not open").to_string();
+    assert!(msg.contains("cannot be read") && msg.contains("weft cache clear --db"), "{msg}");
+    // What the message says to do works: the damaged database goes, a fresh one opens.
+    Db::destroy(dir.path()).unwrap();
+    assert!(Db::open(dir.path()).unwrap().entries().unwrap().is_empty());
+    // A directory with other files is never deleted.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("thesis.tex"), "x").unwrap();
+    assert!(Db::destroy(other.path()).unwrap_err().to_string().contains("not deleting"));
+    assert!(other.path().join("thesis.tex").exists());
+}
