@@ -71,21 +71,7 @@ struct Case {
 }
 
 fn empty_index(heads: usize, n: usize) -> SparseIndex {
-    SparseIndex {
-        heads,
-        nq: n,
-        nk: n,
-        block_m: 64,
-        block_n: 64,
-        permutation: None,
-        masks: Vec::new(),
-        block_ptr: vec![0],
-        block_idx: Vec::new(),
-        block_mask: Vec::new(),
-        col_ptr: vec![0],
-        col_idx: Vec::new(),
-        col_mask: Vec::new(),
-    }
+    SparseIndex::empty(heads, n, n, 64, 64)
 }
 
 fn push_row(ix: &mut SparseIndex, blocks: &[u32], cols: &[u32]) {

@@ -218,6 +218,44 @@ fn settle(c: Cov, r: &Region) -> Option<Entry> {
 
 type Row = (Vec<(u32, Entry)>, Vec<(u32, Entry)>);
 
+/// An index's mask predicates, each stored once, with ids below [`FULL`].
+#[derive(Default)]
+struct MaskTable {
+    masks: Vec<Pred>,
+    ids: HashMap<Pred, u16>,
+}
+
+impl MaskTable {
+    fn from(masks: &[Pred]) -> MaskTable {
+        let mut t = MaskTable::default();
+        for m in masks {
+            // Existing tables are below the limit already.
+            let _ = t.intern(m.clone());
+        }
+        t
+    }
+
+    fn intern(&mut self, p: Pred) -> Result<u16, Error> {
+        if let Some(id) = self.ids.get(&p) {
+            return Ok(*id);
+        }
+        let id = u16::try_from(self.masks.len())
+            .ok()
+            .filter(|id| *id < FULL)
+            .ok_or_else(|| Error::Layout("more than 65534 distinct partial-block predicates".into()))?;
+        self.ids.insert(p.clone(), id);
+        self.masks.push(p);
+        Ok(id)
+    }
+
+    fn entry(&mut self, e: Entry) -> Result<u16, Error> {
+        match e {
+            Entry::Full => Ok(FULL),
+            Entry::Mask(p) => self.intern(p),
+        }
+    }
+}
+
 impl Resolved {
     fn region(&self, h: usize, q0: usize, q1: usize, k0: usize, k1: usize) -> Region {
         Region {
@@ -273,56 +311,27 @@ impl Resolved {
     /// Compresses the resolved pattern into the shared index format.
     pub fn index(&self) -> Result<SparseIndex, Error> {
         let per_head: Vec<Vec<Row>> = (0..self.heads).into_par_iter().map(|h| self.head_rows(h)).collect();
-        let mut masks: Vec<Pred> = Vec::new();
-        let mut ids: HashMap<Pred, u16> = HashMap::new();
-        let mut intern = |e: Entry| -> Result<u16, Error> {
-            match e {
-                Entry::Full => Ok(FULL),
-                Entry::Mask(p) => {
-                    if let Some(id) = ids.get(&p) {
-                        return Ok(*id);
-                    }
-                    let id = u16::try_from(masks.len())
-                        .ok()
-                        .filter(|id| *id < FULL)
-                        .ok_or_else(|| Error::Layout("more than 65534 distinct partial-block predicates".into()))?;
-                    ids.insert(p.clone(), id);
-                    masks.push(p);
-                    Ok(id)
-                }
-            }
-        };
+        let mut table = MaskTable::default();
         let too_big = || Error::Layout("the index has more than 2^32 entries; use larger blocks".into());
         let mut ix = SparseIndex {
-            heads: self.heads,
-            nq: self.nq,
-            nk: self.nk,
-            block_m: self.block_m,
-            block_n: self.block_n,
             permutation: self.permutation,
-            masks: Vec::new(),
-            block_ptr: vec![0],
-            block_idx: Vec::new(),
-            block_mask: Vec::new(),
-            col_ptr: vec![0],
-            col_idx: Vec::new(),
-            col_mask: Vec::new(),
+            ..SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n)
         };
         for rows in per_head {
             for (blocks, cols) in rows {
                 for (kb, e) in blocks {
                     ix.block_idx.push(kb);
-                    ix.block_mask.push(intern(e)?);
+                    ix.block_mask.push(table.entry(e)?);
                 }
                 for (c, e) in cols {
                     ix.col_idx.push(c);
-                    ix.col_mask.push(intern(e)?);
+                    ix.col_mask.push(table.entry(e)?);
                 }
                 ix.block_ptr.push(u32::try_from(ix.block_idx.len()).map_err(|_| too_big())?);
                 ix.col_ptr.push(u32::try_from(ix.col_idx.len()).map_err(|_| too_big())?);
             }
         }
-        ix.masks = masks;
+        ix.masks = table.masks;
         Ok(ix)
     }
 
@@ -342,6 +351,25 @@ impl Resolved {
 }
 
 impl SparseIndex {
+    /// An index of `heads` x `nq` x `nk` with no rows yet (for builders that append rows).
+    pub fn empty(heads: usize, nq: usize, nk: usize, block_m: usize, block_n: usize) -> SparseIndex {
+        SparseIndex {
+            heads,
+            nq,
+            nk,
+            block_m,
+            block_n,
+            permutation: None,
+            masks: Vec::new(),
+            block_ptr: vec![0],
+            block_idx: Vec::new(),
+            block_mask: Vec::new(),
+            col_ptr: vec![0],
+            col_idx: Vec::new(),
+            col_mask: Vec::new(),
+        }
+    }
+
     /// Query blocks per head.
     pub fn q_blocks(&self) -> usize {
         self.nq.div_ceil(self.block_m)
@@ -468,29 +496,10 @@ impl SparseIndex {
     /// positions): entries where `p` is all-true stay as they are, those where it is false
     /// go, the rest carry `mask && p`.
     pub fn restrict(&self, p: &Pred) -> Result<SparseIndex, Error> {
-        let mut ids: HashMap<Pred, u16> = self.masks.iter().cloned().enumerate().map(|(i, m)| (m, i as u16)).collect();
-        let mut masks = self.masks.clone();
-        let mut intern = |pred: Pred| -> Result<u16, Error> {
-            if let Some(id) = ids.get(&pred) {
-                return Ok(*id);
-            }
-            let id = u16::try_from(masks.len())
-                .ok()
-                .filter(|id| *id < FULL)
-                .ok_or_else(|| Error::Layout("more than 65534 distinct partial-block predicates".into()))?;
-            ids.insert(pred.clone(), id);
-            masks.push(pred);
-            Ok(id)
-        };
+        let mut table = MaskTable::from(&self.masks);
         let mut out = SparseIndex {
-            masks: Vec::new(),
-            block_ptr: vec![0],
-            block_idx: Vec::new(),
-            block_mask: Vec::new(),
-            col_ptr: vec![0],
-            col_idx: Vec::new(),
-            col_mask: Vec::new(),
-            ..self.clone()
+            permutation: self.permutation,
+            ..SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n)
         };
         let region = |h: usize, q0: usize, q1: usize, k0: usize, k1: usize| Region {
             q0: q0 as i64,
@@ -512,7 +521,7 @@ impl SparseIndex {
             match decide_exact(&combined, r) {
                 Some(true) => Ok(Some(FULL)),
                 Some(false) => Ok(None),
-                None => intern(combined).map(Some),
+                None => table.intern(combined).map(Some),
             }
         };
         for h in 0..self.heads {
@@ -535,7 +544,7 @@ impl SparseIndex {
                 out.col_ptr.push(out.col_idx.len() as u32);
             }
         }
-        out.masks = masks;
+        out.masks = table.masks;
         Ok(out)
     }
 
@@ -590,7 +599,7 @@ impl BatchIndex {
             seq_k: vec![0],
             seq_qb: vec![0],
         };
-        let mut ids: HashMap<Pred, u16> = HashMap::new();
+        let mut table = MaskTable::default();
         let too_big = || Error::Layout("the batch is too large for 32-bit offsets".into());
         for (b, ix) in parts.iter().enumerate() {
             if (ix.heads, ix.block_m, ix.block_n, ix.permutation)
@@ -602,22 +611,7 @@ impl BatchIndex {
                 )));
             }
             // This sequence's mask ids in the shared table.
-            let mut remap = Vec::with_capacity(ix.masks.len());
-            for m in &ix.masks {
-                let id = match ids.get(m) {
-                    Some(id) => *id,
-                    None => {
-                        let id = u16::try_from(out.masks.len())
-                            .ok()
-                            .filter(|id| *id < FULL)
-                            .ok_or_else(|| Error::Layout("more than 65534 distinct partial-block predicates".into()))?;
-                        ids.insert(m.clone(), id);
-                        out.masks.push(m.clone());
-                        id
-                    }
-                };
-                remap.push(id);
-            }
+            let remap: Vec<u16> = ix.masks.iter().map(|m| table.intern(m.clone())).collect::<Result<_, _>>()?;
             let map = |m: u16| if m == FULL { FULL } else { remap[m as usize] };
             let (b0, c0) = (*out.block_ptr.last().unwrap_or(&0), *out.col_ptr.last().unwrap_or(&0));
             out.block_ptr.extend(ix.block_ptr[1..].iter().map(|p| p + b0));
@@ -638,6 +632,7 @@ impl BatchIndex {
         if out.block_idx.len() > u32::MAX as usize || out.col_idx.len() > u32::MAX as usize {
             return Err(too_big());
         }
+        out.masks = table.masks;
         Ok(out)
     }
 

@@ -19,7 +19,7 @@ pub mod nvrtc;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg};
 use weft_codegen::{Kernel, KernelConfig, DECODE_THREADS, MERGE_THREADS};
 use weft_patterns::{BatchIndex, SparseIndex};
 
@@ -90,6 +90,14 @@ pub struct DeviceIndex {
     col_ptr: CudaSlice<u32>,
     col_idx: CudaSlice<u32>,
     col_mask: CudaSlice<u16>,
+}
+
+impl DeviceIndex {
+    /// The six CSR arrays, in the order every generated kernel takes them.
+    fn push_csr<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        b.arg(&self.block_ptr).arg(&self.block_idx).arg(&self.block_mask);
+        b.arg(&self.col_ptr).arg(&self.col_idx).arg(&self.col_mask);
+    }
 }
 
 /// Shapes of one attention call: Q `[hq, nq, d]`, K and V `[hkv, nk, d]`, O `[hq, nq, d]`,
@@ -257,8 +265,7 @@ impl Gpu {
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let mut b = self.stream.launch_builder(&f);
         b.arg(q).arg(k).arg(v).arg(out).arg(lse);
-        b.arg(&index.block_ptr).arg(&index.block_idx).arg(&index.block_mask);
-        b.arg(&index.col_ptr).arg(&index.col_idx).arg(&index.col_mask);
+        index.push_csr(&mut b);
         b.arg(&index.seq_q).arg(&index.seq_k).arg(&index.seq_qb);
         b.arg(&batch).arg(&nq).arg(&nk).arg(&hq).arg(&hkv).arg(&scale_log2);
         // Safety: the argument list matches the generated signature, and `check_launch`
@@ -318,8 +325,7 @@ impl Gpu {
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let mut b = s.launch_builder(&f);
         b.arg(q).arg(k).arg(v).arg(&mut opart).arg(&mut lpart);
-        b.arg(&index.block_ptr).arg(&index.block_idx).arg(&index.block_mask);
-        b.arg(&index.col_ptr).arg(&index.col_idx).arg(&index.col_mask);
+        index.push_csr(&mut b);
         b.arg(&nq).arg(&nk).arg(&hq).arg(&hkv).arg(&scale_log2).arg(&sp);
         // Safety: arguments match the generated decode signature; lengths checked above.
         unsafe { b.launch(cfg) }.map_err(driver(format!("launching {}", kernel.name)))?;

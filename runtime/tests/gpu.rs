@@ -106,33 +106,8 @@ fn every_family_matches_the_cpu_reference() {
                 gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32).unwrap();
                 s.synchronize().unwrap();
                 let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
-                let got_lse = s.clone_dtoh(&lse).unwrap();
-                let (mut num, mut den, mut nan) = (0f64, 0f64, 0usize);
-                for (g, w) in got.iter().zip(&want.out.data) {
-                    if !g.is_finite() {
-                        nan += 1;
-                    }
-                    num += f64::from(g - w).powi(2);
-                    den += f64::from(*w).powi(2);
-                }
-                let rel = (num / den.max(1e-30)).sqrt();
-                let mut lse_err = 0f64;
-                for (g, w) in got_lse.iter().zip(&want.lse) {
-                    let e = if w.is_infinite() {
-                        if *g == f32::NEG_INFINITY {
-                            0.0
-                        } else {
-                            f64::INFINITY
-                        }
-                    } else {
-                        (f64::from(*g) - w).abs()
-                    };
-                    lse_err = lse_err.max(if e.is_nan() { f64::INFINITY } else { e });
-                }
-                let tol = match dtype {
-                    DType::Bf16 => 1.5e-2,
-                    DType::F16 => 2e-3,
-                };
+                let (rel, nan, lse_err) = compare(&got, &s.clone_dtoh(&lse).unwrap(), &want);
+                let tol = tolerance(dtype);
                 let ok = nan == 0 && rel < tol && lse_err < 2e-2;
                 println!(
                     "{} {:<20} {:<5} d={:<3} n={:<5} hq={} hkv={} bm={:<3} density={:.3} rel_err={:.2e} lse_err={:.2e} unwritten={}",
@@ -145,6 +120,14 @@ fn every_family_matches_the_cpu_reference() {
         }
     }
     assert!(failures.is_empty(), "failed: {failures:?}");
+}
+
+/// Relative L2 error allowed for an output in `dtype` (rounding of P and O to 16 bits).
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::Bf16 => 1.5e-2,
+        DType::F16 => 2e-3,
+    }
 }
 
 /// Relative L2 error of `got` against the reference, count of non-finite values, and the
@@ -240,10 +223,7 @@ fn retrieval_decode_matches_the_cpu_reference() {
                 s.synchronize().unwrap();
                 let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
                 let (rel, nan, lse_err) = compare(&got, &s.clone_dtoh(&lse).unwrap(), &want);
-                let tol = match dtype {
-                    DType::Bf16 => 1.5e-2,
-                    DType::F16 => 2e-3,
-                };
+                let tol = tolerance(dtype);
                 let ok = nan == 0 && rel < tol && lse_err < 2e-2;
                 println!(
                     "{} decode {:<13} {:<5} d={:<3} nq={nq} nk={nk:<5} splits={splits} kept={:.3} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
@@ -381,10 +361,7 @@ fn packed_batch_matches_per_sequence_references() {
                     gl.extend_from_slice(&got_lse[h * tq + q0..h * tq + q0 + nq]);
                 }
                 let (rel, nan, lse_err) = compare(&g, &gl, &want);
-                let tol = match dtype {
-                    DType::Bf16 => 1.5e-2,
-                    DType::F16 => 2e-3,
-                };
+                let tol = tolerance(dtype);
                 let ok = nan == 0 && rel < tol && lse_err < 2e-2;
                 println!(
                     "{} batch {:<16} {:<5} d={:<3} seq {i} ({nq} x {}) rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",

@@ -72,12 +72,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
     const int kv_head = h / (hq / hkv);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int row = hq * seq_qb[b] + h * (seq_qb[b + 1] - seq_qb[b]) + qb;  // rows: sequence, head, block
-    const u32 nblocks = block_ptr[row + 1] - block_ptr[row];
-    const u32 ncols = col_ptr[row + 1] - col_ptr[row];
-    const u32* bidx = block_idx + block_ptr[row];
-    const u16* bmask = block_mask + block_ptr[row];
-    const u32* cidx = col_idx + col_ptr[row];
-    const u16* cmask = col_mask + col_ptr[row];
+    const IndexRow ir = index_row(row, block_ptr, block_idx, block_mask, col_ptr, col_idx, col_mask);
+    const u32 nblocks = ir.nblocks, ncols = ir.ncols;
+    const u32* bidx = ir.bidx;
+    const u16* bmask = ir.bmask;
+    const u32* cidx = ir.cidx;
+    const u16* cmask = ir.cmask;
     const int ntiles = (int)nblocks + (int)((ncols + BN - 1) / BN);
     const u16* Qh = Q + ((size_t)h * total_q + seq_q[b]) * D;
     const u16* Kh = K + ((size_t)kv_head * total_k + seq_k[b]) * D;

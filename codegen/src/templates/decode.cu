@@ -27,12 +27,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) {{NAME}}(
     const int kv_head = h / (hq / hkv);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row = h * nq + qpos;
-    const u32 nblocks = block_ptr[row + 1] - block_ptr[row];
-    const u32 ncols = col_ptr[row + 1] - col_ptr[row];
-    const u32* bidx = block_idx + block_ptr[row];
-    const u16* bmask = block_mask + block_ptr[row];
-    const u32* cidx = col_idx + col_ptr[row];
-    const u16* cmask = col_mask + col_ptr[row];
+    const IndexRow ir = index_row(row, block_ptr, block_idx, block_mask, col_ptr, col_idx, col_mask);
+    const u32 nblocks = ir.nblocks, ncols = ir.ncols;
+    const u32* bidx = ir.bidx;
+    const u16* bmask = ir.bmask;
+    const u32* cidx = ir.cidx;
+    const u16* cmask = ir.cmask;
     const int total = (int)nblocks * BN + (int)ncols;
     const int chunk = (total + splits - 1) / splits;
     const int begin = split * chunk, end = min(total, begin + chunk);

@@ -56,6 +56,27 @@ __device__ __forceinline__ u32 pack(float lo, float hi) {
     return r;
 }
 
+// One row of the sparse index: its key blocks (with mask ids) and its columns (with mask ids).
+struct IndexRow {
+    u32 nblocks, ncols;
+    const u32* bidx;
+    const u16* bmask;
+    const u32* cidx;
+    const u16* cmask;
+};
+
+__device__ __forceinline__ IndexRow index_row(int row, const u32* block_ptr, const u32* block_idx, const u16* block_mask,
+                                              const u32* col_ptr, const u32* col_idx, const u16* col_mask) {
+    IndexRow r;
+    r.nblocks = block_ptr[row + 1] - block_ptr[row];
+    r.ncols = col_ptr[row + 1] - col_ptr[row];
+    r.bidx = block_idx + block_ptr[row];
+    r.bmask = block_mask + block_ptr[row];
+    r.cidx = col_idx + col_ptr[row];
+    r.cmask = col_mask + col_ptr[row];
+    return r;
+}
+
 // Two packed 16-bit values to floats (`lo` from the low half).
 __device__ __forceinline__ void unpack(u32 v, float& lo, float& hi) {
 {{UNPACK_BODY}}
