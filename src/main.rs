@@ -11,6 +11,11 @@ use weft::dsl::{self, Pattern};
 use weft::patterns::synthetic::{planted_qk, Plant};
 use weft::patterns::{self as pat, IndexOptions, SparseIndex, Tensor, Universe};
 
+/// Longest synthetic sequence the CPU-side commands accept.
+const MAX_SEQ: usize = 1 << 22;
+/// Largest side of a block-map picture.
+const MAX_PX: usize = 16384;
+
 const QUICKSTART_PATTERN: &str = include_str!("../examples/patterns/video.toml");
 
 /// weft: a compiler and autotuner for sparse-attention and KV-retrieval GPU kernels.
@@ -337,6 +342,9 @@ fn make_input(args: &InputArgs, pattern: &Pattern) -> Result<Input> {
     if nq > n {
         bail!("--queries {nq} is larger than --seq {n}: queries are the last tokens of the sequence");
     }
+    if n > MAX_SEQ {
+        bail!("--seq {n} is over {MAX_SEQ} tokens, more than the CPU reference handles here");
+    }
     if (nq as u128) * (n as u128) * (args.heads as u128) > 1 << 36 {
         bail!("{} heads x {nq} x {n} pairs is too large for the CPU reference; lower --seq or --heads", args.heads);
     }
@@ -492,8 +500,8 @@ fn mask(
     if png.is_none() && npy.is_none() {
         bail!("nothing to write: give --png FILE and/or --npy FILE");
     }
-    if px == 0 {
-        bail!("--px must be at least 1");
+    if px == 0 || px > MAX_PX {
+        bail!("--px must be between 1 and {MAX_PX}, got {px}");
     }
     let input = make_input(args, pattern)?;
     if head >= input.q.heads {
@@ -632,8 +640,8 @@ fn cache(db: Option<PathBuf>, action: CacheAction) -> Result<()> {
 /// The kernel for a pattern, with the layout and masks of its index on a synthetic input.
 fn generate(pattern: &Pattern, args: &KernelArgs) -> Result<weft::codegen::Kernel> {
     pattern.validate()?;
-    if args.seq == 0 {
-        bail!("--seq must be at least 1");
+    if args.seq == 0 || args.seq > MAX_SEQ {
+        bail!("--seq must be between 1 and {MAX_SEQ}, got {}", args.seq);
     }
     let dtype: weft::codegen::DType = args.dtype.parse()?;
     if pattern.expr.contains_retrieval() {

@@ -281,3 +281,27 @@ fn cache_commands_round_trip_and_report_problems() {
     // WEFT_DB is the default location.
     weft().args(["cache", "ls"]).env("WEFT_DB", db_s).assert().success().stdout(predicate::str::contains(db_s));
 }
+
+#[test]
+fn oversized_requests_are_refused_not_attempted() {
+    weft()
+        .args(["explain", "retrieval", "--seq", "100000000000"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("--seq").and(no_panic()));
+    weft()
+        .args(["mask", "causal", "--seq", "64", "--px", "1000000000", "--png", "x.png"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("--px"));
+    weft()
+        .args(["emit", "causal", "--seq", "100000000000"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("--seq"));
+    weft()
+        .args(["explain", "causal", "--seq", "300", "--block-m", "1099511627776"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("block sizes must be between").and(no_panic()));
+}

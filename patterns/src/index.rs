@@ -23,6 +23,9 @@ use crate::permute;
 use crate::tensor::{check_qkv, Tensor};
 use crate::Error;
 
+/// Largest `block_m` or `block_n` an index may use.
+pub const MAX_BLOCK: usize = 1024;
+
 /// Mask id of an entry that needs no predicate.
 pub const FULL: u16 = u16::MAX;
 
@@ -101,8 +104,8 @@ pub fn layout(e: &PatternExpr, opts: &IndexOptions) -> Result<(usize, usize), Er
     granularity(e, &mut qs, &mut ks);
     let bm = opts.block_m.unwrap_or_else(|| qs.iter().copied().min().unwrap_or(64));
     let bn = opts.block_n.unwrap_or_else(|| ks.iter().copied().min().unwrap_or(64));
-    if bm == 0 || bn == 0 {
-        return Err(Error::Layout("block sizes must be at least 1".into()));
+    if bm == 0 || bn == 0 || bm > MAX_BLOCK || bn > MAX_BLOCK {
+        return Err(Error::Layout(format!("block sizes must be between 1 and {MAX_BLOCK}, got {bm} x {bn}")));
     }
     if let Some(g) = qs.iter().find(|g| **g % bm != 0) {
         return Err(Error::Layout(format!(
