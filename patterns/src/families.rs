@@ -29,9 +29,16 @@ pub struct HeadInputs<'a> {
     /// Key/value head (`h / group` under GQA).
     pub kv: usize,
     pub scale: f64,
+    /// Query rows to build (`None`: all); selections for other rows are skipped.
+    pub wanted: Option<&'a [bool]>,
 }
 
 impl HeadInputs<'_> {
+    /// Whether any row of `q0..q1` is wanted.
+    fn wants(&self, q0: usize, q1: usize) -> bool {
+        self.wanted.is_none_or(|w| w[q0..q1.min(w.len())].iter().any(|x| *x))
+    }
+
     fn nq(&self) -> usize {
         self.q.tokens
     }
@@ -204,6 +211,9 @@ fn block(b: &Block, inp: &HeadInputs<'_>, ctx: &Pred) -> BlockSel {
                 (0..nkb).map(|kb| pooled(inp.k, inp.kv, kb * bk, ((kb + 1) * bk).min(inp.nk()))).collect();
             for qb in 0..nqb {
                 let (q0, q1) = (qb * bq, ((qb + 1) * bq).min(inp.nq()));
+                if !inp.wants(q0, q1) {
+                    continue;
+                }
                 let pq = inp.pooled_q(q0, q1);
                 let cands: Vec<(u32, f64)> = (0..nkb)
                     .filter(|&kb| allowed(ctx, &inp.region(q0, q1, kb * bk, ((kb + 1) * bk).min(inp.nk()))))
@@ -224,6 +234,9 @@ fn vertical_vector(v: &VerticalVector, inp: &HeadInputs<'_>, ctx: &Pred) -> ColS
     let cols = (0..groups)
         .map(|g| {
             let (q0, q1) = (g * bq, ((g + 1) * bq).min(inp.nq()));
+            if !inp.wants(q0, q1) {
+                return Vec::new();
+            }
             let pq = inp.pooled_q(q0, q1);
             // Sink columns are always kept, so they do not compete for the budget.
             let cands: Vec<(u32, f64)> = (v.sink as usize..inp.nk())

@@ -64,6 +64,9 @@ pub struct IndexOptions {
     pub block_n: Option<usize>,
     /// Softmax scale (default `1 / sqrt(head_dim)`).
     pub scale: Option<f64>,
+    /// Build only these query rows (index positions); the other rows stay empty. For
+    /// estimates on sampled rows (pattern search): selections are made only where needed.
+    pub rows: Option<Vec<usize>>,
 }
 
 /// A pattern resolved for an input: every dynamic choice made, per head.
@@ -77,6 +80,8 @@ pub struct Resolved {
     pub block_m: usize,
     pub block_n: usize,
     pub scale: f64,
+    /// `wanted[q]`: whether query row `q` was built (all rows when `None`).
+    pub wanted: Option<Vec<bool>>,
 }
 
 fn granularity(e: &PatternExpr, qs: &mut Vec<usize>, ks: &mut Vec<usize>) {
@@ -147,14 +152,24 @@ pub fn resolve_pattern(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &Ind
         }
         None => (q, k),
     };
+    let wanted = match &opts.rows {
+        None => None,
+        Some(rows) => {
+            let mut w = vec![false; q.tokens];
+            for &r in rows {
+                *w.get_mut(r).ok_or_else(|| Error::Shape(format!("row {r} is past the {} queries", q.tokens)))? = true;
+            }
+            Some(w)
+        }
+    };
     let nodes = (0..q.heads)
         .into_par_iter()
         .map(|h| {
-            let inp = HeadInputs { q, k, h, kv: h / group, scale };
+            let inp = HeadInputs { q, k, h, kv: h / group, scale, wanted: wanted.as_deref() };
             resolve(expr, &inp, &Pred::Const(true))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Resolved { nodes, permutation, heads: q.heads, nq: q.tokens, nk: k.tokens, block_m: bm, block_n: bn, scale })
+    Ok(Resolved { nodes, permutation, heads: q.heads, nq: q.tokens, nk: k.tokens, block_m: bm, block_n: bn, scale, wanted })
 }
 
 /// Builds the sparse index of `pattern` for `q` and `k`.
@@ -280,6 +295,11 @@ impl Resolved {
         (0..self.nq.div_ceil(bm))
             .map(|qb| {
                 let (q0, q1) = (qb * bm, ((qb + 1) * bm).min(self.nq));
+                if let Some(w) = &self.wanted {
+                    if !w[q0..q1].iter().any(|x| *x) {
+                        return (Vec::new(), Vec::new());
+                    }
+                }
                 let blocks: Vec<(u32, Entry)> = (0..nkb)
                     .filter_map(|kb| {
                         let r = self.region(h, q0, q1, kb * bn, ((kb + 1) * bn).min(self.nk));

@@ -175,6 +175,9 @@ pub(crate) fn select_head(r: &Retrieval, inp: &HeadInputs<'_>, _ctx: &Pred) -> C
     let (units, cents) = units(r, inp.k, inp.kv);
     let cols = (0..nq)
         .map(|q| {
+            if !inp.wanted.is_none_or(|w| w[q]) {
+                return Vec::new();
+            }
             let visible = (q + nk + 1).saturating_sub(nq).min(nk);
             kept_for_row(r, inp.q.row(inp.h, q), inp.k, inp.kv, &units, &cents, visible, inp.scale)
         })

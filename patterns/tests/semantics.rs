@@ -166,7 +166,7 @@ proptest! {
     fn static_index_covers_exactly_the_predicate(p in arb_pred(), s in arb_shape(),
             bm in prop::sample::select(vec![16usize, 32, 64]), bn in prop::sample::select(vec![16usize, 32, 64])) {
         let x = inputs(&s);
-        let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), scale: None };
+        let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), scale: None, rows: None };
         let ix = check_index_exact(&PatternExpr::Static(p.clone()), &s, &x, &opts)?;
         for (h, q, k) in pairs(&s) {
             let env = Env { q: q as i64, k: k as i64, h: h as i64, nq: s.nq as i64, nk: s.nk as i64 };
@@ -190,7 +190,7 @@ proptest! {
     #[test]
     fn union_and_intersection_are_set_operations(a in arb_pattern(), b in arb_pattern(), p in arb_pred(), s in arb_shape()) {
         let x = inputs(&s);
-        let o = IndexOptions { block_m: Some(16), block_n: Some(16), scale: None };
+        let o = IndexOptions { block_m: Some(16), block_n: Some(16), scale: None, rows: None };
         let ix = |e: PatternExpr| build_index(&e, &x.q, &x.k, &o).unwrap();
         let (ia, ib) = (ix(a.clone()), ix(b.clone()));
         let uab = ix(a.clone() | b.clone());
@@ -297,7 +297,7 @@ fn zigzag_balances_causal_work() {
 fn causal_index_marks_full_and_partial_blocks() {
     let (q, k) = (Tensor::random(1, 100, 4, 1), Tensor::random(1, 100, 4, 2));
     let ix =
-        build_index(&causal(), &q, &k, &IndexOptions { block_m: Some(32), block_n: Some(32), scale: None }).unwrap();
+        build_index(&causal(), &q, &k, &IndexOptions { block_m: Some(32), block_n: Some(32), scale: None, rows: None }).unwrap();
     // 4 query blocks: the diagonal blocks are partial, those below are full.
     assert_eq!(ix.entry_counts(), (6, 4, 0));
     assert_eq!(ix.pairs(), 100 * 101 / 2);
@@ -373,7 +373,7 @@ fn batch_concatenation_keeps_every_sequence_and_shares_masks() {
         let q = Tensor::random(2, *nq, 8, i as u64);
         let k = Tensor::random(2, *nk, 8, 100 + i as u64);
         parts
-            .push(build_index(e, &q, &k, &IndexOptions { block_m: Some(64), block_n: Some(64), scale: None }).unwrap());
+            .push(build_index(e, &q, &k, &IndexOptions { block_m: Some(64), block_n: Some(64), scale: None, rows: None }).unwrap());
     }
     let b = BatchIndex::concat(&parts).unwrap();
     assert_eq!(b.seq_q, vec![0, 100, 101, 358]);
@@ -408,4 +408,26 @@ fn batch_concatenation_keeps_every_sequence_and_shares_masks() {
         build_index(&causal(), &Tensor::random(3, 10, 8, 1), &Tensor::random(3, 10, 8, 2), &IndexOptions::default())
             .unwrap();
     assert!(BatchIndex::concat(&[parts[0].clone(), other]).unwrap_err().to_string().contains("sequence 1"));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Building only some rows gives exactly those rows of the full index.
+    #[test]
+    fn row_restricted_builds_match_the_full_index(e in arb_pattern(), s in arb_shape(), picks in prop::collection::vec(any::<prop::sample::Index>(), 1..6)) {
+        let x = inputs(&s);
+        let rows: Vec<usize> = picks.iter().map(|i| i.index(s.nq)).collect();
+        let full = build_index(&e, &x.q, &x.k, &IndexOptions::default()).unwrap();
+        let part = build_index(&e, &x.q, &x.k, &IndexOptions { rows: Some(rows.clone()), ..Default::default() }).unwrap();
+        for h in 0..s.hq {
+            for q in 0..s.nq {
+                let same_block = rows.iter().any(|r| r / full.block_m == q / full.block_m);
+                for k in 0..s.nk {
+                    let want = same_block && full.contains(h, q, k);
+                    prop_assert_eq!(part.contains(h, q, k), want, "h={} q={} k={}", h, q, k);
+                }
+            }
+        }
+    }
 }
