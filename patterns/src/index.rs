@@ -169,7 +169,17 @@ pub fn resolve_pattern(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &Ind
             resolve(expr, &inp, &Pred::Const(true))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Resolved { nodes, permutation, heads: q.heads, nq: q.tokens, nk: k.tokens, block_m: bm, block_n: bn, scale, wanted })
+    Ok(Resolved {
+        nodes,
+        permutation,
+        heads: q.heads,
+        nq: q.tokens,
+        nk: k.tokens,
+        block_m: bm,
+        block_n: bn,
+        scale,
+        wanted,
+    })
 }
 
 /// Builds the sparse index of `pattern` for `q` and `k`.

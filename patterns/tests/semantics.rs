@@ -297,7 +297,8 @@ fn zigzag_balances_causal_work() {
 fn causal_index_marks_full_and_partial_blocks() {
     let (q, k) = (Tensor::random(1, 100, 4, 1), Tensor::random(1, 100, 4, 2));
     let ix =
-        build_index(&causal(), &q, &k, &IndexOptions { block_m: Some(32), block_n: Some(32), scale: None, rows: None }).unwrap();
+        build_index(&causal(), &q, &k, &IndexOptions { block_m: Some(32), block_n: Some(32), scale: None, rows: None })
+            .unwrap();
     // 4 query blocks: the diagonal blocks are partial, those below are full.
     assert_eq!(ix.entry_counts(), (6, 4, 0));
     assert_eq!(ix.pairs(), 100 * 101 / 2);
@@ -372,8 +373,10 @@ fn batch_concatenation_keeps_every_sequence_and_shares_masks() {
     for (i, ((nq, nk), e)) in shapes.iter().zip(patterns.iter()).enumerate() {
         let q = Tensor::random(2, *nq, 8, i as u64);
         let k = Tensor::random(2, *nk, 8, 100 + i as u64);
-        parts
-            .push(build_index(e, &q, &k, &IndexOptions { block_m: Some(64), block_n: Some(64), scale: None, rows: None }).unwrap());
+        parts.push(
+            build_index(e, &q, &k, &IndexOptions { block_m: Some(64), block_n: Some(64), scale: None, rows: None })
+                .unwrap(),
+        );
     }
     let b = BatchIndex::concat(&parts).unwrap();
     assert_eq!(b.seq_q, vec![0, 100, 101, 358]);

@@ -1,0 +1,309 @@
+//! Offline per-head pattern search: which pattern each head of a model should use.
+//!
+//! For every layer and head of captured Q/K, every candidate pattern (each dynamic family over
+//! a parameter grid, each with the sink and a local band, plus a sliding window and dense) is
+//! scored by **density** (share of the universe's pairs computed: causal pairs for a causal
+//! model) and **recall** (share of the full softmax mass kept). Then either
+//! - [`choose_by_recall`]: per head, the cheapest candidate reaching a target recall; or
+//! - [`choose_by_budget`]: under a mean density budget over all heads, the choice that
+//!   maximises mean recall, by a multiple-choice knapsack over each head's recall-density
+//!   points (as VecAttention allocates its budget).
+//!
+//! Recall and density are **estimated on sampled rows**: the last 64 queries (where decoding
+//! and MInference's estimate look) and 32 rows of eight 64-query blocks spread evenly along
+//! the sequence ([`sample_rows`]). Indexes are built only for those rows (`IndexOptions::rows`), and the
+//! full softmax of each sampled row is computed once per head and shared by all candidates.
+//! `tests/search.rs` measures how close the estimate is to exact recall.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use weft_dsl::builder::*;
+use weft_dsl::{Pattern, PatternExpr};
+use weft_patterns::{resolve_pattern, IndexOptions, Tensor};
+
+use crate::Error;
+
+/// A candidate pattern and the family it stands for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub family: String,
+    pub pattern: Pattern,
+}
+
+/// The candidate grid for sequences of `n` tokens.
+pub fn candidates(n: usize, is_causal: bool) -> Vec<Candidate> {
+    let base = || sink(64) | local(64);
+    let frac = |f: f64, of: usize| ((f * of as f64).round() as u32).max(1);
+    let mut out: Vec<(String, String, PatternExpr)> = vec![("dense".into(), "dense".into(), full())];
+    for w in [128u32, 256, 512, 1024, 2048, 4096] {
+        if (w as usize) < n {
+            out.push(("local".into(), format!("local-{w}"), sink(64) | local(w)));
+        }
+    }
+    let nb = n.div_ceil(64);
+    for f in [0.02, 0.05, 0.1, 0.2, 0.4] {
+        let k = frac(f, nb);
+        out.push(("block".into(), format!("block-top{k}"), base() | block().keep(top_k(k))));
+    }
+    for f in [0.01, 0.02, 0.05, 0.1, 0.2] {
+        let c = frac(f, n);
+        out.push((
+            "vertical_vector".into(),
+            format!("vv-top{c}"),
+            vertical_vector().keep(top_k(c)).sink(64).local(64).into(),
+        ));
+    }
+    if is_causal {
+        for (v, s) in [(16u32, 2u32), (32, 4), (64, 8), (128, 16), (256, 32)] {
+            let v = v.min(n as u32);
+            out.push((
+                "vertical_slash".into(),
+                format!("vs-{v}-{s}"),
+                base() | vertical_slash().vertical(top_k(v)).slash(top_k(s)),
+            ));
+        }
+    }
+    for stride in [8u32, 16, 32, 64, 128, 256] {
+        if (stride as usize) * 2 <= n {
+            out.push(("grid".into(), format!("grid-{stride}"), base() | grid(stride)));
+        }
+    }
+    out.into_iter()
+        .map(|(family, name, e)| {
+            let e = if is_causal { causal() & e } else { e };
+            Candidate { family, pattern: Pattern::new(name, e) }
+        })
+        .collect()
+}
+
+/// Sampled query blocks spread along the sequence, besides the last 64 queries.
+pub const SPREAD_BLOCKS: usize = 8;
+/// Rows taken from each spread block.
+pub const SPREAD_ROWS: usize = 32;
+
+/// The rows recall is estimated on: the last 64 queries and the first [`SPREAD_ROWS`] rows of
+/// [`SPREAD_BLOCKS`] 64-query blocks spread evenly along the sequence (all rows when that is
+/// not fewer).
+pub fn sample_rows(nq: usize) -> Vec<usize> {
+    if nq <= 64 + SPREAD_BLOCKS * SPREAD_ROWS {
+        return (0..nq).collect();
+    }
+    let mut rows: Vec<usize> = (nq - 64..nq).collect();
+    for i in 0..SPREAD_BLOCKS {
+        let start = ((2 * i + 1) * nq / (2 * SPREAD_BLOCKS)) / 64 * 64;
+        rows.extend(start..(start + SPREAD_ROWS).min(nq - 64));
+    }
+    rows.sort_unstable();
+    rows.dedup();
+    rows
+}
+
+/// One candidate's score on one head.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    pub candidate: usize,
+    pub density: f64,
+    pub recall: f64,
+}
+
+/// All candidates' scores on one head.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeadScores {
+    pub layer: usize,
+    pub head: usize,
+    pub scores: Vec<Score>,
+}
+
+/// Scores every candidate on every head of one layer. `rows`: the sampled query rows (see
+/// [`sample_rows`]); `progress` is called after each candidate's indexes are built.
+pub fn evaluate_layer(
+    layer: usize,
+    q: &Tensor,
+    k: &Tensor,
+    cands: &[Candidate],
+    causal: bool,
+    rows: &[usize],
+    progress: &(dyn Fn() + Sync),
+) -> Result<Vec<HeadScores>, Error> {
+    let group = weft_patterns::tensor::check_qkv(q, k, None)?;
+    let (nq, nk) = (q.tokens, k.tokens);
+    let scale = 1.0 / (q.dim as f64).sqrt();
+    let opts = IndexOptions { rows: Some(rows.to_vec()), scale: Some(scale), ..Default::default() };
+    let mut indexes = Vec::with_capacity(cands.len());
+    for c in cands {
+        indexes.push(resolve_pattern(&c.pattern.expr, q, k, &opts)?.index()?);
+        progress();
+    }
+    let visible = |t: usize| if causal { (t + nk + 1).saturating_sub(nq).min(nk) } else { nk };
+    let out = (0..q.heads)
+        .into_par_iter()
+        .map(|h| {
+            // Softmax of each sampled row over its universe, once per head.
+            let probs: Vec<Vec<f32>> = rows
+                .iter()
+                .map(|&t| {
+                    let n = visible(t);
+                    let logits: Vec<f64> =
+                        (0..n).map(|j| scale * weft_patterns::tensor::dot(q.row(h, t), k.row(h / group, j))).collect();
+                    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = logits.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = w.iter().sum();
+                    w.iter().map(|x| (x / total) as f32).collect()
+                })
+                .collect();
+            let universe: usize = rows.iter().map(|&t| visible(t)).sum();
+            let scores = indexes
+                .iter()
+                .enumerate()
+                .map(|(ci, ix)| {
+                    let (mut kept, mut mass) = (0usize, 0f64);
+                    for (r, &t) in rows.iter().enumerate() {
+                        ix.for_each_key(h, t, |j| {
+                            if let Some(p) = probs[r].get(j) {
+                                kept += 1;
+                                mass += f64::from(*p);
+                            }
+                        });
+                    }
+                    Score {
+                        candidate: ci,
+                        density: kept as f64 / universe.max(1) as f64,
+                        recall: mass / rows.len().max(1) as f64,
+                    }
+                })
+                .collect();
+            HeadScores { layer, head: h, scores }
+        })
+        .collect();
+    Ok(out)
+}
+
+/// The pattern chosen for one head.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    pub layer: usize,
+    pub head: usize,
+    pub family: String,
+    pub pattern: Pattern,
+    pub density: f64,
+    pub recall: f64,
+}
+
+fn choice(h: &HeadScores, s: &Score, cands: &[Candidate]) -> Choice {
+    let c = &cands[s.candidate];
+    Choice {
+        layer: h.layer,
+        head: h.head,
+        family: c.family.clone(),
+        pattern: c.pattern.clone(),
+        density: s.density,
+        recall: s.recall,
+    }
+}
+
+/// Above this density a sparse kernel saves nothing over dense attention: such candidates are
+/// never chosen over `dense` by [`choose_by_recall`].
+pub const MAX_SPARSE_DENSITY: f64 = 0.8;
+
+/// Per head, the lowest-density candidate whose recall reaches `target`; dense when none does
+/// at a density below [`MAX_SPARSE_DENSITY`].
+pub fn choose_by_recall(heads: &[HeadScores], cands: &[Candidate], target: f64) -> Vec<Choice> {
+    heads
+        .iter()
+        .map(|h| {
+            let is_dense = |s: &&Score| cands[s.candidate].family == "dense";
+            let best = h
+                .scores
+                .iter()
+                .filter(|s| s.recall >= target && (s.density <= MAX_SPARSE_DENSITY || is_dense(s)))
+                .min_by(|a, b| a.density.total_cmp(&b.density).then(b.recall.total_cmp(&a.recall)))
+                .or_else(|| h.scores.iter().find(is_dense))
+                .or_else(|| h.scores.iter().max_by(|a, b| a.recall.total_cmp(&b.recall)));
+            match best {
+                Some(s) => choice(h, s, cands),
+                None => Choice {
+                    layer: h.layer,
+                    head: h.head,
+                    family: "dense".into(),
+                    pattern: Pattern::new("dense", full()),
+                    density: 1.0,
+                    recall: 1.0,
+                },
+            }
+        })
+        .collect()
+}
+
+/// Density resolution of the budget knapsack (buckets per head).
+const BUCKETS: usize = 200;
+
+/// Under a mean density of at most `budget` over all heads, the choice of one candidate per
+/// head that maximises mean recall: a multiple-choice knapsack by dynamic programming over
+/// densities discretised to 1/200 (rounded up, so the budget holds).
+pub fn choose_by_budget(heads: &[HeadScores], cands: &[Candidate], budget: f64) -> Result<Vec<Choice>, Error> {
+    let n = heads.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let cap = (budget.clamp(0.0, 1.0) * (n * BUCKETS) as f64).floor() as usize;
+    let cost = |d: f64| (d * BUCKETS as f64).ceil() as usize;
+    // best[c] = max total recall using total cost c over the heads so far; back pointers.
+    let neg = f64::NEG_INFINITY;
+    let mut best = vec![neg; cap + 1];
+    best[0] = 0.0;
+    let mut picks: Vec<Vec<(usize, usize)>> = Vec::with_capacity(n); // per head, per cost: (score idx, prev cost)
+    for h in heads {
+        let mut next = vec![neg; cap + 1];
+        let mut pick = vec![(usize::MAX, 0usize); cap + 1];
+        for (si, s) in h.scores.iter().enumerate() {
+            let w = cost(s.density);
+            for c in 0..=cap.saturating_sub(w) {
+                if best[c] == neg {
+                    continue;
+                }
+                let v = best[c] + s.recall;
+                if v > next[c + w] {
+                    next[c + w] = v;
+                    pick[c + w] = (si, c);
+                }
+            }
+        }
+        best = next;
+        picks.push(pick);
+    }
+    let end = (0..=cap)
+        .filter(|c| best[*c] > neg)
+        .max_by(|a, b| best[*a].total_cmp(&best[*b]))
+        .ok_or_else(|| Error::Search(format!("no choice fits a mean density budget of {budget}; raise --budget")))?;
+    let mut out = vec![None; n];
+    let mut c = end;
+    for i in (0..n).rev() {
+        let (si, prev) = picks[i][c];
+        out[i] = Some(choice(&heads[i], &heads[i].scores[si], cands));
+        c = prev;
+    }
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// Per-layer summary: (layer, family counts, mean density, mean recall).
+pub fn summarize(choices: &[Choice]) -> Vec<(usize, Vec<(String, usize)>, f64, f64)> {
+    let mut layers: Vec<usize> = choices.iter().map(|c| c.layer).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    layers
+        .into_iter()
+        .map(|l| {
+            let cs: Vec<&Choice> = choices.iter().filter(|c| c.layer == l).collect();
+            let mut fams: Vec<(String, usize)> = Vec::new();
+            for c in &cs {
+                match fams.iter_mut().find(|f| f.0 == c.family) {
+                    Some(f) => f.1 += 1,
+                    None => fams.push((c.family.clone(), 1)),
+                }
+            }
+            fams.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            let n = cs.len().max(1) as f64;
+            (l, fams, cs.iter().map(|c| c.density).sum::<f64>() / n, cs.iter().map(|c| c.recall).sum::<f64>() / n)
+        })
+        .collect()
+}
