@@ -21,6 +21,7 @@
 //!     "sink(64) | local(256) | vertical_vector(q_block = 128, keep = top_p(0.95))").unwrap().hash());
 //! ```
 
+pub use weft_autotune as autotune;
 pub use weft_cache as cache;
 pub use weft_codegen as codegen;
 pub use weft_dsl as dsl;

@@ -95,6 +95,11 @@ enum Command {
         #[arg(long, default_value = "sm_90")]
         arch: String,
     },
+    /// Choose a pattern for every layer and head of a model from captured Q/K: the cheapest
+    /// reaching a target recall, or the best mean recall under a density budget.
+    ///
+    /// Example: weft search --qk captured.safetensors --target-recall 0.95 --png heads.png
+    Search(SearchArgs),
     /// Inspect and maintain the kernel database (tuned kernels, tuning records, search results).
     Cache {
         /// The database directory (default: $WEFT_DB, else the per-user cache directory).
@@ -109,6 +114,37 @@ enum Command {
         #[arg(long, default_value = "weft-quickstart", value_name = "DIR")]
         out: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct SearchArgs {
+    /// Captured Q/K: `layers.<L>.q` / `layers.<L>.k` (or `q` / `k`), [heads, tokens, head_dim].
+    #[arg(long, value_name = "FILE")]
+    qk: PathBuf,
+    /// Per head, the cheapest pattern keeping this share of the softmax mass (the default mode).
+    #[arg(long, value_name = "R", conflicts_with = "budget")]
+    target_recall: Option<f64>,
+    /// Instead: a mean density over all heads, spent where it buys the most recall.
+    #[arg(long, value_name = "D")]
+    budget: Option<f64>,
+    /// The model attends bidirectionally (default: causal, as decoder LLMs).
+    #[arg(long)]
+    bidirectional: bool,
+    /// Model name the results are stored under (default: the file name).
+    #[arg(long)]
+    model: Option<String>,
+    /// Kernel database for the results (default: $WEFT_DB, else the per-user cache directory).
+    #[arg(long, value_name = "DIR")]
+    db: Option<PathBuf>,
+    /// Do not store the results in the database.
+    #[arg(long)]
+    no_db: bool,
+    /// Write every choice as JSON here.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Draw a heads x layers map of the chosen families and densities here (PNG).
+    #[arg(long, value_name = "FILE")]
+    png: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -256,6 +292,7 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Compile { pattern, kernel, arch } => compile(&load_pattern(&pattern.pattern)?, &kernel, &arch),
+        Command::Search(args) => search(args),
         Command::Cache { db, action } => cache(db, action),
         Command::Quickstart { out } => quickstart(&out),
     }
@@ -534,6 +571,145 @@ fn mask(
         100.0 * r.index.head_density(head),
         100.0 * r.recall.per_head[head]
     );
+    Ok(())
+}
+
+/// Colours of the families in the search map.
+const FAMILY_COLOURS: [(&str, [u8; 3]); 6] = [
+    ("dense", [120, 120, 120]),
+    ("local", [46, 139, 87]),
+    ("block", [46, 94, 170]),
+    ("vertical_vector", [214, 55, 46]),
+    ("vertical_slash", [230, 150, 30]),
+    ("grid", [140, 80, 170]),
+];
+
+fn search(args: SearchArgs) -> Result<()> {
+    use weft::autotune::search::*;
+    let mode_recall = args.target_recall.unwrap_or(0.95);
+    if !(mode_recall > 0.0 && mode_recall <= 1.0) {
+        bail!("--target-recall must be in (0, 1], got {mode_recall}");
+    }
+    if let Some(b) = args.budget {
+        if !(b > 0.0 && b <= 1.0) {
+            bail!("--budget is a mean density in (0, 1], got {b}");
+        }
+    }
+    let causal = !args.bidirectional;
+    let layers = weft::qk::layers(&args.qk)?;
+    let model = args.model.clone().unwrap_or_else(|| {
+        args.qk.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    });
+    let start = Instant::now();
+    let mut all = Vec::new();
+    let mut cands = Vec::new();
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    for (li, layer) in layers.iter().enumerate() {
+        let (q, k) = weft::qk::load(&args.qk, *layer)?;
+        if cands.is_empty() {
+            cands = candidates(k.tokens, causal);
+            let b = indicatif::ProgressBar::new((layers.len() * cands.len()) as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} candidate indexes, layer {msg} [{elapsed_precise}]",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar = Some(b);
+        }
+        if let Some(b) = &bar {
+            b.set_message(format!("{li}"));
+        }
+        let rows = sample_rows(q.tokens);
+        let tick = || {
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+        };
+        all.extend(evaluate_layer(layer.unwrap_or(0), &q, &k, &cands, causal, &rows, &tick)?);
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let chosen = match args.budget {
+        Some(b) => choose_by_budget(&all, &cands, b)?,
+        None => choose_by_recall(&all, &cands, mode_recall),
+    };
+    println!(
+        "{} heads in {} layers searched in {:.1} s over {} candidates ({}; recall and density on {} sampled rows per head)",
+        chosen.len(),
+        layers.len(),
+        start.elapsed().as_secs_f64(),
+        cands.len(),
+        match args.budget {
+            Some(b) => format!("mean density budget {b}"),
+            None => format!("target recall {mode_recall}"),
+        },
+        sample_rows(weft::qk::load(&args.qk, layers[0])?.0.tokens).len()
+    );
+    println!("{:<6} {:<48} {:>8} {:>8}", "layer", "families", "density", "recall");
+    for l in summarize(&chosen) {
+        let f: Vec<String> = l.families.iter().map(|(n, c)| format!("{n} x{c}")).collect();
+        println!(
+            "{:<6} {:<48} {:>7.1}% {:>7.1}%",
+            l.layer,
+            f.join(", "),
+            100.0 * l.mean_density,
+            100.0 * l.mean_recall
+        );
+    }
+    let n = chosen.len().max(1) as f64;
+    println!(
+        "all    {:<48} {:>7.1}% {:>7.1}%",
+        "",
+        100.0 * chosen.iter().map(|c| c.density).sum::<f64>() / n,
+        100.0 * chosen.iter().map(|c| c.recall).sum::<f64>() / n
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&chosen)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.png {
+        let nl = chosen.iter().map(|c| c.layer).max().unwrap_or(0) + 1;
+        let nh = chosen.iter().map(|c| c.head).max().unwrap_or(0) + 1;
+        let cell = 12usize;
+        let (w, h) = (nl * cell, nh * cell);
+        let mut rgb = vec![255u8; w * h * 3];
+        for c in &chosen {
+            let base = FAMILY_COLOURS.iter().find(|f| f.0 == c.family).map_or([0, 0, 0], |f| f.1);
+            // Lighter for sparser heads: the colour's strength is the density (at least 25%).
+            let t = c.density.clamp(0.25, 1.0);
+            let col = base.map(|x| (255.0 - (255.0 - f64::from(x)) * t) as u8);
+            for y in c.head * cell..(c.head + 1) * cell - 1 {
+                for x in c.layer * cell..(c.layer + 1) * cell - 1 {
+                    let i = (y * w + x) * 3;
+                    rgb[i..i + 3].copy_from_slice(&col);
+                }
+            }
+        }
+        weft::viz::write_png(path, w, h, &rgb).with_context(|| format!("cannot write {}", path.display()))?;
+        let legend: Vec<String> = FAMILY_COLOURS.iter().map(|(n, c)| format!("{n} rgb{c:?}")).collect();
+        println!("wrote {} (columns: layers, rows: heads; lighter = sparser): {}", path.display(), legend.join(", "));
+    }
+    if !args.no_db {
+        let path = match &args.db {
+            Some(p) => p.clone(),
+            None => weft::cache::default_path()?,
+        };
+        let db = weft::cache::Db::open(&path)?;
+        for c in &chosen {
+            let key = weft::cache::SearchKey { model: model.clone(), layer: c.layer as u32, head: c.head as u32 };
+            let rec = weft::cache::SearchRecord {
+                pattern: serde_json::to_value(&c.pattern)?,
+                recall: c.recall,
+                density: c.density,
+                created: weft::cache::timestamp(),
+            };
+            db.put_search(&key, &rec)?;
+        }
+        println!("stored {} choices for model `{model}` in {}", chosen.len(), path.display());
+    }
     Ok(())
 }
 

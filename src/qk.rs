@@ -74,6 +74,47 @@ pub fn load(path: &Path, layer: Option<usize>) -> Result<(Tensor, Tensor), QkErr
     Ok((q, k))
 }
 
+/// The layers a file holds: the `L` of every `layers.L.q`, ascending; `[None]` when it holds
+/// plain `q`/`k` instead.
+pub fn layers(path: &Path) -> Result<Vec<Option<usize>>, QkError> {
+    let p = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| QkError::Io { path: p.clone(), source })?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| QkError::Format { path: p.clone(), message: e.to_string() })?;
+    let mut found: Vec<usize> =
+        meta.tensors().keys().filter_map(|n| n.strip_prefix("layers.")?.strip_suffix(".q")?.parse().ok()).collect();
+    found.sort_unstable();
+    found.dedup();
+    if found.is_empty() {
+        Ok(vec![None])
+    } else {
+        Ok(found.into_iter().map(Some).collect())
+    }
+}
+
+/// Writes Q and K of several layers as f32 tensors `layers.L.q` and `layers.L.k`.
+pub fn save_layers(path: &Path, layers: &[(Tensor, Tensor)]) -> Result<(), QkError> {
+    let p = path.display().to_string();
+    let bytes = |t: &Tensor| t.data.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> = layers
+        .iter()
+        .enumerate()
+        .flat_map(|(l, (q, k))| {
+            [
+                (format!("layers.{l}.q"), bytes(q), vec![q.heads, q.tokens, q.dim]),
+                (format!("layers.{l}.k"), bytes(k), vec![k.heads, k.tokens, k.dim]),
+            ]
+        })
+        .collect();
+    let mut views = Vec::new();
+    for (name, b, shape) in &data {
+        let v = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+            .map_err(|e| QkError::Format { path: p.clone(), message: e.to_string() })?;
+        views.push((name.clone(), v));
+    }
+    safetensors::serialize_to_file(views, &None, path).map_err(|e| QkError::Format { path: p, message: e.to_string() })
+}
+
 /// Writes Q and K as f32 tensors `q` and `k` (used by tests and the quickstart).
 pub fn save(path: &Path, q: &Tensor, k: &Tensor) -> Result<(), QkError> {
     let p = path.display().to_string();

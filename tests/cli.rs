@@ -305,3 +305,59 @@ fn oversized_requests_are_refused_not_attempted() {
         .failure()
         .stderr(predicate::str::contains("block sizes must be between").and(no_panic()));
 }
+
+#[test]
+fn search_picks_patterns_per_head_and_stores_them() {
+    use weft::patterns::synthetic::{planted_qk, Plant};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny-model.safetensors");
+    let plants = [Plant::Vertical(vec![5, 300, 301]), Plant::Blocks { size: 64 }, Plant::Dense];
+    let layers: Vec<_> = (0..2).map(|l| planted_qk(&plants, 600, 32, 16.0, l)).collect();
+    weft::qk::save_layers(&file, &layers).unwrap();
+    let (json, png, db) = (dir.path().join("choice.json"), dir.path().join("map.png"), dir.path().join("db"));
+    weft()
+        .args(["search", "--target-recall", "0.9", "--qk"])
+        .arg(&file)
+        .arg("--json")
+        .arg(&json)
+        .arg("--png")
+        .arg(&png)
+        .arg("--db")
+        .arg(&db)
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("6 heads in 2 layers")
+                .and(predicate::str::contains("stored 6 choices for model `tiny-model`")),
+        );
+    let chosen: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(chosen.len(), 6);
+    assert_eq!(chosen[0]["family"], "vertical_vector");
+    assert_ne!(chosen[1]["family"], "dense", "the planted blocks are sparse");
+    assert_eq!(chosen[2]["family"], "dense");
+    assert!(png.exists());
+    let stored = weft::cache::Db::open(&db).unwrap().entries().unwrap();
+    assert_eq!(stored.iter().filter(|e| e.tree == "search").count(), 6);
+    // The budget mode respects its budget.
+    weft()
+        .args(["search", "--budget", "0.7", "--no-db", "--qk"])
+        .arg(&file)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("mean density budget 0.7"));
+    // Short sequences: the sink and local band alone exceed a tiny budget.
+    weft()
+        .args(["search", "--budget", "0.05", "--no-db", "--qk"])
+        .arg(&file)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("raise --budget").and(no_panic()));
+    // Bad files and values are errors.
+    weft().args(["search", "--qk", "/nonexistent.safetensors", "--no-db"]).assert().failure().stderr(no_panic());
+    weft()
+        .args(["search", "--budget", "2", "--no-db", "--qk"])
+        .arg(&file)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("--budget"));
+}

@@ -257,7 +257,10 @@ pub fn choose_by_budget(heads: &[HeadScores], cands: &[Candidate], budget: f64) 
         let mut pick = vec![(usize::MAX, 0usize); cap + 1];
         for (si, s) in h.scores.iter().enumerate() {
             let w = cost(s.density);
-            for c in 0..=cap.saturating_sub(w) {
+            if w > cap {
+                continue;
+            }
+            for c in 0..=cap - w {
                 if best[c] == neg {
                     continue;
                 }
@@ -285,8 +288,18 @@ pub fn choose_by_budget(heads: &[HeadScores], cands: &[Candidate], budget: f64) 
     Ok(out.into_iter().flatten().collect())
 }
 
-/// Per-layer summary: (layer, family counts, mean density, mean recall).
-pub fn summarize(choices: &[Choice]) -> Vec<(usize, Vec<(String, usize)>, f64, f64)> {
+/// What one layer's heads chose.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerSummary {
+    pub layer: usize,
+    /// Families with their head counts, most frequent first.
+    pub families: Vec<(String, usize)>,
+    pub mean_density: f64,
+    pub mean_recall: f64,
+}
+
+/// Per-layer summary of a search.
+pub fn summarize(choices: &[Choice]) -> Vec<LayerSummary> {
     let mut layers: Vec<usize> = choices.iter().map(|c| c.layer).collect();
     layers.sort_unstable();
     layers.dedup();
@@ -303,7 +316,12 @@ pub fn summarize(choices: &[Choice]) -> Vec<(usize, Vec<(String, usize)>, f64, f
             }
             fams.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
             let n = cs.len().max(1) as f64;
-            (l, fams, cs.iter().map(|c| c.density).sum::<f64>() / n, cs.iter().map(|c| c.recall).sum::<f64>() / n)
+            LayerSummary {
+                layer: l,
+                families: fams,
+                mean_density: cs.iter().map(|c| c.density).sum::<f64>() / n,
+                mean_recall: cs.iter().map(|c| c.recall).sum::<f64>() / n,
+            }
         })
         .collect()
 }

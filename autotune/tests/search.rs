@@ -117,3 +117,11 @@ fn sample_rows_cover_the_end_and_the_middle() {
     assert!(rows.contains(&(16384 / 16 / 64 * 64)));
     assert_eq!(sample_rows(100), (0..100).collect::<Vec<_>>());
 }
+
+#[test]
+fn an_infeasible_budget_is_an_error() {
+    let (cands, scores, _, _) = scored();
+    let e = choose_by_budget(&scores, &cands, 0.001).unwrap_err().to_string();
+    assert!(e.contains("raise --budget"), "{e}");
+    assert!(choose_by_budget(&[], &cands, 0.1).unwrap().is_empty());
+}

@@ -81,15 +81,13 @@ pub fn planted_qk(plants: &[Plant], tokens: usize, dim: usize, strength: f32, se
                         v.into_iter().map(|x| x / norm).collect()
                     })
                     .collect();
-                for t in 0..tokens {
-                    for (x, c) in q.row_mut(h, t).iter_mut().zip(&codes[t]) {
+                for (t, code) in codes.iter().enumerate() {
+                    for (x, c) in q.row_mut(h, t).iter_mut().zip(code) {
                         *x += unit * c;
                     }
-                    for &o in offsets {
-                        if o <= t {
-                            for (x, c) in k.row_mut(h, t - o).iter_mut().zip(&codes[t]) {
-                                *x += unit * c;
-                            }
+                    for &o in offsets.iter().filter(|o| **o <= t) {
+                        for (x, c) in k.row_mut(h, t - o).iter_mut().zip(code) {
+                            *x += unit * c;
                         }
                     }
                 }
