@@ -1,0 +1,176 @@
+//! Kernel config spaces and their static pruning.
+//!
+//! For one pattern (its index layout constrains the tiles) and one head dim and dtype, the
+//! space is every `block_m x block_n` tile that divides the pattern's granularity, with 16 or
+//! 32 query rows per warp. Before anything is timed, configs are pruned by a static resource
+//! model: shared memory against the device's per-CTA limit, then, from the NVRTC report of a
+//! parallel compile, register spills and the CTAs that fit on one multiprocessor.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use weft_codegen::{emit, DType, Kernel, KernelConfig, KernelSpec};
+use weft_dsl::Pattern;
+use weft_patterns::{layout, IndexOptions, SparseIndex};
+
+use crate::Error;
+
+/// What the static model needs to know about a GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceLimits {
+    /// Dynamic shared memory one CTA may use.
+    pub shared_per_block: u32,
+    /// Shared memory of one multiprocessor.
+    pub shared_per_sm: u32,
+    pub registers_per_sm: u32,
+    pub max_threads_per_sm: u32,
+}
+
+impl DeviceLimits {
+    /// H100 / H200 (sm_90).
+    pub const HOPPER: DeviceLimits = DeviceLimits {
+        shared_per_block: 227 * 1024,
+        shared_per_sm: 228 * 1024,
+        registers_per_sm: 65536,
+        max_threads_per_sm: 2048,
+    };
+    /// A100 (sm_80).
+    pub const AMPERE: DeviceLimits = DeviceLimits {
+        shared_per_block: 163 * 1024,
+        shared_per_sm: 164 * 1024,
+        registers_per_sm: 65536,
+        max_threads_per_sm: 2048,
+    };
+
+    /// The limits of compute capability `sm` (Hopper's for 9.0 and later, Ampere's below).
+    pub fn for_sm(sm: u32) -> DeviceLimits {
+        if sm >= 90 {
+            DeviceLimits::HOPPER
+        } else {
+            DeviceLimits::AMPERE
+        }
+    }
+}
+
+/// Every config of the space for `pattern`, head dim and dtype: tiles dividing the pattern's
+/// granularity, 16 or 32 rows per warp (32 only for 32-row tiles and larger).
+pub fn space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<KernelConfig> {
+    let mut out = Vec::new();
+    for bm in [16u32, 32, 64, 128] {
+        for bn in [16u32, 32, 64, 128] {
+            let opts = IndexOptions { block_m: Some(bm as usize), block_n: Some(bn as usize), ..Default::default() };
+            if layout(&pattern.expr, &opts).is_err() {
+                continue;
+            }
+            for warp_rows in [16u32, 32] {
+                if warp_rows <= bm {
+                    out.push(KernelConfig { block_m: bm, block_n: bn, head_dim, dtype, warp_rows });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Why a config was dropped before timing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Pruned {
+    /// More shared memory than a CTA may have.
+    SharedMemory { needed: u32, limit: u32 },
+    /// The generator or NVRTC refused it.
+    CompileFailed(String),
+    /// ptxas spilled registers to local memory.
+    Spills { bytes: u32 },
+}
+
+/// A config that survived pruning, with its static profile.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub config: KernelConfig,
+    pub kernel: Kernel,
+    pub cubin: Vec<u8>,
+    pub ptx: String,
+    pub registers: Option<u32>,
+    /// CTAs resident on one multiprocessor by shared memory, registers and threads.
+    pub ctas_per_sm: u32,
+    pub compile_ms: f64,
+}
+
+/// The outcome for one config.
+#[derive(Clone, Debug)]
+pub enum Candidate {
+    Kept(Box<Compiled>),
+    Dropped(KernelConfig, Pruned),
+}
+
+/// CTAs of a kernel that fit on one multiprocessor.
+pub fn ctas_per_sm(config: &KernelConfig, registers: Option<u32>, limits: &DeviceLimits) -> u32 {
+    let threads = config.threads();
+    let by_shared = limits.shared_per_sm / config.shared_bytes().max(1);
+    let by_threads = limits.max_threads_per_sm / threads.max(1);
+    // Registers are allocated per warp in units of 256.
+    let by_regs = registers.map_or(u32::MAX, |r| {
+        let per_warp = (r * 32).div_ceil(256) * 256;
+        limits.registers_per_sm / (per_warp * (threads / 32)).max(1)
+    });
+    by_shared.min(by_threads).min(by_regs)
+}
+
+/// Generates and compiles (in parallel, with `compile`) every config of `configs` for the
+/// index `ix` of `pattern`, pruning by shared memory first and by the compiler's report after.
+/// `compile(source, name) -> (cubin, ptx, registers, spill bytes, millis)`; a failure drops
+/// that config and the others go on.
+pub fn compile_space<F>(
+    pattern: &Pattern,
+    ix_for: &(dyn Fn(&KernelConfig) -> Result<SparseIndex, Error> + Sync),
+    configs: &[KernelConfig],
+    limits: &DeviceLimits,
+    compile: F,
+) -> Vec<Candidate>
+where
+    F: Fn(&str, &str) -> Result<(Vec<u8>, String, Option<u32>, u32, f64), String> + Sync,
+{
+    configs
+        .par_iter()
+        .map(|c| {
+            if c.shared_bytes() > limits.shared_per_block {
+                return Candidate::Dropped(
+                    *c,
+                    Pruned::SharedMemory { needed: c.shared_bytes(), limit: limits.shared_per_block },
+                );
+            }
+            let ix = match ix_for(c) {
+                Ok(ix) => ix,
+                Err(e) => return Candidate::Dropped(*c, Pruned::CompileFailed(e.to_string())),
+            };
+            let kernel = match emit(&KernelSpec { pattern, masks: &ix.masks, permutation: ix.permutation, config: *c })
+            {
+                Ok(k) => k,
+                Err(e) => return Candidate::Dropped(*c, Pruned::CompileFailed(e.to_string())),
+            };
+            match compile(&kernel.source, &kernel.name) {
+                Err(e) => Candidate::Dropped(*c, Pruned::CompileFailed(e)),
+                Ok((_, _, _, spill, _)) if spill > 0 => Candidate::Dropped(*c, Pruned::Spills { bytes: spill }),
+                Ok((cubin, ptx, registers, _, ms)) => Candidate::Kept(Box::new(Compiled {
+                    config: *c,
+                    ctas_per_sm: ctas_per_sm(c, registers, limits),
+                    kernel,
+                    cubin,
+                    ptx,
+                    registers,
+                    compile_ms: ms,
+                })),
+            }
+        })
+        .collect()
+}
+
+/// A `compile` for [`compile_space`] that runs NVRTC for `arch`.
+pub fn nvrtc_compiler(
+    arch: weft_runtime::Arch,
+) -> impl Fn(&str, &str) -> Result<(Vec<u8>, String, Option<u32>, u32, f64), String> + Sync {
+    move |source: &str, name: &str| {
+        let c = weft_runtime::nvrtc::compile(source, name, arch).map_err(|e| e.to_string())?;
+        let spill = c.report.as_ref().map_or(0, |r| r.spill_stores + r.spill_loads);
+        Ok((c.cubin, c.ptx, c.report.as_ref().map(|r| r.registers), spill, c.millis))
+    }
+}

@@ -1,0 +1,88 @@
+//! Config spaces, static pruning and parallel compilation (NVRTC, no GPU).
+
+use weft_autotune::space::*;
+use weft_codegen::DType;
+use weft_dsl::builder::*;
+use weft_dsl::Pattern;
+use weft_patterns::{build_index, IndexOptions, Tensor};
+
+fn index_for(
+    p: &Pattern,
+) -> impl Fn(&weft_codegen::KernelConfig) -> Result<weft_patterns::SparseIndex, weft_autotune::Error> + Sync + '_ {
+    move |c| {
+        let (q, k) = (Tensor::random(1, 300, 16, 1), Tensor::random(1, 300, 16, 2));
+        let opts =
+            IndexOptions { block_m: Some(c.block_m as usize), block_n: Some(c.block_n as usize), ..Default::default() };
+        Ok(build_index(&p.expr, &q, &k, &opts)?)
+    }
+}
+
+#[test]
+fn spaces_follow_the_pattern_granularity() {
+    let causal_space = space(&Pattern::new("c", causal()), 128, DType::Bf16);
+    // 4 x 4 tiles, 16 rows per warp everywhere, 32 where the tile has 32 rows or more.
+    assert_eq!(causal_space.len(), 16 + 12);
+    let vv = space(&Pattern::new("vv", vertical_vector().q_block(64)), 128, DType::Bf16);
+    assert!(vv.iter().all(|c| 64 % c.block_m == 0));
+    assert!(vv.iter().any(|c| c.block_m == 64 && c.warp_rows == 32));
+    let blocks = space(&Pattern::new("b", block().block_q(32).block_k(32)), 64, DType::F16);
+    assert!(blocks.iter().all(|c| c.block_m <= 32 && c.block_n <= 32));
+}
+
+#[test]
+fn occupancy_model() {
+    let c = weft_codegen::KernelConfig::for_blocks(128, 64, 128, DType::Bf16);
+    // 105216 bytes of shared memory: two CTAs on a Hopper SM; 255 registers x 128 threads: two.
+    assert_eq!(ctas_per_sm(&c, Some(255), &DeviceLimits::HOPPER), 2);
+    assert_eq!(ctas_per_sm(&c, None, &DeviceLimits::HOPPER), 2);
+    let small = weft_codegen::KernelConfig::for_blocks(64, 32, 64, DType::Bf16);
+    assert_eq!(ctas_per_sm(&small, Some(96), &DeviceLimits::HOPPER), 5);
+}
+
+#[test]
+fn pruning_and_parallel_compile_with_nvrtc() {
+    weft_runtime::nvrtc::version().expect("NVRTC is required for this test");
+    let p = Pattern::new("window", causal() & window(256));
+    let configs = space(&p, 128, DType::Bf16);
+    let ix = index_for(&p);
+    let out = compile_space(&p, &ix, &configs, &DeviceLimits::HOPPER, nvrtc_compiler(weft_runtime::Arch::SM90));
+    assert_eq!(out.len(), configs.len());
+    let kept: Vec<&Compiled> =
+        out.iter().filter_map(|c| if let Candidate::Kept(k) = c { Some(&**k) } else { None }).collect();
+    let spills = out.iter().filter(|c| matches!(c, Candidate::Dropped(_, Pruned::Spills { .. }))).count();
+    for k in &kept {
+        println!("kept {} regs={:?} ctas/SM={} {:.0} ms", k.config, k.registers, k.ctas_per_sm, k.compile_ms);
+        assert!(!k.cubin.is_empty() && k.ctas_per_sm >= 1);
+    }
+    println!("{} kept, {spills} dropped for spills, of {}", kept.len(), configs.len());
+    assert!(
+        kept.iter().any(|k| k.config == weft_codegen::KernelConfig::new(128, DType::Bf16)),
+        "the default config survives"
+    );
+    // 128 x 64 tiles with 32 rows per warp spill at head dim 128 (docs/PERF.md).
+    assert!(spills >= 1);
+}
+
+#[test]
+fn a_failed_compile_drops_only_that_config() {
+    let p = Pattern::new("c", causal());
+    let configs = space(&p, 64, DType::F16);
+    let ix = index_for(&p);
+    let big =
+        weft_codegen::KernelConfig { block_m: 128, block_n: 128, head_dim: 256, dtype: DType::Bf16, warp_rows: 32 };
+    let mut all = configs.clone();
+    all.push(big);
+    let out = compile_space(&p, &ix, &all, &DeviceLimits::AMPERE, |_src: &str, name: &str| {
+        if name.ends_with('0') {
+            Err("simulated NVRTC failure".to_string())
+        } else {
+            Ok((vec![1], String::new(), Some(100), 0, 1.0))
+        }
+    });
+    let failed = out.iter().filter(|c| matches!(c, Candidate::Dropped(_, Pruned::CompileFailed(_)))).count();
+    let kept = out.iter().filter(|c| matches!(c, Candidate::Kept(_))).count();
+    let smem = out.iter().filter(|c| matches!(c, Candidate::Dropped(_, Pruned::SharedMemory { .. }))).count();
+    assert_eq!(smem, 1, "128 x 128 tiles at head dim 256 exceed the A100's shared memory");
+    assert_eq!(failed + kept + smem, all.len());
+    assert!(kept > 0);
+}
