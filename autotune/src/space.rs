@@ -102,6 +102,18 @@ pub enum Candidate {
     Dropped(KernelConfig, Pruned),
 }
 
+/// What a compiler returns for one kernel.
+#[derive(Clone, Debug, Default)]
+pub struct CompileOutput {
+    pub cubin: Vec<u8>,
+    pub ptx: String,
+    /// Registers per thread, when the compiler reports them.
+    pub registers: Option<u32>,
+    /// Bytes spilled to local memory (stores plus loads).
+    pub spill_bytes: u32,
+    pub millis: f64,
+}
+
 /// CTAs of a kernel that fit on one multiprocessor.
 pub fn ctas_per_sm(config: &KernelConfig, registers: Option<u32>, limits: &DeviceLimits) -> u32 {
     let threads = config.threads();
@@ -117,7 +129,7 @@ pub fn ctas_per_sm(config: &KernelConfig, registers: Option<u32>, limits: &Devic
 
 /// Generates and compiles (in parallel, with `compile`) every config of `configs` for the
 /// index `ix` of `pattern`, pruning by shared memory first and by the compiler's report after.
-/// `compile(source, name) -> (cubin, ptx, registers, spill bytes, millis)`; a failure drops
+/// `compile(source, name)` returns the [`CompileOutput`] or an error message; a failure drops
 /// that config and the others go on.
 pub fn compile_space<F>(
     pattern: &Pattern,
@@ -127,7 +139,7 @@ pub fn compile_space<F>(
     compile: F,
 ) -> Vec<Candidate>
 where
-    F: Fn(&str, &str) -> Result<(Vec<u8>, String, Option<u32>, u32, f64), String> + Sync,
+    F: Fn(&str, &str) -> Result<CompileOutput, String> + Sync,
 {
     configs
         .par_iter()
@@ -149,15 +161,15 @@ where
             };
             match compile(&kernel.source, &kernel.name) {
                 Err(e) => Candidate::Dropped(*c, Pruned::CompileFailed(e)),
-                Ok((_, _, _, spill, _)) if spill > 0 => Candidate::Dropped(*c, Pruned::Spills { bytes: spill }),
-                Ok((cubin, ptx, registers, _, ms)) => Candidate::Kept(Box::new(Compiled {
+                Ok(out) if out.spill_bytes > 0 => Candidate::Dropped(*c, Pruned::Spills { bytes: out.spill_bytes }),
+                Ok(out) => Candidate::Kept(Box::new(Compiled {
                     config: *c,
-                    ctas_per_sm: ctas_per_sm(c, registers, limits),
+                    ctas_per_sm: ctas_per_sm(c, out.registers, limits),
                     kernel,
-                    cubin,
-                    ptx,
-                    registers,
-                    compile_ms: ms,
+                    cubin: out.cubin,
+                    ptx: out.ptx,
+                    registers: out.registers,
+                    compile_ms: out.millis,
                 })),
             }
         })
@@ -165,12 +177,15 @@ where
 }
 
 /// A `compile` for [`compile_space`] that runs NVRTC for `arch`.
-pub fn nvrtc_compiler(
-    arch: weft_runtime::Arch,
-) -> impl Fn(&str, &str) -> Result<(Vec<u8>, String, Option<u32>, u32, f64), String> + Sync {
+pub fn nvrtc_compiler(arch: weft_runtime::Arch) -> impl Fn(&str, &str) -> Result<CompileOutput, String> + Sync {
     move |source: &str, name: &str| {
         let c = weft_runtime::nvrtc::compile(source, name, arch).map_err(|e| e.to_string())?;
-        let spill = c.report.as_ref().map_or(0, |r| r.spill_stores + r.spill_loads);
-        Ok((c.cubin, c.ptx, c.report.as_ref().map(|r| r.registers), spill, c.millis))
+        Ok(CompileOutput {
+            spill_bytes: c.report.as_ref().map_or(0, |r| r.spill_stores + r.spill_loads),
+            registers: c.report.as_ref().map(|r| r.registers),
+            cubin: c.cubin,
+            ptx: c.ptx,
+            millis: c.millis,
+        })
     }
 }

@@ -76,7 +76,7 @@ fn a_failed_compile_drops_only_that_config() {
         if name.ends_with('0') {
             Err("simulated NVRTC failure".to_string())
         } else {
-            Ok((vec![1], String::new(), Some(100), 0, 1.0))
+            Ok(CompileOutput { cubin: vec![1], registers: Some(100), millis: 1.0, ..Default::default() })
         }
     });
     let failed = out.iter().filter(|c| matches!(c, Candidate::Dropped(_, Pruned::CompileFailed(_)))).count();
