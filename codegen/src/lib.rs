@@ -29,7 +29,7 @@
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
-use weft_dsl::{CmpOp, IntExpr, IntOp, Pattern, Permutation, Pred, Var};
+use weft_dsl::{IntExpr, IntOp, Pattern, Permutation, Pred, Var};
 
 /// Bumped whenever generated code changes meaning; part of every kernel key.
 pub const CODEGEN_VERSION: u32 = 1;
@@ -219,17 +219,8 @@ fn cuda_int(e: &IntExpr) -> String {
 pub fn cuda_pred(p: &Pred) -> String {
     match p {
         Pred::Const(b) => b.to_string(),
-        Pred::Cmp { op, lhs, rhs } => {
-            let op = match op {
-                CmpOp::Lt => "<",
-                CmpOp::Le => "<=",
-                CmpOp::Gt => ">",
-                CmpOp::Ge => ">=",
-                CmpOp::Eq => "==",
-                CmpOp::Ne => "!=",
-            };
-            format!("({} {op} {})", cuda_int(lhs), cuda_int(rhs))
-        }
+        // The DSL's comparison symbols are C's.
+        Pred::Cmp { op, lhs, rhs } => format!("({} {} {})", cuda_int(lhs), op.symbol(), cuda_int(rhs)),
         Pred::And(a, b) => format!("({} && {})", cuda_pred(a), cuda_pred(b)),
         Pred::Or(a, b) => format!("({} || {})", cuda_pred(a), cuda_pred(b)),
         Pred::Not(a) => format!("(!{})", cuda_pred(a)),
