@@ -23,8 +23,10 @@
 //! serves every index of a pattern whose mask table is the same (in practice: the same pattern
 //! and sequence-length class); the kernel key in the header and the entry-point name cover them.
 //!
-//! Not yet generated: ring merge and retrieval decode kernels, packed batches (`cu_seqlens`),
-//! and GPU-side index building (see the project's issues).
+//! Besides the attention kernel ([`emit`], which also takes packed batches of sequences):
+//! [`emit_decode`], a split-KV decode kernel for indexes with one query per row (retrieval
+//! operators), and [`emit_merge`], the exact log-sum-exp merge of partial results (decode
+//! splits, ring steps). Not yet generated: GPU-side index building (see the project's issues).
 
 use std::fmt::Write as _;
 

@@ -6,13 +6,15 @@
 //!   the compiler's register/shared-memory/spill report; needs libnvrtc but no GPU.
 //! - [`Gpu`]: a device, its stream, and an in-memory module cache keyed by (kernel key,
 //!   architecture); [`Gpu::attention`] launches a generated attention kernel over device
-//!   buffers after checking every shape, dtype and index against the kernel's config.
+//!   buffers (one sequence or a packed batch) after checking every shape, head dim and index
+//!   against the kernel's config; [`Gpu::decode`] runs split-KV decode and its merge;
+//!   [`Gpu::merge`] combines partial results (e.g. ring steps).
 //!
 //! A missing libcuda or libnvrtc, or no GPU, is an [`Error`] that says what to install or
 //! check; cudarc would panic on first use, so the libraries are probed first.
 //!
-//! Not yet here (see the project's issues): the user-facing `Runtime` over the kernel
-//! database, split-KV and retrieval-decode launches, ring merges.
+//! Not yet here (see the project's issues): the user-facing `Runtime` that loads tuned
+//! kernels from the kernel database.
 
 pub mod nvrtc;
 
