@@ -28,6 +28,7 @@ pub use weft_dsl as dsl;
 pub use weft_macros::sparse_pattern;
 pub use weft_patterns as patterns;
 pub use weft_runtime as runtime;
+pub use weft_runtime::Runtime;
 
 pub mod catalog;
 pub mod qk;

@@ -121,6 +121,19 @@ pub struct Gpu {
     pub name: String,
     pub sm_count: u32,
     modules: Mutex<HashMap<(String, Arch), CudaFunction>>,
+    /// The kernel database and this GPU's toolchain (its key prefix), when attached.
+    db: Option<(weft_cache::Db, weft_cache::Toolchain)>,
+}
+
+/// Where [`Gpu::load_traced`] found a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadSource {
+    /// Already loaded in this process.
+    Memory,
+    /// CUBIN from the kernel database: no NVRTC call.
+    Database,
+    /// Compiled with NVRTC now (and stored, when a database is attached).
+    Compiled,
 }
 
 impl Gpu {
@@ -144,6 +157,7 @@ impl Gpu {
             name,
             sm_count,
             modules: Mutex::new(HashMap::new()),
+            db: None,
         })
     }
 
@@ -162,21 +176,74 @@ impl Gpu {
         })
     }
 
+    /// Attaches a kernel database: [`Gpu::load`] then takes stored CUBIN for this exact
+    /// toolchain before compiling, and stores what it compiles.
+    pub fn attach_db(&mut self, db: weft_cache::Db) -> Result<(), Error> {
+        let tc = self.toolchain()?;
+        self.db = Some((db, tc));
+        Ok(())
+    }
+
+    /// Takes the kernel database back (to hand it to another `Gpu`: sled allows one opener).
+    pub fn detach_db(&mut self) -> Option<weft_cache::Db> {
+        self.db.take().map(|(db, _)| db)
+    }
+
     /// Compiles (once per kernel key and architecture) and loads `kernel`.
     pub fn load(&self, kernel: &Kernel) -> Result<CudaFunction, Error> {
+        self.load_traced(kernel).map(|(f, _)| f)
+    }
+
+    /// [`Gpu::load`], saying where the kernel came from.
+    pub fn load_traced(&self, kernel: &Kernel) -> Result<(CudaFunction, LoadSource), Error> {
         let key = (kernel.key.clone(), self.arch);
         if let Some(f) = self.modules.lock().map_err(|_| Error::Usage("module cache poisoned".into()))?.get(&key) {
-            return Ok(f.clone());
+            return Ok((f.clone(), LoadSource::Memory));
         }
-        let compiled = nvrtc::compile(&kernel.source, &kernel.name, self.arch)?;
-        tracing::debug!(kernel = %kernel.name, ms = compiled.millis, report = ?compiled.report, "compiled");
+        let db_key = self.db.as_ref().map(|(_, tc)| weft_cache::KernelKey {
+            toolchain: tc.clone(),
+            kernel: kernel.key.clone(),
+            arch: self.arch.name(),
+        });
+        let stored = match (&self.db, &db_key) {
+            (Some((db, _)), Some(k)) => match db.kernel(k) {
+                Ok(r) => r,
+                Err(e) => {
+                    // An unreadable entry is re-compiled and overwritten, not fatal.
+                    tracing::warn!(kernel = %kernel.name, error = %e, "kernel database entry ignored");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let (cubin, ptx, source) = match stored {
+            Some(r) if r.name == kernel.name => (r.cubin, r.ptx, LoadSource::Database),
+            _ => {
+                let compiled = nvrtc::compile(&kernel.source, &kernel.name, self.arch)?;
+                tracing::debug!(kernel = %kernel.name, ms = compiled.millis, report = ?compiled.report, "compiled");
+                if let (Some((db, _)), Some(k)) = (&self.db, &db_key) {
+                    let record = weft_cache::KernelRecord {
+                        name: kernel.name.clone(),
+                        cubin: compiled.cubin.clone(),
+                        ptx: compiled.ptx.clone(),
+                        options: nvrtc::options(self.arch),
+                        threads: kernel.threads,
+                        shared_bytes: kernel.shared_bytes,
+                        head_dim: kernel.head_dim,
+                        created: weft_cache::timestamp(),
+                    };
+                    db.put_kernel(k, &record).map_err(|e| Error::Usage(format!("storing {}: {e}", kernel.name)))?;
+                }
+                (compiled.cubin, compiled.ptx, LoadSource::Compiled)
+            }
+        };
         // CUBIN for this device first; the PTX (JIT-compiled by the driver) if it is refused.
-        let module = match self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin)) {
+        let module = match self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(kernel = %kernel.name, error = %e, "CUBIN refused, loading PTX");
                 self.ctx
-                    .load_module(cudarc::nvrtc::Ptx::from_src(compiled.ptx))
+                    .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
                     .map_err(driver(format!("loading {} (CUBIN and PTX)", kernel.name)))?
             }
         };
@@ -192,7 +259,7 @@ impl Gpu {
         if let Ok(mut m) = self.modules.lock() {
             m.insert(key, f.clone());
         }
-        Ok(f)
+        Ok((f, source))
     }
 
     /// Copies the index of one sequence to the device.
@@ -379,6 +446,27 @@ impl Gpu {
         // Safety: arguments match the generated merge signature; lengths checked above.
         unsafe { b.launch(cfg) }.map_err(driver(format!("launching {}", merge.name)))?;
         Ok(())
+    }
+}
+
+/// The user-facing runtime: GPU 0 with the kernel database attached, so kernels compiled once
+/// load from their stored CUBIN afterwards, with no compiler in the path.
+pub struct Runtime {
+    pub gpu: Gpu,
+}
+
+impl Runtime {
+    /// Opens GPU 0 and the kernel database at `db` (default: `$WEFT_DB`, else the per-user
+    /// cache directory).
+    pub fn open(db: Option<&std::path::Path>) -> Result<Runtime, Error> {
+        let path = match db {
+            Some(p) => p.to_path_buf(),
+            None => weft_cache::default_path().map_err(|e| Error::Usage(e.to_string()))?,
+        };
+        let db = weft_cache::Db::open(&path).map_err(|e| Error::Usage(e.to_string()))?;
+        let mut gpu = Gpu::open(0)?;
+        gpu.attach_db(db)?;
+        Ok(Runtime { gpu })
     }
 }
 

@@ -140,6 +140,16 @@ fn annotate(log: &str, file: &str, source: &str) -> String {
     out
 }
 
+/// The NVRTC options weft compiles with (stored with every cached kernel).
+pub fn options(arch: Arch) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={}", arch.name()),
+        "--std=c++17".to_string(),
+        "--use_fast_math".to_string(),
+        "--ptxas-options=-v".to_string(),
+    ]
+}
+
 /// Compiles `source` for `arch`, returning CUBIN, PTX, the log and the resource report.
 pub fn compile(source: &str, name: &str, arch: Arch) -> Result<Compiled, Error> {
     check_available()?;
@@ -150,12 +160,7 @@ pub fn compile(source: &str, name: &str, arch: Arch) -> Result<Compiled, Error> 
     let nvrtc_err =
         |what: &str, e: result::NvrtcError| Error::Nvrtc { message: format!("{what}: {e:?}"), log: String::new() };
     let prog = result::create_program(&src, Some(&file_c)).map_err(|e| nvrtc_err("nvrtcCreateProgram", e))?;
-    let options = vec![
-        format!("--gpu-architecture={}", arch.name()),
-        "--std=c++17".to_string(),
-        "--use_fast_math".to_string(),
-        "--ptxas-options=-v".to_string(),
-    ];
+    let options = options(arch);
     let compiled = unsafe { result::compile_program(prog, &options) };
     let log = unsafe { result::get_program_log(prog) }.map(to_string).unwrap_or_default();
     let finish = |r: Result<Compiled, Error>| {

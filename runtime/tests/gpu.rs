@@ -376,3 +376,73 @@ fn packed_batch_matches_per_sequence_references() {
     }
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
+
+#[test]
+fn kernels_load_from_the_database_without_nvrtc() {
+    use weft_runtime::LoadSource;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pattern::new("window", causal() & window(300));
+    let (hq, hkv, n, d, dtype) = (4usize, 2usize, 700usize, 128usize, DType::Bf16);
+    let x = inputs(hq, hkv, n, n, d, dtype, 31337);
+    let ix = build_index(&p.expr, &x.q, &x.k, &IndexOptions::default()).unwrap();
+    let config = KernelConfig::for_blocks(ix.block_m, ix.block_n, d as u32, dtype);
+    let kernel = emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: None, config }).unwrap();
+
+    // First process-like run: compiled and stored.
+    let mut first = Gpu::open(0).unwrap();
+    first.attach_db(weft_cache::Db::open(dir.path()).unwrap()).unwrap();
+    let (_, src) = first.load_traced(&kernel).unwrap();
+    assert_eq!(src, LoadSource::Compiled);
+    let db = first.detach_db().unwrap();
+    drop(first);
+
+    // A fresh runtime (empty module cache): CUBIN from the database, timed.
+    let mut second = Gpu::open(0).unwrap();
+    second.attach_db(db).unwrap();
+    let t = std::time::Instant::now();
+    let (_, src) = second.load_traced(&kernel).unwrap();
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    println!("ok   kernel loaded from the database in {ms:.2} ms (no NVRTC)");
+    assert_eq!(src, LoadSource::Database);
+    assert!(ms < 5.0, "{ms} ms");
+
+    // The stored kernel computes the right thing.
+    let scale = 1.0 / (d as f64).sqrt();
+    let want = attention(&ix, &x.q, &x.k, &x.v, scale).unwrap();
+    let s = &second.stream;
+    let dix = second.upload_index(&ix).unwrap();
+    let (qd, kd, vd) = (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
+    let mut out = s.clone_htod(&vec![0xffffu16; hq * n * d]).unwrap();
+    let mut lse = s.clone_htod(&vec![f32::NAN; hq * n]).unwrap();
+    let shape = AttnShape { hq, hkv, nq: n, nk: n, head_dim: d };
+    second.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32).unwrap();
+    s.synchronize().unwrap();
+    let (rel, nan, lse_err) =
+        compare(&to_f32(&s.clone_dtoh(&out).unwrap(), dtype), &s.clone_dtoh(&lse).unwrap(), &want);
+    println!("ok   database kernel rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}");
+    assert!(nan == 0 && rel < tolerance(dtype) && lse_err < 2e-2);
+
+    // An entry of another toolchain is never used: garbage stored under another driver.
+    let db = second.detach_db().unwrap();
+    let p2 = Pattern::new("window2", causal() & window(200));
+    let ix2 = build_index(&p2.expr, &x.q, &x.k, &IndexOptions::default()).unwrap();
+    let k2 = emit(&KernelSpec { pattern: &p2, masks: &ix2.masks, permutation: None, config }).unwrap();
+    let mut other = second.toolchain().unwrap();
+    other.driver_version += 10;
+    let key = weft_cache::KernelKey { toolchain: other, kernel: k2.key.clone(), arch: second.arch.name() };
+    let junk = weft_cache::KernelRecord {
+        name: k2.name.clone(),
+        cubin: vec![0; 64],
+        ptx: String::new(),
+        options: vec![],
+        threads: 0,
+        shared_bytes: 0,
+        head_dim: 0,
+        created: 0,
+    };
+    db.put_kernel(&key, &junk).unwrap();
+    second.attach_db(db).unwrap();
+    let (_, src) = second.load_traced(&k2).unwrap();
+    assert_eq!(src, LoadSource::Compiled, "a stale entry must not be loaded");
+    println!("ok   stale entry ignored, kernel compiled");
+}
