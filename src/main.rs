@@ -100,6 +100,11 @@ enum Command {
     ///
     /// Example: weft search --qk captured.safetensors --target-recall 0.95 --png heads.png
     Search(SearchArgs),
+    /// Tune a pattern's kernel on this machine's GPU for one shape bucket: compile the config
+    /// space in parallel, time it, check the winner against the CPU reference, store it.
+    ///
+    /// Example: weft autotune "causal & window(1024)" --seq 16384 --heads 32
+    Autotune(AutotuneArgs),
     /// Inspect and maintain the kernel database (tuned kernels, tuning records, search results).
     Cache {
         /// The database directory (default: $WEFT_DB, else the per-user cache directory).
@@ -114,6 +119,36 @@ enum Command {
         #[arg(long, default_value = "weft-quickstart", value_name = "DIR")]
         out: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct AutotuneArgs {
+    #[command(flatten)]
+    pattern: PatternArg,
+    /// Sequence length of the bucket (queries = keys).
+    #[arg(long, default_value_t = 16384, value_name = "N")]
+    seq: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 32, value_name = "H")]
+    heads: usize,
+    /// Key/value heads (default: --heads).
+    #[arg(long, value_name = "H")]
+    kv_heads: Option<usize>,
+    /// Head dimension: 64, 128 or 256.
+    #[arg(long, default_value_t = 128)]
+    head_dim: u32,
+    /// Element type: bf16 or fp16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Store the result for this head only (for patterns whose heads differ).
+    #[arg(long)]
+    head: Option<u32>,
+    /// Kernel database (default: $WEFT_DB, else the per-user cache directory).
+    #[arg(long, value_name = "DIR")]
+    db: Option<PathBuf>,
+    /// Do not store the result.
+    #[arg(long)]
+    no_db: bool,
 }
 
 #[derive(Args)]
@@ -293,6 +328,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Compile { pattern, kernel, arch } => compile(&load_pattern(&pattern.pattern)?, &kernel, &arch),
         Command::Search(args) => search(args),
+        Command::Autotune(args) => autotune(args),
         Command::Cache { db, action } => cache(db, action),
         Command::Quickstart { out } => quickstart(&out),
     }
@@ -571,6 +607,80 @@ fn mask(
         100.0 * r.index.head_density(head),
         100.0 * r.recall.per_head[head]
     );
+    Ok(())
+}
+
+fn autotune(args: AutotuneArgs) -> Result<()> {
+    use weft::autotune::tune::{tune, TuneRequest};
+    let pattern = load_pattern(&args.pattern.pattern)?;
+    pattern.validate()?;
+    let dtype: weft::codegen::DType = args.dtype.parse()?;
+    if args.seq == 0 || args.seq > MAX_SEQ {
+        bail!("--seq must be between 1 and {MAX_SEQ}, got {}", args.seq);
+    }
+    if pattern.expr.contains_retrieval() {
+        bail!("retrieval operators run the decode kernel, which has no tunable config yet");
+    }
+    let kv_heads = args.kv_heads.unwrap_or(args.heads);
+    let gpu = weft::runtime::Gpu::open(0).context(
+        "autotune times kernels on an NVIDIA GPU; without one, `weft compile` shows what a config costs in registers and shared memory",
+    )?;
+    let db = if args.no_db {
+        None
+    } else {
+        let path = match &args.db {
+            Some(p) => p.clone(),
+            None => weft::cache::default_path()?,
+        };
+        Some((weft::cache::Db::open(&path)?, path))
+    };
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let req = TuneRequest {
+        pattern: &pattern,
+        heads: args.heads,
+        kv_heads,
+        seq: args.seq,
+        head_dim: args.head_dim,
+        dtype,
+        head: args.head,
+    };
+    let report = |m: &str| bar.set_message(m.to_string());
+    let r = tune(&gpu, db.as_ref().map(|(d, _)| d), &req, &report)?;
+    bar.finish_and_clear();
+    println!(
+        "{} on {} ({}), {} heads ({} kv) x {} tokens, head dim {}, {}",
+        pattern.name,
+        gpu.name,
+        gpu.arch.name(),
+        args.heads,
+        kv_heads,
+        args.seq,
+        args.head_dim,
+        dtype.name()
+    );
+    println!("{:<62} {:>10} {:>9}  note", "config", "median ms", "TFLOP/s");
+    for t in &r.timings {
+        let (ms, tf) = match t.median_ms {
+            Some(m) => (format!("{m:.3}"), format!("{:.0}", r.flops / (m * 1e-3) / 1e12)),
+            None => ("-".into(), "-".into()),
+        };
+        println!("{:<62} {ms:>10} {tf:>9}  {}", t.config.to_string(), t.note);
+    }
+    let gain = r.default_ms.map_or("the default config was pruned".to_string(), |d| {
+        format!("{:.2}x over the default ({d:.3} ms)", d / r.best_ms)
+    });
+    println!(
+        "best: {} at {:.3} ms ({:.0} TFLOP/s), {gain}; checked against the CPU reference: error {:.1e}; tuned in {:.1} s",
+        r.best,
+        r.best_ms,
+        r.flops / (r.best_ms * 1e-3) / 1e12,
+        r.verified_error,
+        r.seconds
+    );
+    if let Some((_, path)) = &db {
+        println!("stored in {}", path.display());
+    }
     Ok(())
 }
 

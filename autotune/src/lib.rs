@@ -14,6 +14,7 @@
 
 pub mod search;
 pub mod space;
+pub mod tune;
 
 /// Everything that can go wrong in a search.
 #[derive(Debug, thiserror::Error)]

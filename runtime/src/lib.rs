@@ -184,6 +184,25 @@ impl Gpu {
         Ok(())
     }
 
+    /// Loads `kernel` from a CUBIN compiled elsewhere (e.g. by the tuner's parallel compile),
+    /// so later launches find it in memory.
+    pub fn load_cubin(&self, kernel: &Kernel, cubin: Vec<u8>) -> Result<CudaFunction, Error> {
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(driver(format!("loading {}", kernel.name)))?;
+        let f = module.load_function(&kernel.name).map_err(driver(format!("finding {}", kernel.name)))?;
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            kernel.shared_bytes as i32,
+        )
+        .map_err(driver(format!("raising the shared-memory limit of {}", kernel.name)))?;
+        if let Ok(mut m) = self.modules.lock() {
+            m.insert((kernel.key.clone(), self.arch), f.clone());
+        }
+        Ok(f)
+    }
+
     /// Takes the kernel database back (to hand it to another `Gpu`: sled allows one opener).
     pub fn detach_db(&mut self) -> Option<weft_cache::Db> {
         self.db.take().map(|(db, _)| db)

@@ -1,0 +1,302 @@
+//! Tuning one (pattern, head, shape bucket) on the GPU.
+//!
+//! 1. the config space ([`crate::space::space`]), pruned statically and compiled in parallel;
+//! 2. every survivor timed with CUDA events on the bucket's shape: two warm-ups, then up to
+//!    [`MAX_REPS`] timed runs over [`INPUT_SETS`] input sets in rotation (each larger than the
+//!    L2 at the sizes tuned for); after [`EARLY_REPS`] runs a config whose median is more than
+//!    [`ELIMINATE_ABOVE`] times the best so far stops (as cubecl's tuner does);
+//! 3. the fastest is checked against the CPU reference on a small problem with the same
+//!    config; a config that fails is never stored, the next fastest is tried;
+//! 4. the winner's kernel (through the runtime's database-backed loading) and the tuning
+//!    record (every timing, the default config's time) are stored.
+
+use std::time::Instant;
+
+use cudarc::driver::sys::CUevent_flags;
+use weft_cache::{Db, ShapeBucket, TuneKey, TuneRecord};
+use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
+use weft_dsl::Pattern;
+use weft_patterns::{attention, build_index, IndexOptions, SparseIndex, Tensor};
+use weft_runtime::{AttnShape, Gpu};
+
+use crate::space::{compile_space, nvrtc_compiler, space, Candidate, DeviceLimits};
+use crate::Error;
+
+/// Timed runs at most per config.
+pub const MAX_REPS: usize = 10;
+/// Runs after which slow configs are eliminated.
+pub const EARLY_REPS: usize = 3;
+/// A config slower than this factor times the best median so far is eliminated.
+pub const ELIMINATE_ABOVE: f64 = 1.25;
+/// Input sets rotated between runs.
+pub const INPUT_SETS: usize = 2;
+
+/// What to tune.
+#[derive(Clone, Debug)]
+pub struct TuneRequest<'a> {
+    pub pattern: &'a Pattern,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub seq: usize,
+    pub head_dim: u32,
+    pub dtype: DType,
+    /// The head the pattern is tuned for, when heads tune differently.
+    pub head: Option<u32>,
+}
+
+/// One config's outcome.
+#[derive(Clone, Debug)]
+pub struct Timed {
+    pub config: KernelConfig,
+    /// Median of the runs made; `None` when pruned or failed (see `note`).
+    pub median_ms: Option<f64>,
+    pub runs: usize,
+    pub note: String,
+}
+
+/// The result of a tune.
+#[derive(Clone, Debug)]
+pub struct TuneResult {
+    pub best: KernelConfig,
+    pub best_ms: f64,
+    /// The default config's time (`None` if it was pruned).
+    pub default_ms: Option<f64>,
+    pub timings: Vec<Timed>,
+    /// Relative error of the winner against the CPU reference.
+    pub verified_error: f64,
+    /// FLOPs of one call (4 * pairs * head_dim).
+    pub flops: f64,
+    pub seconds: f64,
+}
+
+fn bf16_bits(data: &[f32], dtype: DType) -> Vec<u16> {
+    data.iter()
+        .map(|&x| match dtype {
+            DType::Bf16 => half::bf16::from_f32(x).to_bits(),
+            DType::F16 => half::f16::from_f32(x).to_bits(),
+        })
+        .collect()
+}
+
+fn from_bits(data: &[u16], dtype: DType) -> Vec<f32> {
+    data.iter()
+        .map(|&b| match dtype {
+            DType::Bf16 => half::bf16::from_bits(b).to_f32(),
+            DType::F16 => half::f16::from_bits(b).to_f32(),
+        })
+        .collect()
+}
+
+fn gpu_err(e: impl std::fmt::Display) -> Error {
+    Error::Search(format!("GPU: {e}"))
+}
+
+fn index_for(pattern: &Pattern, q: &Tensor, k: &Tensor, c: &KernelConfig) -> Result<SparseIndex, Error> {
+    let opts =
+        IndexOptions { block_m: Some(c.block_m as usize), block_n: Some(c.block_n as usize), ..Default::default() };
+    Ok(build_index(&pattern.expr, q, k, &opts)?)
+}
+
+/// Output of `config` on a small problem against the CPU reference: relative L2 error.
+fn verify(gpu: &Gpu, req: &TuneRequest<'_>, config: &KernelConfig) -> Result<f64, Error> {
+    let (hq, hkv, n, d) = (2 * (req.heads / req.kv_heads).max(1), 2, req.seq.min(700), req.head_dim as usize);
+    let round = |t: Tensor| {
+        let bits = bf16_bits(&t.data, req.dtype);
+        let vals = from_bits(&bits, req.dtype);
+        (Tensor { data: vals, ..t }, bits)
+    };
+    let (q, qb) = round(Tensor::random(hq, n, d, 11));
+    let (k, kb) = round(Tensor::random(hkv, n, d, 12));
+    let (v, vb) = round(Tensor::random(hkv, n, d, 13));
+    let ix = index_for(req.pattern, &q, &k, config)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let want = attention(&ix, &q, &k, &v, scale)?;
+    let kernel =
+        emit(&KernelSpec { pattern: req.pattern, masks: &ix.masks, permutation: ix.permutation, config: *config })
+            .map_err(|e| Error::Search(e.to_string()))?;
+    let s = &gpu.stream;
+    let dix = gpu.upload_index(&ix).map_err(gpu_err)?;
+    let (qd, kd, vd) =
+        (s.clone_htod(&qb).map_err(gpu_err)?, s.clone_htod(&kb).map_err(gpu_err)?, s.clone_htod(&vb).map_err(gpu_err)?);
+    let mut out = s.clone_htod(&vec![0xffffu16; hq * n * d]).map_err(gpu_err)?;
+    let mut lse = s.clone_htod(&vec![f32::NAN; hq * n]).map_err(gpu_err)?;
+    let shape = AttnShape { hq, hkv, nq: n, nk: n, head_dim: d };
+    gpu.attention(&kernel, config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32).map_err(gpu_err)?;
+    s.synchronize().map_err(gpu_err)?;
+    let got = from_bits(&s.clone_dtoh(&out).map_err(gpu_err)?, req.dtype);
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(&want.out.data) {
+        if !g.is_finite() {
+            return Ok(f64::INFINITY);
+        }
+        num += f64::from(g - w).powi(2);
+        den += f64::from(*w).powi(2);
+    }
+    Ok((num / den.max(1e-30)).sqrt())
+}
+
+/// Tunes `req` on `gpu`; stores the winner in `db` (with `gpu`'s toolchain) when given.
+pub fn tune(
+    gpu: &Gpu,
+    db: Option<&Db>,
+    req: &TuneRequest<'_>,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<TuneResult, Error> {
+    let start = Instant::now();
+    if req.heads == 0 || req.kv_heads == 0 || req.heads % req.kv_heads != 0 || req.seq == 0 {
+        return Err(Error::Search(format!(
+            "bad shape: {} heads on {} key heads, {} tokens",
+            req.heads, req.kv_heads, req.seq
+        )));
+    }
+    let d = req.head_dim as usize;
+    let configs = space(req.pattern, req.head_dim, req.dtype);
+    progress(&format!("{} configs, compiling", configs.len()));
+    // Inputs of the bucket's shape, several sets to rotate through.
+    let sets: Vec<(Tensor, Tensor, Tensor)> = (0..INPUT_SETS as u64)
+        .map(|i| {
+            (
+                Tensor::random(req.heads, req.seq, d, 100 + i),
+                Tensor::random(req.kv_heads, req.seq, d, 200 + i),
+                Tensor::random(req.kv_heads, req.seq, d, 300 + i),
+            )
+        })
+        .collect();
+    let (q0, k0) = (&sets[0].0, &sets[0].1);
+    let ix_for = |c: &KernelConfig| index_for(req.pattern, q0, k0, c);
+    let limits = DeviceLimits::for_sm(gpu.arch.sm);
+    let candidates = compile_space(req.pattern, &ix_for, &configs, &limits, nvrtc_compiler(gpu.arch));
+    let s = &gpu.stream;
+    let mut dev_sets = Vec::new();
+    for (q, k, v) in &sets {
+        let up = |t: &Tensor| s.clone_htod(&bf16_bits(&t.data, req.dtype)).map_err(gpu_err);
+        dev_sets.push((up(q)?, up(k)?, up(v)?));
+    }
+    let mut out = s.alloc_zeros::<u16>(req.heads * req.seq * d).map_err(gpu_err)?;
+    let mut lse = s.alloc_zeros::<f32>(req.heads * req.seq).map_err(gpu_err)?;
+    let shape = AttnShape { hq: req.heads, hkv: req.kv_heads, nq: req.seq, nk: req.seq, head_dim: d };
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut timings = Vec::new();
+    let mut best_so_far = f64::INFINITY;
+    for cand in &candidates {
+        let kept = match cand {
+            Candidate::Dropped(c, why) => {
+                timings.push(Timed { config: *c, median_ms: None, runs: 0, note: format!("pruned: {why:?}") });
+                continue;
+            }
+            Candidate::Kept(k) => k,
+        };
+        let ix = ix_for(&kept.config)?;
+        gpu.load_cubin(&kept.kernel, kept.cubin.clone()).map_err(gpu_err)?;
+        let dix = gpu.upload_index(&ix).map_err(gpu_err)?;
+        let mut times: Vec<f64> = Vec::new();
+        let mut note = String::new();
+        for run in 0..MAX_REPS + 2 {
+            let (qd, kd, vd) = &dev_sets[run % INPUT_SETS];
+            let t0 = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(gpu_err)?;
+            if let Err(e) =
+                gpu.attention(&kept.kernel, &kept.config, &dix, shape, qd, kd, vd, &mut out, &mut lse, scale)
+            {
+                note = format!("failed: {e}");
+                times.clear();
+                break;
+            }
+            let t1 = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(gpu_err)?;
+            t1.synchronize().map_err(gpu_err)?;
+            if run >= 2 {
+                times.push(f64::from(t0.elapsed_ms(&t1).map_err(gpu_err)?));
+            }
+            if times.len() == EARLY_REPS {
+                let mut t = times.clone();
+                t.sort_by(f64::total_cmp);
+                if t[t.len() / 2] > ELIMINATE_ABOVE * best_so_far {
+                    note = "eliminated early".into();
+                    break;
+                }
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let median = (!times.is_empty()).then(|| times[times.len() / 2]);
+        if let Some(m) = median {
+            best_so_far = best_so_far.min(m);
+        }
+        progress(&format!("{}: {}", kept.config, median.map_or(note.clone(), |m| format!("{m:.3} ms"))));
+        timings.push(Timed { config: kept.config, median_ms: median, runs: times.len(), note });
+    }
+    // Fastest first; the first that passes the reference check wins.
+    let mut order: Vec<&Timed> = timings.iter().filter(|t| t.median_ms.is_some() && t.note.is_empty()).collect();
+    order.sort_by(|a, b| a.median_ms.unwrap_or(f64::INFINITY).total_cmp(&b.median_ms.unwrap_or(f64::INFINITY)));
+    let tol = match req.dtype {
+        DType::Bf16 => 1.5e-2,
+        DType::F16 => 2e-3,
+    };
+    let mut winner = None;
+    for t in order {
+        let err = verify(gpu, req, &t.config)?;
+        if err < tol {
+            winner = Some((t.clone(), err));
+            break;
+        }
+        progress(&format!("{}: failed the reference check (error {err:.2e}); not stored", t.config));
+    }
+    let (best, verified_error) =
+        winner.ok_or_else(|| Error::Search("no config both ran and passed the reference check".into()))?;
+    let default = KernelConfig::for_blocks(
+        weft_patterns::layout(&req.pattern.expr, &IndexOptions::default())?.0,
+        weft_patterns::layout(&req.pattern.expr, &IndexOptions::default())?.1,
+        req.head_dim,
+        req.dtype,
+    );
+    let default_ms = timings.iter().find(|t| t.config == default).and_then(|t| t.median_ms);
+    let best_ms = best.median_ms.unwrap_or(f64::NAN);
+    let pairs = ix_for(&best.config)?.pairs();
+    if let Some(db) = db {
+        let tc = gpu.toolchain().map_err(gpu_err)?;
+        let compiled = candidates
+            .iter()
+            .find_map(|c| match c {
+                Candidate::Kept(k) if k.config == best.config => Some(k),
+                _ => None,
+            })
+            .ok_or_else(|| Error::Search("the winner's compiled kernel is missing".into()))?;
+        let kernel = &compiled.kernel;
+        let kernel_key =
+            weft_cache::KernelKey { toolchain: tc.clone(), kernel: kernel.key.clone(), arch: gpu.arch.name() };
+        let kernel_record = weft_cache::KernelRecord {
+            name: kernel.name.clone(),
+            cubin: compiled.cubin.clone(),
+            ptx: compiled.ptx.clone(),
+            options: weft_runtime::nvrtc::options(gpu.arch),
+            threads: kernel.threads,
+            shared_bytes: kernel.shared_bytes,
+            head_dim: kernel.head_dim,
+            created: weft_cache::timestamp(),
+        };
+        db.put_kernel(&kernel_key, &kernel_record).map_err(|e| Error::Search(e.to_string()))?;
+        let key = TuneKey {
+            toolchain: tc,
+            pattern_hash: req.pattern.hash().to_hex(),
+            head: req.head,
+            bucket: ShapeBucket::new(req.seq, req.head_dim, req.dtype.name(), (req.heads / req.kv_heads) as u32, false),
+        };
+        let cfg = |c: &KernelConfig| serde_json::to_value(c).unwrap_or_default();
+        let record = TuneRecord {
+            best: cfg(&best.config),
+            best_ms,
+            default_ms: default_ms.unwrap_or(f64::NAN),
+            timings: timings.iter().map(|t| (cfg(&t.config), t.median_ms)).collect(),
+            kernel: kernel.key.clone(),
+            created: weft_cache::timestamp(),
+        };
+        db.put_tuning(&key, &record).map_err(|e| Error::Search(e.to_string()))?;
+    }
+    Ok(TuneResult {
+        best: best.config,
+        best_ms,
+        default_ms,
+        timings,
+        verified_error,
+        flops: 4.0 * pairs as f64 * d as f64,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
