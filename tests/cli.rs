@@ -361,3 +361,21 @@ fn search_picks_patterns_per_head_and_stores_them() {
         .failure()
         .stderr(predicate::str::contains("--budget"));
 }
+
+#[test]
+fn autotune_without_a_gpu_says_what_to_do() {
+    // CI has no GPU: the command must explain, not panic. (On a GPU machine it tunes.)
+    if weft::runtime::Gpu::open(0).is_ok() {
+        return;
+    }
+    weft()
+        .args(["autotune", "causal", "--seq", "1000", "--no-db"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("autotune times kernels on an NVIDIA GPU").and(no_panic()));
+    weft()
+        .args(["autotune", "retrieval", "--no-db"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("decode kernel"));
+}
