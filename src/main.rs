@@ -1058,8 +1058,8 @@ fn quickstart(out: &Path) -> Result<()> {
     }
     println!("\nNext steps need an NVIDIA GPU:");
     println!("   - run the kernel: scripts/gpu.sh builds the GPU tests, scripts/gpu-run.sh runs them there");
-    println!("   - autotune it and store it in the kernel database (weft-autotune, weft-cache: to come)");
-    println!("   - load tuned kernels at run time with weft::Runtime (to come)");
+    println!("   - tune it and store it: weft autotune examples/patterns/video.toml --seq 16384 --heads 32");
+    println!("   - load stored kernels without a compiler: weft::Runtime::open(None) in Rust");
     println!("\nTry: weft patterns | weft explain vertical-slash --seq 8192 | weft compile grid --arch sm_80");
     Ok(())
 }
