@@ -123,23 +123,27 @@ enum Command {
 
 #[derive(Args)]
 struct AutotuneArgs {
-    #[command(flatten)]
-    pattern: PatternArg,
-    /// Sequence length of the bucket (queries = keys).
-    #[arg(long, default_value_t = 16384, value_name = "N")]
-    seq: usize,
+    /// The pattern: a file, a built-in name or DSL text (or use --from-search).
+    #[arg(value_name = "PATTERN", required_unless_present = "from_search")]
+    pattern: Option<String>,
+    /// Instead: every distinct pattern `weft search` chose for this model (from the database).
+    #[arg(long, value_name = "MODEL", conflicts_with = "pattern")]
+    from_search: Option<String>,
+    /// Sequence lengths of the buckets (queries = keys), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [16384usize], value_name = "N")]
+    seq: Vec<usize>,
     /// Query heads.
     #[arg(long, default_value_t = 32, value_name = "H")]
     heads: usize,
     /// Key/value heads (default: --heads).
     #[arg(long, value_name = "H")]
     kv_heads: Option<usize>,
-    /// Head dimension: 64, 128 or 256.
-    #[arg(long, default_value_t = 128)]
-    head_dim: u32,
-    /// Element type: bf16 or fp16.
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
+    /// Head dimensions (64, 128, 256), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [128u32])]
+    head_dim: Vec<u32>,
+    /// Element types (bf16, fp16), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = ["bf16".to_string()])]
+    dtype: Vec<String>,
     /// Store the result for this head only (for patterns whose heads differ).
     #[arg(long)]
     head: Option<u32>,
@@ -612,19 +616,11 @@ fn mask(
 
 fn autotune(args: AutotuneArgs) -> Result<()> {
     use weft::autotune::tune::{tune, TuneRequest};
-    let pattern = load_pattern(&args.pattern.pattern)?;
-    pattern.validate()?;
-    let dtype: weft::codegen::DType = args.dtype.parse()?;
-    if args.seq == 0 || args.seq > MAX_SEQ {
-        bail!("--seq must be between 1 and {MAX_SEQ}, got {}", args.seq);
-    }
-    if pattern.expr.contains_retrieval() {
-        bail!("retrieval operators run the decode kernel, which has no tunable config yet");
+    let dtypes: Vec<weft::codegen::DType> = args.dtype.iter().map(|d| d.parse()).collect::<Result<_, _>>()?;
+    if let Some(s) = args.seq.iter().find(|s| **s == 0 || **s > MAX_SEQ) {
+        bail!("--seq must be between 1 and {MAX_SEQ}, got {s}");
     }
     let kv_heads = args.kv_heads.unwrap_or(args.heads);
-    let gpu = weft::runtime::Gpu::open(0).context(
-        "autotune times kernels on an NVIDIA GPU; without one, `weft compile` shows what a config costs in registers and shared memory",
-    )?;
     let db = if args.no_db {
         None
     } else {
@@ -634,50 +630,88 @@ fn autotune(args: AutotuneArgs) -> Result<()> {
         };
         Some((weft::cache::Db::open(&path)?, path))
     };
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    let req = TuneRequest {
-        pattern: &pattern,
-        heads: args.heads,
-        kv_heads,
-        seq: args.seq,
-        head_dim: args.head_dim,
-        dtype,
-        head: args.head,
+    // The patterns: one given, or every distinct one a search chose for a model.
+    let patterns: Vec<Pattern> = match (&args.pattern, &args.from_search) {
+        (Some(p), _) => vec![load_pattern(p)?],
+        (None, Some(model)) => {
+            let Some((db, path)) = &db else { bail!("--from-search reads the database: drop --no-db") };
+            let mut found: Vec<Pattern> = Vec::new();
+            for (key, rec) in db.search_results(model)? {
+                let p: Pattern = serde_json::from_value(rec.pattern).with_context(|| {
+                    format!("the search result of layer {} head {} does not hold a pattern", key.layer, key.head)
+                })?;
+                if !found.iter().any(|f| f.hash() == p.hash()) {
+                    found.push(p);
+                }
+            }
+            if found.is_empty() {
+                bail!(
+                    "no search results for model `{model}` in {} (run `weft search --model {model}` first)",
+                    path.display()
+                );
+            }
+            found
+        }
+        (None, None) => bail!("give a PATTERN or --from-search MODEL"),
     };
-    let report = |m: &str| bar.set_message(m.to_string());
-    let r = tune(&gpu, db.as_ref().map(|(d, _)| d), &req, &report)?;
-    bar.finish_and_clear();
-    println!(
-        "{} on {} ({}), {} heads ({} kv) x {} tokens, head dim {}, {}",
-        pattern.name,
-        gpu.name,
-        gpu.arch.name(),
-        args.heads,
-        kv_heads,
-        args.seq,
-        args.head_dim,
-        dtype.name()
-    );
-    println!("{:<62} {:>10} {:>9}  note", "config", "median ms", "TFLOP/s");
-    for t in &r.timings {
-        let (ms, tf) = match t.median_ms {
-            Some(m) => (format!("{m:.3}"), format!("{:.0}", r.flops / (m * 1e-3) / 1e12)),
-            None => ("-".into(), "-".into()),
-        };
-        println!("{:<62} {ms:>10} {tf:>9}  {}", t.config.to_string(), t.note);
+    for p in &patterns {
+        p.validate()?;
+        if p.expr.contains_retrieval() {
+            bail!("`{}`: retrieval operators run the decode kernel, which has no tunable config yet", p.name);
+        }
     }
-    let gain = r.default_ms.map_or("the default config was pruned".to_string(), |d| {
-        format!("{:.2}x over the default ({d:.3} ms)", d / r.best_ms)
-    });
-    println!(
-        "best: {} at {:.3} ms ({:.0} TFLOP/s), {gain}; checked against the CPU reference: error {:.1e}; tuned in {:.1} s",
-        r.best,
-        r.best_ms,
-        r.flops / (r.best_ms * 1e-3) / 1e12,
-        r.verified_error,
-        r.seconds
-    );
+    let gpu = weft::runtime::Gpu::open(0).context(
+        "autotune times kernels on an NVIDIA GPU; without one, `weft compile` shows what a config costs in registers and shared memory",
+    )?;
+    let mut summary = Vec::new();
+    for pattern in &patterns {
+        for &seq in &args.seq {
+            for &head_dim in &args.head_dim {
+                for &dtype in &dtypes {
+                    let bar = indicatif::ProgressBar::new_spinner();
+                    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+                    bar.set_prefix(format!("{} n={seq} d={head_dim} {}", pattern.name, dtype.name()));
+                    let req =
+                        TuneRequest { pattern, heads: args.heads, kv_heads, seq, head_dim, dtype, head: args.head };
+                    let report = |m: &str| bar.set_message(m.to_string());
+                    let r = tune(&gpu, db.as_ref().map(|(d, _)| d), &req, &report)?;
+                    bar.finish_and_clear();
+                    println!(
+                        "{} on {} ({}), {} heads ({} kv) x {seq} tokens, head dim {head_dim}, {}",
+                        pattern.name,
+                        gpu.name,
+                        gpu.arch.name(),
+                        args.heads,
+                        kv_heads,
+                        dtype.name()
+                    );
+                    println!("{:<62} {:>10} {:>9}  note", "config", "median ms", "TFLOP/s");
+                    for t in &r.timings {
+                        let (ms, tf) = match t.median_ms {
+                            Some(m) => (format!("{m:.3}"), format!("{:.0}", r.flops / (m * 1e-3) / 1e12)),
+                            None => ("-".into(), "-".into()),
+                        };
+                        println!("{:<62} {ms:>10} {tf:>9}  {}", t.config.to_string(), t.note);
+                    }
+                    let gain = r.default_ms.map_or("default pruned".to_string(), |d| format!("{:.2}x", d / r.best_ms));
+                    summary.push(format!(
+                        "{:<24} n={seq:<6} d={head_dim:<3} {:<5} {:<34} {:>8.3} ms {:>5.0} TFLOP/s  gain {gain}  error {:.1e}  {:.1} s",
+                        pattern.name,
+                        dtype.name(),
+                        format!("{}x{}/{}", r.best.block_m, r.best.block_n, r.best.warp_rows),
+                        r.best_ms,
+                        r.flops / (r.best_ms * 1e-3) / 1e12,
+                        r.verified_error,
+                        r.seconds
+                    ));
+                }
+            }
+        }
+    }
+    println!("\nsummary (best config as block_m x block_n / rows per warp; gain over the default config):");
+    for line in &summary {
+        println!("  {line}");
+    }
     if let Some((_, path)) = &db {
         println!("stored in {}", path.display());
     }

@@ -352,6 +352,28 @@ impl Db {
         self.get("search", &Self::search_key(key))
     }
 
+    /// Every search result stored for `model`, in (layer, head) order.
+    pub fn search_results(&self, model: &str) -> Result<Vec<(SearchKey, SearchRecord)>, Error> {
+        let prefix = Self::search_key(&SearchKey { model: model.to_string(), layer: 0, head: 0 });
+        let prefix = &prefix[..prefix.rfind("/l").unwrap_or(prefix.len()) + 1];
+        let mut out = Vec::new();
+        for item in self.tree("search")?.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let parts: Vec<&str> = key.rsplitn(3, '/').collect();
+            let layer = parts.get(1).and_then(|l| l.strip_prefix('l')).and_then(|l| l.parse().ok());
+            let head = parts.first().and_then(|h| h.strip_prefix('h')).and_then(|h| h.parse().ok());
+            let rec = serde_json::from_slice::<Envelope<SearchRecord>>(&v)
+                .ok()
+                .filter(|e| e.schema == SCHEMA_VERSION)
+                .map(|e| e.value);
+            if let (Some(layer), Some(head), Some(rec)) = (layer, head, rec) {
+                out.push((SearchKey { model: model.to_string(), layer, head }, rec));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every entry, tree by tree, in key order (values decoded to JSON; undecodable values as
     /// a string saying so).
     pub fn entries(&self) -> Result<Vec<Entry>, Error> {

@@ -60,6 +60,8 @@ fn records_round_trip_and_persist() {
     assert_eq!(db.tuning(&tune_key(h200.clone(), Some(2))).unwrap().unwrap().best_ms, 1.5);
     assert!(db.tuning(&tune_key(h200.clone(), None)).unwrap().is_none(), "per-head records are per head");
     assert_eq!(db.search(&sk).unwrap().unwrap(), sr);
+    assert_eq!(db.search_results("org/model").unwrap(), vec![(sk.clone(), sr.clone())]);
+    assert!(db.search_results("org/mod").unwrap().is_empty(), "a model name is not a prefix of another");
     assert_eq!(db.entries().unwrap().len(), 3);
 }
 
