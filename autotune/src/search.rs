@@ -98,6 +98,20 @@ pub fn sample_rows(nq: usize) -> Vec<usize> {
     rows
 }
 
+/// `a . b` in f32 with eight independent accumulators (vectorizes; recall needs no f64 here,
+/// the softmax below normalizes in f64).
+fn dot32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+}
+
 /// One candidate's score on one head.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Score {
@@ -144,7 +158,7 @@ pub fn evaluate_layer(
                 .map(|&t| {
                     let n = visible(t);
                     let logits: Vec<f64> =
-                        (0..n).map(|j| scale * weft_patterns::tensor::dot(q.row(h, t), k.row(h / group, j))).collect();
+                        (0..n).map(|j| scale * f64::from(dot32(q.row(h, t), k.row(h / group, j)))).collect();
                     let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let w: Vec<f64> = logits.iter().map(|s| (s - max).exp()).collect();
                     let total: f64 = w.iter().sum();
