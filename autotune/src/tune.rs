@@ -69,24 +69,6 @@ pub struct TuneResult {
     pub seconds: f64,
 }
 
-fn bf16_bits(data: &[f32], dtype: DType) -> Vec<u16> {
-    data.iter()
-        .map(|&x| match dtype {
-            DType::Bf16 => half::bf16::from_f32(x).to_bits(),
-            DType::F16 => half::f16::from_f32(x).to_bits(),
-        })
-        .collect()
-}
-
-fn from_bits(data: &[u16], dtype: DType) -> Vec<f32> {
-    data.iter()
-        .map(|&b| match dtype {
-            DType::Bf16 => half::bf16::from_bits(b).to_f32(),
-            DType::F16 => half::f16::from_bits(b).to_f32(),
-        })
-        .collect()
-}
-
 fn gpu_err(e: impl std::fmt::Display) -> Error {
     Error::Search(format!("GPU: {e}"))
 }
@@ -101,8 +83,8 @@ fn index_for(pattern: &Pattern, q: &Tensor, k: &Tensor, c: &KernelConfig) -> Res
 fn verify(gpu: &Gpu, req: &TuneRequest<'_>, config: &KernelConfig) -> Result<f64, Error> {
     let (hq, hkv, n, d) = (2 * (req.heads / req.kv_heads).max(1), 2, req.seq.min(700), req.head_dim as usize);
     let round = |t: Tensor| {
-        let bits = bf16_bits(&t.data, req.dtype);
-        let vals = from_bits(&bits, req.dtype);
+        let bits = req.dtype.encode(&t.data);
+        let vals = req.dtype.decode(&bits);
         (Tensor { data: vals, ..t }, bits)
     };
     let (q, qb) = round(Tensor::random(hq, n, d, 11));
@@ -123,7 +105,7 @@ fn verify(gpu: &Gpu, req: &TuneRequest<'_>, config: &KernelConfig) -> Result<f64
     let shape = AttnShape { hq, hkv, nq: n, nk: n, head_dim: d };
     gpu.attention(&kernel, config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32).map_err(gpu_err)?;
     s.synchronize().map_err(gpu_err)?;
-    let got = from_bits(&s.clone_dtoh(&out).map_err(gpu_err)?, req.dtype);
+    let got = req.dtype.decode(&s.clone_dtoh(&out).map_err(gpu_err)?);
     let (mut num, mut den) = (0f64, 0f64);
     for (g, w) in got.iter().zip(&want.out.data) {
         if !g.is_finite() {
@@ -169,7 +151,7 @@ pub fn tune(
     let s = &gpu.stream;
     let mut dev_sets = Vec::new();
     for (q, k, v) in &sets {
-        let up = |t: &Tensor| s.clone_htod(&bf16_bits(&t.data, req.dtype)).map_err(gpu_err);
+        let up = |t: &Tensor| s.clone_htod(&req.dtype.encode(&t.data)).map_err(gpu_err);
         dev_sets.push((up(q)?, up(k)?, up(v)?));
     }
     let mut out = s.alloc_zeros::<u16>(req.heads * req.seq * d).map_err(gpu_err)?;
@@ -178,6 +160,9 @@ pub fn tune(
     let scale = 1.0 / (d as f32).sqrt();
     let mut timings = Vec::new();
     let mut best_so_far = f64::INFINITY;
+    // Pairs computed: the same for every layout (an index keeps exactly the pattern's pairs),
+    // so counted once, on the first index built.
+    let mut pairs = None;
     for cand in &candidates {
         let kept = match cand {
             Candidate::Dropped(c, why) => {
@@ -187,7 +172,10 @@ pub fn tune(
             Candidate::Kept(k) => k,
         };
         let ix = ix_for(&kept.config)?;
-        gpu.load_cubin(&kept.kernel, kept.cubin.clone()).map_err(gpu_err)?;
+        if pairs.is_none() {
+            pairs = Some(ix.pairs());
+        }
+        gpu.load_cubin(&kept.kernel, kept.cubin.clone(), kept.ptx.clone()).map_err(gpu_err)?;
         let dix = gpu.upload_index(&ix).map_err(gpu_err)?;
         let mut times: Vec<f64> = Vec::new();
         let mut note = String::new();
@@ -226,10 +214,7 @@ pub fn tune(
     // Fastest first; the first that passes the reference check wins.
     let mut order: Vec<&Timed> = timings.iter().filter(|t| t.median_ms.is_some() && t.note.is_empty()).collect();
     order.sort_by(|a, b| a.median_ms.unwrap_or(f64::INFINITY).total_cmp(&b.median_ms.unwrap_or(f64::INFINITY)));
-    let tol = match req.dtype {
-        DType::Bf16 => 1.5e-2,
-        DType::F16 => 2e-3,
-    };
+    let tol = req.dtype.reference_tolerance();
     let mut winner = None;
     for t in order {
         let err = verify(gpu, req, &t.config)?;
@@ -241,15 +226,10 @@ pub fn tune(
     }
     let (best, verified_error) =
         winner.ok_or_else(|| Error::Search("no config both ran and passed the reference check".into()))?;
-    let default = KernelConfig::for_blocks(
-        weft_patterns::layout(&req.pattern.expr, &IndexOptions::default())?.0,
-        weft_patterns::layout(&req.pattern.expr, &IndexOptions::default())?.1,
-        req.head_dim,
-        req.dtype,
-    );
+    let (default_m, default_n) = weft_patterns::layout(&req.pattern.expr, &IndexOptions::default())?;
+    let default = KernelConfig::for_blocks(default_m, default_n, req.head_dim, req.dtype);
     let default_ms = timings.iter().find(|t| t.config == default).and_then(|t| t.median_ms);
     let best_ms = best.median_ms.unwrap_or(f64::NAN);
-    let pairs = ix_for(&best.config)?.pairs();
     if let Some(db) = db {
         let tc = gpu.toolchain().map_err(gpu_err)?;
         let compiled = candidates
@@ -296,7 +276,7 @@ pub fn tune(
         default_ms,
         timings,
         verified_error,
-        flops: 4.0 * pairs as f64 * d as f64,
+        flops: 4.0 * pairs.unwrap_or(0) as f64 * d as f64,
         seconds: start.elapsed().as_secs_f64(),
     })
 }

@@ -184,19 +184,33 @@ impl Gpu {
         Ok(())
     }
 
-    /// Loads `kernel` from a CUBIN compiled elsewhere (e.g. by the tuner's parallel compile),
-    /// so later launches find it in memory.
-    pub fn load_cubin(&self, kernel: &Kernel, cubin: Vec<u8>) -> Result<CudaFunction, Error> {
-        let module = self
-            .ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
-            .map_err(driver(format!("loading {}", kernel.name)))?;
+    /// Loads `kernel` from a CUBIN (and its PTX) compiled elsewhere, e.g. by the tuner's
+    /// parallel compile, so later launches find it in memory.
+    pub fn load_cubin(&self, kernel: &Kernel, cubin: Vec<u8>, ptx: String) -> Result<CudaFunction, Error> {
+        self.install(kernel, cubin, ptx)
+    }
+
+    /// Loads a module from CUBIN for this device (the PTX, JIT-compiled by the driver, if the
+    /// CUBIN is refused), raises its shared-memory limit and keeps it in the module cache.
+    fn install(&self, kernel: &Kernel, cubin: Vec<u8>, ptx: String) -> Result<CudaFunction, Error> {
+        let module = match self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(kernel = %kernel.name, error = %e, "CUBIN refused, loading PTX");
+                self.ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                    .map_err(driver(format!("loading {} (CUBIN and PTX)", kernel.name)))?
+            }
+        };
         let f = module.load_function(&kernel.name).map_err(driver(format!("finding {}", kernel.name)))?;
         f.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             kernel.shared_bytes as i32,
         )
-        .map_err(driver(format!("raising the shared-memory limit of {}", kernel.name)))?;
+        .map_err(driver(format!(
+            "raising the shared-memory limit of {} to {} bytes",
+            kernel.name, kernel.shared_bytes
+        )))?;
         if let Ok(mut m) = self.modules.lock() {
             m.insert((kernel.key.clone(), self.arch), f.clone());
         }
@@ -256,28 +270,7 @@ impl Gpu {
                 (compiled.cubin, compiled.ptx, LoadSource::Compiled)
             }
         };
-        // CUBIN for this device first; the PTX (JIT-compiled by the driver) if it is refused.
-        let module = match self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(kernel = %kernel.name, error = %e, "CUBIN refused, loading PTX");
-                self.ctx
-                    .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-                    .map_err(driver(format!("loading {} (CUBIN and PTX)", kernel.name)))?
-            }
-        };
-        let f = module.load_function(&kernel.name).map_err(driver(format!("finding {}", kernel.name)))?;
-        f.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            kernel.shared_bytes as i32,
-        )
-        .map_err(driver(format!(
-            "raising the shared-memory limit of {} to {} bytes",
-            kernel.name, kernel.shared_bytes
-        )))?;
-        if let Ok(mut m) = self.modules.lock() {
-            m.insert(key, f.clone());
-        }
+        let f = self.install(kernel, cubin, ptx)?;
         Ok((f, source))
     }
 
@@ -492,12 +485,7 @@ impl Runtime {
 /// Validates a launch: config against index, buffer lengths against shapes.
 pub fn check_launch(config: &KernelConfig, ix: &DeviceIndex, s: AttnShape, lens: [usize; 5]) -> Result<(), Error> {
     let bad = |m: String| Err(Error::Shape(m));
-    if s.hq == 0 || s.hkv == 0 || s.nq == 0 || s.nk == 0 {
-        return bad(format!("empty problem {s:?}"));
-    }
-    if s.hq % s.hkv != 0 {
-        return bad(format!("{} query heads are not a multiple of {} key heads", s.hq, s.hkv));
-    }
+    // The problem itself (sizes, GQA, buffers) is `check_shapes`'s, below.
     if s.head_dim != config.head_dim as usize {
         return bad(format!("head dim {} but the kernel was generated for {}", s.head_dim, config.head_dim));
     }

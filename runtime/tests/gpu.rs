@@ -39,28 +39,15 @@ fn families() -> Vec<Pattern> {
     ]
 }
 
+/// `x` rounded to `dtype`: the raw words for the GPU and their values for the reference.
 fn round(x: &[f32], dtype: DType) -> (Vec<u16>, Vec<f32>) {
-    x.iter()
-        .map(|&v| match dtype {
-            DType::Bf16 => {
-                let h = half::bf16::from_f32(v);
-                (h.to_bits(), h.to_f32())
-            }
-            DType::F16 => {
-                let h = half::f16::from_f32(v);
-                (h.to_bits(), h.to_f32())
-            }
-        })
-        .unzip()
+    let words = dtype.encode(x);
+    let values = dtype.decode(&words);
+    (words, values)
 }
 
 fn to_f32(x: &[u16], dtype: DType) -> Vec<f32> {
-    x.iter()
-        .map(|&b| match dtype {
-            DType::Bf16 => half::bf16::from_bits(b).to_f32(),
-            DType::F16 => half::f16::from_bits(b).to_f32(),
-        })
-        .collect()
+    dtype.decode(x)
 }
 
 #[test]
@@ -107,7 +94,7 @@ fn every_family_matches_the_cpu_reference() {
                 s.synchronize().unwrap();
                 let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
                 let (rel, nan, lse_err) = compare(&got, &s.clone_dtoh(&lse).unwrap(), &want);
-                let tol = tolerance(dtype);
+                let tol = dtype.reference_tolerance();
                 let ok = nan == 0 && rel < tol && lse_err < 2e-2;
                 println!(
                     "{} {:<20} {:<5} d={:<3} n={:<5} hq={} hkv={} bm={:<3} density={:.3} rel_err={:.2e} lse_err={:.2e} unwritten={}",
@@ -120,14 +107,6 @@ fn every_family_matches_the_cpu_reference() {
         }
     }
     assert!(failures.is_empty(), "failed: {failures:?}");
-}
-
-/// Relative L2 error allowed for an output in `dtype` (rounding of P and O to 16 bits).
-fn tolerance(dtype: DType) -> f64 {
-    match dtype {
-        DType::Bf16 => 1.5e-2,
-        DType::F16 => 2e-3,
-    }
 }
 
 /// Relative L2 error of `got` against the reference, count of non-finite values, and the
@@ -223,7 +202,7 @@ fn retrieval_decode_matches_the_cpu_reference() {
                 s.synchronize().unwrap();
                 let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
                 let (rel, nan, lse_err) = compare(&got, &s.clone_dtoh(&lse).unwrap(), &want);
-                let tol = tolerance(dtype);
+                let tol = dtype.reference_tolerance();
                 let ok = nan == 0 && rel < tol && lse_err < 2e-2;
                 println!(
                     "{} decode {:<13} {:<5} d={:<3} nq={nq} nk={nk:<5} splits={splits} kept={:.3} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
@@ -361,7 +340,7 @@ fn packed_batch_matches_per_sequence_references() {
                     gl.extend_from_slice(&got_lse[h * tq + q0..h * tq + q0 + nq]);
                 }
                 let (rel, nan, lse_err) = compare(&g, &gl, &want);
-                let tol = tolerance(dtype);
+                let tol = dtype.reference_tolerance();
                 let ok = nan == 0 && rel < tol && lse_err < 2e-2;
                 println!(
                     "{} batch {:<16} {:<5} d={:<3} seq {i} ({nq} x {}) rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
@@ -420,7 +399,7 @@ fn kernels_load_from_the_database_without_nvrtc() {
     let (rel, nan, lse_err) =
         compare(&to_f32(&s.clone_dtoh(&out).unwrap(), dtype), &s.clone_dtoh(&lse).unwrap(), &want);
     println!("ok   database kernel rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}");
-    assert!(nan == 0 && rel < tolerance(dtype) && lse_err < 2e-2);
+    assert!(nan == 0 && rel < dtype.reference_tolerance() && lse_err < 2e-2);
 
     // An entry of another toolchain is never used: garbage stored under another driver.
     let db = second.detach_db().unwrap();
