@@ -94,6 +94,9 @@ enum Command {
         /// Target architecture.
         #[arg(long, default_value = "sm_90")]
         arch: String,
+        /// Also write the CUBIN here (for `nvdisasm` or `cuobjdump -sass`).
+        #[arg(long, value_name = "FILE")]
+        cubin: Option<PathBuf>,
     },
     /// Choose a pattern for every layer and head of a model from captured Q/K: the cheapest
     /// reaching a target recall, or the best mean recall under a density budget.
@@ -330,7 +333,9 @@ fn run(command: Command) -> Result<()> {
             print!("{}", k.source);
             Ok(())
         }
-        Command::Compile { pattern, kernel, arch } => compile(&load_pattern(&pattern.pattern)?, &kernel, &arch),
+        Command::Compile { pattern, kernel, arch, cubin } => {
+            compile(&load_pattern(&pattern.pattern)?, &kernel, &arch, cubin.as_deref())
+        }
         Command::Search(args) => search(args),
         Command::Autotune(args) => autotune(args),
         Command::Cache { db, action } => cache(db, action),
@@ -976,7 +981,7 @@ fn generate(pattern: &Pattern, args: &KernelArgs) -> Result<weft::codegen::Kerne
     Ok(weft::codegen::emit(&spec)?)
 }
 
-fn compile(pattern: &Pattern, args: &KernelArgs, arch: &str) -> Result<()> {
+fn compile(pattern: &Pattern, args: &KernelArgs, arch: &str, cubin: Option<&Path>) -> Result<()> {
     let arch: weft::runtime::Arch = arch.parse()?;
     let kernel = generate(pattern, args)?;
     let (major, minor) = weft::runtime::nvrtc::version()?;
@@ -1000,6 +1005,10 @@ fn compile(pattern: &Pattern, args: &KernelArgs, arch: &str) -> Result<()> {
         None => println!("resources     not reported by this NVRTC (no ptxas info in its log)"),
     }
     println!("cubin         {} bytes, ptx {} bytes", c.cubin.len(), c.ptx.len());
+    if let Some(path) = cubin {
+        std::fs::write(path, &c.cubin).with_context(|| format!("writing the CUBIN to {}", path.display()))?;
+        println!("written       {}", path.display());
+    }
     Ok(())
 }
 

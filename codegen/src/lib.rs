@@ -290,6 +290,7 @@ fn prelude(masks: &[Pred], permutation: Option<Permutation>, dtype: DType) -> St
     PRELUDE
         .replace("{{MASK_CASES}}", cases.trim_end_matches('\n'))
         .replace("{{TOKEN_BODY}}", &token_body(permutation))
+        .replace("{{IDENTITY_TOKENS}}", if permutation.is_none() { "true" } else { "false" })
         .replace("{{MMA_TYPE}}", mma_type)
         .replace("{{CVT_TYPE}}", cvt_type)
         .replace("{{UNPACK_BODY}}", unpack)

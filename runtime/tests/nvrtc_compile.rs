@@ -24,6 +24,22 @@ fn families() -> Vec<Pattern> {
     ]
 }
 
+/// The ptxas report of a compile, checked for spills. The pinned PyPI NVRTC always writes it
+/// (scripts/test.sh sets WEFT_REQUIRE_PTXAS_REPORT, so CI fails without it); a toolkit's NVRTC
+/// may not (the GPU machine's does not), and then only compilation is checked.
+fn report<'a>(c: &'a weft_runtime::nvrtc::Compiled, what: &str) -> Option<&'a weft_runtime::nvrtc::ResourceReport> {
+    match &c.report {
+        Some(r) => {
+            assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{what} spills: {r:?}");
+            Some(r)
+        }
+        None if std::env::var_os("WEFT_REQUIRE_PTXAS_REPORT").is_some() => {
+            panic!("{what}: no ptxas report in the NVRTC log:\n{}", c.log)
+        }
+        None => None,
+    }
+}
+
 #[test]
 fn every_family_compiles_without_spills() {
     let (major, minor) = version().expect("NVRTC is required for this test");
@@ -50,8 +66,9 @@ fn every_family_compiles_without_spills() {
                 .unwrap_or_else(|e| panic!("{name} {config} {}: {e}", arch.name()));
             assert!(!c.cubin.is_empty() && c.ptx.contains(".entry"), "{name}: no CUBIN/PTX");
             assert!(c.ptx.contains("mma.sync.aligned.m16n8k16"), "{name}: no tensor-core mma");
-            let r = c.report.as_ref().unwrap_or_else(|| panic!("{name}: no ptxas report in the log:\n{}", c.log));
-            assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{name} {config} {} spills: {r:?}", arch.name());
+            let Some(r) = report(&c, &format!("{name} {config} {}", arch.name())) else {
+                return format!("{name:<16} {config} {}: no ptxas report", arch.name());
+            };
             format!(
                 "{name:<16} {:<5} d={:<3} {} regs={:<3} stack={} {:.0} ms",
                 config.dtype.name(),
@@ -104,8 +121,7 @@ fn decode_and_merge_kernels_compile_without_spills() {
     let jobs: Vec<_> = kernels.iter().flat_map(|k| [(k, Arch::SM80), (k, Arch::SM90)]).collect();
     jobs.par_iter().for_each(|((name, kernel), arch)| {
         let c = compile(&kernel.source, &kernel.name, *arch).unwrap_or_else(|e| panic!("{name} {}: {e}", arch.name()));
-        let r = c.report.as_ref().unwrap_or_else(|| panic!("{name}: no ptxas report in the log:\n{}", c.log));
-        assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{name} spills: {r:?}");
+        report(&c, &format!("{name} {}", arch.name()));
     });
 }
 

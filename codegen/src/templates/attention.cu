@@ -44,7 +44,7 @@ __device__ __forceinline__ TileSource tile_source(int t, u32 nblocks, u32 ncols,
     return s;
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
+extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     const u16* __restrict__ Q, const u16* __restrict__ K, const u16* __restrict__ V,
     u16* __restrict__ O, float* __restrict__ LSE,
     const u32* __restrict__ block_ptr, const u32* __restrict__ block_idx, const u16* __restrict__ block_mask,
@@ -90,23 +90,49 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
         cp_async16(smem_u32(sQ + r * LDS + col), ok ? Qh + (size_t)weft_token(pos, nq) * D + col : Qh, ok ? 16 : 0);
     }
 
-    // Each thread copies one 16-byte column chunk of every (THREADS / CHUNKS)-th key row.
+    // Each thread copies one 16-byte column chunk of every ROW_STEP-th key row.
+    constexpr int ROW_STEP = THREADS / CHUNKS;
+    constexpr u32 STAGE_BYTES = 2 * BN * LDS;          // one stage of sK (or sV)
+    constexpr u32 V_BYTES = 2 * STAGES * BN * LDS;     // sV - sK
+    const int ld_row = tid / CHUNKS, ld_col = (tid % CHUNKS) * 8;
+    const u32 ld_dst = smem_u32(sK) + 2 * (ld_row * LDS + ld_col);
     auto load_tile = [&](int t, int stage) {
         const TileSource src = tile_source(t, nblocks, ncols, bidx, bmask, nk);
-        u16* k_s = sK + stage * BN * LDS;
-        u16* v_s = sV + stage * BN * LDS;
-        const int col = (tid % CHUNKS) * 8;
-        // Fully unrolled with one m-tile per warp; with two, partly, to save registers.
-#pragma unroll (MT == 1 ? BN : 2)
-        for (int r = tid / CHUNKS; r < BN; r += THREADS / CHUNKS) {
+        const u32 k_dst = ld_dst + stage * STAGE_BYTES;
+        int* key_pos = sKeyPos + stage * BN;
+        u16* key_mask = sKeyMask + stage * BN;
+        if constexpr (IDENTITY_TOKENS && BN % ROW_STEP == 0) {
+            if (src.is_block && src.count == BN) {
+                // A whole block of consecutive keys: fixed strides, no per-row decisions.
+                const u16* k_src = Kh + (size_t)(src.base + ld_row) * D + ld_col;
+                const u16* v_src = Vh + (size_t)(src.base + ld_row) * D + ld_col;
+#pragma unroll
+                for (int i = 0; i < BN / ROW_STEP; ++i) {
+                    cp_async16(k_dst + 2 * i * ROW_STEP * LDS, k_src + (size_t)i * ROW_STEP * D, 16);
+                    cp_async16(k_dst + V_BYTES + 2 * i * ROW_STEP * LDS, v_src + (size_t)i * ROW_STEP * D, 16);
+                }
+                if (ld_col == 0) {
+#pragma unroll
+                    for (int i = 0; i < BN / ROW_STEP; ++i) {
+                        key_pos[ld_row + i * ROW_STEP] = src.base + ld_row + i * ROW_STEP;
+                        key_mask[ld_row + i * ROW_STEP] = src.mask;
+                    }
+                }
+                return;
+            }
+        }
+        // Gathered columns, a block at the end of the sequence, or permuted tokens.
+#pragma unroll 2
+        for (int r = ld_row; r < BN; r += ROW_STEP) {
             const bool ok = r < src.count;
             const int pos = !ok ? -1 : src.is_block ? src.base + r : (int)cidx[src.base + r];
-            const size_t off = ok ? (size_t)weft_token(pos, nk) * D + col : 0;
-            cp_async16(smem_u32(k_s + r * LDS + col), Kh + off, ok ? 16 : 0);
-            cp_async16(smem_u32(v_s + r * LDS + col), Vh + off, ok ? 16 : 0);
-            if (col == 0) {
-                sKeyPos[stage * BN + r] = pos;
-                sKeyMask[stage * BN + r] = !ok ? FULL : src.is_block ? src.mask : cmask[src.base + r];
+            const size_t off = ok ? (size_t)weft_token(pos, nk) * D + ld_col : 0;
+            const u32 dst = k_dst + 2 * (r - ld_row) * LDS;
+            cp_async16(dst, Kh + off, ok ? 16 : 0);
+            cp_async16(dst + V_BYTES, Vh + off, ok ? 16 : 0);
+            if (ld_col == 0) {
+                key_pos[r] = pos;
+                key_mask[r] = !ok ? FULL : src.is_block ? src.mask : cmask[src.base + r];
             }
         }
     };
@@ -127,6 +153,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
     }
     u32 qf[Q_IN_REGS ? KQ : 1][4];
 
+    // ldmatrix addresses: one shared-window base per operand and lane; every fragment below is
+    // that base plus a compile-time offset (plus the stage), which folds into the instruction.
+    const int mat = lane / 8;  // which 8x8 matrix of an x4 load this lane addresses
+    const u32 q_addr = smem_u32(sQ) + 2 * ((warp * 16 * MT + lane % 16) * LDS + (lane / 16) * 8);
+    const u32 k_addr = smem_u32(sK) + 2 * (((mat / 2) * 8 + lane % 8) * LDS + (mat % 2) * 8);
+    const u32 v_addr = smem_u32(sV) + 2 * (((mat % 2) * 8 + lane % 8) * LDS + (mat / 2) * 8);
+
     for (int t = 0; t < ntiles; ++t) {
         const int stage = t % STAGES;
         if (t + 1 < ntiles) load_tile(t + 1, (t + 1) % STAGES);
@@ -137,18 +170,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
         if constexpr (Q_IN_REGS) {
             if (t == 0) {
 #pragma unroll
-                for (int kk = 0; kk < KQ; ++kk)
-                    ldmatrix_x4(qf[kk], smem_u32(sQ + (warp * 16 + lane % 16) * LDS + kk * 16 + (lane / 16) * 8));
+                for (int kk = 0; kk < KQ; ++kk) ldmatrix_x4(qf[kk], q_addr + 2 * (kk * 16));
             }
         }
 
-        // S = Q K^T for this warp's MT x 16 rows and the tile's BN keys.
-        const u16* k_s = sK + stage * BN * LDS;
+        // S = Q K^T for this warp's MT x 16 rows and the tile's BN keys; the first k-step
+        // starts from a zero accumulator.
+        const u32 k_stage = k_addr + stage * STAGE_BYTES;
         float s[MT][NT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int j = 0; j < NT; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < KQ; ++kk) {
             u32 qa[MT][4];
@@ -158,47 +187,66 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
 #pragma unroll
                     for (int i = 0; i < 4; ++i) qa[mt][i] = qf[kk][i];
                 } else {
-                    ldmatrix_x4(qa[mt], smem_u32(sQ + (warp * 16 * MT + mt * 16 + lane % 16) * LDS + kk * 16 + (lane / 16) * 8));
+                    ldmatrix_x4(qa[mt], q_addr + 2 * (mt * 16 * LDS + kk * 16));
                 }
             }
 #pragma unroll
             for (int j = 0; j < NT; j += 2) {
                 u32 b[4];
-                const int mat = lane / 8;
-                ldmatrix_x4(b, smem_u32(k_s + (j * 8 + (mat / 2) * 8 + lane % 8) * LDS + kk * 16 + (mat % 2) * 8));
+                ldmatrix_x4(b, k_stage + 2 * (j * 8 * LDS + kk * 16));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    mma(s[mt][j], qa[mt], b[0], b[1]);
-                    mma(s[mt][j + 1], qa[mt], b[2], b[3]);
+                    if (kk == 0) {
+                        mma_zero(s[mt][j], qa[mt], b[0], b[1]);
+                        mma_zero(s[mt][j + 1], qa[mt], b[2], b[3]);
+                    } else {
+                        mma(s[mt][j], qa[mt], b[0], b[1]);
+                        mma(s[mt][j + 1], qa[mt], b[2], b[3]);
+                    }
                 }
             }
         }
 
-        // Mask (a full block in range skips the per-pair test); the scale is folded into exp2 below.
-        const bool full = t < (int)nblocks && bmask[t] == FULL && ((int)bidx[t] + 1) * BN <= nk;
-        const int* kpos = sKeyPos + stage * BN;
-        const u16* kmask = sKeyMask + stage * BN;
+        // Mask; the scale is folded into exp2 below. A tile with nothing to mask skips the
+        // per-pair test: a key block in range without a predicate, or a whole chunk of BN
+        // columns none of which carries one (the warp reads the chunk's mask ids together).
+        bool full;
+        if (t < (int)nblocks) {
+            full = bmask[t] == FULL && ((int)bidx[t] + 1) * BN <= nk;
+        } else {
+            const int first = (t - (int)nblocks) * BN;
+            bool clean = first + BN <= (int)ncols;
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
+            for (int k = lane; k < BN; k += 32) clean = clean && cmask[first + k] == FULL;
+            full = __all_sync(0xffffffff, clean);
+        }
+        if (!full) {
+            // Each key's position and mask id are read once and serve all of the thread's rows.
+            const int* kpos = sKeyPos + stage * BN;
+            const u16* kmask = sKeyMask + stage * BN;
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float x = s[mt][j][e];
-                    if (!full) {
-                        const int key = j * 8 + (lane % 4) * 2 + (e & 1);
-                        const int qpos = row0 + mt * 16 + (e >= 2 ? 8 : 0);
-                        const int kp = kpos[key];
-                        const u16 id = kmask[key];
-                        const bool keep = kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
-                        if (!keep) x = neg_inf();
+                for (int c = 0; c < 2; ++c) {
+                    const int key = j * 8 + (lane % 4) * 2 + c;
+                    const int kp = kpos[key];
+                    const u16 id = kmask[key];
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                        for (int i = 0; i < 2; ++i) {
+                            const int qpos = row0 + mt * 16 + 8 * i;
+                            const bool keep = kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
+                            if (!keep) s[mt][j][2 * i + c] = neg_inf();
+                        }
                     }
-                    s[mt][j][e] = x;
                 }
             }
         }
 
         // Online softmax per row (two rows per m-tile and thread; a quad shares a row).
+        float alpha[MT][2];
+        bool rescale = false;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -211,7 +259,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
                 raw = fmaxf(raw, __shfl_xor_sync(0xffffffff, raw, 2));
                 const float mx = fmaxf(m[mt][i], raw * scale_log2);
                 const float base = mx == neg_inf() ? 0.f : mx;
-                const float alpha = m[mt][i] == neg_inf() ? 0.f : exp2f(m[mt][i] - base);
+                alpha[mt][i] = m[mt][i] == neg_inf() ? 0.f : exp2f(m[mt][i] - base);
+                rescale |= m[mt][i] != mx;
                 m[mt][i] = mx;
                 float sum = 0.f;
 #pragma unroll
@@ -221,17 +270,25 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
                     s[mt][j][2 * i + 1] = exp2f(fmaf(s[mt][j][2 * i + 1], scale_log2, -base));
                     sum += s[mt][j][2 * i] + s[mt][j][2 * i + 1];
                 }
-                l[mt][i] = l[mt][i] * alpha + sum;
+                l[mt][i] = l[mt][i] * alpha[mt][i] + sum;
+            }
+        }
+        // Rescale O only when some row of the warp has a new maximum: after the first tiles
+        // the running max rarely moves, and this saves MT x DT x 4 multiplies per tile.
+        if (__any_sync(0xffffffff, rescale)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int dt = 0; dt < DT; ++dt) {
-                    o[mt][dt][2 * i] *= alpha;
-                    o[mt][dt][2 * i + 1] *= alpha;
+                    o[mt][dt][0] *= alpha[mt][0];
+                    o[mt][dt][1] *= alpha[mt][0];
+                    o[mt][dt][2] *= alpha[mt][1];
+                    o[mt][dt][3] *= alpha[mt][1];
                 }
-            }
         }
 
         // O += P V: the S accumulators become the A operand without leaving registers.
-        const u16* v_s = sV + stage * BN * LDS;
+        const u32 v_stage = v_addr + stage * STAGE_BYTES;
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
             u32 a[MT][4];
@@ -245,8 +302,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{NAME}}(
 #pragma unroll
             for (int dt = 0; dt < DT; dt += 2) {
                 u32 b[4];
-                const int mat = lane / 8;
-                ldmatrix_x4_trans(b, smem_u32(v_s + (kk * 16 + (mat % 2) * 8 + lane % 8) * LDS + dt * 8 + (mat / 2) * 8));
+                ldmatrix_x4_trans(b, v_stage + 2 * (kk * 16 * LDS + dt * 8));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     mma(o[mt][dt], a[mt], b[0], b[1]);

@@ -19,16 +19,15 @@ __device__ __forceinline__ bool weft_mask(int id, long long q, long long k, long
 }
 
 // ---- index position -> token row ----
+constexpr bool IDENTITY_TOKENS = {{IDENTITY_TOKENS}};  // position p is token p (no permutation)
 __device__ __forceinline__ int weft_token(int pos, int n) {
 {{TOKEN_BODY}}
 }
 
 // ---- PTX helpers ----
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    u32 r;
-    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-    return r;
-}
+// A generic pointer into shared memory as a 32-bit shared-window address. Not volatile, so the
+// compiler hoists it: kernels take one base address and add constant offsets to it.
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes));
 }
@@ -48,6 +47,13 @@ __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u3
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// c = a * b with a zero accumulator (the first k-step), so no registers are cleared first.
+__device__ __forceinline__ void mma_zero(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.{{MMA_TYPE}}.{{MMA_TYPE}}.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};"
+                 : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
 }
 // Two floats to a packed pair, `lo` in the low half.
 __device__ __forceinline__ u32 pack(float lo, float hi) {
