@@ -61,6 +61,18 @@ impl IntExpr {
             IntExpr::Bin { op, lhs, rhs } => apply_int(*op, lhs.eval(env), rhs.eval(env)),
         }
     }
+
+    /// The expression with variable `v` replaced by the constant `value`.
+    pub fn with_var(&self, v: Var, value: i64) -> IntExpr {
+        match self {
+            IntExpr::Var(w) if *w == v => IntExpr::Const(value),
+            IntExpr::Var(_) | IntExpr::Const(_) => self.clone(),
+            IntExpr::Neg(a) => IntExpr::Neg(Box::new(a.with_var(v, value))),
+            IntExpr::Bin { op, lhs, rhs } => {
+                IntExpr::Bin { op: *op, lhs: Box::new(lhs.with_var(v, value)), rhs: Box::new(rhs.with_var(v, value)) }
+            }
+        }
+    }
 }
 
 impl Pred {
@@ -72,6 +84,38 @@ impl Pred {
             Pred::And(a, b) => a.eval(env) && b.eval(env),
             Pred::Or(a, b) => a.eval(env) || b.eval(env),
             Pred::Not(a) => !a.eval(env),
+        }
+    }
+
+    /// The predicate with variable `v` replaced by the constant `value` (e.g. the head, when
+    /// one head's entries move to another index).
+    pub fn with_var(&self, v: Var, value: i64) -> Pred {
+        match self {
+            Pred::Const(_) => self.clone(),
+            Pred::Cmp { op, lhs, rhs } => {
+                Pred::Cmp { op: *op, lhs: lhs.with_var(v, value), rhs: rhs.with_var(v, value) }
+            }
+            Pred::And(a, b) => Pred::And(Box::new(a.with_var(v, value)), Box::new(b.with_var(v, value))),
+            Pred::Or(a, b) => Pred::Or(Box::new(a.with_var(v, value)), Box::new(b.with_var(v, value))),
+            Pred::Not(a) => Pred::Not(Box::new(a.with_var(v, value))),
+        }
+    }
+
+    /// Whether the predicate reads variable `v`.
+    pub fn uses(&self, v: Var) -> bool {
+        fn int(e: &IntExpr, v: Var) -> bool {
+            match e {
+                IntExpr::Var(w) => *w == v,
+                IntExpr::Const(_) => false,
+                IntExpr::Neg(a) => int(a, v),
+                IntExpr::Bin { lhs, rhs, .. } => int(lhs, v) || int(rhs, v),
+            }
+        }
+        match self {
+            Pred::Const(_) => false,
+            Pred::Cmp { lhs, rhs, .. } => int(lhs, v) || int(rhs, v),
+            Pred::And(a, b) | Pred::Or(a, b) => a.uses(v) || b.uses(v),
+            Pred::Not(a) => a.uses(v),
         }
     }
 }

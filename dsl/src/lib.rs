@@ -87,6 +87,21 @@ impl Pattern {
 }
 
 impl PatternExpr {
+    /// Whether the pairs depend only on positions, heads and lengths, not on Q and K (no
+    /// dynamic selection anywhere): its index can be built once per shape and reused.
+    pub fn is_static(&self) -> bool {
+        match self {
+            PatternExpr::Static(_) => true,
+            PatternExpr::Block(b) => matches!(b.keep, BlockKeep::Where(_)),
+            PatternExpr::VerticalVector(_)
+            | PatternExpr::VerticalSlash(_)
+            | PatternExpr::Grid(_)
+            | PatternExpr::Retrieval(_) => false,
+            PatternExpr::Union(items) | PatternExpr::Intersect(items) => items.iter().all(Self::is_static),
+            PatternExpr::Permuted { inner, .. } | PatternExpr::Ring { inner, .. } => inner.is_static(),
+        }
+    }
+
     /// Whether a retrieval operator (a decode-time, one-query-per-row family) occurs.
     pub fn contains_retrieval(&self) -> bool {
         match self {

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use weft_dsl::{Env, PatternExpr, Permutation, Pred};
+use weft_dsl::{Env, PatternExpr, Permutation, Pred, Var};
 
 use crate::families::{resolve, HeadInputs, Node};
 use crate::interval::{decide, decide_exact, Region};
@@ -450,6 +450,18 @@ impl SparseIndex {
         }
     }
 
+    /// How many keys index row `q` of head `h` computes (index coordinates): what
+    /// [`SparseIndex::for_each_key`] would visit, with full blocks counted by their width.
+    pub fn row_len(&self, h: usize, q: usize) -> usize {
+        let qb = q / self.block_m;
+        let mut n = 0;
+        for (kb, m) in self.blocks(h, qb) {
+            let keys = kb * self.block_n..((kb + 1) * self.block_n).min(self.nk);
+            n += if m == FULL { keys.len() } else { keys.filter(|&k| self.passes(m, h, q, k)).count() };
+        }
+        n + self.columns(h, qb).filter(|&(c, m)| self.passes(m, h, q, c)).count()
+    }
+
     /// Whether the index computes pair `(q, k)` of head `h` (index coordinates).
     pub fn contains(&self, h: usize, q: usize, k: usize) -> bool {
         let qb = q / self.block_m;
@@ -523,6 +535,56 @@ impl SparseIndex {
     /// Token at index position `i` of the key axis.
     pub fn k_token(&self, i: usize) -> usize {
         self.permutation.map_or(i, |p| permute::inverse(p, i, self.nk))
+    }
+
+    /// One index over the heads `parts` name, in that order: head `i` of the result is head
+    /// `parts[i].1` of index `parts[i].0`, with its mask ids moved into one shared table.
+    /// A predicate that reads the head `h` gets that head's number fixed in, so the result
+    /// computes exactly the pairs of its sources.
+    ///
+    /// This is how heads that use different patterns share one kernel launch: each pattern's
+    /// index is built over the layer's heads, and the heads one kernel serves are gathered.
+    /// Every part must have the same shape, block sizes and permutation.
+    pub fn gather_heads(parts: &[(&SparseIndex, usize)]) -> Result<SparseIndex, Error> {
+        let (first, _) = parts.first().ok_or_else(|| Error::Shape("gathering no heads".into()))?;
+        let mut out = SparseIndex {
+            permutation: first.permutation,
+            ..SparseIndex::empty(parts.len(), first.nq, first.nk, first.block_m, first.block_n)
+        };
+        let mut table = MaskTable::default();
+        for (ix, h) in parts {
+            if (ix.nq, ix.nk, ix.block_m, ix.block_n, ix.permutation)
+                != (out.nq, out.nk, out.block_m, out.block_n, out.permutation)
+            {
+                return Err(Error::Shape(format!(
+                    "gathering heads of indexes over {} x {} with {} x {} blocks and permutation {:?} and over {} x {} with {} x {}, {:?}",
+                    ix.nq, ix.nk, ix.block_m, ix.block_n, ix.permutation, out.nq, out.nk, out.block_m, out.block_n, out.permutation
+                )));
+            }
+            if *h >= ix.heads {
+                return Err(Error::Shape(format!("head {h} of an index with {} heads", ix.heads)));
+            }
+            let fixed = |m: &Pred| if m.uses(Var::H) { m.with_var(Var::H, *h as i64) } else { m.clone() };
+            let remap: Vec<u16> = ix.masks.iter().map(|m| table.intern(fixed(m))).collect::<Result<_, _>>()?;
+            let map = |m: u16| if m == FULL { FULL } else { remap[m as usize] };
+            for qb in 0..ix.q_blocks() {
+                for (kb, m) in ix.blocks(*h, qb) {
+                    out.block_idx.push(kb as u32);
+                    out.block_mask.push(map(m));
+                }
+                for (c, m) in ix.columns(*h, qb) {
+                    out.col_idx.push(c as u32);
+                    out.col_mask.push(map(m));
+                }
+                let len = |n: usize| {
+                    u32::try_from(n).map_err(|_| Error::Layout("the index is too large for 32-bit offsets".into()))
+                };
+                out.block_ptr.push(len(out.block_idx.len())?);
+                out.col_ptr.push(len(out.col_idx.len())?);
+            }
+        }
+        out.masks = table.masks;
+        Ok(out)
     }
 
     /// The pairs of this index that also satisfy `p` (a static predicate over index

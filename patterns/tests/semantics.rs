@@ -141,6 +141,7 @@ fn check_index_exact(
             let mut keys = Vec::new();
             ix.for_each_key(h, qpos, |k| keys.push(k));
             let n = keys.len();
+            prop_assert_eq!(ix.row_len(h, qpos), n, "row_len of row {}", qpos);
             keys.sort_unstable();
             keys.dedup();
             prop_assert_eq!(keys.len(), n, "a key listed twice in row {}", qpos);
@@ -433,4 +434,40 @@ proptest! {
             }
         }
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Heads gathered from two patterns' indexes keep exactly their sources' pairs, even for
+    /// predicates that read the head number (it is fixed in as the source head).
+    #[test]
+    fn gathered_heads_keep_their_sources_pairs(a in arb_pattern(), b in arb_pattern(), s in arb_shape(), picks in prop::collection::vec((any::<bool>(), any::<prop::sample::Index>()), 1..6)) {
+        let x = inputs(&s);
+        let opts = IndexOptions { block_m: Some(16), block_n: Some(16), ..Default::default() };
+        let ia = build_index(&a, &x.q, &x.k, &opts).unwrap();
+        let ib = build_index(&b, &x.q, &x.k, &opts).unwrap();
+        let parts: Vec<(&SparseIndex, usize)> =
+            picks.iter().map(|(first, h)| (if *first { &ia } else { &ib }, h.index(s.hq))).collect();
+        let g = SparseIndex::gather_heads(&parts).unwrap();
+        prop_assert_eq!(g.heads, parts.len());
+        for (i, (src, h)) in parts.iter().enumerate() {
+            for q in 0..s.nq {
+                for k in 0..s.nk {
+                    prop_assert_eq!(g.contains(i, q, k), src.contains(*h, q, k), "gathered head {} (source head {}) q={} k={}", i, h, q, k);
+                }
+            }
+            prop_assert_eq!(g.head_pairs(i), src.head_pairs(*h));
+        }
+    }
+}
+
+#[test]
+fn gathering_mismatched_indexes_is_an_error() {
+    let x = inputs(&Shape { hq: 2, hkv: 1, nq: 40, nk: 40, d: 4, seed: 1 });
+    let a = build_index(&causal(), &x.q, &x.k, &IndexOptions { block_m: Some(16), ..Default::default() }).unwrap();
+    let b = build_index(&causal(), &x.q, &x.k, &IndexOptions { block_m: Some(32), ..Default::default() }).unwrap();
+    assert!(SparseIndex::gather_heads(&[(&a, 0), (&b, 1)]).is_err());
+    assert!(SparseIndex::gather_heads(&[(&a, 2)]).is_err());
+    assert!(SparseIndex::gather_heads(&[]).is_err());
 }
