@@ -6,15 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf gpu-bin && mkdir -p gpu-bin
 cargo build --release --locked --bin weft && cargo build --release --locked -p weft-bench
-cp target/release/weft target/release/weft-bench gpu-bin/
-cargo test --release --locked -p weft-runtime --features gpu --no-run --message-format=json 2>/dev/null \
+cp target/release/weft target/release/weft-bench target/release/search-bench gpu-bin/
+cargo test --release --locked -p weft-runtime -p weft-autotune --features gpu --no-run --message-format=json 2>/dev/null \
   | python3 -c '
-import json, sys, shutil
+import json, os, sys, shutil
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        shutil.copy(m["executable"], "gpu-bin/test-" + m["target"]["name"])
-        print("gpu-bin/test-" + m["target"]["name"])
+        crate = os.path.basename(os.path.dirname(m["manifest_path"]))
+        name = "gpu-bin/test-%s-%s" % (crate, m["target"]["name"])
+        shutil.copy(m["executable"], name)
+        print(name)
 '
 ls -la gpu-bin

@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use cudarc::driver::sys::CUevent_flags;
-use weft_cache::{Db, ShapeBucket, TuneKey, TuneRecord};
+use weft_cache::{Db, TuneRecord};
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::Pattern;
 use weft_patterns::{attention, build_index, IndexOptions, SparseIndex, Tensor};
@@ -226,8 +226,8 @@ pub fn tune(
     }
     let (best, verified_error) =
         winner.ok_or_else(|| Error::Search("no config both ran and passed the reference check".into()))?;
-    let (default_m, default_n) = weft_patterns::layout(&req.pattern.expr, &IndexOptions::default())?;
-    let default = KernelConfig::for_blocks(default_m, default_n, req.head_dim, req.dtype);
+    let default = KernelConfig::default_for(&req.pattern.expr, req.head_dim, req.dtype)
+        .map_err(|e| Error::Search(e.to_string()))?;
     let default_ms = timings.iter().find(|t| t.config == default).and_then(|t| t.median_ms);
     let best_ms = best.median_ms.unwrap_or(f64::NAN);
     if let Some(db) = db {
@@ -253,12 +253,15 @@ pub fn tune(
             created: weft_cache::timestamp(),
         };
         db.put_kernel(&kernel_key, &kernel_record).map_err(|e| Error::Search(e.to_string()))?;
-        let key = TuneKey {
-            toolchain: tc,
-            pattern_hash: req.pattern.hash().to_hex(),
-            head: req.head,
-            bucket: ShapeBucket::new(req.seq, req.head_dim, req.dtype.name(), (req.heads / req.kv_heads) as u32, false),
-        };
+        let key = weft_runtime::tune_key(
+            tc,
+            req.pattern,
+            req.head,
+            req.seq,
+            req.head_dim,
+            req.dtype,
+            req.heads / req.kv_heads,
+        );
         let cfg = |c: &KernelConfig| serde_json::to_value(c).unwrap_or_default();
         let record = TuneRecord {
             best: cfg(&best.config),

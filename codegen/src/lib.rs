@@ -121,6 +121,14 @@ impl KernelConfig {
     }
 
     /// The default config for an index's block sizes: 32 rows per warp for 128-row blocks.
+    /// The config used when nothing is tuned: the pattern's natural block sizes
+    /// (`weft_patterns::layout`) and the tile shape that goes with them.
+    pub fn default_for(pattern: &weft_dsl::PatternExpr, head_dim: u32, dtype: DType) -> Result<KernelConfig, Error> {
+        let (block_m, block_n) = weft_patterns::layout(pattern, &weft_patterns::IndexOptions::default())
+            .map_err(|e| Error::Config(e.to_string()))?;
+        Ok(KernelConfig::for_blocks(block_m, block_n, head_dim, dtype))
+    }
+
     pub fn for_blocks(block_m: usize, block_n: usize, head_dim: u32, dtype: DType) -> KernelConfig {
         KernelConfig {
             block_m: block_m as u32,
@@ -289,6 +297,7 @@ fn prelude(masks: &[Pred], permutation: Option<Permutation>, dtype: DType) -> St
     };
     PRELUDE
         .replace("{{MASK_CASES}}", cases.trim_end_matches('\n'))
+        .replace("{{MASK_COUNT}}", &masks.len().to_string())
         .replace("{{TOKEN_BODY}}", &token_body(permutation))
         .replace("{{IDENTITY_TOKENS}}", if permutation.is_none() { "true" } else { "false" })
         .replace("{{MMA_TYPE}}", mma_type)

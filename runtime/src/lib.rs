@@ -13,9 +13,11 @@
 //! A missing libcuda or libnvrtc, or no GPU, is an [`Error`] that says what to install or
 //! check; cudarc would panic on first use, so the libraries are probed first.
 //!
-//! Not yet here (see the project's issues): the user-facing `Runtime` that loads tuned
-//! kernels from the kernel database.
+//! - [`Runtime`]: GPU 0 with the kernel database; [`Runtime::attention_layer`] runs one layer,
+//!   each head with the config tuned for its pattern and shape (or the default, with a
+//!   warning), one launch per group of heads sharing a kernel (see the `layer` module).
 
+mod layer;
 pub mod nvrtc;
 
 use std::collections::HashMap;
@@ -25,6 +27,7 @@ use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, Laun
 use weft_codegen::{Kernel, KernelConfig, DECODE_THREADS, MERGE_THREADS};
 use weft_patterns::{BatchIndex, SparseIndex};
 
+pub use layer::{tune_key, LaunchReport, LayerPlan};
 pub use nvrtc::{Arch, Compiled, ResourceReport};
 
 /// Everything that can go wrong compiling, loading or launching.
@@ -74,7 +77,10 @@ pub fn check_driver() -> Result<(), Error> {
 
 /// The sparse index of a packed batch (one sequence or more) on the device.
 pub struct DeviceIndex {
+    /// Heads of the index (the launch grid's second axis).
     pub heads: usize,
+    /// The layer's query head each index head serves (identity unless heads were gathered).
+    pub head_map: Vec<usize>,
     /// Query and key tokens over all sequences.
     pub nq: usize,
     pub nk: usize,
@@ -92,6 +98,9 @@ pub struct DeviceIndex {
     col_ptr: CudaSlice<u32>,
     col_idx: CudaSlice<u32>,
     col_mask: CudaSlice<u16>,
+    head_map_dev: CudaSlice<i32>,
+    /// Built by [`Gpu::upload_gathered`]: may serve a subset of the layer's heads.
+    gathered: bool,
 }
 
 impl DeviceIndex {
@@ -253,25 +262,60 @@ impl Gpu {
             Some(r) if r.name == kernel.name => (r.cubin, r.ptx, LoadSource::Database),
             _ => {
                 let compiled = nvrtc::compile(&kernel.source, &kernel.name, self.arch)?;
-                tracing::debug!(kernel = %kernel.name, ms = compiled.millis, report = ?compiled.report, "compiled");
-                if let (Some((db, _)), Some(k)) = (&self.db, &db_key) {
-                    let record = weft_cache::KernelRecord {
-                        name: kernel.name.clone(),
-                        cubin: compiled.cubin.clone(),
-                        ptx: compiled.ptx.clone(),
-                        options: nvrtc::options(self.arch),
-                        threads: kernel.threads,
-                        shared_bytes: kernel.shared_bytes,
-                        head_dim: kernel.head_dim,
-                        created: weft_cache::timestamp(),
-                    };
-                    db.put_kernel(k, &record).map_err(|e| Error::Usage(format!("storing {}: {e}", kernel.name)))?;
-                }
+                self.store(kernel, &compiled)?;
                 (compiled.cubin, compiled.ptx, LoadSource::Compiled)
             }
         };
         let f = self.install(kernel, cubin, ptx)?;
         Ok((f, source))
+    }
+
+    /// Stores a freshly compiled kernel in the attached database (if any).
+    fn store(&self, kernel: &Kernel, compiled: &Compiled) -> Result<(), Error> {
+        tracing::debug!(kernel = %kernel.name, ms = compiled.millis, report = ?compiled.report, "compiled");
+        let Some((db, tc)) = &self.db else { return Ok(()) };
+        let key = weft_cache::KernelKey { toolchain: tc.clone(), kernel: kernel.key.clone(), arch: self.arch.name() };
+        let record = weft_cache::KernelRecord {
+            name: kernel.name.clone(),
+            cubin: compiled.cubin.clone(),
+            ptx: compiled.ptx.clone(),
+            options: nvrtc::options(self.arch),
+            threads: kernel.threads,
+            shared_bytes: kernel.shared_bytes,
+            head_dim: kernel.head_dim,
+            created: weft_cache::timestamp(),
+        };
+        db.put_kernel(&key, &record).map_err(|e| Error::Usage(format!("storing {}: {e}", kernel.name)))
+    }
+
+    /// Loads several kernels, compiling those that are neither loaded nor stored in parallel
+    /// (NVRTC runs on every core), so a batch of new kernels costs about one compile.
+    pub fn load_all(&self, kernels: &[&Kernel]) -> Result<(), Error> {
+        use rayon::prelude::*;
+        let loaded =
+            |k: &Kernel| self.modules.lock().map(|m| m.contains_key(&(k.key.clone(), self.arch))).unwrap_or(false);
+        let stored = |k: &Kernel| {
+            self.db.as_ref().is_some_and(|(db, tc)| {
+                let key =
+                    weft_cache::KernelKey { toolchain: tc.clone(), kernel: k.key.clone(), arch: self.arch.name() };
+                matches!(db.kernel(&key), Ok(Some(r)) if r.name == k.name)
+            })
+        };
+        let mut missing: Vec<&Kernel> = kernels.iter().copied().filter(|k| !loaded(k) && !stored(k)).collect();
+        missing.sort_by(|a, b| a.key.cmp(&b.key));
+        missing.dedup_by(|a, b| a.key == b.key);
+        let compiled: Vec<Result<Compiled, Error>> =
+            missing.par_iter().map(|k| nvrtc::compile(&k.source, &k.name, self.arch)).collect();
+        for (k, c) in missing.iter().zip(compiled) {
+            let c = c?;
+            self.store(k, &c)?;
+            self.install(k, c.cubin, c.ptx)?;
+        }
+        // The rest come from memory or the database.
+        for k in kernels {
+            self.load(k)?;
+        }
+        Ok(())
     }
 
     /// Copies the index of one sequence to the device.
@@ -282,14 +326,36 @@ impl Gpu {
 
     /// Copies the index of a packed batch to the device.
     pub fn upload_batch(&self, ix: &BatchIndex) -> Result<DeviceIndex, Error> {
+        self.upload_mapped(ix, (0..ix.heads).collect(), false)
+    }
+
+    /// Copies an index whose heads serve the layer's query heads `head_map` (one entry per
+    /// index head, e.g. from [`SparseIndex::gather_heads`]) to the device.
+    pub fn upload_gathered(&self, ix: &SparseIndex, head_map: Vec<usize>) -> Result<DeviceIndex, Error> {
+        let b = BatchIndex::single(ix).map_err(|e| Error::Shape(e.to_string()))?;
+        self.upload_mapped(&b, head_map, true)
+    }
+
+    fn upload_mapped(&self, ix: &BatchIndex, head_map: Vec<usize>, gathered: bool) -> Result<DeviceIndex, Error> {
+        if head_map.len() != ix.heads || head_map.iter().any(|h| *h > i32::MAX as usize) {
+            return Err(Error::Shape(format!(
+                "a head map of {} entries for an index of {} heads",
+                head_map.len(),
+                ix.heads
+            )));
+        }
         let s = &self.stream;
         // Empty lists still need a valid pointer.
         let nonempty_u32 = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
         let nonempty_u16 = |v: &[u16]| if v.is_empty() { vec![0u16] } else { v.to_vec() };
         let up = "uploading the index";
         let last = |v: &[i32]| v.last().copied().unwrap_or(0).max(0) as usize;
+        let map: Vec<i32> = head_map.iter().map(|h| *h as i32).collect();
         Ok(DeviceIndex {
             heads: ix.heads,
+            head_map_dev: s.clone_htod(&map).map_err(driver(up))?,
+            head_map,
+            gathered,
             nq: last(&ix.seq_q),
             nk: last(&ix.seq_k),
             block_m: ix.block_m,
@@ -335,7 +401,7 @@ impl Gpu {
         if index.q_blocks == 0 {
             return Ok(());
         }
-        let grid = (index.q_blocks as u32, shape.hq as u32, 1);
+        let grid = (index.q_blocks as u32, index.heads as u32, 1);
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: (config.threads(), 1, 1),
@@ -347,7 +413,7 @@ impl Gpu {
         let mut b = self.stream.launch_builder(&f);
         b.arg(q).arg(k).arg(v).arg(out).arg(lse);
         index.push_csr(&mut b);
-        b.arg(&index.seq_q).arg(&index.seq_k).arg(&index.seq_qb);
+        b.arg(&index.seq_q).arg(&index.seq_k).arg(&index.seq_qb).arg(&index.head_map_dev);
         b.arg(&batch).arg(&nq).arg(&nk).arg(&hq).arg(&hkv).arg(&scale_log2);
         // Safety: the argument list matches the generated signature, and `check_launch`
         // verified every buffer's length against the shapes the kernel indexes with.
@@ -380,6 +446,9 @@ impl Gpu {
                 "head dim {} but the kernels were generated for {} and {}",
                 shape.head_dim, kernel.head_dim, merge.head_dim
             )));
+        }
+        if index.gathered {
+            return Err(Error::Shape("decode runs over an index of every query head, not gathered heads".into()));
         }
         if index.block_m != 1 {
             return Err(Error::Shape(format!(
@@ -462,9 +531,11 @@ impl Gpu {
 }
 
 /// The user-facing runtime: GPU 0 with the kernel database attached, so kernels compiled once
-/// load from their stored CUBIN afterwards, with no compiler in the path.
+/// load from their stored CUBIN afterwards, with no compiler in the path, and
+/// [`Runtime::attention_layer`] runs a layer with each head's tuned kernel.
 pub struct Runtime {
     pub gpu: Gpu,
+    layer: layer::LayerCache,
 }
 
 impl Runtime {
@@ -478,7 +549,7 @@ impl Runtime {
         let db = weft_cache::Db::open(&path).map_err(|e| Error::Usage(e.to_string()))?;
         let mut gpu = Gpu::open(0)?;
         gpu.attach_db(db)?;
-        Ok(Runtime { gpu })
+        Ok(Runtime { gpu, layer: Default::default() })
     }
 }
 
@@ -504,8 +575,14 @@ pub fn check_shapes(ix: &DeviceIndex, s: AttnShape, lens: [usize; 5]) -> Result<
     if s.hq == 0 || s.hkv == 0 || s.nq == 0 || s.nk == 0 || s.hq % s.hkv != 0 {
         return bad(format!("bad problem {s:?}: every size at least 1, query heads a multiple of key heads"));
     }
-    if (ix.heads, ix.nq, ix.nk) != (s.hq, s.nq, s.nk) {
-        return bad(format!("the index is for {} heads x {} x {}, the call for {:?}", ix.heads, ix.nq, ix.nk, s));
+    let mut seen = vec![false; s.hq];
+    let heads_ok = (ix.gathered || ix.heads == s.hq)
+        && ix.head_map.iter().all(|h| *h < s.hq && !std::mem::replace(&mut seen[*h], true));
+    if (ix.nq, ix.nk) != (s.nq, s.nk) || !heads_ok {
+        return bad(format!(
+            "the index is for {} x {} tokens and query heads {:?}, the call for {:?}",
+            ix.nq, ix.nk, ix.head_map, s
+        ));
     }
     if s.nq.max(s.nk) >= i32::MAX as usize / 2 {
         return bad("sequences over 2^30 tokens are not supported".into());

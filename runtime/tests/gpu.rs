@@ -425,3 +425,105 @@ fn kernels_load_from_the_database_without_nvrtc() {
     assert_eq!(src, LoadSource::Compiled, "a stale entry must not be loaded");
     println!("ok   stale entry ignored, kernel compiled");
 }
+
+/// One layer, heads with different patterns: the runtime groups heads by kernel config (one
+/// launch per group), uses a stored tuning record where there is one and the default config
+/// elsewhere, and every head matches the CPU reference of its own pattern.
+#[test]
+fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
+    use weft_runtime::{tune_key, LayerPlan, Runtime};
+    let dir = tempfile::tempdir().unwrap();
+    let window = Pattern::new("window", causal() & window(300));
+    let vv = Pattern::new("vv", sink(16) | local(64) | vertical_vector().keep(top_k(48)));
+    let by_head =
+        Pattern::new("by_head", causal() & pred(h().eq(lit(2)).or(k().lt(lit(64))).or(q().lt(k() + lit(40)))));
+    let blocks32 = Pattern::new("blocks32", block().block_q(32).block_k(32).keep_where(q().ge(k())));
+    let plan = LayerPlan { patterns: vec![window.clone(), vv.clone(), by_head, window.clone(), blocks32, vv] };
+    let mut failures = Vec::new();
+    for (dtype, d, n, tuned) in
+        [(DType::Bf16, 128usize, 777usize, false), (DType::F16, 64, 1000, false), (DType::Bf16, 128, 777, true)]
+    {
+        let (hq, hkv) = (6usize, 3usize);
+        let tuned_config = KernelConfig { block_m: 128, block_n: 64, head_dim: d as u32, dtype, warp_rows: 32 };
+        if tuned {
+            // A tuning record for `window` at this bucket, as `weft autotune` stores it.
+            let gpu = Gpu::open(0).unwrap();
+            let db = weft_cache::Db::open(dir.path()).unwrap();
+            let key = tune_key(gpu.toolchain().unwrap(), &window, None, n, d as u32, dtype, hq / hkv);
+            let record = weft_cache::TuneRecord {
+                best: serde_json::to_value(tuned_config).unwrap(),
+                best_ms: 1.0,
+                default_ms: 1.0,
+                timings: vec![],
+                kernel: String::new(),
+                created: 0,
+            };
+            db.put_tuning(&key, &record).unwrap();
+        }
+        let rt = Runtime::open(Some(dir.path())).unwrap();
+        let x = inputs(hq, hkv, n, n, d, dtype, 4242 + n as u64);
+        let s = &rt.gpu.stream;
+        let (qd, kd, vd) = (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
+        let mut out = s.clone_htod(&vec![0xffffu16; hq * n * d]).unwrap();
+        let mut lse = s.clone_htod(&vec![f32::NAN; hq * n]).unwrap();
+        let shape = AttnShape { hq, hkv, nq: n, nk: n, head_dim: d };
+        let reports = rt.attention_layer(&plan, shape, dtype, &qd, &kd, &vd, &mut out, &mut lse, None).unwrap();
+        s.synchronize().unwrap();
+
+        // Launches: one per distinct config, covering every head once.
+        let config_of = |h: usize| {
+            if tuned && plan.patterns[h].name == "window" {
+                tuned_config
+            } else {
+                KernelConfig::default_for(&plan.patterns[h].expr, d as u32, dtype).unwrap()
+            }
+        };
+        let mut configs: Vec<KernelConfig> = (0..hq).map(config_of).collect();
+        configs.sort_by_key(|c| (c.block_m, c.block_n, c.warp_rows));
+        configs.dedup();
+        let mut covered: Vec<usize> = reports.iter().flat_map(|r| r.heads.clone()).collect();
+        covered.sort();
+        let grouped = reports.len() == configs.len()
+            && covered == (0..hq).collect::<Vec<_>>()
+            && reports.iter().all(|r| r.heads.iter().all(|&h| config_of(h) == r.config))
+            && reports.iter().all(|r| r.tuned == (tuned && r.patterns == ["window"]));
+        for r in &reports {
+            println!(
+                "     launch {} heads {:?} patterns {:?} tuned={} source={:?} index {:.1} ms",
+                r.config, r.heads, r.patterns, r.tuned, r.source, r.index_ms
+            );
+        }
+
+        // Each head against the CPU reference of its own pattern.
+        let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
+        let got_lse = s.clone_dtoh(&lse).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut worst = (0f64, 0usize, 0f64);
+        for h in 0..hq {
+            let c = config_of(h);
+            let opts = IndexOptions {
+                block_m: Some(c.block_m as usize),
+                block_n: Some(c.block_n as usize),
+                scale: Some(scale),
+                rows: None,
+            };
+            let ix = build_index(&plan.patterns[h].expr, &x.q, &x.k, &opts).unwrap();
+            let want = attention(&ix, &x.q, &x.k, &x.v, scale).unwrap();
+            let one = Attention {
+                out: Tensor::new(1, n, d, want.out.data[h * n * d..(h + 1) * n * d].to_vec()).unwrap(),
+                lse: want.lse[h * n..(h + 1) * n].to_vec(),
+            };
+            let (rel, nan, lse_err) = compare(&got[h * n * d..(h + 1) * n * d], &got_lse[h * n..(h + 1) * n], &one);
+            worst = (worst.0.max(rel), worst.1 + nan, worst.2.max(lse_err));
+        }
+        let ok = grouped && worst.1 == 0 && worst.0 < dtype.reference_tolerance() && worst.2 < 2e-2;
+        println!(
+            "{} layer {} d={d} n={n} tuned-record={tuned}: {} launches for {hq} heads, rel_err={:.2e} lse_err={:.2e} unwritten={}",
+            if ok { "ok  " } else { "FAIL" }, dtype.name(), reports.len(), worst.0, worst.2, worst.1
+        );
+        if !ok {
+            failures.push(format!("{} d={d} tuned={tuned} grouped={grouped}", dtype.name()));
+        }
+    }
+    assert!(failures.is_empty(), "failed: {failures:?}");
+}

@@ -50,6 +50,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     const u32* __restrict__ block_ptr, const u32* __restrict__ block_idx, const u16* __restrict__ block_mask,
     const u32* __restrict__ col_ptr, const u32* __restrict__ col_idx, const u16* __restrict__ col_mask,
     const int* __restrict__ seq_q, const int* __restrict__ seq_k, const int* __restrict__ seq_qb,
+    const int* __restrict__ head_map,
     int batch, int total_q, int total_k, int hq, int hkv, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -59,8 +60,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     int* sKeyPos = (int*)(sV + STAGES * BN * LDS);  // [STAGES][BN] index position of each key, -1 if none
     u16* sKeyMask = (u16*)(sKeyPos + STAGES * BN);  // [STAGES][BN] mask id of each key
 
+    // blockIdx.y is a head of the index; head_map names the layer's query head it serves (heads
+    // that share this kernel, possibly with different patterns, run in one launch).
+    const int ih = blockIdx.y, h = head_map[ih];
     // Packed batch: blockIdx.x counts query blocks over all sequences; find this one's sequence.
-    const int h = blockIdx.y;
     int lo = 0, hi = batch - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
@@ -71,7 +74,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     const int nq = seq_q[b + 1] - seq_q[b], nk = seq_k[b + 1] - seq_k[b];
     const int kv_head = h / (hq / hkv);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int row = hq * seq_qb[b] + h * (seq_qb[b + 1] - seq_qb[b]) + qb;  // rows: sequence, head, block
+    const int row = (int)gridDim.y * seq_qb[b] + ih * (seq_qb[b + 1] - seq_qb[b]) + qb;  // rows: sequence, head, block
     const IndexRow ir = index_row(row, block_ptr, block_idx, block_mask, col_ptr, col_idx, col_mask);
     const u32 nblocks = ir.nblocks, ncols = ir.ncols;
     const u32* bidx = ir.bidx;
@@ -221,26 +224,63 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             full = __all_sync(0xffffffff, clean);
         }
         if (!full) {
-            // Each key's position and mask id are read once and serve all of the thread's rows.
             const int* kpos = sKeyPos + stage * BN;
             const u16* kmask = sKeyMask + stage * BN;
+            // Whether query `qpos` keeps key `key` of the tile.
+            auto keeps = [&](int key, int qpos) {
+                const int kp = kpos[key];
+                const u16 id = kmask[key];
+                return kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
+            };
+            if constexpr (MASKS <= 4) {
+                // Few predicates: every test inlined; each key's loads serve all of the thread's rows.
 #pragma unroll
-            for (int j = 0; j < NT; ++j) {
+                for (int j = 0; j < NT; ++j) {
 #pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int key = j * 8 + (lane % 4) * 2 + c;
-                    const int kp = kpos[key];
-                    const u16 id = kmask[key];
+                    for (int c = 0; c < 2; ++c) {
+                        const int key = j * 8 + (lane % 4) * 2 + c;
+                        const int kp = kpos[key];
+                        const u16 id = kmask[key];
 #pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
+                        for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-                        for (int i = 0; i < 2; ++i) {
-                            const int qpos = row0 + mt * 16 + 8 * i;
-                            const bool keep = kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
-                            if (!keep) s[mt][j][2 * i + c] = neg_inf();
+                            for (int i = 0; i < 2; ++i) {
+                                const int qpos = row0 + mt * 16 + 8 * i;
+                                const bool keep = kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
+                                if (!keep) s[mt][j][2 * i + c] = neg_inf();
+                            }
                         }
                     }
                 }
+            } else {
+                // Many predicates (e.g. one per head): the tests run in a rolled loop into a
+                // bit set, so the predicate switch is compiled once per 64 scores, not once
+                // per score, and compile time stays flat in the mask count.
+                constexpr int SCORES = NT * 2 * MT * 2;
+                constexpr int WORDS = (SCORES + 63) / 64;
+                unsigned long long kept[WORDS];
+#pragma unroll
+                for (int w = 0; w < WORDS; ++w) {
+                    unsigned long long bits = 0;
+#pragma unroll 1
+                    for (int e = w * 64; e < min(SCORES, w * 64 + 64); ++e) {
+                        // e = ((j * 2 + c) * MT + mt) * 2 + i
+                        const int i = e % 2, mt = (e / 2) % MT, c = (e / (2 * MT)) % 2, j = e / (4 * MT);
+                        bits |= (unsigned long long)keeps(j * 8 + (lane % 4) * 2 + c, row0 + mt * 16 + 8 * i) << (e - w * 64);
+                    }
+                    kept[w] = bits;
+                }
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c)
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                            for (int i = 0; i < 2; ++i) {
+                                const int e = ((j * 2 + c) * MT + mt) * 2 + i;
+                                if (!((kept[e / 64] >> (e % 64)) & 1)) s[mt][j][2 * i + c] = neg_inf();
+                            }
             }
         }
 

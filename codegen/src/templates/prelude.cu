@@ -11,6 +11,8 @@ __device__ __forceinline__ long long weft_rem(long long a, long long c) { return
 __device__ __forceinline__ long long weft_min(long long a, long long b) { return a < b ? a : b; }
 __device__ __forceinline__ long long weft_max(long long a, long long b) { return a > b ? a : b; }
 
+constexpr int MASKS = {{MASK_COUNT}};  // predicates in the table below
+
 __device__ __forceinline__ bool weft_mask(int id, long long q, long long k, long long h, long long nq, long long nk) {
     switch (id) {
 {{MASK_CASES}}

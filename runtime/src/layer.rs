@@ -1,0 +1,369 @@
+//! One call per layer: every query head's pattern, the tuned kernel for it (or the default
+//! config, with a warning), and one launch per kernel group.
+//!
+//! A layer's heads may use different patterns (a pattern search picks one per head). Heads
+//! whose tuned configs agree share one kernel: their rows are gathered from each pattern's
+//! index into one index ([`SparseIndex::gather_heads`], which merges the mask tables), and the
+//! kernel's head map sends each index head to its query head. So the launch count is the
+//! number of distinct configs, not the number of heads.
+//!
+//! Index building runs on the CPU for now (Q and K are copied back for dynamic patterns;
+//! static patterns' indexes are built once per shape and kept); building them on the GPU is
+//! the job of the index kernels.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cudarc::driver::CudaSlice;
+use weft_cache::{ShapeBucket, Toolchain, TuneKey};
+use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
+use weft_dsl::{Pattern, PatternExpr};
+use weft_patterns::{build_index, IndexOptions, SparseIndex, Tensor};
+
+use crate::{driver, AttnShape, Error, LoadSource, Runtime};
+
+/// The tuning-database key of (pattern, head, shape): the tuner stores under it, the runtime
+/// looks up under it. `seq` is the key length; `gqa` the query heads per key head.
+pub fn tune_key(
+    toolchain: Toolchain,
+    pattern: &Pattern,
+    head: Option<u32>,
+    seq: usize,
+    head_dim: u32,
+    dtype: DType,
+    gqa: usize,
+) -> TuneKey {
+    TuneKey {
+        toolchain,
+        pattern_hash: pattern.hash().to_hex(),
+        head,
+        // Causality is part of the pattern (and of its hash), so the bucket does not repeat it.
+        bucket: ShapeBucket::new(seq, head_dim, dtype.name(), gqa as u32, false),
+    }
+}
+
+/// The pattern of every query head of one layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerPlan {
+    pub patterns: Vec<Pattern>,
+}
+
+impl LayerPlan {
+    /// The same pattern for all `heads`.
+    pub fn uniform(pattern: Pattern, heads: usize) -> LayerPlan {
+        LayerPlan { patterns: vec![pattern; heads] }
+    }
+
+    /// The patterns a search stored for `model`'s `layer` (`weft search --model`).
+    pub fn from_search(db: &weft_cache::Db, model: &str, layer: u32) -> Result<LayerPlan, Error> {
+        let usage = |m: String| Error::Usage(m);
+        let results = db.search_results(model).map_err(|e| usage(e.to_string()))?;
+        let mut heads: BTreeMap<u32, Pattern> = BTreeMap::new();
+        for (key, record) in results.into_iter().filter(|(k, _)| k.layer == layer) {
+            let p: Pattern = serde_json::from_value(record.pattern).map_err(|e| {
+                usage(format!("search result {model} layer {layer} head {}: {e}; re-run `weft search`", key.head))
+            })?;
+            heads.insert(key.head, p);
+        }
+        if heads.is_empty() {
+            return Err(usage(format!("no search results for model {model:?} layer {layer}; run `weft search` first")));
+        }
+        let n = heads.len() as u32;
+        if heads.keys().copied().ne(0..n) {
+            return Err(usage(format!(
+                "search results for {model:?} layer {layer} miss some heads: have {:?}",
+                heads.keys()
+            )));
+        }
+        Ok(LayerPlan { patterns: heads.into_values().collect() })
+    }
+}
+
+/// What one launch of [`Runtime::attention_layer`] ran.
+#[derive(Clone, Debug)]
+pub struct LaunchReport {
+    pub kernel: String,
+    pub config: KernelConfig,
+    /// The query heads it served.
+    pub heads: Vec<usize>,
+    /// The distinct pattern names among them.
+    pub patterns: Vec<String>,
+    /// Whether the config came from a tuning record (else it is the default).
+    pub tuned: bool,
+    /// Where the kernel came from, and how long finding and loading it took (no NVRTC call
+    /// when the source is the database).
+    pub source: LoadSource,
+    pub load_ms: f64,
+    /// Time to build and gather the group's index on the host.
+    pub index_ms: f64,
+}
+
+/// A static pattern's index for one shape, kept across calls.
+type IndexCacheKey = (String, usize, usize, usize, usize, usize);
+
+/// State [`Runtime`] keeps between layer calls.
+#[derive(Default)]
+pub(crate) struct LayerCache {
+    static_indexes: Mutex<HashMap<IndexCacheKey, Arc<SparseIndex>>>,
+}
+
+impl Runtime {
+    /// The patterns a search stored for `model`'s `layer`, from this runtime's database.
+    pub fn plan_from_search(&self, model: &str, layer: u32) -> Result<LayerPlan, Error> {
+        let (db, _) = self.gpu.db.as_ref().ok_or_else(|| Error::Usage("no kernel database is attached".into()))?;
+        LayerPlan::from_search(db, model, layer)
+    }
+
+    /// Attention of one layer on device buffers: Q `[hq, nq, d]`, K and V `[hkv, nk, d]`,
+    /// O `[hq, nq, d]`, LSE `[hq, nq]` (natural log), all contiguous, in `dtype`.
+    ///
+    /// For each head, the config tuned for (pattern, head, shape bucket) is used, else the one
+    /// tuned for the pattern at that bucket, else the default config with a warning (run
+    /// `weft autotune` to tune it). Heads whose configs agree run in one launch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_layer(
+        &self,
+        plan: &LayerPlan,
+        shape: AttnShape,
+        dtype: DType,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        lse: &mut CudaSlice<f32>,
+        scale: Option<f32>,
+    ) -> Result<Vec<LaunchReport>, Error> {
+        if plan.patterns.len() != shape.hq {
+            return Err(Error::Shape(format!(
+                "the plan has {} patterns for {} query heads; give one per head",
+                plan.patterns.len(),
+                shape.hq
+            )));
+        }
+        if shape.hkv == 0 || shape.hq % shape.hkv != 0 {
+            return Err(Error::Shape(format!("{} query heads on {} key heads", shape.hq, shape.hkv)));
+        }
+        let head_dim = u32::try_from(shape.head_dim).map_err(|_| Error::Shape("head dim too large".into()))?;
+        let scale = scale.unwrap_or(1.0 / (shape.head_dim as f32).sqrt());
+        for p in &plan.patterns {
+            p.validate().map_err(|e| Error::Usage(format!("pattern {}: {e}", p.name)))?;
+            if p.expr.contains_retrieval() {
+                return Err(Error::Usage(format!(
+                    "pattern {} is a decode-time retrieval pattern; use the decode path",
+                    p.name
+                )));
+            }
+        }
+
+        // Each head's config, and the groups of heads that share one.
+        let gqa = shape.hq / shape.hkv;
+        let toolchain = self.gpu.toolchain()?;
+        let mut groups: BTreeMap<GroupKey, Vec<usize>> = BTreeMap::new();
+        let mut tuned_of: HashMap<usize, bool> = HashMap::new();
+        let mut warned: Vec<String> = Vec::new();
+        for (h, p) in plan.patterns.iter().enumerate() {
+            let (config, tuned) = self.config_for(&toolchain, p, h, shape.nk, head_dim, dtype, gqa)?;
+            if !tuned && !warned.contains(&p.name) {
+                tracing::warn!(
+                    pattern = %p.name,
+                    seq = shape.nk,
+                    head_dim,
+                    dtype = dtype.name(),
+                    "no tuned kernel stored for this pattern and shape on this GPU; using the default config \
+                     {config} (run `weft autotune` to tune it)"
+                );
+                warned.push(p.name.clone());
+            }
+            tuned_of.insert(h, tuned);
+            let exclusive =
+                matches!(p.expr, PatternExpr::Permuted { .. } | PatternExpr::Ring { .. }).then(|| p.hash().to_hex());
+            groups.entry(GroupKey { config: ConfigKey(config), exclusive }).or_default().push(h);
+        }
+
+        // Q and K on the host, only when some pattern selects from them.
+        let dynamic = plan.patterns.iter().any(|p| !p.expr.is_static());
+        let host = if dynamic { Some(self.host_qk(shape, dtype, q, k)?) } else { None };
+
+        let mut reports = Vec::new();
+        for (key, heads) in groups {
+            let config = key.config.0;
+            let started = Instant::now();
+            // One index per distinct pattern in the group, over every head of the layer.
+            let mut by_hash: HashMap<String, Arc<SparseIndex>> = HashMap::new();
+            for &h in &heads {
+                let p = &plan.patterns[h];
+                let hash = p.hash().to_hex();
+                if let std::collections::hash_map::Entry::Vacant(slot) = by_hash.entry(hash) {
+                    slot.insert(self.index_for(p, &config, shape, scale, host.as_ref())?);
+                }
+            }
+            let parts: Vec<(&SparseIndex, usize)> =
+                heads.iter().map(|&h| (by_hash[&plan.patterns[h].hash().to_hex()].as_ref(), h)).collect();
+            let index = SparseIndex::gather_heads(&parts).map_err(|e| Error::Shape(e.to_string()))?;
+            let index_ms = started.elapsed().as_secs_f64() * 1e3;
+
+            let mut names: Vec<String> = heads.iter().map(|&h| plan.patterns[h].name.clone()).collect();
+            names.sort();
+            names.dedup();
+            let label = if names.len() == 1 {
+                plan.patterns[heads[0]].clone()
+            } else {
+                group_label(&names, heads.iter().map(|&h| &plan.patterns[h]))
+            };
+            let kernel =
+                emit(&KernelSpec { pattern: &label, masks: &index.masks, permutation: index.permutation, config })?;
+            let loading = Instant::now();
+            let (_, source) = self.gpu.load_traced(&kernel)?;
+            let load_ms = loading.elapsed().as_secs_f64() * 1e3;
+            let device_index = self.gpu.upload_gathered(&index, heads.clone())?;
+            self.gpu.attention(&kernel, &config, &device_index, shape, q, k, v, out, lse, scale)?;
+            tracing::debug!(kernel = %kernel.name, heads = ?heads, ?source, index_ms, "layer group launched");
+            reports.push(LaunchReport {
+                kernel: kernel.name,
+                config,
+                tuned: heads.iter().all(|h| tuned_of[h]),
+                heads,
+                patterns: names,
+                source,
+                load_ms,
+                index_ms,
+            });
+        }
+        Ok(reports)
+    }
+
+    /// The tuned config for (pattern, head) at this shape, else the pattern's, else the default.
+    #[allow(clippy::too_many_arguments)]
+    fn config_for(
+        &self,
+        toolchain: &Toolchain,
+        pattern: &Pattern,
+        head: usize,
+        seq: usize,
+        head_dim: u32,
+        dtype: DType,
+        gqa: usize,
+    ) -> Result<(KernelConfig, bool), Error> {
+        if let Some((db, _)) = &self.gpu.db {
+            for h in [Some(head as u32), None] {
+                let key = tune_key(toolchain.clone(), pattern, h, seq, head_dim, dtype, gqa);
+                let record = match db.tuning(&key) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(pattern = %pattern.name, error = %e, "tuning record ignored");
+                        None
+                    }
+                };
+                let config = record.and_then(|r| serde_json::from_value::<KernelConfig>(r.best).ok());
+                if let Some(c) = config.filter(|c| c.head_dim == head_dim && c.dtype == dtype && c.validate().is_ok()) {
+                    return Ok((c, true));
+                }
+            }
+        }
+        Ok((KernelConfig::default_for(&pattern.expr, head_dim, dtype)?, false))
+    }
+
+    /// The pattern's index over all of the layer's heads with the config's block sizes.
+    fn index_for(
+        &self,
+        pattern: &Pattern,
+        config: &KernelConfig,
+        shape: AttnShape,
+        scale: f32,
+        host: Option<&(Tensor, Tensor)>,
+    ) -> Result<Arc<SparseIndex>, Error> {
+        let opts = IndexOptions {
+            block_m: Some(config.block_m as usize),
+            block_n: Some(config.block_n as usize),
+            scale: Some(f64::from(scale)),
+            rows: None,
+        };
+        let build = |q: &Tensor, k: &Tensor| {
+            build_index(&pattern.expr, q, k, &opts).map_err(|e| Error::Usage(format!("pattern {}: {e}", pattern.name)))
+        };
+        if !pattern.expr.is_static() {
+            let (q, k) = host.ok_or_else(|| Error::Usage("internal: Q and K were not copied back".into()))?;
+            return Ok(Arc::new(build(q, k)?));
+        }
+        let key = (
+            pattern.hash().to_hex(),
+            shape.hq,
+            shape.nq,
+            shape.nk,
+            opts.block_m.unwrap_or(0),
+            opts.block_n.unwrap_or(0),
+        );
+        if let Some(ix) = self.layer.static_indexes.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(ix);
+        }
+        // A static pattern reads only positions and shapes: one-wide placeholder inputs suffice.
+        let ix = Arc::new(build(&Tensor::zeros(shape.hq, shape.nq, 1), &Tensor::zeros(shape.hkv, shape.nk, 1))?);
+        if let Ok(mut m) = self.layer.static_indexes.lock() {
+            m.insert(key, ix.clone());
+        }
+        Ok(ix)
+    }
+
+    /// Q and K copied to the host as f32, for the CPU index builders.
+    fn host_qk(
+        &self,
+        s: AttnShape,
+        dtype: DType,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+    ) -> Result<(Tensor, Tensor), Error> {
+        let d = s.head_dim;
+        if q.len() != s.hq * s.nq * d || k.len() != s.hkv * s.nk * d {
+            return Err(Error::Shape(format!(
+                "`q` holds {} and `k` {} elements; the shape {s:?} needs other sizes",
+                q.len(),
+                k.len()
+            )));
+        }
+        let what = "copying Q and K to the host for index building";
+        let qh = self.gpu.stream.clone_dtoh(q).map_err(driver(what))?;
+        let kh = self.gpu.stream.clone_dtoh(k).map_err(driver(what))?;
+        let tensor = |heads, n, words: &[u16]| {
+            Tensor::new(heads, n, d, dtype.decode(words)).map_err(|e| Error::Shape(e.to_string()))
+        };
+        Ok((tensor(s.hq, s.nq, &qh)?, tensor(s.hkv, s.nk, &kh)?))
+    }
+}
+
+/// Heads with equal keys share a launch: the same config and, for permuted or ring patterns
+/// (whose index layout is their own), the same pattern.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct GroupKey {
+    config: ConfigKey,
+    exclusive: Option<String>,
+}
+
+/// [`KernelConfig`] ordered by its fields, for deterministic launch order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ConfigKey(KernelConfig);
+
+impl Ord for ConfigKey {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        let f = |c: &KernelConfig| (c.block_m, c.block_n, c.head_dim, c.warp_rows, c.dtype.name());
+        f(&self.0).cmp(&f(&o.0))
+    }
+}
+
+impl PartialOrd for ConfigKey {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+/// The pattern a multi-pattern group's kernel is labelled with (its header and key): the
+/// union of the group's patterns.
+fn group_label<'a>(names: &[String], patterns: impl Iterator<Item = &'a Pattern>) -> Pattern {
+    let mut exprs: Vec<PatternExpr> = Vec::new();
+    for p in patterns {
+        if !exprs.contains(&p.expr) {
+            exprs.push(p.expr.clone());
+        }
+    }
+    Pattern::new(format!("group({})", names.join(", ")), PatternExpr::Union(exprs))
+}
