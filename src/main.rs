@@ -187,6 +187,10 @@ struct SearchArgs {
     /// Draw a heads x layers map of the chosen families and densities here (PNG).
     #[arg(long, value_name = "FILE")]
     png: Option<PathBuf>,
+    /// Compute recall on the CPU even when a GPU is present (by default GPU 0 computes it with
+    /// generated kernels, for head dims 64, 128 and 256).
+    #[arg(long)]
+    cpu: bool,
 }
 
 #[derive(Subcommand)]
@@ -750,11 +754,33 @@ fn search(args: SearchArgs) -> Result<()> {
         args.qk.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
     });
     let start = Instant::now();
+    let gpu = if args.cpu {
+        None
+    } else {
+        match weft::runtime::Gpu::open(0) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::info!(error = %e, "no GPU for the search; recall on the CPU");
+                None
+            }
+        }
+    };
+    let mut backend = gpu.as_ref().map_or(Backend::Cpu, Backend::Gpu);
     let mut all = Vec::new();
     let mut cands = Vec::new();
     let mut bar: Option<indicatif::ProgressBar> = None;
     for (li, layer) in layers.iter().enumerate() {
         let (q, k) = weft::qk::load(&args.qk, *layer)?;
+        if matches!(backend, Backend::Gpu(_)) && ![64, 128, 256].contains(&q.dim) {
+            eprintln!("head dim {} has no GPU kernel; recall on the CPU", q.dim);
+            backend = Backend::Cpu;
+        }
+        if li == 0 {
+            match (&backend, &gpu) {
+                (Backend::Gpu(_), Some(g)) => eprintln!("recall on {} with generated kernels", g.name),
+                _ => eprintln!("recall on the CPU ({} threads)", rayon::current_num_threads()),
+            }
+        }
         if cands.is_empty() {
             cands = candidates(k.tokens, causal);
             let b = indicatif::ProgressBar::new((layers.len() * cands.len()) as u64);
@@ -775,7 +801,7 @@ fn search(args: SearchArgs) -> Result<()> {
                 b.inc(1);
             }
         };
-        all.extend(evaluate_layer(layer.unwrap_or(0), &q, &k, &cands, causal, &rows, &tick)?);
+        all.extend(evaluate_layer_on(backend, layer.unwrap_or(0), &q, &k, &cands, causal, &rows, &tick)?);
     }
     if let Some(b) = &bar {
         b.finish_and_clear();

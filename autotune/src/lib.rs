@@ -2,17 +2,18 @@
 //!
 //! - [`search`]: offline, per model: for every layer and head of captured Q/K, score candidate
 //!   patterns by recall and density and pick one per head, by a target recall or under a
-//!   global density budget. CPU only (rayon across heads).
-//!
+//!   global density budget. Indexes are built on the CPU (rayon across heads); recall is
+//!   computed on the CPU or by generated kernels on the GPU ([`search::Backend`]).
 //! - [`space`]: the kernel config space of a pattern, pruned by a static resource model
 //!   (shared memory, then NVRTC's register and spill report from a parallel compile), with the
 //!   CTAs per multiprocessor each survivor gets.
 //! - [`tune`]: one (pattern, head, shape bucket) on the GPU: the pruned space timed with CUDA
 //!   events and early elimination, the winner checked against the CPU reference and stored
-//!   with its tuning record in `weft-cache`.
+//!   with its tuning record in `weft-cache`, under the key `weft_runtime::tune_key` gives
+//!   (the runtime looks tuned configs up under the same key).
 //!
-//! Still to come (see the project's issues): tuning several buckets and the heads of a search
-//! result in one run, and recall computed on the GPU during the search.
+//! GPU tests (`--features gpu`, `tests/gpu.rs`): a tune loaded by a cold process, a tuner
+//! killed mid-tune, and GPU recall against the CPU's.
 
 pub mod search;
 pub mod space;

@@ -128,9 +128,25 @@ pub struct HeadScores {
     pub scores: Vec<Score>,
 }
 
+/// Where recall is computed: the softmax mass each candidate keeps.
+#[derive(Clone, Copy)]
+pub enum Backend<'a> {
+    /// Rayon across heads: each sampled row's softmax once per head, then each candidate's
+    /// kept keys summed.
+    Cpu,
+    /// Generated attention kernels: one launch per candidate over the sampled rows gives each
+    /// row's log-sum-exp over the kept keys, and the recall of a row is
+    /// `exp(lse_kept - lse_universe)`. Inputs are rounded to bf16 on the device. Head dims
+    /// 64, 128 and 256.
+    Gpu(&'a weft_runtime::Gpu),
+}
+
 /// Scores every candidate on every head of one layer. `rows`: the sampled query rows (see
-/// [`sample_rows`]); `progress` is called after each candidate's indexes are built.
-pub fn evaluate_layer(
+/// [`sample_rows`]); `progress` is called after each candidate's indexes are built. The
+/// indexes are built on the CPU either way; `backend` computes the recall.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_layer_on(
+    backend: Backend<'_>,
     layer: usize,
     q: &Tensor,
     k: &Tensor,
@@ -145,8 +161,13 @@ pub fn evaluate_layer(
     let opts = IndexOptions { rows: Some(rows.to_vec()), scale: Some(scale), ..Default::default() };
     let mut indexes = Vec::with_capacity(cands.len());
     for c in cands {
+        let started = std::time::Instant::now();
         indexes.push(resolve_pattern(&c.pattern.expr, q, k, &opts)?.index()?);
+        tracing::debug!(candidate = %c.pattern.name, ms = started.elapsed().as_secs_f64() * 1e3, "index built");
         progress();
+    }
+    if let Backend::Gpu(gpu) = backend {
+        return gpu_scores(gpu, layer, q, k, cands, &indexes, causal, rows, scale);
     }
     let visible = |t: usize| if causal { (t + nk + 1).saturating_sub(nq).min(nk) } else { nk };
     let out = (0..q.heads)
@@ -190,6 +211,90 @@ pub fn evaluate_layer(
         })
         .collect();
     Ok(out)
+}
+
+/// [`Backend::Gpu`]'s scores: each candidate's index (already restricted to the sampled rows)
+/// runs through its generated kernel, and so does the universe (dense or causal), whose
+/// log-sum-exp is each row's full softmax mass.
+#[allow(clippy::too_many_arguments)]
+fn gpu_scores(
+    gpu: &weft_runtime::Gpu,
+    layer: usize,
+    q: &Tensor,
+    k: &Tensor,
+    cands: &[Candidate],
+    indexes: &[weft_patterns::SparseIndex],
+    causal: bool,
+    rows: &[usize],
+    scale: f64,
+) -> Result<Vec<HeadScores>, Error> {
+    use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
+    let gpu_err = |e: weft_runtime::Error| Error::Search(format!("GPU recall: {e}"));
+    let d = q.dim;
+    if ![64, 128, 256].contains(&d) {
+        return Err(Error::Search(format!("GPU recall needs head dim 64, 128 or 256, not {d}; use the CPU")));
+    }
+    let (hq, nq, nk) = (q.heads, q.tokens, k.tokens);
+    let shape = weft_runtime::AttnShape { hq, hkv: k.heads, nq, nk, head_dim: d };
+    let s = &gpu.stream;
+    let up = |t: &Tensor| s.clone_htod(&DType::Bf16.encode(&t.data));
+    let driver = |e: cudarc::driver::DriverError| Error::Search(format!("GPU recall: {e}"));
+    let (qd, kd) = (up(q).map_err(driver)?, up(k).map_err(driver)?);
+    let mut out = s.alloc_zeros::<u16>(hq * nq * d).map_err(driver)?;
+    let mut lse = s.alloc_zeros::<f32>(hq * nq).map_err(driver)?;
+    let universe = Pattern::new("universe", if causal { weft_dsl::builder::causal() } else { full() });
+    let opts = IndexOptions { rows: Some(rows.to_vec()), scale: Some(scale), ..Default::default() };
+    let uix = resolve_pattern(&universe.expr, q, k, &opts)?.index()?;
+    // Every kernel first, so the new ones compile in parallel (a candidate whose predicates
+    // depend on the data, such as a grid's phase per head, gets a new kernel per layer).
+    let kernel = |pattern: &Pattern, ix: &weft_patterns::SparseIndex| {
+        let config = KernelConfig::for_blocks(ix.block_m, ix.block_n, d as u32, DType::Bf16);
+        emit(&KernelSpec { pattern, masks: &ix.masks, permutation: ix.permutation, config })
+            .map(|k| (k, config))
+            .map_err(|e| Error::Search(e.to_string()))
+    };
+    let kernels: Vec<_> = std::iter::once(kernel(&universe, &uix))
+        .chain(cands.iter().zip(indexes).map(|(c, ix)| kernel(&c.pattern, ix)))
+        .collect::<Result<_, _>>()?;
+    gpu.load_all(&kernels.iter().map(|(k, _)| k).collect::<Vec<_>>()).map_err(gpu_err)?;
+    // Each row's log-sum-exp over the keys of `ix` (V is K: the output is not used).
+    let mut run = |i: usize, ix: &weft_patterns::SparseIndex| -> Result<Vec<f32>, Error> {
+        let (kernel, config) = &kernels[i];
+        let dix = gpu.upload_index(ix).map_err(gpu_err)?;
+        gpu.attention(kernel, config, &dix, shape, &qd, &kd, &kd, &mut out, &mut lse, scale as f32).map_err(gpu_err)?;
+        s.clone_dtoh(&lse).map_err(driver)
+    };
+    let lse_universe = run(0, &uix)?;
+    let visible = |t: usize| if causal { (t + nk + 1).saturating_sub(nq).min(nk) } else { nk };
+    let universe_pairs: usize = rows.iter().map(|&t| visible(t)).sum();
+    let mut scores: Vec<Vec<Score>> = vec![Vec::with_capacity(cands.len()); hq];
+    for (ci, (c, ix)) in cands.iter().zip(indexes).enumerate() {
+        let started = std::time::Instant::now();
+        let lse_kept = run(ci + 1, ix)?;
+        tracing::debug!(candidate = %c.pattern.name, ms = started.elapsed().as_secs_f64() * 1e3, "GPU recall launch");
+        let per_head: Vec<Score> = (0..hq)
+            .into_par_iter()
+            .map(|h| {
+                let (mut kept, mut mass) = (0usize, 0f64);
+                for &t in rows {
+                    let (a, u) = (lse_kept[h * nq + t], lse_universe[h * nq + t]);
+                    if a.is_finite() && u.is_finite() {
+                        mass += (f64::from(a) - f64::from(u)).exp().min(1.0);
+                    }
+                    kept += ix.row_len(h, t);
+                }
+                Score {
+                    candidate: ci,
+                    density: kept as f64 / universe_pairs.max(1) as f64,
+                    recall: mass / rows.len().max(1) as f64,
+                }
+            })
+            .collect();
+        for (h, sc) in per_head.into_iter().enumerate() {
+            scores[h].push(sc);
+        }
+    }
+    Ok(scores.into_iter().enumerate().map(|(head, scores)| HeadScores { layer, head, scores }).collect())
 }
 
 /// The pattern chosen for one head.

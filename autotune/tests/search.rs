@@ -29,7 +29,7 @@ fn scored() -> (Vec<Candidate>, Vec<HeadScores>, weft_patterns::Tensor, weft_pat
     let (q, k) = planted_qk(&plants, N, D, 16.0, 42);
     let cands = candidates(N, true);
     let rows = sample_rows(N);
-    let scores = evaluate_layer(0, &q, &k, &cands, true, &rows, &|| {}).unwrap();
+    let scores = evaluate_layer_on(Backend::Cpu, 0, &q, &k, &cands, true, &rows, &|| {}).unwrap();
     (cands, scores, q, k)
 }
 
