@@ -472,7 +472,7 @@ struct Report {
 }
 
 fn analyse(pattern: &Pattern, input: &Input, args: &InputArgs) -> Result<Report> {
-    let opts = IndexOptions { block_m: args.block_m, block_n: args.block_n, scale: None, rows: None };
+    let opts = IndexOptions { block_m: args.block_m, block_n: args.block_n, ..Default::default() };
     let start = Instant::now();
     let resolved = pat::resolve_pattern(&pattern.expr, &input.q, &input.k, &opts)?;
     let index = resolved.index()?;
@@ -1000,7 +1000,7 @@ fn generate(pattern: &Pattern, args: &KernelArgs) -> Result<weft::codegen::Kerne
     }
     let q = Tensor::random(1, args.seq, 16, 1);
     let k = Tensor::random(1, args.seq, 16, 2);
-    let opts = IndexOptions { block_m: args.block_m, block_n: args.block_n, scale: None, rows: None };
+    let opts = IndexOptions { block_m: args.block_m, block_n: args.block_n, ..Default::default() };
     let ix = pat::build_index(&pattern.expr, &q, &k, &opts)?;
     let config = weft::codegen::KernelConfig::for_blocks(ix.block_m, ix.block_n, args.head_dim, dtype);
     let spec = weft::codegen::KernelSpec { pattern, masks: &ix.masks, permutation: ix.permutation, config };

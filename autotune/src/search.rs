@@ -158,7 +158,10 @@ pub fn evaluate_layer_on(
     let group = weft_patterns::tensor::check_qkv(q, k, None)?;
     let (nq, nk) = (q.tokens, k.tokens);
     let scale = 1.0 / (q.dim as f64).sqrt();
-    let opts = IndexOptions { rows: Some(rows.to_vec()), scale: Some(scale), ..Default::default() };
+    // One set of last-query estimates for all candidates: vertical-slash and grid candidates
+    // read the same softmax mass.
+    let estimates = Some(std::sync::Arc::new(weft_patterns::Estimates::default()));
+    let opts = IndexOptions { rows: Some(rows.to_vec()), scale: Some(scale), estimates, ..Default::default() };
     let mut indexes = Vec::with_capacity(cands.len());
     for c in cands {
         let started = std::time::Instant::now();

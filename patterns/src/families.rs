@@ -10,6 +10,9 @@
 //! `causal & block(keep = top_k(4))` the four blocks are chosen among those not entirely in
 //! the future, as MInference does.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use weft_dsl::builder;
 use weft_dsl::*;
 
@@ -31,6 +34,8 @@ pub struct HeadInputs<'a> {
     pub scale: f64,
     /// Query rows to build (`None`: all); selections for other rows are skipped.
     pub wanted: Option<&'a [bool]>,
+    /// Estimates shared with other builds over the same Q and K.
+    pub estimates: Option<&'a Estimates>,
 }
 
 impl HeadInputs<'_> {
@@ -249,6 +254,53 @@ fn vertical_vector(v: &VerticalVector, inp: &HeadInputs<'_>, ctx: &Pred) -> ColS
     ColSel { bq, cols }
 }
 
+/// The softmax mass of one head's last queries (over the keys a context allows), summed per
+/// key column (`vert[k]`) and per diagonal (`slash[r + nk - k]`): what vertical-slash and grid
+/// selections estimate from.
+#[derive(Debug)]
+pub struct LastRowsMass {
+    pub vert: Vec<f64>,
+    pub slash: Vec<f64>,
+}
+
+/// Estimates shared by several index builds over the same Q and K: a pattern search builds
+/// every candidate over one layer, and all vertical-slash and grid candidates read the same
+/// last-query softmax mass, computed once per (head, context, rows) here instead of once per
+/// candidate. Pass one through [`crate::IndexOptions::estimates`]; entries are keyed by the
+/// tensors' addresses too, so a cache used with other tensors computes afresh.
+#[derive(Debug, Default)]
+pub struct Estimates {
+    mass: Mutex<HashMap<EstimateKey, Arc<LastRowsMass>>>,
+}
+
+/// (Q address, K address, head, context predicate, last rows, scale bits).
+type EstimateKey = (usize, usize, usize, String, usize, u64);
+
+/// [`LastRowsMass`] of `inp`'s head, from the shared estimates when there are some.
+fn last_rows_mass(inp: &HeadInputs<'_>, ctx: &Pred, last: usize) -> Arc<LastRowsMass> {
+    let compute = || {
+        let (nq, nk) = (inp.nq(), inp.nk());
+        let mut m = LastRowsMass { vert: vec![0f64; nk], slash: vec![0f64; nq + nk] };
+        last_rows_attention(inp, ctx, last, |r, k, p| {
+            m.vert[k] += p;
+            m.slash[r + nk - k] += p;
+        });
+        Arc::new(m)
+    };
+    let Some(est) = inp.estimates else { return compute() };
+    let key =
+        (inp.q.data.as_ptr() as usize, inp.k.data.as_ptr() as usize, inp.h, ctx.to_string(), last, inp.scale.to_bits());
+    if let Some(m) = est.mass.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return m;
+    }
+    // Computed outside the lock: heads resolve in parallel, each with its own keys.
+    let m = compute();
+    if let Ok(mut c) = est.mass.lock() {
+        c.insert(key, m.clone());
+    }
+    m
+}
+
 /// Softmax rows of the last `last` queries over the keys `ctx` allows; calls `f(row, key, p)`.
 pub(crate) fn last_rows_attention(inp: &HeadInputs<'_>, ctx: &Pred, last: usize, mut f: impl FnMut(usize, usize, f64)) {
     let (nq, nk) = (inp.nq(), inp.nk());
@@ -275,16 +327,11 @@ fn mass_select(mass: impl Iterator<Item = (u32, f64)>, budget: Budget) -> Vec<u3
 fn vertical_slash(v: &VerticalSlash, inp: &HeadInputs<'_>, ctx: &Pred) -> (ColSel, BlockSel) {
     let (nq, nk) = (inp.nq(), inp.nk());
     let b = v.block as usize;
-    let mut vert = vec![0f64; nk];
     // Diagonal of (r, k) numbered i = r + nk - k, in 1..nq + nk; i = nq is the causal main
     // diagonal (k = r + nk - nq) and larger i lie further in the past.
-    let mut slash = vec![0f64; nq + nk];
-    last_rows_attention(inp, ctx, v.last_q as usize, |r, k, p| {
-        vert[k] += p;
-        slash[r + nk - k] += p;
-    });
-    let verticals = mass_select(vert.iter().enumerate().map(|(k, m)| (k as u32, *m)), v.vertical);
-    let slashes = mass_select(slash.iter().enumerate().map(|(i, m)| (i as u32, *m)), v.slash);
+    let mass = last_rows_mass(inp, ctx, v.last_q as usize);
+    let verticals = mass_select(mass.vert.iter().enumerate().map(|(k, m)| (k as u32, *m)), v.vertical);
+    let slashes = mass_select(mass.slash.iter().enumerate().map(|(i, m)| (i as u32, *m)), v.slash);
     let groups = nq.div_ceil(b);
     let nkb = nk.div_ceil(b);
     let mut keep = vec![false; groups * nkb];
@@ -310,7 +357,9 @@ fn grid(g: &Grid, inp: &HeadInputs<'_>, ctx: &Pred) -> Node {
     let stride = g.stride as usize;
     let phase = g.phase.map(|p| p as usize).unwrap_or_else(|| {
         let mut mass = vec![0f64; stride];
-        last_rows_attention(inp, ctx, 64, |_, k, p| mass[k % stride] += p);
+        for (k, m) in last_rows_mass(inp, ctx, 64).vert.iter().enumerate() {
+            mass[k % stride] += m;
+        }
         // The heaviest in-frame position; ties go to the lowest.
         let mut best = 0;
         for (i, m) in mass.iter().enumerate() {

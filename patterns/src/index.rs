@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use weft_dsl::{Env, PatternExpr, Permutation, Pred, Var};
 
-use crate::families::{resolve, HeadInputs, Node};
+use crate::families::{resolve, Estimates, HeadInputs, Node};
 use crate::interval::{decide, decide_exact, Region};
 use crate::permute;
 use crate::tensor::{check_qkv, Tensor};
@@ -67,6 +67,8 @@ pub struct IndexOptions {
     /// Build only these query rows (index positions); the other rows stay empty. For
     /// estimates on sampled rows (pattern search): selections are made only where needed.
     pub rows: Option<Vec<usize>>,
+    /// Estimates shared with other builds over the same Q and K (see [`Estimates`]).
+    pub estimates: Option<std::sync::Arc<Estimates>>,
 }
 
 /// A pattern resolved for an input: every dynamic choice made, per head.
@@ -165,7 +167,15 @@ pub fn resolve_pattern(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &Ind
     let nodes = (0..q.heads)
         .into_par_iter()
         .map(|h| {
-            let inp = HeadInputs { q, k, h, kv: h / group, scale, wanted: wanted.as_deref() };
+            let inp = HeadInputs {
+                q,
+                k,
+                h,
+                kv: h / group,
+                scale,
+                wanted: wanted.as_deref(),
+                estimates: opts.estimates.as_deref(),
+            };
             resolve(expr, &inp, &Pred::Const(true))
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -71,6 +71,7 @@ pub mod select;
 pub mod synthetic;
 pub mod tensor;
 
+pub use families::Estimates;
 pub use index::{build_index, layout, resolve_pattern, BatchIndex, IndexOptions, Resolved, SparseIndex, FULL};
 pub use metrics::{recall, Recall, Universe};
 pub use reference::{attention, dense_attention, Attention};

@@ -189,3 +189,29 @@ fn recall_is_one_for_full_and_falls_with_density() {
     // The sample ends with the last row.
     assert_eq!(*metrics::sample_rows(300, Some(50)).last().unwrap(), 299);
 }
+
+/// Builds that share last-query estimates (as the pattern search's candidates do) give the same
+/// indexes as builds that compute their own, for several vertical-slash and grid candidates
+/// under different contexts, and a cache used with other tensors does not leak into them.
+#[test]
+fn shared_estimates_give_the_same_indexes() {
+    let plants = vec![Plant::Slashes(vec![40]), Plant::Vertical(vec![3, 200]), Plant::Grid { stride: 16, phase: 5 }];
+    let (q, k) = planted_qk(&plants, 500, 16, 6.0, 11);
+    let (q2, k2) = planted_qk(&plants, 500, 16, 6.0, 12);
+    let patterns: Vec<PatternExpr> = vec![
+        causal() & vertical_slash().vertical(top_k(16)).slash(top_k(4)),
+        causal() & vertical_slash().vertical(top_k(64)).slash(top_k(8)),
+        vertical_slash().vertical(top_p(0.5)).slash(top_k(2)).into(),
+        causal() & (sink(8) | grid(16)),
+        causal() & grid(32),
+        grid(16).into(),
+    ];
+    let shared = Some(std::sync::Arc::new(Estimates::default()));
+    for (q, k) in [(&q, &k), (&q2, &k2)] {
+        for p in &patterns {
+            let alone = build_index(p, q, k, &IndexOptions::default()).unwrap();
+            let with = build_index(p, q, k, &IndexOptions { estimates: shared.clone(), ..Default::default() }).unwrap();
+            assert_eq!(alone, with, "{p}");
+        }
+    }
+}

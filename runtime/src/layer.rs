@@ -277,7 +277,7 @@ impl Runtime {
             block_m: Some(config.block_m as usize),
             block_n: Some(config.block_n as usize),
             scale: Some(f64::from(scale)),
-            rows: None,
+            ..Default::default()
         };
         let build = |q: &Tensor, k: &Tensor| {
             build_index(&pattern.expr, q, k, &opts).map_err(|e| Error::Usage(format!("pattern {}: {e}", pattern.name)))
