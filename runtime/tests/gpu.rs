@@ -505,7 +505,7 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
                 block_m: Some(c.block_m as usize),
                 block_n: Some(c.block_n as usize),
                 scale: Some(scale),
-                rows: None,
+                ..Default::default()
             };
             let ix = build_index(&plan.patterns[h].expr, &x.q, &x.k, &opts).unwrap();
             let want = attention(&ix, &x.q, &x.k, &x.v, scale).unwrap();
