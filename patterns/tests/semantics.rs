@@ -167,7 +167,7 @@ proptest! {
     fn static_index_covers_exactly_the_predicate(p in arb_pred(), s in arb_shape(),
             bm in prop::sample::select(vec![16usize, 32, 64]), bn in prop::sample::select(vec![16usize, 32, 64])) {
         let x = inputs(&s);
-        let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), scale: None, rows: None };
+        let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), ..Default::default() };
         let ix = check_index_exact(&PatternExpr::Static(p.clone()), &s, &x, &opts)?;
         for (h, q, k) in pairs(&s) {
             let env = Env { q: q as i64, k: k as i64, h: h as i64, nq: s.nq as i64, nk: s.nk as i64 };
@@ -191,7 +191,7 @@ proptest! {
     #[test]
     fn union_and_intersection_are_set_operations(a in arb_pattern(), b in arb_pattern(), p in arb_pred(), s in arb_shape()) {
         let x = inputs(&s);
-        let o = IndexOptions { block_m: Some(16), block_n: Some(16), scale: None, rows: None };
+        let o = IndexOptions { block_m: Some(16), block_n: Some(16), ..Default::default() };
         let ix = |e: PatternExpr| build_index(&e, &x.q, &x.k, &o).unwrap();
         let (ia, ib) = (ix(a.clone()), ix(b.clone()));
         let uab = ix(a.clone() | b.clone());
@@ -298,7 +298,7 @@ fn zigzag_balances_causal_work() {
 fn causal_index_marks_full_and_partial_blocks() {
     let (q, k) = (Tensor::random(1, 100, 4, 1), Tensor::random(1, 100, 4, 2));
     let ix =
-        build_index(&causal(), &q, &k, &IndexOptions { block_m: Some(32), block_n: Some(32), scale: None, rows: None })
+        build_index(&causal(), &q, &k, &IndexOptions { block_m: Some(32), block_n: Some(32), ..Default::default() })
             .unwrap();
     // 4 query blocks: the diagonal blocks are partial, those below are full.
     assert_eq!(ix.entry_counts(), (6, 4, 0));
@@ -375,7 +375,7 @@ fn batch_concatenation_keeps_every_sequence_and_shares_masks() {
         let q = Tensor::random(2, *nq, 8, i as u64);
         let k = Tensor::random(2, *nk, 8, 100 + i as u64);
         parts.push(
-            build_index(e, &q, &k, &IndexOptions { block_m: Some(64), block_n: Some(64), scale: None, rows: None })
+            build_index(e, &q, &k, &IndexOptions { block_m: Some(64), block_n: Some(64), ..Default::default() })
                 .unwrap(),
         );
     }
