@@ -120,15 +120,19 @@ impl KernelConfig {
         KernelConfig { block_m: 64, block_n: 64, head_dim, dtype, warp_rows: 16 }
     }
 
-    /// The default config for an index's block sizes: 32 rows per warp for 128-row blocks.
     /// The config used when nothing is tuned: the pattern's natural block sizes
-    /// (`weft_patterns::layout`) and the tile shape that goes with them.
+    /// (`weft_patterns::layout`) brought to a tile the kernel has (a power of two from 16 to
+    /// 128; the index is exact at any block size), and the warp shape that goes with them.
     pub fn default_for(pattern: &weft_dsl::PatternExpr, head_dim: u32, dtype: DType) -> Result<KernelConfig, Error> {
         let (block_m, block_n) = weft_patterns::layout(pattern, &weft_patterns::IndexOptions::default())
             .map_err(|e| Error::Config(e.to_string()))?;
-        Ok(KernelConfig::for_blocks(block_m, block_n, head_dim, dtype))
+        let tile = |g: usize| g.next_power_of_two().clamp(16, 128);
+        let c = KernelConfig::for_blocks(tile(block_m), tile(block_n), head_dim, dtype);
+        c.validate()?;
+        Ok(c)
     }
 
+    /// The default config for an index's block sizes: 32 rows per warp for 128-row blocks.
     pub fn for_blocks(block_m: usize, block_n: usize, head_dim: u32, dtype: DType) -> KernelConfig {
         KernelConfig {
             block_m: block_m as u32,
@@ -444,6 +448,28 @@ pub fn emit_merge(head_dim: u32, dtype: DType, partial: Partial) -> Result<Kerne
 mod tests {
     use super::*;
     use weft_dsl::builder::*;
+
+    #[test]
+    fn default_configs_are_tiles_the_kernel_has() {
+        let patterns: Vec<weft_dsl::PatternExpr> = vec![
+            full(),
+            causal() & window(1000),
+            block().block_q(256).block_k(256).keep(top_k(2)).into(),
+            block().block_q(32).block_k(48).keep(top_k(2)).into(),
+            vertical_vector().q_block(128).keep(top_k(8)).into(),
+            causal() & vertical_slash().block(256).vertical(top_k(8)).slash(top_k(2)),
+            grid(48).into(),
+        ];
+        for p in &patterns {
+            let c = KernelConfig::default_for(p, 128, DType::Bf16).unwrap();
+            assert!(c.validate().is_ok(), "{p}: {c}");
+            assert!(c.block_m.is_power_of_two() && (16..=128).contains(&c.block_m), "{p}: {c}");
+            assert!(c.block_n.is_power_of_two() && (16..=128).contains(&c.block_n), "{p}: {c}");
+        }
+        let c = KernelConfig::default_for(&block().block_q(256).block_k(256).keep(top_k(2)).into(), 64, DType::F16)
+            .unwrap();
+        assert_eq!((c.block_m, c.block_n, c.warp_rows), (128, 128, 32));
+    }
 
     #[test]
     fn predicates_lower_with_euclidean_division() {

@@ -174,7 +174,8 @@ pub fn resolve_pattern(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &Ind
                 kv: h / group,
                 scale,
                 wanted: wanted.as_deref(),
-                estimates: opts.estimates.as_deref(),
+                // Permuted builds work on temporary copies whose addresses may repeat.
+                estimates: if permutation.is_none() { opts.estimates.as_deref() } else { None },
             };
             resolve(expr, &inp, &Pred::Const(true))
         })
@@ -574,17 +575,31 @@ impl SparseIndex {
             if *h >= ix.heads {
                 return Err(Error::Shape(format!("head {h} of an index with {} heads", ix.heads)));
             }
-            let fixed = |m: &Pred| if m.uses(Var::H) { m.with_var(Var::H, *h as i64) } else { m.clone() };
-            let remap: Vec<u16> = ix.masks.iter().map(|m| table.intern(fixed(m))).collect::<Result<_, _>>()?;
-            let map = |m: u16| if m == FULL { FULL } else { remap[m as usize] };
+            // Only the masks this head's entries use enter the shared table.
+            let mut remap: Vec<Option<u16>> = vec![None; ix.masks.len()];
+            let mut map = |m: u16| -> Result<u16, Error> {
+                if m == FULL {
+                    return Ok(FULL);
+                }
+                let slot = remap
+                    .get_mut(m as usize)
+                    .ok_or_else(|| Error::Layout(format!("mask id {m} is not in the table")))?;
+                if let Some(id) = slot {
+                    return Ok(*id);
+                }
+                let p = &ix.masks[m as usize];
+                let id = table.intern(if p.uses(Var::H) { p.with_var(Var::H, *h as i64) } else { p.clone() })?;
+                *slot = Some(id);
+                Ok(id)
+            };
             for qb in 0..ix.q_blocks() {
                 for (kb, m) in ix.blocks(*h, qb) {
                     out.block_idx.push(kb as u32);
-                    out.block_mask.push(map(m));
+                    out.block_mask.push(map(m)?);
                 }
                 for (c, m) in ix.columns(*h, qb) {
                     out.col_idx.push(c as u32);
-                    out.col_mask.push(map(m));
+                    out.col_mask.push(map(m)?);
                 }
                 let len = |n: usize| {
                     u32::try_from(n).map_err(|_| Error::Layout("the index is too large for 32-bit offsets".into()))

@@ -471,3 +471,17 @@ fn gathering_mismatched_indexes_is_an_error() {
     assert!(SparseIndex::gather_heads(&[(&a, 2)]).is_err());
     assert!(SparseIndex::gather_heads(&[]).is_err());
 }
+
+#[test]
+fn gathering_keeps_only_the_masks_the_heads_use() {
+    let x = inputs(&Shape { hq: 4, hkv: 2, nq: 100, nk: 100, d: 4, seed: 3 });
+    let opts = IndexOptions { block_m: Some(16), block_n: Some(16), ..Default::default() };
+    // Head 0 keeps a diagonal band, the others everything: only head 0 has partial blocks.
+    let ix = build_index(&pred(h().ne(lit(0)).or((q() - k()).lt(lit(5)).and(k().le(q())))).into(), &x.q, &x.k, &opts)
+        .unwrap();
+    let dense = SparseIndex::gather_heads(&[(&ix, 1), (&ix, 3)]).unwrap();
+    assert!(dense.masks.is_empty(), "{:?}", dense.masks);
+    let band = SparseIndex::gather_heads(&[(&ix, 0), (&ix, 2)]).unwrap();
+    assert_eq!(band.masks.len(), 1, "{:?}", band.masks);
+    assert_eq!(band.head_pairs(0), ix.head_pairs(0));
+}

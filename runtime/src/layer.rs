@@ -99,6 +99,9 @@ pub struct LaunchReport {
     pub index_ms: f64,
 }
 
+/// Static indexes kept across calls (the cache is emptied when it reaches this size).
+const STATIC_INDEX_CACHE: usize = 64;
+
 /// A static pattern's index for one shape, kept across calls.
 type IndexCacheKey = (String, usize, usize, usize, usize, usize);
 
@@ -216,6 +219,15 @@ impl Runtime {
             let loading = Instant::now();
             let (_, source) = self.gpu.load_traced(&kernel)?;
             let load_ms = loading.elapsed().as_secs_f64() * 1e3;
+            if source == LoadSource::Compiled && heads.iter().all(|h| tuned_of[h]) {
+                // Tuned, yet not stored under this key: the group's predicates depend on the
+                // input (e.g. a grid phase chosen per head), which makes a kernel per input.
+                tracing::warn!(
+                    kernel = %kernel.name,
+                    ms = load_ms,
+                    "a tuned pattern's kernel was compiled at run time: its predicates depend on the input"
+                );
+            }
             let device_index = self.gpu.upload_gathered(&index, heads.clone())?;
             self.gpu.attention(&kernel, &config, &device_index, shape, q, k, v, out, lse, scale)?;
             tracing::debug!(kernel = %kernel.name, heads = ?heads, ?source, index_ms, "layer group launched");
@@ -300,6 +312,10 @@ impl Runtime {
         // A static pattern reads only positions and shapes: one-wide placeholder inputs suffice.
         let ix = Arc::new(build(&Tensor::zeros(shape.hq, shape.nq, 1), &Tensor::zeros(shape.hkv, shape.nk, 1))?);
         if let Ok(mut m) = self.layer.static_indexes.lock() {
+            // A bounded cache: serving many lengths must not grow host memory without end.
+            if m.len() >= STATIC_INDEX_CACHE {
+                m.clear();
+            }
             m.insert(key, ix.clone());
         }
         Ok(ix)
