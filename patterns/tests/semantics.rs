@@ -477,8 +477,7 @@ fn gathering_keeps_only_the_masks_the_heads_use() {
     let x = inputs(&Shape { hq: 4, hkv: 2, nq: 100, nk: 100, d: 4, seed: 3 });
     let opts = IndexOptions { block_m: Some(16), block_n: Some(16), ..Default::default() };
     // Head 0 keeps a diagonal band, the others everything: only head 0 has partial blocks.
-    let ix = build_index(&pred(h().ne(lit(0)).or((q() - k()).lt(lit(5)).and(k().le(q())))).into(), &x.q, &x.k, &opts)
-        .unwrap();
+    let ix = build_index(&pred(h().ne(lit(0)).or((q() - k()).lt(lit(5)).and(k().le(q())))), &x.q, &x.k, &opts).unwrap();
     let dense = SparseIndex::gather_heads(&[(&ix, 1), (&ix, 3)]).unwrap();
     assert!(dense.masks.is_empty(), "{:?}", dense.masks);
     let band = SparseIndex::gather_heads(&[(&ix, 0), (&ix, 2)]).unwrap();
