@@ -240,6 +240,9 @@ struct KernelArgs {
     /// Keys per key block (default: the pattern's own).
     #[arg(long)]
     block_n: Option<usize>,
+    /// K/V tiles in flight: 2 or 3.
+    #[arg(long, default_value_t = 2)]
+    stages: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -996,13 +999,16 @@ fn generate(pattern: &Pattern, args: &KernelArgs) -> Result<weft::codegen::Kerne
     }
     let dtype: weft::codegen::DType = args.dtype.parse()?;
     if pattern.expr.contains_retrieval() {
-        bail!("retrieval operators need the decode kernel, which weft does not generate yet");
+        bail!("retrieval patterns run on the decode kernel (weft::codegen::emit_decode); `weft emit` and `weft compile` show attention kernels");
     }
     let q = Tensor::random(1, args.seq, 16, 1);
     let k = Tensor::random(1, args.seq, 16, 2);
     let opts = IndexOptions { block_m: args.block_m, block_n: args.block_n, ..Default::default() };
     let ix = pat::build_index(&pattern.expr, &q, &k, &opts)?;
-    let config = weft::codegen::KernelConfig::for_blocks(ix.block_m, ix.block_n, args.head_dim, dtype);
+    let config = weft::codegen::KernelConfig {
+        stages: args.stages,
+        ..weft::codegen::KernelConfig::for_blocks(ix.block_m, ix.block_n, args.head_dim, dtype)
+    };
     let spec = weft::codegen::KernelSpec { pattern, masks: &ix.masks, permutation: ix.permutation, config };
     Ok(weft::codegen::emit(&spec)?)
 }
@@ -1105,7 +1111,7 @@ fn quickstart(out: &Path) -> Result<()> {
     println!("\n5. The CUDA kernel for it (weft emit examples/patterns/video.toml prints it all):\n");
     let kernel = generate(
         &pattern,
-        &KernelArgs { head_dim: 128, dtype: "bf16".into(), seq: 1024, block_m: None, block_n: None },
+        &KernelArgs { head_dim: 128, dtype: "bf16".into(), seq: 1024, block_m: None, block_n: None, stages: 2 },
     )?;
     for line in kernel.source.lines().take(5) {
         println!("   {line}");

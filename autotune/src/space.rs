@@ -52,7 +52,9 @@ impl DeviceLimits {
 }
 
 /// Every config of the space for `pattern`, head dim and dtype: tiles dividing the pattern's
-/// granularity, 16 or 32 rows per warp (32 only for 32-row tiles and larger).
+/// granularity, 16 or 32 rows per warp (32 only for 32-row tiles and larger), and a K/V
+/// pipeline of 2 stages, or 3 where tiles are large enough for the deeper pipeline to pay
+/// (64 rows or more, 32 keys or more; shared memory prunes the rest).
 pub fn space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<KernelConfig> {
     let mut out = Vec::new();
     for bm in [16u32, 32, 64, 128] {
@@ -61,9 +63,12 @@ pub fn space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<KernelConfig
             if layout(&pattern.expr, &opts).is_err() {
                 continue;
             }
+            let depths: &[u32] = if bm >= 64 && bn >= 32 { &[2, 3] } else { &[2] };
             for warp_rows in [16u32, 32] {
-                if warp_rows <= bm {
-                    out.push(KernelConfig { block_m: bm, block_n: bn, head_dim, dtype, warp_rows });
+                for &stages in depths {
+                    if warp_rows <= bm {
+                        out.push(KernelConfig { block_m: bm, block_n: bn, head_dim, dtype, warp_rows, stages });
+                    }
                 }
             }
         }

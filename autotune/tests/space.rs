@@ -20,8 +20,11 @@ fn index_for(
 #[test]
 fn spaces_follow_the_pattern_granularity() {
     let causal_space = space(&Pattern::new("c", causal()), 128, DType::Bf16);
-    // 4 x 4 tiles, 16 rows per warp everywhere, 32 where the tile has 32 rows or more.
-    assert_eq!(causal_space.len(), 16 + 12);
+    // 4 x 4 tiles, 16 rows per warp everywhere, 32 where the tile has 32 rows or more; a
+    // 3-stage pipeline besides for tiles of 64 rows or more and 32 keys or more.
+    assert_eq!(causal_space.iter().filter(|c| c.stages == 2).count(), 16 + 12);
+    assert_eq!(causal_space.iter().filter(|c| c.stages == 3).count(), 2 * 3 * 2);
+    assert!(causal_space.iter().filter(|c| c.stages == 3).all(|c| c.block_m >= 64 && c.block_n >= 32));
     let vv = space(&Pattern::new("vv", vertical_vector().q_block(64)), 128, DType::Bf16);
     assert!(vv.iter().all(|c| 64 % c.block_m == 0));
     assert!(vv.iter().any(|c| c.block_m == 64 && c.warp_rows == 32));
@@ -68,8 +71,14 @@ fn a_failed_compile_drops_only_that_config() {
     let p = Pattern::new("c", causal());
     let configs = space(&p, 64, DType::F16);
     let ix = index_for(&p);
-    let big =
-        weft_codegen::KernelConfig { block_m: 128, block_n: 128, head_dim: 256, dtype: DType::Bf16, warp_rows: 32 };
+    let big = weft_codegen::KernelConfig {
+        block_m: 128,
+        block_n: 128,
+        head_dim: 256,
+        dtype: DType::Bf16,
+        warp_rows: 32,
+        stages: 2,
+    };
     let mut all = configs.clone();
     all.push(big);
     let out = compile_space(&p, &ix, &all, &DeviceLimits::AMPERE, |_src: &str, name: &str| {

@@ -44,7 +44,7 @@ struct Args {
     /// Timed repetitions (median reported).
     #[arg(long, default_value_t = 20)]
     reps: usize,
-    /// Kernel shapes for the dense case, as BLOCK_MxBLOCK_NxWARP_ROWS (the first is reported
+    /// Kernel shapes for the dense case, as BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES] (the first is reported
     /// to the peers' table; the others are printed for comparison).
     #[arg(long, value_delimiter = ',', default_values_t = ["128x64x32".to_string()])]
     dense_configs: Vec<String>,
@@ -52,9 +52,13 @@ struct Args {
 
 fn parse_config(s: &str) -> Result<KernelConfig> {
     let parts: Vec<u32> =
-        s.split('x').map(str::parse).collect::<Result<_, _>>().context("BLOCK_MxBLOCK_NxWARP_ROWS")?;
-    let [bm, bn, wr] = parts[..] else { anyhow::bail!("expected BLOCK_MxBLOCK_NxWARP_ROWS, got {s}") };
-    let c = KernelConfig { block_m: bm, block_n: bn, head_dim: D as u32, dtype: DType::Bf16, warp_rows: wr };
+        s.split('x').map(str::parse).collect::<Result<_, _>>().context("BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES]")?;
+    let (bm, bn, wr, stages) = match parts[..] {
+        [bm, bn, wr] => (bm, bn, wr, 2),
+        [bm, bn, wr, st] => (bm, bn, wr, st),
+        _ => anyhow::bail!("expected BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES], got {s}"),
+    };
+    let c = KernelConfig { block_m: bm, block_n: bn, head_dim: D as u32, dtype: DType::Bf16, warp_rows: wr, stages };
     c.validate()?;
     Ok(c)
 }

@@ -33,8 +33,9 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 use weft_dsl::{IntExpr, IntOp, Pattern, Permutation, Pred, Var};
 
-/// Bumped whenever generated code changes meaning; part of every kernel key.
-pub const CODEGEN_VERSION: u32 = 1;
+/// Bumped whenever generated code changes meaning; part of every kernel key and of the
+/// toolchain key of every stored kernel (2: kernels take a head map).
+pub const CODEGEN_VERSION: u32 = 2;
 
 const PRELUDE: &str = include_str!("templates/prelude.cu");
 const ATTENTION: &str = include_str!("templates/attention.cu");
@@ -112,12 +113,20 @@ pub struct KernelConfig {
     pub dtype: DType,
     /// Query rows per warp: 16, or 32 to feed each K/V fragment to two tensor-core ops.
     pub warp_rows: u32,
+    /// K/V tiles in flight (`cp.async` pipeline depth): 2 or 3. Records stored before this
+    /// field existed read as 2, the depth their kernels had.
+    #[serde(default = "two_stages")]
+    pub stages: u32,
+}
+
+fn two_stages() -> u32 {
+    2
 }
 
 impl KernelConfig {
     /// The default config for a head dim and dtype, with 64 x 64 tiles.
     pub fn new(head_dim: u32, dtype: DType) -> KernelConfig {
-        KernelConfig { block_m: 64, block_n: 64, head_dim, dtype, warp_rows: 16 }
+        KernelConfig { block_m: 64, block_n: 64, head_dim, dtype, warp_rows: 16, stages: 2 }
     }
 
     /// The config used when nothing is tuned: the pattern's natural block sizes
@@ -140,6 +149,7 @@ impl KernelConfig {
             head_dim,
             dtype,
             warp_rows: if block_m >= 128 { 32 } else { 16 },
+            stages: 2,
         }
     }
 
@@ -151,8 +161,9 @@ impl KernelConfig {
     /// Dynamic shared memory per CTA in bytes.
     pub fn shared_bytes(&self) -> u32 {
         let lds = self.head_dim + 8;
-        let tiles = (self.block_m + 2 * 2 * self.block_n) * lds * 2;
-        tiles + 2 * self.block_n * (4 + 2)
+        // Q, then K and V per stage; then each stage's key positions (i32) and mask ids (u16).
+        let tiles = (self.block_m + 2 * self.stages * self.block_n) * lds * 2;
+        tiles + self.stages * self.block_n * (4 + 2)
     }
 
     /// Checks the config, naming the field and the accepted values.
@@ -172,6 +183,9 @@ impl KernelConfig {
         if ![64, 128, 256].contains(&self.head_dim) {
             return Err(Error::Config(format!("head_dim must be 64, 128 or 256, got {}", self.head_dim)));
         }
+        if !(self.stages == 2 || self.stages == 3) {
+            return Err(Error::Config(format!("stages must be 2 or 3, got {}", self.stages)));
+        }
         // The H100/H200 and A100 give a CTA at most 227 KiB of shared memory.
         if self.shared_bytes() > 227 * 1024 {
             return Err(Error::Config(format!(
@@ -189,10 +203,10 @@ impl KernelConfig {
 impl std::fmt::Display for KernelConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Every field: this text is part of the kernel key.
-        let KernelConfig { block_m, block_n, head_dim, dtype, warp_rows } = self;
+        let KernelConfig { block_m, block_n, head_dim, dtype, warp_rows, stages } = self;
         write!(
             f,
-            "block_m={block_m} block_n={block_n} head_dim={head_dim} dtype={} warp_rows={warp_rows}",
+            "block_m={block_m} block_n={block_n} head_dim={head_dim} dtype={} warp_rows={warp_rows} stages={stages}",
             dtype.name()
         )
     }
@@ -317,7 +331,10 @@ fn key_and_header(
     masks: &[Pred],
     permutation: Option<Permutation>,
 ) -> (String, String) {
-    let mut key_input = format!("weft-codegen/{CODEGEN_VERSION}\n{kind}\n{config}\n");
+    // The templates' text is part of the key too, so an edited template can never load a
+    // kernel stored from the old one, even where CODEGEN_VERSION was not bumped.
+    let templates = blake3::hash([PRELUDE, ATTENTION, DECODE, MERGE].concat().as_bytes());
+    let mut key_input = format!("weft-codegen/{CODEGEN_VERSION}\ntemplates {templates}\n{kind}\n{config}\n");
     if let Some(p) = pattern {
         let _ = writeln!(key_input, "{}", p.hash());
     }
@@ -357,7 +374,8 @@ pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
         .replace("{{BM}}", &c.block_m.to_string())
         .replace("{{BN}}", &c.block_n.to_string())
         .replace("{{D}}", &c.head_dim.to_string())
-        .replace("{{MT}}", &(c.warp_rows / 16).to_string());
+        .replace("{{MT}}", &(c.warp_rows / 16).to_string())
+        .replace("{{STAGES}}", &c.stages.to_string());
     Ok(Kernel { name, source, key, threads: c.threads(), shared_bytes: c.shared_bytes(), head_dim: c.head_dim })
 }
 
@@ -508,7 +526,8 @@ mod tests {
     fn configs_are_checked() {
         assert!(KernelConfig::new(128, DType::Bf16).validate().is_ok());
         assert!(KernelConfig { block_m: 48, ..KernelConfig::new(64, DType::F16) }.validate().is_err());
-        let big = KernelConfig { block_m: 128, block_n: 128, head_dim: 256, dtype: DType::Bf16, warp_rows: 32 };
+        let big =
+            KernelConfig { block_m: 128, block_n: 128, head_dim: 256, dtype: DType::Bf16, warp_rows: 32, stages: 2 };
         assert!(big.validate().unwrap_err().to_string().contains("227 KiB"));
     }
 }

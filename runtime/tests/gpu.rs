@@ -56,8 +56,21 @@ fn every_family_matches_the_cpu_reference() {
     println!("GPU: {} ({}, {} SMs)", gpu.name, gpu.arch.name(), gpu.sm_count);
     let mut failures = Vec::new();
     let mut seed = 1000u64;
-    let cases = families().into_iter().map(|p| (p, None)).chain(tall().into_iter().map(|p| (p, Some(128))));
-    for (p, block_m) in cases {
+    // Every family at its default blocks, the tall patterns at 128-row blocks, and both again
+    // with a 3-stage K/V pipeline.
+    let cases: Vec<(Pattern, Option<usize>, u32)> = families()
+        .into_iter()
+        .map(|p| (p, None, 2))
+        .chain(tall().into_iter().map(|p| (p, Some(128), 2)))
+        .chain(tall().into_iter().map(|p| (p, Some(128), 3)))
+        .chain(
+            families()
+                .into_iter()
+                .filter(|p| ["vertical_vector", "block_topk", "grid", "ring"].contains(&p.name.as_str()))
+                .map(|p| (p, None, 3)),
+        )
+        .collect();
+    for (p, block_m, stages) in cases {
         for (dtype, d) in [(DType::Bf16, 128usize), (DType::F16, 64), (DType::Bf16, 64), (DType::F16, 128)] {
             for (n, hq, hkv) in [(1000usize, 4usize, 2usize), (333, 2, 2)] {
                 seed += 1;
@@ -80,7 +93,8 @@ fn every_family_matches_the_cpu_reference() {
                 let ix = build_index(&p.expr, &q, &k, &IndexOptions { block_m, ..Default::default() }).unwrap();
                 let scale = 1.0 / (d as f64).sqrt();
                 let want = attention(&ix, &q, &k, &v, scale).unwrap();
-                let config = KernelConfig::for_blocks(ix.block_m, ix.block_n, d as u32, dtype);
+                let config =
+                    KernelConfig { stages, ..KernelConfig::for_blocks(ix.block_m, ix.block_n, d as u32, dtype) };
                 let kernel =
                     emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();
                 let s = &gpu.stream;
@@ -97,11 +111,11 @@ fn every_family_matches_the_cpu_reference() {
                 let tol = dtype.reference_tolerance();
                 let ok = nan == 0 && rel < tol && lse_err < 2e-2;
                 println!(
-                    "{} {:<20} {:<5} d={:<3} n={:<5} hq={} hkv={} bm={:<3} density={:.3} rel_err={:.2e} lse_err={:.2e} unwritten={}",
+                    "{} {:<20} {:<5} d={:<3} n={:<5} hq={} hkv={} bm={:<3} stages={stages} density={:.3} rel_err={:.2e} lse_err={:.2e} unwritten={}",
                     if ok { "ok  " } else { "FAIL" }, p.name, dtype.name(), d, n, hq, hkv, ix.block_m, ix.density(), rel, lse_err, nan
                 );
                 if !ok {
-                    failures.push(format!("{} {} d={d} n={n}", p.name, dtype.name()));
+                    failures.push(format!("{} {} d={d} n={n} stages={stages}", p.name, dtype.name()));
                 }
             }
         }
@@ -444,7 +458,8 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
         [(DType::Bf16, 128usize, 777usize, false), (DType::F16, 64, 1000, false), (DType::Bf16, 128, 777, true)]
     {
         let (hq, hkv) = (6usize, 3usize);
-        let tuned_config = KernelConfig { block_m: 128, block_n: 64, head_dim: d as u32, dtype, warp_rows: 32 };
+        let tuned_config =
+            KernelConfig { block_m: 128, block_n: 64, head_dim: d as u32, dtype, warp_rows: 32, stages: 2 };
         if tuned {
             // A tuning record for `window` at this bucket, as `weft autotune` stores it.
             let gpu = Gpu::open(0).unwrap();

@@ -84,6 +84,38 @@ fn every_family_compiles_without_spills() {
     assert_eq!(results.len(), families().len() * 8);
 }
 
+/// The tuner's 3-stage K/V pipeline: every family compiles at 128 x 64 tiles with 32 rows per
+/// warp (the benchmark's shape) and at 64 x 64 / 16 rows, bf16 d=128, sm_90. Spills are
+/// reported, not failed: the tuner prunes configs that spill.
+#[test]
+fn three_stage_pipelines_compile() {
+    version().expect("NVRTC is required for this test");
+    let (q, k) = (Tensor::random(2, 700, 16, 1), Tensor::random(2, 700, 16, 2));
+    let mut jobs = Vec::new();
+    for p in families() {
+        for (bm, bn, warp_rows) in [(128usize, 64usize, 32u32), (64, 64, 16)] {
+            let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), ..Default::default() };
+            let Ok(ix) = build_index(&p.expr, &q, &k, &opts) else { continue };
+            let config = KernelConfig { warp_rows, stages: 3, ..KernelConfig::for_blocks(bm, bn, 128, DType::Bf16) };
+            let kernel =
+                emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();
+            assert!(kernel.source.contains("constexpr int STAGES = 3;"), "{}", p.name);
+            jobs.push((p.name.clone(), config, kernel));
+        }
+    }
+    assert!(jobs.len() >= families().len(), "too few 3-stage kernels: {}", jobs.len());
+    let lines: Vec<String> = jobs
+        .par_iter()
+        .map(|(name, config, kernel)| {
+            let c =
+                compile(&kernel.source, &kernel.name, Arch::SM90).unwrap_or_else(|e| panic!("{name} {config}: {e}"));
+            let spills = c.report.as_ref().map(|r| (r.registers, r.spill_stores, r.spill_loads));
+            format!("{name:<16} {config}: regs/spill stores/loads {spills:?}")
+        })
+        .collect();
+    println!("{}", lines.join("\n"));
+}
+
 fn retrievals() -> Vec<Pattern> {
     vec![
         Pattern::new("quest", retrieval()),
