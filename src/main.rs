@@ -668,9 +668,6 @@ fn autotune(args: AutotuneArgs) -> Result<()> {
     };
     for p in &patterns {
         p.validate()?;
-        if p.expr.contains_retrieval() {
-            bail!("`{}`: retrieval operators run the decode kernel, which has no tunable config yet", p.name);
-        }
     }
     let gpu = weft::runtime::Gpu::open(0).context(
         "autotune times kernels on an NVIDIA GPU; without one, `weft compile` shows what a config costs in registers and shared memory",
@@ -683,9 +680,46 @@ fn autotune(args: AutotuneArgs) -> Result<()> {
                     let bar = indicatif::ProgressBar::new_spinner();
                     bar.enable_steady_tick(std::time::Duration::from_millis(200));
                     bar.set_prefix(format!("{} n={seq} d={head_dim} {}", pattern.name, dtype.name()));
+                    let report = |m: &str| bar.set_message(m.to_string());
+                    if pattern.expr.contains_retrieval() {
+                        // Decode: one query per sequence over `seq` cached keys; the split count is tuned.
+                        let req = weft::autotune::decode::DecodeTuneRequest {
+                            pattern,
+                            heads: args.heads,
+                            kv_heads,
+                            keys: seq,
+                            head_dim,
+                            dtype,
+                        };
+                        let r = weft::autotune::decode::tune_decode(&gpu, db.as_ref().map(|(d, _)| d), &req, &report)?;
+                        bar.finish_and_clear();
+                        println!(
+                            "{} (decode) on {}, {} heads ({} kv), one query over {seq} keys, head dim {head_dim}, {}",
+                            pattern.name,
+                            gpu.name,
+                            args.heads,
+                            kv_heads,
+                            dtype.name()
+                        );
+                        println!("{:<14} {:>10}", "splits", "median ms");
+                        for (splits, t) in &r.timings {
+                            let name = if *splits == 0 { "auto".to_string() } else { splits.to_string() };
+                            println!("{name:<14} {:>10}", t.map_or("-".into(), |m| format!("{m:.4}")));
+                        }
+                        let gain = r.auto_ms.map_or("auto failed".to_string(), |a| format!("{:.2}x", a / r.best_ms));
+                        summary.push(format!(
+                            "{:<24} n={seq:<6} d={head_dim:<3} {:<5} decode splits={:<24} {:>8.4} ms  gain {gain} over auto  error {:.1e}  {:.1} s",
+                            pattern.name,
+                            dtype.name(),
+                            r.best_splits,
+                            r.best_ms,
+                            r.verified_error,
+                            r.seconds
+                        ));
+                        continue;
+                    }
                     let req =
                         TuneRequest { pattern, heads: args.heads, kv_heads, seq, head_dim, dtype, head: args.head };
-                    let report = |m: &str| bar.set_message(m.to_string());
                     let r = tune(&gpu, db.as_ref().map(|(d, _)| d), &req, &report)?;
                     bar.finish_and_clear();
                     println!(
@@ -710,7 +744,7 @@ fn autotune(args: AutotuneArgs) -> Result<()> {
                         "{:<24} n={seq:<6} d={head_dim:<3} {:<5} {:<34} {:>8.3} ms {:>5.0} TFLOP/s  gain {gain}  error {:.1e}  {:.1} s",
                         pattern.name,
                         dtype.name(),
-                        format!("{}x{}/{}", r.best.block_m, r.best.block_n, r.best.warp_rows),
+                        format!("{}x{}/{} {}-stage", r.best.block_m, r.best.block_n, r.best.warp_rows, r.best.stages),
                         r.best_ms,
                         r.flops / (r.best_ms * 1e-3) / 1e12,
                         r.verified_error,
@@ -720,7 +754,7 @@ fn autotune(args: AutotuneArgs) -> Result<()> {
             }
         }
     }
-    println!("\nsummary (best config as block_m x block_n / rows per warp; gain over the default config):");
+    println!("\nsummary (best config as block_m x block_n / rows per warp and pipeline stages; gain over the default config):");
     for line in &summary {
         println!("  {line}");
     }

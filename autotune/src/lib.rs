@@ -12,9 +12,13 @@
 //!   with its tuning record in `weft-cache`, under the key `weft_runtime::tune_key` gives
 //!   (the runtime looks tuned configs up under the same key).
 //!
+//! - [`decode`]: the decode kernel's split-KV count for a retrieval pattern and cache length,
+//!   timed and checked the same way.
+//!
 //! GPU tests (`--features gpu`, `tests/gpu.rs`): a tune loaded by a cold process, a tuner
 //! killed mid-tune, and GPU recall against the CPU's.
 
+pub mod decode;
 pub mod search;
 pub mod space;
 pub mod tune;

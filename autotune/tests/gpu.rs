@@ -201,3 +201,47 @@ fn search_recall_on_the_gpu_agrees_with_the_cpu() {
         assert!(ok);
     }
 }
+
+/// Decode: the split count of a retrieval pattern is tuned, the winner verified and stored.
+#[test]
+fn decode_split_count_is_tuned_verified_and_stored() {
+    use weft_autotune::decode::{tune_decode, DecodeTuneRequest, SPLITS};
+    if std::env::var_os("WEFT_COLD_LOAD").is_some() || std::env::var_os("WEFT_TUNE_CHILD").is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let gpu = Gpu::open(0).expect("a GPU");
+    let db = weft_cache::Db::open(dir.path()).unwrap();
+    let p = Pattern::new("quest", retrieval().budget(top_k(64)) | window(256));
+    let mut bf16_best = None;
+    for (keys, dtype, d) in [(32768usize, DType::Bf16, 128u32), (5000, DType::F16, 64)] {
+        let req = DecodeTuneRequest { pattern: &p, heads: 32, kv_heads: 8, keys, head_dim: d, dtype };
+        let r = tune_decode(&gpu, Some(&db), &req, &|_| {}).unwrap();
+        let times: Vec<String> =
+            r.timings.iter().map(|(s, t)| format!("{s}:{}", t.map_or("-".into(), |t| format!("{t:.4}")))).collect();
+        println!(
+            "ok   decode tune {} keys={keys} {} d={d}: best splits {} {:.4} ms (auto {:?} ms), error {:.2e}, {:.1} s; {}",
+            p.name,
+            dtype.name(),
+            r.best_splits,
+            r.best_ms,
+            r.auto_ms,
+            r.verified_error,
+            r.seconds,
+            times.join(" ")
+        );
+        assert_eq!(r.timings.len(), SPLITS.len());
+        assert!(r.verified_error < dtype.reference_tolerance());
+        let key = weft_runtime::tune_key(gpu.toolchain().unwrap(), &p, None, keys, d, dtype, 4);
+        let rec = db.tuning(&key).unwrap().expect("the decode tuning record is stored");
+        assert_eq!(rec.best["splits"].as_u64(), Some(r.best_splits as u64));
+        bf16_best.get_or_insert(r.best_splits);
+    }
+    // The runtime reads it back (0 means the automatic choice won).
+    drop(db);
+    drop(gpu);
+    let rt = Runtime::open(Some(dir.path())).unwrap();
+    let r = rt.decode_splits(&p, 32768, 128, DType::Bf16, 4);
+    println!("ok   the runtime reads the tuned split count back: {r}");
+    assert_eq!(Some(r), bf16_best);
+}

@@ -245,6 +245,22 @@ impl Runtime {
         Ok(reports)
     }
 
+    /// The decode split count tuned for a retrieval pattern at this cache length (`weft
+    /// autotune` on a retrieval pattern stores it), or 0, which [`crate::Gpu::decode`] reads as
+    /// "choose automatically".
+    pub fn decode_splits(&self, pattern: &Pattern, keys: usize, head_dim: u32, dtype: DType, gqa: usize) -> usize {
+        let Some((db, tc)) = &self.gpu.db else { return 0 };
+        let key = tune_key(tc.clone(), pattern, None, keys, head_dim, dtype, gqa);
+        match db.tuning(&key) {
+            Ok(Some(r)) => r.best.get("splits").and_then(|s| s.as_u64()).map_or(0, |s| s as usize),
+            Ok(None) => 0,
+            Err(e) => {
+                tracing::warn!(pattern = %pattern.name, error = %e, "decode tuning record ignored");
+                0
+            }
+        }
+    }
+
     /// The tuned config for (pattern, head) at this shape, else the pattern's, else the default.
     #[allow(clippy::too_many_arguments)]
     fn config_for(

@@ -1,0 +1,180 @@
+//! Split-KV tuning of the decode kernel (retrieval patterns).
+//!
+//! Decode is memory-bound and has one query per sequence, so its only tunable is how many
+//! CTAs split each row's kept keys (`splits`): too few leave SMs idle, too many add partials
+//! for the merge kernel to combine. Every candidate count, and the runtime's automatic choice
+//! (`splits = 0`), is timed with CUDA events on the bucket's shape; the fastest whose output
+//! matches the CPU reference is stored as a tuning record whose `best` is `{"splits": n}`.
+
+use std::time::Instant;
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaSlice;
+use weft_cache::{Db, TuneRecord};
+use weft_codegen::{emit_decode, emit_merge, DType, DecodeSpec, Partial};
+use weft_dsl::Pattern;
+use weft_patterns::{attention, build_index, IndexOptions, Tensor};
+use weft_runtime::{AttnShape, Gpu};
+
+use crate::Error;
+
+/// Split counts tried; 0 is the runtime's automatic choice (enough CTAs to fill the GPU).
+pub const SPLITS: [usize; 8] = [0, 1, 2, 4, 8, 16, 32, 64];
+
+/// Timed runs per split count (after two warm-ups); the median is kept.
+const REPS: usize = 10;
+
+/// One (retrieval pattern, shape bucket) to tune.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeTuneRequest<'a> {
+    pub pattern: &'a Pattern,
+    pub heads: usize,
+    pub kv_heads: usize,
+    /// Keys in the cache (the bucket's sequence length).
+    pub keys: usize,
+    pub head_dim: u32,
+    pub dtype: DType,
+}
+
+/// The outcome of a decode tune.
+#[derive(Clone, Debug)]
+pub struct DecodeTuneResult {
+    pub best_splits: usize,
+    pub best_ms: f64,
+    /// The automatic choice's time.
+    pub auto_ms: Option<f64>,
+    /// Every split count with its median time (`None` when it failed).
+    pub timings: Vec<(usize, Option<f64>)>,
+    /// Relative error of the winner's output against the CPU reference.
+    pub verified_error: f64,
+    pub seconds: f64,
+}
+
+fn gpu_err(e: impl std::fmt::Display) -> Error {
+    Error::Search(format!("GPU: {e}"))
+}
+
+/// Tunes the split count of `req` on `gpu`; stores the winner in `db` when given.
+pub fn tune_decode(
+    gpu: &Gpu,
+    db: Option<&Db>,
+    req: &DecodeTuneRequest<'_>,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<DecodeTuneResult, Error> {
+    let start = Instant::now();
+    if !req.pattern.expr.contains_retrieval() {
+        return Err(Error::Search(format!("`{}` has no retrieval operator: tune it as attention", req.pattern.name)));
+    }
+    if req.heads == 0 || req.kv_heads == 0 || req.heads % req.kv_heads != 0 || req.keys == 0 {
+        return Err(Error::Search(format!(
+            "bad shape: {} heads on {} key heads, {} keys",
+            req.heads, req.kv_heads, req.keys
+        )));
+    }
+    let (hq, hkv, nk, d) = (req.heads, req.kv_heads, req.keys, req.head_dim as usize);
+    // Inputs rounded to the dtype, so the CPU reference sees what the GPU sees.
+    let round = |t: Tensor| {
+        let bits = req.dtype.encode(&t.data);
+        (Tensor { data: req.dtype.decode(&bits), ..t }, bits)
+    };
+    let (q, qb) = round(Tensor::random(hq, 1, d, 21));
+    let (k, kb) = round(Tensor::random(hkv, nk, d, 22));
+    let (v, vb) = round(Tensor::random(hkv, nk, d, 23));
+    let ix = build_index(&req.pattern.expr, &q, &k, &IndexOptions::default())?;
+    let spec = DecodeSpec {
+        pattern: req.pattern,
+        masks: &ix.masks,
+        permutation: ix.permutation,
+        block_n: ix.block_n as u32,
+        head_dim: req.head_dim,
+        dtype: req.dtype,
+    };
+    let kernel = emit_decode(&spec).map_err(|e| Error::Search(e.to_string()))?;
+    let merge = emit_merge(req.head_dim, req.dtype, Partial::F32).map_err(|e| Error::Search(e.to_string()))?;
+    gpu.load_all(&[&kernel, &merge]).map_err(gpu_err)?;
+    let s = &gpu.stream;
+    let dix = gpu.upload_index(&ix).map_err(gpu_err)?;
+    let (qd, kd, vd) =
+        (s.clone_htod(&qb).map_err(gpu_err)?, s.clone_htod(&kb).map_err(gpu_err)?, s.clone_htod(&vb).map_err(gpu_err)?);
+    let mut out = s.alloc_zeros::<u16>(hq * d).map_err(gpu_err)?;
+    let mut lse = s.alloc_zeros::<f32>(hq).map_err(gpu_err)?;
+    let shape = AttnShape { hq, hkv, nq: 1, nk, head_dim: d };
+    let scale = 1.0 / (d as f64).sqrt();
+    let run = |splits: usize, out: &mut CudaSlice<u16>, lse: &mut CudaSlice<f32>| {
+        gpu.decode(&kernel, &merge, &dix, shape, &qd, &kd, &vd, out, lse, scale as f32, splits).map_err(gpu_err)
+    };
+
+    let mut timings = Vec::new();
+    for splits in SPLITS {
+        let mut times = Vec::new();
+        let mut failed = None;
+        for rep in 0..REPS + 2 {
+            let t0 = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(gpu_err)?;
+            if let Err(e) = run(splits, &mut out, &mut lse) {
+                failed = Some(e.to_string());
+                break;
+            }
+            let t1 = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(gpu_err)?;
+            t1.synchronize().map_err(gpu_err)?;
+            if rep >= 2 {
+                times.push(f64::from(t0.elapsed_ms(&t1).map_err(gpu_err)?));
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let median = failed.is_none().then(|| times[times.len() / 2]);
+        progress(&match (median, &failed) {
+            (Some(m), _) => format!("splits {splits}: {m:.4} ms"),
+            (None, Some(e)) => format!("splits {splits}: failed: {e}"),
+            (None, None) => format!("splits {splits}: no time"),
+        });
+        timings.push((splits, median));
+    }
+
+    // Fastest first; the first whose output matches the CPU reference wins.
+    let want = attention(&ix, &q, &k, &v, scale)?;
+    let mut order: Vec<(usize, f64)> = timings.iter().filter_map(|(s, t)| t.map(|t| (*s, t))).collect();
+    order.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let mut winner = None;
+    for (splits, ms) in order {
+        let mut o = s.clone_htod(&vec![0xffffu16; hq * d]).map_err(gpu_err)?;
+        let mut l = s.clone_htod(&vec![f32::NAN; hq]).map_err(gpu_err)?;
+        run(splits, &mut o, &mut l)?;
+        let got = req.dtype.decode(&s.clone_dtoh(&o).map_err(gpu_err)?);
+        let (mut num, mut den, mut finite) = (0f64, 0f64, true);
+        for (g, w) in got.iter().zip(&want.out.data) {
+            finite &= g.is_finite();
+            num += f64::from(g - w).powi(2);
+            den += f64::from(*w).powi(2);
+        }
+        let err = if finite { (num / den.max(1e-30)).sqrt() } else { f64::INFINITY };
+        if err < req.dtype.reference_tolerance() {
+            winner = Some((splits, ms, err));
+            break;
+        }
+        progress(&format!("splits {splits}: failed the reference check (error {err:.2e}); not stored"));
+    }
+    let (best_splits, best_ms, verified_error) =
+        winner.ok_or_else(|| Error::Search("no split count both ran and passed the reference check".into()))?;
+    let auto_ms = timings.iter().find(|(s, _)| *s == 0).and_then(|(_, t)| *t);
+    if let Some(db) = db {
+        let tc = gpu.toolchain().map_err(gpu_err)?;
+        let key = weft_runtime::tune_key(tc, req.pattern, None, nk, req.head_dim, req.dtype, hq / hkv);
+        let record = TuneRecord {
+            best: serde_json::json!({ "splits": best_splits }),
+            best_ms,
+            default_ms: auto_ms.unwrap_or(f64::NAN),
+            timings: timings.iter().map(|(s, t)| (serde_json::json!({ "splits": s }), *t)).collect(),
+            kernel: kernel.key.clone(),
+            created: weft_cache::timestamp(),
+        };
+        db.put_tuning(&key, &record).map_err(|e| Error::Search(e.to_string()))?;
+    }
+    Ok(DecodeTuneResult {
+        best_splits,
+        best_ms,
+        auto_ms,
+        timings,
+        verified_error,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
