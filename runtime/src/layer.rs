@@ -102,6 +102,9 @@ pub struct LaunchReport {
 /// Static indexes kept across calls (the cache is emptied when it reaches this size).
 const STATIC_INDEX_CACHE: usize = 64;
 
+/// (pattern hash, head, shape bucket).
+type ConfigCacheKey = (String, usize, ShapeBucket);
+
 /// A static pattern's index for one shape, kept across calls.
 type IndexCacheKey = (String, usize, usize, usize, usize, usize);
 
@@ -109,6 +112,10 @@ type IndexCacheKey = (String, usize, usize, usize, usize, usize);
 #[derive(Default)]
 pub(crate) struct LayerCache {
     static_indexes: Mutex<HashMap<IndexCacheKey, Arc<SparseIndex>>>,
+    /// Each (pattern, head, bucket)'s config and whether it was tuned, read from the
+    /// database once per process (a tune stored later by another process is seen after a
+    /// restart).
+    configs: Mutex<HashMap<ConfigCacheKey, (KernelConfig, bool)>>,
 }
 
 impl Runtime {
@@ -161,12 +168,11 @@ impl Runtime {
 
         // Each head's config, and the groups of heads that share one.
         let gqa = shape.hq / shape.hkv;
-        let toolchain = self.gpu.toolchain()?;
         let mut groups: BTreeMap<GroupKey, Vec<usize>> = BTreeMap::new();
         let mut tuned_of: HashMap<usize, bool> = HashMap::new();
         let mut warned: Vec<String> = Vec::new();
         for (h, p) in plan.patterns.iter().enumerate() {
-            let (config, tuned) = self.config_for(&toolchain, p, h, shape.nk, head_dim, dtype, gqa)?;
+            let (config, tuned) = self.config_for(p, h, shape.nk, head_dim, dtype, gqa)?;
             if !tuned && !warned.contains(&p.name) {
                 tracing::warn!(
                     pattern = %p.name,
@@ -265,7 +271,6 @@ impl Runtime {
     #[allow(clippy::too_many_arguments)]
     fn config_for(
         &self,
-        toolchain: &Toolchain,
         pattern: &Pattern,
         head: usize,
         seq: usize,
@@ -273,7 +278,29 @@ impl Runtime {
         dtype: DType,
         gqa: usize,
     ) -> Result<(KernelConfig, bool), Error> {
-        if let Some((db, _)) = &self.gpu.db {
+        let memo = (pattern.hash().to_hex(), head, ShapeBucket::new(seq, head_dim, dtype.name(), gqa as u32, false));
+        if let Some(c) = self.layer.configs.lock().ok().and_then(|m| m.get(&memo).copied()) {
+            return Ok(c);
+        }
+        let found = self.lookup_config(pattern, head, seq, head_dim, dtype, gqa)?;
+        if let Ok(mut m) = self.layer.configs.lock() {
+            m.insert(memo, found);
+        }
+        Ok(found)
+    }
+
+    /// [`Runtime::config_for`] without the memo: the database, then the default.
+    fn lookup_config(
+        &self,
+        pattern: &Pattern,
+        head: usize,
+        seq: usize,
+        head_dim: u32,
+        dtype: DType,
+        gqa: usize,
+    ) -> Result<(KernelConfig, bool), Error> {
+        // The toolchain was read when the database was attached: no NVRTC call here.
+        if let Some((db, toolchain)) = &self.gpu.db {
             for h in [Some(head as u32), None] {
                 let key = tune_key(toolchain.clone(), pattern, h, seq, head_dim, dtype, gqa);
                 let record = match db.tuning(&key) {
