@@ -139,17 +139,22 @@ pub fn decide_exact(p: &Pred, r: &Region) -> Option<bool> {
     if let Some(x) = decide(p, r) {
         return Some(x);
     }
-    let (mut any, mut all) = (false, true);
-    r.for_each(|q, k| {
-        let v = r.eval(p, q, k);
-        any |= v;
-        all &= v;
-    });
-    if all {
-        Some(true)
-    } else if !any {
-        Some(false)
-    } else {
-        None
+    // Pair by pair, stopping at the first pair that disagrees with an earlier one: a mixed
+    // region (the common case for lines such as `q % stride == phase`) is known after a few
+    // pairs, not after all of them.
+    let (mut seen_true, mut seen_false) = (false, false);
+    for q in r.q0..r.q1 {
+        for k in r.k0..r.k1 {
+            if r.eval(p, q, k) {
+                seen_true = true;
+            } else {
+                seen_false = true;
+            }
+            if seen_true && seen_false {
+                return None;
+            }
+        }
     }
+    // An empty region counts as all-true, as before.
+    Some(!seen_false)
 }
