@@ -238,29 +238,12 @@ impl Gpu {
 
     /// [`Gpu::load`], saying where the kernel came from.
     pub fn load_traced(&self, kernel: &Kernel) -> Result<(CudaFunction, LoadSource), Error> {
-        let key = (kernel.key.clone(), self.arch);
-        if let Some(f) = self.modules.lock().map_err(|_| Error::Usage("module cache poisoned".into()))?.get(&key) {
-            return Ok((f.clone(), LoadSource::Memory));
+        if let Some(f) = self.loaded(kernel)? {
+            return Ok((f, LoadSource::Memory));
         }
-        let db_key = self.db.as_ref().map(|(_, tc)| weft_cache::KernelKey {
-            toolchain: tc.clone(),
-            kernel: kernel.key.clone(),
-            arch: self.arch.name(),
-        });
-        let stored = match (&self.db, &db_key) {
-            (Some((db, _)), Some(k)) => match db.kernel(k) {
-                Ok(r) => r,
-                Err(e) => {
-                    // An unreadable entry is re-compiled and overwritten, not fatal.
-                    tracing::warn!(kernel = %kernel.name, error = %e, "kernel database entry ignored");
-                    None
-                }
-            },
-            _ => None,
-        };
-        let (cubin, ptx, source) = match stored {
-            Some(r) if r.name == kernel.name => (r.cubin, r.ptx, LoadSource::Database),
-            _ => {
+        let (cubin, ptx, source) = match self.stored(kernel) {
+            Some(r) => (r.cubin, r.ptx, LoadSource::Database),
+            None => {
                 let compiled = nvrtc::compile(&kernel.source, &kernel.name, self.arch)?;
                 self.store(kernel, &compiled)?;
                 (compiled.cubin, compiled.ptx, LoadSource::Compiled)
@@ -270,11 +253,35 @@ impl Gpu {
         Ok((f, source))
     }
 
+    /// `kernel` from the module cache, if it is loaded already.
+    fn loaded(&self, kernel: &Kernel) -> Result<Option<CudaFunction>, Error> {
+        let modules = self.modules.lock().map_err(|_| Error::Usage("module cache poisoned".into()))?;
+        Ok(modules.get(&(kernel.key.clone(), self.arch)).cloned())
+    }
+
+    /// `kernel`'s key in the attached database, with the database.
+    fn db_key(&self, kernel: &Kernel) -> Option<(&weft_cache::Db, weft_cache::KernelKey)> {
+        let (db, tc) = self.db.as_ref()?;
+        Some((db, weft_cache::KernelKey { toolchain: tc.clone(), kernel: kernel.key.clone(), arch: self.arch.name() }))
+    }
+
+    /// `kernel`'s record in the attached database, if one is stored under this toolchain.
+    fn stored(&self, kernel: &Kernel) -> Option<weft_cache::KernelRecord> {
+        let (db, key) = self.db_key(kernel)?;
+        match db.kernel(&key) {
+            Ok(r) => r.filter(|r| r.name == kernel.name),
+            Err(e) => {
+                // An unreadable entry is re-compiled and overwritten, not fatal.
+                tracing::warn!(kernel = %kernel.name, error = %e, "kernel database entry ignored");
+                None
+            }
+        }
+    }
+
     /// Stores a freshly compiled kernel in the attached database (if any).
     fn store(&self, kernel: &Kernel, compiled: &Compiled) -> Result<(), Error> {
         tracing::debug!(kernel = %kernel.name, ms = compiled.millis, report = ?compiled.report, "compiled");
-        let Some((db, tc)) = &self.db else { return Ok(()) };
-        let key = weft_cache::KernelKey { toolchain: tc.clone(), kernel: kernel.key.clone(), arch: self.arch.name() };
+        let Some((db, key)) = self.db_key(kernel) else { return Ok(()) };
         let record = weft_cache::KernelRecord {
             name: kernel.name.clone(),
             cubin: compiled.cubin.clone(),
@@ -292,28 +299,25 @@ impl Gpu {
     /// (NVRTC runs on every core), so a batch of new kernels costs about one compile.
     pub fn load_all(&self, kernels: &[&Kernel]) -> Result<(), Error> {
         use rayon::prelude::*;
-        let loaded =
-            |k: &Kernel| self.modules.lock().map(|m| m.contains_key(&(k.key.clone(), self.arch))).unwrap_or(false);
-        let stored = |k: &Kernel| {
-            self.db.as_ref().is_some_and(|(db, tc)| {
-                let key =
-                    weft_cache::KernelKey { toolchain: tc.clone(), kernel: k.key.clone(), arch: self.arch.name() };
-                matches!(db.kernel(&key), Ok(Some(r)) if r.name == k.name)
-            })
-        };
-        let mut missing: Vec<&Kernel> = kernels.iter().copied().filter(|k| !loaded(k) && !stored(k)).collect();
-        missing.sort_by(|a, b| a.key.cmp(&b.key));
-        missing.dedup_by(|a, b| a.key == b.key);
+        // Loaded ones stay, stored ones load from their record (read once), the rest compile.
+        let mut missing: Vec<&Kernel> = Vec::new();
+        for k in kernels {
+            if self.loaded(k)?.is_some() || missing.iter().any(|m| m.key == k.key) {
+                continue;
+            }
+            match self.stored(k) {
+                Some(r) => {
+                    self.install(k, r.cubin, r.ptx)?;
+                }
+                None => missing.push(k),
+            }
+        }
         let compiled: Vec<Result<Compiled, Error>> =
             missing.par_iter().map(|k| nvrtc::compile(&k.source, &k.name, self.arch)).collect();
         for (k, c) in missing.iter().zip(compiled) {
             let c = c?;
             self.store(k, &c)?;
             self.install(k, c.cubin, c.ptx)?;
-        }
-        // The rest come from memory or the database.
-        for k in kernels {
-            self.load(k)?;
         }
         Ok(())
     }
