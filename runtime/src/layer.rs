@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::driver::CudaSlice;
-use weft_cache::{ShapeBucket, Toolchain, TuneKey};
+use weft_cache::{ShapeBucket, Toolchain, TuneKey, TuneRecord};
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::{Pattern, PatternExpr};
 use weft_patterns::{build_index, IndexOptions, SparseIndex, Tensor};
@@ -34,13 +34,13 @@ pub fn tune_key(
     dtype: DType,
     gqa: usize,
 ) -> TuneKey {
-    TuneKey {
-        toolchain,
-        pattern_hash: pattern.hash().to_hex(),
-        head,
-        // Causality is part of the pattern (and of its hash), so the bucket does not repeat it.
-        bucket: ShapeBucket::new(seq, head_dim, dtype.name(), gqa as u32, false),
-    }
+    TuneKey { toolchain, pattern_hash: pattern.hash().to_hex(), head, bucket: bucket(seq, head_dim, dtype, gqa) }
+}
+
+/// The shape bucket of a problem, as [`tune_key`] files it.
+fn bucket(seq: usize, head_dim: u32, dtype: DType, gqa: usize) -> ShapeBucket {
+    // Causality is part of the pattern (and of its hash), so the bucket does not repeat it.
+    ShapeBucket::new(seq, head_dim, dtype.name(), gqa as u32, false)
 }
 
 /// The pattern of every query head of one layer.
@@ -168,11 +168,14 @@ impl Runtime {
 
         // Each head's config, and the groups of heads that share one.
         let gqa = shape.hq / shape.hkv;
+        // Each head's pattern hash, computed once: the config memo, the grouping and the index
+        // cache are keyed by it.
+        let hashes: Vec<String> = plan.patterns.iter().map(|p| p.hash().to_hex()).collect();
         let mut groups: BTreeMap<GroupKey, Vec<usize>> = BTreeMap::new();
-        let mut tuned_of: HashMap<usize, bool> = HashMap::new();
+        let mut tuned_of = vec![false; shape.hq];
         let mut warned: Vec<String> = Vec::new();
         for (h, p) in plan.patterns.iter().enumerate() {
-            let (config, tuned) = self.config_for(p, h, shape.nk, head_dim, dtype, gqa)?;
+            let (config, tuned) = self.config_for(p, &hashes[h], h, shape.nk, head_dim, dtype, gqa)?;
             if !tuned && !warned.contains(&p.name) {
                 tracing::warn!(
                     pattern = %p.name,
@@ -184,9 +187,9 @@ impl Runtime {
                 );
                 warned.push(p.name.clone());
             }
-            tuned_of.insert(h, tuned);
+            tuned_of[h] = tuned;
             let exclusive =
-                matches!(p.expr, PatternExpr::Permuted { .. } | PatternExpr::Ring { .. }).then(|| p.hash().to_hex());
+                matches!(p.expr, PatternExpr::Permuted { .. } | PatternExpr::Ring { .. }).then(|| hashes[h].clone());
             groups.entry(GroupKey { config: ConfigKey(config), exclusive }).or_default().push(h);
         }
 
@@ -199,16 +202,14 @@ impl Runtime {
             let config = key.config.0;
             let started = Instant::now();
             // One index per distinct pattern in the group, over every head of the layer.
-            let mut by_hash: HashMap<String, Arc<SparseIndex>> = HashMap::new();
+            let mut by_hash: HashMap<&str, Arc<SparseIndex>> = HashMap::new();
             for &h in &heads {
-                let p = &plan.patterns[h];
-                let hash = p.hash().to_hex();
-                if let std::collections::hash_map::Entry::Vacant(slot) = by_hash.entry(hash) {
-                    slot.insert(self.index_for(p, &config, shape, scale, host.as_ref())?);
+                if let std::collections::hash_map::Entry::Vacant(slot) = by_hash.entry(&hashes[h]) {
+                    slot.insert(self.index_for(&plan.patterns[h], &hashes[h], &config, shape, scale, host.as_ref())?);
                 }
             }
             let parts: Vec<(&SparseIndex, usize)> =
-                heads.iter().map(|&h| (by_hash[&plan.patterns[h].hash().to_hex()].as_ref(), h)).collect();
+                heads.iter().map(|&h| (by_hash[hashes[h].as_str()].as_ref(), h)).collect();
             let index = SparseIndex::gather_heads(&parts).map_err(|e| Error::Shape(e.to_string()))?;
             let index_ms = started.elapsed().as_secs_f64() * 1e3;
 
@@ -225,7 +226,8 @@ impl Runtime {
             let loading = Instant::now();
             let (_, source) = self.gpu.load_traced(&kernel)?;
             let load_ms = loading.elapsed().as_secs_f64() * 1e3;
-            if source == LoadSource::Compiled && heads.iter().all(|h| tuned_of[h]) {
+            let tuned = heads.iter().all(|&h| tuned_of[h]);
+            if source == LoadSource::Compiled && tuned {
                 // Tuned, yet not stored under this key: the group's predicates depend on the
                 // input (e.g. a grid phase chosen per head), which makes a kernel per input.
                 tracing::warn!(
@@ -240,7 +242,7 @@ impl Runtime {
             reports.push(LaunchReport {
                 kernel: kernel.name,
                 config,
-                tuned: heads.iter().all(|h| tuned_of[h]),
+                tuned,
                 heads,
                 patterns: names,
                 source,
@@ -255,74 +257,71 @@ impl Runtime {
     /// autotune` on a retrieval pattern stores it), or 0, which [`crate::Gpu::decode`] reads as
     /// "choose automatically".
     pub fn decode_splits(&self, pattern: &Pattern, keys: usize, head_dim: u32, dtype: DType, gqa: usize) -> usize {
-        let Some((db, tc)) = &self.gpu.db else { return 0 };
-        let key = tune_key(tc.clone(), pattern, None, keys, head_dim, dtype, gqa);
-        match db.tuning(&key) {
-            Ok(Some(r)) => r.best.get("splits").and_then(|s| s.as_u64()).map_or(0, |s| s as usize),
-            Ok(None) => 0,
+        self.tuning_record(pattern, None, keys, head_dim, dtype, gqa)
+            .and_then(|r| r.best.get("splits").and_then(|s| s.as_u64()))
+            .map_or(0, |s| s as usize)
+    }
+
+    /// The tuning record stored for (pattern, head, bucket) under this GPU's toolchain (read
+    /// when the database was attached: no driver or NVRTC query here); an unreadable one is
+    /// reported and skipped.
+    fn tuning_record(
+        &self,
+        pattern: &Pattern,
+        head: Option<u32>,
+        seq: usize,
+        head_dim: u32,
+        dtype: DType,
+        gqa: usize,
+    ) -> Option<TuneRecord> {
+        let (db, toolchain) = self.gpu.db.as_ref()?;
+        match db.tuning(&tune_key(toolchain.clone(), pattern, head, seq, head_dim, dtype, gqa)) {
+            Ok(r) => r,
             Err(e) => {
-                tracing::warn!(pattern = %pattern.name, error = %e, "decode tuning record ignored");
-                0
+                tracing::warn!(pattern = %pattern.name, error = %e, "tuning record ignored");
+                None
             }
         }
     }
 
-    /// The tuned config for (pattern, head) at this shape, else the pattern's, else the default.
+    /// The tuned config for (pattern, head) at this shape, else the pattern's, else the
+    /// default; and whether it was tuned. Read from the database once per process.
     #[allow(clippy::too_many_arguments)]
     fn config_for(
         &self,
         pattern: &Pattern,
+        hash: &str,
         head: usize,
         seq: usize,
         head_dim: u32,
         dtype: DType,
         gqa: usize,
     ) -> Result<(KernelConfig, bool), Error> {
-        let memo = (pattern.hash().to_hex(), head, ShapeBucket::new(seq, head_dim, dtype.name(), gqa as u32, false));
+        let memo = (hash.to_string(), head, bucket(seq, head_dim, dtype, gqa));
         if let Some(c) = self.layer.configs.lock().ok().and_then(|m| m.get(&memo).copied()) {
             return Ok(c);
         }
-        let found = self.lookup_config(pattern, head, seq, head_dim, dtype, gqa)?;
+        let tuned = [Some(head as u32), None].into_iter().find_map(|h| {
+            let record = self.tuning_record(pattern, h, seq, head_dim, dtype, gqa)?;
+            serde_json::from_value::<KernelConfig>(record.best)
+                .ok()
+                .filter(|c| c.head_dim == head_dim && c.dtype == dtype && c.validate().is_ok())
+        });
+        let found = match tuned {
+            Some(c) => (c, true),
+            None => (KernelConfig::default_for(&pattern.expr, head_dim, dtype)?, false),
+        };
         if let Ok(mut m) = self.layer.configs.lock() {
             m.insert(memo, found);
         }
         Ok(found)
     }
 
-    /// [`Runtime::config_for`] without the memo: the database, then the default.
-    fn lookup_config(
-        &self,
-        pattern: &Pattern,
-        head: usize,
-        seq: usize,
-        head_dim: u32,
-        dtype: DType,
-        gqa: usize,
-    ) -> Result<(KernelConfig, bool), Error> {
-        // The toolchain was read when the database was attached: no NVRTC call here.
-        if let Some((db, toolchain)) = &self.gpu.db {
-            for h in [Some(head as u32), None] {
-                let key = tune_key(toolchain.clone(), pattern, h, seq, head_dim, dtype, gqa);
-                let record = match db.tuning(&key) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::warn!(pattern = %pattern.name, error = %e, "tuning record ignored");
-                        None
-                    }
-                };
-                let config = record.and_then(|r| serde_json::from_value::<KernelConfig>(r.best).ok());
-                if let Some(c) = config.filter(|c| c.head_dim == head_dim && c.dtype == dtype && c.validate().is_ok()) {
-                    return Ok((c, true));
-                }
-            }
-        }
-        Ok((KernelConfig::default_for(&pattern.expr, head_dim, dtype)?, false))
-    }
-
     /// The pattern's index over all of the layer's heads with the config's block sizes.
     fn index_for(
         &self,
         pattern: &Pattern,
+        hash: &str,
         config: &KernelConfig,
         shape: AttnShape,
         scale: f32,
@@ -341,14 +340,8 @@ impl Runtime {
             let (q, k) = host.ok_or_else(|| Error::Usage("internal: Q and K were not copied back".into()))?;
             return Ok(Arc::new(build(q, k)?));
         }
-        let key = (
-            pattern.hash().to_hex(),
-            shape.hq,
-            shape.nq,
-            shape.nk,
-            opts.block_m.unwrap_or(0),
-            opts.block_n.unwrap_or(0),
-        );
+        let key =
+            (hash.to_string(), shape.hq, shape.nq, shape.nk, opts.block_m.unwrap_or(0), opts.block_n.unwrap_or(0));
         if let Some(ix) = self.layer.static_indexes.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(ix);
         }
