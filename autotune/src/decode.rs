@@ -16,6 +16,7 @@ use weft_dsl::Pattern;
 use weft_patterns::{attention, build_index, IndexOptions, Tensor};
 use weft_runtime::{AttnShape, Gpu};
 
+use crate::tune::{gpu_err, relative_error, rounded};
 use crate::Error;
 
 /// Split counts tried; 0 is the runtime's automatic choice (enough CTAs to fill the GPU).
@@ -50,10 +51,6 @@ pub struct DecodeTuneResult {
     pub seconds: f64,
 }
 
-fn gpu_err(e: impl std::fmt::Display) -> Error {
-    Error::Search(format!("GPU: {e}"))
-}
-
 /// Tunes the split count of `req` on `gpu`; stores the winner in `db` when given.
 pub fn tune_decode(
     gpu: &Gpu,
@@ -73,13 +70,9 @@ pub fn tune_decode(
     }
     let (hq, hkv, nk, d) = (req.heads, req.kv_heads, req.keys, req.head_dim as usize);
     // Inputs rounded to the dtype, so the CPU reference sees what the GPU sees.
-    let round = |t: Tensor| {
-        let bits = req.dtype.encode(&t.data);
-        (Tensor { data: req.dtype.decode(&bits), ..t }, bits)
-    };
-    let (q, qb) = round(Tensor::random(hq, 1, d, 21));
-    let (k, kb) = round(Tensor::random(hkv, nk, d, 22));
-    let (v, vb) = round(Tensor::random(hkv, nk, d, 23));
+    let (q, qb) = rounded(Tensor::random(hq, 1, d, 21), req.dtype);
+    let (k, kb) = rounded(Tensor::random(hkv, nk, d, 22), req.dtype);
+    let (v, vb) = rounded(Tensor::random(hkv, nk, d, 23), req.dtype);
     let ix = build_index(&req.pattern.expr, &q, &k, &IndexOptions::default())?;
     let spec = DecodeSpec {
         pattern: req.pattern,
@@ -140,13 +133,7 @@ pub fn tune_decode(
         let mut l = s.clone_htod(&vec![f32::NAN; hq]).map_err(gpu_err)?;
         run(splits, &mut o, &mut l)?;
         let got = req.dtype.decode(&s.clone_dtoh(&o).map_err(gpu_err)?);
-        let (mut num, mut den, mut finite) = (0f64, 0f64, true);
-        for (g, w) in got.iter().zip(&want.out.data) {
-            finite &= g.is_finite();
-            num += f64::from(g - w).powi(2);
-            den += f64::from(*w).powi(2);
-        }
-        let err = if finite { (num / den.max(1e-30)).sqrt() } else { f64::INFINITY };
+        let err = relative_error(&got, &want.out.data);
         if err < req.dtype.reference_tolerance() {
             winner = Some((splits, ms, err));
             break;

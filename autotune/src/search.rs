@@ -169,10 +169,12 @@ pub fn evaluate_layer_on(
         tracing::debug!(candidate = %c.pattern.name, ms = started.elapsed().as_secs_f64() * 1e3, "index built");
         progress();
     }
-    if let Backend::Gpu(gpu) = backend {
-        return gpu_scores(gpu, layer, q, k, cands, &indexes, causal, rows, scale);
-    }
+    // Keys each sampled row sees (its universe), and their total: density's denominator.
     let visible = |t: usize| if causal { (t + nk + 1).saturating_sub(nq).min(nk) } else { nk };
+    let universe: usize = rows.iter().map(|&t| visible(t)).sum();
+    if let Backend::Gpu(gpu) = backend {
+        return gpu_scores(gpu, layer, q, k, cands, &indexes, causal, rows, universe, scale);
+    }
     let out = (0..q.heads)
         .into_par_iter()
         .map(|h| {
@@ -189,7 +191,6 @@ pub fn evaluate_layer_on(
                     w.iter().map(|x| (x / total) as f32).collect()
                 })
                 .collect();
-            let universe: usize = rows.iter().map(|&t| visible(t)).sum();
             let scores = indexes
                 .iter()
                 .enumerate()
@@ -229,6 +230,7 @@ fn gpu_scores(
     indexes: &[weft_patterns::SparseIndex],
     causal: bool,
     rows: &[usize],
+    universe_pairs: usize,
     scale: f64,
 ) -> Result<Vec<HeadScores>, Error> {
     use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
@@ -268,8 +270,6 @@ fn gpu_scores(
         s.clone_dtoh(&lse).map_err(driver)
     };
     let lse_universe = run(0, &uix)?;
-    let visible = |t: usize| if causal { (t + nk + 1).saturating_sub(nq).min(nk) } else { nk };
-    let universe_pairs: usize = rows.iter().map(|&t| visible(t)).sum();
     let mut scores: Vec<Vec<Score>> = vec![Vec::with_capacity(cands.len()); hq];
     for (ci, (c, ix)) in cands.iter().zip(indexes).enumerate() {
         let started = std::time::Instant::now();

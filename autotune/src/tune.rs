@@ -69,7 +69,7 @@ pub struct TuneResult {
     pub seconds: f64,
 }
 
-fn gpu_err(e: impl std::fmt::Display) -> Error {
+pub(crate) fn gpu_err(e: impl std::fmt::Display) -> Error {
     Error::Search(format!("GPU: {e}"))
 }
 
@@ -82,14 +82,9 @@ fn index_for(pattern: &Pattern, q: &Tensor, k: &Tensor, c: &KernelConfig) -> Res
 /// Output of `config` on a small problem against the CPU reference: relative L2 error.
 fn verify(gpu: &Gpu, req: &TuneRequest<'_>, config: &KernelConfig) -> Result<f64, Error> {
     let (hq, hkv, n, d) = (2 * (req.heads / req.kv_heads).max(1), 2, req.seq.min(700), req.head_dim as usize);
-    let round = |t: Tensor| {
-        let bits = req.dtype.encode(&t.data);
-        let vals = req.dtype.decode(&bits);
-        (Tensor { data: vals, ..t }, bits)
-    };
-    let (q, qb) = round(Tensor::random(hq, n, d, 11));
-    let (k, kb) = round(Tensor::random(hkv, n, d, 12));
-    let (v, vb) = round(Tensor::random(hkv, n, d, 13));
+    let (q, qb) = rounded(Tensor::random(hq, n, d, 11), req.dtype);
+    let (k, kb) = rounded(Tensor::random(hkv, n, d, 12), req.dtype);
+    let (v, vb) = rounded(Tensor::random(hkv, n, d, 13), req.dtype);
     let ix = index_for(req.pattern, &q, &k, config)?;
     let scale = 1.0 / (d as f64).sqrt();
     let want = attention(&ix, &q, &k, &v, scale)?;
@@ -106,15 +101,27 @@ fn verify(gpu: &Gpu, req: &TuneRequest<'_>, config: &KernelConfig) -> Result<f64
     gpu.attention(&kernel, config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32).map_err(gpu_err)?;
     s.synchronize().map_err(gpu_err)?;
     let got = req.dtype.decode(&s.clone_dtoh(&out).map_err(gpu_err)?);
+    Ok(relative_error(&got, &want.out.data))
+}
+
+/// `t` rounded to `dtype`: the values the CPU reference uses and the words the GPU reads.
+pub(crate) fn rounded(t: Tensor, dtype: DType) -> (Tensor, Vec<u16>) {
+    let bits = dtype.encode(&t.data);
+    (Tensor { data: dtype.decode(&bits), ..t }, bits)
+}
+
+/// Relative L2 error of a kernel's output against the reference; infinite if any output is
+/// not finite (an unwritten or poisoned element).
+pub(crate) fn relative_error(got: &[f32], want: &[f32]) -> f64 {
     let (mut num, mut den) = (0f64, 0f64);
-    for (g, w) in got.iter().zip(&want.out.data) {
+    for (g, w) in got.iter().zip(want) {
         if !g.is_finite() {
-            return Ok(f64::INFINITY);
+            return f64::INFINITY;
         }
         num += f64::from(g - w).powi(2);
         den += f64::from(*w).powi(2);
     }
-    Ok((num / den.max(1e-30)).sqrt())
+    (num / den.max(1e-30)).sqrt()
 }
 
 /// Tunes `req` on `gpu`; stores the winner in `db` (with `gpu`'s toolchain) when given.
