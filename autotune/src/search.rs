@@ -162,13 +162,18 @@ pub fn evaluate_layer_on(
     // read the same softmax mass.
     let estimates = Some(std::sync::Arc::new(weft_patterns::Estimates::default()));
     let opts = IndexOptions { rows: Some(rows.to_vec()), scale: Some(scale), estimates, ..Default::default() };
-    let mut indexes = Vec::with_capacity(cands.len());
-    for c in cands {
-        let started = std::time::Instant::now();
-        indexes.push(resolve_pattern(&c.pattern.expr, q, k, &opts)?.index()?);
-        tracing::debug!(candidate = %c.pattern.name, ms = started.elapsed().as_secs_f64() * 1e3, "index built");
-        progress();
-    }
+    // Candidates build concurrently (and each build over heads): one build of 32 heads does
+    // not fill a machine with many cores.
+    let indexes = cands
+        .par_iter()
+        .map(|c| {
+            let started = std::time::Instant::now();
+            let ix = resolve_pattern(&c.pattern.expr, q, k, &opts)?.index()?;
+            tracing::debug!(candidate = %c.pattern.name, ms = started.elapsed().as_secs_f64() * 1e3, "index built");
+            progress();
+            Ok(ix)
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
     // Keys each sampled row sees (its universe), and their total: density's denominator.
     let visible = |t: usize| if causal { (t + nk + 1).saturating_sub(nq).min(nk) } else { nk };
     let universe: usize = rows.iter().map(|&t| visible(t)).sum();

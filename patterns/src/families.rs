@@ -11,7 +11,7 @@
 //! the future, as MInference does.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use weft_dsl::builder;
 use weft_dsl::*;
@@ -270,7 +270,9 @@ pub struct LastRowsMass {
 /// tensors' addresses too, so a cache used with other tensors computes afresh.
 #[derive(Debug, Default)]
 pub struct Estimates {
-    mass: Mutex<HashMap<EstimateKey, Arc<LastRowsMass>>>,
+    /// One cell per key, filled once: concurrent builds wait for the first instead of
+    /// computing the same mass again.
+    mass: Mutex<HashMap<EstimateKey, Arc<OnceLock<Arc<LastRowsMass>>>>>,
 }
 
 /// (Q address, K address, head, context predicate, last rows, scale bits).
@@ -290,15 +292,11 @@ fn last_rows_mass(inp: &HeadInputs<'_>, ctx: &Pred, last: usize) -> Arc<LastRows
     let Some(est) = inp.estimates else { return compute() };
     let key =
         (inp.q.data.as_ptr() as usize, inp.k.data.as_ptr() as usize, inp.h, ctx.to_string(), last, inp.scale.to_bits());
-    if let Some(m) = est.mass.lock().ok().and_then(|c| c.get(&key).cloned()) {
-        return m;
-    }
-    // Computed outside the lock: heads resolve in parallel, each with its own keys.
-    let m = compute();
-    if let Ok(mut c) = est.mass.lock() {
-        c.insert(key, m.clone());
-    }
-    m
+    let Ok(mut cells) = est.mass.lock() else { return compute() };
+    let cell = cells.entry(key).or_default().clone();
+    drop(cells);
+    // Filled outside the map's lock: heads resolve in parallel, each with its own keys.
+    cell.get_or_init(compute).clone()
 }
 
 /// Softmax rows of the last `last` queries over the keys `ctx` allows; calls `f(row, key, p)`.
