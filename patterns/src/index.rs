@@ -199,7 +199,7 @@ pub fn build_index(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &IndexOp
 }
 
 #[derive(Clone, Debug, PartialEq)]
-enum Cov {
+pub(crate) enum Cov {
     None,
     All,
     Mask(Pred),
@@ -213,7 +213,7 @@ fn or(a: Cov, b: Cov) -> Cov {
     }
 }
 
-fn and(a: Cov, b: Cov) -> Cov {
+pub(crate) fn and(a: Cov, b: Cov) -> Cov {
     match (a, b) {
         (Cov::None, _) | (_, Cov::None) => Cov::None,
         (Cov::All, x) | (x, Cov::All) => x,
@@ -222,7 +222,7 @@ fn and(a: Cov, b: Cov) -> Cov {
 }
 
 /// What `node` keeps of region `r`; `col` is set in the column pass (a one-key region).
-fn cov(node: &Node, r: &Region, col: Option<usize>) -> Cov {
+pub(crate) fn cov(node: &Node, r: &Region, col: Option<usize>) -> Cov {
     let all_or_none = |b: bool| if b { Cov::All } else { Cov::None };
     match node {
         Node::Static(p) => match decide(p, r) {
@@ -237,13 +237,13 @@ fn cov(node: &Node, r: &Region, col: Option<usize>) -> Cov {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-enum Entry {
+pub(crate) enum Entry {
     Full,
     Mask(Pred),
 }
 
 /// Settles a coverage on its region: full, empty (`None`) or a predicate that is mixed there.
-fn settle(c: Cov, r: &Region) -> Option<Entry> {
+pub(crate) fn settle(c: Cov, r: &Region) -> Option<Entry> {
     match c {
         Cov::None => None,
         Cov::All => Some(Entry::Full),
@@ -259,13 +259,13 @@ type Row = (Vec<(u32, Entry)>, Vec<(u32, Entry)>);
 
 /// An index's mask predicates, each stored once, with ids below [`FULL`].
 #[derive(Default)]
-struct MaskTable {
-    masks: Vec<Pred>,
+pub(crate) struct MaskTable {
+    pub(crate) masks: Vec<Pred>,
     ids: HashMap<Pred, u16>,
 }
 
 impl MaskTable {
-    fn from(masks: &[Pred]) -> MaskTable {
+    pub(crate) fn from(masks: &[Pred]) -> MaskTable {
         let mut t = MaskTable::default();
         for m in masks {
             // Existing tables are below the limit already.
@@ -274,7 +274,7 @@ impl MaskTable {
         t
     }
 
-    fn intern(&mut self, p: Pred) -> Result<u16, Error> {
+    pub(crate) fn intern(&mut self, p: Pred) -> Result<u16, Error> {
         if let Some(id) = self.ids.get(&p) {
             return Ok(*id);
         }

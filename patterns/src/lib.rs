@@ -59,6 +59,7 @@
 //!
 //! Budgets rank candidates by score, ties to the lower index ([`select::select`]).
 
+pub mod device_plan;
 pub mod families;
 pub mod index;
 pub mod interval;

@@ -1,0 +1,474 @@
+//! Plans for building a vertical-vector index on the GPU.
+//!
+//! In a pattern whose only dynamic part is one `vertical_vector(keep = top_k(n))`, everything
+//! but the chosen columns is static: the key blocks (sink, local band, causal edges and any
+//! other predicate) do not depend on Q and K, and neither does what a chosen column becomes in
+//! the index (a full entry, a masked one, or nothing because a block already computes it).
+//! A [`ColumnPlan`] computes that static part once per shape on the CPU:
+//! - the *skeleton*: the index with no columns chosen (its blocks and masks);
+//! - per query group, the range of candidate columns the selection ranks (sink excluded,
+//!   and only keys the enclosing predicates allow, as the CPU selection does);
+//! - per index row, *column rules*: runs of keys with the entry code a chosen column there
+//!   gets (`DROP`, [`FULL`] or a mask id), so the GPU turns a group's chosen columns into
+//!   the row's column list with a binary search per column.
+//!
+//! The GPU then only scores, selects and compresses (`weft-runtime`'s device index builder),
+//! and the result is the index [`crate::build_index`] builds: [`ColumnPlan::assemble`] is the
+//! CPU mirror of that last step, and the tests check it against `build_index` pair for pair.
+
+use rayon::prelude::*;
+use weft_dsl::{Budget, PatternExpr, Pred, Var, VerticalVector};
+
+use crate::families::{resolve, ColSel, HeadInputs, Node};
+use crate::index::{and, cov, layout, settle, Cov, Entry, MaskTable};
+use crate::interval::{decide, Region};
+use crate::{Error, IndexOptions, SparseIndex, Tensor, FULL};
+
+/// Entry code of a chosen column that the row's blocks already compute (or that the pattern
+/// excludes there): it gets no column entry.
+pub const DROP: u16 = 0xfffe;
+
+/// Rule codes at or above this are offsets (`code - PER_COLUMN`) into [`ColumnPlan::codes`]:
+/// one code per key of the run.
+pub const PER_COLUMN: u32 = 0x1_0000;
+
+/// The static part of a vertical-vector index (see the module docs).
+#[derive(Clone, Debug)]
+pub struct ColumnPlan {
+    pub heads: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub block_m: usize,
+    pub block_n: usize,
+    /// Query rows per selection group (the pattern's `q_block`), and groups.
+    pub q_block: usize,
+    pub groups: usize,
+    /// Columns kept per group (`top_k(n)`), before the candidate count caps it.
+    pub top_k: usize,
+    pub scale: f64,
+    /// Whether rules and candidates differ per head (the pattern reads `h`); otherwise every
+    /// head uses slot 0.
+    pub per_head: bool,
+    /// Candidate columns `cand_lo[s]..cand_hi[s]` of slot `s = slot * groups + g`.
+    pub cand_lo: Vec<u32>,
+    pub cand_hi: Vec<u32>,
+    /// The index with no columns chosen; its mask table also holds every mask the rules use.
+    pub skeleton: SparseIndex,
+    /// `rule_ptr[r]..rule_ptr[r + 1]`: the runs of row `r = slot * q_blocks + qb`, ascending,
+    /// disjoint; keys in no run get [`FULL`].
+    pub rule_ptr: Vec<u32>,
+    pub rule_c0: Vec<u32>,
+    pub rule_c1: Vec<u32>,
+    /// A run's code: `DROP`, `FULL` or a mask id, or `PER_COLUMN + offset` into `codes`.
+    pub rule_code: Vec<u32>,
+    pub codes: Vec<u16>,
+}
+
+/// The single vertical-vector of `e` and the predicate of its enclosing intersections, if
+/// every other part of `e` is static.
+fn find_vv<'a>(e: &'a PatternExpr, ctx: &Pred, found: &mut Option<(&'a VerticalVector, Pred)>) -> Result<(), Error> {
+    let unsupported = |what: &str| {
+        Err(Error::Layout(format!(
+            "GPU index building supports one vertical_vector(keep = top_k(n)) with static predicates \
+             and static blocks around it; this pattern has {what}: build its index on the CPU"
+        )))
+    };
+    match e {
+        PatternExpr::Static(_) => Ok(()),
+        PatternExpr::Block(b) if matches!(b.keep, weft_dsl::BlockKeep::Where(_)) => Ok(()),
+        PatternExpr::Union(items) => items.iter().try_for_each(|i| find_vv(i, ctx, found)),
+        PatternExpr::Intersect(items) => {
+            let mut inner = ctx.clone();
+            for item in items {
+                if let PatternExpr::Static(p) = item {
+                    inner = inner.and(p.clone());
+                }
+            }
+            items.iter().try_for_each(|i| find_vv(i, &inner, found))
+        }
+        PatternExpr::VerticalVector(v) => {
+            if !matches!(v.keep, Budget::TopK(_)) {
+                return unsupported("a vertical_vector with a threshold or top_p budget");
+            }
+            if found.is_some() {
+                return unsupported("two vertical_vector selections");
+            }
+            *found = Some((v, ctx.clone()));
+            Ok(())
+        }
+        PatternExpr::Block(_) => unsupported("a block top-k selection"),
+        PatternExpr::VerticalSlash(_) => unsupported("a vertical_slash selection"),
+        PatternExpr::Grid(_) => unsupported("a grid"),
+        PatternExpr::Retrieval(_) => unsupported("a retrieval selection"),
+        PatternExpr::Permuted { .. } => unsupported("a permutation"),
+        PatternExpr::Ring { .. } => unsupported("a ring schedule"),
+    }
+}
+
+fn preds_use_h(e: &PatternExpr) -> bool {
+    match e {
+        PatternExpr::Static(p) => p.uses(Var::H),
+        PatternExpr::Block(b) => match &b.keep {
+            weft_dsl::BlockKeep::Where(p) => p.uses(Var::H),
+            _ => false,
+        },
+        PatternExpr::Union(items) | PatternExpr::Intersect(items) => items.iter().any(preds_use_h),
+        _ => false,
+    }
+}
+
+/// Replaces every column selection of `n` with one that chooses every key: what a chosen
+/// column's coverage is, whichever it is.
+fn choose_all(n: &Node, nq: usize, nk: usize) -> Node {
+    match n {
+        Node::Columns(_) => Node::Columns(ColSel { bq: nq.max(1), cols: vec![(0..nk as u32).collect()] }),
+        Node::Union(items) => Node::Union(items.iter().map(|i| choose_all(i, nq, nk)).collect()),
+        Node::Intersect(items) => Node::Intersect(items.iter().map(|i| choose_all(i, nq, nk)).collect()),
+        other => other.clone(),
+    }
+}
+
+/// One row's runs: `(c0, c1, code)`, with per-column codes appended to `codes`.
+type Runs = (Vec<(u32, u32, u32)>, Vec<u16>);
+
+impl ColumnPlan {
+    /// Plans `pattern` for `heads` query heads, `nq` queries and `nk` keys.
+    pub fn new(
+        pattern: &PatternExpr,
+        heads: usize,
+        nq: usize,
+        nk: usize,
+        opts: &IndexOptions,
+    ) -> Result<ColumnPlan, Error> {
+        weft_dsl::validate::validate(pattern).map_err(|e| Error::Pattern(weft_dsl::Error::Invalid(e)))?;
+        if heads == 0 || nq == 0 || nk == 0 {
+            return Err(Error::Shape(format!("empty input: {heads} heads, {nq} queries, {nk} keys")));
+        }
+        if nk > u32::MAX as usize / 2 {
+            return Err(Error::Shape(format!("{nk} keys: GPU index building takes at most 2^31")));
+        }
+        let mut found = None;
+        find_vv(pattern, &Pred::Const(true), &mut found)?;
+        let Some((vv, ctx)) = found else {
+            return Err(Error::Layout("the pattern has no vertical_vector: nothing to build on the GPU".into()));
+        };
+        let Budget::TopK(top_k) = vv.keep else { unreachable!("find_vv accepts top_k only") };
+        let (bm, bn) = layout(pattern, opts)?;
+        let scale = opts.scale.unwrap_or(f64::NAN);
+        if !(scale > 0.0 && scale.is_finite()) {
+            return Err(Error::Shape(format!("GPU index building needs a positive finite scale, got {scale}")));
+        }
+        let q_block = vv.q_block as usize;
+        let groups = nq.div_ceil(q_block);
+        let per_head = preds_use_h(pattern);
+        let slots = if per_head { heads } else { 1 };
+        // Shapes only: with no row wanted, resolution reads no data.
+        let shape_only = |n: usize| Tensor { heads, tokens: n, dim: 0, data: Vec::new() };
+        let (q, k) = (shape_only(nq), shape_only(nk));
+        let wanted = vec![false; nq];
+        let nodes = (0..slots)
+            .map(|h| {
+                let inp = HeadInputs { q: &q, k: &k, h, kv: h, scale, wanted: Some(&wanted), estimates: None };
+                resolve(pattern, &inp, &Pred::Const(true))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let resolved = crate::Resolved {
+            nodes: nodes.clone(),
+            permutation: None,
+            heads: slots,
+            nq,
+            nk,
+            block_m: bm,
+            block_n: bn,
+            scale,
+            wanted: None,
+        };
+        let slot_skeleton = resolved.index()?;
+        let q_blocks = nq.div_ceil(bm);
+        let mut table = MaskTable::from(&slot_skeleton.masks);
+        let region = |h: usize, q0: usize, q1: usize, k0: usize, k1: usize| Region {
+            q0: q0 as i64,
+            q1: q1 as i64,
+            k0: k0 as i64,
+            k1: k1 as i64,
+            h: h as i64,
+            nq: nq as i64,
+            nk: nk as i64,
+        };
+
+        // Column rules, row by row (rows in parallel; masks interned afterwards, in order).
+        let nkb = nk.div_ceil(bn);
+        let mut rule_ptr = vec![0u32];
+        let (mut rule_c0, mut rule_c1, mut rule_code, mut codes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (h, node) in nodes.iter().enumerate() {
+            let all = choose_all(node, nq, nk);
+            let rows: Vec<Vec<(u32, u32, Vec<Option<Entry>>)>> = (0..q_blocks)
+                .into_par_iter()
+                .map(|qb| {
+                    let (q0, q1) = (qb * bm, ((qb + 1) * bm).min(nq));
+                    let row = h * q_blocks + qb;
+                    let lo = slot_skeleton.block_ptr[row] as usize;
+                    let hi = slot_skeleton.block_ptr[row + 1] as usize;
+                    let blocks = &slot_skeleton.block_idx[lo..hi];
+                    let mut runs = Vec::new();
+                    for kb in 0..nkb {
+                        let (k0, k1) = (kb * bn, ((kb + 1) * bn).min(nk));
+                        let per_col = |f: &dyn Fn(usize) -> Option<Entry>| (k0..k1).map(f).collect::<Vec<_>>();
+                        let col_cov = |c: usize| cov(&all, &region(h, q0, q1, c, c + 1), Some(c));
+                        let entries = match blocks.binary_search(&(kb as u32)) {
+                            Ok(i) => match slot_skeleton.block_mask[lo + i] {
+                                FULL => vec![None; k1 - k0],
+                                id => {
+                                    let pb = slot_skeleton.masks[id as usize].clone();
+                                    per_col(&|c| {
+                                        settle(and(col_cov(c), Cov::Mask(!pb.clone())), &region(h, q0, q1, c, c + 1))
+                                    })
+                                }
+                            },
+                            Err(_) => match cov(&all, &region(h, q0, q1, k0, k1), Some(k0)) {
+                                Cov::All => continue,
+                                Cov::None => vec![None; k1 - k0],
+                                Cov::Mask(_) => per_col(&|c| settle(col_cov(c), &region(h, q0, q1, c, c + 1))),
+                            },
+                        };
+                        runs.push((k0 as u32, k1 as u32, entries));
+                    }
+                    runs
+                })
+                .collect();
+            for runs in rows {
+                let mut out: Runs = (Vec::new(), Vec::new());
+                for (c0, c1, entries) in runs {
+                    let mut ids = Vec::with_capacity(entries.len());
+                    for e in entries {
+                        ids.push(match e {
+                            None => DROP,
+                            Some(Entry::Full) => FULL,
+                            Some(Entry::Mask(p)) => table.intern(p)?,
+                        });
+                    }
+                    // Mask ids must stay below DROP.
+                    if table.masks.len() > DROP as usize {
+                        return Err(Error::Layout("more than 65534 distinct masks in a GPU-built index".into()));
+                    }
+                    if ids.iter().all(|x| *x == FULL) {
+                        continue;
+                    }
+                    let code = if ids.iter().all(|x| *x == ids[0]) {
+                        u32::from(ids[0])
+                    } else {
+                        let off = PER_COLUMN + (codes.len() + out.1.len()) as u32;
+                        out.1.extend_from_slice(&ids);
+                        off
+                    };
+                    // Adjacent runs with one code merge.
+                    match out.0.last_mut() {
+                        Some(last) if last.1 == c0 && last.2 == code && code < PER_COLUMN => last.1 = c1,
+                        _ => out.0.push((c0, c1, code)),
+                    }
+                }
+                for (c0, c1, code) in out.0 {
+                    rule_c0.push(c0);
+                    rule_c1.push(c1);
+                    rule_code.push(code);
+                }
+                codes.extend(out.1);
+                rule_ptr.push(rule_c0.len() as u32);
+            }
+        }
+
+        // Candidate ranges: the keys from the sink on that the context allows for some row of
+        // the group (as the CPU selection filters them), which must form one range.
+        let mut cand_lo = Vec::with_capacity(slots * groups);
+        let mut cand_hi = Vec::with_capacity(slots * groups);
+        for h in 0..slots {
+            let ranges: Vec<Result<(u32, u32), Error>> = (0..groups)
+                .into_par_iter()
+                .map(|g| {
+                    let (q0, q1) = (g * q_block, ((g + 1) * q_block).min(nq));
+                    let mut allowed = Vec::new();
+                    for kb in 0..nkb {
+                        let (k0, k1) = ((kb * bn).max(vv.sink as usize), ((kb + 1) * bn).min(nk));
+                        if k0 >= k1 {
+                            continue;
+                        }
+                        match decide(&ctx, &region(h, q0, q1, k0, k1)) {
+                            Some(false) => {}
+                            Some(true) => allowed.push((k0, k1)),
+                            None => {
+                                for c in k0..k1 {
+                                    if decide(&ctx, &region(h, q0, q1, c, c + 1)) != Some(false) {
+                                        allowed.push((c, c + 1));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let mut merged: Vec<(usize, usize)> = Vec::new();
+                    for (a, b) in allowed {
+                        match merged.last_mut() {
+                            Some(last) if last.1 == a => last.1 = b,
+                            _ => merged.push((a, b)),
+                        }
+                    }
+                    match merged.as_slice() {
+                        [] => Ok((0, 0)),
+                        [(a, b)] => Ok((*a as u32, *b as u32)),
+                        _ => Err(Error::Layout(format!(
+                            "query group {g}'s candidate columns are {} separate ranges; GPU index \
+                             building needs one (build this pattern's index on the CPU)",
+                            merged.len()
+                        ))),
+                    }
+                })
+                .collect();
+            for r in ranges {
+                let (a, b) = r?;
+                cand_lo.push(a);
+                cand_hi.push(b);
+            }
+        }
+
+        // The skeleton for every head (slot 0's rows repeated when heads share them).
+        let mut skeleton = SparseIndex::empty(heads, nq, nk, bm, bn);
+        for h in 0..heads {
+            let s = if per_head { h } else { 0 };
+            for qb in 0..q_blocks {
+                let row = s * q_blocks + qb;
+                let (lo, hi) = (slot_skeleton.block_ptr[row] as usize, slot_skeleton.block_ptr[row + 1] as usize);
+                skeleton.block_idx.extend_from_slice(&slot_skeleton.block_idx[lo..hi]);
+                skeleton.block_mask.extend_from_slice(&slot_skeleton.block_mask[lo..hi]);
+                skeleton.block_ptr.push(skeleton.block_idx.len() as u32);
+                skeleton.col_ptr.push(0);
+            }
+        }
+        skeleton.masks = table.masks;
+        Ok(ColumnPlan {
+            heads,
+            nq,
+            nk,
+            block_m: bm,
+            block_n: bn,
+            q_block,
+            groups,
+            top_k: top_k as usize,
+            scale,
+            per_head,
+            cand_lo,
+            cand_hi,
+            skeleton,
+            rule_ptr,
+            rule_c0,
+            rule_c1,
+            rule_code,
+            codes,
+        })
+    }
+
+    /// Query-block rows of the index.
+    pub fn q_blocks(&self) -> usize {
+        self.nq.div_ceil(self.block_m)
+    }
+
+    /// The slot head `h` reads rules and candidates from.
+    pub fn slot(&self, h: usize) -> usize {
+        if self.per_head {
+            h
+        } else {
+            0
+        }
+    }
+
+    /// The entry code of chosen column `c` in index row `qb` of head `h`.
+    pub fn code(&self, h: usize, qb: usize, c: u32) -> u16 {
+        let row = self.slot(h) * self.q_blocks() + qb;
+        let (lo, hi) = (self.rule_ptr[row] as usize, self.rule_ptr[row + 1] as usize);
+        let runs = &self.rule_c0[lo..hi];
+        // The last run starting at or before c.
+        let i = runs.partition_point(|c0| *c0 <= c);
+        if i == 0 || c >= self.rule_c1[lo + i - 1] {
+            return FULL;
+        }
+        match self.rule_code[lo + i - 1] {
+            code if code >= PER_COLUMN => self.codes[(code - PER_COLUMN) as usize + (c - runs[i - 1]) as usize],
+            code => code as u16,
+        }
+    }
+
+    /// The index for chosen columns `chosen[h][g]` (each ascending): what the GPU's last step
+    /// writes, on the CPU.
+    pub fn assemble(&self, chosen: &[Vec<Vec<u32>>]) -> Result<SparseIndex, Error> {
+        if chosen.len() != self.heads || chosen.iter().any(|h| h.len() != self.groups) {
+            return Err(Error::Shape(format!(
+                "chosen columns for {} heads x {} groups expected",
+                self.heads, self.groups
+            )));
+        }
+        let mut ix = self.skeleton.clone();
+        ix.col_ptr = vec![0];
+        for (h, groups) in chosen.iter().enumerate() {
+            for qb in 0..self.q_blocks() {
+                let g = qb * self.block_m / self.q_block;
+                for &c in &groups[g] {
+                    let code = self.code(h, qb, c);
+                    if code != DROP {
+                        ix.col_idx.push(c);
+                        ix.col_mask.push(code);
+                    }
+                }
+                ix.col_ptr.push(ix.col_idx.len() as u32);
+            }
+        }
+        Ok(ix)
+    }
+
+    /// The columns the CPU selection chooses for `q` and `k` (`chosen[h][g]`, ascending): what
+    /// the GPU's selection must reproduce.
+    pub fn choose_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<Vec<Vec<Vec<u32>>>, Error> {
+        let opts = IndexOptions {
+            block_m: Some(self.block_m),
+            block_n: Some(self.block_n),
+            scale: Some(self.scale),
+            ..Default::default()
+        };
+        let resolved = crate::resolve_pattern(pattern, q, k, &opts)?;
+        Ok(resolved
+            .nodes
+            .iter()
+            .map(|n| {
+                let sels = n.column_sels();
+                (0..self.groups).map(|g| sels.first().map(|s| s.cols[g].clone()).unwrap_or_default()).collect()
+            })
+            .collect())
+    }
+}
+
+/// The first difference between two indexes, comparing mask predicates rather than mask
+/// ids (two builders may number the same masks differently); `None` when they are the same.
+pub fn index_difference(a: &SparseIndex, b: &SparseIndex) -> Option<String> {
+    if (a.heads, a.nq, a.nk, a.block_m, a.block_n) != (b.heads, b.nq, b.nk, b.block_m, b.block_n) {
+        return Some("shapes differ".into());
+    }
+    let mask = |ix: &SparseIndex, id: u16| if id == FULL { None } else { ix.masks.get(id as usize).cloned() };
+    for (name, pa, pb) in [("block_ptr", &a.block_ptr, &b.block_ptr), ("col_ptr", &a.col_ptr, &b.col_ptr)] {
+        if pa != pb {
+            let i = pa.iter().zip(pb.iter()).position(|(x, y)| x != y).unwrap_or(pa.len().min(pb.len()));
+            return Some(format!("{name} differs first at row {}", i.saturating_sub(1)));
+        }
+    }
+    for (name, ia, ib, ma, mb) in [
+        ("block", &a.block_idx, &b.block_idx, &a.block_mask, &b.block_mask),
+        ("column", &a.col_idx, &b.col_idx, &a.col_mask, &b.col_mask),
+    ] {
+        if ia != ib {
+            let i = ia.iter().zip(ib.iter()).position(|(x, y)| x != y).unwrap_or(0);
+            return Some(format!("{name} entry {i}: {:?} vs {:?}", ia.get(i), ib.get(i)));
+        }
+        for (i, (x, y)) in ma.iter().zip(mb.iter()).enumerate() {
+            if mask(a, *x) != mask(b, *y) {
+                return Some(format!("{name} entry {i} (key {}): mask {:?} vs {:?}", ia[i], mask(a, *x), mask(b, *y)));
+            }
+        }
+    }
+    None
+}

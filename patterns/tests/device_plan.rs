@@ -1,0 +1,85 @@
+//! The static plan of a GPU-built vertical-vector index, completed with the CPU selection's
+//! columns, is the index `build_index` builds: same blocks, same columns, same masks.
+
+use proptest::prelude::*;
+use weft_dsl::builder::*;
+use weft_dsl::*;
+use weft_patterns::device_plan::{index_difference, ColumnPlan};
+use weft_patterns::*;
+
+fn patterns(n: u32, q_block: u32) -> Vec<(&'static str, PatternExpr)> {
+    let vv = |sink, local| vertical_vector().q_block(q_block).keep(top_k(n)).sink(sink).local(local);
+    vec![
+        ("vv", vv(0, 0).into()),
+        ("vv+sink+local", vv(16, 40).into()),
+        ("causal & vv", causal() & vv(8, 64)),
+        ("causal & (vv | window)", causal() & (vv(4, 0) | window(100))),
+        ("window & vv", window(300) & vv(0, 16)),
+    ]
+}
+
+fn check(
+    nq: usize,
+    nk: usize,
+    heads: usize,
+    group: usize,
+    n: u32,
+    q_block: u32,
+    blocks: (usize, usize),
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let q = Tensor::random(heads, nq, 16, seed);
+    let k = Tensor::random(heads / group, nk, 16, seed ^ 0x9e37);
+    for (name, e) in patterns(n, q_block) {
+        let opts =
+            IndexOptions { block_m: Some(blocks.0), block_n: Some(blocks.1), scale: Some(0.25), ..Default::default() };
+        let want = build_index(&e, &q, &k, &opts).unwrap();
+        let plan = ColumnPlan::new(&e, heads, nq, nk, &opts).unwrap();
+        let chosen = plan.choose_on_cpu(&e, &q, &k).unwrap();
+        let got = plan.assemble(&chosen).unwrap();
+        prop_assert!(
+            index_difference(&got, &want).is_none(),
+            "{name} nq={nq} nk={nk} blocks={blocks:?}: {}",
+            index_difference(&got, &want).unwrap()
+        );
+        // Candidate ranges: every chosen column lies in its group's range.
+        for (h, groups) in chosen.iter().enumerate() {
+            for (g, cols) in groups.iter().enumerate() {
+                let s = plan.slot(h) * plan.groups + g;
+                prop_assert!(
+                    cols.iter().all(|c| *c >= plan.cand_lo[s] && *c < plan.cand_hi[s]),
+                    "{name}: group {g} outside its range"
+                );
+                let cands = (plan.cand_hi[s] - plan.cand_lo[s]) as usize;
+                prop_assert_eq!(cols.len(), cands.min(n as usize), "{}: group {} keeps min(n, candidates)", name, g);
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn planned_and_cpu_built_vertical_vector_indexes_agree(
+        nq in 1usize..400, extra in 0usize..120, n in 1u32..40, group in 1usize..3,
+        blocks in prop::sample::select(vec![(64usize, 64usize), (32, 64), (64, 32), (16, 16)]),
+        q_block in prop::sample::select(vec![64u32, 128]), seed in any::<u64>(),
+    ) {
+        check(nq, nq + extra, 2, group, n, q_block, blocks, seed)?;
+    }
+}
+
+#[test]
+fn patterns_the_gpu_cannot_build_say_so() {
+    let opts = IndexOptions { scale: Some(0.1), ..Default::default() };
+    for e in
+        [PatternExpr::from(vertical_vector().keep(threshold(0.1))), PatternExpr::from(block().keep(top_k(2))), causal()]
+    {
+        let err = ColumnPlan::new(&e, 1, 100, 100, &opts).unwrap_err().to_string();
+        assert!(err.contains("GPU") || err.contains("vertical_vector"), "{err}");
+    }
+    let e = PatternExpr::from(vertical_vector().keep(top_k(3)));
+    assert!(ColumnPlan::new(&e, 1, 100, 100, &IndexOptions::default()).unwrap_err().to_string().contains("scale"));
+}
