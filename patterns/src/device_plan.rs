@@ -128,6 +128,9 @@ fn choose_all(n: &Node, nq: usize, nk: usize) -> Node {
     }
 }
 
+/// Keys `c0..c1` of one row and what a chosen column there becomes (`None`: nothing).
+type KeyRun = (u32, u32, Vec<Option<Entry>>);
+
 /// One row's runs: `(c0, c1, code)`, with per-column codes appended to `codes`.
 type Runs = (Vec<(u32, u32, u32)>, Vec<u16>);
 
@@ -202,7 +205,7 @@ impl ColumnPlan {
         let (mut rule_c0, mut rule_c1, mut rule_code, mut codes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (h, node) in nodes.iter().enumerate() {
             let all = choose_all(node, nq, nk);
-            let rows: Vec<Vec<(u32, u32, Vec<Option<Entry>>)>> = (0..q_blocks)
+            let rows: Vec<Vec<KeyRun>> = (0..q_blocks)
                 .into_par_iter()
                 .map(|qb| {
                     let (q0, q1) = (qb * bm, ((qb + 1) * bm).min(nq));
