@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf gpu-bin && mkdir -p gpu-bin
 cargo build --release --locked --bin weft && cargo build --release --locked -p weft-bench
-cp target/release/weft target/release/weft-bench target/release/search-bench gpu-bin/
+cp target/release/weft target/release/weft-bench target/release/search-bench target/release/index-bench gpu-bin/
 cargo test --release --locked -p weft-runtime -p weft-autotune --features gpu --no-run --message-format=json 2>/dev/null \
   | python3 -c '
 import json, os, sys, shutil

@@ -41,6 +41,7 @@ const PRELUDE: &str = include_str!("templates/prelude.cu");
 const ATTENTION: &str = include_str!("templates/attention.cu");
 const DECODE: &str = include_str!("templates/decode.cu");
 const MERGE: &str = include_str!("templates/merge.cu");
+const VV_INDEX: &str = include_str!("templates/vv_index.cu");
 
 /// Element type of Q, K, V and O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -333,7 +334,7 @@ fn key_and_header(
 ) -> (String, String) {
     // The templates' text is part of the key too, so an edited template can never load a
     // kernel stored from the old one, even where CODEGEN_VERSION was not bumped.
-    let templates = blake3::hash([PRELUDE, ATTENTION, DECODE, MERGE].concat().as_bytes());
+    let templates = blake3::hash([PRELUDE, ATTENTION, DECODE, MERGE, VV_INDEX].concat().as_bytes());
     let mut key_input = format!("weft-codegen/{CODEGEN_VERSION}\ntemplates {templates}\n{kind}\n{config}\n");
     if let Some(p) = pattern {
         let _ = writeln!(key_input, "{}", p.hash());
@@ -460,6 +461,42 @@ pub fn emit_merge(head_dim: u32, dtype: DType, partial: Partial) -> Result<Kerne
         .replace("{{PART_T}}", part_t)
         .replace("{{PART_LOAD}}", load);
     Ok(Kernel { name, source, key, threads: MERGE_THREADS, shared_bytes: 0, head_dim })
+}
+
+/// The entry points of the vertical-vector index builder ([`emit_vv_index`]), in launch
+/// order; each is `{kernel.name}_{entry}`.
+pub const VV_INDEX_ENTRIES: [&str; 6] = ["pool", "kstats", "score", "select", "columns", "scan"];
+
+/// Dynamic shared memory of the `score` entry: two halves of 64 pooled queries and 128 keys.
+pub fn vv_score_shared_bytes(head_dim: u32) -> u32 {
+    (64 + 64 + 128) * (head_dim + 8) * 2
+}
+
+/// Dynamic shared memory of the `select` entry for `nk` keys: exact scores and keys of up to
+/// 4096 unsure keys, a 2048-bin histogram, the pooled query, and a bit per key.
+pub fn vv_select_shared_bytes(head_dim: u32, nk: usize) -> usize {
+    4096 * (8 + 4) + 2048 * 4 + head_dim as usize * 4 + nk.div_ceil(32) * 4
+}
+
+/// The most dynamic shared memory a vertical-vector index kernel may take (the `select`
+/// entry's limit, which bounds the keys it serves).
+pub const VV_INDEX_MAX_SHARED: u32 = 200 * 1024;
+
+/// Generates the vertical-vector index builder for bf16 inputs of `head_dim` (one module,
+/// entry points [`VV_INDEX_ENTRIES`]; see the template for the method).
+pub fn emit_vv_index(head_dim: u32) -> Result<Kernel, Error> {
+    check_head_dim(head_dim)?;
+    let config = format!("vv-index head_dim={head_dim} dtype=bf16");
+    let (key, header) = key_and_header("vv-index", None, &config, &[], None);
+    let name = format!("weft_vvix_{}", &key[..16]);
+    let source = VV_INDEX
+        .replace("{{HEADER}}", &header)
+        .replace("{{PRELUDE}}", &prelude(&[], None, DType::Bf16))
+        .replace("{{NAME}}", &name)
+        .replace("{{D}}", &head_dim.to_string())
+        .replace("{{DROP}}", &format!("{:#x}", weft_patterns::device_plan::DROP))
+        .replace("{{PER_COLUMN}}", &format!("{:#x}", weft_patterns::device_plan::PER_COLUMN));
+    Ok(Kernel { name, source, key, threads: 512, shared_bytes: VV_INDEX_MAX_SHARED, head_dim })
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //!   each head with the config tuned for its pattern and shape (or the default, with a
 //!   warning), one launch per group of heads sharing a kernel (see the `layer` module).
 
+mod device_index;
 mod layer;
 pub mod nvrtc;
 
@@ -27,6 +28,7 @@ use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, Laun
 use weft_codegen::{Kernel, KernelConfig, DECODE_THREADS, MERGE_THREADS};
 use weft_patterns::{BatchIndex, SparseIndex};
 
+pub use device_index::IndexBuildReport;
 pub use layer::{tune_key, LaunchReport, LayerPlan};
 pub use nvrtc::{Arch, Compiled, ResourceReport};
 
@@ -122,6 +124,14 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// The module cache key of one entry point of `kernel`.
+fn entry_key(kernel: &Kernel, entry: Option<&str>) -> String {
+    match entry {
+        None => kernel.key.clone(),
+        Some(e) => format!("{}#{e}", kernel.key),
+    }
+}
+
 /// One GPU with its stream and loaded kernels.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -202,6 +212,19 @@ impl Gpu {
     /// Loads a module from CUBIN for this device (the PTX, JIT-compiled by the driver, if the
     /// CUBIN is refused), raises its shared-memory limit and keeps it in the module cache.
     fn install(&self, kernel: &Kernel, cubin: Vec<u8>, ptx: String) -> Result<CudaFunction, Error> {
+        let mut f = self.install_entries(kernel, cubin, ptx, &[None])?;
+        f.pop().ok_or_else(|| Error::Usage(format!("{} has no entry point", kernel.name)))
+    }
+
+    /// [`Gpu::install`] for several entry points of one module: `None` is `kernel.name`,
+    /// `Some(e)` is `{kernel.name}_{e}` (cached under the kernel key plus `#e`).
+    fn install_entries(
+        &self,
+        kernel: &Kernel,
+        cubin: Vec<u8>,
+        ptx: String,
+        entries: &[Option<&str>],
+    ) -> Result<Vec<CudaFunction>, Error> {
         let module = match self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)) {
             Ok(m) => m,
             Err(e) => {
@@ -211,19 +234,46 @@ impl Gpu {
                     .map_err(driver(format!("loading {} (CUBIN and PTX)", kernel.name)))?
             }
         };
-        let f = module.load_function(&kernel.name).map_err(driver(format!("finding {}", kernel.name)))?;
-        f.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            kernel.shared_bytes as i32,
-        )
-        .map_err(driver(format!(
-            "raising the shared-memory limit of {} to {} bytes",
-            kernel.name, kernel.shared_bytes
-        )))?;
-        if let Ok(mut m) = self.modules.lock() {
-            m.insert((kernel.key.clone(), self.arch), f.clone());
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let name = match entry {
+                None => kernel.name.clone(),
+                Some(e) => format!("{}_{e}", kernel.name),
+            };
+            let f = module.load_function(&name).map_err(driver(format!("finding {name}")))?;
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                kernel.shared_bytes as i32,
+            )
+            .map_err(driver(format!("raising the shared-memory limit of {name} to {} bytes", kernel.shared_bytes)))?;
+            if let Ok(mut m) = self.modules.lock() {
+                m.insert((entry_key(kernel, *entry), self.arch), f.clone());
+            }
+            out.push(f);
         }
-        Ok(f)
+        Ok(out)
+    }
+
+    /// Loads the entry points `entries` of a multi-entry kernel (e.g. the index builder):
+    /// one compile (or database read) for all of them.
+    pub fn load_entries(&self, kernel: &Kernel, entries: &[&str]) -> Result<Vec<CudaFunction>, Error> {
+        if let Ok(m) = self.modules.lock() {
+            let cached: Option<Vec<CudaFunction>> =
+                entries.iter().map(|e| m.get(&(entry_key(kernel, Some(e)), self.arch)).cloned()).collect();
+            if let Some(fs) = cached {
+                return Ok(fs);
+            }
+        }
+        let (cubin, ptx) = match self.stored(kernel) {
+            Some(r) => (r.cubin, r.ptx),
+            None => {
+                let compiled = nvrtc::compile(&kernel.source, &kernel.name, self.arch)?;
+                self.store(kernel, &compiled)?;
+                (compiled.cubin, compiled.ptx)
+            }
+        };
+        let entries: Vec<Option<&str>> = entries.iter().map(|e| Some(*e)).collect();
+        self.install_entries(kernel, cubin, ptx, &entries)
     }
 
     /// Takes the kernel database back (to hand it to another `Gpu`: sled allows one opener).

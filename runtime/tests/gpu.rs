@@ -542,3 +542,78 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
     }
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
+
+#[test]
+fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
+    use weft_patterns::device_plan::{index_difference, ColumnPlan};
+    let gpu = Gpu::open(0).expect("a GPU");
+    let vv = |q_block: u32, n: u32, sink: u32, local: u32| {
+        vertical_vector().q_block(q_block).keep(top_k(n)).sink(sink).local(local)
+    };
+    let mut failures = Vec::new();
+    let mut seed = 9000u64;
+    for n in [37u32, 300] {
+        let patterns = [
+            Pattern::new("causal_vv", causal() & vv(64, n, 16, 64)),
+            Pattern::new("vv128", vv(128, n, 0, 0)),
+            Pattern::new("causal_vv_window", causal() & (vv(64, n, 4, 0) | window(100))),
+        ];
+        for p in &patterns {
+            for (nq, nk, hq, hkv, d) in
+                [(1000usize, 1000usize, 4usize, 2usize, 128usize), (333, 333, 2, 2, 64), (700, 1000, 4, 2, 128)]
+            {
+                for ties in [false, true] {
+                    seed += 1;
+                    let mut x = inputs(hq, hkv, nq, nk, d, DType::Bf16, seed);
+                    if ties {
+                        // Every third key repeated: equal exact scores, so the lower key must win.
+                        for h in 0..hkv {
+                            for c in (0..nk - 1).step_by(3) {
+                                let (a, b) = ((h * nk + c) * d, (h * nk + c + 1) * d);
+                                x.kb.copy_within(a..a + d, b);
+                                x.k.data.copy_within(a..a + d, b);
+                            }
+                        }
+                    }
+                    let scale = 1.0 / (d as f64).sqrt();
+                    let opts = IndexOptions { scale: Some(scale), ..Default::default() };
+                    let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
+                    let plan = ColumnPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
+                    let s = &gpu.stream;
+                    let (qd, kd, vd) =
+                        (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
+                    let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
+                    let (dix, report) = gpu.build_vv_index(&plan, shape, DType::Bf16, &qd, &kd).unwrap();
+                    let mut got_ix = dix.to_host(&gpu).unwrap();
+                    got_ix.masks = plan.skeleton.masks.clone();
+                    let diff = index_difference(&got_ix, &want_ix);
+                    // Attention over the GPU-built index against the reference over the CPU's.
+                    let config = KernelConfig::for_blocks(plan.block_m, plan.block_n, d as u32, DType::Bf16);
+                    let kernel =
+                        emit(&KernelSpec { pattern: p, masks: &plan.skeleton.masks, permutation: None, config })
+                            .unwrap();
+                    let mut out = s.clone_htod(&vec![0xffffu16; hq * nq * d]).unwrap();
+                    let mut lse = s.clone_htod(&vec![f32::NAN; hq * nq]).unwrap();
+                    gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)
+                        .unwrap();
+                    s.synchronize().unwrap();
+                    let want = attention(&want_ix, &x.q, &x.k, &x.v, scale).unwrap();
+                    let got = to_f32(&s.clone_dtoh(&out).unwrap(), DType::Bf16);
+                    let (rel, nan, lse_err) = compare(&got, &s.clone_dtoh(&lse).unwrap(), &want);
+                    let ok = diff.is_none() && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
+                    println!(
+                        "{} vv index {:<17} top_k={n:<3} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} columns={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                        if ok { "ok  " } else { "FAIL" }, p.name, report.columns, diff.is_none()
+                    );
+                    if let Some(d) = diff {
+                        println!("     first difference: {d}");
+                    }
+                    if !ok {
+                        failures.push(format!("{} n={n} nq={nq} nk={nk} ties={ties}", p.name));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "failed: {failures:?}");
+}

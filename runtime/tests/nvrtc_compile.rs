@@ -3,7 +3,9 @@
 //! installs the pinned wheel), no GPU.
 
 use rayon::prelude::*;
-use weft_codegen::{emit, emit_decode, emit_merge, DType, DecodeSpec, KernelConfig, KernelSpec, Partial};
+use weft_codegen::{
+    emit, emit_decode, emit_merge, emit_vv_index, DType, DecodeSpec, KernelConfig, KernelSpec, Partial,
+};
 use weft_dsl::builder::*;
 use weft_dsl::{Pattern, Permutation, RingLayout, Score, Unit};
 use weft_patterns::{build_index, IndexOptions, Tensor};
@@ -166,4 +168,22 @@ fn compile_errors_carry_the_log_and_the_line() {
         e.contains("could not compile `broken`") && e.contains("broken.cu(2)") && e.contains("2 |   int x = ;"),
         "{e}"
     );
+}
+
+#[test]
+fn vertical_vector_index_kernels_compile_without_spills() {
+    version().expect("NVRTC is required for this test");
+    let jobs: Vec<_> = [64u32, 128, 256]
+        .into_iter()
+        .flat_map(|d| [(d, Arch::SM80), (d, Arch::SM90)])
+        .map(|(d, arch)| (emit_vv_index(d).unwrap(), d, arch))
+        .collect();
+    jobs.par_iter().for_each(|(kernel, d, arch)| {
+        let c = compile(&kernel.source, &kernel.name, *arch).unwrap_or_else(|e| panic!("vv index d={d}: {e}"));
+        for entry in weft_codegen::VV_INDEX_ENTRIES {
+            assert!(c.ptx.contains(&format!(".entry {}_{entry}", kernel.name)), "d={d}: no entry {entry}");
+        }
+        assert!(c.ptx.contains("mma.sync.aligned.m16n8k16"), "d={d}: the score entry has no tensor-core mma");
+        report(&c, &format!("vv index d={d} {}", arch.name()));
+    });
 }

@@ -1,0 +1,432 @@
+{{HEADER}}
+// Vertical-vector index building on the GPU: the columns `vertical_vector(keep = top_k(n))`
+// chooses per query group, the same columns the CPU builder chooses, then the index's column
+// lists. Entry points (launched in this order by weft-runtime's device index builder):
+//   pool     mean of each group's queries (f64 sums, as the CPU builder), and its split into two
+//            dtype halves for the tensor cores;
+//   kstats   per key: the largest |k| (error bounds of the approximate scores);
+//   score    approximate dot products pooled q . k for every group and key, on tensor cores
+//            (hi and lo halves of pooled q, f32 accumulation);
+//   select   per group: the n-th largest approximate score by two radix histograms; keys
+//            certainly above or below it by the error bound are decided at once, the rest get
+//            the CPU builder's exact f64 score and are ranked exactly (score, then lower key);
+//   columns  per index row: the group's chosen keys through the plan's column rules (count
+//            pass, then write pass);
+//   scan     column counts to row pointers.
+// Error bound of `score`: the products of the bf16 halves are exact in f32 and the halves
+// carry pooled q to 2^-17 relative; tensor-core accumulation loses less than 2^-17 of the sum
+// of |terms| over D <= 256. APPROX_ERR = 2^-12 keeps a margin of 16x over their sum; a bound
+// that failed would show as an inconsistent count, which `select` reports instead of guessing.
+
+{{PRELUDE}}
+constexpr int D = {{D}};
+constexpr int LDS = D + 8;               // padded shared row (elements)
+constexpr int CHUNKS = D / 8;            // 16-byte chunks per row
+constexpr float APPROX_ERR = 1.0f / 4096.0f;
+constexpr int SCORE_ROWS = 64;           // groups per score CTA (4 warps x 16)
+constexpr int SCORE_COLS = 128;          // keys per score CTA
+constexpr int SCORE_THREADS = 128;
+constexpr int SELECT_THREADS = 512;
+constexpr int HIST = 2048;               // 11-bit radix histograms
+constexpr int UNSURE_CAP = 4096;         // keys per group scored exactly
+constexpr u16 DROP_CODE = {{DROP}};      // column rule: the row's blocks compute this key already
+constexpr u32 PER_COLUMN = {{PER_COLUMN}};  // rule codes from here on index per-key codes
+
+// Status codes written by select (the host turns them into errors).
+constexpr int STATUS_TOO_MANY_UNSURE = 1;
+constexpr int STATUS_BOUND = 2;
+
+__device__ __forceinline__ float bf16_to_float(u16 x) { return __uint_as_float((u32)x << 16); }
+__device__ __forceinline__ u16 float_to_bf16(float x) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(0.f), "f"(x));
+    return (u16)(r & 0xffff);
+}
+
+// Floats to unsigned keys that sort the same way (finite inputs).
+__device__ __forceinline__ u32 float_key(float f) {
+    const u32 u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float key_float(u32 k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// ---- pool: grid (groups, hq), D threads ----
+extern "C" __global__ void __launch_bounds__(D) {{NAME}}_pool(
+    const u16* __restrict__ Q, int nq, int q_block, int groups,
+    float* __restrict__ pooled, u16* __restrict__ pq_hi, u16* __restrict__ pq_lo, float* __restrict__ pq_l1)
+{
+    __shared__ double l1[D];
+    const int g = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+    const int q0 = g * q_block, q1 = min(q0 + q_block, nq);
+    const u16* Qh = Q + (size_t)h * nq * D;
+    // Row by row in f64, then one division and a rounding to f32: the CPU builder's order.
+    double acc = 0.0;
+    for (int t = q0; t < q1; ++t) acc += (double)bf16_to_float(Qh[(size_t)t * D + d]);
+    const float p = (float)(acc / (double)max(q1 - q0, 1));
+    const u16 hi = float_to_bf16(p);
+    const u16 lo = float_to_bf16(p - bf16_to_float(hi));
+    const size_t at = ((size_t)h * groups + g) * D + d;
+    pooled[at] = p;
+    pq_hi[at] = hi;
+    pq_lo[at] = lo;
+    l1[d] = fabs((double)p);
+    __syncthreads();
+    for (int s = D / 2; s > 0; s /= 2) {
+        if (d < s) l1[d] += l1[d + s];
+        __syncthreads();
+    }
+    if (d == 0) pq_l1[(size_t)h * groups + g] = __double2float_ru(l1[0]);
+}
+
+// ---- kstats: grid (ceil(nk / 8), hkv), 256 threads: one warp per key ----
+extern "C" __global__ void __launch_bounds__(256) {{NAME}}_kstats(
+    const u16* __restrict__ K, int nk, float* __restrict__ kinf, u32* __restrict__ kmax_bits)
+{
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int c = blockIdx.x * 8 + warp, h = blockIdx.y;
+    if (c >= nk) return;
+    const u16* row = K + ((size_t)h * nk + c) * D;
+    float m = 0.f;
+    for (int d = lane; d < D; d += 32) m = fmaxf(m, fabsf(bf16_to_float(row[d])));
+    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    if (lane == 0) {
+        kinf[(size_t)h * nk + c] = m;
+        atomicMax(kmax_bits + h, __float_as_uint(m));  // non-negative floats order as integers
+    }
+}
+
+// ---- score: grid (ceil(groups / 64), ceil(nk / 128), heads of the chunk), 128 threads ----
+// approx[hh][g][c] = pooled_q[h0 + hh][g] . k[c] (unscaled).
+extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score(
+    const u16* __restrict__ pq_hi, const u16* __restrict__ pq_lo, const u16* __restrict__ K,
+    float* __restrict__ approx, int h0, int hq, int hkv, int groups, int nk)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    u16* sHi = (u16*)smem;                 // [SCORE_ROWS][LDS]
+    u16* sLo = sHi + SCORE_ROWS * LDS;     // [SCORE_ROWS][LDS]
+    u16* sK = sLo + SCORE_ROWS * LDS;      // [SCORE_COLS][LDS]
+    const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv);
+    const int g0 = blockIdx.x * SCORE_ROWS, c0 = blockIdx.y * SCORE_COLS;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const u16* hi_src = pq_hi + (size_t)h * groups * D;
+    const u16* lo_src = pq_lo + (size_t)h * groups * D;
+    const u16* k_src = K + (size_t)kv * nk * D;
+    for (int i = tid; i < SCORE_ROWS * CHUNKS; i += SCORE_THREADS) {
+        const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
+        const bool ok = g0 + r < groups;
+        const size_t off = ok ? (size_t)(g0 + r) * D + col : 0;
+        cp_async16(smem_u32(sHi + r * LDS + col), hi_src + off, ok ? 16 : 0);
+        cp_async16(smem_u32(sLo + r * LDS + col), lo_src + off, ok ? 16 : 0);
+    }
+    for (int i = tid; i < SCORE_COLS * CHUNKS; i += SCORE_THREADS) {
+        const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
+        const bool ok = c0 + r < nk;
+        cp_async16(smem_u32(sK + r * LDS + col), k_src + (ok ? (size_t)(c0 + r) * D + col : 0), ok ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    constexpr int NT = SCORE_COLS / 8;
+    const int mat = lane / 8;
+    const u32 a_off = 2 * ((warp * 16 + lane % 16) * LDS + (lane / 16) * 8);
+    const u32 hi_addr = smem_u32(sHi) + a_off, lo_addr = smem_u32(sLo) + a_off;
+    const u32 k_addr = smem_u32(sK) + 2 * (((mat / 2) * 8 + lane % 8) * LDS + (mat % 2) * 8);
+    float s[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        u32 ahi[4], alo[4];
+        ldmatrix_x4(ahi, hi_addr + 2 * (kk * 16));
+        ldmatrix_x4(alo, lo_addr + 2 * (kk * 16));
+#pragma unroll
+        for (int j = 0; j < NT; j += 2) {
+            u32 b[4];
+            ldmatrix_x4(b, k_addr + 2 * (j * 8 * LDS + kk * 16));
+            mma(s[j], ahi, b[0], b[1]);
+            mma(s[j], alo, b[0], b[1]);
+            mma(s[j + 1], ahi, b[2], b[3]);
+            mma(s[j + 1], alo, b[2], b[3]);
+        }
+    }
+    float* out = approx + (size_t)hh * groups * nk;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int g = g0 + warp * 16 + lane / 4 + (i / 2) * 8;
+            const int c = c0 + j * 8 + (lane % 4) * 2 + i % 2;
+            if (g < groups && c < nk) out[(size_t)g * nk + c] = s[j][i];
+        }
+    }
+}
+
+// The bin of a 2048-bin histogram where the running count from the top reaches `need`; sets
+// `above` to the count in the bins above it. One warp.
+__device__ __forceinline__ int find_bin(const u32* hist, u32 need, u32& above, int lane) {
+    constexpr int PER = HIST / 32;
+    u32 mine = 0;  // lane l sums bins [HIST - (l + 1) * PER, HIST - l * PER): lane 0 holds the top
+    for (int i = 0; i < PER; ++i) mine += hist[HIST - 1 - lane * PER - i];
+    u32 incl = mine;  // inclusive prefix from the top
+    for (int o = 1; o < 32; o *= 2) {
+        const u32 v = __shfl_up_sync(0xffffffff, incl, o);
+        if (lane >= o) incl += v;
+    }
+    const u32 excl = incl - mine;
+    const bool here = excl < need && incl >= need;
+    const u32 who = __ballot_sync(0xffffffff, here);
+    const int src = __ffs(who) - 1;
+    int bin = 0;
+    u32 run = __shfl_sync(0xffffffff, excl, src);
+    if (lane == src) {
+        for (int i = 0; i < PER; ++i) {
+            const int b = HIST - 1 - lane * PER - i;
+            if (run + hist[b] >= need) {
+                bin = b;
+                break;
+            }
+            run += hist[b];
+        }
+    }
+    bin = __shfl_sync(0xffffffff, bin, src);
+    above = __shfl_sync(0xffffffff, run, src);
+    return bin;
+}
+
+// ---- select: grid (groups, heads of the chunk), SELECT_THREADS ----
+// Writes group g's chosen keys, ascending, to chosen[(h * groups + g) * cap ..] and their count.
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
+    const float* __restrict__ approx, const float* __restrict__ pooled, const float* __restrict__ pq_l1,
+    const u16* __restrict__ K, const float* __restrict__ kinf, const u32* __restrict__ kmax_bits,
+    const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head,
+    int h0, int hq, int hkv, int groups, int nk, int top_k, double scale, int cap,
+    u32* __restrict__ chosen, int* __restrict__ chosen_count, int* __restrict__ status)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    double* uScore = (double*)smem;                   // [UNSURE_CAP] exact scores of unsure keys
+    u32* uKey = (u32*)(uScore + UNSURE_CAP);          // [UNSURE_CAP]
+    u32* hist = uKey + UNSURE_CAP;                    // [HIST]
+    float* sPq = (float*)(hist + HIST);               // [D]
+    u32* bits = (u32*)(sPq + D);                      // [ceil(nk / 32)] chosen keys
+    __shared__ u32 nIn, nUnsure, sBin, sAbove;
+    __shared__ u32 scan[SELECT_THREADS];
+
+    const int hh = blockIdx.y, h = h0 + hh, g = blockIdx.x, kv = h / (hq / hkv);
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int slot = (per_head ? h : 0) * groups + g;
+    const u32 lo = cand_lo[slot], hi = cand_hi[slot];
+    const u32 cands = hi - lo;
+    const u32 keep = min((u32)top_k, cands);
+    const float* s = approx + ((size_t)hh * groups + g) * nk;
+    const int words = (nk + 31) / 32;
+    for (int i = tid; i < words; i += SELECT_THREADS) bits[i] = 0;
+    for (int i = tid; i < HIST; i += SELECT_THREADS) hist[i] = 0;
+    for (int d = tid; d < D; d += SELECT_THREADS) sPq[d] = pooled[((size_t)h * groups + g) * D + d];
+    if (tid == 0) nIn = nUnsure = 0;
+    __syncthreads();
+
+    if (keep == cands) {
+        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) atomicOr(bits + c / 32, 1u << (c % 32));
+    } else if (keep > 0) {
+        // Two radix passes (11 bits each) find the key range [t_lo, t_hi] of the keep-th largest
+        // approximate score.
+        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) atomicAdd(hist + (float_key(s[c]) >> 21), 1u);
+        __syncthreads();
+        if (warp == 0) {
+            u32 above;
+            const int b = find_bin(hist, keep, above, lane);
+            if (lane == 0) sBin = b, sAbove = above;
+        }
+        __syncthreads();
+        const u32 b1 = sBin, need2 = keep - sAbove;
+        for (int i = tid; i < HIST; i += SELECT_THREADS) hist[i] = 0;
+        __syncthreads();
+        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
+            const u32 k = float_key(s[c]);
+            if ((k >> 21) == b1) atomicAdd(hist + ((k >> 10) & (HIST - 1)), 1u);
+        }
+        __syncthreads();
+        if (warp == 0) {
+            u32 above;
+            const int b = find_bin(hist, need2, above, lane);
+            if (lane == 0) sBin = b;
+        }
+        __syncthreads();
+        const u32 prefix = (b1 << 11 | sBin) << 10;
+        const float t_lo = key_float(prefix), t_hi = key_float(prefix | 1023u);
+        // The keep-th exact score lies within bmax of the keep-th approximate one.
+        const float l1 = pq_l1[(size_t)h * groups + g];
+        const float bmax = APPROX_ERR * l1 * __uint_as_float(kmax_bits[kv]) + 1e-30f;
+        const float* kinf_h = kinf + (size_t)kv * nk;
+        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
+            const float a = s[c], bc = APPROX_ERR * l1 * kinf_h[c] + 1e-30f;
+            if (a - bc > t_hi + bmax) {
+                atomicOr(bits + c / 32, 1u << (c % 32));
+                atomicAdd(&nIn, 1u);
+            } else if (!(a + bc < t_lo - bmax)) {
+                const u32 i = atomicAdd(&nUnsure, 1u);
+                if (i < UNSURE_CAP) uKey[i] = c;
+            }
+        }
+        __syncthreads();
+        const u32 unsure = nUnsure;
+        if (unsure > UNSURE_CAP) {
+            if (tid == 0) atomicMax(status, STATUS_TOO_MANY_UNSURE);
+            return;
+        }
+        // Exact scores of the unsure keys: the CPU builder's dot (four f64 accumulators over
+        // d mod 4, then (a0 + a1) + (a2 + a3)), times the scale.
+        const u16* k_h = K + (size_t)kv * nk * D;
+        for (u32 i = tid; i < unsure; i += SELECT_THREADS) {
+            const u16* row = k_h + (size_t)uKey[i] * D;
+            double acc[4] = {0.0, 0.0, 0.0, 0.0};
+            for (int d = 0; d < D; d += 4) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[j] = fma((double)sPq[d + j], (double)bf16_to_float(row[d + j]), acc[j]);
+            }
+            uScore[i] = scale * (((acc[0] + acc[1]) + (acc[2] + acc[3])) + 0.0);
+        }
+        // Pad to a power of two and sort: higher score first, then the lower key.
+        u32 n2 = 1;
+        while (n2 < unsure) n2 *= 2;
+        for (u32 i = unsure + tid; i < n2; i += SELECT_THREADS) {
+            uScore[i] = __longlong_as_double(0xfff0000000000000LL);  // -inf
+            uKey[i] = 0xffffffffu;
+        }
+        __syncthreads();
+        for (u32 size = 2; size <= n2; size *= 2) {
+            for (u32 stride = size / 2; stride > 0; stride /= 2) {
+                for (u32 i = tid; i < n2; i += SELECT_THREADS) {
+                    const u32 j = i ^ stride;
+                    if (j > i) {
+                        const bool first_before = uScore[i] > uScore[j] || (uScore[i] == uScore[j] && uKey[i] < uKey[j]);
+                        const bool descending = (i & size) == 0;
+                        if (first_before != descending) {
+                            const double ts = uScore[i];
+                            uScore[i] = uScore[j];
+                            uScore[j] = ts;
+                            const u32 tk = uKey[i];
+                            uKey[i] = uKey[j];
+                            uKey[j] = tk;
+                        }
+                    }
+                }
+                __syncthreads();
+            }
+        }
+        const u32 in = nIn;
+        if (in > keep || keep - in > unsure) {
+            if (tid == 0) atomicMax(status, STATUS_BOUND);
+            return;
+        }
+        for (u32 i = tid; i < keep - in; i += SELECT_THREADS) atomicOr(bits + uKey[i] / 32, 1u << (uKey[i] % 32));
+    }
+    __syncthreads();
+
+    // The chosen keys in ascending order: each thread takes a run of words, counts, then a
+    // block-wide exclusive scan places its keys.
+    const int per = (words + SELECT_THREADS - 1) / SELECT_THREADS;
+    const int w0 = tid * per, w1 = min(w0 + per, words);
+    u32 mine = 0;
+    for (int w = w0; w < w1; ++w) mine += __popc(bits[w]);
+    scan[tid] = mine;
+    __syncthreads();
+    for (int o = 1; o < SELECT_THREADS; o *= 2) {
+        const u32 v = tid >= o ? scan[tid - o] : 0;
+        __syncthreads();
+        scan[tid] += v;
+        __syncthreads();
+    }
+    u32 at = scan[tid] - mine;
+    u32* out = chosen + ((size_t)h * groups + g) * cap;
+    for (int w = w0; w < w1; ++w) {
+        u32 word = bits[w];
+        while (word) {
+            const int b = __ffs(word) - 1;
+            word &= word - 1;
+            if (at < (u32)cap) out[at] = (u32)(w * 32 + b);
+            ++at;
+        }
+    }
+    if (tid == SELECT_THREADS - 1) {
+        chosen_count[(size_t)h * groups + g] = (int)scan[tid];
+        if (scan[tid] != keep) atomicMax(status, STATUS_BOUND);
+    }
+}
+
+// ---- columns: grid (ceil(rows / 4)), 128 threads: one warp per index row ----
+// Pass 0 counts each row's column entries into row_count; pass 1 writes them at col_ptr.
+extern "C" __global__ void __launch_bounds__(128) {{NAME}}_columns(
+    const u32* __restrict__ chosen, const int* __restrict__ chosen_count, int cap,
+    const u32* __restrict__ rule_ptr, const u32* __restrict__ rule_c0, const u32* __restrict__ rule_c1,
+    const u32* __restrict__ rule_code, const u16* __restrict__ codes, int per_head,
+    int hq, int q_blocks, int block_m, int q_block, int groups, int pass,
+    u32* __restrict__ row_count, const u32* __restrict__ col_ptr, u32* __restrict__ col_idx, u16* __restrict__ col_mask)
+{
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row = blockIdx.x * 4 + warp;
+    if (row >= hq * q_blocks) return;
+    const int h = row / q_blocks, qb = row % q_blocks;
+    const int g = qb * block_m / q_block;
+    const u32* cols = chosen + ((size_t)h * groups + g) * cap;
+    const int n = chosen_count[(size_t)h * groups + g];
+    const int rrow = (per_head ? h : 0) * q_blocks + qb;
+    const u32 r0 = rule_ptr[rrow], r1 = rule_ptr[rrow + 1];
+    u32 written = 0;
+    for (int base = 0; base < n; base += 32) {
+        const int i = base + lane;
+        u16 code = DROP_CODE;
+        u32 c = 0;
+        if (i < n) {
+            c = cols[i];
+            // The last run starting at or before c.
+            u32 a = r0, b = r1;
+            while (a < b) {
+                const u32 m = (a + b) / 2;
+                if (rule_c0[m] <= c) a = m + 1; else b = m;
+            }
+            code = FULL;
+            if (a > r0 && c < rule_c1[a - 1]) {
+                const u32 rc = rule_code[a - 1];
+                code = rc >= PER_COLUMN ? codes[rc - PER_COLUMN + (c - rule_c0[a - 1])] : (u16)rc;
+            }
+        }
+        const bool keep = i < n && code != DROP_CODE;
+        const u32 ballot = __ballot_sync(0xffffffff, keep);
+        if (pass == 1 && keep) {
+            const u32 at = col_ptr[row] + written + __popc(ballot & ((1u << lane) - 1));
+            col_idx[at] = c;
+            col_mask[at] = code;
+        }
+        written += __popc(ballot);
+    }
+    if (pass == 0 && lane == 0) row_count[row] = written;
+}
+
+// ---- scan: one CTA of 1024 threads: col_ptr[0] = 0, col_ptr[r + 1] = sum of counts to r ----
+extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_scan(const u32* __restrict__ row_count, int rows, u32* __restrict__ col_ptr)
+{
+    __shared__ u32 part[1024];
+    const int tid = threadIdx.x;
+    const int per = (rows + 1023) / 1024;
+    const int r0 = min(tid * per, rows), r1 = min(r0 + per, rows);
+    u32 mine = 0;
+    for (int r = r0; r < r1; ++r) mine += row_count[r];
+    part[tid] = mine;
+    __syncthreads();
+    for (int o = 1; o < 1024; o *= 2) {
+        const u32 v = tid >= o ? part[tid - o] : 0;
+        __syncthreads();
+        part[tid] += v;
+        __syncthreads();
+    }
+    u32 run = part[tid] - mine;
+    if (tid == 0) col_ptr[0] = 0;
+    for (int r = r0; r < r1; ++r) {
+        run += row_count[r];
+        col_ptr[r + 1] = run;
+    }
+}

@@ -1,0 +1,291 @@
+//! Vertical-vector indexes built on the device from Q and K (no host copy of Q or K).
+//!
+//! The static part comes from a [`ColumnPlan`] (CPU, once per pattern and shape); the
+//! generated kernels of `weft_codegen::emit_vv_index` pool each query group, score it against
+//! every key on the tensor cores, choose the top-k columns exactly as the CPU builder does
+//! (approximate scores with a proven error bound, exact f64 scores for the keys near the
+//! cut), and write the index's column lists through the plan's column rules. The only host
+//! synchronisation is one 8-byte read (a status word and the column total) before the
+//! column lists are allocated.
+
+use std::time::Instant;
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use weft_codegen::{emit_vv_index, vv_score_shared_bytes, vv_select_shared_bytes, DType, VV_INDEX_MAX_SHARED};
+use weft_patterns::device_plan::ColumnPlan;
+
+use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
+
+/// Approximate scores held at once: heads are scored in chunks below this many bytes.
+const SCORE_BYTES: usize = 2 << 30;
+
+/// Where the time of one device index build went (host-side wall clock, the stream
+/// synchronised at the status read and at the end).
+#[derive(Clone, Debug, Default)]
+pub struct IndexBuildReport {
+    /// Milliseconds until the status read (pool, key stats, scores, selection, counts).
+    pub select_ms: f64,
+    /// Total milliseconds, the column lists written.
+    pub total_ms: f64,
+    /// Column entries of the index.
+    pub columns: usize,
+    /// Heads scored per chunk.
+    pub chunk_heads: usize,
+    /// GPU milliseconds per kernel (CUDA events; chunks summed), in launch order.
+    pub kernel_ms: Vec<(&'static str, f64)>,
+}
+
+fn usage(what: impl Into<String>) -> Error {
+    Error::Usage(what.into())
+}
+
+impl Gpu {
+    /// Builds the index of `plan` for Q `[hq, nq, d]` and K `[hkv, nk, d]` (bf16, on the
+    /// device): the index `weft_patterns::build_index` builds for the same inputs, mask ids
+    /// numbered as in `plan.skeleton.masks` (generate the attention kernel with those).
+    pub fn build_vv_index(
+        &self,
+        plan: &ColumnPlan,
+        shape: AttnShape,
+        dtype: DType,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+    ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
+        let started = Instant::now();
+        let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
+        if dtype != DType::Bf16 {
+            return Err(usage(format!(
+                "GPU index building takes bf16 Q and K, got {}; convert them or build the index on the CPU",
+                dtype.name()
+            )));
+        }
+        if (plan.heads, plan.nq, plan.nk) != (hq, nq, nk) {
+            return Err(Error::Shape(format!(
+                "the plan is for {} heads x {} queries x {} keys, the inputs are {hq} x {nq} x {nk}",
+                plan.heads, plan.nq, plan.nk
+            )));
+        }
+        if hkv == 0 || hq % hkv != 0 {
+            return Err(Error::Shape(format!("{hq} query heads on {hkv} key heads: hq must be a multiple of hkv")));
+        }
+        if q.len() != hq * nq * d || k.len() != hkv * nk * d {
+            return Err(Error::Shape(format!(
+                "Q holds {} elements and K {}, the shape needs {} and {}",
+                q.len(),
+                k.len(),
+                hq * nq * d,
+                hkv * nk * d
+            )));
+        }
+        let select_smem = vv_select_shared_bytes(d as u32, nk);
+        if select_smem > VV_INDEX_MAX_SHARED as usize {
+            return Err(usage(format!("{nk} keys are more than GPU index building takes (about 1.2 million)")));
+        }
+        let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
+        let f = self.load_entries(&kernel, &weft_codegen::VV_INDEX_ENTRIES)?;
+        let (f_pool, f_kstats, f_score, f_select, f_columns, f_scan) = (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5]);
+
+        let s = &self.stream;
+        let up = "uploading the index plan";
+        let alloc = "allocating index-building buffers";
+        let nonempty_u32 = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
+        let nonempty_u16 = |v: &[u16]| if v.is_empty() { vec![0u16] } else { v.to_vec() };
+        let (groups, q_blocks) = (plan.groups, plan.q_blocks());
+        let rows = hq * q_blocks;
+        let cap = plan.top_k.min(nk).max(1);
+        let cand_lo = s.clone_htod(&plan.cand_lo).map_err(driver(up))?;
+        let cand_hi = s.clone_htod(&plan.cand_hi).map_err(driver(up))?;
+        let rule_ptr = s.clone_htod(&plan.rule_ptr).map_err(driver(up))?;
+        let rule_c0 = s.clone_htod(&nonempty_u32(&plan.rule_c0)).map_err(driver(up))?;
+        let rule_c1 = s.clone_htod(&nonempty_u32(&plan.rule_c1)).map_err(driver(up))?;
+        let rule_code = s.clone_htod(&nonempty_u32(&plan.rule_code)).map_err(driver(up))?;
+        let codes = s.clone_htod(&nonempty_u16(&plan.codes)).map_err(driver(up))?;
+
+        let mut pooled = s.alloc_zeros::<f32>(hq * groups * d).map_err(driver(alloc))?;
+        let mut pq_hi = s.alloc_zeros::<u16>(hq * groups * d).map_err(driver(alloc))?;
+        let mut pq_lo = s.alloc_zeros::<u16>(hq * groups * d).map_err(driver(alloc))?;
+        let mut pq_l1 = s.alloc_zeros::<f32>(hq * groups).map_err(driver(alloc))?;
+        let mut kinf = s.alloc_zeros::<f32>(hkv * nk).map_err(driver(alloc))?;
+        let mut kmax = s.alloc_zeros::<u32>(hkv).map_err(driver(alloc))?;
+        let mut chosen = s.alloc_zeros::<u32>(hq * groups * cap).map_err(driver(alloc))?;
+        let mut chosen_count = s.alloc_zeros::<i32>(hq * groups).map_err(driver(alloc))?;
+        let mut status = s.alloc_zeros::<i32>(1).map_err(driver(alloc))?;
+        let mut row_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
+        let mut col_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
+        let per_score_head = groups * nk * 4;
+        let chunk = (SCORE_BYTES / per_score_head.max(1)).clamp(1, hq);
+        let mut approx = s.alloc_zeros::<f32>(chunk * groups * nk).map_err(driver(alloc))?;
+
+        let (nq_i, nk_i, hq_i, hkv_i) = (nq as i32, nk as i32, hq as i32, hkv as i32);
+        let (groups_i, q_block_i, cap_i, top_k_i) =
+            (groups as i32, plan.q_block as i32, cap as i32, plan.top_k.min(i32::MAX as usize) as i32);
+        let per_head = i32::from(plan.per_head);
+        let launch = |what: &str| driver(format!("launching the index builder's {what} kernel"));
+        let cfg = |grid: (u32, u32, u32), threads: u32, smem: u32| LaunchConfig {
+            grid_dim: grid,
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // CUDA events around each launch: (kernel, start, end).
+        let mut marks = Vec::new();
+        let event = || {
+            s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(driver("recording a CUDA event"))
+        };
+        // Safety (every launch below): the argument lists match the template's signatures, and
+        // each buffer was allocated above (or checked) with the length the kernel indexes.
+        let t0 = event()?;
+        let mut b = s.launch_builder(f_pool);
+        b.arg(q).arg(&nq_i).arg(&q_block_i).arg(&groups_i);
+        b.arg(&mut pooled).arg(&mut pq_hi).arg(&mut pq_lo).arg(&mut pq_l1);
+        unsafe { b.launch(cfg((groups as u32, hq as u32, 1), d as u32, 0)) }.map_err(launch("pool"))?;
+        let t1 = event()?;
+        marks.push(("pool", t0, t1));
+        let t0 = event()?;
+        let mut b = s.launch_builder(f_kstats);
+        b.arg(k).arg(&nk_i).arg(&mut kinf).arg(&mut kmax);
+        unsafe { b.launch(cfg((nk.div_ceil(8) as u32, hkv as u32, 1), 256, 0)) }.map_err(launch("kstats"))?;
+        let t1 = event()?;
+        marks.push(("kstats", t0, t1));
+        for h0 in (0..hq).step_by(chunk) {
+            let hc = chunk.min(hq - h0);
+            let h0_i = h0 as i32;
+            let t0 = event()?;
+            let mut b = s.launch_builder(f_score);
+            b.arg(&pq_hi).arg(&pq_lo).arg(k).arg(&mut approx);
+            b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i);
+            let grid = (groups.div_ceil(64) as u32, nk.div_ceil(128) as u32, hc as u32);
+            unsafe { b.launch(cfg(grid, 128, vv_score_shared_bytes(d as u32))) }.map_err(launch("score"))?;
+            let t1 = event()?;
+            marks.push(("score", t0, t1));
+            let t1 = event()?;
+            let mut b = s.launch_builder(f_select);
+            b.arg(&approx).arg(&pooled).arg(&pq_l1).arg(k).arg(&kinf).arg(&kmax);
+            b.arg(&cand_lo).arg(&cand_hi).arg(&per_head);
+            b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i).arg(&top_k_i).arg(&plan.scale).arg(&cap_i);
+            b.arg(&mut chosen).arg(&mut chosen_count).arg(&mut status);
+            unsafe { b.launch(cfg((groups as u32, hc as u32, 1), 512, select_smem as u32)) }
+                .map_err(launch("select"))?;
+            let t2 = event()?;
+            marks.push(("select", t1, t2));
+        }
+        let columns_pass = |pass: i32,
+                            row_count: &mut CudaSlice<u32>,
+                            col_ptr: &CudaSlice<u32>,
+                            col_idx: &mut CudaSlice<u32>,
+                            col_mask: &mut CudaSlice<u16>|
+         -> Result<(), Error> {
+            let (q_blocks_i, bm_i) = (q_blocks as i32, plan.block_m as i32);
+            let mut b = s.launch_builder(f_columns);
+            b.arg(&chosen).arg(&chosen_count).arg(&cap_i);
+            b.arg(&rule_ptr).arg(&rule_c0).arg(&rule_c1).arg(&rule_code).arg(&codes).arg(&per_head);
+            b.arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&q_block_i).arg(&groups_i).arg(&pass);
+            b.arg(row_count).arg(col_ptr).arg(col_idx).arg(col_mask);
+            unsafe { b.launch(cfg((rows.div_ceil(4).max(1) as u32, 1, 1), 128, 0)) }.map_err(launch("columns"))?;
+            Ok(())
+        };
+        let mut none_idx = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
+        let mut none_mask = s.alloc_zeros::<u16>(1).map_err(driver(alloc))?;
+        let t0 = event()?;
+        columns_pass(0, &mut row_count, &col_ptr, &mut none_idx, &mut none_mask)?;
+        let rows_i = rows as i32;
+        let mut b = s.launch_builder(f_scan);
+        b.arg(&row_count).arg(&rows_i).arg(&mut col_ptr);
+        unsafe { b.launch(cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
+        let t1 = event()?;
+        marks.push(("count+scan", t0, t1));
+
+        // The one synchronisation: the status word and the column total.
+        let read = "reading the index builder's status";
+        let st = s.clone_dtoh(&status).map_err(driver(read))?;
+        let total = s.clone_dtoh(&col_ptr.slice(rows..rows + 1)).map_err(driver(read))?;
+        let select_ms = started.elapsed().as_secs_f64() * 1e3;
+        match st[0] {
+            0 => {}
+            1 => {
+                return Err(usage(
+                    "GPU index building: more than 4096 keys of one query group score too close to the \
+                     top-k cut to decide quickly (many near-equal keys); build this index on the CPU",
+                ))
+            }
+            code => {
+                return Err(usage(format!(
+                    "GPU index building: the selection's error bound did not hold (status {code}); \
+                     this is a bug, please report it with the inputs"
+                )))
+            }
+        }
+        let total = total[0] as usize;
+        let mut col_idx = s.alloc_zeros::<u32>(total.max(1)).map_err(driver(alloc))?;
+        let mut col_mask = s.alloc_zeros::<u16>(total.max(1)).map_err(driver(alloc))?;
+        let t0 = event()?;
+        columns_pass(1, &mut row_count, &col_ptr, &mut col_idx, &mut col_mask)?;
+        let t1 = event()?;
+        marks.push(("write", t0, t1));
+
+        let sk = &plan.skeleton;
+        let map: Vec<i32> = (0..hq as i32).collect();
+        let index = DeviceIndex {
+            heads: hq,
+            head_map: (0..hq).collect(),
+            nq,
+            nk,
+            block_m: plan.block_m,
+            block_n: plan.block_n,
+            batch: 1,
+            q_blocks,
+            seq_q: s.clone_htod(&[0, nq_i]).map_err(driver(up))?,
+            seq_k: s.clone_htod(&[0, nk_i]).map_err(driver(up))?,
+            seq_qb: s.clone_htod(&[0, q_blocks as i32]).map_err(driver(up))?,
+            block_ptr: s.clone_htod(&sk.block_ptr).map_err(driver(up))?,
+            block_idx: s.clone_htod(&nonempty_u32(&sk.block_idx)).map_err(driver(up))?,
+            block_mask: s.clone_htod(&nonempty_u16(&sk.block_mask)).map_err(driver(up))?,
+            col_ptr,
+            col_idx,
+            col_mask,
+            head_map_dev: s.clone_htod(&map).map_err(driver(up))?,
+            gathered: false,
+        };
+        s.synchronize().map_err(driver("finishing the index build"))?;
+        let mut kernel_ms: Vec<(&'static str, f64)> = Vec::new();
+        for (name, a, b) in &marks {
+            let ms = f64::from(a.elapsed_ms(b).map_err(driver("reading CUDA event times"))?);
+            match kernel_ms.iter_mut().find(|(n, _)| n == name) {
+                Some(e) => e.1 += ms,
+                None => kernel_ms.push((name, ms)),
+            }
+        }
+        let report = IndexBuildReport {
+            kernel_ms,
+            select_ms,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            columns: total,
+            chunk_heads: chunk,
+        };
+        Ok((index, report))
+    }
+}
+
+impl DeviceIndex {
+    /// Copies the index back (for checks): block and column lists of every row.
+    pub fn to_host(&self, gpu: &Gpu) -> Result<weft_patterns::SparseIndex, Error> {
+        let s = &gpu.stream;
+        let read = "reading an index back";
+        let block_ptr = s.clone_dtoh(&self.block_ptr).map_err(driver(read))?;
+        let col_ptr = s.clone_dtoh(&self.col_ptr).map_err(driver(read))?;
+        let nb = *block_ptr.last().unwrap_or(&0) as usize;
+        let nc = *col_ptr.last().unwrap_or(&0) as usize;
+        let mut ix = weft_patterns::SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n);
+        ix.block_idx = s.clone_dtoh(&self.block_idx).map_err(driver(read))?;
+        ix.block_mask = s.clone_dtoh(&self.block_mask).map_err(driver(read))?;
+        ix.col_idx = s.clone_dtoh(&self.col_idx).map_err(driver(read))?;
+        ix.col_mask = s.clone_dtoh(&self.col_mask).map_err(driver(read))?;
+        ix.block_idx.truncate(nb);
+        ix.block_mask.truncate(nb);
+        ix.col_idx.truncate(nc);
+        ix.col_mask.truncate(nc);
+        ix.block_ptr = block_ptr;
+        ix.col_ptr = col_ptr;
+        Ok(ix)
+    }
+}
