@@ -38,3 +38,13 @@ fn permuted_grid_token_map() {
     let end = start + k.source[start..].find("\n}").unwrap() + 2;
     insta::assert_snapshot!(&k.source[start..end]);
 }
+
+#[test]
+fn vertical_vector_index_builder_bf16_d128() {
+    let k = weft_codegen::emit_vv_index(128).unwrap();
+    assert_eq!(k, weft_codegen::emit_vv_index(128).unwrap(), "emission must be deterministic");
+    // The header and the constants the host and the template share; the body is the template.
+    let lines: Vec<&str> =
+        k.source.lines().filter(|l| l.starts_with("// ") || l.starts_with("constexpr")).take(40).collect();
+    insta::assert_snapshot!(lines.join("\n"));
+}
