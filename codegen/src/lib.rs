@@ -473,10 +473,18 @@ pub fn vv_score_shared_bytes(head_dim: u32) -> u32 {
 }
 
 /// Dynamic shared memory of the `select` entry for `nk` keys: exact scores and keys of up to
-/// 4096 unsure keys, a 2048-bin histogram, the pooled query, and a bit per key.
-pub fn vv_select_shared_bytes(head_dim: u32, nk: usize) -> usize {
-    4096 * (8 + 4) + 2048 * 4 + head_dim as usize * 4 + nk.div_ceil(32) * 4
+/// 4096 unsure keys, a 2048-bin histogram, the pooled query, `collect` collected keys (8 bytes
+/// each) and a bit per key.
+pub fn vv_select_shared_bytes(head_dim: u32, nk: usize, collect: usize) -> usize {
+    4096 * (8 + 4) + 2048 * 4 + head_dim as usize * 4 + collect * 8 + nk.div_ceil(32) * 4
 }
+
+/// Keys the `select` entry collects into shared memory at most (its fast path).
+pub const VV_COLLECT_MAX: usize = 12288;
+
+/// Dynamic shared memory of a `select` CTA below which two fit on an SM of 228 KiB (with
+/// their static shared memory and the per-CTA reserve).
+pub const VV_TWO_CTA_SHARED: usize = 108 * 1024;
 
 /// The most dynamic shared memory a vertical-vector index kernel may take (the `select`
 /// entry's limit, which bounds the keys it serves).

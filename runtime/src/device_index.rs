@@ -11,7 +11,10 @@
 use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use weft_codegen::{emit_vv_index, vv_score_shared_bytes, vv_select_shared_bytes, DType, VV_INDEX_MAX_SHARED};
+use weft_codegen::{
+    emit_vv_index, vv_score_shared_bytes, vv_select_shared_bytes, DType, VV_COLLECT_MAX, VV_INDEX_MAX_SHARED,
+    VV_TWO_CTA_SHARED,
+};
 use weft_patterns::device_plan::ColumnPlan;
 
 use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
@@ -77,10 +80,19 @@ impl Gpu {
                 hkv * nk * d
             )));
         }
-        let select_smem = vv_select_shared_bytes(d as u32, nk);
-        if select_smem > VV_INDEX_MAX_SHARED as usize {
+        let base_smem = vv_select_shared_bytes(d as u32, nk, 0);
+        if base_smem > VV_INDEX_MAX_SHARED as usize {
             return Err(usage(format!("{nk} keys are more than GPU index building takes (about 1.2 million)")));
         }
+        // The selection's fast path collects the keys above a sampled threshold (about
+        // keep + 16 sqrt(keep) + 256 of them; room for 25% more) into shared memory. It pays
+        // only while two CTAs still fit on an SM: with one, the memory-bound passes run at half
+        // the occupancy and lose more than the two passes they save (measured on the H200).
+        let keep = plan.top_k.min(nk) as f64;
+        let collect = ((1.25 * (keep + 16.0 * keep.sqrt() + 256.0)) as usize).next_multiple_of(256).min(VV_COLLECT_MAX);
+        let collect = if vv_select_shared_bytes(d as u32, nk, collect) <= VV_TWO_CTA_SHARED { collect } else { 0 };
+        let select_smem = vv_select_shared_bytes(d as u32, nk, collect);
+        let collect_i = collect as i32;
         let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
         let f = self.load_entries(&kernel, &weft_codegen::VV_INDEX_ENTRIES)?;
         let (f_pool, f_kstats, f_score, f_select, f_columns, f_scan) = (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5]);
@@ -144,7 +156,7 @@ impl Gpu {
         let t0 = event()?;
         let mut b = s.launch_builder(f_kstats);
         b.arg(k).arg(&nk_i).arg(&mut kinf).arg(&mut kmax);
-        unsafe { b.launch(cfg((nk.div_ceil(8) as u32, hkv as u32, 1), 256, 0)) }.map_err(launch("kstats"))?;
+        unsafe { b.launch(cfg((nk.div_ceil(64) as u32, hkv as u32, 1), 256, 0)) }.map_err(launch("kstats"))?;
         let t1 = event()?;
         marks.push(("kstats", t0, t1));
         for h0 in (0..hq).step_by(chunk) {
@@ -162,7 +174,15 @@ impl Gpu {
             let mut b = s.launch_builder(f_select);
             b.arg(&approx).arg(&pooled).arg(&pq_l1).arg(k).arg(&kinf).arg(&kmax);
             b.arg(&cand_lo).arg(&cand_hi).arg(&per_head);
-            b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i).arg(&top_k_i).arg(&plan.scale).arg(&cap_i);
+            b.arg(&h0_i)
+                .arg(&hq_i)
+                .arg(&hkv_i)
+                .arg(&groups_i)
+                .arg(&nk_i)
+                .arg(&top_k_i)
+                .arg(&plan.scale)
+                .arg(&cap_i)
+                .arg(&collect_i);
             b.arg(&mut chosen).arg(&mut chosen_count).arg(&mut status);
             unsafe { b.launch(cfg((groups as u32, hc as u32, 1), 512, select_smem as u32)) }
                 .map_err(launch("select"))?;

@@ -7,7 +7,8 @@
 //   kstats   per key: the largest |k| (error bounds of the approximate scores);
 //   score    approximate dot products pooled q . k for every group and key, on tensor cores
 //            (hi and lo halves of pooled q, f32 accumulation);
-//   select   per group: the n-th largest approximate score by two radix histograms; keys
+//   select   per group: the n-th largest approximate score by two radix histograms (over the
+//            keys a sampled threshold collects into shared memory, or over all); keys
 //            certainly above or below it by the error bound are decided at once, the rest get
 //            the CPU builder's exact f64 score and are ranked exactly (score, then lower key);
 //   columns  per index row: the group's chosen keys through the plan's column rules (count
@@ -80,19 +81,30 @@ extern "C" __global__ void __launch_bounds__(D) {{NAME}}_pool(
     if (d == 0) pq_l1[(size_t)h * groups + g] = __double2float_ru(l1[0]);
 }
 
-// ---- kstats: grid (ceil(nk / 8), hkv), 256 threads: one warp per key ----
+// ---- kstats: grid (ceil(nk / 64), hkv), 256 threads: a warp per key, 8 keys per warp ----
+// One atomic per CTA for the head's maximum: 64 keys share it (atomics on one address per
+// key serialised and cost more than the reads).
 extern "C" __global__ void __launch_bounds__(256) {{NAME}}_kstats(
     const u16* __restrict__ K, int nk, float* __restrict__ kinf, u32* __restrict__ kmax_bits)
 {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int c = blockIdx.x * 8 + warp, h = blockIdx.y;
-    if (c >= nk) return;
-    const u16* row = K + ((size_t)h * nk + c) * D;
-    float m = 0.f;
-    for (int d = lane; d < D; d += 32) m = fmaxf(m, fabsf(bf16_to_float(row[d])));
-    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-    if (lane == 0) {
-        kinf[(size_t)h * nk + c] = m;
+    __shared__ float wmax[8];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, h = blockIdx.y;
+    float block_max = 0.f;
+    for (int i = 0; i < 8; ++i) {
+        const int c = blockIdx.x * 64 + i * 8 + warp;
+        if (c >= nk) break;
+        const u16* row = K + ((size_t)h * nk + c) * D;
+        float m = 0.f;
+        for (int d = lane; d < D; d += 32) m = fmaxf(m, fabsf(bf16_to_float(row[d])));
+        for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+        if (lane == 0) kinf[(size_t)h * nk + c] = m;
+        block_max = fmaxf(block_max, m);
+    }
+    if (lane == 0) wmax[warp] = block_max;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float m = 0.f;
+        for (int w = 0; w < 8; ++w) m = fmaxf(m, wmax[w]);
         atomicMax(kmax_bits + h, __float_as_uint(m));  // non-negative floats order as integers
     }
 }
@@ -196,13 +208,25 @@ __device__ __forceinline__ int find_bin(const u32* hist, u32 need, u32& above, i
     return bin;
 }
 
+// Counts score `a` in a radix histogram: its key's top 11 bits, or (second) the next 11 bits
+// when the top ones are b1.
+__device__ __forceinline__ void hist_add(u32* hist, float a, bool second, u32 b1) {
+    const u32 k = float_key(a);
+    if (!second) atomicAdd(hist + (k >> 21), 1u);
+    else if ((k >> 21) == b1) atomicAdd(hist + ((k >> 10) & (HIST - 1)), 1u);
+}
+
 // ---- select: grid (groups, heads of the chunk), SELECT_THREADS ----
 // Writes group g's chosen keys, ascending, to chosen[(h * groups + g) * cap ..] and their count.
+// Fast path: a sample (every 16th run of 32 keys) gives a score below the keep-th with a
+// margin; one pass collects every key above it (less the error bounds) into shared memory,
+// and the radix passes run there. When the sample misjudges (too many or too few keys
+// collected), the radix passes read all keys from global memory instead: same result.
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
     const float* __restrict__ approx, const float* __restrict__ pooled, const float* __restrict__ pq_l1,
     const u16* __restrict__ K, const float* __restrict__ kinf, const u32* __restrict__ kmax_bits,
     const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head,
-    int h0, int hq, int hkv, int groups, int nk, int top_k, double scale, int cap,
+    int h0, int hq, int hkv, int groups, int nk, int top_k, double scale, int cap, int collect_cap,
     u32* __restrict__ chosen, int* __restrict__ chosen_count, int* __restrict__ status)
 {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -210,8 +234,10 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
     u32* uKey = (u32*)(uScore + UNSURE_CAP);          // [UNSURE_CAP]
     u32* hist = uKey + UNSURE_CAP;                    // [HIST]
     float* sPq = (float*)(hist + HIST);               // [D]
-    u32* bits = (u32*)(sPq + D);                      // [ceil(nk / 32)] chosen keys
-    __shared__ u32 nIn, nUnsure, sBin, sAbove;
+    float* colVal = sPq + D;                          // [collect_cap] collected approximate scores
+    u32* colKey = (u32*)(colVal + collect_cap);       // [collect_cap] and their keys
+    u32* bits = colKey + collect_cap;                 // [ceil(nk / 32)] chosen keys
+    __shared__ u32 nIn, nUnsure, nCol, nHigh, sBin, sAbove;
     __shared__ u32 scan[SELECT_THREADS];
 
     const int hh = blockIdx.y, h = h0 + hh, g = blockIdx.x, kv = h / (hq / hkv);
@@ -225,30 +251,43 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
     for (int i = tid; i < words; i += SELECT_THREADS) bits[i] = 0;
     for (int i = tid; i < HIST; i += SELECT_THREADS) hist[i] = 0;
     for (int d = tid; d < D; d += SELECT_THREADS) sPq[d] = pooled[((size_t)h * groups + g) * D + d];
-    if (tid == 0) nIn = nUnsure = 0;
+    if (tid == 0) nIn = nUnsure = nCol = nHigh = 0;
     __syncthreads();
 
-    if (keep == cands) {
-        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) atomicOr(bits + c / 32, 1u << (c % 32));
-    } else if (keep > 0) {
-        // Two radix passes (11 bits each) find the key range [t_lo, t_hi] of the keep-th largest
-        // approximate score.
-        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) atomicAdd(hist + (float_key(s[c]) >> 21), 1u);
+    // The keep-th exact score lies within bmax of the keep-th approximate one.
+    const float l1 = pq_l1[(size_t)h * groups + g];
+    const float bmax = APPROX_ERR * l1 * __uint_as_float(kmax_bits[kv]) + 1e-30f;
+    const float* kinf_h = kinf + (size_t)kv * nk;
+
+    // Radix passes read the candidates from shared memory once collected, else from global.
+    bool collected = false;
+
+    // One histogram pass over the sample (every 16th run of 32 keys) or the candidates: the
+    // top 11 bits of each score's key, or (second) the next 11 of those whose top bits are b1.
+    auto hist_pass = [&](bool sample, bool second, u32 b1) {
+        // (Lambdas defined inside lambdas are host code to NVRTC: the loops call a function.)
+        if (sample) {
+            for (u32 c = lo + (tid / 32) * 512 + lane; c < hi; c += (SELECT_THREADS / 32) * 512) hist_add(hist, s[c], second, b1);
+        } else if (collected) {
+            for (u32 i = tid; i < nCol; i += SELECT_THREADS) hist_add(hist, colVal[i], second, b1);
+        } else {
+            for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) hist_add(hist, s[c], second, b1);
+        }
         __syncthreads();
+    };
+    // Two radix passes: the 22-bit key prefix of the need-th largest score, as a full key.
+    auto radix = [&](u32 need, bool sample) -> u32 {
+        hist_pass(sample, false, 0);
         if (warp == 0) {
             u32 above;
-            const int b = find_bin(hist, keep, above, lane);
+            const int b = find_bin(hist, need, above, lane);
             if (lane == 0) sBin = b, sAbove = above;
         }
         __syncthreads();
-        const u32 b1 = sBin, need2 = keep - sAbove;
+        const u32 b1 = sBin, need2 = need - sAbove;
         for (int i = tid; i < HIST; i += SELECT_THREADS) hist[i] = 0;
         __syncthreads();
-        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
-            const u32 k = float_key(s[c]);
-            if ((k >> 21) == b1) atomicAdd(hist + ((k >> 10) & (HIST - 1)), 1u);
-        }
-        __syncthreads();
+        hist_pass(sample, true, b1);
         if (warp == 0) {
             u32 above;
             const int b = find_bin(hist, need2, above, lane);
@@ -256,13 +295,39 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
         }
         __syncthreads();
         const u32 prefix = (b1 << 11 | sBin) << 10;
+        for (int i = tid; i < HIST; i += SELECT_THREADS) hist[i] = 0;
+        __syncthreads();
+        return prefix;
+    };
+
+    if (keep == cands) {
+        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) atomicOr(bits + c / 32, 1u << (c % 32));
+    } else if (keep > 0) {
+        // Sample: how many sampled candidates, and the rank (with margin) to collect down to.
+        const u32 full_runs = cands / 512, rest = cands % 512;
+        const u32 sampled = full_runs * 32 + min(rest, 32u);
+        const float expect = (float)keep * (float)sampled / (float)cands;
+        const u32 rank = (u32)ceilf(expect + 4.f * sqrtf(expect) + 16.f);
+        if (collect_cap > 0 && rank < sampled) {
+            const float t_c = key_float(radix(rank, true)) - 3.f * bmax;
+            for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
+                const float a = s[c];
+                if (a >= t_c) {
+                    const u32 i = atomicAdd(&nCol, 1u);
+                    if (i < (u32)collect_cap) colVal[i] = a, colKey[i] = c;
+                    if (a >= t_c + 3.f * bmax) atomicAdd(&nHigh, 1u);
+                }
+            }
+            __syncthreads();
+            // Usable when it fits and the keep-th largest is among the keys above t_c + 3 bmax,
+            // so every key within the bounds of it was collected.
+            collected = nCol <= (u32)collect_cap && nHigh >= keep;
+        }
+        const u32 prefix = radix(keep, false);
         const float t_lo = key_float(prefix), t_hi = key_float(prefix | 1023u);
-        // The keep-th exact score lies within bmax of the keep-th approximate one.
-        const float l1 = pq_l1[(size_t)h * groups + g];
-        const float bmax = APPROX_ERR * l1 * __uint_as_float(kmax_bits[kv]) + 1e-30f;
-        const float* kinf_h = kinf + (size_t)kv * nk;
-        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
-            const float a = s[c], bc = APPROX_ERR * l1 * kinf_h[c] + 1e-30f;
+        // Decided by the bounds, or unsure (scored exactly below).
+        auto classify = [&](u32 c, float a) {
+            const float bc = APPROX_ERR * l1 * kinf_h[c] + 1e-30f;
             if (a - bc > t_hi + bmax) {
                 atomicOr(bits + c / 32, 1u << (c % 32));
                 atomicAdd(&nIn, 1u);
@@ -270,6 +335,11 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
                 const u32 i = atomicAdd(&nUnsure, 1u);
                 if (i < UNSURE_CAP) uKey[i] = c;
             }
+        };
+        if (collected) {
+            for (u32 i = tid; i < nCol; i += SELECT_THREADS) classify(colKey[i], colVal[i]);
+        } else {
+            for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) classify(c, s[c]);
         }
         __syncthreads();
         const u32 unsure = nUnsure;
@@ -303,8 +373,10 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
                     const u32 j = i ^ stride;
                     if (j > i) {
                         const bool first_before = uScore[i] > uScore[j] || (uScore[i] == uScore[j] && uKey[i] < uKey[j]);
-                        const bool descending = (i & size) == 0;
-                        if (first_before != descending) {
+                        // Within a run of `size`, the first half of the bitonic merge ascends
+                        // (best first) where (i & size) == 0.
+                        const bool ascending = (i & size) == 0;
+                        if (first_before != ascending) {
                             const double ts = uScore[i];
                             uScore[i] = uScore[j];
                             uScore[j] = ts;
