@@ -465,7 +465,7 @@ pub fn emit_merge(head_dim: u32, dtype: DType, partial: Partial) -> Result<Kerne
 
 /// The entry points of the vertical-vector index builder ([`emit_vv_index`]), in launch
 /// order; each is `{kernel.name}_{entry}`.
-pub const VV_INDEX_ENTRIES: [&str; 6] = ["pool", "kstats", "score", "select", "columns", "scan"];
+pub const VV_INDEX_ENTRIES: [&str; 7] = ["pool", "kstats", "score", "threshold", "select", "columns", "scan"];
 
 /// Dynamic shared memory of the `score` entry: two halves of 64 pooled queries and 128 keys.
 pub fn vv_score_shared_bytes(head_dim: u32) -> u32 {

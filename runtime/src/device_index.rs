@@ -34,8 +34,28 @@ pub struct IndexBuildReport {
     pub columns: usize,
     /// Heads scored per chunk.
     pub chunk_heads: usize,
+    /// "list" or "dense" (see [`VvStrategy`]).
+    pub strategy: &'static str,
+    /// List strategy: groups whose list was incomplete (overflow, or the sampled threshold
+    /// too high), so the selection scored all their candidates again (the slow path).
+    pub slow_groups: usize,
     /// GPU milliseconds per kernel (CUDA events; chunks summed), in launch order.
     pub kernel_ms: Vec<(&'static str, f64)>,
+}
+
+/// How the selection gets its approximate scores (see `build_vv_index_with`; the chosen
+/// columns are the same whichever is used).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VvStrategy {
+    /// List when its lists fit shared memory, else dense.
+    #[default]
+    Auto,
+    /// Every approximate score stored, then read by the selection.
+    Dense,
+    /// A sampled threshold per group and lists of the keys above it; `capacity` overrides the
+    /// list length, half of it held in shared memory (tests use small ones to exercise the
+    /// in-place and overflow paths).
+    List { capacity: Option<usize> },
 }
 
 fn usage(what: impl Into<String>) -> Error {
@@ -53,6 +73,19 @@ impl Gpu {
         dtype: DType,
         q: &CudaSlice<u16>,
         k: &CudaSlice<u16>,
+    ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
+        self.build_vv_index_with(plan, shape, dtype, q, k, VvStrategy::Auto)
+    }
+
+    /// [`Gpu::build_vv_index`] with a chosen strategy.
+    pub fn build_vv_index_with(
+        &self,
+        plan: &ColumnPlan,
+        shape: AttnShape,
+        dtype: DType,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+        strategy: VvStrategy,
     ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
@@ -84,18 +117,38 @@ impl Gpu {
         if base_smem > VV_INDEX_MAX_SHARED as usize {
             return Err(usage(format!("{nk} keys are more than GPU index building takes (about 1.2 million)")));
         }
-        // The selection's fast path collects the keys above a sampled threshold (about
-        // keep + 16 sqrt(keep) + 256 of them; room for 25% more) into shared memory. It pays
-        // only while two CTAs still fit on an SM: with one, the memory-bound passes run at half
-        // the occupancy and lose more than the two passes they save (measured on the H200).
+        // Two strategies (the same keys either way):
+        // - list: a sampled threshold per group, then one scoring pass that keeps only the keys
+        //   above it (about keep + 16 sqrt(keep) + 256 per group; room for 25% more), selected
+        //   in shared memory. Nothing of size groups x keys is stored.
+        // - dense (keep too large for the list to fit shared memory): every approximate score is
+        //   stored, and the selection reads them (collecting into shared memory when two CTAs
+        //   still fit on an SM: with one, its memory-bound passes lose more than they save).
         let keep = plan.top_k.min(nk) as f64;
-        let collect = ((1.25 * (keep + 16.0 * keep.sqrt() + 256.0)) as usize).next_multiple_of(256).min(VV_COLLECT_MAX);
-        let collect = if vv_select_shared_bytes(d as u32, nk, collect) <= VV_TWO_CTA_SHARED { collect } else { 0 };
+        let want = ((1.25 * (keep + 32.0 * keep.sqrt() + 512.0)) as usize).next_multiple_of(256);
+        let fits = want <= VV_COLLECT_MAX && vv_select_shared_bytes(d as u32, nk, want) <= VV_INDEX_MAX_SHARED as usize;
+        // (list mode, keys held in shared memory, list length in global memory)
+        let (list_mode, collect, list_cap) = match strategy {
+            VvStrategy::Auto | VvStrategy::List { capacity: None } if fits => (true, want, 2 * want),
+            VvStrategy::List { capacity: Some(c) } if c / 2 <= want => (true, c / 2, c.max(1)),
+            VvStrategy::List { .. } => {
+                return Err(usage(format!(
+                    "lists of {want} keys per group do not fit shared memory; use VvStrategy::Auto"
+                )))
+            }
+            _ if vv_select_shared_bytes(d as u32, nk, want) <= VV_TWO_CTA_SHARED => (false, want, 1),
+            _ => (false, 0, 1),
+        };
+        let strategy_name = if list_mode { "list" } else { "dense" };
         let select_smem = vv_select_shared_bytes(d as u32, nk, collect);
-        let collect_i = collect as i32;
+        let (collect_i, list_cap_i) = (collect as i32, list_cap as i32);
+        // Sample columns: one run of 32 keys per 512 (some past nk in the last block).
+        let samples = nk.div_ceil(512) * 32;
+        let samples_i = samples as i32;
         let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
         let f = self.load_entries(&kernel, &weft_codegen::VV_INDEX_ENTRIES)?;
-        let (f_pool, f_kstats, f_score, f_select, f_columns, f_scan) = (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5]);
+        let (f_pool, f_kstats, f_score, f_threshold, f_select, f_columns, f_scan) =
+            (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6]);
 
         let s = &self.stream;
         let up = "uploading the index plan";
@@ -124,10 +177,16 @@ impl Gpu {
         let mut status = s.alloc_zeros::<i32>(1).map_err(driver(alloc))?;
         let mut row_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
         let mut col_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
-        let per_score_head = groups * nk * 4;
+        // Scores held at once: dense stores groups x keys per head, list only the sample.
+        let per_score_head = groups * if list_mode { samples } else { nk } * 4;
         let chunk = (SCORE_BYTES / per_score_head.max(1)).clamp(1, hq);
-        let mut approx = s.alloc_zeros::<f32>(chunk * groups * nk).map_err(driver(alloc))?;
-
+        let mut approx = s.alloc_zeros::<f32>(chunk * per_score_head / 4).map_err(driver(alloc))?;
+        let lists = if list_mode { hq * groups } else { 1 };
+        let mut thresh = s.alloc_zeros::<f32>(2 * lists).map_err(driver(alloc))?;
+        let mut list_key = s.alloc_zeros::<u32>(lists * list_cap).map_err(driver(alloc))?;
+        let mut list_val = s.alloc_zeros::<f32>(lists * list_cap).map_err(driver(alloc))?;
+        let mut list_count = s.alloc_zeros::<u32>(lists).map_err(driver(alloc))?;
+        let mut list_high = s.alloc_zeros::<u32>(lists).map_err(driver(alloc))?;
         let (nq_i, nk_i, hq_i, hkv_i) = (nq as i32, nk as i32, hq as i32, hkv as i32);
         let (groups_i, q_block_i, cap_i, top_k_i) =
             (groups as i32, plan.q_block as i32, cap as i32, plan.top_k.min(i32::MAX as usize) as i32);
@@ -159,30 +218,53 @@ impl Gpu {
         unsafe { b.launch(cfg((nk.div_ceil(64) as u32, hkv as u32, 1), 256, 0)) }.map_err(launch("kstats"))?;
         let t1 = event()?;
         marks.push(("kstats", t0, t1));
+        let score_smem = vv_score_shared_bytes(d as u32);
+        let (dense_mode, sample_mode, emit_mode) = (0i32, 1i32, 2i32);
+        let select_mode = i32::from(list_mode);
         for h0 in (0..hq).step_by(chunk) {
             let hc = chunk.min(hq - h0);
             let h0_i = h0 as i32;
+            // One scoring launch: `mode` over `cols` columns.
+            macro_rules! score {
+                ($mode:expr, $cols:expr) => {{
+                    let cols_i = $cols as i32;
+                    let mut b = s.launch_builder(f_score);
+                    b.arg(&pq_hi).arg(&pq_lo).arg(k).arg(&mut approx);
+                    b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i).arg(&$mode).arg(&cols_i);
+                    b.arg(&cand_lo).arg(&cand_hi).arg(&per_head).arg(&thresh);
+                    b.arg(&mut list_key).arg(&mut list_val).arg(&mut list_count).arg(&mut list_high).arg(&list_cap_i);
+                    let grid = (groups.div_ceil(64) as u32, ($cols as usize).div_ceil(128) as u32, hc as u32);
+                    unsafe { b.launch(cfg(grid, 128, score_smem)) }.map_err(launch("score"))?;
+                }};
+            }
             let t0 = event()?;
-            let mut b = s.launch_builder(f_score);
-            b.arg(&pq_hi).arg(&pq_lo).arg(k).arg(&mut approx);
-            b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i);
-            let grid = (groups.div_ceil(64) as u32, nk.div_ceil(128) as u32, hc as u32);
-            unsafe { b.launch(cfg(grid, 128, vv_score_shared_bytes(d as u32))) }.map_err(launch("score"))?;
-            let t1 = event()?;
-            marks.push(("score", t0, t1));
+            if list_mode {
+                score!(sample_mode, samples);
+                let t1 = event()?;
+                marks.push(("sample score", t0, t1));
+                let t0 = event()?;
+                let mut b = s.launch_builder(f_threshold);
+                b.arg(&approx).arg(&samples_i).arg(&pq_l1).arg(&kmax).arg(&cand_lo).arg(&cand_hi).arg(&per_head);
+                b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&top_k_i).arg(&mut thresh);
+                unsafe { b.launch(cfg((groups as u32, hc as u32, 1), 512, 0)) }.map_err(launch("threshold"))?;
+                let t1 = event()?;
+                marks.push(("threshold", t0, t1));
+                let t0 = event()?;
+                score!(emit_mode, nk);
+                let t1 = event()?;
+                marks.push(("emit score", t0, t1));
+            } else {
+                score!(dense_mode, nk);
+                let t1 = event()?;
+                marks.push(("score", t0, t1));
+            }
             let t1 = event()?;
             let mut b = s.launch_builder(f_select);
             b.arg(&approx).arg(&pooled).arg(&pq_l1).arg(k).arg(&kinf).arg(&kmax);
             b.arg(&cand_lo).arg(&cand_hi).arg(&per_head);
-            b.arg(&h0_i)
-                .arg(&hq_i)
-                .arg(&hkv_i)
-                .arg(&groups_i)
-                .arg(&nk_i)
-                .arg(&top_k_i)
-                .arg(&plan.scale)
-                .arg(&cap_i)
-                .arg(&collect_i);
+            b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i).arg(&top_k_i).arg(&plan.scale);
+            b.arg(&cap_i).arg(&collect_i).arg(&select_mode);
+            b.arg(&list_key).arg(&list_val).arg(&list_count).arg(&list_high).arg(&list_cap_i);
             b.arg(&mut chosen).arg(&mut chosen_count).arg(&mut status);
             unsafe { b.launch(cfg((groups as u32, hc as u32, 1), 512, select_smem as u32)) }
                 .map_err(launch("select"))?;
@@ -275,12 +357,28 @@ impl Gpu {
                 None => kernel_ms.push((name, ms)),
             }
         }
+        let mut slow_groups = 0;
+        if list_mode {
+            let read = "reading the index builder's list counts";
+            let counts = s.clone_dtoh(&list_count).map_err(driver(read))?;
+            let high = s.clone_dtoh(&list_high).map_err(driver(read))?;
+            for (i, (n, hi_count)) in counts.iter().zip(&high).enumerate() {
+                let slot = plan.slot(i / groups) * groups + i % groups;
+                let cands = (plan.cand_hi[slot] - plan.cand_lo[slot]) as usize;
+                let keep = plan.top_k.min(cands);
+                if keep > 0 && keep < cands && (*n as usize > list_cap || (*hi_count as usize) < keep) {
+                    slow_groups += 1;
+                }
+            }
+        }
         let report = IndexBuildReport {
+            slow_groups,
             kernel_ms,
             select_ms,
             total_ms: started.elapsed().as_secs_f64() * 1e3,
             columns: total,
             chunk_heads: chunk,
+            strategy: strategy_name,
         };
         Ok((index, report))
     }

@@ -28,7 +28,7 @@ use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, Laun
 use weft_codegen::{Kernel, KernelConfig, DECODE_THREADS, MERGE_THREADS};
 use weft_patterns::{BatchIndex, SparseIndex};
 
-pub use device_index::IndexBuildReport;
+pub use device_index::{IndexBuildReport, VvStrategy};
 pub use layer::{tune_key, LaunchReport, LayerPlan};
 pub use nvrtc::{Arch, Compiled, ResourceReport};
 

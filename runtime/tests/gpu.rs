@@ -8,7 +8,7 @@ use weft_dsl::builder::*;
 use weft_dsl::{Pattern, Permutation, RingLayout, Score, Unit};
 use weft_patterns::synthetic::{planted_qk, Plant};
 use weft_patterns::{attention, build_index, ring, Attention, IndexOptions, Tensor};
-use weft_runtime::{AttnShape, Gpu};
+use weft_runtime::{AttnShape, Gpu, VvStrategy};
 
 /// Patterns with the index's query block forced to 128 rows (32 rows per warp).
 fn tall() -> Vec<Pattern> {
@@ -560,7 +560,13 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
         ];
         for p in &patterns {
             for (nq, nk, hq, hkv, d) in
-                [(1000usize, 1000usize, 4usize, 2usize, 128usize), (333, 333, 2, 2, 64), (700, 1000, 4, 2, 128)]
+                // 8200 keys: enough for the sampled threshold (the list strategy's fast path).
+                [
+                    (1000usize, 1000usize, 4usize, 2usize, 128usize),
+                    (333, 333, 2, 2, 64),
+                    (700, 1000, 4, 2, 128),
+                    (600, 8200, 4, 2, 128),
+                ]
             {
                 for ties in [false, true] {
                     seed += 1;
@@ -583,10 +589,32 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     let (qd, kd, vd) =
                         (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
                     let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
-                    let (dix, report) = gpu.build_vv_index(&plan, shape, DType::Bf16, &qd, &kd).unwrap();
-                    let mut got_ix = dix.to_host(&gpu).unwrap();
-                    got_ix.masks = plan.skeleton.masks.clone();
-                    let diff = index_difference(&got_ix, &want_ix);
+                    // Every strategy, and lists too short for their keys (the slow path), must
+                    // give the CPU's index.
+                    let mut diff = None;
+                    let mut dix = None;
+                    let mut columns = 0;
+                    let mut slow = Vec::new();
+                    // Lists of 16 keys (8 in shared memory) send most groups down the slow path;
+                    // 1024 (512) reads some lists in place.
+                    for strategy in [
+                        VvStrategy::Dense,
+                        VvStrategy::List { capacity: Some(16) },
+                        VvStrategy::List { capacity: Some(1024) },
+                        VvStrategy::List { capacity: None },
+                    ] {
+                        let (ix, report) =
+                            gpu.build_vv_index_with(&plan, shape, DType::Bf16, &qd, &kd, strategy).unwrap();
+                        let mut got_ix = ix.to_host(&gpu).unwrap();
+                        got_ix.masks = plan.skeleton.masks.clone();
+                        if let Some(d) = index_difference(&got_ix, &want_ix) {
+                            diff.get_or_insert(format!("{strategy:?}: {d}"));
+                        }
+                        columns = report.columns;
+                        slow.push(report.slow_groups);
+                        dix = Some(ix);
+                    }
+                    let dix = dix.unwrap();
                     // Attention over the GPU-built index against the reference over the CPU's.
                     let config = KernelConfig::for_blocks(plan.block_m, plan.block_n, d as u32, DType::Bf16);
                     let kernel =
@@ -602,8 +630,8 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     let (rel, nan, lse_err) = compare(&got, &s.clone_dtoh(&lse).unwrap(), &want);
                     let ok = diff.is_none() && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
                     println!(
-                        "{} vv index {:<17} top_k={n:<3} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} columns={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
-                        if ok { "ok  " } else { "FAIL" }, p.name, report.columns, diff.is_none()
+                        "{} vv index {:<17} top_k={n:<3} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} columns={} slow_groups={slow:?} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                        if ok { "ok  " } else { "FAIL" }, p.name, columns, diff.is_none()
                     );
                     if let Some(d) = diff {
                         println!("     first difference: {d}");

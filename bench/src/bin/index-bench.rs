@@ -112,8 +112,10 @@ fn main() -> Result<()> {
             let density = ix.pairs() as f64 / (h as f64 * n as f64 * n as f64);
             println!(
                 "vv-e2e N={n:<6} top_k={keep:<5} density={density:.4} plan={plan_ms:.0} ms (CPU, once per shape) \
-                 index={build:.3} ms (to the status read {select:.3}; columns {}; {} heads per score chunk) \
+                 index={build:.3} ms ({} strategy, {} groups on the slow path; to the status read {select:.3}; columns {}; {} heads per score chunk) \
                  attention={att:.3} ms total={:.3} ms index/attention={:.1}%\n    kernels (last build): {}",
+                first.strategy,
+                first.slow_groups,
                 first.columns,
                 first.chunk_heads,
                 build + att,

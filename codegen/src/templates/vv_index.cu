@@ -109,16 +109,35 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_kstats(
     }
 }
 
-// ---- score: grid (ceil(groups / 64), ceil(nk / 128), heads of the chunk), 128 threads ----
-// approx[hh][g][c] = pooled_q[h0 + hh][g] . k[c] (unscaled).
+// The key of sample column j: one run of 32 keys out of every 16, at an offset hashed from the
+// block of 16 runs (stratified, so that periodic structure in the keys cannot line up with it).
+__device__ __forceinline__ u32 sample_key(u32 j) {
+    const u32 block = j / 32;
+    const u32 offset = ((block * 2654435761u) >> 16) % 16;
+    return (block * 16 + offset) * 32 + j % 32;
+}
+
+// ---- score: grid (ceil(groups / 64), ceil(cols / 128), heads of the chunk), 128 threads ----
+// Approximate dots pooled_q[h0 + hh][g] . k (unscaled) over `cols` columns, by mode:
+//   SCORE_DENSE   approx[hh][g][c] for every key c (cols = nk);
+//   SCORE_SAMPLE  approx[hh][g][j] for sample column j, key sample_key(j) (cols = samples);
+//   SCORE_EMIT    every key c of the group's candidates scoring at least thresh[.][0] is
+//                 appended, with its score, to the group's list (list_cap entries; the count
+//                 goes on past it, so the select kernel sees an overflow), and list_high counts
+//                 those at least thresh[.][1] (cols = nk).
+constexpr int SCORE_DENSE = 0, SCORE_SAMPLE = 1, SCORE_EMIT = 2;
 extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score(
     const u16* __restrict__ pq_hi, const u16* __restrict__ pq_lo, const u16* __restrict__ K,
-    float* __restrict__ approx, int h0, int hq, int hkv, int groups, int nk)
+    float* __restrict__ approx, int h0, int hq, int hkv, int groups, int nk, int mode, int cols,
+    const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head,
+    const float* __restrict__ thresh, u32* __restrict__ list_key, float* __restrict__ list_val,
+    u32* __restrict__ list_count, u32* __restrict__ list_high, int list_cap)
 {
     extern __shared__ __align__(16) unsigned char smem[];
     u16* sHi = (u16*)smem;                 // [SCORE_ROWS][LDS]
     u16* sLo = sHi + SCORE_ROWS * LDS;     // [SCORE_ROWS][LDS]
     u16* sK = sLo + SCORE_ROWS * LDS;      // [SCORE_COLS][LDS]
+    __shared__ u32 sCount[SCORE_ROWS], sHigh[SCORE_ROWS], sBase[SCORE_ROWS];
     const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv);
     const int g0 = blockIdx.x * SCORE_ROWS, c0 = blockIdx.y * SCORE_COLS;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -134,9 +153,11 @@ extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score(
     }
     for (int i = tid; i < SCORE_COLS * CHUNKS; i += SCORE_THREADS) {
         const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
-        const bool ok = c0 + r < nk;
-        cp_async16(smem_u32(sK + r * LDS + col), k_src + (ok ? (size_t)(c0 + r) * D + col : 0), ok ? 16 : 0);
+        const u32 j = c0 + r, key = mode == SCORE_SAMPLE ? sample_key(j) : j;
+        const bool ok = (int)j < cols && (int)key < nk;
+        cp_async16(smem_u32(sK + r * LDS + col), k_src + (ok ? (size_t)key * D + col : 0), ok ? 16 : 0);
     }
+    if (tid < SCORE_ROWS) sCount[tid] = sHigh[tid] = 0;
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -164,14 +185,72 @@ extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score(
             mma(s[j + 1], alo, b[2], b[3]);
         }
     }
-    float* out = approx + (size_t)hh * groups * nk;
+    if (mode != SCORE_EMIT) {
+        float* out = approx + (size_t)hh * groups * cols;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int g = g0 + warp * 16 + lane / 4 + (i / 2) * 8;
+                const int c = c0 + j * 8 + (lane % 4) * 2 + i % 2;
+                if (g < groups && c < cols) out[(size_t)g * cols + c] = s[j][i];
+            }
+        }
+        return;
+    }
+    // Emit: this thread's two rows (groups), their candidate ranges and thresholds.
+    u32 r_lo[2], r_hi[2];
+    float t_in[2], t_high[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int g = g0 + warp * 16 + lane / 4 + r * 8;
+        const bool ok = g < groups;
+        const int slot = (per_head ? h : 0) * groups + (ok ? g : 0);
+        r_lo[r] = ok ? cand_lo[slot] : 0;
+        r_hi[r] = ok ? cand_hi[slot] : 0;
+        t_in[r] = ok ? thresh[2 * ((size_t)h * groups + g)] : neg_inf();
+        t_high[r] = ok ? thresh[2 * ((size_t)h * groups + g) + 1] : neg_inf();
+    }
+    auto emitted = [&](int j, int i, u32& c) {
+        const int r = i / 2;
+        c = c0 + j * 8 + (lane % 4) * 2 + i % 2;
+        return c >= r_lo[r] && c < r_hi[r] && s[j][i] >= t_in[r];
+    };
+    // Count per group, reserve space once per group, then write.
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int g = g0 + warp * 16 + lane / 4 + (i / 2) * 8;
-            const int c = c0 + j * 8 + (lane % 4) * 2 + i % 2;
-            if (g < groups && c < nk) out[(size_t)g * nk + c] = s[j][i];
+            u32 c;
+            if (emitted(j, i, c)) {
+                const int gl = warp * 16 + lane / 4 + (i / 2) * 8;
+                atomicAdd(sCount + gl, 1u);
+                if (s[j][i] >= t_high[i / 2]) atomicAdd(sHigh + gl, 1u);
+            }
+        }
+    }
+    __syncthreads();
+    if (tid < SCORE_ROWS && g0 + tid < groups) {
+        const size_t at = (size_t)h * groups + g0 + tid;
+        sBase[tid] = sCount[tid] ? atomicAdd(list_count + at, sCount[tid]) : 0;
+        if (sHigh[tid]) atomicAdd(list_high + at, sHigh[tid]);
+        sCount[tid] = 0;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            u32 c;
+            if (emitted(j, i, c)) {
+                const int gl = warp * 16 + lane / 4 + (i / 2) * 8;
+                const u32 slot = sBase[gl] + atomicAdd(sCount + gl, 1u);
+                if (slot < (u32)list_cap) {
+                    const size_t at = ((size_t)h * groups + g0 + gl) * list_cap + slot;
+                    list_key[at] = c;
+                    list_val[at] = s[j][i];
+                }
+            }
         }
     }
 }
@@ -216,17 +295,130 @@ __device__ __forceinline__ void hist_add(u32* hist, float a, bool second, u32 b1
     else if ((k >> 21) == b1) atomicAdd(hist + ((k >> 10) & (HIST - 1)), 1u);
 }
 
+// The need-th largest of the values get(i, a) yields for i in [0, n) (get returns whether i
+// holds one): the 22-bit prefix of its key by two 11-bit radix passes, as a full key. `hist`
+// is a zeroed shared histogram and is zeroed again on return. Every thread of the CTA calls it.
+template <class Get>
+__device__ u32 radix_prefix(u32* hist, u32 need, u32 n, Get get, u32* s_bin, u32* s_above) {
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    for (u32 i = tid; i < n; i += blockDim.x) {
+        float a;
+        if (get(i, a)) hist_add(hist, a, false, 0);
+    }
+    __syncthreads();
+    if (warp == 0) {
+        u32 above;
+        const int b = find_bin(hist, need, above, lane);
+        if (lane == 0) *s_bin = b, *s_above = above;
+    }
+    __syncthreads();
+    const u32 b1 = *s_bin, need2 = need - *s_above;
+    for (int i = tid; i < HIST; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    for (u32 i = tid; i < n; i += blockDim.x) {
+        float a;
+        if (get(i, a)) hist_add(hist, a, true, b1);
+    }
+    __syncthreads();
+    if (warp == 0) {
+        u32 above;
+        const int b = find_bin(hist, need2, above, lane);
+        if (lane == 0) *s_bin = b;
+    }
+    __syncthreads();
+    const u32 prefix = (b1 << 11 | *s_bin) << 10;
+    for (int i = tid; i < HIST; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    return prefix;
+}
+
+// The sample rank to collect down to for `keep` of `cands` candidates with `sampled` of them in
+// the sample: the expected rank plus eight standard deviations and 32, so that the collected
+// keys hold the keep-th all but surely (when they do not, the slow path takes over).
+__device__ __forceinline__ u32 sample_rank(u32 keep, u32 cands, u32 sampled) {
+    const float expect = (float)keep * (float)sampled / (float)cands;
+    return (u32)ceilf(expect + 8.f * sqrtf(expect) + 32.f);
+}
+
+// The error bound of every approximate score of group (h, g): see APPROX_ERR.
+__device__ __forceinline__ float group_bound(const float* pq_l1, const u32* kmax_bits, int h, int kv, int groups, int g) {
+    return APPROX_ERR * pq_l1[(size_t)h * groups + g] * __uint_as_float(kmax_bits[kv]) + 1e-30f;
+}
+
+// ---- threshold: grid (groups, heads of the chunk), SELECT_THREADS ----
+// From the sampled scores (SCORE_SAMPLE), per group: thresh[0] = a score below the keep-th
+// largest with a margin, less 3 bounds (keys at or above it are emitted), thresh[1] = that
+// plus 3 bounds (keys at or above it are counted: the list is complete when keep of them are).
+// Groups that keep all or none of their candidates, or whose sample is too small, emit nothing.
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_threshold(
+    const float* __restrict__ sample, int samples, const float* __restrict__ pq_l1, const u32* __restrict__ kmax_bits,
+    const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head,
+    int h0, int hq, int hkv, int groups, int top_k, float* __restrict__ thresh)
+{
+    __shared__ u32 hist[HIST];
+    __shared__ u32 sBin, sAbove, sSampled;
+    const int g = blockIdx.x, hh = blockIdx.y, h = h0 + hh, kv = h / (hq / hkv), tid = threadIdx.x;
+    const int slot = (per_head ? h : 0) * groups + g;
+    const u32 lo = cand_lo[slot], hi = cand_hi[slot], cands = hi - lo;
+    const u32 keep = min((u32)top_k, cands);
+    const float* sv = sample + ((size_t)hh * groups + g) * samples;
+    for (int i = tid; i < HIST; i += SELECT_THREADS) hist[i] = 0;
+    if (tid == 0) sSampled = 0;
+    __syncthreads();
+    u32 mine = 0;
+    for (int j = tid; j < samples; j += SELECT_THREADS) {
+        const u32 c = sample_key(j);
+        mine += c >= lo && c < hi;
+    }
+    atomicAdd(&sSampled, mine);
+    __syncthreads();
+    const u32 sampled = sSampled;
+    float* out = thresh + 2 * ((size_t)h * groups + g);
+    const u32 rank = keep == 0 || keep == cands || sampled == 0 ? 0 : sample_rank(keep, cands, sampled);
+    if (rank == 0 || rank >= sampled) {
+        if (tid == 0) out[0] = out[1] = __int_as_float(0x7f800000);  // +inf: emit nothing
+        return;
+    }
+    auto get = [&](u32 j, float& a) {
+        const u32 c = sample_key(j);
+        a = sv[j];
+        return c >= lo && c < hi;
+    };
+    const float bmax = group_bound(pq_l1, kmax_bits, h, kv, groups, g);
+    const float t = key_float(radix_prefix(hist, rank, (u32)samples, get, &sBin, &sAbove)) - 3.f * bmax;
+    if (tid == 0) {
+        out[0] = t;
+        out[1] = t + 3.f * bmax;
+    }
+}
+
+// A SIMT f32 approximate score (the slow path's): well inside the tensor-core bound.
+__device__ __forceinline__ float approx_dot(const float* pq, const u16* row) {
+    float acc = 0.f;
+    for (int d = 0; d < D; ++d) acc = fmaf(pq[d], bf16_to_float(row[d]), acc);
+    return acc;
+}
+
 // ---- select: grid (groups, heads of the chunk), SELECT_THREADS ----
 // Writes group g's chosen keys, ascending, to chosen[(h * groups + g) * cap ..] and their count.
-// Fast path: a sample (every 16th run of 32 keys) gives a score below the keep-th with a
-// margin; one pass collects every key above it (less the error bounds) into shared memory,
-// and the radix passes run there. When the sample misjudges (too many or too few keys
-// collected), the radix passes read all keys from global memory instead: same result.
+// Where the candidates' approximate scores come from, by mode:
+//   SELECT_DENSE  approx[hh][g][c] (SCORE_DENSE). A sample (every 16th run of 32 keys) gives a
+//                 score below the keep-th with a margin; one pass collects every key above it
+//                 (less the bounds) into shared memory (collect_cap > 0), and the radix passes
+//                 run there; if the sample misjudged, they read all keys instead;
+//   SELECT_LIST   the group's list from SCORE_EMIT, when complete (no overflow, and keep keys
+//                 at or above thresh[1]), in shared memory when it fits (collect_cap), else read
+//                 in place; otherwise every candidate is scored again here (the slow path: one
+//                 CTA reads all keys three times; the sample's margins make it all but unused).
+// Either way the same keys are chosen.
+constexpr int SELECT_DENSE = 0, SELECT_LIST = 1;
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
     const float* __restrict__ approx, const float* __restrict__ pooled, const float* __restrict__ pq_l1,
     const u16* __restrict__ K, const float* __restrict__ kinf, const u32* __restrict__ kmax_bits,
     const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head,
-    int h0, int hq, int hkv, int groups, int nk, int top_k, double scale, int cap, int collect_cap,
+    int h0, int hq, int hkv, int groups, int nk, int top_k, double scale, int cap, int collect_cap, int mode,
+    const u32* __restrict__ list_key, const float* __restrict__ list_val, const u32* __restrict__ list_count,
+    const u32* __restrict__ list_high, int list_cap,
     u32* __restrict__ chosen, int* __restrict__ chosen_count, int* __restrict__ status)
 {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -241,12 +433,13 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
     __shared__ u32 scan[SELECT_THREADS];
 
     const int hh = blockIdx.y, h = h0 + hh, g = blockIdx.x, kv = h / (hq / hkv);
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int tid = threadIdx.x;
     const int slot = (per_head ? h : 0) * groups + g;
     const u32 lo = cand_lo[slot], hi = cand_hi[slot];
     const u32 cands = hi - lo;
     const u32 keep = min((u32)top_k, cands);
     const float* s = approx + ((size_t)hh * groups + g) * nk;
+    const u16* k_h = K + (size_t)kv * nk * D;
     const int words = (nk + 31) / 32;
     for (int i = tid; i < words; i += SELECT_THREADS) bits[i] = 0;
     for (int i = tid; i < HIST; i += SELECT_THREADS) hist[i] = 0;
@@ -255,75 +448,75 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
     __syncthreads();
 
     // The keep-th exact score lies within bmax of the keep-th approximate one.
+    const float bmax = group_bound(pq_l1, kmax_bits, h, kv, groups, g);
     const float l1 = pq_l1[(size_t)h * groups + g];
-    const float bmax = APPROX_ERR * l1 * __uint_as_float(kmax_bits[kv]) + 1e-30f;
     const float* kinf_h = kinf + (size_t)kv * nk;
-
-    // Radix passes read the candidates from shared memory once collected, else from global.
+    const bool dense = mode == SELECT_DENSE;
+    auto score_of = [&](u32 c) { return dense ? s[c] : approx_dot(sPq, k_h + (size_t)c * D); };
+    // Whether the radix passes read the collected keys (shared memory, or a global list when
+    // gKey is set) or every candidate.
     bool collected = false;
-
-    // One histogram pass over the sample (every 16th run of 32 keys) or the candidates: the
-    // top 11 bits of each score's key, or (second) the next 11 of those whose top bits are b1.
-    auto hist_pass = [&](bool sample, bool second, u32 b1) {
-        // (Lambdas defined inside lambdas are host code to NVRTC: the loops call a function.)
-        if (sample) {
-            for (u32 c = lo + (tid / 32) * 512 + lane; c < hi; c += (SELECT_THREADS / 32) * 512) hist_add(hist, s[c], second, b1);
-        } else if (collected) {
-            for (u32 i = tid; i < nCol; i += SELECT_THREADS) hist_add(hist, colVal[i], second, b1);
-        } else {
-            for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) hist_add(hist, s[c], second, b1);
-        }
-        __syncthreads();
-    };
-    // Two radix passes: the 22-bit key prefix of the need-th largest score, as a full key.
-    auto radix = [&](u32 need, bool sample) -> u32 {
-        hist_pass(sample, false, 0);
-        if (warp == 0) {
-            u32 above;
-            const int b = find_bin(hist, need, above, lane);
-            if (lane == 0) sBin = b, sAbove = above;
-        }
-        __syncthreads();
-        const u32 b1 = sBin, need2 = need - sAbove;
-        for (int i = tid; i < HIST; i += SELECT_THREADS) hist[i] = 0;
-        __syncthreads();
-        hist_pass(sample, true, b1);
-        if (warp == 0) {
-            u32 above;
-            const int b = find_bin(hist, need2, above, lane);
-            if (lane == 0) sBin = b;
-        }
-        __syncthreads();
-        const u32 prefix = (b1 << 11 | sBin) << 10;
-        for (int i = tid; i < HIST; i += SELECT_THREADS) hist[i] = 0;
-        __syncthreads();
-        return prefix;
-    };
+    const u32* gKey = nullptr;
+    const float* gVal = nullptr;
 
     if (keep == cands) {
         for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) atomicOr(bits + c / 32, 1u << (c % 32));
     } else if (keep > 0) {
-        // Sample: how many sampled candidates, and the rank (with margin) to collect down to.
-        const u32 full_runs = cands / 512, rest = cands % 512;
-        const u32 sampled = full_runs * 32 + min(rest, 32u);
-        const float expect = (float)keep * (float)sampled / (float)cands;
-        const u32 rank = (u32)ceilf(expect + 4.f * sqrtf(expect) + 16.f);
-        if (collect_cap > 0 && rank < sampled) {
-            const float t_c = key_float(radix(rank, true)) - 3.f * bmax;
-            for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
-                const float a = s[c];
-                if (a >= t_c) {
-                    const u32 i = atomicAdd(&nCol, 1u);
-                    if (i < (u32)collect_cap) colVal[i] = a, colKey[i] = c;
-                    if (a >= t_c + 3.f * bmax) atomicAdd(&nHigh, 1u);
+        if (!dense) {
+            const size_t at = (size_t)h * groups + g;
+            const u32 n = list_count[at];
+            if (n <= (u32)list_cap && list_high[at] >= keep) {
+                if (n <= (u32)collect_cap) {
+                    for (u32 i = tid; i < n; i += SELECT_THREADS) {
+                        colKey[i] = list_key[at * list_cap + i];
+                        colVal[i] = list_val[at * list_cap + i];
+                    }
+                } else {
+                    // Longer than shared memory holds: the passes read the list in place.
+                    gKey = list_key + at * list_cap;
+                    gVal = list_val + at * list_cap;
                 }
+                if (tid == 0) nCol = n;
+                collected = true;
             }
             __syncthreads();
-            // Usable when it fits and the keep-th largest is among the keys above t_c + 3 bmax,
-            // so every key within the bounds of it was collected.
-            collected = nCol <= (u32)collect_cap && nHigh >= keep;
+        } else if (collect_cap > 0) {
+            const u32 columns = (cands + 511) / 512 * 32;  // sample columns (some past hi)
+            u32 valid = 0;
+            for (u32 j = tid; j < columns; j += SELECT_THREADS) valid += lo + sample_key(j) < hi;
+            atomicAdd(&nHigh, valid);
+            __syncthreads();
+            const u32 sampled = nHigh;
+            __syncthreads();
+            if (tid == 0) nHigh = 0;
+            const u32 rank = sample_rank(keep, cands, sampled);
+            if (rank < sampled) {
+                auto get_sample = [&](u32 j, float& a) {
+                    const u32 c = lo + sample_key(j);
+                    a = c < hi ? s[c] : 0.f;
+                    return c < hi;
+                };
+                const float t_c = key_float(radix_prefix(hist, rank, columns, get_sample, &sBin, &sAbove)) - 3.f * bmax;
+                const float t_h = t_c + 3.f * bmax;
+                for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
+                    const float a = s[c];
+                    if (a >= t_c) {
+                        const u32 i = atomicAdd(&nCol, 1u);
+                        if (i < (u32)collect_cap) colVal[i] = a, colKey[i] = c;
+                        if (a >= t_h) atomicAdd(&nHigh, 1u);
+                    }
+                }
+                __syncthreads();
+                // Usable when it fits and the keep-th largest is among the keys at or above
+                // t_h, so every key within the bounds of it was collected.
+                collected = nCol <= (u32)collect_cap && nHigh >= keep;
+            }
         }
-        const u32 prefix = radix(keep, false);
+        auto get = [&](u32 i, float& a) {
+            a = !collected ? score_of(lo + i) : gVal ? gVal[i] : colVal[i];
+            return true;
+        };
+        const u32 prefix = radix_prefix(hist, keep, collected ? nCol : cands, get, &sBin, &sAbove);
         const float t_lo = key_float(prefix), t_hi = key_float(prefix | 1023u);
         // Decided by the bounds, or unsure (scored exactly below).
         auto classify = [&](u32 c, float a) {
@@ -337,9 +530,9 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
             }
         };
         if (collected) {
-            for (u32 i = tid; i < nCol; i += SELECT_THREADS) classify(colKey[i], colVal[i]);
+            for (u32 i = tid; i < nCol; i += SELECT_THREADS) classify(gKey ? gKey[i] : colKey[i], gVal ? gVal[i] : colVal[i]);
         } else {
-            for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) classify(c, s[c]);
+            for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) classify(c, score_of(c));
         }
         __syncthreads();
         const u32 unsure = nUnsure;
@@ -349,7 +542,6 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
         }
         // Exact scores of the unsure keys: the CPU builder's dot (four f64 accumulators over
         // d mod 4, then (a0 + a1) + (a2 + a3)), times the scale.
-        const u16* k_h = K + (size_t)kv * nk * D;
         for (u32 i = tid; i < unsure; i += SELECT_THREADS) {
             const u16* row = k_h + (size_t)uKey[i] * D;
             double acc[4] = {0.0, 0.0, 0.0, 0.0};
