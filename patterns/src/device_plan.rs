@@ -128,8 +128,16 @@ fn choose_all(n: &Node, nq: usize, nk: usize) -> Node {
     }
 }
 
-/// Keys `c0..c1` of one row and what a chosen column there becomes (`None`: nothing).
-type KeyRun = (u32, u32, Vec<Option<Entry>>);
+/// What a chosen column in a run of keys becomes.
+enum RunEntries {
+    /// Nothing (the row's blocks compute it already, or the pattern excludes it).
+    Drop,
+    /// Per key: nothing, a full entry, or a masked one.
+    PerColumn(Vec<Option<Entry>>),
+}
+
+/// Keys `c0..c1` of one row and what a chosen column there becomes.
+type KeyRun = (u32, u32, RunEntries);
 
 /// One row's runs: `(c0, c1, code)`, with per-column codes appended to `codes`.
 type Runs = (Vec<(u32, u32, u32)>, Vec<u16>);
@@ -214,23 +222,48 @@ impl ColumnPlan {
                     let hi = slot_skeleton.block_ptr[row + 1] as usize;
                     let blocks = &slot_skeleton.block_idx[lo..hi];
                     let mut runs = Vec::new();
-                    for kb in 0..nkb {
-                        let (k0, k1) = (kb * bn, ((kb + 1) * bn).min(nk));
-                        let per_col = |f: &dyn Fn(usize) -> Option<Entry>| (k0..k1).map(f).collect::<Vec<_>>();
-                        let col_cov = |c: usize| cov(&all, &region(h, q0, q1, c, c + 1), Some(c));
-                        let entries = match blocks.binary_search(&(kb as u32)) {
-                            Ok(i) => match slot_skeleton.block_mask[lo + i] {
-                                FULL => vec![None; k1 - k0],
-                                id => {
-                                    let pb = slot_skeleton.masks[id as usize].clone();
-                                    per_col(&|c| {
-                                        settle(and(col_cov(c), Cov::Mask(!pb.clone())), &region(h, q0, q1, c, c + 1))
-                                    })
+                    // Key-block ranges, halved until decided (in key order: the stack pops the
+                    // lower half first). A range without skeleton blocks whose coverage the
+                    // interval analysis settles is one run, or none when it is all full; so a
+                    // row costs about (its boundaries x log blocks) evaluations, not one per block.
+                    let mut stack = vec![(0usize, nkb)];
+                    while let Some((b0, b1)) = stack.pop() {
+                        let (k0, k1) = (b0 * bn, (b1 * bn).min(nk));
+                        let first = blocks.partition_point(|&b| (b as usize) < b0);
+                        let has_block = blocks.get(first).is_some_and(|&b| (b as usize) < b1);
+                        if b1 - b0 > 1 {
+                            if !has_block {
+                                match cov(&all, &region(h, q0, q1, k0, k1), Some(k0)) {
+                                    Cov::All => continue,
+                                    Cov::None => {
+                                        runs.push((k0 as u32, k1 as u32, RunEntries::Drop));
+                                        continue;
+                                    }
+                                    Cov::Mask(_) => {}
                                 }
-                            },
-                            Err(_) => match cov(&all, &region(h, q0, q1, k0, k1), Some(k0)) {
+                            }
+                            let mid = (b0 + b1) / 2;
+                            stack.push((mid, b1));
+                            stack.push((b0, mid));
+                            continue;
+                        }
+                        let kb = b0;
+                        let per_col = |f: &dyn Fn(usize) -> Option<Entry>| {
+                            RunEntries::PerColumn((k0..k1).map(f).collect::<Vec<_>>())
+                        };
+                        let col_cov = |c: usize| cov(&all, &region(h, q0, q1, c, c + 1), Some(c));
+                        let entries = match has_block.then(|| slot_skeleton.block_mask[lo + first]) {
+                            Some(FULL) => RunEntries::Drop,
+                            Some(id) => {
+                                debug_assert_eq!(blocks[first] as usize, kb);
+                                let pb = slot_skeleton.masks[id as usize].clone();
+                                per_col(&|c| {
+                                    settle(and(col_cov(c), Cov::Mask(!pb.clone())), &region(h, q0, q1, c, c + 1))
+                                })
+                            }
+                            None => match cov(&all, &region(h, q0, q1, k0, k1), Some(k0)) {
                                 Cov::All => continue,
-                                Cov::None => vec![None; k1 - k0],
+                                Cov::None => RunEntries::Drop,
                                 Cov::Mask(_) => per_col(&|c| settle(col_cov(c), &region(h, q0, q1, c, c + 1))),
                             },
                         };
@@ -242,27 +275,34 @@ impl ColumnPlan {
             for runs in rows {
                 let mut out: Runs = (Vec::new(), Vec::new());
                 for (c0, c1, entries) in runs {
-                    let mut ids = Vec::with_capacity(entries.len());
-                    for e in entries {
-                        ids.push(match e {
-                            None => DROP,
-                            Some(Entry::Full) => FULL,
-                            Some(Entry::Mask(p)) => table.intern(p)?,
-                        });
-                    }
-                    // Mask ids must stay below DROP.
-                    if table.masks.len() > DROP as usize {
-                        return Err(Error::Layout("more than 65534 distinct masks in a GPU-built index".into()));
-                    }
-                    if ids.iter().all(|x| *x == FULL) {
-                        continue;
-                    }
-                    let code = if ids.iter().all(|x| *x == ids[0]) {
-                        u32::from(ids[0])
-                    } else {
-                        let off = PER_COLUMN + (codes.len() + out.1.len()) as u32;
-                        out.1.extend_from_slice(&ids);
-                        off
+                    let code = match entries {
+                        RunEntries::Drop => u32::from(DROP),
+                        RunEntries::PerColumn(entries) => {
+                            let mut ids = Vec::with_capacity(entries.len());
+                            for e in entries {
+                                ids.push(match e {
+                                    None => DROP,
+                                    Some(Entry::Full) => FULL,
+                                    Some(Entry::Mask(p)) => table.intern(p)?,
+                                });
+                            }
+                            // Mask ids must stay below DROP.
+                            if table.masks.len() > DROP as usize {
+                                return Err(Error::Layout(
+                                    "more than 65534 distinct masks in a GPU-built index".into(),
+                                ));
+                            }
+                            if ids.iter().all(|x| *x == FULL) {
+                                continue;
+                            }
+                            if ids.iter().all(|x| *x == ids[0]) {
+                                u32::from(ids[0])
+                            } else {
+                                let off = PER_COLUMN + (codes.len() + out.1.len()) as u32;
+                                out.1.extend_from_slice(&ids);
+                                off
+                            }
+                        }
                     };
                     // Adjacent runs with one code merge.
                     match out.0.last_mut() {
@@ -289,21 +329,22 @@ impl ColumnPlan {
                 .into_par_iter()
                 .map(|g| {
                     let (q0, q1) = (g * q_block, ((g + 1) * q_block).min(nq));
+                    // Key ranges from the sink on, halved until the context decides them; a
+                    // single key it cannot decide is a candidate (as the CPU selection has it).
                     let mut allowed = Vec::new();
-                    for kb in 0..nkb {
-                        let (k0, k1) = ((kb * bn).max(vv.sink as usize), ((kb + 1) * bn).min(nk));
+                    let mut stack = vec![(vv.sink as usize, nk)];
+                    while let Some((k0, k1)) = stack.pop() {
                         if k0 >= k1 {
                             continue;
                         }
                         match decide(&ctx, &region(h, q0, q1, k0, k1)) {
                             Some(false) => {}
                             Some(true) => allowed.push((k0, k1)),
+                            None if k1 - k0 == 1 => allowed.push((k0, k1)),
                             None => {
-                                for c in k0..k1 {
-                                    if decide(&ctx, &region(h, q0, q1, c, c + 1)) != Some(false) {
-                                        allowed.push((c, c + 1));
-                                    }
-                                }
+                                let mid = (k0 + k1) / 2;
+                                stack.push((mid, k1));
+                                stack.push((k0, mid));
                             }
                         }
                     }

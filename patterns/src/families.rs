@@ -135,6 +135,15 @@ impl Node {
         }
     }
 
+    /// Whether the tree selects blocks (whose coverage is per block, not per range of blocks).
+    pub fn has_block_sels(&self) -> bool {
+        match self {
+            Node::Blocks(_) => true,
+            Node::Union(items) | Node::Intersect(items) => items.iter().any(Node::has_block_sels),
+            _ => false,
+        }
+    }
+
     /// Every column selection in the tree.
     pub fn column_sels(&self) -> Vec<&ColSel> {
         match self {

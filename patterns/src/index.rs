@@ -313,6 +313,7 @@ impl Resolved {
         let (bm, bn) = (self.block_m, self.block_n);
         let nkb = self.nk.div_ceil(bn);
         let sels = node.column_sels();
+        let selects_blocks = node.has_block_sels();
         (0..self.nq.div_ceil(bm))
             .map(|qb| {
                 let (q0, q1) = (qb * bm, ((qb + 1) * bm).min(self.nq));
@@ -321,12 +322,37 @@ impl Resolved {
                         return (Vec::new(), Vec::new());
                     }
                 }
-                let blocks: Vec<(u32, Entry)> = (0..nkb)
-                    .filter_map(|kb| {
-                        let r = self.region(h, q0, q1, kb * bn, ((kb + 1) * bn).min(self.nk));
-                        settle(cov(node, &r, None), &r).map(|e| (kb as u32, e))
-                    })
-                    .collect();
+                let block_entry = |kb: usize| {
+                    let r = self.region(h, q0, q1, kb * bn, ((kb + 1) * bn).min(self.nk));
+                    settle(cov(node, &r, None), &r).map(|e| (kb as u32, e))
+                };
+                let blocks: Vec<(u32, Entry)> = if selects_blocks {
+                    (0..nkb).filter_map(block_entry).collect()
+                } else {
+                    // Without block selections a node's coverage of a range of key blocks is
+                    // decided by interval analysis on the whole range: ranges are halved until
+                    // decided, so a row costs about (its boundaries x log blocks) evaluations
+                    // plus its entries, with the same result as block by block.
+                    let mut out = Vec::new();
+                    let mut stack = vec![(0usize, nkb)];
+                    while let Some((b0, b1)) = stack.pop() {
+                        if b1 - b0 == 1 {
+                            out.extend(block_entry(b0));
+                            continue;
+                        }
+                        let r = self.region(h, q0, q1, b0 * bn, (b1 * bn).min(self.nk));
+                        match cov(node, &r, None) {
+                            Cov::None => {}
+                            Cov::All => out.extend((b0..b1).map(|kb| (kb as u32, Entry::Full))),
+                            Cov::Mask(_) => {
+                                let mid = (b0 + b1) / 2;
+                                stack.push((mid, b1));
+                                stack.push((b0, mid));
+                            }
+                        }
+                    }
+                    out
+                };
                 let mut cands: Vec<u32> = sels.iter().flat_map(|s| s.columns_for_row(q0).iter().copied()).collect();
                 cands.sort_unstable();
                 cands.dedup();
