@@ -19,6 +19,7 @@ use cudarc::driver::CudaSlice;
 use weft_cache::{ShapeBucket, Toolchain, TuneKey, TuneRecord};
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::{Pattern, PatternExpr};
+use weft_patterns::device_plan::ColumnPlan;
 use weft_patterns::{build_index, IndexOptions, SparseIndex, Tensor};
 
 use crate::{driver, AttnShape, Error, LoadSource, Runtime};
@@ -95,8 +96,11 @@ pub struct LaunchReport {
     /// when the source is the database).
     pub source: LoadSource,
     pub load_ms: f64,
-    /// Time to build and gather the group's index on the host.
+    /// Time to build the group's index (on the host, gathered; or on the GPU).
     pub index_ms: f64,
+    /// Whether the index was built on the GPU from Q and K on the device (a vertical-vector
+    /// pattern over every head in bf16; see `Gpu::build_vv_index`), with no host copy.
+    pub index_on_gpu: bool,
 }
 
 /// Static indexes kept across calls (the cache is emptied when it reaches this size).
@@ -112,6 +116,9 @@ type IndexCacheKey = (String, usize, usize, usize, usize, usize);
 #[derive(Default)]
 pub(crate) struct LayerCache {
     static_indexes: Mutex<HashMap<IndexCacheKey, Arc<SparseIndex>>>,
+    /// Static plans of GPU-built indexes, by the same key (and bounded the same way); `None`
+    /// records a pattern the GPU cannot build at that shape.
+    column_plans: Mutex<HashMap<IndexCacheKey, Option<Arc<ColumnPlan>>>>,
     /// Each (pattern, head, bucket)'s config and whether it was tuned, read from the
     /// database once per process (a tune stored later by another process is seen after a
     /// restart).
@@ -193,14 +200,52 @@ impl Runtime {
             groups.entry(GroupKey { config: ConfigKey(config), exclusive }).or_default().push(h);
         }
 
-        // Q and K on the host, only when some pattern selects from them.
-        let dynamic = plan.patterns.iter().any(|p| !p.expr.is_static());
+        // A group of one dynamic pattern over every head can have its index built on the GPU
+        // (vertical vectors, bf16); Q and K go to the host only for the other dynamic groups.
+        let device_plans: Vec<Option<Arc<ColumnPlan>>> = groups
+            .iter()
+            .map(|(key, heads)| {
+                let p = &plan.patterns[heads[0]];
+                let single = heads.len() == shape.hq && heads.iter().all(|&h| hashes[h] == hashes[heads[0]]);
+                if !single || p.expr.is_static() || dtype != DType::Bf16 || key.exclusive.is_some() {
+                    return None;
+                }
+                self.column_plan(p, &hashes[heads[0]], &key.config.0, shape, scale)
+            })
+            .collect();
+        let dynamic = groups
+            .iter()
+            .zip(&device_plans)
+            .any(|((_, heads), dp)| dp.is_none() && heads.iter().any(|&h| !plan.patterns[h].expr.is_static()));
         let host = if dynamic { Some(self.host_qk(shape, dtype, q, k)?) } else { None };
 
         let mut reports = Vec::new();
-        for (key, heads) in groups {
+        for ((key, heads), device_plan) in groups.into_iter().zip(device_plans) {
             let config = key.config.0;
             let started = Instant::now();
+            if let Some(cp) = device_plan {
+                let (device_index, _) = self.gpu.build_vv_index(&cp, shape, dtype, q, k)?;
+                let index_ms = started.elapsed().as_secs_f64() * 1e3;
+                let p = &plan.patterns[heads[0]];
+                let kernel = emit(&KernelSpec { pattern: p, masks: &cp.skeleton.masks, permutation: None, config })?;
+                let loading = Instant::now();
+                let (_, source) = self.gpu.load_traced(&kernel)?;
+                let load_ms = loading.elapsed().as_secs_f64() * 1e3;
+                self.gpu.attention(&kernel, &config, &device_index, shape, q, k, v, out, lse, scale)?;
+                tracing::debug!(kernel = %kernel.name, ?source, index_ms, "layer launched on a GPU-built index");
+                reports.push(LaunchReport {
+                    kernel: kernel.name,
+                    config,
+                    tuned: heads.iter().all(|&h| tuned_of[h]),
+                    heads,
+                    patterns: vec![p.name.clone()],
+                    source,
+                    load_ms,
+                    index_ms,
+                    index_on_gpu: true,
+                });
+                continue;
+            }
             // One index per distinct pattern in the group, over every head of the layer.
             let mut by_hash: HashMap<&str, Arc<SparseIndex>> = HashMap::new();
             for &h in &heads {
@@ -248,6 +293,7 @@ impl Runtime {
                 source,
                 load_ms,
                 index_ms,
+                index_on_gpu: false,
             });
         }
         Ok(reports)
@@ -355,6 +401,45 @@ impl Runtime {
             m.insert(key, ix.clone());
         }
         Ok(ix)
+    }
+
+    /// The static plan for building `pattern`'s index on the GPU at this shape and config
+    /// (cached), or `None` when the GPU builder does not take the pattern.
+    fn column_plan(
+        &self,
+        pattern: &Pattern,
+        hash: &str,
+        config: &KernelConfig,
+        shape: AttnShape,
+        scale: f32,
+    ) -> Option<Arc<ColumnPlan>> {
+        if !self.gpu_index.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let key = (hash.to_string(), shape.hq, shape.nq, shape.nk, config.block_m as usize, config.block_n as usize);
+        if let Some(p) = self.layer.column_plans.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return p;
+        }
+        let opts = IndexOptions {
+            block_m: Some(config.block_m as usize),
+            block_n: Some(config.block_n as usize),
+            scale: Some(f64::from(scale)),
+            ..Default::default()
+        };
+        let plan = match ColumnPlan::new(&pattern.expr, shape.hq, shape.nq, shape.nk, &opts) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(e) => {
+                tracing::debug!(pattern = %pattern.name, error = %e, "index built on the host");
+                None
+            }
+        };
+        if let Ok(mut m) = self.layer.column_plans.lock() {
+            if m.len() >= STATIC_INDEX_CACHE {
+                m.clear();
+            }
+            m.insert(key, plan.clone());
+        }
+        plan
     }
 
     /// Q and K copied to the host as f32, for the CPU index builders.

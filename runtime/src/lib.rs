@@ -13,6 +13,9 @@
 //! A missing libcuda or libnvrtc, or no GPU, is an [`Error`] that says what to install or
 //! check; cudarc would panic on first use, so the libraries are probed first.
 //!
+//! - [`Gpu::build_vv_index`] (the `device_index` module): a vertical-vector index built on the
+//!   device from Q and K, equal to the CPU builder's (approximate tensor-core scores with a
+//!   proven bound, exact f64 scores at the top-k cut), from a static `ColumnPlan`.
 //! - [`Runtime`]: GPU 0 with the kernel database; [`Runtime::attention_layer`] runs one layer,
 //!   each head with the config tuned for its pattern and shape (or the default, with a
 //!   warning), one launch per group of heads sharing a kernel (see the `layer` module).
@@ -590,6 +593,8 @@ impl Gpu {
 pub struct Runtime {
     pub gpu: Gpu,
     layer: layer::LayerCache,
+    /// Whether `attention_layer` builds indexes on the GPU where it can (default: yes).
+    gpu_index: std::sync::atomic::AtomicBool,
 }
 
 impl Runtime {
@@ -603,7 +608,13 @@ impl Runtime {
         let db = weft_cache::Db::open(&path).map_err(|e| Error::Usage(e.to_string()))?;
         let mut gpu = Gpu::open(0)?;
         gpu.attach_db(db)?;
-        Ok(Runtime { gpu, layer: Default::default() })
+        Ok(Runtime { gpu, layer: Default::default(), gpu_index: true.into() })
+    }
+
+    /// Whether [`Runtime::attention_layer`] builds vertical-vector indexes on the GPU (the
+    /// default) or always on the host (for comparison, or to rule the GPU builder out).
+    pub fn set_gpu_index(&self, on: bool) {
+        self.gpu_index.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -645,3 +645,48 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
     }
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
+
+#[test]
+fn a_vertical_vector_layer_builds_its_index_on_the_gpu() {
+    use weft_runtime::{LayerPlan, Runtime};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::open(Some(dir.path())).unwrap();
+    let p = Pattern::new("causal_vv", causal() & vertical_vector().q_block(64).keep(top_k(100)).sink(16).local(64));
+    let (hq, hkv, nq, nk, d) = (4usize, 2usize, 900usize, 5000usize, 128usize);
+    let x = inputs(hq, hkv, nq, nk, d, DType::Bf16, 777);
+    let s = &rt.gpu.stream;
+    let (qd, kd, vd) = (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
+    let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
+    let plan = LayerPlan::uniform(p.clone(), hq);
+    let mut results = Vec::new();
+    for on_gpu in [true, false] {
+        rt.set_gpu_index(on_gpu);
+        let mut out = s.clone_htod(&vec![0xffffu16; hq * nq * d]).unwrap();
+        let mut lse = s.clone_htod(&vec![f32::NAN; hq * nq]).unwrap();
+        let reports = rt.attention_layer(&plan, shape, DType::Bf16, &qd, &kd, &vd, &mut out, &mut lse, None).unwrap();
+        s.synchronize().unwrap();
+        assert_eq!(reports.len(), 1, "one launch for one pattern");
+        assert_eq!(reports[0].index_on_gpu, on_gpu, "index built where asked");
+        results.push((to_f32(&s.clone_dtoh(&out).unwrap(), DType::Bf16), s.clone_dtoh(&lse).unwrap(), reports));
+    }
+    // The same index either way, so the same kernel computes the same output, bit for bit.
+    let same = results[0].0.iter().zip(&results[1].0).all(|(a, b)| a.to_bits() == b.to_bits());
+    let c = results[0].2[0].config;
+    let scale = 1.0 / (d as f64).sqrt();
+    let opts = IndexOptions {
+        block_m: Some(c.block_m as usize),
+        block_n: Some(c.block_n as usize),
+        scale: Some(scale),
+        ..Default::default()
+    };
+    let want = attention(&build_index(&p.expr, &x.q, &x.k, &opts).unwrap(), &x.q, &x.k, &x.v, scale).unwrap();
+    let (rel, nan, lse_err) = compare(&results[0].0, &results[0].1, &want);
+    let ok = same && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
+    println!(
+        "{} layer on a GPU-built index: {c}, index {:.2} ms on the GPU vs {:.2} ms on the host, identical output={same} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+        if ok { "ok  " } else { "FAIL" },
+        results[0].2[0].index_ms,
+        results[1].2[0].index_ms
+    );
+    assert!(ok);
+}
