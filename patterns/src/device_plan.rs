@@ -487,6 +487,284 @@ impl ColumnPlan {
     }
 }
 
+/// The static part of a block top-k index built on the GPU: a pattern whose only dynamic part
+/// is one `block(keep = top_k(n) | threshold(t))`. Per index row, every key block the row can
+/// have with its entry code when its pattern block is chosen (`code_sel`) and when it is not
+/// (`code_not`, `DROP` for none); per query group, which pattern key blocks the selection ranks.
+#[derive(Clone, Debug)]
+pub struct BlockPlan {
+    pub heads: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub block_m: usize,
+    pub block_n: usize,
+    /// The pattern's blocks: query rows per group and keys per pattern key block.
+    pub block_q: usize,
+    pub block_k: usize,
+    pub groups: usize,
+    /// Pattern key blocks.
+    pub kblocks: usize,
+    pub budget: Budget,
+    pub scale: f64,
+    /// Whether entries and candidates differ per head (slot = head) or not (slot 0).
+    pub per_head: bool,
+    /// `allowed[(slot * groups + g) * words + w]`: bit `kb % 32` of word `kb / 32` is set when
+    /// pattern key block `kb` is a candidate of group `g` (`words = ceil(kblocks / 32)`).
+    pub allowed: Vec<u32>,
+    /// `entry_ptr[r]..entry_ptr[r + 1]`: the possible key blocks of row `r = slot * q_blocks +
+    /// qb`, ascending, with their pattern key block and codes.
+    pub entry_ptr: Vec<u32>,
+    pub entry_kb: Vec<u32>,
+    pub entry_pattern_kb: Vec<u32>,
+    pub code_sel: Vec<u16>,
+    pub code_not: Vec<u16>,
+    /// The mask table the codes index (generate the attention kernel with it).
+    pub masks: Vec<Pred>,
+}
+
+fn find_block<'a>(e: &'a PatternExpr, ctx: &Pred, found: &mut Option<(&'a weft_dsl::Block, Pred)>) -> Result<(), Error> {
+    let unsupported = |what: &str| {
+        Err(Error::Layout(format!(
+            "GPU index building supports one block(keep = top_k(n) | threshold(t)) with static predicates \
+             around it; this pattern has {what}: build its index on the CPU"
+        )))
+    };
+    match e {
+        PatternExpr::Static(_) => Ok(()),
+        PatternExpr::Block(b) => match b.keep {
+            weft_dsl::BlockKeep::Where(_) => Ok(()),
+            weft_dsl::BlockKeep::Budget(Budget::TopP(_)) => unsupported("a top_p budget"),
+            weft_dsl::BlockKeep::Budget(_) if found.is_some() => unsupported("two block selections"),
+            weft_dsl::BlockKeep::Budget(_) => {
+                *found = Some((b, ctx.clone()));
+                Ok(())
+            }
+        },
+        PatternExpr::Union(items) => items.iter().try_for_each(|i| find_block(i, ctx, found)),
+        PatternExpr::Intersect(items) => {
+            let mut inner = ctx.clone();
+            for item in items {
+                if let PatternExpr::Static(p) = item {
+                    inner = inner.and(p.clone());
+                }
+            }
+            items.iter().try_for_each(|i| find_block(i, &inner, found))
+        }
+        PatternExpr::VerticalVector(_) => unsupported("a vertical_vector selection"),
+        PatternExpr::VerticalSlash(_) => unsupported("a vertical_slash selection"),
+        PatternExpr::Grid(_) => unsupported("a grid"),
+        PatternExpr::Retrieval(_) => unsupported("a retrieval selection"),
+        PatternExpr::Permuted { .. } => unsupported("a permutation"),
+        PatternExpr::Ring { .. } => unsupported("a ring schedule"),
+    }
+}
+
+/// `node` (resolved from `e`) with its block selection replaced by "every block" (`chosen`)
+/// or "none": a static node, which the index builder settles range by range.
+fn fix_block_choice(e: &PatternExpr, node: &Node, chosen: bool) -> Node {
+    match (e, node) {
+        (PatternExpr::Block(b), Node::Blocks(_)) if matches!(b.keep, weft_dsl::BlockKeep::Budget(_)) => {
+            Node::Static(Pred::Const(chosen))
+        }
+        (PatternExpr::Union(es), Node::Union(ns)) => {
+            Node::Union(es.iter().zip(ns).map(|(e, n)| fix_block_choice(e, n, chosen)).collect())
+        }
+        (PatternExpr::Intersect(es), Node::Intersect(ns)) => {
+            Node::Intersect(es.iter().zip(ns).map(|(e, n)| fix_block_choice(e, n, chosen)).collect())
+        }
+        _ => node.clone(),
+    }
+}
+
+impl BlockPlan {
+    /// Plans `pattern` for `heads` query heads, `nq` queries and `nk` keys.
+    pub fn new(pattern: &PatternExpr, heads: usize, nq: usize, nk: usize, opts: &IndexOptions) -> Result<BlockPlan, Error> {
+        weft_dsl::validate::validate(pattern).map_err(|e| Error::Pattern(weft_dsl::Error::Invalid(e)))?;
+        if heads == 0 || nq == 0 || nk == 0 {
+            return Err(Error::Shape(format!("empty input: {heads} heads, {nq} queries, {nk} keys")));
+        }
+        let mut found = None;
+        find_block(pattern, &Pred::Const(true), &mut found)?;
+        let Some((blk, ctx)) = found else {
+            return Err(Error::Layout("the pattern has no block selection: nothing to build on the GPU".into()));
+        };
+        let weft_dsl::BlockKeep::Budget(budget) = blk.keep else { unreachable!("find_block takes budgets only") };
+        let (bm, bn) = layout(pattern, opts)?;
+        let scale = opts.scale.unwrap_or(f64::NAN);
+        if !(scale > 0.0 && scale.is_finite()) {
+            return Err(Error::Shape(format!("GPU index building needs a positive finite scale, got {scale}")));
+        }
+        let (bq, bk) = (blk.block_q as usize, blk.block_k as usize);
+        let (groups, kblocks) = (nq.div_ceil(bq), nk.div_ceil(bk));
+        let per_head = preds_use_h(pattern);
+        let slots = if per_head { heads } else { 1 };
+        let shape_only = |n: usize| Tensor { heads, tokens: n, dim: 0, data: Vec::new() };
+        let (q, k) = (shape_only(nq), shape_only(nk));
+        let wanted = vec![false; nq];
+        let nodes = (0..slots)
+            .map(|h| {
+                let inp = HeadInputs { q: &q, k: &k, h, kv: h, scale, wanted: Some(&wanted), estimates: None };
+                resolve(pattern, &inp, &Pred::Const(true))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let index_with = |chosen: bool| {
+            crate::Resolved {
+                nodes: nodes.iter().map(|n| fix_block_choice(pattern, n, chosen)).collect(),
+                permutation: None,
+                heads: slots,
+                nq,
+                nk,
+                block_m: bm,
+                block_n: bn,
+                scale,
+                wanted: None,
+            }
+            .index()
+        };
+        let (all, none) = (index_with(true)?, index_with(false)?);
+        let mut table = MaskTable::from(&all.masks);
+        let q_blocks = nq.div_ceil(bm);
+        let mut plan_rows = (vec![0u32], Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for row in 0..slots * q_blocks {
+            let (a0, a1) = (all.block_ptr[row] as usize, all.block_ptr[row + 1] as usize);
+            let (n0, n1) = (none.block_ptr[row] as usize, none.block_ptr[row + 1] as usize);
+            let none_kbs = &none.block_idx[n0..n1];
+            for i in a0..a1 {
+                let kb = all.block_idx[i];
+                let not = match none_kbs.binary_search(&kb) {
+                    Ok(j) => match none.block_mask[n0 + j] {
+                        FULL => FULL,
+                        id => table.intern(none.masks[id as usize].clone())?,
+                    },
+                    Err(_) => DROP,
+                };
+                plan_rows.1.push(kb);
+                plan_rows.2.push(kb * bn as u32 / bk as u32);
+                plan_rows.3.push(all.block_mask[i]);
+                plan_rows.4.push(not);
+            }
+            if none_kbs.iter().any(|kb| all.block_idx[a0..a1].binary_search(kb).is_err()) {
+                return Err(Error::Layout("a block the unchosen pattern keeps is missing when chosen".into()));
+            }
+            plan_rows.0.push(plan_rows.1.len() as u32);
+        }
+        if table.masks.len() > DROP as usize {
+            return Err(Error::Layout("more than 65534 distinct masks in a GPU-built index".into()));
+        }
+        // Candidates: the pattern key blocks the context allows for some pair (as the CPU
+        // selection filters them).
+        let words = kblocks.div_ceil(32);
+        let mut allowed = vec![0u32; slots * groups * words];
+        for h in 0..slots {
+            for g in 0..groups {
+                let (q0, q1) = (g * bq, ((g + 1) * bq).min(nq));
+                for kb in 0..kblocks {
+                    let r = Region {
+                        q0: q0 as i64,
+                        q1: q1 as i64,
+                        k0: (kb * bk) as i64,
+                        k1: ((kb + 1) * bk).min(nk) as i64,
+                        h: h as i64,
+                        nq: nq as i64,
+                        nk: nk as i64,
+                    };
+                    if decide(&ctx, &r) != Some(false) {
+                        allowed[(h * groups + g) * words + kb / 32] |= 1 << (kb % 32);
+                    }
+                }
+            }
+        }
+        let (entry_ptr, entry_kb, entry_pattern_kb, code_sel, code_not) = plan_rows;
+        Ok(BlockPlan {
+            heads,
+            nq,
+            nk,
+            block_m: bm,
+            block_n: bn,
+            block_q: bq,
+            block_k: bk,
+            groups,
+            kblocks,
+            budget,
+            scale,
+            per_head,
+            allowed,
+            entry_ptr,
+            entry_kb,
+            entry_pattern_kb,
+            code_sel,
+            code_not,
+            masks: table.masks,
+        })
+    }
+
+    /// Query-block rows of the index.
+    pub fn q_blocks(&self) -> usize {
+        self.nq.div_ceil(self.block_m)
+    }
+
+    /// The index for chosen pattern blocks `chosen[h][g]` (pattern key blocks, ascending): what
+    /// the GPU's last step writes, on the CPU.
+    pub fn assemble(&self, chosen: &[Vec<Vec<u32>>]) -> Result<SparseIndex, Error> {
+        if chosen.len() != self.heads || chosen.iter().any(|h| h.len() != self.groups) {
+            return Err(Error::Shape(format!("chosen blocks for {} heads x {} groups expected", self.heads, self.groups)));
+        }
+        let mut ix = SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n);
+        ix.masks = self.masks.clone();
+        for (h, groups) in chosen.iter().enumerate() {
+            let slot = if self.per_head { h } else { 0 };
+            for qb in 0..self.q_blocks() {
+                let g = qb * self.block_m / self.block_q;
+                let row = slot * self.q_blocks() + qb;
+                for e in self.entry_ptr[row] as usize..self.entry_ptr[row + 1] as usize {
+                    let sel = groups[g].binary_search(&self.entry_pattern_kb[e]).is_ok();
+                    let code = if sel { self.code_sel[e] } else { self.code_not[e] };
+                    if code != DROP {
+                        ix.block_idx.push(self.entry_kb[e]);
+                        ix.block_mask.push(code);
+                    }
+                }
+                ix.block_ptr.push(ix.block_idx.len() as u32);
+                ix.col_ptr.push(0);
+            }
+        }
+        Ok(ix)
+    }
+
+    /// The pattern key blocks the CPU selection chooses for `q` and `k` (`chosen[h][g]`).
+    pub fn choose_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<Vec<Vec<Vec<u32>>>, Error> {
+        let opts = IndexOptions {
+            block_m: Some(self.block_m),
+            block_n: Some(self.block_n),
+            scale: Some(self.scale),
+            ..Default::default()
+        };
+        let resolved = crate::resolve_pattern(pattern, q, k, &opts)?;
+        resolved
+            .nodes
+            .iter()
+            .map(|n| {
+                let sel = dynamic_block_sel(pattern, n)
+                    .ok_or_else(|| Error::Layout("internal: no block selection resolved".into()))?;
+                Ok((0..self.groups)
+                    .map(|g| (0..self.kblocks as u32).filter(|&kb| sel.selected(g, kb as usize)).collect())
+                    .collect())
+            })
+            .collect()
+    }
+}
+
+/// The selection of the dynamic block leaf of `e` in its resolved node.
+fn dynamic_block_sel<'a>(e: &PatternExpr, node: &'a Node) -> Option<&'a crate::families::BlockSel> {
+    match (e, node) {
+        (PatternExpr::Block(b), Node::Blocks(sel)) if matches!(b.keep, weft_dsl::BlockKeep::Budget(_)) => Some(sel),
+        (PatternExpr::Union(es), Node::Union(ns)) | (PatternExpr::Intersect(es), Node::Intersect(ns)) => {
+            es.iter().zip(ns).find_map(|(e, n)| dynamic_block_sel(e, n))
+        }
+        _ => None,
+    }
+}
+
 /// The first difference between two indexes, comparing mask predicates rather than mask
 /// ids (two builders may number the same masks differently); `None` when they are the same.
 pub fn index_difference(a: &SparseIndex, b: &SparseIndex) -> Option<String> {

@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use weft_dsl::builder::*;
 use weft_dsl::*;
-use weft_patterns::device_plan::{index_difference, ColumnPlan};
+use weft_patterns::device_plan::{index_difference, BlockPlan, ColumnPlan};
 use weft_patterns::*;
 
 fn patterns(n: u32, q_block: u32) -> Vec<(&'static str, PatternExpr)> {
@@ -82,4 +82,38 @@ fn patterns_the_gpu_cannot_build_say_so() {
     }
     let e = PatternExpr::from(vertical_vector().keep(top_k(3)));
     assert!(ColumnPlan::new(&e, 1, 100, 100, &IndexOptions::default()).unwrap_err().to_string().contains("scale"));
+}
+
+fn block_patterns(n: u32, bq: u32, bk: u32) -> Vec<(&'static str, PatternExpr)> {
+    let blk = |keep| block().block_q(bq).block_k(bk).keep(keep);
+    vec![
+        ("block", blk(top_k(n)).into()),
+        ("causal & block", causal() & blk(top_k(n))),
+        ("causal & (block | window)", causal() & (blk(threshold(0.3)) | window(100))),
+        ("sink | block", sink(8) | blk(top_k(n))),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn planned_and_cpu_built_block_indexes_agree(
+        nq in 1usize..400, extra in 0usize..120, n in 1u32..6, group in 1usize..3,
+        blocks in prop::sample::select(vec![(64u32, 64u32, 64usize, 64usize), (64, 64, 32, 32), (128, 64, 64, 64), (32, 32, 16, 32)]),
+        seed in any::<u64>(),
+    ) {
+        let (bq, bk, bm, bn) = blocks;
+        let nk = nq + extra;
+        let heads = 2;
+        let q = Tensor::random(heads, nq, 16, seed);
+        let k = Tensor::random(heads / group, nk, 16, seed ^ 0x51ed);
+        for (name, e) in block_patterns(n, bq, bk) {
+            let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), scale: Some(0.25), ..Default::default() };
+            let want = build_index(&e, &q, &k, &opts).unwrap();
+            let plan = BlockPlan::new(&e, heads, nq, nk, &opts).unwrap();
+            let got = plan.assemble(&plan.choose_on_cpu(&e, &q, &k).unwrap()).unwrap();
+            prop_assert!(index_difference(&got, &want).is_none(), "{name} nq={nq} nk={nk} blocks={blocks:?}: {}", index_difference(&got, &want).unwrap());
+        }
+    }
 }
