@@ -522,7 +522,11 @@ pub struct BlockPlan {
     pub masks: Vec<Pred>,
 }
 
-fn find_block<'a>(e: &'a PatternExpr, ctx: &Pred, found: &mut Option<(&'a weft_dsl::Block, Pred)>) -> Result<(), Error> {
+fn find_block<'a>(
+    e: &'a PatternExpr,
+    ctx: &Pred,
+    found: &mut Option<(&'a weft_dsl::Block, Pred)>,
+) -> Result<(), Error> {
     let unsupported = |what: &str| {
         Err(Error::Layout(format!(
             "GPU index building supports one block(keep = top_k(n) | threshold(t)) with static predicates \
@@ -578,7 +582,13 @@ fn fix_block_choice(e: &PatternExpr, node: &Node, chosen: bool) -> Node {
 
 impl BlockPlan {
     /// Plans `pattern` for `heads` query heads, `nq` queries and `nk` keys.
-    pub fn new(pattern: &PatternExpr, heads: usize, nq: usize, nk: usize, opts: &IndexOptions) -> Result<BlockPlan, Error> {
+    pub fn new(
+        pattern: &PatternExpr,
+        heads: usize,
+        nq: usize,
+        nk: usize,
+        opts: &IndexOptions,
+    ) -> Result<BlockPlan, Error> {
         weft_dsl::validate::validate(pattern).map_err(|e| Error::Pattern(weft_dsl::Error::Invalid(e)))?;
         if heads == 0 || nq == 0 || nk == 0 {
             return Err(Error::Shape(format!("empty input: {heads} heads, {nq} queries, {nk} keys")));
@@ -707,7 +717,10 @@ impl BlockPlan {
     /// the GPU's last step writes, on the CPU.
     pub fn assemble(&self, chosen: &[Vec<Vec<u32>>]) -> Result<SparseIndex, Error> {
         if chosen.len() != self.heads || chosen.iter().any(|h| h.len() != self.groups) {
-            return Err(Error::Shape(format!("chosen blocks for {} heads x {} groups expected", self.heads, self.groups)));
+            return Err(Error::Shape(format!(
+                "chosen blocks for {} heads x {} groups expected",
+                self.heads, self.groups
+            )));
         }
         let mut ix = SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n);
         ix.masks = self.masks.clone();

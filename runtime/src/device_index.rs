@@ -12,10 +12,11 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use weft_codegen::{
-    emit_vv_index, vv_score_shared_bytes, vv_select_shared_bytes, DType, VV_COLLECT_MAX, VV_INDEX_MAX_SHARED,
-    VV_TWO_CTA_SHARED,
+    block_select_shared_bytes, emit_vv_index, vv_score_shared_bytes, vv_select_shared_bytes, DType, VV_COLLECT_MAX,
+    VV_INDEX_MAX_SHARED, VV_TWO_CTA_SHARED,
 };
-use weft_patterns::device_plan::ColumnPlan;
+use weft_dsl::Budget;
+use weft_patterns::device_plan::{BlockPlan, ColumnPlan};
 
 use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
 
@@ -379,6 +380,169 @@ impl Gpu {
             columns: total,
             chunk_heads: chunk,
             strategy: strategy_name,
+        };
+        Ok((index, report))
+    }
+}
+
+impl Gpu {
+    /// Builds the index of a block top-k (or threshold) `plan` for Q `[hq, nq, d]` and K
+    /// `[hkv, nk, d]` (bf16, on the device): pooled query and key blocks, every candidate's
+    /// score in f64 exactly as the CPU builder computes it, the selection sorted on the GPU,
+    /// then the rows' block lists through the plan's codes. Mask ids index `plan.masks`.
+    pub fn build_block_index(
+        &self,
+        plan: &BlockPlan,
+        shape: AttnShape,
+        dtype: DType,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+    ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
+        let started = Instant::now();
+        let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
+        if dtype != DType::Bf16 {
+            return Err(usage(format!(
+                "GPU index building takes bf16 Q and K, got {}; convert them or build the index on the CPU",
+                dtype.name()
+            )));
+        }
+        if (plan.heads, plan.nq, plan.nk) != (hq, nq, nk) {
+            return Err(Error::Shape(format!(
+                "the plan is for {} heads x {} queries x {} keys, the inputs are {hq} x {nq} x {nk}",
+                plan.heads, plan.nq, plan.nk
+            )));
+        }
+        if hkv == 0 || hq % hkv != 0 || q.len() != hq * nq * d || k.len() != hkv * nk * d {
+            return Err(Error::Shape(format!(
+                "Q holds {} elements and K {} for {hq} query heads on {hkv} key heads of {nq} x {nk} x {d}",
+                q.len(),
+                k.len()
+            )));
+        }
+        let select_smem = block_select_shared_bytes(d as u32, plan.kblocks);
+        if select_smem > VV_INDEX_MAX_SHARED as usize {
+            return Err(usage(format!("{} key blocks are more than GPU block selection takes", plan.kblocks)));
+        }
+        let (mode, top_k, ln_t) = match plan.budget {
+            Budget::TopK(n) => (0i32, n.min(i32::MAX as u32) as i32, 0f64),
+            Budget::Threshold(t) => (1, 0, t.ln()),
+            Budget::TopP(_) => return Err(usage("GPU block selection takes top_k and threshold budgets")),
+        };
+        let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
+        let f = self.load_entries(&kernel, &weft_codegen::BLOCK_INDEX_ENTRIES)?;
+        let (f_pool, f_select, f_rows, f_scan) = (&f[0], &f[1], &f[2], &f[3]);
+        let s = &self.stream;
+        let (up, alloc) = ("uploading the block index plan", "allocating block index buffers");
+        let nonempty_u32 = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
+        let nonempty_u16 = |v: &[u16]| if v.is_empty() { vec![0u16] } else { v.to_vec() };
+        let (groups, kblocks, q_blocks) = (plan.groups, plan.kblocks, plan.q_blocks());
+        let rows = hq * q_blocks;
+        let words = kblocks.div_ceil(32);
+        let allowed = s.clone_htod(&plan.allowed).map_err(driver(up))?;
+        let entry_ptr = s.clone_htod(&plan.entry_ptr).map_err(driver(up))?;
+        let entry_kb = s.clone_htod(&nonempty_u32(&plan.entry_kb)).map_err(driver(up))?;
+        let entry_pkb = s.clone_htod(&nonempty_u32(&plan.entry_pattern_kb)).map_err(driver(up))?;
+        let code_sel = s.clone_htod(&nonempty_u16(&plan.code_sel)).map_err(driver(up))?;
+        let code_not = s.clone_htod(&nonempty_u16(&plan.code_not)).map_err(driver(up))?;
+        let mut pooled_q = s.alloc_zeros::<f32>(hq * groups * d).map_err(driver(alloc))?;
+        let mut pooled_k = s.alloc_zeros::<f32>(hkv * kblocks * d).map_err(driver(alloc))?;
+        // The pool kernel also writes bf16 halves and norms, unused here.
+        let mut scratch16 = s.alloc_zeros::<u16>(2 * (hq * groups).max(hkv * kblocks) * d).map_err(driver(alloc))?;
+        let mut scratch_l1 = s.alloc_zeros::<f32>((hq * groups).max(hkv * kblocks)).map_err(driver(alloc))?;
+        let mut chosen = s.alloc_zeros::<u32>(hq * groups * words).map_err(driver(alloc))?;
+        let mut row_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
+        let mut block_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
+        let launch = |what: &str| driver(format!("launching the block index builder's {what} kernel"));
+        let cfg = |grid: (u32, u32, u32), threads: u32, smem: u32| LaunchConfig {
+            grid_dim: grid,
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let (nq_i, nk_i, hq_i, hkv_i) = (nq as i32, nk as i32, hq as i32, hkv as i32);
+        let (groups_i, kblocks_i, bq_i, bk_i) =
+            (groups as i32, kblocks as i32, plan.block_q as i32, plan.block_k as i32);
+        let per_head = i32::from(plan.per_head);
+        // Safety (every launch below): argument lists match the template's signatures and each
+        // buffer has the length the kernel indexes.
+        for (src, n, rows_per, count, heads, out) in
+            [(q, nq_i, bq_i, groups_i, hq, &mut pooled_q), (k, nk_i, bk_i, kblocks_i, hkv, &mut pooled_k)]
+        {
+            let (mut hi, mut lo) = scratch16.split_at_mut(scratch16.len() / 2);
+            let mut b = s.launch_builder(f_pool);
+            b.arg(src).arg(&n).arg(&rows_per).arg(&count).arg(out).arg(&mut hi).arg(&mut lo).arg(&mut scratch_l1);
+            unsafe { b.launch(cfg((count as u32, heads as u32, 1), d as u32, 0)) }.map_err(launch("pool"))?;
+        }
+        let mut b = s.launch_builder(f_select);
+        b.arg(&pooled_q).arg(&pooled_k).arg(&allowed).arg(&per_head).arg(&hq_i).arg(&hkv_i).arg(&groups_i);
+        b.arg(&kblocks_i).arg(&mode).arg(&top_k).arg(&ln_t).arg(&plan.scale).arg(&mut chosen);
+        unsafe { b.launch(cfg((groups as u32, hq as u32, 1), 256, select_smem as u32)) }
+            .map_err(launch("block_select"))?;
+        let (q_blocks_i, bm_i) = (q_blocks as i32, plan.block_m as i32);
+        let rows_pass = |pass: i32,
+                         row_count: &mut CudaSlice<u32>,
+                         block_ptr: &CudaSlice<u32>,
+                         idx: &mut CudaSlice<u32>,
+                         mask: &mut CudaSlice<u16>|
+         -> Result<(), Error> {
+            let mut b = s.launch_builder(f_rows);
+            b.arg(&chosen).arg(&entry_ptr).arg(&entry_kb).arg(&entry_pkb).arg(&code_sel).arg(&code_not);
+            b.arg(&per_head)
+                .arg(&hq_i)
+                .arg(&q_blocks_i)
+                .arg(&bm_i)
+                .arg(&bq_i)
+                .arg(&groups_i)
+                .arg(&kblocks_i)
+                .arg(&pass);
+            b.arg(row_count).arg(block_ptr).arg(idx).arg(mask);
+            unsafe { b.launch(cfg((rows.div_ceil(4).max(1) as u32, 1, 1), 128, 0)) }.map_err(launch("block_rows"))?;
+            Ok(())
+        };
+        let mut none_idx = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
+        let mut none_mask = s.alloc_zeros::<u16>(1).map_err(driver(alloc))?;
+        rows_pass(0, &mut row_count, &block_ptr, &mut none_idx, &mut none_mask)?;
+        let rows_i = rows as i32;
+        let mut b = s.launch_builder(f_scan);
+        b.arg(&row_count).arg(&rows_i).arg(&mut block_ptr);
+        unsafe { b.launch(cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
+        // The one synchronisation: the entry total, to size the block lists.
+        let total =
+            s.clone_dtoh(&block_ptr.slice(rows..rows + 1)).map_err(driver("reading the block total"))?[0] as usize;
+        let select_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut block_idx = s.alloc_zeros::<u32>(total.max(1)).map_err(driver(alloc))?;
+        let mut block_mask = s.alloc_zeros::<u16>(total.max(1)).map_err(driver(alloc))?;
+        rows_pass(1, &mut row_count, &block_ptr, &mut block_idx, &mut block_mask)?;
+        let map: Vec<i32> = (0..hq as i32).collect();
+        let index = DeviceIndex {
+            heads: hq,
+            head_map: (0..hq).collect(),
+            nq,
+            nk,
+            block_m: plan.block_m,
+            block_n: plan.block_n,
+            batch: 1,
+            q_blocks,
+            seq_q: s.clone_htod(&[0, nq_i]).map_err(driver(up))?,
+            seq_k: s.clone_htod(&[0, nk_i]).map_err(driver(up))?,
+            seq_qb: s.clone_htod(&[0, q_blocks as i32]).map_err(driver(up))?,
+            block_ptr,
+            block_idx,
+            block_mask,
+            col_ptr: s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?,
+            col_idx: s.alloc_zeros::<u32>(1).map_err(driver(alloc))?,
+            col_mask: s.alloc_zeros::<u16>(1).map_err(driver(alloc))?,
+            head_map_dev: s.clone_htod(&map).map_err(driver(up))?,
+            gathered: false,
+        };
+        s.synchronize().map_err(driver("finishing the block index build"))?;
+        let report = IndexBuildReport {
+            select_ms,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            columns: total,
+            chunk_heads: hq,
+            strategy: "blocks",
+            slow_groups: 0,
+            kernel_ms: Vec::new(),
         };
         Ok((index, report))
     }

@@ -19,7 +19,7 @@ use cudarc::driver::CudaSlice;
 use weft_cache::{ShapeBucket, Toolchain, TuneKey, TuneRecord};
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::{Pattern, PatternExpr};
-use weft_patterns::device_plan::ColumnPlan;
+use weft_patterns::device_plan::{BlockPlan, ColumnPlan};
 use weft_patterns::{build_index, IndexOptions, SparseIndex, Tensor};
 
 use crate::{driver, AttnShape, Error, LoadSource, Runtime};
@@ -98,9 +98,17 @@ pub struct LaunchReport {
     pub load_ms: f64,
     /// Time to build the group's index (on the host, gathered; or on the GPU).
     pub index_ms: f64,
-    /// Whether the index was built on the GPU from Q and K on the device (a vertical-vector
-    /// pattern over every head in bf16; see `Gpu::build_vv_index`), with no host copy.
+    /// Whether the index was built on the GPU from Q and K on the device (a vertical-vector or
+    /// block top-k pattern over every head in bf16; see `Gpu::build_vv_index` and
+    /// `Gpu::build_block_index`), with no host copy.
     pub index_on_gpu: bool,
+}
+
+/// The static part of an index the GPU builds.
+#[derive(Clone)]
+enum DevicePlan {
+    Columns(Arc<ColumnPlan>),
+    Blocks(Arc<BlockPlan>),
 }
 
 /// Static indexes kept across calls (the cache is emptied when it reaches this size).
@@ -118,7 +126,7 @@ pub(crate) struct LayerCache {
     static_indexes: Mutex<HashMap<IndexCacheKey, Arc<SparseIndex>>>,
     /// Static plans of GPU-built indexes, by the same key (and bounded the same way); `None`
     /// records a pattern the GPU cannot build at that shape.
-    column_plans: Mutex<HashMap<IndexCacheKey, Option<Arc<ColumnPlan>>>>,
+    device_plans: Mutex<HashMap<IndexCacheKey, Option<DevicePlan>>>,
     /// Each (pattern, head, bucket)'s config and whether it was tuned, read from the
     /// database once per process (a tune stored later by another process is seen after a
     /// restart).
@@ -201,8 +209,9 @@ impl Runtime {
         }
 
         // A group of one dynamic pattern over every head can have its index built on the GPU
-        // (vertical vectors, bf16); Q and K go to the host only for the other dynamic groups.
-        let device_plans: Vec<Option<Arc<ColumnPlan>>> = groups
+        // (vertical vectors or block top-k, bf16); Q and K go to the host only for the other
+        // dynamic groups.
+        let device_plans: Vec<Option<DevicePlan>> = groups
             .iter()
             .map(|(key, heads)| {
                 let p = &plan.patterns[heads[0]];
@@ -210,7 +219,7 @@ impl Runtime {
                 if !single || p.expr.is_static() || dtype != DType::Bf16 || key.exclusive.is_some() {
                     return None;
                 }
-                self.column_plan(p, &hashes[heads[0]], &key.config.0, shape, scale)
+                self.device_plan(p, &hashes[heads[0]], &key.config.0, shape, scale)
             })
             .collect();
         let dynamic = groups
@@ -223,11 +232,14 @@ impl Runtime {
         for ((key, heads), device_plan) in groups.into_iter().zip(device_plans) {
             let config = key.config.0;
             let started = Instant::now();
-            if let Some(cp) = device_plan {
-                let (device_index, _) = self.gpu.build_vv_index(&cp, shape, dtype, q, k)?;
+            if let Some(dp) = device_plan {
+                let (device_index, masks) = match &dp {
+                    DevicePlan::Columns(cp) => (self.gpu.build_vv_index(cp, shape, dtype, q, k)?.0, &cp.skeleton.masks),
+                    DevicePlan::Blocks(bp) => (self.gpu.build_block_index(bp, shape, dtype, q, k)?.0, &bp.masks),
+                };
                 let index_ms = started.elapsed().as_secs_f64() * 1e3;
                 let p = &plan.patterns[heads[0]];
-                let kernel = emit(&KernelSpec { pattern: p, masks: &cp.skeleton.masks, permutation: None, config })?;
+                let kernel = emit(&KernelSpec { pattern: p, masks, permutation: None, config })?;
                 let loading = Instant::now();
                 let (_, source) = self.gpu.load_traced(&kernel)?;
                 let load_ms = loading.elapsed().as_secs_f64() * 1e3;
@@ -404,20 +416,20 @@ impl Runtime {
     }
 
     /// The static plan for building `pattern`'s index on the GPU at this shape and config
-    /// (cached), or `None` when the GPU builder does not take the pattern.
-    fn column_plan(
+    /// (cached), or `None` when the GPU builders do not take the pattern.
+    fn device_plan(
         &self,
         pattern: &Pattern,
         hash: &str,
         config: &KernelConfig,
         shape: AttnShape,
         scale: f32,
-    ) -> Option<Arc<ColumnPlan>> {
+    ) -> Option<DevicePlan> {
         if !self.gpu_index.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
         let key = (hash.to_string(), shape.hq, shape.nq, shape.nk, config.block_m as usize, config.block_n as usize);
-        if let Some(p) = self.layer.column_plans.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        if let Some(p) = self.layer.device_plans.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return p;
         }
         let opts = IndexOptions {
@@ -426,14 +438,18 @@ impl Runtime {
             scale: Some(f64::from(scale)),
             ..Default::default()
         };
-        let plan = match ColumnPlan::new(&pattern.expr, shape.hq, shape.nq, shape.nk, &opts) {
-            Ok(p) => Some(Arc::new(p)),
-            Err(e) => {
-                tracing::debug!(pattern = %pattern.name, error = %e, "index built on the host");
-                None
-            }
+        let (hq, nq, nk) = (shape.hq, shape.nq, shape.nk);
+        let plan = match ColumnPlan::new(&pattern.expr, hq, nq, nk, &opts) {
+            Ok(p) => Some(DevicePlan::Columns(Arc::new(p))),
+            Err(_) => match BlockPlan::new(&pattern.expr, hq, nq, nk, &opts) {
+                Ok(p) => Some(DevicePlan::Blocks(Arc::new(p))),
+                Err(e) => {
+                    tracing::debug!(pattern = %pattern.name, error = %e, "index built on the host");
+                    None
+                }
+            },
         };
-        if let Ok(mut m) = self.layer.column_plans.lock() {
+        if let Ok(mut m) = self.layer.device_plans.lock() {
             if m.len() >= STATIC_INDEX_CACHE {
                 m.clear();
             }

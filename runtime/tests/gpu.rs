@@ -647,11 +647,20 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
 }
 
 #[test]
-fn a_vertical_vector_layer_builds_its_index_on_the_gpu() {
-    use weft_runtime::{LayerPlan, Runtime};
+fn vertical_vector_and_block_layers_build_their_index_on_the_gpu() {
+    use weft_runtime::Runtime;
     let dir = tempfile::tempdir().unwrap();
     let rt = Runtime::open(Some(dir.path())).unwrap();
-    let p = Pattern::new("causal_vv", causal() & vertical_vector().q_block(64).keep(top_k(100)).sink(16).local(64));
+    for p in [
+        Pattern::new("causal_vv", causal() & vertical_vector().q_block(64).keep(top_k(100)).sink(16).local(64)),
+        Pattern::new("causal_block", causal() & block().block_q(64).block_k(64).keep(top_k(6))),
+    ] {
+        layer_on_gpu_built_index(&rt, &p);
+    }
+}
+
+fn layer_on_gpu_built_index(rt: &weft_runtime::Runtime, p: &Pattern) {
+    use weft_runtime::LayerPlan;
     let (hq, hkv, nq, nk, d) = (4usize, 2usize, 900usize, 5000usize, 128usize);
     let x = inputs(hq, hkv, nq, nk, d, DType::Bf16, 777);
     let s = &rt.gpu.stream;
@@ -683,10 +692,86 @@ fn a_vertical_vector_layer_builds_its_index_on_the_gpu() {
     let (rel, nan, lse_err) = compare(&results[0].0, &results[0].1, &want);
     let ok = same && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
     println!(
-        "{} layer on a GPU-built index: {c}, index {:.2} ms on the GPU vs {:.2} ms on the host, identical output={same} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+        "{} layer {} on a GPU-built index: {c}, index {:.2} ms on the GPU vs {:.2} ms on the host, identical output={same} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
         if ok { "ok  " } else { "FAIL" },
+        p.name,
         results[0].2[0].index_ms,
         results[1].2[0].index_ms
     );
     assert!(ok);
+}
+
+#[test]
+fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
+    use weft_patterns::device_plan::{index_difference, BlockPlan};
+    let gpu = Gpu::open(0).expect("a GPU");
+    let mut failures = Vec::new();
+    let mut seed = 9500u64;
+    for n in [3u32, 12] {
+        let blk = |bq: u32, keep| block().block_q(bq).block_k(64).keep(keep);
+        let patterns = [
+            Pattern::new("causal_block", causal() & blk(64, top_k(n))),
+            Pattern::new("block128", blk(128, top_k(n))),
+            Pattern::new("causal_threshold_window", causal() & (blk(64, threshold(0.3)) | window(100))),
+        ];
+        for p in &patterns {
+            for (nq, nk, hq, hkv, d) in [
+                (1000usize, 1000usize, 4usize, 2usize, 128usize),
+                (333, 333, 2, 2, 64),
+                (700, 1000, 4, 2, 128),
+                (600, 8200, 4, 2, 128),
+            ] {
+                for ties in [false, true] {
+                    seed += 1;
+                    let mut x = inputs(hq, hkv, nq, nk, d, DType::Bf16, seed);
+                    if ties {
+                        // Odd key blocks repeat the even ones: equal pooled keys, equal scores,
+                        // so the lower block must win.
+                        for h in 0..hkv {
+                            for b in (0..nk / 64).step_by(2).filter(|b| (b + 2) * 64 <= nk) {
+                                let (a, c) = ((h * nk + b * 64) * d, (h * nk + (b + 1) * 64) * d);
+                                x.kb.copy_within(a..a + 64 * d, c);
+                                x.k.data.copy_within(a..a + 64 * d, c);
+                            }
+                        }
+                    }
+                    let scale = 1.0 / (d as f64).sqrt();
+                    let opts = IndexOptions { scale: Some(scale), ..Default::default() };
+                    let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
+                    let plan = BlockPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
+                    let s = &gpu.stream;
+                    let (qd, kd, vd) =
+                        (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
+                    let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
+                    let (dix, report) = gpu.build_block_index(&plan, shape, DType::Bf16, &qd, &kd).unwrap();
+                    let mut got_ix = dix.to_host(&gpu).unwrap();
+                    got_ix.masks = plan.masks.clone();
+                    let diff = index_difference(&got_ix, &want_ix);
+                    let config = KernelConfig::for_blocks(plan.block_m, plan.block_n, d as u32, DType::Bf16);
+                    let kernel =
+                        emit(&KernelSpec { pattern: p, masks: &plan.masks, permutation: None, config }).unwrap();
+                    let mut out = s.clone_htod(&vec![0xffffu16; hq * nq * d]).unwrap();
+                    let mut lse = s.clone_htod(&vec![f32::NAN; hq * nq]).unwrap();
+                    gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)
+                        .unwrap();
+                    s.synchronize().unwrap();
+                    let want = attention(&want_ix, &x.q, &x.k, &x.v, scale).unwrap();
+                    let got = to_f32(&s.clone_dtoh(&out).unwrap(), DType::Bf16);
+                    let (rel, nan, lse_err) = compare(&got, &s.clone_dtoh(&lse).unwrap(), &want);
+                    let ok = diff.is_none() && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
+                    println!(
+                        "{} block index {:<24} n={n:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} blocks={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                        if ok { "ok  " } else { "FAIL" }, p.name, report.columns, diff.is_none()
+                    );
+                    if let Some(d) = diff {
+                        println!("     first difference: {d}");
+                    }
+                    if !ok {
+                        failures.push(format!("{} n={n} nq={nq} nk={nk} ties={ties}", p.name));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "failed: {failures:?}");
 }

@@ -180,7 +180,7 @@ fn vertical_vector_index_kernels_compile_without_spills() {
         .collect();
     jobs.par_iter().for_each(|(kernel, d, arch)| {
         let c = compile(&kernel.source, &kernel.name, *arch).unwrap_or_else(|e| panic!("vv index d={d}: {e}"));
-        for entry in weft_codegen::VV_INDEX_ENTRIES {
+        for entry in weft_codegen::VV_INDEX_ENTRIES.iter().chain(&weft_codegen::BLOCK_INDEX_ENTRIES) {
             assert!(c.ptx.contains(&format!(".entry {}_{entry}", kernel.name)), "d={d}: no entry {entry}");
         }
         assert!(c.ptx.contains("mma.sync.aligned.m16n8k16"), "d={d}: the score entry has no tensor-core mma");

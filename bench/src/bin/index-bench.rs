@@ -1,7 +1,8 @@
 //! `index-bench`: end-to-end vertical-vector attention on the GPU: the index built on the
 //! device from Q and K (`Gpu::build_vv_index`), then sparse attention over it.
 //!
-//! Pattern: `vertical_vector(q_block = 128, keep = top_k(n), sink = 64, local = 64)`,
+//! Patterns: `vertical_vector(q_block = 128, keep = top_k(n), sink = 64, local = 64)` and
+//! `block(128 x 128, keep = top_k(n))` (`Gpu::build_block_index`),
 //! non-causal, B = 1, H = 32, D = 128, bf16, with n a share of the keys (`--keep`). Prints, per
 //! sequence length and share: the CPU plan's time (static, once per shape), the device index
 //! build (median of `--reps`, host wall clock around a synchronised call), the attention
@@ -15,7 +16,7 @@ use rayon::prelude::*;
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::builder::*;
 use weft_dsl::Pattern;
-use weft_patterns::device_plan::ColumnPlan;
+use weft_patterns::device_plan::{BlockPlan, ColumnPlan};
 use weft_patterns::IndexOptions;
 use weft_runtime::{AttnShape, Gpu};
 
@@ -121,6 +122,43 @@ fn main() -> Result<()> {
                 build + att,
                 100.0 * build / att,
                 last.kernel_ms.iter().map(|(k, ms)| format!("{k} {ms:.3} ms")).collect::<Vec<_>>().join(", ")
+            );
+            // Block top-k over 128 x 128 blocks at the same share.
+            let kblocks = n.div_ceil(128);
+            let keep_blocks = ((share * kblocks as f64).round() as u32).max(1);
+            let pattern = Pattern::new(
+                format!("block-top{keep_blocks}"),
+                weft_dsl::PatternExpr::from(block().block_q(128).block_k(128).keep(top_k(keep_blocks))),
+            );
+            let t = std::time::Instant::now();
+            let plan = BlockPlan::new(&pattern.expr, h, n, n, &opts)?;
+            let plan_ms = t.elapsed().as_secs_f64() * 1e3;
+            let (mut dix, _) = gpu.build_block_index(&plan, shape, DType::Bf16, &qd, &kd)?;
+            let mut builds = Vec::new();
+            for _ in 0..args.reps {
+                let (ix, r) = gpu.build_block_index(&plan, shape, DType::Bf16, &qd, &kd)?;
+                builds.push(r.total_ms);
+                dix = ix;
+            }
+            let config = KernelConfig::for_blocks(128, 64, D as u32, DType::Bf16);
+            let kernel = emit(&KernelSpec { pattern: &pattern, masks: &plan.masks, permutation: None, config })?;
+            let mut attn = Vec::new();
+            for i in 0..args.reps + 3 {
+                let start = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)?;
+                let end = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+                end.synchronize()?;
+                if i >= 3 {
+                    attn.push(start.elapsed_ms(&end)? as f64);
+                }
+            }
+            let (build, att) = (median(builds), median(attn));
+            let density = dix.to_host(&gpu)?.pairs() as f64 / (h as f64 * n as f64 * n as f64);
+            println!(
+                "block-e2e N={n:<6} top_k={keep_blocks:<4} (128 x 128 blocks) density={density:.4} plan={plan_ms:.0} ms \
+                 index={build:.3} ms attention={att:.3} ms total={:.3} ms index/attention={:.1}%",
+                build + att,
+                100.0 * build / att
             );
         }
     }

@@ -694,3 +694,126 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_scan(const u32* __re
         col_ptr[r + 1] = run;
     }
 }
+
+// ---- block top-k / threshold (BlockPlan) ----
+// Pooled queries (pool over block_q rows) and pooled keys (pool over block_k rows) come from
+// `pool`. Every candidate pattern block's score is computed exactly as the CPU builder does
+// (f64, the same order), so the selection is exact without bounds.
+
+// ---- block_select: grid (groups, hq), 256 threads; dynamic shared memory kblocks x 12 bytes,
+// rounded up to a power of two, plus D floats ----
+// Sets bit kb of chosen[(h * groups + g) * words ..] for each chosen pattern key block.
+extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_select(
+    const float* __restrict__ pooled_q, const float* __restrict__ pooled_k, const u32* __restrict__ allowed,
+    int per_head, int hq, int hkv, int groups, int kblocks, int mode, int top_k, double ln_t, double scale,
+    u32* __restrict__ chosen)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int g = blockIdx.x, h = blockIdx.y, kv = h / (hq / hkv), tid = threadIdx.x;
+    u32 n2 = 1;
+    while (n2 < (u32)kblocks) n2 *= 2;
+    double* sScore = (double*)smem;           // [n2]
+    u32* sId = (u32*)(sScore + n2);           // [n2]
+    float* sPq = (float*)(sId + n2);          // [D]
+    __shared__ u32 nCand, nKeep;
+    const int words = (kblocks + 31) / 32;
+    const u32* allow = allowed + ((size_t)(per_head ? h : 0) * groups + g) * words;
+    for (int d = tid; d < D; d += 256) sPq[d] = pooled_q[((size_t)h * groups + g) * D + d];
+    if (tid == 0) nCand = nKeep = 0;
+    __syncthreads();
+    for (int kb = tid; kb < kblocks; kb += 256) {
+        if (!((allow[kb / 32] >> (kb % 32)) & 1u)) continue;
+        // The CPU builder's dot: four f64 accumulators over d mod 4, then (a0 + a1) + (a2 + a3).
+        const float* pk = pooled_k + ((size_t)kv * kblocks + kb) * D;
+        double acc[4] = {0.0, 0.0, 0.0, 0.0};
+        for (int d = 0; d < D; d += 4) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[j] = fma((double)sPq[d + j], (double)pk[d + j], acc[j]);
+        }
+        const u32 i = atomicAdd(&nCand, 1u);
+        sScore[i] = scale * (((acc[0] + acc[1]) + (acc[2] + acc[3])) + 0.0);
+        sId[i] = kb;
+    }
+    __syncthreads();
+    const u32 n = nCand;
+    for (u32 i = n + tid; i < n2; i += 256) {
+        sScore[i] = __longlong_as_double(0xfff0000000000000LL);  // -inf
+        sId[i] = 0xffffffffu;
+    }
+    __syncthreads();
+    // Best first: higher score, then the lower block.
+    for (u32 size = 2; size <= n2; size *= 2) {
+        for (u32 stride = size / 2; stride > 0; stride /= 2) {
+            for (u32 i = tid; i < n2; i += 256) {
+                const u32 j = i ^ stride;
+                if (j > i) {
+                    const bool first_before = sScore[i] > sScore[j] || (sScore[i] == sScore[j] && sId[i] < sId[j]);
+                    const bool ascending = (i & size) == 0;
+                    if (first_before != ascending) {
+                        const double ts = sScore[i];
+                        sScore[i] = sScore[j];
+                        sScore[j] = ts;
+                        const u32 tk = sId[i];
+                        sId[i] = sId[j];
+                        sId[j] = tk;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    u32 keep;
+    if (mode == 0) {
+        keep = min((u32)top_k, n);
+    } else {
+        // threshold(t): every block within ln t of the best (at least one).
+        const double cut = n > 0 ? sScore[0] + ln_t : 0.0;
+        u32 mine = 0;
+        for (u32 i = tid; i < n; i += 256) mine += sScore[i] >= cut;
+        atomicAdd(&nKeep, mine);
+        __syncthreads();
+        keep = n > 0 ? max(nKeep, 1u) : 0u;
+    }
+    u32* out = chosen + ((size_t)h * groups + g) * words;
+    for (int w = tid; w < words; w += 256) out[w] = 0;
+    __syncthreads();
+    for (u32 i = tid; i < keep; i += 256) atomicOr(out + sId[i] / 32, 1u << (sId[i] % 32));
+}
+
+// ---- block_rows: grid (ceil(rows / 4)), 128 threads: one warp per index row ----
+// Each possible key block of the row gets its code when its pattern block is chosen, else
+// the other; pass 0 counts entries into row_count, pass 1 writes them at block_ptr.
+extern "C" __global__ void __launch_bounds__(128) {{NAME}}_block_rows(
+    const u32* __restrict__ chosen, const u32* __restrict__ entry_ptr, const u32* __restrict__ entry_kb,
+    const u32* __restrict__ entry_pattern_kb, const u16* __restrict__ code_sel, const u16* __restrict__ code_not,
+    int per_head, int hq, int q_blocks, int block_m, int block_q, int groups, int kblocks, int pass,
+    u32* __restrict__ row_count, const u32* __restrict__ block_ptr, u32* __restrict__ block_idx, u16* __restrict__ block_mask)
+{
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row = blockIdx.x * 4 + warp;
+    if (row >= hq * q_blocks) return;
+    const int h = row / q_blocks, qb = row % q_blocks;
+    const int g = qb * block_m / block_q;
+    const int words = (kblocks + 31) / 32;
+    const u32* sel = chosen + ((size_t)h * groups + g) * words;
+    const int rrow = (per_head ? h : 0) * q_blocks + qb;
+    const u32 e0 = entry_ptr[rrow], e1 = entry_ptr[rrow + 1];
+    u32 written = 0;
+    for (u32 base = e0; base < e1; base += 32) {
+        const u32 e = base + lane;
+        u16 code = DROP_CODE;
+        if (e < e1) {
+            const u32 pkb = entry_pattern_kb[e];
+            code = ((sel[pkb / 32] >> (pkb % 32)) & 1u) ? code_sel[e] : code_not[e];
+        }
+        const bool keep = e < e1 && code != DROP_CODE;
+        const u32 ballot = __ballot_sync(0xffffffff, keep);
+        if (pass == 1 && keep) {
+            const u32 at = block_ptr[row] + written + __popc(ballot & ((1u << lane) - 1));
+            block_idx[at] = entry_kb[e];
+            block_mask[at] = code;
+        }
+        written += __popc(ballot);
+    }
+    if (pass == 0 && lane == 0) row_count[row] = written;
+}
