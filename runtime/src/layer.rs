@@ -190,8 +190,9 @@ impl Runtime {
         let mut tuned_of = vec![false; shape.hq];
         let mut warned: Vec<String> = Vec::new();
         for (h, p) in plan.patterns.iter().enumerate() {
-            let (config, tuned) = self.config_for(p, &hashes[h], h, shape.nk, head_dim, dtype, gqa)?;
-            if !tuned && !warned.contains(&p.name) {
+            let (config, tuned, first) = self.config_for(p, &hashes[h], h, shape.nk, head_dim, dtype, gqa)?;
+            // Once per process and (pattern, head, bucket): a serving loop calls this per layer.
+            if !tuned && first && !warned.contains(&p.name) {
                 tracing::warn!(
                     pattern = %p.name,
                     seq = shape.nk,
@@ -343,7 +344,8 @@ impl Runtime {
     }
 
     /// The tuned config for (pattern, head) at this shape, else the pattern's, else the
-    /// default; and whether it was tuned. Read from the database once per process.
+    /// default; whether it was tuned; and whether this is the first lookup in this process
+    /// (the database is read once per process).
     #[allow(clippy::too_many_arguments)]
     fn config_for(
         &self,
@@ -354,10 +356,10 @@ impl Runtime {
         head_dim: u32,
         dtype: DType,
         gqa: usize,
-    ) -> Result<(KernelConfig, bool), Error> {
+    ) -> Result<(KernelConfig, bool, bool), Error> {
         let memo = (hash.to_string(), head, bucket(seq, head_dim, dtype, gqa));
-        if let Some(c) = self.layer.configs.lock().ok().and_then(|m| m.get(&memo).copied()) {
-            return Ok(c);
+        if let Some((c, tuned)) = self.layer.configs.lock().ok().and_then(|m| m.get(&memo).copied()) {
+            return Ok((c, tuned, false));
         }
         let tuned = [Some(head as u32), None].into_iter().find_map(|h| {
             let record = self.tuning_record(pattern, h, seq, head_dim, dtype, gqa)?;
@@ -372,7 +374,7 @@ impl Runtime {
         if let Ok(mut m) = self.layer.configs.lock() {
             m.insert(memo, found);
         }
-        Ok(found)
+        Ok((found.0, found.1, true))
     }
 
     /// The pattern's index over all of the layer's heads with the config's block sizes.
