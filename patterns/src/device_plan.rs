@@ -64,19 +64,34 @@ pub struct ColumnPlan {
     pub codes: Vec<u16>,
 }
 
-/// The single vertical-vector of `e` and the predicate of its enclosing intersections, if
-/// every other part of `e` is static.
-fn find_vv<'a>(e: &'a PatternExpr, ctx: &Pred, found: &mut Option<(&'a VerticalVector, Pred)>) -> Result<(), Error> {
+/// What a leaf of a pattern is to one plan's search.
+enum Leaf<'a, T> {
+    /// Static: part of the skeleton.
+    Static,
+    /// The one dynamic leaf the plan builds on the GPU.
+    Target(&'a T),
+    /// Something the plan cannot build (named for the error).
+    Unsupported(&'static str),
+}
+
+/// The single target leaf of `e` (as `classify` sees leaves) and the predicate of its
+/// enclosing intersections, if every other leaf is static. `supports` names what the plan
+/// takes, for the error.
+fn find_leaf<'a, T>(
+    e: &'a PatternExpr,
+    ctx: &Pred,
+    supports: &str,
+    classify: &dyn Fn(&'a PatternExpr) -> Leaf<'a, T>,
+    found: &mut Option<(&'a T, Pred)>,
+) -> Result<(), Error> {
     let unsupported = |what: &str| {
         Err(Error::Layout(format!(
-            "GPU index building supports one vertical_vector(keep = top_k(n)) with static predicates \
-             and static blocks around it; this pattern has {what}: build its index on the CPU"
+            "GPU index building supports {supports} with static predicates around it; this pattern has \
+             {what}: build its index on the CPU"
         )))
     };
     match e {
-        PatternExpr::Static(_) => Ok(()),
-        PatternExpr::Block(b) if matches!(b.keep, weft_dsl::BlockKeep::Where(_)) => Ok(()),
-        PatternExpr::Union(items) => items.iter().try_for_each(|i| find_vv(i, ctx, found)),
+        PatternExpr::Union(items) => items.iter().try_for_each(|i| find_leaf(i, ctx, supports, classify, found)),
         PatternExpr::Intersect(items) => {
             let mut inner = ctx.clone();
             for item in items {
@@ -84,24 +99,49 @@ fn find_vv<'a>(e: &'a PatternExpr, ctx: &Pred, found: &mut Option<(&'a VerticalV
                     inner = inner.and(p.clone());
                 }
             }
-            items.iter().try_for_each(|i| find_vv(i, &inner, found))
+            items.iter().try_for_each(|i| find_leaf(i, &inner, supports, classify, found))
         }
-        PatternExpr::VerticalVector(v) => {
-            if !matches!(v.keep, Budget::TopK(_)) {
-                return unsupported("a vertical_vector with a threshold or top_p budget");
-            }
-            if found.is_some() {
-                return unsupported("two vertical_vector selections");
-            }
-            *found = Some((v, ctx.clone()));
-            Ok(())
-        }
-        PatternExpr::Block(_) => unsupported("a block top-k selection"),
-        PatternExpr::VerticalSlash(_) => unsupported("a vertical_slash selection"),
-        PatternExpr::Grid(_) => unsupported("a grid"),
-        PatternExpr::Retrieval(_) => unsupported("a retrieval selection"),
         PatternExpr::Permuted { .. } => unsupported("a permutation"),
         PatternExpr::Ring { .. } => unsupported("a ring schedule"),
+        leaf => match classify(leaf) {
+            Leaf::Static => Ok(()),
+            Leaf::Unsupported(what) => unsupported(what),
+            Leaf::Target(_) if found.is_some() => unsupported("two dynamic selections"),
+            Leaf::Target(t) => {
+                *found = Some((t, ctx.clone()));
+                Ok(())
+            }
+        },
+    }
+}
+
+/// The leaves of a vertical-vector plan.
+fn vv_leaf(e: &PatternExpr) -> Leaf<'_, VerticalVector> {
+    match e {
+        PatternExpr::Static(_) => Leaf::Static,
+        PatternExpr::Block(b) if matches!(b.keep, weft_dsl::BlockKeep::Where(_)) => Leaf::Static,
+        PatternExpr::VerticalVector(v) if matches!(v.keep, Budget::TopK(_)) => Leaf::Target(v),
+        PatternExpr::VerticalVector(_) => Leaf::Unsupported("a vertical_vector with a threshold or top_p budget"),
+        PatternExpr::Block(_) => Leaf::Unsupported("a block top-k selection"),
+        PatternExpr::VerticalSlash(_) => Leaf::Unsupported("a vertical_slash selection"),
+        PatternExpr::Grid(_) => Leaf::Unsupported("a grid"),
+        _ => Leaf::Unsupported("a retrieval selection"),
+    }
+}
+
+/// The leaves of a block plan.
+fn block_leaf(e: &PatternExpr) -> Leaf<'_, weft_dsl::Block> {
+    match e {
+        PatternExpr::Static(_) => Leaf::Static,
+        PatternExpr::Block(b) => match b.keep {
+            weft_dsl::BlockKeep::Where(_) => Leaf::Static,
+            weft_dsl::BlockKeep::Budget(Budget::TopP(_)) => Leaf::Unsupported("a top_p budget"),
+            weft_dsl::BlockKeep::Budget(_) => Leaf::Target(b),
+        },
+        PatternExpr::VerticalVector(_) => Leaf::Unsupported("a vertical_vector selection"),
+        PatternExpr::VerticalSlash(_) => Leaf::Unsupported("a vertical_slash selection"),
+        PatternExpr::Grid(_) => Leaf::Unsupported("a grid"),
+        _ => Leaf::Unsupported("a retrieval selection"),
     }
 }
 
@@ -139,6 +179,50 @@ enum RunEntries {
 /// Keys `c0..c1` of one row and what a chosen column there becomes.
 type KeyRun = (u32, u32, RunEntries);
 
+/// What both plans start from: the pattern checked, its block sizes and scale, whether it
+/// reads the head, and each slot's resolved tree with no row selected (shapes only: resolution
+/// then reads no data).
+struct StaticStart {
+    bm: usize,
+    bn: usize,
+    scale: f64,
+    per_head: bool,
+    nodes: Vec<Node>,
+}
+
+fn static_start(
+    pattern: &PatternExpr,
+    heads: usize,
+    nq: usize,
+    nk: usize,
+    opts: &IndexOptions,
+) -> Result<StaticStart, Error> {
+    weft_dsl::validate::validate(pattern).map_err(|e| Error::Pattern(weft_dsl::Error::Invalid(e)))?;
+    if heads == 0 || nq == 0 || nk == 0 {
+        return Err(Error::Shape(format!("empty input: {heads} heads, {nq} queries, {nk} keys")));
+    }
+    if nk > u32::MAX as usize / 2 {
+        return Err(Error::Shape(format!("{nk} keys: GPU index building takes at most 2^31")));
+    }
+    let (bm, bn) = layout(pattern, opts)?;
+    let scale = opts.scale.unwrap_or(f64::NAN);
+    if !(scale > 0.0 && scale.is_finite()) {
+        return Err(Error::Shape(format!("GPU index building needs a positive finite scale, got {scale}")));
+    }
+    let per_head = preds_use_h(pattern);
+    let slots = if per_head { heads } else { 1 };
+    let shape_only = |n: usize| Tensor { heads, tokens: n, dim: 0, data: Vec::new() };
+    let (q, k) = (shape_only(nq), shape_only(nk));
+    let wanted = vec![false; nq];
+    let nodes = (0..slots)
+        .map(|h| {
+            let inp = HeadInputs { q: &q, k: &k, h, kv: h, scale, wanted: Some(&wanted), estimates: None };
+            resolve(pattern, &inp, &Pred::Const(true))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(StaticStart { bm, bn, scale, per_head, nodes })
+}
+
 /// One row's runs: `(c0, c1, code)`, with per-column codes appended to `codes`.
 type Runs = (Vec<(u32, u32, u32)>, Vec<u16>);
 
@@ -151,38 +235,16 @@ impl ColumnPlan {
         nk: usize,
         opts: &IndexOptions,
     ) -> Result<ColumnPlan, Error> {
-        weft_dsl::validate::validate(pattern).map_err(|e| Error::Pattern(weft_dsl::Error::Invalid(e)))?;
-        if heads == 0 || nq == 0 || nk == 0 {
-            return Err(Error::Shape(format!("empty input: {heads} heads, {nq} queries, {nk} keys")));
-        }
-        if nk > u32::MAX as usize / 2 {
-            return Err(Error::Shape(format!("{nk} keys: GPU index building takes at most 2^31")));
-        }
         let mut found = None;
-        find_vv(pattern, &Pred::Const(true), &mut found)?;
+        find_leaf(pattern, &Pred::Const(true), "one vertical_vector(keep = top_k(n))", &vv_leaf, &mut found)?;
         let Some((vv, ctx)) = found else {
             return Err(Error::Layout("the pattern has no vertical_vector: nothing to build on the GPU".into()));
         };
-        let Budget::TopK(top_k) = vv.keep else { unreachable!("find_vv accepts top_k only") };
-        let (bm, bn) = layout(pattern, opts)?;
-        let scale = opts.scale.unwrap_or(f64::NAN);
-        if !(scale > 0.0 && scale.is_finite()) {
-            return Err(Error::Shape(format!("GPU index building needs a positive finite scale, got {scale}")));
-        }
+        let Budget::TopK(top_k) = vv.keep else { unreachable!("vv_leaf takes top_k only") };
+        let StaticStart { bm, bn, scale, per_head, nodes } = static_start(pattern, heads, nq, nk, opts)?;
         let q_block = vv.q_block as usize;
         let groups = nq.div_ceil(q_block);
-        let per_head = preds_use_h(pattern);
-        let slots = if per_head { heads } else { 1 };
-        // Shapes only: with no row wanted, resolution reads no data.
-        let shape_only = |n: usize| Tensor { heads, tokens: n, dim: 0, data: Vec::new() };
-        let (q, k) = (shape_only(nq), shape_only(nk));
-        let wanted = vec![false; nq];
-        let nodes = (0..slots)
-            .map(|h| {
-                let inp = HeadInputs { q: &q, k: &k, h, kv: h, scale, wanted: Some(&wanted), estimates: None };
-                resolve(pattern, &inp, &Pred::Const(true))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let slots = nodes.len();
         let resolved = crate::Resolved {
             nodes: nodes.clone(),
             permutation: None,
@@ -469,13 +531,7 @@ impl ColumnPlan {
     /// The columns the CPU selection chooses for `q` and `k` (`chosen[h][g]`, ascending): what
     /// the GPU's selection must reproduce.
     pub fn choose_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<Vec<Vec<Vec<u32>>>, Error> {
-        let opts = IndexOptions {
-            block_m: Some(self.block_m),
-            block_n: Some(self.block_n),
-            scale: Some(self.scale),
-            ..Default::default()
-        };
-        let resolved = crate::resolve_pattern(pattern, q, k, &opts)?;
+        let resolved = resolve_as_planned(pattern, q, k, self.block_m, self.block_n, self.scale)?;
         Ok(resolved
             .nodes
             .iter()
@@ -522,47 +578,6 @@ pub struct BlockPlan {
     pub masks: Vec<Pred>,
 }
 
-fn find_block<'a>(
-    e: &'a PatternExpr,
-    ctx: &Pred,
-    found: &mut Option<(&'a weft_dsl::Block, Pred)>,
-) -> Result<(), Error> {
-    let unsupported = |what: &str| {
-        Err(Error::Layout(format!(
-            "GPU index building supports one block(keep = top_k(n) | threshold(t)) with static predicates \
-             around it; this pattern has {what}: build its index on the CPU"
-        )))
-    };
-    match e {
-        PatternExpr::Static(_) => Ok(()),
-        PatternExpr::Block(b) => match b.keep {
-            weft_dsl::BlockKeep::Where(_) => Ok(()),
-            weft_dsl::BlockKeep::Budget(Budget::TopP(_)) => unsupported("a top_p budget"),
-            weft_dsl::BlockKeep::Budget(_) if found.is_some() => unsupported("two block selections"),
-            weft_dsl::BlockKeep::Budget(_) => {
-                *found = Some((b, ctx.clone()));
-                Ok(())
-            }
-        },
-        PatternExpr::Union(items) => items.iter().try_for_each(|i| find_block(i, ctx, found)),
-        PatternExpr::Intersect(items) => {
-            let mut inner = ctx.clone();
-            for item in items {
-                if let PatternExpr::Static(p) = item {
-                    inner = inner.and(p.clone());
-                }
-            }
-            items.iter().try_for_each(|i| find_block(i, &inner, found))
-        }
-        PatternExpr::VerticalVector(_) => unsupported("a vertical_vector selection"),
-        PatternExpr::VerticalSlash(_) => unsupported("a vertical_slash selection"),
-        PatternExpr::Grid(_) => unsupported("a grid"),
-        PatternExpr::Retrieval(_) => unsupported("a retrieval selection"),
-        PatternExpr::Permuted { .. } => unsupported("a permutation"),
-        PatternExpr::Ring { .. } => unsupported("a ring schedule"),
-    }
-}
-
 /// `node` (resolved from `e`) with its block selection replaced by "every block" (`chosen`)
 /// or "none": a static node, which the index builder settles range by range.
 fn fix_block_choice(e: &PatternExpr, node: &Node, chosen: bool) -> Node {
@@ -589,34 +604,17 @@ impl BlockPlan {
         nk: usize,
         opts: &IndexOptions,
     ) -> Result<BlockPlan, Error> {
-        weft_dsl::validate::validate(pattern).map_err(|e| Error::Pattern(weft_dsl::Error::Invalid(e)))?;
-        if heads == 0 || nq == 0 || nk == 0 {
-            return Err(Error::Shape(format!("empty input: {heads} heads, {nq} queries, {nk} keys")));
-        }
         let mut found = None;
-        find_block(pattern, &Pred::Const(true), &mut found)?;
+        let supports = "one block(keep = top_k(n) | threshold(t))";
+        find_leaf(pattern, &Pred::Const(true), supports, &block_leaf, &mut found)?;
         let Some((blk, ctx)) = found else {
             return Err(Error::Layout("the pattern has no block selection: nothing to build on the GPU".into()));
         };
-        let weft_dsl::BlockKeep::Budget(budget) = blk.keep else { unreachable!("find_block takes budgets only") };
-        let (bm, bn) = layout(pattern, opts)?;
-        let scale = opts.scale.unwrap_or(f64::NAN);
-        if !(scale > 0.0 && scale.is_finite()) {
-            return Err(Error::Shape(format!("GPU index building needs a positive finite scale, got {scale}")));
-        }
+        let weft_dsl::BlockKeep::Budget(budget) = blk.keep else { unreachable!("block_leaf takes budgets only") };
+        let StaticStart { bm, bn, scale, per_head, nodes } = static_start(pattern, heads, nq, nk, opts)?;
         let (bq, bk) = (blk.block_q as usize, blk.block_k as usize);
         let (groups, kblocks) = (nq.div_ceil(bq), nk.div_ceil(bk));
-        let per_head = preds_use_h(pattern);
-        let slots = if per_head { heads } else { 1 };
-        let shape_only = |n: usize| Tensor { heads, tokens: n, dim: 0, data: Vec::new() };
-        let (q, k) = (shape_only(nq), shape_only(nk));
-        let wanted = vec![false; nq];
-        let nodes = (0..slots)
-            .map(|h| {
-                let inp = HeadInputs { q: &q, k: &k, h, kv: h, scale, wanted: Some(&wanted), estimates: None };
-                resolve(pattern, &inp, &Pred::Const(true))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let slots = nodes.len();
         let index_with = |chosen: bool| {
             crate::Resolved {
                 nodes: nodes.iter().map(|n| fix_block_choice(pattern, n, chosen)).collect(),
@@ -746,13 +744,7 @@ impl BlockPlan {
 
     /// The pattern key blocks the CPU selection chooses for `q` and `k` (`chosen[h][g]`).
     pub fn choose_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<Vec<Vec<Vec<u32>>>, Error> {
-        let opts = IndexOptions {
-            block_m: Some(self.block_m),
-            block_n: Some(self.block_n),
-            scale: Some(self.scale),
-            ..Default::default()
-        };
-        let resolved = crate::resolve_pattern(pattern, q, k, &opts)?;
+        let resolved = resolve_as_planned(pattern, q, k, self.block_m, self.block_n, self.scale)?;
         resolved
             .nodes
             .iter()
@@ -765,6 +757,20 @@ impl BlockPlan {
             })
             .collect()
     }
+}
+
+/// `pattern` resolved on the CPU for `q` and `k` with a plan's blocks and scale.
+fn resolve_as_planned(
+    pattern: &PatternExpr,
+    q: &Tensor,
+    k: &Tensor,
+    block_m: usize,
+    block_n: usize,
+    scale: f64,
+) -> Result<crate::Resolved, Error> {
+    let opts =
+        IndexOptions { block_m: Some(block_m), block_n: Some(block_n), scale: Some(scale), ..Default::default() };
+    crate::resolve_pattern(pattern, q, k, &opts)
 }
 
 /// The selection of the dynamic block leaf of `e` in its resolved node.

@@ -59,6 +59,98 @@ pub enum VvStrategy {
     List { capacity: Option<usize> },
 }
 
+/// Copies `v` to the device; an empty list becomes one zero (kernels need a valid pointer).
+fn upload<T: cudarc::driver::DeviceRepr + Default + Clone>(
+    s: &std::sync::Arc<cudarc::driver::CudaStream>,
+    v: &[T],
+    what: &str,
+) -> Result<CudaSlice<T>, Error> {
+    let one = [T::default()];
+    s.clone_htod(if v.is_empty() { &one[..] } else { v }).map_err(driver(what))
+}
+
+/// A launch of `threads`-thread CTAs with `smem` bytes of dynamic shared memory.
+fn launch_cfg(grid: (u32, u32, u32), threads: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem }
+}
+
+/// A row list on the device: pointers, entries, mask ids.
+type DeviceCsr = (CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u16>);
+
+/// Checks a device index build's inputs: bf16, the plan's shape (`heads, nq, nk`), GQA and the
+/// buffer lengths.
+fn check_build_inputs(
+    plan: (usize, usize, usize),
+    shape: AttnShape,
+    dtype: DType,
+    q: &CudaSlice<u16>,
+    k: &CudaSlice<u16>,
+) -> Result<(), Error> {
+    let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
+    if dtype != DType::Bf16 {
+        return Err(usage(format!(
+            "GPU index building takes bf16 Q and K, got {}; convert them or build the index on the CPU",
+            dtype.name()
+        )));
+    }
+    if plan != (hq, nq, nk) {
+        return Err(Error::Shape(format!(
+            "the plan is for {} heads x {} queries x {} keys, the inputs are {hq} x {nq} x {nk}",
+            plan.0, plan.1, plan.2
+        )));
+    }
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(Error::Shape(format!("{hq} query heads on {hkv} key heads: hq must be a multiple of hkv")));
+    }
+    if q.len() != hq * nq * d || k.len() != hkv * nk * d {
+        return Err(Error::Shape(format!(
+            "Q holds {} elements and K {}, the shape needs {} and {}",
+            q.len(),
+            k.len(),
+            hq * nq * d,
+            hkv * nk * d
+        )));
+    }
+    Ok(())
+}
+
+impl Gpu {
+    /// A one-sequence index over every query head (identity head map) from device row lists.
+    fn single_index(
+        &self,
+        shape: AttnShape,
+        (block_m, block_n): (usize, usize),
+        (block_ptr, block_idx, block_mask): DeviceCsr,
+        (col_ptr, col_idx, col_mask): DeviceCsr,
+    ) -> Result<DeviceIndex, Error> {
+        let s = &self.stream;
+        let up = "uploading the index's sequence tables";
+        let q_blocks = shape.nq.div_ceil(block_m);
+        let map: Vec<i32> = (0..shape.hq as i32).collect();
+        Ok(DeviceIndex {
+            heads: shape.hq,
+            head_map: (0..shape.hq).collect(),
+            nq: shape.nq,
+            nk: shape.nk,
+            block_m,
+            block_n,
+            batch: 1,
+            q_blocks,
+            seq_q: s.clone_htod(&[0, shape.nq as i32]).map_err(driver(up))?,
+            seq_k: s.clone_htod(&[0, shape.nk as i32]).map_err(driver(up))?,
+            seq_qb: s.clone_htod(&[0, q_blocks as i32]).map_err(driver(up))?,
+            block_ptr,
+            block_idx,
+            block_mask,
+            col_ptr,
+            col_idx,
+            col_mask,
+            head_map_dev: s.clone_htod(&map).map_err(driver(up))?,
+            gathered: false,
+        })
+    }
+}
+
 fn usage(what: impl Into<String>) -> Error {
     Error::Usage(what.into())
 }
@@ -90,30 +182,7 @@ impl Gpu {
     ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
-        if dtype != DType::Bf16 {
-            return Err(usage(format!(
-                "GPU index building takes bf16 Q and K, got {}; convert them or build the index on the CPU",
-                dtype.name()
-            )));
-        }
-        if (plan.heads, plan.nq, plan.nk) != (hq, nq, nk) {
-            return Err(Error::Shape(format!(
-                "the plan is for {} heads x {} queries x {} keys, the inputs are {hq} x {nq} x {nk}",
-                plan.heads, plan.nq, plan.nk
-            )));
-        }
-        if hkv == 0 || hq % hkv != 0 {
-            return Err(Error::Shape(format!("{hq} query heads on {hkv} key heads: hq must be a multiple of hkv")));
-        }
-        if q.len() != hq * nq * d || k.len() != hkv * nk * d {
-            return Err(Error::Shape(format!(
-                "Q holds {} elements and K {}, the shape needs {} and {}",
-                q.len(),
-                k.len(),
-                hq * nq * d,
-                hkv * nk * d
-            )));
-        }
+        check_build_inputs((plan.heads, plan.nq, plan.nk), shape, dtype, q, k)?;
         let base_smem = vv_select_shared_bytes(d as u32, nk, 0);
         if base_smem > VV_INDEX_MAX_SHARED as usize {
             return Err(usage(format!("{nk} keys are more than GPU index building takes (about 1.2 million)")));
@@ -154,18 +223,16 @@ impl Gpu {
         let s = &self.stream;
         let up = "uploading the index plan";
         let alloc = "allocating index-building buffers";
-        let nonempty_u32 = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
-        let nonempty_u16 = |v: &[u16]| if v.is_empty() { vec![0u16] } else { v.to_vec() };
         let (groups, q_blocks) = (plan.groups, plan.q_blocks());
         let rows = hq * q_blocks;
         let cap = plan.top_k.min(nk).max(1);
-        let cand_lo = s.clone_htod(&plan.cand_lo).map_err(driver(up))?;
-        let cand_hi = s.clone_htod(&plan.cand_hi).map_err(driver(up))?;
-        let rule_ptr = s.clone_htod(&plan.rule_ptr).map_err(driver(up))?;
-        let rule_c0 = s.clone_htod(&nonempty_u32(&plan.rule_c0)).map_err(driver(up))?;
-        let rule_c1 = s.clone_htod(&nonempty_u32(&plan.rule_c1)).map_err(driver(up))?;
-        let rule_code = s.clone_htod(&nonempty_u32(&plan.rule_code)).map_err(driver(up))?;
-        let codes = s.clone_htod(&nonempty_u16(&plan.codes)).map_err(driver(up))?;
+        let cand_lo = upload(s, &plan.cand_lo, up)?;
+        let cand_hi = upload(s, &plan.cand_hi, up)?;
+        let rule_ptr = upload(s, &plan.rule_ptr, up)?;
+        let rule_c0 = upload(s, &plan.rule_c0, up)?;
+        let rule_c1 = upload(s, &plan.rule_c1, up)?;
+        let rule_code = upload(s, &plan.rule_code, up)?;
+        let codes = upload(s, &plan.codes, up)?;
 
         let mut pooled = s.alloc_zeros::<f32>(hq * groups * d).map_err(driver(alloc))?;
         let mut pq_hi = s.alloc_zeros::<u16>(hq * groups * d).map_err(driver(alloc))?;
@@ -193,11 +260,6 @@ impl Gpu {
             (groups as i32, plan.q_block as i32, cap as i32, plan.top_k.min(i32::MAX as usize) as i32);
         let per_head = i32::from(plan.per_head);
         let launch = |what: &str| driver(format!("launching the index builder's {what} kernel"));
-        let cfg = |grid: (u32, u32, u32), threads: u32, smem: u32| LaunchConfig {
-            grid_dim: grid,
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: smem,
-        };
         // CUDA events around each launch: (kernel, start, end).
         let mut marks = Vec::new();
         let event = || {
@@ -210,13 +272,13 @@ impl Gpu {
         let mut b = s.launch_builder(f_pool);
         b.arg(q).arg(&nq_i).arg(&q_block_i).arg(&groups_i);
         b.arg(&mut pooled).arg(&mut pq_hi).arg(&mut pq_lo).arg(&mut pq_l1);
-        unsafe { b.launch(cfg((groups as u32, hq as u32, 1), d as u32, 0)) }.map_err(launch("pool"))?;
+        unsafe { b.launch(launch_cfg((groups as u32, hq as u32, 1), d as u32, 0)) }.map_err(launch("pool"))?;
         let t1 = event()?;
         marks.push(("pool", t0, t1));
         let t0 = event()?;
         let mut b = s.launch_builder(f_kstats);
         b.arg(k).arg(&nk_i).arg(&mut kinf).arg(&mut kmax);
-        unsafe { b.launch(cfg((nk.div_ceil(64) as u32, hkv as u32, 1), 256, 0)) }.map_err(launch("kstats"))?;
+        unsafe { b.launch(launch_cfg((nk.div_ceil(64) as u32, hkv as u32, 1), 256, 0)) }.map_err(launch("kstats"))?;
         let t1 = event()?;
         marks.push(("kstats", t0, t1));
         let score_smem = vv_score_shared_bytes(d as u32);
@@ -235,7 +297,7 @@ impl Gpu {
                     b.arg(&cand_lo).arg(&cand_hi).arg(&per_head).arg(&thresh);
                     b.arg(&mut list_key).arg(&mut list_val).arg(&mut list_count).arg(&mut list_high).arg(&list_cap_i);
                     let grid = (groups.div_ceil(64) as u32, ($cols as usize).div_ceil(128) as u32, hc as u32);
-                    unsafe { b.launch(cfg(grid, 128, score_smem)) }.map_err(launch("score"))?;
+                    unsafe { b.launch(launch_cfg(grid, 128, score_smem)) }.map_err(launch("score"))?;
                 }};
             }
             let t0 = event()?;
@@ -247,7 +309,7 @@ impl Gpu {
                 let mut b = s.launch_builder(f_threshold);
                 b.arg(&approx).arg(&samples_i).arg(&pq_l1).arg(&kmax).arg(&cand_lo).arg(&cand_hi).arg(&per_head);
                 b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&top_k_i).arg(&mut thresh);
-                unsafe { b.launch(cfg((groups as u32, hc as u32, 1), 512, 0)) }.map_err(launch("threshold"))?;
+                unsafe { b.launch(launch_cfg((groups as u32, hc as u32, 1), 512, 0)) }.map_err(launch("threshold"))?;
                 let t1 = event()?;
                 marks.push(("threshold", t0, t1));
                 let t0 = event()?;
@@ -267,7 +329,7 @@ impl Gpu {
             b.arg(&cap_i).arg(&collect_i).arg(&select_mode);
             b.arg(&list_key).arg(&list_val).arg(&list_count).arg(&list_high).arg(&list_cap_i);
             b.arg(&mut chosen).arg(&mut chosen_count).arg(&mut status);
-            unsafe { b.launch(cfg((groups as u32, hc as u32, 1), 512, select_smem as u32)) }
+            unsafe { b.launch(launch_cfg((groups as u32, hc as u32, 1), 512, select_smem as u32)) }
                 .map_err(launch("select"))?;
             let t2 = event()?;
             marks.push(("select", t1, t2));
@@ -284,7 +346,8 @@ impl Gpu {
             b.arg(&rule_ptr).arg(&rule_c0).arg(&rule_c1).arg(&rule_code).arg(&codes).arg(&per_head);
             b.arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&q_block_i).arg(&groups_i).arg(&pass);
             b.arg(row_count).arg(col_ptr).arg(col_idx).arg(col_mask);
-            unsafe { b.launch(cfg((rows.div_ceil(4).max(1) as u32, 1, 1), 128, 0)) }.map_err(launch("columns"))?;
+            unsafe { b.launch(launch_cfg((rows.div_ceil(4).max(1) as u32, 1, 1), 128, 0)) }
+                .map_err(launch("columns"))?;
             Ok(())
         };
         let mut none_idx = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
@@ -294,7 +357,7 @@ impl Gpu {
         let rows_i = rows as i32;
         let mut b = s.launch_builder(f_scan);
         b.arg(&row_count).arg(&rows_i).arg(&mut col_ptr);
-        unsafe { b.launch(cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
+        unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
         let t1 = event()?;
         marks.push(("count+scan", t0, t1));
 
@@ -327,28 +390,8 @@ impl Gpu {
         marks.push(("write", t0, t1));
 
         let sk = &plan.skeleton;
-        let map: Vec<i32> = (0..hq as i32).collect();
-        let index = DeviceIndex {
-            heads: hq,
-            head_map: (0..hq).collect(),
-            nq,
-            nk,
-            block_m: plan.block_m,
-            block_n: plan.block_n,
-            batch: 1,
-            q_blocks,
-            seq_q: s.clone_htod(&[0, nq_i]).map_err(driver(up))?,
-            seq_k: s.clone_htod(&[0, nk_i]).map_err(driver(up))?,
-            seq_qb: s.clone_htod(&[0, q_blocks as i32]).map_err(driver(up))?,
-            block_ptr: s.clone_htod(&sk.block_ptr).map_err(driver(up))?,
-            block_idx: s.clone_htod(&nonempty_u32(&sk.block_idx)).map_err(driver(up))?,
-            block_mask: s.clone_htod(&nonempty_u16(&sk.block_mask)).map_err(driver(up))?,
-            col_ptr,
-            col_idx,
-            col_mask,
-            head_map_dev: s.clone_htod(&map).map_err(driver(up))?,
-            gathered: false,
-        };
+        let blocks = (upload(s, &sk.block_ptr, up)?, upload(s, &sk.block_idx, up)?, upload(s, &sk.block_mask, up)?);
+        let index = self.single_index(shape, (plan.block_m, plan.block_n), blocks, (col_ptr, col_idx, col_mask))?;
         s.synchronize().map_err(driver("finishing the index build"))?;
         let mut kernel_ms: Vec<(&'static str, f64)> = Vec::new();
         for (name, a, b) in &marks {
@@ -400,25 +443,7 @@ impl Gpu {
     ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
-        if dtype != DType::Bf16 {
-            return Err(usage(format!(
-                "GPU index building takes bf16 Q and K, got {}; convert them or build the index on the CPU",
-                dtype.name()
-            )));
-        }
-        if (plan.heads, plan.nq, plan.nk) != (hq, nq, nk) {
-            return Err(Error::Shape(format!(
-                "the plan is for {} heads x {} queries x {} keys, the inputs are {hq} x {nq} x {nk}",
-                plan.heads, plan.nq, plan.nk
-            )));
-        }
-        if hkv == 0 || hq % hkv != 0 || q.len() != hq * nq * d || k.len() != hkv * nk * d {
-            return Err(Error::Shape(format!(
-                "Q holds {} elements and K {} for {hq} query heads on {hkv} key heads of {nq} x {nk} x {d}",
-                q.len(),
-                k.len()
-            )));
-        }
+        check_build_inputs((plan.heads, plan.nq, plan.nk), shape, dtype, q, k)?;
         let select_smem = block_select_shared_bytes(d as u32, plan.kblocks);
         if select_smem > VV_INDEX_MAX_SHARED as usize {
             return Err(usage(format!("{} key blocks are more than GPU block selection takes", plan.kblocks)));
@@ -433,17 +458,15 @@ impl Gpu {
         let (f_pool, f_select, f_rows, f_scan) = (&f[0], &f[1], &f[2], &f[3]);
         let s = &self.stream;
         let (up, alloc) = ("uploading the block index plan", "allocating block index buffers");
-        let nonempty_u32 = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
-        let nonempty_u16 = |v: &[u16]| if v.is_empty() { vec![0u16] } else { v.to_vec() };
         let (groups, kblocks, q_blocks) = (plan.groups, plan.kblocks, plan.q_blocks());
         let rows = hq * q_blocks;
         let words = kblocks.div_ceil(32);
-        let allowed = s.clone_htod(&plan.allowed).map_err(driver(up))?;
-        let entry_ptr = s.clone_htod(&plan.entry_ptr).map_err(driver(up))?;
-        let entry_kb = s.clone_htod(&nonempty_u32(&plan.entry_kb)).map_err(driver(up))?;
-        let entry_pkb = s.clone_htod(&nonempty_u32(&plan.entry_pattern_kb)).map_err(driver(up))?;
-        let code_sel = s.clone_htod(&nonempty_u16(&plan.code_sel)).map_err(driver(up))?;
-        let code_not = s.clone_htod(&nonempty_u16(&plan.code_not)).map_err(driver(up))?;
+        let allowed = upload(s, &plan.allowed, up)?;
+        let entry_ptr = upload(s, &plan.entry_ptr, up)?;
+        let entry_kb = upload(s, &plan.entry_kb, up)?;
+        let entry_pkb = upload(s, &plan.entry_pattern_kb, up)?;
+        let code_sel = upload(s, &plan.code_sel, up)?;
+        let code_not = upload(s, &plan.code_not, up)?;
         let mut pooled_q = s.alloc_zeros::<f32>(hq * groups * d).map_err(driver(alloc))?;
         let mut pooled_k = s.alloc_zeros::<f32>(hkv * kblocks * d).map_err(driver(alloc))?;
         // The pool kernel also writes bf16 halves and norms, unused here.
@@ -453,11 +476,6 @@ impl Gpu {
         let mut row_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
         let mut block_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
         let launch = |what: &str| driver(format!("launching the block index builder's {what} kernel"));
-        let cfg = |grid: (u32, u32, u32), threads: u32, smem: u32| LaunchConfig {
-            grid_dim: grid,
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: smem,
-        };
         let (nq_i, nk_i, hq_i, hkv_i) = (nq as i32, nk as i32, hq as i32, hkv as i32);
         let (groups_i, kblocks_i, bq_i, bk_i) =
             (groups as i32, kblocks as i32, plan.block_q as i32, plan.block_k as i32);
@@ -470,12 +488,12 @@ impl Gpu {
             let (mut hi, mut lo) = scratch16.split_at_mut(scratch16.len() / 2);
             let mut b = s.launch_builder(f_pool);
             b.arg(src).arg(&n).arg(&rows_per).arg(&count).arg(out).arg(&mut hi).arg(&mut lo).arg(&mut scratch_l1);
-            unsafe { b.launch(cfg((count as u32, heads as u32, 1), d as u32, 0)) }.map_err(launch("pool"))?;
+            unsafe { b.launch(launch_cfg((count as u32, heads as u32, 1), d as u32, 0)) }.map_err(launch("pool"))?;
         }
         let mut b = s.launch_builder(f_select);
         b.arg(&pooled_q).arg(&pooled_k).arg(&allowed).arg(&per_head).arg(&hq_i).arg(&hkv_i).arg(&groups_i);
         b.arg(&kblocks_i).arg(&mode).arg(&top_k).arg(&ln_t).arg(&plan.scale).arg(&mut chosen);
-        unsafe { b.launch(cfg((groups as u32, hq as u32, 1), 256, select_smem as u32)) }
+        unsafe { b.launch(launch_cfg((groups as u32, hq as u32, 1), 256, select_smem as u32)) }
             .map_err(launch("block_select"))?;
         let (q_blocks_i, bm_i) = (q_blocks as i32, plan.block_m as i32);
         let rows_pass = |pass: i32,
@@ -495,7 +513,8 @@ impl Gpu {
                 .arg(&kblocks_i)
                 .arg(&pass);
             b.arg(row_count).arg(block_ptr).arg(idx).arg(mask);
-            unsafe { b.launch(cfg((rows.div_ceil(4).max(1) as u32, 1, 1), 128, 0)) }.map_err(launch("block_rows"))?;
+            unsafe { b.launch(launch_cfg((rows.div_ceil(4).max(1) as u32, 1, 1), 128, 0)) }
+                .map_err(launch("block_rows"))?;
             Ok(())
         };
         let mut none_idx = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
@@ -504,7 +523,7 @@ impl Gpu {
         let rows_i = rows as i32;
         let mut b = s.launch_builder(f_scan);
         b.arg(&row_count).arg(&rows_i).arg(&mut block_ptr);
-        unsafe { b.launch(cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
+        unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
         // The one synchronisation: the entry total, to size the block lists.
         let total =
             s.clone_dtoh(&block_ptr.slice(rows..rows + 1)).map_err(driver("reading the block total"))?[0] as usize;
@@ -512,28 +531,13 @@ impl Gpu {
         let mut block_idx = s.alloc_zeros::<u32>(total.max(1)).map_err(driver(alloc))?;
         let mut block_mask = s.alloc_zeros::<u16>(total.max(1)).map_err(driver(alloc))?;
         rows_pass(1, &mut row_count, &block_ptr, &mut block_idx, &mut block_mask)?;
-        let map: Vec<i32> = (0..hq as i32).collect();
-        let index = DeviceIndex {
-            heads: hq,
-            head_map: (0..hq).collect(),
-            nq,
-            nk,
-            block_m: plan.block_m,
-            block_n: plan.block_n,
-            batch: 1,
-            q_blocks,
-            seq_q: s.clone_htod(&[0, nq_i]).map_err(driver(up))?,
-            seq_k: s.clone_htod(&[0, nk_i]).map_err(driver(up))?,
-            seq_qb: s.clone_htod(&[0, q_blocks as i32]).map_err(driver(up))?,
-            block_ptr,
-            block_idx,
-            block_mask,
-            col_ptr: s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?,
-            col_idx: s.alloc_zeros::<u32>(1).map_err(driver(alloc))?,
-            col_mask: s.alloc_zeros::<u16>(1).map_err(driver(alloc))?,
-            head_map_dev: s.clone_htod(&map).map_err(driver(up))?,
-            gathered: false,
-        };
+        let columns = (
+            s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?,
+            s.alloc_zeros::<u32>(1).map_err(driver(alloc))?,
+            s.alloc_zeros::<u16>(1).map_err(driver(alloc))?,
+        );
+        let index =
+            self.single_index(shape, (plan.block_m, plan.block_n), (block_ptr, block_idx, block_mask), columns)?;
         s.synchronize().map_err(driver("finishing the block index build"))?;
         let report = IndexBuildReport {
             select_ms,

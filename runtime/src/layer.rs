@@ -387,12 +387,7 @@ impl Runtime {
         scale: f32,
         host: Option<&(Tensor, Tensor)>,
     ) -> Result<Arc<SparseIndex>, Error> {
-        let opts = IndexOptions {
-            block_m: Some(config.block_m as usize),
-            block_n: Some(config.block_n as usize),
-            scale: Some(f64::from(scale)),
-            ..Default::default()
-        };
+        let opts = index_options(config, scale);
         let build = |q: &Tensor, k: &Tensor| {
             build_index(&pattern.expr, q, k, &opts).map_err(|e| Error::Usage(format!("pattern {}: {e}", pattern.name)))
         };
@@ -434,12 +429,7 @@ impl Runtime {
         if let Some(p) = self.layer.device_plans.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return p;
         }
-        let opts = IndexOptions {
-            block_m: Some(config.block_m as usize),
-            block_n: Some(config.block_n as usize),
-            scale: Some(f64::from(scale)),
-            ..Default::default()
-        };
+        let opts = index_options(config, scale);
         let (hq, nq, nk) = (shape.hq, shape.nq, shape.nk);
         let plan = match ColumnPlan::new(&pattern.expr, hq, nq, nk, &opts) {
             Ok(p) => Some(DevicePlan::Columns(Arc::new(p))),
@@ -483,6 +473,16 @@ impl Runtime {
             Tensor::new(heads, n, d, dtype.decode(words)).map_err(|e| Error::Shape(e.to_string()))
         };
         Ok((tensor(s.hq, s.nq, &qh)?, tensor(s.hkv, s.nk, &kh)?))
+    }
+}
+
+/// Index options for a kernel config's blocks and a scale.
+fn index_options(config: &KernelConfig, scale: f32) -> IndexOptions {
+    IndexOptions {
+        block_m: Some(config.block_m as usize),
+        block_n: Some(config.block_n as usize),
+        scale: Some(f64::from(scale)),
+        ..Default::default()
     }
 }
 

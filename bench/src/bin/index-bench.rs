@@ -52,6 +52,25 @@ fn random_bf16(len: usize, seed: u64) -> Vec<u16> {
     v
 }
 
+/// CUDA-event times (ms) on `stream` of `reps` launches after 3 warm-ups.
+fn time_attention(
+    stream: &cudarc::driver::CudaStream,
+    reps: usize,
+    mut launch: impl FnMut() -> Result<(), weft_runtime::Error>,
+) -> Result<Vec<f64>> {
+    let mut times = Vec::new();
+    for i in 0..reps + 3 {
+        let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        launch()?;
+        let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        end.synchronize()?;
+        if i >= 3 {
+            times.push(f64::from(start.elapsed_ms(&end)?));
+        }
+    }
+    Ok(times)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -98,16 +117,9 @@ fn main() -> Result<()> {
             let config = KernelConfig::for_blocks(128, 64, D as u32, DType::Bf16);
             let kernel =
                 emit(&KernelSpec { pattern: &pattern, masks: &plan.skeleton.masks, permutation: None, config })?;
-            let mut attn = Vec::new();
-            for i in 0..args.reps + 3 {
-                let start = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)?;
-                let end = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-                end.synchronize()?;
-                if i >= 3 {
-                    attn.push(start.elapsed_ms(&end)? as f64);
-                }
-            }
+            let attn = time_attention(&s, args.reps, || {
+                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)
+            })?;
             let (build, select, att) = (median(builds), median(selects), median(attn));
             let ix = dix.to_host(&gpu)?;
             let density = ix.pairs() as f64 / (h as f64 * n as f64 * n as f64);
@@ -142,16 +154,9 @@ fn main() -> Result<()> {
             }
             let config = KernelConfig::for_blocks(128, 64, D as u32, DType::Bf16);
             let kernel = emit(&KernelSpec { pattern: &pattern, masks: &plan.masks, permutation: None, config })?;
-            let mut attn = Vec::new();
-            for i in 0..args.reps + 3 {
-                let start = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)?;
-                let end = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-                end.synchronize()?;
-                if i >= 3 {
-                    attn.push(start.elapsed_ms(&end)? as f64);
-                }
-            }
+            let attn = time_attention(&s, args.reps, || {
+                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)
+            })?;
             let (build, att) = (median(builds), median(attn));
             let density = dix.to_host(&gpu)?.pairs() as f64 / (h as f64 * n as f64 * n as f64);
             println!(
