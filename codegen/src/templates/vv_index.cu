@@ -399,6 +399,61 @@ __device__ __forceinline__ float approx_dot(const float* pq, const u16* row) {
     return acc;
 }
 
+// The CPU builder's dot (`weft_patterns::tensor::dot`): four f64 accumulators over d mod 4,
+// then (a0 + a1) + (a2 + a3). Products of two f32 are exact in f64, so fma gives the CPU's sums.
+__device__ __forceinline__ float elem_float(float x) { return x; }
+__device__ __forceinline__ float elem_float(u16 x) { return bf16_to_float(x); }
+template <class T>
+__device__ __forceinline__ double cpu_dot(const float* a, const T* b) {
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int d = 0; d < D; d += 4) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[j] = fma((double)a[d + j], (double)elem_float(b[d + j]), acc[j]);
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + 0.0;
+}
+
+// The smallest power of two at least n (1 for 0).
+__device__ __forceinline__ u32 pow2_at_least(u32 n) {
+    u32 p = 1;
+    while (p < n) p *= 2;
+    return p;
+}
+
+// Sorts the first n (score, id) pairs best first (higher score, then the lower id), padding
+// to n2 entries (a power of two, at least n) with (-inf, max id): a bitonic sort in shared
+// memory.
+// Every thread of the CTA calls it.
+__device__ void sort_best_first(double* score, u32* id, u32 n, u32 n2) {
+    for (u32 i = n + threadIdx.x; i < n2; i += blockDim.x) {
+        score[i] = __longlong_as_double(0xfff0000000000000LL);  // -inf
+        id[i] = 0xffffffffu;
+    }
+    __syncthreads();
+    for (u32 size = 2; size <= n2; size *= 2) {
+        for (u32 stride = size / 2; stride > 0; stride /= 2) {
+            for (u32 i = threadIdx.x; i < n2; i += blockDim.x) {
+                const u32 j = i ^ stride;
+                if (j > i) {
+                    const bool first_before = score[i] > score[j] || (score[i] == score[j] && id[i] < id[j]);
+                    // Within a run of `size`, the first half of the bitonic merge ascends
+                    // (best first) where (i & size) == 0.
+                    const bool ascending = (i & size) == 0;
+                    if (first_before != ascending) {
+                        const double ts = score[i];
+                        score[i] = score[j];
+                        score[j] = ts;
+                        const u32 tk = id[i];
+                        id[i] = id[j];
+                        id[j] = tk;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
 // ---- select: grid (groups, heads of the chunk), SELECT_THREADS ----
 // Writes group g's chosen keys, ascending, to chosen[(h * groups + g) * cap ..] and their count.
 // Where the candidates' approximate scores come from, by mode:
@@ -540,47 +595,9 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
             if (tid == 0) atomicMax(status, STATUS_TOO_MANY_UNSURE);
             return;
         }
-        // Exact scores of the unsure keys: the CPU builder's dot (four f64 accumulators over
-        // d mod 4, then (a0 + a1) + (a2 + a3)), times the scale.
-        for (u32 i = tid; i < unsure; i += SELECT_THREADS) {
-            const u16* row = k_h + (size_t)uKey[i] * D;
-            double acc[4] = {0.0, 0.0, 0.0, 0.0};
-            for (int d = 0; d < D; d += 4) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[j] = fma((double)sPq[d + j], (double)bf16_to_float(row[d + j]), acc[j]);
-            }
-            uScore[i] = scale * (((acc[0] + acc[1]) + (acc[2] + acc[3])) + 0.0);
-        }
-        // Pad to a power of two and sort: higher score first, then the lower key.
-        u32 n2 = 1;
-        while (n2 < unsure) n2 *= 2;
-        for (u32 i = unsure + tid; i < n2; i += SELECT_THREADS) {
-            uScore[i] = __longlong_as_double(0xfff0000000000000LL);  // -inf
-            uKey[i] = 0xffffffffu;
-        }
-        __syncthreads();
-        for (u32 size = 2; size <= n2; size *= 2) {
-            for (u32 stride = size / 2; stride > 0; stride /= 2) {
-                for (u32 i = tid; i < n2; i += SELECT_THREADS) {
-                    const u32 j = i ^ stride;
-                    if (j > i) {
-                        const bool first_before = uScore[i] > uScore[j] || (uScore[i] == uScore[j] && uKey[i] < uKey[j]);
-                        // Within a run of `size`, the first half of the bitonic merge ascends
-                        // (best first) where (i & size) == 0.
-                        const bool ascending = (i & size) == 0;
-                        if (first_before != ascending) {
-                            const double ts = uScore[i];
-                            uScore[i] = uScore[j];
-                            uScore[j] = ts;
-                            const u32 tk = uKey[i];
-                            uKey[i] = uKey[j];
-                            uKey[j] = tk;
-                        }
-                    }
-                }
-                __syncthreads();
-            }
-        }
+        // Exact scores of the unsure keys (the CPU builder's dot, times the scale), ranked.
+        for (u32 i = tid; i < unsure; i += SELECT_THREADS) uScore[i] = scale * cpu_dot(sPq, k_h + (size_t)uKey[i] * D);
+        sort_best_first(uScore, uKey, unsure, pow2_at_least(unsure));
         const u32 in = nIn;
         if (in > keep || keep - in > unsure) {
             if (tid == 0) atomicMax(status, STATUS_BOUND);
@@ -710,8 +727,7 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_select(
 {
     extern __shared__ __align__(16) unsigned char smem[];
     const int g = blockIdx.x, h = blockIdx.y, kv = h / (hq / hkv), tid = threadIdx.x;
-    u32 n2 = 1;
-    while (n2 < (u32)kblocks) n2 *= 2;
+    const u32 n2 = pow2_at_least(kblocks);
     double* sScore = (double*)smem;           // [n2]
     u32* sId = (u32*)(sScore + n2);           // [n2]
     float* sPq = (float*)(sId + n2);          // [D]
@@ -723,45 +739,13 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_select(
     __syncthreads();
     for (int kb = tid; kb < kblocks; kb += 256) {
         if (!((allow[kb / 32] >> (kb % 32)) & 1u)) continue;
-        // The CPU builder's dot: four f64 accumulators over d mod 4, then (a0 + a1) + (a2 + a3).
-        const float* pk = pooled_k + ((size_t)kv * kblocks + kb) * D;
-        double acc[4] = {0.0, 0.0, 0.0, 0.0};
-        for (int d = 0; d < D; d += 4) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) acc[j] = fma((double)sPq[d + j], (double)pk[d + j], acc[j]);
-        }
         const u32 i = atomicAdd(&nCand, 1u);
-        sScore[i] = scale * (((acc[0] + acc[1]) + (acc[2] + acc[3])) + 0.0);
+        sScore[i] = scale * cpu_dot(sPq, pooled_k + ((size_t)kv * kblocks + kb) * D);
         sId[i] = kb;
     }
     __syncthreads();
     const u32 n = nCand;
-    for (u32 i = n + tid; i < n2; i += 256) {
-        sScore[i] = __longlong_as_double(0xfff0000000000000LL);  // -inf
-        sId[i] = 0xffffffffu;
-    }
-    __syncthreads();
-    // Best first: higher score, then the lower block.
-    for (u32 size = 2; size <= n2; size *= 2) {
-        for (u32 stride = size / 2; stride > 0; stride /= 2) {
-            for (u32 i = tid; i < n2; i += 256) {
-                const u32 j = i ^ stride;
-                if (j > i) {
-                    const bool first_before = sScore[i] > sScore[j] || (sScore[i] == sScore[j] && sId[i] < sId[j]);
-                    const bool ascending = (i & size) == 0;
-                    if (first_before != ascending) {
-                        const double ts = sScore[i];
-                        sScore[i] = sScore[j];
-                        sScore[j] = ts;
-                        const u32 tk = sId[i];
-                        sId[i] = sId[j];
-                        sId[j] = tk;
-                    }
-                }
-            }
-            __syncthreads();
-        }
-    }
+    sort_best_first(sScore, sId, n, n2);
     u32 keep;
     if (mode == 0) {
         keep = min((u32)top_k, n);
