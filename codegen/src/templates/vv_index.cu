@@ -33,7 +33,8 @@ constexpr int UNSURE_CAP = 4096;         // keys per group scored exactly
 constexpr u16 DROP_CODE = {{DROP}};      // column rule: the row's blocks compute this key already
 constexpr u32 PER_COLUMN = {{PER_COLUMN}};  // rule codes from here on index per-key codes
 
-// Status codes written by select (the host turns them into errors).
+// Status codes written by select into status[0] (the host turns them into errors); status[1]
+// counts the groups that took the slow path.
 constexpr int STATUS_TOO_MANY_UNSURE = 1;
 constexpr int STATUS_BOUND = 2;
 
@@ -533,6 +534,8 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
                 }
                 if (tid == 0) nCol = n;
                 collected = true;
+            } else if (tid == 0) {
+                atomicAdd(status + 1, 1);  // this group takes the slow path (counted for the report)
             }
             __syncthreads();
         } else if (collect_cap > 0) {
