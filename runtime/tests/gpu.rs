@@ -3,6 +3,7 @@
 //! Built with `--features gpu`; run on the GPU machine by `scripts/gpu.sh`.
 #![cfg(feature = "gpu")]
 
+use cudarc::driver::CudaSlice;
 use weft_codegen::{emit, emit_decode, emit_merge, DType, DecodeSpec, KernelConfig, KernelSpec, Partial};
 use weft_dsl::builder::*;
 use weft_dsl::{Pattern, Permutation, RingLayout, Score, Unit};
@@ -100,14 +101,9 @@ fn every_family_matches_the_cpu_reference() {
                 let s = &gpu.stream;
                 let dix = gpu.upload_index(&ix).unwrap();
                 let (qd, kd, vd) = (s.clone_htod(&qb).unwrap(), s.clone_htod(&kb).unwrap(), s.clone_htod(&vb).unwrap());
-                // Poison: NaN in both dtypes, so an unwritten element cannot pass.
-                let mut out = s.clone_htod(&vec![0xffffu16; hq * n * d]).unwrap();
-                let mut lse = s.clone_htod(&vec![f32::NAN; hq * n]).unwrap();
                 let shape = AttnShape { hq, hkv, nq: n, nk: n, head_dim: d };
-                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32).unwrap();
-                s.synchronize().unwrap();
-                let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
-                let (rel, nan, lse_err) = compare(&got, &s.clone_dtoh(&lse).unwrap(), &want);
+                let (rel, nan, lse_err) =
+                    run_and_compare(&gpu, &kernel, &config, &dix, shape, (&qd, &kd, &vd), dtype, scale, &want);
                 let tol = dtype.reference_tolerance();
                 let ok = nan == 0 && rel < tol && lse_err < 2e-2;
                 println!(
@@ -121,6 +117,30 @@ fn every_family_matches_the_cpu_reference() {
         }
     }
     assert!(failures.is_empty(), "failed: {failures:?}");
+}
+
+/// Runs `kernel` (generated for `config`) over `index` into outputs poisoned with NaN (in both
+/// dtypes, so an unwritten element cannot pass) and compares them with `want`: relative error,
+/// non-finite count, worst log-sum-exp error (see [`compare`]).
+#[allow(clippy::too_many_arguments)]
+fn run_and_compare(
+    gpu: &Gpu,
+    kernel: &weft_codegen::Kernel,
+    config: &KernelConfig,
+    index: &weft_runtime::DeviceIndex,
+    shape: AttnShape,
+    qkv: (&CudaSlice<u16>, &CudaSlice<u16>, &CudaSlice<u16>),
+    dtype: DType,
+    scale: f64,
+    want: &Attention,
+) -> (f64, usize, f64) {
+    let s = &gpu.stream;
+    let mut out = s.clone_htod(&vec![0xffffu16; shape.hq * shape.nq * shape.head_dim]).unwrap();
+    let mut lse = s.clone_htod(&vec![f32::NAN; shape.hq * shape.nq]).unwrap();
+    gpu.attention(kernel, config, index, shape, qkv.0, qkv.1, qkv.2, &mut out, &mut lse, scale as f32).unwrap();
+    s.synchronize().unwrap();
+    let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
+    compare(&got, &s.clone_dtoh(&lse).unwrap(), want)
 }
 
 /// Relative L2 error of `got` against the reference, count of non-finite values, and the
@@ -620,14 +640,18 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     let kernel =
                         emit(&KernelSpec { pattern: p, masks: &plan.skeleton.masks, permutation: None, config })
                             .unwrap();
-                    let mut out = s.clone_htod(&vec![0xffffu16; hq * nq * d]).unwrap();
-                    let mut lse = s.clone_htod(&vec![f32::NAN; hq * nq]).unwrap();
-                    gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)
-                        .unwrap();
-                    s.synchronize().unwrap();
                     let want = attention(&want_ix, &x.q, &x.k, &x.v, scale).unwrap();
-                    let got = to_f32(&s.clone_dtoh(&out).unwrap(), DType::Bf16);
-                    let (rel, nan, lse_err) = compare(&got, &s.clone_dtoh(&lse).unwrap(), &want);
+                    let (rel, nan, lse_err) = run_and_compare(
+                        &gpu,
+                        &kernel,
+                        &config,
+                        &dix,
+                        shape,
+                        (&qd, &kd, &vd),
+                        DType::Bf16,
+                        scale,
+                        &want,
+                    );
                     let ok = diff.is_none() && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
                     println!(
                         "{} vv index {:<17} top_k={n:<3} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} columns={} slow_groups={slow:?} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
@@ -750,14 +774,18 @@ fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     let config = KernelConfig::for_blocks(plan.block_m, plan.block_n, d as u32, DType::Bf16);
                     let kernel =
                         emit(&KernelSpec { pattern: p, masks: &plan.masks, permutation: None, config }).unwrap();
-                    let mut out = s.clone_htod(&vec![0xffffu16; hq * nq * d]).unwrap();
-                    let mut lse = s.clone_htod(&vec![f32::NAN; hq * nq]).unwrap();
-                    gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)
-                        .unwrap();
-                    s.synchronize().unwrap();
                     let want = attention(&want_ix, &x.q, &x.k, &x.v, scale).unwrap();
-                    let got = to_f32(&s.clone_dtoh(&out).unwrap(), DType::Bf16);
-                    let (rel, nan, lse_err) = compare(&got, &s.clone_dtoh(&lse).unwrap(), &want);
+                    let (rel, nan, lse_err) = run_and_compare(
+                        &gpu,
+                        &kernel,
+                        &config,
+                        &dix,
+                        shape,
+                        (&qd, &kd, &vd),
+                        DType::Bf16,
+                        scale,
+                        &want,
+                    );
                     let ok = diff.is_none() && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
                     println!(
                         "{} block index {:<24} n={n:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} blocks={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
