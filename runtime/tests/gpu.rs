@@ -143,6 +143,26 @@ fn run_and_compare(
     compare(&got, &s.clone_dtoh(&lse).unwrap(), want)
 }
 
+/// Attention over a GPU-built `index` (mask ids numbered as in `masks`) against the reference
+/// over the CPU builder's `want_ix`, on the bf16 inputs `x`: see [`run_and_compare`].
+#[allow(clippy::too_many_arguments)]
+fn compare_over_device_index(
+    gpu: &Gpu,
+    p: &Pattern,
+    masks: &[weft_dsl::Pred],
+    index: &weft_runtime::DeviceIndex,
+    shape: AttnShape,
+    qkv: (&CudaSlice<u16>, &CudaSlice<u16>, &CudaSlice<u16>),
+    want_ix: &weft_patterns::SparseIndex,
+    x: &Inputs,
+    scale: f64,
+) -> (f64, usize, f64) {
+    let config = KernelConfig::for_blocks(index.block_m, index.block_n, shape.head_dim as u32, DType::Bf16);
+    let kernel = emit(&KernelSpec { pattern: p, masks, permutation: None, config }).unwrap();
+    let want = attention(want_ix, &x.q, &x.k, &x.v, scale).unwrap();
+    run_and_compare(gpu, &kernel, &config, index, shape, qkv, DType::Bf16, scale, &want)
+}
+
 /// Relative L2 error of `got` against the reference, count of non-finite values, and the
 /// worst log-sum-exp error (`-inf` rows must be `-inf`).
 fn compare(got: &[f32], got_lse: &[f32], want: &Attention) -> (f64, usize, f64) {
@@ -636,22 +656,10 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     }
                     let dix = dix.unwrap();
                     // Attention over the GPU-built index against the reference over the CPU's.
-                    let config = KernelConfig::for_blocks(plan.block_m, plan.block_n, d as u32, DType::Bf16);
-                    let kernel =
-                        emit(&KernelSpec { pattern: p, masks: &plan.skeleton.masks, permutation: None, config })
-                            .unwrap();
-                    let want = attention(&want_ix, &x.q, &x.k, &x.v, scale).unwrap();
-                    let (rel, nan, lse_err) = run_and_compare(
-                        &gpu,
-                        &kernel,
-                        &config,
-                        &dix,
-                        shape,
-                        (&qd, &kd, &vd),
-                        DType::Bf16,
-                        scale,
-                        &want,
-                    );
+                    let qkv = (&qd, &kd, &vd);
+                    let masks = &plan.skeleton.masks;
+                    let (rel, nan, lse_err) =
+                        compare_over_device_index(&gpu, p, masks, &dix, shape, qkv, &want_ix, &x, scale);
                     let ok = diff.is_none() && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
                     println!(
                         "{} vv index {:<17} top_k={n:<3} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} columns={} slow_groups={slow:?} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
@@ -771,21 +779,9 @@ fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     let mut got_ix = dix.to_host(&gpu).unwrap();
                     got_ix.masks = plan.masks.clone();
                     let diff = index_difference(&got_ix, &want_ix);
-                    let config = KernelConfig::for_blocks(plan.block_m, plan.block_n, d as u32, DType::Bf16);
-                    let kernel =
-                        emit(&KernelSpec { pattern: p, masks: &plan.masks, permutation: None, config }).unwrap();
-                    let want = attention(&want_ix, &x.q, &x.k, &x.v, scale).unwrap();
-                    let (rel, nan, lse_err) = run_and_compare(
-                        &gpu,
-                        &kernel,
-                        &config,
-                        &dix,
-                        shape,
-                        (&qd, &kd, &vd),
-                        DType::Bf16,
-                        scale,
-                        &want,
-                    );
+                    let qkv = (&qd, &kd, &vd);
+                    let (rel, nan, lse_err) =
+                        compare_over_device_index(&gpu, p, &plan.masks, &dix, shape, qkv, &want_ix, &x, scale);
                     let ok = diff.is_none() && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
                     println!(
                         "{} block index {:<24} n={n:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} blocks={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
