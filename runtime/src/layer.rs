@@ -233,43 +233,38 @@ impl Runtime {
         for ((key, heads), device_plan) in groups.into_iter().zip(device_plans) {
             let config = key.config.0;
             let started = Instant::now();
-            if let Some(dp) = device_plan {
-                let (device_index, masks) = match &dp {
-                    DevicePlan::Columns(cp) => (self.gpu.build_vv_index(cp, shape, dtype, q, k)?.0, &cp.skeleton.masks),
-                    DevicePlan::Blocks(bp) => (self.gpu.build_block_index(bp, shape, dtype, q, k)?.0, &bp.masks),
-                };
-                let index_ms = started.elapsed().as_secs_f64() * 1e3;
-                let p = &plan.patterns[heads[0]];
-                let kernel = emit(&KernelSpec { pattern: p, masks, permutation: None, config })?;
-                let loading = Instant::now();
-                let (_, source) = self.gpu.load_traced(&kernel)?;
-                let load_ms = loading.elapsed().as_secs_f64() * 1e3;
-                self.gpu.attention(&kernel, &config, &device_index, shape, q, k, v, out, lse, scale)?;
-                tracing::debug!(kernel = %kernel.name, ?source, index_ms, "layer launched on a GPU-built index");
-                reports.push(LaunchReport {
-                    kernel: kernel.name,
-                    config,
-                    tuned: heads.iter().all(|&h| tuned_of[h]),
-                    heads,
-                    patterns: vec![p.name.clone()],
-                    source,
-                    load_ms,
-                    index_ms,
-                    index_on_gpu: true,
-                });
-                continue;
-            }
-            // One index per distinct pattern in the group, over every head of the layer.
-            let mut by_hash: HashMap<&str, Arc<SparseIndex>> = HashMap::new();
-            for &h in &heads {
-                if let std::collections::hash_map::Entry::Vacant(slot) = by_hash.entry(&hashes[h]) {
-                    slot.insert(self.index_for(&plan.patterns[h], &hashes[h], &config, shape, scale, host.as_ref())?);
+            // The group's index on the device, its mask table and permutation, where it was built
+            // and how long that took (host builds: before the upload).
+            let (device_index, masks, permutation, index_on_gpu, index_ms) = match device_plan {
+                Some(dp) => {
+                    let (device_index, masks) = match &dp {
+                        DevicePlan::Columns(cp) => {
+                            (self.gpu.build_vv_index(cp, shape, dtype, q, k)?.0, cp.skeleton.masks.clone())
+                        }
+                        DevicePlan::Blocks(bp) => {
+                            (self.gpu.build_block_index(bp, shape, dtype, q, k)?.0, bp.masks.clone())
+                        }
+                    };
+                    (device_index, masks, None, true, started.elapsed().as_secs_f64() * 1e3)
                 }
-            }
-            let parts: Vec<(&SparseIndex, usize)> =
-                heads.iter().map(|&h| (by_hash[hashes[h].as_str()].as_ref(), h)).collect();
-            let index = SparseIndex::gather_heads(&parts).map_err(|e| Error::Shape(e.to_string()))?;
-            let index_ms = started.elapsed().as_secs_f64() * 1e3;
+                None => {
+                    // One index per distinct pattern in the group, over every head of the layer.
+                    let mut by_hash: HashMap<&str, Arc<SparseIndex>> = HashMap::new();
+                    for &h in &heads {
+                        if let std::collections::hash_map::Entry::Vacant(slot) = by_hash.entry(&hashes[h]) {
+                            let ix =
+                                self.index_for(&plan.patterns[h], &hashes[h], &config, shape, scale, host.as_ref())?;
+                            slot.insert(ix);
+                        }
+                    }
+                    let parts: Vec<(&SparseIndex, usize)> =
+                        heads.iter().map(|&h| (by_hash[hashes[h].as_str()].as_ref(), h)).collect();
+                    let index = SparseIndex::gather_heads(&parts).map_err(|e| Error::Shape(e.to_string()))?;
+                    let index_ms = started.elapsed().as_secs_f64() * 1e3;
+                    let device_index = self.gpu.upload_gathered(&index, heads.clone())?;
+                    (device_index, index.masks, index.permutation, false, index_ms)
+                }
+            };
 
             let mut names: Vec<String> = heads.iter().map(|&h| plan.patterns[h].name.clone()).collect();
             names.sort();
@@ -279,13 +274,12 @@ impl Runtime {
             } else {
                 group_label(&names, heads.iter().map(|&h| &plan.patterns[h]))
             };
-            let kernel =
-                emit(&KernelSpec { pattern: &label, masks: &index.masks, permutation: index.permutation, config })?;
+            let kernel = emit(&KernelSpec { pattern: &label, masks: &masks, permutation, config })?;
             let loading = Instant::now();
             let (_, source) = self.gpu.load_traced(&kernel)?;
             let load_ms = loading.elapsed().as_secs_f64() * 1e3;
             let tuned = heads.iter().all(|&h| tuned_of[h]);
-            if source == LoadSource::Compiled && tuned {
+            if source == LoadSource::Compiled && tuned && !index_on_gpu {
                 // Tuned, yet not stored under this key: the group's predicates depend on the
                 // input (e.g. a grid phase chosen per head), which makes a kernel per input.
                 tracing::warn!(
@@ -294,9 +288,8 @@ impl Runtime {
                     "a tuned pattern's kernel was compiled at run time: its predicates depend on the input"
                 );
             }
-            let device_index = self.gpu.upload_gathered(&index, heads.clone())?;
             self.gpu.attention(&kernel, &config, &device_index, shape, q, k, v, out, lse, scale)?;
-            tracing::debug!(kernel = %kernel.name, heads = ?heads, ?source, index_ms, "layer group launched");
+            tracing::debug!(kernel = %kernel.name, heads = ?heads, ?source, index_ms, index_on_gpu, "layer group launched");
             reports.push(LaunchReport {
                 kernel: kernel.name,
                 config,
@@ -306,7 +299,7 @@ impl Runtime {
                 source,
                 load_ms,
                 index_ms,
-                index_on_gpu: false,
+                index_on_gpu,
             });
         }
         Ok(reports)
