@@ -54,14 +54,38 @@ pub struct ColumnPlan {
     pub cand_hi: Vec<u32>,
     /// The index with no columns chosen; its mask table also holds every mask the rules use.
     pub skeleton: SparseIndex,
-    /// `rule_ptr[r]..rule_ptr[r + 1]`: the runs of row `r = slot * q_blocks + qb`, ascending,
-    /// disjoint; keys in no run get [`FULL`].
-    pub rule_ptr: Vec<u32>,
-    pub rule_c0: Vec<u32>,
-    pub rule_c1: Vec<u32>,
+    /// What a chosen column becomes in each row.
+    pub rules: ColumnRules,
+}
+
+/// Per index row, what a chosen column becomes: runs of keys with an entry code.
+#[derive(Clone, Debug, Default)]
+pub struct ColumnRules {
+    /// `ptr[r]..ptr[r + 1]`: the runs of row `r = slot * q_blocks + qb`, ascending, disjoint;
+    /// keys in no run get [`FULL`].
+    pub ptr: Vec<u32>,
+    pub c0: Vec<u32>,
+    pub c1: Vec<u32>,
     /// A run's code: `DROP`, `FULL` or a mask id, or `PER_COLUMN + offset` into `codes`.
-    pub rule_code: Vec<u32>,
+    pub code: Vec<u32>,
     pub codes: Vec<u16>,
+}
+
+impl ColumnRules {
+    /// The entry code of a chosen column `c` in rule row `row`.
+    pub fn code(&self, row: usize, c: u32) -> u16 {
+        let (lo, hi) = (self.ptr[row] as usize, self.ptr[row + 1] as usize);
+        let runs = &self.c0[lo..hi];
+        // The last run starting at or before c.
+        let i = runs.partition_point(|c0| *c0 <= c);
+        if i == 0 || c >= self.c1[lo + i - 1] {
+            return FULL;
+        }
+        match self.code[lo + i - 1] {
+            code if code >= PER_COLUMN => self.codes[(code - PER_COLUMN) as usize + (c - runs[i - 1]) as usize],
+            code => code as u16,
+        }
+    }
 }
 
 /// What a leaf of a pattern is to one plan's search.
@@ -196,6 +220,7 @@ fn static_start(
     nq: usize,
     nk: usize,
     opts: &IndexOptions,
+    fix: &dyn Fn(&PatternExpr) -> Option<Node>,
 ) -> Result<StaticStart, Error> {
     weft_dsl::validate::validate(pattern).map_err(|e| Error::Pattern(weft_dsl::Error::Invalid(e)))?;
     if heads == 0 || nq == 0 || nk == 0 {
@@ -217,14 +242,188 @@ fn static_start(
     let nodes = (0..slots)
         .map(|h| {
             let inp = HeadInputs { q: &q, k: &k, h, kv: h, scale, wanted: Some(&wanted), estimates: None };
-            resolve(pattern, &inp, &Pred::Const(true))
+            resolve_fixed(pattern, &inp, &Pred::Const(true), fix)
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(StaticStart { bm, bn, scale, per_head, nodes })
 }
 
+/// `e` resolved as [`resolve`] does, except that leaves `fix` answers for become its node
+/// (estimates that would read data the shape-only inputs do not have).
+fn resolve_fixed(
+    e: &PatternExpr,
+    inp: &HeadInputs<'_>,
+    ctx: &Pred,
+    fix: &dyn Fn(&PatternExpr) -> Option<Node>,
+) -> Result<Node, Error> {
+    if let Some(n) = fix(e) {
+        return Ok(n);
+    }
+    Ok(match e {
+        PatternExpr::Union(items) => {
+            Node::Union(items.iter().map(|i| resolve_fixed(i, inp, ctx, fix)).collect::<Result<_, _>>()?)
+        }
+        PatternExpr::Intersect(items) => {
+            let mut inner = ctx.clone();
+            for item in items {
+                if let PatternExpr::Static(p) = item {
+                    inner = inner.and(p.clone());
+                }
+            }
+            Node::Intersect(items.iter().map(|i| resolve_fixed(i, inp, &inner, fix)).collect::<Result<_, _>>()?)
+        }
+        leaf => resolve(leaf, inp, ctx)?,
+    })
+}
+
+/// `node` (resolved from `e`) with the node of every leaf `target` picks replaced by `with`.
+fn replace_leaf(e: &PatternExpr, node: &Node, target: &dyn Fn(&PatternExpr) -> bool, with: &Node) -> Node {
+    match (e, node) {
+        (leaf, _) if target(leaf) => with.clone(),
+        (PatternExpr::Union(es), Node::Union(ns)) => {
+            Node::Union(es.iter().zip(ns).map(|(e, n)| replace_leaf(e, n, target, with)).collect())
+        }
+        (PatternExpr::Intersect(es), Node::Intersect(ns)) => {
+            Node::Intersect(es.iter().zip(ns).map(|(e, n)| replace_leaf(e, n, target, with)).collect())
+        }
+        _ => node.clone(),
+    }
+}
+
 /// One row's runs: `(c0, c1, code)`, with per-column codes appended to `codes`.
 type Runs = (Vec<(u32, u32, u32)>, Vec<u16>);
+
+/// Per index row, runs of keys with the entry code a chosen column there gets (see
+/// [`ColumnRules`]), for slot nodes `alls` in which every column is chosen, over the slot rows
+/// of `skeleton` (the index without columns). Mask ids are interned into `table`.
+#[allow(clippy::too_many_arguments)]
+fn column_rules(
+    alls: &[Node],
+    skeleton: &SparseIndex,
+    table: &mut MaskTable,
+    nq: usize,
+    nk: usize,
+    bm: usize,
+    bn: usize,
+) -> Result<ColumnRules, Error> {
+    let slot_skeleton = skeleton;
+    let q_blocks = nq.div_ceil(bm);
+    let region = |h: usize, q0: usize, q1: usize, k0: usize, k1: usize| Region {
+        q0: q0 as i64,
+        q1: q1 as i64,
+        k0: k0 as i64,
+        k1: k1 as i64,
+        h: h as i64,
+        nq: nq as i64,
+        nk: nk as i64,
+    };
+    let nkb = nk.div_ceil(bn);
+    let mut rule_ptr = vec![0u32];
+    let (mut rule_c0, mut rule_c1, mut rule_code, mut codes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (h, all) in alls.iter().enumerate() {
+        let rows: Vec<Vec<KeyRun>> = (0..q_blocks)
+            .into_par_iter()
+            .map(|qb| {
+                let (q0, q1) = (qb * bm, ((qb + 1) * bm).min(nq));
+                let row = h * q_blocks + qb;
+                let lo = slot_skeleton.block_ptr[row] as usize;
+                let hi = slot_skeleton.block_ptr[row + 1] as usize;
+                let blocks = &slot_skeleton.block_idx[lo..hi];
+                let mut runs = Vec::new();
+                // Key-block ranges, halved until decided (in key order: the stack pops the
+                // lower half first). A range without skeleton blocks whose coverage the
+                // interval analysis settles is one run, or none when it is all full; so a
+                // row costs about (its boundaries x log blocks) evaluations, not one per block.
+                let mut stack = vec![(0usize, nkb)];
+                while let Some((b0, b1)) = stack.pop() {
+                    let (k0, k1) = (b0 * bn, (b1 * bn).min(nk));
+                    let first = blocks.partition_point(|&b| (b as usize) < b0);
+                    let has_block = blocks.get(first).is_some_and(|&b| (b as usize) < b1);
+                    if b1 - b0 > 1 {
+                        if !has_block {
+                            match cov(all, &region(h, q0, q1, k0, k1), Some(k0)) {
+                                Cov::All => continue,
+                                Cov::None => {
+                                    runs.push((k0 as u32, k1 as u32, RunEntries::Drop));
+                                    continue;
+                                }
+                                Cov::Mask(_) => {}
+                            }
+                        }
+                        let mid = (b0 + b1) / 2;
+                        stack.push((mid, b1));
+                        stack.push((b0, mid));
+                        continue;
+                    }
+                    let kb = b0;
+                    let per_col =
+                        |f: &dyn Fn(usize) -> Option<Entry>| RunEntries::PerColumn((k0..k1).map(f).collect::<Vec<_>>());
+                    let col_cov = |c: usize| cov(all, &region(h, q0, q1, c, c + 1), Some(c));
+                    let entries = match has_block.then(|| slot_skeleton.block_mask[lo + first]) {
+                        Some(FULL) => RunEntries::Drop,
+                        Some(id) => {
+                            debug_assert_eq!(blocks[first] as usize, kb);
+                            let pb = slot_skeleton.masks[id as usize].clone();
+                            per_col(&|c| settle(and(col_cov(c), Cov::Mask(!pb.clone())), &region(h, q0, q1, c, c + 1)))
+                        }
+                        None => match cov(all, &region(h, q0, q1, k0, k1), Some(k0)) {
+                            Cov::All => continue,
+                            Cov::None => RunEntries::Drop,
+                            Cov::Mask(_) => per_col(&|c| settle(col_cov(c), &region(h, q0, q1, c, c + 1))),
+                        },
+                    };
+                    runs.push((k0 as u32, k1 as u32, entries));
+                }
+                runs
+            })
+            .collect();
+        for runs in rows {
+            let mut out: Runs = (Vec::new(), Vec::new());
+            for (c0, c1, entries) in runs {
+                let code = match entries {
+                    RunEntries::Drop => u32::from(DROP),
+                    RunEntries::PerColumn(entries) => {
+                        let mut ids = Vec::with_capacity(entries.len());
+                        for e in entries {
+                            ids.push(match e {
+                                None => DROP,
+                                Some(Entry::Full) => FULL,
+                                Some(Entry::Mask(p)) => table.intern(p)?,
+                            });
+                        }
+                        // Mask ids must stay below DROP.
+                        if table.masks.len() > DROP as usize {
+                            return Err(Error::Layout("more than 65534 distinct masks in a GPU-built index".into()));
+                        }
+                        if ids.iter().all(|x| *x == FULL) {
+                            continue;
+                        }
+                        if ids.iter().all(|x| *x == ids[0]) {
+                            u32::from(ids[0])
+                        } else {
+                            let off = PER_COLUMN + (codes.len() + out.1.len()) as u32;
+                            out.1.extend_from_slice(&ids);
+                            off
+                        }
+                    }
+                };
+                // Adjacent runs with one code merge.
+                match out.0.last_mut() {
+                    Some(last) if last.1 == c0 && last.2 == code && code < PER_COLUMN => last.1 = c1,
+                    _ => out.0.push((c0, c1, code)),
+                }
+            }
+            for (c0, c1, code) in out.0 {
+                rule_c0.push(c0);
+                rule_c1.push(c1);
+                rule_code.push(code);
+            }
+            codes.extend(out.1);
+            rule_ptr.push(rule_c0.len() as u32);
+        }
+    }
+    Ok(ColumnRules { ptr: rule_ptr, c0: rule_c0, c1: rule_c1, code: rule_code, codes })
+}
 
 impl ColumnPlan {
     /// Plans `pattern` for `heads` query heads, `nq` queries and `nk` keys.
@@ -241,7 +440,7 @@ impl ColumnPlan {
             return Err(Error::Layout("the pattern has no vertical_vector: nothing to build on the GPU".into()));
         };
         let Budget::TopK(top_k) = vv.keep else { unreachable!("vv_leaf takes top_k only") };
-        let StaticStart { bm, bn, scale, per_head, nodes } = static_start(pattern, heads, nq, nk, opts)?;
+        let StaticStart { bm, bn, scale, per_head, nodes } = static_start(pattern, heads, nq, nk, opts, &|_| None)?;
         let q_block = vv.q_block as usize;
         let groups = nq.div_ceil(q_block);
         let slots = nodes.len();
@@ -269,118 +468,9 @@ impl ColumnPlan {
             nk: nk as i64,
         };
 
-        // Column rules, row by row (rows in parallel; masks interned afterwards, in order).
-        let nkb = nk.div_ceil(bn);
-        let mut rule_ptr = vec![0u32];
-        let (mut rule_c0, mut rule_c1, mut rule_code, mut codes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (h, node) in nodes.iter().enumerate() {
-            let all = choose_all(node, nq, nk);
-            let rows: Vec<Vec<KeyRun>> = (0..q_blocks)
-                .into_par_iter()
-                .map(|qb| {
-                    let (q0, q1) = (qb * bm, ((qb + 1) * bm).min(nq));
-                    let row = h * q_blocks + qb;
-                    let lo = slot_skeleton.block_ptr[row] as usize;
-                    let hi = slot_skeleton.block_ptr[row + 1] as usize;
-                    let blocks = &slot_skeleton.block_idx[lo..hi];
-                    let mut runs = Vec::new();
-                    // Key-block ranges, halved until decided (in key order: the stack pops the
-                    // lower half first). A range without skeleton blocks whose coverage the
-                    // interval analysis settles is one run, or none when it is all full; so a
-                    // row costs about (its boundaries x log blocks) evaluations, not one per block.
-                    let mut stack = vec![(0usize, nkb)];
-                    while let Some((b0, b1)) = stack.pop() {
-                        let (k0, k1) = (b0 * bn, (b1 * bn).min(nk));
-                        let first = blocks.partition_point(|&b| (b as usize) < b0);
-                        let has_block = blocks.get(first).is_some_and(|&b| (b as usize) < b1);
-                        if b1 - b0 > 1 {
-                            if !has_block {
-                                match cov(&all, &region(h, q0, q1, k0, k1), Some(k0)) {
-                                    Cov::All => continue,
-                                    Cov::None => {
-                                        runs.push((k0 as u32, k1 as u32, RunEntries::Drop));
-                                        continue;
-                                    }
-                                    Cov::Mask(_) => {}
-                                }
-                            }
-                            let mid = (b0 + b1) / 2;
-                            stack.push((mid, b1));
-                            stack.push((b0, mid));
-                            continue;
-                        }
-                        let kb = b0;
-                        let per_col = |f: &dyn Fn(usize) -> Option<Entry>| {
-                            RunEntries::PerColumn((k0..k1).map(f).collect::<Vec<_>>())
-                        };
-                        let col_cov = |c: usize| cov(&all, &region(h, q0, q1, c, c + 1), Some(c));
-                        let entries = match has_block.then(|| slot_skeleton.block_mask[lo + first]) {
-                            Some(FULL) => RunEntries::Drop,
-                            Some(id) => {
-                                debug_assert_eq!(blocks[first] as usize, kb);
-                                let pb = slot_skeleton.masks[id as usize].clone();
-                                per_col(&|c| {
-                                    settle(and(col_cov(c), Cov::Mask(!pb.clone())), &region(h, q0, q1, c, c + 1))
-                                })
-                            }
-                            None => match cov(&all, &region(h, q0, q1, k0, k1), Some(k0)) {
-                                Cov::All => continue,
-                                Cov::None => RunEntries::Drop,
-                                Cov::Mask(_) => per_col(&|c| settle(col_cov(c), &region(h, q0, q1, c, c + 1))),
-                            },
-                        };
-                        runs.push((k0 as u32, k1 as u32, entries));
-                    }
-                    runs
-                })
-                .collect();
-            for runs in rows {
-                let mut out: Runs = (Vec::new(), Vec::new());
-                for (c0, c1, entries) in runs {
-                    let code = match entries {
-                        RunEntries::Drop => u32::from(DROP),
-                        RunEntries::PerColumn(entries) => {
-                            let mut ids = Vec::with_capacity(entries.len());
-                            for e in entries {
-                                ids.push(match e {
-                                    None => DROP,
-                                    Some(Entry::Full) => FULL,
-                                    Some(Entry::Mask(p)) => table.intern(p)?,
-                                });
-                            }
-                            // Mask ids must stay below DROP.
-                            if table.masks.len() > DROP as usize {
-                                return Err(Error::Layout(
-                                    "more than 65534 distinct masks in a GPU-built index".into(),
-                                ));
-                            }
-                            if ids.iter().all(|x| *x == FULL) {
-                                continue;
-                            }
-                            if ids.iter().all(|x| *x == ids[0]) {
-                                u32::from(ids[0])
-                            } else {
-                                let off = PER_COLUMN + (codes.len() + out.1.len()) as u32;
-                                out.1.extend_from_slice(&ids);
-                                off
-                            }
-                        }
-                    };
-                    // Adjacent runs with one code merge.
-                    match out.0.last_mut() {
-                        Some(last) if last.1 == c0 && last.2 == code && code < PER_COLUMN => last.1 = c1,
-                        _ => out.0.push((c0, c1, code)),
-                    }
-                }
-                for (c0, c1, code) in out.0 {
-                    rule_c0.push(c0);
-                    rule_c1.push(c1);
-                    rule_code.push(code);
-                }
-                codes.extend(out.1);
-                rule_ptr.push(rule_c0.len() as u32);
-            }
-        }
+        // Column rules, row by row.
+        let alls: Vec<Node> = nodes.iter().map(|n| choose_all(n, nq, nk)).collect();
+        let rules = column_rules(&alls, &slot_skeleton, &mut table, nq, nk, bm, bn)?;
 
         // Candidate ranges: the keys from the sink on that the context allows for some row of
         // the group (as the CPU selection filters them), which must form one range.
@@ -463,11 +553,7 @@ impl ColumnPlan {
             cand_lo,
             cand_hi,
             skeleton,
-            rule_ptr,
-            rule_c0,
-            rule_c1,
-            rule_code,
-            codes,
+            rules,
         })
     }
 
@@ -487,18 +573,7 @@ impl ColumnPlan {
 
     /// The entry code of chosen column `c` in index row `qb` of head `h`.
     pub fn code(&self, h: usize, qb: usize, c: u32) -> u16 {
-        let row = self.slot(h) * self.q_blocks() + qb;
-        let (lo, hi) = (self.rule_ptr[row] as usize, self.rule_ptr[row + 1] as usize);
-        let runs = &self.rule_c0[lo..hi];
-        // The last run starting at or before c.
-        let i = runs.partition_point(|c0| *c0 <= c);
-        if i == 0 || c >= self.rule_c1[lo + i - 1] {
-            return FULL;
-        }
-        match self.rule_code[lo + i - 1] {
-            code if code >= PER_COLUMN => self.codes[(code - PER_COLUMN) as usize + (c - runs[i - 1]) as usize],
-            code => code as u16,
-        }
+        self.rules.code(self.slot(h) * self.q_blocks() + qb, c)
     }
 
     /// The index for chosen columns `chosen[h][g]` (each ascending): what the GPU's last step
@@ -578,21 +653,61 @@ pub struct BlockPlan {
     pub masks: Vec<Pred>,
 }
 
-/// `node` (resolved from `e`) with its block selection replaced by "every block" (`chosen`)
-/// or "none": a static node, which the index builder settles range by range.
-fn fix_block_choice(e: &PatternExpr, node: &Node, chosen: bool) -> Node {
-    match (e, node) {
-        (PatternExpr::Block(b), Node::Blocks(_)) if matches!(b.keep, weft_dsl::BlockKeep::Budget(_)) => {
-            Node::Static(Pred::Const(chosen))
+/// Whether `e` is a block leaf chosen by a budget (the block plan's dynamic leaf).
+fn is_budget_block(e: &PatternExpr) -> bool {
+    matches!(e, PatternExpr::Block(b) if matches!(b.keep, weft_dsl::BlockKeep::Budget(_)))
+}
+
+/// Every key block a row can have, with its codes when its pattern block is chosen or not.
+struct BlockEntries {
+    entry_ptr: Vec<u32>,
+    entry_kb: Vec<u32>,
+    entry_pattern_kb: Vec<u32>,
+    code_sel: Vec<u16>,
+    code_not: Vec<u16>,
+}
+
+/// The block entries of each row of `all` (the index with every dynamic block chosen) and
+/// `none` (none chosen), both without columns; pattern key blocks hold `bk` keys. Codes of
+/// `all` keep its mask ids (`table` starts from its masks); those of `none` are interned.
+fn block_entries(
+    all: &SparseIndex,
+    none: &SparseIndex,
+    bn: usize,
+    bk: usize,
+    table: &mut MaskTable,
+) -> Result<BlockEntries, Error> {
+    let mut out = BlockEntries {
+        entry_ptr: vec![0],
+        entry_kb: Vec::new(),
+        entry_pattern_kb: Vec::new(),
+        code_sel: Vec::new(),
+        code_not: Vec::new(),
+    };
+    for row in 0..all.block_ptr.len() - 1 {
+        let (a0, a1) = (all.block_ptr[row] as usize, all.block_ptr[row + 1] as usize);
+        let (n0, n1) = (none.block_ptr[row] as usize, none.block_ptr[row + 1] as usize);
+        let none_kbs = &none.block_idx[n0..n1];
+        for i in a0..a1 {
+            let kb = all.block_idx[i];
+            let not = match none_kbs.binary_search(&kb) {
+                Ok(j) => match none.block_mask[n0 + j] {
+                    FULL => FULL,
+                    id => table.intern(none.masks[id as usize].clone())?,
+                },
+                Err(_) => DROP,
+            };
+            out.entry_kb.push(kb);
+            out.entry_pattern_kb.push(kb * bn as u32 / bk as u32);
+            out.code_sel.push(all.block_mask[i]);
+            out.code_not.push(not);
         }
-        (PatternExpr::Union(es), Node::Union(ns)) => {
-            Node::Union(es.iter().zip(ns).map(|(e, n)| fix_block_choice(e, n, chosen)).collect())
+        if none_kbs.iter().any(|kb| all.block_idx[a0..a1].binary_search(kb).is_err()) {
+            return Err(Error::Layout("a block the unchosen pattern keeps is missing when chosen".into()));
         }
-        (PatternExpr::Intersect(es), Node::Intersect(ns)) => {
-            Node::Intersect(es.iter().zip(ns).map(|(e, n)| fix_block_choice(e, n, chosen)).collect())
-        }
-        _ => node.clone(),
+        out.entry_ptr.push(out.entry_kb.len() as u32);
     }
+    Ok(out)
 }
 
 impl BlockPlan {
@@ -611,13 +726,16 @@ impl BlockPlan {
             return Err(Error::Layout("the pattern has no block selection: nothing to build on the GPU".into()));
         };
         let weft_dsl::BlockKeep::Budget(budget) = blk.keep else { unreachable!("block_leaf takes budgets only") };
-        let StaticStart { bm, bn, scale, per_head, nodes } = static_start(pattern, heads, nq, nk, opts)?;
+        let StaticStart { bm, bn, scale, per_head, nodes } = static_start(pattern, heads, nq, nk, opts, &|_| None)?;
         let (bq, bk) = (blk.block_q as usize, blk.block_k as usize);
         let (groups, kblocks) = (nq.div_ceil(bq), nk.div_ceil(bk));
         let slots = nodes.len();
         let index_with = |chosen: bool| {
             crate::Resolved {
-                nodes: nodes.iter().map(|n| fix_block_choice(pattern, n, chosen)).collect(),
+                nodes: nodes
+                    .iter()
+                    .map(|n| replace_leaf(pattern, n, &is_budget_block, &Node::Static(Pred::Const(chosen))))
+                    .collect(),
                 permutation: None,
                 heads: slots,
                 nq,
@@ -631,31 +749,7 @@ impl BlockPlan {
         };
         let (all, none) = (index_with(true)?, index_with(false)?);
         let mut table = MaskTable::from(&all.masks);
-        let q_blocks = nq.div_ceil(bm);
-        let mut plan_rows = (vec![0u32], Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for row in 0..slots * q_blocks {
-            let (a0, a1) = (all.block_ptr[row] as usize, all.block_ptr[row + 1] as usize);
-            let (n0, n1) = (none.block_ptr[row] as usize, none.block_ptr[row + 1] as usize);
-            let none_kbs = &none.block_idx[n0..n1];
-            for i in a0..a1 {
-                let kb = all.block_idx[i];
-                let not = match none_kbs.binary_search(&kb) {
-                    Ok(j) => match none.block_mask[n0 + j] {
-                        FULL => FULL,
-                        id => table.intern(none.masks[id as usize].clone())?,
-                    },
-                    Err(_) => DROP,
-                };
-                plan_rows.1.push(kb);
-                plan_rows.2.push(kb * bn as u32 / bk as u32);
-                plan_rows.3.push(all.block_mask[i]);
-                plan_rows.4.push(not);
-            }
-            if none_kbs.iter().any(|kb| all.block_idx[a0..a1].binary_search(kb).is_err()) {
-                return Err(Error::Layout("a block the unchosen pattern keeps is missing when chosen".into()));
-            }
-            plan_rows.0.push(plan_rows.1.len() as u32);
-        }
+        let entries = block_entries(&all, &none, bn, bk, &mut table)?;
         if table.masks.len() > DROP as usize {
             return Err(Error::Layout("more than 65534 distinct masks in a GPU-built index".into()));
         }
@@ -682,7 +776,7 @@ impl BlockPlan {
                 }
             }
         }
-        let (entry_ptr, entry_kb, entry_pattern_kb, code_sel, code_not) = plan_rows;
+        let BlockEntries { entry_ptr, entry_kb, entry_pattern_kb, code_sel, code_not } = entries;
         Ok(BlockPlan {
             heads,
             nq,

@@ -17,8 +17,9 @@ use weft_dsl::builder;
 use weft_dsl::*;
 
 use crate::interval::{decide, Region};
+use crate::repro;
 use crate::retrieval;
-use crate::select::select;
+use crate::select::{select, select_mass};
 use crate::tensor::{dot, Tensor};
 use crate::Error;
 
@@ -308,43 +309,47 @@ fn last_rows_mass(inp: &HeadInputs<'_>, ctx: &Pred, last: usize) -> Arc<LastRows
     cell.get_or_init(compute).clone()
 }
 
-/// Softmax rows of the last `last` queries over the keys `ctx` allows; calls `f(row, key, p)`.
+/// Softmax rows of the last `last` queries over the keys `ctx` allows; calls `f(row, key, p)`
+/// for rows in ascending order, keys ascending within a row. The arithmetic is the GPU
+/// builder's ([`crate::repro`]): the CPU's dot, [`repro::exp`], and the row total summed in
+/// chunks of keys (a key `ctx` excludes adds nothing to its chunk).
 pub(crate) fn last_rows_attention(inp: &HeadInputs<'_>, ctx: &Pred, last: usize, mut f: impl FnMut(usize, usize, f64)) {
     let (nq, nk) = (inp.nq(), inp.nk());
     for r in nq - last.min(nq)..nq {
         let env = |k: usize| Env { q: r as i64, k: k as i64, h: inp.h as i64, nq: nq as i64, nk: nk as i64 };
-        let logits: Vec<(usize, f64)> = (0..nk)
-            .filter(|&k| ctx.eval(&env(k)))
-            .map(|k| (k, inp.scale * dot(inp.q.row(inp.h, r), inp.k.row(inp.kv, k))))
+        let logits: Vec<Option<f64>> = (0..nk)
+            .map(|k| ctx.eval(&env(k)).then(|| inp.scale * dot(inp.q.row(inp.h, r), inp.k.row(inp.kv, k))))
             .collect();
-        let Some(max) = logits.iter().map(|x| x.1).reduce(f64::max) else { continue };
-        let total: f64 = logits.iter().map(|x| (x.1 - max).exp()).sum();
-        for (k, s) in logits {
-            f(r, k, (s - max).exp() / total);
+        let Some(max) = logits.iter().flatten().copied().reduce(f64::max) else { continue };
+        let weights: Vec<f64> = logits.iter().map(|s| s.map_or(0.0, |s| repro::exp(s - max))).collect();
+        let total = repro::chunked_sum(&weights);
+        for (k, s) in logits.iter().enumerate() {
+            if s.is_some() {
+                f(r, k, weights[k] / total);
+            }
         }
     }
 }
 
-fn mass_select(mass: impl Iterator<Item = (u32, f64)>, budget: Budget) -> Vec<u32> {
-    // Masses are probabilities: their log is a logit, so top_p and threshold read as mass.
-    let cands: Vec<(u32, f64)> = mass.filter(|x| x.1 > 0.0).map(|(i, m)| (i, m.ln())).collect();
-    select(&cands, budget)
+/// The verticals and slashes (diagonal numbers) a vertical-slash leaf chooses for one head.
+pub(crate) fn vertical_slash_choice(v: &VerticalSlash, inp: &HeadInputs<'_>, ctx: &Pred) -> (Vec<u32>, Vec<u32>) {
+    let mass = last_rows_mass(inp, ctx, v.last_q as usize);
+    let ids = |m: &[f64]| m.iter().enumerate().map(|(i, m)| (i as u32, *m)).collect::<Vec<_>>();
+    (select_mass(&ids(&mass.vert), v.vertical), select_mass(&ids(&mass.slash), v.slash))
 }
 
-fn vertical_slash(v: &VerticalSlash, inp: &HeadInputs<'_>, ctx: &Pred) -> (ColSel, BlockSel) {
-    let (nq, nk) = (inp.nq(), inp.nk());
-    let b = v.block as usize;
-    // Diagonal of (r, k) numbered i = r + nk - k, in 1..nq + nk; i = nq is the causal main
-    // diagonal (k = r + nk - nq) and larger i lie further in the past.
-    let mass = last_rows_mass(inp, ctx, v.last_q as usize);
-    let verticals = mass_select(mass.vert.iter().enumerate().map(|(k, m)| (k as u32, *m)), v.vertical);
-    let slashes = mass_select(mass.slash.iter().enumerate().map(|(i, m)| (i as u32, *m)), v.slash);
+/// The `block x block` tiles chosen slashes keep, for `nq` queries and `nk` keys.
+///
+/// Diagonal of (r, k) is numbered i = r + nk - k, in 1..nq + nk; i = nq is the causal main
+/// diagonal (k = r + nk - nq) and larger i lie further in the past.
+pub fn slash_blocks(slashes: &[u32], block: usize, nq: usize, nk: usize) -> BlockSel {
+    let b = block;
     let groups = nq.div_ceil(b);
     let nkb = nk.div_ceil(b);
     let mut keep = vec![false; groups * nkb];
     for g in 0..groups {
         let (q0, q1) = (g * b, ((g + 1) * b).min(nq));
-        for &i in &slashes {
+        for &i in slashes {
             // Row q meets diagonal i at key q + nk - i.
             let lo = (q0 + nk).saturating_sub(i as usize);
             let hi = (q1 - 1 + nk).checked_sub(i as usize).map(|x| x.min(nk - 1));
@@ -357,7 +362,14 @@ fn vertical_slash(v: &VerticalSlash, inp: &HeadInputs<'_>, ctx: &Pred) -> (ColSe
             }
         }
     }
-    (ColSel { bq: b, cols: vec![verticals; groups] }, BlockSel { bq: b, bk: b, nkb, keep })
+    BlockSel { bq: b, bk: b, nkb, keep }
+}
+
+fn vertical_slash(v: &VerticalSlash, inp: &HeadInputs<'_>, ctx: &Pred) -> (ColSel, BlockSel) {
+    let (nq, nk) = (inp.nq(), inp.nk());
+    let (verticals, slashes) = vertical_slash_choice(v, inp, ctx);
+    let b = v.block as usize;
+    (ColSel { bq: b, cols: vec![verticals; nq.div_ceil(b)] }, slash_blocks(&slashes, b, nq, nk))
 }
 
 fn grid(g: &Grid, inp: &HeadInputs<'_>, ctx: &Pred) -> Node {

@@ -57,7 +57,9 @@
 //! - inside an intersection, dynamic families choose among the candidates its static operands
 //!   allow (e.g. only past blocks under `causal`).
 //!
-//! Budgets rank candidates by score, ties to the lower index ([`select::select`]).
+//! Budgets rank candidates by score, ties to the lower index ([`select::select`]); masses
+//! (vertical-slash) rank as weights ([`select::select_mass`]). The estimates' softmax uses
+//! [`repro`]'s arithmetic, so that GPU builders choose exactly the same.
 
 pub mod device_plan;
 pub mod families;
@@ -66,6 +68,7 @@ pub mod interval;
 pub mod metrics;
 pub mod permute;
 pub mod reference;
+pub mod repro;
 pub mod retrieval;
 pub mod ring;
 pub mod select;

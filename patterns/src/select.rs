@@ -20,30 +20,58 @@ pub fn select(candidates: &[(u32, f64)], budget: Budget) -> Vec<u32> {
         return Vec::new();
     }
     let r = ranked(candidates);
+    let max = r[0].1;
     let keep = match budget {
         Budget::TopK(n) => (n as usize).min(r.len()),
-        Budget::TopP(p) => {
-            let max = r[0].1;
-            let weights: Vec<f64> = r.iter().map(|(_, s)| (s - max).exp()).collect();
-            let total: f64 = weights.iter().sum();
-            let mut acc = 0.0;
-            let mut n = 0;
-            for w in &weights {
-                acc += w;
-                n += 1;
-                // A relative epsilon so that top_p(1.0) keeps what rounding would drop.
-                if acc >= p * total * (1.0 - 1e-12) {
-                    break;
-                }
-            }
-            n
-        }
-        Budget::Threshold(t) => {
-            let cut = r[0].1 + t.ln();
-            r.iter().take_while(|(_, s)| *s >= cut).count().max(1)
-        }
+        Budget::TopP(p) => top_p_count(r.iter().map(|(_, s)| (s - max).exp()).collect(), p),
+        Budget::Threshold(t) => r.iter().take_while(|(_, s)| *s >= max + t.ln()).count().max(1),
     };
-    let mut ids: Vec<u32> = r[..keep].iter().map(|(i, _)| *i).collect();
+    kept_ids(&r, keep)
+}
+
+/// The ids a budget keeps among `candidates` (id, mass), masses non-negative (a softmax's
+/// probabilities summed, as vertical-slash estimates them), sorted by id. The same budgets as
+/// [`select`] with the masses as weights rather than logits, so that no logarithm enters the
+/// ranking (GPU builders reproduce it exactly):
+/// - `top_k(n)`: the `n` heaviest (ties to the lower id);
+/// - `top_p(p)`: the fewest heaviest whose mass reaches `p` of the total (at least one);
+/// - `threshold(t)`: every candidate with mass `>= t x` the heaviest (at least one).
+///
+/// Candidates of zero mass are never kept.
+pub fn select_mass(candidates: &[(u32, f64)], budget: Budget) -> Vec<u32> {
+    let positive: Vec<(u32, f64)> = candidates.iter().copied().filter(|c| c.1 > 0.0).collect();
+    if positive.is_empty() {
+        return Vec::new();
+    }
+    let r = ranked(&positive);
+    let max = r[0].1;
+    let keep = match budget {
+        Budget::TopK(n) => (n as usize).min(r.len()),
+        Budget::TopP(p) => top_p_count(r.iter().map(|(_, m)| *m).collect(), p),
+        Budget::Threshold(t) => r.iter().take_while(|(_, m)| *m >= t * max).count().max(1),
+    };
+    kept_ids(&r, keep)
+}
+
+/// How many of `weights` (best first) reach `p` of their total, at least one.
+fn top_p_count(weights: Vec<f64>, p: f64) -> usize {
+    let total: f64 = weights.iter().sum();
+    let mut acc = 0.0;
+    let mut n = 0;
+    for w in &weights {
+        acc += w;
+        n += 1;
+        // A relative epsilon so that top_p(1.0) keeps what rounding would drop.
+        if acc >= p * total * (1.0 - 1e-12) {
+            break;
+        }
+    }
+    n
+}
+
+/// The ids of the first `keep` of `ranked`, sorted.
+fn kept_ids(ranked: &[(u32, f64)], keep: usize) -> Vec<u32> {
+    let mut ids: Vec<u32> = ranked[..keep].iter().map(|(i, _)| *i).collect();
     ids.sort_unstable();
     ids
 }
@@ -64,5 +92,16 @@ mod tests {
         assert_eq!(select(&c, Budget::Threshold((-1.5f64).exp())), vec![1, 2, 3]);
         assert_eq!(select(&c, Budget::Threshold(1.0)), vec![1, 3]);
         assert!(select(&[], Budget::TopK(3)).is_empty());
+    }
+
+    #[test]
+    fn mass_budgets() {
+        let c = [(0, 0.1), (1, 0.4), (2, 0.0), (3, 0.2), (4, 0.4)];
+        assert_eq!(select_mass(&c, Budget::TopK(2)), vec![1, 4]);
+        assert_eq!(select_mass(&c, Budget::TopK(9)), vec![0, 1, 3, 4]);
+        assert_eq!(select_mass(&c, Budget::TopP(0.7)), vec![1, 4]);
+        assert_eq!(select_mass(&c, Budget::TopP(0.9)), vec![1, 3, 4]);
+        assert_eq!(select_mass(&c, Budget::Threshold(0.5)), vec![1, 3, 4]);
+        assert!(select_mass(&[(0, 0.0)], Budget::TopK(3)).is_empty());
     }
 }

@@ -228,11 +228,11 @@ impl Gpu {
         let cap = plan.top_k.min(nk).max(1);
         let cand_lo = upload(s, &plan.cand_lo, up)?;
         let cand_hi = upload(s, &plan.cand_hi, up)?;
-        let rule_ptr = upload(s, &plan.rule_ptr, up)?;
-        let rule_c0 = upload(s, &plan.rule_c0, up)?;
-        let rule_c1 = upload(s, &plan.rule_c1, up)?;
-        let rule_code = upload(s, &plan.rule_code, up)?;
-        let codes = upload(s, &plan.codes, up)?;
+        let rule_ptr = upload(s, &plan.rules.ptr, up)?;
+        let rule_c0 = upload(s, &plan.rules.c0, up)?;
+        let rule_c1 = upload(s, &plan.rules.c1, up)?;
+        let rule_code = upload(s, &plan.rules.code, up)?;
+        let codes = upload(s, &plan.rules.codes, up)?;
 
         let mut pooled = s.alloc_zeros::<f32>(hq * groups * d).map_err(driver(alloc))?;
         let mut pq_hi = s.alloc_zeros::<u16>(hq * groups * d).map_err(driver(alloc))?;
