@@ -1,4 +1,6 @@
-//! Plans for building a vertical-vector index on the GPU.
+//! Plans for building indexes on the GPU: [`ColumnPlan`] (vertical-vector), [`BlockPlan`]
+//! (block top-k / threshold) and [`SlashPlan`] (vertical-slash). The vertical-vector plan is
+//! described here; the others follow the same idea.
 //!
 //! In a pattern whose only dynamic part is one `vertical_vector(keep = top_k(n))`, everything
 //! but the chosen columns is static: the key blocks (sink, local band, causal edges and any
@@ -16,6 +18,8 @@
 //! and the result is the index [`crate::build_index`] builds: [`ColumnPlan::assemble`] is the
 //! CPU mirror of that last step, and the tests check it against `build_index` pair for pair.
 
+mod slash;
+
 use rayon::prelude::*;
 use weft_dsl::{Budget, PatternExpr, Pred, Var, VerticalVector};
 
@@ -23,6 +27,7 @@ use crate::families::{resolve, ColSel, HeadInputs, Node};
 use crate::index::{and, cov, layout, settle, Cov, Entry, MaskTable};
 use crate::interval::{decide, Region};
 use crate::{Error, IndexOptions, SparseIndex, Tensor, FULL};
+pub use slash::SlashPlan;
 
 /// Entry code of a chosen column that the row's blocks already compute (or that the pattern
 /// excludes there): it gets no column entry.

@@ -1,10 +1,11 @@
-//! The static plan of a GPU-built vertical-vector index, completed with the CPU selection's
-//! columns, is the index `build_index` builds: same blocks, same columns, same masks.
+//! The static plan of each GPU-built index (vertical-vector, block, vertical-slash), completed
+//! with the CPU selection's choice, is the index `build_index` builds: same blocks, same
+//! columns, same masks.
 
 use proptest::prelude::*;
 use weft_dsl::builder::*;
 use weft_dsl::*;
-use weft_patterns::device_plan::{index_difference, BlockPlan, ColumnPlan};
+use weft_patterns::device_plan::{index_difference, BlockPlan, ColumnPlan, SlashPlan};
 use weft_patterns::*;
 
 fn patterns(n: u32, q_block: u32) -> Vec<(&'static str, PatternExpr)> {
@@ -116,4 +117,48 @@ proptest! {
             prop_assert!(index_difference(&got, &want).is_none(), "{name} nq={nq} nk={nk} blocks={blocks:?}: {}", index_difference(&got, &want).unwrap());
         }
     }
+}
+
+fn slash_patterns(nv: u32, ns: u32, b: u32, last: u32) -> Vec<(&'static str, PatternExpr)> {
+    let vs = || vertical_slash().block(b).last_q(last).vertical(top_k(nv)).slash(top_k(ns));
+    vec![
+        ("vs", vs().into()),
+        ("causal & vs", causal() & vs()),
+        ("sink | local | causal & vs", sink(4) | local(40) | (causal() & vs())),
+        ("window & vs", window(150) & vs()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn planned_and_cpu_built_vertical_slash_indexes_agree(
+        nq in 1usize..400, extra in 0usize..120, nv in 1u32..60, ns in 1u32..12, group in 1usize..3,
+        blocks in prop::sample::select(vec![(64u32, 64usize, 64usize), (64, 32, 32), (32, 32, 16), (16, 16, 16)]),
+        last in prop::sample::select(vec![1u32, 16, 64]), seed in any::<u64>(),
+    ) {
+        let (b, bm, bn) = blocks;
+        let nk = nq + extra;
+        let heads = 2;
+        let q = Tensor::random(heads, nq, 16, seed);
+        let k = Tensor::random(heads / group, nk, 16, seed ^ 0x7f4a);
+        for (name, e) in slash_patterns(nv, ns, b, last) {
+            let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), scale: Some(0.25), ..Default::default() };
+            let want = build_index(&e, &q, &k, &opts).unwrap();
+            let plan = SlashPlan::new(&e, heads, nq, nk, &opts).unwrap();
+            let chosen = plan.choose_on_cpu(&e, &q, &k).unwrap();
+            let got = plan.assemble(&chosen).unwrap();
+            prop_assert!(index_difference(&got, &want).is_none(), "{name} nq={nq} nk={nk} blocks={blocks:?}: {}", index_difference(&got, &want).unwrap());
+            prop_assert!(chosen.iter().all(|(v, s)| v.len() <= nv as usize && s.len() <= ns as usize && !v.is_empty() && !s.is_empty()));
+        }
+    }
+}
+
+#[test]
+fn vertical_slash_plans_take_top_k_budgets_only() {
+    let opts = IndexOptions { scale: Some(0.1), ..Default::default() };
+    let e = causal() & vertical_slash().vertical(top_p(0.9));
+    let err = SlashPlan::new(&e, 1, 100, 100, &opts).unwrap_err().to_string();
+    assert!(err.contains("top_p") && err.contains("CPU"), "{err}");
 }

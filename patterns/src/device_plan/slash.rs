@@ -1,0 +1,286 @@
+//! The static part of a vertical-slash index built on the GPU.
+//!
+//! `vertical_slash` chooses, per head, key columns (verticals, the same for every query group)
+//! and diagonals (slashes, each keeping the `block x block` tiles it crosses), from the softmax
+//! mass of the last `last_q` queries. Given those two lists everything else is static, and a
+//! [`SlashPlan`] holds it:
+//! - which keys each estimated row may attend to (the enclosing predicates), as bits;
+//! - per index row, every key block the row can have with its code when its slash tile is
+//!   chosen or not (as a [`BlockPlan`](super::BlockPlan) has them);
+//! - per index row, the column rules of a vertical whose tile no slash keeps (as a
+//!   [`ColumnPlan`](super::ColumnPlan) has them). A vertical inside a kept tile adds nothing
+//!   (the tile computes its pairs): the plan checks that for the pattern, and patterns where
+//!   it does not hold are built on the CPU.
+
+use rayon::prelude::*;
+use weft_dsl::{Budget, Env, PatternExpr, Pred, VerticalSlash};
+
+use super::{
+    block_entries, column_rules, find_leaf, replace_leaf, static_start, BlockEntries, ColumnRules, Leaf, StaticStart,
+    DROP,
+};
+use crate::families::{slash_blocks, vertical_slash_choice, ColSel, HeadInputs, Node};
+use crate::index::MaskTable;
+use crate::interval::{decide, Region};
+use crate::{Error, IndexOptions, SparseIndex, Tensor};
+
+/// The static part of a vertical-slash index (see the module docs).
+#[derive(Clone, Debug)]
+pub struct SlashPlan {
+    pub heads: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub block_m: usize,
+    pub block_n: usize,
+    /// The pattern's tile: query rows per group and keys per pattern key block.
+    pub block: usize,
+    pub groups: usize,
+    pub kblocks: usize,
+    /// Estimated rows: the last `last` queries.
+    pub last: usize,
+    /// Verticals and slashes kept (`top_k(n)` each).
+    pub vertical_k: usize,
+    pub slash_k: usize,
+    pub scale: f64,
+    /// Whether anything differs per head (slot = head) or not (slot 0).
+    pub per_head: bool,
+    /// `allowed[(slot * last + r) * words + k / 32]`, bit `k % 32`: estimated row `nq - last +
+    /// r` may attend to key `k` (`words = ceil(nk / 32)`).
+    pub allowed: Vec<u32>,
+    /// Per index row `slot * q_blocks + qb`, its possible key blocks (pattern key block
+    /// `entry_pattern_kb`, the tile a slash keeps) and their codes when kept (`code_sel`) or
+    /// not (`code_not`, `DROP` for no entry).
+    pub entry_ptr: Vec<u32>,
+    pub entry_kb: Vec<u32>,
+    pub entry_pattern_kb: Vec<u32>,
+    pub code_sel: Vec<u16>,
+    pub code_not: Vec<u16>,
+    /// What a vertical whose tile is not kept becomes in each row.
+    pub rules: ColumnRules,
+    /// The mask table the codes index (generate the attention kernel with it).
+    pub masks: Vec<Pred>,
+}
+
+/// The leaves of a vertical-slash plan.
+fn vs_leaf(e: &PatternExpr) -> Leaf<'_, VerticalSlash> {
+    match e {
+        PatternExpr::Static(_) => Leaf::Static,
+        PatternExpr::Block(b) if matches!(b.keep, weft_dsl::BlockKeep::Where(_)) => Leaf::Static,
+        PatternExpr::VerticalSlash(v) if matches!((v.vertical, v.slash), (Budget::TopK(_), Budget::TopK(_))) => {
+            Leaf::Target(v)
+        }
+        PatternExpr::VerticalSlash(_) => Leaf::Unsupported("a vertical_slash with a top_p or threshold budget"),
+        PatternExpr::Block(_) => Leaf::Unsupported("a block selection"),
+        PatternExpr::VerticalVector(_) => Leaf::Unsupported("a vertical_vector selection"),
+        PatternExpr::Grid(_) => Leaf::Unsupported("a grid"),
+        _ => Leaf::Unsupported("a retrieval selection"),
+    }
+}
+
+const SUPPORTS: &str = "one vertical_slash(vertical = top_k(n), slash = top_k(m))";
+
+/// The leaf's node with the given choice: no verticals (or every key) and no tiles (or all).
+fn vs_node(columns: bool, tiles: bool, nq: usize, nk: usize) -> Node {
+    let cols = if columns { (0..nk as u32).collect() } else { Vec::new() };
+    Node::Union(vec![Node::Columns(ColSel { bq: nq.max(1), cols: vec![cols] }), Node::Static(Pred::Const(tiles))])
+}
+
+impl SlashPlan {
+    /// Plans `pattern` for `heads` query heads, `nq` queries and `nk` keys.
+    pub fn new(
+        pattern: &PatternExpr,
+        heads: usize,
+        nq: usize,
+        nk: usize,
+        opts: &IndexOptions,
+    ) -> Result<SlashPlan, Error> {
+        let mut found = None;
+        find_leaf(pattern, &Pred::Const(true), SUPPORTS, &vs_leaf, &mut found)?;
+        let Some((vs, ctx)) = found else {
+            return Err(Error::Layout("the pattern has no vertical_slash: nothing to build on the GPU".into()));
+        };
+        let (Budget::TopK(vertical_k), Budget::TopK(slash_k)) = (vs.vertical, vs.slash) else {
+            unreachable!("vs_leaf takes top_k budgets only")
+        };
+        let is_vs = |e: &PatternExpr| matches!(e, PatternExpr::VerticalSlash(_));
+        let placeholder = vs_node(false, false, nq, nk);
+        let fix = |e: &PatternExpr| is_vs(e).then(|| placeholder.clone());
+        let StaticStart { bm, bn, scale, per_head, nodes } = static_start(pattern, heads, nq, nk, opts, &fix)?;
+        let b = vs.block as usize;
+        let slots = nodes.len();
+        let variant = |columns: bool, tiles: bool| -> Vec<Node> {
+            let with = vs_node(columns, tiles, nq, nk);
+            nodes.iter().map(|n| replace_leaf(pattern, n, &is_vs, &with)).collect()
+        };
+        let index_of = |nodes: Vec<Node>| {
+            crate::Resolved {
+                nodes,
+                permutation: None,
+                heads: slots,
+                nq,
+                nk,
+                block_m: bm,
+                block_n: bn,
+                scale,
+                wanted: None,
+            }
+            .index()
+        };
+        let (tiles, none) = (index_of(variant(false, true))?, index_of(variant(false, false))?);
+        let mut table = MaskTable::from(&tiles.masks);
+        let BlockEntries { entry_ptr, entry_kb, entry_pattern_kb, code_sel, code_not } =
+            block_entries(&tiles, &none, bn, b, &mut table)?;
+        let rules = column_rules(&variant(true, false), &none, &mut table, nq, nk, bm, bn)?;
+        if table.masks.len() > DROP as usize {
+            return Err(Error::Layout("more than 65534 distinct masks in a GPU-built index".into()));
+        }
+        // A vertical inside a kept tile must add nothing, in every row.
+        let inside = column_rules(&variant(true, true), &tiles, &mut MaskTable::from(&tiles.masks), nq, nk, bm, bn)?;
+        let q_blocks = nq.div_ceil(bm);
+        for row in 0..slots * q_blocks {
+            let (lo, hi) = (inside.ptr[row] as usize, inside.ptr[row + 1] as usize);
+            let all_dropped =
+                hi - lo == 1 && (inside.c0[lo], inside.c1[lo], inside.code[lo]) == (0, nk as u32, u32::from(DROP));
+            if !all_dropped {
+                return Err(Error::Layout(format!(
+                    "in query block {} a vertical inside a slash's tile adds pairs the tile does not compute; GPU \
+                     index building needs the tiles to cover them (build this pattern's index on the CPU)",
+                    row % q_blocks
+                )));
+            }
+        }
+
+        // The keys each estimated row may attend to, by interval analysis on key ranges.
+        let last = (vs.last_q as usize).min(nq);
+        let words = nk.div_ceil(32);
+        let allowed: Vec<u32> = (0..slots * last)
+            .into_par_iter()
+            .flat_map_iter(|sr| {
+                let (h, r) = (sr / last, nq - last + sr % last);
+                let mut bits = vec![0u32; words];
+                let region = |k0: usize, k1: usize| Region {
+                    q0: r as i64,
+                    q1: r as i64 + 1,
+                    k0: k0 as i64,
+                    k1: k1 as i64,
+                    h: h as i64,
+                    nq: nq as i64,
+                    nk: nk as i64,
+                };
+                let mut stack = vec![(0usize, nk)];
+                while let Some((k0, k1)) = stack.pop() {
+                    let keep = match decide(&ctx, &region(k0, k1)) {
+                        Some(b) => b,
+                        None if k1 - k0 == 1 => {
+                            ctx.eval(&Env { q: r as i64, k: k0 as i64, h: h as i64, nq: nq as i64, nk: nk as i64 })
+                        }
+                        None => {
+                            let mid = (k0 + k1) / 2;
+                            stack.push((mid, k1));
+                            stack.push((k0, mid));
+                            continue;
+                        }
+                    };
+                    if keep {
+                        for k in k0..k1 {
+                            bits[k / 32] |= 1 << (k % 32);
+                        }
+                    }
+                }
+                bits
+            })
+            .collect();
+        Ok(SlashPlan {
+            heads,
+            nq,
+            nk,
+            block_m: bm,
+            block_n: bn,
+            block: b,
+            groups: nq.div_ceil(b),
+            kblocks: nk.div_ceil(b),
+            last,
+            vertical_k: vertical_k as usize,
+            slash_k: slash_k as usize,
+            scale,
+            per_head,
+            allowed,
+            entry_ptr,
+            entry_kb,
+            entry_pattern_kb,
+            code_sel,
+            code_not,
+            rules,
+            masks: table.masks,
+        })
+    }
+
+    /// Query-block rows of the index.
+    pub fn q_blocks(&self) -> usize {
+        self.nq.div_ceil(self.block_m)
+    }
+
+    /// The index for each head's chosen `(verticals, slashes)` (ascending): what the GPU's last
+    /// step writes, on the CPU.
+    pub fn assemble(&self, chosen: &[(Vec<u32>, Vec<u32>)]) -> Result<SparseIndex, Error> {
+        if chosen.len() != self.heads {
+            return Err(Error::Shape(format!("choices for {} heads expected, got {}", self.heads, chosen.len())));
+        }
+        let mut ix = SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n);
+        ix.masks = self.masks.clone();
+        for (h, (verticals, slashes)) in chosen.iter().enumerate() {
+            let tiles = slash_blocks(slashes, self.block, self.nq, self.nk);
+            let slot = if self.per_head { h } else { 0 };
+            for qb in 0..self.q_blocks() {
+                let g = qb * self.block_m / self.block;
+                let row = slot * self.q_blocks() + qb;
+                for e in self.entry_ptr[row] as usize..self.entry_ptr[row + 1] as usize {
+                    let kept = tiles.selected(g, self.entry_pattern_kb[e] as usize);
+                    let code = if kept { self.code_sel[e] } else { self.code_not[e] };
+                    if code != DROP {
+                        ix.block_idx.push(self.entry_kb[e]);
+                        ix.block_mask.push(code);
+                    }
+                }
+                for &c in verticals {
+                    if tiles.selected(g, c as usize / self.block) {
+                        continue;
+                    }
+                    let code = self.rules.code(row, c);
+                    if code != DROP {
+                        ix.col_idx.push(c);
+                        ix.col_mask.push(code);
+                    }
+                }
+                ix.block_ptr.push(ix.block_idx.len() as u32);
+                ix.col_ptr.push(ix.col_idx.len() as u32);
+            }
+        }
+        Ok(ix)
+    }
+
+    /// The `(verticals, slashes)` the CPU builder chooses per head for `q` and `k`: what the
+    /// GPU's selection must reproduce.
+    pub fn choose_on_cpu(
+        &self,
+        pattern: &PatternExpr,
+        q: &Tensor,
+        k: &Tensor,
+    ) -> Result<Vec<(Vec<u32>, Vec<u32>)>, Error> {
+        let mut found = None;
+        find_leaf(pattern, &Pred::Const(true), SUPPORTS, &vs_leaf, &mut found)?;
+        let Some((vs, ctx)) = found else {
+            return Err(Error::Layout("the pattern has no vertical_slash".into()));
+        };
+        let group = crate::tensor::check_qkv(q, k, None)?;
+        q.check_finite("q")?;
+        k.check_finite("k")?;
+        Ok((0..q.heads)
+            .into_par_iter()
+            .map(|h| {
+                let inp = HeadInputs { q, k, h, kv: h / group, scale: self.scale, wanted: None, estimates: None };
+                vertical_slash_choice(vs, &inp, &ctx)
+            })
+            .collect())
+    }
+}
