@@ -27,7 +27,7 @@ use crate::families::{resolve, ColSel, HeadInputs, Node};
 use crate::index::{and, cov, layout, settle, Cov, Entry, MaskTable};
 use crate::interval::{decide, Region};
 use crate::{Error, IndexOptions, SparseIndex, Tensor, FULL};
-pub use slash::SlashPlan;
+pub use slash::{SlashChoice, SlashPlan};
 
 /// Entry code of a chosen column that the row's blocks already compute (or that the pattern
 /// excludes there): it gets no column entry.

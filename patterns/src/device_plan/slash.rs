@@ -61,6 +61,9 @@ pub struct SlashPlan {
     pub masks: Vec<Pred>,
 }
 
+/// One head's choice: its verticals (keys) and slashes (diagonal numbers), each ascending.
+pub type SlashChoice = (Vec<u32>, Vec<u32>);
+
 /// The leaves of a vertical-slash plan.
 fn vs_leaf(e: &PatternExpr) -> Leaf<'_, VerticalSlash> {
     match e {
@@ -222,7 +225,7 @@ impl SlashPlan {
 
     /// The index for each head's chosen `(verticals, slashes)` (ascending): what the GPU's last
     /// step writes, on the CPU.
-    pub fn assemble(&self, chosen: &[(Vec<u32>, Vec<u32>)]) -> Result<SparseIndex, Error> {
+    pub fn assemble(&self, chosen: &[SlashChoice]) -> Result<SparseIndex, Error> {
         if chosen.len() != self.heads {
             return Err(Error::Shape(format!("choices for {} heads expected, got {}", self.heads, chosen.len())));
         }
@@ -261,12 +264,7 @@ impl SlashPlan {
 
     /// The `(verticals, slashes)` the CPU builder chooses per head for `q` and `k`: what the
     /// GPU's selection must reproduce.
-    pub fn choose_on_cpu(
-        &self,
-        pattern: &PatternExpr,
-        q: &Tensor,
-        k: &Tensor,
-    ) -> Result<Vec<(Vec<u32>, Vec<u32>)>, Error> {
+    pub fn choose_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<Vec<SlashChoice>, Error> {
         let mut found = None;
         find_leaf(pattern, &Pred::Const(true), SUPPORTS, &vs_leaf, &mut found)?;
         let Some((vs, ctx)) = found else {
