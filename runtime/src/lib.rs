@@ -244,11 +244,17 @@ impl Gpu {
                 Some(e) => format!("{}_{e}", kernel.name),
             };
             let f = module.load_function(&name).map_err(driver(format!("finding {name}")))?;
-            f.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                kernel.shared_bytes as i32,
-            )
-            .map_err(driver(format!("raising the shared-memory limit of {name} to {} bytes", kernel.shared_bytes)))?;
+            // The dynamic limit is what the kernel may ask for, within what the entry's own
+            // static shared memory leaves of the device's per-block maximum (entries of one
+            // module differ).
+            let optin = self
+                .ctx
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                .unwrap_or(kernel.shared_bytes as i32);
+            let fixed = f.get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).unwrap_or(0);
+            let limit = (kernel.shared_bytes as i32).min(optin - fixed).max(0);
+            f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, limit)
+                .map_err(driver(format!("raising the shared-memory limit of {name} to {limit} bytes")))?;
             if let Ok(mut m) = self.modules.lock() {
                 m.insert((entry_key(kernel, *entry), self.arch), f.clone());
             }

@@ -97,27 +97,25 @@ fn number_before(line: &str, word: &str) -> Option<u32> {
     line[..i].split_whitespace().last()?.parse().ok()
 }
 
-/// Parses `ptxas info` lines of the program log (`None` if there are none).
+/// Parses `ptxas info` lines of the program log (`None` if there are none). A module with
+/// several entry points reports each; the report holds the largest of each figure, so a spill
+/// in any entry shows.
 pub fn parse_report(log: &str) -> Option<ResourceReport> {
     if !log.contains("registers") {
         return None;
     }
     let mut r = ResourceReport::default();
     for line in log.lines() {
-        if let Some(n) = number_before(line, "registers") {
-            r.registers = n;
-        }
-        if let Some(n) = number_before(line, "bytes spill stores") {
-            r.spill_stores = n;
-        }
-        if let Some(n) = number_before(line, "bytes spill loads") {
-            r.spill_loads = n;
-        }
-        if let Some(n) = number_before(line, "bytes stack frame") {
-            r.stack_frame = n;
-        }
-        if let Some(n) = number_before(line, "bytes smem") {
-            r.static_shared = n;
+        for (word, field) in [
+            ("registers", &mut r.registers),
+            ("bytes spill stores", &mut r.spill_stores),
+            ("bytes spill loads", &mut r.spill_loads),
+            ("bytes stack frame", &mut r.stack_frame),
+            ("bytes smem", &mut r.static_shared),
+        ] {
+            if let Some(n) = number_before(line, word) {
+                *field = (*field).max(n);
+            }
         }
     }
     Some(r)
