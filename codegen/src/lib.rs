@@ -42,6 +42,7 @@ const ATTENTION: &str = include_str!("templates/attention.cu");
 const DECODE: &str = include_str!("templates/decode.cu");
 const MERGE: &str = include_str!("templates/merge.cu");
 const VV_INDEX: &str = include_str!("templates/vv_index.cu");
+const VS_INDEX: &str = include_str!("templates/vs_index.cu");
 
 /// Element type of Q, K, V and O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -334,7 +335,7 @@ fn key_and_header(
 ) -> (String, String) {
     // The templates' text is part of the key too, so an edited template can never load a
     // kernel stored from the old one, even where CODEGEN_VERSION was not bumped.
-    let templates = blake3::hash([PRELUDE, ATTENTION, DECODE, MERGE, VV_INDEX].concat().as_bytes());
+    let templates = blake3::hash([PRELUDE, ATTENTION, DECODE, MERGE, VV_INDEX, VS_INDEX].concat().as_bytes());
     let mut key_input = format!("weft-codegen/{CODEGEN_VERSION}\ntemplates {templates}\n{kind}\n{config}\n");
     if let Some(p) = pattern {
         let _ = writeln!(key_input, "{}", p.hash());
@@ -470,6 +471,18 @@ pub const VV_INDEX_ENTRIES: [&str; 7] = ["pool", "kstats", "score", "threshold",
 /// The entry points of the block top-k index builder (same module as [`emit_vv_index`]).
 pub const BLOCK_INDEX_ENTRIES: [&str; 4] = ["pool", "block_select", "block_rows", "scan"];
 
+/// The entry points of the vertical-slash index builder (same module as [`emit_vv_index`]).
+pub const VS_INDEX_ENTRIES: [&str; 8] =
+    ["vs_logits", "vs_exp", "vs_mass", "vs_select", "vs_tiles", "block_rows", "columns", "scan"];
+
+/// Keys per CTA of the `vs_exp` entry (its grid is `ceil(nk / VS_EXP_KEYS)` wide).
+pub const VS_EXP_KEYS: usize = 2048;
+
+/// Dynamic shared memory of the `vs_mass` entry for `last` estimated rows.
+pub fn vs_mass_shared_bytes(last: usize) -> usize {
+    last * 8
+}
+
 /// Dynamic shared memory of the `block_select` entry for `kblocks` pattern key blocks.
 pub fn block_select_shared_bytes(head_dim: u32, kblocks: usize) -> usize {
     kblocks.next_power_of_two() * 12 + head_dim as usize * 4
@@ -498,20 +511,29 @@ pub const VV_TWO_CTA_SHARED: usize = 108 * 1024;
 /// entry's limit, which bounds the keys it serves).
 pub const VV_INDEX_MAX_SHARED: u32 = 200 * 1024;
 
-/// Generates the vertical-vector index builder for bf16 inputs of `head_dim` (one module,
-/// entry points [`VV_INDEX_ENTRIES`]; see the template for the method).
+/// Generates the index builders' module for bf16 inputs of `head_dim`: vertical-vector
+/// ([`VV_INDEX_ENTRIES`]), block ([`BLOCK_INDEX_ENTRIES`]) and vertical-slash
+/// ([`VS_INDEX_ENTRIES`]) entry points; see the templates for the methods.
 pub fn emit_vv_index(head_dim: u32) -> Result<Kernel, Error> {
+    use weft_patterns::repro;
     check_head_dim(head_dim)?;
     let config = format!("vv-index head_dim={head_dim} dtype=bf16");
     let (key, header) = key_and_header("vv-index", None, &config, &[], None);
     let name = format!("weft_vvix_{}", &key[..16]);
-    let source = VV_INDEX
+    let bits = |x: f64| format!("{:#018x}LL", x.to_bits());
+    let coef: Vec<String> = repro::EXP_COEF.iter().map(|c| bits(*c)).collect();
+    let source = format!("{VV_INDEX}{VS_INDEX}")
         .replace("{{HEADER}}", &header)
         .replace("{{PRELUDE}}", &prelude(&[], None, DType::Bf16))
         .replace("{{NAME}}", &name)
         .replace("{{D}}", &head_dim.to_string())
         .replace("{{DROP}}", &format!("{:#x}", weft_patterns::device_plan::DROP))
-        .replace("{{PER_COLUMN}}", &format!("{:#x}", weft_patterns::device_plan::PER_COLUMN));
+        .replace("{{PER_COLUMN}}", &format!("{:#x}", weft_patterns::device_plan::PER_COLUMN))
+        .replace("{{SUM_CHUNK}}", &repro::SUM_CHUNK.to_string())
+        .replace("{{LOG2E}}", &bits(repro::LOG2E))
+        .replace("{{LN2_HI}}", &bits(repro::LN2_HI))
+        .replace("{{LN2_LO}}", &bits(repro::LN2_LO))
+        .replace("{{EXP_COEF}}", &coef.join(", "));
     Ok(Kernel { name, source, key, threads: 512, shared_bytes: VV_INDEX_MAX_SHARED, head_dim })
 }
 

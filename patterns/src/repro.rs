@@ -14,14 +14,15 @@
 /// Keys per partial sum of [`chunked_sum`].
 pub const SUM_CHUNK: usize = 256;
 
-const LOG2E: f64 = std::f64::consts::LOG2_E;
+/// log2(e), the reduction's multiplier.
+pub const LOG2E: f64 = std::f64::consts::LOG2_E;
 /// ln 2 split so that `n * LN2_HI` is exact for |n| < 2^21 (its low 21 bits are zero).
-const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+pub const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
 /// ln 2 - LN2_HI, to full precision (fdlibm's constant).
-const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+pub const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
 
-/// Taylor coefficients 1/j! for j = 13 down to 2.
-const COEF: [f64; 12] = [
+/// Taylor coefficients 1/j! for j = 13 down to 2 (Horner order).
+pub const EXP_COEF: [f64; 12] = [
     1.0 / 6_227_020_800.0,
     1.0 / 479_001_600.0,
     1.0 / 39_916_800.0,
@@ -56,8 +57,8 @@ pub fn exp(x: f64) -> f64 {
     // x = n ln 2 + r with |r| <= ln 2 / 2 (a little more from rounding).
     let n = (x * LOG2E).round();
     let r = (x - n * LN2_HI) - n * LN2_LO;
-    let mut p = COEF[0];
-    for c in &COEF[1..] {
+    let mut p = EXP_COEF[0];
+    for c in &EXP_COEF[1..] {
         p = p * r + c;
     }
     // e^r = 1 + r + r^2 p(r).

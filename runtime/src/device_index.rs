@@ -8,6 +8,8 @@
 //! synchronisation is one small read (the status words and the column total) before the
 //! column lists are allocated.
 
+mod slash;
+
 use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -72,6 +74,22 @@ fn upload<T: cudarc::driver::DeviceRepr + Default + Clone>(
 /// A launch of `threads`-thread CTAs with `smem` bytes of dynamic shared memory.
 fn launch_cfg(grid: (u32, u32, u32), threads: u32, smem: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem }
+}
+
+/// GPU milliseconds per kernel name from (name, start, end) events, summed over repeats, in
+/// first-launch order. Call after the stream is synchronised.
+fn kernel_times(
+    marks: &[(&'static str, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)],
+) -> Result<Vec<(&'static str, f64)>, Error> {
+    let mut out: Vec<(&'static str, f64)> = Vec::new();
+    for (name, a, b) in marks {
+        let ms = f64::from(a.elapsed_ms(b).map_err(driver("reading CUDA event times"))?);
+        match out.iter_mut().find(|(n, _)| n == name) {
+            Some(e) => e.1 += ms,
+            None => out.push((name, ms)),
+        }
+    }
+    Ok(out)
 }
 
 /// A row list on the device: pointers, entries, mask ids.
@@ -335,6 +353,8 @@ impl Gpu {
             let t2 = event()?;
             marks.push(("select", t1, t2));
         }
+        let no_tiles = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
+        let (one, zero) = (1i32, 0i32);
         let columns_pass = |pass: i32,
                             row_count: &mut CudaSlice<u32>,
                             col_ptr: &CudaSlice<u32>,
@@ -346,6 +366,8 @@ impl Gpu {
             b.arg(&chosen).arg(&chosen_count).arg(&cap_i);
             b.arg(&rule_ptr).arg(&rule_c0).arg(&rule_c1).arg(&rule_code).arg(&codes).arg(&per_head);
             b.arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&q_block_i).arg(&groups_i).arg(&pass);
+            // No slash tiles here (tile_words = 0).
+            b.arg(&no_tiles).arg(&one).arg(&one).arg(&zero);
             b.arg(row_count).arg(col_ptr).arg(col_idx).arg(col_mask);
             unsafe { b.launch(launch_cfg((rows.div_ceil(4).max(1) as u32, 1, 1), 128, 0)) }
                 .map_err(launch("columns"))?;
@@ -394,14 +416,7 @@ impl Gpu {
         let blocks = (upload(s, &sk.block_ptr, up)?, upload(s, &sk.block_idx, up)?, upload(s, &sk.block_mask, up)?);
         let index = self.single_index(shape, (plan.block_m, plan.block_n), blocks, (col_ptr, col_idx, col_mask))?;
         s.synchronize().map_err(driver("finishing the index build"))?;
-        let mut kernel_ms: Vec<(&'static str, f64)> = Vec::new();
-        for (name, a, b) in &marks {
-            let ms = f64::from(a.elapsed_ms(b).map_err(driver("reading CUDA event times"))?);
-            match kernel_ms.iter_mut().find(|(n, _)| n == name) {
-                Some(e) => e.1 += ms,
-                None => kernel_ms.push((name, ms)),
-            }
-        }
+        let kernel_ms = kernel_times(&marks)?;
         let slow_groups = st[1].max(0) as usize;
         let report = IndexBuildReport {
             slow_groups,

@@ -19,7 +19,7 @@ use cudarc::driver::CudaSlice;
 use weft_cache::{ShapeBucket, Toolchain, TuneKey, TuneRecord};
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::{Pattern, PatternExpr};
-use weft_patterns::device_plan::{BlockPlan, ColumnPlan};
+use weft_patterns::device_plan::{BlockPlan, ColumnPlan, SlashPlan};
 use weft_patterns::{build_index, IndexOptions, SparseIndex, Tensor};
 
 use crate::{driver, AttnShape, Error, LoadSource, Runtime};
@@ -98,9 +98,9 @@ pub struct LaunchReport {
     pub load_ms: f64,
     /// Time to build the group's index (on the host, gathered; or on the GPU).
     pub index_ms: f64,
-    /// Whether the index was built on the GPU from Q and K on the device (a vertical-vector or
-    /// block top-k pattern over every head in bf16; see `Gpu::build_vv_index` and
-    /// `Gpu::build_block_index`), with no host copy.
+    /// Whether the index was built on the GPU from Q and K on the device (a vertical-vector,
+    /// block top-k or vertical-slash pattern over every head in bf16; see `Gpu::build_vv_index`,
+    /// `Gpu::build_block_index` and `Gpu::build_vs_index`), with no host copy.
     pub index_on_gpu: bool,
 }
 
@@ -109,6 +109,7 @@ pub struct LaunchReport {
 enum DevicePlan {
     Columns(Arc<ColumnPlan>),
     Blocks(Arc<BlockPlan>),
+    Slashes(Arc<SlashPlan>),
 }
 
 /// Static indexes kept across calls (the cache is emptied when it reaches this size).
@@ -210,8 +211,8 @@ impl Runtime {
         }
 
         // A group of one dynamic pattern over every head can have its index built on the GPU
-        // (vertical vectors or block top-k, bf16); Q and K go to the host only for the other
-        // dynamic groups.
+        // (vertical vectors, block top-k or vertical-slash, bf16); Q and K go to the host only
+        // for the other dynamic groups.
         let device_plans: Vec<Option<DevicePlan>> = groups
             .iter()
             .map(|(key, heads)| {
@@ -243,6 +244,9 @@ impl Runtime {
                         }
                         DevicePlan::Blocks(bp) => {
                             (self.gpu.build_block_index(bp, shape, dtype, q, k)?.0, bp.masks.clone())
+                        }
+                        DevicePlan::Slashes(sp) => {
+                            (self.gpu.build_vs_index(sp, shape, dtype, q, k)?.0, sp.masks.clone())
                         }
                     };
                     (device_index, masks, None, true, started.elapsed().as_secs_f64() * 1e3)
@@ -424,16 +428,13 @@ impl Runtime {
         }
         let opts = index_options(config, scale);
         let (hq, nq, nk) = (shape.hq, shape.nq, shape.nk);
-        let plan = match ColumnPlan::new(&pattern.expr, hq, nq, nk, &opts) {
-            Ok(p) => Some(DevicePlan::Columns(Arc::new(p))),
-            Err(_) => match BlockPlan::new(&pattern.expr, hq, nq, nk, &opts) {
-                Ok(p) => Some(DevicePlan::Blocks(Arc::new(p))),
-                Err(e) => {
-                    tracing::debug!(pattern = %pattern.name, error = %e, "index built on the host");
-                    None
-                }
-            },
-        };
+        // Each builder's plan refuses what it does not take; the first that takes it builds.
+        let plan = ColumnPlan::new(&pattern.expr, hq, nq, nk, &opts)
+            .map(|p| DevicePlan::Columns(Arc::new(p)))
+            .or_else(|_| BlockPlan::new(&pattern.expr, hq, nq, nk, &opts).map(|p| DevicePlan::Blocks(Arc::new(p))))
+            .or_else(|_| SlashPlan::new(&pattern.expr, hq, nq, nk, &opts).map(|p| DevicePlan::Slashes(Arc::new(p))))
+            .map_err(|e| tracing::debug!(pattern = %pattern.name, error = %e, "index built on the host"))
+            .ok();
         if let Ok(mut m) = self.layer.device_plans.lock() {
             if m.len() >= STATIC_INDEX_CACHE {
                 m.clear();

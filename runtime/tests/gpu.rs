@@ -679,13 +679,14 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
 }
 
 #[test]
-fn vertical_vector_and_block_layers_build_their_index_on_the_gpu() {
+fn vertical_vector_block_and_vertical_slash_layers_build_their_index_on_the_gpu() {
     use weft_runtime::Runtime;
     let dir = tempfile::tempdir().unwrap();
     let rt = Runtime::open(Some(dir.path())).unwrap();
     for p in [
         Pattern::new("causal_vv", causal() & vertical_vector().q_block(64).keep(top_k(100)).sink(16).local(64)),
         Pattern::new("causal_block", causal() & block().block_q(64).block_k(64).keep(top_k(6))),
+        Pattern::new("causal_vs", causal() & vertical_slash().vertical(top_k(200)).slash(top_k(12))),
     ] {
         layer_on_gpu_built_index(&rt, &p);
     }
@@ -731,6 +732,73 @@ fn layer_on_gpu_built_index(rt: &weft_runtime::Runtime, p: &Pattern) {
         results[1].2[0].index_ms
     );
     assert!(ok);
+}
+
+#[test]
+fn vertical_slash_indexes_built_on_the_gpu_match_the_cpu_builder() {
+    use weft_patterns::device_plan::{index_difference, SlashPlan};
+    let gpu = Gpu::open(0).expect("a GPU");
+    let mut failures = Vec::new();
+    let mut seed = 9700u64;
+    for (nv, ns) in [(30u32, 5u32), (300, 40)] {
+        let vs = |b: u32, last: u32| vertical_slash().block(b).last_q(last).vertical(top_k(nv)).slash(top_k(ns));
+        let patterns = [
+            Pattern::new("causal_vs", causal() & vs(64, 64)),
+            Pattern::new("sink_local_causal_vs", sink(4) | local(64) | (causal() & vs(64, 64))),
+            Pattern::new("vs32_last100", weft_dsl::PatternExpr::from(vs(32, 100))),
+        ];
+        for p in &patterns {
+            for (nq, nk, hq, hkv, d) in [
+                (1000usize, 1000usize, 4usize, 2usize, 128usize),
+                (333, 333, 2, 2, 64),
+                (700, 1000, 4, 2, 128),
+                (600, 8200, 4, 2, 128),
+            ] {
+                for ties in [false, true] {
+                    seed += 1;
+                    let mut x = inputs(hq, hkv, nq, nk, d, DType::Bf16, seed);
+                    if ties {
+                        // Every other key repeats its left neighbour: equal logits, equal column
+                        // masses, so the lower key must win.
+                        for h in 0..hkv {
+                            for c in (1..nk).step_by(2) {
+                                let (a, b) = ((h * nk + c - 1) * d, (h * nk + c) * d);
+                                x.kb.copy_within(a..a + d, b);
+                                x.k.data.copy_within(a..a + d, b);
+                            }
+                        }
+                    }
+                    let scale = 1.0 / (d as f64).sqrt();
+                    let opts = IndexOptions { scale: Some(scale), ..Default::default() };
+                    let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
+                    let plan = SlashPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
+                    let s = &gpu.stream;
+                    let (qd, kd, vd) =
+                        (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
+                    let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
+                    let (dix, report) = gpu.build_vs_index(&plan, shape, DType::Bf16, &qd, &kd).unwrap();
+                    let mut got_ix = dix.to_host(&gpu).unwrap();
+                    got_ix.masks = plan.masks.clone();
+                    let diff = index_difference(&got_ix, &want_ix);
+                    let qkv = (&qd, &kd, &vd);
+                    let (rel, nan, lse_err) =
+                        compare_over_device_index(&gpu, p, &plan.masks, &dix, shape, qkv, &want_ix, &x, scale);
+                    let ok = diff.is_none() && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
+                    println!(
+                        "{} vs index {:<22} nv={nv:<3} ns={ns:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} blocks={} columns={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                        if ok { "ok  " } else { "FAIL" }, p.name, got_ix.block_idx.len(), report.columns, diff.is_none()
+                    );
+                    if let Some(d) = diff {
+                        println!("     first difference: {d}");
+                    }
+                    if !ok {
+                        failures.push(format!("{} nv={nv} nq={nq} nk={nk} ties={ties}", p.name));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "failed: {failures:?}");
 }
 
 #[test]

@@ -1,9 +1,11 @@
-//! `index-bench`: end-to-end vertical-vector attention on the GPU: the index built on the
-//! device from Q and K (`Gpu::build_vv_index`), then sparse attention over it.
+//! `index-bench`: end-to-end sparse attention on the GPU: the index built on the device from Q
+//! and K, then sparse attention over it.
 //!
-//! Patterns: `vertical_vector(q_block = 128, keep = top_k(n), sink = 64, local = 64)` and
-//! `block(128 x 128, keep = top_k(n))` (`Gpu::build_block_index`),
-//! non-causal, B = 1, H = 32, D = 128, bf16, with n a share of the keys (`--keep`). Prints, per
+//! Patterns: `vertical_vector(q_block = 128, keep = top_k(n), sink = 64, local = 64)`
+//! (`Gpu::build_vv_index`) and `block(128 x 128, keep = top_k(n))` (`Gpu::build_block_index`),
+//! non-causal, with n a share of the keys (`--keep`); and `causal & vertical_slash(vertical =
+//! top_k(v), slash = top_k(s))` (`Gpu::build_vs_index`, `--vs v:s`). B = 1, H = 32, D = 128,
+//! bf16. Prints, per
 //! sequence length and share: the CPU plan's time (static, once per shape), the device index
 //! build (median of `--reps`, host wall clock around a synchronised call), the attention
 //! (CUDA events, median), and their sum. Compare with torch's flash backend on dense attention
@@ -16,7 +18,7 @@ use rayon::prelude::*;
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::builder::*;
 use weft_dsl::Pattern;
-use weft_patterns::device_plan::{BlockPlan, ColumnPlan};
+use weft_patterns::device_plan::{BlockPlan, ColumnPlan, SlashPlan};
 use weft_patterns::IndexOptions;
 use weft_runtime::{AttnShape, Gpu};
 
@@ -32,6 +34,9 @@ struct Args {
     keep: Vec<f64>,
     #[arg(long, default_value_t = 10)]
     reps: usize,
+    /// Vertical-slash budgets `verticals:slashes` (causal, 64 x 64 tiles, last 64 queries).
+    #[arg(long, value_delimiter = ',', default_values_t = ["1024:64".to_string()])]
+    vs: Vec<String>,
 }
 
 const D: usize = 128;
@@ -164,6 +169,42 @@ fn main() -> Result<()> {
                  index={build:.3} ms attention={att:.3} ms total={:.3} ms index/attention={:.1}%",
                 build + att,
                 100.0 * build / att
+            );
+        }
+        for budgets in &args.vs {
+            let parsed =
+                budgets.split_once(':').and_then(|(v, s)| Some((v.parse::<u32>().ok()?, s.parse::<u32>().ok()?)));
+            let Some((nv, ns)) = parsed else { anyhow::bail!("--vs takes verticals:slashes, got {budgets}") };
+            let pattern =
+                Pattern::new(format!("vs-{nv}-{ns}"), causal() & vertical_slash().vertical(top_k(nv)).slash(top_k(ns)));
+            let opts = IndexOptions { scale: Some(scale), ..Default::default() };
+            let t = std::time::Instant::now();
+            let plan = SlashPlan::new(&pattern.expr, h, n, n, &opts)?;
+            let plan_ms = t.elapsed().as_secs_f64() * 1e3;
+            let (mut dix, _) = gpu.build_vs_index(&plan, shape, DType::Bf16, &qd, &kd)?;
+            let (mut builds, mut last) = (Vec::new(), None);
+            for _ in 0..args.reps {
+                let (ix, r) = gpu.build_vs_index(&plan, shape, DType::Bf16, &qd, &kd)?;
+                builds.push(r.total_ms);
+                last = Some(r);
+                dix = ix;
+            }
+            let config = KernelConfig::for_blocks(plan.block_m, plan.block_n, D as u32, DType::Bf16);
+            let kernel = emit(&KernelSpec { pattern: &pattern, masks: &plan.masks, permutation: None, config })?;
+            let attn = time_attention(&s, args.reps, || {
+                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)
+            })?;
+            let (build, att) = (median(builds), median(attn));
+            let density = dix.to_host(&gpu)?.pairs() as f64 / (h as f64 * n as f64 * n as f64);
+            println!(
+                "vs-e2e N={n:<6} verticals={nv} slashes={ns} (causal, {}x{} blocks) density={density:.4} plan={plan_ms:.0} ms \
+                 index={build:.3} ms attention={att:.3} ms total={:.3} ms index/attention={:.1}%\n    kernels (last build): {}",
+                plan.block_m,
+                plan.block_n,
+                build + att,
+                100.0 * build / att,
+                last.map(|r| r.kernel_ms.iter().map(|(k, ms)| format!("{k} {ms:.3} ms")).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default()
             );
         }
     }

@@ -643,11 +643,14 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
 
 // ---- columns: grid (ceil(rows / 4)), 128 threads: one warp per index row ----
 // Pass 0 counts each row's column entries into row_count; pass 1 writes them at col_ptr.
+// With tile_words > 0 (vertical-slash), a chosen key inside a tile set in `tiles` (tile_block
+// square, tile_groups query groups per head) is dropped: the tile computes it.
 extern "C" __global__ void __launch_bounds__(128) {{NAME}}_columns(
     const u32* __restrict__ chosen, const int* __restrict__ chosen_count, int cap,
     const u32* __restrict__ rule_ptr, const u32* __restrict__ rule_c0, const u32* __restrict__ rule_c1,
     const u32* __restrict__ rule_code, const u16* __restrict__ codes, int per_head,
     int hq, int q_blocks, int block_m, int q_block, int groups, int pass,
+    const u32* __restrict__ tiles, int tile_block, int tile_groups, int tile_words,
     u32* __restrict__ row_count, const u32* __restrict__ col_ptr, u32* __restrict__ col_idx, u16* __restrict__ col_mask)
 {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -659,13 +662,15 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}_columns(
     const int n = chosen_count[(size_t)h * groups + g];
     const int rrow = (per_head ? h : 0) * q_blocks + qb;
     const u32 r0 = rule_ptr[rrow], r1 = rule_ptr[rrow + 1];
+    const u32* row_tiles = tile_words > 0 ? tiles + ((size_t)h * tile_groups + qb * block_m / tile_block) * tile_words : tiles;
     u32 written = 0;
     for (int base = 0; base < n; base += 32) {
         const int i = base + lane;
         u16 code = DROP_CODE;
         u32 c = 0;
-        if (i < n) {
-            c = cols[i];
+        if (i < n) c = cols[i];
+        const bool in_tile = tile_words > 0 && ((row_tiles[c / tile_block / 32] >> (c / tile_block % 32)) & 1u);
+        if (i < n && !in_tile) {
             // The last run starting at or before c.
             u32 a = r0, b = r1;
             while (a < b) {

@@ -1,0 +1,303 @@
+
+// ======================================================================================
+// Vertical-slash index building (weft_patterns::device_plan::SlashPlan).
+// Per head, the softmax of the last `last` queries over the keys the plan allows, in the CPU
+// builder's arithmetic (weft_patterns::repro: the CPU's dot, repro_exp below, row totals in
+// chunks of SUM_CHUNK keys), gives column masses (verticals) and diagonal masses (slashes);
+// each is cut to its top-k exactly as the CPU cuts it (mass, then the lower id). Then the
+// index rows: the tiles the slashes cross through the plan's block entries (block_rows), and
+// the verticals outside kept tiles through its column rules (columns). Launch order, per chunk
+// of heads: vs_logits, vs_exp, vs_mass; then vs_select, vs_tiles, block_rows, columns, scan.
+// Everything is exact, so there are no bounds and no slow path: the GPU index is the CPU's.
+// ======================================================================================
+
+constexpr int VS_ROWS = 64;              // estimated rows per logits CTA
+constexpr int VS_KEYS = 64;              // keys per logits CTA
+constexpr int VS_DC = 32;                // dimensions staged in shared memory per step
+constexpr int VS_EXP_KEYS = 2048;        // keys per vs_exp CTA
+constexpr int SUM_CHUNK = {{SUM_CHUNK}}; // keys per partial row sum (repro::SUM_CHUNK)
+
+// ---- repro::exp, operation for operation (the _rn intrinsics are never contracted) ----
+__device__ __forceinline__ double pow2i(long long n) { return __longlong_as_double((n + 1023) << 52); }
+__device__ double repro_exp(double x) {
+    if (x != x) return x;
+    if (x < -746.0) return 0.0;
+    if (x > 709.0) return __longlong_as_double(0x7ff0000000000000LL);
+    const double n = round(__dmul_rn(x, __longlong_as_double({{LOG2E}})));
+    const double r = __dsub_rn(__dsub_rn(x, __dmul_rn(n, __longlong_as_double({{LN2_HI}}))),
+                               __dmul_rn(n, __longlong_as_double({{LN2_LO}})));
+    const long long coef[12] = {{{EXP_COEF}}};
+    double p = __longlong_as_double(coef[0]);
+#pragma unroll
+    for (int i = 1; i < 12; ++i) p = __dadd_rn(__dmul_rn(p, r), __longlong_as_double(coef[i]));
+    const double er = __dadd_rn(1.0, __dadd_rn(r, __dmul_rn(__dmul_rn(r, r), p)));
+    const long long ni = (long long)n;
+    if (ni < -1000) return __dmul_rn(__dmul_rn(er, pow2i(ni + 200)), pow2i(-200));
+    return __dmul_rn(er, pow2i(ni));
+}
+
+// Doubles (finite or -inf) to unsigned keys in the same order, and back.
+__device__ __forceinline__ unsigned long long double_key(double x) {
+    const unsigned long long u = (unsigned long long)__double_as_longlong(x);
+    return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
+}
+__device__ __forceinline__ double key_double(unsigned long long k) {
+    return __longlong_as_double((long long)((k >> 63) ? (k & 0x7fffffffffffffffull) : ~k));
+}
+
+// ---- vs_logits: grid (ceil(nk / 64), ceil(last / 64), heads of the chunk), 256 threads ----
+// logits[hh][r][c] = scale * dot(q_(nq - last + r), k_c) as the CPU computes it (four f64
+// accumulators over d mod 4: fma is exact here, products of two floats being exact in f64),
+// -inf where the plan does not allow the pair; rowmax[hh][r] = the row's largest (as a key).
+// Each thread holds 4 rows x 4 keys x 4 accumulators.
+extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_logits(
+    const u16* __restrict__ Q, const u16* __restrict__ K, int nq, int nk, int hq, int hkv, int h0, int last,
+    const u32* __restrict__ allowed, int per_head, double scale,
+    double* __restrict__ logits, unsigned long long* __restrict__ rowmax)
+{
+    __shared__ double sQ[VS_ROWS][VS_DC + 1];
+    __shared__ double sK[VS_KEYS][VS_DC + 1];
+    const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv), tid = threadIdx.x;
+    const int k0 = blockIdx.x * VS_KEYS, r0 = blockIdx.y * VS_ROWS;
+    const int tr = tid / 16, tk = tid % 16;  // rows r0 + 4 tr + i, keys k0 + tk + 16 l
+    double acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int l = 0; l < 4; ++l)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][l][j] = 0.0;
+    for (int d0 = 0; d0 < D; d0 += VS_DC) {
+        for (int i = tid; i < VS_ROWS * VS_DC; i += 256) {
+            const int t = i / VS_DC, d = d0 + i % VS_DC;
+            const int row = r0 + t, c = k0 + t;
+            sQ[t][i % VS_DC] = row < last ? (double)bf16_to_float(Q[((size_t)h * nq + (nq - last + row)) * D + d]) : 0.0;
+            sK[t][i % VS_DC] = c < nk ? (double)bf16_to_float(K[((size_t)kv * nk + c) * D + d]) : 0.0;
+        }
+        __syncthreads();
+        for (int d = 0; d < VS_DC; d += 4) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                double a[4], b[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    a[i] = sQ[4 * tr + i][d + j];
+                    b[i] = sK[tk + 16 * i][d + j];
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int l = 0; l < 4; ++l) acc[i][l][j] = fma(a[i], b[l], acc[i][l][j]);
+            }
+        }
+        __syncthreads();
+    }
+    const int words = (nk + 31) / 32;
+    const u32* allow = allowed + (size_t)(per_head ? h : 0) * last * words;
+    const double ninf = __longlong_as_double(0xfff0000000000000LL);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int row = r0 + 4 * tr + i;
+        double m = ninf;
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+            const int c = k0 + tk + 16 * l;
+            if (row < last && c < nk) {
+                const bool ok = (allow[(size_t)row * words + c / 32] >> (c % 32)) & 1u;
+                const double dot = __dadd_rn(__dadd_rn(__dadd_rn(acc[i][l][0], acc[i][l][1]),
+                                                       __dadd_rn(acc[i][l][2], acc[i][l][3])), 0.0);
+                const double s = ok ? __dmul_rn(scale, dot) : ninf;
+                logits[((size_t)hh * last + row) * nk + c] = s;
+                m = fmax(m, s);
+            }
+        }
+        // The 16 lanes of this row group share the row.
+        for (int o = 8; o > 0; o /= 2) m = fmax(m, __shfl_xor_sync(0xffffffff, m, o));
+        if (tk == 0 && row < last && m != ninf) atomicMax(rowmax + (size_t)hh * last + row, double_key(m));
+    }
+}
+
+// ---- vs_exp: grid (ceil(nk / VS_EXP_KEYS), last, heads of the chunk), 256 threads ----
+// In place: logits -> repro_exp(logit - row max) (0 for pairs not allowed, and for rows with
+// none); partial[hh][r][chunk] = the chunk's weights summed left to right.
+extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_exp(
+    double* __restrict__ weights, const unsigned long long* __restrict__ rowmax, int nk, int last,
+    double* __restrict__ partial)
+{
+    __shared__ double e[VS_EXP_KEYS];
+    const int hh = blockIdx.z, r = blockIdx.y, tid = threadIdx.x;
+    const int c0 = blockIdx.x * VS_EXP_KEYS;
+    const unsigned long long mk = rowmax[(size_t)hh * last + r];
+    const double mx = key_double(mk);
+    double* row = weights + ((size_t)hh * last + r) * nk;
+    for (int i = tid; i < VS_EXP_KEYS; i += 256) {
+        const int c = c0 + i;
+        double v = 0.0;
+        if (c < nk) {
+            v = mk == 0 ? 0.0 : repro_exp(__dsub_rn(row[c], mx));
+            row[c] = v;
+        }
+        e[i] = v;
+    }
+    __syncthreads();
+    const int chunks = (nk + SUM_CHUNK - 1) / SUM_CHUNK;
+    if (tid < VS_EXP_KEYS / SUM_CHUNK) {
+        const int chunk = blockIdx.x * (VS_EXP_KEYS / SUM_CHUNK) + tid;
+        if (chunk < chunks) {
+            double sum = 0.0;
+            for (int i = 0; i < SUM_CHUNK; ++i) sum = __dadd_rn(sum, e[tid * SUM_CHUNK + i]);
+            partial[((size_t)hh * last + r) * chunks + chunk] = sum;
+        }
+    }
+}
+
+// ---- vs_mass: grid (ceil((nq + nk) / 256), heads of the chunk), 256 threads; dynamic shared
+// memory last doubles ----
+// Row totals (the chunk sums left to right), then per key c: vert[h][c] = sum over rows in
+// order of weight / total, and per diagonal i = r + nk - c: slash[h][i] likewise (the CPU's
+// order; pairs not allowed add +0, which changes no sum).
+extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_mass(
+    const double* __restrict__ weights, const double* __restrict__ partial, int nq, int nk, int last, int h0,
+    double* __restrict__ vert, double* __restrict__ slash)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    double* total = (double*)smem;
+    const int hh = blockIdx.y, h = h0 + hh, tid = threadIdx.x;
+    const int chunks = (nk + SUM_CHUNK - 1) / SUM_CHUNK;
+    for (int r = tid; r < last; r += 256) {
+        const double* p = partial + ((size_t)hh * last + r) * chunks;
+        double t = 0.0;
+        for (int c = 0; c < chunks; ++c) t = __dadd_rn(t, p[c]);
+        total[r] = t;
+    }
+    __syncthreads();
+    const long long i = (long long)blockIdx.x * 256 + tid;
+    const double* w = weights + (size_t)hh * last * nk;
+    if (i < nk) {
+        double m = 0.0;
+        for (int r = 0; r < last; ++r)
+            if (total[r] > 0.0) m = __dadd_rn(m, __ddiv_rn(w[(size_t)r * nk + i], total[r]));
+        vert[(size_t)h * nk + i] = m;
+    }
+    if (i < (long long)nq + nk) {
+        double m = 0.0;
+        for (int r = 0; r < last; ++r) {
+            const long long c = (long long)(nq - last + r) + nk - i;
+            if (c >= 0 && c < nk && total[r] > 0.0) m = __dadd_rn(m, __ddiv_rn(w[(size_t)r * nk + c], total[r]));
+        }
+        slash[(size_t)h * ((size_t)nq + nk) + i] = m;
+    }
+}
+
+// ---- vs_select: grid (hq, 2), 1024 threads ----
+// blockIdx.y = 0: the vertical_k heaviest keys of vert[h]; 1: the slash_k heaviest diagonals of
+// slash[h]. Ties go to the lower id, zero masses are never kept. Eight 8-bit radix passes over
+// the masses' bits (positive doubles order as integers) find the cut; one ordered pass writes
+// the chosen ids ascending to vlist[h] / slist[h] and their count to counts[y * hq + h].
+extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_vs_select(
+    const double* __restrict__ vert, const double* __restrict__ slash, int nq, int nk, int hq, int vertical_k,
+    int slash_k, u32* __restrict__ vlist, u32* __restrict__ slist, int* __restrict__ counts)
+{
+    __shared__ u32 hist[256];
+    __shared__ u32 w_eq[32], w_take[32];
+    __shared__ u32 s_positive, s_bin, s_need;
+    const int h = blockIdx.x, which = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const u32 n = which == 0 ? (u32)nk : (u32)(nq + nk);
+    const double* v = which == 0 ? vert + (size_t)h * nk : slash + (size_t)h * ((size_t)nq + nk);
+    const u32 want = which == 0 ? (u32)vertical_k : (u32)slash_k;
+    u32* out = which == 0 ? vlist + (size_t)h * vertical_k : slist + (size_t)h * slash_k;
+    if (tid == 0) s_positive = 0;
+    __syncthreads();
+    u32 mine = 0;
+    for (u32 i = tid; i < n; i += 1024) mine += v[i] > 0.0;
+    for (int o = 16; o > 0; o /= 2) mine += __shfl_xor_sync(0xffffffff, mine, o);
+    if (lane == 0) atomicAdd(&s_positive, mine);
+    __syncthreads();
+    const u32 keep = min(want, s_positive);
+    // The keep-th largest positive mass, 8 bits at a time; `need` of its ties are kept.
+    unsigned long long cut = 0;
+    u32 need = keep;
+    for (int shift = 56; shift >= 0 && keep > 0; shift -= 8) {
+        for (int b = tid; b < 256; b += 1024) hist[b] = 0;
+        __syncthreads();
+        const unsigned long long high = shift == 56 ? 0ull : (~0ull << (shift + 8));
+        for (u32 i = tid; i < n; i += 1024) {
+            const double x = v[i];
+            const unsigned long long u = (unsigned long long)__double_as_longlong(x);
+            if (x > 0.0 && (u & high) == (cut & high)) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            u32 above = 0;
+            int b = 255;
+            for (; b > 0; --b) {
+                if (above + hist[b] >= need) break;
+                above += hist[b];
+            }
+            s_bin = (u32)b;
+            s_need = need - above;
+        }
+        __syncthreads();
+        cut |= (unsigned long long)s_bin << shift;
+        need = s_need;
+        __syncthreads();
+    }
+    // In id order: every mass above the cut, and the first `need` equal to it.
+    u32 written = 0, ties_seen = 0;
+    for (u32 base = 0; base < n && keep > 0; base += 1024) {
+        const u32 i = base + tid;
+        bool above = false, tie = false;
+        if (i < n) {
+            const double x = v[i];
+            const unsigned long long u = (unsigned long long)__double_as_longlong(x);
+            above = x > 0.0 && u > cut;
+            tie = x > 0.0 && u == cut;
+        }
+        const u32 below_lane = (1u << lane) - 1;
+        const u32 tie_bits = __ballot_sync(0xffffffff, tie);
+        if (lane == 0) w_eq[warp] = __popc(tie_bits);
+        __syncthreads();
+        u32 ties_before = ties_seen, tile_ties = 0;
+        for (int w = 0; w < 32; ++w) {
+            if (w < warp) ties_before += w_eq[w];
+            tile_ties += w_eq[w];
+        }
+        const bool take = above || (tie && ties_before + __popc(tie_bits & below_lane) < need);
+        const u32 take_bits = __ballot_sync(0xffffffff, take);
+        if (lane == 0) w_take[warp] = __popc(take_bits);
+        __syncthreads();
+        u32 at = written, tile_take = 0;
+        for (int w = 0; w < 32; ++w) {
+            if (w < warp) at += w_take[w];
+            tile_take += w_take[w];
+        }
+        if (take) out[at + __popc(take_bits & below_lane)] = i;
+        written += tile_take;
+        ties_seen += tile_ties;
+        __syncthreads();
+    }
+    if (tid == 0) counts[which * hq + h] = (int)written;
+}
+
+// ---- vs_tiles: grid (groups, hq), 128 threads ----
+// tiles[(h * groups + g) * words ..]: bit kb set when one of head h's slashes crosses pattern
+// tile (g, kb): diagonal i meets row q at key q + nk - i.
+extern "C" __global__ void __launch_bounds__(128) {{NAME}}_vs_tiles(
+    const u32* __restrict__ slist, const int* __restrict__ counts, int hq, int slash_k, int nq, int nk, int block,
+    int groups, int kblocks, u32* __restrict__ tiles)
+{
+    const int g = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    const int words = (kblocks + 31) / 32;
+    u32* out = tiles + ((size_t)h * groups + g) * words;
+    for (int w = tid; w < words; w += 128) out[w] = 0;
+    __syncthreads();
+    const long long q0 = (long long)g * block, q1 = min(q0 + block, (long long)nq);
+    const int slashes = counts[hq + h];
+    for (int s = tid; s < slashes; s += 128) {
+        const long long i = slist[(size_t)h * slash_k + s];
+        const long long last_key = q1 - 1 + nk - i;
+        const long long lo = max(q0 + nk - i, 0ll), hi = min(last_key, (long long)nk - 1);
+        if (last_key < 0 || lo > hi) continue;
+        for (long long kb = lo / block; kb <= hi / block; ++kb) atomicOr(out + kb / 32, 1u << (kb % 32));
+    }
+}

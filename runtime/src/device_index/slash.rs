@@ -1,0 +1,212 @@
+//! Vertical-slash indexes built on the device (see `vs_index.cu` for the method).
+//!
+//! The estimate is exact (f64, the CPU builder's operations in its order), so the index is the
+//! one `weft_patterns::build_index` builds, with no bounds and no fallback. It costs
+//! `last x nk x d` f64 multiply-adds per head (the CPU builder's arithmetic cannot use the
+//! tensor cores), plus a few passes over `last x nk` doubles.
+
+use std::time::Instant;
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use weft_codegen::{emit_vv_index, vs_mass_shared_bytes, DType, VS_EXP_KEYS, VV_INDEX_MAX_SHARED};
+use weft_patterns::device_plan::SlashPlan;
+
+use super::{check_build_inputs, kernel_times, launch_cfg, upload, usage, IndexBuildReport, SCORE_BYTES};
+use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
+
+impl Gpu {
+    /// Builds the index of a vertical-slash `plan` for Q `[hq, nq, d]` and K `[hkv, nk, d]`
+    /// (bf16, on the device): the index `weft_patterns::build_index` builds for the same inputs,
+    /// mask ids indexing `plan.masks`. Synchronises once, to size the entry lists.
+    pub fn build_vs_index(
+        &self,
+        plan: &SlashPlan,
+        shape: AttnShape,
+        dtype: DType,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+    ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
+        let started = Instant::now();
+        let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
+        check_build_inputs((plan.heads, plan.nq, plan.nk), shape, dtype, q, k)?;
+        let last = plan.last;
+        if vs_mass_shared_bytes(last) > VV_INDEX_MAX_SHARED as usize {
+            return Err(usage(format!("last_q = {last} is more than GPU vertical-slash building takes (25600)")));
+        }
+        if nq + nk > i32::MAX as usize {
+            return Err(usage(format!("{nq} queries and {nk} keys: GPU index building takes fewer than 2^31")));
+        }
+        let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
+        let f = self.load_entries(&kernel, &weft_codegen::VS_INDEX_ENTRIES)?;
+        let (f_logits, f_exp, f_mass, f_select, f_tiles, f_rows, f_columns, f_scan) =
+            (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7]);
+        let s = &self.stream;
+        let (up, alloc) = ("uploading the vertical-slash plan", "allocating vertical-slash index buffers");
+        let q_blocks = plan.q_blocks();
+        let rows = hq * q_blocks;
+        let (groups, kblocks) = (plan.groups, plan.kblocks);
+        let words = kblocks.div_ceil(32);
+        let chunks = nk.div_ceil(weft_patterns::repro::SUM_CHUNK);
+        let (vk, sk) = (plan.vertical_k.clamp(1, nk), plan.slash_k.clamp(1, nq + nk));
+        let allowed = upload(s, &plan.allowed, up)?;
+        let entry_ptr = upload(s, &plan.entry_ptr, up)?;
+        let entry_kb = upload(s, &plan.entry_kb, up)?;
+        let entry_pkb = upload(s, &plan.entry_pattern_kb, up)?;
+        let code_sel = upload(s, &plan.code_sel, up)?;
+        let code_not = upload(s, &plan.code_not, up)?;
+        let rule_ptr = upload(s, &plan.rules.ptr, up)?;
+        let rule_c0 = upload(s, &plan.rules.c0, up)?;
+        let rule_c1 = upload(s, &plan.rules.c1, up)?;
+        let rule_code = upload(s, &plan.rules.code, up)?;
+        let codes = upload(s, &plan.rules.codes, up)?;
+        // Weights of `chunk` heads at once (last x nk doubles each).
+        let per_head = (last * nk * 8).max(1);
+        let chunk = (SCORE_BYTES / per_head).clamp(1, hq);
+        let mut weights = s.alloc_zeros::<f64>((chunk * last * nk).max(1)).map_err(driver(alloc))?;
+        let mut rowmax = s.alloc_zeros::<u64>((chunk * last).max(1)).map_err(driver(alloc))?;
+        let mut partial = s.alloc_zeros::<f64>((chunk * last * chunks).max(1)).map_err(driver(alloc))?;
+        let mut vert = s.alloc_zeros::<f64>(hq * nk).map_err(driver(alloc))?;
+        let mut slash = s.alloc_zeros::<f64>(hq * (nq + nk)).map_err(driver(alloc))?;
+        let mut vlist = s.alloc_zeros::<u32>(hq * vk).map_err(driver(alloc))?;
+        let mut slist = s.alloc_zeros::<u32>(hq * sk).map_err(driver(alloc))?;
+        let mut counts = s.alloc_zeros::<i32>(2 * hq).map_err(driver(alloc))?;
+        let mut tiles = s.alloc_zeros::<u32>((hq * groups * words).max(1)).map_err(driver(alloc))?;
+        let mut block_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
+        let mut col_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
+        let mut block_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
+        let mut col_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
+
+        let launch = |what: &str| driver(format!("launching the vertical-slash index builder's {what} kernel"));
+        let (nq_i, nk_i, hq_i, hkv_i, last_i) = (nq as i32, nk as i32, hq as i32, hkv as i32, last as i32);
+        let (vk_i, sk_i, block_i, groups_i, kblocks_i) =
+            (vk as i32, sk as i32, plan.block as i32, groups as i32, kblocks as i32);
+        let per_head_i = i32::from(plan.per_head);
+        let mut marks = Vec::new();
+        let event = || {
+            s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(driver("recording a CUDA event"))
+        };
+        // Safety (every launch below): argument lists match the template's signatures and each
+        // buffer has the length the kernel indexes.
+        for h0 in (0..hq).step_by(chunk) {
+            let hc = chunk.min(hq - h0);
+            let h0_i = h0 as i32;
+            s.memset_zeros(&mut rowmax).map_err(driver("clearing row maxima"))?;
+            let t0 = event()?;
+            let mut b = s.launch_builder(f_logits);
+            b.arg(q).arg(k).arg(&nq_i).arg(&nk_i).arg(&hq_i).arg(&hkv_i).arg(&h0_i).arg(&last_i);
+            b.arg(&allowed).arg(&per_head_i).arg(&plan.scale).arg(&mut weights).arg(&mut rowmax);
+            let grid = (nk.div_ceil(64) as u32, last.div_ceil(64) as u32, hc as u32);
+            unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("vs_logits"))?;
+            let t1 = event()?;
+            marks.push(("logits", t0, t1));
+            let t1 = event()?;
+            let mut b = s.launch_builder(f_exp);
+            b.arg(&mut weights).arg(&rowmax).arg(&nk_i).arg(&last_i).arg(&mut partial);
+            let grid = (nk.div_ceil(VS_EXP_KEYS) as u32, last as u32, hc as u32);
+            unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("vs_exp"))?;
+            let t2 = event()?;
+            marks.push(("exp", t1, t2));
+            let t2 = event()?;
+            let mut b = s.launch_builder(f_mass);
+            b.arg(&weights).arg(&partial).arg(&nq_i).arg(&nk_i).arg(&last_i).arg(&h0_i);
+            b.arg(&mut vert).arg(&mut slash);
+            let grid = ((nq + nk).div_ceil(256) as u32, hc as u32, 1);
+            unsafe { b.launch(launch_cfg(grid, 256, vs_mass_shared_bytes(last) as u32)) }.map_err(launch("vs_mass"))?;
+            let t3 = event()?;
+            marks.push(("mass", t2, t3));
+        }
+        let t0 = event()?;
+        let mut b = s.launch_builder(f_select);
+        b.arg(&vert).arg(&slash).arg(&nq_i).arg(&nk_i).arg(&hq_i).arg(&vk_i).arg(&sk_i);
+        b.arg(&mut vlist).arg(&mut slist).arg(&mut counts);
+        unsafe { b.launch(launch_cfg((hq as u32, 2, 1), 1024, 0)) }.map_err(launch("vs_select"))?;
+        let mut b = s.launch_builder(f_tiles);
+        b.arg(&slist).arg(&counts).arg(&hq_i).arg(&sk_i).arg(&nq_i).arg(&nk_i).arg(&block_i);
+        b.arg(&groups_i).arg(&kblocks_i).arg(&mut tiles);
+        unsafe { b.launch(launch_cfg((groups as u32, hq as u32, 1), 128, 0)) }.map_err(launch("vs_tiles"))?;
+        let t1 = event()?;
+        marks.push(("select", t0, t1));
+
+        let (q_blocks_i, bm_i, rows_i) = (q_blocks as i32, plan.block_m as i32, rows as i32);
+        let row_grid = (rows.div_ceil(4).max(1) as u32, 1, 1);
+        // Both row passes: 0 counts into the counts, 1 writes at the pointers.
+        let rows_pass = |pass: i32,
+                         counts_out: (&mut CudaSlice<u32>, &mut CudaSlice<u32>),
+                         ptrs: (&CudaSlice<u32>, &CudaSlice<u32>),
+                         blocks: (&mut CudaSlice<u32>, &mut CudaSlice<u16>),
+                         cols: (&mut CudaSlice<u32>, &mut CudaSlice<u16>)|
+         -> Result<(), Error> {
+            let mut b = s.launch_builder(f_rows);
+            b.arg(&tiles).arg(&entry_ptr).arg(&entry_kb).arg(&entry_pkb).arg(&code_sel).arg(&code_not);
+            b.arg(&per_head_i).arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&block_i).arg(&groups_i).arg(&kblocks_i);
+            b.arg(&pass).arg(counts_out.0).arg(ptrs.0).arg(blocks.0).arg(blocks.1);
+            unsafe { b.launch(launch_cfg(row_grid, 128, 0)) }.map_err(launch("block_rows"))?;
+            // Verticals: one list per head (a single "group" spanning every query).
+            let (one, words_i) = (1i32, words as i32);
+            let mut b = s.launch_builder(f_columns);
+            b.arg(&vlist).arg(&counts).arg(&vk_i);
+            b.arg(&rule_ptr).arg(&rule_c0).arg(&rule_c1).arg(&rule_code).arg(&codes).arg(&per_head_i);
+            b.arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&nq_i).arg(&one).arg(&pass);
+            b.arg(&tiles).arg(&block_i).arg(&groups_i).arg(&words_i);
+            b.arg(counts_out.1).arg(ptrs.1).arg(cols.0).arg(cols.1);
+            unsafe { b.launch(launch_cfg(row_grid, 128, 0)) }.map_err(launch("columns"))?;
+            Ok(())
+        };
+        let t0 = event()?;
+        let (mut n_idx, mut n_mask) =
+            (s.alloc_zeros::<u32>(1).map_err(driver(alloc))?, s.alloc_zeros::<u16>(1).map_err(driver(alloc))?);
+        let (mut m_idx, mut m_mask) =
+            (s.alloc_zeros::<u32>(1).map_err(driver(alloc))?, s.alloc_zeros::<u16>(1).map_err(driver(alloc))?);
+        rows_pass(
+            0,
+            (&mut block_count, &mut col_count),
+            (&block_ptr, &col_ptr),
+            (&mut n_idx, &mut n_mask),
+            (&mut m_idx, &mut m_mask),
+        )?;
+        for (count, ptr) in [(&block_count, &mut block_ptr), (&col_count, &mut col_ptr)] {
+            let mut b = s.launch_builder(f_scan);
+            b.arg(count).arg(&rows_i).arg(ptr);
+            unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
+        }
+        let t1 = event()?;
+        marks.push(("count+scan", t0, t1));
+        // The one synchronisation: the entry totals, to size the lists.
+        let read = "reading the vertical-slash index totals";
+        let nb = s.clone_dtoh(&block_ptr.slice(rows..rows + 1)).map_err(driver(read))?[0] as usize;
+        let nc = s.clone_dtoh(&col_ptr.slice(rows..rows + 1)).map_err(driver(read))?[0] as usize;
+        let select_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut block_idx = s.alloc_zeros::<u32>(nb.max(1)).map_err(driver(alloc))?;
+        let mut block_mask = s.alloc_zeros::<u16>(nb.max(1)).map_err(driver(alloc))?;
+        let mut col_idx = s.alloc_zeros::<u32>(nc.max(1)).map_err(driver(alloc))?;
+        let mut col_mask = s.alloc_zeros::<u16>(nc.max(1)).map_err(driver(alloc))?;
+        let t0 = event()?;
+        rows_pass(
+            1,
+            (&mut block_count, &mut col_count),
+            (&block_ptr, &col_ptr),
+            (&mut block_idx, &mut block_mask),
+            (&mut col_idx, &mut col_mask),
+        )?;
+        let t1 = event()?;
+        marks.push(("write", t0, t1));
+        let index = self.single_index(
+            shape,
+            (plan.block_m, plan.block_n),
+            (block_ptr, block_idx, block_mask),
+            (col_ptr, col_idx, col_mask),
+        )?;
+        s.synchronize().map_err(driver("finishing the vertical-slash index build"))?;
+        let report = IndexBuildReport {
+            select_ms,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            columns: nc,
+            chunk_heads: chunk,
+            strategy: "vertical-slash",
+            slow_groups: 0,
+            kernel_ms: kernel_times(&marks)?,
+        };
+        Ok((index, report))
+    }
+}
