@@ -478,6 +478,11 @@ pub const VS_INDEX_ENTRIES: [&str; 8] =
 /// Keys per CTA of the `vs_exp` entry (its grid is `ceil(nk / VS_EXP_KEYS)` wide).
 pub const VS_EXP_KEYS: usize = 2048;
 
+/// Keys and estimated rows per CTA of the `vs_logits` entry (its grid is
+/// `(ceil(nk / VS_LOGITS_KEYS), ceil(last / VS_LOGITS_ROWS), heads)`).
+pub const VS_LOGITS_KEYS: usize = 256;
+pub const VS_LOGITS_ROWS: usize = 64;
+
 /// Dynamic shared memory of the `vs_mass` entry for `last` estimated rows.
 pub fn vs_mass_shared_bytes(last: usize) -> usize {
     last * 8
@@ -530,6 +535,9 @@ pub fn emit_vv_index(head_dim: u32) -> Result<Kernel, Error> {
         .replace("{{DROP}}", &format!("{:#x}", weft_patterns::device_plan::DROP))
         .replace("{{PER_COLUMN}}", &format!("{:#x}", weft_patterns::device_plan::PER_COLUMN))
         .replace("{{SUM_CHUNK}}", &repro::SUM_CHUNK.to_string())
+        .replace("{{VS_EXP_KEYS}}", &VS_EXP_KEYS.to_string())
+        .replace("{{VS_LOGITS_KEYS}}", &VS_LOGITS_KEYS.to_string())
+        .replace("{{VS_LOGITS_ROWS}}", &VS_LOGITS_ROWS.to_string())
         .replace("{{LOG2E}}", &bits(repro::LOG2E))
         .replace("{{LN2_HI}}", &bits(repro::LN2_HI))
         .replace("{{LN2_LO}}", &bits(repro::LN2_LO))

@@ -311,21 +311,31 @@ fn last_rows_mass(inp: &HeadInputs<'_>, ctx: &Pred, last: usize) -> Arc<LastRows
 
 /// Softmax rows of the last `last` queries over the keys `ctx` allows; calls `f(row, key, p)`
 /// for rows in ascending order, keys ascending within a row. The arithmetic is the GPU
-/// builder's ([`crate::repro`]): the CPU's dot, [`repro::exp`], and the row total summed in
-/// chunks of keys (a key `ctx` excludes adds nothing to its chunk).
+/// builder's ([`crate::repro`]): [`repro::dot`], [`repro::exp`], the row total summed in chunks
+/// of keys (a key `ctx` excludes adds nothing to its chunk), and `p = weight * (1 / total)`.
 pub(crate) fn last_rows_attention(inp: &HeadInputs<'_>, ctx: &Pred, last: usize, mut f: impl FnMut(usize, usize, f64)) {
     let (nq, nk) = (inp.nq(), inp.nk());
     for r in nq - last.min(nq)..nq {
         let env = |k: usize| Env { q: r as i64, k: k as i64, h: inp.h as i64, nq: nq as i64, nk: nk as i64 };
-        let logits: Vec<Option<f64>> = (0..nk)
-            .map(|k| ctx.eval(&env(k)).then(|| inp.scale * dot(inp.q.row(inp.h, r), inp.k.row(inp.kv, k))))
-            .collect();
+        let q = inp.q.row(inp.h, r);
+        let mut logits: Vec<Option<f64>> = Vec::with_capacity(nk);
+        for k0 in (0..nk).step_by(8) {
+            if k0 + 8 <= nk {
+                let rows = std::array::from_fn(|j| inp.k.row(inp.kv, k0 + j));
+                let dots = repro::dots::<8>(q, rows);
+                logits.extend((0..8).map(|j| ctx.eval(&env(k0 + j)).then(|| inp.scale * dots[j])));
+            } else {
+                logits.extend(
+                    (k0..nk).map(|k| ctx.eval(&env(k)).then(|| inp.scale * repro::dot(q, inp.k.row(inp.kv, k)))),
+                );
+            }
+        }
         let Some(max) = logits.iter().flatten().copied().reduce(f64::max) else { continue };
         let weights: Vec<f64> = logits.iter().map(|s| s.map_or(0.0, |s| repro::exp(s - max))).collect();
-        let total = repro::chunked_sum(&weights);
+        let inv = 1.0 / repro::chunked_sum(&weights);
         for (k, s) in logits.iter().enumerate() {
             if s.is_some() {
-                f(r, k, weights[k] / total);
+                f(r, k, weights[k] * inv);
             }
         }
     }

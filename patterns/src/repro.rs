@@ -7,7 +7,10 @@
 //! - [`exp`]: `e^x` from IEEE operations only (a Cody-Waite reduction and a Taylor polynomial,
 //!   no fused multiply-add), which the CUDA template writes with `__dmul_rn` / `__dadd_rn`;
 //! - [`chunked_sum`]: sums in chunks of [`SUM_CHUNK`] keys, each chunk left to right, then the
-//!   chunks left to right, so the GPU sums every chunk in its own thread.
+//!   chunks left to right, so the GPU sums every chunk in its own thread;
+//! - [`dot`]: one f64 accumulator, dimensions in order (a thread then holds one accumulator
+//!   per dot, and a tile of many dots keeps the GPU's f64 units busy);
+//! - probabilities as `weight * (1 / total)`: one division per row, not per pair.
 //!
 //! Accuracy is a few ulp, far below what an estimate needs; determinism is the point.
 
@@ -72,6 +75,29 @@ pub fn exp(x: f64) -> f64 {
     }
 }
 
+/// The dot product of two f32 vectors in f64: one accumulator, left to right (each product is
+/// exact in f64, so a fused multiply-add gives the same sums).
+pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = 0.0;
+    for (x, y) in a.iter().zip(b) {
+        acc += f64::from(*x) * f64::from(*y);
+    }
+    acc
+}
+
+/// [`dot`] of `a` with each of `N` vectors, computed together: the same sums, but `N`
+/// independent chains keep the CPU's pipeline full.
+pub fn dots<const N: usize>(a: &[f32], bs: [&[f32]; N]) -> [f64; N] {
+    let mut acc = [0.0; N];
+    for (d, x) in a.iter().enumerate() {
+        let x = f64::from(*x);
+        for (acc, b) in acc.iter_mut().zip(&bs) {
+            *acc += x * f64::from(b[d]);
+        }
+    }
+    acc
+}
+
 /// The sum of `values` in chunks of [`SUM_CHUNK`] (chunk `c` holds `values[c * SUM_CHUNK..]`),
 /// each summed left to right from 0, then the chunk sums left to right from 0.
 pub fn chunked_sum(values: &[f64]) -> f64 {
@@ -117,6 +143,15 @@ mod tests {
             let lib = x.exp();
             if lib > f64::MIN_POSITIVE {
                 prop_assert!(((a - lib) / lib).abs() < 4.0 * f64::EPSILON);
+            }
+        }
+
+        #[test]
+        fn dots_together_are_dots(a in proptest::collection::vec(-2.0f32..2.0, 1..40), seed in 0u32..1000) {
+            let bs: Vec<Vec<f32>> = (0..4).map(|j| a.iter().map(|x| x * (j as f32 + 0.5) - seed as f32 * 1e-3).collect()).collect();
+            let got = dots(&a, [&bs[0][..], &bs[1], &bs[2], &bs[3]]);
+            for j in 0..4 {
+                prop_assert_eq!(got[j].to_bits(), dot(&a, &bs[j]).to_bits());
             }
         }
 

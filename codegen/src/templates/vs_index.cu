@@ -2,7 +2,7 @@
 // ======================================================================================
 // Vertical-slash index building (weft_patterns::device_plan::SlashPlan).
 // Per head, the softmax of the last `last` queries over the keys the plan allows, in the CPU
-// builder's arithmetic (weft_patterns::repro: the CPU's dot, repro_exp below, row totals in
+// builder's arithmetic (weft_patterns::repro: its dot, repro_exp below, row totals in
 // chunks of SUM_CHUNK keys), gives column masses (verticals) and diagonal masses (slashes);
 // each is cut to its top-k exactly as the CPU cuts it (mass, then the lower id). Then the
 // index rows: the tiles the slashes cross through the plan's block entries (block_rows), and
@@ -11,10 +11,11 @@
 // Everything is exact, so there are no bounds and no slow path: the GPU index is the CPU's.
 // ======================================================================================
 
-constexpr int VS_ROWS = 64;              // estimated rows per logits CTA
-constexpr int VS_KEYS = 64;              // keys per logits CTA
-constexpr int VS_DC = 32;                // dimensions staged in shared memory per step
-constexpr int VS_EXP_KEYS = 2048;        // keys per vs_exp CTA
+constexpr int VS_ROWS = {{VS_LOGITS_ROWS}};   // estimated rows per logits CTA (8 per warp)
+constexpr int VS_KEYS = {{VS_LOGITS_KEYS}};  // keys per logits CTA (8 per lane)
+constexpr int VS_DC = 16;                // dimensions staged in shared memory per step
+static_assert(VS_ROWS == 8 * 8 && VS_KEYS == 8 * 32, "vs_logits: 8 warps x 8 rows, 32 lanes x 8 keys");
+constexpr int VS_EXP_KEYS = {{VS_EXP_KEYS}};  // keys per vs_exp CTA
 constexpr int SUM_CHUNK = {{SUM_CHUNK}}; // keys per partial row sum (repro::SUM_CHUNK)
 
 // ---- repro::exp, operation for operation (the _rn intrinsics are never contracted) ----
@@ -45,50 +46,51 @@ __device__ __forceinline__ double key_double(unsigned long long k) {
     return __longlong_as_double((long long)((k >> 63) ? (k & 0x7fffffffffffffffull) : ~k));
 }
 
-// ---- vs_logits: grid (ceil(nk / 64), ceil(last / 64), heads of the chunk), 256 threads ----
-// logits[hh][r][c] = scale * dot(q_(nq - last + r), k_c) as the CPU computes it (four f64
-// accumulators over d mod 4: fma is exact here, products of two floats being exact in f64),
-// -inf where the plan does not allow the pair; rowmax[hh][r] = the row's largest (as a key).
-// Each thread holds 4 rows x 4 keys x 4 accumulators.
+// ---- vs_logits: grid (ceil(nk / VS_KEYS), ceil(last / VS_ROWS), heads of the chunk), 256
+// threads ----
+// logits[hh][r][c] = scale * dot(q_(nq - last + r), k_c) as the CPU computes it (repro::dot:
+// one f64 accumulator, dimensions in order; fma is exact here, products of two floats being
+// exact in f64), -inf where the plan does not allow the pair; rowmax[hh][r] = the row's
+// largest (as a key). Each thread holds 8 rows x 8 keys, so shared-memory reads (16 doubles
+// per 64 multiply-adds) keep up with the f64 units.
 extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_logits(
     const u16* __restrict__ Q, const u16* __restrict__ K, int nq, int nk, int hq, int hkv, int h0, int last,
     const u32* __restrict__ allowed, int per_head, double scale,
     double* __restrict__ logits, unsigned long long* __restrict__ rowmax)
 {
-    __shared__ double sQ[VS_ROWS][VS_DC + 1];
+    __shared__ double sQ[VS_ROWS][VS_DC];
     __shared__ double sK[VS_KEYS][VS_DC + 1];
     const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv), tid = threadIdx.x;
     const int k0 = blockIdx.x * VS_KEYS, r0 = blockIdx.y * VS_ROWS;
-    const int tr = tid / 16, tk = tid % 16;  // rows r0 + 4 tr + i, keys k0 + tk + 16 l
-    double acc[4][4][4];
+    const int tr = tid / 32, tk = tid % 32;  // rows r0 + 8 tr + i, keys k0 + tk + 32 l
+    double acc[8][8];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int l = 0; l < 4; ++l)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) acc[i][l][j] = 0.0;
+        for (int l = 0; l < 8; ++l) acc[i][l] = 0.0;
     for (int d0 = 0; d0 < D; d0 += VS_DC) {
         for (int i = tid; i < VS_ROWS * VS_DC; i += 256) {
-            const int t = i / VS_DC, d = d0 + i % VS_DC;
-            const int row = r0 + t, c = k0 + t;
-            sQ[t][i % VS_DC] = row < last ? (double)bf16_to_float(Q[((size_t)h * nq + (nq - last + row)) * D + d]) : 0.0;
-            sK[t][i % VS_DC] = c < nk ? (double)bf16_to_float(K[((size_t)kv * nk + c) * D + d]) : 0.0;
+            const int row = r0 + i / VS_DC;
+            sQ[i / VS_DC][i % VS_DC] =
+                row < last ? (double)bf16_to_float(Q[((size_t)h * nq + (nq - last + row)) * D + d0 + i % VS_DC]) : 0.0;
+        }
+        for (int i = tid; i < VS_KEYS * VS_DC; i += 256) {
+            const int c = k0 + i / VS_DC;
+            sK[i / VS_DC][i % VS_DC] = c < nk ? (double)bf16_to_float(K[((size_t)kv * nk + c) * D + d0 + i % VS_DC]) : 0.0;
         }
         __syncthreads();
-        for (int d = 0; d < VS_DC; d += 4) {
+#pragma unroll 4
+        for (int d = 0; d < VS_DC; ++d) {
+            double a[8], b[8];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                double a[4], b[4];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    a[i] = sQ[4 * tr + i][d + j];
-                    b[i] = sK[tk + 16 * i][d + j];
-                }
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-#pragma unroll
-                    for (int l = 0; l < 4; ++l) acc[i][l][j] = fma(a[i], b[l], acc[i][l][j]);
+            for (int i = 0; i < 8; ++i) {
+                a[i] = sQ[8 * tr + i][d];
+                b[i] = sK[tk + 32 * i][d];
             }
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int l = 0; l < 8; ++l) acc[i][l] = fma(a[i], b[l], acc[i][l]);
         }
         __syncthreads();
     }
@@ -96,23 +98,21 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_logits(
     const u32* allow = allowed + (size_t)(per_head ? h : 0) * last * words;
     const double ninf = __longlong_as_double(0xfff0000000000000LL);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int row = r0 + 4 * tr + i;
+    for (int i = 0; i < 8; ++i) {
+        const int row = r0 + 8 * tr + i;
         double m = ninf;
 #pragma unroll
-        for (int l = 0; l < 4; ++l) {
-            const int c = k0 + tk + 16 * l;
+        for (int l = 0; l < 8; ++l) {
+            const int c = k0 + tk + 32 * l;
             if (row < last && c < nk) {
                 const bool ok = (allow[(size_t)row * words + c / 32] >> (c % 32)) & 1u;
-                const double dot = __dadd_rn(__dadd_rn(__dadd_rn(acc[i][l][0], acc[i][l][1]),
-                                                       __dadd_rn(acc[i][l][2], acc[i][l][3])), 0.0);
-                const double s = ok ? __dmul_rn(scale, dot) : ninf;
+                const double s = ok ? __dmul_rn(scale, acc[i][l]) : ninf;
                 logits[((size_t)hh * last + row) * nk + c] = s;
                 m = fmax(m, s);
             }
         }
-        // The 16 lanes of this row group share the row.
-        for (int o = 8; o > 0; o /= 2) m = fmax(m, __shfl_xor_sync(0xffffffff, m, o));
+        // The warp holds the row.
+        for (int o = 16; o > 0; o /= 2) m = fmax(m, __shfl_xor_sync(0xffffffff, m, o));
         if (tk == 0 && row < last && m != ninf) atomicMax(rowmax + (size_t)hh * last + row, double_key(m));
     }
 }
@@ -154,21 +154,21 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_exp(
 // ---- vs_mass: grid (ceil((nq + nk) / 256), heads of the chunk), 256 threads; dynamic shared
 // memory last doubles ----
 // Row totals (the chunk sums left to right), then per key c: vert[h][c] = sum over rows in
-// order of weight / total, and per diagonal i = r + nk - c: slash[h][i] likewise (the CPU's
-// order; pairs not allowed add +0, which changes no sum).
+// order of weight * (1 / total), and per diagonal i = r + nk - c: slash[h][i] likewise (the
+// CPU's order; pairs not allowed, and rows with no key, add +0, which changes no sum).
 extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_mass(
     const double* __restrict__ weights, const double* __restrict__ partial, int nq, int nk, int last, int h0,
     double* __restrict__ vert, double* __restrict__ slash)
 {
     extern __shared__ __align__(16) unsigned char smem[];
-    double* total = (double*)smem;
+    double* inv = (double*)smem;
     const int hh = blockIdx.y, h = h0 + hh, tid = threadIdx.x;
     const int chunks = (nk + SUM_CHUNK - 1) / SUM_CHUNK;
     for (int r = tid; r < last; r += 256) {
         const double* p = partial + ((size_t)hh * last + r) * chunks;
         double t = 0.0;
         for (int c = 0; c < chunks; ++c) t = __dadd_rn(t, p[c]);
-        total[r] = t;
+        inv[r] = t > 0.0 ? __ddiv_rn(1.0, t) : 0.0;  // 1 / total, or 0 for a row with no key
     }
     __syncthreads();
     const long long i = (long long)blockIdx.x * 256 + tid;
@@ -176,14 +176,14 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_mass(
     if (i < nk) {
         double m = 0.0;
         for (int r = 0; r < last; ++r)
-            if (total[r] > 0.0) m = __dadd_rn(m, __ddiv_rn(w[(size_t)r * nk + i], total[r]));
+            m = __dadd_rn(m, __dmul_rn(w[(size_t)r * nk + i], inv[r]));
         vert[(size_t)h * nk + i] = m;
     }
     if (i < (long long)nq + nk) {
         double m = 0.0;
         for (int r = 0; r < last; ++r) {
             const long long c = (long long)(nq - last + r) + nk - i;
-            if (c >= 0 && c < nk && total[r] > 0.0) m = __dadd_rn(m, __ddiv_rn(w[(size_t)r * nk + c], total[r]));
+            if (c >= 0 && c < nk) m = __dadd_rn(m, __dmul_rn(w[(size_t)r * nk + c], inv[r]));
         }
         slash[(size_t)h * ((size_t)nq + nk) + i] = m;
     }

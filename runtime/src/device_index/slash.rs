@@ -8,7 +8,9 @@
 use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
-use weft_codegen::{emit_vv_index, vs_mass_shared_bytes, DType, VS_EXP_KEYS, VV_INDEX_MAX_SHARED};
+use weft_codegen::{
+    emit_vv_index, vs_mass_shared_bytes, DType, VS_EXP_KEYS, VS_LOGITS_KEYS, VS_LOGITS_ROWS, VV_INDEX_MAX_SHARED,
+};
 use weft_patterns::device_plan::SlashPlan;
 
 use super::{check_build_inputs, kernel_times, launch_cfg, upload, usage, IndexBuildReport, SCORE_BYTES};
@@ -96,7 +98,7 @@ impl Gpu {
             let mut b = s.launch_builder(f_logits);
             b.arg(q).arg(k).arg(&nq_i).arg(&nk_i).arg(&hq_i).arg(&hkv_i).arg(&h0_i).arg(&last_i);
             b.arg(&allowed).arg(&per_head_i).arg(&plan.scale).arg(&mut weights).arg(&mut rowmax);
-            let grid = (nk.div_ceil(64) as u32, last.div_ceil(64) as u32, hc as u32);
+            let grid = (nk.div_ceil(VS_LOGITS_KEYS) as u32, last.div_ceil(VS_LOGITS_ROWS) as u32, hc as u32);
             unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("vs_logits"))?;
             let t1 = event()?;
             marks.push(("logits", t0, t1));
