@@ -164,7 +164,6 @@ fn block_leaf(e: &PatternExpr) -> Leaf<'_, weft_dsl::Block> {
         PatternExpr::Static(_) => Leaf::Static,
         PatternExpr::Block(b) => match b.keep {
             weft_dsl::BlockKeep::Where(_) => Leaf::Static,
-            weft_dsl::BlockKeep::Budget(Budget::TopP(_)) => Leaf::Unsupported("a top_p budget"),
             weft_dsl::BlockKeep::Budget(_) => Leaf::Target(b),
         },
         PatternExpr::VerticalVector(_) => Leaf::Unsupported("a vertical_vector selection"),
@@ -624,7 +623,7 @@ impl ColumnPlan {
 }
 
 /// The static part of a block top-k index built on the GPU: a pattern whose only dynamic part
-/// is one `block(keep = top_k(n) | threshold(t))`. Per index row, every key block the row can
+/// is one `block(keep = top_k(n) | top_p(p) | threshold(t))`. Per index row, every key block the row can
 /// have with its entry code when its pattern block is chosen (`code_sel`) and when it is not
 /// (`code_not`, `DROP` for none); per query group, which pattern key blocks the selection ranks.
 #[derive(Clone, Debug)]
@@ -725,7 +724,7 @@ impl BlockPlan {
         opts: &IndexOptions,
     ) -> Result<BlockPlan, Error> {
         let mut found = None;
-        let supports = "one block(keep = top_k(n) | threshold(t))";
+        let supports = "one block(keep = top_k(n) | top_p(p) | threshold(t))";
         find_leaf(pattern, &Pred::Const(true), supports, &block_leaf, &mut found)?;
         let Some((blk, ctx)) = found else {
             return Err(Error::Layout("the pattern has no block selection: nothing to build on the GPU".into()));

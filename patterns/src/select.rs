@@ -13,7 +13,8 @@ fn ranked(candidates: &[(u32, f64)]) -> Vec<(u32, f64)> {
 /// The ids a budget keeps among `candidates` (id, logit), sorted by id.
 ///
 /// - `top_k(n)`: the `n` best (all if fewer);
-/// - `top_p(p)`: the fewest best whose softmax mass reaches `p` (at least one);
+/// - `top_p(p)`: the fewest best whose softmax mass reaches `p` (at least one; the weights
+///   `exp(logit - best)` by [`crate::repro::exp`], summed best first, so GPU builders agree);
 /// - `threshold(t)`: every candidate with logit `>= best + ln t`.
 pub fn select(candidates: &[(u32, f64)], budget: Budget) -> Vec<u32> {
     if candidates.is_empty() {
@@ -23,7 +24,7 @@ pub fn select(candidates: &[(u32, f64)], budget: Budget) -> Vec<u32> {
     let max = r[0].1;
     let keep = match budget {
         Budget::TopK(n) => (n as usize).min(r.len()),
-        Budget::TopP(p) => top_p_count(r.iter().map(|(_, s)| (s - max).exp()).collect(), p),
+        Budget::TopP(p) => top_p_count(r.iter().map(|(_, s)| crate::repro::exp(s - max)).collect(), p),
         Budget::Threshold(t) => r.iter().take_while(|(_, s)| *s >= max + t.ln()).count().max(1),
     };
     kept_ids(&r, keep)

@@ -92,6 +92,7 @@ fn block_patterns(n: u32, bq: u32, bk: u32) -> Vec<(&'static str, PatternExpr)> 
         ("causal & block", causal() & blk(top_k(n))),
         ("causal & (block | window)", causal() & (blk(threshold(0.3)) | window(100))),
         ("sink | block", sink(8) | blk(top_k(n))),
+        ("causal & block top_p", causal() & blk(top_p(0.3 + 0.1 * f64::from(n)))),
     ]
 }
 

@@ -432,7 +432,7 @@ impl Gpu {
 }
 
 impl Gpu {
-    /// Builds the index of a block top-k (or threshold) `plan` for Q `[hq, nq, d]` and K
+    /// Builds the index of a block top-k (top-p, threshold) `plan` for Q `[hq, nq, d]` and K
     /// `[hkv, nk, d]` (bf16, on the device): pooled query and key blocks, every candidate's
     /// score in f64 exactly as the CPU builder computes it, the selection sorted on the GPU,
     /// then the rows' block lists through the plan's codes. Mask ids index `plan.masks`.
@@ -451,10 +451,11 @@ impl Gpu {
         if select_smem > VV_INDEX_MAX_SHARED as usize {
             return Err(usage(format!("{} key blocks are more than GPU block selection takes", plan.kblocks)));
         }
-        let (mode, top_k, ln_t) = match plan.budget {
+        // (mode, n for top_k, ln t for threshold or p for top_p)
+        let (mode, top_k, budget_arg) = match plan.budget {
             Budget::TopK(n) => (0i32, n.min(i32::MAX as u32) as i32, 0f64),
             Budget::Threshold(t) => (1, 0, t.ln()),
-            Budget::TopP(_) => return Err(usage("GPU block selection takes top_k and threshold budgets")),
+            Budget::TopP(p) => (2, 0, p),
         };
         let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
         let f = self.load_entries(&kernel, &weft_codegen::BLOCK_INDEX_ENTRIES)?;
@@ -495,7 +496,7 @@ impl Gpu {
         }
         let mut b = s.launch_builder(f_select);
         b.arg(&pooled_q).arg(&pooled_k).arg(&allowed).arg(&per_head).arg(&hq_i).arg(&hkv_i).arg(&groups_i);
-        b.arg(&kblocks_i).arg(&mode).arg(&top_k).arg(&ln_t).arg(&plan.scale).arg(&mut chosen);
+        b.arg(&kblocks_i).arg(&mode).arg(&top_k).arg(&budget_arg).arg(&plan.scale).arg(&mut chosen);
         unsafe { b.launch(launch_cfg((groups as u32, hq as u32, 1), 256, select_smem as u32)) }
             .map_err(launch("block_select"))?;
         let (q_blocks_i, bm_i) = (q_blocks as i32, plan.block_m as i32);

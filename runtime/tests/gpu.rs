@@ -813,6 +813,7 @@ fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
             Pattern::new("causal_block", causal() & blk(64, top_k(n))),
             Pattern::new("block128", blk(128, top_k(n))),
             Pattern::new("causal_threshold_window", causal() & (blk(64, threshold(0.3)) | window(100))),
+            Pattern::new("causal_top_p", causal() & blk(64, top_p(0.05 * f64::from(n)))),
         ];
         for p in &patterns {
             for (nq, nk, hq, hkv, d) in [

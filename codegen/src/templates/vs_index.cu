@@ -18,25 +18,6 @@ static_assert(VS_ROWS == 8 * 8 && VS_KEYS == 8 * 32, "vs_logits: 8 warps x 8 row
 constexpr int VS_EXP_KEYS = {{VS_EXP_KEYS}};  // keys per vs_exp CTA
 constexpr int SUM_CHUNK = {{SUM_CHUNK}}; // keys per partial row sum (repro::SUM_CHUNK)
 
-// ---- repro::exp, operation for operation (the _rn intrinsics are never contracted) ----
-__device__ __forceinline__ double pow2i(long long n) { return __longlong_as_double((n + 1023) << 52); }
-__device__ double repro_exp(double x) {
-    if (x != x) return x;
-    if (x < -746.0) return 0.0;
-    if (x > 709.0) return __longlong_as_double(0x7ff0000000000000LL);
-    const double n = round(__dmul_rn(x, __longlong_as_double({{LOG2E}})));
-    const double r = __dsub_rn(__dsub_rn(x, __dmul_rn(n, __longlong_as_double({{LN2_HI}}))),
-                               __dmul_rn(n, __longlong_as_double({{LN2_LO}})));
-    const long long coef[12] = {{{EXP_COEF}}};
-    double p = __longlong_as_double(coef[0]);
-#pragma unroll
-    for (int i = 1; i < 12; ++i) p = __dadd_rn(__dmul_rn(p, r), __longlong_as_double(coef[i]));
-    const double er = __dadd_rn(1.0, __dadd_rn(r, __dmul_rn(__dmul_rn(r, r), p)));
-    const long long ni = (long long)n;
-    if (ni < -1000) return __dmul_rn(__dmul_rn(er, pow2i(ni + 200)), pow2i(-200));
-    return __dmul_rn(er, pow2i(ni));
-}
-
 // Doubles (finite or -inf) to unsigned keys in the same order, and back.
 __device__ __forceinline__ unsigned long long double_key(double x) {
     const unsigned long long u = (unsigned long long)__double_as_longlong(x);

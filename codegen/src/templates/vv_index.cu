@@ -414,6 +414,25 @@ __device__ __forceinline__ double cpu_dot(const float* a, const T* b) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + 0.0;
 }
 
+// ---- repro::exp, operation for operation (the _rn intrinsics are never contracted) ----
+__device__ __forceinline__ double pow2i(long long n) { return __longlong_as_double((n + 1023) << 52); }
+__device__ double repro_exp(double x) {
+    if (x != x) return x;
+    if (x < -746.0) return 0.0;
+    if (x > 709.0) return __longlong_as_double(0x7ff0000000000000LL);
+    const double n = round(__dmul_rn(x, __longlong_as_double({{LOG2E}})));
+    const double r = __dsub_rn(__dsub_rn(x, __dmul_rn(n, __longlong_as_double({{LN2_HI}}))),
+                               __dmul_rn(n, __longlong_as_double({{LN2_LO}})));
+    const long long coef[12] = {{{EXP_COEF}}};
+    double p = __longlong_as_double(coef[0]);
+#pragma unroll
+    for (int i = 1; i < 12; ++i) p = __dadd_rn(__dmul_rn(p, r), __longlong_as_double(coef[i]));
+    const double er = __dadd_rn(1.0, __dadd_rn(r, __dmul_rn(__dmul_rn(r, r), p)));
+    const long long ni = (long long)n;
+    if (ni < -1000) return __dmul_rn(__dmul_rn(er, pow2i(ni + 200)), pow2i(-200));
+    return __dmul_rn(er, pow2i(ni));
+}
+
 // The smallest power of two at least n (1 for 0).
 __device__ __forceinline__ u32 pow2_at_least(u32 n) {
     u32 p = 1;
@@ -727,10 +746,11 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_scan(const u32* __re
 
 // ---- block_select: grid (groups, hq), 256 threads; dynamic shared memory kblocks x 12 bytes,
 // rounded up to a power of two, plus D floats ----
-// Sets bit kb of chosen[(h * groups + g) * words ..] for each chosen pattern key block.
+// Sets bit kb of chosen[(h * groups + g) * words ..] for each chosen pattern key block. Mode 0:
+// top_k(top_k); 1: threshold (budget_arg = ln t); 2: top_p (budget_arg = p).
 extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_select(
     const float* __restrict__ pooled_q, const float* __restrict__ pooled_k, const u32* __restrict__ allowed,
-    int per_head, int hq, int hkv, int groups, int kblocks, int mode, int top_k, double ln_t, double scale,
+    int per_head, int hq, int hkv, int groups, int kblocks, int mode, int top_k, double budget_arg, double scale,
     u32* __restrict__ chosen)
 {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -757,9 +777,32 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_select(
     u32 keep;
     if (mode == 0) {
         keep = min((u32)top_k, n);
+    } else if (mode == 2) {
+        // top_p(p): the fewest best whose weights exp(score - best) reach p of their total,
+        // summed best first (weft_patterns::select; the sums in one thread, in order).
+        double* w = sScore;  // the scores are no longer needed, only the ids
+        const double best = n > 0 ? sScore[0] : 0.0;
+        __syncthreads();
+        for (u32 i = tid; i < n; i += 256) w[i] = repro_exp(__dsub_rn(w[i], best));
+        __syncthreads();
+        if (tid == 0) {
+            double total = 0.0;
+            for (u32 i = 0; i < n; ++i) total = __dadd_rn(total, w[i]);
+            const double goal = __dmul_rn(__dmul_rn(budget_arg, total), 1.0 - 1e-12);
+            double acc = 0.0;
+            u32 count = 0;
+            for (u32 i = 0; i < n; ++i) {
+                acc = __dadd_rn(acc, w[i]);
+                ++count;
+                if (acc >= goal) break;
+            }
+            nKeep = count;
+        }
+        __syncthreads();
+        keep = nKeep;
     } else {
         // threshold(t): every block within ln t of the best (at least one).
-        const double cut = n > 0 ? sScore[0] + ln_t : 0.0;
+        const double cut = n > 0 ? sScore[0] + budget_arg : 0.0;
         u32 mine = 0;
         for (u32 i = tid; i < n; i += 256) mine += sScore[i] >= cut;
         atomicAdd(&nKeep, mine);

@@ -64,19 +64,20 @@ impl Gpu {
         // Weights of `chunk` heads at once (last x nk doubles each).
         let per_head = (last * nk * 8).max(1);
         let chunk = (SCORE_BYTES / per_head).clamp(1, hq);
-        let mut weights = s.alloc_zeros::<f64>((chunk * last * nk).max(1)).map_err(driver(alloc))?;
+        // Safety: the kernels write every element of these before any is read (weights and
+        // partial sums per chunk, masses per head, lists up to their counts, tiles, counts and
+        // pointers per row), so they need no clearing.
+        let fresh = |n: usize| unsafe { s.alloc::<f64>(n.max(1)) }.map_err(driver(alloc));
+        let fresh32 = |n: usize| unsafe { s.alloc::<u32>(n.max(1)) }.map_err(driver(alloc));
+        let mut weights = fresh(chunk * last * nk)?;
+        let mut partial = fresh(chunk * last * chunks)?;
+        let mut vert = fresh(hq * nk)?;
+        let mut slash = fresh(hq * (nq + nk))?;
         let mut rowmax = s.alloc_zeros::<u64>((chunk * last).max(1)).map_err(driver(alloc))?;
-        let mut partial = s.alloc_zeros::<f64>((chunk * last * chunks).max(1)).map_err(driver(alloc))?;
-        let mut vert = s.alloc_zeros::<f64>(hq * nk).map_err(driver(alloc))?;
-        let mut slash = s.alloc_zeros::<f64>(hq * (nq + nk)).map_err(driver(alloc))?;
-        let mut vlist = s.alloc_zeros::<u32>(hq * vk).map_err(driver(alloc))?;
-        let mut slist = s.alloc_zeros::<u32>(hq * sk).map_err(driver(alloc))?;
+        let (mut vlist, mut slist, mut tiles) = (fresh32(hq * vk)?, fresh32(hq * sk)?, fresh32(hq * groups * words)?);
         let mut counts = s.alloc_zeros::<i32>(2 * hq).map_err(driver(alloc))?;
-        let mut tiles = s.alloc_zeros::<u32>((hq * groups * words).max(1)).map_err(driver(alloc))?;
-        let mut block_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
-        let mut col_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
-        let mut block_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
-        let mut col_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
+        let (mut block_count, mut col_count) = (fresh32(rows)?, fresh32(rows)?);
+        let (mut block_ptr, mut col_ptr) = (fresh32(rows + 1)?, fresh32(rows + 1)?);
 
         let launch = |what: &str| driver(format!("launching the vertical-slash index builder's {what} kernel"));
         let (nq_i, nk_i, hq_i, hkv_i, last_i) = (nq as i32, nk as i32, hq as i32, hkv as i32, last as i32);
