@@ -469,7 +469,7 @@ pub fn emit_merge(head_dim: u32, dtype: DType, partial: Partial) -> Result<Kerne
 pub const VV_INDEX_ENTRIES: [&str; 7] = ["pool", "kstats", "score", "threshold", "select", "columns", "scan"];
 
 /// The entry points of the block top-k index builder (same module as [`emit_vv_index`]).
-pub const BLOCK_INDEX_ENTRIES: [&str; 4] = ["pool", "block_select", "block_rows", "scan"];
+pub const BLOCK_INDEX_ENTRIES: [&str; 5] = ["pool", "block_scores", "block_select", "block_rows", "scan"];
 
 /// The entry points of the vertical-slash index builder (same module as [`emit_vv_index`]).
 pub const VS_INDEX_ENTRIES: [&str; 8] =
@@ -489,8 +489,8 @@ pub fn vs_mass_shared_bytes(last: usize) -> usize {
 }
 
 /// Dynamic shared memory of the `block_select` entry for `kblocks` pattern key blocks.
-pub fn block_select_shared_bytes(head_dim: u32, kblocks: usize) -> usize {
-    kblocks.next_power_of_two() * 12 + head_dim as usize * 4
+pub fn block_select_shared_bytes(kblocks: usize) -> usize {
+    kblocks.next_power_of_two() * 12
 }
 
 /// Dynamic shared memory of the `score` entry: two halves of 64 pooled queries and 128 keys.

@@ -29,6 +29,12 @@ use crate::interval::{decide, Region};
 use crate::{Error, IndexOptions, SparseIndex, Tensor, FULL};
 pub use slash::{SlashChoice, SlashPlan};
 
+/// A fresh plan id (see [`ColumnPlan::id`]).
+fn next_plan_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Entry code of a chosen column that the row's blocks already compute (or that the pattern
 /// excludes there): it gets no column entry.
 pub const DROP: u16 = 0xfffe;
@@ -40,6 +46,9 @@ pub const PER_COLUMN: u32 = 0x1_0000;
 /// The static part of a vertical-vector index (see the module docs).
 #[derive(Clone, Debug)]
 pub struct ColumnPlan {
+    /// Names this plan's contents for caches of its device copy (a clone shares it). Plans
+    /// are built once and only read: do not change a plan's fields after [`ColumnPlan::new`].
+    pub id: u64,
     pub heads: usize,
     pub nq: usize,
     pub nk: usize,
@@ -544,6 +553,7 @@ impl ColumnPlan {
         }
         skeleton.masks = table.masks;
         Ok(ColumnPlan {
+            id: next_plan_id(),
             heads,
             nq,
             nk,
@@ -628,6 +638,9 @@ impl ColumnPlan {
 /// (`code_not`, `DROP` for none); per query group, which pattern key blocks the selection ranks.
 #[derive(Clone, Debug)]
 pub struct BlockPlan {
+    /// Names this plan's contents for caches of its device copy (a clone shares it). Plans
+    /// are built once and only read: do not change a plan's fields after [`BlockPlan::new`].
+    pub id: u64,
     pub heads: usize,
     pub nq: usize,
     pub nk: usize,
@@ -782,6 +795,7 @@ impl BlockPlan {
         }
         let BlockEntries { entry_ptr, entry_kb, entry_pattern_kb, code_sel, code_not } = entries;
         Ok(BlockPlan {
+            id: next_plan_id(),
             heads,
             nq,
             nk,

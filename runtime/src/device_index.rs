@@ -10,9 +10,10 @@
 
 mod slash;
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use weft_codegen::{
     block_select_shared_bytes, emit_vv_index, vv_score_shared_bytes, vv_select_shared_bytes, DType, VV_COLLECT_MAX,
     VV_INDEX_MAX_SHARED, VV_TWO_CTA_SHARED,
@@ -63,7 +64,7 @@ pub enum VvStrategy {
 
 /// Copies `v` to the device; an empty list becomes one zero (kernels need a valid pointer).
 fn upload<T: cudarc::driver::DeviceRepr + Default + Clone>(
-    s: &std::sync::Arc<cudarc::driver::CudaStream>,
+    s: &Arc<CudaStream>,
     v: &[T],
     what: &str,
 ) -> Result<CudaSlice<T>, Error> {
@@ -90,6 +91,89 @@ fn kernel_times(
         }
     }
     Ok(out)
+}
+
+/// Plans whose device copies are kept (the oldest are dropped past this many).
+const PLAN_COPIES: usize = 16;
+
+/// A plan's column rules on the device.
+struct DeviceRules {
+    ptr: CudaSlice<u32>,
+    c0: CudaSlice<u32>,
+    c1: CudaSlice<u32>,
+    code: CudaSlice<u32>,
+    codes: CudaSlice<u16>,
+}
+
+impl DeviceRules {
+    fn upload(s: &Arc<CudaStream>, r: &weft_patterns::device_plan::ColumnRules, up: &str) -> Result<Self, Error> {
+        Ok(DeviceRules {
+            ptr: upload(s, &r.ptr, up)?,
+            c0: upload(s, &r.c0, up)?,
+            c1: upload(s, &r.c1, up)?,
+            code: upload(s, &r.code, up)?,
+            codes: upload(s, &r.codes, up)?,
+        })
+    }
+}
+
+/// A plan's block entries on the device (per row: key block, pattern key block, the codes
+/// when chosen and not).
+struct DeviceEntries {
+    ptr: CudaSlice<u32>,
+    kb: CudaSlice<u32>,
+    pattern_kb: CudaSlice<u32>,
+    code_sel: CudaSlice<u16>,
+    code_not: CudaSlice<u16>,
+}
+
+impl DeviceEntries {
+    fn upload(
+        s: &Arc<CudaStream>,
+        (ptr, kb, pattern_kb): (&[u32], &[u32], &[u32]),
+        (code_sel, code_not): (&[u16], &[u16]),
+        up: &str,
+    ) -> Result<Self, Error> {
+        Ok(DeviceEntries {
+            ptr: upload(s, ptr, up)?,
+            kb: upload(s, kb, up)?,
+            pattern_kb: upload(s, pattern_kb, up)?,
+            code_sel: upload(s, code_sel, up)?,
+            code_not: upload(s, code_not, up)?,
+        })
+    }
+}
+
+impl Gpu {
+    /// The device copy of plan `id`, uploaded by `make` the first time: a plan is static per
+    /// pattern and shape, so repeated builds (every layer call) do not upload it again.
+    fn plan_copy<T: std::any::Any + Send + Sync>(
+        &self,
+        id: u64,
+        make: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<Arc<T>, Error> {
+        let cached = self.plan_copies.lock().ok().and_then(|m| m.get(&id).cloned());
+        if let Some(c) = cached.and_then(|c| c.downcast::<T>().ok()) {
+            return Ok(c);
+        }
+        let made = Arc::new(make()?);
+        if let Ok(mut m) = self.plan_copies.lock() {
+            if m.len() >= PLAN_COPIES {
+                m.clear();
+            }
+            m.insert(id, made.clone());
+        }
+        Ok(made)
+    }
+}
+
+/// A vertical-vector plan on the device.
+struct ColumnPlanCopy {
+    cand_lo: CudaSlice<u32>,
+    cand_hi: CudaSlice<u32>,
+    rules: DeviceRules,
+    /// The skeleton's block lists (copied into each index built).
+    skeleton: DeviceCsr,
 }
 
 /// A row list on the device: pointers, entries, mask ids.
@@ -244,13 +328,21 @@ impl Gpu {
         let (groups, q_blocks) = (plan.groups, plan.q_blocks());
         let rows = hq * q_blocks;
         let cap = plan.top_k.min(nk).max(1);
-        let cand_lo = upload(s, &plan.cand_lo, up)?;
-        let cand_hi = upload(s, &plan.cand_hi, up)?;
-        let rule_ptr = upload(s, &plan.rules.ptr, up)?;
-        let rule_c0 = upload(s, &plan.rules.c0, up)?;
-        let rule_c1 = upload(s, &plan.rules.c1, up)?;
-        let rule_code = upload(s, &plan.rules.code, up)?;
-        let codes = upload(s, &plan.rules.codes, up)?;
+        let copy = self.plan_copy(plan.id, || {
+            let sk = &plan.skeleton;
+            Ok(ColumnPlanCopy {
+                cand_lo: upload(s, &plan.cand_lo, up)?,
+                cand_hi: upload(s, &plan.cand_hi, up)?,
+                rules: DeviceRules::upload(s, &plan.rules, up)?,
+                skeleton: (
+                    upload(s, &sk.block_ptr, up)?,
+                    upload(s, &sk.block_idx, up)?,
+                    upload(s, &sk.block_mask, up)?,
+                ),
+            })
+        })?;
+        let (cand_lo, cand_hi) = (&copy.cand_lo, &copy.cand_hi);
+        let DeviceRules { ptr: rule_ptr, c0: rule_c0, c1: rule_c1, code: rule_code, codes } = &copy.rules;
 
         let mut pooled = s.alloc_zeros::<f32>(hq * groups * d).map_err(driver(alloc))?;
         let mut pq_hi = s.alloc_zeros::<u16>(hq * groups * d).map_err(driver(alloc))?;
@@ -313,7 +405,7 @@ impl Gpu {
                     let mut b = s.launch_builder(f_score);
                     b.arg(&pq_hi).arg(&pq_lo).arg(k).arg(&mut approx);
                     b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i).arg(&$mode).arg(&cols_i);
-                    b.arg(&cand_lo).arg(&cand_hi).arg(&per_head).arg(&thresh);
+                    b.arg(cand_lo).arg(cand_hi).arg(&per_head).arg(&thresh);
                     b.arg(&mut list_key).arg(&mut list_val).arg(&mut list_count).arg(&mut list_high).arg(&list_cap_i);
                     let grid = (groups.div_ceil(64) as u32, ($cols as usize).div_ceil(128) as u32, hc as u32);
                     unsafe { b.launch(launch_cfg(grid, 128, score_smem)) }.map_err(launch("score"))?;
@@ -326,7 +418,7 @@ impl Gpu {
                 marks.push(("sample score", t0, t1));
                 let t0 = event()?;
                 let mut b = s.launch_builder(f_threshold);
-                b.arg(&approx).arg(&samples_i).arg(&pq_l1).arg(&kmax).arg(&cand_lo).arg(&cand_hi).arg(&per_head);
+                b.arg(&approx).arg(&samples_i).arg(&pq_l1).arg(&kmax).arg(cand_lo).arg(cand_hi).arg(&per_head);
                 b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&top_k_i).arg(&mut thresh);
                 unsafe { b.launch(launch_cfg((groups as u32, hc as u32, 1), 512, 0)) }.map_err(launch("threshold"))?;
                 let t1 = event()?;
@@ -343,7 +435,7 @@ impl Gpu {
             let t1 = event()?;
             let mut b = s.launch_builder(f_select);
             b.arg(&approx).arg(&pooled).arg(&pq_l1).arg(k).arg(&kinf).arg(&kmax);
-            b.arg(&cand_lo).arg(&cand_hi).arg(&per_head);
+            b.arg(cand_lo).arg(cand_hi).arg(&per_head);
             b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i).arg(&top_k_i).arg(&plan.scale);
             b.arg(&cap_i).arg(&collect_i).arg(&select_mode);
             b.arg(&list_key).arg(&list_val).arg(&list_count).arg(&list_high).arg(&list_cap_i);
@@ -364,7 +456,7 @@ impl Gpu {
             let (q_blocks_i, bm_i) = (q_blocks as i32, plan.block_m as i32);
             let mut b = s.launch_builder(f_columns);
             b.arg(&chosen).arg(&chosen_count).arg(&cap_i);
-            b.arg(&rule_ptr).arg(&rule_c0).arg(&rule_c1).arg(&rule_code).arg(&codes).arg(&per_head);
+            b.arg(rule_ptr).arg(rule_c0).arg(rule_c1).arg(rule_code).arg(codes).arg(&per_head);
             b.arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&q_block_i).arg(&groups_i).arg(&pass);
             // No slash tiles here (tile_words = 0).
             b.arg(&no_tiles).arg(&one).arg(&one).arg(&zero);
@@ -412,8 +504,13 @@ impl Gpu {
         let t1 = event()?;
         marks.push(("write", t0, t1));
 
-        let sk = &plan.skeleton;
-        let blocks = (upload(s, &sk.block_ptr, up)?, upload(s, &sk.block_idx, up)?, upload(s, &sk.block_mask, up)?);
+        let copy_of = "copying the index skeleton";
+        let (sk_ptr, sk_idx, sk_mask) = &copy.skeleton;
+        let blocks = (
+            s.clone_dtod(sk_ptr).map_err(driver(copy_of))?,
+            s.clone_dtod(sk_idx).map_err(driver(copy_of))?,
+            s.clone_dtod(sk_mask).map_err(driver(copy_of))?,
+        );
         let index = self.single_index(shape, (plan.block_m, plan.block_n), blocks, (col_ptr, col_idx, col_mask))?;
         s.synchronize().map_err(driver("finishing the index build"))?;
         let kernel_ms = kernel_times(&marks)?;
@@ -434,7 +531,8 @@ impl Gpu {
 impl Gpu {
     /// Builds the index of a block top-k (top-p, threshold) `plan` for Q `[hq, nq, d]` and K
     /// `[hkv, nk, d]` (bf16, on the device): pooled query and key blocks, every candidate's
-    /// score in f64 exactly as the CPU builder computes it, the selection sorted on the GPU,
+    /// score in f64 exactly as the CPU builder computes it (tiled over groups and key blocks),
+    /// the selection sorted on the GPU,
     /// then the rows' block lists through the plan's codes. Mask ids index `plan.masks`.
     pub fn build_block_index(
         &self,
@@ -447,7 +545,7 @@ impl Gpu {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
         check_build_inputs((plan.heads, plan.nq, plan.nk), shape, dtype, q, k)?;
-        let select_smem = block_select_shared_bytes(d as u32, plan.kblocks);
+        let select_smem = block_select_shared_bytes(plan.kblocks);
         if select_smem > VV_INDEX_MAX_SHARED as usize {
             return Err(usage(format!("{} key blocks are more than GPU block selection takes", plan.kblocks)));
         }
@@ -459,18 +557,17 @@ impl Gpu {
         };
         let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
         let f = self.load_entries(&kernel, &weft_codegen::BLOCK_INDEX_ENTRIES)?;
-        let (f_pool, f_select, f_rows, f_scan) = (&f[0], &f[1], &f[2], &f[3]);
+        let (f_pool, f_scores, f_select, f_rows, f_scan) = (&f[0], &f[1], &f[2], &f[3], &f[4]);
         let s = &self.stream;
         let (up, alloc) = ("uploading the block index plan", "allocating block index buffers");
         let (groups, kblocks, q_blocks) = (plan.groups, plan.kblocks, plan.q_blocks());
         let rows = hq * q_blocks;
         let words = kblocks.div_ceil(32);
-        let allowed = upload(s, &plan.allowed, up)?;
-        let entry_ptr = upload(s, &plan.entry_ptr, up)?;
-        let entry_kb = upload(s, &plan.entry_kb, up)?;
-        let entry_pkb = upload(s, &plan.entry_pattern_kb, up)?;
-        let code_sel = upload(s, &plan.code_sel, up)?;
-        let code_not = upload(s, &plan.code_not, up)?;
+        let copy = self.plan_copy(plan.id, || {
+            let ids = (&plan.entry_ptr[..], &plan.entry_kb[..], &plan.entry_pattern_kb[..]);
+            Ok((upload(s, &plan.allowed, up)?, DeviceEntries::upload(s, ids, (&plan.code_sel, &plan.code_not), up)?))
+        })?;
+        let (allowed, entries) = (&copy.0, &copy.1);
         let mut pooled_q = s.alloc_zeros::<f32>(hq * groups * d).map_err(driver(alloc))?;
         let mut pooled_k = s.alloc_zeros::<f32>(hkv * kblocks * d).map_err(driver(alloc))?;
         // The pool kernel also writes bf16 halves and norms, unused here.
@@ -494,9 +591,16 @@ impl Gpu {
             b.arg(src).arg(&n).arg(&rows_per).arg(&count).arg(out).arg(&mut hi).arg(&mut lo).arg(&mut scratch_l1);
             unsafe { b.launch(launch_cfg((count as u32, heads as u32, 1), d as u32, 0)) }.map_err(launch("pool"))?;
         }
+        // Every (group, key block) score of every head; the kernel writes them all.
+        let mut scores = unsafe { s.alloc::<f64>((hq * groups * kblocks).max(1)) }.map_err(driver(alloc))?;
+        let mut b = s.launch_builder(f_scores);
+        b.arg(&pooled_q).arg(&pooled_k).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&kblocks_i).arg(&plan.scale);
+        b.arg(&mut scores);
+        unsafe { b.launch(launch_cfg((groups.div_ceil(64) as u32, kblocks.div_ceil(64) as u32, hq as u32), 256, 0)) }
+            .map_err(launch("block_scores"))?;
         let mut b = s.launch_builder(f_select);
-        b.arg(&pooled_q).arg(&pooled_k).arg(&allowed).arg(&per_head).arg(&hq_i).arg(&hkv_i).arg(&groups_i);
-        b.arg(&kblocks_i).arg(&mode).arg(&top_k).arg(&budget_arg).arg(&plan.scale).arg(&mut chosen);
+        b.arg(&scores).arg(allowed).arg(&per_head).arg(&groups_i).arg(&kblocks_i);
+        b.arg(&mode).arg(&top_k).arg(&budget_arg).arg(&mut chosen);
         unsafe { b.launch(launch_cfg((groups as u32, hq as u32, 1), 256, select_smem as u32)) }
             .map_err(launch("block_select"))?;
         let (q_blocks_i, bm_i) = (q_blocks as i32, plan.block_m as i32);
@@ -507,7 +611,8 @@ impl Gpu {
                          mask: &mut CudaSlice<u16>|
          -> Result<(), Error> {
             let mut b = s.launch_builder(f_rows);
-            b.arg(&chosen).arg(&entry_ptr).arg(&entry_kb).arg(&entry_pkb).arg(&code_sel).arg(&code_not);
+            b.arg(&chosen).arg(&entries.ptr).arg(&entries.kb).arg(&entries.pattern_kb);
+            b.arg(&entries.code_sel).arg(&entries.code_not);
             b.arg(&per_head)
                 .arg(&hq_i)
                 .arg(&q_blocks_i)

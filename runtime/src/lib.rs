@@ -143,6 +143,8 @@ pub struct Gpu {
     pub name: String,
     pub sm_count: u32,
     modules: Mutex<HashMap<(String, Arch), CudaFunction>>,
+    /// Device copies of index-building plans, by plan id (see `device_index`).
+    plan_copies: Mutex<HashMap<u64, Arc<dyn std::any::Any + Send + Sync>>>,
     /// The kernel database and this GPU's toolchain (its key prefix), when attached.
     db: Option<(weft_cache::Db, weft_cache::Toolchain)>,
 }
@@ -179,6 +181,7 @@ impl Gpu {
             name,
             sm_count,
             modules: Mutex::new(HashMap::new()),
+            plan_copies: Mutex::new(HashMap::new()),
             db: None,
         })
     }

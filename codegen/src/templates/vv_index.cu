@@ -739,36 +739,94 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_scan(const u32* __re
     }
 }
 
-// ---- block top-k / threshold (BlockPlan) ----
+// ---- block top-k / top-p / threshold (BlockPlan) ----
 // Pooled queries (pool over block_q rows) and pooled keys (pool over block_k rows) come from
 // `pool`. Every candidate pattern block's score is computed exactly as the CPU builder does
 // (f64, the same order), so the selection is exact without bounds.
 
+// ---- block_scores: grid (ceil(groups / 64), ceil(kblocks / 64), hq), 256 threads ----
+// scores[h][g][kb] = scale * dot(pooled_q[h][g], pooled_k[kv][kb]) with the CPU builder's dot
+// (cpu_dot's four accumulators over d mod 4); each thread holds 4 groups x 4 key blocks, the
+// pooled rows staged in shared memory as doubles, so every pooled key is read once per 64
+// groups instead of once per group.
+extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_scores(
+    const float* __restrict__ pooled_q, const float* __restrict__ pooled_k, int hq, int hkv, int groups,
+    int kblocks, double scale, double* __restrict__ scores)
+{
+    constexpr int T = 64, DC = 32;
+    __shared__ double sQ[T][DC];
+    __shared__ double sK[T][DC + 1];
+    const int h = blockIdx.z, kv = h / (hq / hkv), tid = threadIdx.x;
+    const int g0 = blockIdx.x * T, kb0 = blockIdx.y * T;
+    const int tr = tid / 16, tk = tid % 16;  // groups g0 + 4 tr + i, key blocks kb0 + tk + 16 l
+    double acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int l = 0; l < 4; ++l)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][l][j] = 0.0;
+    for (int d0 = 0; d0 < D; d0 += DC) {
+        for (int i = tid; i < T * DC; i += 256) {
+            const int t = i / DC, d = d0 + i % DC;
+            sQ[t][i % DC] = g0 + t < groups ? (double)pooled_q[((size_t)h * groups + g0 + t) * D + d] : 0.0;
+            sK[t][i % DC] = kb0 + t < kblocks ? (double)pooled_k[((size_t)kv * kblocks + kb0 + t) * D + d] : 0.0;
+        }
+        __syncthreads();
+        for (int d = 0; d < DC; d += 4) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                double a[4], b[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    a[i] = sQ[4 * tr + i][d + j];
+                    b[i] = sK[tk + 16 * i][d + j];
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int l = 0; l < 4; ++l) acc[i][l][j] = fma(a[i], b[l], acc[i][l][j]);
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+            const int g = g0 + 4 * tr + i, kb = kb0 + tk + 16 * l;
+            if (g < groups && kb < kblocks) {
+                const double dot = __dadd_rn(__dadd_rn(__dadd_rn(acc[i][l][0], acc[i][l][1]),
+                                                       __dadd_rn(acc[i][l][2], acc[i][l][3])), 0.0);
+                scores[((size_t)h * groups + g) * kblocks + kb] = __dmul_rn(scale, dot);
+            }
+        }
+}
+
 // ---- block_select: grid (groups, hq), 256 threads; dynamic shared memory kblocks x 12 bytes,
-// rounded up to a power of two, plus D floats ----
-// Sets bit kb of chosen[(h * groups + g) * words ..] for each chosen pattern key block. Mode 0:
-// top_k(top_k); 1: threshold (budget_arg = ln t); 2: top_p (budget_arg = p).
+// rounded up to a power of two ----
+// Sets bit kb of chosen[(h * groups + g) * words ..] for each chosen pattern key block, from
+// the candidates' scores (block_scores). Mode 0: top_k(top_k); 1: threshold (budget_arg =
+// ln t); 2: top_p (budget_arg = p).
 extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_select(
-    const float* __restrict__ pooled_q, const float* __restrict__ pooled_k, const u32* __restrict__ allowed,
-    int per_head, int hq, int hkv, int groups, int kblocks, int mode, int top_k, double budget_arg, double scale,
-    u32* __restrict__ chosen)
+    const double* __restrict__ scores, const u32* __restrict__ allowed, int per_head, int groups, int kblocks,
+    int mode, int top_k, double budget_arg, u32* __restrict__ chosen)
 {
     extern __shared__ __align__(16) unsigned char smem[];
-    const int g = blockIdx.x, h = blockIdx.y, kv = h / (hq / hkv), tid = threadIdx.x;
+    const int g = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
     const u32 n2 = pow2_at_least(kblocks);
     double* sScore = (double*)smem;           // [n2]
     u32* sId = (u32*)(sScore + n2);           // [n2]
-    float* sPq = (float*)(sId + n2);          // [D]
     __shared__ u32 nCand, nKeep;
     const int words = (kblocks + 31) / 32;
     const u32* allow = allowed + ((size_t)(per_head ? h : 0) * groups + g) * words;
-    for (int d = tid; d < D; d += 256) sPq[d] = pooled_q[((size_t)h * groups + g) * D + d];
+    const double* row = scores + ((size_t)h * groups + g) * kblocks;
     if (tid == 0) nCand = nKeep = 0;
     __syncthreads();
     for (int kb = tid; kb < kblocks; kb += 256) {
         if (!((allow[kb / 32] >> (kb % 32)) & 1u)) continue;
         const u32 i = atomicAdd(&nCand, 1u);
-        sScore[i] = scale * cpu_dot(sPq, pooled_k + ((size_t)kv * kblocks + kb) * D);
+        sScore[i] = row[kb];
         sId[i] = kb;
     }
     __syncthreads();

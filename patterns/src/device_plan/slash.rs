@@ -16,8 +16,8 @@ use rayon::prelude::*;
 use weft_dsl::{Budget, Env, PatternExpr, Pred, VerticalSlash};
 
 use super::{
-    block_entries, column_rules, find_leaf, replace_leaf, static_start, BlockEntries, ColumnRules, Leaf, StaticStart,
-    DROP,
+    block_entries, column_rules, find_leaf, next_plan_id, replace_leaf, static_start, BlockEntries, ColumnRules, Leaf,
+    StaticStart, DROP,
 };
 use crate::families::{slash_blocks, vertical_slash_choice, ColSel, HeadInputs, Node};
 use crate::index::MaskTable;
@@ -27,6 +27,9 @@ use crate::{Error, IndexOptions, SparseIndex, Tensor};
 /// The static part of a vertical-slash index (see the module docs).
 #[derive(Clone, Debug)]
 pub struct SlashPlan {
+    /// Names this plan's contents for caches of its device copy (a clone shares it). Plans
+    /// are built once and only read: do not change a plan's fields after [`SlashPlan::new`].
+    pub id: u64,
     pub heads: usize,
     pub nq: usize,
     pub nk: usize,
@@ -194,6 +197,7 @@ impl SlashPlan {
             })
             .collect();
         Ok(SlashPlan {
+            id: next_plan_id(),
             heads,
             nq,
             nk,

@@ -13,7 +13,10 @@ use weft_codegen::{
 };
 use weft_patterns::device_plan::SlashPlan;
 
-use super::{check_build_inputs, kernel_times, launch_cfg, upload, usage, IndexBuildReport, SCORE_BYTES};
+use super::{
+    check_build_inputs, kernel_times, launch_cfg, upload, usage, DeviceEntries, DeviceRules, IndexBuildReport,
+    SCORE_BYTES,
+};
 use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
 
 impl Gpu {
@@ -50,17 +53,15 @@ impl Gpu {
         let words = kblocks.div_ceil(32);
         let chunks = nk.div_ceil(weft_patterns::repro::SUM_CHUNK);
         let (vk, sk) = (plan.vertical_k.clamp(1, nk), plan.slash_k.clamp(1, nq + nk));
-        let allowed = upload(s, &plan.allowed, up)?;
-        let entry_ptr = upload(s, &plan.entry_ptr, up)?;
-        let entry_kb = upload(s, &plan.entry_kb, up)?;
-        let entry_pkb = upload(s, &plan.entry_pattern_kb, up)?;
-        let code_sel = upload(s, &plan.code_sel, up)?;
-        let code_not = upload(s, &plan.code_not, up)?;
-        let rule_ptr = upload(s, &plan.rules.ptr, up)?;
-        let rule_c0 = upload(s, &plan.rules.c0, up)?;
-        let rule_c1 = upload(s, &plan.rules.c1, up)?;
-        let rule_code = upload(s, &plan.rules.code, up)?;
-        let codes = upload(s, &plan.rules.codes, up)?;
+        let copy = self.plan_copy(plan.id, || {
+            let ids = (&plan.entry_ptr[..], &plan.entry_kb[..], &plan.entry_pattern_kb[..]);
+            Ok((
+                upload(s, &plan.allowed, up)?,
+                DeviceEntries::upload(s, ids, (&plan.code_sel, &plan.code_not), up)?,
+                DeviceRules::upload(s, &plan.rules, up)?,
+            ))
+        })?;
+        let (allowed, entries, rules) = (&copy.0, &copy.1, &copy.2);
         // Weights of `chunk` heads at once (last x nk doubles each).
         let per_head = (last * nk * 8).max(1);
         let chunk = (SCORE_BYTES / per_head).clamp(1, hq);
@@ -98,7 +99,7 @@ impl Gpu {
             let t0 = event()?;
             let mut b = s.launch_builder(f_logits);
             b.arg(q).arg(k).arg(&nq_i).arg(&nk_i).arg(&hq_i).arg(&hkv_i).arg(&h0_i).arg(&last_i);
-            b.arg(&allowed).arg(&per_head_i).arg(&plan.scale).arg(&mut weights).arg(&mut rowmax);
+            b.arg(allowed).arg(&per_head_i).arg(&plan.scale).arg(&mut weights).arg(&mut rowmax);
             let grid = (nk.div_ceil(VS_LOGITS_KEYS) as u32, last.div_ceil(VS_LOGITS_ROWS) as u32, hc as u32);
             unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("vs_logits"))?;
             let t1 = event()?;
@@ -141,7 +142,8 @@ impl Gpu {
                          cols: (&mut CudaSlice<u32>, &mut CudaSlice<u16>)|
          -> Result<(), Error> {
             let mut b = s.launch_builder(f_rows);
-            b.arg(&tiles).arg(&entry_ptr).arg(&entry_kb).arg(&entry_pkb).arg(&code_sel).arg(&code_not);
+            b.arg(&tiles).arg(&entries.ptr).arg(&entries.kb).arg(&entries.pattern_kb);
+            b.arg(&entries.code_sel).arg(&entries.code_not);
             b.arg(&per_head_i).arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&block_i).arg(&groups_i).arg(&kblocks_i);
             b.arg(&pass).arg(counts_out.0).arg(ptrs.0).arg(blocks.0).arg(blocks.1);
             unsafe { b.launch(launch_cfg(row_grid, 128, 0)) }.map_err(launch("block_rows"))?;
@@ -149,7 +151,7 @@ impl Gpu {
             let (one, words_i) = (1i32, words as i32);
             let mut b = s.launch_builder(f_columns);
             b.arg(&vlist).arg(&counts).arg(&vk_i);
-            b.arg(&rule_ptr).arg(&rule_c0).arg(&rule_c1).arg(&rule_code).arg(&codes).arg(&per_head_i);
+            b.arg(&rules.ptr).arg(&rules.c0).arg(&rules.c1).arg(&rules.code).arg(&rules.codes).arg(&per_head_i);
             b.arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&nq_i).arg(&one).arg(&pass);
             b.arg(&tiles).arg(&block_i).arg(&groups_i).arg(&words_i);
             b.arg(counts_out.1).arg(ptrs.1).arg(cols.0).arg(cols.1);
