@@ -13,9 +13,12 @@
 //! A missing libcuda or libnvrtc, or no GPU, is an [`Error`] that says what to install or
 //! check; cudarc would panic on first use, so the libraries are probed first.
 //!
-//! - [`Gpu::build_vv_index`] (the `device_index` module): a vertical-vector index built on the
-//!   device from Q and K, equal to the CPU builder's (approximate tensor-core scores with a
-//!   proven bound, exact f64 scores at the top-k cut), from a static `ColumnPlan`.
+//! - The `device_index` module: indexes built on the device from Q and K, each equal to the
+//!   CPU builder's, from a static plan (`weft_patterns::device_plan`) whose device copy is
+//!   kept: [`Gpu::build_vv_index`] (vertical vectors: approximate tensor-core scores with a
+//!   proven bound, exact f64 scores at the top-k cut), [`Gpu::build_block_index`] (block
+//!   top-k / top-p / threshold, exact f64 scores) and [`Gpu::build_vs_index`] (vertical-slash,
+//!   an exact f64 estimate in `weft_patterns::repro`'s arithmetic).
 //! - [`Runtime`]: GPU 0 with the kernel database; [`Runtime::attention_layer`] runs one layer,
 //!   each head with the config tuned for its pattern and shape (or the default, with a
 //!   warning), one launch per group of heads sharing a kernel (see the `layer` module).
