@@ -73,9 +73,15 @@ pub(crate) fn gpu_err(e: impl std::fmt::Display) -> Error {
     Error::Search(format!("GPU: {e}"))
 }
 
+/// The index a config is tuned and checked on. bf16 indexes of patterns the GPU builders take
+/// are numbered as a GPU build numbers them (as the runtime numbers them for bf16 layers), so
+/// the tuned kernel's key (which holds the mask table) is the one the runtime asks for.
 fn index_for(pattern: &Pattern, q: &Tensor, k: &Tensor, c: &KernelConfig) -> Result<SparseIndex, Error> {
     let opts =
         IndexOptions { block_m: Some(c.block_m as usize), block_n: Some(c.block_n as usize), ..Default::default() };
+    if c.dtype == DType::Bf16 && !pattern.expr.is_static() {
+        return Ok(weft_patterns::device_plan::planned_index(&pattern.expr, q, k, &opts)?);
+    }
     Ok(build_index(&pattern.expr, q, k, &opts)?)
 }
 

@@ -871,6 +871,65 @@ impl BlockPlan {
     }
 }
 
+/// The plan of whichever GPU builder takes a pattern (tried in this order: vertical vectors,
+/// blocks, vertical-slash).
+#[derive(Clone, Debug)]
+pub enum AnyPlan {
+    Columns(ColumnPlan),
+    Blocks(BlockPlan),
+    Slashes(SlashPlan),
+}
+
+impl AnyPlan {
+    /// Plans `pattern` with the first builder that takes it; the error says why none does.
+    pub fn new(
+        pattern: &PatternExpr,
+        heads: usize,
+        nq: usize,
+        nk: usize,
+        opts: &IndexOptions,
+    ) -> Result<AnyPlan, Error> {
+        ColumnPlan::new(pattern, heads, nq, nk, opts)
+            .map(AnyPlan::Columns)
+            .or_else(|_| BlockPlan::new(pattern, heads, nq, nk, opts).map(AnyPlan::Blocks))
+            .or_else(|_| SlashPlan::new(pattern, heads, nq, nk, opts).map(AnyPlan::Slashes))
+    }
+
+    /// The mask table every index of this plan uses (kernels for it are generated with it).
+    pub fn masks(&self) -> &[Pred] {
+        match self {
+            AnyPlan::Columns(p) => &p.skeleton.masks,
+            AnyPlan::Blocks(p) => &p.masks,
+            AnyPlan::Slashes(p) => &p.masks,
+        }
+    }
+
+    /// The index of `pattern` for `q` and `k` built on the CPU through the plan: the same
+    /// entries as [`crate::build_index`], numbered with the plan's mask table, which is what
+    /// a GPU build of the same plan returns.
+    pub fn index_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<SparseIndex, Error> {
+        match self {
+            AnyPlan::Columns(p) => p.assemble(&p.choose_on_cpu(pattern, q, k)?),
+            AnyPlan::Blocks(p) => p.assemble(&p.choose_on_cpu(pattern, q, k)?),
+            AnyPlan::Slashes(p) => p.assemble(&p.choose_on_cpu(pattern, q, k)?),
+        }
+    }
+}
+
+/// [`crate::build_index`], numbering masks as a GPU build would when a GPU builder takes the
+/// pattern (so that a kernel generated for one index serves the other: mask tables are part
+/// of kernel keys); otherwise `build_index` itself. The scale defaults to `1 / sqrt(d)`.
+pub fn planned_index(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &IndexOptions) -> Result<SparseIndex, Error> {
+    let scale = opts.scale.unwrap_or(1.0 / (q.dim.max(1) as f64).sqrt());
+    let opts_scaled = IndexOptions { scale: Some(scale), ..opts.clone() };
+    if opts.rows.is_none() {
+        if let Ok(plan) = AnyPlan::new(pattern, q.heads, q.tokens, k.tokens, &opts_scaled) {
+            return plan.index_on_cpu(pattern, q, k);
+        }
+    }
+    crate::build_index(pattern, q, k, &opts_scaled)
+}
+
 /// `pattern` resolved on the CPU for `q` and `k` with a plan's blocks and scale.
 fn resolve_as_planned(
     pattern: &PatternExpr,

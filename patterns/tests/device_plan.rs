@@ -163,3 +163,26 @@ fn vertical_slash_plans_take_top_k_budgets_only() {
     let err = SlashPlan::new(&e, 1, 100, 100, &opts).unwrap_err().to_string();
     assert!(err.contains("top_p") && err.contains("CPU"), "{err}");
 }
+
+#[test]
+fn planned_indexes_are_build_index_numbered_as_the_gpu_numbers_them() {
+    use weft_patterns::device_plan::{planned_index, AnyPlan};
+    let (q, k) = (Tensor::random(2, 300, 16, 5), Tensor::random(1, 340, 16, 6));
+    let opts = IndexOptions { scale: Some(0.25), ..Default::default() };
+    let plannable = [
+        causal() & vertical_vector().keep(top_k(20)).sink(4).local(32),
+        causal() & block().keep(top_p(0.6)),
+        sink(4) | (causal() & vertical_slash().vertical(top_k(30)).slash(top_k(4))),
+    ];
+    for e in &plannable {
+        let got = planned_index(e, &q, &k, &opts).unwrap();
+        let want = build_index(e, &q, &k, &opts).unwrap();
+        assert!(index_difference(&got, &want).is_none(), "{e}: {:?}", index_difference(&got, &want));
+        let plan = AnyPlan::new(e, 2, 300, 340, &opts).unwrap();
+        assert_eq!(got.masks, plan.masks(), "{e}: the plan's mask table");
+    }
+    // Patterns no GPU builder takes: build_index itself.
+    for e in [causal(), PatternExpr::from(grid(48)), causal() & vertical_vector().keep(threshold(0.2))] {
+        assert_eq!(planned_index(&e, &q, &k, &opts).unwrap(), build_index(&e, &q, &k, &opts).unwrap(), "{e}");
+    }
+}

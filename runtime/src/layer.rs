@@ -19,7 +19,7 @@ use cudarc::driver::CudaSlice;
 use weft_cache::{ShapeBucket, Toolchain, TuneKey, TuneRecord};
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::{Pattern, PatternExpr};
-use weft_patterns::device_plan::{BlockPlan, ColumnPlan, SlashPlan};
+use weft_patterns::device_plan::AnyPlan;
 use weft_patterns::{build_index, IndexOptions, SparseIndex, Tensor};
 
 use crate::{driver, AttnShape, Error, LoadSource, Runtime};
@@ -104,14 +104,6 @@ pub struct LaunchReport {
     pub index_on_gpu: bool,
 }
 
-/// The static part of an index the GPU builds.
-#[derive(Clone)]
-enum DevicePlan {
-    Columns(Arc<ColumnPlan>),
-    Blocks(Arc<BlockPlan>),
-    Slashes(Arc<SlashPlan>),
-}
-
 /// Static indexes kept across calls (the cache is emptied when it reaches this size).
 const STATIC_INDEX_CACHE: usize = 64;
 
@@ -127,7 +119,7 @@ pub(crate) struct LayerCache {
     static_indexes: Mutex<HashMap<IndexCacheKey, Arc<SparseIndex>>>,
     /// Static plans of GPU-built indexes, by the same key (and bounded the same way); `None`
     /// records a pattern the GPU cannot build at that shape.
-    device_plans: Mutex<HashMap<IndexCacheKey, Option<DevicePlan>>>,
+    device_plans: Mutex<HashMap<IndexCacheKey, Option<Arc<AnyPlan>>>>,
     /// Each (pattern, head, bucket)'s config and whether it was tuned, read from the
     /// database once per process (a tune stored later by another process is seen after a
     /// restart).
@@ -213,12 +205,13 @@ impl Runtime {
         // A group of one dynamic pattern over every head can have its index built on the GPU
         // (vertical vectors, block top-k or vertical-slash, bf16); Q and K go to the host only
         // for the other dynamic groups.
-        let device_plans: Vec<Option<DevicePlan>> = groups
+        let on_gpu = self.gpu_index.load(std::sync::atomic::Ordering::Relaxed);
+        let device_plans: Vec<Option<Arc<AnyPlan>>> = groups
             .iter()
             .map(|(key, heads)| {
                 let p = &plan.patterns[heads[0]];
                 let single = heads.len() == shape.hq && heads.iter().all(|&h| hashes[h] == hashes[heads[0]]);
-                if !single || p.expr.is_static() || dtype != DType::Bf16 || key.exclusive.is_some() {
+                if !on_gpu || !single || p.expr.is_static() || dtype != DType::Bf16 || key.exclusive.is_some() {
                     return None;
                 }
                 self.device_plan(p, &hashes[heads[0]], &key.config.0, shape, scale)
@@ -238,17 +231,12 @@ impl Runtime {
             // and how long that took (host builds: before the upload).
             let (device_index, masks, permutation, index_on_gpu, index_ms) = match device_plan {
                 Some(dp) => {
-                    let (device_index, masks) = match &dp {
-                        DevicePlan::Columns(cp) => {
-                            (self.gpu.build_vv_index(cp, shape, dtype, q, k)?.0, cp.skeleton.masks.clone())
-                        }
-                        DevicePlan::Blocks(bp) => {
-                            (self.gpu.build_block_index(bp, shape, dtype, q, k)?.0, bp.masks.clone())
-                        }
-                        DevicePlan::Slashes(sp) => {
-                            (self.gpu.build_vs_index(sp, shape, dtype, q, k)?.0, sp.masks.clone())
-                        }
+                    let device_index = match &*dp {
+                        AnyPlan::Columns(cp) => self.gpu.build_vv_index(cp, shape, dtype, q, k)?.0,
+                        AnyPlan::Blocks(bp) => self.gpu.build_block_index(bp, shape, dtype, q, k)?.0,
+                        AnyPlan::Slashes(sp) => self.gpu.build_vs_index(sp, shape, dtype, q, k)?.0,
                     };
+                    let masks = dp.masks().to_vec();
                     (device_index, masks, None, true, started.elapsed().as_secs_f64() * 1e3)
                 }
                 None => {
@@ -256,8 +244,16 @@ impl Runtime {
                     let mut by_hash: HashMap<&str, Arc<SparseIndex>> = HashMap::new();
                     for &h in &heads {
                         if let std::collections::hash_map::Entry::Vacant(slot) = by_hash.entry(&hashes[h]) {
-                            let ix =
-                                self.index_for(&plan.patterns[h], &hashes[h], &config, shape, scale, host.as_ref())?;
+                            // bf16 indexes of GPU-buildable patterns are numbered as a GPU
+                            // build numbers them, wherever they are built, so one tuned kernel
+                            // (its key holds the mask table) serves both.
+                            let p = &plan.patterns[h];
+                            let planned = if dtype == DType::Bf16 && !p.expr.is_static() {
+                                self.device_plan(p, &hashes[h], &config, shape, scale)
+                            } else {
+                                None
+                            };
+                            let ix = self.index_for(p, &hashes[h], &config, shape, scale, host.as_ref(), planned)?;
                             slot.insert(ix);
                         }
                     }
@@ -374,7 +370,9 @@ impl Runtime {
         Ok((found.0, found.1, true))
     }
 
-    /// The pattern's index over all of the layer's heads with the config's block sizes.
+    /// The pattern's index over all of the layer's heads with the config's block sizes (through
+    /// `planned` when given, for its mask numbering).
+    #[allow(clippy::too_many_arguments)]
     fn index_for(
         &self,
         pattern: &Pattern,
@@ -383,14 +381,17 @@ impl Runtime {
         shape: AttnShape,
         scale: f32,
         host: Option<&(Tensor, Tensor)>,
+        planned: Option<Arc<AnyPlan>>,
     ) -> Result<Arc<SparseIndex>, Error> {
         let opts = index_options(config, scale);
-        let build = |q: &Tensor, k: &Tensor| {
-            build_index(&pattern.expr, q, k, &opts).map_err(|e| Error::Usage(format!("pattern {}: {e}", pattern.name)))
-        };
+        let pattern_err = |e: weft_patterns::Error| Error::Usage(format!("pattern {}: {e}", pattern.name));
+        let build = |q: &Tensor, k: &Tensor| build_index(&pattern.expr, q, k, &opts).map_err(pattern_err);
         if !pattern.expr.is_static() {
             let (q, k) = host.ok_or_else(|| Error::Usage("internal: Q and K were not copied back".into()))?;
-            return Ok(Arc::new(build(q, k)?));
+            return Ok(Arc::new(match planned {
+                Some(p) => p.index_on_cpu(&pattern.expr, q, k).map_err(pattern_err)?,
+                None => build(q, k)?,
+            }));
         }
         let key =
             (hash.to_string(), shape.hq, shape.nq, shape.nk, opts.block_m.unwrap_or(0), opts.block_n.unwrap_or(0));
@@ -410,7 +411,8 @@ impl Runtime {
     }
 
     /// The static plan for building `pattern`'s index on the GPU at this shape and config
-    /// (cached), or `None` when the GPU builders do not take the pattern.
+    /// (cached), or `None` when the GPU builders do not take the pattern. Host builds of bf16
+    /// layers use it too, for the plan's mask numbering.
     fn device_plan(
         &self,
         pattern: &Pattern,
@@ -418,10 +420,7 @@ impl Runtime {
         config: &KernelConfig,
         shape: AttnShape,
         scale: f32,
-    ) -> Option<DevicePlan> {
-        if !self.gpu_index.load(std::sync::atomic::Ordering::Relaxed) {
-            return None;
-        }
+    ) -> Option<Arc<AnyPlan>> {
         let key = (hash.to_string(), shape.hq, shape.nq, shape.nk, config.block_m as usize, config.block_n as usize);
         if let Some(p) = self.layer.device_plans.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return p;
@@ -429,10 +428,8 @@ impl Runtime {
         let opts = index_options(config, scale);
         let (hq, nq, nk) = (shape.hq, shape.nq, shape.nk);
         // Each builder's plan refuses what it does not take; the first that takes it builds.
-        let plan = ColumnPlan::new(&pattern.expr, hq, nq, nk, &opts)
-            .map(|p| DevicePlan::Columns(Arc::new(p)))
-            .or_else(|_| BlockPlan::new(&pattern.expr, hq, nq, nk, &opts).map(|p| DevicePlan::Blocks(Arc::new(p))))
-            .or_else(|_| SlashPlan::new(&pattern.expr, hq, nq, nk, &opts).map(|p| DevicePlan::Slashes(Arc::new(p))))
+        let plan = AnyPlan::new(&pattern.expr, hq, nq, nk, &opts)
+            .map(Arc::new)
             .map_err(|e| tracing::debug!(pattern = %pattern.name, error = %e, "index built on the host"))
             .ok();
         if let Ok(mut m) = self.layer.device_plans.lock() {
