@@ -344,13 +344,17 @@ impl Gpu {
         let (cand_lo, cand_hi) = (&copy.cand_lo, &copy.cand_hi);
         let DeviceRules { ptr: rule_ptr, c0: rule_c0, c1: rule_c1, code: rule_code, codes } = &copy.rules;
 
-        let mut pooled = s.alloc_zeros::<f32>(hq * groups * d).map_err(driver(alloc))?;
-        let mut pq_hi = s.alloc_zeros::<u16>(hq * groups * d).map_err(driver(alloc))?;
-        let mut pq_lo = s.alloc_zeros::<u16>(hq * groups * d).map_err(driver(alloc))?;
-        let mut pq_l1 = s.alloc_zeros::<f32>(hq * groups).map_err(driver(alloc))?;
-        let mut kinf = s.alloc_zeros::<f32>(hkv * nk).map_err(driver(alloc))?;
+        // Safety (the unsafe allocations here): pool writes every pooled element, kstats every
+        // key's maximum, select each group's chosen keys up to the count the column pass reads,
+        // and the emission each list entry below its count before select reads it; buffers
+        // that atomics or partial writes fill are cleared.
+        let mut pooled = unsafe { s.alloc::<f32>(hq * groups * d) }.map_err(driver(alloc))?;
+        let mut pq_hi = unsafe { s.alloc::<u16>(hq * groups * d) }.map_err(driver(alloc))?;
+        let mut pq_lo = unsafe { s.alloc::<u16>(hq * groups * d) }.map_err(driver(alloc))?;
+        let mut pq_l1 = unsafe { s.alloc::<f32>(hq * groups) }.map_err(driver(alloc))?;
+        let mut kinf = unsafe { s.alloc::<f32>(hkv * nk) }.map_err(driver(alloc))?;
         let mut kmax = s.alloc_zeros::<u32>(hkv).map_err(driver(alloc))?;
-        let mut chosen = s.alloc_zeros::<u32>(hq * groups * cap).map_err(driver(alloc))?;
+        let mut chosen = unsafe { s.alloc::<u32>(hq * groups * cap) }.map_err(driver(alloc))?;
         let mut chosen_count = s.alloc_zeros::<i32>(hq * groups).map_err(driver(alloc))?;
         // [error code, groups on the slow path]
         let mut status = s.alloc_zeros::<i32>(2).map_err(driver(alloc))?;
@@ -362,8 +366,8 @@ impl Gpu {
         let mut approx = s.alloc_zeros::<f32>(chunk * per_score_head / 4).map_err(driver(alloc))?;
         let lists = if list_mode { hq * groups } else { 1 };
         let mut thresh = s.alloc_zeros::<f32>(2 * lists).map_err(driver(alloc))?;
-        let mut list_key = s.alloc_zeros::<u32>(lists * list_cap).map_err(driver(alloc))?;
-        let mut list_val = s.alloc_zeros::<f32>(lists * list_cap).map_err(driver(alloc))?;
+        let mut list_key = unsafe { s.alloc::<u32>(lists * list_cap) }.map_err(driver(alloc))?;
+        let mut list_val = unsafe { s.alloc::<f32>(lists * list_cap) }.map_err(driver(alloc))?;
         let mut list_count = s.alloc_zeros::<u32>(lists).map_err(driver(alloc))?;
         let mut list_high = s.alloc_zeros::<u32>(lists).map_err(driver(alloc))?;
         let (nq_i, nk_i, hq_i, hkv_i) = (nq as i32, nk as i32, hq as i32, hkv as i32);
@@ -568,12 +572,15 @@ impl Gpu {
             Ok((upload(s, &plan.allowed, up)?, DeviceEntries::upload(s, ids, (&plan.code_sel, &plan.code_not), up)?))
         })?;
         let (allowed, entries) = (&copy.0, &copy.1);
-        let mut pooled_q = s.alloc_zeros::<f32>(hq * groups * d).map_err(driver(alloc))?;
-        let mut pooled_k = s.alloc_zeros::<f32>(hkv * kblocks * d).map_err(driver(alloc))?;
+        // Safety (the unsafe allocations here): pool writes every pooled element (and its
+        // unused halves), block_select every word of each group's choice.
+        let mut pooled_q = unsafe { s.alloc::<f32>(hq * groups * d) }.map_err(driver(alloc))?;
+        let mut pooled_k = unsafe { s.alloc::<f32>(hkv * kblocks * d) }.map_err(driver(alloc))?;
         // The pool kernel also writes bf16 halves and norms, unused here.
-        let mut scratch16 = s.alloc_zeros::<u16>(2 * (hq * groups).max(hkv * kblocks) * d).map_err(driver(alloc))?;
-        let mut scratch_l1 = s.alloc_zeros::<f32>((hq * groups).max(hkv * kblocks)).map_err(driver(alloc))?;
-        let mut chosen = s.alloc_zeros::<u32>(hq * groups * words).map_err(driver(alloc))?;
+        let mut scratch16 =
+            unsafe { s.alloc::<u16>(2 * (hq * groups).max(hkv * kblocks) * d) }.map_err(driver(alloc))?;
+        let mut scratch_l1 = unsafe { s.alloc::<f32>((hq * groups).max(hkv * kblocks)) }.map_err(driver(alloc))?;
+        let mut chosen = unsafe { s.alloc::<u32>(hq * groups * words) }.map_err(driver(alloc))?;
         let mut row_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
         let mut block_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
         let launch = |what: &str| driver(format!("launching the block index builder's {what} kernel"));
