@@ -321,15 +321,7 @@ fn column_rules(
 ) -> Result<ColumnRules, Error> {
     let slot_skeleton = skeleton;
     let q_blocks = nq.div_ceil(bm);
-    let region = |h: usize, q0: usize, q1: usize, k0: usize, k1: usize| Region {
-        q0: q0 as i64,
-        q1: q1 as i64,
-        k0: k0 as i64,
-        k1: k1 as i64,
-        h: h as i64,
-        nq: nq as i64,
-        nk: nk as i64,
-    };
+    let region = |h: usize, q0: usize, q1: usize, k0: usize, k1: usize| Region::new(h, (q0, q1), (k0, k1), (nq, nk));
     let nkb = nk.div_ceil(bn);
     let mut rule_ptr = vec![0u32];
     let (mut rule_c0, mut rule_c1, mut rule_code, mut codes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -471,15 +463,8 @@ impl ColumnPlan {
         let slot_skeleton = resolved.index()?;
         let q_blocks = nq.div_ceil(bm);
         let mut table = MaskTable::from(&slot_skeleton.masks);
-        let region = |h: usize, q0: usize, q1: usize, k0: usize, k1: usize| Region {
-            q0: q0 as i64,
-            q1: q1 as i64,
-            k0: k0 as i64,
-            k1: k1 as i64,
-            h: h as i64,
-            nq: nq as i64,
-            nk: nk as i64,
-        };
+        let region =
+            |h: usize, q0: usize, q1: usize, k0: usize, k1: usize| Region::new(h, (q0, q1), (k0, k1), (nq, nk));
 
         // Column rules, row by row.
         let alls: Vec<Node> = nodes.iter().map(|n| choose_all(n, nq, nk)).collect();
@@ -778,15 +763,7 @@ impl BlockPlan {
             for g in 0..groups {
                 let (q0, q1) = (g * bq, ((g + 1) * bq).min(nq));
                 for kb in 0..kblocks {
-                    let r = Region {
-                        q0: q0 as i64,
-                        q1: q1 as i64,
-                        k0: (kb * bk) as i64,
-                        k1: ((kb + 1) * bk).min(nk) as i64,
-                        h: h as i64,
-                        nq: nq as i64,
-                        nk: nk as i64,
-                    };
+                    let r = Region::new(h, (q0, q1), (kb * bk, ((kb + 1) * bk).min(nk)), (nq, nk));
                     if decide(&ctx, &r) != Some(false) {
                         allowed[(h * groups + g) * words + kb / 32] |= 1 << (kb % 32);
                     }

@@ -52,15 +52,7 @@ impl HeadInputs<'_> {
         self.k.tokens
     }
     fn region(&self, q0: usize, q1: usize, k0: usize, k1: usize) -> Region {
-        Region {
-            q0: q0 as i64,
-            q1: q1 as i64,
-            k0: k0 as i64,
-            k1: k1 as i64,
-            h: self.h as i64,
-            nq: self.nq() as i64,
-            nk: self.nk() as i64,
-        }
+        Region::new(self.h, (q0, q1), (k0, k1), (self.nq(), self.nk()))
     }
     fn pooled_q(&self, q0: usize, q1: usize) -> Vec<f32> {
         pooled(self.q, self.h, q0, q1)

@@ -297,15 +297,7 @@ impl MaskTable {
 
 impl Resolved {
     fn region(&self, h: usize, q0: usize, q1: usize, k0: usize, k1: usize) -> Region {
-        Region {
-            q0: q0 as i64,
-            q1: q1 as i64,
-            k0: k0 as i64,
-            k1: k1 as i64,
-            h: h as i64,
-            nq: self.nq as i64,
-            nk: self.nk as i64,
-        }
+        Region::new(h, (q0, q1), (k0, k1), (self.nq, self.nk))
     }
 
     fn head_rows(&self, h: usize) -> Vec<Row> {
@@ -647,14 +639,8 @@ impl SparseIndex {
             permutation: self.permutation,
             ..SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n)
         };
-        let region = |h: usize, q0: usize, q1: usize, k0: usize, k1: usize| Region {
-            q0: q0 as i64,
-            q1: q1 as i64,
-            k0: k0 as i64,
-            k1: k1 as i64,
-            h: h as i64,
-            nq: self.nq as i64,
-            nk: self.nk as i64,
+        let region = |h: usize, q0: usize, q1: usize, k0: usize, k1: usize| {
+            Region::new(h, (q0, q1), (k0, k1), (self.nq, self.nk))
         };
         // The entry's pairs that satisfy `p`: None (drop), or the new mask id.
         let mut narrow = |m: u16, r: &Region| -> Result<Option<u16>, Error> {

@@ -20,6 +20,12 @@ pub struct Region {
 }
 
 impl Region {
+    /// Rows `q0..q1` and keys `k0..k1` of head `h`, in a problem of `nq` queries and `nk` keys.
+    pub fn new(h: usize, (q0, q1): (usize, usize), (k0, k1): (usize, usize), (nq, nk): (usize, usize)) -> Region {
+        let i = |x: usize| x as i64;
+        Region { q0: i(q0), q1: i(q1), k0: i(k0), k1: i(k1), h: i(h), nq: i(nq), nk: i(nk) }
+    }
+
     /// Number of pairs.
     pub fn pairs(&self) -> u64 {
         ((self.q1 - self.q0).max(0) as u64) * ((self.k1 - self.k0).max(0) as u64)

@@ -164,15 +164,7 @@ impl SlashPlan {
             .flat_map_iter(|sr| {
                 let (h, r) = (sr / last, nq - last + sr % last);
                 let mut bits = vec![0u32; words];
-                let region = |k0: usize, k1: usize| Region {
-                    q0: r as i64,
-                    q1: r as i64 + 1,
-                    k0: k0 as i64,
-                    k1: k1 as i64,
-                    h: h as i64,
-                    nq: nq as i64,
-                    nk: nk as i64,
-                };
+                let region = |k0: usize, k1: usize| Region::new(h, (r, r + 1), (k0, k1), (nq, nk));
                 let mut stack = vec![(0usize, nk)];
                 while let Some((k0, k1)) = stack.pop() {
                     let keep = match decide(&ctx, &region(k0, k1)) {
