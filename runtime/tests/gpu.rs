@@ -163,6 +163,43 @@ fn compare_over_device_index(
     run_and_compare(gpu, &kernel, &config, index, shape, qkv, DType::Bf16, scale, &want)
 }
 
+/// What [`check_device_built`] found: whether all holds, the first index difference, the
+/// build's report, and the attention's errors (see [`run_and_compare`]).
+struct DeviceBuilt {
+    ok: bool,
+    diff: Option<String>,
+    blocks: usize,
+    report: weft_runtime::IndexBuildReport,
+    rel: f64,
+    nan: usize,
+    lse_err: f64,
+}
+
+/// Uploads `x`, builds its index on the GPU with `build` (mask ids numbered as in `masks`),
+/// compares it entry for entry with the CPU builder's `want_ix`, and runs attention over it
+/// against the reference.
+#[allow(clippy::too_many_arguments)]
+fn check_device_built(
+    gpu: &Gpu,
+    p: &Pattern,
+    x: &Inputs,
+    shape: AttnShape,
+    masks: &[weft_dsl::Pred],
+    want_ix: &weft_patterns::SparseIndex,
+    scale: f64,
+    build: impl FnOnce(&CudaSlice<u16>, &CudaSlice<u16>) -> (weft_runtime::DeviceIndex, weft_runtime::IndexBuildReport),
+) -> DeviceBuilt {
+    let s = &gpu.stream;
+    let (qd, kd, vd) = (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
+    let (dix, report) = build(&qd, &kd);
+    let mut got_ix = dix.to_host(gpu).unwrap();
+    got_ix.masks = masks.to_vec();
+    let diff = weft_patterns::device_plan::index_difference(&got_ix, want_ix);
+    let (rel, nan, lse_err) = compare_over_device_index(gpu, p, masks, &dix, shape, (&qd, &kd, &vd), want_ix, x, scale);
+    let ok = diff.is_none() && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
+    DeviceBuilt { ok, diff, blocks: got_ix.block_idx.len(), report, rel, nan, lse_err }
+}
+
 /// Relative L2 error of `got` against the reference, count of non-finite values, and the
 /// worst log-sum-exp error (`-inf` rows must be `-inf`).
 fn compare(got: &[f32], got_lse: &[f32], want: &Attention) -> (f64, usize, f64) {
@@ -736,7 +773,7 @@ fn layer_on_gpu_built_index(rt: &weft_runtime::Runtime, p: &Pattern) {
 
 #[test]
 fn vertical_slash_indexes_built_on_the_gpu_match_the_cpu_builder() {
-    use weft_patterns::device_plan::{index_difference, SlashPlan};
+    use weft_patterns::device_plan::SlashPlan;
     let gpu = Gpu::open(0).expect("a GPU");
     let mut failures = Vec::new();
     let mut seed = 9700u64;
@@ -772,23 +809,16 @@ fn vertical_slash_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     let opts = IndexOptions { scale: Some(scale), ..Default::default() };
                     let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
                     let plan = SlashPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
-                    let s = &gpu.stream;
-                    let (qd, kd, vd) =
-                        (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
                     let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
-                    let (dix, report) = gpu.build_vs_index(&plan, shape, DType::Bf16, &qd, &kd).unwrap();
-                    let mut got_ix = dix.to_host(&gpu).unwrap();
-                    got_ix.masks = plan.masks.clone();
-                    let diff = index_difference(&got_ix, &want_ix);
-                    let qkv = (&qd, &kd, &vd);
-                    let (rel, nan, lse_err) =
-                        compare_over_device_index(&gpu, p, &plan.masks, &dix, shape, qkv, &want_ix, &x, scale);
-                    let ok = diff.is_none() && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
+                    let r = check_device_built(&gpu, p, &x, shape, &plan.masks, &want_ix, scale, |q, k| {
+                        gpu.build_vs_index(&plan, shape, DType::Bf16, q, k).unwrap()
+                    });
+                    let DeviceBuilt { ok, rel, nan, lse_err, .. } = r;
                     println!(
                         "{} vs index {:<22} nv={nv:<3} ns={ns:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} blocks={} columns={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
-                        if ok { "ok  " } else { "FAIL" }, p.name, got_ix.block_idx.len(), report.columns, diff.is_none()
+                        if ok { "ok  " } else { "FAIL" }, p.name, r.blocks, r.report.columns, r.diff.is_none()
                     );
-                    if let Some(d) = diff {
+                    if let Some(d) = r.diff {
                         println!("     first difference: {d}");
                     }
                     if !ok {
@@ -803,7 +833,7 @@ fn vertical_slash_indexes_built_on_the_gpu_match_the_cpu_builder() {
 
 #[test]
 fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
-    use weft_patterns::device_plan::{index_difference, BlockPlan};
+    use weft_patterns::device_plan::BlockPlan;
     let gpu = Gpu::open(0).expect("a GPU");
     let mut failures = Vec::new();
     let mut seed = 9500u64;
@@ -840,23 +870,16 @@ fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     let opts = IndexOptions { scale: Some(scale), ..Default::default() };
                     let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
                     let plan = BlockPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
-                    let s = &gpu.stream;
-                    let (qd, kd, vd) =
-                        (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
                     let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
-                    let (dix, report) = gpu.build_block_index(&plan, shape, DType::Bf16, &qd, &kd).unwrap();
-                    let mut got_ix = dix.to_host(&gpu).unwrap();
-                    got_ix.masks = plan.masks.clone();
-                    let diff = index_difference(&got_ix, &want_ix);
-                    let qkv = (&qd, &kd, &vd);
-                    let (rel, nan, lse_err) =
-                        compare_over_device_index(&gpu, p, &plan.masks, &dix, shape, qkv, &want_ix, &x, scale);
-                    let ok = diff.is_none() && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
+                    let r = check_device_built(&gpu, p, &x, shape, &plan.masks, &want_ix, scale, |q, k| {
+                        gpu.build_block_index(&plan, shape, DType::Bf16, q, k).unwrap()
+                    });
+                    let DeviceBuilt { ok, rel, nan, lse_err, .. } = r;
                     println!(
                         "{} block index {:<24} n={n:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} blocks={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
-                        if ok { "ok  " } else { "FAIL" }, p.name, report.columns, diff.is_none()
+                        if ok { "ok  " } else { "FAIL" }, p.name, r.blocks, r.diff.is_none()
                     );
-                    if let Some(d) = diff {
+                    if let Some(d) = r.diff {
                         println!("     first difference: {d}");
                     }
                     if !ok {

@@ -20,7 +20,7 @@ use weft_dsl::builder::*;
 use weft_dsl::Pattern;
 use weft_patterns::device_plan::{BlockPlan, ColumnPlan, SlashPlan};
 use weft_patterns::IndexOptions;
-use weft_runtime::{AttnShape, Gpu};
+use weft_runtime::{AttnShape, DeviceIndex, Gpu, IndexBuildReport};
 
 #[derive(Parser)]
 #[command(about = "Time vertical-vector index building on the GPU plus the attention over it")]
@@ -81,6 +81,65 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The device buffers of one sequence length.
+struct Inputs {
+    q: cudarc::driver::CudaSlice<u16>,
+    k: cudarc::driver::CudaSlice<u16>,
+    v: cudarc::driver::CudaSlice<u16>,
+    out: cudarc::driver::CudaSlice<u16>,
+    lse: cudarc::driver::CudaSlice<f32>,
+    shape: AttnShape,
+    scale: f64,
+}
+
+/// One measured case: medians of the index builds (total and to the status read), of the
+/// attention over the last index, its density, and the first and last build reports.
+struct Measured {
+    build: f64,
+    select: f64,
+    attention: f64,
+    density: f64,
+    first: IndexBuildReport,
+    last: IndexBuildReport,
+}
+
+impl Measured {
+    fn kernels(&self) -> String {
+        self.last.kernel_ms.iter().map(|(k, ms)| format!("{k} {ms:.3} ms")).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// Builds the index once (warm-up: loads the kernels), then `reps` timed builds, then times
+/// the attention over the last index with a kernel for `masks` and `(block_m, block_n)`.
+fn measure(
+    gpu: &Gpu,
+    x: &mut Inputs,
+    reps: usize,
+    pattern: &Pattern,
+    masks: &[weft_dsl::Pred],
+    blocks: (usize, usize),
+    build: impl Fn(&Inputs) -> Result<(DeviceIndex, IndexBuildReport), weft_runtime::Error>,
+) -> Result<Measured> {
+    let (mut dix, first) = build(x)?;
+    let (mut builds, mut selects, mut last) = (Vec::new(), Vec::new(), first.clone());
+    for _ in 0..reps {
+        let (ix, r) = build(x)?;
+        builds.push(r.total_ms);
+        selects.push(r.select_ms);
+        last = r;
+        dix = ix;
+    }
+    let config = KernelConfig::for_blocks(blocks.0, blocks.1, D as u32, DType::Bf16);
+    let kernel = emit(&KernelSpec { pattern, masks, permutation: None, config })?;
+    let Inputs { q, k, v, out, lse, shape, scale } = x;
+    let attn = time_attention(&gpu.stream, reps, || {
+        gpu.attention(&kernel, &config, &dix, *shape, q, k, v, out, lse, *scale as f32)
+    })?;
+    let n = shape.nq as f64;
+    let density = dix.to_host(gpu)?.pairs() as f64 / (shape.hq as f64 * n * n);
+    Ok(Measured { build: median(builds), select: median(selects), attention: median(attn), density, first, last })
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("WEFT_LOG")).init();
     let args = Args::parse();
@@ -90,15 +149,17 @@ fn main() -> Result<()> {
     eprintln!("GPU: {} ({} SMs)", gpu.name, gpu.sm_count);
     for &n in &args.seq {
         let words = h * n * D;
-        let (qd, kd, vd) = (
-            s.clone_htod(&random_bf16(words, 1 + n as u64))?,
-            s.clone_htod(&random_bf16(words, 2 + n as u64))?,
-            s.clone_htod(&random_bf16(words, 3 + n as u64))?,
-        );
-        let mut out = s.alloc_zeros::<u16>(words)?;
-        let mut lse = s.alloc_zeros::<f32>(h * n)?;
-        let shape = AttnShape { hq: h, hkv: h, nq: n, nk: n, head_dim: D };
-        let scale = 1.0 / (D as f64).sqrt();
+        let mut x = Inputs {
+            q: s.clone_htod(&random_bf16(words, 1 + n as u64))?,
+            k: s.clone_htod(&random_bf16(words, 2 + n as u64))?,
+            v: s.clone_htod(&random_bf16(words, 3 + n as u64))?,
+            out: s.alloc_zeros::<u16>(words)?,
+            lse: s.alloc_zeros::<f32>(h * n)?,
+            shape: AttnShape { hq: h, hkv: h, nq: n, nk: n, head_dim: D },
+            scale: 1.0 / (D as f64).sqrt(),
+        };
+        let (shape, scale) = (x.shape, x.scale);
+        let totals = |m: &Measured| (m.build + m.attention, 100.0 * m.build / m.attention);
         for &share in &args.keep {
             let keep = ((share * n as f64).round() as u32).max(1);
             let expr = vertical_vector().q_block(128).keep(top_k(keep)).sink(64).local(64);
@@ -107,38 +168,23 @@ fn main() -> Result<()> {
             let t = std::time::Instant::now();
             let plan = ColumnPlan::new(&pattern.expr, h, n, n, &opts)?;
             let plan_ms = t.elapsed().as_secs_f64() * 1e3;
-            // Warm-up (compiles), then timed builds.
-            let (mut dix, first) = gpu.build_vv_index(&plan, shape, DType::Bf16, &qd, &kd)?;
-            let mut builds = Vec::new();
-            let mut selects = Vec::new();
-            let mut last = first.clone();
-            for _ in 0..args.reps {
-                let (ix, r) = gpu.build_vv_index(&plan, shape, DType::Bf16, &qd, &kd)?;
-                builds.push(r.total_ms);
-                selects.push(r.select_ms);
-                last = r;
-                dix = ix;
-            }
-            let config = KernelConfig::for_blocks(128, 64, D as u32, DType::Bf16);
-            let kernel =
-                emit(&KernelSpec { pattern: &pattern, masks: &plan.skeleton.masks, permutation: None, config })?;
-            let attn = time_attention(&s, args.reps, || {
-                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)
+            let m = measure(&gpu, &mut x, args.reps, &pattern, &plan.skeleton.masks, (128, 64), |x| {
+                gpu.build_vv_index(&plan, shape, DType::Bf16, &x.q, &x.k)
             })?;
-            let (build, select, att) = (median(builds), median(selects), median(attn));
-            let ix = dix.to_host(&gpu)?;
-            let density = ix.pairs() as f64 / (h as f64 * n as f64 * n as f64);
+            let (total, share_pct) = totals(&m);
             println!(
-                "vv-e2e N={n:<6} top_k={keep:<5} density={density:.4} plan={plan_ms:.0} ms (CPU, once per shape) \
-                 index={build:.3} ms ({} strategy, {} groups on the slow path; to the status read {select:.3}; columns {}; {} heads per score chunk) \
-                 attention={att:.3} ms total={:.3} ms index/attention={:.1}%\n    kernels (last build): {}",
-                first.strategy,
-                first.slow_groups,
-                first.columns,
-                first.chunk_heads,
-                build + att,
-                100.0 * build / att,
-                last.kernel_ms.iter().map(|(k, ms)| format!("{k} {ms:.3} ms")).collect::<Vec<_>>().join(", ")
+                "vv-e2e N={n:<6} top_k={keep:<5} density={:.4} plan={plan_ms:.0} ms (CPU, once per shape) \
+                 index={:.3} ms ({} strategy, {} groups on the slow path; to the status read {:.3}; columns {}; {} heads per score chunk) \
+                 attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    kernels (last build): {}",
+                m.density,
+                m.build,
+                m.first.strategy,
+                m.first.slow_groups,
+                m.select,
+                m.first.columns,
+                m.first.chunk_heads,
+                m.attention,
+                m.kernels()
             );
             // Block top-k over 128 x 128 blocks at the same share.
             let kblocks = n.div_ceil(128);
@@ -150,25 +196,14 @@ fn main() -> Result<()> {
             let t = std::time::Instant::now();
             let plan = BlockPlan::new(&pattern.expr, h, n, n, &opts)?;
             let plan_ms = t.elapsed().as_secs_f64() * 1e3;
-            let (mut dix, _) = gpu.build_block_index(&plan, shape, DType::Bf16, &qd, &kd)?;
-            let mut builds = Vec::new();
-            for _ in 0..args.reps {
-                let (ix, r) = gpu.build_block_index(&plan, shape, DType::Bf16, &qd, &kd)?;
-                builds.push(r.total_ms);
-                dix = ix;
-            }
-            let config = KernelConfig::for_blocks(128, 64, D as u32, DType::Bf16);
-            let kernel = emit(&KernelSpec { pattern: &pattern, masks: &plan.masks, permutation: None, config })?;
-            let attn = time_attention(&s, args.reps, || {
-                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)
+            let m = measure(&gpu, &mut x, args.reps, &pattern, &plan.masks, (128, 64), |x| {
+                gpu.build_block_index(&plan, shape, DType::Bf16, &x.q, &x.k)
             })?;
-            let (build, att) = (median(builds), median(attn));
-            let density = dix.to_host(&gpu)?.pairs() as f64 / (h as f64 * n as f64 * n as f64);
+            let (total, share_pct) = totals(&m);
             println!(
-                "block-e2e N={n:<6} top_k={keep_blocks:<4} (128 x 128 blocks) density={density:.4} plan={plan_ms:.0} ms \
-                 index={build:.3} ms attention={att:.3} ms total={:.3} ms index/attention={:.1}%",
-                build + att,
-                100.0 * build / att
+                "block-e2e N={n:<6} top_k={keep_blocks:<4} (128 x 128 blocks) density={:.4} plan={plan_ms:.0} ms \
+                 index={:.3} ms attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%",
+                m.density, m.build, m.attention
             );
         }
         for budgets in &args.vs {
@@ -181,30 +216,19 @@ fn main() -> Result<()> {
             let t = std::time::Instant::now();
             let plan = SlashPlan::new(&pattern.expr, h, n, n, &opts)?;
             let plan_ms = t.elapsed().as_secs_f64() * 1e3;
-            let (mut dix, _) = gpu.build_vs_index(&plan, shape, DType::Bf16, &qd, &kd)?;
-            let (mut builds, mut last) = (Vec::new(), None);
-            for _ in 0..args.reps {
-                let (ix, r) = gpu.build_vs_index(&plan, shape, DType::Bf16, &qd, &kd)?;
-                builds.push(r.total_ms);
-                last = Some(r);
-                dix = ix;
-            }
-            let config = KernelConfig::for_blocks(plan.block_m, plan.block_n, D as u32, DType::Bf16);
-            let kernel = emit(&KernelSpec { pattern: &pattern, masks: &plan.masks, permutation: None, config })?;
-            let attn = time_attention(&s, args.reps, || {
-                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)
+            let m = measure(&gpu, &mut x, args.reps, &pattern, &plan.masks, (plan.block_m, plan.block_n), |x| {
+                gpu.build_vs_index(&plan, shape, DType::Bf16, &x.q, &x.k)
             })?;
-            let (build, att) = (median(builds), median(attn));
-            let density = dix.to_host(&gpu)?.pairs() as f64 / (h as f64 * n as f64 * n as f64);
+            let (total, share_pct) = totals(&m);
             println!(
-                "vs-e2e N={n:<6} verticals={nv} slashes={ns} (causal, {}x{} blocks) density={density:.4} plan={plan_ms:.0} ms \
-                 index={build:.3} ms attention={att:.3} ms total={:.3} ms index/attention={:.1}%\n    kernels (last build): {}",
+                "vs-e2e N={n:<6} verticals={nv} slashes={ns} (causal, {}x{} blocks) density={:.4} plan={plan_ms:.0} ms \
+                 index={:.3} ms attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    kernels (last build): {}",
                 plan.block_m,
                 plan.block_n,
-                build + att,
-                100.0 * build / att,
-                last.map(|r| r.kernel_ms.iter().map(|(k, ms)| format!("{k} {ms:.3} ms")).collect::<Vec<_>>().join(", "))
-                    .unwrap_or_default()
+                m.density,
+                m.build,
+                m.attention,
+                m.kernels()
             );
         }
     }
