@@ -163,6 +163,11 @@ fn compare_over_device_index(
     run_and_compare(gpu, &kernel, &config, index, shape, qkv, DType::Bf16, scale, &want)
 }
 
+/// The shapes of the device-index tests: (nq, nk, hq, hkv, d), none a multiple of a block,
+/// GQA and not, both head dims, and a long key range.
+const DEVICE_INDEX_SHAPES: [(usize, usize, usize, usize, usize); 4] =
+    [(1000, 1000, 4, 2, 128), (333, 333, 2, 2, 64), (700, 1000, 4, 2, 128), (600, 8200, 4, 2, 128)];
+
 /// What [`check_device_built`] found: whether all holds, the first index difference, the
 /// build's report, and the attention's errors (see [`run_and_compare`]).
 struct DeviceBuilt {
@@ -636,15 +641,8 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
             Pattern::new("causal_vv_window", causal() & (vv(64, n, 4, 0) | window(100))),
         ];
         for p in &patterns {
-            for (nq, nk, hq, hkv, d) in
-                // 8200 keys: enough for the sampled threshold (the list strategy's fast path).
-                [
-                    (1000usize, 1000usize, 4usize, 2usize, 128usize),
-                    (333, 333, 2, 2, 64),
-                    (700, 1000, 4, 2, 128),
-                    (600, 8200, 4, 2, 128),
-                ]
-            {
+            // 8200 keys: enough for the sampled threshold (the list strategy's fast path).
+            for (nq, nk, hq, hkv, d) in DEVICE_INDEX_SHAPES {
                 for ties in [false, true] {
                     seed += 1;
                     let mut x = inputs(hq, hkv, nq, nk, d, DType::Bf16, seed);
@@ -785,12 +783,7 @@ fn vertical_slash_indexes_built_on_the_gpu_match_the_cpu_builder() {
             Pattern::new("vs32_last100", weft_dsl::PatternExpr::from(vs(32, 100))),
         ];
         for p in &patterns {
-            for (nq, nk, hq, hkv, d) in [
-                (1000usize, 1000usize, 4usize, 2usize, 128usize),
-                (333, 333, 2, 2, 64),
-                (700, 1000, 4, 2, 128),
-                (600, 8200, 4, 2, 128),
-            ] {
+            for (nq, nk, hq, hkv, d) in DEVICE_INDEX_SHAPES {
                 for ties in [false, true] {
                     seed += 1;
                     let mut x = inputs(hq, hkv, nq, nk, d, DType::Bf16, seed);
@@ -846,12 +839,7 @@ fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
             Pattern::new("causal_top_p", causal() & blk(64, top_p(0.05 * f64::from(n)))),
         ];
         for p in &patterns {
-            for (nq, nk, hq, hkv, d) in [
-                (1000usize, 1000usize, 4usize, 2usize, 128usize),
-                (333, 333, 2, 2, 64),
-                (700, 1000, 4, 2, 128),
-                (600, 8200, 4, 2, 128),
-            ] {
+            for (nq, nk, hq, hkv, d) in DEVICE_INDEX_SHAPES {
                 for ties in [false, true] {
                     seed += 1;
                     let mut x = inputs(hq, hkv, nq, nk, d, DType::Bf16, seed);
