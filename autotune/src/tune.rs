@@ -10,9 +10,11 @@
 //! 4. the winner's kernel (through the runtime's database-backed loading) and the tuning
 //!    record (every timing, the default config's time) are stored.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use cudarc::driver::sys::CUevent_flags;
+use rayon::prelude::*;
 use weft_cache::{Db, TuneRecord};
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::Pattern;
@@ -158,7 +160,19 @@ pub fn tune(
         })
         .collect();
     let (q0, k0) = (&sets[0].0, &sets[0].1);
-    let ix_for = |c: &KernelConfig| index_for(req.pattern, q0, k0, c);
+    // One index per block shape (configs differing in warps or stages share it), built once.
+    let mut shapes: Vec<&KernelConfig> = configs.iter().collect();
+    shapes.sort_by_key(|c| (c.block_m, c.block_n));
+    shapes.dedup_by_key(|c| (c.block_m, c.block_n));
+    let indexes: HashMap<(u32, u32), Result<SparseIndex, String>> = shapes
+        .par_iter()
+        .map(|c| ((c.block_m, c.block_n), index_for(req.pattern, q0, k0, c).map_err(|e| e.to_string())))
+        .collect();
+    let ix_for = |c: &KernelConfig| match indexes.get(&(c.block_m, c.block_n)) {
+        Some(Ok(ix)) => Ok(ix.clone()),
+        Some(Err(e)) => Err(Error::Search(e.clone())),
+        None => index_for(req.pattern, q0, k0, c),
+    };
     let limits = DeviceLimits::for_sm(gpu.arch.sm);
     let candidates = compile_space(req.pattern, &ix_for, &configs, &limits, nvrtc_compiler(gpu.arch));
     let s = &gpu.stream;

@@ -216,7 +216,7 @@ enum RunEntries {
 /// Keys `c0..c1` of one row and what a chosen column there becomes.
 type KeyRun = (u32, u32, RunEntries);
 
-/// What both plans start from: the pattern checked, its block sizes and scale, whether it
+/// What every plan starts from: the pattern checked, its block sizes and scale, whether it
 /// reads the head, and each slot's resolved tree with no row selected (shapes only: resolution
 /// then reads no data).
 struct StaticStart {
@@ -605,6 +605,7 @@ impl ColumnPlan {
     /// The columns the CPU selection chooses for `q` and `k` (`chosen[h][g]`, ascending): what
     /// the GPU's selection must reproduce.
     pub fn choose_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<Vec<Vec<Vec<u32>>>, Error> {
+        check_plan_shape((self.heads, self.nq, self.nk), q, k)?;
         let resolved = resolve_as_planned(pattern, q, k, self.block_m, self.block_n, self.scale)?;
         Ok(resolved
             .nodes
@@ -833,6 +834,7 @@ impl BlockPlan {
 
     /// The pattern key blocks the CPU selection chooses for `q` and `k` (`chosen[h][g]`).
     pub fn choose_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<Vec<Vec<Vec<u32>>>, Error> {
+        check_plan_shape((self.heads, self.nq, self.nk), q, k)?;
         let resolved = resolve_as_planned(pattern, q, k, self.block_m, self.block_n, self.scale)?;
         resolved
             .nodes
@@ -858,7 +860,8 @@ pub enum AnyPlan {
 }
 
 impl AnyPlan {
-    /// Plans `pattern` with the first builder that takes it; the error says why none does.
+    /// Plans `pattern` with the first builder that takes it; the error gives each builder's
+    /// reason for refusing it.
     pub fn new(
         pattern: &PatternExpr,
         heads: usize,
@@ -866,10 +869,21 @@ impl AnyPlan {
         nk: usize,
         opts: &IndexOptions,
     ) -> Result<AnyPlan, Error> {
-        ColumnPlan::new(pattern, heads, nq, nk, opts)
-            .map(AnyPlan::Columns)
-            .or_else(|_| BlockPlan::new(pattern, heads, nq, nk, opts).map(AnyPlan::Blocks))
-            .or_else(|_| SlashPlan::new(pattern, heads, nq, nk, opts).map(AnyPlan::Slashes))
+        let columns = match ColumnPlan::new(pattern, heads, nq, nk, opts) {
+            Ok(p) => return Ok(AnyPlan::Columns(p)),
+            Err(e) => e,
+        };
+        let blocks = match BlockPlan::new(pattern, heads, nq, nk, opts) {
+            Ok(p) => return Ok(AnyPlan::Blocks(p)),
+            Err(e) => e,
+        };
+        match SlashPlan::new(pattern, heads, nq, nk, opts) {
+            Ok(p) => Ok(AnyPlan::Slashes(p)),
+            Err(slashes) => Err(Error::Layout(format!(
+                "no GPU index builder takes this pattern (vertical vectors: {columns}; blocks: {blocks}; \
+                 vertical-slash: {slashes})"
+            ))),
+        }
     }
 
     /// The mask table every index of this plan uses (kernels for it are generated with it).
@@ -905,6 +919,17 @@ pub fn planned_index(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &Index
         }
     }
     crate::build_index(pattern, q, k, &opts_scaled)
+}
+
+/// Checks that `q` and `k` have the plan's shape (`heads` query heads, `nq` queries, `nk` keys).
+fn check_plan_shape((heads, nq, nk): (usize, usize, usize), q: &Tensor, k: &Tensor) -> Result<(), Error> {
+    if (q.heads, q.tokens, k.tokens) != (heads, nq, nk) {
+        return Err(Error::Shape(format!(
+            "the plan is for {heads} heads x {nq} queries x {nk} keys, the inputs are {} x {} x {}",
+            q.heads, q.tokens, k.tokens
+        )));
+    }
+    Ok(())
 }
 
 /// `pattern` resolved on the CPU for `q` and `k` with a plan's blocks and scale.

@@ -344,7 +344,7 @@ pub(crate) fn vertical_slash_choice(v: &VerticalSlash, inp: &HeadInputs<'_>, ctx
 ///
 /// Diagonal of (r, k) is numbered i = r + nk - k, in 1..nq + nk; i = nq is the causal main
 /// diagonal (k = r + nk - nq) and larger i lie further in the past.
-pub fn slash_blocks(slashes: &[u32], block: usize, nq: usize, nk: usize) -> BlockSel {
+pub(crate) fn slash_blocks(slashes: &[u32], block: usize, nq: usize, nk: usize) -> BlockSel {
     let b = block;
     let groups = nq.div_ceil(b);
     let nkb = nk.div_ceil(b);

@@ -584,7 +584,7 @@ impl Gpu {
         let mut row_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
         let mut block_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
         let launch = |what: &str| driver(format!("launching the block index builder's {what} kernel"));
-        let (nq_i, nk_i, hq_i, hkv_i) = (nq as i32, nk as i32, hq as i32, hkv as i32);
+        let (nq_i, nk_i, hq_i) = (nq as i32, nk as i32, hq as i32);
         let (groups_i, kblocks_i, bq_i, bk_i) =
             (groups as i32, kblocks as i32, plan.block_q as i32, plan.block_k as i32);
         let per_head = i32::from(plan.per_head);
@@ -598,18 +598,32 @@ impl Gpu {
             b.arg(src).arg(&n).arg(&rows_per).arg(&count).arg(out).arg(&mut hi).arg(&mut lo).arg(&mut scratch_l1);
             unsafe { b.launch(launch_cfg((count as u32, heads as u32, 1), d as u32, 0)) }.map_err(launch("pool"))?;
         }
-        // Every (group, key block) score of every head; the kernel writes them all.
-        let mut scores = unsafe { s.alloc::<f64>((hq * groups * kblocks).max(1)) }.map_err(driver(alloc))?;
-        let mut b = s.launch_builder(f_scores);
-        b.arg(&pooled_q).arg(&pooled_k).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&kblocks_i).arg(&plan.scale);
-        b.arg(&mut scores);
-        unsafe { b.launch(launch_cfg((groups.div_ceil(64) as u32, kblocks.div_ceil(64) as u32, hq as u32), 256, 0)) }
-            .map_err(launch("block_scores"))?;
-        let mut b = s.launch_builder(f_select);
-        b.arg(&scores).arg(allowed).arg(&per_head).arg(&groups_i).arg(&kblocks_i);
-        b.arg(&mode).arg(&top_k).arg(&budget_arg).arg(&mut chosen);
-        unsafe { b.launch(launch_cfg((groups as u32, hq as u32, 1), 256, select_smem as u32)) }
-            .map_err(launch("block_select"))?;
+        // Every (group, key block) score, for `chunk` heads at a time (a multiple of the GQA
+        // group, so each chunk's query heads map to whole key heads): the kernels index from
+        // the chunk's first head, so they get views that start there.
+        let gqa = hq / hkv;
+        let per_head_bytes = (groups * kblocks * 8).max(1);
+        let chunk = ((SCORE_BYTES / per_head_bytes).clamp(1, hq) / gqa).max(1) * gqa;
+        // Safety: block_scores writes every score of the chunk before block_select reads it.
+        let mut scores = unsafe { s.alloc::<f64>((chunk * groups * kblocks).max(1)) }.map_err(driver(alloc))?;
+        for h0 in (0..hq).step_by(chunk) {
+            let hc = chunk.min(hq - h0);
+            let (hc_i, hkv_c) = (hc as i32, (hc / gqa) as i32);
+            let q_view = pooled_q.slice(h0 * groups * d..);
+            let k_view = pooled_k.slice(h0 / gqa * kblocks * d..);
+            let mut b = s.launch_builder(f_scores);
+            b.arg(&q_view).arg(&k_view).arg(&hc_i).arg(&hkv_c).arg(&groups_i).arg(&kblocks_i).arg(&plan.scale);
+            b.arg(&mut scores);
+            let grid = (groups.div_ceil(64) as u32, kblocks.div_ceil(64) as u32, hc as u32);
+            unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("block_scores"))?;
+            let allowed_view = allowed.slice(if plan.per_head { h0 * groups * words } else { 0 }..);
+            let mut chosen_view = chosen.slice_mut(h0 * groups * words..);
+            let mut b = s.launch_builder(f_select);
+            b.arg(&scores).arg(&allowed_view).arg(&per_head).arg(&groups_i).arg(&kblocks_i);
+            b.arg(&mode).arg(&top_k).arg(&budget_arg).arg(&mut chosen_view);
+            unsafe { b.launch(launch_cfg((groups as u32, hc as u32, 1), 256, select_smem as u32)) }
+                .map_err(launch("block_select"))?;
+        }
         let (q_blocks_i, bm_i) = (q_blocks as i32, plan.block_m as i32);
         let rows_pass = |pass: i32,
                          row_count: &mut CudaSlice<u32>,

@@ -113,13 +113,16 @@ type ConfigCacheKey = (String, usize, ShapeBucket);
 /// A static pattern's index for one shape, kept across calls.
 type IndexCacheKey = (String, usize, usize, usize, usize, usize);
 
+/// A device plan's key: the index key and the scale's bits.
+type PlanCacheKey = (IndexCacheKey, u32);
+
 /// State [`Runtime`] keeps between layer calls.
 #[derive(Default)]
 pub(crate) struct LayerCache {
     static_indexes: Mutex<HashMap<IndexCacheKey, Arc<SparseIndex>>>,
-    /// Static plans of GPU-built indexes, by the same key (and bounded the same way); `None`
-    /// records a pattern the GPU cannot build at that shape.
-    device_plans: Mutex<HashMap<IndexCacheKey, Option<Arc<AnyPlan>>>>,
+    /// Static plans of GPU-built indexes, by the same key and the scale's bits (bounded the
+    /// same way); `None` records a pattern the GPU cannot build at that shape.
+    device_plans: Mutex<HashMap<PlanCacheKey, Option<Arc<AnyPlan>>>>,
     /// Each (pattern, head, bucket)'s config and whether it was tuned, read from the
     /// database once per process (a tune stored later by another process is seen after a
     /// restart).
@@ -421,7 +424,11 @@ impl Runtime {
         shape: AttnShape,
         scale: f32,
     ) -> Option<Arc<AnyPlan>> {
-        let key = (hash.to_string(), shape.hq, shape.nq, shape.nk, config.block_m as usize, config.block_n as usize);
+        // Plans hold the scale their CPU choice uses: it is part of the key.
+        let key = (
+            (hash.to_string(), shape.hq, shape.nq, shape.nk, config.block_m as usize, config.block_n as usize),
+            scale.to_bits(),
+        );
         if let Some(p) = self.layer.device_plans.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return p;
         }

@@ -7,7 +7,8 @@
 // each is cut to its top-k exactly as the CPU cuts it (mass, then the lower id). Then the
 // index rows: the tiles the slashes cross through the plan's block entries (block_rows), and
 // the verticals outside kept tiles through its column rules (columns). Launch order, per chunk
-// of heads: vs_logits, vs_exp, vs_mass; then vs_select, vs_tiles, block_rows, columns, scan.
+// of heads: vs_logits, vs_exp, vs_mass; then vs_select, vs_tiles; then block_rows and columns
+// counting (pass 0), scan of each, and block_rows and columns writing (pass 1).
 // Everything is exact, so there are no bounds and no slow path: the GPU index is the CPU's.
 // ======================================================================================
 

@@ -266,6 +266,7 @@ impl SlashPlan {
         let Some((vs, ctx)) = found else {
             return Err(Error::Layout("the pattern has no vertical_slash".into()));
         };
+        super::check_plan_shape((self.heads, self.nq, self.nk), q, k)?;
         let group = crate::tensor::check_qkv(q, k, None)?;
         q.check_finite("q")?;
         k.check_finite("k")?;

@@ -22,7 +22,8 @@ use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
 impl Gpu {
     /// Builds the index of a vertical-slash `plan` for Q `[hq, nq, d]` and K `[hkv, nk, d]`
     /// (bf16, on the device): the index `weft_patterns::build_index` builds for the same inputs,
-    /// mask ids indexing `plan.masks`. Synchronises once, to size the entry lists.
+    /// mask ids indexing `plan.masks`. The host waits once mid-way, reading the two entry
+    /// totals that size the lists, and once at the end.
     pub fn build_vs_index(
         &self,
         plan: &SlashPlan,
@@ -35,8 +36,9 @@ impl Gpu {
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
         check_build_inputs((plan.heads, plan.nq, plan.nk), shape, dtype, q, k)?;
         let last = plan.last;
+        // (last_q is at most 4096 by validation; this guards plans built by hand.)
         if vs_mass_shared_bytes(last) > VV_INDEX_MAX_SHARED as usize {
-            return Err(usage(format!("last_q = {last} is more than GPU vertical-slash building takes (25600)")));
+            return Err(usage(format!("last_q = {last} is more than GPU vertical-slash building takes")));
         }
         if nq + nk > i32::MAX as usize {
             return Err(usage(format!("{nq} queries and {nk} keys: GPU index building takes fewer than 2^31")));
