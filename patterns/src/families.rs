@@ -310,16 +310,19 @@ pub(crate) fn last_rows_attention(inp: &HeadInputs<'_>, ctx: &Pred, last: usize,
     for r in nq - last.min(nq)..nq {
         let env = |k: usize| Env { q: r as i64, k: k as i64, h: inp.h as i64, nq: nq as i64, nk: nk as i64 };
         let q = inp.q.row(inp.h, r);
-        let mut logits: Vec<Option<f64>> = Vec::with_capacity(nk);
-        for k0 in (0..nk).step_by(8) {
-            if k0 + 8 <= nk {
-                let rows = std::array::from_fn(|j| inp.k.row(inp.kv, k0 + j));
-                let dots = repro::dots::<8>(q, rows);
-                logits.extend((0..8).map(|j| ctx.eval(&env(k0 + j)).then(|| inp.scale * dots[j])));
+        // Dots only for the keys the context allows, eight at a time.
+        let allowed: Vec<usize> = (0..nk).filter(|&k| ctx.eval(&env(k))).collect();
+        let mut logits: Vec<Option<f64>> = vec![None; nk];
+        for batch in allowed.chunks(8) {
+            if let Ok(ks) = <[usize; 8]>::try_from(batch) {
+                let dots = repro::dots::<8>(q, ks.map(|k| inp.k.row(inp.kv, k)));
+                for (k, dot) in ks.into_iter().zip(dots) {
+                    logits[k] = Some(inp.scale * dot);
+                }
             } else {
-                logits.extend(
-                    (k0..nk).map(|k| ctx.eval(&env(k)).then(|| inp.scale * repro::dot(q, inp.k.row(inp.kv, k)))),
-                );
+                for &k in batch {
+                    logits[k] = Some(inp.scale * repro::dot(q, inp.k.row(inp.kv, k)));
+                }
             }
         }
         let Some(max) = logits.iter().flatten().copied().reduce(f64::max) else { continue };
