@@ -619,9 +619,9 @@ impl ColumnPlan {
 }
 
 /// The static part of a block top-k index built on the GPU: a pattern whose only dynamic part
-/// is one `block(keep = top_k(n) | top_p(p) | threshold(t))`. Per index row, every key block the row can
-/// have with its entry code when its pattern block is chosen (`code_sel`) and when it is not
-/// (`code_not`, `DROP` for none); per query group, which pattern key blocks the selection ranks.
+/// is one `block(keep = top_k(n) | top_p(p) | threshold(t))`. Per index row, every key block
+/// the row can have with its codes when its pattern block is chosen or not ([`BlockEntries`]);
+/// per query group, which pattern key blocks the selection ranks.
 #[derive(Clone, Debug)]
 pub struct BlockPlan {
     /// Names this plan's contents for caches of its device copy (a clone shares it). Plans
@@ -645,13 +645,8 @@ pub struct BlockPlan {
     /// `allowed[(slot * groups + g) * words + w]`: bit `kb % 32` of word `kb / 32` is set when
     /// pattern key block `kb` is a candidate of group `g` (`words = ceil(kblocks / 32)`).
     pub allowed: Vec<u32>,
-    /// `entry_ptr[r]..entry_ptr[r + 1]`: the possible key blocks of row `r = slot * q_blocks +
-    /// qb`, ascending, with their pattern key block and codes.
-    pub entry_ptr: Vec<u32>,
-    pub entry_kb: Vec<u32>,
-    pub entry_pattern_kb: Vec<u32>,
-    pub code_sel: Vec<u16>,
-    pub code_not: Vec<u16>,
+    /// The possible key blocks of each row, with their codes when chosen or not.
+    pub entries: BlockEntries,
     /// The mask table the codes index (generate the attention kernel with it).
     pub masks: Vec<Pred>,
 }
@@ -661,13 +656,33 @@ fn is_budget_block(e: &PatternExpr) -> bool {
     matches!(e, PatternExpr::Block(b) if matches!(b.keep, weft_dsl::BlockKeep::Budget(_)))
 }
 
-/// Every key block a row can have, with its codes when its pattern block is chosen or not.
-struct BlockEntries {
-    entry_ptr: Vec<u32>,
-    entry_kb: Vec<u32>,
-    entry_pattern_kb: Vec<u32>,
-    code_sel: Vec<u16>,
-    code_not: Vec<u16>,
+/// Every key block an index row can have, with its codes when its pattern block is chosen or
+/// not: the block part of a [`BlockPlan`] and a [`SlashPlan`].
+#[derive(Clone, Debug, Default)]
+pub struct BlockEntries {
+    /// `ptr[r]..ptr[r + 1]`: the entries of row `r = slot * q_blocks + qb`, ascending.
+    pub ptr: Vec<u32>,
+    /// The index key block of each entry, and the pattern key block it lies in.
+    pub kb: Vec<u32>,
+    pub pattern_kb: Vec<u32>,
+    /// The entry's code when its pattern block is chosen (`code_sel`) and when it is not
+    /// (`code_not`): `FULL`, a mask id, or `DROP` for no entry.
+    pub code_sel: Vec<u16>,
+    pub code_not: Vec<u16>,
+}
+
+impl BlockEntries {
+    /// Appends rule row `row`'s block entries to `ix` (its last row), given which pattern key
+    /// blocks are chosen: what the GPU's `block_rows` writes, on the CPU.
+    fn push_row(&self, row: usize, chosen: impl Fn(u32) -> bool, ix: &mut SparseIndex) {
+        for e in self.ptr[row] as usize..self.ptr[row + 1] as usize {
+            let code = if chosen(self.pattern_kb[e]) { self.code_sel[e] } else { self.code_not[e] };
+            if code != DROP {
+                ix.block_idx.push(self.kb[e]);
+                ix.block_mask.push(code);
+            }
+        }
+    }
 }
 
 /// The block entries of each row of `all` (the index with every dynamic block chosen) and
@@ -680,13 +695,7 @@ fn block_entries(
     bk: usize,
     table: &mut MaskTable,
 ) -> Result<BlockEntries, Error> {
-    let mut out = BlockEntries {
-        entry_ptr: vec![0],
-        entry_kb: Vec::new(),
-        entry_pattern_kb: Vec::new(),
-        code_sel: Vec::new(),
-        code_not: Vec::new(),
-    };
+    let mut out = BlockEntries { ptr: vec![0], ..BlockEntries::default() };
     for row in 0..all.block_ptr.len() - 1 {
         let (a0, a1) = (all.block_ptr[row] as usize, all.block_ptr[row + 1] as usize);
         let (n0, n1) = (none.block_ptr[row] as usize, none.block_ptr[row + 1] as usize);
@@ -700,15 +709,15 @@ fn block_entries(
                 },
                 Err(_) => DROP,
             };
-            out.entry_kb.push(kb);
-            out.entry_pattern_kb.push(kb * bn as u32 / bk as u32);
+            out.kb.push(kb);
+            out.pattern_kb.push(kb * bn as u32 / bk as u32);
             out.code_sel.push(all.block_mask[i]);
             out.code_not.push(not);
         }
         if none_kbs.iter().any(|kb| all.block_idx[a0..a1].binary_search(kb).is_err()) {
             return Err(Error::Layout("a block the unchosen pattern keeps is missing when chosen".into()));
         }
-        out.entry_ptr.push(out.entry_kb.len() as u32);
+        out.ptr.push(out.kb.len() as u32);
     }
     Ok(out)
 }
@@ -771,7 +780,6 @@ impl BlockPlan {
                 }
             }
         }
-        let BlockEntries { entry_ptr, entry_kb, entry_pattern_kb, code_sel, code_not } = entries;
         Ok(BlockPlan {
             id: next_plan_id(),
             heads,
@@ -787,11 +795,7 @@ impl BlockPlan {
             scale,
             per_head,
             allowed,
-            entry_ptr,
-            entry_kb,
-            entry_pattern_kb,
-            code_sel,
-            code_not,
+            entries,
             masks: table.masks,
         })
     }
@@ -817,14 +821,7 @@ impl BlockPlan {
             for qb in 0..self.q_blocks() {
                 let g = qb * self.block_m / self.block_q;
                 let row = slot * self.q_blocks() + qb;
-                for e in self.entry_ptr[row] as usize..self.entry_ptr[row + 1] as usize {
-                    let sel = groups[g].binary_search(&self.entry_pattern_kb[e]).is_ok();
-                    let code = if sel { self.code_sel[e] } else { self.code_not[e] };
-                    if code != DROP {
-                        ix.block_idx.push(self.entry_kb[e]);
-                        ix.block_mask.push(code);
-                    }
-                }
+                self.entries.push_row(row, |pkb| groups[g].binary_search(&pkb).is_ok(), &mut ix);
                 ix.block_ptr.push(ix.block_idx.len() as u32);
                 ix.col_ptr.push(0);
             }

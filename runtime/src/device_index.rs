@@ -19,7 +19,7 @@ use weft_codegen::{
     VV_INDEX_MAX_SHARED, VV_TWO_CTA_SHARED,
 };
 use weft_dsl::Budget;
-use weft_patterns::device_plan::{BlockPlan, ColumnPlan};
+use weft_patterns::device_plan::{BlockEntries, BlockPlan, ColumnPlan};
 
 use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
 
@@ -128,19 +128,41 @@ struct DeviceEntries {
 }
 
 impl DeviceEntries {
-    fn upload(
-        s: &Arc<CudaStream>,
-        (ptr, kb, pattern_kb): (&[u32], &[u32], &[u32]),
-        (code_sel, code_not): (&[u16], &[u16]),
-        up: &str,
-    ) -> Result<Self, Error> {
+    fn upload(s: &Arc<CudaStream>, e: &BlockEntries, up: &str) -> Result<Self, Error> {
         Ok(DeviceEntries {
-            ptr: upload(s, ptr, up)?,
-            kb: upload(s, kb, up)?,
-            pattern_kb: upload(s, pattern_kb, up)?,
-            code_sel: upload(s, code_sel, up)?,
-            code_not: upload(s, code_not, up)?,
+            ptr: upload(s, &e.ptr, up)?,
+            kb: upload(s, &e.kb, up)?,
+            pattern_kb: upload(s, &e.pattern_kb, up)?,
+            code_sel: upload(s, &e.code_sel, up)?,
+            code_not: upload(s, &e.code_not, up)?,
         })
+    }
+
+    /// Launches `block_rows` (`f`) over these entries for the pattern key blocks set in
+    /// `chosen` (bit words per head and query group). `dims` = (per_head, hq, q_blocks, block_m,
+    /// block_q, groups, kblocks). Pass 0 counts each row's entries into `count`; pass 1 writes
+    /// them at `ptr` into `idx` and `mask`.
+    fn launch_rows(
+        &self,
+        s: &Arc<CudaStream>,
+        f: &cudarc::driver::CudaFunction,
+        chosen: &CudaSlice<u32>,
+        dims: [i32; 7],
+        pass: i32,
+        (count, ptr, idx, mask): (&mut CudaSlice<u32>, &CudaSlice<u32>, &mut CudaSlice<u32>, &mut CudaSlice<u16>),
+    ) -> Result<(), Error> {
+        let mut b = s.launch_builder(f);
+        b.arg(chosen).arg(&self.ptr).arg(&self.kb).arg(&self.pattern_kb).arg(&self.code_sel).arg(&self.code_not);
+        for d in &dims {
+            b.arg(d);
+        }
+        b.arg(&pass).arg(count).arg(ptr).arg(idx).arg(mask);
+        let rows = (dims[1] * dims[2]).max(0) as u32;
+        // Safety: the argument list matches the template's `block_rows`, and the buffers have
+        // the lengths it indexes (checked by the callers' allocations).
+        unsafe { b.launch(launch_cfg((rows.div_ceil(4).max(1), 1, 1), 128, 0)) }
+            .map_err(driver("launching the index builder's block_rows kernel"))?;
+        Ok(())
     }
 }
 
@@ -567,10 +589,8 @@ impl Gpu {
         let (groups, kblocks, q_blocks) = (plan.groups, plan.kblocks, plan.q_blocks());
         let rows = hq * q_blocks;
         let words = kblocks.div_ceil(32);
-        let copy = self.plan_copy(plan.id, || {
-            let ids = (&plan.entry_ptr[..], &plan.entry_kb[..], &plan.entry_pattern_kb[..]);
-            Ok((upload(s, &plan.allowed, up)?, DeviceEntries::upload(s, ids, (&plan.code_sel, &plan.code_not), up)?))
-        })?;
+        let copy = self
+            .plan_copy(plan.id, || Ok((upload(s, &plan.allowed, up)?, DeviceEntries::upload(s, &plan.entries, up)?)))?;
         let (allowed, entries) = (&copy.0, &copy.1);
         // Safety (the unsafe allocations here): pool writes every pooled element (and its
         // unused halves), block_select every word of each group's choice.
@@ -625,31 +645,17 @@ impl Gpu {
                 .map_err(launch("block_select"))?;
         }
         let (q_blocks_i, bm_i) = (q_blocks as i32, plan.block_m as i32);
-        let rows_pass = |pass: i32,
-                         row_count: &mut CudaSlice<u32>,
-                         block_ptr: &CudaSlice<u32>,
-                         idx: &mut CudaSlice<u32>,
-                         mask: &mut CudaSlice<u16>|
-         -> Result<(), Error> {
-            let mut b = s.launch_builder(f_rows);
-            b.arg(&chosen).arg(&entries.ptr).arg(&entries.kb).arg(&entries.pattern_kb);
-            b.arg(&entries.code_sel).arg(&entries.code_not);
-            b.arg(&per_head)
-                .arg(&hq_i)
-                .arg(&q_blocks_i)
-                .arg(&bm_i)
-                .arg(&bq_i)
-                .arg(&groups_i)
-                .arg(&kblocks_i)
-                .arg(&pass);
-            b.arg(row_count).arg(block_ptr).arg(idx).arg(mask);
-            unsafe { b.launch(launch_cfg((rows.div_ceil(4).max(1) as u32, 1, 1), 128, 0)) }
-                .map_err(launch("block_rows"))?;
-            Ok(())
-        };
+        let dims = [per_head, hq_i, q_blocks_i, bm_i, bq_i, groups_i, kblocks_i];
         let mut none_idx = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
         let mut none_mask = s.alloc_zeros::<u16>(1).map_err(driver(alloc))?;
-        rows_pass(0, &mut row_count, &block_ptr, &mut none_idx, &mut none_mask)?;
+        entries.launch_rows(
+            s,
+            f_rows,
+            &chosen,
+            dims,
+            0,
+            (&mut row_count, &block_ptr, &mut none_idx, &mut none_mask),
+        )?;
         let rows_i = rows as i32;
         let mut b = s.launch_builder(f_scan);
         b.arg(&row_count).arg(&rows_i).arg(&mut block_ptr);
@@ -660,7 +666,14 @@ impl Gpu {
         let select_ms = started.elapsed().as_secs_f64() * 1e3;
         let mut block_idx = s.alloc_zeros::<u32>(total.max(1)).map_err(driver(alloc))?;
         let mut block_mask = s.alloc_zeros::<u16>(total.max(1)).map_err(driver(alloc))?;
-        rows_pass(1, &mut row_count, &block_ptr, &mut block_idx, &mut block_mask)?;
+        entries.launch_rows(
+            s,
+            f_rows,
+            &chosen,
+            dims,
+            1,
+            (&mut row_count, &block_ptr, &mut block_idx, &mut block_mask),
+        )?;
         let columns = (
             s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?,
             s.alloc_zeros::<u32>(1).map_err(driver(alloc))?,

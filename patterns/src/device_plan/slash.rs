@@ -50,14 +50,9 @@ pub struct SlashPlan {
     /// `allowed[(slot * last + r) * words + k / 32]`, bit `k % 32`: estimated row `nq - last +
     /// r` may attend to key `k` (`words = ceil(nk / 32)`).
     pub allowed: Vec<u32>,
-    /// Per index row `slot * q_blocks + qb`, its possible key blocks (pattern key block
-    /// `entry_pattern_kb`, the tile a slash keeps) and their codes when kept (`code_sel`) or
-    /// not (`code_not`, `DROP` for no entry).
-    pub entry_ptr: Vec<u32>,
-    pub entry_kb: Vec<u32>,
-    pub entry_pattern_kb: Vec<u32>,
-    pub code_sel: Vec<u16>,
-    pub code_not: Vec<u16>,
+    /// Per index row, its possible key blocks and their codes when the tile holding them (their
+    /// pattern key block) is kept or not.
+    pub entries: BlockEntries,
     /// What a vertical whose tile is not kept becomes in each row.
     pub rules: ColumnRules,
     /// The mask table the codes index (generate the attention kernel with it).
@@ -134,8 +129,7 @@ impl SlashPlan {
         };
         let (tiles, none) = (index_of(variant(false, true))?, index_of(variant(false, false))?);
         let mut table = MaskTable::from(&tiles.masks);
-        let BlockEntries { entry_ptr, entry_kb, entry_pattern_kb, code_sel, code_not } =
-            block_entries(&tiles, &none, bn, b, &mut table)?;
+        let entries = block_entries(&tiles, &none, bn, b, &mut table)?;
         let rules = column_rules(&variant(true, false), &none, &mut table, nq, nk, bm, bn)?;
         if table.masks.len() > DROP as usize {
             return Err(Error::Layout("more than 65534 distinct masks in a GPU-built index".into()));
@@ -204,11 +198,7 @@ impl SlashPlan {
             scale,
             per_head,
             allowed,
-            entry_ptr,
-            entry_kb,
-            entry_pattern_kb,
-            code_sel,
-            code_not,
+            entries,
             rules,
             masks: table.masks,
         })
@@ -233,14 +223,7 @@ impl SlashPlan {
             for qb in 0..self.q_blocks() {
                 let g = qb * self.block_m / self.block;
                 let row = slot * self.q_blocks() + qb;
-                for e in self.entry_ptr[row] as usize..self.entry_ptr[row + 1] as usize {
-                    let kept = tiles.selected(g, self.entry_pattern_kb[e] as usize);
-                    let code = if kept { self.code_sel[e] } else { self.code_not[e] };
-                    if code != DROP {
-                        ix.block_idx.push(self.entry_kb[e]);
-                        ix.block_mask.push(code);
-                    }
-                }
+                self.entries.push_row(row, |pkb| tiles.selected(g, pkb as usize), &mut ix);
                 for &c in verticals {
                     if tiles.selected(g, c as usize / self.block) {
                         continue;

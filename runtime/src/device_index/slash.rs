@@ -56,10 +56,9 @@ impl Gpu {
         let chunks = nk.div_ceil(weft_patterns::repro::SUM_CHUNK);
         let (vk, sk) = (plan.vertical_k.clamp(1, nk), plan.slash_k.clamp(1, nq + nk));
         let copy = self.plan_copy(plan.id, || {
-            let ids = (&plan.entry_ptr[..], &plan.entry_kb[..], &plan.entry_pattern_kb[..]);
             Ok((
                 upload(s, &plan.allowed, up)?,
-                DeviceEntries::upload(s, ids, (&plan.code_sel, &plan.code_not), up)?,
+                DeviceEntries::upload(s, &plan.entries, up)?,
                 DeviceRules::upload(s, &plan.rules, up)?,
             ))
         })?;
@@ -143,12 +142,8 @@ impl Gpu {
                          blocks: (&mut CudaSlice<u32>, &mut CudaSlice<u16>),
                          cols: (&mut CudaSlice<u32>, &mut CudaSlice<u16>)|
          -> Result<(), Error> {
-            let mut b = s.launch_builder(f_rows);
-            b.arg(&tiles).arg(&entries.ptr).arg(&entries.kb).arg(&entries.pattern_kb);
-            b.arg(&entries.code_sel).arg(&entries.code_not);
-            b.arg(&per_head_i).arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&block_i).arg(&groups_i).arg(&kblocks_i);
-            b.arg(&pass).arg(counts_out.0).arg(ptrs.0).arg(blocks.0).arg(blocks.1);
-            unsafe { b.launch(launch_cfg(row_grid, 128, 0)) }.map_err(launch("block_rows"))?;
+            let dims = [per_head_i, hq_i, q_blocks_i, bm_i, block_i, groups_i, kblocks_i];
+            entries.launch_rows(s, f_rows, &tiles, dims, pass, (counts_out.0, ptrs.0, blocks.0, blocks.1))?;
             // Verticals: one list per head (a single "group" spanning every query).
             let (one, words_i) = (1i32, words as i32);
             let mut b = s.launch_builder(f_columns);
