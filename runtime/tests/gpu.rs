@@ -163,6 +163,18 @@ fn compare_over_device_index(
     run_and_compare(gpu, &kernel, &config, index, shape, qkv, DType::Bf16, scale, &want)
 }
 
+/// Prints one device-index case (`ok` or `FAIL`, then `line`, then the first index
+/// difference if any) and records `case` as a failure when it is not ok.
+fn report_case(ok: bool, line: String, diff: Option<&String>, failures: &mut Vec<String>, case: String) {
+    println!("{} {line}", if ok { "ok  " } else { "FAIL" });
+    if let Some(d) = diff {
+        println!("     first difference: {d}");
+    }
+    if !ok {
+        failures.push(case);
+    }
+}
+
 /// The shapes of the device-index tests: (nq, nk, hq, hkv, d), none a multiple of a block,
 /// GQA and not, both head dims, and a long key range.
 const DEVICE_INDEX_SHAPES: [(usize, usize, usize, usize, usize); 4] =
@@ -696,16 +708,12 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     let (rel, nan, lse_err) =
                         compare_over_device_index(&gpu, p, masks, &dix, shape, qkv, &want_ix, &x, scale);
                     let ok = diff.is_none() && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
-                    println!(
-                        "{} vv index {:<17} top_k={n:<3} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} columns={} slow_groups={slow:?} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
-                        if ok { "ok  " } else { "FAIL" }, p.name, columns, diff.is_none()
+                    let line = format!(
+                        "vv index {:<17} top_k={n:<3} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} columns={} slow_groups={slow:?} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                        p.name, columns, diff.is_none()
                     );
-                    if let Some(d) = diff {
-                        println!("     first difference: {d}");
-                    }
-                    if !ok {
-                        failures.push(format!("{} n={n} nq={nq} nk={nk} ties={ties}", p.name));
-                    }
+                    let case = format!("{} n={n} nq={nq} nk={nk} ties={ties}", p.name);
+                    report_case(ok, line, diff.as_ref(), &mut failures, case);
                 }
             }
         }
@@ -807,16 +815,12 @@ fn vertical_slash_indexes_built_on_the_gpu_match_the_cpu_builder() {
                         gpu.build_vs_index(&plan, shape, DType::Bf16, q, k).unwrap()
                     });
                     let DeviceBuilt { ok, rel, nan, lse_err, .. } = r;
-                    println!(
-                        "{} vs index {:<22} nv={nv:<3} ns={ns:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} blocks={} columns={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
-                        if ok { "ok  " } else { "FAIL" }, p.name, r.blocks, r.report.columns, r.diff.is_none()
+                    let line = format!(
+                        "vs index {:<22} nv={nv:<3} ns={ns:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} blocks={} columns={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                        p.name, r.blocks, r.report.columns, r.diff.is_none()
                     );
-                    if let Some(d) = r.diff {
-                        println!("     first difference: {d}");
-                    }
-                    if !ok {
-                        failures.push(format!("{} nv={nv} nq={nq} nk={nk} ties={ties}", p.name));
-                    }
+                    let case = format!("{} nv={nv} nq={nq} nk={nk} ties={ties}", p.name);
+                    report_case(ok, line, r.diff.as_ref(), &mut failures, case);
                 }
             }
         }
@@ -863,16 +867,12 @@ fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
                         gpu.build_block_index(&plan, shape, DType::Bf16, q, k).unwrap()
                     });
                     let DeviceBuilt { ok, rel, nan, lse_err, .. } = r;
-                    println!(
-                        "{} block index {:<24} n={n:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} blocks={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
-                        if ok { "ok  " } else { "FAIL" }, p.name, r.blocks, r.diff.is_none()
+                    let line = format!(
+                        "block index {:<24} n={n:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} blocks={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                        p.name, r.blocks, r.diff.is_none()
                     );
-                    if let Some(d) = r.diff {
-                        println!("     first difference: {d}");
-                    }
-                    if !ok {
-                        failures.push(format!("{} n={n} nq={nq} nk={nk} ties={ties}", p.name));
-                    }
+                    let case = format!("{} n={n} nq={nq} nk={nk} ties={ties}", p.name);
+                    report_case(ok, line, r.diff.as_ref(), &mut failures, case);
                 }
             }
         }
