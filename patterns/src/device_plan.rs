@@ -220,11 +220,40 @@ type KeyRun = (u32, u32, RunEntries);
 /// reads the head, and each slot's resolved tree with no row selected (shapes only: resolution
 /// then reads no data).
 struct StaticStart {
+    nq: usize,
+    nk: usize,
     bm: usize,
     bn: usize,
     scale: f64,
     per_head: bool,
     nodes: Vec<Node>,
+}
+
+impl StaticStart {
+    /// The index of `nodes` (one per slot, static: their choices fixed) at the plan's shape and
+    /// block sizes: skeletons and the chosen / unchosen variants plans compare.
+    fn index(&self, nodes: Vec<Node>) -> Result<SparseIndex, Error> {
+        crate::Resolved {
+            heads: nodes.len(),
+            nodes,
+            permutation: None,
+            nq: self.nq,
+            nk: self.nk,
+            block_m: self.bm,
+            block_n: self.bn,
+            scale: self.scale,
+            wanted: None,
+        }
+        .index()
+    }
+}
+
+/// Mask ids of a GPU-built index must stay below [`DROP`].
+fn check_mask_count(table: &MaskTable) -> Result<(), Error> {
+    if table.masks.len() > DROP as usize {
+        return Err(Error::Layout("more than 65534 distinct masks in a GPU-built index".into()));
+    }
+    Ok(())
 }
 
 fn static_start(
@@ -258,7 +287,7 @@ fn static_start(
             resolve_fixed(pattern, &inp, &Pred::Const(true), fix)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(StaticStart { bm, bn, scale, per_head, nodes })
+    Ok(StaticStart { nq, nk, bm, bn, scale, per_head, nodes })
 }
 
 /// `e` resolved as [`resolve`] does, except that leaves `fix` answers for become its node
@@ -396,10 +425,7 @@ fn column_rules(
                                 Some(Entry::Mask(p)) => table.intern(p)?,
                             });
                         }
-                        // Mask ids must stay below DROP.
-                        if table.masks.len() > DROP as usize {
-                            return Err(Error::Layout("more than 65534 distinct masks in a GPU-built index".into()));
-                        }
+                        check_mask_count(table)?;
                         if ids.iter().all(|x| *x == FULL) {
                             continue;
                         }
@@ -445,22 +471,12 @@ impl ColumnPlan {
             return Err(Error::Layout("the pattern has no vertical_vector: nothing to build on the GPU".into()));
         };
         let Budget::TopK(top_k) = vv.keep else { unreachable!("vv_leaf takes top_k only") };
-        let StaticStart { bm, bn, scale, per_head, nodes } = static_start(pattern, heads, nq, nk, opts, &|_| None)?;
+        let start = static_start(pattern, heads, nq, nk, opts, &|_| None)?;
+        let slot_skeleton = start.index(start.nodes.clone())?;
+        let StaticStart { bm, bn, scale, per_head, nodes, .. } = start;
         let q_block = vv.q_block as usize;
         let groups = nq.div_ceil(q_block);
         let slots = nodes.len();
-        let resolved = crate::Resolved {
-            nodes: nodes.clone(),
-            permutation: None,
-            heads: slots,
-            nq,
-            nk,
-            block_m: bm,
-            block_n: bn,
-            scale,
-            wanted: None,
-        };
-        let slot_skeleton = resolved.index()?;
         let q_blocks = nq.div_ceil(bm);
         let mut table = MaskTable::from(&slot_skeleton.masks);
         let region =
@@ -738,33 +754,19 @@ impl BlockPlan {
             return Err(Error::Layout("the pattern has no block selection: nothing to build on the GPU".into()));
         };
         let weft_dsl::BlockKeep::Budget(budget) = blk.keep else { unreachable!("block_leaf takes budgets only") };
-        let StaticStart { bm, bn, scale, per_head, nodes } = static_start(pattern, heads, nq, nk, opts, &|_| None)?;
+        let start = static_start(pattern, heads, nq, nk, opts, &|_| None)?;
         let (bq, bk) = (blk.block_q as usize, blk.block_k as usize);
         let (groups, kblocks) = (nq.div_ceil(bq), nk.div_ceil(bk));
-        let slots = nodes.len();
+        let slots = start.nodes.len();
         let index_with = |chosen: bool| {
-            crate::Resolved {
-                nodes: nodes
-                    .iter()
-                    .map(|n| replace_leaf(pattern, n, &is_budget_block, &Node::Static(Pred::Const(chosen))))
-                    .collect(),
-                permutation: None,
-                heads: slots,
-                nq,
-                nk,
-                block_m: bm,
-                block_n: bn,
-                scale,
-                wanted: None,
-            }
-            .index()
+            let with = Node::Static(Pred::Const(chosen));
+            start.index(start.nodes.iter().map(|n| replace_leaf(pattern, n, &is_budget_block, &with)).collect())
         };
         let (all, none) = (index_with(true)?, index_with(false)?);
         let mut table = MaskTable::from(&all.masks);
-        let entries = block_entries(&all, &none, bn, bk, &mut table)?;
-        if table.masks.len() > DROP as usize {
-            return Err(Error::Layout("more than 65534 distinct masks in a GPU-built index".into()));
-        }
+        let entries = block_entries(&all, &none, start.bn, bk, &mut table)?;
+        check_mask_count(&table)?;
+        let (bm, bn, scale, per_head) = (start.bm, start.bn, start.scale, start.per_head);
         // Candidates: the pattern key blocks the context allows for some pair (as the CPU
         // selection filters them).
         let words = kblocks.div_ceil(32);

@@ -16,8 +16,8 @@ use rayon::prelude::*;
 use weft_dsl::{Budget, Env, PatternExpr, Pred, VerticalSlash};
 
 use super::{
-    block_entries, column_rules, find_leaf, next_plan_id, replace_leaf, static_start, BlockEntries, ColumnRules, Leaf,
-    StaticStart, DROP,
+    block_entries, check_mask_count, column_rules, find_leaf, next_plan_id, replace_leaf, static_start, BlockEntries,
+    ColumnRules, Leaf, DROP,
 };
 use crate::families::{slash_blocks, vertical_slash_choice, ColSel, HeadInputs, Node};
 use crate::index::MaskTable;
@@ -106,34 +106,19 @@ impl SlashPlan {
         let is_vs = |e: &PatternExpr| matches!(e, PatternExpr::VerticalSlash(_));
         let placeholder = vs_node(false, false, nq, nk);
         let fix = |e: &PatternExpr| is_vs(e).then(|| placeholder.clone());
-        let StaticStart { bm, bn, scale, per_head, nodes } = static_start(pattern, heads, nq, nk, opts, &fix)?;
+        let start = static_start(pattern, heads, nq, nk, opts, &fix)?;
         let b = vs.block as usize;
-        let slots = nodes.len();
+        let slots = start.nodes.len();
         let variant = |columns: bool, tiles: bool| -> Vec<Node> {
             let with = vs_node(columns, tiles, nq, nk);
-            nodes.iter().map(|n| replace_leaf(pattern, n, &is_vs, &with)).collect()
+            start.nodes.iter().map(|n| replace_leaf(pattern, n, &is_vs, &with)).collect()
         };
-        let index_of = |nodes: Vec<Node>| {
-            crate::Resolved {
-                nodes,
-                permutation: None,
-                heads: slots,
-                nq,
-                nk,
-                block_m: bm,
-                block_n: bn,
-                scale,
-                wanted: None,
-            }
-            .index()
-        };
-        let (tiles, none) = (index_of(variant(false, true))?, index_of(variant(false, false))?);
+        let (tiles, none) = (start.index(variant(false, true))?, start.index(variant(false, false))?);
+        let (bm, bn, scale, per_head) = (start.bm, start.bn, start.scale, start.per_head);
         let mut table = MaskTable::from(&tiles.masks);
         let entries = block_entries(&tiles, &none, bn, b, &mut table)?;
         let rules = column_rules(&variant(true, false), &none, &mut table, nq, nk, bm, bn)?;
-        if table.masks.len() > DROP as usize {
-            return Err(Error::Layout("more than 65534 distinct masks in a GPU-built index".into()));
-        }
+        check_mask_count(&table)?;
         // A vertical inside a kept tile must add nothing, in every row.
         let inside = column_rules(&variant(true, true), &tiles, &mut MaskTable::from(&tiles.masks), nq, nk, bm, bn)?;
         let q_blocks = nq.div_ceil(bm);
