@@ -466,7 +466,8 @@ pub fn emit_merge(head_dim: u32, dtype: DType, partial: Partial) -> Result<Kerne
 
 /// The entry points of the vertical-vector index builder ([`emit_vv_index`]), in launch
 /// order; each is `{kernel.name}_{entry}`.
-pub const VV_INDEX_ENTRIES: [&str; 7] = ["pool", "kstats", "score", "threshold", "select", "columns", "scan"];
+pub const VV_INDEX_ENTRIES: [&str; 9] =
+    ["pool", "kstats", "score", "threshold", "vv_exact", "budget", "select", "columns", "scan"];
 
 /// The entry points of the block top-k index builder (same module as [`emit_vv_index`]).
 pub const BLOCK_INDEX_ENTRIES: [&str; 5] = ["pool", "block_scores", "block_select", "block_rows", "scan"];

@@ -2,7 +2,7 @@
 //! (block top-k / threshold) and [`SlashPlan`] (vertical-slash). The vertical-vector plan is
 //! described here; the others follow the same idea.
 //!
-//! In a pattern whose only dynamic part is one `vertical_vector(keep = top_k(n))`, everything
+//! In a pattern whose only dynamic part is one `vertical_vector` (any budget), everything
 //! but the chosen columns is static: the key blocks (sink, local band, causal edges and any
 //! other predicate) do not depend on Q and K, and neither does what a chosen column becomes in
 //! the index (a full entry, a masked one, or nothing because a block already computes it).
@@ -57,8 +57,8 @@ pub struct ColumnPlan {
     /// Query rows per selection group (the pattern's `q_block`), and groups.
     pub q_block: usize,
     pub groups: usize,
-    /// Columns kept per group (`top_k(n)`), before the candidate count caps it.
-    pub top_k: usize,
+    /// What each group keeps of its candidates (`top_k(n)`, `threshold(t)` or `top_p(p)`).
+    pub budget: Budget,
     pub scale: f64,
     /// Whether rules and candidates differ per head (the pattern reads `h`); otherwise every
     /// head uses slot 0.
@@ -158,8 +158,7 @@ fn vv_leaf(e: &PatternExpr) -> Leaf<'_, VerticalVector> {
     match e {
         PatternExpr::Static(_) => Leaf::Static,
         PatternExpr::Block(b) if matches!(b.keep, weft_dsl::BlockKeep::Where(_)) => Leaf::Static,
-        PatternExpr::VerticalVector(v) if matches!(v.keep, Budget::TopK(_)) => Leaf::Target(v),
-        PatternExpr::VerticalVector(_) => Leaf::Unsupported("a vertical_vector with a threshold or top_p budget"),
+        PatternExpr::VerticalVector(v) => Leaf::Target(v),
         PatternExpr::Block(_) => Leaf::Unsupported("a block top-k selection"),
         PatternExpr::VerticalSlash(_) => Leaf::Unsupported("a vertical_slash selection"),
         PatternExpr::Grid(_) => Leaf::Unsupported("a grid"),
@@ -466,11 +465,10 @@ impl ColumnPlan {
         opts: &IndexOptions,
     ) -> Result<ColumnPlan, Error> {
         let mut found = None;
-        find_leaf(pattern, &Pred::Const(true), "one vertical_vector(keep = top_k(n))", &vv_leaf, &mut found)?;
+        find_leaf(pattern, &Pred::Const(true), "one vertical_vector", &vv_leaf, &mut found)?;
         let Some((vv, ctx)) = found else {
             return Err(Error::Layout("the pattern has no vertical_vector: nothing to build on the GPU".into()));
         };
-        let Budget::TopK(top_k) = vv.keep else { unreachable!("vv_leaf takes top_k only") };
         let start = static_start(pattern, heads, nq, nk, opts, &|_| None)?;
         let slot_skeleton = start.index(start.nodes.clone())?;
         let StaticStart { bm, bn, scale, per_head, nodes, .. } = start;
@@ -562,7 +560,7 @@ impl ColumnPlan {
             block_n: bn,
             q_block,
             groups,
-            top_k: top_k as usize,
+            budget: vv.keep,
             scale,
             per_head,
             cand_lo,

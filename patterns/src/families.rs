@@ -246,10 +246,19 @@ fn vertical_vector(v: &VerticalVector, inp: &HeadInputs<'_>, ctx: &Pred) -> ColS
             }
             let pq = inp.pooled_q(q0, q1);
             // Sink columns are always kept, so they do not compete for the budget.
-            let cands: Vec<(u32, f64)> = (v.sink as usize..inp.nk())
-                .filter(|&c| allowed(ctx, &inp.region(q0, q1, c, c + 1)))
-                .map(|c| (c as u32, inp.scale * dot(&pq, inp.k.row(inp.kv, c))))
-                .collect();
+            let keys: Vec<usize> =
+                (v.sink as usize..inp.nk()).filter(|&c| allowed(ctx, &inp.region(q0, q1, c, c + 1))).collect();
+            // Scores with repro::dot (one accumulator, as the GPU builder's exact scores), eight
+            // keys at a time.
+            let mut cands: Vec<(u32, f64)> = Vec::with_capacity(keys.len());
+            for batch in keys.chunks(8) {
+                if let Ok(ks) = <[usize; 8]>::try_from(batch) {
+                    let dots = repro::dots::<8>(&pq, ks.map(|c| inp.k.row(inp.kv, c)));
+                    cands.extend(ks.into_iter().zip(dots).map(|(c, dot)| (c as u32, inp.scale * dot)));
+                } else {
+                    cands.extend(batch.iter().map(|&c| (c as u32, inp.scale * repro::dot(&pq, inp.k.row(inp.kv, c)))));
+                }
+            }
             select(&cands, v.keep)
         })
         .collect();

@@ -13,8 +13,11 @@ fn ranked(candidates: &[(u32, f64)]) -> Vec<(u32, f64)> {
 /// The ids a budget keeps among `candidates` (id, logit), sorted by id.
 ///
 /// - `top_k(n)`: the `n` best (all if fewer);
-/// - `top_p(p)`: the fewest best whose softmax mass reaches `p` (at least one; the weights
-///   `exp(logit - best)` by [`crate::repro::exp`], summed best first, so GPU builders agree);
+/// - `top_p(p)`: the fewest best whose softmax mass reaches `p` (at least one). The weights
+///   are `exp(logit - best)` by [`crate::repro::exp`] in fixed point ([`top_p_weight`]:
+///   multiples of 2^-31, rounded down), so that their sums are exact and do not depend on the
+///   order of summation: GPU builders sum them in parallel and agree bit for bit. A
+///   candidate whose weight is below 2^-31 of the best's counts as no mass;
 /// - `threshold(t)`: every candidate with logit `>= best + ln t`.
 pub fn select(candidates: &[(u32, f64)], budget: Budget) -> Vec<u32> {
     if candidates.is_empty() {
@@ -24,10 +27,44 @@ pub fn select(candidates: &[(u32, f64)], budget: Budget) -> Vec<u32> {
     let max = r[0].1;
     let keep = match budget {
         Budget::TopK(n) => (n as usize).min(r.len()),
-        Budget::TopP(p) => top_p_count(r.iter().map(|(_, s)| crate::repro::exp(s - max)).collect(), p),
+        Budget::TopP(p) => top_p_fixed(&r.iter().map(|(_, s)| top_p_weight(s - max)).collect::<Vec<_>>(), p),
         Budget::Threshold(t) => r.iter().take_while(|(_, s)| *s >= max + t.ln()).count().max(1),
     };
     kept_ids(&r, keep)
+}
+
+/// One for a `top_p` weight in fixed point: weights are integers in `0..=TOP_P_ONE`.
+pub const TOP_P_ONE: u64 = 1 << 31;
+
+/// The fixed-point weight of a candidate `below` (<= 0) under the best's logit:
+/// `floor(exp(below) * 2^31)` with [`crate::repro::exp`]. A sum over up to 2^22 candidates is
+/// exact in a u64 and in an f64.
+pub fn top_p_weight(below: f64) -> u64 {
+    // exp(below) is in [0, 1]; scaling by a power of two is exact, so floor sees the exact value.
+    let w = crate::repro::exp(below) * TOP_P_ONE as f64;
+    if w.is_nan() {
+        0
+    } else {
+        w.floor() as u64
+    }
+}
+
+/// How many of the fixed-point `weights` (best first) reach `p` of their total, at least one:
+/// the running sum (exact) compared with `p x total x (1 - 1e-12)` in f64, the relative
+/// epsilon so that `top_p(1.0)` keeps every candidate of non-zero weight.
+fn top_p_fixed(weights: &[u64], p: f64) -> usize {
+    let total: u64 = weights.iter().sum();
+    let goal = p * total as f64 * (1.0 - 1e-12);
+    let mut acc = 0u64;
+    let mut n = 0;
+    for w in weights {
+        acc += *w;
+        n += 1;
+        if acc as f64 >= goal {
+            break;
+        }
+    }
+    n.max(1)
 }
 
 /// The ids a budget keeps among `candidates` (id, mass), masses non-negative (a softmax's
@@ -93,6 +130,17 @@ mod tests {
         assert_eq!(select(&c, Budget::Threshold((-1.5f64).exp())), vec![1, 2, 3]);
         assert_eq!(select(&c, Budget::Threshold(1.0)), vec![1, 3]);
         assert!(select(&[], Budget::TopK(3)).is_empty());
+    }
+
+    #[test]
+    fn top_p_weights_are_fixed_point() {
+        assert_eq!(top_p_weight(0.0), TOP_P_ONE);
+        assert_eq!(top_p_weight(-1.0), (crate::repro::exp(-1.0) * TOP_P_ONE as f64).floor() as u64);
+        // Below 2^-31 of the best: no mass, so top_p(1.0) does not keep it.
+        assert_eq!(top_p_weight(-22.0), 0);
+        let c = [(0, 0.0), (1, -30.0), (2, -0.5)];
+        assert_eq!(select(&c, Budget::TopP(1.0)), vec![0, 2]);
+        assert_eq!(select(&[(7, f64::NAN)], Budget::TopP(0.5)), vec![7]);
     }
 
     #[test]

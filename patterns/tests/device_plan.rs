@@ -10,12 +10,15 @@ use weft_patterns::*;
 
 fn patterns(n: u32, q_block: u32) -> Vec<(&'static str, PatternExpr)> {
     let vv = |sink, local| vertical_vector().q_block(q_block).keep(top_k(n)).sink(sink).local(local);
+    let vv_with = |keep| vertical_vector().q_block(q_block).keep(keep).sink(4).local(16);
     vec![
         ("vv", vv(0, 0).into()),
         ("vv+sink+local", vv(16, 40).into()),
         ("causal & vv", causal() & vv(8, 64)),
         ("causal & (vv | window)", causal() & (vv(4, 0) | window(100))),
         ("window & vv", window(300) & vv(0, 16)),
+        ("causal & vv threshold", causal() & vv_with(threshold(0.02 * f64::from(n)))),
+        ("vv top_p", vv_with(top_p(0.025 * f64::from(n))).into()),
     ]
 }
 
@@ -52,7 +55,22 @@ fn check(
                     "{name}: group {g} outside its range"
                 );
                 let cands = (plan.cand_hi[s] - plan.cand_lo[s]) as usize;
-                prop_assert_eq!(cols.len(), cands.min(n as usize), "{}: group {} keeps min(n, candidates)", name, g);
+                if matches!(plan.budget, Budget::TopK(_)) {
+                    prop_assert_eq!(
+                        cols.len(),
+                        cands.min(n as usize),
+                        "{}: group {} keeps min(n, candidates)",
+                        name,
+                        g
+                    );
+                } else {
+                    prop_assert!(
+                        cands == 0 || (1..=cands).contains(&cols.len()),
+                        "{}: group {} keeps 1..=candidates",
+                        name,
+                        g
+                    );
+                }
             }
         }
     }
@@ -75,9 +93,7 @@ proptest! {
 #[test]
 fn patterns_the_gpu_cannot_build_say_so() {
     let opts = IndexOptions { scale: Some(0.1), ..Default::default() };
-    for e in
-        [PatternExpr::from(vertical_vector().keep(threshold(0.1))), PatternExpr::from(block().keep(top_k(2))), causal()]
-    {
+    for e in [PatternExpr::from(grid(256)), PatternExpr::from(block().keep(top_k(2))), causal()] {
         let err = ColumnPlan::new(&e, 1, 100, 100, &opts).unwrap_err().to_string();
         assert!(err.contains("GPU") || err.contains("vertical_vector"), "{err}");
     }
@@ -171,6 +187,7 @@ fn planned_indexes_are_build_index_numbered_as_the_gpu_numbers_them() {
     let opts = IndexOptions { scale: Some(0.25), ..Default::default() };
     let plannable = [
         causal() & vertical_vector().keep(top_k(20)).sink(4).local(32),
+        causal() & vertical_vector().keep(threshold(0.2)).sink(4).local(32),
         causal() & block().keep(top_p(0.6)),
         sink(4) | (causal() & vertical_slash().vertical(top_k(30)).slash(top_k(4))),
     ];
@@ -182,7 +199,7 @@ fn planned_indexes_are_build_index_numbered_as_the_gpu_numbers_them() {
         assert_eq!(got.masks, plan.masks(), "{e}: the plan's mask table");
     }
     // Patterns no GPU builder takes: build_index itself.
-    for e in [causal(), PatternExpr::from(grid(48)), causal() & vertical_vector().keep(threshold(0.2))] {
+    for e in [causal(), PatternExpr::from(grid(48)), causal() & vertical_slash().vertical(top_p(0.5))] {
         assert_eq!(planned_index(&e, &q, &k, &opts).unwrap(), build_index(&e, &q, &k, &opts).unwrap(), "{e}");
     }
 }

@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use weft_codegen::{
-    block_select_shared_bytes, emit_vv_index, vv_score_shared_bytes, vv_select_shared_bytes, DType, VV_COLLECT_MAX,
-    VV_INDEX_MAX_SHARED, VV_TWO_CTA_SHARED,
+    block_select_shared_bytes, emit_vv_index, vv_score_shared_bytes, vv_select_shared_bytes, DType, VS_LOGITS_KEYS,
+    VS_LOGITS_ROWS, VV_COLLECT_MAX, VV_INDEX_MAX_SHARED, VV_TWO_CTA_SHARED,
 };
 use weft_dsl::Budget;
 use weft_patterns::device_plan::{BlockEntries, BlockPlan, ColumnPlan};
@@ -318,11 +318,32 @@ impl Gpu {
         // - dense (keep too large for the list to fit shared memory): every approximate score is
         //   stored, and the selection reads them (collecting into shared memory when two CTAs
         //   still fit on an SM: with one, its memory-bound passes lose more than they save).
-        let keep = plan.top_k.min(nk) as f64;
+        // Threshold and top-p budgets: a `budget` pass counts what each group keeps (exact
+        // scores where the bounds leave it open), then `select` chooses that many as for top_k,
+        // into a bitmap per group (the counts are not known before). They score densely: the
+        // budget reads every score. Their scores must rank as the dots do.
+        let top_k = match plan.budget {
+            Budget::TopK(n) => Some(n as usize),
+            _ if plan.scale <= 0.0 || plan.scale.is_nan() => {
+                return Err(usage(format!(
+                    "GPU index building takes threshold and top_p budgets with a positive scale, not {}",
+                    plan.scale
+                )))
+            }
+            _ => None,
+        };
+        let keep = top_k.unwrap_or(nk).min(nk) as f64;
         let want = ((1.25 * (keep + 32.0 * keep.sqrt() + 512.0)) as usize).next_multiple_of(256);
         let fits = want <= VV_COLLECT_MAX && vv_select_shared_bytes(d as u32, nk, want) <= VV_INDEX_MAX_SHARED as usize;
+        // Keys a budgeted select collects: as many as two CTAs per SM leave room for.
+        let base_two = vv_select_shared_bytes(d as u32, nk, 0);
+        let budget_collect = (VV_TWO_CTA_SHARED.saturating_sub(base_two) / 8).min(VV_COLLECT_MAX) / 256 * 256;
         // (list mode, keys held in shared memory, list length in global memory)
         let (list_mode, collect, list_cap) = match strategy {
+            VvStrategy::List { .. } if top_k.is_none() => {
+                return Err(usage("threshold and top_p budgets score densely; use VvStrategy::Auto or Dense"))
+            }
+            _ if top_k.is_none() => (false, budget_collect, 1),
             VvStrategy::Auto | VvStrategy::List { capacity: None } if fits => (true, want, 2 * want),
             VvStrategy::List { capacity: Some(c) } if c / 2 <= want => (true, c / 2, c.max(1)),
             VvStrategy::List { .. } => {
@@ -341,15 +362,20 @@ impl Gpu {
         let samples_i = samples as i32;
         let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
         let f = self.load_entries(&kernel, &weft_codegen::VV_INDEX_ENTRIES)?;
-        let (f_pool, f_kstats, f_score, f_threshold, f_select, f_columns, f_scan) =
-            (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6]);
+        let (f_pool, f_kstats, f_score, f_threshold, f_exact, f_budget, f_select, f_columns, f_scan) =
+            (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7], &f[8]);
 
         let s = &self.stream;
         let up = "uploading the index plan";
         let alloc = "allocating index-building buffers";
         let (groups, q_blocks) = (plan.groups, plan.q_blocks());
         let rows = hq * q_blocks;
-        let cap = plan.top_k.min(nk).max(1);
+        // Chosen keys per group: a list of top_k, or (cap 0) a bitmap of `words` words.
+        let words = nk.div_ceil(32);
+        let (cap, chosen_len) = match top_k {
+            Some(n) => (n.min(nk).max(1), n.min(nk).max(1)),
+            None => (0, words),
+        };
         let copy = self.plan_copy(plan.id, || {
             let sk = &plan.skeleton;
             Ok(ColumnPlanCopy {
@@ -376,16 +402,32 @@ impl Gpu {
         let mut pq_l1 = unsafe { s.alloc::<f32>(hq * groups) }.map_err(driver(alloc))?;
         let mut kinf = unsafe { s.alloc::<f32>(hkv * nk) }.map_err(driver(alloc))?;
         let mut kmax = s.alloc_zeros::<u32>(hkv).map_err(driver(alloc))?;
-        let mut chosen = unsafe { s.alloc::<u32>(hq * groups * cap) }.map_err(driver(alloc))?;
+        let mut chosen = unsafe { s.alloc::<u32>(hq * groups * chosen_len) }.map_err(driver(alloc))?;
         let mut chosen_count = s.alloc_zeros::<i32>(hq * groups).map_err(driver(alloc))?;
         // [error code, groups on the slow path]
         let mut status = s.alloc_zeros::<i32>(2).map_err(driver(alloc))?;
         let mut row_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
         let mut col_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
         // Scores held at once: dense stores groups x keys per head, list only the sample.
+        // (top_p also holds an exact f64 score and a fixed-point weight per pair: 16 bytes.)
         let per_score_head = groups * if list_mode { samples } else { nk } * 4;
-        let chunk = (SCORE_BYTES / per_score_head.max(1)).clamp(1, hq);
+        let top_p = matches!(plan.budget, Budget::TopP(_));
+        let chunk = (SCORE_BYTES / (per_score_head * if top_p { 4 } else { 1 }).max(1)).clamp(1, hq);
         let mut approx = s.alloc_zeros::<f32>(chunk * per_score_head / 4).map_err(driver(alloc))?;
+        let pairs = if top_p { chunk * per_score_head / 4 } else { 1 };
+        // Safety: vv_exact writes every pair's exact score, and the budget pass each
+        // candidate's weight, before they are read.
+        let mut exact = unsafe { s.alloc::<f64>(pairs) }.map_err(driver(alloc))?;
+        let mut weights = unsafe { s.alloc::<u32>(pairs) }.map_err(driver(alloc))?;
+        let mut best = s.alloc_zeros::<u64>(if top_p { chunk * groups } else { 1 }).map_err(driver(alloc))?;
+        let mut keep_count =
+            unsafe { s.alloc::<u32>(if top_k.is_none() { hq * groups } else { 1 }) }.map_err(driver(alloc))?;
+        // (mode, argument) of the budget pass: threshold(t) takes ln t, top_p(p) takes p.
+        let (budget_mode, budget_arg) = match plan.budget {
+            Budget::Threshold(t) => (0i32, t.ln()),
+            Budget::TopP(p) => (1i32, p),
+            Budget::TopK(_) => (-1, 0.0),
+        };
         let lists = if list_mode { hq * groups } else { 1 };
         let mut thresh = s.alloc_zeros::<f32>(2 * lists).map_err(driver(alloc))?;
         let mut list_key = unsafe { s.alloc::<u32>(lists * list_cap) }.map_err(driver(alloc))?;
@@ -394,7 +436,7 @@ impl Gpu {
         let mut list_high = s.alloc_zeros::<u32>(lists).map_err(driver(alloc))?;
         let (nq_i, nk_i, hq_i, hkv_i) = (nq as i32, nk as i32, hq as i32, hkv as i32);
         let (groups_i, q_block_i, cap_i, top_k_i) =
-            (groups as i32, plan.q_block as i32, cap as i32, plan.top_k.min(i32::MAX as usize) as i32);
+            (groups as i32, plan.q_block as i32, cap as i32, top_k.unwrap_or(0).min(i32::MAX as usize) as i32);
         let per_head = i32::from(plan.per_head);
         let launch = |what: &str| driver(format!("launching the index builder's {what} kernel"));
         // CUDA events around each launch: (kernel, start, end).
@@ -458,11 +500,40 @@ impl Gpu {
                 let t1 = event()?;
                 marks.push(("score", t0, t1));
             }
+            if top_p {
+                let t0 = event()?;
+                s.memset_zeros(&mut best).map_err(driver("clearing the best scores"))?;
+                let mut b = s.launch_builder(f_exact);
+                b.arg(&pooled).arg(k).arg(&groups_i).arg(&nk_i).arg(&hq_i).arg(&hkv_i).arg(&h0_i);
+                b.arg(cand_lo).arg(cand_hi).arg(&per_head).arg(&plan.scale).arg(&mut exact).arg(&mut best);
+                let grid = (nk.div_ceil(VS_LOGITS_KEYS) as u32, groups.div_ceil(VS_LOGITS_ROWS) as u32, hc as u32);
+                unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("exact score"))?;
+                let t1 = event()?;
+                marks.push(("exact", t0, t1));
+            }
+            if top_k.is_none() {
+                let t0 = event()?;
+                let mut b = s.launch_builder(f_budget);
+                b.arg(&approx).arg(&pooled).arg(&pq_l1).arg(k).arg(&kinf).arg(&kmax);
+                b.arg(cand_lo).arg(cand_hi).arg(&per_head);
+                b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i).arg(&plan.scale);
+                b.arg(&budget_mode).arg(&budget_arg).arg(&exact).arg(&best).arg(&mut weights).arg(&mut keep_count);
+                unsafe { b.launch(launch_cfg((groups as u32, hc as u32, 1), 512, 0)) }.map_err(launch("budget"))?;
+                let t1 = event()?;
+                marks.push(("budget", t0, t1));
+            }
             let t1 = event()?;
             let mut b = s.launch_builder(f_select);
             b.arg(&approx).arg(&pooled).arg(&pq_l1).arg(k).arg(&kinf).arg(&kmax);
             b.arg(cand_lo).arg(cand_hi).arg(&per_head);
-            b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i).arg(&top_k_i).arg(&plan.scale);
+            b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i).arg(&top_k_i);
+            // Budgets pass their counts; top_k a null pointer.
+            if top_k.is_none() {
+                b.arg(&keep_count);
+            } else {
+                b.arg(&0u64);
+            }
+            b.arg(&plan.scale);
             b.arg(&cap_i).arg(&collect_i).arg(&select_mode);
             b.arg(&list_key).arg(&list_val).arg(&list_count).arg(&list_high).arg(&list_cap_i);
             b.arg(&mut chosen).arg(&mut chosen_count).arg(&mut status);
@@ -473,6 +544,7 @@ impl Gpu {
         }
         let no_tiles = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
         let (one, zero) = (1i32, 0i32);
+        let words_i = if top_k.is_none() { words as i32 } else { 0 };
         let columns_pass = |pass: i32,
                             row_count: &mut CudaSlice<u32>,
                             col_ptr: &CudaSlice<u32>,
@@ -481,7 +553,7 @@ impl Gpu {
          -> Result<(), Error> {
             let (q_blocks_i, bm_i) = (q_blocks as i32, plan.block_m as i32);
             let mut b = s.launch_builder(f_columns);
-            b.arg(&chosen).arg(&chosen_count).arg(&cap_i);
+            b.arg(&chosen).arg(&chosen_count).arg(&cap_i).arg(&words_i);
             b.arg(rule_ptr).arg(rule_c0).arg(rule_c1).arg(rule_code).arg(codes).arg(&per_head);
             b.arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&q_block_i).arg(&groups_i).arg(&pass);
             // No slash tiles here (tile_words = 0).

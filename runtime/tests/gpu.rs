@@ -641,12 +641,15 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
 fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
     use weft_patterns::device_plan::{index_difference, ColumnPlan};
     let gpu = Gpu::open(0).expect("a GPU");
-    let vv = |q_block: u32, n: u32, sink: u32, local: u32| {
-        vertical_vector().q_block(q_block).keep(top_k(n)).sink(sink).local(local)
+    let vv = |q_block: u32, n: weft_dsl::Budget, sink: u32, local: u32| {
+        vertical_vector().q_block(q_block).keep(n).sink(sink).local(local)
     };
     let mut failures = Vec::new();
     let mut seed = 9000u64;
-    for n in [37u32, 300] {
+    // Random logits are flat: threshold(0.5) keeps the keys within ln 2 of the best (a few
+    // percent), top_p(0.95) most keys, top_p(0.3) about a quarter.
+    for n in [top_k(37), top_k(300), threshold(0.5), top_p(0.3), top_p(0.95)] {
+        let top_k = matches!(n, weft_dsl::Budget::TopK(_));
         let patterns = [
             Pattern::new("causal_vv", causal() & vv(64, n, 16, 64)),
             Pattern::new("vv128", vv(128, n, 0, 0)),
@@ -684,12 +687,28 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     let mut slow = Vec::new();
                     // Lists of 16 keys (8 in shared memory) send most groups down the slow path;
                     // 1024 (512) reads some lists in place.
-                    for strategy in [
-                        VvStrategy::Dense,
-                        VvStrategy::List { capacity: Some(16) },
-                        VvStrategy::List { capacity: Some(1024) },
-                        VvStrategy::List { capacity: None },
-                    ] {
+                    // Threshold and top_p score densely (lists are refused).
+                    let strategies: &[VvStrategy] = if top_k {
+                        &[
+                            VvStrategy::Dense,
+                            VvStrategy::List { capacity: Some(16) },
+                            VvStrategy::List { capacity: Some(1024) },
+                            VvStrategy::List { capacity: None },
+                        ]
+                    } else {
+                        assert!(gpu
+                            .build_vv_index_with(
+                                &plan,
+                                shape,
+                                DType::Bf16,
+                                &qd,
+                                &kd,
+                                VvStrategy::List { capacity: None }
+                            )
+                            .is_err());
+                        &[VvStrategy::Dense, VvStrategy::Auto]
+                    };
+                    for &strategy in strategies {
                         let (ix, report) =
                             gpu.build_vv_index_with(&plan, shape, DType::Bf16, &qd, &kd, strategy).unwrap();
                         let mut got_ix = ix.to_host(&gpu).unwrap();
@@ -709,10 +728,10 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
                         compare_over_device_index(&gpu, p, masks, &dix, shape, qkv, &want_ix, &x, scale);
                     let ok = diff.is_none() && nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
                     let line = format!(
-                        "vv index {:<17} top_k={n:<3} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} columns={} slow_groups={slow:?} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                        "vv index {:<17} {n:<14} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} columns={} slow_groups={slow:?} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
                         p.name, columns, diff.is_none()
                     );
-                    let case = format!("{} n={n} nq={nq} nk={nk} ties={ties}", p.name);
+                    let case = format!("{} {n} nq={nq} nk={nk} ties={ties}", p.name);
                     report_case(ok, line, diff.as_ref(), &mut failures, case);
                 }
             }
@@ -728,6 +747,8 @@ fn vertical_vector_block_and_vertical_slash_layers_build_their_index_on_the_gpu(
     let rt = Runtime::open(Some(dir.path())).unwrap();
     for p in [
         Pattern::new("causal_vv", causal() & vertical_vector().q_block(64).keep(top_k(100)).sink(16).local(64)),
+        Pattern::new("causal_vv_p", causal() & vertical_vector().q_block(64).keep(top_p(0.2)).sink(16).local(64)),
+        Pattern::new("vv_threshold", vertical_vector().q_block(128).keep(threshold(0.6)).sink(4)),
         Pattern::new("causal_block", causal() & block().block_q(64).block_k(64).keep(top_k(6))),
         Pattern::new("causal_vs", causal() & vertical_slash().vertical(top_k(200)).slash(top_k(12))),
     ] {

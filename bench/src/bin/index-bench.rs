@@ -4,7 +4,8 @@
 //! Patterns: `vertical_vector(q_block = 128, keep = top_k(n), sink = 64, local = 64)`
 //! (`Gpu::build_vv_index`) and `block(128 x 128, keep = top_k(n))` (`Gpu::build_block_index`),
 //! non-causal, with n a share of the keys (`--keep`); and `causal & vertical_slash(vertical =
-//! top_k(v), slash = top_k(s))` (`Gpu::build_vs_index`, `--vs v:s`). B = 1, H = 32, D = 128,
+//! top_k(v), slash = top_k(s))` (`Gpu::build_vs_index`, `--vs v:s`); `--vv-budget` adds the
+//! vertical-vector pattern with a threshold or top_p budget. B = 1, H = 32, D = 128,
 //! bf16. Prints, per
 //! sequence length and share: the CPU plan's time (static, once per shape), the device index
 //! build (median of `--reps`, host wall clock around a synchronised call), the attention
@@ -34,6 +35,10 @@ struct Args {
     keep: Vec<f64>,
     #[arg(long, default_value_t = 10)]
     reps: usize,
+    /// Other vertical-vector budgets, as in the DSL (`threshold(0.9)`, `top_p(0.5)`): the
+    /// same pattern as `--keep`'s with that budget.
+    #[arg(long, value_delimiter = ';')]
+    vv_budget: Vec<String>,
     /// Vertical-slash budgets `verticals:slashes` (causal, 64 x 64 tiles, last 64 queries).
     #[arg(long, value_delimiter = ',', default_values_t = ["1024:64".to_string()])]
     vs: Vec<String>,
@@ -204,6 +209,27 @@ fn main() -> Result<()> {
                 "block-e2e N={n:<6} top_k={keep_blocks:<4} (128 x 128 blocks) density={:.4} plan={plan_ms:.0} ms \
                  index={:.3} ms attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%",
                 m.density, m.build, m.attention
+            );
+        }
+        for budget in &args.vv_budget {
+            let src = format!("vertical_vector(q_block = 128, keep = {budget}, sink = 64, local = 64)");
+            let pattern = weft_dsl::parse_pattern_str("vv-budget", &src)?;
+            let opts = IndexOptions { block_m: Some(128), block_n: Some(64), scale: Some(scale), ..Default::default() };
+            let t = std::time::Instant::now();
+            let plan = ColumnPlan::new(&pattern.expr, h, n, n, &opts)?;
+            let plan_ms = t.elapsed().as_secs_f64() * 1e3;
+            let m = measure(&gpu, &mut x, args.reps, &pattern, &plan.skeleton.masks, (128, 64), |x| {
+                gpu.build_vv_index(&plan, shape, DType::Bf16, &x.q, &x.k)
+            })?;
+            let (total, share_pct) = totals(&m);
+            println!(
+                "vv-e2e N={n:<6} keep={budget} density={:.4} plan={plan_ms:.0} ms index={:.3} ms ({} heads per score                  chunk; columns {}) attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    kernels (last build): {}",
+                m.density,
+                m.build,
+                m.first.chunk_heads,
+                m.first.columns,
+                m.attention,
+                m.kernels()
             );
         }
         for budgets in &args.vs {

@@ -19,13 +19,34 @@ static_assert(VS_ROWS == 8 * 8 && VS_KEYS == 8 * 32, "vs_logits: 8 warps x 8 row
 constexpr int VS_EXP_KEYS = {{VS_EXP_KEYS}};  // keys per vs_exp CTA
 constexpr int SUM_CHUNK = {{SUM_CHUNK}}; // keys per partial row sum (repro::SUM_CHUNK)
 
-// Doubles (finite or -inf) to unsigned keys in the same order, and back.
-__device__ __forceinline__ unsigned long long double_key(double x) {
-    const unsigned long long u = (unsigned long long)__double_as_longlong(x);
-    return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
+// double_key / key_double (doubles to ordered keys) come from the vertical-vector part.
+
+// The 64 x 256 tiles of f64 dots vs_logits and vv_exact compute: keys k0.. staged as doubles,
+// dimensions d0 .. d0 + VS_DC.
+__device__ __forceinline__ void stage_keys(double (&sK)[VS_KEYS][VS_DC + 1], const u16* K, int kv, int nk, int k0, int d0,
+                                           int tid) {
+    for (int i = tid; i < VS_KEYS * VS_DC; i += 256) {
+        const int c = k0 + i / VS_DC;
+        sK[i / VS_DC][i % VS_DC] = c < nk ? (double)bf16_to_float(K[((size_t)kv * nk + c) * D + d0 + i % VS_DC]) : 0.0;
+    }
 }
-__device__ __forceinline__ double key_double(unsigned long long k) {
-    return __longlong_as_double((long long)((k >> 63) ? (k & 0x7fffffffffffffffull) : ~k));
+// acc[i][l] += row (8 tr + i) . key (tk + 32 l) over the staged dimensions, in order (one
+// accumulator per pair, as repro::dot).
+__device__ __forceinline__ void tile_fma(const double (&sQ)[VS_ROWS][VS_DC], const double (&sK)[VS_KEYS][VS_DC + 1], int tr,
+                                         int tk, double (&acc)[8][8]) {
+#pragma unroll 4
+    for (int d = 0; d < VS_DC; ++d) {
+        double a[8], b[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            a[i] = sQ[8 * tr + i][d];
+            b[i] = sK[tk + 32 * i][d];
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int l = 0; l < 8; ++l) acc[i][l] = fma(a[i], b[l], acc[i][l]);
+    }
 }
 
 // ---- vs_logits: grid (ceil(nk / VS_KEYS), ceil(last / VS_ROWS), heads of the chunk), 256
@@ -56,24 +77,9 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_logits(
             sQ[i / VS_DC][i % VS_DC] =
                 row < last ? (double)bf16_to_float(Q[((size_t)h * nq + (nq - last + row)) * D + d0 + i % VS_DC]) : 0.0;
         }
-        for (int i = tid; i < VS_KEYS * VS_DC; i += 256) {
-            const int c = k0 + i / VS_DC;
-            sK[i / VS_DC][i % VS_DC] = c < nk ? (double)bf16_to_float(K[((size_t)kv * nk + c) * D + d0 + i % VS_DC]) : 0.0;
-        }
+        stage_keys(sK, K, kv, nk, k0, d0, tid);
         __syncthreads();
-#pragma unroll 4
-        for (int d = 0; d < VS_DC; ++d) {
-            double a[8], b[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                a[i] = sQ[8 * tr + i][d];
-                b[i] = sK[tk + 32 * i][d];
-            }
-#pragma unroll
-            for (int i = 0; i < 8; ++i)
-#pragma unroll
-                for (int l = 0; l < 8; ++l) acc[i][l] = fma(a[i], b[l], acc[i][l]);
-        }
+        tile_fma(sQ, sK, tr, tk, acc);
         __syncthreads();
     }
     const int words = (nk + 31) / 32;
@@ -281,5 +287,58 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}_vs_tiles(
         const long long lo = max(q0 + nk - i, 0ll), hi = min(last_key, (long long)nk - 1);
         if (last_key < 0 || lo > hi) continue;
         for (long long kb = lo / block; kb <= hi / block; ++kb) atomicOr(out + kb / 32, 1u << (kb % 32));
+    }
+}
+
+// ---- vv_exact: grid (ceil(nk / VS_KEYS), ceil(groups / VS_ROWS), heads of the chunk), 256
+// threads ----
+// For vertical_vector(keep = top_p(p)), whose budget weighs every candidate: exact[hh][g][c] =
+// scale * repro::dot(pooled q of group g, k_c) for every key (the CPU builder's score), and
+// best[hh][g] the largest over the group's candidates cand_lo..cand_hi (as a key; 0 for
+// none: clear it first). The tiles are vs_logits' with pooled rows for the last queries.
+extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vv_exact(
+    const float* __restrict__ pooled, const u16* __restrict__ K, int groups, int nk, int hq, int hkv, int h0,
+    const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head, double scale,
+    double* __restrict__ exact, unsigned long long* __restrict__ best)
+{
+    __shared__ double sQ[VS_ROWS][VS_DC];
+    __shared__ double sK[VS_KEYS][VS_DC + 1];
+    const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv), tid = threadIdx.x;
+    const int k0 = blockIdx.x * VS_KEYS, g0 = blockIdx.y * VS_ROWS;
+    const int tr = tid / 32, tk = tid % 32;  // groups g0 + 8 tr + i, keys k0 + tk + 32 l
+    double acc[8][8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int l = 0; l < 8; ++l) acc[i][l] = 0.0;
+    for (int d0 = 0; d0 < D; d0 += VS_DC) {
+        for (int i = tid; i < VS_ROWS * VS_DC; i += 256) {
+            const int g = g0 + i / VS_DC;
+            sQ[i / VS_DC][i % VS_DC] = g < groups ? (double)pooled[((size_t)h * groups + g) * D + d0 + i % VS_DC] : 0.0;
+        }
+        stage_keys(sK, K, kv, nk, k0, d0, tid);
+        __syncthreads();
+        tile_fma(sQ, sK, tr, tk, acc);
+        __syncthreads();
+    }
+    const double ninf = __longlong_as_double(0xfff0000000000000LL);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int g = g0 + 8 * tr + i;
+        const int slot = (per_head ? h : 0) * groups + min(g, groups - 1);
+        const u32 lo = cand_lo[slot], hi = cand_hi[slot];
+        double m = ninf;
+#pragma unroll
+        for (int l = 0; l < 8; ++l) {
+            const int c = k0 + tk + 32 * l;
+            if (g < groups && c < nk) {
+                const double s = __dmul_rn(scale, acc[i][l]);
+                exact[((size_t)hh * groups + g) * nk + c] = s;
+                if ((u32)c >= lo && (u32)c < hi) m = fmax(m, s);
+            }
+        }
+        // The warp holds the group.
+        for (int o = 16; o > 0; o /= 2) m = fmax(m, __shfl_xor_sync(0xffffffff, m, o));
+        if (tk == 0 && g < groups && m != ninf) atomicMax(best + (size_t)hh * groups + g, double_key(m));
     }
 }

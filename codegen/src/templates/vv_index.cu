@@ -400,18 +400,14 @@ __device__ __forceinline__ float approx_dot(const float* pq, const u16* row) {
     return acc;
 }
 
-// The CPU builder's dot (`weft_patterns::tensor::dot`): four f64 accumulators over d mod 4,
-// then (a0 + a1) + (a2 + a3). Products of two f32 are exact in f64, so fma gives the CPU's sums.
-__device__ __forceinline__ float elem_float(float x) { return x; }
-__device__ __forceinline__ float elem_float(u16 x) { return bf16_to_float(x); }
-template <class T>
-__device__ __forceinline__ double cpu_dot(const float* a, const T* b) {
-    double acc[4] = {0.0, 0.0, 0.0, 0.0};
-    for (int d = 0; d < D; d += 4) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[j] = fma((double)a[d + j], (double)elem_float(b[d + j]), acc[j]);
-    }
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + 0.0;
+// The CPU builder's dot (`weft_patterns::repro::dot`): one f64 accumulator, dimensions in
+// order. Products of a float and a bf16 are exact in f64, so fma gives the CPU's sums.
+__device__ __forceinline__ double repro_dot(const float* a, const u16* b) {
+    double acc = 0.0;
+    // Partly unrolled: fully unrolled, its loads alone took most of 128 registers.
+#pragma unroll 8
+    for (int d = 0; d < D; ++d) acc = fma((double)a[d], (double)bf16_to_float(b[d]), acc);
+    return acc;
 }
 
 // ---- repro::exp, operation for operation (the _rn intrinsics are never contracted) ----
@@ -431,6 +427,18 @@ __device__ double repro_exp(double x) {
     const long long ni = (long long)n;
     if (ni < -1000) return __dmul_rn(__dmul_rn(er, pow2i(ni + 200)), pow2i(-200));
     return __dmul_rn(er, pow2i(ni));
+}
+
+// weft_patterns::select::top_p_weight: floor(exp(below) * 2^31), 0 for NaN. Scaling by a
+// power of two is exact, so floor sees the exact weight.
+constexpr double TOP_P_ONE = 2147483648.0;
+__device__ __forceinline__ unsigned long long top_p_weight(double below) {
+    const double w = __dmul_rn(repro_exp(below), TOP_P_ONE);
+    return w != w ? 0ull : (unsigned long long)floor(w);
+}
+// The running sum top_p(p) must reach: p x total x (1 - 1e-12), as the CPU rounds it.
+__device__ __forceinline__ double top_p_goal(double p, unsigned long long total) {
+    return __dmul_rn(__dmul_rn(p, (double)total), 1.0 - 1e-12);
 }
 
 // The smallest power of two at least n (1 for 0).
@@ -475,7 +483,9 @@ __device__ void sort_best_first(double* score, u32* id, u32 n, u32 n2) {
 }
 
 // ---- select: grid (groups, heads of the chunk), SELECT_THREADS ----
-// Writes group g's chosen keys, ascending, to chosen[(h * groups + g) * cap ..] and their count.
+// Chooses the keep best keys of group g (keep = top_k, or keep_in[h * groups + g] from
+// `budget` when keep_in is set). Writes them, ascending, to chosen[(h * groups + g) * cap ..],
+// or with cap = 0 as a bitmap to chosen[(h * groups + g) * ceil(nk / 32) ..]; and their count.
 // Where the candidates' approximate scores come from, by mode:
 //   SELECT_DENSE  approx[hh][g][c] (SCORE_DENSE). A sample (every 16th run of 32 keys) gives a
 //                 score below the keep-th with a margin; one pass collects every key above it
@@ -491,8 +501,8 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
     const float* __restrict__ approx, const float* __restrict__ pooled, const float* __restrict__ pq_l1,
     const u16* __restrict__ K, const float* __restrict__ kinf, const u32* __restrict__ kmax_bits,
     const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head,
-    int h0, int hq, int hkv, int groups, int nk, int top_k, double scale, int cap, int collect_cap, int mode,
-    const u32* __restrict__ list_key, const float* __restrict__ list_val, const u32* __restrict__ list_count,
+    int h0, int hq, int hkv, int groups, int nk, int top_k, const u32* __restrict__ keep_in, double scale, int cap,
+    int collect_cap, int mode, const u32* __restrict__ list_key, const float* __restrict__ list_val, const u32* __restrict__ list_count,
     const u32* __restrict__ list_high, int list_cap,
     u32* __restrict__ chosen, int* __restrict__ chosen_count, int* __restrict__ status)
 {
@@ -512,7 +522,7 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
     const int slot = (per_head ? h : 0) * groups + g;
     const u32 lo = cand_lo[slot], hi = cand_hi[slot];
     const u32 cands = hi - lo;
-    const u32 keep = min((u32)top_k, cands);
+    const u32 keep = min(keep_in ? keep_in[(size_t)h * groups + g] : (u32)top_k, cands);
     const float* s = approx + ((size_t)hh * groups + g) * nk;
     const u16* k_h = K + (size_t)kv * nk * D;
     const int words = (nk + 31) / 32;
@@ -618,7 +628,7 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
             return;
         }
         // Exact scores of the unsure keys (the CPU builder's dot, times the scale), ranked.
-        for (u32 i = tid; i < unsure; i += SELECT_THREADS) uScore[i] = scale * cpu_dot(sPq, k_h + (size_t)uKey[i] * D);
+        for (u32 i = tid; i < unsure; i += SELECT_THREADS) uScore[i] = scale * repro_dot(sPq, k_h + (size_t)uKey[i] * D);
         sort_best_first(uScore, uKey, unsure, pow2_at_least(unsure));
         const u32 in = nIn;
         if (in > keep || keep - in > unsure) {
@@ -644,8 +654,13 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
         __syncthreads();
     }
     u32 at = scan[tid] - mine;
+    if (cap == 0) {
+        // The chosen keys as a bitmap of `words` words per group.
+        u32* out = chosen + ((size_t)h * groups + g) * words;
+        for (int w = w0; w < w1; ++w) out[w] = bits[w];
+    }
     u32* out = chosen + ((size_t)h * groups + g) * cap;
-    for (int w = w0; w < w1; ++w) {
+    for (int w = w0; w < w1 && cap > 0; ++w) {
         u32 word = bits[w];
         while (word) {
             const int b = __ffs(word) - 1;
@@ -660,12 +675,194 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
     }
 }
 
+// Doubles to unsigned keys that sort the same way (NaN aside).
+__device__ __forceinline__ unsigned long long double_key(double x) {
+    const unsigned long long u = (unsigned long long)__double_as_longlong(x);
+    return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
+}
+__device__ __forceinline__ double key_double(unsigned long long k) {
+    return __longlong_as_double((long long)((k >> 63) ? (k & 0x7fffffffffffffffull) : ~k));
+}
+
+// The bin of a 2048-bin weight histogram where the running sum from the top, after `base`,
+// first reaches `goal` (sums are integers below 2^53, so exact in f64); sets `above` to the
+// weight in the bins above it. One warp (find_bin with weights).
+__device__ __forceinline__ int find_weight_bin(const unsigned long long* hist, unsigned long long base, double goal,
+                                               unsigned long long& above, int lane) {
+    constexpr int PER = HIST / 32;
+    unsigned long long mine = 0;
+    for (int i = 0; i < PER; ++i) mine += hist[HIST - 1 - lane * PER - i];
+    unsigned long long incl = mine;
+    for (int o = 1; o < 32; o *= 2) {
+        const unsigned long long v = __shfl_up_sync(0xffffffff, incl, o);
+        if (lane >= o) incl += v;
+    }
+    const unsigned long long excl = incl - mine;
+    const bool here = (double)(base + excl) < goal && (double)(base + incl) >= goal;
+    const u32 who = __ballot_sync(0xffffffff, here);
+    const int src = who ? __ffs(who) - 1 : 31;  // none: the goal lies past every bin (a bug)
+    int bin = 0;
+    unsigned long long run = __shfl_sync(0xffffffff, excl, src);
+    if (lane == src) {
+        for (int i = 0; i < PER; ++i) {
+            const int b = HIST - 1 - lane * PER - i;
+            bin = b;
+            if ((double)(base + run + hist[b]) >= goal) break;
+            run += hist[b];
+        }
+    }
+    bin = __shfl_sync(0xffffffff, bin, src);
+    above = __shfl_sync(0xffffffff, run, src);
+    return bin;
+}
+
+// ---- budget: grid (groups, heads of the chunk), SELECT_THREADS ----
+// For vertical_vector(keep = threshold(t) | top_p(p)): how many columns group g keeps, into
+// keep_out[h * groups + g]; `select` then chooses that many, best first, as for top_k (both
+// budgets keep a prefix of the ranking).
+//   BUDGET_THRESHOLD (arg = ln t): from the approximate scores (SCORE_DENSE) and the exact
+//   scores (repro_dot, times the scale) of the keys the bounds leave open: the exact best score
+//   M (only keys whose approximate score reaches the best approximate one less two bounds can
+//   hold it), then the count of keys whose exact score is at least M + ln t;
+//   BUDGET_TOP_P (arg = p): from every key's exact score and the best (vv_exact), every key's
+//   fixed-point weight top_p_weight(score - best) into `weights` (this chunk's groups x
+//   keys), their total, then three weighted radix passes over the weights find the weight at
+//   which the running sum from the top reaches p of the total: the keys above it, plus as
+//   many at it as the sum needs.
+constexpr int BUDGET_THRESHOLD = 0, BUDGET_TOP_P = 1;
+// The CPU builder's score of key c: scale x repro_dot.
+__device__ __forceinline__ double exact_score(const float* pq, const u16* k_h, u32 c, double scale) {
+    return __dmul_rn(scale, repro_dot(pq, k_h + (size_t)c * D));
+}
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_budget(
+    const float* __restrict__ approx, const float* __restrict__ pooled, const float* __restrict__ pq_l1,
+    const u16* __restrict__ K, const float* __restrict__ kinf, const u32* __restrict__ kmax_bits,
+    const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head,
+    int h0, int hq, int hkv, int groups, int nk, double scale, int mode, double arg,
+    const double* __restrict__ exact, const unsigned long long* __restrict__ best,
+    u32* __restrict__ weights, u32* __restrict__ keep_out)
+{
+    __shared__ unsigned long long wHist[HIST];
+    __shared__ u32 nHist[HIST];
+    __shared__ float sPq[D];
+    __shared__ u32 sAmax, sCount;
+    __shared__ unsigned long long sBest, sTotal, sAbove;
+    __shared__ int sBin;
+    const int hh = blockIdx.y, h = h0 + hh, g = blockIdx.x, kv = h / (hq / hkv), tid = threadIdx.x;
+    const int slot = (per_head ? h : 0) * groups + g;
+    const u32 lo = cand_lo[slot], hi = cand_hi[slot];
+    const float* s = approx + ((size_t)hh * groups + g) * nk;
+    const u16* k_h = K + (size_t)kv * nk * D;
+    const float l1 = pq_l1[(size_t)h * groups + g];
+    const float* kinf_h = kinf + (size_t)kv * nk;
+    const float bmax = group_bound(pq_l1, kmax_bits, h, kv, groups, g);
+    if (hi <= lo) {
+        if (tid == 0) keep_out[(size_t)h * groups + g] = 0;
+        return;
+    }
+    for (int d = tid; d < D; d += SELECT_THREADS) sPq[d] = pooled[((size_t)h * groups + g) * D + d];
+    if (tid == 0) sAmax = 0, sCount = 0, sBest = 0, sTotal = 0;
+    __syncthreads();
+    u32 keep;
+    if (mode == BUDGET_THRESHOLD) {
+        u32 amax = 0;
+        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) amax = max(amax, float_key(s[c]));
+        atomicMax(&sAmax, amax);
+        __syncthreads();
+        const float floor_dot = key_float(sAmax) - 2.f * bmax;
+        auto bound = [&](u32 c) { return APPROX_ERR * l1 * kinf_h[c] + 1e-30f; };
+        unsigned long long best_key = 0;
+        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
+            if (s[c] + bound(c) >= floor_dot) best_key = max(best_key, double_key(exact_score(sPq, k_h, c, scale)));
+        }
+        atomicMax(&sBest, best_key);
+        __syncthreads();
+        const double M = key_double(sBest);
+        // Scaled bounds (x: below, y: above), widened by 2^-20 for the roundings here.
+        auto scaled = [&](u32 c) {
+            const double a = (double)s[c], b = (double)bound(c);
+            const double e_lo = scale * (a - b), e_hi = scale * (a + b);
+            const double slack = (fabs(e_lo) + fabs(e_hi)) * 0x1p-20 + 1e-300;
+            return make_double2(e_lo - slack, e_hi + slack);
+        };
+        const double cut = __dadd_rn(M, arg);
+        const double slack = fabs(cut) * 0x1p-20;
+        u32 mine = 0;
+        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
+            const double2 e = scaled(c);
+            if (e.x > cut + slack) ++mine;
+            else if (!(e.y < cut - slack)) mine += exact_score(sPq, k_h, c, scale) >= cut;
+        }
+        atomicAdd(&sCount, mine);
+        __syncthreads();
+        keep = max(sCount, 1u);
+    } else {
+        u32* w = weights + ((size_t)hh * groups + g) * nk;
+        const double* e = exact + ((size_t)hh * groups + g) * nk;
+        const double M = key_double(best[(size_t)hh * groups + g]);
+        unsigned long long total = 0;
+        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
+            const u32 wc = (u32)top_p_weight(__dsub_rn(e[c], M));
+            w[c] = wc;
+            total += wc;
+        }
+        atomicAdd(&sTotal, total);
+        for (int i = tid; i < HIST; i += SELECT_THREADS) wHist[i] = 0, nHist[i] = 0;
+        __syncthreads();
+        const double goal = top_p_goal(arg, sTotal);
+        // Three passes over bits 31-21, 20-10 and 9-0 of the weights (at most 2^31).
+        u32 prefix = 0;
+        unsigned long long base = 0;  // weight of the keys above the prefix so far
+        for (int pass = 0; pass < 3; ++pass) {
+            const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
+            const int known = pass == 0 ? 32 : pass == 1 ? 21 : 10;  // bits of the prefix fixed
+            const u32 mask = pass == 2 ? 1023u : HIST - 1;
+            for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
+                const u32 v = w[c];
+                if (known == 32 || (v >> known) == (prefix >> known)) {
+                    const u32 bin = (v >> shift) & mask;
+                    atomicAdd(wHist + bin, (unsigned long long)v);
+                    atomicAdd(nHist + bin, 1u);
+                }
+            }
+            __syncthreads();
+            if (tid < 32) {
+                unsigned long long above;
+                const int bin = find_weight_bin(wHist, base, goal, above, tid);
+                if (tid == 0) sBin = bin, sAbove = above;
+            }
+            __syncthreads();
+            const int bin = sBin;
+            // Count the keys in the bins above (they are kept).
+            u32 mine = 0;
+            for (int i = bin + 1 + tid; i < HIST; i += SELECT_THREADS) mine += nHist[i];
+            atomicAdd(&sCount, mine);
+            base += sAbove;
+            prefix |= (u32)bin << shift;
+            __syncthreads();
+            for (int i = tid; i < HIST; i += SELECT_THREADS) wHist[i] = 0, nHist[i] = 0;
+            __syncthreads();
+        }
+        // `prefix` is the weight where the sum crosses the goal (positive: the best key alone
+        // weighs 2^31 and the goal is below the total); as many keys of it as reach the goal.
+        const unsigned long long v = prefix > 0 ? prefix : 1;
+        double need = ceil((goal - (double)base) / (double)v);
+        unsigned long long m = need < 1.0 ? 1ull : (unsigned long long)need;
+        while (m > 1 && (double)(base + (m - 1) * v) >= goal) --m;
+        while ((double)(base + m * v) < goal) ++m;
+        keep = sCount + (u32)m;
+    }
+    if (tid == 0) keep_out[(size_t)h * groups + g] = keep;
+}
+
 // ---- columns: grid (ceil(rows / 4)), 128 threads: one warp per index row ----
-// Pass 0 counts each row's column entries into row_count; pass 1 writes them at col_ptr.
+// Pass 0 counts each row's column entries into row_count; pass 1 writes them at col_ptr. The
+// chosen keys of a group are a list (cap per group, chosen_count long) or, with words > 0, a
+// bitmap of `words` words per group.
 // With tile_words > 0 (vertical-slash), a chosen key inside a tile set in `tiles` (tile_block
 // square, tile_groups query groups per head) is dropped: the tile computes it.
 extern "C" __global__ void __launch_bounds__(128) {{NAME}}_columns(
-    const u32* __restrict__ chosen, const int* __restrict__ chosen_count, int cap,
+    const u32* __restrict__ chosen, const int* __restrict__ chosen_count, int cap, int words,
     const u32* __restrict__ rule_ptr, const u32* __restrict__ rule_c0, const u32* __restrict__ rule_c1,
     const u32* __restrict__ rule_code, const u16* __restrict__ codes, int per_head,
     int hq, int q_blocks, int block_m, int q_block, int groups, int pass,
@@ -677,32 +874,61 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}_columns(
     if (row >= hq * q_blocks) return;
     const int h = row / q_blocks, qb = row % q_blocks;
     const int g = qb * block_m / q_block;
-    const u32* cols = chosen + ((size_t)h * groups + g) * cap;
+    const u32* cols = chosen + ((size_t)h * groups + g) * (words > 0 ? words : cap);
     const int n = chosen_count[(size_t)h * groups + g];
     const int rrow = (per_head ? h : 0) * q_blocks + qb;
     const u32 r0 = rule_ptr[rrow], r1 = rule_ptr[rrow + 1];
     const u32* row_tiles = tile_words > 0 ? tiles + ((size_t)h * tile_groups + qb * block_m / tile_block) * tile_words : tiles;
-    u32 written = 0;
-    for (int base = 0; base < n; base += 32) {
-        const int i = base + lane;
-        u16 code = DROP_CODE;
-        u32 c = 0;
-        if (i < n) c = cols[i];
+    // The entry code of chosen key c in this row (DROP_CODE for none).
+    auto code_of = [&](u32 c) {
         const bool in_tile = tile_words > 0 && ((row_tiles[c / tile_block / 32] >> (c / tile_block % 32)) & 1u);
-        if (i < n && !in_tile) {
-            // The last run starting at or before c.
-            u32 a = r0, b = r1;
-            while (a < b) {
-                const u32 m = (a + b) / 2;
-                if (rule_c0[m] <= c) a = m + 1; else b = m;
-            }
-            code = FULL;
-            if (a > r0 && c < rule_c1[a - 1]) {
-                const u32 rc = rule_code[a - 1];
-                code = rc >= PER_COLUMN ? codes[rc - PER_COLUMN + (c - rule_c0[a - 1])] : (u16)rc;
-            }
+        if (in_tile) return DROP_CODE;
+        // The last run starting at or before c.
+        u32 a = r0, b = r1;
+        while (a < b) {
+            const u32 m = (a + b) / 2;
+            if (rule_c0[m] <= c) a = m + 1; else b = m;
         }
-        const bool keep = i < n && code != DROP_CODE;
+        u16 code = FULL;
+        if (a > r0 && c < rule_c1[a - 1]) {
+            const u32 rc = rule_code[a - 1];
+            code = rc >= PER_COLUMN ? codes[rc - PER_COLUMN + (c - rule_c0[a - 1])] : (u16)rc;
+        }
+        return code;
+    };
+    u32 written = 0;
+    if (words > 0) {
+        // A bitmap: lane l takes word base + l; its entries go after those of lower lanes.
+        for (int base = 0; base < words; base += 32) {
+            const int w = base + lane;
+            const u32 word = w < words ? cols[w] : 0u;
+            u32 mine = 0;
+            for (u32 rest = word; rest; rest &= rest - 1) mine += code_of(w * 32 + __ffs(rest) - 1) != DROP_CODE;
+            u32 incl = mine;
+            for (int o = 1; o < 32; o *= 2) {
+                const u32 v = __shfl_up_sync(0xffffffff, incl, o);
+                if (lane >= o) incl += v;
+            }
+            if (pass == 1) {
+                u32 at = col_ptr[row] + written + incl - mine;
+                for (u32 rest = word; rest; rest &= rest - 1) {
+                    const u32 c = w * 32 + __ffs(rest) - 1;
+                    const u16 code = code_of(c);
+                    if (code != DROP_CODE) {
+                        col_idx[at] = c;
+                        col_mask[at] = code;
+                        ++at;
+                    }
+                }
+            }
+            written += __shfl_sync(0xffffffff, incl, 31);
+        }
+    }
+    for (int base = 0; base < n && words == 0; base += 32) {
+        const int i = base + lane;
+        const u32 c = i < n ? cols[i] : 0u;
+        const u16 code = i < n ? code_of(c) : DROP_CODE;
+        const bool keep = code != DROP_CODE;
         const u32 ballot = __ballot_sync(0xffffffff, keep);
         if (pass == 1 && keep) {
             const u32 at = col_ptr[row] + written + __popc(ballot & ((1u << lane) - 1));
@@ -746,7 +972,7 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_scan(const u32* __re
 
 // ---- block_scores: grid (ceil(groups / 64), ceil(kblocks / 64), hq), 256 threads ----
 // scores[h][g][kb] = scale * dot(pooled_q[h][g], pooled_k[kv][kb]) with the CPU builder's dot
-// (cpu_dot's four accumulators over d mod 4); each thread holds 4 groups x 4 key blocks, the
+// (four accumulators over d mod 4, weft_patterns::tensor::dot); each thread holds 4 groups x 4 key blocks, the
 // pooled rows staged in shared memory as doubles, so every pooled key is read once per 64
 // groups instead of once per group.
 extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_scores(
@@ -836,23 +1062,23 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_select(
     if (mode == 0) {
         keep = min((u32)top_k, n);
     } else if (mode == 2) {
-        // top_p(p): the fewest best whose weights exp(score - best) reach p of their total,
-        // summed best first (weft_patterns::select; the sums in one thread, in order).
-        double* w = sScore;  // the scores are no longer needed, only the ids
+        // top_p(p): the fewest best whose fixed-point weights (top_p_weight) reach p of their
+        // total (weft_patterns::select; integer sums, so the order does not matter).
+        unsigned long long* w = (unsigned long long*)sScore;  // only the ids are needed after this
         const double best = n > 0 ? sScore[0] : 0.0;
         __syncthreads();
-        for (u32 i = tid; i < n; i += 256) w[i] = repro_exp(__dsub_rn(w[i], best));
+        for (u32 i = tid; i < n; i += 256) w[i] = top_p_weight(__dsub_rn(sScore[i], best));
         __syncthreads();
         if (tid == 0) {
-            double total = 0.0;
-            for (u32 i = 0; i < n; ++i) total = __dadd_rn(total, w[i]);
-            const double goal = __dmul_rn(__dmul_rn(budget_arg, total), 1.0 - 1e-12);
-            double acc = 0.0;
+            unsigned long long total = 0;
+            for (u32 i = 0; i < n; ++i) total += w[i];
+            const double goal = top_p_goal(budget_arg, total);
+            unsigned long long acc = 0;
             u32 count = 0;
             for (u32 i = 0; i < n; ++i) {
-                acc = __dadd_rn(acc, w[i]);
+                acc += w[i];
                 ++count;
-                if (acc >= goal) break;
+                if ((double)acc >= goal) break;
             }
             nKeep = count;
         }

@@ -145,9 +145,9 @@ impl Gpu {
             let dims = [per_head_i, hq_i, q_blocks_i, bm_i, block_i, groups_i, kblocks_i];
             entries.launch_rows(s, f_rows, &tiles, dims, pass, (counts_out.0, ptrs.0, blocks.0, blocks.1))?;
             // Verticals: one list per head (a single "group" spanning every query).
-            let (one, words_i) = (1i32, words as i32);
+            let (one, words_i, list) = (1i32, words as i32, 0i32);
             let mut b = s.launch_builder(f_columns);
-            b.arg(&vlist).arg(&counts).arg(&vk_i);
+            b.arg(&vlist).arg(&counts).arg(&vk_i).arg(&list);
             b.arg(&rules.ptr).arg(&rules.c0).arg(&rules.c1).arg(&rules.code).arg(&rules.codes).arg(&per_head_i);
             b.arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&nq_i).arg(&one).arg(&pass);
             b.arg(&tiles).arg(&block_i).arg(&groups_i).arg(&words_i);
