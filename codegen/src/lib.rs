@@ -472,9 +472,10 @@ pub const VV_INDEX_ENTRIES: [&str; 9] =
 /// The entry points of the block top-k index builder (same module as [`emit_vv_index`]).
 pub const BLOCK_INDEX_ENTRIES: [&str; 5] = ["pool", "block_scores", "block_select", "block_rows", "scan"];
 
-/// The entry points of the vertical-slash index builder (same module as [`emit_vv_index`]).
-pub const VS_INDEX_ENTRIES: [&str; 8] =
-    ["vs_logits", "vs_exp", "vs_mass", "vs_select", "vs_tiles", "block_rows", "columns", "scan"];
+/// The entry points of the vertical-slash index builder, which also builds grids of column
+/// lines (`grid_select` in place of `vs_select`); same module as [`emit_vv_index`].
+pub const VS_INDEX_ENTRIES: [&str; 9] =
+    ["vs_logits", "vs_exp", "vs_mass", "vs_select", "vs_tiles", "block_rows", "columns", "scan", "grid_select"];
 
 /// Keys per CTA of the `vs_exp` entry (its grid is `ceil(nk / VS_EXP_KEYS)` wide).
 pub const VS_EXP_KEYS: usize = 2048;

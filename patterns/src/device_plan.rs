@@ -21,13 +21,13 @@
 mod slash;
 
 use rayon::prelude::*;
-use weft_dsl::{Budget, PatternExpr, Pred, Var, VerticalVector};
+use weft_dsl::{Budget, GridLines, PatternExpr, Pred, Var, VerticalVector};
 
 use crate::families::{resolve, ColSel, HeadInputs, Node};
 use crate::index::{and, cov, layout, settle, Cov, Entry, MaskTable};
 use crate::interval::{decide, Region};
 use crate::{Error, IndexOptions, SparseIndex, Tensor, FULL};
-pub use slash::{SlashChoice, SlashPlan};
+pub use slash::{SlashChoice, SlashPlan, Verticals};
 
 /// A fresh plan id (see [`ColumnPlan::id`]).
 fn next_plan_id() -> u64 {
@@ -159,9 +159,10 @@ fn vv_leaf(e: &PatternExpr) -> Leaf<'_, VerticalVector> {
         PatternExpr::Static(_) => Leaf::Static,
         PatternExpr::Block(b) if matches!(b.keep, weft_dsl::BlockKeep::Where(_)) => Leaf::Static,
         PatternExpr::VerticalVector(v) => Leaf::Target(v),
+        PatternExpr::Grid(g) if g.phase.is_some() && g.lines == GridLines::Rows => Leaf::Static,
         PatternExpr::Block(_) => Leaf::Unsupported("a block top-k selection"),
         PatternExpr::VerticalSlash(_) => Leaf::Unsupported("a vertical_slash selection"),
-        PatternExpr::Grid(_) => Leaf::Unsupported("a grid"),
+        PatternExpr::Grid(_) => Leaf::Unsupported("a grid with column lines or an estimated phase"),
         _ => Leaf::Unsupported("a retrieval selection"),
     }
 }
@@ -174,9 +175,10 @@ fn block_leaf(e: &PatternExpr) -> Leaf<'_, weft_dsl::Block> {
             weft_dsl::BlockKeep::Where(_) => Leaf::Static,
             weft_dsl::BlockKeep::Budget(_) => Leaf::Target(b),
         },
+        PatternExpr::Grid(g) if g.phase.is_some() && g.lines == GridLines::Rows => Leaf::Static,
         PatternExpr::VerticalVector(_) => Leaf::Unsupported("a vertical_vector selection"),
         PatternExpr::VerticalSlash(_) => Leaf::Unsupported("a vertical_slash selection"),
-        PatternExpr::Grid(_) => Leaf::Unsupported("a grid"),
+        PatternExpr::Grid(_) => Leaf::Unsupported("a grid with column lines or an estimated phase"),
         _ => Leaf::Unsupported("a retrieval selection"),
     }
 }

@@ -147,7 +147,7 @@ impl Node {
     }
 }
 
-fn static_pred(e: PatternExpr) -> Pred {
+pub(crate) fn static_pred(e: PatternExpr) -> Pred {
     match e {
         PatternExpr::Static(p) => p,
         _ => Pred::Const(false),
@@ -386,14 +386,19 @@ fn vertical_slash(v: &VerticalSlash, inp: &HeadInputs<'_>, ctx: &Pred) -> (ColSe
     (ColSel { bq: b, cols: vec![verticals; nq.div_ceil(b)] }, slash_blocks(&slashes, b, nq, nk))
 }
 
-fn grid(g: &Grid, inp: &HeadInputs<'_>, ctx: &Pred) -> Node {
+/// Query rows a grid estimates its phase from (the last ones).
+pub(crate) const GRID_LAST_Q: usize = 64;
+
+/// A grid's phase for one head: the given one, or the heaviest in-frame position of the last
+/// [`GRID_LAST_Q`] queries' column mass, folded modulo the stride in key order (ties go to
+/// the lowest position).
+pub(crate) fn grid_phase(g: &Grid, inp: &HeadInputs<'_>, ctx: &Pred) -> usize {
     let stride = g.stride as usize;
-    let phase = g.phase.map(|p| p as usize).unwrap_or_else(|| {
+    g.phase.map(|p| p as usize).unwrap_or_else(|| {
         let mut mass = vec![0f64; stride];
-        for (k, m) in last_rows_mass(inp, ctx, 64).vert.iter().enumerate() {
+        for (k, m) in last_rows_mass(inp, ctx, GRID_LAST_Q).vert.iter().enumerate() {
             mass[k % stride] += m;
         }
-        // The heaviest in-frame position; ties go to the lowest.
         let mut best = 0;
         for (i, m) in mass.iter().enumerate() {
             if *m > mass[best] {
@@ -401,7 +406,12 @@ fn grid(g: &Grid, inp: &HeadInputs<'_>, ctx: &Pred) -> Node {
             }
         }
         best
-    });
+    })
+}
+
+fn grid(g: &Grid, inp: &HeadInputs<'_>, ctx: &Pred) -> Node {
+    let stride = g.stride as usize;
+    let phase = grid_phase(g, inp, ctx);
     let mut items = Vec::new();
     if matches!(g.lines, GridLines::Cols | GridLines::Both) {
         let cols: Vec<u32> = (phase..inp.nk()).step_by(stride).map(|c| c as u32).collect();

@@ -203,3 +203,60 @@ fn planned_indexes_are_build_index_numbered_as_the_gpu_numbers_them() {
         assert_eq!(planned_index(&e, &q, &k, &opts).unwrap(), build_index(&e, &q, &k, &opts).unwrap(), "{e}");
     }
 }
+
+fn grid_patterns(stride: u32) -> Vec<(&'static str, PatternExpr)> {
+    let cols = || grid(stride).lines(GridLines::Cols);
+    vec![
+        ("grid cols", cols().into()),
+        ("causal & grid cols + sink", causal() & cols().sink(4)),
+        ("local | causal & grid cols", local(30) | (causal() & cols())),
+        ("window & grid cols", window(150) & cols().sink(2)),
+        // Row lines with a given phase are static.
+        (
+            "causal & (fixed rows | grid cols)",
+            causal() & (grid(stride).phase(3 % stride).lines(GridLines::Rows) | cols()),
+        ),
+        // A given phase: the plan's verticals are its column lines.
+        ("causal & (sink | fixed grid)", causal() & (sink(2) | grid(stride).phase(5 % stride))),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn planned_and_cpu_built_grid_indexes_agree(
+        nq in 1usize..400, extra in 0usize..120, stride in 1u32..90, group in 1usize..3,
+        blocks in prop::sample::select(vec![(64usize, 64usize), (32, 32), (16, 16)]), seed in any::<u64>(),
+    ) {
+        let (bm, bn) = blocks;
+        let nk = nq + extra;
+        let heads = 2;
+        let q = Tensor::random(heads, nq, 16, seed);
+        let k = Tensor::random(heads / group, nk, 16, seed ^ 0x3c6e);
+        for (name, e) in grid_patterns(stride) {
+            let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), scale: Some(0.25), ..Default::default() };
+            let want = build_index(&e, &q, &k, &opts).unwrap();
+            let plan = SlashPlan::new(&e, heads, nq, nk, &opts).unwrap();
+            let chosen = plan.choose_on_cpu(&e, &q, &k).unwrap();
+            let got = plan.assemble(&chosen).unwrap();
+            prop_assert!(index_difference(&got, &want).is_none(), "{name} nq={nq} nk={nk} blocks={blocks:?}: {}", index_difference(&got, &want).unwrap());
+            // One phase per head: every stride-th key from it, no slashes.
+            for (v, s) in &chosen {
+                prop_assert!(s.is_empty() && !v.is_empty() && v[0] < stride);
+                if name.contains("fixed grid") {
+                    prop_assert_eq!(v[0], 5 % stride);
+                }
+                prop_assert!(v.windows(2).all(|w| w[1] - w[0] == stride));
+            }
+        }
+    }
+}
+
+#[test]
+fn grids_with_estimated_row_lines_are_not_planned() {
+    let opts = IndexOptions { scale: Some(0.1), ..Default::default() };
+    let e = causal() & grid(32);
+    let err = SlashPlan::new(&e, 1, 100, 100, &opts).unwrap_err().to_string();
+    assert!(err.contains("row lines") && err.contains("CPU"), "{err}");
+}

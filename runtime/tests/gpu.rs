@@ -751,6 +751,7 @@ fn vertical_vector_block_and_vertical_slash_layers_build_their_index_on_the_gpu(
         Pattern::new("vv_threshold", vertical_vector().q_block(128).keep(threshold(0.6)).sink(4)),
         Pattern::new("causal_block", causal() & block().block_q(64).block_k(64).keep(top_k(6))),
         Pattern::new("causal_vs", causal() & vertical_slash().vertical(top_k(200)).slash(top_k(12))),
+        Pattern::new("causal_grid_cols", causal() & grid(300).lines(weft_dsl::GridLines::Cols).sink(8)),
     ] {
         layer_on_gpu_built_index(&rt, &p);
     }
@@ -841,6 +842,60 @@ fn vertical_slash_indexes_built_on_the_gpu_match_the_cpu_builder() {
                         p.name, r.blocks, r.report.columns, r.diff.is_none()
                     );
                     let case = format!("{} nv={nv} nq={nq} nk={nk} ties={ties}", p.name);
+                    report_case(ok, line, r.diff.as_ref(), &mut failures, case);
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "failed: {failures:?}");
+}
+
+#[test]
+fn grid_indexes_built_on_the_gpu_match_the_cpu_builder() {
+    use weft_dsl::GridLines;
+    use weft_patterns::device_plan::SlashPlan;
+    let gpu = Gpu::open(0).expect("a GPU");
+    let mut failures = Vec::new();
+    let mut seed = 9900u64;
+    for stride in [37u32, 256, 1500] {
+        let cols = || grid(stride).lines(GridLines::Cols);
+        let patterns = [
+            Pattern::new("causal_grid_cols", causal() & cols().sink(4)),
+            Pattern::new("grid_cols", weft_dsl::PatternExpr::from(cols())),
+            Pattern::new("local_causal_grid_cols", local(64) | (causal() & cols())),
+            // A given phase: rows and columns, no estimate.
+            Pattern::new("causal_fixed_grid", causal() & (sink(2) | grid(stride).phase(stride / 3))),
+        ];
+        for p in &patterns {
+            for (nq, nk, hq, hkv, d) in DEVICE_INDEX_SHAPES {
+                for uniform in [false, true] {
+                    seed += 1;
+                    let mut x = inputs(hq, hkv, nq, nk, d, DType::Bf16, seed);
+                    if uniform {
+                        // Every key of a head the same: positions holding as many keys have
+                        // equal masses, so the lowest must win.
+                        for h in 0..hkv {
+                            for c in 1..nk {
+                                let (a, b) = (h * nk * d, (h * nk + c) * d);
+                                x.kb.copy_within(a..a + d, b);
+                                x.k.data.copy_within(a..a + d, b);
+                            }
+                        }
+                    }
+                    let scale = 1.0 / (d as f64).sqrt();
+                    let opts = IndexOptions { scale: Some(scale), ..Default::default() };
+                    let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
+                    let plan = SlashPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
+                    let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
+                    let r = check_device_built(&gpu, p, &x, shape, &plan.masks, &want_ix, scale, |q, k| {
+                        gpu.build_vs_index(&plan, shape, DType::Bf16, q, k).unwrap()
+                    });
+                    let DeviceBuilt { ok, rel, nan, lse_err, .. } = r;
+                    let line = format!(
+                        "grid index {:<22} stride={stride:<4} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} uniform={uniform:<5} blocks={} columns={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                        p.name, r.blocks, r.report.columns, r.diff.is_none()
+                    );
+                    let case = format!("{} stride={stride} nq={nq} nk={nk} uniform={uniform}", p.name);
                     report_case(ok, line, r.diff.as_ref(), &mut failures, case);
                 }
             }

@@ -267,6 +267,61 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_vs_select(
     if (tid == 0) counts[which * hq + h] = (int)written;
 }
 
+// ---- grid_select: grid (hq), 1024 threads ----
+// For a grid's column lines: the phase (`phase`, or when negative the heaviest in-frame
+// position of vert[h] folded modulo the stride, each position's masses summed in key order
+// from 0, ties to the lowest position, as weft_patterns' grid_phase), then the keys phase,
+// phase + stride, ... to vlist[h] (cap per head) and their count to counts[h]; no slashes
+// (counts[hq + h] = 0).
+extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_grid_select(
+    const double* __restrict__ vert, int nk, int hq, int stride, int phase, int cap, u32* __restrict__ vlist,
+    int* __restrict__ counts)
+{
+    __shared__ double w_best[32];
+    __shared__ int w_pos[32];
+    __shared__ int s_phase;
+    const int h = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    if (phase < 0) {
+        const double* v = vert + (size_t)h * nk;
+        // Each thread's positions ascend, so a strictly larger mass is the only way to win.
+        double best = -1.0;
+        int pos = 0x7fffffff;
+        for (int i = tid; i < stride; i += 1024) {
+            double m = 0.0;
+            for (long long k = i; k < nk; k += stride) m = __dadd_rn(m, v[k]);
+            if (m > best) best = m, pos = i;
+        }
+        for (int o = 16; o > 0; o /= 2) {
+            const double b = __shfl_xor_sync(0xffffffff, best, o);
+            const int p = __shfl_xor_sync(0xffffffff, pos, o);
+            if (b > best || (b == best && p < pos)) best = b, pos = p;
+        }
+        if (lane == 0) w_best[warp] = best, w_pos[warp] = pos;
+        __syncthreads();
+        if (warp == 0) {
+            best = w_best[lane];
+            pos = w_pos[lane];
+            for (int o = 16; o > 0; o /= 2) {
+                const double b = __shfl_xor_sync(0xffffffff, best, o);
+                const int p = __shfl_xor_sync(0xffffffff, pos, o);
+                if (b > best || (b == best && p < pos)) best = b, pos = p;
+            }
+            if (lane == 0) s_phase = pos;
+        }
+        __syncthreads();
+    } else if (tid == 0) {
+        s_phase = phase;
+    }
+    __syncthreads();
+    const int p = s_phase;
+    const int count = p < nk ? (nk - p + stride - 1) / stride : 0;
+    for (int j = tid; j < count; j += 1024) vlist[(size_t)h * cap + j] = (u32)(p + j * stride);
+    if (tid == 0) {
+        counts[h] = count;
+        counts[hq + h] = 0;
+    }
+}
+
 // ---- vs_tiles: grid (groups, hq), 128 threads ----
 // tiles[(h * groups + g) * words ..]: bit kb set when one of head h's slashes crosses pattern
 // tile (g, kb): diagonal i meets row q at key q + nk - i.

@@ -1,4 +1,5 @@
-//! The static part of a vertical-slash index built on the GPU.
+//! The static part of a vertical-slash index built on the GPU (and of a grid of column lines,
+//! whose phase the same estimate chooses).
 //!
 //! `vertical_slash` chooses, per head, key columns (verticals, the same for every query group)
 //! and diagonals (slashes, each keeping the `block x block` tiles it crosses), from the softmax
@@ -11,15 +12,22 @@
 //!   [`ColumnPlan`](super::ColumnPlan) has them). A vertical inside a kept tile adds nothing
 //!   (the tile computes its pairs): the plan checks that for the pattern, and patterns where
 //!   it does not hold are built on the CPU.
+//!
+//! A `grid(lines = cols)` with an estimated phase is the same with no slashes: its verticals
+//! are every `stride`-th key from the phase, the in-frame position whose column mass (folded
+//! modulo the stride) is heaviest. Row lines are not planned: their masks would depend on the
+//! phase, so the attention kernel (whose mask table is part of its key) would too.
 
 use rayon::prelude::*;
-use weft_dsl::{Budget, Env, PatternExpr, Pred, VerticalSlash};
+use weft_dsl::{Budget, Env, Grid, GridLines, PatternExpr, Pred};
 
 use super::{
     block_entries, check_mask_count, column_rules, find_leaf, next_plan_id, replace_leaf, static_start, BlockEntries,
     ColumnRules, Leaf, DROP,
 };
-use crate::families::{slash_blocks, vertical_slash_choice, ColSel, HeadInputs, Node};
+use crate::families::{
+    grid_phase, slash_blocks, static_pred, vertical_slash_choice, ColSel, HeadInputs, Node, GRID_LAST_Q,
+};
 use crate::index::MaskTable;
 use crate::interval::{decide, Region};
 use crate::{Error, IndexOptions, SparseIndex, Tensor};
@@ -41,8 +49,8 @@ pub struct SlashPlan {
     pub kblocks: usize,
     /// Estimated rows: the last `last` queries.
     pub last: usize,
-    /// Verticals and slashes kept (`top_k(n)` each).
-    pub vertical_k: usize,
+    /// How verticals are chosen, and slashes kept (`top_k(n)`; 0 for a grid).
+    pub verticals: Verticals,
     pub slash_k: usize,
     pub scale: f64,
     /// Whether anything differs per head (slot = head) or not (slot 0).
@@ -59,31 +67,65 @@ pub struct SlashPlan {
     pub masks: Vec<Pred>,
 }
 
+/// How a [`SlashPlan`]'s verticals are chosen from the column masses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verticals {
+    /// The `n` heaviest keys (`vertical_slash`).
+    TopK(usize),
+    /// Every `stride`-th key from `phase`, or when that is `None` from the heaviest in-frame
+    /// position (`grid`).
+    Grid { stride: usize, phase: Option<usize> },
+}
+
 /// One head's choice: its verticals (keys) and slashes (diagonal numbers), each ascending.
 pub type SlashChoice = (Vec<u32>, Vec<u32>);
 
-/// The leaves of a vertical-slash plan.
-fn vs_leaf(e: &PatternExpr) -> Leaf<'_, VerticalSlash> {
+/// The leaves of a vertical-slash plan (the target is the leaf itself: a vertical_slash or a
+/// grid).
+fn vs_leaf(e: &PatternExpr) -> Leaf<'_, PatternExpr> {
     match e {
         PatternExpr::Static(_) => Leaf::Static,
         PatternExpr::Block(b) if matches!(b.keep, weft_dsl::BlockKeep::Where(_)) => Leaf::Static,
+        PatternExpr::Grid(g) if g.phase.is_some() && g.lines == GridLines::Rows => Leaf::Static,
         PatternExpr::VerticalSlash(v) if matches!((v.vertical, v.slash), (Budget::TopK(_), Budget::TopK(_))) => {
-            Leaf::Target(v)
+            Leaf::Target(e)
         }
+        PatternExpr::Grid(g) if g.lines == GridLines::Cols || g.phase.is_some() => Leaf::Target(e),
         PatternExpr::VerticalSlash(_) => Leaf::Unsupported("a vertical_slash with a top_p or threshold budget"),
+        PatternExpr::Grid(_) => Leaf::Unsupported("a grid with row lines and an estimated phase"),
         PatternExpr::Block(_) => Leaf::Unsupported("a block selection"),
         PatternExpr::VerticalVector(_) => Leaf::Unsupported("a vertical_vector selection"),
-        PatternExpr::Grid(_) => Leaf::Unsupported("a grid"),
         _ => Leaf::Unsupported("a retrieval selection"),
     }
 }
 
-const SUPPORTS: &str = "one vertical_slash(vertical = top_k(n), slash = top_k(m))";
+const SUPPORTS: &str =
+    "one vertical_slash(vertical = top_k(n), slash = top_k(m)) or one grid (column lines, or a given phase)";
 
-/// The leaf's node with the given choice: no verticals (or every key) and no tiles (or all).
-fn vs_node(columns: bool, tiles: bool, nq: usize, nk: usize) -> Node {
+/// The leaf's node with the given choice: no verticals (or every key) and no tiles (or all),
+/// plus a grid's static parts (its sink, and its row lines when the phase is given).
+fn vs_node(columns: bool, tiles: bool, nq: usize, nk: usize, grid: Option<&Grid>) -> Node {
+    use weft_dsl::builder::{lit, q};
     let cols = if columns { (0..nk as u32).collect() } else { Vec::new() };
-    Node::Union(vec![Node::Columns(ColSel { bq: nq.max(1), cols: vec![cols] }), Node::Static(Pred::Const(tiles))])
+    let mut items = vec![Node::Columns(ColSel { bq: nq.max(1), cols: vec![cols] }), Node::Static(Pred::Const(tiles))];
+    if let Some(g) = grid {
+        if let (Some(phase), GridLines::Rows | GridLines::Both) = (g.phase, g.lines) {
+            items.push(Node::Static((q() % i64::from(g.stride)).eq(lit(i64::from(phase)))));
+        }
+        if g.sink > 0 {
+            items.push(Node::Static(static_pred(weft_dsl::builder::sink(g.sink))));
+        }
+    }
+    Node::Union(items)
+}
+
+/// The plan's leaf, found in `pattern`, with the predicate around it.
+fn target(pattern: &PatternExpr) -> Result<(&PatternExpr, Pred), Error> {
+    let mut found = None;
+    find_leaf(pattern, &Pred::Const(true), SUPPORTS, &vs_leaf, &mut found)?;
+    found.ok_or_else(|| {
+        Error::Layout("the pattern has no vertical_slash or estimated grid: nothing to build on the GPU".into())
+    })
 }
 
 impl SlashPlan {
@@ -95,23 +137,30 @@ impl SlashPlan {
         nk: usize,
         opts: &IndexOptions,
     ) -> Result<SlashPlan, Error> {
-        let mut found = None;
-        find_leaf(pattern, &Pred::Const(true), SUPPORTS, &vs_leaf, &mut found)?;
-        let Some((vs, ctx)) = found else {
-            return Err(Error::Layout("the pattern has no vertical_slash: nothing to build on the GPU".into()));
+        let (leaf, ctx) = target(pattern)?;
+        // (verticals, slashes kept, the pattern's tile, rows estimated from, the grid)
+        let (verticals, slash_k, b, last_q, grid) = match leaf {
+            PatternExpr::VerticalSlash(vs) => {
+                let (Budget::TopK(v), Budget::TopK(s)) = (vs.vertical, vs.slash) else {
+                    unreachable!("vs_leaf takes top_k budgets only")
+                };
+                (Verticals::TopK(v as usize), s as usize, vs.block as usize, vs.last_q as usize, None)
+            }
+            PatternExpr::Grid(g) => {
+                // No slashes: the tile size only shapes the (never kept) tile entries.
+                let verticals = Verticals::Grid { stride: g.stride as usize, phase: g.phase.map(|p| p as usize) };
+                (verticals, 0, 64, GRID_LAST_Q, Some(g))
+            }
+            _ => unreachable!("vs_leaf targets vertical_slash and grid leaves only"),
         };
-        let (Budget::TopK(vertical_k), Budget::TopK(slash_k)) = (vs.vertical, vs.slash) else {
-            unreachable!("vs_leaf takes top_k budgets only")
-        };
-        let is_vs = |e: &PatternExpr| matches!(e, PatternExpr::VerticalSlash(_));
-        let placeholder = vs_node(false, false, nq, nk);
-        let fix = |e: &PatternExpr| is_vs(e).then(|| placeholder.clone());
+        let is_target = |e: &PatternExpr| std::ptr::eq(e, leaf);
+        let placeholder = vs_node(false, false, nq, nk, grid);
+        let fix = |e: &PatternExpr| is_target(e).then(|| placeholder.clone());
         let start = static_start(pattern, heads, nq, nk, opts, &fix)?;
-        let b = vs.block as usize;
         let slots = start.nodes.len();
         let variant = |columns: bool, tiles: bool| -> Vec<Node> {
-            let with = vs_node(columns, tiles, nq, nk);
-            start.nodes.iter().map(|n| replace_leaf(pattern, n, &is_vs, &with)).collect()
+            let with = vs_node(columns, tiles, nq, nk, grid);
+            start.nodes.iter().map(|n| replace_leaf(pattern, n, &is_target, &with)).collect()
         };
         let (tiles, none) = (start.index(variant(false, true))?, start.index(variant(false, false))?);
         let (bm, bn, scale, per_head) = (start.bm, start.bn, start.scale, start.per_head);
@@ -136,7 +185,7 @@ impl SlashPlan {
         }
 
         // The keys each estimated row may attend to, by interval analysis on key ranges.
-        let last = (vs.last_q as usize).min(nq);
+        let last = last_q.min(nq);
         let words = nk.div_ceil(32);
         let allowed: Vec<u32> = (0..slots * last)
             .into_par_iter()
@@ -178,8 +227,8 @@ impl SlashPlan {
             groups: nq.div_ceil(b),
             kblocks: nk.div_ceil(b),
             last,
-            vertical_k: vertical_k as usize,
-            slash_k: slash_k as usize,
+            verticals,
+            slash_k,
             scale,
             per_head,
             allowed,
@@ -229,11 +278,7 @@ impl SlashPlan {
     /// The `(verticals, slashes)` the CPU builder chooses per head for `q` and `k`: what the
     /// GPU's selection must reproduce.
     pub fn choose_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<Vec<SlashChoice>, Error> {
-        let mut found = None;
-        find_leaf(pattern, &Pred::Const(true), SUPPORTS, &vs_leaf, &mut found)?;
-        let Some((vs, ctx)) = found else {
-            return Err(Error::Layout("the pattern has no vertical_slash".into()));
-        };
+        let (leaf, ctx) = target(pattern)?;
         super::check_plan_shape((self.heads, self.nq, self.nk), q, k)?;
         let group = crate::tensor::check_qkv(q, k, None)?;
         q.check_finite("q")?;
@@ -242,7 +287,14 @@ impl SlashPlan {
             .into_par_iter()
             .map(|h| {
                 let inp = HeadInputs { q, k, h, kv: h / group, scale: self.scale, wanted: None, estimates: None };
-                vertical_slash_choice(vs, &inp, &ctx)
+                match leaf {
+                    PatternExpr::VerticalSlash(vs) => vertical_slash_choice(vs, &inp, &ctx),
+                    PatternExpr::Grid(g) => {
+                        let phase = grid_phase(g, &inp, &ctx);
+                        ((phase..self.nk).step_by(g.stride as usize).map(|c| c as u32).collect(), Vec::new())
+                    }
+                    _ => unreachable!("vs_leaf targets vertical_slash and grid leaves only"),
+                }
             })
             .collect())
     }

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 use weft_codegen::{
     emit_vv_index, vs_mass_shared_bytes, DType, VS_EXP_KEYS, VS_LOGITS_KEYS, VS_LOGITS_ROWS, VV_INDEX_MAX_SHARED,
 };
-use weft_patterns::device_plan::SlashPlan;
+use weft_patterns::device_plan::{SlashPlan, Verticals};
 
 use super::{
     check_build_inputs, kernel_times, launch_cfg, upload, usage, DeviceEntries, DeviceRules, IndexBuildReport,
@@ -45,8 +45,8 @@ impl Gpu {
         }
         let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
         let f = self.load_entries(&kernel, &weft_codegen::VS_INDEX_ENTRIES)?;
-        let (f_logits, f_exp, f_mass, f_select, f_tiles, f_rows, f_columns, f_scan) =
-            (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7]);
+        let (f_logits, f_exp, f_mass, f_select, f_tiles, f_rows, f_columns, f_scan, f_grid) =
+            (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7], &f[8]);
         let s = &self.stream;
         let (up, alloc) = ("uploading the vertical-slash plan", "allocating vertical-slash index buffers");
         let q_blocks = plan.q_blocks();
@@ -54,7 +54,14 @@ impl Gpu {
         let (groups, kblocks) = (plan.groups, plan.kblocks);
         let words = kblocks.div_ceil(32);
         let chunks = nk.div_ceil(weft_patterns::repro::SUM_CHUNK);
-        let (vk, sk) = (plan.vertical_k.clamp(1, nk), plan.slash_k.clamp(1, nq + nk));
+        // Verticals per head at most: top_k's n, or a grid's ceil(nk / stride) lines.
+        let vk = match plan.verticals {
+            Verticals::TopK(n) => n.clamp(1, nk),
+            Verticals::Grid { stride, .. } => nk.div_ceil(stride.max(1)).max(1),
+        };
+        let sk = plan.slash_k.clamp(1, nq + nk);
+        // A grid with a given phase needs no estimate.
+        let estimate = !matches!(plan.verticals, Verticals::Grid { phase: Some(_), .. });
         let copy = self.plan_copy(plan.id, || {
             Ok((
                 upload(s, &plan.allowed, up)?,
@@ -93,7 +100,7 @@ impl Gpu {
         };
         // Safety (every launch below): argument lists match the template's signatures and each
         // buffer has the length the kernel indexes.
-        for h0 in (0..hq).step_by(chunk) {
+        for h0 in (0..hq).step_by(chunk).filter(|_| estimate) {
             let hc = chunk.min(hq - h0);
             let h0_i = h0 as i32;
             s.memset_zeros(&mut rowmax).map_err(driver("clearing row maxima"))?;
@@ -122,10 +129,23 @@ impl Gpu {
             marks.push(("mass", t2, t3));
         }
         let t0 = event()?;
-        let mut b = s.launch_builder(f_select);
-        b.arg(&vert).arg(&slash).arg(&nq_i).arg(&nk_i).arg(&hq_i).arg(&vk_i).arg(&sk_i);
-        b.arg(&mut vlist).arg(&mut slist).arg(&mut counts);
-        unsafe { b.launch(launch_cfg((hq as u32, 2, 1), 1024, 0)) }.map_err(launch("vs_select"))?;
+        match plan.verticals {
+            Verticals::TopK(_) => {
+                let mut b = s.launch_builder(f_select);
+                b.arg(&vert).arg(&slash).arg(&nq_i).arg(&nk_i).arg(&hq_i).arg(&vk_i).arg(&sk_i);
+                b.arg(&mut vlist).arg(&mut slist).arg(&mut counts);
+                unsafe { b.launch(launch_cfg((hq as u32, 2, 1), 1024, 0)) }.map_err(launch("vs_select"))?;
+            }
+            Verticals::Grid { stride, phase } => {
+                let stride_i =
+                    i32::try_from(stride).map_err(|_| usage(format!("grid stride {stride} is too large")))?;
+                let phase_i = phase.map_or(-1, |p| p.min(nk) as i32);
+                let mut b = s.launch_builder(f_grid);
+                b.arg(&vert).arg(&nk_i).arg(&hq_i).arg(&stride_i).arg(&phase_i).arg(&vk_i);
+                b.arg(&mut vlist).arg(&mut counts);
+                unsafe { b.launch(launch_cfg((hq as u32, 1, 1), 1024, 0)) }.map_err(launch("grid_select"))?;
+            }
+        }
         let mut b = s.launch_builder(f_tiles);
         b.arg(&slist).arg(&counts).arg(&hq_i).arg(&sk_i).arg(&nq_i).arg(&nk_i).arg(&block_i);
         b.arg(&groups_i).arg(&kblocks_i).arg(&mut tiles);
