@@ -474,8 +474,18 @@ pub const BLOCK_INDEX_ENTRIES: [&str; 5] = ["pool", "block_scores", "block_selec
 
 /// The entry points of the vertical-slash index builder, which also builds grids of column
 /// lines (`grid_select` in place of `vs_select`); same module as [`emit_vv_index`].
-pub const VS_INDEX_ENTRIES: [&str; 9] =
-    ["vs_logits", "vs_exp", "vs_mass", "vs_select", "vs_tiles", "block_rows", "columns", "scan", "grid_select"];
+pub const VS_INDEX_ENTRIES: [&str; 10] = [
+    "vs_logits",
+    "vs_exp",
+    "vs_inv",
+    "vs_mass",
+    "vs_select",
+    "vs_tiles",
+    "block_rows",
+    "columns",
+    "scan",
+    "grid_select",
+];
 
 /// Keys per CTA of the `vs_exp` entry (its grid is `ceil(nk / VS_EXP_KEYS)` wide).
 pub const VS_EXP_KEYS: usize = 2048;

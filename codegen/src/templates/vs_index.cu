@@ -7,8 +7,9 @@
 // each is cut to its top-k exactly as the CPU cuts it (mass, then the lower id). Then the
 // index rows: the tiles the slashes cross through the plan's block entries (block_rows), and
 // the verticals outside kept tiles through its column rules (columns). Launch order, per chunk
-// of heads: vs_logits, vs_exp, vs_mass; then vs_select, vs_tiles; then block_rows and columns
-// counting (pass 0), scan of each, and block_rows and columns writing (pass 1).
+// of heads: vs_logits, vs_exp, vs_inv, vs_mass; then vs_select (grid_select for a grid),
+// vs_tiles; then block_rows and columns counting (pass 0), scan of each, and block_rows and
+// columns writing (pass 1).
 // Everything is exact, so there are no bounds and no slow path: the GPU index is the CPU's.
 // ======================================================================================
 
@@ -139,25 +140,35 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_exp(
     }
 }
 
-// ---- vs_mass: grid (ceil((nq + nk) / 256), heads of the chunk), 256 threads; dynamic shared
-// memory last doubles ----
-// Row totals (the chunk sums left to right), then per key c: vert[h][c] = sum over rows in
-// order of weight * (1 / total), and per diagonal i = r + nk - c: slash[h][i] likewise (the
-// CPU's order; pairs not allowed, and rows with no key, add +0, which changes no sum).
-extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_mass(
-    const double* __restrict__ weights, const double* __restrict__ partial, int nq, int nk, int last, int h0,
-    double* __restrict__ vert, double* __restrict__ slash)
+// ---- vs_inv: grid (heads of the chunk), 256 threads ----
+// inv[hh][r] = 1 / (row r's total: its chunk sums left to right), or 0 for a row with no key.
+// Once per row here, so that each vs_mass CTA reads `last` doubles instead of every partial.
+extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_inv(
+    const double* __restrict__ partial, int nk, int last, double* __restrict__ inv)
 {
-    extern __shared__ __align__(16) unsigned char smem[];
-    double* inv = (double*)smem;
-    const int hh = blockIdx.y, h = h0 + hh, tid = threadIdx.x;
+    const int hh = blockIdx.x, tid = threadIdx.x;
     const int chunks = (nk + SUM_CHUNK - 1) / SUM_CHUNK;
     for (int r = tid; r < last; r += 256) {
         const double* p = partial + ((size_t)hh * last + r) * chunks;
         double t = 0.0;
         for (int c = 0; c < chunks; ++c) t = __dadd_rn(t, p[c]);
-        inv[r] = t > 0.0 ? __ddiv_rn(1.0, t) : 0.0;  // 1 / total, or 0 for a row with no key
+        inv[(size_t)hh * last + r] = t > 0.0 ? __ddiv_rn(1.0, t) : 0.0;
     }
+}
+
+// ---- vs_mass: grid (ceil((nq + nk) / 256), heads of the chunk), 256 threads; dynamic shared
+// memory last doubles ----
+// Per key c: vert[h][c] = sum over rows in order of weight * inv (vs_inv), and per diagonal
+// i = r + nk - c: slash[h][i] likewise (the CPU's order; pairs not allowed, and rows with no
+// key, add +0, which changes no sum).
+extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_mass(
+    const double* __restrict__ weights, const double* __restrict__ inv_rows, int nq, int nk, int last, int h0,
+    double* __restrict__ vert, double* __restrict__ slash)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    double* inv = (double*)smem;
+    const int hh = blockIdx.y, h = h0 + hh, tid = threadIdx.x;
+    for (int r = tid; r < last; r += 256) inv[r] = inv_rows[(size_t)hh * last + r];
     __syncthreads();
     const long long i = (long long)blockIdx.x * 256 + tid;
     const double* w = weights + (size_t)hh * last * nk;

@@ -45,8 +45,8 @@ impl Gpu {
         }
         let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
         let f = self.load_entries(&kernel, &weft_codegen::VS_INDEX_ENTRIES)?;
-        let (f_logits, f_exp, f_mass, f_select, f_tiles, f_rows, f_columns, f_scan, f_grid) =
-            (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7], &f[8]);
+        let (f_logits, f_exp, f_inv, f_mass, f_select, f_tiles, f_rows, f_columns, f_scan, f_grid) =
+            (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7], &f[8], &f[9]);
         let s = &self.stream;
         let (up, alloc) = ("uploading the vertical-slash plan", "allocating vertical-slash index buffers");
         let q_blocks = plan.q_blocks();
@@ -80,6 +80,7 @@ impl Gpu {
         let fresh32 = |n: usize| unsafe { s.alloc::<u32>(n.max(1)) }.map_err(driver(alloc));
         let mut weights = fresh(chunk * last * nk)?;
         let mut partial = fresh(chunk * last * chunks)?;
+        let mut inv = fresh(chunk * last)?;
         let mut vert = fresh(hq * nk)?;
         let mut slash = fresh(hq * (nq + nk))?;
         let mut rowmax = s.alloc_zeros::<u64>((chunk * last).max(1)).map_err(driver(alloc))?;
@@ -120,8 +121,11 @@ impl Gpu {
             let t2 = event()?;
             marks.push(("exp", t1, t2));
             let t2 = event()?;
+            let mut b = s.launch_builder(f_inv);
+            b.arg(&partial).arg(&nk_i).arg(&last_i).arg(&mut inv);
+            unsafe { b.launch(launch_cfg((hc as u32, 1, 1), 256, 0)) }.map_err(launch("vs_inv"))?;
             let mut b = s.launch_builder(f_mass);
-            b.arg(&weights).arg(&partial).arg(&nq_i).arg(&nk_i).arg(&last_i).arg(&h0_i);
+            b.arg(&weights).arg(&inv).arg(&nq_i).arg(&nk_i).arg(&last_i).arg(&h0_i);
             b.arg(&mut vert).arg(&mut slash);
             let grid = ((nq + nk).div_ceil(256) as u32, hc as u32, 1);
             unsafe { b.launch(launch_cfg(grid, 256, vs_mass_shared_bytes(last) as u32)) }.map_err(launch("vs_mass"))?;
