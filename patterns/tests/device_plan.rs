@@ -136,6 +136,25 @@ proptest! {
     }
 }
 
+/// A `SlashPlan` of `e` completed with the CPU's choice is `build_index`'s index; returns the
+/// choice.
+fn check_slash_plan(
+    name: &str,
+    e: &PatternExpr,
+    q: &Tensor,
+    k: &Tensor,
+    (bm, bn): (usize, usize),
+) -> Result<Vec<(Vec<u32>, Vec<u32>)>, TestCaseError> {
+    let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), scale: Some(0.25), ..Default::default() };
+    let want = build_index(e, q, k, &opts).unwrap();
+    let plan = SlashPlan::new(e, q.heads, q.tokens, k.tokens, &opts).unwrap();
+    let chosen = plan.choose_on_cpu(e, q, k).unwrap();
+    let got = plan.assemble(&chosen).unwrap();
+    let diff = index_difference(&got, &want);
+    prop_assert!(diff.is_none(), "{name} nq={} nk={} blocks={bm}x{bn}: {}", q.tokens, k.tokens, diff.unwrap());
+    Ok(chosen)
+}
+
 fn slash_patterns(nv: u32, ns: u32, b: u32, last: u32) -> Vec<(&'static str, PatternExpr)> {
     let vs = || vertical_slash().block(b).last_q(last).vertical(top_k(nv)).slash(top_k(ns));
     vec![
@@ -161,12 +180,7 @@ proptest! {
         let q = Tensor::random(heads, nq, 16, seed);
         let k = Tensor::random(heads / group, nk, 16, seed ^ 0x7f4a);
         for (name, e) in slash_patterns(nv, ns, b, last) {
-            let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), scale: Some(0.25), ..Default::default() };
-            let want = build_index(&e, &q, &k, &opts).unwrap();
-            let plan = SlashPlan::new(&e, heads, nq, nk, &opts).unwrap();
-            let chosen = plan.choose_on_cpu(&e, &q, &k).unwrap();
-            let got = plan.assemble(&chosen).unwrap();
-            prop_assert!(index_difference(&got, &want).is_none(), "{name} nq={nq} nk={nk} blocks={blocks:?}: {}", index_difference(&got, &want).unwrap());
+            let chosen = check_slash_plan(name, &e, &q, &k, (bm, bn))?;
             prop_assert!(chosen.iter().all(|(v, s)| v.len() <= nv as usize && s.len() <= ns as usize && !v.is_empty() && !s.is_empty()));
         }
     }
@@ -229,18 +243,12 @@ proptest! {
         nq in 1usize..400, extra in 0usize..120, stride in 1u32..90, group in 1usize..3,
         blocks in prop::sample::select(vec![(64usize, 64usize), (32, 32), (16, 16)]), seed in any::<u64>(),
     ) {
-        let (bm, bn) = blocks;
         let nk = nq + extra;
         let heads = 2;
         let q = Tensor::random(heads, nq, 16, seed);
         let k = Tensor::random(heads / group, nk, 16, seed ^ 0x3c6e);
         for (name, e) in grid_patterns(stride) {
-            let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), scale: Some(0.25), ..Default::default() };
-            let want = build_index(&e, &q, &k, &opts).unwrap();
-            let plan = SlashPlan::new(&e, heads, nq, nk, &opts).unwrap();
-            let chosen = plan.choose_on_cpu(&e, &q, &k).unwrap();
-            let got = plan.assemble(&chosen).unwrap();
-            prop_assert!(index_difference(&got, &want).is_none(), "{name} nq={nq} nk={nk} blocks={blocks:?}: {}", index_difference(&got, &want).unwrap());
+            let chosen = check_slash_plan(name, &e, &q, &k, blocks)?;
             // One phase per head: every stride-th key from it, no slashes.
             for (v, s) in &chosen {
                 prop_assert!(s.is_empty() && !v.is_empty() && v[0] < stride);

@@ -799,9 +799,39 @@ fn layer_on_gpu_built_index(rt: &weft_runtime::Runtime, p: &Pattern) {
     assert!(ok);
 }
 
+/// Builds `p`'s index on the GPU through a `SlashPlan` (vertical-slash or grid) and checks it
+/// against the CPU builder's (same index, right attention over it); `what` and `keys` label
+/// the printed line, `case` the failure.
+#[allow(clippy::too_many_arguments)]
+fn check_slash_plan(
+    gpu: &Gpu,
+    p: &Pattern,
+    x: &Inputs,
+    (nq, nk, hq, hkv, d): (usize, usize, usize, usize, usize),
+    what: &str,
+    keys: &str,
+    case: String,
+    failures: &mut Vec<String>,
+) {
+    use weft_patterns::device_plan::SlashPlan;
+    let scale = 1.0 / (d as f64).sqrt();
+    let opts = IndexOptions { scale: Some(scale), ..Default::default() };
+    let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
+    let plan = SlashPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
+    let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
+    let r = check_device_built(gpu, p, x, shape, &plan.masks, &want_ix, scale, |q, k| {
+        gpu.build_vs_index(&plan, shape, DType::Bf16, q, k).unwrap()
+    });
+    let DeviceBuilt { ok, rel, nan, lse_err, .. } = r;
+    let line = format!(
+        "{what} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} {keys} blocks={} columns={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+        r.blocks, r.report.columns, r.diff.is_none()
+    );
+    report_case(ok, line, r.diff.as_ref(), failures, case);
+}
+
 #[test]
 fn vertical_slash_indexes_built_on_the_gpu_match_the_cpu_builder() {
-    use weft_patterns::device_plan::SlashPlan;
     let gpu = Gpu::open(0).expect("a GPU");
     let mut failures = Vec::new();
     let mut seed = 9700u64;
@@ -828,21 +858,18 @@ fn vertical_slash_indexes_built_on_the_gpu_match_the_cpu_builder() {
                             }
                         }
                     }
-                    let scale = 1.0 / (d as f64).sqrt();
-                    let opts = IndexOptions { scale: Some(scale), ..Default::default() };
-                    let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
-                    let plan = SlashPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
-                    let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
-                    let r = check_device_built(&gpu, p, &x, shape, &plan.masks, &want_ix, scale, |q, k| {
-                        gpu.build_vs_index(&plan, shape, DType::Bf16, q, k).unwrap()
-                    });
-                    let DeviceBuilt { ok, rel, nan, lse_err, .. } = r;
-                    let line = format!(
-                        "vs index {:<22} nv={nv:<3} ns={ns:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} blocks={} columns={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
-                        p.name, r.blocks, r.report.columns, r.diff.is_none()
-                    );
+                    let what = format!("vs index {:<22} nv={nv:<3} ns={ns:<2}", p.name);
                     let case = format!("{} nv={nv} nq={nq} nk={nk} ties={ties}", p.name);
-                    report_case(ok, line, r.diff.as_ref(), &mut failures, case);
+                    check_slash_plan(
+                        &gpu,
+                        p,
+                        &x,
+                        (nq, nk, hq, hkv, d),
+                        &what,
+                        &format!("ties={ties:<5}"),
+                        case,
+                        &mut failures,
+                    );
                 }
             }
         }
@@ -853,7 +880,6 @@ fn vertical_slash_indexes_built_on_the_gpu_match_the_cpu_builder() {
 #[test]
 fn grid_indexes_built_on_the_gpu_match_the_cpu_builder() {
     use weft_dsl::GridLines;
-    use weft_patterns::device_plan::SlashPlan;
     let gpu = Gpu::open(0).expect("a GPU");
     let mut failures = Vec::new();
     let mut seed = 9900u64;
@@ -882,21 +908,10 @@ fn grid_indexes_built_on_the_gpu_match_the_cpu_builder() {
                             }
                         }
                     }
-                    let scale = 1.0 / (d as f64).sqrt();
-                    let opts = IndexOptions { scale: Some(scale), ..Default::default() };
-                    let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
-                    let plan = SlashPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
-                    let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
-                    let r = check_device_built(&gpu, p, &x, shape, &plan.masks, &want_ix, scale, |q, k| {
-                        gpu.build_vs_index(&plan, shape, DType::Bf16, q, k).unwrap()
-                    });
-                    let DeviceBuilt { ok, rel, nan, lse_err, .. } = r;
-                    let line = format!(
-                        "grid index {:<22} stride={stride:<4} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} uniform={uniform:<5} blocks={} columns={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
-                        p.name, r.blocks, r.report.columns, r.diff.is_none()
-                    );
+                    let what = format!("grid index {:<22} stride={stride:<4}", p.name);
                     let case = format!("{} stride={stride} nq={nq} nk={nk} uniform={uniform}", p.name);
-                    report_case(ok, line, r.diff.as_ref(), &mut failures, case);
+                    let keys = format!("uniform={uniform:<5}");
+                    check_slash_plan(&gpu, p, &x, (nq, nk, hq, hkv, d), &what, &keys, case, &mut failures);
                 }
             }
         }

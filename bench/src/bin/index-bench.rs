@@ -170,17 +170,34 @@ fn main() -> Result<()> {
         };
         let (shape, scale) = (x.shape, x.scale);
         let totals = |m: &Measured| (m.build + m.attention, 100.0 * m.build / m.attention);
+        // A vertical-vector pattern (128-query groups, 128 x 64 blocks) and a vertical-slash or
+        // grid one (its own blocks): plan on the CPU (timed), then measure.
+        let vv_opts = IndexOptions { block_m: Some(128), block_n: Some(64), scale: Some(scale), ..Default::default() };
+        let run_vv = |x: &mut Inputs, pattern: &Pattern| -> Result<(Measured, f64)> {
+            let t = std::time::Instant::now();
+            let plan = ColumnPlan::new(&pattern.expr, h, n, n, &vv_opts)?;
+            let plan_ms = t.elapsed().as_secs_f64() * 1e3;
+            let m = measure(&gpu, x, args.reps, pattern, &plan.skeleton.masks, (128, 64), |x| {
+                gpu.build_vv_index(&plan, shape, DType::Bf16, &x.q, &x.k)
+            })?;
+            Ok((m, plan_ms))
+        };
+        let run_slash = |x: &mut Inputs, pattern: &Pattern| -> Result<(Measured, f64, (usize, usize))> {
+            let opts = IndexOptions { scale: Some(scale), ..Default::default() };
+            let t = std::time::Instant::now();
+            let plan = SlashPlan::new(&pattern.expr, h, n, n, &opts)?;
+            let plan_ms = t.elapsed().as_secs_f64() * 1e3;
+            let blocks = (plan.block_m, plan.block_n);
+            let m = measure(&gpu, x, args.reps, pattern, &plan.masks, blocks, |x| {
+                gpu.build_vs_index(&plan, shape, DType::Bf16, &x.q, &x.k)
+            })?;
+            Ok((m, plan_ms, blocks))
+        };
         for &share in &args.keep {
             let keep = ((share * n as f64).round() as u32).max(1);
             let expr = vertical_vector().q_block(128).keep(top_k(keep)).sink(64).local(64);
             let pattern = Pattern::new(format!("vv-top{keep}"), weft_dsl::PatternExpr::from(expr));
-            let opts = IndexOptions { block_m: Some(128), block_n: Some(64), scale: Some(scale), ..Default::default() };
-            let t = std::time::Instant::now();
-            let plan = ColumnPlan::new(&pattern.expr, h, n, n, &opts)?;
-            let plan_ms = t.elapsed().as_secs_f64() * 1e3;
-            let m = measure(&gpu, &mut x, args.reps, &pattern, &plan.skeleton.masks, (128, 64), |x| {
-                gpu.build_vv_index(&plan, shape, DType::Bf16, &x.q, &x.k)
-            })?;
+            let (m, plan_ms) = run_vv(&mut x, &pattern)?;
             let (total, share_pct) = totals(&m);
             println!(
                 "vv-e2e N={n:<6} top_k={keep:<5} density={:.4} plan={plan_ms:.0} ms (CPU, once per shape) \
@@ -204,7 +221,7 @@ fn main() -> Result<()> {
                 weft_dsl::PatternExpr::from(block().block_q(128).block_k(128).keep(top_k(keep_blocks))),
             );
             let t = std::time::Instant::now();
-            let plan = BlockPlan::new(&pattern.expr, h, n, n, &opts)?;
+            let plan = BlockPlan::new(&pattern.expr, h, n, n, &vv_opts)?;
             let plan_ms = t.elapsed().as_secs_f64() * 1e3;
             let m = measure(&gpu, &mut x, args.reps, &pattern, &plan.masks, (128, 64), |x| {
                 gpu.build_block_index(&plan, shape, DType::Bf16, &x.q, &x.k)
@@ -219,16 +236,12 @@ fn main() -> Result<()> {
         for budget in &args.vv_budget {
             let src = format!("vertical_vector(q_block = 128, keep = {budget}, sink = 64, local = 64)");
             let pattern = weft_dsl::parse_pattern_str("vv-budget", &src)?;
-            let opts = IndexOptions { block_m: Some(128), block_n: Some(64), scale: Some(scale), ..Default::default() };
-            let t = std::time::Instant::now();
-            let plan = ColumnPlan::new(&pattern.expr, h, n, n, &opts)?;
-            let plan_ms = t.elapsed().as_secs_f64() * 1e3;
-            let m = measure(&gpu, &mut x, args.reps, &pattern, &plan.skeleton.masks, (128, 64), |x| {
-                gpu.build_vv_index(&plan, shape, DType::Bf16, &x.q, &x.k)
-            })?;
+            let (m, plan_ms) = run_vv(&mut x, &pattern)?;
             let (total, share_pct) = totals(&m);
             println!(
-                "vv-e2e N={n:<6} keep={budget} density={:.4} plan={plan_ms:.0} ms index={:.3} ms ({} heads per score                  chunk; columns {}) attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    kernels (last build): {}",
+                "vv-e2e N={n:<6} keep={budget} density={:.4} plan={plan_ms:.0} ms index={:.3} ms ({} heads per score \
+                 chunk; columns {}) attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    \
+                 kernels (last build): {}",
                 m.density,
                 m.build,
                 m.first.chunk_heads,
@@ -240,13 +253,7 @@ fn main() -> Result<()> {
         for &stride in &args.grid {
             let expr = causal() & grid(stride).lines(weft_dsl::GridLines::Cols).sink(64);
             let pattern = Pattern::new(format!("grid-{stride}"), expr);
-            let opts = IndexOptions { scale: Some(scale), ..Default::default() };
-            let t = std::time::Instant::now();
-            let plan = SlashPlan::new(&pattern.expr, h, n, n, &opts)?;
-            let plan_ms = t.elapsed().as_secs_f64() * 1e3;
-            let m = measure(&gpu, &mut x, args.reps, &pattern, &plan.masks, (plan.block_m, plan.block_n), |x| {
-                gpu.build_vs_index(&plan, shape, DType::Bf16, &x.q, &x.k)
-            })?;
+            let (m, plan_ms, _) = run_slash(&mut x, &pattern)?;
             let (total, share_pct) = totals(&m);
             println!(
                 "grid-e2e N={n:<6} stride={stride} (causal, column lines, sink 64) density={:.4} plan={plan_ms:.0} ms \
@@ -263,19 +270,11 @@ fn main() -> Result<()> {
             let Some((nv, ns)) = parsed else { anyhow::bail!("--vs takes verticals:slashes, got {budgets}") };
             let pattern =
                 Pattern::new(format!("vs-{nv}-{ns}"), causal() & vertical_slash().vertical(top_k(nv)).slash(top_k(ns)));
-            let opts = IndexOptions { scale: Some(scale), ..Default::default() };
-            let t = std::time::Instant::now();
-            let plan = SlashPlan::new(&pattern.expr, h, n, n, &opts)?;
-            let plan_ms = t.elapsed().as_secs_f64() * 1e3;
-            let m = measure(&gpu, &mut x, args.reps, &pattern, &plan.masks, (plan.block_m, plan.block_n), |x| {
-                gpu.build_vs_index(&plan, shape, DType::Bf16, &x.q, &x.k)
-            })?;
+            let (m, plan_ms, (bm, bn)) = run_slash(&mut x, &pattern)?;
             let (total, share_pct) = totals(&m);
             println!(
-                "vs-e2e N={n:<6} verticals={nv} slashes={ns} (causal, {}x{} blocks) density={:.4} plan={plan_ms:.0} ms \
+                "vs-e2e N={n:<6} verticals={nv} slashes={ns} (causal, {bm}x{bn} blocks) density={:.4} plan={plan_ms:.0} ms \
                  index={:.3} ms attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    kernels (last build): {}",
-                plan.block_m,
-                plan.block_n,
                 m.density,
                 m.build,
                 m.attention,

@@ -22,33 +22,61 @@ constexpr int SUM_CHUNK = {{SUM_CHUNK}}; // keys per partial row sum (repro::SUM
 
 // double_key / key_double (doubles to ordered keys) come from the vertical-vector part.
 
-// The 64 x 256 tiles of f64 dots vs_logits and vv_exact compute: keys k0.. staged as doubles,
-// dimensions d0 .. d0 + VS_DC.
-__device__ __forceinline__ void stage_keys(double (&sK)[VS_KEYS][VS_DC + 1], const u16* K, int kv, int nk, int k0, int d0,
-                                           int tid) {
-    for (int i = tid; i < VS_KEYS * VS_DC; i += 256) {
-        const int c = k0 + i / VS_DC;
-        sK[i / VS_DC][i % VS_DC] = c < nk ? (double)bf16_to_float(K[((size_t)kv * nk + c) * D + d0 + i % VS_DC]) : 0.0;
-    }
-}
-// acc[i][l] += row (8 tr + i) . key (tk + 32 l) over the staged dimensions, in order (one
-// accumulator per pair, as repro::dot).
-__device__ __forceinline__ void tile_fma(const double (&sQ)[VS_ROWS][VS_DC], const double (&sK)[VS_KEYS][VS_DC + 1], int tr,
-                                         int tk, double (&acc)[8][8]) {
-#pragma unroll 4
-    for (int d = 0; d < VS_DC; ++d) {
-        double a[8], b[8];
+// The 64 x 256 tile of f64 dots vs_logits and vv_exact compute: acc[i][l] = row (r0 + 8 tr +
+// i) . key (k0 + tk + 32 l), with tr = tid / 32 and tk = tid % 32, one accumulator per pair
+// over the dimensions in order (repro::dot). Rows come from rows.at(row, d) (0 past the end),
+// keys are bf16 rows of K (0 past nk); both are staged in shared memory as doubles, VS_DC
+// dimensions at a time. Every thread of the CTA calls it.
+template <class Rows>
+__device__ __forceinline__ void dot_tile(const Rows& rows, const u16* K, int kv, int nk, int k0, int r0,
+                                         double (&acc)[8][8]) {
+    __shared__ double sQ[VS_ROWS][VS_DC];
+    __shared__ double sK[VS_KEYS][VS_DC + 1];
+    const int tid = threadIdx.x, tr = tid / 32, tk = tid % 32;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            a[i] = sQ[8 * tr + i][d];
-            b[i] = sK[tk + 32 * i][d];
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int l = 0; l < 8; ++l) acc[i][l] = 0.0;
+    for (int d0 = 0; d0 < D; d0 += VS_DC) {
+        for (int i = tid; i < VS_ROWS * VS_DC; i += 256)
+            sQ[i / VS_DC][i % VS_DC] = rows.at(r0 + i / VS_DC, d0 + i % VS_DC);
+        for (int i = tid; i < VS_KEYS * VS_DC; i += 256) {
+            const int c = k0 + i / VS_DC;
+            sK[i / VS_DC][i % VS_DC] = c < nk ? (double)bf16_to_float(K[((size_t)kv * nk + c) * D + d0 + i % VS_DC]) : 0.0;
         }
+        __syncthreads();
+#pragma unroll 4
+        for (int d = 0; d < VS_DC; ++d) {
+            double a[8], b[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
+            for (int i = 0; i < 8; ++i) {
+                a[i] = sQ[8 * tr + i][d];
+                b[i] = sK[tk + 32 * i][d];
+            }
 #pragma unroll
-            for (int l = 0; l < 8; ++l) acc[i][l] = fma(a[i], b[l], acc[i][l]);
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int l = 0; l < 8; ++l) acc[i][l] = fma(a[i], b[l], acc[i][l]);
+        }
+        __syncthreads();
     }
 }
+// dot_tile's rows: the last `last` queries of head h (bf16).
+struct LastQueries {
+    const u16* Q;
+    int h, nq, last;
+    __device__ double at(int row, int d) const {
+        return row < last ? (double)bf16_to_float(Q[((size_t)h * nq + (nq - last + row)) * D + d]) : 0.0;
+    }
+};
+// dot_tile's rows: the pooled queries of head h's groups (f32).
+struct PooledGroups {
+    const float* pooled;
+    int h, groups;
+    __device__ double at(int g, int d) const {
+        return g < groups ? (double)pooled[((size_t)h * groups + g) * D + d] : 0.0;
+    }
+};
 
 // ---- vs_logits: grid (ceil(nk / VS_KEYS), ceil(last / VS_ROWS), heads of the chunk), 256
 // threads ----
@@ -62,27 +90,11 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_logits(
     const u32* __restrict__ allowed, int per_head, double scale,
     double* __restrict__ logits, unsigned long long* __restrict__ rowmax)
 {
-    __shared__ double sQ[VS_ROWS][VS_DC];
-    __shared__ double sK[VS_KEYS][VS_DC + 1];
     const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv), tid = threadIdx.x;
     const int k0 = blockIdx.x * VS_KEYS, r0 = blockIdx.y * VS_ROWS;
     const int tr = tid / 32, tk = tid % 32;  // rows r0 + 8 tr + i, keys k0 + tk + 32 l
     double acc[8][8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int l = 0; l < 8; ++l) acc[i][l] = 0.0;
-    for (int d0 = 0; d0 < D; d0 += VS_DC) {
-        for (int i = tid; i < VS_ROWS * VS_DC; i += 256) {
-            const int row = r0 + i / VS_DC;
-            sQ[i / VS_DC][i % VS_DC] =
-                row < last ? (double)bf16_to_float(Q[((size_t)h * nq + (nq - last + row)) * D + d0 + i % VS_DC]) : 0.0;
-        }
-        stage_keys(sK, K, kv, nk, k0, d0, tid);
-        __syncthreads();
-        tile_fma(sQ, sK, tr, tk, acc);
-        __syncthreads();
-    }
+    dot_tile(LastQueries{Q, h, nq, last}, K, kv, nk, k0, r0, acc);
     const int words = (nk + 31) / 32;
     const u32* allow = allowed + (size_t)(per_head ? h : 0) * last * words;
     const double ninf = __longlong_as_double(0xfff0000000000000LL);
@@ -367,26 +379,11 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vv_exact(
     const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head, double scale,
     double* __restrict__ exact, unsigned long long* __restrict__ best)
 {
-    __shared__ double sQ[VS_ROWS][VS_DC];
-    __shared__ double sK[VS_KEYS][VS_DC + 1];
     const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv), tid = threadIdx.x;
     const int k0 = blockIdx.x * VS_KEYS, g0 = blockIdx.y * VS_ROWS;
     const int tr = tid / 32, tk = tid % 32;  // groups g0 + 8 tr + i, keys k0 + tk + 32 l
     double acc[8][8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int l = 0; l < 8; ++l) acc[i][l] = 0.0;
-    for (int d0 = 0; d0 < D; d0 += VS_DC) {
-        for (int i = tid; i < VS_ROWS * VS_DC; i += 256) {
-            const int g = g0 + i / VS_DC;
-            sQ[i / VS_DC][i % VS_DC] = g < groups ? (double)pooled[((size_t)h * groups + g) * D + d0 + i % VS_DC] : 0.0;
-        }
-        stage_keys(sK, K, kv, nk, k0, d0, tid);
-        __syncthreads();
-        tile_fma(sQ, sK, tr, tk, acc);
-        __syncthreads();
-    }
+    dot_tile(PooledGroups{pooled, h, groups}, K, kv, nk, k0, g0, acc);
     const double ninf = __longlong_as_double(0xfff0000000000000LL);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
