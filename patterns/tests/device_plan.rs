@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 use weft_dsl::builder::*;
 use weft_dsl::*;
-use weft_patterns::device_plan::{index_difference, BlockPlan, ColumnPlan, SlashPlan};
+use weft_patterns::device_plan::{index_difference, BlockPlan, ColumnPlan, SlashChoice, SlashPlan};
 use weft_patterns::*;
 
 fn patterns(n: u32, q_block: u32) -> Vec<(&'static str, PatternExpr)> {
@@ -144,7 +144,7 @@ fn check_slash_plan(
     q: &Tensor,
     k: &Tensor,
     (bm, bn): (usize, usize),
-) -> Result<Vec<(Vec<u32>, Vec<u32>)>, TestCaseError> {
+) -> Result<Vec<SlashChoice>, TestCaseError> {
     let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), scale: Some(0.25), ..Default::default() };
     let want = build_index(e, q, k, &opts).unwrap();
     let plan = SlashPlan::new(e, q.heads, q.tokens, k.tokens, &opts).unwrap();
