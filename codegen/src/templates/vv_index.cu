@@ -800,49 +800,66 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_budget(
         u32* w = weights + ((size_t)hh * groups + g) * nk;
         const double* e = exact + ((size_t)hh * groups + g) * nk;
         const double M = key_double(best[(size_t)hh * groups + g]);
+        for (int i = tid; i < HIST; i += SELECT_THREADS) wHist[i] = 0, nHist[i] = 0;
+        __syncthreads();
+        // The weights, their total, and the histogram of bits 31-21 (weights are at most 2^31;
+        // a zero weight adds nothing, so it skips the atomic).
         unsigned long long total = 0;
         for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
             const u32 wc = (u32)top_p_weight(__dsub_rn(e[c], M));
             w[c] = wc;
             total += wc;
+            if (wc) atomicAdd(wHist + (wc >> 21), (unsigned long long)wc);
         }
         atomicAdd(&sTotal, total);
-        for (int i = tid; i < HIST; i += SELECT_THREADS) wHist[i] = 0, nHist[i] = 0;
         __syncthreads();
         const double goal = top_p_goal(arg, sTotal);
-        // Three passes over bits 31-21, 20-10 and 9-0 of the weights (at most 2^31).
-        u32 prefix = 0;
+        // Radix over bits 31-21, 20-10 and 9-0: each pass finds the bin where the running sum
+        // from the top reaches the goal. The keys above it are counted in registers on the
+        // next pass (the last bin's from its count histogram); only keys in the bin so far
+        // touch the histograms.
+        u32 bins[3];
         unsigned long long base = 0;  // weight of the keys above the prefix so far
+        u32 above_keys = 0;
+#pragma unroll
         for (int pass = 0; pass < 3; ++pass) {
-            const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
-            const int known = pass == 0 ? 32 : pass == 1 ? 21 : 10;  // bits of the prefix fixed
-            const u32 mask = pass == 2 ? 1023u : HIST - 1;
-            for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
-                const u32 v = w[c];
-                if (known == 32 || (v >> known) == (prefix >> known)) {
-                    const u32 bin = (v >> shift) & mask;
-                    atomicAdd(wHist + bin, (unsigned long long)v);
-                    atomicAdd(nHist + bin, 1u);
+            if (pass > 0) {
+                for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
+                    const u32 v = w[c];
+                    if ((v >> 21) != bins[0]) {
+                        above_keys += (v >> 21) > bins[0] && pass == 1;
+                        continue;
+                    }
+                    const u32 mid = (v >> 10) & (HIST - 1);
+                    if (pass == 1) {
+                        atomicAdd(wHist + mid, (unsigned long long)v);
+                    } else if (mid > bins[1]) {
+                        ++above_keys;
+                    } else if (mid == bins[1]) {
+                        atomicAdd(wHist + (v & 1023u), (unsigned long long)v);
+                        atomicAdd(nHist + (v & 1023u), 1u);
+                    }
                 }
+                __syncthreads();
             }
-            __syncthreads();
             if (tid < 32) {
                 unsigned long long above;
                 const int bin = find_weight_bin(wHist, base, goal, above, tid);
                 if (tid == 0) sBin = bin, sAbove = above;
             }
             __syncthreads();
-            const int bin = sBin;
-            // Count the keys in the bins above (they are kept).
-            u32 mine = 0;
-            for (int i = bin + 1 + tid; i < HIST; i += SELECT_THREADS) mine += nHist[i];
-            atomicAdd(&sCount, mine);
+            bins[pass] = (u32)sBin;
             base += sAbove;
-            prefix |= (u32)bin << shift;
+            if (pass == 2) {
+                for (int i = bins[2] + 1 + tid; i < HIST; i += SELECT_THREADS) above_keys += nHist[i];
+            }
             __syncthreads();
-            for (int i = tid; i < HIST; i += SELECT_THREADS) wHist[i] = 0, nHist[i] = 0;
+            for (int i = tid; i < HIST; i += SELECT_THREADS) wHist[i] = 0;
             __syncthreads();
         }
+        atomicAdd(&sCount, above_keys);
+        __syncthreads();
+        const u32 prefix = bins[0] << 21 | bins[1] << 10 | bins[2];
         // `prefix` is the weight where the sum crosses the goal (positive: the best key alone
         // weighs 2^31 and the goal is below the total); as many keys of it as reach the goal.
         const unsigned long long v = prefix > 0 ? prefix : 1;
