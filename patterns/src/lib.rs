@@ -51,8 +51,9 @@
 //! - `vertical_slash`: softmax of the last `last_q` queries; column sums pick verticals,
 //!   diagonal sums pick slashes (budgets over mass); a slash keeps every `block x block` tile
 //!   it crosses in each query group;
-//! - `grid`: columns `k = phase mod stride`, rows `q = phase mod stride`, `k < sink`; the phase,
-//!   when not given, is the in-frame position with the most mass in the last 64 queries;
+//! - `grid`: columns `k >= phase` with `k = phase mod stride`, rows `q = phase mod stride`,
+//!   `k < sink`; the phase, when not given, is the in-frame position with the most mass in the
+//!   last 64 queries;
 //! - `retrieval`: see [`retrieval`];
 //! - inside an intersection, dynamic families choose among the candidates its static operands
 //!   allow (e.g. only past blocks under `causal`).

@@ -15,9 +15,10 @@ fn ranked(candidates: &[(u32, f64)]) -> Vec<(u32, f64)> {
 /// - `top_k(n)`: the `n` best (all if fewer);
 /// - `top_p(p)`: the fewest best whose softmax mass reaches `p` (at least one). The weights
 ///   are `exp(logit - best)` by [`crate::repro::exp`] in fixed point ([`top_p_weight`]:
-///   multiples of 2^-31, rounded down), so that their sums are exact and do not depend on the
-///   order of summation: GPU builders sum them in parallel and agree bit for bit. A
-///   candidate whose weight is below 2^-31 of the best's counts as no mass;
+///   multiples of 2^-31, rounded down, of the argument rounded down to 2^-20), so that their
+///   sums are exact and do not depend on the order of summation: GPU builders sum them in
+///   parallel and agree bit for bit. A candidate whose weight is below 2^-31 of the best's
+///   counts as no mass;
 /// - `threshold(t)`: every candidate with logit `>= best + ln t`.
 pub fn select(candidates: &[(u32, f64)], budget: Budget) -> Vec<u32> {
     if candidates.is_empty() {
@@ -36,17 +37,24 @@ pub fn select(candidates: &[(u32, f64)], budget: Budget) -> Vec<u32> {
 /// One for a `top_p` weight in fixed point: weights are integers in `0..=TOP_P_ONE`.
 pub const TOP_P_ONE: u64 = 1 << 31;
 
+/// Steps per unit of logit in a `top_p` weight's argument.
+pub const TOP_P_STEPS: f64 = (1u64 << 20) as f64;
+
 /// The fixed-point weight of a candidate `below` (<= 0) under the best's logit:
-/// `floor(exp(below) * 2^31)` with [`crate::repro::exp`]. A sum over up to 2^22 candidates is
-/// exact in a u64 and in an f64.
+/// `floor(exp(x) * 2^31)` with [`crate::repro::exp`], where `x` is `below` rounded down to a
+/// multiple of 2^-20, and 0 below -23 (where `exp(x) * 2^31 < 1` anyway) or for NaN.
+///
+/// Rounding the argument first makes the weight a function of an integer in a finite range,
+/// over which a test checks that it never decreases: so a higher logit never weighs less, and
+/// summing weights in order of weight (as the GPU does) is summing them in order of logit. A
+/// sum over up to 2^22 candidates is exact in a u64 and in an f64.
 pub fn top_p_weight(below: f64) -> u64 {
-    // exp(below) is in [0, 1]; scaling by a power of two is exact, so floor sees the exact value.
-    let w = crate::repro::exp(below) * TOP_P_ONE as f64;
-    if w.is_nan() {
-        0
-    } else {
-        w.floor() as u64
+    // Scaling by powers of two is exact: floor sees the exact value both times.
+    let k = (below * TOP_P_STEPS).floor();
+    if k.is_nan() || k < -23.0 * TOP_P_STEPS {
+        return 0;
     }
+    (crate::repro::exp(k * (1.0 / TOP_P_STEPS)) * TOP_P_ONE as f64).floor() as u64
 }
 
 /// How many of the fixed-point `weights` (best first) reach `p` of their total, at least one:
@@ -132,10 +140,28 @@ mod tests {
         assert!(select(&[], Budget::TopK(3)).is_empty());
     }
 
+    /// Every weight argument from -23 to 0 (2^20 steps per unit): the weight never decreases.
+    /// With the weights 0 below, this proves top_p's weights monotone in the logit.
+    #[test]
+    fn top_p_weights_never_decrease() {
+        let first = (-23.0 * TOP_P_STEPS) as i64;
+        assert_eq!(top_p_weight(first as f64 / TOP_P_STEPS), 0);
+        let mut prev = 0;
+        for k in first..=0 {
+            let w = top_p_weight(k as f64 / TOP_P_STEPS);
+            assert!(w >= prev, "weight {w} at step {k} is below {prev} one step lower");
+            prev = w;
+        }
+        assert_eq!(prev, TOP_P_ONE);
+    }
+
     #[test]
     fn top_p_weights_are_fixed_point() {
         assert_eq!(top_p_weight(0.0), TOP_P_ONE);
         assert_eq!(top_p_weight(-1.0), (crate::repro::exp(-1.0) * TOP_P_ONE as f64).floor() as u64);
+        // The argument is rounded down to 2^-20.
+        assert_eq!(top_p_weight(-0.3), top_p_weight((-0.3 * TOP_P_STEPS).floor() / TOP_P_STEPS));
+        assert_eq!(top_p_weight(f64::NEG_INFINITY), 0);
         // Below 2^-31 of the best: no mass, so top_p(1.0) does not keep it.
         assert_eq!(top_p_weight(-22.0), 0);
         let c = [(0, 0.0), (1, -30.0), (2, -0.5)];

@@ -2,9 +2,10 @@
 //!
 //! The static part comes from a [`ColumnPlan`] (CPU, once per pattern and shape); the
 //! generated kernels of `weft_codegen::emit_vv_index` pool each query group, score it against
-//! every key on the tensor cores, choose the top-k columns exactly as the CPU builder does
+//! every key on the tensor cores, choose the columns exactly as the CPU builder does
 //! (approximate scores with a proven error bound, exact f64 scores for the keys near the
-//! cut), and write the index's column lists through the plan's column rules. The only host
+//! cut; top_p scores every pair in f64), and write the index's column lists through the
+//! plan's column rules. The only host
 //! synchronisation is one small read (the status words and the column total) before the
 //! column lists are allocated.
 
@@ -25,6 +26,10 @@ use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
 
 /// Approximate scores held at once: heads are scored in chunks below this many bytes.
 const SCORE_BYTES: usize = 2 << 30;
+
+/// Scratch a threshold or top_p vertical-vector build may take (one head's scores and every
+/// head's bitmaps): past it the build stops with an error instead of failing an allocation.
+const BUDGET_MAX_BYTES: usize = 32 << 30;
 
 /// Where the time of one device index build went (host-side wall clock, the stream
 /// synchronised at the status read and at the end).
@@ -376,6 +381,21 @@ impl Gpu {
             Some(n) => (n.min(nk).max(1), n.min(nk).max(1)),
             None => (0, words),
         };
+        if top_k.is_none() {
+            // The budgets hold every (group, key) score of at least one head at once (top_p
+            // also an exact score and a weight), and a bitmap per group for every head.
+            let per_head = groups * nk * if matches!(plan.budget, Budget::TopP(_)) { 16 } else { 4 };
+            let need = per_head + hq * groups * words * 4;
+            if need > BUDGET_MAX_BYTES {
+                return Err(usage(format!(
+                    "GPU index building for {} over {nq} queries and {nk} keys needs {:.1} GiB of scratch (at \
+                     most {} GiB); use top_k, larger query groups, or build this index on the CPU",
+                    plan.budget,
+                    need as f64 / (1u64 << 30) as f64,
+                    BUDGET_MAX_BYTES >> 30
+                )));
+            }
+        }
         let copy = self.plan_copy(plan.id, || {
             let sk = &plan.skeleton;
             Ok(ColumnPlanCopy {
@@ -584,7 +604,7 @@ impl Gpu {
             1 => {
                 return Err(usage(
                     "GPU index building: more than 4096 keys of one query group score too close to the \
-                     top-k cut to decide quickly (many near-equal keys); build this index on the CPU",
+                     cut to decide quickly (many near-equal keys); build this index on the CPU",
                 ))
             }
             code => {

@@ -16,9 +16,10 @@
 //! - The `device_index` module: indexes built on the device from Q and K, each equal to the
 //!   CPU builder's, from a static plan (`weft_patterns::device_plan`) whose device copy is
 //!   kept: [`Gpu::build_vv_index`] (vertical vectors: approximate tensor-core scores with a
-//!   proven bound, exact f64 scores at the top-k cut), [`Gpu::build_block_index`] (block
-//!   top-k / top-p / threshold, exact f64 scores) and [`Gpu::build_vs_index`] (vertical-slash,
-//!   an exact f64 estimate in `weft_patterns::repro`'s arithmetic).
+//!   proven bound, exact f64 scores at the cut, every pair's for top-p),
+//!   [`Gpu::build_block_index`] (block top-k / top-p / threshold, exact f64 scores) and
+//!   [`Gpu::build_vs_index`] (vertical-slash and grid column lines, an exact f64 estimate in
+//!   `weft_patterns::repro`'s arithmetic).
 //! - [`Runtime`]: GPU 0 with the kernel database; [`Runtime::attention_layer`] runs one layer,
 //!   each head with the config tuned for its pattern and shape (or the default, with a
 //!   warning), one launch per group of heads sharing a kernel (see the `layer` module).

@@ -309,7 +309,8 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_grid_select(
         // Each thread's positions ascend, so a strictly larger mass is the only way to win.
         double best = -1.0;
         int pos = 0x7fffffff;
-        for (int i = tid; i < stride; i += 1024) {
+        // Positions from nk on hold no key: their mass is 0, which position 0 ties or beats.
+        for (int i = tid; i < min(stride, nk); i += 1024) {
             double m = 0.0;
             for (long long k = i; k < nk; k += stride) m = __dadd_rn(m, v[k]);
             if (m > best) best = m, pos = i;

@@ -1,18 +1,21 @@
 {{HEADER}}
-// Vertical-vector index building on the GPU: the columns `vertical_vector(keep = top_k(n))`
-// chooses per query group, the same columns the CPU builder chooses, then the index's column
-// lists. Entry points (launched in this order by weft-runtime's device index builder):
+// Vertical-vector index building on the GPU: the columns `vertical_vector(keep = top_k(n) |
+// threshold(t) | top_p(p))` chooses per query group, the same columns the CPU builder chooses,
+// then the index's column lists. Entry points (launched in this order by weft-runtime's device
+// index builder):
 //   pool     mean of each group's queries (f64 sums, as the CPU builder), and its split into two
 //            dtype halves for the tensor cores;
 //   kstats   per key: the largest |k| (error bounds of the approximate scores);
 //   score    approximate dot products pooled q . k for every group and key, on tensor cores
 //            (hi and lo halves of pooled q, f32 accumulation);
+//   vv_exact (top_p only) every pair's exact f64 score, and each group's best;
+//   budget   (threshold and top_p) how many keys each group keeps: a prefix of the ranking;
 //   select   per group: the n-th largest approximate score by two radix histograms (over the
 //            keys a sampled threshold collects into shared memory, or over all); keys
 //            certainly above or below it by the error bound are decided at once, the rest get
 //            the CPU builder's exact f64 score and are ranked exactly (score, then lower key);
-//   columns  per index row: the group's chosen keys through the plan's column rules (count
-//            pass, then write pass);
+//   columns  per index row: the group's chosen keys (a list, or a bitmap for the budgets)
+//            through the plan's column rules (count pass, then write pass);
 //   scan     column counts to row pointers.
 // Error bound of `score`: the products of the bf16 halves are exact in f32 and the halves
 // carry pooled q to 2^-17 relative; tensor-core accumulation loses less than 2^-17 of the sum
@@ -429,12 +432,15 @@ __device__ double repro_exp(double x) {
     return __dmul_rn(er, pow2i(ni));
 }
 
-// weft_patterns::select::top_p_weight: floor(exp(below) * 2^31), 0 for NaN. Scaling by a
-// power of two is exact, so floor sees the exact weight.
+// weft_patterns::select::top_p_weight: floor(exp(x) * 2^31) for `below` rounded down to a
+// multiple of 2^-20, 0 below -23 and for NaN (a weight that never decreases as `below` grows).
+// Scaling by powers of two is exact, so both floors see exact values.
 constexpr double TOP_P_ONE = 2147483648.0;
+constexpr double TOP_P_STEPS = 1048576.0;
 __device__ __forceinline__ unsigned long long top_p_weight(double below) {
-    const double w = __dmul_rn(repro_exp(below), TOP_P_ONE);
-    return w != w ? 0ull : (unsigned long long)floor(w);
+    const double k = floor(__dmul_rn(below, TOP_P_STEPS));
+    if (k != k || k < -23.0 * TOP_P_STEPS) return 0ull;
+    return (unsigned long long)floor(__dmul_rn(repro_exp(__dmul_rn(k, 1.0 / TOP_P_STEPS)), TOP_P_ONE));
 }
 // The running sum top_p(p) must reach: p x total x (1 - 1e-12), as the CPU rounds it.
 __device__ __forceinline__ double top_p_goal(double p, unsigned long long total) {
@@ -623,6 +629,8 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
         }
         __syncthreads();
         const u32 unsure = nUnsure;
+        // (On these two errors the group's keys are not written; the host reads the status
+        // after the column counting pass and discards what that pass made of them.)
         if (unsure > UNSURE_CAP) {
             if (tid == 0) atomicMax(status, STATUS_TOO_MANY_UNSURE);
             return;
