@@ -99,8 +99,10 @@ pub struct LaunchReport {
     /// Time to build the group's index (on the host, gathered; or on the GPU).
     pub index_ms: f64,
     /// Whether the index was built on the GPU from Q and K on the device (a vertical-vector,
-    /// block top-k or vertical-slash pattern over every head in bf16; see `Gpu::build_vv_index`,
-    /// `Gpu::build_block_index` and `Gpu::build_vs_index`), with no host copy.
+    /// block, vertical-slash or grid pattern over every head in bf16; see
+    /// `Gpu::build_vv_index`, `Gpu::build_block_index` and `Gpu::build_vs_index`), with no host
+    /// copy. False also when the GPU builder declined the inputs (a warning says why) and the
+    /// host built the same index.
     pub index_on_gpu: bool,
 }
 
@@ -224,7 +226,7 @@ impl Runtime {
             .iter()
             .zip(&device_plans)
             .any(|((_, heads), dp)| dp.is_none() && heads.iter().any(|&h| !plan.patterns[h].expr.is_static()));
-        let host = if dynamic { Some(self.host_qk(shape, dtype, q, k)?) } else { None };
+        let mut host = if dynamic { Some(self.host_qk(shape, dtype, q, k)?) } else { None };
 
         let mut reports = Vec::new();
         for ((key, heads), device_plan) in groups.into_iter().zip(device_plans) {
@@ -232,16 +234,31 @@ impl Runtime {
             let started = Instant::now();
             // The group's index on the device, its mask table and permutation, where it was built
             // and how long that took (host builds: before the upload).
-            let (device_index, masks, permutation, index_on_gpu, index_ms) = match device_plan {
+            let gpu_built = match device_plan.as_deref() {
                 Some(dp) => {
-                    let device_index = match &*dp {
-                        AnyPlan::Columns(cp) => self.gpu.build_vv_index(cp, shape, dtype, q, k)?.0,
-                        AnyPlan::Blocks(bp) => self.gpu.build_block_index(bp, shape, dtype, q, k)?.0,
-                        AnyPlan::Slashes(sp) => self.gpu.build_vs_index(sp, shape, dtype, q, k)?.0,
+                    let built = match dp {
+                        AnyPlan::Columns(cp) => self.gpu.build_vv_index(cp, shape, dtype, q, k),
+                        AnyPlan::Blocks(bp) => self.gpu.build_block_index(bp, shape, dtype, q, k),
+                        AnyPlan::Slashes(sp) => self.gpu.build_vs_index(sp, shape, dtype, q, k),
                     };
-                    let masks = dp.masks().to_vec();
-                    (device_index, masks, None, true, started.elapsed().as_secs_f64() * 1e3)
+                    match built {
+                        Ok((device_index, _)) => Some((device_index, dp.masks().to_vec())),
+                        // The builder declined these inputs (e.g. too many near-equal keys at a
+                        // cut): the host builds the same index, numbered the same way.
+                        Err(Error::Usage(why)) => {
+                            tracing::warn!(heads = ?heads, %why, "GPU index building declined; building on the host");
+                            if host.is_none() {
+                                host = Some(self.host_qk(shape, dtype, q, k)?);
+                            }
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
+                None => None,
+            };
+            let (device_index, masks, permutation, index_on_gpu, index_ms) = match gpu_built {
+                Some((device_index, masks)) => (device_index, masks, None, true, started.elapsed().as_secs_f64() * 1e3),
                 None => {
                     // One index per distinct pattern in the group, over every head of the layer.
                     let mut by_hash: HashMap<&str, Arc<SparseIndex>> = HashMap::new();
