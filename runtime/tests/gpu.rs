@@ -251,6 +251,16 @@ struct Inputs {
     vb: Vec<u16>,
 }
 
+/// Makes key `to` of every K head a copy of key `from` (the bf16 words and the reference).
+fn copy_key(x: &mut Inputs, from: usize, to: usize) {
+    let (nk, d) = (x.k.tokens, x.k.dim);
+    for h in 0..x.k.heads {
+        let (a, b) = ((h * nk + from) * d, (h * nk + to) * d);
+        x.kb.copy_within(a..a + d, b);
+        x.k.data.copy_within(a..a + d, b);
+    }
+}
+
 fn inputs(hq: usize, hkv: usize, nq: usize, nk: usize, d: usize, dtype: DType, seed: u64) -> Inputs {
     let (q, k, v) =
         (Tensor::random(hq, nq, d, seed), Tensor::random(hkv, nk, d, seed + 1), Tensor::random(hkv, nk, d, seed + 2));
@@ -663,12 +673,8 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     let mut x = inputs(hq, hkv, nq, nk, d, DType::Bf16, seed);
                     if ties {
                         // Every third key repeated: equal exact scores, so the lower key must win.
-                        for h in 0..hkv {
-                            for c in (0..nk - 1).step_by(3) {
-                                let (a, b) = ((h * nk + c) * d, (h * nk + c + 1) * d);
-                                x.kb.copy_within(a..a + d, b);
-                                x.k.data.copy_within(a..a + d, b);
-                            }
+                        for c in (0..nk - 1).step_by(3) {
+                            copy_key(&mut x, c, c + 1);
                         }
                     }
                     let scale = 1.0 / (d as f64).sqrt();
@@ -768,12 +774,8 @@ fn a_layer_whose_gpu_build_declines_falls_back_to_the_host() {
     let mut x = inputs(hq, hkv, nq, nk, d, DType::Bf16, 4242);
     // Every key of a head the same: every score ties at the cut, more than the 4096 keys the
     // GPU selection rescores, so the builder declines.
-    for h in 0..hkv {
-        for c in 1..nk {
-            let (a, b) = (h * nk * d, (h * nk + c) * d);
-            x.kb.copy_within(a..a + d, b);
-            x.k.data.copy_within(a..a + d, b);
-        }
+    for c in 1..nk {
+        copy_key(&mut x, 0, c);
     }
     let s = &rt.gpu.stream;
     let (qd, kd, vd) = (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
@@ -900,12 +902,8 @@ fn vertical_slash_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     if ties {
                         // Every other key repeats its left neighbour: equal logits, equal column
                         // masses, so the lower key must win.
-                        for h in 0..hkv {
-                            for c in (1..nk).step_by(2) {
-                                let (a, b) = ((h * nk + c - 1) * d, (h * nk + c) * d);
-                                x.kb.copy_within(a..a + d, b);
-                                x.k.data.copy_within(a..a + d, b);
-                            }
+                        for c in (1..nk).step_by(2) {
+                            copy_key(&mut x, c - 1, c);
                         }
                     }
                     let what = format!("vs index {:<22} nv={nv:<3} ns={ns:<2}", p.name);
@@ -950,12 +948,8 @@ fn grid_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     if uniform {
                         // Every key of a head the same: positions holding as many keys have
                         // equal masses, so the lowest must win.
-                        for h in 0..hkv {
-                            for c in 1..nk {
-                                let (a, b) = (h * nk * d, (h * nk + c) * d);
-                                x.kb.copy_within(a..a + d, b);
-                                x.k.data.copy_within(a..a + d, b);
-                            }
+                        for c in 1..nk {
+                            copy_key(&mut x, 0, c);
                         }
                     }
                     let what = format!("grid index {:<22} stride={stride:<4}", p.name);
