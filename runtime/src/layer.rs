@@ -106,7 +106,8 @@ pub struct LaunchReport {
     pub index_on_gpu: bool,
 }
 
-/// Static indexes kept across calls (the cache is emptied when it reaches this size).
+/// Static indexes and device plans kept across calls (each cache is emptied when it reaches
+/// this size).
 const STATIC_INDEX_CACHE: usize = 64;
 
 /// (pattern hash, head, shape bucket).
@@ -118,13 +119,39 @@ type IndexCacheKey = (String, usize, usize, usize, usize, usize);
 /// A device plan's key: the index key and the scale's bits.
 type PlanCacheKey = (IndexCacheKey, u32);
 
+/// A map kept across calls that empties itself when it reaches [`STATIC_INDEX_CACHE`]
+/// entries: serving many lengths must not grow host memory without end. A poisoned lock
+/// reads as empty and stores nothing (the caller computes afresh).
+struct BoundedCache<K, V>(Mutex<HashMap<K, V>>);
+
+impl<K, V> Default for BoundedCache<K, V> {
+    fn default() -> Self {
+        BoundedCache(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> BoundedCache<K, V> {
+    fn get(&self, key: &K) -> Option<V> {
+        self.0.lock().ok().and_then(|m| m.get(key).cloned())
+    }
+
+    fn insert(&self, key: K, value: V) {
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= STATIC_INDEX_CACHE {
+                m.clear();
+            }
+            m.insert(key, value);
+        }
+    }
+}
+
 /// State [`Runtime`] keeps between layer calls.
 #[derive(Default)]
 pub(crate) struct LayerCache {
-    static_indexes: Mutex<HashMap<IndexCacheKey, Arc<SparseIndex>>>,
-    /// Static plans of GPU-built indexes, by the same key and the scale's bits (bounded the
-    /// same way); `None` records a pattern the GPU cannot build at that shape.
-    device_plans: Mutex<HashMap<PlanCacheKey, Option<Arc<AnyPlan>>>>,
+    static_indexes: BoundedCache<IndexCacheKey, Arc<SparseIndex>>,
+    /// Static plans of GPU-built indexes, by the same key and the scale's bits; `None`
+    /// records a pattern the GPU cannot build at that shape.
+    device_plans: BoundedCache<PlanCacheKey, Option<Arc<AnyPlan>>>,
     /// Each (pattern, head, bucket)'s config and whether it was tuned, read from the
     /// database once per process (a tune stored later by another process is seen after a
     /// restart).
@@ -415,18 +442,12 @@ impl Runtime {
         }
         let key =
             (hash.to_string(), shape.hq, shape.nq, shape.nk, opts.block_m.unwrap_or(0), opts.block_n.unwrap_or(0));
-        if let Some(ix) = self.layer.static_indexes.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        if let Some(ix) = self.layer.static_indexes.get(&key) {
             return Ok(ix);
         }
         // A static pattern reads only positions and shapes: one-wide placeholder inputs suffice.
         let ix = Arc::new(build(&Tensor::zeros(shape.hq, shape.nq, 1), &Tensor::zeros(shape.hkv, shape.nk, 1))?);
-        if let Ok(mut m) = self.layer.static_indexes.lock() {
-            // A bounded cache: serving many lengths must not grow host memory without end.
-            if m.len() >= STATIC_INDEX_CACHE {
-                m.clear();
-            }
-            m.insert(key, ix.clone());
-        }
+        self.layer.static_indexes.insert(key, ix.clone());
         Ok(ix)
     }
 
@@ -446,7 +467,7 @@ impl Runtime {
             (hash.to_string(), shape.hq, shape.nq, shape.nk, config.block_m as usize, config.block_n as usize),
             scale.to_bits(),
         );
-        if let Some(p) = self.layer.device_plans.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        if let Some(p) = self.layer.device_plans.get(&key) {
             return p;
         }
         let opts = index_options(config, scale);
@@ -456,12 +477,7 @@ impl Runtime {
             .map(Arc::new)
             .map_err(|e| tracing::debug!(pattern = %pattern.name, error = %e, "index built on the host"))
             .ok();
-        if let Ok(mut m) = self.layer.device_plans.lock() {
-            if m.len() >= STATIC_INDEX_CACHE {
-                m.clear();
-            }
-            m.insert(key, plan.clone());
-        }
+        self.layer.device_plans.insert(key, plan.clone());
         plan
     }
 
