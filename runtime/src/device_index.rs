@@ -14,7 +14,7 @@ mod slash;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use weft_codegen::{
     block_select_shared_bytes, emit_vv_index, vv_score_shared_bytes, vv_select_shared_bytes, DType, VS_LOGITS_KEYS,
     VS_LOGITS_ROWS, VV_COLLECT_MAX, VV_INDEX_MAX_SHARED, VV_TWO_CTA_SHARED,
@@ -82,20 +82,45 @@ fn launch_cfg(grid: (u32, u32, u32), threads: u32, smem: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem }
 }
 
-/// GPU milliseconds per kernel name from (name, start, end) events, summed over repeats, in
-/// first-launch order. Call after the stream is synchronised.
-fn kernel_times(
-    marks: &[(&'static str, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)],
-) -> Result<Vec<(&'static str, f64)>, Error> {
-    let mut out: Vec<(&'static str, f64)> = Vec::new();
-    for (name, a, b) in marks {
-        let ms = f64::from(a.elapsed_ms(b).map_err(driver("reading CUDA event times"))?);
-        match out.iter_mut().find(|(n, _)| n == name) {
-            Some(e) => e.1 += ms,
-            None => out.push((name, ms)),
-        }
+/// CUDA events around an index builder's launches, for [`IndexBuildReport::kernel_ms`].
+struct KernelTimer<'a> {
+    stream: &'a Arc<CudaStream>,
+    /// (kernel, start, end)
+    marks: Vec<(&'static str, CudaEvent, CudaEvent)>,
+}
+
+impl<'a> KernelTimer<'a> {
+    fn new(stream: &'a Arc<CudaStream>) -> Self {
+        KernelTimer { stream, marks: Vec::new() }
     }
-    Ok(out)
+
+    /// An event now: the start of what a later [`KernelTimer::mark`] times.
+    fn start(&self) -> Result<CudaEvent, Error> {
+        self.stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(driver("recording a CUDA event"))
+    }
+
+    /// Times `name` from `start` to now.
+    fn mark(&mut self, name: &'static str, start: CudaEvent) -> Result<(), Error> {
+        let end = self.start()?;
+        self.marks.push((name, start, end));
+        Ok(())
+    }
+
+    /// GPU milliseconds per name, summed over repeats, in first-launch order. Call after the
+    /// stream is synchronised.
+    fn times(&self) -> Result<Vec<(&'static str, f64)>, Error> {
+        let mut out: Vec<(&'static str, f64)> = Vec::new();
+        for (name, a, b) in &self.marks {
+            let ms = f64::from(a.elapsed_ms(b).map_err(driver("reading CUDA event times"))?);
+            match out.iter_mut().find(|(n, _)| n == name) {
+                Some(e) => e.1 += ms,
+                None => out.push((name, ms)),
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Plans whose device copies are kept (the oldest are dropped past this many).
@@ -337,6 +362,10 @@ impl Gpu {
             }
             _ => None,
         };
+        let top_p = matches!(plan.budget, Budget::TopP(_));
+        // Bytes per stored (group, key) score: the approximate f32, and for top_p also the
+        // exact f64 score and the fixed-point weight.
+        let pair_bytes = if top_p { 16 } else { 4 };
         let keep = top_k.unwrap_or(nk).min(nk) as f64;
         let want = ((1.25 * (keep + 32.0 * keep.sqrt() + 512.0)) as usize).next_multiple_of(256);
         let fits = want <= VV_COLLECT_MAX && vv_select_shared_bytes(d as u32, nk, want) <= VV_INDEX_MAX_SHARED as usize;
@@ -382,10 +411,9 @@ impl Gpu {
             None => (0, words),
         };
         if top_k.is_none() {
-            // The budgets hold every (group, key) score of at least one head at once (top_p
-            // also an exact score and a weight), and a bitmap per group for every head.
-            let per_head = groups * nk * if matches!(plan.budget, Budget::TopP(_)) { 16 } else { 4 };
-            let need = per_head + hq * groups * words * 4;
+            // The budgets hold every (group, key) score of at least one head at once, and a
+            // bitmap per group for every head.
+            let need = groups * nk * pair_bytes + hq * groups * words * 4;
             if need > BUDGET_MAX_BYTES {
                 return Err(usage(format!(
                     "GPU index building for {} over {nq} queries and {nk} keys needs {:.1} GiB of scratch (at \
@@ -429,12 +457,10 @@ impl Gpu {
         let mut row_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
         let mut col_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
         // Scores held at once: dense stores groups x keys per head, list only the sample.
-        // (top_p also holds an exact f64 score and a fixed-point weight per pair: 16 bytes.)
-        let per_score_head = groups * if list_mode { samples } else { nk } * 4;
-        let top_p = matches!(plan.budget, Budget::TopP(_));
-        let chunk = (SCORE_BYTES / (per_score_head * if top_p { 4 } else { 1 }).max(1)).clamp(1, hq);
-        let mut approx = s.alloc_zeros::<f32>(chunk * per_score_head / 4).map_err(driver(alloc))?;
-        let pairs = if top_p { chunk * per_score_head / 4 } else { 1 };
+        let head_pairs = groups * if list_mode { samples } else { nk };
+        let chunk = (SCORE_BYTES / (head_pairs * pair_bytes).max(1)).clamp(1, hq);
+        let mut approx = s.alloc_zeros::<f32>(chunk * head_pairs).map_err(driver(alloc))?;
+        let pairs = if top_p { chunk * head_pairs } else { 1 };
         // Safety: vv_exact writes every pair's exact score, and the budget pass each
         // candidate's weight, before they are read.
         let mut exact = unsafe { s.alloc::<f64>(pairs) }.map_err(driver(alloc))?;
@@ -459,27 +485,20 @@ impl Gpu {
             (groups as i32, plan.q_block as i32, cap as i32, top_k.unwrap_or(0).min(i32::MAX as usize) as i32);
         let per_head = i32::from(plan.per_head);
         let launch = |what: &str| driver(format!("launching the index builder's {what} kernel"));
-        // CUDA events around each launch: (kernel, start, end).
-        let mut marks = Vec::new();
-        let event = || {
-            s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(driver("recording a CUDA event"))
-        };
+        let mut timer = KernelTimer::new(s);
         // Safety (every launch below): the argument lists match the template's signatures, and
         // each buffer was allocated above (or checked) with the length the kernel indexes.
-        let t0 = event()?;
+        let t0 = timer.start()?;
         let mut b = s.launch_builder(f_pool);
         b.arg(q).arg(&nq_i).arg(&q_block_i).arg(&groups_i);
         b.arg(&mut pooled).arg(&mut pq_hi).arg(&mut pq_lo).arg(&mut pq_l1);
         unsafe { b.launch(launch_cfg((groups as u32, hq as u32, 1), d as u32, 0)) }.map_err(launch("pool"))?;
-        let t1 = event()?;
-        marks.push(("pool", t0, t1));
-        let t0 = event()?;
+        timer.mark("pool", t0)?;
+        let t0 = timer.start()?;
         let mut b = s.launch_builder(f_kstats);
         b.arg(k).arg(&nk_i).arg(&mut kinf).arg(&mut kmax);
         unsafe { b.launch(launch_cfg((nk.div_ceil(64) as u32, hkv as u32, 1), 256, 0)) }.map_err(launch("kstats"))?;
-        let t1 = event()?;
-        marks.push(("kstats", t0, t1));
+        timer.mark("kstats", t0)?;
         let score_smem = vv_score_shared_bytes(d as u32);
         let (dense_mode, sample_mode, emit_mode) = (0i32, 1i32, 2i32);
         let select_mode = i32::from(list_mode);
@@ -499,50 +518,44 @@ impl Gpu {
                     unsafe { b.launch(launch_cfg(grid, 128, score_smem)) }.map_err(launch("score"))?;
                 }};
             }
-            let t0 = event()?;
+            let t0 = timer.start()?;
             if list_mode {
                 score!(sample_mode, samples);
-                let t1 = event()?;
-                marks.push(("sample score", t0, t1));
-                let t0 = event()?;
+                timer.mark("sample score", t0)?;
+                let t0 = timer.start()?;
                 let mut b = s.launch_builder(f_threshold);
                 b.arg(&approx).arg(&samples_i).arg(&pq_l1).arg(&kmax).arg(cand_lo).arg(cand_hi).arg(&per_head);
                 b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&top_k_i).arg(&mut thresh);
                 unsafe { b.launch(launch_cfg((groups as u32, hc as u32, 1), 512, 0)) }.map_err(launch("threshold"))?;
-                let t1 = event()?;
-                marks.push(("threshold", t0, t1));
-                let t0 = event()?;
+                timer.mark("threshold", t0)?;
+                let t0 = timer.start()?;
                 score!(emit_mode, nk);
-                let t1 = event()?;
-                marks.push(("emit score", t0, t1));
+                timer.mark("emit score", t0)?;
             } else {
                 score!(dense_mode, nk);
-                let t1 = event()?;
-                marks.push(("score", t0, t1));
+                timer.mark("score", t0)?;
             }
             if top_p {
-                let t0 = event()?;
+                let t0 = timer.start()?;
                 s.memset_zeros(&mut best).map_err(driver("clearing the best scores"))?;
                 let mut b = s.launch_builder(f_exact);
                 b.arg(&pooled).arg(k).arg(&groups_i).arg(&nk_i).arg(&hq_i).arg(&hkv_i).arg(&h0_i);
                 b.arg(cand_lo).arg(cand_hi).arg(&per_head).arg(&plan.scale).arg(&mut exact).arg(&mut best);
                 let grid = (nk.div_ceil(VS_LOGITS_KEYS) as u32, groups.div_ceil(VS_LOGITS_ROWS) as u32, hc as u32);
                 unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("exact score"))?;
-                let t1 = event()?;
-                marks.push(("exact", t0, t1));
+                timer.mark("exact", t0)?;
             }
             if top_k.is_none() {
-                let t0 = event()?;
+                let t0 = timer.start()?;
                 let mut b = s.launch_builder(f_budget);
                 b.arg(&approx).arg(&pooled).arg(&pq_l1).arg(k).arg(&kinf).arg(&kmax);
                 b.arg(cand_lo).arg(cand_hi).arg(&per_head);
                 b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i).arg(&plan.scale);
                 b.arg(&budget_mode).arg(&budget_arg).arg(&exact).arg(&best).arg(&mut weights).arg(&mut keep_count);
                 unsafe { b.launch(launch_cfg((groups as u32, hc as u32, 1), 512, 0)) }.map_err(launch("budget"))?;
-                let t1 = event()?;
-                marks.push(("budget", t0, t1));
+                timer.mark("budget", t0)?;
             }
-            let t1 = event()?;
+            let t0 = timer.start()?;
             let mut b = s.launch_builder(f_select);
             b.arg(&approx).arg(&pooled).arg(&pq_l1).arg(k).arg(&kinf).arg(&kmax);
             b.arg(cand_lo).arg(cand_hi).arg(&per_head);
@@ -559,8 +572,7 @@ impl Gpu {
             b.arg(&mut chosen).arg(&mut chosen_count).arg(&mut status);
             unsafe { b.launch(launch_cfg((groups as u32, hc as u32, 1), 512, select_smem as u32)) }
                 .map_err(launch("select"))?;
-            let t2 = event()?;
-            marks.push(("select", t1, t2));
+            timer.mark("select", t0)?;
         }
         let no_tiles = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
         let (one, zero) = (1i32, 0i32);
@@ -585,14 +597,13 @@ impl Gpu {
         };
         let mut none_idx = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
         let mut none_mask = s.alloc_zeros::<u16>(1).map_err(driver(alloc))?;
-        let t0 = event()?;
+        let t0 = timer.start()?;
         columns_pass(0, &mut row_count, &col_ptr, &mut none_idx, &mut none_mask)?;
         let rows_i = rows as i32;
         let mut b = s.launch_builder(f_scan);
         b.arg(&row_count).arg(&rows_i).arg(&mut col_ptr);
         unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
-        let t1 = event()?;
-        marks.push(("count+scan", t0, t1));
+        timer.mark("count+scan", t0)?;
 
         // The one synchronisation: the status word and the column total.
         let read = "reading the index builder's status";
@@ -617,10 +628,9 @@ impl Gpu {
         let total = total[0] as usize;
         let mut col_idx = s.alloc_zeros::<u32>(total.max(1)).map_err(driver(alloc))?;
         let mut col_mask = s.alloc_zeros::<u16>(total.max(1)).map_err(driver(alloc))?;
-        let t0 = event()?;
+        let t0 = timer.start()?;
         columns_pass(1, &mut row_count, &col_ptr, &mut col_idx, &mut col_mask)?;
-        let t1 = event()?;
-        marks.push(("write", t0, t1));
+        timer.mark("write", t0)?;
 
         let copy_of = "copying the index skeleton";
         let (sk_ptr, sk_idx, sk_mask) = &copy.skeleton;
@@ -631,7 +641,7 @@ impl Gpu {
         );
         let index = self.single_index(shape, (plan.block_m, plan.block_n), blocks, (col_ptr, col_idx, col_mask))?;
         s.synchronize().map_err(driver("finishing the index build"))?;
-        let kernel_ms = kernel_times(&marks)?;
+        let kernel_ms = timer.times()?;
         let slow_groups = st[1].max(0) as usize;
         let report = IndexBuildReport {
             slow_groups,

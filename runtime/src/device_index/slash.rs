@@ -14,7 +14,7 @@ use weft_codegen::{
 use weft_patterns::device_plan::{SlashPlan, Verticals};
 
 use super::{
-    check_build_inputs, kernel_times, launch_cfg, upload, usage, DeviceEntries, DeviceRules, IndexBuildReport,
+    check_build_inputs, launch_cfg, upload, usage, DeviceEntries, DeviceRules, IndexBuildReport, KernelTimer,
     SCORE_BYTES,
 };
 use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
@@ -94,33 +94,27 @@ impl Gpu {
         let (vk_i, sk_i, block_i, groups_i, kblocks_i) =
             (vk as i32, sk as i32, plan.block as i32, groups as i32, kblocks as i32);
         let per_head_i = i32::from(plan.per_head);
-        let mut marks = Vec::new();
-        let event = || {
-            s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(driver("recording a CUDA event"))
-        };
+        let mut timer = KernelTimer::new(s);
         // Safety (every launch below): argument lists match the template's signatures and each
         // buffer has the length the kernel indexes.
         for h0 in (0..hq).step_by(chunk).filter(|_| estimate) {
             let hc = chunk.min(hq - h0);
             let h0_i = h0 as i32;
             s.memset_zeros(&mut rowmax).map_err(driver("clearing row maxima"))?;
-            let t0 = event()?;
+            let t0 = timer.start()?;
             let mut b = s.launch_builder(f_logits);
             b.arg(q).arg(k).arg(&nq_i).arg(&nk_i).arg(&hq_i).arg(&hkv_i).arg(&h0_i).arg(&last_i);
             b.arg(allowed).arg(&per_head_i).arg(&plan.scale).arg(&mut weights).arg(&mut rowmax);
             let grid = (nk.div_ceil(VS_LOGITS_KEYS) as u32, last.div_ceil(VS_LOGITS_ROWS) as u32, hc as u32);
             unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("vs_logits"))?;
-            let t1 = event()?;
-            marks.push(("logits", t0, t1));
-            let t1 = event()?;
+            timer.mark("logits", t0)?;
+            let t0 = timer.start()?;
             let mut b = s.launch_builder(f_exp);
             b.arg(&mut weights).arg(&rowmax).arg(&nk_i).arg(&last_i).arg(&mut partial);
             let grid = (nk.div_ceil(VS_EXP_KEYS) as u32, last as u32, hc as u32);
             unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("vs_exp"))?;
-            let t2 = event()?;
-            marks.push(("exp", t1, t2));
-            let t2 = event()?;
+            timer.mark("exp", t0)?;
+            let t0 = timer.start()?;
             let mut b = s.launch_builder(f_inv);
             b.arg(&partial).arg(&nk_i).arg(&last_i).arg(&mut inv);
             unsafe { b.launch(launch_cfg((hc as u32, 1, 1), 256, 0)) }.map_err(launch("vs_inv"))?;
@@ -129,10 +123,9 @@ impl Gpu {
             b.arg(&mut vert).arg(&mut slash);
             let grid = ((nq + nk).div_ceil(256) as u32, hc as u32, 1);
             unsafe { b.launch(launch_cfg(grid, 256, vs_mass_shared_bytes(last) as u32)) }.map_err(launch("vs_mass"))?;
-            let t3 = event()?;
-            marks.push(("mass", t2, t3));
+            timer.mark("mass", t0)?;
         }
-        let t0 = event()?;
+        let t0 = timer.start()?;
         match plan.verticals {
             Verticals::TopK(_) => {
                 let mut b = s.launch_builder(f_select);
@@ -154,8 +147,7 @@ impl Gpu {
         b.arg(&slist).arg(&counts).arg(&hq_i).arg(&sk_i).arg(&nq_i).arg(&nk_i).arg(&block_i);
         b.arg(&groups_i).arg(&kblocks_i).arg(&mut tiles);
         unsafe { b.launch(launch_cfg((groups as u32, hq as u32, 1), 128, 0)) }.map_err(launch("vs_tiles"))?;
-        let t1 = event()?;
-        marks.push(("select", t0, t1));
+        timer.mark("select", t0)?;
 
         let (q_blocks_i, bm_i, rows_i) = (q_blocks as i32, plan.block_m as i32, rows as i32);
         let row_grid = (rows.div_ceil(4).max(1) as u32, 1, 1);
@@ -179,7 +171,7 @@ impl Gpu {
             unsafe { b.launch(launch_cfg(row_grid, 128, 0)) }.map_err(launch("columns"))?;
             Ok(())
         };
-        let t0 = event()?;
+        let t0 = timer.start()?;
         let (mut n_idx, mut n_mask) =
             (s.alloc_zeros::<u32>(1).map_err(driver(alloc))?, s.alloc_zeros::<u16>(1).map_err(driver(alloc))?);
         let (mut m_idx, mut m_mask) =
@@ -196,8 +188,7 @@ impl Gpu {
             b.arg(count).arg(&rows_i).arg(ptr);
             unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
         }
-        let t1 = event()?;
-        marks.push(("count+scan", t0, t1));
+        timer.mark("count+scan", t0)?;
         // The one synchronisation: the entry totals, to size the lists.
         let read = "reading the vertical-slash index totals";
         let nb = s.clone_dtoh(&block_ptr.slice(rows..rows + 1)).map_err(driver(read))?[0] as usize;
@@ -207,7 +198,7 @@ impl Gpu {
         let mut block_mask = s.alloc_zeros::<u16>(nb.max(1)).map_err(driver(alloc))?;
         let mut col_idx = s.alloc_zeros::<u32>(nc.max(1)).map_err(driver(alloc))?;
         let mut col_mask = s.alloc_zeros::<u16>(nc.max(1)).map_err(driver(alloc))?;
-        let t0 = event()?;
+        let t0 = timer.start()?;
         rows_pass(
             1,
             (&mut block_count, &mut col_count),
@@ -215,8 +206,7 @@ impl Gpu {
             (&mut block_idx, &mut block_mask),
             (&mut col_idx, &mut col_mask),
         )?;
-        let t1 = event()?;
-        marks.push(("write", t0, t1));
+        timer.mark("write", t0)?;
         let index = self.single_index(
             shape,
             (plan.block_m, plan.block_n),
@@ -231,7 +221,7 @@ impl Gpu {
             chunk_heads: chunk,
             strategy: "vertical-slash",
             slow_groups: 0,
-            kernel_ms: kernel_times(&marks)?,
+            kernel_ms: timer.times()?,
         };
         Ok((index, report))
     }
