@@ -290,6 +290,16 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_vs_select(
     if (tid == 0) counts[which * hq + h] = (int)written;
 }
 
+// (best, pos) across the warp: the largest mass, ties to the lowest position; every lane
+// gets the result.
+__device__ __forceinline__ void warp_argmax(double& best, int& pos) {
+    for (int o = 16; o > 0; o /= 2) {
+        const double b = __shfl_xor_sync(0xffffffff, best, o);
+        const int p = __shfl_xor_sync(0xffffffff, pos, o);
+        if (b > best || (b == best && p < pos)) best = b, pos = p;
+    }
+}
+
 // ---- grid_select: grid (hq), 1024 threads ----
 // For a grid's column lines: the phase (`phase`, or when negative the heaviest in-frame
 // position of vert[h] folded modulo the stride, each position's masses summed in key order
@@ -315,21 +325,13 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_grid_select(
             for (long long k = i; k < nk; k += stride) m = __dadd_rn(m, v[k]);
             if (m > best) best = m, pos = i;
         }
-        for (int o = 16; o > 0; o /= 2) {
-            const double b = __shfl_xor_sync(0xffffffff, best, o);
-            const int p = __shfl_xor_sync(0xffffffff, pos, o);
-            if (b > best || (b == best && p < pos)) best = b, pos = p;
-        }
+        warp_argmax(best, pos);
         if (lane == 0) w_best[warp] = best, w_pos[warp] = pos;
         __syncthreads();
         if (warp == 0) {
             best = w_best[lane];
             pos = w_pos[lane];
-            for (int o = 16; o > 0; o /= 2) {
-                const double b = __shfl_xor_sync(0xffffffff, best, o);
-                const int p = __shfl_xor_sync(0xffffffff, pos, o);
-                if (b > best || (b == best && p < pos)) best = b, pos = p;
-            }
+            warp_argmax(best, pos);
             if (lane == 0) s_phase = pos;
         }
         __syncthreads();

@@ -259,30 +259,29 @@ extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score(
     }
 }
 
-// The bin of a 2048-bin histogram where the running count from the top reaches `need`; sets
-// `above` to the count in the bins above it. One warp.
-__device__ __forceinline__ int find_bin(const u32* hist, u32 need, u32& above, int lane) {
+// The bin of a 2048-bin histogram where the running sum from the top first satisfies
+// `reached`; sets `above` to the sum of the bins above it. One warp.
+template <class T, class Reached>
+__device__ __forceinline__ int find_bin_by(const T* hist, const Reached& reached, T& above, int lane) {
     constexpr int PER = HIST / 32;
-    u32 mine = 0;  // lane l sums bins [HIST - (l + 1) * PER, HIST - l * PER): lane 0 holds the top
+    T mine = 0;  // lane l sums bins [HIST - (l + 1) * PER, HIST - l * PER): lane 0 holds the top
     for (int i = 0; i < PER; ++i) mine += hist[HIST - 1 - lane * PER - i];
-    u32 incl = mine;  // inclusive prefix from the top
+    T incl = mine;  // inclusive prefix from the top
     for (int o = 1; o < 32; o *= 2) {
-        const u32 v = __shfl_up_sync(0xffffffff, incl, o);
+        const T v = __shfl_up_sync(0xffffffff, incl, o);
         if (lane >= o) incl += v;
     }
-    const u32 excl = incl - mine;
-    const bool here = excl < need && incl >= need;
+    const T excl = incl - mine;
+    const bool here = !reached(excl) && reached(incl);
     const u32 who = __ballot_sync(0xffffffff, here);
-    const int src = __ffs(who) - 1;
+    const int src = who ? __ffs(who) - 1 : 31;  // none: the goal lies past every bin (a bug)
     int bin = 0;
-    u32 run = __shfl_sync(0xffffffff, excl, src);
+    T run = __shfl_sync(0xffffffff, excl, src);
     if (lane == src) {
         for (int i = 0; i < PER; ++i) {
             const int b = HIST - 1 - lane * PER - i;
-            if (run + hist[b] >= need) {
-                bin = b;
-                break;
-            }
+            bin = b;
+            if (reached(run + hist[b])) break;
             run += hist[b];
         }
     }
@@ -290,6 +289,17 @@ __device__ __forceinline__ int find_bin(const u32* hist, u32 need, u32& above, i
     above = __shfl_sync(0xffffffff, run, src);
     return bin;
 }
+// find_bin_by's goals: a count of `need` keys; a weight of `goal` after `base` (weight sums
+// are integers below 2^53, so exact in f64).
+struct CountReaches {
+    u32 need;
+    __device__ bool operator()(u32 run) const { return run >= need; }
+};
+struct WeightReaches {
+    unsigned long long base;
+    double goal;
+    __device__ bool operator()(unsigned long long run) const { return (double)(base + run) >= goal; }
+};
 
 // Counts score `a` in a radix histogram: its key's top 11 bits, or (second) the next 11 bits
 // when the top ones are b1.
@@ -312,7 +322,7 @@ __device__ u32 radix_prefix(u32* hist, u32 need, u32 n, Get get, u32* s_bin, u32
     __syncthreads();
     if (warp == 0) {
         u32 above;
-        const int b = find_bin(hist, need, above, lane);
+        const int b = find_bin_by(hist, CountReaches{need}, above, lane);
         if (lane == 0) *s_bin = b, *s_above = above;
     }
     __syncthreads();
@@ -326,7 +336,7 @@ __device__ u32 radix_prefix(u32* hist, u32 need, u32 n, Get get, u32* s_bin, u32
     __syncthreads();
     if (warp == 0) {
         u32 above;
-        const int b = find_bin(hist, need2, above, lane);
+        const int b = find_bin_by(hist, CountReaches{need2}, above, lane);
         if (lane == 0) *s_bin = b;
     }
     __syncthreads();
@@ -692,38 +702,6 @@ __device__ __forceinline__ double key_double(unsigned long long k) {
     return __longlong_as_double((long long)((k >> 63) ? (k & 0x7fffffffffffffffull) : ~k));
 }
 
-// The bin of a 2048-bin weight histogram where the running sum from the top, after `base`,
-// first reaches `goal` (sums are integers below 2^53, so exact in f64); sets `above` to the
-// weight in the bins above it. One warp (find_bin with weights).
-__device__ __forceinline__ int find_weight_bin(const unsigned long long* hist, unsigned long long base, double goal,
-                                               unsigned long long& above, int lane) {
-    constexpr int PER = HIST / 32;
-    unsigned long long mine = 0;
-    for (int i = 0; i < PER; ++i) mine += hist[HIST - 1 - lane * PER - i];
-    unsigned long long incl = mine;
-    for (int o = 1; o < 32; o *= 2) {
-        const unsigned long long v = __shfl_up_sync(0xffffffff, incl, o);
-        if (lane >= o) incl += v;
-    }
-    const unsigned long long excl = incl - mine;
-    const bool here = (double)(base + excl) < goal && (double)(base + incl) >= goal;
-    const u32 who = __ballot_sync(0xffffffff, here);
-    const int src = who ? __ffs(who) - 1 : 31;  // none: the goal lies past every bin (a bug)
-    int bin = 0;
-    unsigned long long run = __shfl_sync(0xffffffff, excl, src);
-    if (lane == src) {
-        for (int i = 0; i < PER; ++i) {
-            const int b = HIST - 1 - lane * PER - i;
-            bin = b;
-            if ((double)(base + run + hist[b]) >= goal) break;
-            run += hist[b];
-        }
-    }
-    bin = __shfl_sync(0xffffffff, bin, src);
-    above = __shfl_sync(0xffffffff, run, src);
-    return bin;
-}
-
 // ---- budget: grid (groups, heads of the chunk), SELECT_THREADS ----
 // For vertical_vector(keep = threshold(t) | top_p(p)): how many columns group g keeps, into
 // keep_out[h * groups + g]; `select` then chooses that many, best first, as for top_k (both
@@ -852,7 +830,7 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_budget(
             }
             if (tid < 32) {
                 unsigned long long above;
-                const int bin = find_weight_bin(wHist, base, goal, above, tid);
+                const int bin = find_bin_by(wHist, WeightReaches{base, goal}, above, tid);
                 if (tid == 0) sBin = bin, sAbove = above;
             }
             __syncthreads();
