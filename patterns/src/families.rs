@@ -248,21 +248,27 @@ fn vertical_vector(v: &VerticalVector, inp: &HeadInputs<'_>, ctx: &Pred) -> ColS
             // Sink columns are always kept, so they do not compete for the budget.
             let keys: Vec<usize> =
                 (v.sink as usize..inp.nk()).filter(|&c| allowed(ctx, &inp.region(q0, q1, c, c + 1))).collect();
-            // Scores with repro::dot (one accumulator, as the GPU builder's exact scores), eight
-            // keys at a time.
-            let mut cands: Vec<(u32, f64)> = Vec::with_capacity(keys.len());
-            for batch in keys.chunks(8) {
-                if let Ok(ks) = <[usize; 8]>::try_from(batch) {
-                    let dots = repro::dots::<8>(&pq, ks.map(|c| inp.k.row(inp.kv, c)));
-                    cands.extend(ks.into_iter().zip(dots).map(|(c, dot)| (c as u32, inp.scale * dot)));
-                } else {
-                    cands.extend(batch.iter().map(|&c| (c as u32, inp.scale * repro::dot(&pq, inp.k.row(inp.kv, c)))));
-                }
-            }
+            // Scores with repro::dot (one accumulator, as the GPU builder's exact scores).
+            let cands: Vec<(u32, f64)> =
+                keys.iter().zip(scaled_dots(inp, &pq, &keys)).map(|(&c, s)| (c as u32, s)).collect();
             select(&cands, v.keep)
         })
         .collect();
     ColSel { bq, cols }
+}
+
+/// `scale * repro::dot(q, k_c)` for each key `c` of `keys`, in order: eight keys at a time
+/// through [`repro::dots`] (the same sums as one at a time, with the CPU's pipeline full).
+fn scaled_dots(inp: &HeadInputs<'_>, q: &[f32], keys: &[usize]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(keys.len());
+    for batch in keys.chunks(8) {
+        if let Ok(ks) = <[usize; 8]>::try_from(batch) {
+            out.extend(repro::dots::<8>(q, ks.map(|c| inp.k.row(inp.kv, c))).map(|dot| inp.scale * dot));
+        } else {
+            out.extend(batch.iter().map(|&c| inp.scale * repro::dot(q, inp.k.row(inp.kv, c))));
+        }
+    }
+    out
 }
 
 /// The softmax mass of one head's last queries (over the keys a context allows), summed per
@@ -322,17 +328,8 @@ pub(crate) fn last_rows_attention(inp: &HeadInputs<'_>, ctx: &Pred, last: usize,
         // Dots only for the keys the context allows, eight at a time.
         let allowed: Vec<usize> = (0..nk).filter(|&k| ctx.eval(&env(k))).collect();
         let mut logits: Vec<Option<f64>> = vec![None; nk];
-        for batch in allowed.chunks(8) {
-            if let Ok(ks) = <[usize; 8]>::try_from(batch) {
-                let dots = repro::dots::<8>(q, ks.map(|k| inp.k.row(inp.kv, k)));
-                for (k, dot) in ks.into_iter().zip(dots) {
-                    logits[k] = Some(inp.scale * dot);
-                }
-            } else {
-                for &k in batch {
-                    logits[k] = Some(inp.scale * repro::dot(q, inp.k.row(inp.kv, k)));
-                }
-            }
+        for (&k, s) in allowed.iter().zip(scaled_dots(inp, q, &allowed)) {
+            logits[k] = Some(s);
         }
         let Some(max) = logits.iter().flatten().copied().reduce(f64::max) else { continue };
         let weights: Vec<f64> = logits.iter().map(|s| s.map_or(0.0, |s| repro::exp(s - max))).collect();
