@@ -147,7 +147,7 @@ impl Node {
     }
 }
 
-pub(crate) fn static_pred(e: PatternExpr) -> Pred {
+fn static_pred(e: PatternExpr) -> Pred {
     match e {
         PatternExpr::Static(p) => p,
         _ => Pred::Const(false),
@@ -415,11 +415,19 @@ fn grid(g: &Grid, inp: &HeadInputs<'_>, ctx: &Pred) -> Node {
         // One group spans every query.
         items.push(Node::Columns(ColSel { bq: inp.nq().max(1), cols: vec![cols] }));
     }
+    items.extend(grid_rows_and_sink(g, phase));
+    Node::Union(items)
+}
+
+/// A grid's static parts for `phase`: its row lines (when its lines include rows), then its
+/// sink. GPU plans build a grid's node around them.
+pub(crate) fn grid_rows_and_sink(g: &Grid, phase: usize) -> Vec<Node> {
+    let mut items = Vec::new();
     if matches!(g.lines, GridLines::Rows | GridLines::Both) {
-        items.push(Node::Static((builder::q() % stride as i64).eq(builder::lit(phase as i64))));
+        items.push(Node::Static((builder::q() % i64::from(g.stride)).eq(builder::lit(phase as i64))));
     }
     if g.sink > 0 {
         items.push(Node::Static(static_pred(builder::sink(g.sink))));
     }
-    Node::Union(items)
+    items
 }

@@ -26,7 +26,7 @@ use super::{
     ColumnRules, Leaf, DROP,
 };
 use crate::families::{
-    grid_phase, slash_blocks, static_pred, vertical_slash_choice, ColSel, HeadInputs, Node, GRID_LAST_Q,
+    grid_phase, grid_rows_and_sink, slash_blocks, vertical_slash_choice, ColSel, HeadInputs, Node, GRID_LAST_Q,
 };
 use crate::index::MaskTable;
 use crate::interval::{decide, Region};
@@ -105,16 +105,12 @@ const SUPPORTS: &str =
 /// The leaf's node with the given choice: no verticals (or every key) and no tiles (or all),
 /// plus a grid's static parts (its sink, and its row lines when the phase is given).
 fn vs_node(columns: bool, tiles: bool, nq: usize, nk: usize, grid: Option<&Grid>) -> Node {
-    use weft_dsl::builder::{lit, q};
     let cols = if columns { (0..nk as u32).collect() } else { Vec::new() };
     let mut items = vec![Node::Columns(ColSel { bq: nq.max(1), cols: vec![cols] }), Node::Static(Pred::Const(tiles))];
     if let Some(g) = grid {
-        if let (Some(phase), GridLines::Rows | GridLines::Both) = (g.phase, g.lines) {
-            items.push(Node::Static((q() % i64::from(g.stride)).eq(lit(i64::from(phase)))));
-        }
-        if g.sink > 0 {
-            items.push(Node::Static(static_pred(weft_dsl::builder::sink(g.sink))));
-        }
+        // A planned grid with row lines has a given phase (vs_leaf); without rows the phase
+        // only places the columns, which are the choice here.
+        items.extend(grid_rows_and_sink(g, g.phase.unwrap_or(0) as usize));
     }
     Node::Union(items)
 }
