@@ -546,6 +546,7 @@ pub fn emit_vv_index(head_dim: u32) -> Result<Kernel, Error> {
         .replace("{{D}}", &head_dim.to_string())
         .replace("{{DROP}}", &format!("{:#x}", weft_patterns::device_plan::DROP))
         .replace("{{PER_COLUMN}}", &format!("{:#x}", weft_patterns::device_plan::PER_COLUMN))
+        .replace("{{PER_LINE}}", &format!("{:#x}", weft_patterns::device_plan::PER_LINE))
         .replace("{{SUM_CHUNK}}", &repro::SUM_CHUNK.to_string())
         .replace("{{VS_EXP_KEYS}}", &VS_EXP_KEYS.to_string())
         .replace("{{VS_LOGITS_KEYS}}", &VS_LOGITS_KEYS.to_string())

@@ -18,6 +18,7 @@
 //! and the result is the index [`crate::build_index`] builds: [`ColumnPlan::assemble`] is the
 //! CPU mirror of that last step, and the tests check it against `build_index` pair for pair.
 
+mod lines;
 mod slash;
 
 use rayon::prelude::*;
@@ -76,29 +77,117 @@ pub struct ColumnPlan {
 #[derive(Clone, Debug, Default)]
 pub struct ColumnRules {
     /// `ptr[r]..ptr[r + 1]`: the runs of row `r = slot * q_blocks + qb`, ascending, disjoint;
-    /// keys in no run get [`FULL`].
+    /// keys in no run get [`FULL`]. A plan with row lines appends a second set of rows, for
+    /// query blocks that hold a line row (see [`LineCodes`]).
     pub ptr: Vec<u32>,
     pub c0: Vec<u32>,
     pub c1: Vec<u32>,
-    /// A run's code: `DROP`, `FULL` or a mask id, or `PER_COLUMN + offset` into `codes`.
+    /// A run's code: a line code ([`LineCodes::resolve`]: `DROP`, `FULL`, a mask id, or one
+    /// code per row-line offset), or `PER_COLUMN + offset` into `codes`.
     pub code: Vec<u32>,
-    pub codes: Vec<u16>,
+    /// Per-key line codes of `PER_COLUMN` runs.
+    pub codes: Vec<u32>,
 }
 
 impl ColumnRules {
-    /// The entry code of a chosen column `c` in rule row `row`.
-    pub fn code(&self, row: usize, c: u32) -> u16 {
+    /// The line code of a chosen column `c` in rule row `row` (resolve it with
+    /// [`LineCodes::resolve`]; in plans without row lines it is the entry code itself).
+    pub fn code(&self, row: usize, c: u32) -> u32 {
         let (lo, hi) = (self.ptr[row] as usize, self.ptr[row + 1] as usize);
         let runs = &self.c0[lo..hi];
         // The last run starting at or before c.
         let i = runs.partition_point(|c0| *c0 <= c);
         if i == 0 || c >= self.c1[lo + i - 1] {
-            return FULL;
+            return u32::from(FULL);
         }
         match self.code[lo + i - 1] {
-            code if code >= PER_COLUMN => self.codes[(code - PER_COLUMN) as usize + (c - runs[i - 1]) as usize],
-            code => code as u16,
+            code if (PER_COLUMN..PER_LINE).contains(&code) => {
+                self.codes[(code - PER_COLUMN) as usize + (c - runs[i - 1]) as usize]
+            }
+            code => code,
         }
+    }
+
+    /// Appends one row of runs `(c0, c1, code)` and the per-key codes they point to (offsets
+    /// relative to `codes`' start), merging adjacent runs with one code.
+    fn push_row(&mut self, runs: Vec<(u32, u32, u32)>, codes: Vec<u32>) {
+        if self.ptr.is_empty() {
+            self.ptr.push(0);
+        }
+        let base = self.codes.len() as u32;
+        let first = self.c0.len();
+        for (c0, c1, code) in runs {
+            let per_column = (PER_COLUMN..PER_LINE).contains(&code);
+            let code = if per_column { code + base } else { code };
+            match (self.c0.len() > first).then(|| self.c0.len() - 1) {
+                Some(last) if self.c1[last] == c0 && self.code[last] == code && !per_column => self.c1[last] = c1,
+                _ => {
+                    self.c0.push(c0);
+                    self.c1.push(c1);
+                    self.code.push(code);
+                }
+            }
+        }
+        self.codes.extend(codes);
+        self.ptr.push(self.c0.len() as u32);
+    }
+}
+
+/// Line codes at or above this are offsets (`code - PER_LINE`) into [`LineCodes::codes`]:
+/// one entry code per row-line offset.
+pub const PER_LINE: u32 = 0x8000_0000;
+
+/// Entry codes that depend on where a grid's row lines fall in a query block.
+///
+/// With an estimated phase, the line rows of the query block starting at row `q0` sit at
+/// offsets `r, r + stride, ...` with `r = (phase - q0) mod stride`
+/// ([`crate::families::RowLines::tile_offset`]). When `r < len` the block holds line rows
+/// and its entries take their codes from line codes: a plain entry code (below `PER_LINE`),
+/// or a vector of `len` codes, one per offset, at `codes[code - PER_LINE..]`. Otherwise the
+/// block has no line row and takes the codes a plan has without lines.
+#[derive(Clone, Debug, Default)]
+pub struct LineCodes {
+    /// The grid's stride, and the offsets a vector covers: `min(stride, block_m)` (0 for a
+    /// plan without row lines).
+    pub stride: usize,
+    pub len: usize,
+    pub codes: Vec<u16>,
+    interned: std::collections::HashMap<Vec<u16>, u32>,
+}
+
+impl LineCodes {
+    /// The entry code of line code `code` at offset `r < len`.
+    pub fn resolve(&self, code: u32, r: usize) -> u16 {
+        if code >= PER_LINE {
+            self.codes[(code - PER_LINE) as usize + r]
+        } else {
+            code as u16
+        }
+    }
+
+    /// The line-row offset of the query block starting at `q0` for `phase`, when the block
+    /// holds line rows (always `None` without row lines).
+    pub fn offset(&self, phase: usize, q0: usize) -> Option<usize> {
+        if self.len == 0 {
+            return None;
+        }
+        Some(crate::families::RowLines::tile_offset(self.stride, phase, q0)).filter(|r| *r < self.len)
+    }
+
+    /// The line code of one code per offset: the code itself when they are all one, else a
+    /// vector (each distinct vector stored once).
+    fn intern(&mut self, v: Vec<u16>) -> u32 {
+        debug_assert_eq!(v.len(), self.len);
+        if v.iter().all(|c| *c == v[0]) {
+            return u32::from(v[0]);
+        }
+        if let Some(code) = self.interned.get(&v) {
+            return *code;
+        }
+        let code = PER_LINE + self.codes.len() as u32;
+        self.codes.extend_from_slice(&v);
+        self.interned.insert(v, code);
+        code
     }
 }
 
@@ -284,7 +373,7 @@ fn static_start(
     let wanted = vec![false; nq];
     let nodes = (0..slots)
         .map(|h| {
-            let inp = HeadInputs { q: &q, k: &k, h, kv: h, scale, wanted: Some(&wanted), estimates: None };
+            let inp = HeadInputs { q: &q, k: &k, h, kv: h, scale, block_m: bm, wanted: Some(&wanted), estimates: None };
             resolve_fixed(pattern, &inp, &Pred::Const(true), fix)
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -333,9 +422,6 @@ fn replace_leaf(e: &PatternExpr, node: &Node, target: &dyn Fn(&PatternExpr) -> b
     }
 }
 
-/// One row's runs: `(c0, c1, code)`, with per-column codes appended to `codes`.
-type Runs = (Vec<(u32, u32, u32)>, Vec<u16>);
-
 /// Per index row, runs of keys with the entry code a chosen column there gets (see
 /// [`ColumnRules`]), for slot nodes `alls` in which every column is chosen, over the slot rows
 /// of `skeleton` (the index without columns). Mask ids are interned into `table`.
@@ -353,8 +439,7 @@ fn column_rules(
     let q_blocks = nq.div_ceil(bm);
     let region = |h: usize, q0: usize, q1: usize, k0: usize, k1: usize| Region::new(h, (q0, q1), (k0, k1), (nq, nk));
     let nkb = nk.div_ceil(bn);
-    let mut rule_ptr = vec![0u32];
-    let (mut rule_c0, mut rule_c1, mut rule_code, mut codes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut rules = ColumnRules { ptr: vec![0], ..ColumnRules::default() };
     for (h, all) in alls.iter().enumerate() {
         let rows: Vec<Vec<KeyRun>> = (0..q_blocks)
             .into_par_iter()
@@ -413,18 +498,14 @@ fn column_rules(
             })
             .collect();
         for runs in rows {
-            let mut out: Runs = (Vec::new(), Vec::new());
+            let (mut out, mut codes) = (Vec::new(), Vec::new());
             for (c0, c1, entries) in runs {
                 let code = match entries {
                     RunEntries::Drop => u32::from(DROP),
                     RunEntries::PerColumn(entries) => {
                         let mut ids = Vec::with_capacity(entries.len());
                         for e in entries {
-                            ids.push(match e {
-                                None => DROP,
-                                Some(Entry::Full) => FULL,
-                                Some(Entry::Mask(p)) => table.intern(p)?,
-                            });
+                            ids.push(entry_code(e, table)?);
                         }
                         check_mask_count(table)?;
                         if ids.iter().all(|x| *x == FULL) {
@@ -433,28 +514,27 @@ fn column_rules(
                         if ids.iter().all(|x| *x == ids[0]) {
                             u32::from(ids[0])
                         } else {
-                            let off = PER_COLUMN + (codes.len() + out.1.len()) as u32;
-                            out.1.extend_from_slice(&ids);
+                            let off = PER_COLUMN + codes.len() as u32;
+                            codes.extend(ids.into_iter().map(u32::from));
                             off
                         }
                     }
                 };
-                // Adjacent runs with one code merge.
-                match out.0.last_mut() {
-                    Some(last) if last.1 == c0 && last.2 == code && code < PER_COLUMN => last.1 = c1,
-                    _ => out.0.push((c0, c1, code)),
-                }
+                out.push((c0, c1, code));
             }
-            for (c0, c1, code) in out.0 {
-                rule_c0.push(c0);
-                rule_c1.push(c1);
-                rule_code.push(code);
-            }
-            codes.extend(out.1);
-            rule_ptr.push(rule_c0.len() as u32);
+            rules.push_row(out, codes);
         }
     }
-    Ok(ColumnRules { ptr: rule_ptr, c0: rule_c0, c1: rule_c1, code: rule_code, codes })
+    Ok(rules)
+}
+
+/// The code of a settled entry: `DROP` for none, `FULL`, or its mask's id in `table`.
+fn entry_code(e: Option<Entry>, table: &mut MaskTable) -> Result<u16, Error> {
+    Ok(match e {
+        None => DROP,
+        Some(Entry::Full) => FULL,
+        Some(Entry::Mask(p)) => table.intern(p)?,
+    })
 }
 
 impl ColumnPlan {
@@ -588,7 +668,8 @@ impl ColumnPlan {
 
     /// The entry code of chosen column `c` in index row `qb` of head `h`.
     pub fn code(&self, h: usize, qb: usize, c: u32) -> u16 {
-        self.rules.code(self.slot(h) * self.q_blocks() + qb, c)
+        // Without row lines a line code is the entry code.
+        self.rules.code(self.slot(h) * self.q_blocks() + qb, c) as u16
     }
 
     /// The index for chosen columns `chosen[h][g]` (each ascending): what the GPU's last step
@@ -685,14 +766,28 @@ pub struct BlockEntries {
     /// (`code_not`): `FULL`, a mask id, or `DROP` for no entry.
     pub code_sel: Vec<u16>,
     pub code_not: Vec<u16>,
+    /// In a plan with row lines, the entry's line code in a query block that holds line rows
+    /// (see [`LineCodes`]); empty otherwise.
+    pub code_line: Vec<u32>,
 }
 
 impl BlockEntries {
     /// Appends rule row `row`'s block entries to `ix` (its last row), given which pattern key
-    /// blocks are chosen: what the GPU's `block_rows` writes, on the CPU.
-    fn push_row(&self, row: usize, chosen: impl Fn(u32) -> bool, ix: &mut SparseIndex) {
+    /// blocks are chosen and, in a query block holding row lines, their offset: what the
+    /// GPU's `block_rows` writes, on the CPU.
+    fn push_row(
+        &self,
+        row: usize,
+        chosen: impl Fn(u32) -> bool,
+        line: Option<(&LineCodes, usize)>,
+        ix: &mut SparseIndex,
+    ) {
         for e in self.ptr[row] as usize..self.ptr[row + 1] as usize {
-            let code = if chosen(self.pattern_kb[e]) { self.code_sel[e] } else { self.code_not[e] };
+            let code = match line {
+                Some((lines, r)) => lines.resolve(self.code_line[e], r),
+                None if chosen(self.pattern_kb[e]) => self.code_sel[e],
+                None => self.code_not[e],
+            };
             if code != DROP {
                 ix.block_idx.push(self.kb[e]);
                 ix.block_mask.push(code);
@@ -823,7 +918,7 @@ impl BlockPlan {
             for qb in 0..self.q_blocks() {
                 let g = qb * self.block_m / self.block_q;
                 let row = slot * self.q_blocks() + qb;
-                self.entries.push_row(row, |pkb| groups[g].binary_search(&pkb).is_ok(), &mut ix);
+                self.entries.push_row(row, |pkb| groups[g].binary_search(&pkb).is_ok(), None, &mut ix);
                 ix.block_ptr.push(ix.block_idx.len() as u32);
                 ix.col_ptr.push(0);
             }

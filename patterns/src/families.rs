@@ -33,6 +33,9 @@ pub struct HeadInputs<'a> {
     /// Key/value head (`h / group` under GQA).
     pub kv: usize,
     pub scale: f64,
+    /// Rows per query block of the index being built: row lines with an estimated phase are
+    /// expressed per query block (see [`RowLines`]).
+    pub block_m: usize,
     /// Query rows to build (`None`: all); selections for other rows are skipped.
     pub wanted: Option<&'a [bool]>,
     /// Estimates shared with other builds over the same Q and K.
@@ -106,12 +109,70 @@ impl ColSel {
     }
 }
 
+/// A grid's row lines with an estimated phase: query rows `q % stride == phase` attend to
+/// every key.
+///
+/// In the index, a query block's mask names the rows by their offset in the block
+/// ([`RowLines::tile_mask`]: `q % block_m == r`, or `q % block_m % stride == r` for strides
+/// below `block_m`), not by the phase: the same pairs, but the mask table then does not depend
+/// on the phase, so GPU-built indexes can use one attention kernel whatever phase each head's
+/// estimate finds. A phase given in the pattern is a static predicate instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowLines {
+    pub stride: usize,
+    /// The phase; `None` in GPU plans, where it is not known yet (coverage is then a
+    /// placeholder mask, [`RowLines::placeholder`]).
+    pub phase: Option<usize>,
+    pub block_m: usize,
+}
+
+impl RowLines {
+    /// The line rows of a query block whose rows lie at offsets `r`, `r + stride`, ... in the
+    /// block (offsets past the block's rows select nothing).
+    pub fn tile_mask(stride: usize, block_m: usize, r: usize) -> Pred {
+        let offset = builder::q() % block_m as i64;
+        let offset = if stride >= block_m { offset } else { offset % stride as i64 };
+        offset.eq(builder::lit(r as i64))
+    }
+
+    /// The offset in the query block starting at row `q0` of its first line row: line rows
+    /// are `q0 + r`, `q0 + r + stride`, ... (none in the block when `r` is past its rows).
+    pub fn tile_offset(stride: usize, phase: usize, q0: usize) -> usize {
+        (phase + stride - q0 % stride) % stride
+    }
+
+    /// The mask that stands for a placeholder's rows in a plan's symbolic coverage; plans
+    /// substitute [`RowLines::tile_mask`] for it. (A comparison of two constants, which no
+    /// pattern writes: validation keeps constants far from `i64::MIN`.)
+    pub fn placeholder() -> Pred {
+        builder::lit(i64::MIN).eq(builder::lit(i64::MIN + 1))
+    }
+
+    /// Whether query row `q` is a line row.
+    pub fn contains(&self, q: usize) -> bool {
+        self.phase.is_some_and(|p| q % self.stride == p)
+    }
+
+    /// The predicate this node keeps over rows `q0..q1` (one query block of the index, as
+    /// every index region is): the block's [`RowLines::tile_mask`]; a region spanning blocks
+    /// gets the phase's own predicate.
+    pub fn pred_over(&self, q0: usize, q1: usize) -> Pred {
+        let Some(phase) = self.phase else { return RowLines::placeholder() };
+        if q1 > q0 && q0 / self.block_m == (q1 - 1) / self.block_m {
+            RowLines::tile_mask(self.stride, self.block_m, RowLines::tile_offset(self.stride, phase, q0))
+        } else {
+            (builder::q() % self.stride as i64).eq(builder::lit(phase as i64))
+        }
+    }
+}
+
 /// A pattern for one head with every dynamic choice made.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Node {
     Static(Pred),
     Blocks(BlockSel),
     Columns(ColSel),
+    RowLines(RowLines),
     Union(Vec<Node>),
     Intersect(Vec<Node>),
 }
@@ -123,6 +184,7 @@ impl Node {
             Node::Static(p) => p.eval(env),
             Node::Blocks(b) => b.selected(q / b.bq, k / b.bk),
             Node::Columns(c) => c.selected(q, k),
+            Node::RowLines(l) => l.contains(q),
             Node::Union(items) => items.iter().any(|n| n.contains(q, k, env)),
             Node::Intersect(items) => items.iter().all(|n| n.contains(q, k, env)),
         }
@@ -415,16 +477,21 @@ fn grid(g: &Grid, inp: &HeadInputs<'_>, ctx: &Pred) -> Node {
         // One group spans every query.
         items.push(Node::Columns(ColSel { bq: inp.nq().max(1), cols: vec![cols] }));
     }
-    items.extend(grid_rows_and_sink(g, phase));
+    items.extend(grid_rows_and_sink(g, Some(phase), inp.block_m));
     Node::Union(items)
 }
 
-/// A grid's static parts for `phase`: its row lines (when its lines include rows), then its
-/// sink. GPU plans build a grid's node around them.
-pub(crate) fn grid_rows_and_sink(g: &Grid, phase: usize) -> Vec<Node> {
+/// A grid's row lines (when its lines include rows) and sink. Rows at a phase given in the
+/// pattern are a static predicate; rows at an estimated phase (`estimated`, or `None` for a
+/// GPU plan's placeholder) are [`RowLines`] over query blocks of `block_m` rows. GPU plans
+/// build a grid's node around these.
+pub(crate) fn grid_rows_and_sink(g: &Grid, estimated: Option<usize>, block_m: usize) -> Vec<Node> {
     let mut items = Vec::new();
     if matches!(g.lines, GridLines::Rows | GridLines::Both) {
-        items.push(Node::Static((builder::q() % i64::from(g.stride)).eq(builder::lit(phase as i64))));
+        items.push(match g.phase {
+            Some(p) => Node::Static((builder::q() % i64::from(g.stride)).eq(builder::lit(i64::from(p)))),
+            None => Node::RowLines(RowLines { stride: g.stride as usize, phase: estimated, block_m }),
+        });
     }
     if g.sink > 0 {
         items.push(Node::Static(static_pred(builder::sink(g.sink))));

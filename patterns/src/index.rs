@@ -173,6 +173,7 @@ pub fn resolve_pattern(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &Ind
                 h,
                 kv: h / group,
                 scale,
+                block_m: bm,
                 wanted: wanted.as_deref(),
                 // Permuted builds work on temporary copies whose addresses may repeat.
                 estimates: if permutation.is_none() { opts.estimates.as_deref() } else { None },
@@ -231,6 +232,13 @@ pub(crate) fn cov(node: &Node, r: &Region, col: Option<usize>) -> Cov {
         },
         Node::Blocks(b) => all_or_none(b.selected(r.q0 as usize / b.bq, r.k0 as usize / b.bk)),
         Node::Columns(c) => all_or_none(col.is_some_and(|col| c.selected(r.q0 as usize, col))),
+        Node::RowLines(l) => {
+            let p = l.pred_over(r.q0 as usize, r.q1 as usize);
+            match l.phase.and_then(|_| decide(&p, r)) {
+                Some(b) => all_or_none(b),
+                None => Cov::Mask(p),
+            }
+        }
         Node::Union(items) => items.iter().map(|n| cov(n, r, col)).fold(Cov::None, or),
         Node::Intersect(items) => items.iter().map(|n| cov(n, r, col)).fold(Cov::All, and),
     }

@@ -181,7 +181,7 @@ proptest! {
         let k = Tensor::random(heads / group, nk, 16, seed ^ 0x7f4a);
         for (name, e) in slash_patterns(nv, ns, b, last) {
             let chosen = check_slash_plan(name, &e, &q, &k, (bm, bn))?;
-            prop_assert!(chosen.iter().all(|(v, s)| v.len() <= nv as usize && s.len() <= ns as usize && !v.is_empty() && !s.is_empty()));
+            prop_assert!(chosen.iter().all(|c| c.verticals.len() <= nv as usize && c.slashes.len() <= ns as usize && !c.verticals.is_empty() && !c.slashes.is_empty()));
         }
     }
 }
@@ -204,6 +204,8 @@ fn planned_indexes_are_build_index_numbered_as_the_gpu_numbers_them() {
         causal() & vertical_vector().keep(threshold(0.2)).sink(4).local(32),
         causal() & block().keep(top_p(0.6)),
         sink(4) | (causal() & vertical_slash().vertical(top_k(30)).slash(top_k(4))),
+        causal() & grid(48),
+        causal() & grid(7).lines(GridLines::Rows).sink(3),
     ];
     for e in &plannable {
         let got = planned_index(e, &q, &k, &opts).unwrap();
@@ -213,7 +215,8 @@ fn planned_indexes_are_build_index_numbered_as_the_gpu_numbers_them() {
         assert_eq!(got.masks, plan.masks(), "{e}: the plan's mask table");
     }
     // Patterns no GPU builder takes: build_index itself.
-    for e in [causal(), PatternExpr::from(grid(48)), causal() & vertical_slash().vertical(top_p(0.5))] {
+    let two = causal() & (vertical_vector().keep(top_k(4)) | block().keep(top_k(2)));
+    for e in [causal(), two, causal() & vertical_slash().vertical(top_p(0.5))] {
         assert_eq!(planned_index(&e, &q, &k, &opts).unwrap(), build_index(&e, &q, &k, &opts).unwrap(), "{e}");
     }
 }
@@ -232,6 +235,15 @@ fn grid_patterns(stride: u32) -> Vec<(&'static str, PatternExpr)> {
         ),
         // A given phase: the plan's verticals are its column lines.
         ("causal & (sink | fixed grid)", causal() & (sink(2) | grid(stride).phase(5 % stride))),
+        // Row lines at an estimated phase: codes per offset in the query block.
+        ("grid", grid(stride).into()),
+        ("causal & grid rows + sink", causal() & grid(stride).lines(GridLines::Rows).sink(3)),
+        ("local | causal & grid + sink", local(30) | (causal() & grid(stride).sink(2))),
+        ("window & grid", window(150) & grid(stride)),
+        (
+            "causal & (grid rows | k < 5 + q / 2)",
+            causal() & (grid(stride).lines(GridLines::Rows) | pred(k().lt(lit(5) + q() / 2))),
+        ),
     ]
 }
 
@@ -249,12 +261,16 @@ proptest! {
         let k = Tensor::random(heads / group, nk, 16, seed ^ 0x3c6e);
         for (name, e) in grid_patterns(stride) {
             let chosen = check_slash_plan(name, &e, &q, &k, blocks)?;
-            // One phase per head: every stride-th key from it, no slashes.
-            for (v, s) in &chosen {
-                prop_assert!(s.is_empty() && !v.is_empty() && v[0] < stride);
+            // One phase per head: every stride-th key from it (none for row lines only), no
+            // slashes.
+            for c in &chosen {
+                let (v, phase) = (&c.verticals, c.phase.unwrap_or(usize::MAX));
+                prop_assert!(c.slashes.is_empty() && phase < stride as usize);
                 if name.contains("fixed grid") {
-                    prop_assert_eq!(v[0], 5 % stride);
+                    prop_assert_eq!(phase, 5 % stride as usize);
                 }
+                prop_assert_eq!(v.is_empty(), name.contains("grid rows") || phase >= nk);
+                prop_assert!(v.first().is_none_or(|f| *f as usize == phase));
                 prop_assert!(v.windows(2).all(|w| w[1] - w[0] == stride));
             }
         }
@@ -262,9 +278,19 @@ proptest! {
 }
 
 #[test]
-fn grids_with_estimated_row_lines_are_not_planned() {
-    let opts = IndexOptions { scale: Some(0.1), ..Default::default() };
-    let e = causal() & grid(32);
-    let err = SlashPlan::new(&e, 1, 100, 100, &opts).unwrap_err().to_string();
-    assert!(err.contains("row lines") && err.contains("CPU"), "{err}");
+fn row_line_codes_cover_the_offsets_in_a_query_block() {
+    let opts = IndexOptions { block_m: Some(32), block_n: Some(32), scale: Some(0.1), ..Default::default() };
+    for (stride, len) in [(7u32, 7usize), (32, 32), (100, 32)] {
+        let plan = SlashPlan::new(&(causal() & grid(stride)), 1, 200, 200, &opts).unwrap();
+        assert_eq!((plan.lines.stride, plan.lines.len), (stride as usize, len));
+        // A second set of column rules for query blocks with line rows.
+        assert_eq!(plan.rules.ptr.len() - 1, 2 * plan.q_blocks());
+        assert_eq!(plan.entries.code_line.len(), plan.entries.kb.len());
+    }
+    // Column lines only, or a given phase: no codes per offset.
+    for e in [causal() & grid(7).lines(GridLines::Cols), causal() & grid(7).phase(3)] {
+        let plan = SlashPlan::new(&e, 1, 200, 200, &opts).unwrap();
+        assert_eq!(plan.lines.len, 0, "{e}");
+        assert!(plan.entries.code_line.is_empty(), "{e}");
+    }
 }

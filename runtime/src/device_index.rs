@@ -132,7 +132,7 @@ struct DeviceRules {
     c0: CudaSlice<u32>,
     c1: CudaSlice<u32>,
     code: CudaSlice<u32>,
-    codes: CudaSlice<u16>,
+    codes: CudaSlice<u32>,
 }
 
 impl DeviceRules {
@@ -155,6 +155,34 @@ struct DeviceEntries {
     pattern_kb: CudaSlice<u32>,
     code_sel: CudaSlice<u16>,
     code_not: CudaSlice<u16>,
+    /// Line codes (one zero without row lines).
+    code_line: CudaSlice<u32>,
+}
+
+/// The row-line arguments of `block_rows` and `columns` (see `LineCodes`): each head's
+/// phase, the plan's line codes, stride, offsets per vector (`len`, 0 without row lines:
+/// then nothing is read) and the first rule row of query blocks holding line rows.
+#[derive(Clone, Copy)]
+struct LineArgs<'a> {
+    phase: &'a CudaSlice<i32>,
+    codes: &'a CudaSlice<u16>,
+    stride: i32,
+    len: i32,
+    rule_base: i32,
+}
+
+/// Buffers for [`LineArgs`] of a plan without row lines.
+struct NoLines(CudaSlice<i32>, CudaSlice<u16>);
+
+impl NoLines {
+    fn new(s: &Arc<CudaStream>) -> Result<NoLines, Error> {
+        let what = "allocating index builder buffers";
+        Ok(NoLines(s.alloc_zeros(1).map_err(driver(what))?, s.alloc_zeros(1).map_err(driver(what))?))
+    }
+
+    fn args(&self) -> LineArgs<'_> {
+        LineArgs { phase: &self.0, codes: &self.1, stride: 1, len: 0, rule_base: 0 }
+    }
 }
 
 impl DeviceEntries {
@@ -165,6 +193,7 @@ impl DeviceEntries {
             pattern_kb: upload(s, &e.pattern_kb, up)?,
             code_sel: upload(s, &e.code_sel, up)?,
             code_not: upload(s, &e.code_not, up)?,
+            code_line: upload(s, &e.code_line, up)?,
         })
     }
 
@@ -172,17 +201,20 @@ impl DeviceEntries {
     /// `chosen` (bit words per head and query group). `dims` = (per_head, hq, q_blocks, block_m,
     /// block_q, groups, kblocks). Pass 0 counts each row's entries into `count`; pass 1 writes
     /// them at `ptr` into `idx` and `mask`.
+    #[allow(clippy::too_many_arguments)]
     fn launch_rows(
         &self,
         s: &Arc<CudaStream>,
         f: &cudarc::driver::CudaFunction,
         chosen: &CudaSlice<u32>,
+        lines: LineArgs<'_>,
         dims: [i32; 7],
         pass: i32,
         (count, ptr, idx, mask): (&mut CudaSlice<u32>, &CudaSlice<u32>, &mut CudaSlice<u32>, &mut CudaSlice<u16>),
     ) -> Result<(), Error> {
         let mut b = s.launch_builder(f);
         b.arg(chosen).arg(&self.ptr).arg(&self.kb).arg(&self.pattern_kb).arg(&self.code_sel).arg(&self.code_not);
+        b.arg(&self.code_line).arg(lines.phase).arg(&lines.stride).arg(&lines.len).arg(lines.codes);
         for d in &dims {
             b.arg(d);
         }
@@ -575,6 +607,7 @@ impl Gpu {
             timer.mark("select", t0)?;
         }
         let no_tiles = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
+        let no_lines = NoLines::new(s)?;
         let (one, zero) = (1i32, 0i32);
         let words_i = if top_k.is_none() { words as i32 } else { 0 };
         let columns_pass = |pass: i32,
@@ -588,8 +621,10 @@ impl Gpu {
             b.arg(&chosen).arg(&chosen_count).arg(&cap_i).arg(&words_i);
             b.arg(rule_ptr).arg(rule_c0).arg(rule_c1).arg(rule_code).arg(codes).arg(&per_head);
             b.arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&q_block_i).arg(&groups_i).arg(&pass);
-            // No slash tiles here (tile_words = 0).
+            // No slash tiles here (tile_words = 0), and no row lines.
             b.arg(&no_tiles).arg(&one).arg(&one).arg(&zero);
+            let lines = no_lines.args();
+            b.arg(lines.phase).arg(&lines.stride).arg(&lines.len).arg(&lines.rule_base).arg(lines.codes);
             b.arg(row_count).arg(col_ptr).arg(col_idx).arg(col_mask);
             unsafe { b.launch(launch_cfg((rows.div_ceil(4).max(1) as u32, 1, 1), 128, 0)) }
                 .map_err(launch("columns"))?;
@@ -748,12 +783,14 @@ impl Gpu {
         }
         let (q_blocks_i, bm_i) = (q_blocks as i32, plan.block_m as i32);
         let dims = [per_head, hq_i, q_blocks_i, bm_i, bq_i, groups_i, kblocks_i];
+        let no_lines = NoLines::new(s)?;
         let mut none_idx = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
         let mut none_mask = s.alloc_zeros::<u16>(1).map_err(driver(alloc))?;
         entries.launch_rows(
             s,
             f_rows,
             &chosen,
+            no_lines.args(),
             dims,
             0,
             (&mut row_count, &block_ptr, &mut none_idx, &mut none_mask),
@@ -772,6 +809,7 @@ impl Gpu {
             s,
             f_rows,
             &chosen,
+            no_lines.args(),
             dims,
             1,
             (&mut row_count, &block_ptr, &mut block_idx, &mut block_mask),

@@ -758,6 +758,7 @@ fn vertical_vector_block_and_vertical_slash_layers_build_their_index_on_the_gpu(
         Pattern::new("causal_block", causal() & block().block_q(64).block_k(64).keep(top_k(6))),
         Pattern::new("causal_vs", causal() & vertical_slash().vertical(top_k(200)).slash(top_k(12))),
         Pattern::new("causal_grid_cols", causal() & grid(300).lines(weft_dsl::GridLines::Cols).sink(8)),
+        Pattern::new("causal_grid", causal() & grid(300).sink(8)),
     ] {
         layer_on_gpu_built_index(&rt, &p);
     }
@@ -939,6 +940,10 @@ fn grid_indexes_built_on_the_gpu_match_the_cpu_builder() {
             Pattern::new("local_causal_grid_cols", local(64) | (causal() & cols())),
             // A given phase: rows and columns, no estimate.
             Pattern::new("causal_fixed_grid", causal() & (sink(2) | grid(stride).phase(stride / 3))),
+            // Row lines at the estimated phase: codes per offset in the query block.
+            Pattern::new("causal_grid", causal() & grid(stride).sink(4)),
+            Pattern::new("grid_rows", weft_dsl::PatternExpr::from(grid(stride).lines(GridLines::Rows))),
+            Pattern::new("window_grid", window(300) & grid(stride)),
         ];
         for p in &patterns {
             for (nq, nk, hq, hkv, d) in DEVICE_INDEX_SHAPES {

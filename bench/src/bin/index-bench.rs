@@ -5,8 +5,9 @@
 //! (`Gpu::build_vv_index`) and `block(128 x 128, keep = top_k(n))` (`Gpu::build_block_index`),
 //! non-causal, with n a share of the keys (`--keep`); and `causal & vertical_slash(vertical =
 //! top_k(v), slash = top_k(s))` (`Gpu::build_vs_index`, `--vs v:s`); `--vv-budget` adds the
-//! vertical-vector pattern with a threshold or top_p budget, `--grid` a grid of column lines
-//! (`causal & grid(stride, lines = cols, sink = 64)`, phase estimated on the GPU). B = 1, H = 32, D = 128,
+//! vertical-vector pattern with a threshold or top_p budget, `--grid` a grid
+//! (`causal & grid(stride, lines, sink = 64)` for each of `--grid-lines`, phase estimated on
+//! the GPU). B = 1, H = 32, D = 128,
 //! bf16. Prints, per
 //! sequence length and share: the CPU plan's time (static, once per shape), the device index
 //! build (median of `--reps`, host wall clock around a synchronised call), the attention
@@ -40,10 +41,13 @@ struct Args {
     /// same pattern as `--keep`'s with that budget.
     #[arg(long, value_delimiter = ';')]
     vv_budget: Vec<String>,
-    /// Grid strides: `causal & grid(stride, lines = cols, sink = 64)`, its phase estimated
-    /// per head from the last 64 queries (`Gpu::build_vs_index`).
+    /// Grid strides: `causal & grid(stride, lines, sink = 64)`, its phase estimated per head
+    /// from the last 64 queries (`Gpu::build_vs_index`).
     #[arg(long, value_delimiter = ',')]
     grid: Vec<u32>,
+    /// The lines of `--grid`'s grids: `cols`, `rows` or `both` (one run each).
+    #[arg(long, value_delimiter = ',', default_values_t = ["cols".to_string(), "both".to_string()])]
+    grid_lines: Vec<String>,
     /// Vertical-slash budgets `verticals:slashes` (causal, 64 x 64 tiles, last 64 queries).
     #[arg(long, value_delimiter = ',', default_values_t = ["1024:64".to_string()])]
     vs: Vec<String>,
@@ -250,13 +254,19 @@ fn main() -> Result<()> {
                 m.kernels()
             );
         }
-        for &stride in &args.grid {
-            let expr = causal() & grid(stride).lines(weft_dsl::GridLines::Cols).sink(64);
-            let pattern = Pattern::new(format!("grid-{stride}"), expr);
+        for (&stride, lines_name) in args.grid.iter().flat_map(|s| args.grid_lines.iter().map(move |l| (s, l))) {
+            let lines = match lines_name.as_str() {
+                "cols" => weft_dsl::GridLines::Cols,
+                "rows" => weft_dsl::GridLines::Rows,
+                "both" => weft_dsl::GridLines::Both,
+                other => anyhow::bail!("--grid-lines takes cols, rows or both, got {other}"),
+            };
+            let expr = causal() & grid(stride).lines(lines).sink(64);
+            let pattern = Pattern::new(format!("grid-{stride}-{lines_name}"), expr);
             let (m, plan_ms, _) = run_slash(&mut x, &pattern)?;
             let (total, share_pct) = totals(&m);
             println!(
-                "grid-e2e N={n:<6} stride={stride} (causal, column lines, sink 64) density={:.4} plan={plan_ms:.0} ms \
+                "grid-e2e N={n:<6} stride={stride} (causal, {lines_name} lines, sink 64) density={:.4} plan={plan_ms:.0} ms \
                  index={:.3} ms attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    kernels (last build): {}",
                 m.density,
                 m.build,

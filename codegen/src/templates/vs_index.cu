@@ -301,14 +301,14 @@ __device__ __forceinline__ void warp_argmax(double& best, int& pos) {
 }
 
 // ---- grid_select: grid (hq), 1024 threads ----
-// For a grid's column lines: the phase (`phase`, or when negative the heaviest in-frame
-// position of vert[h] folded modulo the stride, each position's masses summed in key order
-// from 0, ties to the lowest position, as weft_patterns' grid_phase), then the keys phase,
-// phase + stride, ... to vlist[h] (cap per head) and their count to counts[h]; no slashes
-// (counts[hq + h] = 0).
+// For a grid: the phase (`phase`, or when negative the heaviest in-frame position of vert[h]
+// folded modulo the stride, each position's masses summed in key order from 0, ties to the
+// lowest position, as weft_patterns' grid_phase) to phases[h]; with column lines (`cols`)
+// the keys phase, phase + stride, ... to vlist[h] (cap per head) and their count to
+// counts[h]; no slashes (counts[hq + h] = 0).
 extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_grid_select(
-    const double* __restrict__ vert, int nk, int hq, int stride, int phase, int cap, u32* __restrict__ vlist,
-    int* __restrict__ counts)
+    const double* __restrict__ vert, int nk, int hq, int stride, int phase, int cols, int cap,
+    u32* __restrict__ vlist, int* __restrict__ counts, int* __restrict__ phases)
 {
     __shared__ double w_best[32];
     __shared__ int w_pos[32];
@@ -340,11 +340,12 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_grid_select(
     }
     __syncthreads();
     const int p = s_phase;
-    const int count = p < nk ? (nk - p + stride - 1) / stride : 0;
+    const int count = cols && p < nk ? (nk - p + stride - 1) / stride : 0;
     for (int j = tid; j < count; j += 1024) vlist[(size_t)h * cap + j] = (u32)(p + j * stride);
     if (tid == 0) {
         counts[h] = count;
         counts[hq + h] = 0;
+        phases[h] = p;
     }
 }
 

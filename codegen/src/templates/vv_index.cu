@@ -35,6 +35,7 @@ constexpr int HIST = 2048;               // 11-bit radix histograms
 constexpr int UNSURE_CAP = 4096;         // keys per group scored exactly
 constexpr u16 DROP_CODE = {{DROP}};      // column rule: the row's blocks compute this key already
 constexpr u32 PER_COLUMN = {{PER_COLUMN}};  // rule codes from here on index per-key codes
+constexpr u32 PER_LINE = {{PER_LINE}};      // line codes from here on index per-offset codes
 
 // Status codes written by select into status[0] (the host turns them into errors); status[1]
 // counts the groups that took the slow path.
@@ -858,18 +859,39 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_budget(
     if (tid == 0) keep_out[(size_t)h * groups + g] = keep;
 }
 
+// Row lines of a grid at an estimated phase (weft_patterns::device_plan::LineCodes): the
+// offset in query block qb of head h of its first line row, or -1 when the block holds none
+// (or the plan has no row lines: line_len == 0). line_phase[h] is below line_stride.
+__device__ __forceinline__ int line_offset(
+    const int* __restrict__ line_phase, int line_stride, int line_len, int h, int qb, int block_m)
+{
+    if (line_len == 0) return -1;
+    const int q0_mod = (int)((long long)qb * block_m % line_stride);
+    const int r = (line_phase[h] + line_stride - q0_mod) % line_stride;
+    return r < line_len ? r : -1;
+}
+
+// The entry code of line code `code` at offset r: the code itself, or one of a vector.
+__device__ __forceinline__ u16 line_code(u32 code, const u16* __restrict__ line_codes, int r)
+{
+    return code >= PER_LINE ? line_codes[code - PER_LINE + r] : (u16)code;
+}
+
 // ---- columns: grid (ceil(rows / 4)), 128 threads: one warp per index row ----
 // Pass 0 counts each row's column entries into row_count; pass 1 writes them at col_ptr. The
 // chosen keys of a group are a list (cap per group, chosen_count long) or, with words > 0, a
 // bitmap of `words` words per group.
 // With tile_words > 0 (vertical-slash), a chosen key inside a tile set in `tiles` (tile_block
-// square, tile_groups query groups per head) is dropped: the tile computes it.
+// square, tile_groups query groups per head) is dropped: the tile computes it. Query blocks
+// holding grid row lines (line_offset) read the rule rows from line_rule_base on.
 extern "C" __global__ void __launch_bounds__(128) {{NAME}}_columns(
     const u32* __restrict__ chosen, const int* __restrict__ chosen_count, int cap, int words,
     const u32* __restrict__ rule_ptr, const u32* __restrict__ rule_c0, const u32* __restrict__ rule_c1,
-    const u32* __restrict__ rule_code, const u16* __restrict__ codes, int per_head,
+    const u32* __restrict__ rule_code, const u32* __restrict__ codes, int per_head,
     int hq, int q_blocks, int block_m, int q_block, int groups, int pass,
     const u32* __restrict__ tiles, int tile_block, int tile_groups, int tile_words,
+    const int* __restrict__ line_phase, int line_stride, int line_len, int line_rule_base,
+    const u16* __restrict__ line_codes,
     u32* __restrict__ row_count, const u32* __restrict__ col_ptr, u32* __restrict__ col_idx, u16* __restrict__ col_mask)
 {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -879,7 +901,8 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}_columns(
     const int g = qb * block_m / q_block;
     const u32* cols = chosen + ((size_t)h * groups + g) * (words > 0 ? words : cap);
     const int n = chosen_count[(size_t)h * groups + g];
-    const int rrow = (per_head ? h : 0) * q_blocks + qb;
+    const int line = line_offset(line_phase, line_stride, line_len, h, qb, block_m);
+    const int rrow = (line >= 0 ? line_rule_base : 0) + (per_head ? h : 0) * q_blocks + qb;
     const u32 r0 = rule_ptr[rrow], r1 = rule_ptr[rrow + 1];
     const u32* row_tiles = tile_words > 0 ? tiles + ((size_t)h * tile_groups + qb * block_m / tile_block) * tile_words : tiles;
     // The entry code of chosen key c in this row (DROP_CODE for none).
@@ -892,12 +915,12 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}_columns(
             const u32 m = (a + b) / 2;
             if (rule_c0[m] <= c) a = m + 1; else b = m;
         }
-        u16 code = FULL;
+        u32 code = FULL;
         if (a > r0 && c < rule_c1[a - 1]) {
             const u32 rc = rule_code[a - 1];
-            code = rc >= PER_COLUMN ? codes[rc - PER_COLUMN + (c - rule_c0[a - 1])] : (u16)rc;
+            code = rc >= PER_COLUMN && rc < PER_LINE ? codes[rc - PER_COLUMN + (c - rule_c0[a - 1])] : rc;
         }
-        return code;
+        return line_code(code, line_codes, max(line, 0));
     };
     u32 written = 0;
     if (words > 0) {
@@ -1104,10 +1127,13 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_select(
 
 // ---- block_rows: grid (ceil(rows / 4)), 128 threads: one warp per index row ----
 // Each possible key block of the row gets its code when its pattern block is chosen, else
-// the other; pass 0 counts entries into row_count, pass 1 writes them at block_ptr.
+// the other, or in a query block holding grid row lines (line_offset) its line code; pass 0
+// counts entries into row_count, pass 1 writes them at block_ptr.
 extern "C" __global__ void __launch_bounds__(128) {{NAME}}_block_rows(
     const u32* __restrict__ chosen, const u32* __restrict__ entry_ptr, const u32* __restrict__ entry_kb,
     const u32* __restrict__ entry_pattern_kb, const u16* __restrict__ code_sel, const u16* __restrict__ code_not,
+    const u32* __restrict__ code_line, const int* __restrict__ line_phase, int line_stride, int line_len,
+    const u16* __restrict__ line_codes,
     int per_head, int hq, int q_blocks, int block_m, int block_q, int groups, int kblocks, int pass,
     u32* __restrict__ row_count, const u32* __restrict__ block_ptr, u32* __restrict__ block_idx, u16* __restrict__ block_mask)
 {
@@ -1120,11 +1146,14 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}_block_rows(
     const u32* sel = chosen + ((size_t)h * groups + g) * words;
     const int rrow = (per_head ? h : 0) * q_blocks + qb;
     const u32 e0 = entry_ptr[rrow], e1 = entry_ptr[rrow + 1];
+    const int line = line_offset(line_phase, line_stride, line_len, h, qb, block_m);
     u32 written = 0;
     for (u32 base = e0; base < e1; base += 32) {
         const u32 e = base + lane;
         u16 code = DROP_CODE;
-        if (e < e1) {
+        if (e < e1 && line >= 0) {
+            code = line_code(code_line[e], line_codes, line);
+        } else if (e < e1) {
             const u32 pkb = entry_pattern_kb[e];
             code = ((sel[pkb / 32] >> (pkb % 32)) & 1u) ? code_sel[e] : code_not[e];
         }

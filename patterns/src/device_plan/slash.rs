@@ -13,17 +13,19 @@
 //!   (the tile computes its pairs): the plan checks that for the pattern, and patterns where
 //!   it does not hold are built on the CPU.
 //!
-//! A `grid(lines = cols)` with an estimated phase is the same with no slashes: its verticals
-//! are every `stride`-th key from the phase, the in-frame position whose column mass (folded
-//! modulo the stride) is heaviest. Row lines are not planned: their masks would depend on the
-//! phase, so the attention kernel (whose mask table is part of its key) would too.
+//! A `grid` with an estimated phase is the same with no slashes: its verticals are every
+//! `stride`-th key from the phase, the in-frame position whose column mass (folded modulo the
+//! stride) is heaviest. Its row lines, when it has some, are masks per query block that depend
+//! on where the lines fall in the block, not on the phase ([`LineCodes`]): the plan gives each
+//! entry a code per offset, and the GPU picks one per query block from the phase.
 
 use rayon::prelude::*;
 use weft_dsl::{Budget, Env, Grid, GridLines, PatternExpr, Pred};
 
+use super::lines::{Codes, Lines};
 use super::{
     block_entries, check_mask_count, column_rules, find_leaf, next_plan_id, replace_leaf, static_start, BlockEntries,
-    ColumnRules, Leaf, DROP,
+    ColumnRules, Leaf, LineCodes, DROP,
 };
 use crate::families::{
     grid_phase, grid_rows_and_sink, slash_blocks, vertical_slash_choice, ColSel, HeadInputs, Node, GRID_LAST_Q,
@@ -61,8 +63,12 @@ pub struct SlashPlan {
     /// Per index row, its possible key blocks and their codes when the tile holding them (their
     /// pattern key block) is kept or not.
     pub entries: BlockEntries,
-    /// What a vertical whose tile is not kept becomes in each row.
+    /// What a vertical whose tile is not kept becomes in each row; with row lines, a second
+    /// set of rows (from `slots x q_blocks` on) for query blocks holding line rows.
     pub rules: ColumnRules,
+    /// A grid's row lines with an estimated phase: the codes of `entries.code_line` and of the
+    /// second set of rules (`len == 0` without them).
+    pub lines: LineCodes,
     /// The mask table the codes index (generate the attention kernel with it).
     pub masks: Vec<Pred>,
 }
@@ -73,12 +79,19 @@ pub enum Verticals {
     /// The `n` heaviest keys (`vertical_slash`).
     TopK(usize),
     /// Every `stride`-th key from `phase`, or when that is `None` from the heaviest in-frame
-    /// position (`grid`).
-    Grid { stride: usize, phase: Option<usize> },
+    /// position (`grid`); no verticals unless `cols` (a grid of row lines only).
+    Grid { stride: usize, phase: Option<usize>, cols: bool },
 }
 
-/// One head's choice: its verticals (keys) and slashes (diagonal numbers), each ascending.
-pub type SlashChoice = (Vec<u32>, Vec<u32>);
+/// One head's choice.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlashChoice {
+    /// Verticals (keys) and slashes (diagonal numbers), each ascending.
+    pub verticals: Vec<u32>,
+    pub slashes: Vec<u32>,
+    /// A grid's phase (its row lines are the queries `q % stride == phase`).
+    pub phase: Option<usize>,
+}
 
 /// The leaves of a vertical-slash plan (the target is the leaf itself: a vertical_slash or a
 /// grid).
@@ -90,27 +103,38 @@ fn vs_leaf(e: &PatternExpr) -> Leaf<'_, PatternExpr> {
         PatternExpr::VerticalSlash(v) if matches!((v.vertical, v.slash), (Budget::TopK(_), Budget::TopK(_))) => {
             Leaf::Target(e)
         }
-        PatternExpr::Grid(g) if g.lines == GridLines::Cols || g.phase.is_some() => Leaf::Target(e),
+        PatternExpr::Grid(_) => Leaf::Target(e),
         PatternExpr::VerticalSlash(_) => Leaf::Unsupported("a vertical_slash with a top_p or threshold budget"),
-        PatternExpr::Grid(_) => Leaf::Unsupported("a grid with row lines and an estimated phase"),
         PatternExpr::Block(_) => Leaf::Unsupported("a block selection"),
         PatternExpr::VerticalVector(_) => Leaf::Unsupported("a vertical_vector selection"),
         _ => Leaf::Unsupported("a retrieval selection"),
     }
 }
 
-const SUPPORTS: &str =
-    "one vertical_slash(vertical = top_k(n), slash = top_k(m)) or one grid (column lines, or a given phase)";
+const SUPPORTS: &str = "one vertical_slash(vertical = top_k(n), slash = top_k(m)) or one grid";
 
-/// The leaf's node with the given choice: no verticals (or every key) and no tiles (or all),
-/// plus a grid's static parts (its sink, and its row lines when the phase is given).
-fn vs_node(columns: bool, tiles: bool, nq: usize, nk: usize, grid: Option<&Grid>) -> Node {
+/// Where a grid's row lines with an estimated phase are in a plan's variant of the pattern.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    /// On no row.
+    Off,
+    /// On every row.
+    On,
+    /// The placeholder ([`crate::families::RowLines`] without a phase).
+    Placeholder,
+}
+
+/// The leaf's node with the given choice: no verticals (or every key), no tiles (or all),
+/// plus a grid's row lines and sink (row lines at an estimated phase as `rows` says).
+fn vs_node(columns: bool, tiles: bool, rows: Rows, (nq, nk, bm): (usize, usize, usize), grid: Option<&Grid>) -> Node {
     let cols = if columns { (0..nk as u32).collect() } else { Vec::new() };
     let mut items = vec![Node::Columns(ColSel { bq: nq.max(1), cols: vec![cols] }), Node::Static(Pred::Const(tiles))];
     if let Some(g) = grid {
-        // A planned grid with row lines has a given phase (vs_leaf); without rows the phase
-        // only places the columns, which are the choice here.
-        items.extend(grid_rows_and_sink(g, g.phase.unwrap_or(0) as usize));
+        items.extend(grid_rows_and_sink(g, None, bm).into_iter().map(|n| match (n, rows) {
+            (Node::RowLines(_), Rows::Off) => Node::Static(Pred::Const(false)),
+            (Node::RowLines(_), Rows::On) => Node::Static(Pred::Const(true)),
+            (n, _) => n,
+        }));
     }
     Node::Union(items)
 }
@@ -144,39 +168,72 @@ impl SlashPlan {
             }
             PatternExpr::Grid(g) => {
                 // No slashes: the tile size only shapes the (never kept) tile entries.
-                let verticals = Verticals::Grid { stride: g.stride as usize, phase: g.phase.map(|p| p as usize) };
+                let cols = g.lines != GridLines::Rows;
+                let verticals = Verticals::Grid { stride: g.stride as usize, phase: g.phase.map(|p| p as usize), cols };
                 (verticals, 0, 64, GRID_LAST_Q, Some(g))
             }
             _ => unreachable!("vs_leaf targets vertical_slash and grid leaves only"),
         };
+        // Row lines at an estimated phase: codes per offset in the query block.
+        let row_lines = grid.filter(|g| g.phase.is_none() && g.lines != GridLines::Cols);
         let is_target = |e: &PatternExpr| std::ptr::eq(e, leaf);
-        let placeholder = vs_node(false, false, nq, nk, grid);
+        let bm = crate::index::layout(pattern, opts)?.0;
+        let shape = (nq, nk, bm);
+        let placeholder = vs_node(false, false, Rows::Off, shape, grid);
         let fix = |e: &PatternExpr| is_target(e).then(|| placeholder.clone());
         let start = static_start(pattern, heads, nq, nk, opts, &fix)?;
         let slots = start.nodes.len();
-        let variant = |columns: bool, tiles: bool| -> Vec<Node> {
-            let with = vs_node(columns, tiles, nq, nk, grid);
+        let variant = |columns: bool, tiles: bool, rows: Rows| -> Vec<Node> {
+            let with = vs_node(columns, tiles, rows, shape, grid);
             start.nodes.iter().map(|n| replace_leaf(pattern, n, &is_target, &with)).collect()
         };
-        let (tiles, none) = (start.index(variant(false, true))?, start.index(variant(false, false))?);
-        let (bm, bn, scale, per_head) = (start.bm, start.bn, start.scale, start.per_head);
+        // Every block an index can have: with the tiles kept, or for row lines (a grid, which
+        // keeps no tiles) with lines on every row.
+        let most = if row_lines.is_some() { variant(false, false, Rows::On) } else { variant(false, true, Rows::Off) };
+        let (tiles, none) = (start.index(most)?, start.index(variant(false, false, Rows::Off))?);
+        let (bn, scale, per_head) = (start.bn, start.scale, start.per_head);
         let mut table = MaskTable::from(&tiles.masks);
-        let entries = block_entries(&tiles, &none, bn, b, &mut table)?;
-        let rules = column_rules(&variant(true, false), &none, &mut table, nq, nk, bm, bn)?;
+        let mut entries = block_entries(&tiles, &none, bn, b, &mut table)?;
+        let mut rules = column_rules(&variant(true, false, Rows::Off), &none, &mut table, nq, nk, bm, bn)?;
+        let mut lines = LineCodes::default();
+        if let Some(g) = row_lines {
+            let stride = g.stride as usize;
+            lines = LineCodes { stride, len: stride.min(bm), ..LineCodes::default() };
+            let (sym, off, on) = (
+                variant(true, false, Rows::Placeholder),
+                variant(true, false, Rows::Off),
+                variant(true, false, Rows::On),
+            );
+            let planner =
+                Lines { stride, bm, bn, nq, nk, sym: &sym, off: &off, on: &on, cols: g.lines == GridLines::Both };
+            let mut codes = Codes::new(&mut table, &mut lines, bm);
+            entries.code_line = planner.block_codes(&entries, &mut codes)?;
+            planner.column_rules(&entries, &entries.code_line, &mut rules, &mut codes)?;
+        }
         check_mask_count(&table)?;
-        // A vertical inside a kept tile must add nothing, in every row.
-        let inside = column_rules(&variant(true, true), &tiles, &mut MaskTable::from(&tiles.masks), nq, nk, bm, bn)?;
         let q_blocks = nq.div_ceil(bm);
-        for row in 0..slots * q_blocks {
-            let (lo, hi) = (inside.ptr[row] as usize, inside.ptr[row + 1] as usize);
-            let all_dropped =
-                hi - lo == 1 && (inside.c0[lo], inside.c1[lo], inside.code[lo]) == (0, nk as u32, u32::from(DROP));
-            if !all_dropped {
-                return Err(Error::Layout(format!(
-                    "in query block {} a vertical inside a slash's tile adds pairs the tile does not compute; GPU \
-                     index building needs the tiles to cover them (build this pattern's index on the CPU)",
-                    row % q_blocks
-                )));
+        // A vertical inside a kept tile must add nothing, in every row (grids keep no tiles).
+        if grid.is_none() {
+            let inside = column_rules(
+                &variant(true, true, Rows::Off),
+                &tiles,
+                &mut MaskTable::from(&tiles.masks),
+                nq,
+                nk,
+                bm,
+                bn,
+            )?;
+            for row in 0..slots * q_blocks {
+                let (lo, hi) = (inside.ptr[row] as usize, inside.ptr[row + 1] as usize);
+                let all_dropped =
+                    hi - lo == 1 && (inside.c0[lo], inside.c1[lo], inside.code[lo]) == (0, nk as u32, u32::from(DROP));
+                if !all_dropped {
+                    return Err(Error::Layout(format!(
+                        "in query block {} a vertical inside a slash's tile adds pairs the tile does not compute; \
+                         GPU index building needs the tiles to cover them (build this pattern's index on the CPU)",
+                        row % q_blocks
+                    )));
+                }
             }
         }
 
@@ -230,6 +287,7 @@ impl SlashPlan {
             allowed,
             entries,
             rules,
+            lines,
             masks: table.masks,
         })
     }
@@ -247,18 +305,25 @@ impl SlashPlan {
         }
         let mut ix = SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n);
         ix.masks = self.masks.clone();
-        for (h, (verticals, slashes)) in chosen.iter().enumerate() {
-            let tiles = slash_blocks(slashes, self.block, self.nq, self.nk);
+        // Rules of query blocks with line rows follow the others.
+        let line_rows = if self.per_head { self.heads } else { 1 } * self.q_blocks();
+        for (h, choice) in chosen.iter().enumerate() {
+            let tiles = slash_blocks(&choice.slashes, self.block, self.nq, self.nk);
             let slot = if self.per_head { h } else { 0 };
             for qb in 0..self.q_blocks() {
                 let g = qb * self.block_m / self.block;
                 let row = slot * self.q_blocks() + qb;
-                self.entries.push_row(row, |pkb| tiles.selected(g, pkb as usize), &mut ix);
-                for &c in verticals {
+                // The offset of the query block's row lines, when it holds some.
+                let r = choice.phase.and_then(|p| self.lines.offset(p, qb * self.block_m));
+                self.entries.push_row(row, |pkb| tiles.selected(g, pkb as usize), r.map(|r| (&self.lines, r)), &mut ix);
+                for &c in &choice.verticals {
                     if tiles.selected(g, c as usize / self.block) {
                         continue;
                     }
-                    let code = self.rules.code(row, c);
+                    let code = match r {
+                        Some(r) => self.lines.resolve(self.rules.code(line_rows + row, c), r),
+                        None => self.rules.code(row, c) as u16,
+                    };
                     if code != DROP {
                         ix.col_idx.push(c);
                         ix.col_mask.push(code);
@@ -282,12 +347,28 @@ impl SlashPlan {
         Ok((0..q.heads)
             .into_par_iter()
             .map(|h| {
-                let inp = HeadInputs { q, k, h, kv: h / group, scale: self.scale, wanted: None, estimates: None };
+                let inp = HeadInputs {
+                    q,
+                    k,
+                    h,
+                    kv: h / group,
+                    scale: self.scale,
+                    block_m: self.block_m,
+                    wanted: None,
+                    estimates: None,
+                };
                 match leaf {
-                    PatternExpr::VerticalSlash(vs) => vertical_slash_choice(vs, &inp, &ctx),
+                    PatternExpr::VerticalSlash(vs) => {
+                        let (verticals, slashes) = vertical_slash_choice(vs, &inp, &ctx);
+                        SlashChoice { verticals, slashes, phase: None }
+                    }
                     PatternExpr::Grid(g) => {
                         let phase = grid_phase(g, &inp, &ctx);
-                        ((phase..self.nk).step_by(g.stride as usize).map(|c| c as u32).collect(), Vec::new())
+                        let verticals = match g.lines {
+                            GridLines::Rows => Vec::new(),
+                            _ => (phase..self.nk).step_by(g.stride as usize).map(|c| c as u32).collect(),
+                        };
+                        SlashChoice { verticals, slashes: Vec::new(), phase: Some(phase) }
                     }
                     _ => unreachable!("vs_leaf targets vertical_slash and grid leaves only"),
                 }

@@ -14,7 +14,7 @@ use weft_codegen::{
 use weft_patterns::device_plan::{SlashPlan, Verticals};
 
 use super::{
-    check_build_inputs, launch_cfg, upload, usage, DeviceEntries, DeviceRules, IndexBuildReport, KernelTimer,
+    check_build_inputs, launch_cfg, upload, usage, DeviceEntries, DeviceRules, IndexBuildReport, KernelTimer, LineArgs,
     SCORE_BYTES,
 };
 use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
@@ -67,6 +67,7 @@ impl Gpu {
                 upload(s, &plan.allowed, up)?,
                 DeviceEntries::upload(s, &plan.entries, up)?,
                 DeviceRules::upload(s, &plan.rules, up)?,
+                upload(s, &plan.lines.codes, up)?,
             ))
         })?;
         let (allowed, entries, rules) = (&copy.0, &copy.1, &copy.2);
@@ -86,6 +87,8 @@ impl Gpu {
         let mut rowmax = s.alloc_zeros::<u64>((chunk * last).max(1)).map_err(driver(alloc))?;
         let (mut vlist, mut slist, mut tiles) = (fresh32(hq * vk)?, fresh32(hq * sk)?, fresh32(hq * groups * words)?);
         let mut counts = s.alloc_zeros::<i32>(2 * hq).map_err(driver(alloc))?;
+        // Each head's grid phase (row lines' offsets follow from it).
+        let mut phases = s.alloc_zeros::<i32>(hq).map_err(driver(alloc))?;
         let (mut block_count, mut col_count) = (fresh32(rows)?, fresh32(rows)?);
         let (mut block_ptr, mut col_ptr) = (fresh32(rows + 1)?, fresh32(rows + 1)?);
 
@@ -133,13 +136,14 @@ impl Gpu {
                 b.arg(&mut vlist).arg(&mut slist).arg(&mut counts);
                 unsafe { b.launch(launch_cfg((hq as u32, 2, 1), 1024, 0)) }.map_err(launch("vs_select"))?;
             }
-            Verticals::Grid { stride, phase } => {
+            Verticals::Grid { stride, phase, cols } => {
                 let stride_i =
                     i32::try_from(stride).map_err(|_| usage(format!("grid stride {stride} is too large")))?;
                 let phase_i = phase.map_or(-1, |p| p.min(nk) as i32);
+                let cols_i = i32::from(cols);
                 let mut b = s.launch_builder(f_grid);
-                b.arg(&vert).arg(&nk_i).arg(&hq_i).arg(&stride_i).arg(&phase_i).arg(&vk_i);
-                b.arg(&mut vlist).arg(&mut counts);
+                b.arg(&vert).arg(&nk_i).arg(&hq_i).arg(&stride_i).arg(&phase_i).arg(&cols_i).arg(&vk_i);
+                b.arg(&mut vlist).arg(&mut counts).arg(&mut phases);
                 unsafe { b.launch(launch_cfg((hq as u32, 1, 1), 1024, 0)) }.map_err(launch("grid_select"))?;
             }
         }
@@ -149,6 +153,15 @@ impl Gpu {
         unsafe { b.launch(launch_cfg((groups as u32, hq as u32, 1), 128, 0)) }.map_err(launch("vs_tiles"))?;
         timer.mark("select", t0)?;
 
+        let too_large = |what: &str, n: usize| usage(format!("{what} {n} is too large for GPU index building"));
+        let slot_rows = if plan.per_head { hq } else { 1 } * q_blocks;
+        let lines = LineArgs {
+            phase: &phases,
+            codes: &copy.3,
+            stride: i32::try_from(plan.lines.stride.max(1)).map_err(|_| too_large("grid stride", plan.lines.stride))?,
+            len: plan.lines.len as i32,
+            rule_base: i32::try_from(slot_rows).map_err(|_| too_large("rule rows", slot_rows))?,
+        };
         let (q_blocks_i, bm_i, rows_i) = (q_blocks as i32, plan.block_m as i32, rows as i32);
         let row_grid = (rows.div_ceil(4).max(1) as u32, 1, 1);
         // Both row passes: 0 counts into the counts, 1 writes at the pointers.
@@ -159,7 +172,7 @@ impl Gpu {
                          cols: (&mut CudaSlice<u32>, &mut CudaSlice<u16>)|
          -> Result<(), Error> {
             let dims = [per_head_i, hq_i, q_blocks_i, bm_i, block_i, groups_i, kblocks_i];
-            entries.launch_rows(s, f_rows, &tiles, dims, pass, (counts_out.0, ptrs.0, blocks.0, blocks.1))?;
+            entries.launch_rows(s, f_rows, &tiles, lines, dims, pass, (counts_out.0, ptrs.0, blocks.0, blocks.1))?;
             // Verticals: one list per head (a single "group" spanning every query).
             let (one, words_i, list) = (1i32, words as i32, 0i32);
             let mut b = s.launch_builder(f_columns);
@@ -167,6 +180,7 @@ impl Gpu {
             b.arg(&rules.ptr).arg(&rules.c0).arg(&rules.c1).arg(&rules.code).arg(&rules.codes).arg(&per_head_i);
             b.arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&nq_i).arg(&one).arg(&pass);
             b.arg(&tiles).arg(&block_i).arg(&groups_i).arg(&words_i);
+            b.arg(lines.phase).arg(&lines.stride).arg(&lines.len).arg(&lines.rule_base).arg(lines.codes);
             b.arg(counts_out.1).arg(ptrs.1).arg(cols.0).arg(cols.1);
             unsafe { b.launch(launch_cfg(row_grid, 128, 0)) }.map_err(launch("columns"))?;
             Ok(())
