@@ -168,14 +168,14 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_inv(
     }
 }
 
-// ---- vs_mass: grid (ceil((nq + nk) / 256), heads of the chunk), 256 threads; dynamic shared
-// memory last doubles ----
-// Per key c: vert[h][c] = sum over rows in order of weight * inv (vs_inv), and per diagonal
-// i = r + nk - c: slash[h][i] likewise (the CPU's order; pairs not allowed, and rows with no
-// key, add +0, which changes no sum).
+// ---- vs_mass: grid (ceil((nq + nk) / 256), or ceil(nk / 256) for a grid, heads of the chunk),
+// 256 threads; dynamic shared memory last doubles ----
+// Per key c: vert[h][c] = sum over rows in order of weight * inv (vs_inv), and, unless
+// `slashes` is 0 (a grid reads no diagonals), per diagonal i = r + nk - c: slash[h][i] likewise
+// (the CPU's order; pairs not allowed, and rows with no key, add +0, which changes no sum).
 extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_mass(
     const double* __restrict__ weights, const double* __restrict__ inv_rows, int nq, int nk, int last, int h0,
-    double* __restrict__ vert, double* __restrict__ slash)
+    int slashes, double* __restrict__ vert, double* __restrict__ slash)
 {
     extern __shared__ __align__(16) unsigned char smem[];
     double* inv = (double*)smem;
@@ -190,7 +190,7 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_mass(
             m = __dadd_rn(m, __dmul_rn(w[(size_t)r * nk + i], inv[r]));
         vert[(size_t)h * nk + i] = m;
     }
-    if (i < (long long)nq + nk) {
+    if (slashes && i < (long long)nq + nk) {
         double m = 0.0;
         for (int r = 0; r < last; ++r) {
             const long long c = (long long)(nq - last + r) + nk - i;

@@ -79,12 +79,15 @@ impl Gpu {
         // pointers per row), so they need no clearing.
         let fresh = |n: usize| unsafe { s.alloc::<f64>(n.max(1)) }.map_err(driver(alloc));
         let fresh32 = |n: usize| unsafe { s.alloc::<u32>(n.max(1)) }.map_err(driver(alloc));
-        let mut weights = fresh(chunk * last * nk)?;
-        let mut partial = fresh(chunk * last * chunks)?;
-        let mut inv = fresh(chunk * last)?;
-        let mut vert = fresh(hq * nk)?;
-        let mut slash = fresh(hq * (nq + nk))?;
-        let mut rowmax = s.alloc_zeros::<u64>((chunk * last).max(1)).map_err(driver(alloc))?;
+        // The estimate's buffers (none for a grid with a given phase; no diagonal masses for
+        // any grid).
+        let (est, slashes) = (usize::from(estimate), usize::from(matches!(plan.verticals, Verticals::TopK(_))));
+        let mut weights = fresh(est * chunk * last * nk)?;
+        let mut partial = fresh(est * chunk * last * chunks)?;
+        let mut inv = fresh(est * chunk * last)?;
+        let mut vert = fresh(est * hq * nk)?;
+        let mut slash = fresh(slashes * hq * (nq + nk))?;
+        let mut rowmax = s.alloc_zeros::<u64>((est * chunk * last).max(1)).map_err(driver(alloc))?;
         let (mut vlist, mut slist, mut tiles) = (fresh32(hq * vk)?, fresh32(hq * sk)?, fresh32(hq * groups * words)?);
         let mut counts = s.alloc_zeros::<i32>(2 * hq).map_err(driver(alloc))?;
         // Each head's grid phase (row lines' offsets follow from it).
@@ -122,9 +125,10 @@ impl Gpu {
             b.arg(&partial).arg(&nk_i).arg(&last_i).arg(&mut inv);
             unsafe { b.launch(launch_cfg((hc as u32, 1, 1), 256, 0)) }.map_err(launch("vs_inv"))?;
             let mut b = s.launch_builder(f_mass);
-            b.arg(&weights).arg(&inv).arg(&nq_i).arg(&nk_i).arg(&last_i).arg(&h0_i);
+            let slashes_i = slashes as i32;
+            b.arg(&weights).arg(&inv).arg(&nq_i).arg(&nk_i).arg(&last_i).arg(&h0_i).arg(&slashes_i);
             b.arg(&mut vert).arg(&mut slash);
-            let grid = ((nq + nk).div_ceil(256) as u32, hc as u32, 1);
+            let grid = (if slashes > 0 { nq + nk } else { nk }.div_ceil(256) as u32, hc as u32, 1);
             unsafe { b.launch(launch_cfg(grid, 256, vs_mass_shared_bytes(last) as u32)) }.map_err(launch("vs_mass"))?;
             timer.mark("mass", t0)?;
         }
