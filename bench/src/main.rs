@@ -218,7 +218,14 @@ fn main() -> Result<()> {
             let ix = &case.index;
             let pairs = ix.pairs();
             let density = pairs as f64 / (h as f64 * n as f64 * n as f64);
-            let pattern = Pattern::new(&case.name, builder::full());
+            // The kernel is generated as for the pattern the index stands for (the runtime
+            // passes the user's pattern): vertical vectors gather columns, the rest do not.
+            let expr = if case.columns.is_some() {
+                (builder::sink(64) | builder::local(64) | builder::vertical_vector().q_block(128)).into()
+            } else {
+                builder::full()
+            };
+            let pattern = Pattern::new(&case.name, expr);
             let masks: Vec<Pred> = Vec::new();
             let config = *config;
             let kernel = emit(&KernelSpec { pattern: &pattern, masks: &masks, permutation: None, config })?;

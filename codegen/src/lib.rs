@@ -31,7 +31,7 @@
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
-use weft_dsl::{IntExpr, IntOp, Pattern, Permutation, Pred, Var};
+use weft_dsl::{IntExpr, IntOp, Pattern, PatternExpr, Permutation, Pred, Var};
 
 /// Bumped whenever generated code changes meaning; part of every kernel key and of the
 /// toolchain key of every stored kernel (2: kernels take a head map).
@@ -377,8 +377,22 @@ pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
         .replace("{{BN}}", &c.block_n.to_string())
         .replace("{{D}}", &c.head_dim.to_string())
         .replace("{{MT}}", &(c.warp_rows / 16).to_string())
-        .replace("{{STAGES}}", &c.stages.to_string());
+        .replace("{{STAGES}}", &c.stages.to_string())
+        .replace("{{GATHERS}}", if gathers_columns(&spec.pattern.expr) { "true" } else { "false" });
     Ok(Kernel { name, source, key, threads: c.threads(), shared_bytes: c.shared_bytes(), head_dim: c.head_dim })
+}
+
+/// Whether an index of `e` can hold single key columns (which the kernel gathers row by row):
+/// vertical vectors, vertical-slash, grids with column lines and retrieval. The kernel loads
+/// columns the same either way; this only picks the faster load loop.
+fn gathers_columns(e: &PatternExpr) -> bool {
+    match e {
+        PatternExpr::VerticalVector(_) | PatternExpr::VerticalSlash(_) | PatternExpr::Retrieval(_) => true,
+        PatternExpr::Grid(g) => g.lines != weft_dsl::GridLines::Rows,
+        PatternExpr::Union(items) | PatternExpr::Intersect(items) => items.iter().any(gathers_columns),
+        PatternExpr::Permuted { inner, .. } | PatternExpr::Ring { inner, .. } => gathers_columns(inner),
+        PatternExpr::Static(_) | PatternExpr::Block(_) => false,
+    }
 }
 
 fn check_head_dim(head_dim: u32) -> Result<(), Error> {

@@ -11,6 +11,7 @@ constexpr int BM = {{BM}};          // query rows per CTA (the index's block_m)
 constexpr int BN = {{BN}};          // keys per tile (the index's block_n)
 constexpr int D = {{D}};            // head dimension
 constexpr int STAGES = {{STAGES}};           // K/V tiles in flight (cp.async pipeline depth)
+constexpr bool GATHERS = {{GATHERS}};        // the pattern can list single key columns
 constexpr int MT = {{MT}};            // 16-row m-tiles per warp: each K/V fragment feeds MT mma
 constexpr int WARPS = BM / (16 * MT);
 constexpr bool Q_IN_REGS = MT == 1; // with one m-tile, Q's fragments stay in registers
@@ -125,17 +126,50 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             }
         }
         // Gathered columns, a block at the end of the sequence, or permuted tokens.
+        if constexpr (GATHERS) {
+            // Patterns with column lists: the key positions first, all of this thread's
+            // column-index loads in flight together (one round trip to memory per tile
+            // instead of one per pair of rows; vertical vectors ran 1.5x slower without).
+            constexpr int ROWS = (BN + ROW_STEP - 1) / ROW_STEP;
+            int pos_of[ROWS];
+            u16 mask_of[ROWS];
+#pragma unroll
+            for (int i = 0; i < ROWS; ++i) {
+                const int r = ld_row + i * ROW_STEP;
+                const bool ok = r < BN && r < src.count;
+                pos_of[i] = !ok ? -1 : src.is_block ? src.base + r : (int)cidx[src.base + r];
+                // (Only the threads that record the key's position and mask id read the mask.)
+                mask_of[i] = !ok || ld_col != 0 ? FULL : src.is_block ? src.mask : cmask[src.base + r];
+            }
+#pragma unroll
+            for (int i = 0; i < ROWS; ++i) {
+                const int r = ld_row + i * ROW_STEP;
+                if (r >= BN) break;
+                const int pos = pos_of[i];
+                const size_t off = pos >= 0 ? (size_t)weft_token(pos, nk) * D + ld_col : 0;
+                const u32 dst = k_dst + 2 * (r - ld_row) * LDS;
+                cp_async16(dst, Kh + off, pos >= 0 ? 16 : 0);
+                cp_async16(dst + V_BYTES, Vh + off, pos >= 0 ? 16 : 0);
+                if (ld_col == 0) {
+                    key_pos[r] = pos;
+                    key_mask[r] = mask_of[i];
+                }
+            }
+        } else {
+            // Without columns (blocks only) the rolled loop keeps the register allocation
+            // of the full-block path (1% faster on dense and block patterns).
 #pragma unroll 2
-        for (int r = ld_row; r < BN; r += ROW_STEP) {
-            const bool ok = r < src.count;
-            const int pos = !ok ? -1 : src.is_block ? src.base + r : (int)cidx[src.base + r];
-            const size_t off = ok ? (size_t)weft_token(pos, nk) * D + ld_col : 0;
-            const u32 dst = k_dst + 2 * (r - ld_row) * LDS;
-            cp_async16(dst, Kh + off, ok ? 16 : 0);
-            cp_async16(dst + V_BYTES, Vh + off, ok ? 16 : 0);
-            if (ld_col == 0) {
-                key_pos[r] = pos;
-                key_mask[r] = !ok ? FULL : src.is_block ? src.mask : cmask[src.base + r];
+            for (int r = ld_row; r < BN; r += ROW_STEP) {
+                const bool ok = r < src.count;
+                const int pos = !ok ? -1 : src.is_block ? src.base + r : (int)cidx[src.base + r];
+                const size_t off = ok ? (size_t)weft_token(pos, nk) * D + ld_col : 0;
+                const u32 dst = k_dst + 2 * (r - ld_row) * LDS;
+                cp_async16(dst, Kh + off, ok ? 16 : 0);
+                cp_async16(dst + V_BYTES, Vh + off, ok ? 16 : 0);
+                if (ld_col == 0) {
+                    key_pos[r] = pos;
+                    key_mask[r] = !ok ? FULL : src.is_block ? src.mask : cmask[src.base + r];
+                }
             }
         }
     };
