@@ -221,7 +221,7 @@ fn main() -> Result<()> {
             // The kernel is generated as for the pattern the index stands for (the runtime
             // passes the user's pattern): vertical vectors gather columns, the rest do not.
             let expr = if case.columns.is_some() {
-                (builder::sink(64) | builder::local(64) | builder::vertical_vector().q_block(128)).into()
+                builder::sink(64) | builder::local(64) | builder::vertical_vector().q_block(128)
             } else {
                 builder::full()
             };
