@@ -282,6 +282,11 @@ impl MaskTable {
         t
     }
 
+    /// The id of `p` if the table holds it.
+    pub(crate) fn get(&self, p: &Pred) -> Option<u16> {
+        self.ids.get(p).copied()
+    }
+
     pub(crate) fn intern(&mut self, p: Pred) -> Result<u16, Error> {
         if let Some(id) = self.ids.get(&p) {
             return Ok(*id);

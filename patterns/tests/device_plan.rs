@@ -278,6 +278,23 @@ proptest! {
 }
 
 #[test]
+fn row_line_plans_do_not_depend_on_the_thread_count() {
+    // Rows are planned in parallel chunks; mask ids must come out as one pass in row order
+    // gives them (the attention kernel is generated from the mask table).
+    let opts = IndexOptions { block_m: Some(16), block_n: Some(16), scale: Some(0.1), ..Default::default() };
+    for e in [causal() & grid(40).sink(3), window(300) & grid(9).lines(GridLines::Rows)] {
+        let plan = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| SlashPlan::new(&e, 2, 2000, 2100, &opts).unwrap())
+        };
+        let (a, b) = (plan(1), plan(3));
+        assert_eq!(a.masks, b.masks, "{e}");
+        assert_eq!((&a.lines.codes, &a.entries.code_line), (&b.lines.codes, &b.entries.code_line), "{e}");
+        assert_eq!((&a.rules.ptr, &a.rules.code, &a.rules.codes), (&b.rules.ptr, &b.rules.code, &b.rules.codes), "{e}");
+    }
+}
+
+#[test]
 fn row_line_codes_cover_the_offsets_in_a_query_block() {
     let opts = IndexOptions { block_m: Some(32), block_n: Some(32), scale: Some(0.1), ..Default::default() };
     for (stride, len) in [(7u32, 7usize), (32, 32), (100, 32)] {

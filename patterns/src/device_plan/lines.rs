@@ -14,12 +14,18 @@
 //! Where the row lines' offset is decided for a whole block (no line row in it, or every row
 //! a line row), the CPU builder folds `X` as false or true instead: the plan does the same,
 //! through the `off` and `on` nodes.
+//!
+//! Rows are computed in parallel, in chunks of consecutive rows, each chunk with its new masks
+//! numbered locally in the order it meets them; then, chunk by chunk in order, the new masks
+//! enter the plan's table. That gives the ids a single pass in row order would give, so plans
+//! (and the kernels generated from their mask tables) do not depend on the thread count.
 
 use std::collections::HashMap;
 
+use rayon::prelude::*;
 use weft_dsl::{Pred, Var};
 
-use super::{check_mask_count, entry_code, BlockEntries, ColumnRules, LineCodes, DROP, PER_COLUMN};
+use super::{check_mask_count, BlockEntries, ColumnRules, Entry, LineCodes, DROP, PER_COLUMN};
 use crate::families::{Node, RowLines};
 use crate::index::{and, cov, settle, Cov, MaskTable};
 use crate::interval::{decide, decide_exact, Region};
@@ -53,53 +59,111 @@ struct Tile {
 /// A coverage with the placeholder, ready to settle at any offset.
 enum Form {
     /// Without the placeholder: one code.
-    Fixed(u16),
+    Fixed(u32),
     /// With it: the coverage's predicate and, per row of the block, the verdict on its keys
     /// with `X` false (`off`) and true (`on`), how many rows `off` decides each way, and the
-    /// predicate's mask ids per offset so far (from [`Codes`]' cache).
-    Symbolic { p: Pred, off: Vec<Option<bool>>, on: Vec<Option<bool>>, off_count: [usize; 2], ids: Vec<Option<u16>> },
+    /// predicate's codes per offset so far (from the row's cache).
+    Symbolic { p: Pred, off: Vec<Option<bool>>, on: Vec<Option<bool>>, off_count: [usize; 2], ids: Vec<Option<u32>> },
 }
 
-/// What the codes of a plan's row lines are interned into, with caches.
-pub(super) struct Codes<'t> {
-    pub table: &'t mut MaskTable,
-    pub lines: &'t mut LineCodes,
-    /// `T_r` for each offset.
-    tile_masks: Vec<Pred>,
-    /// Mask ids of a symbolic predicate at each offset (most predicates recur in every row).
-    at: HashMap<Pred, Vec<Option<u16>>>,
+/// Codes of one row before its new masks have ids: below `LOCAL` an entry code (`DROP`,
+/// `FULL`, or the id of a mask already in the plan's table), from `LOCAL` on the row's new
+/// mask `code - LOCAL`.
+const LOCAL: u32 = 0x1_0000;
+
+/// A row's line code before its masks have ids: one code, or the row's vector `i`; in a rule
+/// row, a run may instead point at the row's per-key codes from `offset` on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RowLine {
+    Code(u32),
+    Vector(usize),
+    PerKey(u32),
+}
+
+/// Rows per parallel task (they share caches: most forms recur from row to row).
+const CHUNK_ROWS: usize = 32;
+
+/// One chunk of rows' work, on its own thread: the plan's table and line codes so far (read only),
+/// the masks and vectors the row adds, and caches.
+struct RowCodes<'g> {
+    table: &'g MaskTable,
+    lines: &'g LineCodes,
+    tile_masks: &'g [Pred],
+    new: Vec<Pred>,
+    new_ids: HashMap<Pred, u32>,
+    vectors: Vec<Vec<u32>>,
+    vector_ids: HashMap<Vec<u32>, usize>,
+    /// Codes of a symbolic predicate at each offset (most forms recur across the row).
+    at: HashMap<Pred, Vec<Option<u32>>>,
     /// Whether a line code's masks read `k`.
     reads_k: HashMap<u32, bool>,
 }
 
-impl<'t> Codes<'t> {
-    pub(super) fn new(table: &'t mut MaskTable, lines: &'t mut LineCodes, bm: usize) -> Codes<'t> {
-        let tile_masks = (0..lines.len).map(|r| RowLines::tile_mask(lines.stride, bm, r)).collect();
-        Codes { table, lines, tile_masks, at: HashMap::new(), reads_k: HashMap::new() }
-    }
+/// What a row adds, for [`Interner::finish`].
+struct RowOut<T> {
+    new: Vec<Pred>,
+    vectors: Vec<Vec<u32>>,
+    result: T,
+}
 
-    /// The cached mask ids of symbolic predicate `p` per offset.
-    fn ids(&self, p: &Pred) -> Vec<Option<u16>> {
-        self.at.get(p).cloned().unwrap_or_else(|| vec![None; self.tile_masks.len()])
-    }
-
-    /// Keeps the ids a form found (once per form, not per offset: hashing predicates is
-    /// what a plan's row lines spend most time on).
-    fn keep_ids(&mut self, form: Option<Form>) {
-        if let Some(Form::Symbolic { p, ids, .. }) = form {
-            if self.at.get(&p) != Some(&ids) {
-                self.at.insert(p, ids);
-            }
+impl<'g> RowCodes<'g> {
+    fn new(table: &'g MaskTable, lines: &'g LineCodes, tile_masks: &'g [Pred]) -> RowCodes<'g> {
+        RowCodes {
+            table,
+            lines,
+            tile_masks,
+            new: Vec::new(),
+            new_ids: HashMap::new(),
+            vectors: Vec::new(),
+            vector_ids: HashMap::new(),
+            at: HashMap::new(),
+            reads_k: HashMap::new(),
         }
     }
 
-    fn settled(&mut self, c: Cov, r: &Region) -> Result<u16, Error> {
-        entry_code(settle(c, r), self.table)
+    fn intern(&mut self, p: Pred) -> u32 {
+        if let Some(id) = self.table.get(&p) {
+            return u32::from(id);
+        }
+        if let Some(code) = self.new_ids.get(&p) {
+            return *code;
+        }
+        let code = LOCAL + self.new.len() as u32;
+        self.new_ids.insert(p.clone(), code);
+        self.new.push(p);
+        code
     }
 
-    /// Whether line code `code`'s masks read `k`.
+    fn settled(&mut self, c: Cov, r: &Region) -> u32 {
+        match settle(c, r) {
+            None => u32::from(DROP),
+            Some(Entry::Full) => u32::from(FULL),
+            Some(Entry::Mask(p)) => self.intern(p),
+        }
+    }
+
+    /// The mask of a code already in the plan's table.
+    fn mask(&self, id: u16) -> &Pred {
+        &self.table.masks[id as usize]
+    }
+
+    /// The line code of one code per offset: the code when they are all one, else a vector.
+    fn line(&mut self, v: Vec<u32>) -> RowLine {
+        if v.iter().all(|c| *c == v[0]) {
+            return RowLine::Code(v[0]);
+        }
+        if let Some(i) = self.vector_ids.get(&v) {
+            return RowLine::Vector(*i);
+        }
+        let i = self.vectors.len();
+        self.vector_ids.insert(v.clone(), i);
+        self.vectors.push(v);
+        RowLine::Vector(i)
+    }
+
+    /// Whether line code `code` (in the plan's line codes) has a mask that reads `k`.
     fn reads_k(&mut self, code: u32) -> bool {
-        let (lines, table) = (&*self.lines, &*self.table);
+        let (lines, table) = (self.lines, self.table);
         *self.reads_k.entry(code).or_insert_with(|| {
             (0..lines.len).any(|r| match lines.resolve(code, r) {
                 FULL | DROP => false,
@@ -107,6 +171,58 @@ impl<'t> Codes<'t> {
             })
         })
     }
+
+    fn out<T>(self, result: T) -> RowOut<T> {
+        RowOut { new: self.new, vectors: self.vectors, result }
+    }
+}
+
+/// Takes rows' results into the plan's table and line codes, in row order.
+struct Interner<'t> {
+    table: &'t mut MaskTable,
+    lines: &'t mut LineCodes,
+}
+
+/// A row's codes in the plan's numbering: its new masks' ids, its vectors' line codes.
+struct Remap {
+    ids: Vec<u16>,
+    vectors: Vec<u32>,
+}
+
+impl Remap {
+    fn code(&self, c: u32) -> u16 {
+        if c >= LOCAL {
+            self.ids[(c - LOCAL) as usize]
+        } else {
+            c as u16
+        }
+    }
+
+    /// The line code (or, for `PerKey`, the run code) in the plan's numbering.
+    fn line(&self, l: RowLine) -> u32 {
+        match l {
+            RowLine::Code(c) => u32::from(self.code(c)),
+            RowLine::Vector(i) => self.vectors[i],
+            RowLine::PerKey(offset) => PER_COLUMN + offset,
+        }
+    }
+}
+
+impl Interner<'_> {
+    /// Interns a row's new masks and vectors (in the order the row met them).
+    fn finish<T>(&mut self, row: RowOut<T>) -> Result<(T, Remap), Error> {
+        let ids: Vec<u16> = row.new.into_iter().map(|p| self.table.intern(p)).collect::<Result<_, _>>()?;
+        check_mask_count(self.table)?;
+        let mut remap = Remap { ids, vectors: Vec::new() };
+        remap.vectors =
+            row.vectors.iter().map(|v| self.lines.intern(v.iter().map(|c| remap.code(*c)).collect())).collect();
+        Ok((row.result, remap))
+    }
+}
+
+/// Rows `0..rows` in chunks of [`CHUNK_ROWS`].
+fn chunks(rows: usize) -> Vec<std::ops::Range<usize>> {
+    (0..rows).step_by(CHUNK_ROWS).map(|r0| r0..(r0 + CHUNK_ROWS).min(rows)).collect()
 }
 
 fn has_placeholder(p: &Pred, x: &Pred) -> bool {
@@ -135,41 +251,36 @@ fn key_free(c: &Cov) -> bool {
     !matches!(c, Cov::Mask(p) if p.uses(Var::K))
 }
 
-/// The coverage a column gets beyond its block's entry `block` (a code): what the CPU
-/// builder's column pass computes.
-fn beyond(here: Cov, block: u16, table: &MaskTable) -> Cov {
-    match block {
-        FULL => Cov::None,
-        DROP => here,
-        id => and(here, Cov::Mask(!table.masks[id as usize].clone())),
-    }
-}
-
 impl Lines<'_> {
     fn len(&self) -> usize {
         self.stride.min(self.bm)
+    }
+
+    fn q_blocks(&self) -> usize {
+        self.nq.div_ceil(self.bm)
     }
 
     fn region(&self, h: usize, (q0, q1): (usize, usize), (k0, k1): (usize, usize)) -> Region {
         Region::new(h, (q0, q1), (k0, k1), (self.nq, self.nk))
     }
 
-    fn tile(&self, h: usize, qb: usize, codes: &Codes<'_>) -> Tile {
+    fn tile_masks(&self) -> Vec<Pred> {
+        (0..self.len()).map(|r| RowLines::tile_mask(self.stride, self.bm, r)).collect()
+    }
+
+    /// Rule row `row` (`slot * q_blocks + qb`) as a tile.
+    fn tile(&self, row: usize, tile_masks: &[Pred]) -> Tile {
+        let (h, qb) = (row / self.q_blocks(), row % self.q_blocks());
         let q0 = qb * self.bm;
         let q1 = (q0 + self.bm).min(self.nq);
         let r = self.region(h, (q0, q1), (0, self.nk));
-        Tile { h, q0, rows: q1 - q0, states: codes.tile_masks.iter().map(|t| decide(t, &r)).collect() }
-    }
-
-    /// The rows of the tile at offset `r`: its line rows.
-    fn line_rows(&self, tile: &Tile, r: usize) -> std::iter::StepBy<std::ops::Range<usize>> {
-        (r..tile.rows).step_by(self.stride)
+        Tile { h, q0, rows: q1 - q0, states: tile_masks.iter().map(|t| decide(t, &r)).collect() }
     }
 
     /// `c` (folded with the placeholder) over the tile's rows and keys `keys`, ready to settle.
-    fn form(&self, c: Cov, tile: &Tile, keys: (usize, usize), codes: &mut Codes<'_>) -> Result<Form, Error> {
+    fn form(&self, c: Cov, tile: &Tile, keys: (usize, usize), codes: &mut RowCodes<'_>) -> Form {
         let x = RowLines::placeholder();
-        Ok(match c {
+        match c {
             Cov::Mask(p) if has_placeholder(&p, &x) => {
                 let states = |b: bool| -> Vec<Option<bool>> {
                     if p == x {
@@ -191,23 +302,32 @@ impl Lines<'_> {
                 let off = states(false);
                 let count = |b| off.iter().filter(|s| **s == Some(b)).count();
                 let off_count = [count(false), count(true)];
-                let ids = codes.ids(&p);
+                let ids = codes.at.get(&p).cloned().unwrap_or_else(|| vec![None; self.len()]);
                 Form::Symbolic { off, on: states(true), p, off_count, ids }
             }
-            c => Form::Fixed(codes.settled(c, &self.region(tile.h, (tile.q0, tile.q0 + tile.rows), keys))?),
-        })
+            c => Form::Fixed(codes.settled(c, &self.region(tile.h, (tile.q0, tile.q0 + tile.rows), keys))),
+        }
+    }
+
+    /// Keeps the codes a form found in the row's cache.
+    fn keep_ids(form: Option<Form>, codes: &mut RowCodes<'_>) {
+        if let Some(Form::Symbolic { p, ids, .. }) = form {
+            if codes.at.get(&p) != Some(&ids) {
+                codes.at.insert(p, ids);
+            }
+        }
     }
 
     /// The code of `form` at offset `r`, where the interval analysis leaves the rows mixed:
     /// the CPU's settle of its predicate with `T_r`, from the rows' verdicts (line rows
     /// `on`, the others `off`).
-    fn settle_at(&self, form: &mut Form, tile: &Tile, r: usize, codes: &mut Codes<'_>) -> Result<u16, Error> {
-        let Form::Symbolic { p, off, on, off_count, ids } = form else {
-            let Form::Fixed(code) = form else { unreachable!() };
-            return Ok(*code);
+    fn settle_at(&self, form: &mut Form, tile: &Tile, r: usize, codes: &mut RowCodes<'_>) -> u32 {
+        let (p, off, on, off_count, ids) = match form {
+            Form::Fixed(code) => return *code,
+            Form::Symbolic { p, off, on, off_count, ids } => (p, off, on, off_count, ids),
         };
         let mut count = *off_count;
-        for t in self.line_rows(tile, r) {
+        for t in (r..tile.rows).step_by(self.stride) {
             for (s, d) in [(off[t], -1isize), (on[t], 1)] {
                 if let Some(b) = s {
                     count[b as usize] = (count[b as usize] as isize + d) as usize;
@@ -215,15 +335,15 @@ impl Lines<'_> {
             }
         }
         if count[1] == tile.rows {
-            Ok(FULL)
+            u32::from(FULL)
         } else if count[0] == tile.rows {
-            Ok(DROP)
+            u32::from(DROP)
         } else if let Some(id) = ids[r] {
-            Ok(id)
+            id
         } else {
-            let id = codes.table.intern(substitute(p, &RowLines::placeholder(), &codes.tile_masks[r]))?;
+            let id = codes.intern(substitute(p, &RowLines::placeholder(), &codes.tile_masks[r]));
             ids[r] = Some(id);
-            Ok(id)
+            id
         }
     }
 
@@ -233,59 +353,75 @@ impl Lines<'_> {
         tile: &Tile,
         keys: (usize, usize),
         cover: &dyn Fn(&Node) -> Cov,
-        codes: &mut Codes<'_>,
-    ) -> Result<Vec<u16>, Error> {
-        let mut form = self.form(cover(&self.sym[tile.h]), tile, keys, codes)?;
+        codes: &mut RowCodes<'_>,
+    ) -> Vec<u32> {
+        let mut form = self.form(cover(&self.sym[tile.h]), tile, keys, codes);
         let region = self.region(tile.h, (tile.q0, tile.q0 + tile.rows), keys);
         let mut decided = [None, None];
         let v = (0..self.len())
             .map(|r| match tile.states[r] {
                 None => self.settle_at(&mut form, tile, r, codes),
-                Some(b) => {
-                    if decided[b as usize].is_none() {
-                        let node = if b { &self.on[tile.h] } else { &self.off[tile.h] };
-                        decided[b as usize] = Some(codes.settled(cover(node), &region)?);
-                    }
-                    Ok(decided[b as usize].unwrap_or(DROP))
-                }
+                Some(b) => *decided[b as usize].get_or_insert_with(|| {
+                    codes.settled(cover(if b { &self.on[tile.h] } else { &self.off[tile.h] }), &region)
+                }),
             })
             .collect();
-        codes.keep_ids(Some(form));
+        Self::keep_ids(Some(form), codes);
         v
     }
 
     /// The line code of every block entry (`entries` holds every block any offset keeps,
     /// slot rows `slots x q_blocks`).
-    pub(super) fn block_codes(&self, entries: &BlockEntries, codes: &mut Codes<'_>) -> Result<Vec<u32>, Error> {
-        let q_blocks = self.nq.div_ceil(self.bm);
+    pub(super) fn block_codes(
+        &self,
+        entries: &BlockEntries,
+        table: &mut MaskTable,
+        lines: &mut LineCodes,
+    ) -> Result<Vec<u32>, Error> {
+        let tile_masks = self.tile_masks();
+        let chunks: Vec<RowOut<Vec<Vec<RowLine>>>> = chunks(entries.ptr.len() - 1)
+            .into_par_iter()
+            .map(|rows| {
+                let mut codes = RowCodes::new(table, lines, &tile_masks);
+                let out = rows.map(|row| self.row_block_codes(row, entries, &mut codes)).collect();
+                codes.out(out)
+            })
+            .collect();
+        let mut interner = Interner { table, lines };
         let mut out = Vec::with_capacity(entries.kb.len());
-        for row in 0..entries.ptr.len() - 1 {
-            let tile = self.tile(row / q_blocks, row % q_blocks, codes);
-            // The vector of a coverage that is the placeholder alone depends on the tile only.
-            let mut lines_alone = None;
-            for e in entries.ptr[row] as usize..entries.ptr[row + 1] as usize {
+        for chunk in chunks {
+            let (rows, remap) = interner.finish(chunk)?;
+            out.extend(rows.into_iter().flatten().map(|l| remap.line(l)));
+        }
+        Ok(out)
+    }
+
+    /// One row's block line codes.
+    fn row_block_codes(&self, row: usize, entries: &BlockEntries, codes: &mut RowCodes<'_>) -> Vec<RowLine> {
+        let tile = self.tile(row, codes.tile_masks);
+        // The vector of a coverage that is the placeholder alone depends on the tile only.
+        let mut lines_alone = None;
+        (entries.ptr[row] as usize..entries.ptr[row + 1] as usize)
+            .map(|e| {
                 let kb = entries.kb[e] as usize;
                 let keys = (kb * self.bn, ((kb + 1) * self.bn).min(self.nk));
                 let region = self.region(tile.h, (tile.q0, tile.q0 + tile.rows), keys);
                 let cover = |n: &Node| cov(n, &region, None);
                 let alone = tile.states.iter().all(Option::is_none)
                     && cover(&self.sym[tile.h]) == Cov::Mask(RowLines::placeholder());
-                let code = match lines_alone {
+                match lines_alone {
                     Some(code) if alone => code,
                     _ => {
-                        let v = self.vector(&tile, keys, &cover, codes)?;
-                        let code = codes.lines.intern(v);
+                        let v = self.vector(&tile, keys, &cover, codes);
+                        let code = codes.line(v);
                         if alone {
                             lines_alone = Some(code);
                         }
                         code
                     }
-                };
-                out.push(code);
-            }
-            check_mask_count(codes.table)?;
-        }
-        Ok(out)
+                }
+            })
+            .collect()
     }
 
     /// Appends to `rules` the column rules of query blocks holding line rows, one row per
@@ -295,67 +431,96 @@ impl Lines<'_> {
         entries: &BlockEntries,
         block_codes: &[u32],
         rules: &mut ColumnRules,
-        codes: &mut Codes<'_>,
+        table: &mut MaskTable,
+        lines: &mut LineCodes,
     ) -> Result<(), Error> {
-        let q_blocks = self.nq.div_ceil(self.bm);
-        let nkb = self.nk.div_ceil(self.bn);
-        for row in 0..entries.ptr.len() - 1 {
-            let (mut runs, mut per_key) = (Vec::new(), Vec::new());
-            if !self.cols {
-                rules.push_row(runs, per_key);
-                continue;
-            }
-            let tile = self.tile(row / q_blocks, row % q_blocks, codes);
-            let (e0, e1) = (entries.ptr[row] as usize, entries.ptr[row + 1] as usize);
-            let (kbs, row_codes) = (&entries.kb[e0..e1], &block_codes[e0..e1]);
-            // Key-block ranges, halved until one code serves the range (in key order).
-            let mut stack = vec![(0usize, nkb)];
-            while let Some((b0, b1)) = stack.pop() {
-                let (k0, k1) = (b0 * self.bn, (b1 * self.bn).min(self.nk));
-                let (i0, i1) =
-                    (kbs.partition_point(|&b| (b as usize) < b0), kbs.partition_point(|&b| (b as usize) < b1));
-                // The block code of the whole range, when it is one (DROP: no entry).
-                let block = if i0 == i1 {
-                    Some(u32::from(DROP))
-                } else if i1 - i0 == b1 - b0 && row_codes[i0..i1].iter().all(|c| *c == row_codes[i0]) {
-                    Some(row_codes[i0])
-                } else {
-                    None
-                };
-                if let Some(block) = block.filter(|b| !codes.reads_k(*b)) {
-                    let region = self.region(tile.h, (tile.q0, tile.q0 + tile.rows), (k0, k1));
-                    let here = |n: &Node| cov(n, &region, Some(k0));
-                    if [&self.sym, &self.off, &self.on].iter().all(|nodes| key_free(&here(&nodes[tile.h]))) {
-                        // Every key of the range settles as its first does.
-                        let code = self.column_code(&tile, (block, &self.block_sym(&tile, b0)), (k0, k0 + 1), codes)?;
-                        if code != u32::from(FULL) {
-                            runs.push((k0 as u32, k1 as u32, code));
+        let tile_masks = self.tile_masks();
+        type Runs = (Vec<(u32, u32, RowLine)>, Vec<RowLine>);
+        let chunks: Vec<RowOut<Vec<Runs>>> = chunks(entries.ptr.len() - 1)
+            .into_par_iter()
+            .map(|rows| {
+                let mut codes = RowCodes::new(table, lines, &tile_masks);
+                let out = rows
+                    .map(|row| {
+                        if self.cols {
+                            self.row_rules(row, entries, block_codes, &mut codes)
+                        } else {
+                            Runs::default()
                         }
-                        continue;
-                    }
-                }
-                if b1 - b0 > 1 {
-                    let mid = (b0 + b1) / 2;
-                    stack.push((mid, b1));
-                    stack.push((b0, mid));
-                    continue;
-                }
-                let block = (if i0 == i1 { u32::from(DROP) } else { row_codes[i0] }, &self.block_sym(&tile, b0));
-                let keys: Vec<u32> =
-                    (k0..k1).map(|c| self.column_code(&tile, block, (c, c + 1), codes)).collect::<Result<_, _>>()?;
-                if keys.iter().all(|c| *c == keys[0]) {
-                    if keys[0] != u32::from(FULL) {
-                        runs.push((k0 as u32, k1 as u32, keys[0]));
-                    }
-                } else {
-                    runs.push((k0 as u32, k1 as u32, PER_COLUMN + per_key.len() as u32));
-                    per_key.extend(keys);
-                }
+                    })
+                    .collect();
+                codes.out(out)
+            })
+            .collect();
+        let mut interner = Interner { table, lines };
+        for chunk in chunks {
+            let (rows, remap) = interner.finish(chunk)?;
+            for (runs, per_key) in rows {
+                let runs = runs.into_iter().map(|(c0, c1, l)| (c0, c1, remap.line(l))).collect();
+                rules.push_row(runs, per_key.into_iter().map(|l| remap.line(l)).collect());
             }
-            check_mask_count(codes.table)?;
-            rules.push_row(runs, per_key);
         }
         Ok(())
+    }
+
+    /// One row's column rules: runs of keys with a line code (a `RowLine::Code(PER_COLUMN +
+    /// offset)` points into the row's per-key codes).
+    fn row_rules(
+        &self,
+        row: usize,
+        entries: &BlockEntries,
+        block_codes: &[u32],
+        codes: &mut RowCodes<'_>,
+    ) -> (Vec<(u32, u32, RowLine)>, Vec<RowLine>) {
+        let (mut runs, mut per_key) = (Vec::new(), Vec::new());
+        let nkb = self.nk.div_ceil(self.bn);
+        let tile = self.tile(row, codes.tile_masks);
+        let (e0, e1) = (entries.ptr[row] as usize, entries.ptr[row + 1] as usize);
+        let (kbs, row_codes) = (&entries.kb[e0..e1], &block_codes[e0..e1]);
+        let full = |l: &RowLine| matches!(l, RowLine::Code(c) if *c == u32::from(FULL));
+        // Key-block ranges, halved until one code serves the range (in key order).
+        let mut stack = vec![(0usize, nkb)];
+        while let Some((b0, b1)) = stack.pop() {
+            let (k0, k1) = (b0 * self.bn, (b1 * self.bn).min(self.nk));
+            let (i0, i1) = (kbs.partition_point(|&b| (b as usize) < b0), kbs.partition_point(|&b| (b as usize) < b1));
+            // The block code of the whole range, when it is one (DROP: no entry).
+            let block = if i0 == i1 {
+                Some(u32::from(DROP))
+            } else if i1 - i0 == b1 - b0 && row_codes[i0..i1].iter().all(|c| *c == row_codes[i0]) {
+                Some(row_codes[i0])
+            } else {
+                None
+            };
+            if let Some(block) = block.filter(|b| !codes.reads_k(*b)) {
+                let region = self.region(tile.h, (tile.q0, tile.q0 + tile.rows), (k0, k1));
+                let here = |n: &Node| cov(n, &region, Some(k0));
+                if [&self.sym, &self.off, &self.on].iter().all(|nodes| key_free(&here(&nodes[tile.h]))) {
+                    // Every key of the range settles as its first does.
+                    let code = self.column_code(&tile, (block, &self.block_sym(&tile, b0)), (k0, k0 + 1), codes);
+                    if !full(&code) {
+                        runs.push((k0 as u32, k1 as u32, code));
+                    }
+                    continue;
+                }
+            }
+            if b1 - b0 > 1 {
+                let mid = (b0 + b1) / 2;
+                stack.push((mid, b1));
+                stack.push((b0, mid));
+                continue;
+            }
+            let block = (if i0 == i1 { u32::from(DROP) } else { row_codes[i0] }, &self.block_sym(&tile, b0));
+            let keys: Vec<RowLine> = (k0..k1).map(|c| self.column_code(&tile, block, (c, c + 1), codes)).collect();
+            if keys.iter().all(|c| *c == keys[0]) {
+                if !full(&keys[0]) {
+                    runs.push((k0 as u32, k1 as u32, keys[0]));
+                }
+            } else {
+                runs.push((k0 as u32, k1 as u32, RowLine::PerKey(per_key.len() as u32)));
+                per_key.extend(keys);
+            }
+        }
+        (runs, per_key)
     }
 
     /// Key block `kb`'s coverage with the placeholder: its entry's mask at an offset is this
@@ -366,15 +531,15 @@ impl Lines<'_> {
     }
 
     /// The line code of a chosen column at key `key.0` (of a range every key of which
-    /// settles alike) in a block whose entry has line code `block.0` and coverage `block.1`
-    /// ([`Lines::block_sym`]).
+    /// settles alike) in a block whose entry has line code `block.0` (in the plan's line
+    /// codes) and coverage `block.1` ([`Lines::block_sym`]).
     fn column_code(
         &self,
         tile: &Tile,
         (block, block_sym): (u32, &Cov),
         key: (usize, usize),
-        codes: &mut Codes<'_>,
-    ) -> Result<u32, Error> {
+        codes: &mut RowCodes<'_>,
+    ) -> RowLine {
         let region = self.region(tile.h, (tile.q0, tile.q0 + tile.rows), key);
         let here = |n: &Node| cov(n, &region, Some(key.0));
         let here_sym = here(&self.sym[tile.h]);
@@ -384,33 +549,39 @@ impl Lines<'_> {
         let v = (0..self.len())
             .map(|r| {
                 let b = codes.lines.resolve(block, r);
+                // What the column adds beyond its block's entry (the CPU builder's column
+                // pass): nothing past a full entry, and past a masked one what its mask leaves.
                 match tile.states[r] {
+                    _ if b == FULL => u32::from(DROP),
                     Some(on) => {
                         let here = here(if on { &self.on[tile.h] } else { &self.off[tile.h] });
-                        let c = beyond(here, b, codes.table);
+                        let c = if b == DROP { here } else { and(here, Cov::Mask(!codes.mask(b).clone())) };
                         codes.settled(c, &region)
                     }
-                    None if b == FULL => Ok(DROP),
                     None => {
-                        let (slot, c) = if b == DROP {
-                            (&mut alone, here_sym.clone())
-                        } else {
-                            let Cov::Mask(p) = block_sym else {
-                                return Err(Error::Layout("internal: a masked entry without a mask".into()));
-                            };
-                            (&mut beyond_mask, and(here_sym.clone(), Cov::Mask(!p.clone())))
+                        let (slot, c) = match block_sym {
+                            _ if b == DROP => (&mut alone, here_sym.clone()),
+                            Cov::Mask(p) => (&mut beyond_mask, and(here_sym.clone(), Cov::Mask(!p.clone()))),
+                            // (A masked entry whose coverage is not a mask cannot occur: settle
+                            // keeps masks only. Should it, the CPU's formula, directly.)
+                            _ => {
+                                let here = match &here_sym {
+                                    Cov::Mask(p) => {
+                                        Cov::Mask(substitute(p, &RowLines::placeholder(), &codes.tile_masks[r]))
+                                    }
+                                    c => c.clone(),
+                                };
+                                return codes.settled(and(here, Cov::Mask(!codes.mask(b).clone())), &region);
+                            }
                         };
-                        if slot.is_none() {
-                            *slot = Some(self.form(c, tile, key, codes)?);
-                        }
-                        let form = slot.as_mut().ok_or_else(|| Error::Layout("internal: no form".into()))?;
+                        let form = slot.get_or_insert_with(|| self.form(c, tile, key, codes));
                         self.settle_at(form, tile, r, codes)
                     }
                 }
             })
-            .collect::<Result<Vec<u16>, Error>>();
-        codes.keep_ids(alone);
-        codes.keep_ids(beyond_mask);
-        Ok(codes.lines.intern(v?))
+            .collect();
+        Self::keep_ids(alone, codes);
+        Self::keep_ids(beyond_mask, codes);
+        codes.line(v)
     }
 }

@@ -22,7 +22,7 @@
 use rayon::prelude::*;
 use weft_dsl::{Budget, Env, Grid, GridLines, PatternExpr, Pred};
 
-use super::lines::{Codes, Lines};
+use super::lines::Lines;
 use super::{
     block_entries, check_mask_count, column_rules, find_leaf, next_plan_id, replace_leaf, static_start, BlockEntries,
     ColumnRules, Leaf, LineCodes, DROP,
@@ -206,9 +206,8 @@ impl SlashPlan {
             );
             let planner =
                 Lines { stride, bm, bn, nq, nk, sym: &sym, off: &off, on: &on, cols: g.lines == GridLines::Both };
-            let mut codes = Codes::new(&mut table, &mut lines, bm);
-            entries.code_line = planner.block_codes(&entries, &mut codes)?;
-            planner.column_rules(&entries, &entries.code_line, &mut rules, &mut codes)?;
+            entries.code_line = planner.block_codes(&entries, &mut table, &mut lines)?;
+            planner.column_rules(&entries, &entries.code_line, &mut rules, &mut table, &mut lines)?;
         }
         check_mask_count(&table)?;
         let q_blocks = nq.div_ceil(bm);
