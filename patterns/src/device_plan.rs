@@ -40,8 +40,8 @@ fn next_plan_id() -> u64 {
 /// excludes there): it gets no column entry.
 pub const DROP: u16 = 0xfffe;
 
-/// Rule codes at or above this are offsets (`code - PER_COLUMN`) into [`ColumnPlan::codes`]:
-/// one code per key of the run.
+/// Rule codes from this up to [`PER_LINE`] are offsets (`code - PER_COLUMN`) into
+/// [`ColumnRules::codes`]: one code per key of the run.
 pub const PER_COLUMN: u32 = 0x1_0000;
 
 /// The static part of a vertical-vector index (see the module docs).
@@ -110,7 +110,12 @@ impl ColumnRules {
 
     /// Appends one row of runs `(c0, c1, code)` and the per-key codes they point to (offsets
     /// relative to `codes`' start), merging adjacent runs with one code.
-    fn push_row(&mut self, runs: Vec<(u32, u32, u32)>, codes: Vec<u32>) {
+    fn push_row(&mut self, runs: Vec<(u32, u32, u32)>, codes: Vec<u32>) -> Result<(), Error> {
+        if self.codes.len() + codes.len() >= (PER_LINE - PER_COLUMN) as usize
+            || self.c0.len() + runs.len() > u32::MAX as usize
+        {
+            return Err(Error::Layout("too many column rules for GPU index building; use larger blocks".into()));
+        }
         if self.ptr.is_empty() {
             self.ptr.push(0);
         }
@@ -130,6 +135,7 @@ impl ColumnRules {
         }
         self.codes.extend(codes);
         self.ptr.push(self.c0.len() as u32);
+        Ok(())
     }
 }
 
@@ -141,10 +147,11 @@ pub const PER_LINE: u32 = 0x8000_0000;
 ///
 /// With an estimated phase, the line rows of the query block starting at row `q0` sit at
 /// offsets `r, r + stride, ...` with `r = (phase - q0) mod stride`
-/// ([`crate::families::RowLines::tile_offset`]). When `r < len` the block holds line rows
-/// and its entries take their codes from line codes: a plain entry code (below `PER_LINE`),
-/// or a vector of `len` codes, one per offset, at `codes[code - PER_LINE..]`. Otherwise the
-/// block has no line row and takes the codes a plan has without lines.
+/// ([`crate::families::RowLines::tile_offset`]). When `r < len` (the block may hold line
+/// rows; a short last block holds none when `r` is past its rows, and its codes say so) its
+/// entries take their codes from line codes: a plain entry code (below `PER_LINE`), or a
+/// vector of `len` codes, one per offset, at `codes[code - PER_LINE..]`. Otherwise the block
+/// has no line row and takes the codes a plan has without lines.
 #[derive(Clone, Debug, Default)]
 pub struct LineCodes {
     /// The grid's stride, and the offsets a vector covers: `min(stride, block_m)` (0 for a
@@ -165,8 +172,8 @@ impl LineCodes {
         }
     }
 
-    /// The line-row offset of the query block starting at `q0` for `phase`, when the block
-    /// holds line rows (always `None` without row lines).
+    /// The line-row offset of the query block starting at `q0` for `phase`, when it is below
+    /// `len` (then the block's codes are line codes; always `None` without row lines).
     pub fn offset(&self, phase: usize, q0: usize) -> Option<usize> {
         if self.len == 0 {
             return None;
@@ -176,18 +183,21 @@ impl LineCodes {
 
     /// The line code of one code per offset: the code itself when they are all one, else a
     /// vector (each distinct vector stored once).
-    fn intern(&mut self, v: Vec<u16>) -> u32 {
+    fn intern(&mut self, v: Vec<u16>) -> Result<u32, Error> {
         debug_assert_eq!(v.len(), self.len);
         if v.iter().all(|c| *c == v[0]) {
-            return u32::from(v[0]);
+            return Ok(u32::from(v[0]));
         }
         if let Some(code) = self.interned.get(&v) {
-            return *code;
+            return Ok(*code);
+        }
+        if self.codes.len() + v.len() >= PER_LINE as usize {
+            return Err(Error::Layout("too many row-line codes for GPU index building".into()));
         }
         let code = PER_LINE + self.codes.len() as u32;
         self.codes.extend_from_slice(&v);
         self.interned.insert(v, code);
-        code
+        Ok(code)
     }
 }
 
@@ -522,7 +532,7 @@ fn column_rules(
                 };
                 out.push((c0, c1, code));
             }
-            rules.push_row(out, codes);
+            rules.push_row(out, codes)?;
         }
     }
     Ok(rules)

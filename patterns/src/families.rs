@@ -138,7 +138,8 @@ impl RowLines {
     /// The offset in the query block starting at row `q0` of its first line row: line rows
     /// are `q0 + r`, `q0 + r + stride`, ... (none in the block when `r` is past its rows).
     pub fn tile_offset(stride: usize, phase: usize, q0: usize) -> usize {
-        (phase + stride - q0 % stride) % stride
+        let stride = stride.max(1);
+        (phase % stride + stride - q0 % stride) % stride
     }
 
     /// The mask that stands for a placeholder's rows in a plan's symbolic coverage; plans
@@ -153,13 +154,15 @@ impl RowLines {
         self.phase.is_some_and(|p| q % self.stride == p)
     }
 
-    /// The predicate this node keeps over rows `q0..q1` (one query block of the index, as
-    /// every index region is): the block's [`RowLines::tile_mask`]; a region spanning blocks
-    /// gets the phase's own predicate.
+    /// The predicate this node keeps over rows `q0..q1`: within one query block (every index
+    /// region is) the block's [`RowLines::tile_mask`]; a region spanning blocks gets the
+    /// phase's own predicate.
     pub fn pred_over(&self, q0: usize, q1: usize) -> Pred {
         let Some(phase) = self.phase else { return RowLines::placeholder() };
-        if q1 > q0 && q0 / self.block_m == (q1 - 1) / self.block_m {
-            RowLines::tile_mask(self.stride, self.block_m, RowLines::tile_offset(self.stride, phase, q0))
+        let bm = self.block_m;
+        if bm > 0 && q1 > q0 && q0 / bm == (q1 - 1) / bm {
+            // The offset counts from the block's first row, wherever the region starts in it.
+            RowLines::tile_mask(self.stride, bm, RowLines::tile_offset(self.stride, phase, q0 - q0 % bm))
         } else {
             (builder::q() % self.stride as i64).eq(builder::lit(phase as i64))
         }

@@ -311,3 +311,57 @@ fn row_line_codes_cover_the_offsets_in_a_query_block() {
         assert!(plan.entries.code_line.is_empty(), "{e}");
     }
 }
+
+/// Grids with row lines (estimated phase), as functions of a phase to give instead.
+#[allow(clippy::type_complexity)]
+fn row_line_patterns(stride: u32) -> Vec<(&'static str, Box<dyn Fn(Option<u32>) -> PatternExpr>)> {
+    let g = move |phase: Option<u32>, lines| {
+        let g = grid(stride).lines(lines);
+        match phase {
+            Some(p) => g.phase(p),
+            None => g,
+        }
+    };
+    vec![
+        ("causal & grid + sink", Box::new(move |p| causal() & g(p, GridLines::Both).sink(2))),
+        ("grid rows", Box::new(move |p| g(p, GridLines::Rows).into())),
+        ("window & grid", Box::new(move |p| window(50) & g(p, GridLines::Both))),
+        // Reads the head: one plan slot per head.
+        (
+            "grid rows | head 1 sink",
+            Box::new(move |p| g(p, GridLines::Rows) | pred(h().eq(lit(1)).and(k().lt(lit(7))))),
+        ),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// Every offset's codes, not only those the estimate picks: the plan completed with any
+    /// phase keeps the pairs of the same grid with that phase given.
+    #[test]
+    fn row_line_plans_keep_the_right_pairs_at_every_phase(
+        nq in 1usize..130, extra in 0usize..50, stride in 1u32..24,
+        blocks in prop::sample::select(vec![(32usize, 32usize), (16, 16), (64, 64)]),
+    ) {
+        let (nk, heads) = (nq + extra, 2);
+        let opts = IndexOptions { block_m: Some(blocks.0), block_n: Some(blocks.1), scale: Some(0.25), ..Default::default() };
+        let (q, k) = (Tensor::random(heads, nq, 8, 1), Tensor::random(heads, nk, 8, 2));
+        for (name, pattern) in row_line_patterns(stride) {
+            let plan = SlashPlan::new(&pattern(None), heads, nq, nk, &opts).unwrap();
+            for p in 0..stride as usize {
+                let verticals = if name.contains("rows") { Vec::new() } else { (p..nk).step_by(stride as usize).map(|c| c as u32).collect() };
+                let choice = SlashChoice { verticals, slashes: Vec::new(), phase: Some(p) };
+                let got = plan.assemble(&vec![choice; heads]).unwrap();
+                let want = build_index(&pattern(Some(p as u32)), &q, &k, &opts).unwrap();
+                for hh in 0..heads {
+                    for qq in 0..nq {
+                        for kk in 0..nk {
+                            prop_assert_eq!(got.contains(hh, qq, kk), want.contains(hh, qq, kk), "{} phase {} at ({}, {}, {})", name, p, hh, qq, kk);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

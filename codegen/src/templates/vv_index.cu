@@ -860,8 +860,9 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_budget(
 }
 
 // Row lines of a grid at an estimated phase (weft_patterns::device_plan::LineCodes): the
-// offset in query block qb of head h of its first line row, or -1 when the block holds none
-// (or the plan has no row lines: line_len == 0). line_phase[h] is below line_stride.
+// offset in query block qb of head h of its first line row when it is below line_len (then
+// the block takes line codes; a short last block may still hold no line row, which its codes
+// say), else -1, as without row lines (line_len == 0). line_phase[h] is below line_stride.
 __device__ __forceinline__ int line_offset(
     const int* __restrict__ line_phase, int line_stride, int line_len, int h, int qb, int block_m)
 {

@@ -214,8 +214,11 @@ impl Interner<'_> {
         let ids: Vec<u16> = row.new.into_iter().map(|p| self.table.intern(p)).collect::<Result<_, _>>()?;
         check_mask_count(self.table)?;
         let mut remap = Remap { ids, vectors: Vec::new() };
-        remap.vectors =
-            row.vectors.iter().map(|v| self.lines.intern(v.iter().map(|c| remap.code(*c)).collect())).collect();
+        remap.vectors = row
+            .vectors
+            .iter()
+            .map(|v| self.lines.intern(v.iter().map(|c| remap.code(*c)).collect()))
+            .collect::<Result<_, _>>()?;
         Ok((row.result, remap))
     }
 }
@@ -457,7 +460,7 @@ impl Lines<'_> {
             let (rows, remap) = interner.finish(chunk)?;
             for (runs, per_key) in rows {
                 let runs = runs.into_iter().map(|(c0, c1, l)| (c0, c1, remap.line(l))).collect();
-                rules.push_row(runs, per_key.into_iter().map(|l| remap.line(l)).collect());
+                rules.push_row(runs, per_key.into_iter().map(|l| remap.line(l)).collect())?;
             }
         }
         Ok(())

@@ -61,7 +61,8 @@ pub struct SlashPlan {
     /// r` may attend to key `k` (`words = ceil(nk / 32)`).
     pub allowed: Vec<u32>,
     /// Per index row, its possible key blocks and their codes when the tile holding them (their
-    /// pattern key block) is kept or not.
+    /// pattern key block) is kept or not (a grid keeps no tile; with row lines, `code_line`
+    /// holds the codes of query blocks with line rows).
     pub entries: BlockEntries,
     /// What a vertical whose tile is not kept becomes in each row; with row lines, a second
     /// set of rows (from `slots x q_blocks` on) for query blocks holding line rows.
@@ -296,8 +297,8 @@ impl SlashPlan {
         self.nq.div_ceil(self.block_m)
     }
 
-    /// The index for each head's chosen `(verticals, slashes)` (ascending): what the GPU's last
-    /// step writes, on the CPU.
+    /// The index for each head's choice (verticals, slashes, and a grid's phase, which places
+    /// its row lines): what the GPU's last step writes, on the CPU.
     pub fn assemble(&self, chosen: &[SlashChoice]) -> Result<SparseIndex, Error> {
         if chosen.len() != self.heads {
             return Err(Error::Shape(format!("choices for {} heads expected, got {}", self.heads, chosen.len())));
@@ -335,8 +336,8 @@ impl SlashPlan {
         Ok(ix)
     }
 
-    /// The `(verticals, slashes)` the CPU builder chooses per head for `q` and `k`: what the
-    /// GPU's selection must reproduce.
+    /// The choice (verticals, slashes, a grid's phase) the CPU builder makes per head for `q`
+    /// and `k`: what the GPU's selection must reproduce.
     pub fn choose_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<Vec<SlashChoice>, Error> {
         let (leaf, ctx) = target(pattern)?;
         super::check_plan_shape((self.heads, self.nq, self.nk), q, k)?;
