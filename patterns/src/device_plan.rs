@@ -36,6 +36,77 @@ fn next_plan_id() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// What every plan records of its shape and identity.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanShape {
+    /// Names the plan's contents for caches of its device copy (a clone shares it). Plans are
+    /// built once and only read: do not change a plan's fields after it is made.
+    pub id: u64,
+    /// Query heads, queries and keys.
+    pub heads: usize,
+    pub nq: usize,
+    pub nk: usize,
+    /// The index's rows per query block and keys per key block.
+    pub block_m: usize,
+    pub block_n: usize,
+    pub scale: f64,
+    /// Whether the plan's static parts differ per head (the pattern reads `h`): then each head
+    /// has its own slot of rows and candidates, otherwise every head reads slot 0.
+    pub per_head: bool,
+}
+
+impl PlanShape {
+    /// Query-block rows of the index.
+    pub fn q_blocks(&self) -> usize {
+        self.nq.div_ceil(self.block_m)
+    }
+
+    /// The slot head `h` reads.
+    pub fn slot(&self, h: usize) -> usize {
+        if self.per_head {
+            h
+        } else {
+            0
+        }
+    }
+
+    /// Slots: one per head, or one for all.
+    pub fn slots(&self) -> usize {
+        if self.per_head {
+            self.heads
+        } else {
+            1
+        }
+    }
+
+    /// An index of this shape with no entries.
+    fn empty_index(&self) -> SparseIndex {
+        SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n)
+    }
+
+    /// Checks that `q` and `k` have the plan's shape.
+    fn check(&self, q: &Tensor, k: &Tensor) -> Result<(), Error> {
+        if (q.heads, q.tokens, k.tokens) != (self.heads, self.nq, self.nk) {
+            return Err(Error::Shape(format!(
+                "the plan is for {} heads x {} queries x {} keys, the inputs are {} x {} x {}",
+                self.heads, self.nq, self.nk, q.heads, q.tokens, k.tokens
+            )));
+        }
+        Ok(())
+    }
+
+    /// `pattern` resolved on the CPU for `q` and `k` with the plan's blocks and scale.
+    fn resolve(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<crate::Resolved, Error> {
+        let opts = IndexOptions {
+            block_m: Some(self.block_m),
+            block_n: Some(self.block_n),
+            scale: Some(self.scale),
+            ..Default::default()
+        };
+        crate::resolve_pattern(pattern, q, k, &opts)
+    }
+}
+
 /// Entry code of a chosen column that the row's blocks already compute (or that the pattern
 /// excludes there): it gets no column entry.
 pub const DROP: u16 = 0xfffe;
@@ -47,23 +118,12 @@ pub const PER_COLUMN: u32 = 0x1_0000;
 /// The static part of a vertical-vector index (see the module docs).
 #[derive(Clone, Debug)]
 pub struct ColumnPlan {
-    /// Names this plan's contents for caches of its device copy (a clone shares it). Plans
-    /// are built once and only read: do not change a plan's fields after [`ColumnPlan::new`].
-    pub id: u64,
-    pub heads: usize,
-    pub nq: usize,
-    pub nk: usize,
-    pub block_m: usize,
-    pub block_n: usize,
+    pub shape: PlanShape,
     /// Query rows per selection group (the pattern's `q_block`), and groups.
     pub q_block: usize,
     pub groups: usize,
     /// What each group keeps of its candidates (`top_k(n)`, `threshold(t)` or `top_p(p)`).
     pub budget: Budget,
-    pub scale: f64,
-    /// Whether rules and candidates differ per head (the pattern reads `h`); otherwise every
-    /// head uses slot 0.
-    pub per_head: bool,
     /// Candidate columns `cand_lo[s]..cand_hi[s]` of slot `s = slot * groups + g`.
     pub cand_lo: Vec<u32>,
     pub cand_hi: Vec<u32>,
@@ -330,6 +390,20 @@ struct StaticStart {
 }
 
 impl StaticStart {
+    /// The shape of a plan for `heads` heads made from this start, with a fresh id.
+    fn shape(&self, heads: usize) -> PlanShape {
+        PlanShape {
+            id: next_plan_id(),
+            heads,
+            nq: self.nq,
+            nk: self.nk,
+            block_m: self.bm,
+            block_n: self.bn,
+            scale: self.scale,
+            per_head: self.per_head,
+        }
+    }
+
     /// The index of `nodes` (one per slot, static: their choices fixed) at the plan's shape and
     /// block sizes: skeletons and the chosen / unchosen variants plans compare.
     fn index(&self, nodes: Vec<Node>) -> Result<SparseIndex, Error> {
@@ -563,7 +637,8 @@ impl ColumnPlan {
         };
         let start = static_start(pattern, heads, nq, nk, opts, &|_| None)?;
         let slot_skeleton = start.index(start.nodes.clone())?;
-        let StaticStart { bm, bn, scale, per_head, nodes, .. } = start;
+        let shape = start.shape(heads);
+        let StaticStart { bm, bn, per_head, nodes, .. } = start;
         let q_block = vv.q_block as usize;
         let groups = nq.div_ceil(q_block);
         let slots = nodes.len();
@@ -643,59 +718,29 @@ impl ColumnPlan {
             }
         }
         skeleton.masks = table.masks;
-        Ok(ColumnPlan {
-            id: next_plan_id(),
-            heads,
-            nq,
-            nk,
-            block_m: bm,
-            block_n: bn,
-            q_block,
-            groups,
-            budget: vv.keep,
-            scale,
-            per_head,
-            cand_lo,
-            cand_hi,
-            skeleton,
-            rules,
-        })
-    }
-
-    /// Query-block rows of the index.
-    pub fn q_blocks(&self) -> usize {
-        self.nq.div_ceil(self.block_m)
-    }
-
-    /// The slot head `h` reads rules and candidates from.
-    pub fn slot(&self, h: usize) -> usize {
-        if self.per_head {
-            h
-        } else {
-            0
-        }
+        Ok(ColumnPlan { shape, q_block, groups, budget: vv.keep, cand_lo, cand_hi, skeleton, rules })
     }
 
     /// The entry code of chosen column `c` in index row `qb` of head `h`.
     pub fn code(&self, h: usize, qb: usize, c: u32) -> u16 {
         // Without row lines a line code is the entry code.
-        self.rules.code(self.slot(h) * self.q_blocks() + qb, c) as u16
+        self.rules.code(self.shape.slot(h) * self.shape.q_blocks() + qb, c) as u16
     }
 
     /// The index for chosen columns `chosen[h][g]` (each ascending): what the GPU's last step
     /// writes, on the CPU.
     pub fn assemble(&self, chosen: &[Vec<Vec<u32>>]) -> Result<SparseIndex, Error> {
-        if chosen.len() != self.heads || chosen.iter().any(|h| h.len() != self.groups) {
+        if chosen.len() != self.shape.heads || chosen.iter().any(|h| h.len() != self.groups) {
             return Err(Error::Shape(format!(
                 "chosen columns for {} heads x {} groups expected",
-                self.heads, self.groups
+                self.shape.heads, self.groups
             )));
         }
         let mut ix = self.skeleton.clone();
         ix.col_ptr = vec![0];
         for (h, groups) in chosen.iter().enumerate() {
-            for qb in 0..self.q_blocks() {
-                let g = qb * self.block_m / self.q_block;
+            for qb in 0..self.shape.q_blocks() {
+                let g = qb * self.shape.block_m / self.q_block;
                 for &c in &groups[g] {
                     let code = self.code(h, qb, c);
                     if code != DROP {
@@ -712,8 +757,8 @@ impl ColumnPlan {
     /// The columns the CPU selection chooses for `q` and `k` (`chosen[h][g]`, ascending): what
     /// the GPU's selection must reproduce.
     pub fn choose_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<Vec<Vec<Vec<u32>>>, Error> {
-        check_plan_shape((self.heads, self.nq, self.nk), q, k)?;
-        let resolved = resolve_as_planned(pattern, q, k, self.block_m, self.block_n, self.scale)?;
+        self.shape.check(q, k)?;
+        let resolved = self.shape.resolve(pattern, q, k)?;
         Ok(resolved
             .nodes
             .iter()
@@ -731,14 +776,7 @@ impl ColumnPlan {
 /// per query group, which pattern key blocks the selection ranks.
 #[derive(Clone, Debug)]
 pub struct BlockPlan {
-    /// Names this plan's contents for caches of its device copy (a clone shares it). Plans
-    /// are built once and only read: do not change a plan's fields after [`BlockPlan::new`].
-    pub id: u64,
-    pub heads: usize,
-    pub nq: usize,
-    pub nk: usize,
-    pub block_m: usize,
-    pub block_n: usize,
+    pub shape: PlanShape,
     /// The pattern's blocks: query rows per group and keys per pattern key block.
     pub block_q: usize,
     pub block_k: usize,
@@ -746,9 +784,6 @@ pub struct BlockPlan {
     /// Pattern key blocks.
     pub kblocks: usize,
     pub budget: Budget,
-    pub scale: f64,
-    /// Whether entries and candidates differ per head (slot = head) or not (slot 0).
-    pub per_head: bool,
     /// `allowed[(slot * groups + g) * words + w]`: bit `kb % 32` of word `kb / 32` is set when
     /// pattern key block `kb` is a candidate of group `g` (`words = ceil(kblocks / 32)`).
     pub allowed: Vec<u32>,
@@ -871,7 +906,6 @@ impl BlockPlan {
         let mut table = MaskTable::from(&all.masks);
         let entries = block_entries(&all, &none, start.bn, bk, &mut table)?;
         check_mask_count(&table)?;
-        let (bm, bn, scale, per_head) = (start.bm, start.bn, start.scale, start.per_head);
         // Candidates: the pattern key blocks the context allows for some pair (as the CPU
         // selection filters them).
         let words = kblocks.div_ceil(32);
@@ -888,46 +922,34 @@ impl BlockPlan {
             }
         }
         Ok(BlockPlan {
-            id: next_plan_id(),
-            heads,
-            nq,
-            nk,
-            block_m: bm,
-            block_n: bn,
+            shape: start.shape(heads),
             block_q: bq,
             block_k: bk,
             groups,
             kblocks,
             budget,
-            scale,
-            per_head,
             allowed,
             entries,
             masks: table.masks,
         })
     }
 
-    /// Query-block rows of the index.
-    pub fn q_blocks(&self) -> usize {
-        self.nq.div_ceil(self.block_m)
-    }
-
     /// The index for chosen pattern blocks `chosen[h][g]` (pattern key blocks, ascending): what
     /// the GPU's last step writes, on the CPU.
     pub fn assemble(&self, chosen: &[Vec<Vec<u32>>]) -> Result<SparseIndex, Error> {
-        if chosen.len() != self.heads || chosen.iter().any(|h| h.len() != self.groups) {
+        let shape = &self.shape;
+        if chosen.len() != shape.heads || chosen.iter().any(|h| h.len() != self.groups) {
             return Err(Error::Shape(format!(
                 "chosen blocks for {} heads x {} groups expected",
-                self.heads, self.groups
+                shape.heads, self.groups
             )));
         }
-        let mut ix = SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n);
+        let mut ix = shape.empty_index();
         ix.masks = self.masks.clone();
         for (h, groups) in chosen.iter().enumerate() {
-            let slot = if self.per_head { h } else { 0 };
-            for qb in 0..self.q_blocks() {
-                let g = qb * self.block_m / self.block_q;
-                let row = slot * self.q_blocks() + qb;
+            for qb in 0..shape.q_blocks() {
+                let g = qb * shape.block_m / self.block_q;
+                let row = shape.slot(h) * shape.q_blocks() + qb;
                 self.entries.push_row(row, |pkb| groups[g].binary_search(&pkb).is_ok(), None, &mut ix);
                 ix.block_ptr.push(ix.block_idx.len() as u32);
                 ix.col_ptr.push(0);
@@ -938,8 +960,8 @@ impl BlockPlan {
 
     /// The pattern key blocks the CPU selection chooses for `q` and `k` (`chosen[h][g]`).
     pub fn choose_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<Vec<Vec<Vec<u32>>>, Error> {
-        check_plan_shape((self.heads, self.nq, self.nk), q, k)?;
-        let resolved = resolve_as_planned(pattern, q, k, self.block_m, self.block_n, self.scale)?;
+        self.shape.check(q, k)?;
+        let resolved = self.shape.resolve(pattern, q, k)?;
         resolved
             .nodes
             .iter()
@@ -1023,31 +1045,6 @@ pub fn planned_index(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &Index
         }
     }
     crate::build_index(pattern, q, k, &opts_scaled)
-}
-
-/// Checks that `q` and `k` have the plan's shape (`heads` query heads, `nq` queries, `nk` keys).
-fn check_plan_shape((heads, nq, nk): (usize, usize, usize), q: &Tensor, k: &Tensor) -> Result<(), Error> {
-    if (q.heads, q.tokens, k.tokens) != (heads, nq, nk) {
-        return Err(Error::Shape(format!(
-            "the plan is for {heads} heads x {nq} queries x {nk} keys, the inputs are {} x {} x {}",
-            q.heads, q.tokens, k.tokens
-        )));
-    }
-    Ok(())
-}
-
-/// `pattern` resolved on the CPU for `q` and `k` with a plan's blocks and scale.
-fn resolve_as_planned(
-    pattern: &PatternExpr,
-    q: &Tensor,
-    k: &Tensor,
-    block_m: usize,
-    block_n: usize,
-    scale: f64,
-) -> Result<crate::Resolved, Error> {
-    let opts =
-        IndexOptions { block_m: Some(block_m), block_n: Some(block_n), scale: Some(scale), ..Default::default() };
-    crate::resolve_pattern(pattern, q, k, &opts)
 }
 
 /// The selection of the dynamic block leaf of `e` in its resolved node.

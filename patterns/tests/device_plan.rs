@@ -49,7 +49,7 @@ fn check(
         // Candidate ranges: every chosen column lies in its group's range.
         for (h, groups) in chosen.iter().enumerate() {
             for (g, cols) in groups.iter().enumerate() {
-                let s = plan.slot(h) * plan.groups + g;
+                let s = plan.shape.slot(h) * plan.groups + g;
                 prop_assert!(
                     cols.iter().all(|c| *c >= plan.cand_lo[s] && *c < plan.cand_hi[s]),
                     "{name}: group {g} outside its range"
@@ -301,7 +301,7 @@ fn row_line_codes_cover_the_offsets_in_a_query_block() {
         let plan = SlashPlan::new(&(causal() & grid(stride)), 1, 200, 200, &opts).unwrap();
         assert_eq!((plan.lines.stride, plan.lines.len), (stride as usize, len));
         // A second set of column rules for query blocks with line rows.
-        assert_eq!(plan.rules.ptr.len() - 1, 2 * plan.q_blocks());
+        assert_eq!(plan.rules.ptr.len() - 1, 2 * plan.shape.q_blocks());
         assert_eq!(plan.entries.code_line.len(), plan.entries.kb.len());
     }
     // Column lines only, or a given phase: no codes per offset.

@@ -368,7 +368,7 @@ impl Gpu {
     ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
-        check_build_inputs((plan.heads, plan.nq, plan.nk), shape, dtype, q, k)?;
+        check_build_inputs((plan.shape.heads, plan.shape.nq, plan.shape.nk), shape, dtype, q, k)?;
         let base_smem = vv_select_shared_bytes(d as u32, nk, 0);
         if base_smem > VV_INDEX_MAX_SHARED as usize {
             return Err(usage(format!("{nk} keys are more than GPU index building takes (about 1.2 million)")));
@@ -386,10 +386,10 @@ impl Gpu {
         // budget reads every score. Their scores must rank as the dots do.
         let top_k = match plan.budget {
             Budget::TopK(n) => Some(n as usize),
-            _ if plan.scale <= 0.0 || plan.scale.is_nan() => {
+            _ if plan.shape.scale <= 0.0 || plan.shape.scale.is_nan() => {
                 return Err(usage(format!(
                     "GPU index building takes threshold and top_p budgets with a positive scale, not {}",
-                    plan.scale
+                    plan.shape.scale
                 )))
             }
             _ => None,
@@ -434,7 +434,7 @@ impl Gpu {
         let s = &self.stream;
         let up = "uploading the index plan";
         let alloc = "allocating index-building buffers";
-        let (groups, q_blocks) = (plan.groups, plan.q_blocks());
+        let (groups, q_blocks) = (plan.groups, plan.shape.q_blocks());
         let rows = hq * q_blocks;
         // Chosen keys per group: a list of top_k, or (cap 0) a bitmap of `words` words.
         let words = nk.div_ceil(32);
@@ -456,7 +456,7 @@ impl Gpu {
                 )));
             }
         }
-        let copy = self.plan_copy(plan.id, || {
+        let copy = self.plan_copy(plan.shape.id, || {
             let sk = &plan.skeleton;
             Ok(ColumnPlanCopy {
                 cand_lo: upload(s, &plan.cand_lo, up)?,
@@ -515,7 +515,7 @@ impl Gpu {
         let (nq_i, nk_i, hq_i, hkv_i) = (nq as i32, nk as i32, hq as i32, hkv as i32);
         let (groups_i, q_block_i, cap_i, top_k_i) =
             (groups as i32, plan.q_block as i32, cap as i32, top_k.unwrap_or(0).min(i32::MAX as usize) as i32);
-        let per_head = i32::from(plan.per_head);
+        let per_head = i32::from(plan.shape.per_head);
         let launch = |what: &str| driver(format!("launching the index builder's {what} kernel"));
         let mut timer = KernelTimer::new(s);
         // Safety (every launch below): the argument lists match the template's signatures, and
@@ -572,7 +572,7 @@ impl Gpu {
                 s.memset_zeros(&mut best).map_err(driver("clearing the best scores"))?;
                 let mut b = s.launch_builder(f_exact);
                 b.arg(&pooled).arg(k).arg(&groups_i).arg(&nk_i).arg(&hq_i).arg(&hkv_i).arg(&h0_i);
-                b.arg(cand_lo).arg(cand_hi).arg(&per_head).arg(&plan.scale).arg(&mut exact).arg(&mut best);
+                b.arg(cand_lo).arg(cand_hi).arg(&per_head).arg(&plan.shape.scale).arg(&mut exact).arg(&mut best);
                 let grid = (nk.div_ceil(VS_LOGITS_KEYS) as u32, groups.div_ceil(VS_LOGITS_ROWS) as u32, hc as u32);
                 unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("exact score"))?;
                 timer.mark("exact", t0)?;
@@ -582,7 +582,7 @@ impl Gpu {
                 let mut b = s.launch_builder(f_budget);
                 b.arg(&approx).arg(&pooled).arg(&pq_l1).arg(k).arg(&kinf).arg(&kmax);
                 b.arg(cand_lo).arg(cand_hi).arg(&per_head);
-                b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i).arg(&plan.scale);
+                b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i).arg(&plan.shape.scale);
                 b.arg(&budget_mode).arg(&budget_arg).arg(&exact).arg(&best).arg(&mut weights).arg(&mut keep_count);
                 unsafe { b.launch(launch_cfg((groups as u32, hc as u32, 1), 512, 0)) }.map_err(launch("budget"))?;
                 timer.mark("budget", t0)?;
@@ -598,7 +598,7 @@ impl Gpu {
             } else {
                 b.arg(&0u64);
             }
-            b.arg(&plan.scale);
+            b.arg(&plan.shape.scale);
             b.arg(&cap_i).arg(&collect_i).arg(&select_mode);
             b.arg(&list_key).arg(&list_val).arg(&list_count).arg(&list_high).arg(&list_cap_i);
             b.arg(&mut chosen).arg(&mut chosen_count).arg(&mut status);
@@ -616,7 +616,7 @@ impl Gpu {
                             col_idx: &mut CudaSlice<u32>,
                             col_mask: &mut CudaSlice<u16>|
          -> Result<(), Error> {
-            let (q_blocks_i, bm_i) = (q_blocks as i32, plan.block_m as i32);
+            let (q_blocks_i, bm_i) = (q_blocks as i32, plan.shape.block_m as i32);
             let mut b = s.launch_builder(f_columns);
             b.arg(&chosen).arg(&chosen_count).arg(&cap_i).arg(&words_i);
             b.arg(rule_ptr).arg(rule_c0).arg(rule_c1).arg(rule_code).arg(codes).arg(&per_head);
@@ -674,7 +674,8 @@ impl Gpu {
             s.clone_dtod(sk_idx).map_err(driver(copy_of))?,
             s.clone_dtod(sk_mask).map_err(driver(copy_of))?,
         );
-        let index = self.single_index(shape, (plan.block_m, plan.block_n), blocks, (col_ptr, col_idx, col_mask))?;
+        let index =
+            self.single_index(shape, (plan.shape.block_m, plan.shape.block_n), blocks, (col_ptr, col_idx, col_mask))?;
         s.synchronize().map_err(driver("finishing the index build"))?;
         let kernel_ms = timer.times()?;
         let slow_groups = st[1].max(0) as usize;
@@ -707,7 +708,7 @@ impl Gpu {
     ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
-        check_build_inputs((plan.heads, plan.nq, plan.nk), shape, dtype, q, k)?;
+        check_build_inputs((plan.shape.heads, plan.shape.nq, plan.shape.nk), shape, dtype, q, k)?;
         let select_smem = block_select_shared_bytes(plan.kblocks);
         if select_smem > VV_INDEX_MAX_SHARED as usize {
             return Err(usage(format!("{} key blocks are more than GPU block selection takes", plan.kblocks)));
@@ -723,11 +724,12 @@ impl Gpu {
         let (f_pool, f_scores, f_select, f_rows, f_scan) = (&f[0], &f[1], &f[2], &f[3], &f[4]);
         let s = &self.stream;
         let (up, alloc) = ("uploading the block index plan", "allocating block index buffers");
-        let (groups, kblocks, q_blocks) = (plan.groups, plan.kblocks, plan.q_blocks());
+        let (groups, kblocks, q_blocks) = (plan.groups, plan.kblocks, plan.shape.q_blocks());
         let rows = hq * q_blocks;
         let words = kblocks.div_ceil(32);
-        let copy = self
-            .plan_copy(plan.id, || Ok((upload(s, &plan.allowed, up)?, DeviceEntries::upload(s, &plan.entries, up)?)))?;
+        let copy = self.plan_copy(plan.shape.id, || {
+            Ok((upload(s, &plan.allowed, up)?, DeviceEntries::upload(s, &plan.entries, up)?))
+        })?;
         let (allowed, entries) = (&copy.0, &copy.1);
         // Safety (the unsafe allocations here): pool writes every pooled element (and its
         // unused halves), block_select every word of each group's choice.
@@ -744,7 +746,7 @@ impl Gpu {
         let (nq_i, nk_i, hq_i) = (nq as i32, nk as i32, hq as i32);
         let (groups_i, kblocks_i, bq_i, bk_i) =
             (groups as i32, kblocks as i32, plan.block_q as i32, plan.block_k as i32);
-        let per_head = i32::from(plan.per_head);
+        let per_head = i32::from(plan.shape.per_head);
         // Safety (every launch below): argument lists match the template's signatures and each
         // buffer has the length the kernel indexes.
         for (src, n, rows_per, count, heads, out) in
@@ -769,11 +771,11 @@ impl Gpu {
             let q_view = pooled_q.slice(h0 * groups * d..);
             let k_view = pooled_k.slice(h0 / gqa * kblocks * d..);
             let mut b = s.launch_builder(f_scores);
-            b.arg(&q_view).arg(&k_view).arg(&hc_i).arg(&hkv_c).arg(&groups_i).arg(&kblocks_i).arg(&plan.scale);
+            b.arg(&q_view).arg(&k_view).arg(&hc_i).arg(&hkv_c).arg(&groups_i).arg(&kblocks_i).arg(&plan.shape.scale);
             b.arg(&mut scores);
             let grid = (groups.div_ceil(64) as u32, kblocks.div_ceil(64) as u32, hc as u32);
             unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("block_scores"))?;
-            let allowed_view = allowed.slice(if plan.per_head { h0 * groups * words } else { 0 }..);
+            let allowed_view = allowed.slice(if plan.shape.per_head { h0 * groups * words } else { 0 }..);
             let mut chosen_view = chosen.slice_mut(h0 * groups * words..);
             let mut b = s.launch_builder(f_select);
             b.arg(&scores).arg(&allowed_view).arg(&per_head).arg(&groups_i).arg(&kblocks_i);
@@ -781,7 +783,7 @@ impl Gpu {
             unsafe { b.launch(launch_cfg((groups as u32, hc as u32, 1), 256, select_smem as u32)) }
                 .map_err(launch("block_select"))?;
         }
-        let (q_blocks_i, bm_i) = (q_blocks as i32, plan.block_m as i32);
+        let (q_blocks_i, bm_i) = (q_blocks as i32, plan.shape.block_m as i32);
         let dims = [per_head, hq_i, q_blocks_i, bm_i, bq_i, groups_i, kblocks_i];
         let no_lines = NoLines::new(s)?;
         let mut none_idx = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
@@ -819,8 +821,12 @@ impl Gpu {
             s.alloc_zeros::<u32>(1).map_err(driver(alloc))?,
             s.alloc_zeros::<u16>(1).map_err(driver(alloc))?,
         );
-        let index =
-            self.single_index(shape, (plan.block_m, plan.block_n), (block_ptr, block_idx, block_mask), columns)?;
+        let index = self.single_index(
+            shape,
+            (plan.shape.block_m, plan.shape.block_n),
+            (block_ptr, block_idx, block_mask),
+            columns,
+        )?;
         s.synchronize().map_err(driver("finishing the block index build"))?;
         let report = IndexBuildReport {
             select_ms,

@@ -191,7 +191,7 @@ fn main() -> Result<()> {
             let t = std::time::Instant::now();
             let plan = SlashPlan::new(&pattern.expr, h, n, n, &opts)?;
             let plan_ms = t.elapsed().as_secs_f64() * 1e3;
-            let blocks = (plan.block_m, plan.block_n);
+            let blocks = (plan.shape.block_m, plan.shape.block_n);
             let m = measure(&gpu, x, args.reps, pattern, &plan.masks, blocks, |x| {
                 gpu.build_vs_index(&plan, shape, DType::Bf16, &x.q, &x.k)
             })?;

@@ -24,8 +24,8 @@ use weft_dsl::{Budget, Env, Grid, GridLines, PatternExpr, Pred};
 
 use super::lines::Lines;
 use super::{
-    block_entries, check_mask_count, column_rules, find_leaf, next_plan_id, replace_leaf, static_start, BlockEntries,
-    ColumnRules, Leaf, LineCodes, DROP,
+    block_entries, check_mask_count, column_rules, find_leaf, replace_leaf, static_start, BlockEntries, ColumnRules,
+    Leaf, LineCodes, PlanShape, DROP,
 };
 use crate::families::{
     grid_phase, grid_rows_and_sink, slash_blocks, vertical_slash_choice, ColSel, HeadInputs, Node, GRID_LAST_Q,
@@ -37,14 +37,7 @@ use crate::{Error, IndexOptions, SparseIndex, Tensor};
 /// The static part of a vertical-slash index (see the module docs).
 #[derive(Clone, Debug)]
 pub struct SlashPlan {
-    /// Names this plan's contents for caches of its device copy (a clone shares it). Plans
-    /// are built once and only read: do not change a plan's fields after [`SlashPlan::new`].
-    pub id: u64,
-    pub heads: usize,
-    pub nq: usize,
-    pub nk: usize,
-    pub block_m: usize,
-    pub block_n: usize,
+    pub shape: PlanShape,
     /// The pattern's tile: query rows per group and keys per pattern key block.
     pub block: usize,
     pub groups: usize,
@@ -54,9 +47,6 @@ pub struct SlashPlan {
     /// How verticals are chosen, and slashes kept (`top_k(n)`; 0 for a grid).
     pub verticals: Verticals,
     pub slash_k: usize,
-    pub scale: f64,
-    /// Whether anything differs per head (slot = head) or not (slot 0).
-    pub per_head: bool,
     /// `allowed[(slot * last + r) * words + k / 32]`, bit `k % 32`: estimated row `nq - last +
     /// r` may attend to key `k` (`words = ceil(nk / 32)`).
     pub allowed: Vec<u32>,
@@ -192,7 +182,7 @@ impl SlashPlan {
         // keeps no tiles) with lines on every row.
         let most = if row_lines.is_some() { variant(false, false, Rows::On) } else { variant(false, true, Rows::Off) };
         let (tiles, none) = (start.index(most)?, start.index(variant(false, false, Rows::Off))?);
-        let (bn, scale, per_head) = (start.bn, start.scale, start.per_head);
+        let bn = start.bn;
         let mut table = MaskTable::from(&tiles.masks);
         let mut entries = block_entries(&tiles, &none, bn, b, &mut table)?;
         let mut rules = column_rules(&variant(true, false, Rows::Off), &none, &mut table, nq, nk, bm, bn)?;
@@ -270,20 +260,13 @@ impl SlashPlan {
             })
             .collect();
         Ok(SlashPlan {
-            id: next_plan_id(),
-            heads,
-            nq,
-            nk,
-            block_m: bm,
-            block_n: bn,
+            shape: start.shape(heads),
             block: b,
             groups: nq.div_ceil(b),
             kblocks: nk.div_ceil(b),
             last,
             verticals,
             slash_k,
-            scale,
-            per_head,
             allowed,
             entries,
             rules,
@@ -292,29 +275,24 @@ impl SlashPlan {
         })
     }
 
-    /// Query-block rows of the index.
-    pub fn q_blocks(&self) -> usize {
-        self.nq.div_ceil(self.block_m)
-    }
-
     /// The index for each head's choice (verticals, slashes, and a grid's phase, which places
     /// its row lines): what the GPU's last step writes, on the CPU.
     pub fn assemble(&self, chosen: &[SlashChoice]) -> Result<SparseIndex, Error> {
-        if chosen.len() != self.heads {
-            return Err(Error::Shape(format!("choices for {} heads expected, got {}", self.heads, chosen.len())));
+        let shape = &self.shape;
+        if chosen.len() != shape.heads {
+            return Err(Error::Shape(format!("choices for {} heads expected, got {}", shape.heads, chosen.len())));
         }
-        let mut ix = SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n);
+        let mut ix = shape.empty_index();
         ix.masks = self.masks.clone();
         // Rules of query blocks with line rows follow the others.
-        let line_rows = if self.per_head { self.heads } else { 1 } * self.q_blocks();
+        let line_rows = shape.slots() * shape.q_blocks();
         for (h, choice) in chosen.iter().enumerate() {
-            let tiles = slash_blocks(&choice.slashes, self.block, self.nq, self.nk);
-            let slot = if self.per_head { h } else { 0 };
-            for qb in 0..self.q_blocks() {
-                let g = qb * self.block_m / self.block;
-                let row = slot * self.q_blocks() + qb;
+            let tiles = slash_blocks(&choice.slashes, self.block, shape.nq, shape.nk);
+            for qb in 0..shape.q_blocks() {
+                let g = qb * shape.block_m / self.block;
+                let row = shape.slot(h) * shape.q_blocks() + qb;
                 // The offset of the query block's row lines, when it holds some.
-                let r = choice.phase.and_then(|p| self.lines.offset(p, qb * self.block_m));
+                let r = choice.phase.and_then(|p| self.lines.offset(p, qb * shape.block_m));
                 self.entries.push_row(row, |pkb| tiles.selected(g, pkb as usize), r.map(|r| (&self.lines, r)), &mut ix);
                 for &c in &choice.verticals {
                     if tiles.selected(g, c as usize / self.block) {
@@ -340,7 +318,7 @@ impl SlashPlan {
     /// and `k`: what the GPU's selection must reproduce.
     pub fn choose_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<Vec<SlashChoice>, Error> {
         let (leaf, ctx) = target(pattern)?;
-        super::check_plan_shape((self.heads, self.nq, self.nk), q, k)?;
+        self.shape.check(q, k)?;
         let group = crate::tensor::check_qkv(q, k, None)?;
         q.check_finite("q")?;
         k.check_finite("k")?;
@@ -352,8 +330,8 @@ impl SlashPlan {
                     k,
                     h,
                     kv: h / group,
-                    scale: self.scale,
-                    block_m: self.block_m,
+                    scale: self.shape.scale,
+                    block_m: self.shape.block_m,
                     wanted: None,
                     estimates: None,
                 };
@@ -366,7 +344,7 @@ impl SlashPlan {
                         let phase = grid_phase(g, &inp, &ctx);
                         let verticals = match g.lines {
                             GridLines::Rows => Vec::new(),
-                            _ => (phase..self.nk).step_by(g.stride as usize).map(|c| c as u32).collect(),
+                            _ => (phase..self.shape.nk).step_by(g.stride as usize).map(|c| c as u32).collect(),
                         };
                         SlashChoice { verticals, slashes: Vec::new(), phase: Some(phase) }
                     }

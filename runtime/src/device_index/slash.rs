@@ -34,7 +34,7 @@ impl Gpu {
     ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
-        check_build_inputs((plan.heads, plan.nq, plan.nk), shape, dtype, q, k)?;
+        check_build_inputs((plan.shape.heads, plan.shape.nq, plan.shape.nk), shape, dtype, q, k)?;
         let last = plan.last;
         // (last_q is at most 4096 by validation; this guards plans built by hand.)
         if vs_mass_shared_bytes(last) > VV_INDEX_MAX_SHARED as usize {
@@ -49,7 +49,7 @@ impl Gpu {
             (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7], &f[8], &f[9]);
         let s = &self.stream;
         let (up, alloc) = ("uploading the vertical-slash plan", "allocating vertical-slash index buffers");
-        let q_blocks = plan.q_blocks();
+        let q_blocks = plan.shape.q_blocks();
         let rows = hq * q_blocks;
         let (groups, kblocks) = (plan.groups, plan.kblocks);
         let words = kblocks.div_ceil(32);
@@ -62,7 +62,7 @@ impl Gpu {
         let sk = plan.slash_k.clamp(1, nq + nk);
         // A grid with a given phase needs no estimate.
         let estimate = !matches!(plan.verticals, Verticals::Grid { phase: Some(_), .. });
-        let copy = self.plan_copy(plan.id, || {
+        let copy = self.plan_copy(plan.shape.id, || {
             Ok((
                 upload(s, &plan.allowed, up)?,
                 DeviceEntries::upload(s, &plan.entries, up)?,
@@ -99,7 +99,7 @@ impl Gpu {
         let (nq_i, nk_i, hq_i, hkv_i, last_i) = (nq as i32, nk as i32, hq as i32, hkv as i32, last as i32);
         let (vk_i, sk_i, block_i, groups_i, kblocks_i) =
             (vk as i32, sk as i32, plan.block as i32, groups as i32, kblocks as i32);
-        let per_head_i = i32::from(plan.per_head);
+        let per_head_i = i32::from(plan.shape.per_head);
         let mut timer = KernelTimer::new(s);
         // Safety (every launch below): argument lists match the template's signatures and each
         // buffer has the length the kernel indexes.
@@ -110,7 +110,7 @@ impl Gpu {
             let t0 = timer.start()?;
             let mut b = s.launch_builder(f_logits);
             b.arg(q).arg(k).arg(&nq_i).arg(&nk_i).arg(&hq_i).arg(&hkv_i).arg(&h0_i).arg(&last_i);
-            b.arg(allowed).arg(&per_head_i).arg(&plan.scale).arg(&mut weights).arg(&mut rowmax);
+            b.arg(allowed).arg(&per_head_i).arg(&plan.shape.scale).arg(&mut weights).arg(&mut rowmax);
             let grid = (nk.div_ceil(VS_LOGITS_KEYS) as u32, last.div_ceil(VS_LOGITS_ROWS) as u32, hc as u32);
             unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("vs_logits"))?;
             timer.mark("logits", t0)?;
@@ -158,7 +158,7 @@ impl Gpu {
         timer.mark("select", t0)?;
 
         let too_large = |what: &str, n: usize| usage(format!("{what} {n} is too large for GPU index building"));
-        let slot_rows = if plan.per_head { hq } else { 1 } * q_blocks;
+        let slot_rows = plan.shape.slots() * q_blocks;
         let lines = LineArgs {
             phase: &phases,
             codes: &copy.3,
@@ -166,7 +166,7 @@ impl Gpu {
             len: plan.lines.len as i32,
             rule_base: i32::try_from(slot_rows).map_err(|_| too_large("rule rows", slot_rows))?,
         };
-        let (q_blocks_i, bm_i, rows_i) = (q_blocks as i32, plan.block_m as i32, rows as i32);
+        let (q_blocks_i, bm_i, rows_i) = (q_blocks as i32, plan.shape.block_m as i32, rows as i32);
         let row_grid = (rows.div_ceil(4).max(1) as u32, 1, 1);
         // Both row passes: 0 counts into the counts, 1 writes at the pointers.
         let rows_pass = |pass: i32,
@@ -227,7 +227,7 @@ impl Gpu {
         timer.mark("write", t0)?;
         let index = self.single_index(
             shape,
-            (plan.block_m, plan.block_n),
+            (plan.shape.block_m, plan.shape.block_n),
             (block_ptr, block_idx, block_mask),
             (col_ptr, col_idx, col_mask),
         )?;
