@@ -1,6 +1,7 @@
 //! Plans for building indexes on the GPU: [`ColumnPlan`] (vertical-vector), [`BlockPlan`]
-//! (block top-k / threshold) and [`SlashPlan`] (vertical-slash). The vertical-vector plan is
-//! described here; the others follow the same idea.
+//! (block top-k / top-p / threshold) and [`SlashPlan`] (vertical-slash and grids; a grid's row
+//! lines at an estimated phase take codes per offset in the query block, [`LineCodes`]). The
+//! vertical-vector plan is described here; the others follow the same idea.
 //!
 //! In a pattern whose only dynamic part is one `vertical_vector` (any budget), everything
 //! but the chosen columns is static: the key blocks (sink, local band, causal edges and any
