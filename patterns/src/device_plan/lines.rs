@@ -62,17 +62,17 @@ enum Form {
     Fixed(u32),
     /// With it: the coverage's predicate and, per row of the block, the verdict on its keys
     /// with `X` false (`off`) and true (`on`), how many rows `off` decides each way, and the
-    /// predicate's codes per offset so far (from the row's cache).
+    /// predicate's codes per offset so far (from the chunk's cache).
     Symbolic { p: Pred, off: Vec<Option<bool>>, on: Vec<Option<bool>>, off_count: [usize; 2], ids: Vec<Option<u32>> },
 }
 
-/// Codes of one row before its new masks have ids: below `LOCAL` an entry code (`DROP`,
-/// `FULL`, or the id of a mask already in the plan's table), from `LOCAL` on the row's new
+/// Codes of a chunk before its new masks have ids: below `LOCAL` an entry code (`DROP`,
+/// `FULL`, or the id of a mask already in the plan's table), from `LOCAL` on the chunk's new
 /// mask `code - LOCAL`.
 const LOCAL: u32 = 0x1_0000;
 
-/// A row's line code before its masks have ids: one code, or the row's vector `i`; in a rule
-/// row, a run may instead point at the row's per-key codes from `offset` on.
+/// A line code before the chunk's masks have ids: one code, or the chunk's vector `i`; in a
+/// rule row, a run may instead point at the row's per-key codes from `offset` on.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RowLine {
     Code(u32),
@@ -83,9 +83,9 @@ enum RowLine {
 /// Rows per parallel task (they share caches: most forms recur from row to row).
 const CHUNK_ROWS: usize = 32;
 
-/// One chunk of rows' work, on its own thread: the plan's table and line codes so far (read only),
-/// the masks and vectors the row adds, and caches.
-struct RowCodes<'g> {
+/// One chunk of rows' work, on its own thread: the plan's table and line codes so far (read
+/// only), the masks and vectors the chunk adds, and caches.
+struct ChunkCodes<'g> {
     table: &'g MaskTable,
     lines: &'g LineCodes,
     tile_masks: &'g [Pred],
@@ -93,22 +93,22 @@ struct RowCodes<'g> {
     new_ids: HashMap<Pred, u32>,
     vectors: Vec<Vec<u32>>,
     vector_ids: HashMap<Vec<u32>, usize>,
-    /// Codes of a symbolic predicate at each offset (most forms recur across the row).
+    /// Codes of a symbolic predicate at each offset (most forms recur from row to row).
     at: HashMap<Pred, Vec<Option<u32>>>,
     /// Whether a line code's masks read `k`.
     reads_k: HashMap<u32, bool>,
 }
 
-/// What a row adds, for [`Interner::finish`].
-struct RowOut<T> {
+/// What a chunk adds, for [`Interner::finish`], with its rows' results.
+struct ChunkOut<T> {
     new: Vec<Pred>,
     vectors: Vec<Vec<u32>>,
     result: T,
 }
 
-impl<'g> RowCodes<'g> {
-    fn new(table: &'g MaskTable, lines: &'g LineCodes, tile_masks: &'g [Pred]) -> RowCodes<'g> {
-        RowCodes {
+impl<'g> ChunkCodes<'g> {
+    fn new(table: &'g MaskTable, lines: &'g LineCodes, tile_masks: &'g [Pred]) -> ChunkCodes<'g> {
+        ChunkCodes {
             table,
             lines,
             tile_masks,
@@ -172,8 +172,8 @@ impl<'g> RowCodes<'g> {
         })
     }
 
-    fn out<T>(self, result: T) -> RowOut<T> {
-        RowOut { new: self.new, vectors: self.vectors, result }
+    fn out<T>(self, result: T) -> ChunkOut<T> {
+        ChunkOut { new: self.new, vectors: self.vectors, result }
     }
 }
 
@@ -183,7 +183,7 @@ struct Interner<'t> {
     lines: &'t mut LineCodes,
 }
 
-/// A row's codes in the plan's numbering: its new masks' ids, its vectors' line codes.
+/// A chunk's codes in the plan's numbering: its new masks' ids, its vectors' line codes.
 struct Remap {
     ids: Vec<u16>,
     vectors: Vec<u32>,
@@ -209,8 +209,8 @@ impl Remap {
 }
 
 impl Interner<'_> {
-    /// Interns a row's new masks and vectors (in the order the row met them).
-    fn finish<T>(&mut self, row: RowOut<T>) -> Result<(T, Remap), Error> {
+    /// Interns a chunk's new masks and vectors (in the order its rows met them).
+    fn finish<T>(&mut self, row: ChunkOut<T>) -> Result<(T, Remap), Error> {
         let ids: Vec<u16> = row.new.into_iter().map(|p| self.table.intern(p)).collect::<Result<_, _>>()?;
         check_mask_count(self.table)?;
         let mut remap = Remap { ids, vectors: Vec::new() };
@@ -281,7 +281,7 @@ impl Lines<'_> {
     }
 
     /// `c` (folded with the placeholder) over the tile's rows and keys `keys`, ready to settle.
-    fn form(&self, c: Cov, tile: &Tile, keys: (usize, usize), codes: &mut RowCodes<'_>) -> Form {
+    fn form(&self, c: Cov, tile: &Tile, keys: (usize, usize), codes: &mut ChunkCodes<'_>) -> Form {
         let x = RowLines::placeholder();
         match c {
             Cov::Mask(p) if has_placeholder(&p, &x) => {
@@ -312,8 +312,8 @@ impl Lines<'_> {
         }
     }
 
-    /// Keeps the codes a form found in the row's cache.
-    fn keep_ids(form: Option<Form>, codes: &mut RowCodes<'_>) {
+    /// Keeps the codes a form found in the chunk's cache.
+    fn keep_ids(form: Option<Form>, codes: &mut ChunkCodes<'_>) {
         if let Some(Form::Symbolic { p, ids, .. }) = form {
             if codes.at.get(&p) != Some(&ids) {
                 codes.at.insert(p, ids);
@@ -324,7 +324,7 @@ impl Lines<'_> {
     /// The code of `form` at offset `r`, where the interval analysis leaves the rows mixed:
     /// the CPU's settle of its predicate with `T_r`, from the rows' verdicts (line rows
     /// `on`, the others `off`).
-    fn settle_at(&self, form: &mut Form, tile: &Tile, r: usize, codes: &mut RowCodes<'_>) -> u32 {
+    fn settle_at(&self, form: &mut Form, tile: &Tile, r: usize, codes: &mut ChunkCodes<'_>) -> u32 {
         let (p, off, on, off_count, ids) = match form {
             Form::Fixed(code) => return *code,
             Form::Symbolic { p, off, on, off_count, ids } => (p, off, on, off_count, ids),
@@ -356,7 +356,7 @@ impl Lines<'_> {
         tile: &Tile,
         keys: (usize, usize),
         cover: &dyn Fn(&Node) -> Cov,
-        codes: &mut RowCodes<'_>,
+        codes: &mut ChunkCodes<'_>,
     ) -> Vec<u32> {
         let mut form = self.form(cover(&self.sym[tile.h]), tile, keys, codes);
         let region = self.region(tile.h, (tile.q0, tile.q0 + tile.rows), keys);
@@ -382,10 +382,10 @@ impl Lines<'_> {
         lines: &mut LineCodes,
     ) -> Result<Vec<u32>, Error> {
         let tile_masks = self.tile_masks();
-        let chunks: Vec<RowOut<Vec<Vec<RowLine>>>> = chunks(entries.ptr.len() - 1)
+        let chunks: Vec<ChunkOut<Vec<Vec<RowLine>>>> = chunks(entries.ptr.len() - 1)
             .into_par_iter()
             .map(|rows| {
-                let mut codes = RowCodes::new(table, lines, &tile_masks);
+                let mut codes = ChunkCodes::new(table, lines, &tile_masks);
                 let out = rows.map(|row| self.row_block_codes(row, entries, &mut codes)).collect();
                 codes.out(out)
             })
@@ -400,7 +400,7 @@ impl Lines<'_> {
     }
 
     /// One row's block line codes.
-    fn row_block_codes(&self, row: usize, entries: &BlockEntries, codes: &mut RowCodes<'_>) -> Vec<RowLine> {
+    fn row_block_codes(&self, row: usize, entries: &BlockEntries, codes: &mut ChunkCodes<'_>) -> Vec<RowLine> {
         let tile = self.tile(row, codes.tile_masks);
         // The vector of a coverage that is the placeholder alone depends on the tile only.
         let mut lines_alone = None;
@@ -439,10 +439,10 @@ impl Lines<'_> {
     ) -> Result<(), Error> {
         let tile_masks = self.tile_masks();
         type Runs = (Vec<(u32, u32, RowLine)>, Vec<RowLine>);
-        let chunks: Vec<RowOut<Vec<Runs>>> = chunks(entries.ptr.len() - 1)
+        let chunks: Vec<ChunkOut<Vec<Runs>>> = chunks(entries.ptr.len() - 1)
             .into_par_iter()
             .map(|rows| {
-                let mut codes = RowCodes::new(table, lines, &tile_masks);
+                let mut codes = ChunkCodes::new(table, lines, &tile_masks);
                 let out = rows
                     .map(|row| {
                         if self.cols {
@@ -466,14 +466,14 @@ impl Lines<'_> {
         Ok(())
     }
 
-    /// One row's column rules: runs of keys with a line code (a `RowLine::Code(PER_COLUMN +
-    /// offset)` points into the row's per-key codes).
+    /// One row's column rules: runs of keys with a line code (a `RowLine::PerKey(offset)` run
+    /// points into the row's per-key codes).
     fn row_rules(
         &self,
         row: usize,
         entries: &BlockEntries,
         block_codes: &[u32],
-        codes: &mut RowCodes<'_>,
+        codes: &mut ChunkCodes<'_>,
     ) -> (Vec<(u32, u32, RowLine)>, Vec<RowLine>) {
         let (mut runs, mut per_key) = (Vec::new(), Vec::new());
         let nkb = self.nk.div_ceil(self.bn);
@@ -541,7 +541,7 @@ impl Lines<'_> {
         tile: &Tile,
         (block, block_sym): (u32, &Cov),
         key: (usize, usize),
-        codes: &mut RowCodes<'_>,
+        codes: &mut ChunkCodes<'_>,
     ) -> RowLine {
         let region = self.region(tile.h, (tile.q0, tile.q0 + tile.rows), key);
         let here = |n: &Node| cov(n, &region, Some(key.0));
