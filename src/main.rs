@@ -467,6 +467,8 @@ fn make_input(args: &InputArgs, pattern: &Pattern) -> Result<Input> {
 
 struct Report {
     index: SparseIndex,
+    /// Per head, the (stride, phase) of each grid's row lines at an estimated phase.
+    row_lines: Vec<Vec<(usize, usize)>>,
     build_ms: f64,
     density: f64,
     recall: pat::Recall,
@@ -480,6 +482,11 @@ fn analyse(pattern: &Pattern, input: &Input, args: &InputArgs) -> Result<Report>
     let resolved = pat::resolve_pattern(&pattern.expr, &input.q, &input.k, &opts)?;
     let index = resolved.index()?;
     let build_ms = start.elapsed().as_secs_f64() * 1e3;
+    let row_lines = resolved
+        .nodes
+        .iter()
+        .map(|n| n.row_lines().iter().filter_map(|l| Some((l.stride, l.phase?))).collect())
+        .collect();
     let universe = match args.universe {
         UniverseArg::All => Universe::All,
         UniverseArg::Causal => Universe::Causal,
@@ -494,7 +501,7 @@ fn analyse(pattern: &Pattern, input: &Input, args: &InputArgs) -> Result<Report>
     };
     let sample = (args.recall_rows > 0).then_some(args.recall_rows);
     let recall = pat::recall(&index, &input.q, &input.k, resolved.scale, universe, sample)?;
-    Ok(Report { density: index.density(), index, build_ms, recall, universe, scale: resolved.scale })
+    Ok(Report { density: index.density(), index, row_lines, build_ms, recall, universe, scale: resolved.scale })
 }
 
 fn explain(pattern: &Pattern, args: &InputArgs, json: bool) -> Result<()> {
@@ -536,6 +543,7 @@ fn explain(pattern: &Pattern, args: &InputArgs, json: bool) -> Result<()> {
             "block_n": r.index.block_n,
             "full_blocks": full, "partial_blocks": partial, "columns": cols,
             "masks": r.index.masks.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+            "row_lines_per_head": r.row_lines.iter().map(|ls| ls.iter().map(|(stride, phase)| serde_json::json!({"stride": stride, "phase": phase})).collect::<Vec<_>>()).collect::<Vec<_>>(),
             "build_ms": r.build_ms,
             "density": r.density,
             "density_per_head": per_head_density,
@@ -558,6 +566,19 @@ fn explain(pattern: &Pattern, args: &InputArgs, json: bool) -> Result<()> {
     );
     for (i, m) in r.index.masks.iter().enumerate() {
         println!("  mask {i}  {m}");
+    }
+    if r.row_lines.iter().any(|ls| !ls.is_empty()) {
+        // Row-line masks name the line rows' offset in their query block, not the phase.
+        let phases: Vec<String> = r
+            .row_lines
+            .iter()
+            .map(|ls| ls.iter().map(|(s, p)| format!("{p} of {s}")).collect::<Vec<_>>().join(" + "))
+            .collect();
+        println!(
+            "row lines q % stride == phase, phase estimated per head: {} (masks `q % {} == r` name a line row's offset in its query block)",
+            phases.join(", "),
+            r.index.block_m
+        );
     }
     println!(
         "density   {:.2}% of all pairs (per head: {})",

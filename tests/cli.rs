@@ -56,6 +56,11 @@ fn explain_reads_files_builtins_and_text() {
             .and(predicate::str::contains("recall")),
     );
     weft().args(["explain", "vertical-slash", "--seq", "200", "--heads", "2"]).assert().success();
+    // A grid's row lines: each head's estimated phase, since the masks name block offsets.
+    weft().args(["explain", "grid(stride = 100)", "--seq", "300", "--heads", "2"]).assert().success().stdout(
+        predicate::str::contains("row lines q % stride == phase, phase estimated per head: ")
+            .and(predicate::str::contains(" of 100")),
+    );
     weft()
         .args(["explain", "retrieval", "--seq", "500", "--heads", "2"])
         .assert()

@@ -202,6 +202,15 @@ impl Node {
         }
     }
 
+    /// Every grid row-line node in the tree (rows at an estimated phase).
+    pub fn row_lines(&self) -> Vec<&RowLines> {
+        match self {
+            Node::RowLines(l) => vec![l],
+            Node::Union(items) | Node::Intersect(items) => items.iter().flat_map(Node::row_lines).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Every column selection in the tree.
     pub fn column_sels(&self) -> Vec<&ColSel> {
         match self {
