@@ -215,3 +215,25 @@ fn shared_estimates_give_the_same_indexes() {
         }
     }
 }
+
+proptest! {
+    /// A grid's row lines per query block keep exactly the rows `q % stride == phase`, over
+    /// any rows of one block (regions may start inside a block) and over rows spanning blocks.
+    #[test]
+    fn row_line_masks_keep_the_phase_rows(
+        stride in 1usize..80, phase_seed in any::<usize>(), block_m in 1usize..130, q0 in 0usize..600, len in 1usize..200,
+    ) {
+        use weft_patterns::families::RowLines;
+        let phase = phase_seed % stride;
+        let lines = RowLines { stride, phase: Some(phase), block_m };
+        // One block: from q0 to the block's end; then any span.
+        let block_end = (q0 / block_m + 1) * block_m;
+        for (a, b) in [(q0, block_end.min(q0 + len)), (q0, q0 + len)] {
+            let p = lines.pred_over(a, b);
+            for q in a..b {
+                let env = Env { q: q as i64, k: 0, h: 0, nq: 1 << 20, nk: 1 << 20 };
+                prop_assert_eq!(p.eval(&env), q % stride == phase, "{} over {}..{} at q = {}", p, a, b, q);
+            }
+        }
+    }
+}
