@@ -350,15 +350,17 @@ impl Lines<'_> {
         }
     }
 
-    /// One code per offset for a coverage whose three variants `cover(node)` gives.
+    /// One code per offset for a coverage whose variants `cover(node)` gives; `sym` is its
+    /// variant with the placeholder (`cover(&self.sym[h])`, which callers have at hand).
     fn vector(
         &self,
         tile: &Tile,
         keys: (usize, usize),
+        sym: Cov,
         cover: &dyn Fn(&Node) -> Cov,
         codes: &mut ChunkCodes<'_>,
     ) -> Vec<u32> {
-        let mut form = self.form(cover(&self.sym[tile.h]), tile, keys, codes);
+        let mut form = self.form(sym, tile, keys, codes);
         let region = self.region(tile.h, (tile.q0, tile.q0 + tile.rows), keys);
         let mut decided = [None, None];
         let v = (0..self.len())
@@ -373,6 +375,34 @@ impl Lines<'_> {
         v
     }
 
+    /// `row(r, codes)` for every rule row `0..rows`, in parallel chunks; then each chunk's new
+    /// masks and vectors interned in order, and `take(result, remap)` called per row in order.
+    fn per_row<T: Send>(
+        &self,
+        rows: usize,
+        (table, lines): (&mut MaskTable, &mut LineCodes),
+        row: impl Fn(usize, &mut ChunkCodes<'_>) -> T + Sync,
+        mut take: impl FnMut(T, &Remap) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let tile_masks = self.tile_masks();
+        let chunks: Vec<ChunkOut<Vec<T>>> = chunks(rows)
+            .into_par_iter()
+            .map(|rows| {
+                let mut codes = ChunkCodes::new(table, lines, &tile_masks);
+                let out = rows.map(|r| row(r, &mut codes)).collect();
+                codes.out(out)
+            })
+            .collect();
+        let mut interner = Interner { table, lines };
+        for chunk in chunks {
+            let (results, remap) = interner.finish(chunk)?;
+            for result in results {
+                take(result, &remap)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The line code of every block entry (`entries` holds every block any offset keeps,
     /// slot rows `slots x q_blocks`).
     pub(super) fn block_codes(
@@ -381,21 +411,16 @@ impl Lines<'_> {
         table: &mut MaskTable,
         lines: &mut LineCodes,
     ) -> Result<Vec<u32>, Error> {
-        let tile_masks = self.tile_masks();
-        let chunks: Vec<ChunkOut<Vec<Vec<RowLine>>>> = chunks(entries.ptr.len() - 1)
-            .into_par_iter()
-            .map(|rows| {
-                let mut codes = ChunkCodes::new(table, lines, &tile_masks);
-                let out = rows.map(|row| self.row_block_codes(row, entries, &mut codes)).collect();
-                codes.out(out)
-            })
-            .collect();
-        let mut interner = Interner { table, lines };
         let mut out = Vec::with_capacity(entries.kb.len());
-        for chunk in chunks {
-            let (rows, remap) = interner.finish(chunk)?;
-            out.extend(rows.into_iter().flatten().map(|l| remap.line(l)));
-        }
+        self.per_row(
+            entries.ptr.len() - 1,
+            (table, lines),
+            |row, codes| self.row_block_codes(row, entries, codes),
+            |row, remap| {
+                out.extend(row.into_iter().map(|l| remap.line(l)));
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 
@@ -410,12 +435,12 @@ impl Lines<'_> {
                 let keys = (kb * self.bn, ((kb + 1) * self.bn).min(self.nk));
                 let region = self.region(tile.h, (tile.q0, tile.q0 + tile.rows), keys);
                 let cover = |n: &Node| cov(n, &region, None);
-                let alone = tile.states.iter().all(Option::is_none)
-                    && cover(&self.sym[tile.h]) == Cov::Mask(RowLines::placeholder());
+                let sym = cover(&self.sym[tile.h]);
+                let alone = tile.states.iter().all(Option::is_none) && sym == Cov::Mask(RowLines::placeholder());
                 match lines_alone {
                     Some(code) if alone => code,
                     _ => {
-                        let v = self.vector(&tile, keys, &cover, codes);
+                        let v = self.vector(&tile, keys, sym, &cover, codes);
                         let code = codes.line(v);
                         if alone {
                             lines_alone = Some(code);
@@ -437,33 +462,15 @@ impl Lines<'_> {
         table: &mut MaskTable,
         lines: &mut LineCodes,
     ) -> Result<(), Error> {
-        let tile_masks = self.tile_masks();
-        type Runs = (Vec<(u32, u32, RowLine)>, Vec<RowLine>);
-        let chunks: Vec<ChunkOut<Vec<Runs>>> = chunks(entries.ptr.len() - 1)
-            .into_par_iter()
-            .map(|rows| {
-                let mut codes = ChunkCodes::new(table, lines, &tile_masks);
-                let out = rows
-                    .map(|row| {
-                        if self.cols {
-                            self.row_rules(row, entries, block_codes, &mut codes)
-                        } else {
-                            Runs::default()
-                        }
-                    })
-                    .collect();
-                codes.out(out)
-            })
-            .collect();
-        let mut interner = Interner { table, lines };
-        for chunk in chunks {
-            let (rows, remap) = interner.finish(chunk)?;
-            for (runs, per_key) in rows {
+        self.per_row(
+            entries.ptr.len() - 1,
+            (table, lines),
+            |row, codes| if self.cols { self.row_rules(row, entries, block_codes, codes) } else { Default::default() },
+            |(runs, per_key), remap| {
                 let runs = runs.into_iter().map(|(c0, c1, l)| (c0, c1, remap.line(l))).collect();
-                rules.push_row(runs, per_key.into_iter().map(|l| remap.line(l)).collect())?;
-            }
-        }
-        Ok(())
+                rules.push_row(runs, per_key.into_iter().map(|l| remap.line(l)).collect())
+            },
+        )
     }
 
     /// One row's column rules: runs of keys with a line code (a `RowLine::PerKey(offset)` run
