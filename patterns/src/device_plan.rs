@@ -85,15 +85,20 @@ impl PlanShape {
         SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n)
     }
 
+    /// Why inputs of `heads` query heads, `nq` queries and `nk` keys do not fit the plan, if
+    /// they do not (the CPU plans and the GPU builders check inputs with it).
+    pub fn mismatch(&self, heads: usize, nq: usize, nk: usize) -> Option<String> {
+        ((heads, nq, nk) != (self.heads, self.nq, self.nk)).then(|| {
+            format!(
+                "the plan is for {} heads x {} queries x {} keys, the inputs are {heads} x {nq} x {nk}",
+                self.heads, self.nq, self.nk
+            )
+        })
+    }
+
     /// Checks that `q` and `k` have the plan's shape.
     fn check(&self, q: &Tensor, k: &Tensor) -> Result<(), Error> {
-        if (q.heads, q.tokens, k.tokens) != (self.heads, self.nq, self.nk) {
-            return Err(Error::Shape(format!(
-                "the plan is for {} heads x {} queries x {} keys, the inputs are {} x {} x {}",
-                self.heads, self.nq, self.nk, q.heads, q.tokens, k.tokens
-            )));
-        }
-        Ok(())
+        self.mismatch(q.heads, q.tokens, k.tokens).map_or(Ok(()), |why| Err(Error::Shape(why)))
     }
 
     /// `pattern` resolved on the CPU for `q` and `k` with the plan's blocks and scale.

@@ -266,7 +266,7 @@ type DeviceCsr = (CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u16>);
 /// Checks a device index build's inputs: bf16, the plan's shape (`heads, nq, nk`), GQA and the
 /// buffer lengths.
 fn check_build_inputs(
-    plan: (usize, usize, usize),
+    plan: &weft_patterns::device_plan::PlanShape,
     shape: AttnShape,
     dtype: DType,
     q: &CudaSlice<u16>,
@@ -279,11 +279,8 @@ fn check_build_inputs(
             dtype.name()
         )));
     }
-    if plan != (hq, nq, nk) {
-        return Err(Error::Shape(format!(
-            "the plan is for {} heads x {} queries x {} keys, the inputs are {hq} x {nq} x {nk}",
-            plan.0, plan.1, plan.2
-        )));
+    if let Some(why) = plan.mismatch(hq, nq, nk) {
+        return Err(Error::Shape(why));
     }
     if hkv == 0 || hq % hkv != 0 {
         return Err(Error::Shape(format!("{hq} query heads on {hkv} key heads: hq must be a multiple of hkv")));
@@ -368,7 +365,7 @@ impl Gpu {
     ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
-        check_build_inputs((plan.shape.heads, plan.shape.nq, plan.shape.nk), shape, dtype, q, k)?;
+        check_build_inputs(&plan.shape, shape, dtype, q, k)?;
         let base_smem = vv_select_shared_bytes(d as u32, nk, 0);
         if base_smem > VV_INDEX_MAX_SHARED as usize {
             return Err(usage(format!("{nk} keys are more than GPU index building takes (about 1.2 million)")));
@@ -708,7 +705,7 @@ impl Gpu {
     ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
-        check_build_inputs((plan.shape.heads, plan.shape.nq, plan.shape.nk), shape, dtype, q, k)?;
+        check_build_inputs(&plan.shape, shape, dtype, q, k)?;
         let select_smem = block_select_shared_bytes(plan.kblocks);
         if select_smem > VV_INDEX_MAX_SHARED as usize {
             return Err(usage(format!("{} key blocks are more than GPU block selection takes", plan.kblocks)));

@@ -34,7 +34,7 @@ impl Gpu {
     ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
-        check_build_inputs((plan.shape.heads, plan.shape.nq, plan.shape.nk), shape, dtype, q, k)?;
+        check_build_inputs(&plan.shape, shape, dtype, q, k)?;
         let last = plan.last;
         // (last_q is at most 4096 by validation; this guards plans built by hand.)
         if vs_mass_shared_bytes(last) > VV_INDEX_MAX_SHARED as usize {
