@@ -386,13 +386,11 @@ pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
 /// vertical vectors, vertical-slash, grids with column lines and retrieval. The kernel loads
 /// columns the same either way; this only picks the faster load loop.
 fn gathers_columns(e: &PatternExpr) -> bool {
-    match e {
+    e.any_leaf(&|leaf| match leaf {
         PatternExpr::VerticalVector(_) | PatternExpr::VerticalSlash(_) | PatternExpr::Retrieval(_) => true,
         PatternExpr::Grid(g) => g.lines != weft_dsl::GridLines::Rows,
-        PatternExpr::Union(items) | PatternExpr::Intersect(items) => items.iter().any(gathers_columns),
-        PatternExpr::Permuted { inner, .. } | PatternExpr::Ring { inner, .. } => gathers_columns(inner),
-        PatternExpr::Static(_) | PatternExpr::Block(_) => false,
-    }
+        _ => false,
+    })
 }
 
 fn check_head_dim(head_dim: u32) -> Result<(), Error> {

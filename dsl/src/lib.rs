@@ -104,11 +104,16 @@ impl PatternExpr {
 
     /// Whether a retrieval operator (a decode-time, one-query-per-row family) occurs.
     pub fn contains_retrieval(&self) -> bool {
+        self.any_leaf(&|e| matches!(e, PatternExpr::Retrieval(_)))
+    }
+
+    /// Whether `f` holds for some leaf (a static predicate or a family), through unions,
+    /// intersections, permutations and rings.
+    pub fn any_leaf(&self, f: &dyn Fn(&PatternExpr) -> bool) -> bool {
         match self {
-            PatternExpr::Retrieval(_) => true,
-            PatternExpr::Union(items) | PatternExpr::Intersect(items) => items.iter().any(Self::contains_retrieval),
-            PatternExpr::Permuted { inner, .. } | PatternExpr::Ring { inner, .. } => inner.contains_retrieval(),
-            _ => false,
+            PatternExpr::Union(items) | PatternExpr::Intersect(items) => items.iter().any(|i| i.any_leaf(f)),
+            PatternExpr::Permuted { inner, .. } | PatternExpr::Ring { inner, .. } => inner.any_leaf(f),
+            leaf => f(leaf),
         }
     }
 }
