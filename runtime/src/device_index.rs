@@ -5,9 +5,16 @@
 //! every key on the tensor cores, choose the columns exactly as the CPU builder does
 //! (approximate scores with a proven error bound, exact f64 scores for the keys near the
 //! cut; top_p scores every pair in f64), and write the index's column lists through the
-//! plan's column rules. The only host
-//! synchronisation is one small read (the status words and the column total) before the
-//! column lists are allocated.
+//! plan's column rules.
+//!
+//! Every builder only queues work: the host waits for nothing between selection and attention.
+//! The lists are allocated at a bound the plan gives (every entry a row could hold), so no
+//! count has to come back first; a group the selection's bounds cannot settle is ranked
+//! exactly on the device, so no status has to either. [`IndexBuild::finish`] waits for a build
+//! and reports it (tests and benchmarks; the layer path never calls it). One exception: when
+//! the bound's lists would exceed [`LIST_BOUND_BYTES`] (threshold and top-p vertical vectors
+//! over long sequences, whose bound is every candidate of every row), the builder reads the
+//! entry total once, as the report says (`sized_by_read`).
 
 mod slash;
 
@@ -31,25 +38,120 @@ const SCORE_BYTES: usize = 2 << 30;
 /// head's bitmaps): past it the build stops with an error instead of failing an allocation.
 const BUDGET_MAX_BYTES: usize = 32 << 30;
 
-/// Where the time of one device index build went (host-side wall clock, the stream
-/// synchronised at the status read and at the end).
+/// Lists whose bound (entries x 6 bytes) is larger than this are sized by reading the entry
+/// total mid-build instead (see the module doc).
+pub const LIST_BOUND_BYTES: usize = 1 << 30;
+
+/// Where the time of one device index build went ([`IndexBuild::finish`]).
 #[derive(Clone, Debug, Default)]
 pub struct IndexBuildReport {
-    /// Milliseconds until the status read (pool, key stats, scores, selection, counts).
-    pub select_ms: f64,
-    /// Total milliseconds, the column lists written.
+    /// Host milliseconds to queue the build (plan upload on first use, allocations, launches;
+    /// with `sized_by_read`, also the wait for the entry total).
+    pub enqueue_ms: f64,
+    /// Milliseconds from the call until `finish` saw the build complete.
     pub total_ms: f64,
+    /// Block entries of the index.
+    pub blocks: usize,
     /// Column entries of the index.
     pub columns: usize,
     /// Heads scored per chunk.
     pub chunk_heads: usize,
-    /// "list" or "dense" (see [`VvStrategy`]).
+    /// "list" or "dense" (see [`VvStrategy`]), "blocks" or "vertical-slash".
     pub strategy: &'static str,
     /// List strategy: groups whose list was incomplete (overflow, or the sampled threshold
     /// too high), so the selection scored all their candidates again (the slow path).
     pub slow_groups: usize,
+    /// Vertical vectors: groups ranked exactly over all their keys because more than 4096 keys
+    /// scored too close to the cut to decide by the bounds (many near-equal keys). Slower, the
+    /// same columns.
+    pub exact_groups: usize,
+    /// Whether an error bound of the approximate scores failed in some group (a bug, please
+    /// report it with the inputs; the group was ranked exactly, so the index is still right).
+    pub bound_failed: bool,
+    /// Whether the lists were sized by reading the entry total mid-build (the bound was past
+    /// [`LIST_BOUND_BYTES`]).
+    pub sized_by_read: bool,
+    /// Entries allocated for the block and the column lists (the plan's bounds, or the totals
+    /// read); `blocks` and `columns` never exceed them.
+    pub capacity: (usize, usize),
     /// GPU milliseconds per kernel (CUDA events; chunks summed), in launch order.
     pub kernel_ms: Vec<(&'static str, f64)>,
+}
+
+/// A device index build in flight: its kernels are queued on the GPU's stream and the host
+/// waited for none of them. Launch attention over the index right away (same stream); call
+/// [`IndexBuild::finish`] only to learn how the build went.
+pub struct IndexBuild {
+    timer: KernelTimer,
+    started: Instant,
+    enqueue_ms: f64,
+    /// The vertical-vector selection's status words (see `vv_index.cu`).
+    status: Option<CudaSlice<i32>>,
+    chunk_heads: usize,
+    strategy: &'static str,
+    sized_by_read: bool,
+    capacity: (usize, usize),
+}
+
+impl IndexBuild {
+    fn new(
+        timer: KernelTimer,
+        started: Instant,
+        status: Option<CudaSlice<i32>>,
+        chunk_heads: usize,
+        strategy: &'static str,
+        (sized_by_read, capacity): (bool, (usize, usize)),
+    ) -> Self {
+        let enqueue_ms = started.elapsed().as_secs_f64() * 1e3;
+        IndexBuild { timer, started, enqueue_ms, status, chunk_heads, strategy, sized_by_read, capacity }
+    }
+
+    /// Waits for the build of `index` (the index it was returned with) and reports it.
+    pub fn finish(self, index: &DeviceIndex) -> Result<IndexBuildReport, Error> {
+        let s = &self.timer.stream;
+        let read = "finishing an index build";
+        s.synchronize().map_err(driver(read))?;
+        let total_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let last = |ptr: &CudaSlice<u32>| -> Result<usize, Error> {
+            Ok(s.clone_dtoh(&ptr.slice(ptr.len() - 1..)).map_err(driver(read))?[0] as usize)
+        };
+        let status = match &self.status {
+            Some(st) => s.clone_dtoh(st).map_err(driver(read))?,
+            None => vec![0; 3],
+        };
+        Ok(IndexBuildReport {
+            enqueue_ms: self.enqueue_ms,
+            total_ms,
+            blocks: last(&index.block_ptr)?,
+            columns: last(&index.col_ptr)?,
+            chunk_heads: self.chunk_heads,
+            strategy: self.strategy,
+            slow_groups: status[1].max(0) as usize,
+            exact_groups: status[2].max(0) as usize,
+            bound_failed: status[0] >= 2,
+            sized_by_read: self.sized_by_read,
+            capacity: self.capacity,
+            kernel_ms: self.timer.times()?,
+        })
+    }
+}
+
+/// Entries to allocate for lists of at most `bound` entries whose row pointers `ptr` (rows
+/// plus one) a scan has queued: the bound, or past [`LIST_BOUND_BYTES`] the total read back
+/// (the one wait, reported as `sized_by_read`).
+fn list_len(s: &Arc<CudaStream>, bound: usize, ptr: &CudaSlice<u32>, rows: usize) -> Result<(usize, bool), Error> {
+    if bound.saturating_mul(6) <= LIST_BOUND_BYTES {
+        return Ok((bound.max(1), false));
+    }
+    let total = s.clone_dtoh(&ptr.slice(rows..rows + 1)).map_err(driver("reading an index's entry total"))?[0];
+    Ok((total.max(1) as usize, true))
+}
+
+/// Uninitialised entry and mask lists of `n` (the index's readers stop at the row pointers).
+fn alloc_lists(s: &Arc<CudaStream>, n: usize) -> Result<(CudaSlice<u32>, CudaSlice<u16>), Error> {
+    let alloc = "allocating an index's lists";
+    // Safety: the write pass fills every entry the row pointers cover; nothing reads past them.
+    unsafe { Ok((s.alloc::<u32>(n.max(1)).map_err(driver(alloc))?, s.alloc::<u16>(n.max(1)).map_err(driver(alloc))?)) }
 }
 
 /// How the selection gets its approximate scores (see `build_vv_index_with`; the chosen
@@ -83,15 +185,15 @@ fn launch_cfg(grid: (u32, u32, u32), threads: u32, smem: u32) -> LaunchConfig {
 }
 
 /// CUDA events around an index builder's launches, for [`IndexBuildReport::kernel_ms`].
-struct KernelTimer<'a> {
-    stream: &'a Arc<CudaStream>,
+struct KernelTimer {
+    stream: Arc<CudaStream>,
     /// (kernel, start, end)
     marks: Vec<(&'static str, CudaEvent, CudaEvent)>,
 }
 
-impl<'a> KernelTimer<'a> {
-    fn new(stream: &'a Arc<CudaStream>) -> Self {
-        KernelTimer { stream, marks: Vec::new() }
+impl KernelTimer {
+    fn new(stream: &Arc<CudaStream>) -> Self {
+        KernelTimer { stream: stream.clone(), marks: Vec::new() }
     }
 
     /// An event now: the start of what a later [`KernelTimer::mark`] times.
@@ -349,7 +451,7 @@ impl Gpu {
         dtype: DType,
         q: &CudaSlice<u16>,
         k: &CudaSlice<u16>,
-    ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
+    ) -> Result<(DeviceIndex, IndexBuild), Error> {
         self.build_vv_index_with(plan, shape, dtype, q, k, VvStrategy::Auto)
     }
 
@@ -362,7 +464,7 @@ impl Gpu {
         q: &CudaSlice<u16>,
         k: &CudaSlice<u16>,
         strategy: VvStrategy,
-    ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
+    ) -> Result<(DeviceIndex, IndexBuild), Error> {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
         check_build_inputs(&plan.shape, shape, dtype, q, k)?;
@@ -482,7 +584,7 @@ impl Gpu {
         let mut chosen = unsafe { s.alloc::<u32>(hq * groups * chosen_len) }.map_err(driver(alloc))?;
         let mut chosen_count = s.alloc_zeros::<i32>(hq * groups).map_err(driver(alloc))?;
         // [error code, groups on the slow path]
-        let mut status = s.alloc_zeros::<i32>(2).map_err(driver(alloc))?;
+        let mut status = s.alloc_zeros::<i32>(3).map_err(driver(alloc))?;
         let mut row_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
         let mut col_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
         // Scores held at once: dense stores groups x keys per head, list only the sample.
@@ -637,29 +739,19 @@ impl Gpu {
         unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
         timer.mark("count+scan", t0)?;
 
-        // The one synchronisation: the status word and the column total.
-        let read = "reading the index builder's status";
-        let st = s.clone_dtoh(&status).map_err(driver(read))?;
-        let total = s.clone_dtoh(&col_ptr.slice(rows..rows + 1)).map_err(driver(read))?;
-        let select_ms = started.elapsed().as_secs_f64() * 1e3;
-        match st[0] {
-            0 => {}
-            1 => {
-                return Err(usage(
-                    "GPU index building: more than 4096 keys of one query group score too close to the \
-                     cut to decide quickly (many near-equal keys); build this index on the CPU",
-                ))
-            }
-            code => {
-                return Err(usage(format!(
-                    "GPU index building: the selection's error bound did not hold (status {code}); \
-                     this is a bug, please report it with the inputs"
-                )))
-            }
-        }
-        let total = total[0] as usize;
-        let mut col_idx = s.alloc_zeros::<u32>(total.max(1)).map_err(driver(alloc))?;
-        let mut col_mask = s.alloc_zeros::<u16>(total.max(1)).map_err(driver(alloc))?;
+        // Columns a row holds at most: its group's chosen keys (top_k), or its candidates.
+        let bound = match top_k {
+            Some(_) => rows * cap,
+            None => (0..rows)
+                .map(|row| {
+                    let (h, qb) = (row / q_blocks, row % q_blocks);
+                    let slot = plan.shape.slot(h) * groups + qb * plan.shape.block_m / plan.q_block;
+                    (plan.cand_hi[slot] - plan.cand_lo[slot]) as usize
+                })
+                .sum(),
+        };
+        let (len, sized_by_read) = list_len(s, bound, &col_ptr, rows)?;
+        let (mut col_idx, mut col_mask) = alloc_lists(s, len)?;
         let t0 = timer.start()?;
         columns_pass(1, &mut row_count, &col_ptr, &mut col_idx, &mut col_mask)?;
         timer.mark("write", t0)?;
@@ -673,19 +765,9 @@ impl Gpu {
         );
         let index =
             self.single_index(shape, (plan.shape.block_m, plan.shape.block_n), blocks, (col_ptr, col_idx, col_mask))?;
-        s.synchronize().map_err(driver("finishing the index build"))?;
-        let kernel_ms = timer.times()?;
-        let slow_groups = st[1].max(0) as usize;
-        let report = IndexBuildReport {
-            slow_groups,
-            kernel_ms,
-            select_ms,
-            total_ms: started.elapsed().as_secs_f64() * 1e3,
-            columns: total,
-            chunk_heads: chunk,
-            strategy: strategy_name,
-        };
-        Ok((index, report))
+        let capacity = (plan.skeleton.block_idx.len(), len);
+        let build = IndexBuild::new(timer, started, Some(status), chunk, strategy_name, (sized_by_read, capacity));
+        Ok((index, build))
     }
 }
 
@@ -702,7 +784,7 @@ impl Gpu {
         dtype: DType,
         q: &CudaSlice<u16>,
         k: &CudaSlice<u16>,
-    ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
+    ) -> Result<(DeviceIndex, IndexBuild), Error> {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
         check_build_inputs(&plan.shape, shape, dtype, q, k)?;
@@ -798,12 +880,10 @@ impl Gpu {
         let mut b = s.launch_builder(f_scan);
         b.arg(&row_count).arg(&rows_i).arg(&mut block_ptr);
         unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
-        // The one synchronisation: the entry total, to size the block lists.
-        let total =
-            s.clone_dtoh(&block_ptr.slice(rows..rows + 1)).map_err(driver("reading the block total"))?[0] as usize;
-        let select_ms = started.elapsed().as_secs_f64() * 1e3;
-        let mut block_idx = s.alloc_zeros::<u32>(total.max(1)).map_err(driver(alloc))?;
-        let mut block_mask = s.alloc_zeros::<u16>(total.max(1)).map_err(driver(alloc))?;
+        // A row holds at most the plan's entries of its row.
+        let bound = plan.entries.ptr.last().map_or(0, |&n| n as usize) * (hq / plan.shape.slots());
+        let (len, sized_by_read) = list_len(s, bound, &block_ptr, rows)?;
+        let (mut block_idx, mut block_mask) = alloc_lists(s, len)?;
         entries.launch_rows(
             s,
             f_rows,
@@ -824,17 +904,8 @@ impl Gpu {
             (block_ptr, block_idx, block_mask),
             columns,
         )?;
-        s.synchronize().map_err(driver("finishing the block index build"))?;
-        let report = IndexBuildReport {
-            select_ms,
-            total_ms: started.elapsed().as_secs_f64() * 1e3,
-            columns: total,
-            chunk_heads: hq,
-            strategy: "blocks",
-            slow_groups: 0,
-            kernel_ms: Vec::new(),
-        };
-        Ok((index, report))
+        let sizing = (sized_by_read, (len, 0));
+        Ok((index, IndexBuild::new(KernelTimer::new(s), started, None, hq, "blocks", sizing)))
     }
 }
 

@@ -96,7 +96,9 @@ pub struct LaunchReport {
     /// when the source is the database).
     pub source: LoadSource,
     pub load_ms: f64,
-    /// Time to build the group's index (on the host, gathered; or on the GPU).
+    /// Host time spent on the group's index: building it on the host and uploading it, or
+    /// (built on the GPU) queueing its build, which the host does not wait for (the attention
+    /// follows it on the same stream).
     pub index_ms: f64,
     /// Whether the index was built on the GPU from Q and K on the device (a vertical-vector,
     /// block, vertical-slash or grid pattern over every head in bf16; see

@@ -35,7 +35,7 @@ use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, Laun
 use weft_codegen::{Kernel, KernelConfig, DECODE_THREADS, MERGE_THREADS};
 use weft_patterns::{BatchIndex, SparseIndex};
 
-pub use device_index::{IndexBuildReport, VvStrategy};
+pub use device_index::{IndexBuild, IndexBuildReport, VvStrategy, LIST_BOUND_BYTES};
 pub use layer::{tune_key, LaunchReport, LayerPlan};
 pub use nvrtc::{Arch, Compiled, ResourceReport};
 

@@ -10,8 +10,9 @@
 //! the GPU). B = 1, H = 32, D = 128,
 //! bf16. Prints, per
 //! sequence length and share: the CPU plan's time (static, once per shape), the device index
-//! build (median of `--reps`, host wall clock around a synchronised call), the attention
-//! (CUDA events, median), and their sum. Compare with torch's flash backend on dense attention
+//! build (median of `--reps`, host wall clock from the call until it completed), the attention
+//! (CUDA events, median), their sum, and both queued back to back with one wait at the end
+//! (host wall clock, median: what a layer call costs, launch gaps included). Compare with torch's flash backend on dense attention
 //! from `bench/run.sh` in the same session.
 
 use anyhow::Result;
@@ -23,7 +24,7 @@ use weft_dsl::builder::*;
 use weft_dsl::Pattern;
 use weft_patterns::device_plan::{BlockPlan, ColumnPlan, SlashPlan};
 use weft_patterns::IndexOptions;
-use weft_runtime::{AttnShape, DeviceIndex, Gpu, IndexBuildReport};
+use weft_runtime::{AttnShape, DeviceIndex, Gpu, IndexBuild, IndexBuildReport};
 
 #[derive(Parser)]
 #[command(about = "Time vertical-vector index building on the GPU plus the attention over it")]
@@ -106,12 +107,15 @@ struct Inputs {
     scale: f64,
 }
 
-/// One measured case: medians of the index builds (total and to the status read), of the
-/// attention over the last index, its density, and the first and last build reports.
+/// One measured case: medians of the index builds (host wall clock from the call until
+/// `finish` saw it complete, and the part spent queueing it), of the attention over the last
+/// index, of the pipelined pair (build and attention queued back to back, one wait at the
+/// end: what a layer call costs), its density, and the first and last build reports.
 struct Measured {
     build: f64,
-    select: f64,
+    enqueue: f64,
     attention: f64,
+    pipelined: f64,
     density: f64,
     first: IndexBuildReport,
     last: IndexBuildReport,
@@ -121,10 +125,23 @@ impl Measured {
     fn kernels(&self) -> String {
         self.last.kernel_ms.iter().map(|(k, ms)| format!("{k} {ms:.3} ms")).collect::<Vec<_>>().join(", ")
     }
+
+    /// The pipelined time and how the build was sized, for the printed lines.
+    fn pipeline(&self) -> String {
+        let sizing =
+            if self.first.sized_by_read { "sized by a read of the total" } else { "sized by the plan's bound" };
+        format!(
+            "index+attention queued together, one wait={:.3} ms (index queued in {:.3} ms; lists {sizing}, capacity {:?})",
+            self.pipelined, self.enqueue, self.first.capacity
+        )
+    }
 }
 
+type Built = Result<(DeviceIndex, IndexBuild), weft_runtime::Error>;
+
 /// Builds the index once (warm-up: loads the kernels), then `reps` timed builds, then times
-/// the attention over the last index with a kernel for `masks` and `(block_m, block_n)`.
+/// the attention over the last index with a kernel for `masks` and `(block_m, block_n)`, then
+/// `reps` pipelined builds and attentions.
 fn measure(
     gpu: &Gpu,
     x: &mut Inputs,
@@ -132,26 +149,47 @@ fn measure(
     pattern: &Pattern,
     masks: &[weft_dsl::Pred],
     blocks: (usize, usize),
-    build: impl Fn(&Inputs) -> Result<(DeviceIndex, IndexBuildReport), weft_runtime::Error>,
+    build: impl Fn(&Inputs) -> Built,
 ) -> Result<Measured> {
-    let (mut dix, first) = build(x)?;
-    let (mut builds, mut selects, mut last) = (Vec::new(), Vec::new(), first.clone());
+    let (mut dix, b) = build(x)?;
+    let first = b.finish(&dix)?;
+    let (mut builds, mut enqueues, mut last) = (Vec::new(), Vec::new(), first.clone());
     for _ in 0..reps {
-        let (ix, r) = build(x)?;
+        let (ix, b) = build(x)?;
+        let r = b.finish(&ix)?;
         builds.push(r.total_ms);
-        selects.push(r.select_ms);
+        enqueues.push(r.enqueue_ms);
         last = r;
         dix = ix;
     }
     let config = KernelConfig::for_blocks(blocks.0, blocks.1, D as u32, DType::Bf16);
     let kernel = emit(&KernelSpec { pattern, masks, permutation: None, config })?;
-    let Inputs { q, k, v, out, lse, shape, scale } = x;
-    let attn = time_attention(&gpu.stream, reps, || {
-        gpu.attention(&kernel, &config, &dix, *shape, q, k, v, out, lse, *scale as f32)
-    })?;
-    let n = shape.nq as f64;
+    let attn = {
+        let Inputs { q, k, v, out, lse, shape, scale } = &mut *x;
+        time_attention(&gpu.stream, reps, || {
+            gpu.attention(&kernel, &config, &dix, *shape, q, k, v, out, lse, *scale as f32)
+        })?
+    };
+    let mut pipelined = Vec::new();
+    for _ in 0..reps {
+        let t = std::time::Instant::now();
+        let (ix, _) = build(x)?;
+        let Inputs { q, k, v, out, lse, shape, scale } = &mut *x;
+        gpu.attention(&kernel, &config, &ix, *shape, q, k, v, out, lse, *scale as f32)?;
+        gpu.stream.synchronize()?;
+        pipelined.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (shape, n) = (x.shape, x.shape.nq as f64);
     let density = dix.to_host(gpu)?.pairs() as f64 / (shape.hq as f64 * n * n);
-    Ok(Measured { build: median(builds), select: median(selects), attention: median(attn), density, first, last })
+    Ok(Measured {
+        build: median(builds),
+        enqueue: median(enqueues),
+        attention: median(attn),
+        pipelined: median(pipelined),
+        density,
+        first,
+        last,
+    })
 }
 
 fn main() -> Result<()> {
@@ -205,16 +243,17 @@ fn main() -> Result<()> {
             let (total, share_pct) = totals(&m);
             println!(
                 "vv-e2e N={n:<6} top_k={keep:<5} density={:.4} plan={plan_ms:.0} ms (CPU, once per shape) \
-                 index={:.3} ms ({} strategy, {} groups on the slow path; to the status read {:.3}; columns {}; {} heads per score chunk) \
-                 attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    kernels (last build): {}",
+                 index={:.3} ms ({} strategy, {} groups on the slow path, {} ranked exactly; columns {}; {} heads per score chunk) \
+                 attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    {}\n    kernels (last build): {}",
                 m.density,
                 m.build,
                 m.first.strategy,
                 m.first.slow_groups,
-                m.select,
+                m.first.exact_groups,
                 m.first.columns,
                 m.first.chunk_heads,
                 m.attention,
+                m.pipeline(),
                 m.kernels()
             );
             // Block top-k over 128 x 128 blocks at the same share.
@@ -233,8 +272,11 @@ fn main() -> Result<()> {
             let (total, share_pct) = totals(&m);
             println!(
                 "block-e2e N={n:<6} top_k={keep_blocks:<4} (128 x 128 blocks) density={:.4} plan={plan_ms:.0} ms \
-                 index={:.3} ms attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%",
-                m.density, m.build, m.attention
+                 index={:.3} ms attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    {}",
+                m.density,
+                m.build,
+                m.attention,
+                m.pipeline()
             );
         }
         for budget in &args.vv_budget {
@@ -245,12 +287,13 @@ fn main() -> Result<()> {
             println!(
                 "vv-e2e N={n:<6} keep={budget} density={:.4} plan={plan_ms:.0} ms index={:.3} ms ({} heads per score \
                  chunk; columns {}) attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    \
-                 kernels (last build): {}",
+                 {}\n    kernels (last build): {}",
                 m.density,
                 m.build,
                 m.first.chunk_heads,
                 m.first.columns,
                 m.attention,
+                m.pipeline(),
                 m.kernels()
             );
         }
@@ -267,10 +310,11 @@ fn main() -> Result<()> {
             let (total, share_pct) = totals(&m);
             println!(
                 "grid-e2e N={n:<6} stride={stride} (causal, {lines_name} lines, sink 64) density={:.4} plan={plan_ms:.0} ms \
-                 index={:.3} ms attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    kernels (last build): {}",
+                 index={:.3} ms attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    {}\n    kernels (last build): {}",
                 m.density,
                 m.build,
                 m.attention,
+                m.pipeline(),
                 m.kernels()
             );
         }
@@ -284,10 +328,11 @@ fn main() -> Result<()> {
             let (total, share_pct) = totals(&m);
             println!(
                 "vs-e2e N={n:<6} verticals={nv} slashes={ns} (causal, {bm}x{bn} blocks) density={:.4} plan={plan_ms:.0} ms \
-                 index={:.3} ms attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    kernels (last build): {}",
+                 index={:.3} ms attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    {}\n    kernels (last build): {}",
                 m.density,
                 m.build,
                 m.attention,
+                m.pipeline(),
                 m.kernels()
             );
         }

@@ -14,13 +14,16 @@
 //            keys a sampled threshold collects into shared memory, or over all); keys
 //            certainly above or below it by the error bound are decided at once, the rest get
 //            the CPU builder's exact f64 score and are ranked exactly (score, then lower key);
+//            a group the bounds cannot settle this way (more than UNSURE_CAP keys near the
+//            cut) is ranked exactly over all its keys (select_exact), in the same kernel;
 //   columns  per index row: the group's chosen keys (a list, or a bitmap for the budgets)
 //            through the plan's column rules (count pass, then write pass);
 //   scan     column counts to row pointers.
 // Error bound of `score`: the products of the bf16 halves are exact in f32 and the halves
 // carry pooled q to 2^-17 relative; tensor-core accumulation loses less than 2^-17 of the sum
 // of |terms| over D <= 256. APPROX_ERR = 2^-12 keeps a margin of 16x over their sum; a bound
-// that failed would show as an inconsistent count, which `select` reports instead of guessing.
+// that failed would show as an inconsistent count: `select` then ranks the group exactly over
+// all its keys, and counts it in the status words (a bug to report, never a wrong index).
 
 {{PRELUDE}}
 constexpr int D = {{D}};
@@ -37,10 +40,12 @@ constexpr u16 DROP_CODE = {{DROP}};      // column rule: the row's blocks comput
 constexpr u32 PER_COLUMN = {{PER_COLUMN}};  // rule codes from here on index per-key codes
 constexpr u32 PER_LINE = {{PER_LINE}};      // line codes from here on index per-offset codes
 
-// Status codes written by select into status[0] (the host turns them into errors); status[1]
-// counts the groups that took the slow path.
-constexpr int STATUS_TOO_MANY_UNSURE = 1;
-constexpr int STATUS_BOUND = 2;
+// Status words of select, for the build's report (none stops the build: the device needs no
+// host decision between selection and attention): status[0] is the largest of the codes below
+// among the groups ranked exactly over all keys, status[1] counts the groups that took the
+// slow path, status[2] the groups ranked exactly over all keys.
+constexpr int STATUS_TOO_MANY_UNSURE = 1;  // many near-equal keys at the cut (inputs, not a bug)
+constexpr int STATUS_BOUND = 2;            // an error bound did not hold (a bug)
 
 __device__ __forceinline__ float bf16_to_float(u16 x) { return __uint_as_float((u32)x << 16); }
 __device__ __forceinline__ u16 float_to_bf16(float x) {
@@ -499,6 +504,69 @@ __device__ void sort_best_first(double* score, u32* id, u32 n, u32 n2) {
     }
 }
 
+// Doubles to unsigned keys that sort the same way (NaN aside).
+__device__ __forceinline__ unsigned long long double_key(double x) {
+    const unsigned long long u = (unsigned long long)__double_as_longlong(x);
+    return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
+}
+__device__ __forceinline__ double key_double(unsigned long long k) {
+    return __longlong_as_double((long long)((k >> 63) ? (k & 0x7fffffffffffffffull) : ~k));
+}
+
+// The keep best candidates in [lo, hi) by exact score (scale x repro_dot, as `select` scores
+// its unsure keys; then the lower key), as a bitmap in `bits` (cleared first): for a group the
+// bounds cannot settle (more than UNSURE_CAP keys near the cut, or a bound that failed). Six
+// radix passes over the scores' 64-bit keys (bits 63-53, 52-42, ..., 8-0) find the keep-th
+// best score; each pass scores every candidate again, which needs no scratch memory and is
+// fine on a path this rare (about 0.5 ms per group at 64k keys, D = 128). Then one ascending
+// pass chooses the keys above it and the lowest keys equal to it, as many as keep needs.
+// `hist` is a zeroed shared histogram, zeroed again on return. Every thread of the CTA calls
+// it.
+__device__ __noinline__ void select_exact(
+    const float* sPq, const u16* k_h, u32 lo, u32 hi, u32 keep, double scale, u32* hist, u32* bits, int words)
+{
+    __shared__ u32 sBin, sAbove, warpTies[SELECT_THREADS / 32];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    auto key_of = [&](u32 c) { return double_key(scale * repro_dot(sPq, k_h + (size_t)c * D)); };
+    for (int i = tid; i < words; i += SELECT_THREADS) bits[i] = 0;
+    unsigned long long cut = 0;  // the keep-th best key, its bits from `shift` up so far
+    u32 need = keep;             // how many keys at or below `cut`'s prefix to take
+    for (int shift = 53; shift >= 0; shift = shift > 9 ? shift - 11 : -1) {
+        for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
+            const unsigned long long k = key_of(c);
+            if (shift == 53 || (k >> (shift + 11)) == (cut >> (shift + 11))) atomicAdd(hist + ((k >> shift) & (HIST - 1)), 1u);
+        }
+        __syncthreads();
+        if (warp == 0) {
+            u32 above;
+            const int b = find_bin_by(hist, CountReaches{need}, above, lane);
+            if (lane == 0) sBin = b, sAbove = above;
+        }
+        __syncthreads();
+        const unsigned long long high = shift == 53 ? 0ull : cut >> (shift + 11) << (shift + 11);
+        cut = high | (unsigned long long)sBin << shift;
+        need -= sAbove;
+        for (int i = tid; i < HIST; i += SELECT_THREADS) hist[i] = 0;
+        __syncthreads();
+    }
+    // Keys above the cut, and the first `need` keys at it in ascending order.
+    u32 taken = 0;
+    for (u32 base = lo; base < hi; base += SELECT_THREADS) {
+        const u32 c = base + tid;
+        const unsigned long long k = c < hi ? key_of(c) : 0ull;
+        if (c < hi && k > cut) atomicOr(bits + c / 32, 1u << (c % 32));
+        const bool tie = c < hi && k == cut;
+        const u32 ballot = __ballot_sync(0xffffffff, tie);
+        if (lane == 0) warpTies[warp] = __popc(ballot);
+        __syncthreads();
+        u32 before = taken + __popc(ballot & ((1u << lane) - 1));
+        for (int w = 0; w < warp; ++w) before += warpTies[w];
+        if (tie && before < need) atomicOr(bits + c / 32, 1u << (c % 32));
+        for (int w = 0; w < SELECT_THREADS / 32; ++w) taken += warpTies[w];
+        __syncthreads();
+    }
+}
+
 // ---- select: grid (groups, heads of the chunk), SELECT_THREADS ----
 // Chooses the keep best keys of group g (keep = top_k, or keep_in[h * groups + g] from
 // `budget` when keep_in is set). Writes them, ascending, to chosen[(h * groups + g) * cap ..],
@@ -558,6 +626,8 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
     // Whether the radix passes read the collected keys (shared memory, or a global list when
     // gKey is set) or every candidate.
     bool collected = false;
+    // Nonzero (a STATUS_ code) when the group is ranked exactly over all keys instead.
+    int exact_code = 0;
     const u32* gKey = nullptr;
     const float* gVal = nullptr;
 
@@ -639,22 +709,17 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
             for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) classify(c, score_of(c));
         }
         __syncthreads();
-        const u32 unsure = nUnsure;
-        // (On these two errors the group's keys are not written; the host reads the status
-        // after the column counting pass and discards what that pass made of them.)
+        const u32 unsure = nUnsure, in = nIn;
         if (unsure > UNSURE_CAP) {
-            if (tid == 0) atomicMax(status, STATUS_TOO_MANY_UNSURE);
-            return;
+            exact_code = STATUS_TOO_MANY_UNSURE;
+        } else if (in > keep || keep - in > unsure) {
+            exact_code = STATUS_BOUND;
+        } else {
+            // Exact scores of the unsure keys (the CPU builder's dot, times the scale), ranked.
+            for (u32 i = tid; i < unsure; i += SELECT_THREADS) uScore[i] = scale * repro_dot(sPq, k_h + (size_t)uKey[i] * D);
+            sort_best_first(uScore, uKey, unsure, pow2_at_least(unsure));
+            for (u32 i = tid; i < keep - in; i += SELECT_THREADS) atomicOr(bits + uKey[i] / 32, 1u << (uKey[i] % 32));
         }
-        // Exact scores of the unsure keys (the CPU builder's dot, times the scale), ranked.
-        for (u32 i = tid; i < unsure; i += SELECT_THREADS) uScore[i] = scale * repro_dot(sPq, k_h + (size_t)uKey[i] * D);
-        sort_best_first(uScore, uKey, unsure, pow2_at_least(unsure));
-        const u32 in = nIn;
-        if (in > keep || keep - in > unsure) {
-            if (tid == 0) atomicMax(status, STATUS_BOUND);
-            return;
-        }
-        for (u32 i = tid; i < keep - in; i += SELECT_THREADS) atomicOr(bits + uKey[i] / 32, 1u << (uKey[i] % 32));
     }
     __syncthreads();
 
@@ -663,14 +728,28 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
     const int per = (words + SELECT_THREADS - 1) / SELECT_THREADS;
     const int w0 = tid * per, w1 = min(w0 + per, words);
     u32 mine = 0;
-    for (int w = w0; w < w1; ++w) mine += __popc(bits[w]);
-    scan[tid] = mine;
-    __syncthreads();
-    for (int o = 1; o < SELECT_THREADS; o *= 2) {
-        const u32 v = tid >= o ? scan[tid - o] : 0;
+    auto count_chosen = [&]() {
+        mine = 0;
+        for (int w = w0; w < w1; ++w) mine += __popc(bits[w]);
+        scan[tid] = mine;
         __syncthreads();
-        scan[tid] += v;
-        __syncthreads();
+        for (int o = 1; o < SELECT_THREADS; o *= 2) {
+            const u32 v = tid >= o ? scan[tid - o] : 0;
+            __syncthreads();
+            scan[tid] += v;
+            __syncthreads();
+        }
+    };
+    count_chosen();
+    // (exact_code is the same in every thread, and so is the count.)
+    if (exact_code == 0 && scan[SELECT_THREADS - 1] != keep) exact_code = STATUS_BOUND;
+    if (exact_code != 0) {
+        if (tid == 0) {
+            atomicMax(status, exact_code);
+            atomicAdd(status + 2, 1);
+        }
+        select_exact(sPq, k_h, lo, hi, keep, scale, hist, bits, words);
+        count_chosen();
     }
     u32 at = scan[tid] - mine;
     if (cap == 0) {
@@ -688,19 +767,7 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
             ++at;
         }
     }
-    if (tid == SELECT_THREADS - 1) {
-        chosen_count[(size_t)h * groups + g] = (int)scan[tid];
-        if (scan[tid] != keep) atomicMax(status, STATUS_BOUND);
-    }
-}
-
-// Doubles to unsigned keys that sort the same way (NaN aside).
-__device__ __forceinline__ unsigned long long double_key(double x) {
-    const unsigned long long u = (unsigned long long)__double_as_longlong(x);
-    return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
-}
-__device__ __forceinline__ double key_double(unsigned long long k) {
-    return __longlong_as_double((long long)((k >> 63) ? (k & 0x7fffffffffffffffull) : ~k));
+    if (tid == SELECT_THREADS - 1) chosen_count[(size_t)h * groups + g] = (int)scan[tid];
 }
 
 // ---- budget: grid (groups, heads of the chunk), SELECT_THREADS ----

@@ -14,16 +14,15 @@ use weft_codegen::{
 use weft_patterns::device_plan::{SlashPlan, Verticals};
 
 use super::{
-    check_build_inputs, launch_cfg, upload, usage, DeviceEntries, DeviceRules, IndexBuildReport, KernelTimer, LineArgs,
-    SCORE_BYTES,
+    alloc_lists, check_build_inputs, launch_cfg, list_len, upload, usage, DeviceEntries, DeviceRules, IndexBuild,
+    KernelTimer, LineArgs, SCORE_BYTES,
 };
 use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
 
 impl Gpu {
     /// Builds the index of a vertical-slash `plan` for Q `[hq, nq, d]` and K `[hkv, nk, d]`
     /// (bf16, on the device): the index `weft_patterns::build_index` builds for the same inputs,
-    /// mask ids indexing `plan.masks`. The host waits once mid-way, reading the two entry
-    /// totals that size the lists, and once at the end.
+    /// mask ids indexing `plan.masks`. The build is only queued (see [`IndexBuild`]).
     pub fn build_vs_index(
         &self,
         plan: &SlashPlan,
@@ -31,7 +30,7 @@ impl Gpu {
         dtype: DType,
         q: &CudaSlice<u16>,
         k: &CudaSlice<u16>,
-    ) -> Result<(DeviceIndex, IndexBuildReport), Error> {
+    ) -> Result<(DeviceIndex, IndexBuild), Error> {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
         check_build_inputs(&plan.shape, shape, dtype, q, k)?;
@@ -207,15 +206,12 @@ impl Gpu {
             unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
         }
         timer.mark("count+scan", t0)?;
-        // The one synchronisation: the entry totals, to size the lists.
-        let read = "reading the vertical-slash index totals";
-        let nb = s.clone_dtoh(&block_ptr.slice(rows..rows + 1)).map_err(driver(read))?[0] as usize;
-        let nc = s.clone_dtoh(&col_ptr.slice(rows..rows + 1)).map_err(driver(read))?[0] as usize;
-        let select_ms = started.elapsed().as_secs_f64() * 1e3;
-        let mut block_idx = s.alloc_zeros::<u32>(nb.max(1)).map_err(driver(alloc))?;
-        let mut block_mask = s.alloc_zeros::<u16>(nb.max(1)).map_err(driver(alloc))?;
-        let mut col_idx = s.alloc_zeros::<u32>(nc.max(1)).map_err(driver(alloc))?;
-        let mut col_mask = s.alloc_zeros::<u16>(nc.max(1)).map_err(driver(alloc))?;
+        // Lists at their bounds: a row holds at most the plan's entries of its row and one
+        // column per vertical.
+        let block_bound = plan.entries.ptr.last().map_or(0, |&n| n as usize) * (hq / plan.shape.slots());
+        let (nb, blocks_read) = list_len(s, block_bound, &block_ptr, rows)?;
+        let (nc, cols_read) = list_len(s, rows * vk, &col_ptr, rows)?;
+        let ((mut block_idx, mut block_mask), (mut col_idx, mut col_mask)) = (alloc_lists(s, nb)?, alloc_lists(s, nc)?);
         let t0 = timer.start()?;
         rows_pass(
             1,
@@ -231,16 +227,7 @@ impl Gpu {
             (block_ptr, block_idx, block_mask),
             (col_ptr, col_idx, col_mask),
         )?;
-        s.synchronize().map_err(driver("finishing the vertical-slash index build"))?;
-        let report = IndexBuildReport {
-            select_ms,
-            total_ms: started.elapsed().as_secs_f64() * 1e3,
-            columns: nc,
-            chunk_heads: chunk,
-            strategy: "vertical-slash",
-            slow_groups: 0,
-            kernel_ms: timer.times()?,
-        };
-        Ok((index, report))
+        let sizing = (blocks_read || cols_read, (nb, nc));
+        Ok((index, IndexBuild::new(timer, started, None, chunk, "vertical-slash", sizing)))
     }
 }
