@@ -198,6 +198,7 @@ impl Runtime {
         }
         let head_dim = u32::try_from(shape.head_dim).map_err(|_| Error::Shape("head dim too large".into()))?;
         let scale = scale.unwrap_or(1.0 / (shape.head_dim as f32).sqrt());
+        crate::check_scale(scale)?;
         for p in &plan.patterns {
             p.validate().map_err(|e| Error::Usage(format!("pattern {}: {e}", p.name)))?;
             if p.expr.contains_retrieval() {

@@ -164,6 +164,43 @@ pub enum LoadSource {
     Compiled,
 }
 
+/// The kernels take a positive finite softmax scale: they fold it into base-2 exponents and
+/// mask scores with -inf before scaling, which a negative scale would turn into +inf.
+fn check_scale(scale: f32) -> Result<(), Error> {
+    if scale > 0.0 && scale.is_finite() {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "the softmax scale must be positive and finite, got {scale}; the usual one is 1/sqrt(head_dim)"
+    )))
+}
+
+/// Memory the device's stream-ordered pool keeps after frees, for the next allocations.
+const POOL_KEEP_BYTES: u64 = 8 << 30;
+
+/// Lets the device's default memory pool keep up to [`POOL_KEEP_BYTES`] of freed memory
+/// instead of returning it to the driver at every synchronisation (its default): index builds
+/// allocate their lists and scratch afresh on each call, and remapping them each time would
+/// cost more than the work. Best effort: without memory pools nothing changes.
+fn keep_freed_memory(ctx: &CudaContext) {
+    let mut pool = std::ptr::null_mut();
+    let mut keep = POOL_KEEP_BYTES;
+    // Safety: plain driver calls on this context's device; `keep` outlives the call.
+    let set = unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().and_then(|()| {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            )
+            .result()
+        })
+    };
+    if let Err(e) = set {
+        tracing::debug!(error = %e, "the device's memory pool keeps its default release threshold");
+    }
+}
+
 impl Gpu {
     /// Opens device `ordinal`.
     pub fn open(ordinal: usize) -> Result<Gpu, Error> {
@@ -178,6 +215,7 @@ impl Gpu {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver("multiprocessor count"))? as u32;
         let stream = ctx.default_stream();
+        keep_freed_memory(&ctx);
         Ok(Gpu {
             ctx,
             stream,
@@ -467,6 +505,7 @@ impl Gpu {
             )));
         }
         check_launch(config, index, shape, [q.len(), k.len(), v.len(), out.len(), lse.len()])?;
+        check_scale(scale)?;
         let f = self.load(kernel)?;
         if index.q_blocks == 0 {
             return Ok(());
@@ -527,6 +566,7 @@ impl Gpu {
             )));
         }
         check_shapes(index, shape, [q.len(), k.len(), v.len(), out.len(), lse.len()])?;
+        check_scale(scale)?;
         let rows = shape.hq * shape.nq;
         let splits =
             if splits == 0 { (4 * self.sm_count as usize).div_ceil(rows).clamp(1, 64) } else { splits.min(1024) };

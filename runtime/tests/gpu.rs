@@ -825,9 +825,10 @@ fn vertical_vector_groups_with_many_near_equal_keys_are_ranked_exactly_on_the_gp
                 let mut got_ix = ix.to_host(&gpu).unwrap();
                 got_ix.masks = plan.skeleton.masks.clone();
                 let diff = index_difference(&got_ix, &want_ix);
-                // top_k groups past 4096 candidates must take the exact ranking (the budgets
-                // may keep every key, which needs no ranking).
-                let exact_expected = matches!(n, weft_dsl::Budget::TopK(_));
+                // With equal or nudged keys, top_k groups (over 4096 candidates) must take the
+                // exact ranking; four distinct keys leave fewer unsure keys, and the budgets
+                // may keep every key, which needs no ranking.
+                let exact_expected = matches!(n, weft_dsl::Budget::TopK(_)) && keys != "four";
                 let ok = diff.is_none()
                     && !report.bound_failed
                     && report.columns <= report.capacity.1
@@ -846,32 +847,28 @@ fn vertical_vector_groups_with_many_near_equal_keys_are_ranked_exactly_on_the_gp
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
 
-/// A GPU build that declines its inputs (here a threshold budget with a negative scale, which
-/// the GPU selection does not rank) leaves the layer to build the same index on the host.
+/// A layer the GPU builders do not take (fp16: they read bf16) builds the same index on the
+/// host; and a softmax scale the kernels cannot use is an error, not NaN output.
 #[test]
-fn a_layer_whose_gpu_build_declines_falls_back_to_the_host() {
-    use weft_patterns::device_plan::ColumnPlan;
+fn a_layer_whose_pattern_the_gpu_cannot_build_falls_back_to_the_host() {
     use weft_runtime::{LayerPlan, Runtime};
     let dir = tempfile::tempdir().unwrap();
     let rt = Runtime::open(Some(dir.path())).unwrap();
-    let p = Pattern::new("causal_vv", causal() & vertical_vector().q_block(64).keep(threshold(0.5)).sink(16).local(64));
+    let p = Pattern::new("causal_vv", causal() & vertical_vector().q_block(64).keep(top_k(100)).sink(16).local(64));
     let (hq, hkv, nq, nk, d) = (4usize, 2usize, 900usize, 5000usize, 128usize);
-    let x = inputs(hq, hkv, nq, nk, d, DType::Bf16, 4242);
+    let x = inputs(hq, hkv, nq, nk, d, DType::F16, 4242);
     let s = &rt.gpu.stream;
     let (qd, kd, vd) = (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
     let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
-    let scale = -1.0 / (d as f64).sqrt();
-    let opts = IndexOptions { scale: Some(scale), ..Default::default() };
-    let plan = ColumnPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
-    let declined = rt.gpu.build_vv_index(&plan, shape, DType::Bf16, &qd, &kd);
-    assert!(matches!(declined, Err(weft_runtime::Error::Usage(_))), "the GPU builder declines a negative scale");
+    let scale = 1.0 / (d as f64).sqrt();
     let mut out = s.clone_htod(&vec![0xffffu16; hq * nq * d]).unwrap();
     let mut lse = s.clone_htod(&vec![f32::NAN; hq * nq]).unwrap();
     let layer = LayerPlan::uniform(p.clone(), hq);
-    let reports =
-        rt.attention_layer(&layer, shape, DType::Bf16, &qd, &kd, &vd, &mut out, &mut lse, Some(scale as f32)).unwrap();
+    let negative = rt.attention_layer(&layer, shape, DType::F16, &qd, &kd, &vd, &mut out, &mut lse, Some(-0.1));
+    assert!(matches!(negative, Err(weft_runtime::Error::Usage(_))), "a negative scale is refused: {negative:?}");
+    let reports = rt.attention_layer(&layer, shape, DType::F16, &qd, &kd, &vd, &mut out, &mut lse, None).unwrap();
     s.synchronize().unwrap();
-    assert!(!reports[0].index_on_gpu, "built on the host after the GPU declined");
+    assert!(!reports[0].index_on_gpu, "built on the host: the GPU builders take bf16");
     let c = reports[0].config;
     let opts = IndexOptions {
         block_m: Some(c.block_m as usize),
@@ -881,10 +878,10 @@ fn a_layer_whose_gpu_build_declines_falls_back_to_the_host() {
     };
     let want = attention(&build_index(&p.expr, &x.q, &x.k, &opts).unwrap(), &x.q, &x.k, &x.v, scale).unwrap();
     let (rel, nan, lse_err) =
-        compare(&to_f32(&s.clone_dtoh(&out).unwrap(), DType::Bf16), &s.clone_dtoh(&lse).unwrap(), &want);
-    let ok = nan == 0 && rel < DType::Bf16.reference_tolerance() && lse_err < 2e-2;
+        compare(&to_f32(&s.clone_dtoh(&out).unwrap(), DType::F16), &s.clone_dtoh(&lse).unwrap(), &want);
+    let ok = nan == 0 && rel < DType::F16.reference_tolerance() && lse_err < 2e-2;
     println!(
-        "{} declined GPU build fell back to the host: rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+        "{} fp16 layer built its index on the host: rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
         if ok { "ok  " } else { "FAIL" }
     );
     assert!(ok);

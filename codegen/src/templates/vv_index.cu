@@ -516,7 +516,7 @@ __device__ __forceinline__ double key_double(unsigned long long k) {
 // The keep best candidates in [lo, hi) by exact score (scale x repro_dot, as `select` scores
 // its unsure keys; then the lower key), as a bitmap in `bits` (cleared first): for a group the
 // bounds cannot settle (more than UNSURE_CAP keys near the cut, or a bound that failed). Six
-// radix passes over the scores' 64-bit keys (bits 63-53, 52-42, ..., 8-0) find the keep-th
+// radix passes over the scores' 64-bit keys (bits 63-53, 52-42, ..., 19-9, 8-0) find the keep-th
 // best score; each pass scores every candidate again, which needs no scratch memory and is
 // fine on a path this rare (about 0.5 ms per group at 64k keys, D = 128). Then one ascending
 // pass chooses the keys above it and the lowest keys equal to it, as many as keep needs.
@@ -529,12 +529,14 @@ __device__ __noinline__ void select_exact(
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     auto key_of = [&](u32 c) { return double_key(scale * repro_dot(sPq, k_h + (size_t)c * D)); };
     for (int i = tid; i < words; i += SELECT_THREADS) bits[i] = 0;
-    unsigned long long cut = 0;  // the keep-th best key, its bits from `shift` up so far
-    u32 need = keep;             // how many keys at or below `cut`'s prefix to take
-    for (int shift = 53; shift >= 0; shift = shift > 9 ? shift - 11 : -1) {
+    unsigned long long cut = 0;  // the keep-th best key: its bits from `done` up so far
+    u32 need = keep;             // how many keys with cut's bits from `done` up to take
+    // Pass bits [shift, done): 11 bits, and 9 in the last pass.
+    for (int done = 64, shift = 53; done > 0; done = shift, shift = max(shift - 11, 0)) {
+        const unsigned long long width_mask = (1ull << (done - shift)) - 1;
         for (u32 c = lo + tid; c < hi; c += SELECT_THREADS) {
             const unsigned long long k = key_of(c);
-            if (shift == 53 || (k >> (shift + 11)) == (cut >> (shift + 11))) atomicAdd(hist + ((k >> shift) & (HIST - 1)), 1u);
+            if (done == 64 || (k >> done) == (cut >> done)) atomicAdd(hist + ((k >> shift) & width_mask), 1u);
         }
         __syncthreads();
         if (warp == 0) {
@@ -543,7 +545,7 @@ __device__ __noinline__ void select_exact(
             if (lane == 0) sBin = b, sAbove = above;
         }
         __syncthreads();
-        const unsigned long long high = shift == 53 ? 0ull : cut >> (shift + 11) << (shift + 11);
+        const unsigned long long high = done == 64 ? 0ull : cut >> done << done;
         cut = high | (unsigned long long)sBin << shift;
         need -= sAbove;
         for (int i = tid; i < HIST; i += SELECT_THREADS) hist[i] = 0;
@@ -968,7 +970,9 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}_columns(
     const int h = row / q_blocks, qb = row % q_blocks;
     const int g = qb * block_m / q_block;
     const u32* cols = chosen + ((size_t)h * groups + g) * (words > 0 ? words : cap);
-    const int n = chosen_count[(size_t)h * groups + g];
+    // (A group never chooses more than cap keys; the clamp keeps a bug from writing past the
+    // lists, which are sized from cap.)
+    const int n = words > 0 ? 0 : min(chosen_count[(size_t)h * groups + g], cap);
     const int line = line_offset(line_phase, line_stride, line_len, h, qb, block_m);
     const int rrow = (line >= 0 ? line_rule_base : 0) + (per_head ? h : 0) * q_blocks + qb;
     const u32 r0 = rule_ptr[rrow], r1 = rule_ptr[rrow + 1];
