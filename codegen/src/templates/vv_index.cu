@@ -421,11 +421,39 @@ __device__ __forceinline__ float approx_dot(const float* pq, const u16* row) {
 
 // The CPU builder's dot (`weft_patterns::repro::dot`): one f64 accumulator, dimensions in
 // order. Products of a float and a bf16 are exact in f64, so fma gives the CPU's sums.
+// `b` is a row of K (16-byte aligned: D is a multiple of 8 and rows start at multiples of D).
+// It is read 16 dimensions at a time with 16-byte loads, the next 16 loaded while these are
+// summed: one thread scores a key alone, and per-element loads left it waiting on memory
+// D / 8 times per key. The sum is the same fma chain, dimensions in order. (Two loads per
+// step, not more: `select` must stay within 64 registers, so that two of its 512-thread CTAs
+// fit an SM; four took it to 80.)
+constexpr int DOT_BATCH = 2;  // 16-byte loads (8 dimensions each) per step
+static_assert(D % (8 * DOT_BATCH) == 0, "repro_dot reads 8 x DOT_BATCH dimensions per step");
 __device__ __forceinline__ double repro_dot(const float* a, const u16* b) {
+    const uint4* row = reinterpret_cast<const uint4*>(b);
     double acc = 0.0;
-    // Partly unrolled: fully unrolled, its loads alone took most of 128 registers.
-#pragma unroll 8
-    for (int d = 0; d < D; ++d) acc = fma((double)a[d], (double)bf16_to_float(b[d]), acc);
+    uint4 cur[DOT_BATCH], next[DOT_BATCH];
+#pragma unroll
+    for (int j = 0; j < DOT_BATCH; ++j) cur[j] = __ldg(row + j);
+#pragma unroll 1
+    for (int step = 0; step < D / (8 * DOT_BATCH); ++step) {
+        const bool more = step + 1 < D / (8 * DOT_BATCH);
+#pragma unroll
+        for (int j = 0; j < DOT_BATCH; ++j) next[j] = more ? __ldg(row + (step + 1) * DOT_BATCH + j) : cur[j];
+        const float* as = a + step * 8 * DOT_BATCH;
+#pragma unroll
+        for (int j = 0; j < DOT_BATCH; ++j) {
+            const u32 w[4] = {cur[j].x, cur[j].y, cur[j].z, cur[j].w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                // The lower address holds the lower dimension (little endian).
+                acc = fma((double)as[8 * j + 2 * e], (double)__uint_as_float(w[e] << 16), acc);
+                acc = fma((double)as[8 * j + 2 * e + 1], (double)__uint_as_float(w[e] & 0xffff0000u), acc);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < DOT_BATCH; ++j) cur[j] = next[j];
+    }
     return acc;
 }
 
