@@ -19,7 +19,8 @@
 //!   proven bound, exact f64 scores at the cut, every pair's for top-p),
 //!   [`Gpu::build_block_index`] (block top-k / top-p / threshold, exact f64 scores) and
 //!   [`Gpu::build_vs_index`] (vertical-slash and grid column lines, an exact f64 estimate in
-//!   `weft_patterns::repro`'s arithmetic).
+//!   `weft_patterns::repro`'s arithmetic). A build only queues work; an [`IndexBuild`] waits
+//!   for it and reports it on request.
 //! - [`Runtime`]: GPU 0 with the kernel database; [`Runtime::attention_layer`] runs one layer,
 //!   each head with the config tuned for its pattern and shape (or the default, with a
 //!   warning), one launch per group of heads sharing a kernel (see the `layer` module).
