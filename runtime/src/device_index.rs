@@ -12,9 +12,14 @@
 //! count has to come back first; a group the selection's bounds cannot settle is ranked
 //! exactly on the device, so no status has to either. [`IndexBuild::finish`] waits for a build
 //! and reports it (tests and benchmarks; the layer path never calls it). One exception: when
-//! the bound's lists would exceed [`LIST_BOUND_BYTES`] (threshold and top-p vertical vectors
-//! over long sequences, whose bound is every candidate of every row), the builder reads the
-//! entry total once, as the report says (`sized_by_read`).
+//! a bound's lists would exceed [`LIST_BOUND_BYTES`], the builder reads that entry total once
+//! instead, as the report says (`sized_by_read`). Threshold and top-p vertical vectors reach it
+//! first (their bound is every candidate of every row: past about 27k tokens at 32 heads and
+//! 128-query groups); top-k vertical vectors (rows x top_k, which grows with the square of the
+//! length) past about 85k tokens at 10% kept.
+//!
+//! Kernel timings ([`IndexBuildReport::kernel_ms`]) need CUDA events around the launches, which
+//! cost host time on every build; they are recorded only after [`Gpu::time_index_kernels`].
 
 mod slash;
 
@@ -39,7 +44,8 @@ const SCORE_BYTES: usize = 2 << 30;
 const BUDGET_MAX_BYTES: usize = 32 << 30;
 
 /// Lists whose bound (entries x 6 bytes) is larger than this are sized by reading the entry
-/// total mid-build instead (see the module doc).
+/// total mid-build instead (see the module doc): a wait of a few microseconds on builds that
+/// take tens of milliseconds there, against gigabytes of list memory.
 pub const LIST_BOUND_BYTES: usize = 1 << 30;
 
 /// Where the time of one device index build went ([`IndexBuild::finish`]).
@@ -61,9 +67,9 @@ pub struct IndexBuildReport {
     /// List strategy: groups whose list was incomplete (overflow, or the sampled threshold
     /// too high), so the selection scored all their candidates again (the slow path).
     pub slow_groups: usize,
-    /// Vertical vectors: groups ranked exactly over all their keys because more than 4096 keys
-    /// scored too close to the cut to decide by the bounds (many near-equal keys). Slower, the
-    /// same columns.
+    /// Vertical vectors: groups ranked exactly over all their keys, because more than 4096 keys
+    /// scored too close to the cut to decide by the bounds (many near-equal keys), or because a
+    /// bound failed (`bound_failed`). Slower, the same columns.
     pub exact_groups: usize,
     /// Whether an error bound of the approximate scores failed in some group (a bug, please
     /// report it with the inputs; the group was ranked exactly, so the index is still right).
@@ -74,7 +80,8 @@ pub struct IndexBuildReport {
     /// Entries allocated for the block and the column lists (the plan's bounds, or the totals
     /// read); `blocks` and `columns` never exceed them.
     pub capacity: (usize, usize),
-    /// GPU milliseconds per kernel (CUDA events; chunks summed), in launch order.
+    /// GPU milliseconds per kernel (CUDA events; chunks summed), in launch order; empty unless
+    /// [`Gpu::time_index_kernels`] was set before the build.
     pub kernel_ms: Vec<(&'static str, f64)>,
 }
 
@@ -185,28 +192,36 @@ fn launch_cfg(grid: (u32, u32, u32), threads: u32, smem: u32) -> LaunchConfig {
 }
 
 /// CUDA events around an index builder's launches, for [`IndexBuildReport::kernel_ms`].
+/// Records nothing unless `on` (see [`Gpu::time_index_kernels`]).
 struct KernelTimer {
     stream: Arc<CudaStream>,
+    on: bool,
     /// (kernel, start, end)
     marks: Vec<(&'static str, CudaEvent, CudaEvent)>,
 }
 
 impl KernelTimer {
-    fn new(stream: &Arc<CudaStream>) -> Self {
-        KernelTimer { stream: stream.clone(), marks: Vec::new() }
+    fn new(gpu: &Gpu) -> Self {
+        let on = gpu.index_timing.load(std::sync::atomic::Ordering::Relaxed);
+        KernelTimer { stream: gpu.stream.clone(), on, marks: Vec::new() }
     }
 
-    /// An event now: the start of what a later [`KernelTimer::mark`] times.
-    fn start(&self) -> Result<CudaEvent, Error> {
+    /// An event now (when timing): the start of what a later [`KernelTimer::mark`] times.
+    fn start(&self) -> Result<Option<CudaEvent>, Error> {
+        if !self.on {
+            return Ok(None);
+        }
         self.stream
             .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map(Some)
             .map_err(driver("recording a CUDA event"))
     }
 
     /// Times `name` from `start` to now.
-    fn mark(&mut self, name: &'static str, start: CudaEvent) -> Result<(), Error> {
-        let end = self.start()?;
-        self.marks.push((name, start, end));
+    fn mark(&mut self, name: &'static str, start: Option<CudaEvent>) -> Result<(), Error> {
+        if let (Some(start), Some(end)) = (start, self.start()?) {
+            self.marks.push((name, start, end));
+        }
         Ok(())
     }
 
@@ -583,7 +598,7 @@ impl Gpu {
         let mut kmax = s.alloc_zeros::<u32>(hkv).map_err(driver(alloc))?;
         let mut chosen = unsafe { s.alloc::<u32>(hq * groups * chosen_len) }.map_err(driver(alloc))?;
         let mut chosen_count = s.alloc_zeros::<i32>(hq * groups).map_err(driver(alloc))?;
-        // [error code, groups on the slow path]
+        // [largest exact-ranking code, groups on the slow path, groups ranked exactly]
         let mut status = s.alloc_zeros::<i32>(3).map_err(driver(alloc))?;
         let mut row_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
         let mut col_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
@@ -616,7 +631,7 @@ impl Gpu {
             (groups as i32, plan.q_block as i32, cap as i32, top_k.unwrap_or(0).min(i32::MAX as usize) as i32);
         let per_head = i32::from(plan.shape.per_head);
         let launch = |what: &str| driver(format!("launching the index builder's {what} kernel"));
-        let mut timer = KernelTimer::new(s);
+        let mut timer = KernelTimer::new(self);
         // Safety (every launch below): the argument lists match the template's signatures, and
         // each buffer was allocated above (or checked) with the length the kernel indexes.
         let t0 = timer.start()?;
@@ -905,7 +920,7 @@ impl Gpu {
             columns,
         )?;
         let sizing = (sized_by_read, (len, 0));
-        Ok((index, IndexBuild::new(KernelTimer::new(s), started, None, hq, "blocks", sizing)))
+        Ok((index, IndexBuild::new(KernelTimer::new(self), started, None, hq, "blocks", sizing)))
     }
 }
 
@@ -919,14 +934,17 @@ impl DeviceIndex {
         let nb = *block_ptr.last().unwrap_or(&0) as usize;
         let nc = *col_ptr.last().unwrap_or(&0) as usize;
         let mut ix = weft_patterns::SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n);
-        ix.block_idx = s.clone_dtoh(&self.block_idx).map_err(driver(read))?;
-        ix.block_mask = s.clone_dtoh(&self.block_mask).map_err(driver(read))?;
-        ix.col_idx = s.clone_dtoh(&self.col_idx).map_err(driver(read))?;
-        ix.col_mask = s.clone_dtoh(&self.col_mask).map_err(driver(read))?;
-        ix.block_idx.truncate(nb);
-        ix.block_mask.truncate(nb);
-        ix.col_idx.truncate(nc);
-        ix.col_mask.truncate(nc);
+        // Only the entries the pointers cover: the lists may be allocated at a bound, and past
+        // the pointers they hold nothing written.
+        let (nb, nc) = (nb.min(self.block_idx.len()), nc.min(self.col_idx.len()));
+        if nb > 0 {
+            ix.block_idx = s.clone_dtoh(&self.block_idx.slice(..nb)).map_err(driver(read))?;
+            ix.block_mask = s.clone_dtoh(&self.block_mask.slice(..nb)).map_err(driver(read))?;
+        }
+        if nc > 0 {
+            ix.col_idx = s.clone_dtoh(&self.col_idx.slice(..nc)).map_err(driver(read))?;
+            ix.col_mask = s.clone_dtoh(&self.col_mask.slice(..nc)).map_err(driver(read))?;
+        }
         ix.block_ptr = block_ptr;
         ix.col_ptr = col_ptr;
         Ok(ix)

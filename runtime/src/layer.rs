@@ -273,8 +273,8 @@ impl Runtime {
                     };
                     match built {
                         Ok((device_index, _)) => Some((device_index, dp.masks().to_vec())),
-                        // The builder declined these inputs (e.g. too many near-equal keys at a
-                        // cut): the host builds the same index, numbered the same way.
+                        // The builder declined these inputs (e.g. more scratch than it takes):
+                        // the host builds the same index, numbered the same way.
                         Err(Error::Usage(why)) => {
                             tracing::warn!(heads = ?heads, %why, "GPU index building declined; building on the host");
                             if host.is_none() {

@@ -152,6 +152,8 @@ pub struct Gpu {
     plan_copies: Mutex<HashMap<u64, Arc<dyn std::any::Any + Send + Sync>>>,
     /// The kernel database and this GPU's toolchain (its key prefix), when attached.
     db: Option<(weft_cache::Db, weft_cache::Toolchain)>,
+    /// Whether index builds record CUDA events per kernel (see [`Gpu::time_index_kernels`]).
+    index_timing: std::sync::atomic::AtomicBool,
 }
 
 /// Where [`Gpu::load_traced`] found a kernel.
@@ -182,7 +184,9 @@ const POOL_KEEP_BYTES: u64 = 8 << 30;
 /// Lets the device's default memory pool keep up to [`POOL_KEEP_BYTES`] of freed memory
 /// instead of returning it to the driver at every synchronisation (its default): index builds
 /// allocate their lists and scratch afresh on each call, and remapping them each time would
-/// cost more than the work. Best effort: without memory pools nothing changes.
+/// cost more than the work. Best effort: without memory pools nothing changes. The pool is the
+/// process's: other libraries in it that allocate with `cudaMallocAsync` on the default pool
+/// share the setting (and the kept memory is not available to allocators outside the pool).
 fn keep_freed_memory(ctx: &CudaContext) {
     let mut pool = std::ptr::null_mut();
     let mut keep = POOL_KEEP_BYTES;
@@ -226,7 +230,15 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             plan_copies: Mutex::new(HashMap::new()),
             db: None,
+            index_timing: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether index builds time each kernel with CUDA events, for
+    /// [`IndexBuildReport::kernel_ms`] (benchmarks); off by default, since the events cost host
+    /// time on every build.
+    pub fn time_index_kernels(&self, on: bool) {
+        self.index_timing.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// What kernels compiled here are valid for: the key prefix of every cache entry.

@@ -196,6 +196,7 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("WEFT_LOG")).init();
     let args = Args::parse();
     let gpu = Gpu::open(0)?;
+    gpu.time_index_kernels(true);
     let s = gpu.stream.clone();
     let h = args.heads;
     eprintln!("GPU: {} ({} SMs)", gpu.name, gpu.sm_count);

@@ -541,6 +541,9 @@ __device__ __forceinline__ double key_double(unsigned long long k) {
     return __longlong_as_double((long long)((k >> 63) ? (k & 0x7fffffffffffffffull) : ~k));
 }
 
+// An exact score as the CPU ranks it (weft_patterns::select): NaN as -inf, last.
+__device__ __forceinline__ double rank_score(double x) { return x != x ? __longlong_as_double(0xfff0000000000000LL) : x; }
+
 // The keep best candidates in [lo, hi) by exact score (scale x repro_dot, as `select` scores
 // its unsure keys; then the lower key), as a bitmap in `bits` (cleared first): for a group the
 // bounds cannot settle (more than UNSURE_CAP keys near the cut, or a bound that failed). Six
@@ -549,13 +552,13 @@ __device__ __forceinline__ double key_double(unsigned long long k) {
 // fine on a path this rare (about 0.5 ms per group at 64k keys, D = 128). Then one ascending
 // pass chooses the keys above it and the lowest keys equal to it, as many as keep needs.
 // `hist` is a zeroed shared histogram, zeroed again on return. Every thread of the CTA calls
-// it.
-__device__ __noinline__ void select_exact(
+// it. (Left to the compiler to inline: kept out of line, its call made `select` spill.)
+__device__ void select_exact(
     const float* sPq, const u16* k_h, u32 lo, u32 hi, u32 keep, double scale, u32* hist, u32* bits, int words)
 {
     __shared__ u32 sBin, sAbove, warpTies[SELECT_THREADS / 32];
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    auto key_of = [&](u32 c) { return double_key(scale * repro_dot(sPq, k_h + (size_t)c * D)); };
+    auto key_of = [&](u32 c) { return double_key(rank_score(scale * repro_dot(sPq, k_h + (size_t)c * D))); };
     for (int i = tid; i < words; i += SELECT_THREADS) bits[i] = 0;
     unsigned long long cut = 0;  // the keep-th best key: its bits from `done` up so far
     u32 need = keep;             // how many keys with cut's bits from `done` up to take
@@ -746,7 +749,7 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
             exact_code = STATUS_BOUND;
         } else {
             // Exact scores of the unsure keys (the CPU builder's dot, times the scale), ranked.
-            for (u32 i = tid; i < unsure; i += SELECT_THREADS) uScore[i] = scale * repro_dot(sPq, k_h + (size_t)uKey[i] * D);
+            for (u32 i = tid; i < unsure; i += SELECT_THREADS) uScore[i] = rank_score(scale * repro_dot(sPq, k_h + (size_t)uKey[i] * D));
             sort_best_first(uScore, uKey, unsure, pow2_at_least(unsure));
             for (u32 i = tid; i < keep - in; i += SELECT_THREADS) atomicOr(bits + uKey[i] / 32, 1u << (uKey[i] % 32));
         }

@@ -99,7 +99,7 @@ impl Gpu {
         let (vk_i, sk_i, block_i, groups_i, kblocks_i) =
             (vk as i32, sk as i32, plan.block as i32, groups as i32, kblocks as i32);
         let per_head_i = i32::from(plan.shape.per_head);
-        let mut timer = KernelTimer::new(s);
+        let mut timer = KernelTimer::new(self);
         // Safety (every launch below): argument lists match the template's signatures and each
         // buffer has the length the kernel indexes.
         for h0 in (0..hq).step_by(chunk).filter(|_| estimate) {
