@@ -44,6 +44,17 @@ impl Region {
         weft_dsl::Env { q, k, h: self.h, nq: self.nq, nk: self.nk }
     }
 
+    /// The two halves of a region of at least two pairs, split along its longer side.
+    fn halves(&self) -> (Region, Region) {
+        if self.q1 - self.q0 >= self.k1 - self.k0 {
+            let mid = self.q0 + (self.q1 - self.q0) / 2;
+            (Region { q1: mid, ..*self }, Region { q0: mid, ..*self })
+        } else {
+            let mid = self.k0 + (self.k1 - self.k0) / 2;
+            (Region { k1: mid, ..*self }, Region { k0: mid, ..*self })
+        }
+    }
+
     /// Evaluates `p` at one pair of this region's head.
     pub fn eval(&self, p: &Pred, q: i64, k: i64) -> bool {
         p.eval(&self.env(q, k))
@@ -101,9 +112,10 @@ pub fn decide(p: &Pred, r: &Region) -> Option<bool> {
     match p {
         Pred::Const(b) => Some(*b),
         Pred::Cmp { op, lhs, rhs } => {
-            // Compare through the difference: keeps q - k correlations exact.
-            let d =
-                interval(&IntExpr::Bin { op: IntOp::Sub, lhs: Box::new(lhs.clone()), rhs: Box::new(rhs.clone()) }, r);
+            // Compare through the difference's interval (lhs - rhs, as `interval` bounds a
+            // subtraction).
+            let (a, b) = (interval(lhs, r), interval(rhs, r));
+            let d = (a.0.saturating_sub(b.1), a.1.saturating_sub(b.0));
             if d.0 == d.1 {
                 return Some(apply_cmp(*op, d.0, 0));
             }
@@ -140,27 +152,51 @@ fn decided(all: bool, none: bool) -> Option<bool> {
     }
 }
 
-/// Like [`decide`], but settles undecided regions by checking every pair.
+/// Regions of at most this many pairs that intervals leave undecided are checked pair by pair.
+const PAIRWISE: u64 = 4;
+
+/// Like [`decide`], but settles undecided regions exactly: `None` only for a region that is
+/// truly mixed.
+///
+/// An undecided region is split in halves (along its longer side), each decided by intervals
+/// where they can be, the first half first; the region is mixed as soon as two parts disagree.
+/// At a window's edge that takes a few interval checks where checking pair by pair took about
+/// a hundred pairs (static plans ask this for every column near the diagonal of every row,
+/// most of their time). Small undecided parts are checked pair by pair, stopping at the first
+/// disagreement.
 pub fn decide_exact(p: &Pred, r: &Region) -> Option<bool> {
     if let Some(x) = decide(p, r) {
         return Some(x);
     }
-    // Pair by pair, stopping at the first pair that disagrees with an earlier one: a mixed
-    // region (the common case for lines such as `q % stride == phase`) is known after a few
-    // pairs, not after all of them.
-    let (mut seen_true, mut seen_false) = (false, false);
-    for q in r.q0..r.q1 {
-        for k in r.k0..r.k1 {
-            if r.eval(p, q, k) {
-                seen_true = true;
-            } else {
-                seen_false = true;
+    let mut seen = [false; 2];
+    let mut note = |x: bool| {
+        seen[usize::from(x)] = true;
+        seen[0] && seen[1]
+    };
+    let mut stack = vec![*r];
+    let mut first = true;
+    while let Some(part) = stack.pop() {
+        if part.pairs() <= PAIRWISE {
+            for q in part.q0..part.q1 {
+                for k in part.k0..part.k1 {
+                    if note(part.eval(p, q, k)) {
+                        return None;
+                    }
+                }
             }
-            if seen_true && seen_false {
-                return None;
+            continue;
+        }
+        // (`r` itself is known to be undecided.)
+        match if first { None } else { decide(p, &part) } {
+            Some(x) if note(x) => return None,
+            Some(_) => {}
+            None => {
+                let (a, b) = part.halves();
+                stack.push(b);
+                stack.push(a);
             }
         }
+        first = false;
     }
-    // An empty region counts as all-true, as before.
-    Some(!seen_false)
+    Some(seen[1] && !seen[0])
 }

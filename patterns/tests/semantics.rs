@@ -484,3 +484,27 @@ fn gathering_keeps_only_the_masks_the_heads_use() {
     assert_eq!(band.masks.len(), 1, "{:?}", band.masks);
     assert_eq!(band.head_pairs(0), ix.head_pairs(0));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// `decide_exact` (intervals over halves, pairs only in small parts) says what checking
+    /// every pair says: all true, all false, or mixed.
+    #[test]
+    fn decide_exact_matches_checking_every_pair(
+        p in arb_pred(),
+        (q0, dq, k0, dk) in (0i64..400, 1i64..160, 0i64..400, 1i64..160),
+        h in 0i64..3,
+    ) {
+        use weft_patterns::interval::{decide_exact, Region};
+        let r = Region { q0, q1: q0 + dq, k0, k1: k0 + dk, h, nq: 600, nk: 640 };
+        let (mut any_true, mut any_false) = (false, false);
+        r.for_each(|q, k| if r.eval(&p, q, k) { any_true = true } else { any_false = true });
+        let want = match (any_true, any_false) {
+            (true, false) => Some(true),
+            (false, true) => Some(false),
+            _ => None,
+        };
+        prop_assert_eq!(decide_exact(&p, &r), want, "{:?} over {:?}", p, r);
+    }
+}
