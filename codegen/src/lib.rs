@@ -43,6 +43,7 @@ const DECODE: &str = include_str!("templates/decode.cu");
 const MERGE: &str = include_str!("templates/merge.cu");
 const VV_INDEX: &str = include_str!("templates/vv_index.cu");
 const VS_INDEX: &str = include_str!("templates/vs_index.cu");
+const HOPPER: &str = include_str!("templates/hopper.cu");
 
 /// Element type of Q, K, V and O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -583,6 +584,71 @@ fn generate_vv_index(head_dim: u32) -> Kernel {
         .replace("{{LN2_LO}}", &bits(repro::LN2_LO))
         .replace("{{EXP_COEF}}", &coef.join(", "));
     Kernel { name, source, key, threads: 512, shared_bytes: VV_INDEX_MAX_SHARED, head_dim }
+}
+
+/// Keys in the tile of [`emit_wgmma_probe`].
+pub const WGMMA_PROBE_KEYS: u32 = 64;
+
+/// Generates the Hopper building blocks' probe for bf16 and `head_dim` (64 or 128): one
+/// warpgroup computes S = Q K^T (64 x [`WGMMA_PROBE_KEYS`], both operands in 128-byte swizzled
+/// shared memory) and O = bf16(S) V (P from registers, V read transposed) with `wgmma`. It is
+/// compiled for sm_90a (the arch-specific target `wgmma` needs) and launched with one CTA of
+/// 128 threads and [`Kernel::shared_bytes`] of dynamic shared memory; see `templates/hopper.cu`.
+/// The next attention path builds on these pieces; the GPU suite checks them first.
+pub fn emit_wgmma_probe(head_dim: u32) -> Result<Kernel, Error> {
+    if ![64, 128].contains(&head_dim) {
+        return Err(Error::Config(format!("the wgmma probe takes head_dim 64 or 128, got {head_dim}")));
+    }
+    let keys = WGMMA_PROBE_KEYS;
+    // The template is not among the ones every kernel key covers (that would change every
+    // stored kernel's key), so its own hash goes into this key.
+    let config = format!("wgmma-probe head_dim={head_dim} keys={keys} template={}", blake3::hash(HOPPER.as_bytes()));
+    let (key, header) = key_and_header("wgmma-probe", None, &config, &[], None);
+    let name = format!("weft_wgmma_{}", &key[..16]);
+    let wrappers = [wgmma_wrapper(keys, false), wgmma_wrapper(head_dim, true)].join("\n");
+    let source = HOPPER
+        .replace("{{HEADER}}", &header)
+        .replace("{{PRELUDE}}", &prelude(&[], None, DType::Bf16))
+        .replace("{{WGMMA_WRAPPERS}}", &wrappers)
+        .replace("{{NAME}}", &name)
+        .replace("{{D}}", &head_dim.to_string())
+        .replace("{{KEYS}}", &keys.to_string());
+    // Q, K and V tiles, and 1024 bytes to align them to the swizzle's period.
+    let shared_bytes = (64 + 2 * keys) * head_dim * 2 + 1024;
+    Ok(Kernel { name, source, key, threads: 128, shared_bytes, head_dim })
+}
+
+/// A `wgmma` m64n`n`k16 wrapper (bf16 inputs, f32 accumulators), one asm statement with its
+/// `n / 2` accumulators as operands: `wgmma_ss_n{n}` takes A and B from shared memory (both
+/// K-major), `wgmma_rs_n{n}_mn` takes A from registers and B from shared memory read transposed
+/// (MN-major). `accumulate` false overwrites the accumulators.
+fn wgmma_wrapper(n: u32, registers_a: bool) -> String {
+    let acc = n / 2;
+    let d_list = (0..acc).map(|i| format!("%{i}")).collect::<Vec<_>>().join(", ");
+    let d_ops = (0..acc).map(|i| format!("\"+f\"(d[{i}])")).collect::<Vec<_>>().join(", ");
+    let shape = format!("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16");
+    if registers_a {
+        let (a, b, flag) = (acc, acc + 4, acc + 5);
+        format!(
+            "__device__ __forceinline__ void wgmma_rs_n{n}_mn(float (&d)[{acc}], const u32 (&a)[4], unsigned long long db, bool accumulate) {{\n\
+             \x20   asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{flag}, 0;\\n\"\n\
+             \x20                \"{shape} {{{d_list}}}, {{%{a}, %{a1}, %{a2}, %{a3}}}, %{b}, p, 1, 1, 1;\\n}}\\n\"\n\
+             \x20                : {d_ops}\n\
+             \x20                : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(db), \"r\"((int)accumulate));\n}}\n",
+            a1 = a + 1,
+            a2 = a + 2,
+            a3 = a + 3,
+        )
+    } else {
+        let (da, db, flag) = (acc, acc + 1, acc + 2);
+        format!(
+            "__device__ __forceinline__ void wgmma_ss_n{n}(float (&d)[{acc}], unsigned long long da, unsigned long long db, bool accumulate) {{\n\
+             \x20   asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{flag}, 0;\\n\"\n\
+             \x20                \"{shape} {{{d_list}}}, %{da}, %{db}, p, 1, 1, 0, 0;\\n}}\\n\"\n\
+             \x20                : {d_ops}\n\
+             \x20                : \"l\"(da), \"l\"(db), \"r\"((int)accumulate));\n}}\n"
+        )
+    }
 }
 
 #[cfg(test)]

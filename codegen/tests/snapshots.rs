@@ -48,3 +48,15 @@ fn vertical_vector_index_builder_bf16_d128() {
         k.source.lines().filter(|l| l.starts_with("// ") || l.starts_with("constexpr")).take(40).collect();
     insta::assert_snapshot!(lines.join("\n"));
 }
+
+#[test]
+fn wgmma_probe_wrappers_bf16_d128() {
+    let k = weft_codegen::emit_wgmma_probe(128).unwrap();
+    assert_eq!(k, weft_codegen::emit_wgmma_probe(128).unwrap(), "emission must be deterministic");
+    assert!(weft_codegen::emit_wgmma_probe(256).is_err(), "head_dim 256 is refused");
+    // The generated part: the header and the two wgmma wrappers (the rest is the template).
+    let start = k.source.find("__device__ __forceinline__ void wgmma_ss_").unwrap();
+    let end = k.source.find("// ---- probe").unwrap();
+    let head: Vec<&str> = k.source.lines().take_while(|l| l.starts_with("// ")).collect();
+    insta::assert_snapshot!(format!("{}\n...\n{}", head.join("\n"), &k.source[start..end]));
+}

@@ -343,6 +343,27 @@ impl Gpu {
         self.install_entries(kernel, cubin, ptx, &entries)
     }
 
+    /// Compiles (once per kernel key) and loads `kernel` for this GPU's arch-specific target
+    /// (`sm_90a`), which Hopper features such as `wgmma` need; see
+    /// `weft_codegen::emit_wgmma_probe`. Not stored in the kernel database.
+    pub fn load_arch_specific(&self, kernel: &Kernel) -> Result<CudaFunction, Error> {
+        if self.arch.sm != 90 {
+            return Err(Error::Usage(format!(
+                "{} needs an sm_90 GPU (H100, H200); this one is {}",
+                kernel.name,
+                self.arch.name()
+            )));
+        }
+        let key = (entry_key(kernel, None), self.arch);
+        if let Some(f) = self.modules.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(f);
+        }
+        let compiled = nvrtc::compile_arch_specific(&kernel.source, &kernel.name, self.arch)?;
+        // (install_entries keeps the function in the module cache under the same key.)
+        let mut f = self.install_entries(kernel, compiled.cubin, compiled.ptx, &[None])?;
+        f.pop().ok_or_else(|| Error::Usage(format!("{} has no entry point", kernel.name)))
+    }
+
     /// Takes the kernel database back (to hand it to another `Gpu`: sled allows one opener).
     pub fn detach_db(&mut self) -> Option<weft_cache::Db> {
         self.db.take().map(|(db, _)| db)

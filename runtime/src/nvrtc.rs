@@ -140,8 +140,13 @@ fn annotate(log: &str, file: &str, source: &str) -> String {
 
 /// The NVRTC options weft compiles with (stored with every cached kernel).
 pub fn options(arch: Arch) -> Vec<String> {
+    options_for(&arch.name())
+}
+
+/// [`options`] for an architecture name (`sm_90`, or `sm_90a` for arch-specific features).
+fn options_for(arch_name: &str) -> Vec<String> {
     vec![
-        format!("--gpu-architecture={}", arch.name()),
+        format!("--gpu-architecture={arch_name}"),
         "--std=c++17".to_string(),
         "--use_fast_math".to_string(),
         "--ptxas-options=-v".to_string(),
@@ -150,6 +155,16 @@ pub fn options(arch: Arch) -> Vec<String> {
 
 /// Compiles `source` for `arch`, returning CUBIN, PTX, the log and the resource report.
 pub fn compile(source: &str, name: &str, arch: Arch) -> Result<Compiled, Error> {
+    compile_for(source, name, arch, &arch.name())
+}
+
+/// [`compile`] for `arch`'s arch-specific target (`sm_90a`): what `wgmma` and other features
+/// that are not forward compatible need. The CUBIN runs on that exact architecture only.
+pub fn compile_arch_specific(source: &str, name: &str, arch: Arch) -> Result<Compiled, Error> {
+    compile_for(source, name, arch, &format!("{}a", arch.name()))
+}
+
+fn compile_for(source: &str, name: &str, arch: Arch, arch_name: &str) -> Result<Compiled, Error> {
     check_available()?;
     let start = std::time::Instant::now();
     let file = format!("{name}.cu");
@@ -158,7 +173,7 @@ pub fn compile(source: &str, name: &str, arch: Arch) -> Result<Compiled, Error> 
     let nvrtc_err =
         |what: &str, e: result::NvrtcError| Error::Nvrtc { message: format!("{what}: {e:?}"), log: String::new() };
     let prog = result::create_program(&src, Some(&file_c)).map_err(|e| nvrtc_err("nvrtcCreateProgram", e))?;
-    let options = options(arch);
+    let options = options_for(arch_name);
     let compiled = unsafe { result::compile_program(prog, &options) };
     let log = unsafe { result::get_program_log(prog) }.map(to_string).unwrap_or_default();
     let finish = |r: Result<Compiled, Error>| {
@@ -167,7 +182,7 @@ pub fn compile(source: &str, name: &str, arch: Arch) -> Result<Compiled, Error> 
     };
     if compiled.is_err() {
         return finish(Err(Error::Nvrtc {
-            message: format!("NVRTC could not compile `{name}` for {}", arch.name()),
+            message: format!("NVRTC could not compile `{name}` for {arch_name}"),
             log: annotate(&log, &file, source),
         }));
     }

@@ -1096,3 +1096,84 @@ fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
     }
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
+
+/// The Hopper building blocks (`weft_codegen::emit_wgmma_probe`, sm_90a): S = Q K^T with both
+/// operands read by wgmma from 128-byte swizzled shared memory, and O = bf16(S) V with P from
+/// registers and V read transposed. The inputs are multiples of 1/4 in [-3/4, 3/4], so every
+/// product and every sum below is exact in f32, on the tensor cores as on the CPU: the
+/// comparison is exact, and a wrong descriptor, swizzle or fragment layout cannot hide in a
+/// tolerance.
+#[test]
+fn wgmma_probe_matches_exact_products() {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let gpu = Gpu::open(0).expect("a GPU");
+    if gpu.arch.sm != 90 {
+        println!("skipped: the wgmma probe needs sm_90, this GPU is {}", gpu.arch.name());
+        return;
+    }
+    let keys = weft_codegen::WGMMA_PROBE_KEYS as usize;
+    let s = &gpu.stream;
+    let mut failures = Vec::new();
+    for (d, seed) in [(64usize, 11u64), (128, 12)] {
+        let kernel = weft_codegen::emit_wgmma_probe(d as u32).unwrap();
+        let f = gpu.load_arch_specific(&kernel).unwrap();
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut values = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    ((state % 7) as f32 - 3.0) / 4.0
+                })
+                .collect()
+        };
+        let (q, k, v) = (values(64 * d), values(keys * d), values(keys * d));
+        let bits = |x: &[f32]| x.iter().map(|f| (f.to_bits() >> 16) as u16).collect::<Vec<u16>>();
+        let (qd, kd, vd) =
+            (s.clone_htod(&bits(&q)).unwrap(), s.clone_htod(&bits(&k)).unwrap(), s.clone_htod(&bits(&v)).unwrap());
+        let mut sd = s.clone_htod(&vec![f32::NAN; 64 * keys]).unwrap();
+        let mut od = s.clone_htod(&vec![f32::NAN; 64 * d]).unwrap();
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: kernel.shared_bytes };
+        let mut b = s.launch_builder(&f);
+        b.arg(&qd).arg(&kd).arg(&vd).arg(&mut sd).arg(&mut od);
+        // Safety: the arguments match the probe's signature and each buffer has the size it
+        // indexes.
+        unsafe { b.launch(cfg) }.unwrap();
+        let (got_s, got_o) = (s.clone_dtoh(&sd).unwrap(), s.clone_dtoh(&od).unwrap());
+        // The CPU's S, P = bf16(S) rounded to nearest even, and O.
+        let bf16 = |x: f32| {
+            let b = x.to_bits();
+            f32::from_bits((b + 0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
+        };
+        let want_s: Vec<f32> = (0..64 * keys)
+            .map(|i| {
+                (0..d).map(|c| f64::from(q[i / keys * d + c]) * f64::from(k[i % keys * d + c])).sum::<f64>() as f32
+            })
+            .collect();
+        let want_o: Vec<f32> = (0..64 * d)
+            .map(|i| {
+                let (row, c) = (i / d, i % d);
+                (0..keys).map(|j| f64::from(bf16(want_s[row * keys + j])) * f64::from(v[j * d + c])).sum::<f64>() as f32
+            })
+            .collect();
+        let first_diff = |got: &[f32], want: &[f32], cols: usize| {
+            got.iter()
+                .zip(want)
+                .position(|(g, w)| g != w)
+                .map(|i| format!("row {} col {}: got {} want {}", i / cols, i % cols, got[i], want[i]))
+        };
+        let (ds, dout) = (first_diff(&got_s, &want_s, keys), first_diff(&got_o, &want_o, d));
+        let ok = ds.is_none() && dout.is_none();
+        println!(
+            "{} wgmma probe d={d} keys={keys}: S {} O {}",
+            if ok { "ok  " } else { "FAIL" },
+            ds.as_deref().unwrap_or("exact"),
+            dout.as_deref().unwrap_or("exact")
+        );
+        if !ok {
+            failures.push(d);
+        }
+    }
+    assert!(failures.is_empty(), "wgmma probe wrong at head dims {failures:?}");
+}

@@ -204,3 +204,25 @@ fn vertical_vector_index_kernels_compile_without_spills() {
         }
     });
 }
+
+/// The Hopper building blocks' probe compiles for sm_90a at both head dims: its wgmma wrappers
+/// assemble (operand counts, descriptors, the transposed B), and nothing spills.
+#[test]
+fn wgmma_probe_compiles_for_sm_90a() {
+    version().expect("NVRTC is required for this test");
+    for d in [64u32, 128] {
+        let kernel = weft_codegen::emit_wgmma_probe(d).unwrap();
+        let c = weft_runtime::nvrtc::compile_arch_specific(&kernel.source, &kernel.name, Arch::SM90)
+            .unwrap_or_else(|e| panic!("wgmma probe d={d}: {e}"));
+        assert!(c.ptx.contains("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"), "d={d}: no S wgmma");
+        assert!(c.ptx.contains(&format!("wgmma.mma_async.sync.aligned.m64n{d}k16.f32.bf16.bf16")), "d={d}: no O wgmma");
+        assert!(!c.cubin.is_empty(), "d={d}: no CUBIN");
+        if let Some(r) = report(&c, &format!("wgmma probe d={d}")) {
+            assert!(r.spill_stores == 0 && r.spill_loads == 0, "wgmma probe d={d} spills: {r:?}");
+        }
+    }
+    // Without the arch-specific target, wgmma is refused: the probe must go through
+    // compile_arch_specific (Gpu::load_arch_specific).
+    let kernel = weft_codegen::emit_wgmma_probe(128).unwrap();
+    assert!(compile(&kernel.source, &kernel.name, Arch::SM90).is_err(), "wgmma compiled for plain sm_90");
+}
