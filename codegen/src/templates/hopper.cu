@@ -49,6 +49,14 @@ template <int N> __device__ __forceinline__ void fence_registers(float (&d)[N]) 
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// The same for A fragments in registers: their writes stay above the wgmma.fence that orders
+// them before the MMAs that read them.
+template <int N> __device__ __forceinline__ void fence_registers(u32 (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+}
 // Two floats as bf16x2, `lo` in the low half (round to nearest even).
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     u32 r;
@@ -122,6 +130,7 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}(
         p[ks][2] = pack_bf16(s[8 * ks + 4], s[8 * ks + 5]);
         p[ks][3] = pack_bf16(s[8 * ks + 6], s[8 * ks + 7]);
     }
+    fence_registers(p);
     float o[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
