@@ -67,7 +67,15 @@ pub fn space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<KernelConfig
             for warp_rows in [16u32, 32] {
                 for &stages in depths {
                     if warp_rows <= bm {
-                        out.push(KernelConfig { block_m: bm, block_n: bn, head_dim, dtype, warp_rows, stages });
+                        out.push(KernelConfig {
+                            block_m: bm,
+                            block_n: bn,
+                            head_dim,
+                            dtype,
+                            warp_rows,
+                            stages,
+                            wgmma: false,
+                        });
                     }
                 }
             }

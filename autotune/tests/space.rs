@@ -78,6 +78,7 @@ fn a_failed_compile_drops_only_that_config() {
         dtype: DType::Bf16,
         warp_rows: 32,
         stages: 2,
+        wgmma: false,
     };
     let mut all = configs.clone();
     all.push(big);

@@ -44,21 +44,28 @@ struct Args {
     /// Timed repetitions (median reported).
     #[arg(long, default_value_t = 20)]
     reps: usize,
-    /// Kernel shapes for the dense case, as BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES] (the first is reported
-    /// to the peers' table; the others are printed for comparison).
+    /// Kernel shapes for the dense case, as BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w] (the first is
+    /// reported to the peers' table; the others are printed for comparison; a trailing `w` is
+    /// the Hopper wgmma path, e.g. 128x128x16x2w).
     #[arg(long, value_delimiter = ',', default_values_t = ["128x64x32".to_string()])]
     dense_configs: Vec<String>,
 }
 
 fn parse_config(s: &str) -> Result<KernelConfig> {
+    // A trailing `w` asks for the Hopper (wgmma) path: e.g. 128x128x16x2w.
+    let (s, wgmma) = match s.strip_suffix('w') {
+        Some(rest) => (rest, true),
+        None => (s, false),
+    };
     let parts: Vec<u32> =
-        s.split('x').map(str::parse).collect::<Result<_, _>>().context("BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES]")?;
+        s.split('x').map(str::parse).collect::<Result<_, _>>().context("BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w]")?;
     let (bm, bn, wr, stages) = match parts[..] {
         [bm, bn, wr] => (bm, bn, wr, 2),
         [bm, bn, wr, st] => (bm, bn, wr, st),
         _ => anyhow::bail!("expected BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES], got {s}"),
     };
-    let c = KernelConfig { block_m: bm, block_n: bn, head_dim: D as u32, dtype: DType::Bf16, warp_rows: wr, stages };
+    let c =
+        KernelConfig { block_m: bm, block_n: bn, head_dim: D as u32, dtype: DType::Bf16, warp_rows: wr, stages, wgmma };
     c.validate()?;
     Ok(c)
 }

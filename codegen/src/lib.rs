@@ -44,6 +44,7 @@ const MERGE: &str = include_str!("templates/merge.cu");
 const VV_INDEX: &str = include_str!("templates/vv_index.cu");
 const VS_INDEX: &str = include_str!("templates/vs_index.cu");
 const HOPPER: &str = include_str!("templates/hopper.cu");
+const WGMMA: &str = include_str!("templates/wgmma.cu");
 
 /// Element type of Q, K, V and O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -120,6 +121,12 @@ pub struct KernelConfig {
     /// field existed read as 2, the depth their kernels had.
     #[serde(default = "two_stages")]
     pub stages: u32,
+    /// The Hopper path (sm_90a only): warpgroup MMAs (`wgmma`) with operands in 128-byte
+    /// swizzled shared memory, one warpgroup per 64 query rows, instead of `mma.sync`. Takes
+    /// block_m and block_n of 64 or 128, head_dim 64 or 128, warp_rows 16. Records stored
+    /// before this field existed read as false.
+    #[serde(default)]
+    pub wgmma: bool,
 }
 
 fn two_stages() -> u32 {
@@ -129,7 +136,7 @@ fn two_stages() -> u32 {
 impl KernelConfig {
     /// The default config for a head dim and dtype, with 64 x 64 tiles.
     pub fn new(head_dim: u32, dtype: DType) -> KernelConfig {
-        KernelConfig { block_m: 64, block_n: 64, head_dim, dtype, warp_rows: 16, stages: 2 }
+        KernelConfig { block_m: 64, block_n: 64, head_dim, dtype, warp_rows: 16, stages: 2, wgmma: false }
     }
 
     /// The config used when nothing is tuned: the pattern's natural block sizes
@@ -153,20 +160,27 @@ impl KernelConfig {
             dtype,
             warp_rows: if block_m >= 128 { 32 } else { 16 },
             stages: 2,
+            wgmma: false,
         }
     }
 
     /// Threads per CTA.
     pub fn threads(&self) -> u32 {
+        if self.wgmma {
+            // One warpgroup (128 threads) per 64 query rows.
+            return self.block_m / 64 * 128;
+        }
         self.block_m / self.warp_rows * 32
     }
 
     /// Dynamic shared memory per CTA in bytes.
     pub fn shared_bytes(&self) -> u32 {
-        let lds = self.head_dim + 8;
+        // The wgmma path's rows are unpadded (swizzled instead), and its tiles start on 1024
+        // bytes, which the kernel aligns to within 1024 spare bytes.
+        let (row, spare) = if self.wgmma { (self.head_dim, 1024) } else { (self.head_dim + 8, 0) };
         // Q, then K and V per stage; then each stage's key positions (i32) and mask ids (u16).
-        let tiles = (self.block_m + 2 * self.stages * self.block_n) * lds * 2;
-        tiles + self.stages * self.block_n * (4 + 2)
+        let tiles = (self.block_m + 2 * self.stages * self.block_n) * row * 2;
+        tiles + self.stages * self.block_n * (4 + 2) + spare
     }
 
     /// Checks the config, naming the field and the accepted values.
@@ -189,6 +203,18 @@ impl KernelConfig {
         if !(self.stages == 2 || self.stages == 3) {
             return Err(Error::Config(format!("stages must be 2 or 3, got {}", self.stages)));
         }
+        if self.wgmma
+            && !([64, 128].contains(&self.block_m)
+                && [64, 128].contains(&self.block_n)
+                && [64, 128].contains(&self.head_dim)
+                && self.warp_rows == 16)
+        {
+            return Err(Error::Config(format!(
+                "the wgmma path takes block_m and block_n of 64 or 128, head_dim 64 or 128 and warp_rows 16, got \
+                 {} x {}, head_dim {}, warp_rows {}",
+                self.block_m, self.block_n, self.head_dim, self.warp_rows
+            )));
+        }
         // The H100/H200 and A100 give a CTA at most 227 KiB of shared memory.
         if self.shared_bytes() > 227 * 1024 {
             return Err(Error::Config(format!(
@@ -206,11 +232,12 @@ impl KernelConfig {
 impl std::fmt::Display for KernelConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Every field: this text is part of the kernel key.
-        let KernelConfig { block_m, block_n, head_dim, dtype, warp_rows, stages } = self;
+        let KernelConfig { block_m, block_n, head_dim, dtype, warp_rows, stages, wgmma } = self;
         write!(
             f,
-            "block_m={block_m} block_n={block_n} head_dim={head_dim} dtype={} warp_rows={warp_rows} stages={stages}",
-            dtype.name()
+            "block_m={block_m} block_n={block_n} head_dim={head_dim} dtype={} warp_rows={warp_rows} stages={stages}{}",
+            dtype.name(),
+            if *wgmma { " mma=wgmma" } else { "" }
         )
     }
 }
@@ -238,6 +265,8 @@ pub struct Kernel {
     pub shared_bytes: u32,
     /// The head dimension the kernel is compiled for (launches check it).
     pub head_dim: u32,
+    /// Compiled for the GPU's arch-specific target (`sm_90a`: wgmma), not the portable one.
+    pub arch_specific: bool,
 }
 
 /// Errors of code generation.
@@ -336,7 +365,7 @@ fn key_and_header(
 ) -> (String, String) {
     // The templates' text is part of the key too, so an edited template can never load a
     // kernel stored from the old one, even where CODEGEN_VERSION was not bumped.
-    let templates = blake3::hash([PRELUDE, ATTENTION, DECODE, MERGE, VV_INDEX, VS_INDEX].concat().as_bytes());
+    let templates = blake3::hash([PRELUDE, ATTENTION, DECODE, MERGE, VV_INDEX, VS_INDEX, WGMMA].concat().as_bytes());
     let mut key_input = format!("weft-codegen/{CODEGEN_VERSION}\ntemplates {templates}\n{kind}\n{config}\n");
     if let Some(p) = pattern {
         let _ = writeln!(key_input, "{}", p.hash());
@@ -379,8 +408,21 @@ pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
         .replace("{{D}}", &c.head_dim.to_string())
         .replace("{{MT}}", &(c.warp_rows / 16).to_string())
         .replace("{{STAGES}}", &c.stages.to_string())
-        .replace("{{GATHERS}}", if gathers_columns(&spec.pattern.expr) { "true" } else { "false" });
-    Ok(Kernel { name, source, key, threads: c.threads(), shared_bytes: c.shared_bytes(), head_dim: c.head_dim })
+        .replace("{{GATHERS}}", if gathers_columns(&spec.pattern.expr) { "true" } else { "false" })
+        .replace("{{WGMMA}}", if c.wgmma { "1" } else { "0" })
+        .replace(
+            "{{WGMMA_HELPERS}}",
+            &if c.wgmma { wgmma_helpers(c.block_n, c.head_dim, c.dtype) } else { String::new() },
+        );
+    Ok(Kernel {
+        name,
+        source,
+        key,
+        threads: c.threads(),
+        shared_bytes: c.shared_bytes(),
+        head_dim: c.head_dim,
+        arch_specific: c.wgmma,
+    })
 }
 
 /// Whether an index of `e` can hold single key columns (which the kernel gathers row by row):
@@ -439,7 +481,15 @@ pub fn emit_decode(spec: &DecodeSpec<'_>) -> Result<Kernel, Error> {
         .replace("{{NAME}}", &name)
         .replace("{{BN}}", &spec.block_n.to_string())
         .replace("{{D}}", &spec.head_dim.to_string());
-    Ok(Kernel { name, source, key, threads: DECODE_THREADS, shared_bytes: 0, head_dim: spec.head_dim })
+    Ok(Kernel {
+        name,
+        source,
+        key,
+        threads: DECODE_THREADS,
+        shared_bytes: 0,
+        head_dim: spec.head_dim,
+        arch_specific: false,
+    })
 }
 
 /// Element type of the partial outputs a merge reads.
@@ -474,7 +524,7 @@ pub fn emit_merge(head_dim: u32, dtype: DType, partial: Partial) -> Result<Kerne
         .replace("{{D}}", &head_dim.to_string())
         .replace("{{PART_T}}", part_t)
         .replace("{{PART_LOAD}}", load);
-    Ok(Kernel { name, source, key, threads: MERGE_THREADS, shared_bytes: 0, head_dim })
+    Ok(Kernel { name, source, key, threads: MERGE_THREADS, shared_bytes: 0, head_dim, arch_specific: false })
 }
 
 /// The entry points of the vertical-vector index builder ([`emit_vv_index`]), in launch
@@ -583,7 +633,7 @@ fn generate_vv_index(head_dim: u32) -> Kernel {
         .replace("{{LN2_HI}}", &bits(repro::LN2_HI))
         .replace("{{LN2_LO}}", &bits(repro::LN2_LO))
         .replace("{{EXP_COEF}}", &coef.join(", "));
-    Kernel { name, source, key, threads: 512, shared_bytes: VV_INDEX_MAX_SHARED, head_dim }
+    Kernel { name, source, key, threads: 512, shared_bytes: VV_INDEX_MAX_SHARED, head_dim, arch_specific: false }
 }
 
 /// Keys in the tile of [`emit_wgmma_probe`].
@@ -592,7 +642,7 @@ pub const WGMMA_PROBE_KEYS: u32 = 64;
 /// Generates the Hopper building blocks' probe for bf16 and `head_dim` (64 or 128): one
 /// warpgroup computes S = Q K^T (64 x [`WGMMA_PROBE_KEYS`], both operands in 128-byte swizzled
 /// shared memory) and O = bf16(S) V (P from registers, V read transposed) with `wgmma`. It is
-/// compiled for sm_90a (the arch-specific target `wgmma` needs) and launched with one CTA of
+/// compiled for sm_90a (`Kernel::arch_specific`: the target `wgmma` needs) and launched with one CTA of
 /// 128 threads and [`Kernel::shared_bytes`] of dynamic shared memory; see `templates/hopper.cu`.
 /// The next attention path builds on these pieces; the GPU suite checks them first.
 pub fn emit_wgmma_probe(head_dim: u32) -> Result<Kernel, Error> {
@@ -602,31 +652,44 @@ pub fn emit_wgmma_probe(head_dim: u32) -> Result<Kernel, Error> {
     let keys = WGMMA_PROBE_KEYS;
     // The template is not among the ones every kernel key covers (that would change every
     // stored kernel's key), so its own hash goes into this key.
-    let config = format!("wgmma-probe head_dim={head_dim} keys={keys} template={}", blake3::hash(HOPPER.as_bytes()));
+    let config = format!(
+        "wgmma-probe head_dim={head_dim} keys={keys} template={}",
+        blake3::hash([HOPPER, WGMMA].concat().as_bytes())
+    );
     let (key, header) = key_and_header("wgmma-probe", None, &config, &[], None);
     let name = format!("weft_wgmma_{}", &key[..16]);
-    let wrappers = [wgmma_wrapper(keys, false), wgmma_wrapper(head_dim, true)].join("\n");
     let source = HOPPER
         .replace("{{HEADER}}", &header)
         .replace("{{PRELUDE}}", &prelude(&[], None, DType::Bf16))
-        .replace("{{WGMMA_WRAPPERS}}", &wrappers)
+        .replace("{{WGMMA_HELPERS}}", &wgmma_helpers(keys, head_dim, DType::Bf16))
         .replace("{{NAME}}", &name)
         .replace("{{D}}", &head_dim.to_string())
         .replace("{{KEYS}}", &keys.to_string());
     // Q, K and V tiles, and 1024 bytes to align them to the swizzle's period.
     let shared_bytes = (64 + 2 * keys) * head_dim * 2 + 1024;
-    Ok(Kernel { name, source, key, threads: 128, shared_bytes, head_dim })
+    Ok(Kernel { name, source, key, threads: 128, shared_bytes, head_dim, arch_specific: true })
 }
 
-/// A `wgmma` m64n`n`k16 wrapper (bf16 inputs, f32 accumulators), one asm statement with its
+/// The wgmma helpers (`templates/wgmma.cu`) with the wrappers for S (`n` = `keys`: A and B in
+/// shared memory) and for O (`n` = `head_dim`: A in registers, B transposed), for `dtype`.
+fn wgmma_helpers(keys: u32, head_dim: u32, dtype: DType) -> String {
+    let wrappers = [wgmma_wrapper(keys, false, dtype), wgmma_wrapper(head_dim, true, dtype)].join("\n");
+    WGMMA.replace("{{WGMMA_WRAPPERS}}", &wrappers)
+}
+
+/// A `wgmma` m64n`n`k16 wrapper (`dtype` inputs, f32 accumulators), one asm statement with its
 /// `n / 2` accumulators as operands: `wgmma_ss_n{n}` takes A and B from shared memory (both
 /// K-major), `wgmma_rs_n{n}_mn` takes A from registers and B from shared memory read transposed
 /// (MN-major). `accumulate` false overwrites the accumulators.
-fn wgmma_wrapper(n: u32, registers_a: bool) -> String {
+fn wgmma_wrapper(n: u32, registers_a: bool, dtype: DType) -> String {
     let acc = n / 2;
+    let ty = match dtype {
+        DType::Bf16 => "bf16",
+        DType::F16 => "f16",
+    };
     let d_list = (0..acc).map(|i| format!("%{i}")).collect::<Vec<_>>().join(", ");
     let d_ops = (0..acc).map(|i| format!("\"+f\"(d[{i}])")).collect::<Vec<_>>().join(", ");
-    let shape = format!("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16");
+    let shape = format!("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty}");
     if registers_a {
         let (a, b, flag) = (acc, acc + 4, acc + 5);
         format!(
@@ -701,6 +764,7 @@ mod tests {
             KernelConfig { block_m: 64, ..base },
             KernelConfig { head_dim: 64, ..base },
             KernelConfig { dtype: DType::F16, ..base },
+            KernelConfig { warp_rows: 16, wgmma: true, ..base },
         ];
         let mut keys: Vec<String> = variants
             .iter()
@@ -715,8 +779,39 @@ mod tests {
     fn configs_are_checked() {
         assert!(KernelConfig::new(128, DType::Bf16).validate().is_ok());
         assert!(KernelConfig { block_m: 48, ..KernelConfig::new(64, DType::F16) }.validate().is_err());
-        let big =
-            KernelConfig { block_m: 128, block_n: 128, head_dim: 256, dtype: DType::Bf16, warp_rows: 32, stages: 2 };
+        let big = KernelConfig {
+            block_m: 128,
+            block_n: 128,
+            head_dim: 256,
+            dtype: DType::Bf16,
+            warp_rows: 32,
+            stages: 2,
+            wgmma: false,
+        };
         assert!(big.validate().unwrap_err().to_string().contains("227 KiB"));
+    }
+
+    #[test]
+    fn wgmma_configs_are_checked_and_sized() {
+        let w = KernelConfig { warp_rows: 16, wgmma: true, ..KernelConfig::for_blocks(128, 128, 128, DType::Bf16) };
+        assert!(w.validate().is_ok());
+        // A warpgroup per 64 rows; unpadded tiles plus 1024 bytes to align them.
+        assert_eq!(w.threads(), 256);
+        assert_eq!(w.shared_bytes(), (128 + 2 * 2 * 128) * 128 * 2 + 2 * 128 * 6 + 1024);
+        for bad in [
+            KernelConfig { block_m: 32, ..w },
+            KernelConfig { block_n: 32, ..w },
+            KernelConfig { head_dim: 256, ..w },
+            KernelConfig { warp_rows: 32, ..w },
+        ] {
+            assert!(bad.validate().unwrap_err().to_string().contains("wgmma"), "{bad}");
+        }
+        let k = emit(&KernelSpec { pattern: &Pattern::new("p", full()), masks: &[], permutation: None, config: w })
+            .unwrap();
+        assert!(k.arch_specific && k.source.contains("#define WEFT_WGMMA 1") && k.source.contains("wgmma_ss_n128("));
+        // Records stored before the field existed read as the mma.sync path.
+        let old = r#"{"block_m":64,"block_n":64,"head_dim":128,"dtype":"Bf16","warp_rows":16,"stages":2}"#;
+        let c: KernelConfig = serde_json::from_str(old).unwrap();
+        assert!(!c.wgmma);
     }
 }

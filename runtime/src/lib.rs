@@ -334,34 +334,13 @@ impl Gpu {
         let (cubin, ptx) = match self.stored(kernel) {
             Some(r) => (r.cubin, r.ptx),
             None => {
-                let compiled = nvrtc::compile(&kernel.source, &kernel.name, self.arch)?;
+                let compiled = nvrtc::compile_kernel(kernel, self.arch)?;
                 self.store(kernel, &compiled)?;
                 (compiled.cubin, compiled.ptx)
             }
         };
         let entries: Vec<Option<&str>> = entries.iter().map(|e| Some(*e)).collect();
         self.install_entries(kernel, cubin, ptx, &entries)
-    }
-
-    /// Compiles (once per kernel key) and loads `kernel` for this GPU's arch-specific target
-    /// (`sm_90a`), which Hopper features such as `wgmma` need; see
-    /// `weft_codegen::emit_wgmma_probe`. Not stored in the kernel database.
-    pub fn load_arch_specific(&self, kernel: &Kernel) -> Result<CudaFunction, Error> {
-        if self.arch.sm != 90 {
-            return Err(Error::Usage(format!(
-                "{} needs an sm_90 GPU (H100, H200); this one is {}",
-                kernel.name,
-                self.arch.name()
-            )));
-        }
-        let key = (entry_key(kernel, None), self.arch);
-        if let Some(f) = self.modules.lock().ok().and_then(|m| m.get(&key).cloned()) {
-            return Ok(f);
-        }
-        let compiled = nvrtc::compile_arch_specific(&kernel.source, &kernel.name, self.arch)?;
-        // (install_entries keeps the function in the module cache under the same key.)
-        let mut f = self.install_entries(kernel, compiled.cubin, compiled.ptx, &[None])?;
-        f.pop().ok_or_else(|| Error::Usage(format!("{} has no entry point", kernel.name)))
     }
 
     /// Takes the kernel database back (to hand it to another `Gpu`: sled allows one opener).
@@ -382,7 +361,7 @@ impl Gpu {
         let (cubin, ptx, source) = match self.stored(kernel) {
             Some(r) => (r.cubin, r.ptx, LoadSource::Database),
             None => {
-                let compiled = nvrtc::compile(&kernel.source, &kernel.name, self.arch)?;
+                let compiled = nvrtc::compile_kernel(kernel, self.arch)?;
                 self.store(kernel, &compiled)?;
                 (compiled.cubin, compiled.ptx, LoadSource::Compiled)
             }
@@ -451,7 +430,7 @@ impl Gpu {
             }
         }
         let compiled: Vec<Result<Compiled, Error>> =
-            missing.par_iter().map(|k| nvrtc::compile(&k.source, &k.name, self.arch)).collect();
+            missing.par_iter().map(|k| nvrtc::compile_kernel(k, self.arch)).collect();
         for (k, c) in missing.iter().zip(compiled) {
             let c = c?;
             self.store(k, &c)?;

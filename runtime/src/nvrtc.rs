@@ -164,6 +164,22 @@ pub fn compile_arch_specific(source: &str, name: &str, arch: Arch) -> Result<Com
     compile_for(source, name, arch, &format!("{}a", arch.name()))
 }
 
+/// Compiles a generated kernel for `arch`: the portable target, or the arch-specific one when
+/// the kernel needs it (`Kernel::arch_specific`: wgmma, sm_90 only).
+pub fn compile_kernel(kernel: &weft_codegen::Kernel, arch: Arch) -> Result<Compiled, Error> {
+    if !kernel.arch_specific {
+        return compile(&kernel.source, &kernel.name, arch);
+    }
+    if arch.sm != 90 {
+        return Err(Error::Usage(format!(
+            "{} uses Hopper's wgmma and runs on sm_90 GPUs (H100, H200) only, not {}",
+            kernel.name,
+            arch.name()
+        )));
+    }
+    compile_arch_specific(&kernel.source, &kernel.name, arch)
+}
+
 fn compile_for(source: &str, name: &str, arch: Arch, arch_name: &str) -> Result<Compiled, Error> {
     check_available()?;
     let start = std::time::Instant::now();

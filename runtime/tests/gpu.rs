@@ -75,43 +75,118 @@ fn every_family_matches_the_cpu_reference() {
         for (dtype, d) in [(DType::Bf16, 128usize), (DType::F16, 64), (DType::Bf16, 64), (DType::F16, 128)] {
             for (n, hq, hkv) in [(1000usize, 4usize, 2usize), (333, 2, 2)] {
                 seed += 1;
-                // Planted structure so the dynamic families pick something meaningful.
-                let plants: Vec<Plant> = (0..hq)
-                    .map(|h| if h % 2 == 0 { Plant::Vertical(vec![7, 300, 301, 650]) } else { Plant::Diagonal(32) })
-                    .collect();
-                let (q_full, k_full) = planted_qk(&plants, n, d, 4.0, seed);
-                let q = q_full;
-                let k = Tensor { heads: hkv, tokens: n, dim: d, data: k_full.data[..hkv * n * d].to_vec() };
-                let v = Tensor::random(hkv, n, d, seed + 7);
-                let (qb, qr) = round(&q.data, dtype);
-                let (kb, kr) = round(&k.data, dtype);
-                let (vb, vr) = round(&v.data, dtype);
-                let (q, k, v) = (
-                    Tensor::new(hq, n, d, qr).unwrap(),
-                    Tensor::new(hkv, n, d, kr).unwrap(),
-                    Tensor::new(hkv, n, d, vr).unwrap(),
-                );
-                let ix = build_index(&p.expr, &q, &k, &IndexOptions { block_m, ..Default::default() }).unwrap();
-                let scale = 1.0 / (d as f64).sqrt();
-                let want = attention(&ix, &q, &k, &v, scale).unwrap();
+                let opts = IndexOptions { block_m, ..Default::default() };
                 let config =
-                    KernelConfig { stages, ..KernelConfig::for_blocks(ix.block_m, ix.block_n, d as u32, dtype) };
-                let kernel =
-                    emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();
-                let s = &gpu.stream;
-                let dix = gpu.upload_index(&ix).unwrap();
-                let (qd, kd, vd) = (s.clone_htod(&qb).unwrap(), s.clone_htod(&kb).unwrap(), s.clone_htod(&vb).unwrap());
-                let shape = AttnShape { hq, hkv, nq: n, nk: n, head_dim: d };
-                let (rel, nan, lse_err) =
-                    run_and_compare(&gpu, &kernel, &config, &dix, shape, (&qd, &kd, &vd), dtype, scale, &want);
-                let tol = dtype.reference_tolerance();
-                let ok = nan == 0 && rel < tol && lse_err < 2e-2;
-                println!(
-                    "{} {:<20} {:<5} d={:<3} n={:<5} hq={} hkv={} bm={:<3} stages={stages} density={:.3} rel_err={:.2e} lse_err={:.2e} unwritten={}",
-                    if ok { "ok  " } else { "FAIL" }, p.name, dtype.name(), d, n, hq, hkv, ix.block_m, ix.density(), rel, lse_err, nan
-                );
-                if !ok {
-                    failures.push(format!("{} {} d={d} n={n} stages={stages}", p.name, dtype.name()));
+                    |bm: usize, bn: usize| KernelConfig { stages, ..KernelConfig::for_blocks(bm, bn, d as u32, dtype) };
+                let case = FamilyCase { p: &p, opts, dtype, d, n, hq, hkv, seed };
+                if let Err(what) = check_family(&gpu, &case, config, &format!("stages={stages}")) {
+                    failures.push(what);
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "failed: {failures:?}");
+}
+
+/// One family case: pattern, index options, dtype, head dim, tokens, heads, seed.
+struct FamilyCase<'a> {
+    p: &'a Pattern,
+    opts: IndexOptions,
+    dtype: DType,
+    d: usize,
+    n: usize,
+    hq: usize,
+    hkv: usize,
+    seed: u64,
+}
+
+/// Runs one family case (planted Q/K so the dynamic families pick something meaningful) with
+/// the kernel `config(block_m, block_n)` makes against the CPU reference, printing an `ok` or
+/// `FAIL` line; the error names the case.
+fn check_family(
+    gpu: &Gpu,
+    c: &FamilyCase<'_>,
+    config: impl Fn(usize, usize) -> KernelConfig,
+    what: &str,
+) -> Result<(), String> {
+    let FamilyCase { p, dtype, d, n, hq, hkv, seed, .. } = *c;
+    let plants: Vec<Plant> = (0..hq)
+        .map(|h| if h % 2 == 0 { Plant::Vertical(vec![7, 300, 301, 650]) } else { Plant::Diagonal(32) })
+        .collect();
+    let (q_full, k_full) = planted_qk(&plants, n, d, 4.0, seed);
+    let q = q_full;
+    let k = Tensor { heads: hkv, tokens: n, dim: d, data: k_full.data[..hkv * n * d].to_vec() };
+    let v = Tensor::random(hkv, n, d, seed + 7);
+    let (qb, qr) = round(&q.data, dtype);
+    let (kb, kr) = round(&k.data, dtype);
+    let (vb, vr) = round(&v.data, dtype);
+    let (q, k, v) =
+        (Tensor::new(hq, n, d, qr).unwrap(), Tensor::new(hkv, n, d, kr).unwrap(), Tensor::new(hkv, n, d, vr).unwrap());
+    let ix = build_index(&p.expr, &q, &k, &c.opts).unwrap();
+    let scale = 1.0 / (d as f64).sqrt();
+    let want = attention(&ix, &q, &k, &v, scale).unwrap();
+    let config = config(ix.block_m, ix.block_n);
+    let kernel = emit(&KernelSpec { pattern: p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();
+    let s = &gpu.stream;
+    let dix = gpu.upload_index(&ix).unwrap();
+    let (qd, kd, vd) = (s.clone_htod(&qb).unwrap(), s.clone_htod(&kb).unwrap(), s.clone_htod(&vb).unwrap());
+    let shape = AttnShape { hq, hkv, nq: n, nk: n, head_dim: d };
+    let (rel, nan, lse_err) = run_and_compare(gpu, &kernel, &config, &dix, shape, (&qd, &kd, &vd), dtype, scale, &want);
+    let ok = nan == 0 && rel < dtype.reference_tolerance() && lse_err < 2e-2;
+    println!(
+        "{} {:<20} {:<5} d={:<3} n={:<5} hq={} hkv={} bm={:<3} bn={:<3} {what} density={:.3} rel_err={:.2e} lse_err={:.2e} unwritten={}",
+        if ok { "ok  " } else { "FAIL" },
+        p.name,
+        dtype.name(),
+        d,
+        n,
+        hq,
+        hkv,
+        ix.block_m,
+        ix.block_n,
+        ix.density(),
+        rel,
+        lse_err,
+        nan
+    );
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{} {} d={d} n={n} {what}", p.name, dtype.name()))
+    }
+}
+
+/// The Hopper path (`KernelConfig::wgmma`, sm_90a): every family the block sizes allow, at
+/// 64 x 64, 128 x 64 and 128 x 128 tiles, both dtypes, head dims 64 and 128, sizes that are not
+/// multiples of the tiles, GQA and causal, against the CPU reference with poisoned outputs.
+#[test]
+fn wgmma_attention_matches_the_cpu_reference() {
+    let gpu = Gpu::open(0).expect("a GPU");
+    if gpu.arch.sm != 90 {
+        println!("skipped: the wgmma path needs sm_90, this GPU is {}", gpu.arch.name());
+        return;
+    }
+    let mut failures = Vec::new();
+    let mut seed = 5000u64;
+    for p in families() {
+        for (bm, bn) in [(64usize, 64usize), (128, 64), (128, 128)] {
+            for (dtype, d) in [(DType::Bf16, 128usize), (DType::F16, 64)] {
+                for (n, hq, hkv) in [(1000usize, 4usize, 2usize), (333, 2, 2)] {
+                    seed += 1;
+                    let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), ..Default::default() };
+                    // Patterns whose granularity these blocks do not fit are skipped.
+                    if weft_patterns::layout(&p.expr, &opts).is_err() {
+                        continue;
+                    }
+                    let config = |bm: usize, bn: usize| KernelConfig {
+                        warp_rows: 16,
+                        wgmma: true,
+                        ..KernelConfig::for_blocks(bm, bn, d as u32, dtype)
+                    };
+                    let case = FamilyCase { p: &p, opts, dtype, d, n, hq, hkv, seed };
+                    if let Err(what) = check_family(&gpu, &case, config, "wgmma") {
+                        failures.push(what);
+                    }
                 }
             }
         }
@@ -577,8 +652,15 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
         [(DType::Bf16, 128usize, 777usize, false), (DType::F16, 64, 1000, false), (DType::Bf16, 128, 777, true)]
     {
         let (hq, hkv) = (6usize, 3usize);
-        let tuned_config =
-            KernelConfig { block_m: 128, block_n: 64, head_dim: d as u32, dtype, warp_rows: 32, stages: 2 };
+        let tuned_config = KernelConfig {
+            block_m: 128,
+            block_n: 64,
+            head_dim: d as u32,
+            dtype,
+            warp_rows: 32,
+            stages: 2,
+            wgmma: false,
+        };
         if tuned {
             // A tuning record for `window` at this bucket, as `weft autotune` stores it.
             let gpu = Gpu::open(0).unwrap();
@@ -1116,7 +1198,7 @@ fn wgmma_probe_matches_exact_products() {
     let mut failures = Vec::new();
     for (d, seed) in [(64usize, 11u64), (128, 12)] {
         let kernel = weft_codegen::emit_wgmma_probe(d as u32).unwrap();
-        let f = gpu.load_arch_specific(&kernel).unwrap();
+        let f = gpu.load(&kernel).unwrap();
         let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         let mut values = |n: usize| -> Vec<f32> {
             (0..n)

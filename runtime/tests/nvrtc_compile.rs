@@ -205,6 +205,45 @@ fn vertical_vector_index_kernels_compile_without_spills() {
     });
 }
 
+/// The Hopper path (`KernelConfig::wgmma`): every family whose granularity fits compiles for
+/// sm_90a at 64 x 64, 128 x 64 and 128 x 128 tiles, bf16 and fp16, head dims 64 and 128, with
+/// warpgroup MMAs and no spills; and is refused for sm_80.
+#[test]
+fn wgmma_attention_kernels_compile_for_sm_90a() {
+    version().expect("NVRTC is required for this test");
+    let (q, k) = (Tensor::random(2, 300, 16, 1), Tensor::random(2, 300, 16, 2));
+    let mut jobs = Vec::new();
+    for p in families() {
+        for (bm, bn) in [(64usize, 64usize), (128, 64), (128, 128)] {
+            let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), ..Default::default() };
+            let Ok(ix) = build_index(&p.expr, &q, &k, &opts) else { continue };
+            for (dtype, d) in [(DType::Bf16, 128u32), (DType::F16, 64)] {
+                let config = KernelConfig { warp_rows: 16, wgmma: true, ..KernelConfig::for_blocks(bm, bn, d, dtype) };
+                config.validate().unwrap();
+                let kernel =
+                    emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();
+                assert!(kernel.arch_specific, "a wgmma kernel is arch-specific");
+                jobs.push((p.name.clone(), config, kernel));
+            }
+        }
+    }
+    assert!(jobs.len() >= 20, "only {} wgmma jobs", jobs.len());
+    let results: Vec<String> = jobs
+        .par_iter()
+        .map(|(name, config, kernel)| {
+            let c = weft_runtime::nvrtc::compile_kernel(kernel, Arch::SM90)
+                .unwrap_or_else(|e| panic!("{name} {config}: {e}"));
+            assert!(c.ptx.contains("wgmma.mma_async.sync.aligned"), "{name} {config}: no wgmma");
+            assert!(!c.ptx.contains("mma.sync.aligned.m16n8k16"), "{name} {config}: mma.sync left");
+            let regs = report(&c, &format!("{name} {config} sm_90a")).map_or(0, |r| r.registers);
+            format!("{name:<16} {config} sm_90a regs={regs}")
+        })
+        .collect();
+    println!("{}", results.join("\n"));
+    let (_, _, kernel) = &jobs[0];
+    assert!(weft_runtime::nvrtc::compile_kernel(kernel, Arch::SM80).is_err(), "a wgmma kernel compiled for sm_80");
+}
+
 /// The Hopper building blocks' probe compiles for sm_90a at both head dims: its wgmma wrappers
 /// assemble (operand counts, descriptors, the transposed B), and nothing spills.
 #[test]

@@ -5,8 +5,14 @@
 // gathered key columns; both land in the same shared-memory tile, so columns run on the same
 // tensor-core math as blocks. Online softmax in f32 (log2 domain), mma.sync m16n8k16,
 // ldmatrix, and cp.async double buffering of the K/V tiles. Self-contained: no headers.
+// With WEFT_WGMMA (KernelConfig::wgmma, sm_90a) the two products run as warpgroup MMAs
+// instead: one warpgroup per 64 rows (16 rows per warp, as mma.sync with MT = 1, so the
+// accumulators have the same layout and the masks and softmax below serve both), Q, K and V
+// in 128-byte swizzled panels read through descriptors, P from registers.
 
 {{PRELUDE}}
+#define WEFT_WGMMA {{WGMMA}}
+{{WGMMA_HELPERS}}
 constexpr int BM = {{BM}};          // query rows per CTA (the index's block_m)
 constexpr int BN = {{BN}};          // keys per tile (the index's block_n)
 constexpr int D = {{D}};            // head dimension
@@ -21,6 +27,20 @@ constexpr int NT = BN / 8;          // 8-key column tiles of S per warp
 constexpr int DT = D / 8;           // 8-wide column tiles of O per warp
 constexpr int KQ = D / 16;          // k-steps of Q K^T
 constexpr int CHUNKS = D / 8;       // 16-byte chunks per row
+#if WEFT_WGMMA
+// Elements per shared row: unpadded, in swizzled panels (ldmatrix's padding is not needed).
+#define ROW D
+static_assert(MT == 1 && BM % 64 == 0 && (BN == 64 || BN == 128) && D <= 128, "wgmma: 64-row warpgroups");
+
+// Byte offset of the 16 bytes at columns col..col+7 of row r in a tile of ROWS rows: 64-column
+// panels of ROWS x 128 bytes in the 128-byte swizzle.
+template <int ROWS>
+__device__ __forceinline__ u32 tile_chunk(int r, int col) {
+    return (u32)((col / 64) * ROWS * 128 + r * 128 + ((((col % 64) / 8) ^ (r % 8)) << 4));
+}
+#else
+#define ROW LDS
+#endif
 
 // Where tile `t`'s keys come from: a key block (keys base + r) or a chunk of the column list.
 struct TileSource {
@@ -55,10 +75,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     int batch, int total_q, int total_k, int hq, int hkv, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem[];
-    u16* sQ = (u16*)smem;                           // [BM][LDS]
-    u16* sK = sQ + BM * LDS;                        // [STAGES][BN][LDS]
-    u16* sV = sK + STAGES * BN * LDS;               // [STAGES][BN][LDS]
-    int* sKeyPos = (int*)(sV + STAGES * BN * LDS);  // [STAGES][BN] index position of each key, -1 if none
+#if WEFT_WGMMA
+    // Swizzled panels start on 1024 bytes (the swizzle's period); the config asks for 1024 spare.
+    u16* sQ = (u16*)(smem + (1024 - smem_u32(smem) % 1024) % 1024);  // [BM][ROW]
+#else
+    u16* sQ = (u16*)smem;                           // [BM][ROW]
+#endif
+    u16* sK = sQ + BM * ROW;                        // [STAGES][BN][ROW]
+    u16* sV = sK + STAGES * BN * ROW;               // [STAGES][BN][ROW]
+    int* sKeyPos = (int*)(sV + STAGES * BN * ROW);  // [STAGES][BN] index position of each key, -1 if none
     u16* sKeyMask = (u16*)(sKeyPos + STAGES * BN);  // [STAGES][BN] mask id of each key
 
     // blockIdx.y is a head of the index; head_map names the layer's query head it serves (heads
@@ -91,15 +116,27 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     for (int c = tid; c < BM * CHUNKS; c += THREADS) {
         const int r = c / CHUNKS, col = (c % CHUNKS) * 8, pos = qb * BM + r;
         const bool ok = pos < nq;
-        cp_async16(smem_u32(sQ + r * LDS + col), ok ? Qh + (size_t)weft_token(pos, nq) * D + col : Qh, ok ? 16 : 0);
+#if WEFT_WGMMA
+        const u32 dst = smem_u32(sQ) + tile_chunk<BM>(r, col);
+#else
+        const u32 dst = smem_u32(sQ + r * LDS + col);
+#endif
+        cp_async16(dst, ok ? Qh + (size_t)weft_token(pos, nq) * D + col : Qh, ok ? 16 : 0);
     }
 
     // Each thread copies one 16-byte column chunk of every ROW_STEP-th key row.
+    // (With the swizzle, rows ROW_STEP apart share their chunk's position in the row, so the
+    // offsets below step by whole rows as in the padded layout.)
     constexpr int ROW_STEP = THREADS / CHUNKS;
-    constexpr u32 STAGE_BYTES = 2 * BN * LDS;          // one stage of sK (or sV)
-    constexpr u32 V_BYTES = 2 * STAGES * BN * LDS;     // sV - sK
+    static_assert(!WEFT_WGMMA || ROW_STEP % 8 == 0, "wgmma: a thread's rows keep their swizzle");
+    constexpr u32 STAGE_BYTES = 2 * BN * ROW;          // one stage of sK (or sV)
+    constexpr u32 V_BYTES = 2 * STAGES * BN * ROW;     // sV - sK
     const int ld_row = tid / CHUNKS, ld_col = (tid % CHUNKS) * 8;
+#if WEFT_WGMMA
+    const u32 ld_dst = smem_u32(sK) + tile_chunk<BN>(ld_row, ld_col);
+#else
     const u32 ld_dst = smem_u32(sK) + 2 * (ld_row * LDS + ld_col);
+#endif
     auto load_tile = [&](int t, int stage) {
         const TileSource src = tile_source(t, nblocks, ncols, bidx, bmask, nk);
         const u32 k_dst = ld_dst + stage * STAGE_BYTES;
@@ -112,8 +149,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 const u16* v_src = Vh + (size_t)(src.base + ld_row) * D + ld_col;
 #pragma unroll
                 for (int i = 0; i < BN / ROW_STEP; ++i) {
-                    cp_async16(k_dst + 2 * i * ROW_STEP * LDS, k_src + (size_t)i * ROW_STEP * D, 16);
-                    cp_async16(k_dst + V_BYTES + 2 * i * ROW_STEP * LDS, v_src + (size_t)i * ROW_STEP * D, 16);
+                    cp_async16(k_dst + 2 * i * ROW_STEP * ROW, k_src + (size_t)i * ROW_STEP * D, 16);
+                    cp_async16(k_dst + V_BYTES + 2 * i * ROW_STEP * ROW, v_src + (size_t)i * ROW_STEP * D, 16);
                 }
                 if (ld_col == 0) {
 #pragma unroll
@@ -147,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 if (r >= BN) break;
                 const int pos = pos_of[i];
                 const size_t off = pos >= 0 ? (size_t)weft_token(pos, nk) * D + ld_col : 0;
-                const u32 dst = k_dst + 2 * (r - ld_row) * LDS;
+                const u32 dst = k_dst + 2 * (r - ld_row) * ROW;
                 cp_async16(dst, Kh + off, pos >= 0 ? 16 : 0);
                 cp_async16(dst + V_BYTES, Vh + off, pos >= 0 ? 16 : 0);
                 if (ld_col == 0) {
@@ -163,7 +200,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 const bool ok = r < src.count;
                 const int pos = !ok ? -1 : src.is_block ? src.base + r : (int)cidx[src.base + r];
                 const size_t off = ok ? (size_t)weft_token(pos, nk) * D + ld_col : 0;
-                const u32 dst = k_dst + 2 * (r - ld_row) * LDS;
+                const u32 dst = k_dst + 2 * (r - ld_row) * ROW;
                 cp_async16(dst, Kh + off, ok ? 16 : 0);
                 cp_async16(dst + V_BYTES, Vh + off, ok ? 16 : 0);
                 if (ld_col == 0) {
@@ -216,9 +253,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         if (t + STAGES - 1 < ntiles) load_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES);
         cp_async_commit();
         cp_async_wait<STAGES - 1>();
+#if WEFT_WGMMA
+        fence_async_shared();  // this thread's copies, visible to the wgmma unit after the barrier
+#endif
         __syncthreads();
 
-        if constexpr (Q_IN_REGS) {
+        if constexpr (Q_IN_REGS && !WEFT_WGMMA) {
             if (t == 0) {
 #pragma unroll
                 for (int kk = 0; kk < KQ; ++kk) ldmatrix_x4(qf[kk], q_addr + 2 * (kk * 16));
@@ -229,6 +269,25 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         // starts from a zero accumulator.
         const u32 k_stage = k_addr + stage * STAGE_BYTES;
         float s[MT][NT][4];
+#if WEFT_WGMMA
+        {
+            // This warpgroup's 64 rows of Q against the tile: both operands K-major in
+            // shared memory, 16 columns (32 bytes) per step, the next panel every 64.
+            float(&acc)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
+            const u32 q_base = smem_u32(sQ) + (warp / 4) * 64 * 128, k_base = smem_u32(sK) + stage * STAGE_BYTES;
+            fence_registers(acc);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < KQ; ++kk) {
+                const u32 at = (kk % 4) * 32;
+                wgmma_ss_n{{BN}}(acc, smem_desc(q_base + (kk / 4) * BM * 128 + at, 16, 1024),
+                               smem_desc(k_base + (kk / 4) * BN * 128 + at, 16, 1024), kk > 0);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_registers(acc);
+        }
+#else
 #pragma unroll
         for (int kk = 0; kk < KQ; ++kk) {
             u32 qa[MT][4];
@@ -257,6 +316,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 }
             }
         }
+#endif
 
         // Mask; the scale is folded into exp2 below. A tile with nothing to mask skips the
         // per-pair test: a key block in range without a predicate, or a whole chunk of BN
@@ -378,6 +438,31 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         }
 
         // O += P V: the S accumulators become the A operand without leaving registers.
+#if WEFT_WGMMA
+        {
+            // P's fragments first, then the fence that orders them (and O's rescale) before
+            // the MMAs; V read transposed: 16 keys = 16 rows of 128 bytes into every panel.
+            u32 pa[BN / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                pa[kk][0] = pack(s[0][2 * kk][0], s[0][2 * kk][1]);
+                pa[kk][1] = pack(s[0][2 * kk][2], s[0][2 * kk][3]);
+                pa[kk][2] = pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+                pa[kk][3] = pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+            }
+            float(&oacc)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
+            const u32 v_base = smem_u32(sV) + stage * STAGE_BYTES;
+            fence_registers(pa);
+            fence_registers(oacc);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk)
+                wgmma_rs_n{{D}}_mn(oacc, pa[kk], smem_desc(v_base + kk * 16 * 128, BN * 128, 1024), true);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_registers(oacc);
+        }
+#else
         const u32 v_stage = v_addr + stage * STAGE_BYTES;
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
@@ -400,6 +485,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 }
             }
         }
+#endif
         __syncthreads();  // the stage is refilled by the next iteration's load
     }
     cp_async_wait<0>();

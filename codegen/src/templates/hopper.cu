@@ -25,46 +25,7 @@ constexpr int D = {{D}};          // head dim (columns of Q, K, V)
 constexpr int KEYS = {{KEYS}};    // keys in the probe's tile
 constexpr int PANEL = 64;         // bf16 columns per 128-byte panel row
 
-// Byte offset of element (r, c) of a [rows][64] panel in the 128-byte swizzle.
-__device__ __forceinline__ u32 swizzle128(int r, int c) {
-    return (u32)(r * 128 + ((((c >> 3) ^ (r & 7))) << 4) + ((c & 7) << 1));
-}
-
-// A shared-memory matrix descriptor: start address, leading and stride byte offsets (each in
-// units of 16 bytes), 128-byte swizzle.
-__device__ __forceinline__ unsigned long long smem_desc(u32 addr, u32 lead, u32 stride) {
-    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)((lead & 0x3FFFF) >> 4) << 16) |
-           ((unsigned long long)((stride & 0x3FFFF) >> 4) << 32) | (1ull << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
-}
-// Shared memory written by ordinary stores, made visible to the wgmma unit (the async proxy).
-__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-// Keeps the compiler from moving accumulator reads and writes across an asynchronous MMA.
-template <int N> __device__ __forceinline__ void fence_registers(float (&d)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-// The same for A fragments in registers: their writes stay above the wgmma.fence that orders
-// them before the MMAs that read them.
-template <int N> __device__ __forceinline__ void fence_registers(u32 (&a)[N][4]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
-}
-// Two floats as bf16x2, `lo` in the low half (round to nearest even).
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-{{WGMMA_WRAPPERS}}
+{{WGMMA_HELPERS}}
 
 // ---- probe: one warpgroup (128 threads) ----
 // Q [64][D], K and V [KEYS][D] (bf16, row-major). Writes S = Q K^T ([64][KEYS], f32, from
@@ -125,10 +86,10 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}(
     u32 p[KEYS / 16][4];
 #pragma unroll
     for (int ks = 0; ks < KEYS / 16; ++ks) {
-        p[ks][0] = pack_bf16(s[8 * ks], s[8 * ks + 1]);
-        p[ks][1] = pack_bf16(s[8 * ks + 2], s[8 * ks + 3]);
-        p[ks][2] = pack_bf16(s[8 * ks + 4], s[8 * ks + 5]);
-        p[ks][3] = pack_bf16(s[8 * ks + 6], s[8 * ks + 7]);
+        p[ks][0] = pack(s[8 * ks], s[8 * ks + 1]);
+        p[ks][1] = pack(s[8 * ks + 2], s[8 * ks + 3]);
+        p[ks][2] = pack(s[8 * ks + 4], s[8 * ks + 5]);
+        p[ks][3] = pack(s[8 * ks + 6], s[8 * ks + 7]);
     }
     fence_registers(p);
     float o[D / 2];

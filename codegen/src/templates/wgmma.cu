@@ -1,0 +1,36 @@
+// ---- Hopper (sm_90a) warpgroup MMA helpers: the 128-byte swizzled layout, shared-memory matrix
+// descriptors, wgmma fences and the generated wgmma wrappers (see templates/hopper.cu for the
+// layout and fragment conventions). Only kernels with Kernel::arch_specific include them. ----
+// Byte offset of element (r, c) of a [rows][64] panel in the 128-byte swizzle.
+__device__ __forceinline__ u32 swizzle128(int r, int c) {
+    return (u32)(r * 128 + ((((c >> 3) ^ (r & 7))) << 4) + ((c & 7) << 1));
+}
+
+// A shared-memory matrix descriptor: start address, leading and stride byte offsets (each in
+// units of 16 bytes), 128-byte swizzle.
+__device__ __forceinline__ unsigned long long smem_desc(u32 addr, u32 lead, u32 stride) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)((lead & 0x3FFFF) >> 4) << 16) |
+           ((unsigned long long)((stride & 0x3FFFF) >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// Shared memory written by ordinary stores, made visible to the wgmma unit (the async proxy).
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Keeps the compiler from moving accumulator reads and writes across an asynchronous MMA.
+template <int N> __device__ __forceinline__ void fence_registers(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// The same for A fragments in registers: their writes stay above the wgmma.fence that orders
+// them before the MMAs that read them.
+template <int N> __device__ __forceinline__ void fence_registers(u32 (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+}
+{{WGMMA_WRAPPERS}}
