@@ -26,7 +26,15 @@
 //! Besides the attention kernel ([`emit`], which also takes packed batches of sequences):
 //! [`emit_decode`], a split-KV decode kernel for indexes with one query per row (retrieval
 //! operators), and [`emit_merge`], the exact log-sum-exp merge of partial results (decode
-//! splits, ring steps). Not yet generated: GPU-side index building (see the project's issues).
+//! splits, ring steps); [`emit_vv_index`], the module of GPU index builders (vertical vectors,
+//! blocks, vertical-slash and grids).
+//!
+//! The Hopper path ([`KernelConfig::wgmma`], sm_90a only, [`Kernel::arch_specific`]) is the
+//! same kernel with its two products as warpgroup MMAs: one warpgroup per 64 query rows, Q, K
+//! and V in 128-byte swizzled shared memory read through matrix descriptors, P from registers
+//! (`templates/wgmma.cu`; [`emit_wgmma_probe`] checks the pieces alone). The index walk, masks
+//! and softmax are shared, since a warp's wgmma accumulators have mma.sync's layout. It is
+//! compiled in CI; its first GPU run is pending (see docs/PERF.md).
 
 use std::fmt::Write as _;
 
