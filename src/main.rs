@@ -1072,7 +1072,7 @@ fn compile(pattern: &Pattern, args: &KernelArgs, arch: &str, cubin: Option<&Path
     let arch: weft::runtime::Arch = arch.parse()?;
     let kernel = generate(pattern, args)?;
     let (major, minor) = weft::runtime::nvrtc::version()?;
-    let c = weft::runtime::nvrtc::compile(&kernel.source, &kernel.name, arch)?;
+    let c = weft::runtime::nvrtc::compile_kernel(&kernel, arch)?;
     println!("kernel        {}", kernel.name);
     println!("pattern       {} = {pattern}", pattern.name);
     println!("target        {} (NVRTC {major}.{minor}), {:.0} ms", arch.name(), c.millis);
@@ -1173,7 +1173,7 @@ fn quickstart(out: &Path) -> Result<()> {
     }
     match weft::runtime::nvrtc::check_available() {
         Ok(()) => {
-            let c = weft::runtime::nvrtc::compile(&kernel.source, &kernel.name, weft::runtime::Arch::SM90)?;
+            let c = weft::runtime::nvrtc::compile_kernel(&kernel, weft::runtime::Arch::SM90)?;
             match &c.report {
                 Some(r) => println!(
                     "   compiled with NVRTC for sm_90 in {:.0} ms: {} registers, {} bytes spilled",

@@ -403,7 +403,7 @@ impl Gpu {
             name: kernel.name.clone(),
             cubin: compiled.cubin.clone(),
             ptx: compiled.ptx.clone(),
-            options: nvrtc::options(self.arch),
+            options: compiled.options.clone(),
             threads: kernel.threads,
             shared_bytes: kernel.shared_bytes,
             head_dim: kernel.head_dim,

@@ -53,6 +53,8 @@ pub struct ResourceReport {
 #[derive(Clone, Debug)]
 pub struct Compiled {
     pub arch: Arch,
+    /// The NVRTC options used (`--gpu-architecture=sm_90a` for arch-specific kernels).
+    pub options: Vec<String>,
     pub cubin: Vec<u8>,
     pub ptx: String,
     pub log: String,
@@ -217,6 +219,7 @@ fn compile_for(source: &str, name: &str, arch: Arch, arch_name: &str) -> Result<
     };
     finish(Ok(Compiled {
         arch,
+        options: options.clone(),
         cubin,
         ptx,
         report: parse_report(&log),

@@ -168,9 +168,10 @@ fn wgmma_attention_matches_the_cpu_reference() {
     }
     let mut failures = Vec::new();
     let mut seed = 5000u64;
+    // (128 x 64 also with a 3-stage K/V pipeline; head dim 64 in both dtypes.)
     for p in families() {
-        for (bm, bn) in [(64usize, 64usize), (128, 64), (128, 128)] {
-            for (dtype, d) in [(DType::Bf16, 128usize), (DType::F16, 64)] {
+        for (bm, bn, stages) in [(64usize, 64usize, 2u32), (128, 64, 2), (128, 64, 3), (128, 128, 2)] {
+            for (dtype, d) in [(DType::Bf16, 128usize), (DType::F16, 64), (DType::Bf16, 64)] {
                 for (n, hq, hkv) in [(1000usize, 4usize, 2usize), (333, 2, 2)] {
                     seed += 1;
                     let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), ..Default::default() };
@@ -181,10 +182,11 @@ fn wgmma_attention_matches_the_cpu_reference() {
                     let config = |bm: usize, bn: usize| KernelConfig {
                         warp_rows: 16,
                         wgmma: true,
+                        stages,
                         ..KernelConfig::for_blocks(bm, bn, d as u32, dtype)
                     };
                     let case = FamilyCase { p: &p, opts, dtype, d, n, hq, hkv, seed };
-                    if let Err(what) = check_family(&gpu, &case, config, "wgmma") {
+                    if let Err(what) = check_family(&gpu, &case, config, &format!("wgmma stages={stages}")) {
                         failures.push(what);
                     }
                 }

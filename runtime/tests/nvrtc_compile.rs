@@ -206,7 +206,8 @@ fn vertical_vector_index_kernels_compile_without_spills() {
 }
 
 /// The Hopper path (`KernelConfig::wgmma`): every family whose granularity fits compiles for
-/// sm_90a at 64 x 64, 128 x 64 and 128 x 128 tiles, bf16 and fp16, head dims 64 and 128, with
+/// sm_90a at 64 x 64, 128 x 64 (2 and 3 stages) and 128 x 128 tiles, bf16 and fp16, head dims
+/// 64 and 128, with
 /// warpgroup MMAs and no spills; and is refused for sm_80.
 #[test]
 fn wgmma_attention_kernels_compile_for_sm_90a() {
@@ -214,11 +215,12 @@ fn wgmma_attention_kernels_compile_for_sm_90a() {
     let (q, k) = (Tensor::random(2, 300, 16, 1), Tensor::random(2, 300, 16, 2));
     let mut jobs = Vec::new();
     for p in families() {
-        for (bm, bn) in [(64usize, 64usize), (128, 64), (128, 128)] {
+        for (bm, bn, stages) in [(64usize, 64usize, 2u32), (128, 64, 2), (128, 64, 3), (128, 128, 2)] {
             let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), ..Default::default() };
             let Ok(ix) = build_index(&p.expr, &q, &k, &opts) else { continue };
             for (dtype, d) in [(DType::Bf16, 128u32), (DType::F16, 64)] {
-                let config = KernelConfig { warp_rows: 16, wgmma: true, ..KernelConfig::for_blocks(bm, bn, d, dtype) };
+                let config =
+                    KernelConfig { warp_rows: 16, wgmma: true, stages, ..KernelConfig::for_blocks(bm, bn, d, dtype) };
                 config.validate().unwrap();
                 let kernel =
                     emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();

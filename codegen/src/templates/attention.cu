@@ -30,6 +30,7 @@ constexpr int CHUNKS = D / 8;       // 16-byte chunks per row
 #if WEFT_WGMMA
 // Elements per shared row: unpadded, in swizzled panels (ldmatrix's padding is not needed).
 #define ROW D
+#define ROWS_BYTES(n) ((n) * 128)
 static_assert(MT == 1 && BM % 64 == 0 && (BN == 64 || BN == 128) && D <= 128, "wgmma: 64-row warpgroups");
 
 // Byte offset of the 16 bytes at columns col..col+7 of row r in a tile of ROWS rows: 64-column
@@ -40,6 +41,7 @@ __device__ __forceinline__ u32 tile_chunk(int r, int col) {
 }
 #else
 #define ROW LDS
+#define ROWS_BYTES(n) (2 * (n) * LDS)
 #endif
 
 // Where tile `t`'s keys come from: a key block (keys base + r) or a chunk of the column list.
@@ -125,8 +127,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     }
 
     // Each thread copies one 16-byte column chunk of every ROW_STEP-th key row.
-    // (With the swizzle, rows ROW_STEP apart share their chunk's position in the row, so the
-    // offsets below step by whole rows as in the padded layout.)
+    // A thread copies the same 16-byte column chunk of rows ROW_STEP apart: ROWS_BYTES(n) is how
+    // far n rows down that chunk lies. Padded rows are 2 x LDS bytes; in the swizzled panels a
+    // row is 128 bytes whatever D (the chunk's panel is fixed by its column), and rows a
+    // multiple of 8 apart keep the chunk's swizzled position.
     constexpr int ROW_STEP = THREADS / CHUNKS;
     static_assert(!WEFT_WGMMA || ROW_STEP % 8 == 0, "wgmma: a thread's rows keep their swizzle");
     constexpr u32 STAGE_BYTES = 2 * BN * ROW;          // one stage of sK (or sV)
@@ -149,8 +153,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 const u16* v_src = Vh + (size_t)(src.base + ld_row) * D + ld_col;
 #pragma unroll
                 for (int i = 0; i < BN / ROW_STEP; ++i) {
-                    cp_async16(k_dst + 2 * i * ROW_STEP * ROW, k_src + (size_t)i * ROW_STEP * D, 16);
-                    cp_async16(k_dst + V_BYTES + 2 * i * ROW_STEP * ROW, v_src + (size_t)i * ROW_STEP * D, 16);
+                    cp_async16(k_dst + ROWS_BYTES(i * ROW_STEP), k_src + (size_t)i * ROW_STEP * D, 16);
+                    cp_async16(k_dst + V_BYTES + ROWS_BYTES(i * ROW_STEP), v_src + (size_t)i * ROW_STEP * D, 16);
                 }
                 if (ld_col == 0) {
 #pragma unroll
@@ -184,7 +188,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 if (r >= BN) break;
                 const int pos = pos_of[i];
                 const size_t off = pos >= 0 ? (size_t)weft_token(pos, nk) * D + ld_col : 0;
-                const u32 dst = k_dst + 2 * (r - ld_row) * ROW;
+                const u32 dst = k_dst + ROWS_BYTES(r - ld_row);
                 cp_async16(dst, Kh + off, pos >= 0 ? 16 : 0);
                 cp_async16(dst + V_BYTES, Vh + off, pos >= 0 ? 16 : 0);
                 if (ld_col == 0) {
@@ -200,7 +204,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 const bool ok = r < src.count;
                 const int pos = !ok ? -1 : src.is_block ? src.base + r : (int)cidx[src.base + r];
                 const size_t off = ok ? (size_t)weft_token(pos, nk) * D + ld_col : 0;
-                const u32 dst = k_dst + 2 * (r - ld_row) * ROW;
+                const u32 dst = k_dst + ROWS_BYTES(r - ld_row);
                 cp_async16(dst, Kh + off, ok ? 16 : 0);
                 cp_async16(dst + V_BYTES, Vh + off, ok ? 16 : 0);
                 if (ld_col == 0) {
