@@ -27,6 +27,20 @@ constexpr int PANEL = 64;         // bf16 columns per 128-byte panel row
 
 {{WGMMA_HELPERS}}
 
+// This thread's accumulators of an m64nN product into `out` (row-major, N columns): rows `row`
+// and `row + 8`, columns 8 j + 2 t and the next.
+template <int ACC>
+__device__ __forceinline__ void store_rows(float* out, int n, int row, int t, const float (&acc)[ACC]) {
+#pragma unroll
+    for (int j = 0; j < ACC / 4; ++j) {
+        const int col = 8 * j + 2 * t;
+        out[row * n + col] = acc[4 * j];
+        out[row * n + col + 1] = acc[4 * j + 1];
+        out[(row + 8) * n + col] = acc[4 * j + 2];
+        out[(row + 8) * n + col + 1] = acc[4 * j + 3];
+    }
+}
+
 // ---- probe: one warpgroup (128 threads) ----
 // Q [64][D], K and V [KEYS][D] (bf16, row-major). Writes S = Q K^T ([64][KEYS], f32, from
 // shared-memory operands) and O = bf16(S) V ([64][D], f32, P from registers, V read transposed).
@@ -73,14 +87,7 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}(
 
     const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int row = 16 * warp + g;
-#pragma unroll
-    for (int j = 0; j < KEYS / 8; ++j) {
-        const int col = 8 * j + 2 * t;
-        S[row * KEYS + col] = s[4 * j];
-        S[row * KEYS + col + 1] = s[4 * j + 1];
-        S[(row + 8) * KEYS + col] = s[4 * j + 2];
-        S[(row + 8) * KEYS + col + 1] = s[4 * j + 3];
-    }
+    store_rows(S, KEYS, row, t, s);
 
     // P's fragments, all written before the fence that orders them before the MMAs read them.
     u32 p[KEYS / 16][4];
@@ -105,12 +112,5 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}(
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(o);
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-        const int col = 8 * j + 2 * t;
-        O[row * D + col] = o[4 * j];
-        O[row * D + col + 1] = o[4 * j + 1];
-        O[(row + 8) * D + col] = o[4 * j + 2];
-        O[(row + 8) * D + col + 1] = o[4 * j + 3];
-    }
+    store_rows(O, D, row, t, o);
 }
