@@ -628,6 +628,24 @@ fn entry_code(e: Option<Entry>, table: &mut MaskTable) -> Result<u16, Error> {
 }
 
 impl ColumnPlan {
+    /// Column entries an index over every head holds at most: per row, what its group can
+    /// choose (top_k: the smaller of `n` and its candidates; the budgets: its candidates). GPU
+    /// builders allocate their column lists at this bound, before any count is known.
+    pub fn column_bound(&self) -> usize {
+        let q_blocks = self.shape.q_blocks();
+        (0..self.shape.heads * q_blocks)
+            .map(|row| {
+                let (h, qb) = (row / q_blocks, row % q_blocks);
+                let slot = self.shape.slot(h) * self.groups + qb * self.shape.block_m / self.q_block;
+                let cands = (self.cand_hi[slot] - self.cand_lo[slot]) as usize;
+                match self.budget {
+                    Budget::TopK(n) => cands.min(n as usize),
+                    _ => cands,
+                }
+            })
+            .sum()
+    }
+
     /// Plans `pattern` for `heads` query heads, `nq` queries and `nk` keys.
     pub fn new(
         pattern: &PatternExpr,
@@ -823,6 +841,13 @@ pub struct BlockEntries {
 }
 
 impl BlockEntries {
+    /// Block entries an index over every head of `shape` holds at most: every entry the plan
+    /// allows in each row (GPU builders allocate their block lists at this bound, before any
+    /// count is known).
+    pub fn bound(&self, shape: &PlanShape) -> usize {
+        self.ptr.last().map_or(0, |&n| n as usize) * (shape.heads / shape.slots())
+    }
+
     /// Appends rule row `row`'s block entries to `ix` (its last row), given which pattern key
     /// blocks are chosen and, in a query block holding row lines, their offset: what the
     /// GPU's `block_rows` writes, on the CPU.

@@ -46,6 +46,8 @@ fn check(
             "{name} nq={nq} nk={nk} blocks={blocks:?}: {}",
             index_difference(&got, &want).unwrap()
         );
+        // GPU builds allocate their column lists at the plan's bound before any count exists.
+        prop_assert!(want.col_idx.len() <= plan.column_bound(), "{name}: columns past the bound");
         // Candidate ranges: every chosen column lies in its group's range.
         for (h, groups) in chosen.iter().enumerate() {
             for (g, cols) in groups.iter().enumerate() {
@@ -132,6 +134,7 @@ proptest! {
             let plan = BlockPlan::new(&e, heads, nq, nk, &opts).unwrap();
             let got = plan.assemble(&plan.choose_on_cpu(&e, &q, &k).unwrap()).unwrap();
             prop_assert!(index_difference(&got, &want).is_none(), "{name} nq={nq} nk={nk} blocks={blocks:?}: {}", index_difference(&got, &want).unwrap());
+            prop_assert!(want.block_idx.len() <= plan.entries.bound(&plan.shape), "{name}: blocks past the bound");
         }
     }
 }
@@ -152,6 +155,10 @@ fn check_slash_plan(
     let got = plan.assemble(&chosen).unwrap();
     let diff = index_difference(&got, &want);
     prop_assert!(diff.is_none(), "{name} nq={} nk={} blocks={bm}x{bn}: {}", q.tokens, k.tokens, diff.unwrap());
+    // GPU builds allocate their lists at these bounds before any count exists.
+    prop_assert!(want.block_idx.len() <= plan.entries.bound(&plan.shape), "{name}: blocks past the bound");
+    prop_assert!(want.col_idx.len() <= plan.column_bound(), "{name}: columns past the bound");
+    prop_assert!(chosen.iter().all(|c| c.verticals.len() <= plan.max_verticals()), "{name}: verticals past the bound");
     Ok(chosen)
 }
 

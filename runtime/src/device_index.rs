@@ -754,18 +754,7 @@ impl Gpu {
         unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
         timer.mark("count+scan", t0)?;
 
-        // Columns a row holds at most: its group's chosen keys (top_k), or its candidates.
-        let bound = match top_k {
-            Some(_) => rows * cap,
-            None => (0..rows)
-                .map(|row| {
-                    let (h, qb) = (row / q_blocks, row % q_blocks);
-                    let slot = plan.shape.slot(h) * groups + qb * plan.shape.block_m / plan.q_block;
-                    (plan.cand_hi[slot] - plan.cand_lo[slot]) as usize
-                })
-                .sum(),
-        };
-        let (len, sized_by_read) = list_len(s, bound, &col_ptr, rows)?;
+        let (len, sized_by_read) = list_len(s, plan.column_bound(), &col_ptr, rows)?;
         let (mut col_idx, mut col_mask) = alloc_lists(s, len)?;
         let t0 = timer.start()?;
         columns_pass(1, &mut row_count, &col_ptr, &mut col_idx, &mut col_mask)?;
@@ -895,9 +884,7 @@ impl Gpu {
         let mut b = s.launch_builder(f_scan);
         b.arg(&row_count).arg(&rows_i).arg(&mut block_ptr);
         unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
-        // A row holds at most the plan's entries of its row.
-        let bound = plan.entries.ptr.last().map_or(0, |&n| n as usize) * (hq / plan.shape.slots());
-        let (len, sized_by_read) = list_len(s, bound, &block_ptr, rows)?;
+        let (len, sized_by_read) = list_len(s, plan.entries.bound(&plan.shape), &block_ptr, rows)?;
         let (mut block_idx, mut block_mask) = alloc_lists(s, len)?;
         entries.launch_rows(
             s,

@@ -140,6 +140,20 @@ fn target(pattern: &PatternExpr) -> Result<(&PatternExpr, Pred), Error> {
 }
 
 impl SlashPlan {
+    /// Verticals a head chooses at most: `n` for top_k, a grid's `ceil(nk / stride)` lines
+    /// (at least 1: GPU builders size per-head lists with it).
+    pub fn max_verticals(&self) -> usize {
+        match self.verticals {
+            Verticals::TopK(n) => n.clamp(1, self.shape.nk.max(1)),
+            Verticals::Grid { stride, .. } => self.shape.nk.div_ceil(stride.max(1)).max(1),
+        }
+    }
+
+    /// Column entries an index over every head holds at most: one per vertical in each row.
+    pub fn column_bound(&self) -> usize {
+        self.shape.heads * self.shape.q_blocks() * self.max_verticals()
+    }
+
     /// Plans `pattern` for `heads` query heads, `nq` queries and `nk` keys.
     pub fn new(
         pattern: &PatternExpr,

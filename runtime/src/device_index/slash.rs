@@ -54,10 +54,7 @@ impl Gpu {
         let words = kblocks.div_ceil(32);
         let chunks = nk.div_ceil(weft_patterns::repro::SUM_CHUNK);
         // Verticals per head at most: top_k's n, or a grid's ceil(nk / stride) lines.
-        let vk = match plan.verticals {
-            Verticals::TopK(n) => n.clamp(1, nk),
-            Verticals::Grid { stride, .. } => nk.div_ceil(stride.max(1)).max(1),
-        };
+        let vk = plan.max_verticals();
         let sk = plan.slash_k.clamp(1, nq + nk);
         // A grid with a given phase needs no estimate.
         let estimate = !matches!(plan.verticals, Verticals::Grid { phase: Some(_), .. });
@@ -208,9 +205,8 @@ impl Gpu {
         timer.mark("count+scan", t0)?;
         // Lists at their bounds: a row holds at most the plan's entries of its row and one
         // column per vertical.
-        let block_bound = plan.entries.ptr.last().map_or(0, |&n| n as usize) * (hq / plan.shape.slots());
-        let (nb, blocks_read) = list_len(s, block_bound, &block_ptr, rows)?;
-        let (nc, cols_read) = list_len(s, rows * vk, &col_ptr, rows)?;
+        let (nb, blocks_read) = list_len(s, plan.entries.bound(&plan.shape), &block_ptr, rows)?;
+        let (nc, cols_read) = list_len(s, plan.column_bound(), &col_ptr, rows)?;
         let ((mut block_idx, mut block_mask), (mut col_idx, mut col_mask)) = (alloc_lists(s, nb)?, alloc_lists(s, nc)?);
         let t0 = timer.start()?;
         rows_pass(
