@@ -49,6 +49,10 @@ struct Args {
     /// the Hopper wgmma path, e.g. 128x128x16x2w).
     #[arg(long, value_delimiter = ',', default_values_t = ["128x64x32".to_string()])]
     dense_configs: Vec<String>,
+    /// Kernel shape for the sparse cases (block and vertical-vector; their indexes have 128 x 64
+    /// blocks), in the same form: e.g. 128x64x16x2w for the Hopper path.
+    #[arg(long, default_value = "128x64x32")]
+    sparse_config: String,
 }
 
 fn parse_config(s: &str) -> Result<KernelConfig> {
@@ -201,6 +205,13 @@ fn main() -> Result<()> {
         let mut out = s.alloc_zeros::<u16>(h * n * D)?;
         let mut lse = s.alloc_zeros::<f32>(h * n)?;
         let configs: Vec<KernelConfig> = args.dense_configs.iter().map(|c| parse_config(c)).collect::<Result<_>>()?;
+        let sparse = parse_config(&args.sparse_config)?;
+        if (sparse.block_m, sparse.block_n) != (128, 64) {
+            anyhow::bail!(
+                "--sparse-config: the sparse cases' indexes have 128 x 64 blocks, got {}",
+                args.sparse_config
+            );
+        }
         let mut runs: Vec<(String, KernelConfig)> = Vec::new();
         for case_name in &args.cases {
             if case_name == "dense" {
@@ -210,7 +221,7 @@ fn main() -> Result<()> {
                 }
                 runs.push(("dense".into(), configs[0]));
             } else {
-                runs.push((case_name.clone(), KernelConfig::for_blocks(128, 64, D as u32, DType::Bf16)));
+                runs.push((case_name.clone(), sparse));
             }
         }
         for (case_name, config) in &runs {
