@@ -156,6 +156,9 @@ struct AutotuneArgs {
     /// Do not store the result.
     #[arg(long)]
     no_db: bool,
+    /// Also time the Hopper path's configs (wgmma, sm_90a; H100/H200 only).
+    #[arg(long)]
+    wgmma: bool,
 }
 
 #[derive(Args)]
@@ -739,8 +742,16 @@ fn autotune(args: AutotuneArgs) -> Result<()> {
                         ));
                         continue;
                     }
-                    let req =
-                        TuneRequest { pattern, heads: args.heads, kv_heads, seq, head_dim, dtype, head: args.head };
+                    let req = TuneRequest {
+                        pattern,
+                        heads: args.heads,
+                        kv_heads,
+                        seq,
+                        head_dim,
+                        dtype,
+                        head: args.head,
+                        wgmma: args.wgmma,
+                    };
                     let r = tune(&gpu, db.as_ref().map(|(d, _)| d), &req, &report)?;
                     bar.finish_and_clear();
                     println!(

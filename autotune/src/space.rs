@@ -51,6 +51,36 @@ impl DeviceLimits {
     }
 }
 
+/// The Hopper path's configs (`KernelConfig::wgmma`, sm_90 only) for `pattern`: 64- or 128-row
+/// and -key tiles the pattern's granularity allows, head dims 64 and 128 (none otherwise), 16
+/// rows per warp, 2 or 3 stages (shared memory prunes what does not fit).
+pub fn hopper_space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<KernelConfig> {
+    if ![64, 128].contains(&head_dim) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for bm in [64u32, 128] {
+        for bn in [64u32, 128] {
+            let opts = IndexOptions { block_m: Some(bm as usize), block_n: Some(bn as usize), ..Default::default() };
+            if layout(&pattern.expr, &opts).is_err() {
+                continue;
+            }
+            for stages in [2u32, 3] {
+                out.push(KernelConfig {
+                    block_m: bm,
+                    block_n: bn,
+                    head_dim,
+                    dtype,
+                    warp_rows: 16,
+                    stages,
+                    wgmma: true,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Every config of the space for `pattern`, head dim and dtype: tiles dividing the pattern's
 /// granularity, 16 or 32 rows per warp (32 only for 32-row tiles and larger), and a K/V
 /// pipeline of 2 stages, or 3 where tiles are large enough for the deeper pipeline to pay
@@ -142,8 +172,8 @@ pub fn ctas_per_sm(config: &KernelConfig, registers: Option<u32>, limits: &Devic
 
 /// Generates and compiles (in parallel, with `compile`) every config of `configs` for the
 /// index `ix` of `pattern`, pruning by shared memory first and by the compiler's report after.
-/// `compile(source, name)` returns the [`CompileOutput`] or an error message; a failure drops
-/// that config and the others go on.
+/// `compile(kernel)` returns the [`CompileOutput`] or an error message; a failure drops that
+/// config and the others go on.
 pub fn compile_space<F>(
     pattern: &Pattern,
     ix_for: &(dyn Fn(&KernelConfig) -> Result<SparseIndex, Error> + Sync),
@@ -152,7 +182,7 @@ pub fn compile_space<F>(
     compile: F,
 ) -> Vec<Candidate>
 where
-    F: Fn(&str, &str) -> Result<CompileOutput, String> + Sync,
+    F: Fn(&Kernel) -> Result<CompileOutput, String> + Sync,
 {
     configs
         .par_iter()
@@ -172,7 +202,7 @@ where
                 Ok(k) => k,
                 Err(e) => return Candidate::Dropped(*c, Pruned::CompileFailed(e.to_string())),
             };
-            match compile(&kernel.source, &kernel.name) {
+            match compile(&kernel) {
                 Err(e) => Candidate::Dropped(*c, Pruned::CompileFailed(e)),
                 Ok(out) if out.spill_bytes > 0 => Candidate::Dropped(*c, Pruned::Spills { bytes: out.spill_bytes }),
                 Ok(out) => Candidate::Kept(Box::new(Compiled {
@@ -189,10 +219,11 @@ where
         .collect()
 }
 
-/// A `compile` for [`compile_space`] that runs NVRTC for `arch`.
-pub fn nvrtc_compiler(arch: weft_runtime::Arch) -> impl Fn(&str, &str) -> Result<CompileOutput, String> + Sync {
-    move |source: &str, name: &str| {
-        let c = weft_runtime::nvrtc::compile(source, name, arch).map_err(|e| e.to_string())?;
+/// A `compile` for [`compile_space`] that runs NVRTC for `arch` (its arch-specific target for
+/// kernels that need it).
+pub fn nvrtc_compiler(arch: weft_runtime::Arch) -> impl Fn(&Kernel) -> Result<CompileOutput, String> + Sync {
+    move |kernel: &Kernel| {
+        let c = weft_runtime::nvrtc::compile_kernel(kernel, arch).map_err(|e| e.to_string())?;
         Ok(CompileOutput {
             spill_bytes: c.report.as_ref().map_or(0, |r| r.spill_stores + r.spill_loads),
             registers: c.report.as_ref().map(|r| r.registers),

@@ -21,7 +21,7 @@ use weft_dsl::Pattern;
 use weft_patterns::{attention, build_index, IndexOptions, SparseIndex, Tensor};
 use weft_runtime::{AttnShape, Gpu};
 
-use crate::space::{compile_space, nvrtc_compiler, space, Candidate, DeviceLimits};
+use crate::space::{compile_space, hopper_space, nvrtc_compiler, space, Candidate, DeviceLimits};
 use crate::Error;
 
 /// Timed runs at most per config.
@@ -44,6 +44,9 @@ pub struct TuneRequest<'a> {
     pub dtype: DType,
     /// The head the pattern is tuned for, when heads tune differently.
     pub head: Option<u32>,
+    /// Also time the Hopper path's configs ([`crate::space::hopper_space`]; sm_90 GPUs only,
+    /// ignored elsewhere).
+    pub wgmma: bool,
 }
 
 /// One config's outcome.
@@ -147,7 +150,10 @@ pub fn tune(
         )));
     }
     let d = req.head_dim as usize;
-    let configs = space(req.pattern, req.head_dim, req.dtype);
+    let mut configs = space(req.pattern, req.head_dim, req.dtype);
+    if req.wgmma && gpu.arch.sm == 90 {
+        configs.extend(hopper_space(req.pattern, req.head_dim, req.dtype));
+    }
     progress(&format!("{} configs, compiling", configs.len()));
     // Inputs of the bucket's shape, several sets to rotate through.
     let sets: Vec<(Tensor, Tensor, Tensor)> = (0..INPUT_SETS as u64)

@@ -82,8 +82,8 @@ fn a_failed_compile_drops_only_that_config() {
     };
     let mut all = configs.clone();
     all.push(big);
-    let out = compile_space(&p, &ix, &all, &DeviceLimits::AMPERE, |_src: &str, name: &str| {
-        if name.ends_with('0') {
+    let out = compile_space(&p, &ix, &all, &DeviceLimits::AMPERE, |k: &weft_codegen::Kernel| {
+        if k.name.ends_with('0') {
             Err("simulated NVRTC failure".to_string())
         } else {
             Ok(CompileOutput { cubin: vec![1], registers: Some(100), millis: 1.0, ..Default::default() })
@@ -95,4 +95,26 @@ fn a_failed_compile_drops_only_that_config() {
     assert_eq!(smem, 1, "128 x 128 tiles at head dim 256 exceed the A100's shared memory");
     assert_eq!(failed + kept + smem, all.len());
     assert!(kept > 0);
+}
+
+/// The Hopper configs (`weft autotune --wgmma`): 64/128 tiles the pattern allows, head dims 64
+/// and 128 only; through `nvrtc_compiler` they compile for sm_90a, and the one that needs more
+/// than 227 KiB (128 x 128 at head dim 128, 3 stages) is pruned by shared memory.
+#[test]
+fn hopper_configs_compile_for_sm_90a() {
+    weft_runtime::nvrtc::version().expect("NVRTC is required for this test");
+    assert!(hopper_space(&Pattern::new("c", causal()), 256, DType::Bf16).is_empty());
+    let vv = hopper_space(&Pattern::new("vv", vertical_vector().q_block(64)), 128, DType::Bf16);
+    assert!(vv.iter().all(|c| c.block_m == 64), "q_block 64 allows 64-row tiles only: {vv:?}");
+    let p = Pattern::new("window", causal() & window(256));
+    let configs = hopper_space(&p, 128, DType::Bf16);
+    assert_eq!(configs.len(), 8);
+    assert!(configs.iter().all(|c| c.wgmma && c.warp_rows == 16));
+    let out =
+        compile_space(&p, &index_for(&p), &configs, &DeviceLimits::HOPPER, nvrtc_compiler(weft_runtime::Arch::SM90));
+    let kept = out.iter().filter(|c| matches!(c, Candidate::Kept(_))).count();
+    let smem = out.iter().filter(|c| matches!(c, Candidate::Dropped(_, Pruned::SharedMemory { .. }))).count();
+    let failed: Vec<_> = out.iter().filter(|c| matches!(c, Candidate::Dropped(_, Pruned::CompileFailed(_)))).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!((kept, smem), (7, 1));
 }
