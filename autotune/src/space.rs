@@ -132,6 +132,8 @@ pub struct Compiled {
     pub kernel: Kernel,
     pub cubin: Vec<u8>,
     pub ptx: String,
+    /// The compiler options used (`--gpu-architecture=sm_90a` for the Hopper path).
+    pub options: Vec<String>,
     pub registers: Option<u32>,
     /// CTAs resident on one multiprocessor by shared memory, registers and threads.
     pub ctas_per_sm: u32,
@@ -150,6 +152,8 @@ pub enum Candidate {
 pub struct CompileOutput {
     pub cubin: Vec<u8>,
     pub ptx: String,
+    /// The compiler options used (stored with the kernel).
+    pub options: Vec<String>,
     /// Registers per thread, when the compiler reports them.
     pub registers: Option<u32>,
     /// Bytes spilled to local memory (stores plus loads).
@@ -210,6 +214,7 @@ where
                     ctas_per_sm: ctas_per_sm(c, out.registers, limits),
                     kernel,
                     cubin: out.cubin,
+                    options: out.options,
                     ptx: out.ptx,
                     registers: out.registers,
                     compile_ms: out.millis,
@@ -229,6 +234,7 @@ pub fn nvrtc_compiler(arch: weft_runtime::Arch) -> impl Fn(&Kernel) -> Result<Co
             registers: c.report.as_ref().map(|r| r.registers),
             cubin: c.cubin,
             ptx: c.ptx,
+            options: c.options,
             millis: c.millis,
         })
     }

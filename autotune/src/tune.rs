@@ -151,8 +151,15 @@ pub fn tune(
     }
     let d = req.head_dim as usize;
     let mut configs = space(req.pattern, req.head_dim, req.dtype);
-    if req.wgmma && gpu.arch.sm == 90 {
-        configs.extend(hopper_space(req.pattern, req.head_dim, req.dtype));
+    if req.wgmma {
+        let hopper = if gpu.arch.sm == 90 { hopper_space(req.pattern, req.head_dim, req.dtype) } else { Vec::new() };
+        if hopper.is_empty() {
+            progress(&format!(
+                "--wgmma: no Hopper configs here (they need an sm_90 GPU, this one is {}, and head dim 64 or 128)",
+                gpu.arch.name()
+            ));
+        }
+        configs.extend(hopper);
     }
     progress(&format!("{} configs, compiling", configs.len()));
     // Inputs of the bucket's shape, several sets to rotate through.
@@ -279,7 +286,7 @@ pub fn tune(
             name: kernel.name.clone(),
             cubin: compiled.cubin.clone(),
             ptx: compiled.ptx.clone(),
-            options: weft_runtime::nvrtc::options(gpu.arch),
+            options: compiled.options.clone(),
             threads: kernel.threads,
             shared_bytes: kernel.shared_bytes,
             head_dim: kernel.head_dim,

@@ -66,7 +66,7 @@ fn parse_config(s: &str) -> Result<KernelConfig> {
     let (bm, bn, wr, stages) = match parts[..] {
         [bm, bn, wr] => (bm, bn, wr, 2),
         [bm, bn, wr, st] => (bm, bn, wr, st),
-        _ => anyhow::bail!("expected BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES], got {s}"),
+        _ => anyhow::bail!("expected BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w], got {s}"),
     };
     let c =
         KernelConfig { block_m: bm, block_n: bn, head_dim: D as u32, dtype: DType::Bf16, warp_rows: wr, stages, wgmma };

@@ -652,14 +652,15 @@ pub const WGMMA_PROBE_KEYS: u32 = 64;
 /// shared memory) and O = bf16(S) V (P from registers, V read transposed) with `wgmma`. It is
 /// compiled for sm_90a (`Kernel::arch_specific`: the target `wgmma` needs) and launched with one CTA of
 /// 128 threads and [`Kernel::shared_bytes`] of dynamic shared memory; see `templates/hopper.cu`.
-/// The next attention path builds on these pieces; the GPU suite checks them first.
+/// The attention kernel's Hopper path (`KernelConfig::wgmma`) is built from these pieces; the
+/// GPU suite checks them alone first, so a failure points at a piece, not at the kernel.
 pub fn emit_wgmma_probe(head_dim: u32) -> Result<Kernel, Error> {
     if ![64, 128].contains(&head_dim) {
         return Err(Error::Config(format!("the wgmma probe takes head_dim 64 or 128, got {head_dim}")));
     }
     let keys = WGMMA_PROBE_KEYS;
-    // The template is not among the ones every kernel key covers (that would change every
-    // stored kernel's key), so its own hash goes into this key.
+    // The probe's template is not among the ones every kernel key covers (only the attention
+    // kernels' helpers are), so its hash goes into this key.
     let config = format!(
         "wgmma-probe head_dim={head_dim} keys={keys} template={}",
         blake3::hash([HOPPER, WGMMA].concat().as_bytes())

@@ -54,7 +54,8 @@ pub struct IndexBuildReport {
     /// Host milliseconds to queue the build (plan upload on first use, allocations, launches;
     /// with `sized_by_read`, also the wait for the entry total).
     pub enqueue_ms: f64,
-    /// Milliseconds from the call until `finish` saw the build complete.
+    /// Milliseconds from the call until `finish` saw the stream idle (work queued after the
+    /// build, such as the attention, counts too).
     pub total_ms: f64,
     /// Block entries of the index.
     pub blocks: usize,
@@ -81,7 +82,8 @@ pub struct IndexBuildReport {
     /// read); `blocks` and `columns` never exceed them.
     pub capacity: (usize, usize),
     /// GPU milliseconds per kernel (CUDA events; chunks summed), in launch order; empty unless
-    /// [`Gpu::time_index_kernels`] was set before the build.
+    /// [`Gpu::time_index_kernels`] was set before the build, and for block builds (not timed
+    /// per kernel).
     pub kernel_ms: Vec<(&'static str, f64)>,
 }
 
@@ -120,7 +122,8 @@ impl IndexBuild {
         s.synchronize().map_err(driver(read))?;
         let total_ms = self.started.elapsed().as_secs_f64() * 1e3;
         let last = |ptr: &CudaSlice<u32>| -> Result<usize, Error> {
-            Ok(s.clone_dtoh(&ptr.slice(ptr.len() - 1..)).map_err(driver(read))?[0] as usize)
+            let Some(at) = ptr.len().checked_sub(1) else { return Ok(0) };
+            Ok(s.clone_dtoh(&ptr.slice(at..)).map_err(driver(read))?.first().copied().unwrap_or(0) as usize)
         };
         let status = match &self.status {
             Some(st) => s.clone_dtoh(st).map_err(driver(read))?,

@@ -140,7 +140,8 @@ fn annotate(log: &str, file: &str, source: &str) -> String {
     out
 }
 
-/// The NVRTC options weft compiles with (stored with every cached kernel).
+/// The NVRTC options weft compiles portable kernels with (arch-specific ones name `sm_90a`;
+/// [`Compiled::options`] holds what a compile used).
 pub fn options(arch: Arch) -> Vec<String> {
     options_for(&arch.name())
 }
@@ -174,7 +175,8 @@ pub fn compile_kernel(kernel: &weft_codegen::Kernel, arch: Arch) -> Result<Compi
     }
     if arch.sm != 90 {
         return Err(Error::Usage(format!(
-            "{} uses Hopper's wgmma and runs on sm_90 GPUs (H100, H200) only, not {}",
+            "{} uses Hopper's wgmma and runs on sm_90 GPUs (H100, H200) only, not {}; use a config with \
+             wgmma = false",
             kernel.name,
             arch.name()
         )));

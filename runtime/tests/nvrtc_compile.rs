@@ -263,7 +263,7 @@ fn wgmma_probe_compiles_for_sm_90a() {
         }
     }
     // Without the arch-specific target, wgmma is refused: the probe must go through
-    // compile_arch_specific (Gpu::load_arch_specific).
+    // compile_arch_specific (compile_kernel, Gpu::load: `Kernel::arch_specific`).
     let kernel = weft_codegen::emit_wgmma_probe(128).unwrap();
     assert!(compile(&kernel.source, &kernel.name, Arch::SM90).is_err(), "wgmma compiled for plain sm_90");
 }

@@ -170,6 +170,8 @@ fn measure(
             gpu.attention(&kernel, &config, &dix, *shape, q, k, v, out, lse, *scale as f32)
         })?
     };
+    // (Without per-kernel events: what a layer call queues.)
+    gpu.time_index_kernels(false);
     let mut pipelined = Vec::new();
     for _ in 0..reps {
         let t = std::time::Instant::now();
@@ -179,6 +181,7 @@ fn measure(
         gpu.stream.synchronize()?;
         pipelined.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    gpu.time_index_kernels(true);
     let (shape, n) = (x.shape, x.shape.nq as f64);
     let density = dix.to_host(gpu)?.pairs() as f64 / (shape.hq as f64 * n * n);
     Ok(Measured {

@@ -37,7 +37,7 @@ static_assert(MT == 1 && BM % 64 == 0 && (BN == 64 || BN == 128) && D <= 128, "w
 // panels of ROWS x 128 bytes in the 128-byte swizzle.
 template <int ROWS>
 __device__ __forceinline__ u32 tile_chunk(int r, int col) {
-    return (u32)((col / 64) * ROWS * 128 + r * 128 + ((((col % 64) / 8) ^ (r % 8)) << 4));
+    return (u32)((col / 64) * ROWS * 128) + swizzle128(r, col % 64);
 }
 #else
 #define ROW LDS
@@ -126,7 +126,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         cp_async16(dst, ok ? Qh + (size_t)weft_token(pos, nq) * D + col : Qh, ok ? 16 : 0);
     }
 
-    // Each thread copies one 16-byte column chunk of every ROW_STEP-th key row.
     // A thread copies the same 16-byte column chunk of rows ROW_STEP apart: ROWS_BYTES(n) is how
     // far n rows down that chunk lies. Padded rows are 2 x LDS bytes; in the swizzled panels a
     // row is 128 bytes whatever D (the chunk's panel is fixed by its column), and rows a

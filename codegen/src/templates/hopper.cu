@@ -1,9 +1,9 @@
 {{HEADER}}
-// Hopper (sm_90a) building blocks for the next attention path: warpgroup MMAs (wgmma) reading
+// Hopper (sm_90a) building blocks of the attention kernel's wgmma path: warpgroup MMAs reading
 // their operands from shared memory through matrix descriptors, in the 128-byte swizzled layout.
 // The probe kernel below exercises each of them once, on inputs whose products and sums are
-// exact, so the GPU suite can compare its output bit for bit with the CPU before any attention
-// kernel depends on them.
+// exact, so the GPU suite can compare its output bit for bit with the CPU and point at the
+// piece that is wrong, apart from the attention kernel.
 //
 // Layout. A tile of `rows` x D bf16 is stored as D / 64 panels of rows x 64 (128 bytes per row,
 // panels 1024-byte aligned, one after the other). Within a panel, the 16-byte chunk c / 8 of row

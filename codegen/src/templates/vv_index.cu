@@ -1001,8 +1001,8 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}_columns(
     const int h = row / q_blocks, qb = row % q_blocks;
     const int g = qb * block_m / q_block;
     const u32* cols = chosen + ((size_t)h * groups + g) * (words > 0 ? words : cap);
-    // (A group never chooses more than cap keys; the clamp keeps a bug from writing past the
-    // lists, which are sized from cap.)
+    // (A group never chooses more than cap keys; the clamp keeps a wrong count from reading
+    // past the group's list of chosen keys.)
     const int n = words > 0 ? 0 : min(chosen_count[(size_t)h * groups + g], cap);
     const int line = line_offset(line_phase, line_stride, line_len, h, qb, block_m);
     const int rrow = (line >= 0 ? line_rule_base : 0) + (per_head ? h : 0) * q_blocks + qb;
