@@ -569,9 +569,11 @@ impl Lines<'_> {
                         codes.settled(c, &region)
                     }
                     None => {
-                        let (slot, c) = match block_sym {
-                            _ if b == DROP => (&mut alone, here_sym.clone()),
-                            Cov::Mask(p) => (&mut beyond_mask, and(here_sym.clone(), Cov::Mask(!p.clone()))),
+                        // (The coverage is folded only when its form is not known yet: most
+                        // offsets find it.)
+                        let (slot, beyond) = match block_sym {
+                            _ if b == DROP => (&mut alone, None),
+                            Cov::Mask(p) => (&mut beyond_mask, Some(p)),
                             // (A masked entry whose coverage is not a mask cannot occur: settle
                             // keeps masks only. Should it, the CPU's formula, directly.)
                             _ => {
@@ -584,7 +586,13 @@ impl Lines<'_> {
                                 return codes.settled(and(here, Cov::Mask(!codes.mask(b).clone())), &region);
                             }
                         };
-                        let form = slot.get_or_insert_with(|| self.form(c, tile, key, codes));
+                        let form = slot.get_or_insert_with(|| {
+                            let c = match beyond {
+                                None => here_sym.clone(),
+                                Some(p) => and(here_sym.clone(), Cov::Mask(!p.clone())),
+                            };
+                            self.form(c, tile, key, codes)
+                        });
                         self.settle_at(form, tile, r, codes)
                     }
                 }
