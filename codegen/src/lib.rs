@@ -444,8 +444,11 @@ fn gathers_columns(e: &PatternExpr) -> bool {
     })
 }
 
+/// The head dims every kernel takes.
+const HEAD_DIMS: [u32; 3] = [64, 128, 256];
+
 fn check_head_dim(head_dim: u32) -> Result<(), Error> {
-    if [64, 128, 256].contains(&head_dim) {
+    if HEAD_DIMS.contains(&head_dim) {
         Ok(())
     } else {
         Err(Error::Config(format!("head_dim must be 64, 128 or 256, got {head_dim}")))
@@ -607,9 +610,9 @@ pub const VV_INDEX_MAX_SHARED: u32 = 200 * 1024;
 /// its loaded module by key), so it is generated once per head dim and process: generating it
 /// took about 0.6 ms, most of what queueing a whole build costs the host.
 pub fn emit_vv_index(head_dim: u32) -> Result<Kernel, Error> {
-    static EMITTED: std::sync::OnceLock<[Kernel; 3]> = std::sync::OnceLock::new();
+    static EMITTED: std::sync::OnceLock<[Kernel; HEAD_DIMS.len()]> = std::sync::OnceLock::new();
     check_head_dim(head_dim)?;
-    let emitted = EMITTED.get_or_init(|| [64, 128, 256].map(generate_vv_index));
+    let emitted = EMITTED.get_or_init(|| HEAD_DIMS.map(generate_vv_index));
     emitted
         .iter()
         .find(|k| k.head_dim == head_dim)

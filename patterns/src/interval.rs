@@ -173,8 +173,13 @@ pub fn decide_exact(p: &Pred, r: &Region) -> Option<bool> {
         seen[usize::from(x)] = true;
         seen[0] && seen[1]
     };
-    let mut stack = vec![*r];
-    let mut first = true;
+    // (`r` itself is known to be undecided: a large one starts from its halves.)
+    let mut stack = if r.pairs() <= PAIRWISE {
+        vec![*r]
+    } else {
+        let (a, b) = r.halves();
+        vec![b, a]
+    };
     while let Some(part) = stack.pop() {
         if part.pairs() <= PAIRWISE {
             for q in part.q0..part.q1 {
@@ -186,8 +191,7 @@ pub fn decide_exact(p: &Pred, r: &Region) -> Option<bool> {
             }
             continue;
         }
-        // (`r` itself is known to be undecided.)
-        match if first { None } else { decide(p, &part) } {
+        match decide(p, &part) {
             Some(x) if note(x) => return None,
             Some(_) => {}
             None => {
@@ -196,7 +200,6 @@ pub fn decide_exact(p: &Pred, r: &Region) -> Option<bool> {
                 stack.push(a);
             }
         }
-        first = false;
     }
     Some(seen[1] && !seen[0])
 }

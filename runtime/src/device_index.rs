@@ -121,10 +121,6 @@ impl IndexBuild {
         let read = "finishing an index build";
         s.synchronize().map_err(driver(read))?;
         let total_ms = self.started.elapsed().as_secs_f64() * 1e3;
-        let last = |ptr: &CudaSlice<u32>| -> Result<usize, Error> {
-            let Some(at) = ptr.len().checked_sub(1) else { return Ok(0) };
-            Ok(s.clone_dtoh(&ptr.slice(at..)).map_err(driver(read))?.first().copied().unwrap_or(0) as usize)
-        };
         let status = match &self.status {
             Some(st) => s.clone_dtoh(st).map_err(driver(read))?,
             None => vec![0; 3],
@@ -132,8 +128,8 @@ impl IndexBuild {
         Ok(IndexBuildReport {
             enqueue_ms: self.enqueue_ms,
             total_ms,
-            blocks: last(&index.block_ptr)?,
-            columns: last(&index.col_ptr)?,
+            blocks: entry_total(s, &index.block_ptr)?,
+            columns: entry_total(s, &index.col_ptr)?,
             chunk_heads: self.chunk_heads,
             strategy: self.strategy,
             slow_groups: status[1].max(0) as usize,
@@ -146,15 +142,22 @@ impl IndexBuild {
     }
 }
 
-/// Entries to allocate for lists of at most `bound` entries whose row pointers `ptr` (rows
-/// plus one) a scan has queued: the bound, or past [`LIST_BOUND_BYTES`] the total read back
-/// (the one wait, reported as `sized_by_read`).
-fn list_len(s: &Arc<CudaStream>, bound: usize, ptr: &CudaSlice<u32>, rows: usize) -> Result<(usize, bool), Error> {
+/// The entry total of row pointers `ptr` (their last value, 0 for none), read back: the
+/// host waits for what fills them.
+fn entry_total(s: &Arc<CudaStream>, ptr: &CudaSlice<u32>) -> Result<usize, Error> {
+    let Some(at) = ptr.len().checked_sub(1) else { return Ok(0) };
+    let last = s.clone_dtoh(&ptr.slice(at..)).map_err(driver("reading an index's entry total"))?;
+    Ok(last.first().copied().unwrap_or(0) as usize)
+}
+
+/// Entries to allocate for lists of at most `bound` entries whose row pointers `ptr` a scan has
+/// queued: the bound, or past [`LIST_BOUND_BYTES`] the total read back (the one wait, reported
+/// as `sized_by_read`).
+fn list_len(s: &Arc<CudaStream>, bound: usize, ptr: &CudaSlice<u32>) -> Result<(usize, bool), Error> {
     if bound.saturating_mul(6) <= LIST_BOUND_BYTES {
-        return Ok((bound.max(1), false));
+        return Ok((bound, false));
     }
-    let total = s.clone_dtoh(&ptr.slice(rows..rows + 1)).map_err(driver("reading an index's entry total"))?[0];
-    Ok((total.max(1) as usize, true))
+    Ok((entry_total(s, ptr)?, true))
 }
 
 /// Uninitialised entry and mask lists of `n` (the index's readers stop at the row pointers).
@@ -757,7 +760,7 @@ impl Gpu {
         unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
         timer.mark("count+scan", t0)?;
 
-        let (len, sized_by_read) = list_len(s, plan.column_bound(), &col_ptr, rows)?;
+        let (len, sized_by_read) = list_len(s, plan.column_bound(), &col_ptr)?;
         let (mut col_idx, mut col_mask) = alloc_lists(s, len)?;
         let t0 = timer.start()?;
         columns_pass(1, &mut row_count, &col_ptr, &mut col_idx, &mut col_mask)?;
@@ -887,7 +890,7 @@ impl Gpu {
         let mut b = s.launch_builder(f_scan);
         b.arg(&row_count).arg(&rows_i).arg(&mut block_ptr);
         unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
-        let (len, sized_by_read) = list_len(s, plan.entries.bound(&plan.shape), &block_ptr, rows)?;
+        let (len, sized_by_read) = list_len(s, plan.entries.bound(&plan.shape), &block_ptr)?;
         let (mut block_idx, mut block_mask) = alloc_lists(s, len)?;
         entries.launch_rows(
             s,

@@ -205,8 +205,8 @@ impl Gpu {
         timer.mark("count+scan", t0)?;
         // Lists at their bounds: a row holds at most the plan's entries of its row and one
         // column per vertical.
-        let (nb, blocks_read) = list_len(s, plan.entries.bound(&plan.shape), &block_ptr, rows)?;
-        let (nc, cols_read) = list_len(s, plan.column_bound(), &col_ptr, rows)?;
+        let (nb, blocks_read) = list_len(s, plan.entries.bound(&plan.shape), &block_ptr)?;
+        let (nc, cols_read) = list_len(s, plan.column_bound(), &col_ptr)?;
         let ((mut block_idx, mut block_mask), (mut col_idx, mut col_mask)) = (alloc_lists(s, nb)?, alloc_lists(s, nc)?);
         let t0 = timer.start()?;
         rows_pass(
