@@ -49,10 +49,14 @@ struct Args {
     /// the Hopper wgmma path, e.g. 128x128x16x2w).
     #[arg(long, value_delimiter = ',', default_values_t = ["128x64x32".to_string()])]
     dense_configs: Vec<String>,
-    /// Kernel shape for the sparse cases (block and vertical-vector; their indexes have 128 x 64
-    /// blocks), in the same form: e.g. 128x64x16x2w for the Hopper path.
+    /// Kernel shape for the block cases, in the same form: 128 query rows, and 64 or 128 keys
+    /// (the index lists the 128 x 128 blocks as one or two entries), e.g. 128x128x16x2w.
     #[arg(long, default_value = "128x64x32")]
     sparse_config: String,
+    /// Kernel shape for the vertical-vector cases (their indexes have 128 x 64 blocks), e.g.
+    /// 128x64x16x2w for the Hopper path.
+    #[arg(long, default_value = "128x64x32")]
+    vv_config: String,
 }
 
 fn parse_config(s: &str) -> Result<KernelConfig> {
@@ -108,12 +112,13 @@ fn dense(heads: usize, n: usize, bm: usize, bn: usize) -> Case {
 }
 
 /// Random 128 x 128 blocks, `density` of each query block row (the diagonal always kept), as
-/// an index of 128-row query blocks and 64-key entries.
-fn random_blocks(heads: usize, n: usize, density: f64, seed: u64) -> Case {
+/// an index of 128-row query blocks and `block_n`-key entries (64 or 128).
+fn random_blocks(heads: usize, n: usize, density: f64, seed: u64, block_n: usize) -> Case {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let nb = n / 128;
     let per_row = ((density * nb as f64).round() as usize).max(1);
-    let mut ix = SparseIndex { block_m: 128, ..empty_index(heads, n) };
+    let mut ix = SparseIndex { block_m: 128, block_n, ..empty_index(heads, n) };
+    let per_block = (128 / block_n) as u32;
     let mut kept = Vec::new();
     for _h in 0..heads {
         for qb in 0..nb {
@@ -122,7 +127,7 @@ fn random_blocks(heads: usize, n: usize, density: f64, seed: u64) -> Case {
             let mut row: Vec<u32> = others[..per_row - 1].to_vec();
             row.push(qb as u32);
             row.sort_unstable();
-            let entries: Vec<u32> = row.iter().flat_map(|b| [2 * b, 2 * b + 1]).collect();
+            let entries: Vec<u32> = row.iter().flat_map(|b| (0..per_block).map(move |i| per_block * b + i)).collect();
             push_row(&mut ix, &entries, &[]);
             kept.push(row);
         }
@@ -206,11 +211,15 @@ fn main() -> Result<()> {
         let mut lse = s.alloc_zeros::<f32>(h * n)?;
         let configs: Vec<KernelConfig> = args.dense_configs.iter().map(|c| parse_config(c)).collect::<Result<_>>()?;
         let sparse = parse_config(&args.sparse_config)?;
-        if (sparse.block_m, sparse.block_n) != (128, 64) {
+        if sparse.block_m != 128 || ![64, 128].contains(&sparse.block_n) {
             anyhow::bail!(
-                "--sparse-config: the sparse cases' indexes have 128 x 64 blocks, got {}",
+                "--sparse-config: the block cases need 128 x 64 or 128 x 128 tiles, got {}",
                 args.sparse_config
             );
+        }
+        let vv = parse_config(&args.vv_config)?;
+        if (vv.block_m, vv.block_n) != (128, 64) {
+            anyhow::bail!("--vv-config: the vertical-vector indexes have 128 x 64 blocks, got {}", args.vv_config);
         }
         let mut runs: Vec<(String, KernelConfig)> = Vec::new();
         for case_name in &args.cases {
@@ -220,6 +229,8 @@ fn main() -> Result<()> {
                     runs.push(("dense-variant".into(), *c));
                 }
                 runs.push(("dense".into(), configs[0]));
+            } else if case_name.starts_with("vv-") {
+                runs.push((case_name.clone(), vv));
             } else {
                 runs.push((case_name.clone(), sparse));
             }
@@ -227,8 +238,8 @@ fn main() -> Result<()> {
         for (case_name, config) in &runs {
             let case = match case_name.as_str() {
                 "dense" | "dense-variant" => dense(h, n, config.block_m as usize, config.block_n as usize),
-                "block-10" => random_blocks(h, n, 0.10, n as u64),
-                "block-3" => random_blocks(h, n, 0.03, n as u64 + 1),
+                "block-10" => random_blocks(h, n, 0.10, n as u64, config.block_n as usize),
+                "block-3" => random_blocks(h, n, 0.03, n as u64 + 1, config.block_n as usize),
                 "vv-10" => vertical_vectors(h, n, 0.10, n as u64 + 2),
                 "vv-3" => vertical_vectors(h, n, 0.03, n as u64 + 3),
                 other => anyhow::bail!("unknown case `{other}`"),

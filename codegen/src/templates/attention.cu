@@ -140,7 +140,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
 #else
     const u32 ld_dst = smem_u32(sK) + 2 * (ld_row * LDS + ld_col);
 #endif
-    auto load_tile = [&](int t, int stage) {
+    // with_k / with_v: which of the tile's K and V rows to copy (the key positions and mask ids
+    // go with K). mma.sync copies both at once; the wgmma schedule copies V later than K.
+    auto load_tile = [&](int t, int stage, bool with_k, bool with_v) {
         const TileSource src = tile_source(t, nblocks, ncols, bidx, bmask, nk);
         const u32 k_dst = ld_dst + stage * STAGE_BYTES;
         int* key_pos = sKeyPos + stage * BN;
@@ -152,10 +154,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 const u16* v_src = Vh + (size_t)(src.base + ld_row) * D + ld_col;
 #pragma unroll
                 for (int i = 0; i < BN / ROW_STEP; ++i) {
-                    cp_async16(k_dst + ROWS_BYTES(i * ROW_STEP), k_src + (size_t)i * ROW_STEP * D, 16);
-                    cp_async16(k_dst + V_BYTES + ROWS_BYTES(i * ROW_STEP), v_src + (size_t)i * ROW_STEP * D, 16);
+                    if (with_k) cp_async16(k_dst + ROWS_BYTES(i * ROW_STEP), k_src + (size_t)i * ROW_STEP * D, 16);
+                    if (with_v) cp_async16(k_dst + V_BYTES + ROWS_BYTES(i * ROW_STEP), v_src + (size_t)i * ROW_STEP * D, 16);
                 }
-                if (ld_col == 0) {
+                if (with_k && ld_col == 0) {
 #pragma unroll
                     for (int i = 0; i < BN / ROW_STEP; ++i) {
                         key_pos[ld_row + i * ROW_STEP] = src.base + ld_row + i * ROW_STEP;
@@ -188,9 +190,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 const int pos = pos_of[i];
                 const size_t off = pos >= 0 ? (size_t)weft_token(pos, nk) * D + ld_col : 0;
                 const u32 dst = k_dst + ROWS_BYTES(r - ld_row);
-                cp_async16(dst, Kh + off, pos >= 0 ? 16 : 0);
-                cp_async16(dst + V_BYTES, Vh + off, pos >= 0 ? 16 : 0);
-                if (ld_col == 0) {
+                if (with_k) cp_async16(dst, Kh + off, pos >= 0 ? 16 : 0);
+                if (with_v) cp_async16(dst + V_BYTES, Vh + off, pos >= 0 ? 16 : 0);
+                if (with_k && ld_col == 0) {
                     key_pos[r] = pos;
                     key_mask[r] = mask_of[i];
                 }
@@ -204,9 +206,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 const int pos = !ok ? -1 : src.is_block ? src.base + r : (int)cidx[src.base + r];
                 const size_t off = ok ? (size_t)weft_token(pos, nk) * D + ld_col : 0;
                 const u32 dst = k_dst + ROWS_BYTES(r - ld_row);
-                cp_async16(dst, Kh + off, ok ? 16 : 0);
-                cp_async16(dst + V_BYTES, Vh + off, ok ? 16 : 0);
-                if (ld_col == 0) {
+                if (with_k) cp_async16(dst, Kh + off, ok ? 16 : 0);
+                if (with_v) cp_async16(dst + V_BYTES, Vh + off, ok ? 16 : 0);
+                if (with_k && ld_col == 0) {
                     key_pos[r] = pos;
                     key_mask[r] = !ok ? FULL : src.is_block ? src.mask : cmask[src.base + r];
                 }
@@ -217,13 +219,22 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     // Prologue: tiles 0 .. STAGES - 2 in flight, one commit group each (empty past the end,
     // so that group t always holds tile t). Two stages keep the plain form: ptxas allocates
     // the unrolled loop's copy differently (88 B of spills instead of 8 at 128 x 64 tiles).
-    if constexpr (STAGES == 2) {
-        if (ntiles > 0) load_tile(0, 0);
+    // The wgmma schedule commits each tile's K and V as two groups (see the main loop).
+    if constexpr (WEFT_WGMMA) {
+#pragma unroll
+        for (int p = 0; p < STAGES - 1; ++p) {
+            if (p < ntiles) load_tile(p, p, true, false);
+            cp_async_commit();
+            if (p < ntiles) load_tile(p, p, false, true);
+            cp_async_commit();
+        }
+    } else if constexpr (STAGES == 2) {
+        if (ntiles > 0) load_tile(0, 0, true, true);
         cp_async_commit();
     } else {
 #pragma unroll
         for (int p = 0; p < STAGES - 1; ++p) {
-            if (p < ntiles) load_tile(p, p);
+            if (p < ntiles) load_tile(p, p, true, true);
             cp_async_commit();
         }
     }
@@ -248,18 +259,46 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     const u32 k_addr = smem_u32(sK) + 2 * (((mat / 2) * 8 + lane % 8) * LDS + (mat % 2) * 8);
     const u32 v_addr = smem_u32(sV) + 2 * (((mat % 2) * 8 + lane % 8) * LDS + (mat / 2) * 8);
 
+#if WEFT_WGMMA
+    // O += P V for the tile in `stage`, issued and committed, not waited for: V read transposed
+    // through descriptors (16 keys = 16 rows of 128 bytes into every 64-column panel), P from
+    // registers. The caller fences pa and O first.
+    auto pv_wgmma = [&](float(&acc)[DT * 4], u32(&p)[BN / 16][4], int stage) {
+        const u32 v_base = smem_u32(sV) + stage * STAGE_BYTES;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+            wgmma_rs_n{{D}}_mn(acc, p[kk], smem_desc(v_base + kk * 16 * 128, BN * 128, 1024), true);
+        wgmma_commit();
+    };
+    // The warpgroup schedule overlaps each tile's softmax with the previous tile's P V
+    // (FlashAttention-3's intra-warpgroup pipelining): iteration t issues S_t = Q K_t^T and
+    // then O += P_{t-1} V_{t-1}, waits for S_t alone, and masks and exponentiates tile t while
+    // the tensor cores finish P_{t-1} V_{t-1}. K and V of a tile are separate commit groups:
+    // K_{t+STAGES-1} is copied at the top of iteration t (its stage's K was last read by
+    // S_{t-1}, waited for before this iteration's barrier), V_{t+STAGES-1} at the bottom (its
+    // stage's V was last read by P_{t-1} V_{t-1}, waited for before the barrier there).
+    u32 pa[BN / 16][4];  // the previous tile's P as bf16 pairs: the A operand of its P V
+    float(&oacc)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
+#endif
     for (int t = 0; t < ntiles; ++t) {
         const int stage = t % STAGES;
+#if WEFT_WGMMA
+        // Groups so far, oldest first: ..., K_t, V_t, ..., K_{t+STAGES-2}, V_{t+STAGES-2}.
+        // K_t and V_{t-1} (and everything older) must be complete: 2 STAGES - 3 may remain.
+        cp_async_wait<2 * STAGES - 3>();
+        fence_async_shared();  // this thread's copies, visible to the wgmma unit after the barrier
+        __syncthreads();
+        if (t + STAGES - 1 < ntiles) load_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES, true, false);
+        cp_async_commit();
+#else
         // Tile t + STAGES - 1 goes into the stage tile t - 1 used (freed by the barrier that
         // ended the last iteration); then every group but the newest STAGES - 1 is complete,
         // which includes tile t's.
-        if (t + STAGES - 1 < ntiles) load_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES);
+        if (t + STAGES - 1 < ntiles) load_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES, true, true);
         cp_async_commit();
         cp_async_wait<STAGES - 1>();
-#if WEFT_WGMMA
-        fence_async_shared();  // this thread's copies, visible to the wgmma unit after the barrier
-#endif
         __syncthreads();
+#endif
 
         if constexpr (Q_IN_REGS && !WEFT_WGMMA) {
             if (t == 0) {
@@ -279,6 +318,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             float(&acc)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
             const u32 q_base = smem_u32(sQ) + (warp / 4) * 64 * 128, k_base = smem_u32(sK) + stage * STAGE_BYTES;
             fence_registers(acc);
+            fence_registers(pa);
+            fence_registers(oacc);
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < KQ; ++kk) {
@@ -287,7 +328,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                                smem_desc(k_base + (kk / 4) * BN * 128 + at, 16, 1024), kk > 0);
             }
             wgmma_commit();
-            wgmma_wait<0>();
+            if (t > 0) {
+                pv_wgmma(oacc, pa, (t - 1) % STAGES);
+                wgmma_wait<1>();  // S_t; P_{t-1} V_{t-1} may still run
+            } else {
+                wgmma_wait<0>();
+            }
             fence_registers(acc);
         }
 #else
@@ -426,6 +472,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 l[mt][i] = l[mt][i] * alpha[mt][i] + sum;
             }
         }
+#if WEFT_WGMMA
+        wgmma_wait<0>();  // P_{t-1} V_{t-1}: O holds tiles up to t - 1, and pa may be rewritten
+        fence_registers(oacc);
+#endif
         // Rescale O only when some row of the warp has a new maximum: after the first tiles
         // the running max rarely moves, and this saves MT x DT x 4 multiplies per tile.
         if (__any_sync(0xffffffff, rescale)) {
@@ -442,29 +492,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
 
         // O += P V: the S accumulators become the A operand without leaving registers.
 #if WEFT_WGMMA
-        {
-            // P's fragments first, then the fence that orders them (and O's rescale) before
-            // the MMAs; V read transposed: 16 keys = 16 rows of 128 bytes into every panel.
-            u32 pa[BN / 16][4];
+        // P_t's fragments wait in registers for the next iteration (or the loop's end) to
+        // issue P_t V_t. Then V_{t+STAGES-1} goes into V_{t-1}'s stage, once every warpgroup
+        // is past its P_{t-1} V_{t-1}.
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                pa[kk][0] = pack(s[0][2 * kk][0], s[0][2 * kk][1]);
-                pa[kk][1] = pack(s[0][2 * kk][2], s[0][2 * kk][3]);
-                pa[kk][2] = pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-                pa[kk][3] = pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-            }
-            float(&oacc)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
-            const u32 v_base = smem_u32(sV) + stage * STAGE_BYTES;
-            fence_registers(pa);
-            fence_registers(oacc);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk)
-                wgmma_rs_n{{D}}_mn(oacc, pa[kk], smem_desc(v_base + kk * 16 * 128, BN * 128, 1024), true);
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_registers(oacc);
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            pa[kk][0] = pack(s[0][2 * kk][0], s[0][2 * kk][1]);
+            pa[kk][1] = pack(s[0][2 * kk][2], s[0][2 * kk][3]);
+            pa[kk][2] = pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+            pa[kk][3] = pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
         }
+        __syncthreads();
+        if (t + STAGES - 1 < ntiles) load_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES, false, true);
+        cp_async_commit();
 #else
         const u32 v_stage = v_addr + stage * STAGE_BYTES;
 #pragma unroll
@@ -488,10 +528,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 }
             }
         }
-#endif
         __syncthreads();  // the stage is refilled by the next iteration's load
+#endif
     }
     cp_async_wait<0>();
+#if WEFT_WGMMA
+    if (ntiles > 0) {
+        // The last tile's P V, once its V has landed.
+        fence_async_shared();
+        __syncthreads();
+        fence_registers(pa);
+        fence_registers(oacc);
+        wgmma_fence();
+        pv_wgmma(oacc, pa, (ntiles - 1) % STAGES);
+        wgmma_wait<0>();
+        fence_registers(oacc);
+    }
+#endif
 
     // Normalize and write the output rows at their tokens, with the natural-log log-sum-exp.
 #pragma unroll
