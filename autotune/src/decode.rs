@@ -149,7 +149,7 @@ pub fn tune_decode(
         let record = TuneRecord {
             best: serde_json::json!({ "splits": best_splits }),
             best_ms,
-            default_ms: auto_ms.unwrap_or(f64::NAN),
+            default_ms: auto_ms,
             timings: timings.iter().map(|(s, t)| (serde_json::json!({ "splits": s }), *t)).collect(),
             kernel: kernel.key.clone(),
             created: weft_cache::timestamp(),

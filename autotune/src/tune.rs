@@ -161,6 +161,13 @@ pub fn tune(
         }
         configs.extend(hopper);
     }
+    // The runtime's untuned config is always timed, so the result says what tuning gained
+    // (on sm_90 it is often a Hopper config, which the plain space leaves out).
+    let default = KernelConfig::default_for_arch(&req.pattern.expr, req.head_dim, req.dtype, gpu.arch.sm)
+        .map_err(|e| Error::Search(e.to_string()))?;
+    if !configs.contains(&default) {
+        configs.push(default);
+    }
     progress(&format!("{} configs, compiling", configs.len()));
     // Inputs of the bucket's shape, several sets to rotate through.
     let sets: Vec<(Tensor, Tensor, Tensor)> = (0..INPUT_SETS as u64)
@@ -266,8 +273,6 @@ pub fn tune(
     }
     let (best, verified_error) =
         winner.ok_or_else(|| Error::Search("no config both ran and passed the reference check".into()))?;
-    let default = KernelConfig::default_for(&req.pattern.expr, req.head_dim, req.dtype)
-        .map_err(|e| Error::Search(e.to_string()))?;
     let default_ms = timings.iter().find(|t| t.config == default).and_then(|t| t.median_ms);
     let best_ms = best.median_ms.unwrap_or(f64::NAN);
     if let Some(db) = db {
@@ -306,7 +311,7 @@ pub fn tune(
         let record = TuneRecord {
             best: cfg(&best.config),
             best_ms,
-            default_ms: default_ms.unwrap_or(f64::NAN),
+            default_ms,
             timings: timings.iter().map(|t| (cfg(&t.config), t.median_ms)).collect(),
             kernel: kernel.key.clone(),
             created: weft_cache::timestamp(),

@@ -158,7 +158,10 @@ pub struct TuneRecord {
     /// The winning config (serialized `weft_codegen::KernelConfig`).
     pub best: serde_json::Value,
     pub best_ms: f64,
-    pub default_ms: f64,
+    /// The runtime's untuned config's median time; `None` when it did not run (older records
+    /// wrote a NaN here, which JSON stores as null: that reads as `None` too).
+    #[serde(default)]
+    pub default_ms: Option<f64>,
     /// Every config tried with its median time (`None` when it failed to compile or run).
     pub timings: Vec<(serde_json::Value, Option<f64>)>,
     /// The winner's kernel key in the `kernels` tree.

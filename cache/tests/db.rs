@@ -35,7 +35,7 @@ fn tune_record() -> TuneRecord {
     TuneRecord {
         best: serde_json::json!({"block_m": 128, "block_n": 64}),
         best_ms: 1.5,
-        default_ms: 2.0,
+        default_ms: Some(2.0),
         timings: vec![(serde_json::json!({"block_m": 64}), Some(2.0)), (serde_json::json!({"block_m": 256}), None)],
         kernel: "k1".into(),
         created: timestamp(),
@@ -171,4 +171,21 @@ fn a_corrupt_database_says_how_to_reset_it() {
     std::fs::write(other.path().join("thesis.tex"), "x").unwrap();
     assert!(Db::destroy(other.path()).unwrap_err().to_string().contains("not deleting"));
     assert!(other.path().join("thesis.tex").exists());
+}
+
+#[test]
+fn a_tuning_record_whose_default_did_not_run_reads_back() {
+    // Older tuners wrote NaN for a default that did not run, which JSON stores as null; the
+    // database called such records corrupt and the runtime ignored the tuned config.
+    let dir = tempfile::tempdir().unwrap();
+    let h200 = toolchain("NVIDIA H200", 580);
+    let db = Db::open(dir.path()).unwrap();
+    let record = TuneRecord { default_ms: None, ..tune_record() };
+    db.put_tuning(&tune_key(h200.clone(), None), &record).unwrap();
+    assert_eq!(db.tuning(&tune_key(h200.clone(), None)).unwrap().unwrap().default_ms, None);
+    let old: TuneRecord =
+        serde_json::from_str(r#"{"best":{},"best_ms":1.0,"default_ms":null,"timings":[],"kernel":"k","created":1}"#)
+            .unwrap();
+    assert_eq!(old.default_ms, None);
+    assert!(db.verify(None).unwrap().corrupt.is_empty());
 }

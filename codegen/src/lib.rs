@@ -159,6 +159,25 @@ impl KernelConfig {
         Ok(c)
     }
 
+    /// The config used when nothing is tuned, on a GPU of compute capability `sm` (90 for the
+    /// H100/H200): [`KernelConfig::default_for`], moved to the Hopper path (wgmma, sm_90a) on
+    /// sm_90 where its tiles allow (64 or 128 rows and keys, head dim 64 or 128). Vertical
+    /// vectors (and retrieval, also mostly gathered columns) stay on mma.sync: their gathered
+    /// column tiles ran slower there (35.2 against 28.2 ms at 64k tokens, 10% of the columns;
+    /// docs/PERF.md), while dense, block and vertical-slash ran 1.1-1.5x faster.
+    pub fn default_for_arch(
+        pattern: &weft_dsl::PatternExpr,
+        head_dim: u32,
+        dtype: DType,
+        sm: u32,
+    ) -> Result<KernelConfig, Error> {
+        let c = KernelConfig::default_for(pattern, head_dim, dtype)?;
+        let hopper = KernelConfig { warp_rows: 16, wgmma: true, ..c };
+        let columns =
+            pattern.any_leaf(&|leaf| matches!(leaf, PatternExpr::VerticalVector(_) | PatternExpr::Retrieval(_)));
+        Ok(if sm == 90 && !columns && hopper.validate().is_ok() { hopper } else { c })
+    }
+
     /// The default config for an index's block sizes: 32 rows per warp for 128-row blocks.
     pub fn for_blocks(block_m: usize, block_n: usize, head_dim: u32, dtype: DType) -> KernelConfig {
         KernelConfig {
@@ -751,6 +770,28 @@ mod tests {
         let c = KernelConfig::default_for(&block().block_q(256).block_k(256).keep(top_k(2)).into(), 64, DType::F16)
             .unwrap();
         assert_eq!((c.block_m, c.block_n, c.warp_rows), (128, 128, 32));
+    }
+
+    #[test]
+    fn hopper_defaults_take_wgmma_where_the_tiles_allow_except_for_gathered_columns() {
+        let blocks: weft_dsl::PatternExpr = block().block_q(128).block_k(128).keep(top_k(2)).into();
+        let vs = causal() & vertical_slash().block(64).vertical(top_k(8)).slash(top_k(2));
+        let vv: weft_dsl::PatternExpr = vertical_vector().q_block(128).keep(top_k(8)).into();
+        let small: weft_dsl::PatternExpr = block().block_q(32).block_k(32).keep(top_k(2)).into();
+        for (p, d, wgmma) in
+            [(&blocks, 128, true), (&vs, 64, true), (&vv, 128, false), (&small, 128, false), (&vs, 256, false)]
+        {
+            let base = KernelConfig::default_for(p, d, DType::Bf16).unwrap();
+            let hopper = KernelConfig::default_for_arch(p, d, DType::Bf16, 90).unwrap();
+            assert_eq!(hopper.wgmma, wgmma, "{p} d={d}: {hopper}");
+            assert!(hopper.validate().is_ok());
+            assert_eq!((hopper.block_m, hopper.block_n), (base.block_m, base.block_n));
+            assert_eq!(
+                KernelConfig::default_for_arch(p, d, DType::Bf16, 80).unwrap(),
+                base,
+                "{p}: sm_80 keeps mma.sync"
+            );
+        }
     }
 
     #[test]

@@ -412,7 +412,7 @@ impl Runtime {
         });
         let found = match tuned {
             Some(c) => (c, true),
-            None => (KernelConfig::default_for(&pattern.expr, head_dim, dtype)?, false),
+            None => (KernelConfig::default_for_arch(&pattern.expr, head_dim, dtype, self.gpu.arch.sm)?, false),
         };
         if let Ok(mut m) = self.layer.configs.lock() {
             m.insert(memo, found);
@@ -534,7 +534,8 @@ struct ConfigKey(KernelConfig);
 
 impl Ord for ConfigKey {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        let f = |c: &KernelConfig| (c.block_m, c.block_n, c.head_dim, c.warp_rows, c.dtype.name());
+        // Every field: heads whose configs differ only in stages or mma path launch apart.
+        let f = |c: &KernelConfig| (c.block_m, c.block_n, c.head_dim, c.warp_rows, c.dtype.name(), c.stages, c.wgmma);
         f(&self.0).cmp(&f(&o.0))
     }
 }

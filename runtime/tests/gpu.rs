@@ -674,7 +674,7 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
             let record = weft_cache::TuneRecord {
                 best: serde_json::to_value(tuned_config).unwrap(),
                 best_ms: 1.0,
-                default_ms: 1.0,
+                default_ms: Some(1.0),
                 timings: vec![],
                 kernel: String::new(),
                 created: 0,
@@ -696,11 +696,11 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
             if tuned && plan.patterns[h].name == "window" {
                 tuned_config
             } else {
-                KernelConfig::default_for(&plan.patterns[h].expr, d as u32, dtype).unwrap()
+                KernelConfig::default_for_arch(&plan.patterns[h].expr, d as u32, dtype, rt.gpu.arch.sm).unwrap()
             }
         };
         let mut configs: Vec<KernelConfig> = (0..hq).map(config_of).collect();
-        configs.sort_by_key(|c| (c.block_m, c.block_n, c.warp_rows));
+        configs.sort_by_key(|c| (c.block_m, c.block_n, c.warp_rows, c.stages, c.wgmma));
         configs.dedup();
         let mut covered: Vec<usize> = reports.iter().flat_map(|r| r.heads.clone()).collect();
         covered.sort();

@@ -52,6 +52,10 @@ struct Args {
     /// Vertical-slash budgets `verticals:slashes` (causal, 64 x 64 tiles, last 64 queries).
     #[arg(long, value_delimiter = ',', default_values_t = ["1024:64".to_string()])]
     vs: Vec<String>,
+    /// Run the attention on the Hopper path (wgmma, sm_90a) where the index's tiles allow it
+    /// (64 or 128 rows and keys).
+    #[arg(long)]
+    wgmma: bool,
 }
 
 const D: usize = 128;
@@ -119,6 +123,8 @@ struct Measured {
     density: f64,
     first: IndexBuildReport,
     last: IndexBuildReport,
+    /// The attention kernel's config.
+    config: KernelConfig,
 }
 
 impl Measured {
@@ -131,8 +137,8 @@ impl Measured {
         let sizing =
             if self.first.sized_by_read { "sized by a read of the total" } else { "sized by the plan's bound" };
         format!(
-            "index+attention queued together, one wait={:.3} ms (index queued in {:.3} ms; lists {sizing}, capacity {:?})",
-            self.pipelined, self.enqueue, self.first.capacity
+            "index+attention queued together, one wait={:.3} ms (index queued in {:.3} ms; lists {sizing}, capacity {:?}; attention [{}])",
+            self.pipelined, self.enqueue, self.first.capacity, self.config
         )
     }
 }
@@ -140,17 +146,19 @@ impl Measured {
 type Built = Result<(DeviceIndex, IndexBuild), weft_runtime::Error>;
 
 /// Builds the index once (warm-up: loads the kernels), then `reps` timed builds, then times
-/// the attention over the last index with a kernel for `masks` and `(block_m, block_n)`, then
-/// `reps` pipelined builds and attentions.
+/// the attention over the last index with a kernel for `masks` and `(block_m, block_n)`
+/// (`--wgmma`: the Hopper path where the tiles allow), then `reps` pipelined builds and
+/// attentions.
 fn measure(
     gpu: &Gpu,
     x: &mut Inputs,
-    reps: usize,
+    args: &Args,
     pattern: &Pattern,
     masks: &[weft_dsl::Pred],
     blocks: (usize, usize),
     build: impl Fn(&Inputs) -> Built,
 ) -> Result<Measured> {
+    let reps = args.reps;
     let (mut dix, b) = build(x)?;
     let first = b.finish(&dix)?;
     let (mut builds, mut enqueues, mut last) = (Vec::new(), Vec::new(), first.clone());
@@ -162,7 +170,11 @@ fn measure(
         last = r;
         dix = ix;
     }
-    let config = KernelConfig::for_blocks(blocks.0, blocks.1, D as u32, DType::Bf16);
+    let mut config = KernelConfig::for_blocks(blocks.0, blocks.1, D as u32, DType::Bf16);
+    let hopper = KernelConfig { warp_rows: 16, wgmma: true, ..config };
+    if args.wgmma && hopper.validate().is_ok() {
+        config = hopper;
+    }
     let kernel = emit(&KernelSpec { pattern, masks, permutation: None, config })?;
     let attn = {
         let Inputs { q, k, v, out, lse, shape, scale } = &mut *x;
@@ -192,6 +204,7 @@ fn measure(
         density,
         first,
         last,
+        config,
     })
 }
 
@@ -223,7 +236,7 @@ fn main() -> Result<()> {
             let t = std::time::Instant::now();
             let plan = ColumnPlan::new(&pattern.expr, h, n, n, &vv_opts)?;
             let plan_ms = t.elapsed().as_secs_f64() * 1e3;
-            let m = measure(&gpu, x, args.reps, pattern, &plan.skeleton.masks, (128, 64), |x| {
+            let m = measure(&gpu, x, &args, pattern, &plan.skeleton.masks, (128, 64), |x| {
                 gpu.build_vv_index(&plan, shape, DType::Bf16, &x.q, &x.k)
             })?;
             Ok((m, plan_ms))
@@ -234,7 +247,7 @@ fn main() -> Result<()> {
             let plan = SlashPlan::new(&pattern.expr, h, n, n, &opts)?;
             let plan_ms = t.elapsed().as_secs_f64() * 1e3;
             let blocks = (plan.shape.block_m, plan.shape.block_n);
-            let m = measure(&gpu, x, args.reps, pattern, &plan.masks, blocks, |x| {
+            let m = measure(&gpu, x, &args, pattern, &plan.masks, blocks, |x| {
                 gpu.build_vs_index(&plan, shape, DType::Bf16, &x.q, &x.k)
             })?;
             Ok((m, plan_ms, blocks))
@@ -270,7 +283,7 @@ fn main() -> Result<()> {
             let t = std::time::Instant::now();
             let plan = BlockPlan::new(&pattern.expr, h, n, n, &vv_opts)?;
             let plan_ms = t.elapsed().as_secs_f64() * 1e3;
-            let m = measure(&gpu, &mut x, args.reps, &pattern, &plan.masks, (128, 64), |x| {
+            let m = measure(&gpu, &mut x, &args, &pattern, &plan.masks, (128, 64), |x| {
                 gpu.build_block_index(&plan, shape, DType::Bf16, &x.q, &x.k)
             })?;
             let (total, share_pct) = totals(&m);

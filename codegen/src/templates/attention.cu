@@ -219,15 +219,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     // Prologue: tiles 0 .. STAGES - 2 in flight, one commit group each (empty past the end,
     // so that group t always holds tile t). Two stages keep the plain form: ptxas allocates
     // the unrolled loop's copy differently (88 B of spills instead of 8 at 128 x 64 tiles).
-    // The wgmma schedule commits each tile's K and V as two groups (see the main loop).
+    // The wgmma schedule's group g holds K_g and V_{g-1} instead (see the main loop).
+    // Copy group g of the wgmma schedule: tile g's K and tile g - 1's V, each into its stage.
+    auto load_group = [&](int g) {
+        if (g < ntiles) load_tile(g, g % STAGES, true, false);
+        if (g >= 1 && g - 1 < ntiles) load_tile(g - 1, (g - 1) % STAGES, false, true);
+        cp_async_commit();
+    };
     if constexpr (WEFT_WGMMA) {
 #pragma unroll
-        for (int p = 0; p < STAGES - 1; ++p) {
-            if (p < ntiles) load_tile(p, p, true, false);
-            cp_async_commit();
-            if (p < ntiles) load_tile(p, p, false, true);
-            cp_async_commit();
-        }
+        for (int g = 0; g < STAGES - 1; ++g) load_group(g);
     } else if constexpr (STAGES == 2) {
         if (ntiles > 0) load_tile(0, 0, true, true);
         cp_async_commit();
@@ -273,23 +274,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     // The warpgroup schedule overlaps each tile's softmax with the previous tile's P V
     // (FlashAttention-3's intra-warpgroup pipelining): iteration t issues S_t = Q K_t^T and
     // then O += P_{t-1} V_{t-1}, waits for S_t alone, and masks and exponentiates tile t while
-    // the tensor cores finish P_{t-1} V_{t-1}. K and V of a tile are separate commit groups:
-    // K_{t+STAGES-1} is copied at the top of iteration t (its stage's K was last read by
-    // S_{t-1}, waited for before this iteration's barrier), V_{t+STAGES-1} at the bottom (its
-    // stage's V was last read by P_{t-1} V_{t-1}, waited for before the barrier there).
+    // the tensor cores finish P_{t-1} V_{t-1}. V lags K by a tile: while the MMAs run,
+    // iteration t copies group t + STAGES - 1, K_{t+STAGES-1} into the stage of K_{t-1} (last
+    // read by S_{t-1}) and V_{t+STAGES-2} into the stage of V_{t-2} (last read by
+    // P_{t-2} V_{t-2}); every warpgroup waited for both before this iteration's barrier, so
+    // one barrier per tile suffices.
     u32 pa[BN / 16][4];  // the previous tile's P as bf16 pairs: the A operand of its P V
     float(&oacc)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
 #endif
     for (int t = 0; t < ntiles; ++t) {
         const int stage = t % STAGES;
 #if WEFT_WGMMA
-        // Groups so far, oldest first: ..., K_t, V_t, ..., K_{t+STAGES-2}, V_{t+STAGES-2}.
-        // K_t and V_{t-1} (and everything older) must be complete: 2 STAGES - 3 may remain.
-        cp_async_wait<2 * STAGES - 3>();
+        // Groups t + 1 .. t + STAGES - 2 may still be in flight; group t (K_t, V_{t-1}) and
+        // everything older must be complete.
+        cp_async_wait<STAGES - 2>();
         fence_async_shared();  // this thread's copies, visible to the wgmma unit after the barrier
         __syncthreads();
-        if (t + STAGES - 1 < ntiles) load_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES, true, false);
-        cp_async_commit();
+        load_group(t + STAGES - 1);
 #else
         // Tile t + STAGES - 1 goes into the stage tile t - 1 used (freed by the barrier that
         // ended the last iteration); then every group but the newest STAGES - 1 is complete,
@@ -309,7 +310,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
 
         // S = Q K^T for this warp's MT x 16 rows and the tile's BN keys; the first k-step
         // starts from a zero accumulator.
-        const u32 k_stage = k_addr + stage * STAGE_BYTES;
         float s[MT][NT][4];
 #if WEFT_WGMMA
         {
@@ -337,6 +337,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             fence_registers(acc);
         }
 #else
+        const u32 k_stage = k_addr + stage * STAGE_BYTES;
 #pragma unroll
         for (int kk = 0; kk < KQ; ++kk) {
             u32 qa[MT][4];
@@ -493,8 +494,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         // O += P V: the S accumulators become the A operand without leaving registers.
 #if WEFT_WGMMA
         // P_t's fragments wait in registers for the next iteration (or the loop's end) to
-        // issue P_t V_t. Then V_{t+STAGES-1} goes into V_{t-1}'s stage, once every warpgroup
-        // is past its P_{t-1} V_{t-1}.
+        // issue P_t V_t.
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
             pa[kk][0] = pack(s[0][2 * kk][0], s[0][2 * kk][1]);
@@ -502,9 +502,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             pa[kk][2] = pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
             pa[kk][3] = pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
         }
-        __syncthreads();
-        if (t + STAGES - 1 < ntiles) load_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES, false, true);
-        cp_async_commit();
 #else
         const u32 v_stage = v_addr + stage * STAGE_BYTES;
 #pragma unroll
