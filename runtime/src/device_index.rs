@@ -836,8 +836,10 @@ impl Gpu {
         let (groups_i, kblocks_i, bq_i, bk_i) =
             (groups as i32, kblocks as i32, plan.block_q as i32, plan.block_k as i32);
         let per_head = i32::from(plan.shape.per_head);
+        let mut timer = KernelTimer::new(self);
         // Safety (every launch below): argument lists match the template's signatures and each
         // buffer has the length the kernel indexes.
+        let t0 = timer.start()?;
         for (src, n, rows_per, count, heads, out) in
             [(q, nq_i, bq_i, groups_i, hq, &mut pooled_q), (k, nk_i, bk_i, kblocks_i, hkv, &mut pooled_k)]
         {
@@ -846,6 +848,7 @@ impl Gpu {
             b.arg(src).arg(&n).arg(&rows_per).arg(&count).arg(out).arg(&mut hi).arg(&mut lo).arg(&mut scratch_l1);
             unsafe { b.launch(launch_cfg((count as u32, heads as u32, 1), d as u32, 0)) }.map_err(launch("pool"))?;
         }
+        timer.mark("pool", t0)?;
         // Every (group, key block) score, for `chunk` heads at a time (a multiple of the GQA
         // group, so each chunk's query heads map to whole key heads): the kernels index from
         // the chunk's first head, so they get views that start there.
@@ -859,11 +862,14 @@ impl Gpu {
             let (hc_i, hkv_c) = (hc as i32, (hc / gqa) as i32);
             let q_view = pooled_q.slice(h0 * groups * d..);
             let k_view = pooled_k.slice(h0 / gqa * kblocks * d..);
+            let t0 = timer.start()?;
             let mut b = s.launch_builder(f_scores);
             b.arg(&q_view).arg(&k_view).arg(&hc_i).arg(&hkv_c).arg(&groups_i).arg(&kblocks_i).arg(&plan.shape.scale);
             b.arg(&mut scores);
             let grid = (groups.div_ceil(64) as u32, kblocks.div_ceil(64) as u32, hc as u32);
             unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("block_scores"))?;
+            timer.mark("score", t0)?;
+            let t0 = timer.start()?;
             let allowed_view = allowed.slice(if plan.shape.per_head { h0 * groups * words } else { 0 }..);
             let mut chosen_view = chosen.slice_mut(h0 * groups * words..);
             let mut b = s.launch_builder(f_select);
@@ -871,7 +877,9 @@ impl Gpu {
             b.arg(&mode).arg(&top_k).arg(&budget_arg).arg(&mut chosen_view);
             unsafe { b.launch(launch_cfg((groups as u32, hc as u32, 1), 256, select_smem as u32)) }
                 .map_err(launch("block_select"))?;
+            timer.mark("select", t0)?;
         }
+        let t0 = timer.start()?;
         let (q_blocks_i, bm_i) = (q_blocks as i32, plan.shape.block_m as i32);
         let dims = [per_head, hq_i, q_blocks_i, bm_i, bq_i, groups_i, kblocks_i];
         let no_lines = NoLines::new(s)?;
@@ -890,8 +898,10 @@ impl Gpu {
         let mut b = s.launch_builder(f_scan);
         b.arg(&row_count).arg(&rows_i).arg(&mut block_ptr);
         unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
+        timer.mark("count+scan", t0)?;
         let (len, sized_by_read) = list_len(s, plan.entries.bound(&plan.shape), &block_ptr)?;
         let (mut block_idx, mut block_mask) = alloc_lists(s, len)?;
+        let t0 = timer.start()?;
         entries.launch_rows(
             s,
             f_rows,
@@ -901,6 +911,7 @@ impl Gpu {
             1,
             (&mut row_count, &block_ptr, &mut block_idx, &mut block_mask),
         )?;
+        timer.mark("write", t0)?;
         let columns = (
             s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?,
             s.alloc_zeros::<u32>(1).map_err(driver(alloc))?,
@@ -913,7 +924,7 @@ impl Gpu {
             columns,
         )?;
         let sizing = (sized_by_read, (len, 0));
-        Ok((index, IndexBuild::new(KernelTimer::new(self), started, None, hq, "blocks", sizing)))
+        Ok((index, IndexBuild::new(timer, started, None, hq, "blocks", sizing)))
     }
 }
 

@@ -281,19 +281,22 @@ fn main() -> Result<()> {
                 weft_dsl::PatternExpr::from(block().block_q(128).block_k(128).keep(top_k(keep_blocks))),
             );
             let t = std::time::Instant::now();
-            let plan = BlockPlan::new(&pattern.expr, h, n, n, &vv_opts)?;
+            // The index in the pattern's own 128 x 128 blocks (the Hopper path's widest tile).
+            let block_opts = IndexOptions { block_n: Some(128), ..vv_opts.clone() };
+            let plan = BlockPlan::new(&pattern.expr, h, n, n, &block_opts)?;
             let plan_ms = t.elapsed().as_secs_f64() * 1e3;
-            let m = measure(&gpu, &mut x, &args, &pattern, &plan.masks, (128, 64), |x| {
+            let m = measure(&gpu, &mut x, &args, &pattern, &plan.masks, (128, 128), |x| {
                 gpu.build_block_index(&plan, shape, DType::Bf16, &x.q, &x.k)
             })?;
             let (total, share_pct) = totals(&m);
             println!(
                 "block-e2e N={n:<6} top_k={keep_blocks:<4} (128 x 128 blocks) density={:.4} plan={plan_ms:.0} ms \
-                 index={:.3} ms attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    {}",
+                 index={:.3} ms attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    {}\n    kernels (last build): {}",
                 m.density,
                 m.build,
                 m.attention,
-                m.pipeline()
+                m.pipeline(),
+                m.kernels()
             );
         }
         for budget in &args.vv_budget {
