@@ -221,6 +221,29 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     // the unrolled loop's copy differently (88 B of spills instead of 8 at 128 x 64 tiles).
     // The wgmma schedule's group g holds K_g and V_{g-1} instead (see the main loop).
     // Copy group g of the wgmma schedule: tile g's K and tile g - 1's V, each into its stage.
+#if WEFT_WGMMA
+    // The index entries that tile t's copies will read (its column positions and mask ids, or
+    // its block's entry), moved into L1 an iteration early: the wgmma schedule issues its
+    // copies between the barrier and the MMAs, where a column position loaded from L2 would
+    // hold the MMAs back (the copies need the position for their addresses). One prefetch per
+    // 128-byte line (32 positions, 64 mask ids) and one for the last entry's line.
+    auto prefetch_tile = [&](int t) {
+        if (t >= ntiles) return;
+        if (t < (int)nblocks) {
+            if (tid == 0) {
+                prefetch_l1(bidx + t);
+                prefetch_l1(bmask + t);
+            }
+            return;
+        }
+        const int first = (t - (int)nblocks) * BN, count = min(BN, (int)ncols - first);
+        if (tid <= BN / 32) {
+            prefetch_l1(cidx + first + min(tid * 32, count - 1));
+        } else if (tid <= BN / 32 + 1 + BN / 64) {
+            prefetch_l1(cmask + first + min((tid - BN / 32 - 1) * 64, count - 1));
+        }
+    };
+#endif
     auto load_group = [&](int g) {
         if (g < ntiles) load_tile(g, g % STAGES, true, false);
         if (g >= 1 && g - 1 < ntiles) load_tile(g - 1, (g - 1) % STAGES, false, true);
@@ -335,6 +358,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
                 wgmma_wait<0>();
             }
             fence_registers(acc);
+            // The next iteration copies K_{t+STAGES}: its index entries, into L1 now.
+            if constexpr (GATHERS) prefetch_tile(t + STAGES);
         }
 #else
         const u32 k_stage = k_addr + stage * STAGE_BYTES;
