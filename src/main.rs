@@ -246,6 +246,10 @@ struct KernelArgs {
     /// K/V tiles in flight: 2 or 3.
     #[arg(long, default_value_t = 2)]
     stages: u32,
+    /// The Hopper path (warpgroup MMAs, sm_90a; 64 or 128 rows and keys, head dim 64 or 128),
+    /// which the runtime runs untuned on sm_90 for most patterns.
+    #[arg(long)]
+    wgmma: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -1071,10 +1075,13 @@ fn generate(pattern: &Pattern, args: &KernelArgs) -> Result<weft::codegen::Kerne
     let k = Tensor::random(1, args.seq, 16, 2);
     let opts = IndexOptions { block_m: args.block_m, block_n: args.block_n, ..Default::default() };
     let ix = pat::build_index(&pattern.expr, &q, &k, &opts)?;
-    let config = weft::codegen::KernelConfig {
+    let mut config = weft::codegen::KernelConfig {
         stages: args.stages,
         ..weft::codegen::KernelConfig::for_blocks(ix.block_m, ix.block_n, args.head_dim, dtype)
     };
+    if args.wgmma {
+        config = weft::codegen::KernelConfig { wgmma: true, warp_rows: 16, ..config };
+    }
     let spec = weft::codegen::KernelSpec { pattern, masks: &ix.masks, permutation: ix.permutation, config };
     Ok(weft::codegen::emit(&spec)?)
 }
@@ -1177,7 +1184,15 @@ fn quickstart(out: &Path) -> Result<()> {
     println!("\n5. The CUDA kernel for it (weft emit examples/patterns/video.toml prints it all):\n");
     let kernel = generate(
         &pattern,
-        &KernelArgs { head_dim: 128, dtype: "bf16".into(), seq: 1024, block_m: None, block_n: None, stages: 2 },
+        &KernelArgs {
+            head_dim: 128,
+            dtype: "bf16".into(),
+            seq: 1024,
+            block_m: None,
+            block_n: None,
+            stages: 2,
+            wgmma: false,
+        },
     )?;
     for line in kernel.source.lines().take(5) {
         println!("   {line}");

@@ -211,6 +211,20 @@ fn compile_reports_registers_and_spills() {
         .assert()
         .failure()
         .stderr(predicate::str::contains("sm_80 or later"));
+    // The Hopper path: sm_90a, and a clear error elsewhere or for tiles it does not take.
+    weft().args(["compile", "causal", "--arch", "sm_90", "--wgmma"]).assert().success().stdout(
+        predicate::str::contains("sm_90").and(predicate::str::contains("spills        0 bytes stored, 0 loaded")),
+    );
+    weft()
+        .args(["compile", "causal", "--arch", "sm_80", "--wgmma"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("sm_90 GPUs (H100, H200) only").and(no_panic()));
+    weft()
+        .args(["emit", "causal", "--wgmma", "--block-m", "32"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("the wgmma path takes").and(no_panic()));
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Tuning one (pattern, head, shape bucket) on the GPU.
 //!
-//! 1. the config space ([`crate::space::space`]), pruned statically and compiled in parallel;
+//! 1. the config space ([`crate::space::space`], plus the Hopper tiles with `wgmma`, plus the
+//!    runtime's untuned default [`KernelConfig::default_for_arch`] so the gain is measured
+//!    against it), pruned statically and compiled in parallel;
 //! 2. every survivor timed with CUDA events on the bucket's shape: two warm-ups, then up to
 //!    [`MAX_REPS`] timed runs over [`INPUT_SETS`] input sets in rotation (each larger than the
 //!    L2 at the sizes tuned for); after [`EARLY_REPS`] runs a config whose median is more than
@@ -64,7 +66,7 @@ pub struct Timed {
 pub struct TuneResult {
     pub best: KernelConfig,
     pub best_ms: f64,
-    /// The default config's time (`None` if it was pruned).
+    /// The runtime's untuned config's time (`None` if it was pruned or failed to run).
     pub default_ms: Option<f64>,
     pub timings: Vec<Timed>,
     /// Relative error of the winner against the CPU reference.

@@ -879,12 +879,12 @@ impl Gpu {
                 .map_err(launch("block_select"))?;
             timer.mark("select", t0)?;
         }
-        let t0 = timer.start()?;
         let (q_blocks_i, bm_i) = (q_blocks as i32, plan.shape.block_m as i32);
         let dims = [per_head, hq_i, q_blocks_i, bm_i, bq_i, groups_i, kblocks_i];
         let no_lines = NoLines::new(s)?;
         let mut none_idx = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
         let mut none_mask = s.alloc_zeros::<u16>(1).map_err(driver(alloc))?;
+        let t0 = timer.start()?;
         entries.launch_rows(
             s,
             f_rows,

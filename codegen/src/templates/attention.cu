@@ -220,7 +220,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     // so that group t always holds tile t). Two stages keep the plain form: ptxas allocates
     // the unrolled loop's copy differently (88 B of spills instead of 8 at 128 x 64 tiles).
     // The wgmma schedule's group g holds K_g and V_{g-1} instead (see the main loop).
-    // Copy group g of the wgmma schedule: tile g's K and tile g - 1's V, each into its stage.
 #if WEFT_WGMMA
     // The index entries that tile t's copies will read (its column positions and mask ids, or
     // its block's entry), moved into L1 an iteration early: the wgmma schedule issues its
@@ -244,6 +243,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         }
     };
 #endif
+    // Copy group g of the wgmma schedule: tile g's K and tile g - 1's V, each into its stage.
     auto load_group = [&](int g) {
         if (g < ntiles) load_tile(g, g % STAGES, true, false);
         if (g >= 1 && g - 1 < ntiles) load_tile(g - 1, (g - 1) % STAGES, false, true);
@@ -501,6 +501,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
 #if WEFT_WGMMA
         wgmma_wait<0>();  // P_{t-1} V_{t-1}: O holds tiles up to t - 1, and pa may be rewritten
         fence_registers(oacc);
+        fence_registers(pa);  // (pa's old values stay put until here: the MMA read them)
 #endif
         // Rescale O only when some row of the warp has a new maximum: after the first tiles
         // the running max rarely moves, and this saves MT x DT x 4 multiplies per tile.

@@ -18,8 +18,11 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
-// Starts moving the line holding `p` into L1 (a hint: no result, no fault on any address).
-__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+// Starts moving the line holding global address `p` into L1 (a hint: it has no result; the
+// callers pass addresses inside their arrays).
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+    asm volatile("{ .reg .u64 g; cvta.to.global.u64 g, %0; prefetch.global.L1 [g]; }" ::"l"(p));
+}
 // Shared memory written by ordinary stores, made visible to the wgmma unit (the async proxy).
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 // Keeps the compiler from moving accumulator reads and writes across an asynchronous MMA.
