@@ -567,7 +567,7 @@ pub const VV_INDEX_ENTRIES: [&str; 9] =
     ["pool", "kstats", "score", "threshold", "vv_exact", "budget", "select", "columns", "scan"];
 
 /// The entry points of the block top-k index builder (same module as [`emit_vv_index`]).
-pub const BLOCK_INDEX_ENTRIES: [&str; 5] = ["pool", "block_scores", "block_select", "block_rows", "scan"];
+pub const BLOCK_INDEX_ENTRIES: [&str; 6] = ["pool", "block_scores", "block_select", "block_rows", "scan", "block_top"];
 
 /// The entry points of the vertical-slash index builder, which also builds grids of column
 /// lines (`grid_select` in place of `vs_select`); same module as [`emit_vv_index`].

@@ -246,6 +246,14 @@ impl KernelTimer {
     }
 }
 
+/// Whether block top_k and threshold selection runs `block_top` (a warp per group, radix
+/// select, no sort) instead of `block_select` (a CTA per group, bitonic sort: 0.62 of the 1.40
+/// ms of a 64k build). Off until it has run on a GPU: it was written after the eighth
+/// session's device time ran out, and CI only compiles it. To switch it on, set this to true
+/// and run `block_indexes_built_on_the_gpu_match_the_cpu_builder` (top_k with ties,
+/// threshold) and `index-bench --seq 65536 --wgmma` (the select time).
+const BLOCK_TOP: bool = false;
+
 /// Plans whose device copies are kept (the oldest are dropped past this many).
 const PLAN_COPIES: usize = 16;
 
@@ -810,7 +818,7 @@ impl Gpu {
         };
         let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
         let f = self.load_entries(&kernel, &weft_codegen::BLOCK_INDEX_ENTRIES)?;
-        let (f_pool, f_scores, f_select, f_rows, f_scan) = (&f[0], &f[1], &f[2], &f[3], &f[4]);
+        let (f_pool, f_scores, f_select, f_rows, f_scan, f_top) = (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5]);
         let s = &self.stream;
         let (up, alloc) = ("uploading the block index plan", "allocating block index buffers");
         let (groups, kblocks, q_blocks) = (plan.groups, plan.kblocks, plan.shape.q_blocks());
@@ -872,11 +880,18 @@ impl Gpu {
             let t0 = timer.start()?;
             let allowed_view = allowed.slice(if plan.shape.per_head { h0 * groups * words } else { 0 }..);
             let mut chosen_view = chosen.slice_mut(h0 * groups * words..);
-            let mut b = s.launch_builder(f_select);
+            // top_k and threshold: block_top when on (see BLOCK_TOP); top_p needs the
+            // candidates in order (its weights are summed best first): block_select.
+            let top = BLOCK_TOP && mode != 2;
+            let mut b = s.launch_builder(if top { f_top } else { f_select });
             b.arg(&scores).arg(&allowed_view).arg(&per_head).arg(&groups_i).arg(&kblocks_i);
             b.arg(&mode).arg(&top_k).arg(&budget_arg).arg(&mut chosen_view);
-            unsafe { b.launch(launch_cfg((groups as u32, hc as u32, 1), 256, select_smem as u32)) }
-                .map_err(launch("block_select"))?;
+            let cfg = if top {
+                launch_cfg((groups.div_ceil(8) as u32, hc as u32, 1), 256, 0)
+            } else {
+                launch_cfg((groups as u32, hc as u32, 1), 256, select_smem as u32)
+            };
+            unsafe { b.launch(cfg) }.map_err(launch("block_select"))?;
             timer.mark("select", t0)?;
         }
         let (q_blocks_i, bm_i) = (q_blocks as i32, plan.shape.block_m as i32);
