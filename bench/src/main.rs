@@ -46,13 +46,15 @@ struct Args {
     reps: usize,
     /// Kernel shapes for the dense case, as BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w] (the first is
     /// reported to the peers' table; the others are printed for comparison; a trailing `w` is
-    /// the Hopper wgmma path, e.g. 128x128x16x2w).
-    #[arg(long, value_delimiter = ',', default_values_t = ["128x64x32".to_string()])]
+    /// the Hopper wgmma path, e.g. 128x128x16x2w). Default: 128x128x16x2w on sm_90 (H100,
+    /// H200), 128x64x32 elsewhere.
+    #[arg(long, value_delimiter = ',')]
     dense_configs: Vec<String>,
     /// Kernel shape for the block cases, in the same form: 128 query rows, and 64 or 128 keys
-    /// (the index lists the 128 x 128 blocks as one or two entries), e.g. 128x128x16x2w.
-    #[arg(long, default_value = "128x64x32")]
-    sparse_config: String,
+    /// (the index lists the 128 x 128 blocks as one or two entries). Default: 128x128x16x2w on
+    /// sm_90, 128x64x32 elsewhere.
+    #[arg(long)]
+    sparse_config: Option<String>,
     /// Kernel shape for the vertical-vector cases (their indexes have 128 x 64 blocks), e.g.
     /// 128x64x16x2w for the Hopper path.
     #[arg(long, default_value = "128x64x32")]
@@ -209,13 +211,15 @@ fn main() -> Result<()> {
         let (qd, kd, vd) = (s.clone_htod(&q)?, s.clone_htod(&k)?, s.clone_htod(&v)?);
         let mut out = s.alloc_zeros::<u16>(h * n * D)?;
         let mut lse = s.alloc_zeros::<f32>(h * n)?;
-        let configs: Vec<KernelConfig> = args.dense_configs.iter().map(|c| parse_config(c)).collect::<Result<_>>()?;
-        let sparse = parse_config(&args.sparse_config)?;
+        // Defaults: the fastest measured shapes for this GPU (docs/PERF.md).
+        let widest = if gpu.arch.sm == 90 { "128x128x16x2w" } else { "128x64x32" };
+        let dense_configs =
+            if args.dense_configs.is_empty() { vec![widest.to_string()] } else { args.dense_configs.clone() };
+        let configs: Vec<KernelConfig> = dense_configs.iter().map(|c| parse_config(c)).collect::<Result<_>>()?;
+        let sparse_config = args.sparse_config.clone().unwrap_or_else(|| widest.to_string());
+        let sparse = parse_config(&sparse_config)?;
         if sparse.block_m != 128 || ![64, 128].contains(&sparse.block_n) {
-            anyhow::bail!(
-                "--sparse-config: the block cases need 128 x 64 or 128 x 128 tiles, got {}",
-                args.sparse_config
-            );
+            anyhow::bail!("--sparse-config: the block cases need 128 x 64 or 128 x 128 tiles, got {sparse_config}");
         }
         let vv = parse_config(&args.vv_config)?;
         if (vv.block_m, vv.block_n) != (128, 64) {
