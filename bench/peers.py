@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Times the peers on the inputs and masks `weft-bench` wrote, and prints one table.
 
-torch SDPA (flash and cuDNN backends) and FlexAttention without a mask for the dense case;
+torch SDPA (flash and cuDNN backends) and FlexAttention without a mask for the dense case,
+the same with `is_causal` / a causal block mask for the causal case;
 FlexAttention with the same block mask (block cases) or the same token-level mask (vertical
 vector cases). Every time is the median of triton.testing.do_bench (CUDA events). Ratios are
 peer time / weft time: above 1 means weft is faster.
@@ -60,6 +61,15 @@ for r in ours:
             mine = torch.from_numpy(mine).view(torch.bfloat16).reshape(1, h, n, D).cuda().float()
             err = ((mine - ref.float()).norm() / ref.float().norm()).item()
             print(f"check: weft dense N={n} vs SDPA cuDNN: relative error {err:.2e}", flush=True)
+    elif case == "causal":
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            peers["sdpa-flash"] = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            peers["sdpa-cudnn"] = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        t0 = time.time()
+        bm = create_block_mask(lambda b, hh, qi, ki: qi >= ki, None, None, n, n, device="cuda", BLOCK_SIZE=128)
+        peers["flex"] = bench(lambda: flex(q, k, v, block_mask=bm))
+        print(f"flex causal N={n}: block mask + first call {time.time() - t0:.1f} s", flush=True)
     elif case.startswith("block"):
         nb = n // 128
         kept = np.fromfile(os.path.join(data, f"{case}_{n}.u32"), dtype=np.uint32).reshape(h, nb, -1)

@@ -4,6 +4,7 @@
 //!
 //! Cases (B = 1, H = 32, D = 128, bf16, non-causal):
 //! - `dense`: every block full;
+//! - `causal`: keys up to the query (the diagonal blocks masked), on the dense case's shapes;
 //! - `block-10`, `block-3`: random 128 x 128 blocks, a fixed number per query block row
 //!   (the diagonal always kept), FlexAttention's "random blocks" measurement;
 //! - `vv-10`, `vv-3`: vertical vectors at token granularity: per 128-query block, the first 64
@@ -23,7 +24,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::{builder, Pattern, Pred};
-use weft_patterns::{SparseIndex, FULL};
+use weft_patterns::{build_index, IndexOptions, SparseIndex, Tensor, FULL};
 use weft_runtime::{AttnShape, Gpu};
 
 #[derive(Parser)]
@@ -35,7 +36,7 @@ struct Args {
     /// Heads.
     #[arg(long, default_value_t = 32)]
     heads: usize,
-    /// Cases to run (dense, block-10, block-3, vv-10, vv-3).
+    /// Cases to run (dense, causal, block-10, block-3, vv-10, vv-3).
     #[arg(long, value_delimiter = ',', default_values_t = ["dense".to_string(), "block-10".into(), "block-3".into(), "vv-10".into(), "vv-3".into()])]
     cases: Vec<String>,
     /// Where to write inputs, masks and timings.
@@ -89,6 +90,8 @@ struct Case {
     blocks128: Option<Vec<Vec<u32>>>,
     /// Per 64-query block: the random columns (vv cases; the same for every head).
     columns: Option<Vec<Vec<u32>>>,
+    /// The residual predicates of partial blocks (the causal case's diagonal).
+    masks: Vec<Pred>,
 }
 
 fn empty_index(heads: usize, n: usize) -> SparseIndex {
@@ -110,7 +113,27 @@ fn dense(heads: usize, n: usize, bm: usize, bn: usize) -> Case {
     for _ in 0..heads * n.div_ceil(bm) {
         push_row(&mut ix, &all, &[]);
     }
-    Case { name: "dense".into(), index: ix, blocks128: None, columns: None }
+    Case { name: "dense".into(), index: ix, blocks128: None, columns: None, masks: Vec::new() }
+}
+
+/// Causal attention: the CPU builder's index of `causal` at these blocks for one head (a
+/// static pattern: the inputs only give the shape), repeated for every head.
+fn causal(heads: usize, n: usize, bm: usize, bn: usize) -> Result<Case> {
+    let (q, k) = (Tensor::random(1, n, 16, 1), Tensor::random(1, n, 16, 2));
+    let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), ..Default::default() };
+    let one = build_index(&builder::causal(), &q, &k, &opts)?;
+    let mut ix = SparseIndex { block_m: bm, block_n: bn, masks: one.masks.clone(), ..empty_index(heads, n) };
+    for _ in 0..heads {
+        for r in 0..n.div_ceil(bm) {
+            let (b0, b1) = (one.block_ptr[r] as usize, one.block_ptr[r + 1] as usize);
+            ix.block_idx.extend_from_slice(&one.block_idx[b0..b1]);
+            ix.block_mask.extend_from_slice(&one.block_mask[b0..b1]);
+            ix.block_ptr.push(ix.block_idx.len() as u32);
+            ix.col_ptr.push(ix.col_idx.len() as u32);
+        }
+    }
+    let masks = one.masks;
+    Ok(Case { name: "causal".into(), index: ix, blocks128: None, columns: None, masks })
 }
 
 /// Random 128 x 128 blocks, `density` of each query block row (the diagonal always kept), as
@@ -134,7 +157,13 @@ fn random_blocks(heads: usize, n: usize, density: f64, seed: u64, block_n: usize
             kept.push(row);
         }
     }
-    Case { name: format!("block-{}", (density * 100.0).round()), index: ix, blocks128: Some(kept), columns: None }
+    Case {
+        name: format!("block-{}", (density * 100.0).round()),
+        index: ix,
+        blocks128: Some(kept),
+        columns: None,
+        masks: Vec::new(),
+    }
 }
 
 /// Vertical vectors over 128-query blocks: the sink (keys 0..64), the 64-key blocks covering
@@ -169,7 +198,13 @@ fn vertical_vectors(heads: usize, n: usize, density: f64, seed: u64) -> Case {
             push_row(&mut ix, blocks, cols);
         }
     }
-    Case { name: format!("vv-{}", (density * 100.0).round()), index: ix, blocks128: None, columns: Some(columns) }
+    Case {
+        name: format!("vv-{}", (density * 100.0).round()),
+        index: ix,
+        blocks128: None,
+        columns: Some(columns),
+        masks: Vec::new(),
+    }
 }
 
 /// Rows padded to the longest with 0 (key 0 is always kept: the sink), row-major.
@@ -227,12 +262,12 @@ fn main() -> Result<()> {
         }
         let mut runs: Vec<(String, KernelConfig)> = Vec::new();
         for case_name in &args.cases {
-            if case_name == "dense" {
+            if case_name == "dense" || case_name == "causal" {
                 // Variants first, the reported config last so its output stays in `out`.
                 for c in configs.iter().skip(1) {
-                    runs.push(("dense-variant".into(), *c));
+                    runs.push((format!("{case_name}-variant"), *c));
                 }
-                runs.push(("dense".into(), configs[0]));
+                runs.push((case_name.clone(), configs[0]));
             } else if case_name.starts_with("vv-") {
                 runs.push((case_name.clone(), vv));
             } else {
@@ -242,6 +277,7 @@ fn main() -> Result<()> {
         for (case_name, config) in &runs {
             let case = match case_name.as_str() {
                 "dense" | "dense-variant" => dense(h, n, config.block_m as usize, config.block_n as usize),
+                "causal" | "causal-variant" => causal(h, n, config.block_m as usize, config.block_n as usize)?,
                 "block-10" => random_blocks(h, n, 0.10, n as u64, config.block_n as usize),
                 "block-3" => random_blocks(h, n, 0.03, n as u64 + 1, config.block_n as usize),
                 "vv-10" => vertical_vectors(h, n, 0.10, n as u64 + 2),
@@ -255,13 +291,15 @@ fn main() -> Result<()> {
             // passes the user's pattern): vertical vectors gather columns, the rest do not.
             let expr = if case.columns.is_some() {
                 builder::sink(64) | builder::local(64) | builder::vertical_vector().q_block(128)
+            } else if case.name == "causal" {
+                builder::causal()
             } else {
                 builder::full()
             };
             let pattern = Pattern::new(&case.name, expr);
-            let masks: Vec<Pred> = Vec::new();
+            let masks = &case.masks;
             let config = *config;
-            let kernel = emit(&KernelSpec { pattern: &pattern, masks: &masks, permutation: None, config })?;
+            let kernel = emit(&KernelSpec { pattern: &pattern, masks, permutation: None, config })?;
             let dix = gpu.upload_index(ix)?;
             let shape = AttnShape { hq: h, hkv: h, nq: n, nk: n, head_dim: D };
             let scale = 1.0 / (D as f32).sqrt();
@@ -285,7 +323,7 @@ fn main() -> Result<()> {
                 times[0],
                 times[times.len() - 1]
             );
-            if case_name == "dense-variant" {
+            if case_name.ends_with("-variant") {
                 continue;
             }
             writeln!(
@@ -309,4 +347,19 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_causal_case_covers_each_key_up_to_the_query_for_every_head() {
+        for (n, bm, bn) in [(300, 64, 64), (1000, 128, 128), (257, 128, 64)] {
+            let c = causal(3, n, bm, bn).unwrap();
+            assert_eq!(c.index.pairs(), 3 * (n * (n + 1) / 2) as u64, "n={n} {bm}x{bn}");
+            assert_eq!(c.index.block_ptr.len(), 3 * n.div_ceil(bm) + 1);
+            assert!(!c.masks.is_empty(), "the diagonal blocks need the causal predicate");
+        }
+    }
 }
