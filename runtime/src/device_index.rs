@@ -246,14 +246,6 @@ impl KernelTimer {
     }
 }
 
-/// Whether block top_k and threshold selection runs `block_top` (a warp per group, radix
-/// select, no sort) instead of `block_select` (a CTA per group, bitonic sort: 0.62 of the 1.40
-/// ms of a 64k build). Off until it has run on a GPU: it was written after the eighth
-/// session's device time ran out, and CI only compiles it. To switch it on, set this to true
-/// and run `block_indexes_built_on_the_gpu_match_the_cpu_builder` (top_k with ties,
-/// threshold) and `index-bench --seq 65536 --wgmma` (the select time).
-const BLOCK_TOP: bool = false;
-
 /// Plans whose device copies are kept (the oldest are dropped past this many).
 const PLAN_COPIES: usize = 16;
 
@@ -880,9 +872,10 @@ impl Gpu {
             let t0 = timer.start()?;
             let allowed_view = allowed.slice(if plan.shape.per_head { h0 * groups * words } else { 0 }..);
             let mut chosen_view = chosen.slice_mut(h0 * groups * words..);
-            // top_k and threshold: block_top when on (see BLOCK_TOP); top_p needs the
-            // candidates in order (its weights are summed best first): block_select.
-            let top = BLOCK_TOP && mode != 2;
+            // top_k and threshold: block_top when on (`Gpu::select_blocks_by_radix`; the
+            // bitonic sort took 0.62 of the 1.40 ms of a 64k build); top_p needs the candidates
+            // in order (its weights are summed best first): block_select.
+            let top = mode != 2 && self.block_top.load(std::sync::atomic::Ordering::Relaxed);
             let mut b = s.launch_builder(if top { f_top } else { f_select });
             b.arg(&scores).arg(&allowed_view).arg(&per_head).arg(&groups_i).arg(&kblocks_i);
             b.arg(&mode).arg(&top_k).arg(&budget_arg).arg(&mut chosen_view);

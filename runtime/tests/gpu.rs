@@ -1137,50 +1137,55 @@ fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
     use weft_patterns::device_plan::BlockPlan;
     let gpu = Gpu::open(0).expect("a GPU");
     let mut failures = Vec::new();
-    let mut seed = 9500u64;
-    for n in [3u32, 12] {
-        let blk = |bq: u32, keep| block().block_q(bq).block_k(64).keep(keep);
-        let patterns = [
-            Pattern::new("causal_block", causal() & blk(64, top_k(n))),
-            Pattern::new("block128", blk(128, top_k(n))),
-            Pattern::new("causal_threshold_window", causal() & (blk(64, threshold(0.3)) | window(100))),
-            Pattern::new("causal_top_p", causal() & blk(64, top_p(0.05 * f64::from(n)))),
-        ];
-        for p in &patterns {
-            for (nq, nk, hq, hkv, d) in DEVICE_INDEX_SHAPES {
-                for ties in [false, true] {
-                    seed += 1;
-                    let mut x = inputs(hq, hkv, nq, nk, d, DType::Bf16, seed);
-                    if ties {
-                        // Odd key blocks repeat the even ones: equal pooled keys, equal scores,
-                        // so the lower block must win.
-                        for h in 0..hkv {
-                            for b in (0..nk / 64).step_by(2).filter(|b| (b + 2) * 64 <= nk) {
-                                let (a, c) = ((h * nk + b * 64) * d, (h * nk + (b + 1) * 64) * d);
-                                x.kb.copy_within(a..a + 64 * d, c);
-                                x.k.data.copy_within(a..a + 64 * d, c);
+    // Both selectors: the bitonic sort (block_select) and the radix select (block_top).
+    for radix in [false, true] {
+        gpu.select_blocks_by_radix(radix);
+        let mut seed = 9500u64;
+        for n in [3u32, 12] {
+            let blk = |bq: u32, keep| block().block_q(bq).block_k(64).keep(keep);
+            let patterns = [
+                Pattern::new("causal_block", causal() & blk(64, top_k(n))),
+                Pattern::new("block128", blk(128, top_k(n))),
+                Pattern::new("causal_threshold_window", causal() & (blk(64, threshold(0.3)) | window(100))),
+                Pattern::new("causal_top_p", causal() & blk(64, top_p(0.05 * f64::from(n)))),
+            ];
+            for p in &patterns {
+                for (nq, nk, hq, hkv, d) in DEVICE_INDEX_SHAPES {
+                    for ties in [false, true] {
+                        seed += 1;
+                        let mut x = inputs(hq, hkv, nq, nk, d, DType::Bf16, seed);
+                        if ties {
+                            // Odd key blocks repeat the even ones: equal pooled keys, equal scores,
+                            // so the lower block must win.
+                            for h in 0..hkv {
+                                for b in (0..nk / 64).step_by(2).filter(|b| (b + 2) * 64 <= nk) {
+                                    let (a, c) = ((h * nk + b * 64) * d, (h * nk + (b + 1) * 64) * d);
+                                    x.kb.copy_within(a..a + 64 * d, c);
+                                    x.k.data.copy_within(a..a + 64 * d, c);
+                                }
                             }
                         }
-                    }
-                    let scale = 1.0 / (d as f64).sqrt();
-                    let opts = IndexOptions { scale: Some(scale), ..Default::default() };
-                    let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
-                    let plan = BlockPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
-                    let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
-                    let r = check_device_built(&gpu, p, &x, shape, &plan.masks, &want_ix, scale, |q, k| {
-                        gpu.build_block_index(&plan, shape, DType::Bf16, q, k).unwrap()
-                    });
-                    let DeviceBuilt { ok, rel, nan, lse_err, .. } = r;
-                    let line = format!(
-                        "block index {:<24} n={n:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} blocks={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                        let scale = 1.0 / (d as f64).sqrt();
+                        let opts = IndexOptions { scale: Some(scale), ..Default::default() };
+                        let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
+                        let plan = BlockPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
+                        let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
+                        let r = check_device_built(&gpu, p, &x, shape, &plan.masks, &want_ix, scale, |q, k| {
+                            gpu.build_block_index(&plan, shape, DType::Bf16, q, k).unwrap()
+                        });
+                        let DeviceBuilt { ok, rel, nan, lse_err, .. } = r;
+                        let line = format!(
+                        "block index {:<24} n={n:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} radix={radix:<5} blocks={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
                         p.name, r.blocks, r.diff.is_none()
                     );
-                    let case = format!("{} n={n} nq={nq} nk={nk} ties={ties}", p.name);
-                    report_case(ok, line, r.diff.as_ref(), &mut failures, case);
+                        let case = format!("{} n={n} nq={nq} nk={nk} ties={ties} radix={radix}", p.name);
+                        report_case(ok, line, r.diff.as_ref(), &mut failures, case);
+                    }
                 }
             }
         }
     }
+    gpu.select_blocks_by_radix(false);
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
 

@@ -56,6 +56,9 @@ struct Args {
     /// (64 or 128 rows and keys).
     #[arg(long)]
     wgmma: bool,
+    /// Select block top_k with the radix select (`Gpu::select_blocks_by_radix`).
+    #[arg(long)]
+    radix: bool,
 }
 
 const D: usize = 128;
@@ -213,6 +216,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let gpu = Gpu::open(0)?;
     gpu.time_index_kernels(true);
+    gpu.select_blocks_by_radix(args.radix);
     let s = gpu.stream.clone();
     let h = args.heads;
     eprintln!("GPU: {} ({} SMs)", gpu.name, gpu.sm_count);
