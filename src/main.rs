@@ -250,6 +250,10 @@ struct KernelArgs {
     /// which the runtime runs untuned on sm_90 for most patterns.
     #[arg(long)]
     wgmma: bool,
+    /// With --wgmma: a producer warpgroup copies the tiles, the others compute (not yet run on
+    /// a GPU).
+    #[arg(long)]
+    producer: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -1082,6 +1086,7 @@ fn generate(pattern: &Pattern, args: &KernelArgs) -> Result<weft::codegen::Kerne
     if args.wgmma {
         config = weft::codegen::KernelConfig { wgmma: true, warp_rows: 16, ..config };
     }
+    config.producer = args.producer;
     let spec = weft::codegen::KernelSpec { pattern, masks: &ix.masks, permutation: ix.permutation, config };
     Ok(weft::codegen::emit(&spec)?)
 }
@@ -1192,6 +1197,7 @@ fn quickstart(out: &Path) -> Result<()> {
             block_n: None,
             stages: 2,
             wgmma: false,
+            producer: false,
         },
     )?;
     for line in kernel.source.lines().take(5) {

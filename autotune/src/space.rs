@@ -74,6 +74,7 @@ pub fn hopper_space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<Kerne
                     warp_rows: 16,
                     stages,
                     wgmma: true,
+                    producer: false,
                 });
             }
         }
@@ -105,6 +106,7 @@ pub fn space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<KernelConfig
                             warp_rows,
                             stages,
                             wgmma: false,
+                            producer: false,
                         });
                     }
                 }

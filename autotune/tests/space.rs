@@ -79,6 +79,7 @@ fn a_failed_compile_drops_only_that_config() {
         warp_rows: 32,
         stages: 2,
         wgmma: false,
+        producer: false,
     };
     let mut all = configs.clone();
     all.push(big);

@@ -47,7 +47,8 @@ struct Args {
     reps: usize,
     /// Kernel shapes for the dense case, as BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w] (the first is
     /// reported to the peers' table; the others are printed for comparison; a trailing `w` is
-    /// the Hopper wgmma path, e.g. 128x128x16x2w). Default: 128x128x16x2w on sm_90 (H100,
+    /// the Hopper wgmma path, e.g. 128x128x16x2w, and `wp` the same with a producer warpgroup).
+    /// Default: 128x128x16x2w on sm_90 (H100,
     /// H200), 128x64x32 elsewhere.
     #[arg(long, value_delimiter = ',')]
     dense_configs: Vec<String>,
@@ -63,10 +64,15 @@ struct Args {
 }
 
 fn parse_config(s: &str) -> Result<KernelConfig> {
-    // A trailing `w` asks for the Hopper (wgmma) path: e.g. 128x128x16x2w.
+    // A trailing `w` asks for the Hopper (wgmma) path: e.g. 128x128x16x2w; `wp` for it with a
+    // producer warpgroup (KernelConfig::producer).
+    let (s, producer) = match s.strip_suffix("wp") {
+        Some(rest) => (rest.to_string() + "w", true),
+        None => (s.to_string(), false),
+    };
     let (s, wgmma) = match s.strip_suffix('w') {
         Some(rest) => (rest, true),
-        None => (s, false),
+        None => (s.as_str(), false),
     };
     let parts: Vec<u32> =
         s.split('x').map(str::parse).collect::<Result<_, _>>().context("BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w]")?;
@@ -75,8 +81,16 @@ fn parse_config(s: &str) -> Result<KernelConfig> {
         [bm, bn, wr, st] => (bm, bn, wr, st),
         _ => anyhow::bail!("expected BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w], got {s}"),
     };
-    let c =
-        KernelConfig { block_m: bm, block_n: bn, head_dim: D as u32, dtype: DType::Bf16, warp_rows: wr, stages, wgmma };
+    let c = KernelConfig {
+        block_m: bm,
+        block_n: bn,
+        head_dim: D as u32,
+        dtype: DType::Bf16,
+        warp_rows: wr,
+        stages,
+        wgmma,
+        producer,
+    };
     c.validate()?;
     Ok(c)
 }

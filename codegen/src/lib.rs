@@ -139,6 +139,12 @@ pub struct KernelConfig {
     /// before this field existed read as false.
     #[serde(default)]
     pub wgmma: bool,
+    /// With `wgmma`: a producer warpgroup copies the K/V tiles and the others only compute,
+    /// synchronised by mbarriers per stage instead of a CTA barrier per tile (FlashAttention-3's
+    /// warp specialisation; 128 more threads). Not yet run on a GPU: opt-in, never a default.
+    /// Records stored before this field existed read as false.
+    #[serde(default)]
+    pub producer: bool,
 }
 
 fn two_stages() -> u32 {
@@ -148,7 +154,16 @@ fn two_stages() -> u32 {
 impl KernelConfig {
     /// The default config for a head dim and dtype, with 64 x 64 tiles.
     pub fn new(head_dim: u32, dtype: DType) -> KernelConfig {
-        KernelConfig { block_m: 64, block_n: 64, head_dim, dtype, warp_rows: 16, stages: 2, wgmma: false }
+        KernelConfig {
+            block_m: 64,
+            block_n: 64,
+            head_dim,
+            dtype,
+            warp_rows: 16,
+            stages: 2,
+            wgmma: false,
+            producer: false,
+        }
     }
 
     /// The config used when nothing is tuned: the pattern's natural block sizes
@@ -192,14 +207,15 @@ impl KernelConfig {
             warp_rows: if block_m >= 128 { 32 } else { 16 },
             stages: 2,
             wgmma: false,
+            producer: false,
         }
     }
 
     /// Threads per CTA.
     pub fn threads(&self) -> u32 {
         if self.wgmma {
-            // One warpgroup (128 threads) per 64 query rows.
-            return self.block_m / 64 * 128;
+            // One warpgroup (128 threads) per 64 query rows, and the producer's.
+            return (self.block_m / 64 + u32::from(self.producer)) * 128;
         }
         self.block_m / self.warp_rows * 32
     }
@@ -211,7 +227,9 @@ impl KernelConfig {
         let (row, spare) = if self.wgmma { (self.head_dim, 1024) } else { (self.head_dim + 8, 0) };
         // Q, then K and V per stage; then each stage's key positions (i32) and mask ids (u16).
         let tiles = (self.block_m + 2 * self.stages * self.block_n) * row * 2;
-        tiles + self.stages * self.block_n * (4 + 2) + spare
+        // The producer schedule's mbarriers: two per stage, 8 bytes each, 8-byte aligned.
+        let barriers = if self.producer { 8 + 16 * self.stages } else { 0 };
+        tiles + self.stages * self.block_n * (4 + 2) + spare + barriers
     }
 
     /// Checks the config, naming the field and the accepted values.
@@ -246,6 +264,17 @@ impl KernelConfig {
                 self.block_m, self.block_n, self.head_dim, self.warp_rows
             )));
         }
+        if self.producer && !self.wgmma {
+            return Err(Error::Config("the producer schedule is part of the wgmma path: set wgmma too".into()));
+        }
+        // With one computing warpgroup ptxas serialises its MMAs behind the producer's branch
+        // (C7520), and there is no second warpgroup to overlap with anyway.
+        if self.producer && self.block_m != 128 {
+            return Err(Error::Config(format!(
+                "the producer schedule takes block_m 128 (two computing warpgroups), got {}",
+                self.block_m
+            )));
+        }
         // The H100/H200 and A100 give a CTA at most 227 KiB of shared memory.
         if self.shared_bytes() > 227 * 1024 {
             return Err(Error::Config(format!(
@@ -263,12 +292,13 @@ impl KernelConfig {
 impl std::fmt::Display for KernelConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Every field: this text is part of the kernel key.
-        let KernelConfig { block_m, block_n, head_dim, dtype, warp_rows, stages, wgmma } = self;
+        let KernelConfig { block_m, block_n, head_dim, dtype, warp_rows, stages, wgmma, producer } = self;
         write!(
             f,
-            "block_m={block_m} block_n={block_n} head_dim={head_dim} dtype={} warp_rows={warp_rows} stages={stages}{}",
+            "block_m={block_m} block_n={block_n} head_dim={head_dim} dtype={} warp_rows={warp_rows} stages={stages}{}{}",
             dtype.name(),
-            if *wgmma { " mma=wgmma" } else { "" }
+            if *wgmma { " mma=wgmma" } else { "" },
+            if *producer { " producer" } else { "" }
         )
     }
 }
@@ -441,6 +471,7 @@ pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
         .replace("{{STAGES}}", &c.stages.to_string())
         .replace("{{GATHERS}}", if gathers_columns(&spec.pattern.expr) { "true" } else { "false" })
         .replace("{{WGMMA}}", if c.wgmma { "1" } else { "0" })
+        .replace("{{PRODUCER}}", if c.producer { "1" } else { "0" })
         .replace(
             "{{WGMMA_HELPERS}}",
             &if c.wgmma { wgmma_helpers(c.block_n, c.head_dim, c.dtype) } else { String::new() },
@@ -822,6 +853,7 @@ mod tests {
             KernelConfig { head_dim: 64, ..base },
             KernelConfig { dtype: DType::F16, ..base },
             KernelConfig { warp_rows: 16, wgmma: true, ..base },
+            KernelConfig { warp_rows: 16, wgmma: true, producer: true, ..base },
         ];
         let mut keys: Vec<String> = variants
             .iter()
@@ -844,6 +876,7 @@ mod tests {
             warp_rows: 32,
             stages: 2,
             wgmma: false,
+            producer: false,
         };
         assert!(big.validate().unwrap_err().to_string().contains("227 KiB"));
     }
@@ -869,6 +902,15 @@ mod tests {
         // Records stored before the field existed read as the mma.sync path.
         let old = r#"{"block_m":64,"block_n":64,"head_dim":128,"dtype":"Bf16","warp_rows":16,"stages":2}"#;
         let c: KernelConfig = serde_json::from_str(old).unwrap();
-        assert!(!c.wgmma);
+        assert!(!c.wgmma && !c.producer);
+        // The producer schedule: a fourth warpgroup, two mbarriers per stage, wgmma only.
+        let p = KernelConfig { producer: true, ..w };
+        assert!(p.validate().is_ok());
+        assert_eq!((p.threads(), p.shared_bytes()), (384, w.shared_bytes() + 8 + 16 * 2));
+        let e = KernelConfig { producer: true, ..KernelConfig::for_blocks(128, 128, 128, DType::Bf16) }.validate();
+        assert!(e.unwrap_err().to_string().contains("set wgmma too"));
+        let k = emit(&KernelSpec { pattern: &Pattern::new("p", full()), masks: &[], permutation: None, config: p })
+            .unwrap();
+        assert!(k.source.contains("#define WEFT_PRODUCER 1") && k.threads == 384);
     }
 }

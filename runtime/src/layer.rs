@@ -535,7 +535,9 @@ struct ConfigKey(KernelConfig);
 impl Ord for ConfigKey {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         // Every field: heads whose configs differ only in stages or mma path launch apart.
-        let f = |c: &KernelConfig| (c.block_m, c.block_n, c.head_dim, c.warp_rows, c.dtype.name(), c.stages, c.wgmma);
+        let f = |c: &KernelConfig| {
+            (c.block_m, c.block_n, c.head_dim, c.warp_rows, c.dtype.name(), c.stages, c.wgmma, c.producer)
+        };
         f(&self.0).cmp(&f(&o.0))
     }
 }

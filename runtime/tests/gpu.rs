@@ -170,9 +170,17 @@ fn wgmma_attention_matches_the_cpu_reference() {
     }
     let mut failures = Vec::new();
     let mut seed = 5000u64;
-    // (128 x 64 also with a 3-stage K/V pipeline.)
+    // (128 x 64 also with a 3-stage K/V pipeline; both 128-row tiles also with the producer
+    // schedule, KernelConfig::producer.)
     for p in families() {
-        for (bm, bn, stages) in [(64usize, 64usize, 2u32), (128, 64, 2), (128, 64, 3), (128, 128, 2)] {
+        for (bm, bn, stages, producer) in [
+            (64usize, 64usize, 2u32, false),
+            (128, 64, 2, false),
+            (128, 64, 3, false),
+            (128, 128, 2, false),
+            (128, 64, 2, true),
+            (128, 128, 2, true),
+        ] {
             // Two cases per tile (the suite runs in one device call of at most 10 minutes):
             // bf16 at d=128 over 1000 tokens with GQA, and fp16 or bf16 at d=64 over 333.
             let small = if stages == 3 { DType::Bf16 } else { DType::F16 };
@@ -186,11 +194,13 @@ fn wgmma_attention_matches_the_cpu_reference() {
                 let config = |bm: usize, bn: usize| KernelConfig {
                     warp_rows: 16,
                     wgmma: true,
+                    producer,
                     stages,
                     ..KernelConfig::for_blocks(bm, bn, d as u32, dtype)
                 };
                 let case = FamilyCase { p: &p, opts, dtype, d, n, hq, hkv, seed };
-                if let Err(what) = check_family(&gpu, &case, config, &format!("wgmma stages={stages}")) {
+                let label = format!("wgmma stages={stages}{}", if producer { " producer" } else { "" });
+                if let Err(what) = check_family(&gpu, &case, config, &label) {
                     failures.push(what);
                 }
             }
@@ -665,6 +675,7 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
             warp_rows: 32,
             stages: 2,
             wgmma: false,
+            producer: false,
         };
         if tuned {
             // A tuning record for `window` at this bucket, as `weft autotune` stores it.

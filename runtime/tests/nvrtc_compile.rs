@@ -215,12 +215,25 @@ fn wgmma_attention_kernels_compile_for_sm_90a() {
     let (q, k) = (Tensor::random(2, 300, 16, 1), Tensor::random(2, 300, 16, 2));
     let mut jobs = Vec::new();
     for p in families() {
-        for (bm, bn, stages) in [(64usize, 64usize, 2u32), (128, 64, 2), (128, 64, 3), (128, 128, 2)] {
+        // (The producer schedule, KernelConfig::producer, at both 128-row tiles.)
+        for (bm, bn, stages, producer) in [
+            (64usize, 64usize, 2u32, false),
+            (128, 64, 2, false),
+            (128, 64, 3, false),
+            (128, 128, 2, false),
+            (128, 64, 2, true),
+            (128, 128, 2, true),
+        ] {
             let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), ..Default::default() };
             let Ok(ix) = build_index(&p.expr, &q, &k, &opts) else { continue };
             for (dtype, d) in [(DType::Bf16, 128u32), (DType::F16, 64)] {
-                let config =
-                    KernelConfig { warp_rows: 16, wgmma: true, stages, ..KernelConfig::for_blocks(bm, bn, d, dtype) };
+                let config = KernelConfig {
+                    warp_rows: 16,
+                    wgmma: true,
+                    stages,
+                    producer,
+                    ..KernelConfig::for_blocks(bm, bn, d, dtype)
+                };
                 config.validate().unwrap();
                 let kernel =
                     emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();
@@ -237,6 +250,11 @@ fn wgmma_attention_kernels_compile_for_sm_90a() {
                 .unwrap_or_else(|e| panic!("{name} {config}: {e}"));
             assert!(c.ptx.contains("wgmma.mma_async.sync.aligned"), "{name} {config}: no wgmma");
             assert!(!c.ptx.contains("mma.sync.aligned.m16n8k16"), "{name} {config}: mma.sync left");
+            // ptxas serialising the warpgroup MMAs (C7514, C7520) or ignoring setmaxnreg (C7508)
+            // would silently cost most of the path's speed.
+            for code in ["C7514", "C7520", "C7508"] {
+                assert!(!c.log.contains(code), "{name} {config}: ptxas {code}:\n{}", c.log);
+            }
             let regs = report(&c, &format!("{name} {config} sm_90a")).map_or(0, |r| r.registers);
             format!("{name:<16} {config} sm_90a regs={regs}")
         })

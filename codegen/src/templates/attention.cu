@@ -12,6 +12,12 @@
 
 {{PRELUDE}}
 #define WEFT_WGMMA {{WGMMA}}
+// With WEFT_PRODUCER (KernelConfig::producer, wgmma only) a producer warpgroup copies the K/V
+// tiles and the consumer warpgroups only compute (FlashAttention-3's warp specialisation):
+// mbarriers per stage say when a tile has landed (full) and when every consumer is done with
+// it (empty), so no barrier holds the whole CTA, and setmaxnreg moves registers from the
+// producer to the consumers.
+#define WEFT_PRODUCER {{PRODUCER}}
 {{WGMMA_HELPERS}}
 constexpr int BM = {{BM}};          // query rows per CTA (the index's block_m)
 constexpr int BN = {{BN}};          // keys per tile (the index's block_n)
@@ -21,7 +27,14 @@ constexpr bool GATHERS = {{GATHERS}};        // the pattern can list single key 
 constexpr int MT = {{MT}};            // 16-row m-tiles per warp: each K/V fragment feeds MT mma
 constexpr int WARPS = BM / (16 * MT);
 constexpr bool Q_IN_REGS = MT == 1; // with one m-tile, Q's fragments stay in registers
-constexpr int THREADS = WARPS * 32;
+constexpr int CONSUMER_WARPS = WARPS;           // the warps that compute (all but the producer's)
+constexpr int THREADS = (WARPS + (WEFT_PRODUCER ? 4 : 0)) * 32;
+constexpr int LOADERS = WEFT_PRODUCER ? 128 : THREADS;  // the threads that copy tiles
+// With a producer and two consumer warpgroups (384 threads, 168 registers each at entry), the
+// producer gives registers to the consumers: 56 x 128 + 224 x 256 = 64512 of the 65536
+// (FlashAttention-3 gives a cp.async producer 40; a gather here holds up to 16 positions).
+constexpr bool REALLOCATE = WEFT_PRODUCER && WARPS == 8;
+constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
 constexpr int LDS = D + 8;          // padded shared row (elements): ldmatrix stays conflict-free
 constexpr int NT = BN / 8;          // 8-key column tiles of S per warp
 constexpr int DT = D / 8;           // 8-wide column tiles of O per warp
@@ -87,6 +100,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     u16* sV = sK + STAGES * BN * ROW;               // [STAGES][BN][ROW]
     int* sKeyPos = (int*)(sV + STAGES * BN * ROW);  // [STAGES][BN] index position of each key, -1 if none
     u16* sKeyMask = (u16*)(sKeyPos + STAGES * BN);  // [STAGES][BN] mask id of each key
+#if WEFT_PRODUCER
+    // [2][STAGES] mbarriers, 8-byte aligned: full (a tile landed), then empty (consumers done).
+    const u32 bar_full = (smem_u32(sKeyMask + STAGES * BN) + 7u) & ~7u;
+    const u32 bar_empty = bar_full + 8 * STAGES;
+#endif
 
     // blockIdx.y is a head of the index; head_map names the layer's query head it serves (heads
     // that share this kernel, possibly with different patterns, run in one launch).
@@ -102,6 +120,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     const int nq = seq_q[b + 1] - seq_q[b], nk = seq_k[b + 1] - seq_k[b];
     const int kv_head = h / (hq / hkv);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    // The computing warps count from 0 after the producer's four.
+    const int cwarp = warp - (WEFT_PRODUCER ? 4 : 0);
     const int row = (int)gridDim.y * seq_qb[b] + ih * (seq_qb[b + 1] - seq_qb[b]) + qb;  // rows: sequence, head, block
     const IndexRow ir = index_row(row, block_ptr, block_idx, block_mask, col_ptr, col_idx, col_mask);
     const u32 nblocks = ir.nblocks, ncols = ir.ncols;
@@ -114,8 +134,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     const u16* Kh = K + ((size_t)kv_head * total_k + seq_k[b]) * D;
     const u16* Vh = V + ((size_t)kv_head * total_k + seq_k[b]) * D;
 
-    // Q tile: query positions qb * BM + r, zero-filled past the end.
-    for (int c = tid; c < BM * CHUNKS; c += THREADS) {
+#if WEFT_PRODUCER
+    if (tid == 0) {
+        for (int st = 0; st < STAGES; ++st) {
+            mbar_init(bar_full + 8 * st, LOADERS);
+            mbar_init(bar_empty + 8 * st, CONSUMER_WARPS * 32);
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+#endif
+    // Q tile: query positions qb * BM + r, zero-filled past the end (the producer's copies
+    // join tile 0's).
+    for (int c = tid; c < BM * CHUNKS && (!WEFT_PRODUCER || tid < LOADERS); c += LOADERS) {
         const int r = c / CHUNKS, col = (c % CHUNKS) * 8, pos = qb * BM + r;
         const bool ok = pos < nq;
 #if WEFT_WGMMA
@@ -130,7 +161,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     // far n rows down that chunk lies. Padded rows are 2 x LDS bytes; in the swizzled panels a
     // row is 128 bytes whatever D (the chunk's panel is fixed by its column), and rows a
     // multiple of 8 apart keep the chunk's swizzled position.
-    constexpr int ROW_STEP = THREADS / CHUNKS;
+    constexpr int ROW_STEP = LOADERS / CHUNKS;
     static_assert(!WEFT_WGMMA || ROW_STEP % 8 == 0, "wgmma: a thread's rows keep their swizzle");
     constexpr u32 STAGE_BYTES = 2 * BN * ROW;          // one stage of sK (or sV)
     constexpr u32 V_BYTES = 2 * STAGES * BN * ROW;     // sV - sK
@@ -249,7 +280,26 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         if (g >= 1 && g - 1 < ntiles) load_tile(g - 1, (g - 1) % STAGES, false, true);
         cp_async_commit();
     };
-    if constexpr (WEFT_WGMMA) {
+#if WEFT_PRODUCER
+    if (tid < LOADERS) {
+        // The producer: each tile into its stage once the consumers are done with the stage's
+        // previous tile, then the stage's full barrier. Each thread's arrival comes after its
+        // own copies have landed (cp.async.mbarrier.arrive holds the phase open until then).
+        if constexpr (REALLOCATE) setmaxnreg_dec<PRODUCER_REGS>();
+        for (int t = 0; t < ntiles; ++t) {
+            const int stage = t % STAGES;
+            if (t >= STAGES) mbar_wait(bar_empty + 8 * stage, (u32)(t / STAGES - 1) & 1u);
+            load_tile(t, stage, true, true);
+            mbar_arrive_cp_async(bar_full + 8 * stage);
+            mbar_arrive(bar_full + 8 * stage);
+        }
+        cp_async_wait<0>();  // nothing in flight when the warps exit
+        return;
+    }
+    if constexpr (REALLOCATE) setmaxnreg_inc<CONSUMER_REGS>();
+#endif
+    if constexpr (WEFT_WGMMA && WEFT_PRODUCER) {
+    } else if constexpr (WEFT_WGMMA) {
 #pragma unroll
         for (int g = 0; g < STAGES - 1; ++g) load_group(g);
     } else if constexpr (STAGES == 2) {
@@ -264,7 +314,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     }
 
     // Index position of this thread's first row in m-tile `mt` (the second is 8 below).
-    const int row0 = qb * BM + warp * 16 * MT + lane / 4;
+    const int row0 = qb * BM + cwarp * 16 * MT + lane / 4;
     float m[MT][2], l[MT][2];                          // running row max (log2 units), this thread's row-sum share
     float o[MT][DT][4];
 #pragma unroll
@@ -307,7 +357,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
 #endif
     for (int t = 0; t < ntiles; ++t) {
         const int stage = t % STAGES;
-#if WEFT_WGMMA
+#if WEFT_WGMMA && WEFT_PRODUCER
+        // Tile t has landed (the fill number t / STAGES of its stage).
+        mbar_wait(bar_full + 8 * stage, (u32)(t / STAGES) & 1u);
+        fence_async_shared();  // the copies, ordered before the wgmma unit's reads
+#elif WEFT_WGMMA
         // Groups t + 1 .. t + STAGES - 2 may still be in flight; group t (K_t, V_{t-1}) and
         // everything older must be complete.
         cp_async_wait<STAGES - 2>();
@@ -339,7 +393,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             // This warpgroup's 64 rows of Q against the tile: both operands K-major in
             // shared memory, 16 columns (32 bytes) per step, the next panel every 64.
             float(&acc)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
-            const u32 q_base = smem_u32(sQ) + (warp / 4) * 64 * 128, k_base = smem_u32(sK) + stage * STAGE_BYTES;
+            const u32 q_base = smem_u32(sQ) + (cwarp / 4) * 64 * 128, k_base = smem_u32(sK) + stage * STAGE_BYTES;
             fence_registers(acc);
             fence_registers(pa);
             fence_registers(oacc);
@@ -359,7 +413,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             }
             fence_registers(acc);
             // The next iteration copies K_{t+STAGES}: its index entries, into L1 now.
-            if constexpr (GATHERS) prefetch_tile(t + STAGES);
+            if constexpr (GATHERS && !WEFT_PRODUCER) prefetch_tile(t + STAGES);
         }
 #else
         const u32 k_stage = k_addr + stage * STAGE_BYTES;
@@ -502,6 +556,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         wgmma_wait<0>();  // P_{t-1} V_{t-1}: O holds tiles up to t - 1, and pa may be rewritten
         fence_registers(oacc);
         fence_registers(pa);  // (pa's old values stay put until here: the MMA read them)
+#if WEFT_PRODUCER
+        // Tile t - 1 is done with: S_{t-1} and its masks last iteration, P_{t-1} V_{t-1} now.
+        if (t > 0) mbar_arrive(bar_empty + 8 * ((t - 1) % STAGES));
+#endif
 #endif
         // Rescale O only when some row of the warp has a new maximum: after the first tiles
         // the running max rarely moves, and this saves MT x DT x 4 multiplies per tile.
@@ -557,9 +615,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     cp_async_wait<0>();
 #if WEFT_WGMMA
     if (ntiles > 0) {
-        // The last tile's P V, once its V has landed.
+        // The last tile's P V, once its V has landed (with a producer, it has: the consumers
+        // waited for the tile's full barrier).
+#if !WEFT_PRODUCER
         fence_async_shared();
         __syncthreads();
+#endif
         fence_registers(pa);
         fence_registers(oacc);
         wgmma_fence();
