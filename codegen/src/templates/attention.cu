@@ -34,6 +34,7 @@ constexpr int LOADERS = WEFT_PRODUCER ? 128 : THREADS;  // the threads that copy
 // producer gives registers to the consumers: 56 x 128 + 224 x 256 = 64512 of the 65536
 // (FlashAttention-3 gives a cp.async producer 40; a gather here holds up to 16 positions).
 constexpr bool REALLOCATE = WEFT_PRODUCER && WARPS == 8;
+constexpr bool PINGPONG = WEFT_PRODUCER && WARPS == 8;  // (see the main loop)
 constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
 constexpr int LDS = D + 8;          // padded shared row (elements): ldmatrix stays conflict-free
 constexpr int NT = BN / 8;          // 8-key column tiles of S per warp
@@ -354,6 +355,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     // one barrier per tile suffices.
     u32 pa[BN / 16][4];  // the previous tile's P as bf16 pairs: the A operand of its P V
     float(&oacc)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
+    // With a producer, the two computing warpgroups also take turns issuing their MMAs
+    // (FlashAttention-3's ping-pong): warpgroup 0 syncs on named barrier 1 and then arrives on
+    // 2, warpgroup 1 the reverse, so one's softmax runs while the other's MMAs do. Warpgroup 1
+    // arrives once first so that warpgroup 0 starts; warpgroup 0 takes the last arrival at the
+    // end.
+    if constexpr (PINGPONG) {
+        if (cwarp / 4 == 1 && ntiles > 0) named_arrive(1, 256);
+    }
 #endif
     for (int t = 0; t < ntiles; ++t) {
         const int stage = t % STAGES;
@@ -397,6 +406,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             fence_registers(acc);
             fence_registers(pa);
             fence_registers(oacc);
+            if constexpr (PINGPONG) named_sync(1 + cwarp / 4, 256);  // this warpgroup's turn
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < KQ; ++kk) {
@@ -407,8 +417,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             wgmma_commit();
             if (t > 0) {
                 pv_wgmma(oacc, pa, (t - 1) % STAGES);
+                if constexpr (PINGPONG) named_arrive(2 - cwarp / 4, 256);  // the other's turn
                 wgmma_wait<1>();  // S_t; P_{t-1} V_{t-1} may still run
             } else {
+                if constexpr (PINGPONG) named_arrive(2 - cwarp / 4, 256);
                 wgmma_wait<0>();
             }
             fence_registers(acc);
@@ -614,6 +626,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     }
     cp_async_wait<0>();
 #if WEFT_WGMMA
+    if constexpr (PINGPONG) {
+        if (cwarp / 4 == 0 && ntiles > 0) named_sync(1, 256);
+    }
     if (ntiles > 0) {
         // The last tile's P V, once its V has landed (with a producer, it has: the consumers
         // waited for the tile's full barrier).
