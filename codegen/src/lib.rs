@@ -227,8 +227,8 @@ impl KernelConfig {
         let (row, spare) = if self.wgmma { (self.head_dim, 1024) } else { (self.head_dim + 8, 0) };
         // Q, then K and V per stage; then each stage's key positions (i32) and mask ids (u16).
         let tiles = (self.block_m + 2 * self.stages * self.block_n) * row * 2;
-        // The producer schedule's mbarriers: two per stage, 8 bytes each, 8-byte aligned.
-        let barriers = if self.producer { 8 + 16 * self.stages } else { 0 };
+        // The producer schedule's mbarriers: four per stage, 8 bytes each, 8-byte aligned.
+        let barriers = if self.producer { 8 + 32 * self.stages } else { 0 };
         tiles + self.stages * self.block_n * (4 + 2) + spare + barriers
     }
 
@@ -903,10 +903,10 @@ mod tests {
         let old = r#"{"block_m":64,"block_n":64,"head_dim":128,"dtype":"Bf16","warp_rows":16,"stages":2}"#;
         let c: KernelConfig = serde_json::from_str(old).unwrap();
         assert!(!c.wgmma && !c.producer);
-        // The producer schedule: a fourth warpgroup, two mbarriers per stage, wgmma only.
+        // The producer schedule: a fourth warpgroup, four mbarriers per stage, wgmma only.
         let p = KernelConfig { producer: true, ..w };
         assert!(p.validate().is_ok());
-        assert_eq!((p.threads(), p.shared_bytes()), (384, w.shared_bytes() + 8 + 16 * 2));
+        assert_eq!((p.threads(), p.shared_bytes()), (384, w.shared_bytes() + 8 + 32 * 2));
         let e = KernelConfig { producer: true, ..KernelConfig::for_blocks(128, 128, 128, DType::Bf16) }.validate();
         assert!(e.unwrap_err().to_string().contains("set wgmma too"));
         let k = emit(&KernelSpec { pattern: &Pattern::new("p", full()), masks: &[], permutation: None, config: p })

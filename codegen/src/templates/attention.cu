@@ -102,9 +102,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     int* sKeyPos = (int*)(sV + STAGES * BN * ROW);  // [STAGES][BN] index position of each key, -1 if none
     u16* sKeyMask = (u16*)(sKeyPos + STAGES * BN);  // [STAGES][BN] mask id of each key
 #if WEFT_PRODUCER
-    // [2][STAGES] mbarriers, 8-byte aligned: full (a tile landed), then empty (consumers done).
-    const u32 bar_full = (smem_u32(sKeyMask + STAGES * BN) + 7u) & ~7u;
-    const u32 bar_empty = bar_full + 8 * STAGES;
+    // [4][STAGES] mbarriers, 8-byte aligned, for K (with the key positions and mask ids) and V
+    // apart: full (the stage's tile landed) and empty (the consumers are done with it). K is
+    // released after a tile's masks, V after its P V, a tile later.
+    const u32 bar_full_k = (smem_u32(sKeyMask + STAGES * BN) + 7u) & ~7u;
+    const u32 bar_full_v = bar_full_k + 8 * STAGES;
+    const u32 bar_empty_k = bar_full_v + 8 * STAGES;
+    const u32 bar_empty_v = bar_empty_k + 8 * STAGES;
 #endif
 
     // blockIdx.y is a head of the index; head_map names the layer's query head it serves (heads
@@ -138,8 +142,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
 #if WEFT_PRODUCER
     if (tid == 0) {
         for (int st = 0; st < STAGES; ++st) {
-            mbar_init(bar_full + 8 * st, LOADERS);
-            mbar_init(bar_empty + 8 * st, CONSUMER_WARPS * 32);
+            mbar_init(bar_full_k + 8 * st, LOADERS);
+            mbar_init(bar_full_v + 8 * st, LOADERS);
+            mbar_init(bar_empty_k + 8 * st, CONSUMER_WARPS * 32);
+            mbar_init(bar_empty_v + 8 * st, CONSUMER_WARPS * 32);
         }
         fence_mbarrier_init();
     }
@@ -147,7 +153,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
 #endif
     // Q tile: query positions qb * BM + r, zero-filled past the end (the producer's copies
     // join tile 0's).
-    for (int c = tid; c < BM * CHUNKS && (!WEFT_PRODUCER || tid < LOADERS); c += LOADERS) {
+    for (int c = tid; c < BM * CHUNKS && (!WEFT_PRODUCER || (tid < LOADERS && ntiles > 0)); c += LOADERS) {
         const int r = c / CHUNKS, col = (c % CHUNKS) * 8, pos = qb * BM + r;
         const bool ok = pos < nq;
 #if WEFT_WGMMA
@@ -283,18 +289,30 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     };
 #if WEFT_PRODUCER
     if (tid < LOADERS) {
-        // The producer: each tile into its stage once the consumers are done with the stage's
-        // previous tile, then the stage's full barrier. Each thread's arrival comes after its
-        // own copies have landed (cp.async.mbarrier.arrive holds the phase open until then).
+        // The producer: K_t, then V_{t-1} (V lags K by a tile, as in the schedule without a
+        // producer), each into its stage once the consumers released the stage's previous
+        // occupant (the release number t / STAGES - 1), then the stage's full barrier. Each
+        // thread's arrival counts once its own copies have landed: cp.async.mbarrier.arrive
+        // (without .noinc) holds the phase open until then, the plain arrival is the one
+        // counted.
         if constexpr (REALLOCATE) setmaxnreg_dec<PRODUCER_REGS>();
-        for (int t = 0; t < ntiles; ++t) {
+        auto produce = [&](int t, bool k_part) {
             const int stage = t % STAGES;
-            if (t >= STAGES) mbar_wait(bar_empty + 8 * stage, (u32)(t / STAGES - 1) & 1u);
-            load_tile(t, stage, true, true);
-            mbar_arrive_cp_async(bar_full + 8 * stage);
-            mbar_arrive(bar_full + 8 * stage);
+            const u32 empty = (k_part ? bar_empty_k : bar_empty_v) + 8 * stage;
+            const u32 full = (k_part ? bar_full_k : bar_full_v) + 8 * stage;
+            if (t >= STAGES) mbar_wait(empty, (u32)(t / STAGES - 1) & 1u);
+            load_tile(t, stage, k_part, !k_part);
+            mbar_arrive_cp_async(full);
+            mbar_arrive(full);
+        };
+        for (int t = 0; t < ntiles; ++t) {
+            produce(t, true);
+            if (t > 0) produce(t - 1, false);
         }
-        cp_async_wait<0>();  // nothing in flight when the warps exit
+        if (ntiles > 0) produce(ntiles - 1, false);
+        // Nothing in flight when the warps exit.
+        cp_async_commit();
+        cp_async_wait<0>();
         return;
     }
     if constexpr (REALLOCATE) setmaxnreg_inc<CONSUMER_REGS>();
@@ -367,8 +385,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     for (int t = 0; t < ntiles; ++t) {
         const int stage = t % STAGES;
 #if WEFT_WGMMA && WEFT_PRODUCER
-        // Tile t has landed (the fill number t / STAGES of its stage).
-        mbar_wait(bar_full + 8 * stage, (u32)(t / STAGES) & 1u);
+        // K_t has landed (the fill number t / STAGES of its stage), and V_{t-1}, which this
+        // iteration's P V reads (waited for here, not between the MMAs and their wait, where
+        // ptxas would serialise them).
+        mbar_wait(bar_full_k + 8 * stage, (u32)(t / STAGES) & 1u);
+        if (t > 0) mbar_wait(bar_full_v + 8 * ((t - 1) % STAGES), (u32)((t - 1) / STAGES) & 1u);
         fence_async_shared();  // the copies, ordered before the wgmma unit's reads
 #elif WEFT_WGMMA
         // Groups t + 1 .. t + STAGES - 2 may still be in flight; group t (K_t, V_{t-1}) and
@@ -535,6 +556,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             }
         }
 
+#if WEFT_PRODUCER
+        // K_t and its key positions and mask ids are done with (S_t completed before the masks).
+        mbar_arrive(bar_empty_k + 8 * stage);
+#endif
         // Online softmax per row (two rows per m-tile and thread; a quad shares a row).
         float alpha[MT][2];
         bool rescale = false;
@@ -569,8 +594,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         fence_registers(oacc);
         fence_registers(pa);  // (pa's old values stay put until here: the MMA read them)
 #if WEFT_PRODUCER
-        // Tile t - 1 is done with: S_{t-1} and its masks last iteration, P_{t-1} V_{t-1} now.
-        if (t > 0) mbar_arrive(bar_empty + 8 * ((t - 1) % STAGES));
+        // V_{t-1} is done with: P_{t-1} V_{t-1} completed.
+        if (t > 0) mbar_arrive(bar_empty_v + 8 * ((t - 1) % STAGES));
 #endif
 #endif
         // Rescale O only when some row of the warp has a new maximum: after the first tiles
@@ -630,11 +655,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         if (cwarp / 4 == 0 && ntiles > 0) named_sync(1, 256);
     }
     if (ntiles > 0) {
-        // The last tile's P V, once its V has landed (with a producer, it has: the consumers
-        // waited for the tile's full barrier).
-#if !WEFT_PRODUCER
+        // The last tile's P V, once its V has landed.
+#if WEFT_PRODUCER
+        mbar_wait(bar_full_v + 8 * ((ntiles - 1) % STAGES), (u32)((ntiles - 1) / STAGES) & 1u);
+#else
         fence_async_shared();
         __syncthreads();
+#endif
+#if WEFT_PRODUCER
+        fence_async_shared();
 #endif
         fence_registers(pa);
         fence_registers(oacc);
