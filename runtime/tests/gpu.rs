@@ -11,6 +11,8 @@ use weft_patterns::synthetic::{planted_qk, Plant};
 use weft_patterns::{attention, build_index, ring, Attention, IndexOptions, Tensor};
 use weft_runtime::{AttnShape, Gpu, VvStrategy};
 
+mod common;
+
 /// Patterns with the index's query block forced to 128 rows (32 rows per warp).
 fn tall() -> Vec<Pattern> {
     vec![
@@ -170,17 +172,8 @@ fn wgmma_attention_matches_the_cpu_reference() {
     }
     let mut failures = Vec::new();
     let mut seed = 5000u64;
-    // (128 x 64 also with a 3-stage K/V pipeline; both 128-row tiles also with the producer
-    // schedule, KernelConfig::producer.)
     for p in families() {
-        for (bm, bn, stages, producer) in [
-            (64usize, 64usize, 2u32, false),
-            (128, 64, 2, false),
-            (128, 64, 3, false),
-            (128, 128, 2, false),
-            (128, 64, 2, true),
-            (128, 128, 2, true),
-        ] {
+        for (bm, bn, stages, producer) in common::WGMMA_TILES {
             // Two cases per tile (the suite runs in one device call of at most 10 minutes):
             // bf16 at d=128 over 1000 tokens with GQA, and fp16 or bf16 at d=64 over 333.
             let small = if stages == 3 { DType::Bf16 } else { DType::F16 };

@@ -11,6 +11,8 @@ use weft_dsl::{Pattern, Permutation, RingLayout, Score, Unit};
 use weft_patterns::{build_index, IndexOptions, Tensor};
 use weft_runtime::nvrtc::{compile, version, Arch};
 
+mod common;
+
 fn families() -> Vec<Pattern> {
     vec![
         Pattern::new("dense", full()),
@@ -215,15 +217,7 @@ fn wgmma_attention_kernels_compile_for_sm_90a() {
     let (q, k) = (Tensor::random(2, 300, 16, 1), Tensor::random(2, 300, 16, 2));
     let mut jobs = Vec::new();
     for p in families() {
-        // (The producer schedule, KernelConfig::producer, at both 128-row tiles.)
-        for (bm, bn, stages, producer) in [
-            (64usize, 64usize, 2u32, false),
-            (128, 64, 2, false),
-            (128, 64, 3, false),
-            (128, 128, 2, false),
-            (128, 64, 2, true),
-            (128, 128, 2, true),
-        ] {
+        for (bm, bn, stages, producer) in common::WGMMA_TILES {
             let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), ..Default::default() };
             let Ok(ix) = build_index(&p.expr, &q, &k, &opts) else { continue };
             for (dtype, d) in [(DType::Bf16, 128u32), (DType::F16, 64)] {
