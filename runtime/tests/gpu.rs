@@ -165,6 +165,19 @@ fn check_family(
 /// (64 x 128 tiles, which `hopper_space` offers, are compiled in CI but not run here.)
 #[test]
 fn wgmma_attention_matches_the_cpu_reference() {
+    check_wgmma_tiles(false);
+}
+
+/// The same for the producer schedule (`KernelConfig::producer`) at its 128-row tiles: a test
+/// of its own, so that a hang there (mbarriers, named barriers) can be told from the plain
+/// wgmma path and run apart (`... wgmma_producer` under `timeout`).
+#[test]
+fn wgmma_producer_schedule_matches_the_cpu_reference() {
+    check_wgmma_tiles(true);
+}
+
+/// Every family at each of [`common::WGMMA_TILES`] whose producer flag is `producer`.
+fn check_wgmma_tiles(producer_schedule: bool) {
     let gpu = Gpu::open(0).expect("a GPU");
     if gpu.arch.sm != 90 {
         println!("skipped: the wgmma path needs sm_90, this GPU is {}", gpu.arch.name());
@@ -174,6 +187,9 @@ fn wgmma_attention_matches_the_cpu_reference() {
     let mut seed = 5000u64;
     for p in families() {
         for (bm, bn, stages, producer) in common::WGMMA_TILES {
+            if producer != producer_schedule {
+                continue;
+            }
             // Two cases per tile (the suite runs in one device call of at most 10 minutes):
             // bf16 at d=128 over 1000 tokens with GQA, and fp16 or bf16 at d=64 over 333.
             let small = if stages == 3 { DType::Bf16 } else { DType::F16 };
