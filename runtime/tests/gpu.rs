@@ -1171,10 +1171,18 @@ fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
             ];
             for p in &patterns {
                 for (nq, nk, hq, hkv, d) in DEVICE_INDEX_SHAPES {
-                    for ties in [false, true] {
+                    for ties in ["none", "pairs", "all"] {
                         seed += 1;
                         let mut x = inputs(hq, hkv, nq, nk, d, DType::Bf16, seed);
-                        if ties {
+                        if ties == "all" {
+                            // Every key of a head the same: every score ties, so the lowest
+                            // blocks win, across 32-block words at nk = 8200 (the selectors
+                            // carry the count of ties taken from word to word).
+                            for c in 1..nk {
+                                copy_key(&mut x, 0, c);
+                            }
+                        }
+                        if ties == "pairs" {
                             // Odd key blocks repeat the even ones: equal pooled keys, equal scores,
                             // so the lower block must win.
                             for h in 0..hkv {
