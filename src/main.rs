@@ -1084,7 +1084,7 @@ fn generate(pattern: &Pattern, args: &KernelArgs) -> Result<weft::codegen::Kerne
         ..weft::codegen::KernelConfig::for_blocks(ix.block_m, ix.block_n, args.head_dim, dtype)
     };
     if args.wgmma {
-        config = weft::codegen::KernelConfig { wgmma: true, warp_rows: 16, ..config };
+        config = config.with_wgmma();
     }
     config.producer = args.producer;
     let spec = weft::codegen::KernelSpec { pattern, masks: &ix.masks, permutation: ix.permutation, config };

@@ -51,32 +51,20 @@ impl DeviceLimits {
     }
 }
 
-/// The Hopper path's configs (`KernelConfig::wgmma`, sm_90 only) for `pattern`: 64- or 128-row
-/// and -key tiles the pattern's granularity allows, head dims 64 and 128 (none otherwise), 16
-/// rows per warp, 2 or 3 stages (shared memory prunes what does not fit).
+/// The Hopper path's configs (`KernelConfig::wgmma`, sm_90 only) for `pattern`: the tiles and
+/// pipeline depths of [`space`] that the path takes (64 or 128 rows and keys; head dims 64 and
+/// 128, none otherwise), on wgmma with its 16 rows per warp (shared memory prunes what does
+/// not fit).
 pub fn hopper_space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<KernelConfig> {
     if ![64, 128].contains(&head_dim) {
         return Vec::new();
     }
-    let mut out = Vec::new();
-    for bm in [64u32, 128] {
-        for bn in [64u32, 128] {
-            let opts = IndexOptions { block_m: Some(bm as usize), block_n: Some(bn as usize), ..Default::default() };
-            if layout(&pattern.expr, &opts).is_err() {
-                continue;
-            }
-            for stages in [2u32, 3] {
-                out.push(KernelConfig {
-                    block_m: bm,
-                    block_n: bn,
-                    head_dim,
-                    dtype,
-                    warp_rows: 16,
-                    stages,
-                    wgmma: true,
-                    producer: false,
-                });
-            }
+    let mut out: Vec<KernelConfig> = Vec::new();
+    for c in space(pattern, head_dim, dtype) {
+        // (16 and 32 rows per warp map to the same wgmma config.)
+        let hopper = c.with_wgmma();
+        if c.block_m >= 64 && c.block_n >= 64 && !out.contains(&hopper) {
+            out.push(hopper);
         }
     }
     out
@@ -98,16 +86,8 @@ pub fn space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<KernelConfig
             for warp_rows in [16u32, 32] {
                 for &stages in depths {
                     if warp_rows <= bm {
-                        out.push(KernelConfig {
-                            block_m: bm,
-                            block_n: bn,
-                            head_dim,
-                            dtype,
-                            warp_rows,
-                            stages,
-                            wgmma: false,
-                            producer: false,
-                        });
+                        let tiles = KernelConfig::for_blocks(bm as usize, bn as usize, head_dim, dtype);
+                        out.push(KernelConfig { warp_rows, stages, ..tiles });
                     }
                 }
             }

@@ -71,16 +71,7 @@ fn a_failed_compile_drops_only_that_config() {
     let p = Pattern::new("c", causal());
     let configs = space(&p, 64, DType::F16);
     let ix = index_for(&p);
-    let big = weft_codegen::KernelConfig {
-        block_m: 128,
-        block_n: 128,
-        head_dim: 256,
-        dtype: DType::Bf16,
-        warp_rows: 32,
-        stages: 2,
-        wgmma: false,
-        producer: false,
-    };
+    let big = weft_codegen::KernelConfig::for_blocks(128, 128, 256, DType::Bf16);
     let mut all = configs.clone();
     all.push(big);
     let out = compile_space(&p, &ix, &all, &DeviceLimits::AMPERE, |k: &weft_codegen::Kernel| {

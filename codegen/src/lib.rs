@@ -191,10 +191,17 @@ impl KernelConfig {
         sm: u32,
     ) -> Result<KernelConfig, Error> {
         let c = KernelConfig::default_for(pattern, head_dim, dtype)?;
-        let hopper = KernelConfig { warp_rows: 16, wgmma: true, ..c };
+        let hopper = c.with_wgmma();
         let columns =
             pattern.any_leaf(&|leaf| matches!(leaf, PatternExpr::VerticalVector(_) | PatternExpr::Retrieval(_)));
         Ok(if sm == 90 && !columns && hopper.validate().is_ok() { hopper } else { c })
+    }
+
+    /// The same tiles and pipeline on the Hopper path: wgmma, with the 16 rows per warp its
+    /// warpgroups take (check the result with [`KernelConfig::validate`]: the path takes only
+    /// 64- and 128-row and -key tiles).
+    pub fn with_wgmma(self) -> KernelConfig {
+        KernelConfig { warp_rows: 16, wgmma: true, ..self }
     }
 
     /// The default config for an index's block sizes: 32 rows per warp for 128-row blocks.
@@ -852,8 +859,8 @@ mod tests {
             KernelConfig { block_m: 64, ..base },
             KernelConfig { head_dim: 64, ..base },
             KernelConfig { dtype: DType::F16, ..base },
-            KernelConfig { warp_rows: 16, wgmma: true, ..base },
-            KernelConfig { warp_rows: 16, wgmma: true, producer: true, ..base },
+            base.with_wgmma(),
+            KernelConfig { producer: true, ..base.with_wgmma() },
         ];
         let mut keys: Vec<String> = variants
             .iter()
@@ -868,22 +875,13 @@ mod tests {
     fn configs_are_checked() {
         assert!(KernelConfig::new(128, DType::Bf16).validate().is_ok());
         assert!(KernelConfig { block_m: 48, ..KernelConfig::new(64, DType::F16) }.validate().is_err());
-        let big = KernelConfig {
-            block_m: 128,
-            block_n: 128,
-            head_dim: 256,
-            dtype: DType::Bf16,
-            warp_rows: 32,
-            stages: 2,
-            wgmma: false,
-            producer: false,
-        };
+        let big = KernelConfig::for_blocks(128, 128, 256, DType::Bf16);
         assert!(big.validate().unwrap_err().to_string().contains("227 KiB"));
     }
 
     #[test]
     fn wgmma_configs_are_checked_and_sized() {
-        let w = KernelConfig { warp_rows: 16, wgmma: true, ..KernelConfig::for_blocks(128, 128, 128, DType::Bf16) };
+        let w = KernelConfig::for_blocks(128, 128, 128, DType::Bf16).with_wgmma();
         assert!(w.validate().is_ok());
         // A warpgroup per 64 rows; unpadded tiles plus 1024 bytes to align them.
         assert_eq!(w.threads(), 256);

@@ -201,11 +201,9 @@ fn check_wgmma_tiles(producer_schedule: bool) {
                     continue;
                 }
                 let config = |bm: usize, bn: usize| KernelConfig {
-                    warp_rows: 16,
-                    wgmma: true,
                     producer,
                     stages,
-                    ..KernelConfig::for_blocks(bm, bn, d as u32, dtype)
+                    ..KernelConfig::for_blocks(bm, bn, d as u32, dtype).with_wgmma()
                 };
                 let case = FamilyCase { p: &p, opts, dtype, d, n, hq, hkv, seed };
                 let label = format!("wgmma stages={stages}{}", if producer { " producer" } else { "" });

@@ -221,13 +221,8 @@ fn wgmma_attention_kernels_compile_for_sm_90a() {
             let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), ..Default::default() };
             let Ok(ix) = build_index(&p.expr, &q, &k, &opts) else { continue };
             for (dtype, d) in [(DType::Bf16, 128u32), (DType::F16, 64)] {
-                let config = KernelConfig {
-                    warp_rows: 16,
-                    wgmma: true,
-                    stages,
-                    producer,
-                    ..KernelConfig::for_blocks(bm, bn, d, dtype)
-                };
+                let config =
+                    KernelConfig { stages, producer, ..KernelConfig::for_blocks(bm, bn, d, dtype).with_wgmma() };
                 config.validate().unwrap();
                 let kernel =
                     emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();

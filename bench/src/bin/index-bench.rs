@@ -174,7 +174,7 @@ fn measure(
         dix = ix;
     }
     let mut config = KernelConfig::for_blocks(blocks.0, blocks.1, D as u32, DType::Bf16);
-    let hopper = KernelConfig { warp_rows: 16, wgmma: true, ..config };
+    let hopper = config.with_wgmma();
     if args.wgmma && hopper.validate().is_ok() {
         config = hopper;
     }
