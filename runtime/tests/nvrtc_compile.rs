@@ -32,6 +32,9 @@ fn families() -> Vec<Pattern> {
 /// (scripts/test.sh sets WEFT_REQUIRE_PTXAS_REPORT, so CI fails without it); a toolkit's NVRTC
 /// may not (the GPU machine's does not), and then only compilation is checked.
 fn report<'a>(c: &'a weft_runtime::nvrtc::Compiled, what: &str) -> Option<&'a weft_runtime::nvrtc::ResourceReport> {
+    // Generated code compiles clean: a warning (an unused variable of one path, say) is a
+    // template that says something it does not do.
+    assert!(!c.log.contains("warning"), "{what}: the compiler warns:\n{}", c.log);
     match &c.report {
         Some(r) => {
             assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{what} spills: {r:?}\n{}", c.log);

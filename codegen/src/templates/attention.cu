@@ -27,15 +27,17 @@ constexpr bool GATHERS = {{GATHERS}};        // the pattern can list single key 
 constexpr int MT = {{MT}};            // 16-row m-tiles per warp: each K/V fragment feeds MT mma
 constexpr int WARPS = BM / (16 * MT);
 constexpr bool Q_IN_REGS = MT == 1; // with one m-tile, Q's fragments stay in registers
-constexpr int CONSUMER_WARPS = WARPS;           // the warps that compute (all but the producer's)
 constexpr int THREADS = (WARPS + (WEFT_PRODUCER ? 4 : 0)) * 32;
 constexpr int LOADERS = WEFT_PRODUCER ? 128 : THREADS;  // the threads that copy tiles
-// With a producer and two consumer warpgroups (384 threads, 168 registers each at entry), the
-// producer gives registers to the consumers: 56 x 128 + 224 x 256 = 64512 of the 65536
-// (FlashAttention-3 gives a cp.async producer 40; a gather here holds up to 16 positions).
-constexpr bool REALLOCATE = WEFT_PRODUCER && WARPS == 8;
-constexpr bool PINGPONG = WEFT_PRODUCER && WARPS == 8;  // (see the main loop)
+#if WEFT_PRODUCER
+constexpr int CONSUMER_WARPS = WARPS;  // the warps that compute (all but the producer's)
+// KernelConfig::validate takes the producer schedule at 128 rows only: two consumers. With
+// them (384 threads, 168 registers each at entry), the producer gives registers to the
+// consumers: 56 x 128 + 224 x 256 = 64512 of the 65536 (FlashAttention-3 gives a cp.async
+// producer 40; a gather here holds up to 16 positions).
+static_assert(WARPS == 8, "the producer schedule: two computing warpgroups");
 constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
+#endif
 constexpr int LDS = D + 8;          // padded shared row (elements): ldmatrix stays conflict-free
 constexpr int NT = BN / 8;          // 8-key column tiles of S per warp
 constexpr int DT = D / 8;           // 8-wide column tiles of O per warp
@@ -45,6 +47,7 @@ constexpr int CHUNKS = D / 8;       // 16-byte chunks per row
 // Elements per shared row: unpadded, in swizzled panels (ldmatrix's padding is not needed).
 #define ROW D
 #define ROWS_BYTES(n) ((n) * 128)
+constexpr bool PINGPONG = WEFT_PRODUCER;  // the consumers take turns issuing MMAs (see the main loop)
 static_assert(MT == 1 && BM % 64 == 0 && (BN == 64 || BN == 128) && D <= 128, "wgmma: 64-row warpgroups");
 
 // Byte offset of the 16 bytes at columns col..col+7 of row r in a tile of ROWS rows: 64-column
@@ -57,6 +60,15 @@ __device__ __forceinline__ u32 tile_chunk(int r, int col) {
 #define ROW LDS
 #define ROWS_BYTES(n) (2 * (n) * LDS)
 #endif
+
+// The A fragment of P for keys 16 kk .. 16 kk + 15 of a 16-row m-tile, from its exponentiated
+// S accumulators (mma.sync's and wgmma's register layouts agree): bf16 pairs, in place.
+__device__ __forceinline__ void p_fragment(const float (&s)[NT][4], int kk, u32 (&a)[4]) {
+    a[0] = pack(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = pack(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
 
 // Where tile `t`'s keys come from: a key block (keys base + r) or a chunk of the column list.
 struct TileSource {
@@ -254,10 +266,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         }
     };
 
-    // Prologue: tiles 0 .. STAGES - 2 in flight, one commit group each (empty past the end,
-    // so that group t always holds tile t). Two stages keep the plain form: ptxas allocates
-    // the unrolled loop's copy differently (88 B of spills instead of 8 at 128 x 64 tiles).
-    // The wgmma schedule's group g holds K_g and V_{g-1} instead (see the main loop).
 #if WEFT_WGMMA
     // The index entries that tile t's copies will read (its column positions and mask ids, or
     // its block's entry), moved into L1 an iteration early: the wgmma schedule issues its
@@ -281,12 +289,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         }
     };
 #endif
+#if !WEFT_PRODUCER
     // Copy group g of the wgmma schedule: tile g's K and tile g - 1's V, each into its stage.
     auto load_group = [&](int g) {
         if (g < ntiles) load_tile(g, g % STAGES, true, false);
         if (g >= 1 && g - 1 < ntiles) load_tile(g - 1, (g - 1) % STAGES, false, true);
         cp_async_commit();
     };
+#endif
 #if WEFT_PRODUCER
     if (tid < LOADERS) {
         // The producer: K_t, then V_{t-1} (V lags K by a tile, as in the schedule without a
@@ -295,7 +305,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         // thread's arrival counts once its own copies have landed: cp.async.mbarrier.arrive
         // (without .noinc) holds the phase open until then, the plain arrival is the one
         // counted.
-        if constexpr (REALLOCATE) setmaxnreg_dec<PRODUCER_REGS>();
+        setmaxnreg_dec<PRODUCER_REGS>();
         auto produce = [&](int t, bool k_part) {
             const int stage = t % STAGES;
             const u32 empty = (k_part ? bar_empty_k : bar_empty_v) + 8 * stage;
@@ -315,10 +325,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         cp_async_wait<0>();
         return;
     }
-    if constexpr (REALLOCATE) setmaxnreg_inc<CONSUMER_REGS>();
+    setmaxnreg_inc<CONSUMER_REGS>();
 #endif
-    if constexpr (WEFT_WGMMA && WEFT_PRODUCER) {
-    } else if constexpr (WEFT_WGMMA) {
+#if !WEFT_PRODUCER
+    // Prologue: tiles 0 .. STAGES - 2 in flight, one commit group each (empty past the end,
+    // so that group t always holds tile t). Two stages keep the plain form: ptxas allocates
+    // the unrolled loop's copy differently (88 B of spills instead of 8 at 128 x 64 tiles).
+    // The wgmma schedule's group g holds K_g and V_{g-1} instead (see the main loop).
+    if constexpr (WEFT_WGMMA) {
 #pragma unroll
         for (int g = 0; g < STAGES - 1; ++g) load_group(g);
     } else if constexpr (STAGES == 2) {
@@ -331,6 +345,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             cp_async_commit();
         }
     }
+#endif
 
     // Index position of this thread's first row in m-tile `mt` (the second is 8 below).
     const int row0 = qb * BM + cwarp * 16 * MT + lane / 4;
@@ -366,11 +381,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     // The warpgroup schedule overlaps each tile's softmax with the previous tile's P V
     // (FlashAttention-3's intra-warpgroup pipelining): iteration t issues S_t = Q K_t^T and
     // then O += P_{t-1} V_{t-1}, waits for S_t alone, and masks and exponentiates tile t while
-    // the tensor cores finish P_{t-1} V_{t-1}. V lags K by a tile: while the MMAs run,
-    // iteration t copies group t + STAGES - 1, K_{t+STAGES-1} into the stage of K_{t-1} (last
-    // read by S_{t-1}) and V_{t+STAGES-2} into the stage of V_{t-2} (last read by
-    // P_{t-2} V_{t-2}); every warpgroup waited for both before this iteration's barrier, so
-    // one barrier per tile suffices.
+    // the tensor cores finish P_{t-1} V_{t-1}. V lags K by a tile: after its barrier (and
+    // before its MMAs, which ptxas would serialise around the copies) iteration t copies group
+    // t + STAGES - 1, K_{t+STAGES-1} into the stage of K_{t-1} (last read by S_{t-1}) and
+    // V_{t+STAGES-2} into the stage of V_{t-2} (last read by P_{t-2} V_{t-2}); every warpgroup
+    // waited for both before this iteration's barrier, so one barrier per tile suffices.
     u32 pa[BN / 16][4];  // the previous tile's P as bf16 pairs: the A operand of its P V
     float(&oacc)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
     // With a producer, the two computing warpgroups also take turns issuing their MMAs
@@ -617,24 +632,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         // P_t's fragments wait in registers for the next iteration (or the loop's end) to
         // issue P_t V_t.
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            pa[kk][0] = pack(s[0][2 * kk][0], s[0][2 * kk][1]);
-            pa[kk][1] = pack(s[0][2 * kk][2], s[0][2 * kk][3]);
-            pa[kk][2] = pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-            pa[kk][3] = pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-        }
+        for (int kk = 0; kk < BN / 16; ++kk) p_fragment(s[0], kk, pa[kk]);
 #else
         const u32 v_stage = v_addr + stage * STAGE_BYTES;
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
             u32 a[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                a[mt][0] = pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                a[mt][1] = pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                a[mt][2] = pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                a[mt][3] = pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-            }
+            for (int mt = 0; mt < MT; ++mt) p_fragment(s[mt], kk, a[mt]);
 #pragma unroll
             for (int dt = 0; dt < DT; dt += 2) {
                 u32 b[4];
@@ -658,12 +663,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         // The last tile's P V, once its V has landed.
 #if WEFT_PRODUCER
         mbar_wait(bar_full_v + 8 * ((ntiles - 1) % STAGES), (u32)((ntiles - 1) / STAGES) & 1u);
+        fence_async_shared();
 #else
         fence_async_shared();
         __syncthreads();
-#endif
-#if WEFT_PRODUCER
-        fence_async_shared();
 #endif
         fence_registers(pa);
         fence_registers(oacc);

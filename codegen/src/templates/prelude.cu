@@ -1,7 +1,8 @@
 typedef unsigned short u16;
 typedef unsigned int u32;
 
-constexpr u16 FULL = 0xffff;        // mask id of an entry without a predicate
+// (The prelude serves every kernel; constants a kernel does not read are [[maybe_unused]].)
+[[maybe_unused]] constexpr u16 FULL = 0xffff;  // mask id of an entry without a predicate
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -11,7 +12,7 @@ __device__ __forceinline__ long long weft_rem(long long a, long long c) { return
 __device__ __forceinline__ long long weft_min(long long a, long long b) { return a < b ? a : b; }
 __device__ __forceinline__ long long weft_max(long long a, long long b) { return a > b ? a : b; }
 
-constexpr int MASKS = {{MASK_COUNT}};  // predicates in the table below
+[[maybe_unused]] constexpr int MASKS = {{MASK_COUNT}};  // predicates in the table below
 
 __device__ __forceinline__ bool weft_mask(int id, long long q, long long k, long long h, long long nq, long long nk) {
     switch (id) {
@@ -21,7 +22,7 @@ __device__ __forceinline__ bool weft_mask(int id, long long q, long long k, long
 }
 
 // ---- index position -> token row ----
-constexpr bool IDENTITY_TOKENS = {{IDENTITY_TOKENS}};  // position p is token p (no permutation)
+[[maybe_unused]] constexpr bool IDENTITY_TOKENS = {{IDENTITY_TOKENS}};  // position p is token p (no permutation)
 __device__ __forceinline__ int weft_token(int pos, int n) {
 {{TOKEN_BODY}}
 }
