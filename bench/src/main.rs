@@ -48,8 +48,7 @@ struct Args {
     /// Kernel shapes for the dense case, as BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w] (the first is
     /// reported to the peers' table; the others are printed for comparison; a trailing `w` is
     /// the Hopper wgmma path, e.g. 128x128x16x2w, and `wp` the same with a producer warpgroup).
-    /// Default: 128x128x16x2w on sm_90 (H100,
-    /// H200), 128x64x32 elsewhere.
+    /// Default: 128x128x16x2w on sm_90 (H100, H200), 128x64x32 elsewhere.
     #[arg(long, value_delimiter = ',')]
     dense_configs: Vec<String>,
     /// Kernel shape for the block cases, in the same form: 128 query rows, and 64 or 128 keys
@@ -66,13 +65,12 @@ struct Args {
 fn parse_config(s: &str) -> Result<KernelConfig> {
     // A trailing `w` asks for the Hopper (wgmma) path: e.g. 128x128x16x2w; `wp` for it with a
     // producer warpgroup (KernelConfig::producer).
-    let (s, producer) = match s.strip_suffix("wp") {
-        Some(rest) => (rest.to_string() + "w", true),
-        None => (s.to_string(), false),
-    };
-    let (s, wgmma) = match s.strip_suffix('w') {
-        Some(rest) => (rest, true),
-        None => (s.as_str(), false),
+    let (s, wgmma, producer) = if let Some(rest) = s.strip_suffix("wp") {
+        (rest, true, true)
+    } else if let Some(rest) = s.strip_suffix('w') {
+        (rest, true, false)
+    } else {
+        (s, false, false)
     };
     let parts: Vec<u32> =
         s.split('x').map(str::parse).collect::<Result<_, _>>().context("BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w]")?;
@@ -241,6 +239,35 @@ fn main() -> Result<()> {
     let mut results = std::fs::File::create(args.out.join("ours.jsonl"))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let h = args.heads;
+    // The kernels of each case, the same at every length (checked before any input is made).
+    // Defaults: the fastest measured shapes for this GPU (docs/PERF.md).
+    let widest = if gpu.arch.sm == 90 { "128x128x16x2w" } else { "128x64x32" };
+    let dense_configs =
+        if args.dense_configs.is_empty() { vec![widest.to_string()] } else { args.dense_configs.clone() };
+    let configs: Vec<KernelConfig> = dense_configs.iter().map(|c| parse_config(c)).collect::<Result<_>>()?;
+    let sparse_config = args.sparse_config.clone().unwrap_or_else(|| widest.to_string());
+    let sparse = parse_config(&sparse_config)?;
+    if sparse.block_m != 128 || ![64, 128].contains(&sparse.block_n) {
+        anyhow::bail!("--sparse-config: the block cases need 128 x 64 or 128 x 128 tiles, got {sparse_config}");
+    }
+    let vv = parse_config(&args.vv_config)?;
+    if (vv.block_m, vv.block_n) != (128, 64) {
+        anyhow::bail!("--vv-config: the vertical-vector indexes have 128 x 64 blocks, got {}", args.vv_config);
+    }
+    let mut runs: Vec<(String, KernelConfig)> = Vec::new();
+    for case_name in &args.cases {
+        if case_name == "dense" || case_name == "causal" {
+            // Variants first, the reported config last so its output stays in `out`.
+            for c in configs.iter().skip(1) {
+                runs.push((format!("{case_name}-variant"), *c));
+            }
+            runs.push((case_name.clone(), configs[0]));
+        } else if case_name.starts_with("vv-") {
+            runs.push((case_name.clone(), vv));
+        } else {
+            runs.push((case_name.clone(), sparse));
+        }
+    }
     for &n in &args.seq {
         // Inputs: N(0, 1) bf16, written once per length for the peers.
         let gen = |rng: &mut rand::rngs::StdRng| -> Vec<u16> {
@@ -260,34 +287,6 @@ fn main() -> Result<()> {
         let (qd, kd, vd) = (s.clone_htod(&q)?, s.clone_htod(&k)?, s.clone_htod(&v)?);
         let mut out = s.alloc_zeros::<u16>(h * n * D)?;
         let mut lse = s.alloc_zeros::<f32>(h * n)?;
-        // Defaults: the fastest measured shapes for this GPU (docs/PERF.md).
-        let widest = if gpu.arch.sm == 90 { "128x128x16x2w" } else { "128x64x32" };
-        let dense_configs =
-            if args.dense_configs.is_empty() { vec![widest.to_string()] } else { args.dense_configs.clone() };
-        let configs: Vec<KernelConfig> = dense_configs.iter().map(|c| parse_config(c)).collect::<Result<_>>()?;
-        let sparse_config = args.sparse_config.clone().unwrap_or_else(|| widest.to_string());
-        let sparse = parse_config(&sparse_config)?;
-        if sparse.block_m != 128 || ![64, 128].contains(&sparse.block_n) {
-            anyhow::bail!("--sparse-config: the block cases need 128 x 64 or 128 x 128 tiles, got {sparse_config}");
-        }
-        let vv = parse_config(&args.vv_config)?;
-        if (vv.block_m, vv.block_n) != (128, 64) {
-            anyhow::bail!("--vv-config: the vertical-vector indexes have 128 x 64 blocks, got {}", args.vv_config);
-        }
-        let mut runs: Vec<(String, KernelConfig)> = Vec::new();
-        for case_name in &args.cases {
-            if case_name == "dense" || case_name == "causal" {
-                // Variants first, the reported config last so its output stays in `out`.
-                for c in configs.iter().skip(1) {
-                    runs.push((format!("{case_name}-variant"), *c));
-                }
-                runs.push((case_name.clone(), configs[0]));
-            } else if case_name.starts_with("vv-") {
-                runs.push((case_name.clone(), vv));
-            } else {
-                runs.push((case_name.clone(), sparse));
-            }
-        }
         for (case_name, config) in &runs {
             let case = match case_name.as_str() {
                 "dense" | "dense-variant" => dense(h, n, config.block_m as usize, config.block_n as usize),
