@@ -63,6 +63,11 @@ impl Region {
 
 type Iv = (i64, i64);
 
+/// The interval of `x - y` for `x` in `a` and `y` in `b` (saturating).
+fn difference(a: Iv, b: Iv) -> Iv {
+    (a.0.saturating_sub(b.1), a.1.saturating_sub(b.0))
+}
+
 fn corners(op: IntOp, a: Iv, b: Iv) -> Iv {
     let c = [apply_int(op, a.0, b.0), apply_int(op, a.0, b.1), apply_int(op, a.1, b.0), apply_int(op, a.1, b.1)];
     (c.iter().copied().min().unwrap_or(0), c.iter().copied().max().unwrap_or(0))
@@ -85,7 +90,7 @@ fn interval(e: &IntExpr, r: &Region) -> Iv {
             let b = interval(rhs, r);
             match op {
                 IntOp::Add => (a.0.saturating_add(b.0), a.1.saturating_add(b.1)),
-                IntOp::Sub => (a.0.saturating_sub(b.1), a.1.saturating_sub(b.0)),
+                IntOp::Sub => difference(a, b),
                 IntOp::Mul | IntOp::Min | IntOp::Max => corners(*op, a, b),
                 IntOp::Div if b.0 == b.1 && b.0 > 0 => (a.0.div_euclid(b.0), a.1.div_euclid(b.0)),
                 IntOp::Rem if b.0 == b.1 && b.0 > 0 => {
@@ -112,10 +117,8 @@ pub fn decide(p: &Pred, r: &Region) -> Option<bool> {
     match p {
         Pred::Const(b) => Some(*b),
         Pred::Cmp { op, lhs, rhs } => {
-            // Compare through the difference's interval (lhs - rhs, as `interval` bounds a
-            // subtraction).
-            let (a, b) = (interval(lhs, r), interval(rhs, r));
-            let d = (a.0.saturating_sub(b.1), a.1.saturating_sub(b.0));
+            // Compare through the difference's interval.
+            let d = difference(interval(lhs, r), interval(rhs, r));
             if d.0 == d.1 {
                 return Some(apply_cmp(*op, d.0, 0));
             }
