@@ -53,8 +53,8 @@ impl DeviceLimits {
 
 /// The Hopper path's configs (`KernelConfig::wgmma`, sm_90 only) for `pattern`: the tiles and
 /// pipeline depths of [`space`] that the path takes (64 or 128 rows and keys; head dims 64 and
-/// 128, none otherwise), on wgmma with its 16 rows per warp (shared memory prunes what does
-/// not fit).
+/// 128, none otherwise), on wgmma with its 16 rows per warp, and at 128 rows with and without
+/// the producer warpgroup (shared memory prunes what does not fit).
 pub fn hopper_space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<KernelConfig> {
     if ![64, 128].contains(&head_dim) {
         return Vec::new();
@@ -62,9 +62,13 @@ pub fn hopper_space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<Kerne
     let mut out: Vec<KernelConfig> = Vec::new();
     for c in space(pattern, head_dim, dtype) {
         // (16 and 32 rows per warp map to the same wgmma config.)
-        let hopper = c.with_wgmma();
-        if c.block_m >= 64 && c.block_n >= 64 && !out.contains(&hopper) {
-            out.push(hopper);
+        if c.block_m < 64 || c.block_n < 64 {
+            continue;
+        }
+        for hopper in [c.with_wgmma(), c.hopper()] {
+            if !out.contains(&hopper) {
+                out.push(hopper);
+            }
         }
     }
     out

@@ -48,18 +48,18 @@ struct Args {
     /// Kernel shapes for the dense case, as BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w] (the first is
     /// reported to the peers' table; the others are printed for comparison; a trailing `w` is
     /// the Hopper wgmma path, e.g. 128x128x16x2w, and `wp` the same with a producer warpgroup).
-    /// Default: 128x128x16x2w on sm_90 (H100, H200), 128x64x32 elsewhere.
+    /// Default: 128x128x16x2wp on sm_90 (H100, H200), 128x64x32 elsewhere.
     #[arg(long, value_delimiter = ',')]
     dense_configs: Vec<String>,
     /// Kernel shape for the block cases, in the same form: 128 query rows, and 64 or 128 keys
-    /// (the index lists the 128 x 128 blocks as one or two entries). Default: 128x128x16x2w on
+    /// (the index lists the 128 x 128 blocks as one or two entries). Default: 128x128x16x2wp on
     /// sm_90, 128x64x32 elsewhere.
     #[arg(long)]
     sparse_config: Option<String>,
-    /// Kernel shape for the vertical-vector cases (their indexes have 128 x 64 blocks), e.g.
-    /// 128x64x16x2w for the Hopper path.
-    #[arg(long, default_value = "128x64x32")]
-    vv_config: String,
+    /// Kernel shape for the vertical-vector cases (their indexes have 128 x 64 blocks).
+    /// Default: 128x64x16x2wp on sm_90, 128x64x32 elsewhere.
+    #[arg(long)]
+    vv_config: Option<String>,
 }
 
 fn parse_config(s: &str) -> Result<KernelConfig> {
@@ -241,7 +241,8 @@ fn main() -> Result<()> {
     let h = args.heads;
     // The kernels of each case, the same at every length (checked before any input is made).
     // Defaults: the fastest measured shapes for this GPU (docs/PERF.md).
-    let widest = if gpu.arch.sm == 90 { "128x128x16x2w" } else { "128x64x32" };
+    let hopper = gpu.arch.sm == 90;
+    let widest = if hopper { "128x128x16x2wp" } else { "128x64x32" };
     let dense_configs =
         if args.dense_configs.is_empty() { vec![widest.to_string()] } else { args.dense_configs.clone() };
     let configs: Vec<KernelConfig> = dense_configs.iter().map(|c| parse_config(c)).collect::<Result<_>>()?;
@@ -250,9 +251,11 @@ fn main() -> Result<()> {
     if sparse.block_m != 128 || ![64, 128].contains(&sparse.block_n) {
         anyhow::bail!("--sparse-config: the block cases need 128 x 64 or 128 x 128 tiles, got {sparse_config}");
     }
-    let vv = parse_config(&args.vv_config)?;
+    let vv_config =
+        args.vv_config.clone().unwrap_or_else(|| (if hopper { "128x64x16x2wp" } else { "128x64x32" }).into());
+    let vv = parse_config(&vv_config)?;
     if (vv.block_m, vv.block_n) != (128, 64) {
-        anyhow::bail!("--vv-config: the vertical-vector indexes have 128 x 64 blocks, got {}", args.vv_config);
+        anyhow::bail!("--vv-config: the vertical-vector indexes have 128 x 64 blocks, got {vv_config}");
     }
     let mut runs: Vec<(String, KernelConfig)> = Vec::new();
     for case_name in &args.cases {

@@ -35,10 +35,13 @@
 //! (`templates/wgmma.cu`; [`emit_wgmma_probe`] checks the pieces alone). The index walk, masks
 //! and softmax are shared, since a warp's wgmma accumulators have mma.sync's layout. Each
 //! tile's softmax overlaps the previous tile's P V (FlashAttention-3's intra-warpgroup
-//! pipelining). CI compiles it; the GPU suite checks it against the CPU reference, and on the
-//! H200 it runs dense attention 1.2x faster than torch's flash backend (docs/PERF.md). On sm_90
-//! it is the untuned default ([`KernelConfig::default_for_arch`]) except for patterns of
-//! mostly gathered columns.
+//! pipelining). At 128 rows a producer warpgroup does every copy and the two computing
+//! warpgroups wait on mbarriers instead of a CTA barrier ([`KernelConfig::producer`],
+//! FlashAttention-3's warp specialisation). CI compiles it; the GPU suite checks it against the
+//! CPU reference, and on the H200 it runs dense attention 1.6x faster than torch's flash
+//! backend (docs/PERF.md). On sm_90 it is the untuned default
+//! ([`KernelConfig::default_for_arch`]); patterns of mostly gathered columns take it at 128
+//! rows only.
 
 use std::fmt::Write as _;
 
@@ -141,8 +144,8 @@ pub struct KernelConfig {
     pub wgmma: bool,
     /// With `wgmma`: a producer warpgroup copies the K/V tiles and the others only compute,
     /// synchronised by mbarriers per stage instead of a CTA barrier per tile (FlashAttention-3's
-    /// warp specialisation; 128 more threads). Not yet run on a GPU: opt-in, never a default.
-    /// Records stored before this field existed read as false.
+    /// warp specialisation; 128 more threads). Takes block_m 128. The sm_90 default at 128 rows
+    /// ([`KernelConfig::hopper`]). Records stored before this field existed read as false.
     #[serde(default)]
     pub producer: bool,
 }
@@ -179,11 +182,15 @@ impl KernelConfig {
     }
 
     /// The config used when nothing is tuned, on a GPU of compute capability `sm` (90 for the
-    /// H100/H200): [`KernelConfig::default_for`], moved to the Hopper path (wgmma, sm_90a) on
-    /// sm_90 where its tiles allow (64 or 128 rows and keys, head dim 64 or 128). Vertical
-    /// vectors (and retrieval, also mostly gathered columns) stay on mma.sync: their gathered
-    /// column tiles ran slower there (35.2 against 28.2 ms at 64k tokens, 10% of the columns;
-    /// docs/PERF.md), while dense, block and vertical-slash ran 1.1-1.5x faster.
+    /// H100/H200). Elsewhere, [`KernelConfig::default_for`]. On sm_90, the Hopper schedule
+    /// ([`KernelConfig::hopper`]) where its tiles allow (64 or 128 rows and keys, head dim 64 or
+    /// 128), and patterns with no block size of their own (full, causal, windows, documents,
+    /// predicates: the index is exact at any block size) take 128 x 128 tiles, where the producer
+    /// schedule runs dense attention 1.3x faster than 64 x 64 (docs/PERF.md). Vertical vectors
+    /// (and retrieval, also mostly gathered columns) keep their tiles and take the Hopper path
+    /// only with the producer (128 rows):
+    /// at 64k tokens and 10% of the columns they ran 22.5 ms with it, 24.5 on mma.sync and 26.4
+    /// on wgmma without it.
     pub fn default_for_arch(
         pattern: &weft_dsl::PatternExpr,
         head_dim: u32,
@@ -191,10 +198,18 @@ impl KernelConfig {
         sm: u32,
     ) -> Result<KernelConfig, Error> {
         let c = KernelConfig::default_for(pattern, head_dim, dtype)?;
-        let hopper = c.with_wgmma();
+        if sm != 90 {
+            return Ok(c);
+        }
         let columns =
             pattern.any_leaf(&|leaf| matches!(leaf, PatternExpr::VerticalVector(_) | PatternExpr::Retrieval(_)));
-        Ok(if sm == 90 && !columns && hopper.validate().is_ok() { hopper } else { c })
+        let large = weft_patterns::IndexOptions { block_m: Some(128), block_n: Some(128), ..Default::default() };
+        let tiles = match weft_patterns::layout(pattern, &large) {
+            Ok(_) if !columns => KernelConfig::for_blocks(128, 128, head_dim, dtype),
+            _ => c,
+        };
+        let hopper = tiles.hopper();
+        Ok(if hopper.validate().is_ok() && (hopper.producer || !columns) { hopper } else { c })
     }
 
     /// The same tiles and pipeline on the Hopper path: wgmma, with the 16 rows per warp its
@@ -202,6 +217,12 @@ impl KernelConfig {
     /// 64- and 128-row and -key tiles).
     pub fn with_wgmma(self) -> KernelConfig {
         KernelConfig { warp_rows: 16, wgmma: true, ..self }
+    }
+
+    /// The fastest Hopper schedule for these tiles: [`KernelConfig::with_wgmma`], with the
+    /// producer warpgroup at 128 rows (1.3x faster than without at 128 x 128, docs/PERF.md).
+    pub fn hopper(self) -> KernelConfig {
+        KernelConfig { producer: self.block_m == 128, ..self.with_wgmma() }
     }
 
     /// The default config for an index's block sizes: 32 rows per warp for 128-row blocks.
@@ -815,19 +836,33 @@ mod tests {
     }
 
     #[test]
-    fn hopper_defaults_take_wgmma_where_the_tiles_allow_except_for_gathered_columns() {
+    fn hopper_defaults_take_the_producer_at_128_rows_and_wgmma_where_the_tiles_allow() {
         let blocks: weft_dsl::PatternExpr = block().block_q(128).block_k(128).keep(top_k(2)).into();
         let vs = causal() & vertical_slash().block(64).vertical(top_k(8)).slash(top_k(2));
         let vv: weft_dsl::PatternExpr = vertical_vector().q_block(128).keep(top_k(8)).into();
+        let vv64: weft_dsl::PatternExpr = vertical_vector().q_block(64).keep(top_k(8)).into();
         let small: weft_dsl::PatternExpr = block().block_q(32).block_k(32).keep(top_k(2)).into();
-        for (p, d, wgmma) in
-            [(&blocks, 128, true), (&vs, 64, true), (&vv, 128, false), (&small, 128, false), (&vs, 256, false)]
-        {
+        let causal: weft_dsl::PatternExpr = causal();
+        // (pattern, head dim, Hopper tiles (None: mma.sync), producer)
+        for (p, d, tiles, producer) in [
+            (&blocks, 128, Some((128, 128)), true),
+            (&vs, 64, Some((64, 64)), false),
+            (&causal, 128, Some((128, 128)), true),
+            (&causal, 64, Some((128, 128)), true),
+            (&vv, 128, Some((128, 64)), true),
+            (&vv64, 128, None, false),
+            (&small, 128, None, false),
+            (&vs, 256, None, false),
+            (&causal, 256, None, false),
+        ] {
             let base = KernelConfig::default_for(p, d, DType::Bf16).unwrap();
             let hopper = KernelConfig::default_for_arch(p, d, DType::Bf16, 90).unwrap();
-            assert_eq!(hopper.wgmma, wgmma, "{p} d={d}: {hopper}");
             assert!(hopper.validate().is_ok());
-            assert_eq!((hopper.block_m, hopper.block_n), (base.block_m, base.block_n));
+            match tiles {
+                Some(t) => assert_eq!((hopper.wgmma, hopper.block_m, hopper.block_n), (true, t.0, t.1), "{p} d={d}"),
+                None => assert_eq!(hopper, base, "{p} d={d}"),
+            }
+            assert_eq!(hopper.producer, producer, "{p} d={d}: {hopper}");
             assert_eq!(
                 KernelConfig::default_for_arch(p, d, DType::Bf16, 80).unwrap(),
                 base,

@@ -872,10 +872,10 @@ impl Gpu {
             let t0 = timer.start()?;
             let allowed_view = allowed.slice(if plan.shape.per_head { h0 * groups * words } else { 0 }..);
             let mut chosen_view = chosen.slice_mut(h0 * groups * words..);
-            // top_k and threshold: block_top when on (`Gpu::select_blocks_by_radix`; the
-            // bitonic sort took 0.62 of the 1.40 ms of a 64k build); top_p needs the candidates
-            // in order (its weights are summed best first): block_select.
-            let top = mode != 2 && self.block_top.load(std::sync::atomic::Ordering::Relaxed);
+            // top_k and threshold: block_top, a radix select with a warp per group (block_select's
+            // bitonic sort took 0.62 of the 1.40 ms of a 64k build, block_top 0.18); top_p needs
+            // the candidates in order (its weights are summed best first): block_select.
+            let top = mode != 2;
             let mut b = s.launch_builder(if top { f_top } else { f_select });
             b.arg(&scores).arg(&allowed_view).arg(&per_head).arg(&groups_i).arg(&kblocks_i);
             b.arg(&mode).arg(&top_k).arg(&budget_arg).arg(&mut chosen_view);

@@ -154,8 +154,6 @@ pub struct Gpu {
     db: Option<(weft_cache::Db, weft_cache::Toolchain)>,
     /// Whether index builds record CUDA events per kernel (see [`Gpu::time_index_kernels`]).
     index_timing: std::sync::atomic::AtomicBool,
-    /// Whether block selection uses the radix select (see [`Gpu::select_blocks_by_radix`]).
-    block_top: std::sync::atomic::AtomicBool,
 }
 
 /// Where [`Gpu::load_traced`] found a kernel.
@@ -233,7 +231,6 @@ impl Gpu {
             plan_copies: Mutex::new(HashMap::new()),
             db: None,
             index_timing: std::sync::atomic::AtomicBool::new(false),
-            block_top: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -242,15 +239,6 @@ impl Gpu {
     /// time on every build.
     pub fn time_index_kernels(&self, on: bool) {
         self.index_timing.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether block indexes select top_k and threshold blocks with `block_top` (a warp per
-    /// group, radix select) instead of `block_select` (a CTA per group, bitonic sort). Off by
-    /// default until `block_top` has run on a GPU: it was written after the eighth session's
-    /// device time ran out. The GPU suite checks both against the CPU builder; once `block_top`
-    /// passes there it becomes the only path and this switch goes.
-    pub fn select_blocks_by_radix(&self, on: bool) {
-        self.block_top.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// What kernels compiled here are valid for: the key prefix of every cache entry.

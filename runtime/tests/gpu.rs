@@ -873,6 +873,47 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
 
+/// Vertical-vector indexes in 128 x 128 blocks (the Hopper default's tiles for 128-row
+/// vertical vectors): sink and local blocks of 128 keys with their masks, columns outside
+/// them, the same as the CPU builder's at those blocks.
+#[test]
+fn vertical_vector_indexes_in_128_key_blocks_match_the_cpu_builder() {
+    use weft_patterns::device_plan::ColumnPlan;
+    let gpu = Gpu::open(0).expect("a GPU");
+    let vv =
+        |n: weft_dsl::Budget, sink: u32, local: u32| vertical_vector().q_block(128).keep(n).sink(sink).local(local);
+    let patterns = [
+        Pattern::new("vv128_sink_local", vv(top_k(37), 64, 64)),
+        Pattern::new("causal_vv128", causal() & vv(top_k(300), 16, 100)),
+        Pattern::new("vv128_top_p", vv(top_p(0.3), 0, 0)),
+    ];
+    let mut failures = Vec::new();
+    let mut seed = 9700u64;
+    for p in &patterns {
+        for (nq, nk, hq, hkv, d) in DEVICE_INDEX_SHAPES {
+            seed += 1;
+            let x = inputs(hq, hkv, nq, nk, d, DType::Bf16, seed);
+            let scale = 1.0 / (d as f64).sqrt();
+            let opts =
+                IndexOptions { block_m: Some(128), block_n: Some(128), scale: Some(scale), ..Default::default() };
+            let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
+            let plan = ColumnPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
+            let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
+            let masks = &plan.skeleton.masks;
+            let r = check_device_built(&gpu, p, &x, shape, masks, &want_ix, scale, |q, k| {
+                gpu.build_vv_index(&plan, shape, DType::Bf16, q, k).unwrap()
+            });
+            let DeviceBuilt { ok, rel, nan, lse_err, .. } = r;
+            let line = format!(
+                "vv index 128x128 {:<17} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} blocks={} columns={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                p.name, r.blocks, r.report.columns, r.diff.is_none()
+            );
+            report_case(ok, line, r.diff.as_ref(), &mut failures, format!("{} nq={nq} nk={nk}", p.name));
+        }
+    }
+    assert!(failures.is_empty(), "failed: {failures:?}");
+}
+
 #[test]
 fn vertical_vector_block_and_vertical_slash_layers_build_their_index_on_the_gpu() {
     use weft_runtime::Runtime;
@@ -1155,9 +1196,8 @@ fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
     use weft_patterns::device_plan::BlockPlan;
     let gpu = Gpu::open(0).expect("a GPU");
     let mut failures = Vec::new();
-    // Both selectors: the bitonic sort (block_select) and the radix select (block_top).
-    for radix in [false, true] {
-        gpu.select_blocks_by_radix(radix);
+    // top_k and threshold select by radix (block_top), top_p by sort (block_select).
+    {
         let mut seed = 9500u64;
         for n in [3u32, 12] {
             let blk = |bq: u32, keep| block().block_q(bq).block_k(64).keep(keep);
@@ -1201,17 +1241,16 @@ fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
                         });
                         let DeviceBuilt { ok, rel, nan, lse_err, .. } = r;
                         let line = format!(
-                        "block index {:<24} n={n:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} radix={radix:<5} blocks={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                        "block index {:<24} n={n:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} blocks={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
                         p.name, r.blocks, r.diff.is_none()
                     );
-                        let case = format!("{} n={n} nq={nq} nk={nk} ties={ties} radix={radix}", p.name);
+                        let case = format!("{} n={n} nq={nq} nk={nk} ties={ties}", p.name);
                         report_case(ok, line, r.diff.as_ref(), &mut failures, case);
                     }
                 }
             }
         }
     }
-    gpu.select_blocks_by_radix(false);
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
 

@@ -52,13 +52,14 @@ struct Args {
     /// Vertical-slash budgets `verticals:slashes` (causal, 64 x 64 tiles, last 64 queries).
     #[arg(long, value_delimiter = ',', default_values_t = ["1024:64".to_string()])]
     vs: Vec<String>,
-    /// Run the attention on the Hopper path (wgmma, sm_90a) where the index's tiles allow it
-    /// (64 or 128 rows and keys).
+    /// Keys per block of the vertical-vector indexes (64 or 128): the width of their gathered
+    /// column tiles, and the attention kernel's block_n.
+    #[arg(long, default_value_t = 64)]
+    vv_block_n: usize,
+    /// Run the attention on the Hopper path (wgmma, sm_90a, with the producer warpgroup at 128
+    /// rows) where the index's tiles allow it (64 or 128 rows and keys).
     #[arg(long)]
     wgmma: bool,
-    /// Select block top_k with the radix select (`Gpu::select_blocks_by_radix`).
-    #[arg(long)]
-    radix: bool,
 }
 
 const D: usize = 128;
@@ -174,7 +175,7 @@ fn measure(
         dix = ix;
     }
     let mut config = KernelConfig::for_blocks(blocks.0, blocks.1, D as u32, DType::Bf16);
-    let hopper = config.with_wgmma();
+    let hopper = config.hopper();
     if args.wgmma && hopper.validate().is_ok() {
         config = hopper;
     }
@@ -214,9 +215,9 @@ fn measure(
 fn main() -> Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("WEFT_LOG")).init();
     let args = Args::parse();
+    anyhow::ensure!(matches!(args.vv_block_n, 64 | 128), "--vv-block-n must be 64 or 128, got {}", args.vv_block_n);
     let gpu = Gpu::open(0)?;
     gpu.time_index_kernels(true);
-    gpu.select_blocks_by_radix(args.radix);
     let s = gpu.stream.clone();
     let h = args.heads;
     eprintln!("GPU: {} ({} SMs)", gpu.name, gpu.sm_count);
@@ -235,12 +236,17 @@ fn main() -> Result<()> {
         let totals = |m: &Measured| (m.build + m.attention, 100.0 * m.build / m.attention);
         // A vertical-vector pattern (128-query groups, 128 x 64 blocks) and a vertical-slash or
         // grid one (its own blocks): plan on the CPU (timed), then measure.
-        let vv_opts = IndexOptions { block_m: Some(128), block_n: Some(64), scale: Some(scale), ..Default::default() };
+        let vv_opts = IndexOptions {
+            block_m: Some(128),
+            block_n: Some(args.vv_block_n),
+            scale: Some(scale),
+            ..Default::default()
+        };
         let run_vv = |x: &mut Inputs, pattern: &Pattern| -> Result<(Measured, f64)> {
             let t = std::time::Instant::now();
             let plan = ColumnPlan::new(&pattern.expr, h, n, n, &vv_opts)?;
             let plan_ms = t.elapsed().as_secs_f64() * 1e3;
-            let m = measure(&gpu, x, &args, pattern, &plan.skeleton.masks, (128, 64), |x| {
+            let m = measure(&gpu, x, &args, pattern, &plan.skeleton.masks, (128, args.vv_block_n), |x| {
                 gpu.build_vv_index(&plan, shape, DType::Bf16, &x.q, &x.k)
             })?;
             Ok((m, plan_ms))
