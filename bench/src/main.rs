@@ -47,7 +47,8 @@ struct Args {
     reps: usize,
     /// Kernel shapes for the dense case, as BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w] (the first is
     /// reported to the peers' table; the others are printed for comparison; a trailing `w` is
-    /// the Hopper wgmma path, e.g. 128x128x16x2w, and `wp` the same with a producer warpgroup).
+    /// the Hopper wgmma path, e.g. 128x128x16x2w, `wp` the same with a producer warpgroup, and
+    /// `wps` with its persistent grid too).
     /// Default: 128x128x16x2wp on sm_90 (H100, H200), 128x64x32 elsewhere.
     #[arg(long, value_delimiter = ',')]
     dense_configs: Vec<String>,
@@ -64,30 +65,33 @@ struct Args {
 
 fn parse_config(s: &str) -> Result<KernelConfig> {
     // A trailing `w` asks for the Hopper (wgmma) path: e.g. 128x128x16x2w; `wp` for it with a
-    // producer warpgroup (KernelConfig::producer).
-    let (s, wgmma, producer) = if let Some(rest) = s.strip_suffix("wp") {
-        (rest, true, true)
+    // producer warpgroup (KernelConfig::producer), `wps` with its persistent grid as well.
+    let (s, wgmma, producer, persistent) = if let Some(rest) = s.strip_suffix("wps") {
+        (rest, true, true, true)
+    } else if let Some(rest) = s.strip_suffix("wp") {
+        (rest, true, true, false)
     } else if let Some(rest) = s.strip_suffix('w') {
-        (rest, true, false)
+        (rest, true, false, false)
     } else {
-        (s, false, false)
+        (s, false, false, false)
     };
-    let parts: Vec<u32> =
-        s.split('x').map(str::parse).collect::<Result<_, _>>().context("BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w]")?;
+    let parts: Vec<u32> = s
+        .split('x')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w|wp|wps]")?;
     let (bm, bn, wr, stages) = match parts[..] {
         [bm, bn, wr] => (bm, bn, wr, 2),
         [bm, bn, wr, st] => (bm, bn, wr, st),
-        _ => anyhow::bail!("expected BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w], got {s}"),
+        _ => anyhow::bail!("expected BLOCK_MxBLOCK_NxWARP_ROWS[xSTAGES][w|wp|wps], got {s}"),
     };
     let c = KernelConfig {
-        block_m: bm,
-        block_n: bn,
-        head_dim: D as u32,
-        dtype: DType::Bf16,
         warp_rows: wr,
         stages,
         wgmma,
         producer,
+        persistent,
+        ..KernelConfig::for_blocks(bm as usize, bn as usize, D as u32, DType::Bf16)
     };
     c.validate()?;
     Ok(c)

@@ -148,6 +148,14 @@ pub struct KernelConfig {
     /// ([`KernelConfig::hopper`]). Records stored before this field existed read as false.
     #[serde(default)]
     pub producer: bool,
+    /// With `producer`: a persistent grid, one CTA per SM looping over the index rows
+    /// (heaviest query blocks first), whose producer copies the next row's Q and first tiles
+    /// while the consumers finish and store the current one (FlashAttention-3's persistent
+    /// schedule; for rows of few tiles, where each CTA's prologue and epilogue weigh). Q is
+    /// double-buffered (BM x D more shared memory). Records stored before this field existed
+    /// read as false.
+    #[serde(default)]
+    pub persistent: bool,
 }
 
 fn two_stages() -> u32 {
@@ -166,6 +174,7 @@ impl KernelConfig {
             stages: 2,
             wgmma: false,
             producer: false,
+            persistent: false,
         }
     }
 
@@ -236,6 +245,7 @@ impl KernelConfig {
             stages: 2,
             wgmma: false,
             producer: false,
+            persistent: false,
         }
     }
 
@@ -253,10 +263,13 @@ impl KernelConfig {
         // The wgmma path's rows are unpadded (swizzled instead), and its tiles start on 1024
         // bytes, which the kernel aligns to within 1024 spare bytes.
         let (row, spare) = if self.wgmma { (self.head_dim, 1024) } else { (self.head_dim + 8, 0) };
-        // Q, then K and V per stage; then each stage's key positions (i32) and mask ids (u16).
-        let tiles = (self.block_m + 2 * self.stages * self.block_n) * row * 2;
-        // The producer schedule's mbarriers: four per stage, 8 bytes each, 8-byte aligned.
-        let barriers = if self.producer { 8 + 32 * self.stages } else { 0 };
+        // Q (two buffers when persistent), then K and V per stage; then each stage's key
+        // positions (i32) and mask ids (u16).
+        let q_buffers = if self.persistent { 2 } else { 1 };
+        let tiles = (q_buffers * self.block_m + 2 * self.stages * self.block_n) * row * 2;
+        // The producer schedule's mbarriers: four per stage, 8 bytes each, 8-byte aligned, and
+        // when persistent one per Q buffer.
+        let barriers = if self.producer { 8 + 32 * self.stages + 16 * u32::from(self.persistent) } else { 0 };
         tiles + self.stages * self.block_n * (4 + 2) + spare + barriers
     }
 
@@ -303,6 +316,11 @@ impl KernelConfig {
                 self.block_m
             )));
         }
+        if self.persistent && !self.producer {
+            return Err(Error::Config(
+                "the persistent schedule is the producer's (it copies the next row's tiles): set producer too".into(),
+            ));
+        }
         // The H100/H200 and A100 give a CTA at most 227 KiB of shared memory.
         if self.shared_bytes() > 227 * 1024 {
             return Err(Error::Config(format!(
@@ -320,13 +338,14 @@ impl KernelConfig {
 impl std::fmt::Display for KernelConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Every field: this text is part of the kernel key.
-        let KernelConfig { block_m, block_n, head_dim, dtype, warp_rows, stages, wgmma, producer } = self;
+        let KernelConfig { block_m, block_n, head_dim, dtype, warp_rows, stages, wgmma, producer, persistent } = self;
         write!(
             f,
-            "block_m={block_m} block_n={block_n} head_dim={head_dim} dtype={} warp_rows={warp_rows} stages={stages}{}{}",
+            "block_m={block_m} block_n={block_n} head_dim={head_dim} dtype={} warp_rows={warp_rows} stages={stages}{}{}{}",
             dtype.name(),
             if *wgmma { " mma=wgmma" } else { "" },
-            if *producer { " producer" } else { "" }
+            if *producer { " producer" } else { "" },
+            if *persistent { " persistent" } else { "" }
         )
     }
 }
@@ -485,6 +504,16 @@ pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
     spec.pattern.validate()?;
     let c = spec.config;
     c.validate()?;
+    let gathers = gathers_columns(&spec.pattern.expr);
+    // The persistent loop's few more live registers spill in the gathering kernels (8-44
+    // bytes at head dim 128); their rows are long anyway, which is not where it helps.
+    if c.persistent && gathers {
+        return Err(Error::Config(format!(
+            "pattern {}: the persistent schedule takes patterns without gathered key columns (it is for short rows); \
+             use the producer schedule without it",
+            spec.pattern.name
+        )));
+    }
     let config = format!("{c} threads={} shared_bytes={}", c.threads(), c.shared_bytes());
     let (key, header) = key_and_header("attention", Some(spec.pattern), &config, spec.masks, spec.permutation);
     let name = format!("weft_attn_{}", &key[..16]);
@@ -497,9 +526,10 @@ pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
         .replace("{{D}}", &c.head_dim.to_string())
         .replace("{{MT}}", &(c.warp_rows / 16).to_string())
         .replace("{{STAGES}}", &c.stages.to_string())
-        .replace("{{GATHERS}}", if gathers_columns(&spec.pattern.expr) { "true" } else { "false" })
+        .replace("{{GATHERS}}", if gathers { "true" } else { "false" })
         .replace("{{WGMMA}}", if c.wgmma { "1" } else { "0" })
         .replace("{{PRODUCER}}", if c.producer { "1" } else { "0" })
+        .replace("{{PERSISTENT}}", if c.persistent { "1" } else { "0" })
         .replace(
             "{{WGMMA_HELPERS}}",
             &if c.wgmma { wgmma_helpers(c.block_n, c.head_dim, c.dtype) } else { String::new() },
@@ -517,8 +547,9 @@ pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
 
 /// Whether an index of `e` can hold single key columns (which the kernel gathers row by row):
 /// vertical vectors, vertical-slash, grids with column lines and retrieval. The kernel loads
-/// columns the same either way; this only picks the faster load loop.
-fn gathers_columns(e: &PatternExpr) -> bool {
+/// columns the same either way; this picks the faster load loop, and the persistent schedule
+/// ([`KernelConfig::persistent`]) takes only patterns without.
+pub fn gathers_columns(e: &PatternExpr) -> bool {
     e.any_leaf(&|leaf| match leaf {
         PatternExpr::VerticalVector(_) | PatternExpr::VerticalSlash(_) | PatternExpr::Retrieval(_) => true,
         PatternExpr::Grid(g) => g.lines != weft_dsl::GridLines::Rows,
@@ -896,6 +927,7 @@ mod tests {
             KernelConfig { dtype: DType::F16, ..base },
             base.with_wgmma(),
             KernelConfig { producer: true, ..base.with_wgmma() },
+            KernelConfig { producer: true, persistent: true, ..base.with_wgmma() },
         ];
         let mut keys: Vec<String> = variants
             .iter()
@@ -945,5 +977,18 @@ mod tests {
         let k = emit(&KernelSpec { pattern: &Pattern::new("p", full()), masks: &[], permutation: None, config: p })
             .unwrap();
         assert!(k.source.contains("#define WEFT_PRODUCER 1") && k.threads == 384);
+        // The persistent grid: a second Q buffer and its two mbarriers; producer only; and
+        // patterns without gathered columns only.
+        let ps = KernelConfig { persistent: true, ..p };
+        assert!(ps.validate().is_ok());
+        assert_eq!(ps.shared_bytes(), p.shared_bytes() + 128 * 128 * 2 + 16);
+        let e = KernelConfig { persistent: true, ..w }.validate().unwrap_err().to_string();
+        assert!(e.contains("set producer too"), "{e}");
+        let k = emit(&KernelSpec { pattern: &Pattern::new("p", causal()), masks: &[], permutation: None, config: ps })
+            .unwrap();
+        assert!(k.source.contains("#define WEFT_PERSISTENT 1"));
+        let vv = Pattern::new("vv", vertical_vector().q_block(128).keep(top_k(8)));
+        let e = emit(&KernelSpec { pattern: &vv, masks: &[], permutation: None, config: ps }).unwrap_err().to_string();
+        assert!(e.contains("without gathered key columns"), "{e}");
     }
 }

@@ -154,6 +154,9 @@ pub struct Gpu {
     db: Option<(weft_cache::Db, weft_cache::Toolchain)>,
     /// Whether index builds record CUDA events per kernel (see [`Gpu::time_index_kernels`]).
     index_timing: std::sync::atomic::AtomicBool,
+    /// The most CTAs a persistent kernel runs on; 0: one per SM (see
+    /// [`Gpu::limit_persistent_ctas`]).
+    persistent_ctas: std::sync::atomic::AtomicUsize,
 }
 
 /// Where [`Gpu::load_traced`] found a kernel.
@@ -231,6 +234,7 @@ impl Gpu {
             plan_copies: Mutex::new(HashMap::new()),
             db: None,
             index_timing: std::sync::atomic::AtomicBool::new(false),
+            persistent_ctas: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -239,6 +243,13 @@ impl Gpu {
     /// time on every build.
     pub fn time_index_kernels(&self, on: bool) {
         self.index_timing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs persistent kernels ([`KernelConfig::persistent`]) on at most `ctas` CTAs instead of
+    /// one per SM (0 restores that): to leave SMs to concurrent work, and in tests, to make each
+    /// CTA walk many rows.
+    pub fn limit_persistent_ctas(&self, ctas: usize) {
+        self.persistent_ctas.store(ctas, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// What kernels compiled here are valid for: the key prefix of every cache entry.
@@ -523,7 +534,16 @@ impl Gpu {
         if index.q_blocks == 0 {
             return Ok(());
         }
-        let grid = (index.q_blocks as u32, index.heads as u32, 1);
+        // A persistent kernel takes one CTA per SM (or fewer: `limit_persistent_ctas`; at most
+        // one per row) and walks the rows.
+        let rows = index.q_blocks * index.heads;
+        let grid = if config.persistent {
+            let limit = self.persistent_ctas.load(std::sync::atomic::Ordering::Relaxed);
+            let ctas = if limit == 0 { self.sm_count.max(1) as usize } else { limit };
+            (rows.min(ctas) as u32, 1, 1)
+        } else {
+            (index.q_blocks as u32, index.heads as u32, 1)
+        };
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: (config.threads(), 1, 1),
@@ -536,7 +556,8 @@ impl Gpu {
         b.arg(q).arg(k).arg(v).arg(out).arg(lse);
         index.push_csr(&mut b);
         b.arg(&index.seq_q).arg(&index.seq_k).arg(&index.seq_qb).arg(&index.head_map_dev);
-        b.arg(&batch).arg(&nq).arg(&nk).arg(&hq).arg(&hkv).arg(&scale_log2);
+        let index_heads = index.heads as i32;
+        b.arg(&batch).arg(&nq).arg(&nk).arg(&hq).arg(&hkv).arg(&scale_log2).arg(&index_heads);
         // Safety: the argument list matches the generated signature, and `check_launch`
         // verified every buffer's length against the shapes the kernel indexes with.
         unsafe { b.launch(cfg) }.map_err(driver(format!("launching {}", kernel.name)))?;

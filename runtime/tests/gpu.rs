@@ -3,6 +3,7 @@
 //! Built with `--features gpu`; run on the GPU machine by `scripts/gpu.sh`.
 #![cfg(feature = "gpu")]
 
+use common::Schedule;
 use cudarc::driver::CudaSlice;
 use weft_codegen::{emit, emit_decode, emit_merge, DType, DecodeSpec, KernelConfig, KernelSpec, Partial};
 use weft_dsl::builder::*;
@@ -165,19 +166,22 @@ fn check_family(
 /// (64 x 128 tiles, which `hopper_space` offers, are compiled in CI but not run here.)
 #[test]
 fn wgmma_attention_matches_the_cpu_reference() {
-    check_wgmma_tiles(false);
+    check_wgmma_tiles(&[Schedule::Plain]);
 }
 
-/// The same for the producer schedule (`KernelConfig::producer`) at its 128-row tiles: a test
-/// of its own, so that a hang there (mbarriers, named barriers) can be told from the plain
-/// wgmma path and run apart (`... wgmma_producer` under `timeout`).
+/// The same for the producer schedule (`KernelConfig::producer`) at its 128-row tiles, with
+/// and without its persistent grid: a test of its own, so that a hang there (mbarriers, named
+/// barriers) can be told from the plain wgmma path and run apart (`... wgmma_producer` under
+/// `timeout`). The persistent kernels run on 3 CTAs (bf16 cases) and 1 (the others), so that
+/// each CTA walks many rows of different lengths: barrier phases and Q buffers carry across
+/// rows, as they do with one CTA per SM at long sequences.
 #[test]
 fn wgmma_producer_schedule_matches_the_cpu_reference() {
-    check_wgmma_tiles(true);
+    check_wgmma_tiles(&[Schedule::Producer, Schedule::Persistent]);
 }
 
-/// Every family at each of [`common::WGMMA_TILES`] whose producer flag is `producer`.
-fn check_wgmma_tiles(producer_schedule: bool) {
+/// Every family at each of [`common::WGMMA_TILES`] whose schedule is one of `schedules`.
+fn check_wgmma_tiles(schedules: &[Schedule]) {
     let gpu = Gpu::open(0).expect("a GPU");
     if gpu.arch.sm != 90 {
         println!("skipped: the wgmma path needs sm_90, this GPU is {}", gpu.arch.name());
@@ -186,8 +190,8 @@ fn check_wgmma_tiles(producer_schedule: bool) {
     let mut failures = Vec::new();
     let mut seed = 5000u64;
     for p in families() {
-        for (bm, bn, stages, producer) in common::WGMMA_TILES {
-            if producer != producer_schedule {
+        for (bm, bn, stages, schedule) in common::WGMMA_TILES {
+            if !schedules.contains(&schedule) || !schedule.takes(&p) {
                 continue;
             }
             // Two cases per tile (the suite runs in one device call of at most 10 minutes):
@@ -200,19 +204,26 @@ fn check_wgmma_tiles(producer_schedule: bool) {
                 if weft_patterns::layout(&p.expr, &opts).is_err() {
                     continue;
                 }
-                let config = |bm: usize, bn: usize| KernelConfig {
-                    producer,
-                    stages,
-                    ..KernelConfig::for_blocks(bm, bn, d as u32, dtype).with_wgmma()
+                let config = |bm: usize, bn: usize| {
+                    schedule.apply(KernelConfig {
+                        stages,
+                        ..KernelConfig::for_blocks(bm, bn, d as u32, dtype).with_wgmma()
+                    })
                 };
+                gpu.limit_persistent_ctas(if dtype == DType::Bf16 && d == 128 { 3 } else { 1 });
                 let case = FamilyCase { p: &p, opts, dtype, d, n, hq, hkv, seed };
-                let label = format!("wgmma stages={stages}{}", if producer { " producer" } else { "" });
+                let label = match schedule {
+                    Schedule::Plain => format!("wgmma stages={stages}"),
+                    Schedule::Producer => format!("wgmma stages={stages} producer"),
+                    Schedule::Persistent => format!("wgmma stages={stages} persistent"),
+                };
                 if let Err(what) = check_family(&gpu, &case, config, &label) {
                     failures.push(what);
                 }
             }
         }
     }
+    gpu.limit_persistent_ctas(0);
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
 
@@ -674,16 +685,7 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
         [(DType::Bf16, 128usize, 777usize, false), (DType::F16, 64, 1000, false), (DType::Bf16, 128, 777, true)]
     {
         let (hq, hkv) = (6usize, 3usize);
-        let tuned_config = KernelConfig {
-            block_m: 128,
-            block_n: 64,
-            head_dim: d as u32,
-            dtype,
-            warp_rows: 32,
-            stages: 2,
-            wgmma: false,
-            producer: false,
-        };
+        let tuned_config = KernelConfig::for_blocks(128, 64, d as u32, dtype);
         if tuned {
             // A tuning record for `window` at this bucket, as `weft autotune` stores it.
             let gpu = Gpu::open(0).unwrap();

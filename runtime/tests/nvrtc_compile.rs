@@ -220,12 +220,15 @@ fn wgmma_attention_kernels_compile_for_sm_90a() {
     let (q, k) = (Tensor::random(2, 300, 16, 1), Tensor::random(2, 300, 16, 2));
     let mut jobs = Vec::new();
     for p in families() {
-        for (bm, bn, stages, producer) in common::WGMMA_TILES {
+        for (bm, bn, stages, schedule) in common::WGMMA_TILES {
+            if !schedule.takes(&p) {
+                continue;
+            }
             let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), ..Default::default() };
             let Ok(ix) = build_index(&p.expr, &q, &k, &opts) else { continue };
             for (dtype, d) in [(DType::Bf16, 128u32), (DType::F16, 64)] {
                 let config =
-                    KernelConfig { stages, producer, ..KernelConfig::for_blocks(bm, bn, d, dtype).with_wgmma() };
+                    schedule.apply(KernelConfig { stages, ..KernelConfig::for_blocks(bm, bn, d, dtype).with_wgmma() });
                 config.validate().unwrap();
                 let kernel =
                     emit(&KernelSpec { pattern: &p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();

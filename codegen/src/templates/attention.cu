@@ -18,6 +18,12 @@
 // it (empty), so no barrier holds the whole CTA, and setmaxnreg moves registers from the
 // producer to the consumers.
 #define WEFT_PRODUCER {{PRODUCER}}
+// With WEFT_PERSISTENT (KernelConfig::persistent, producer only) the grid has one CTA per SM,
+// and each CTA runs index rows blockIdx.x, blockIdx.x + gridDim.x, ... (heaviest query blocks
+// first). Producer and consumers number the tiles of all their rows in one sequence, so the
+// stage mbarriers carry from row to row and the producer copies the next row's Q (into the
+// other of two Q buffers) and first tiles while the consumers finish and store this one.
+#define WEFT_PERSISTENT {{PERSISTENT}}
 {{WGMMA_HELPERS}}
 constexpr int BM = {{BM}};          // query rows per CTA (the index's block_m)
 constexpr int BN = {{BN}};          // keys per tile (the index's block_n)
@@ -38,6 +44,7 @@ constexpr int CONSUMER_WARPS = WARPS;  // the warps that compute (all but the pr
 static_assert(WARPS == 8, "the producer schedule: two computing warpgroups");
 constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
 #endif
+constexpr int Q_BUFFERS = WEFT_PERSISTENT ? 2 : 1;
 constexpr int LDS = D + 8;          // padded shared row (elements): ldmatrix stays conflict-free
 constexpr int NT = BN / 8;          // 8-key column tiles of S per warp
 constexpr int DT = D / 8;           // 8-wide column tiles of O per warp
@@ -100,7 +107,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     const u32* __restrict__ col_ptr, const u32* __restrict__ col_idx, const u16* __restrict__ col_mask,
     const int* __restrict__ seq_q, const int* __restrict__ seq_k, const int* __restrict__ seq_qb,
     const int* __restrict__ head_map,
-    int batch, int total_q, int total_k, int hq, int hkv, float scale_log2)
+    int batch, int total_q, int total_k, int hq, int hkv, float scale_log2, int index_heads)
 {
     extern __shared__ __align__(16) unsigned char smem[];
 #if WEFT_WGMMA
@@ -109,7 +116,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
 #else
     u16* sQ = (u16*)smem;                           // [BM][ROW]
 #endif
-    u16* sK = sQ + BM * ROW;                        // [STAGES][BN][ROW]
+    u16* sK = sQ + Q_BUFFERS * BM * ROW;            // [STAGES][BN][ROW] (after [Q_BUFFERS][BM][ROW])
     u16* sV = sK + STAGES * BN * ROW;               // [STAGES][BN][ROW]
     int* sKeyPos = (int*)(sV + STAGES * BN * ROW);  // [STAGES][BN] index position of each key, -1 if none
     u16* sKeyMask = (u16*)(sKeyPos + STAGES * BN);  // [STAGES][BN] mask id of each key
@@ -122,34 +129,65 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     const u32 bar_empty_k = bar_full_v + 8 * STAGES;
     const u32 bar_empty_v = bar_empty_k + 8 * STAGES;
 #endif
+#if WEFT_PERSISTENT
+    // [2] mbarriers: the consumers are done with a Q buffer (its row's last S completed).
+    const u32 bar_q_empty = bar_empty_v + 8 * STAGES;
+#endif
 
-    // blockIdx.y is a head of the index; head_map names the layer's query head it serves (heads
+    // The row a CTA works on (without WEFT_PERSISTENT, the only one): query block x over all
+    // sequences of index head ih. head_map names the layer's query head h it serves (heads
     // that share this kernel, possibly with different patterns, run in one launch).
-    const int ih = blockIdx.y, h = head_map[ih];
-    // Packed batch: blockIdx.x counts query blocks over all sequences; find this one's sequence.
-    int lo = 0, hi = batch - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (seq_qb[mid] <= (int)blockIdx.x) lo = mid; else hi = mid - 1;
-    }
-    const int b = lo;
-    const int qb = blockIdx.x - seq_qb[b];
-    const int nq = seq_q[b + 1] - seq_q[b], nk = seq_k[b + 1] - seq_k[b];
-    const int kv_head = h / (hq / hkv);
+    int ih, h, b, qb, nq, nk, kv_head, ntiles;
+    u32 nblocks, ncols;
+    const u32* bidx;
+    const u16* bmask;
+    const u32* cidx;
+    const u16* cmask;
+    const u16 *Qh, *Kh, *Vh;
+    auto begin_row = [&](int x, int head) {
+        ih = head;
+        h = head_map[ih];
+        // Packed batch: x counts query blocks over all sequences; find this one's sequence.
+        int lo = 0, hi = batch - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (seq_qb[mid] <= x) lo = mid; else hi = mid - 1;
+        }
+        b = lo;
+        qb = x - seq_qb[b];
+        nq = seq_q[b + 1] - seq_q[b];
+        nk = seq_k[b + 1] - seq_k[b];
+        kv_head = h / (hq / hkv);
+        const int heads = WEFT_PERSISTENT ? index_heads : (int)gridDim.y;
+        const int row = heads * seq_qb[b] + ih * (seq_qb[b + 1] - seq_qb[b]) + qb;  // rows: sequence, head, block
+        const IndexRow ir = index_row(row, block_ptr, block_idx, block_mask, col_ptr, col_idx, col_mask);
+        nblocks = ir.nblocks;
+        ncols = ir.ncols;
+        bidx = ir.bidx;
+        bmask = ir.bmask;
+        cidx = ir.cidx;
+        cmask = ir.cmask;
+        ntiles = (int)nblocks + (int)((ncols + BN - 1) / BN);
+#if WEFT_PERSISTENT
+        // The same in every lane, and now provably so: without this ptxas treats the tile loop
+        // of a row found in a loop as divergent and serialises its wgmma (C7520).
+        ntiles = __shfl_sync(0xffffffff, ntiles, 0);
+#endif
+        Qh = Q + ((size_t)h * total_q + seq_q[b]) * D;
+        Kh = K + ((size_t)kv_head * total_k + seq_k[b]) * D;
+        Vh = V + ((size_t)kv_head * total_k + seq_k[b]) * D;
+    };
+#if WEFT_PERSISTENT
+    // Rows in order of work: the last query blocks first (the heaviest under causal masks), every
+    // head's before the next block's; a CTA takes every gridDim.x-th.
+    const int rows = index_heads * seq_qb[batch];
+    auto begin_nth_row = [&](int w) { begin_row(seq_qb[batch] - 1 - w / index_heads, w % index_heads); };
+#else
+    begin_row((int)blockIdx.x, (int)blockIdx.y);
+#endif
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     // The computing warps count from 0 after the producer's four.
     const int cwarp = warp - (WEFT_PRODUCER ? 4 : 0);
-    const int row = (int)gridDim.y * seq_qb[b] + ih * (seq_qb[b + 1] - seq_qb[b]) + qb;  // rows: sequence, head, block
-    const IndexRow ir = index_row(row, block_ptr, block_idx, block_mask, col_ptr, col_idx, col_mask);
-    const u32 nblocks = ir.nblocks, ncols = ir.ncols;
-    const u32* bidx = ir.bidx;
-    const u16* bmask = ir.bmask;
-    const u32* cidx = ir.cidx;
-    const u16* cmask = ir.cmask;
-    const int ntiles = (int)nblocks + (int)((ncols + BN - 1) / BN);
-    const u16* Qh = Q + ((size_t)h * total_q + seq_q[b]) * D;
-    const u16* Kh = K + ((size_t)kv_head * total_k + seq_k[b]) * D;
-    const u16* Vh = V + ((size_t)kv_head * total_k + seq_k[b]) * D;
 
 #if WEFT_PRODUCER
     if (tid == 0) {
@@ -159,22 +197,31 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             mbar_init(bar_empty_k + 8 * st, CONSUMER_WARPS * 32);
             mbar_init(bar_empty_v + 8 * st, CONSUMER_WARPS * 32);
         }
+#if WEFT_PERSISTENT
+        for (int i = 0; i < 2; ++i) mbar_init(bar_q_empty + 8 * i, CONSUMER_WARPS * 32);
+#endif
         fence_mbarrier_init();
     }
     __syncthreads();
 #endif
-    // Q tile: query positions qb * BM + r, zero-filled past the end (the producer's copies
-    // join tile 0's).
-    for (int c = tid; c < BM * CHUNKS && (!WEFT_PRODUCER || (tid < LOADERS && ntiles > 0)); c += LOADERS) {
-        const int r = c / CHUNKS, col = (c % CHUNKS) * 8, pos = qb * BM + r;
-        const bool ok = pos < nq;
+    // Q tile into buffer `buf`: query positions qb * BM + r, zero-filled past the end (the
+    // producer's copies join tile 0's).
+    auto load_q = [&](int buf) {
+        const u32 q_dst = smem_u32(sQ + buf * BM * ROW);
+        for (int c = tid; c < BM * CHUNKS; c += LOADERS) {
+            const int r = c / CHUNKS, col = (c % CHUNKS) * 8, pos = qb * BM + r;
+            const bool ok = pos < nq;
 #if WEFT_WGMMA
-        const u32 dst = smem_u32(sQ) + tile_chunk<BM>(r, col);
+            const u32 dst = q_dst + tile_chunk<BM>(r, col);
 #else
-        const u32 dst = smem_u32(sQ + r * LDS + col);
+            const u32 dst = q_dst + 2 * (r * LDS + col);
 #endif
-        cp_async16(dst, ok ? Qh + (size_t)weft_token(pos, nq) * D + col : Qh, ok ? 16 : 0);
-    }
+            cp_async16(dst, ok ? Qh + (size_t)weft_token(pos, nq) * D + col : Qh, ok ? 16 : 0);
+        }
+    };
+#if !WEFT_PERSISTENT
+    if (!WEFT_PRODUCER || (tid < LOADERS && ntiles > 0)) load_q(0);
+#endif
 
     // A thread copies the same 16-byte column chunk of rows ROW_STEP apart: ROWS_BYTES(n) is how
     // far n rows down that chunk lies. Padded rows are 2 x LDS bytes; in the swizzled panels a
@@ -306,20 +353,42 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         // (without .noinc) holds the phase open until then, the plain arrival is the one
         // counted.
         setmaxnreg_dec<PRODUCER_REGS>();
+        // Tile t of the row, number g0 + t in the CTA's sequence (which picks its stage and
+        // the fill and release numbers of the stage's barriers).
+        int g0 = 0;
         auto produce = [&](int t, bool k_part) {
-            const int stage = t % STAGES;
+            const int g = g0 + t, stage = g % STAGES;
             const u32 empty = (k_part ? bar_empty_k : bar_empty_v) + 8 * stage;
             const u32 full = (k_part ? bar_full_k : bar_full_v) + 8 * stage;
-            if (t >= STAGES) mbar_wait(empty, (u32)(t / STAGES - 1) & 1u);
+            if (g >= STAGES) mbar_wait(empty, (u32)(g / STAGES - 1) & 1u);
             load_tile(t, stage, k_part, !k_part);
             mbar_arrive_cp_async(full);
             mbar_arrive(full);
         };
-        for (int t = 0; t < ntiles; ++t) {
-            produce(t, true);
-            if (t > 0) produce(t - 1, false);
+        auto produce_row = [&]() {
+            for (int t = 0; t < ntiles; ++t) {
+                produce(t, true);
+                if (t > 0) produce(t - 1, false);
+            }
+            if (ntiles > 0) produce(ntiles - 1, false);
+            g0 += ntiles;
+        };
+#if WEFT_PERSISTENT
+        // n counts the rows with tiles (rows without any take no Q buffer): row n's Q goes into
+        // buffer n % 2 once the consumers released row n - 2's (the release number n / 2 - 1).
+        // The consumers cannot run two releases ahead: each needs this row's copies first.
+        int n = 0;
+        for (int w = blockIdx.x; w < rows; w += gridDim.x) {
+            begin_nth_row(w);
+            if (ntiles == 0) continue;
+            if (n >= 2) mbar_wait(bar_q_empty + 8 * (n % 2), (u32)(n / 2 - 1) & 1u);
+            load_q(n % 2);
+            produce_row();
+            ++n;
         }
-        if (ntiles > 0) produce(ntiles - 1, false);
+#else
+        produce_row();
+#endif
         // Nothing in flight when the warps exit.
         cp_async_commit();
         cp_async_wait<0>();
@@ -347,6 +416,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     }
 #endif
 
+    // The consumers' work on the current row: its tiles are numbers g0, g0 + 1, ... of the
+    // CTA's sequence (0, 1, ... without WEFT_PERSISTENT), and its Q is in buffer qbuf.
+    auto consume_row = [&](int g0, int qbuf) {
     // Index position of this thread's first row in m-tile `mt` (the second is 8 below).
     const int row0 = qb * BM + cwarp * 16 * MT + lane / 4;
     float m[MT][2], l[MT][2];                          // running row max (log2 units), this thread's row-sum share
@@ -398,13 +470,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     }
 #endif
     for (int t = 0; t < ntiles; ++t) {
-        const int stage = t % STAGES;
+        const int g = g0 + t, stage = g % STAGES;
 #if WEFT_WGMMA && WEFT_PRODUCER
-        // K_t has landed (the fill number t / STAGES of its stage), and V_{t-1}, which this
+        // K_t has landed (the fill number g / STAGES of its stage), and V_{t-1}, which this
         // iteration's P V reads (waited for here, not between the MMAs and their wait, where
         // ptxas would serialise them).
-        mbar_wait(bar_full_k + 8 * stage, (u32)(t / STAGES) & 1u);
-        if (t > 0) mbar_wait(bar_full_v + 8 * ((t - 1) % STAGES), (u32)((t - 1) / STAGES) & 1u);
+        mbar_wait(bar_full_k + 8 * stage, (u32)(g / STAGES) & 1u);
+        if (t > 0) mbar_wait(bar_full_v + 8 * ((g - 1) % STAGES), (u32)((g - 1) / STAGES) & 1u);
         fence_async_shared();  // the copies, ordered before the wgmma unit's reads
 #elif WEFT_WGMMA
         // Groups t + 1 .. t + STAGES - 2 may still be in flight; group t (K_t, V_{t-1}) and
@@ -438,7 +510,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             // This warpgroup's 64 rows of Q against the tile: both operands K-major in
             // shared memory, 16 columns (32 bytes) per step, the next panel every 64.
             float(&acc)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
-            const u32 q_base = smem_u32(sQ) + (cwarp / 4) * 64 * 128, k_base = smem_u32(sK) + stage * STAGE_BYTES;
+            const u32 q_base = smem_u32(sQ + qbuf * BM * ROW) + (cwarp / 4) * 64 * 128;
+            const u32 k_base = smem_u32(sK) + stage * STAGE_BYTES;
             fence_registers(acc);
             fence_registers(pa);
             fence_registers(oacc);
@@ -452,7 +525,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             }
             wgmma_commit();
             if (t > 0) {
-                pv_wgmma(oacc, pa, (t - 1) % STAGES);
+                pv_wgmma(oacc, pa, (g - 1) % STAGES);
                 if constexpr (PINGPONG) named_arrive(2 - cwarp / 4, 256);  // the other's turn
                 wgmma_wait<1>();  // S_t; P_{t-1} V_{t-1} may still run
             } else {
@@ -610,7 +683,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         fence_registers(pa);  // (pa's old values stay put until here: the MMA read them)
 #if WEFT_PRODUCER
         // V_{t-1} is done with: P_{t-1} V_{t-1} completed.
-        if (t > 0) mbar_arrive(bar_empty_v + 8 * ((t - 1) % STAGES));
+        if (t > 0) mbar_arrive(bar_empty_v + 8 * ((g - 1) % STAGES));
 #endif
 #endif
         // Rescale O only when some row of the warp has a new maximum: after the first tiles
@@ -661,8 +734,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     }
     if (ntiles > 0) {
         // The last tile's P V, once its V has landed.
+        const int last = g0 + ntiles - 1;
 #if WEFT_PRODUCER
-        mbar_wait(bar_full_v + 8 * ((ntiles - 1) % STAGES), (u32)((ntiles - 1) / STAGES) & 1u);
+        mbar_wait(bar_full_v + 8 * (last % STAGES), (u32)(last / STAGES) & 1u);
         fence_async_shared();
 #else
         fence_async_shared();
@@ -671,9 +745,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         fence_registers(pa);
         fence_registers(oacc);
         wgmma_fence();
-        pv_wgmma(oacc, pa, (ntiles - 1) % STAGES);
+        pv_wgmma(oacc, pa, last % STAGES);
         wgmma_wait<0>();
         fence_registers(oacc);
+#if WEFT_PERSISTENT
+        // The row's last V and its Q are done with (its last S completed before its masks).
+        mbar_arrive(bar_empty_v + 8 * (last % STAGES));
+        mbar_arrive(bar_q_empty + 8 * qbuf);
+#endif
     }
 #endif
 
@@ -698,4 +777,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             }
         }
     }
+    };
+#if WEFT_PERSISTENT
+    // The consumers' rows, in the producer's order (n counts the rows with tiles, as there).
+    // Both warpgroups finish a row (its ping-pong included) before either starts the next.
+    int g0 = 0, n = 0;
+    for (int w = blockIdx.x; w < rows; w += gridDim.x) {
+        begin_nth_row(w);
+        if (w != (int)blockIdx.x) named_sync(3, CONSUMER_WARPS * 32);
+        consume_row(g0, n % 2);
+        g0 += ntiles;
+        n += ntiles > 0;
+    }
+#else
+    consume_row(0, 0);
+#endif
 }
