@@ -148,12 +148,14 @@ pub struct KernelConfig {
     /// ([`KernelConfig::hopper`]). Records stored before this field existed read as false.
     #[serde(default)]
     pub producer: bool,
-    /// With `producer`: a persistent grid, one CTA per SM looping over the index rows
-    /// (heaviest query blocks first), whose producer copies the next row's Q and first tiles
-    /// while the consumers finish and store the current one (FlashAttention-3's persistent
-    /// schedule; for rows of few tiles, where each CTA's prologue and epilogue weigh). Q is
-    /// double-buffered (BM x D more shared memory). Records stored before this field existed
-    /// read as false.
+    /// With `producer`: a persistent grid, one CTA per SM looping over the index rows (head by
+    /// head, heaviest query blocks first), whose producer copies the next row's Q and first
+    /// tiles while the consumers finish and store the current one (FlashAttention-3's
+    /// persistent schedule; for rows of few tiles, where each CTA's prologue and epilogue
+    /// weigh). Q is double-buffered (BM x D more shared memory). Opt-in: correct on the GPU,
+    /// but its first row order (every head's last blocks first) ran 1.1-1.3x slower than the
+    /// plain grid, and the head-by-head order is not yet measured (docs/PERF.md). Records
+    /// stored before this field existed read as false.
     #[serde(default)]
     pub persistent: bool,
 }
