@@ -254,6 +254,10 @@ struct KernelArgs {
     /// (the runtime's sm_90 default at 128 rows).
     #[arg(long)]
     producer: bool,
+    /// With --producer: a persistent grid, one CTA per SM walking the rows (opt-in, not for
+    /// patterns with gathered columns).
+    #[arg(long)]
+    persistent: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -1087,6 +1091,7 @@ fn generate(pattern: &Pattern, args: &KernelArgs) -> Result<weft::codegen::Kerne
         config = config.with_wgmma();
     }
     config.producer = args.producer;
+    config.persistent = args.persistent;
     let spec = weft::codegen::KernelSpec { pattern, masks: &ix.masks, permutation: ix.permutation, config };
     Ok(weft::codegen::emit(&spec)?)
 }
@@ -1198,6 +1203,7 @@ fn quickstart(out: &Path) -> Result<()> {
             stages: 2,
             wgmma: false,
             producer: false,
+            persistent: false,
         },
     )?;
     for line in kernel.source.lines().take(5) {
