@@ -275,6 +275,22 @@ impl KernelConfig {
         tiles + self.stages * self.block_n * (4 + 2) + spare + barriers
     }
 
+    /// [`KernelConfig::validate`], and whether the config takes `pattern`: the persistent
+    /// schedule takes no patterns with gathered columns ([`gathers_columns`]; the persistent
+    /// loop's few more live registers spilled 8-44 bytes in those kernels at head dim 128, and
+    /// their rows are long, which is not where the schedule helps).
+    pub fn validate_for(&self, pattern: &PatternExpr) -> Result<(), Error> {
+        self.validate()?;
+        if self.persistent && gathers_columns(pattern) {
+            return Err(Error::Config(
+                "the persistent schedule takes patterns without gathered key columns (it is for short rows); \
+                 use the producer schedule without it"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the config, naming the field and the accepted values.
     pub fn validate(&self) -> Result<(), Error> {
         if ![16, 32, 64, 128].contains(&self.block_m) {
@@ -505,17 +521,11 @@ fn key_and_header(
 pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
     spec.pattern.validate()?;
     let c = spec.config;
-    c.validate()?;
+    c.validate_for(&spec.pattern.expr).map_err(|e| match e {
+        Error::Config(m) => Error::Config(format!("pattern {}: {m}", spec.pattern.name)),
+        other => other,
+    })?;
     let gathers = gathers_columns(&spec.pattern.expr);
-    // The persistent loop's few more live registers spill in the gathering kernels (8-44
-    // bytes at head dim 128); their rows are long anyway, which is not where it helps.
-    if c.persistent && gathers {
-        return Err(Error::Config(format!(
-            "pattern {}: the persistent schedule takes patterns without gathered key columns (it is for short rows); \
-             use the producer schedule without it",
-            spec.pattern.name
-        )));
-    }
     let config = format!("{c} threads={} shared_bytes={}", c.threads(), c.shared_bytes());
     let (key, header) = key_and_header("attention", Some(spec.pattern), &config, spec.masks, spec.permutation);
     let name = format!("weft_attn_{}", &key[..16]);

@@ -798,9 +798,10 @@ impl Gpu {
         let started = Instant::now();
         let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
         check_build_inputs(&plan.shape, shape, dtype, q, k)?;
+        // (Only top_p's block_select sorts in shared memory; block_top needs none.)
         let select_smem = block_select_shared_bytes(plan.kblocks);
-        if select_smem > VV_INDEX_MAX_SHARED as usize {
-            return Err(usage(format!("{} key blocks are more than GPU block selection takes", plan.kblocks)));
+        if matches!(plan.budget, Budget::TopP(_)) && select_smem > VV_INDEX_MAX_SHARED as usize {
+            return Err(usage(format!("{} key blocks are more than GPU top_p block selection takes", plan.kblocks)));
         }
         // (mode, n for top_k, ln t for threshold or p for top_p)
         let (mode, top_k, budget_arg) = match plan.budget {

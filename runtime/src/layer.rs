@@ -408,7 +408,7 @@ impl Runtime {
             let record = self.tuning_record(pattern, h, seq, head_dim, dtype, gqa)?;
             serde_json::from_value::<KernelConfig>(record.best)
                 .ok()
-                .filter(|c| c.head_dim == head_dim && c.dtype == dtype && c.validate().is_ok())
+                .filter(|c| c.head_dim == head_dim && c.dtype == dtype && c.validate_for(&pattern.expr).is_ok())
         });
         let found = match tuned {
             Some(c) => (c, true),

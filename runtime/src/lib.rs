@@ -87,7 +87,8 @@ pub fn check_driver() -> Result<(), Error> {
 
 /// The sparse index of a packed batch (one sequence or more) on the device.
 pub struct DeviceIndex {
-    /// Heads of the index (the launch grid's second axis).
+    /// Heads of the index (the launch grid's second axis, or with a persistent kernel a factor
+    /// of the rows its CTAs walk).
     pub heads: usize,
     /// The layer's query head each index head serves (identity unless heads were gathered).
     pub head_map: Vec<usize>,
@@ -522,12 +523,7 @@ impl Gpu {
         lse: &mut CudaSlice<f32>,
         scale: f32,
     ) -> Result<(), Error> {
-        if kernel.head_dim != config.head_dim {
-            return Err(Error::Shape(format!(
-                "the kernel was generated for head dim {}, the config says {}",
-                kernel.head_dim, config.head_dim
-            )));
-        }
+        check_kernel(kernel, config)?;
         check_launch(config, index, shape, [q.len(), k.len(), v.len(), out.len(), lse.len()])?;
         check_scale(scale)?;
         let f = self.load(kernel)?;
@@ -705,6 +701,29 @@ impl Runtime {
     }
 }
 
+/// Checks that `kernel` was generated for `config`, whose tiles and schedule give the launch
+/// shape: a kernel of another schedule would compute only some rows (or some many times).
+pub fn check_kernel(kernel: &Kernel, config: &KernelConfig) -> Result<(), Error> {
+    if kernel.head_dim != config.head_dim {
+        return Err(Error::Shape(format!(
+            "the kernel was generated for head dim {}, the config says {}",
+            kernel.head_dim, config.head_dim
+        )));
+    }
+    // Tiles, stages and schedule all show in these two.
+    if (kernel.threads, kernel.shared_bytes) != (config.threads(), config.shared_bytes()) {
+        return Err(Error::Usage(format!(
+            "the kernel was generated for another config than [{config}] ({} threads and {} bytes of shared memory, \
+             the config {} and {}): launch it with the config it was generated for",
+            kernel.threads,
+            kernel.shared_bytes,
+            config.threads(),
+            config.shared_bytes()
+        )));
+    }
+    Ok(())
+}
+
 /// Validates a launch: config against index, buffer lengths against shapes.
 pub fn check_launch(config: &KernelConfig, ix: &DeviceIndex, s: AttnShape, lens: [usize; 5]) -> Result<(), Error> {
     let bad = |m: String| Err(Error::Shape(m));
@@ -747,4 +766,26 @@ pub fn check_shapes(ix: &DeviceIndex, s: AttnShape, lens: [usize; 5]) -> Result<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
+    use weft_dsl::{builder::causal, Pattern};
+
+    #[test]
+    fn a_kernel_launches_only_with_the_config_it_was_generated_for() {
+        let p = Pattern::new("causal", causal());
+        let producer =
+            KernelConfig { producer: true, ..KernelConfig::for_blocks(128, 128, 128, DType::Bf16).with_wgmma() };
+        let persistent = KernelConfig { persistent: true, ..producer };
+        let kernel = emit(&KernelSpec { pattern: &p, masks: &[], permutation: None, config: persistent }).unwrap();
+        assert!(super::check_kernel(&kernel, &persistent).is_ok());
+        for other in [producer, KernelConfig { stages: 3, ..KernelConfig::for_blocks(128, 64, 128, DType::Bf16) }] {
+            let e = super::check_kernel(&kernel, &other).unwrap_err().to_string();
+            assert!(e.contains("generated for another config"), "{e}");
+        }
+        let e = super::check_kernel(&kernel, &KernelConfig { head_dim: 64, ..persistent }).unwrap_err().to_string();
+        assert!(e.contains("head dim"), "{e}");
+    }
 }

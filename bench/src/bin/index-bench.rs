@@ -234,7 +234,7 @@ fn main() -> Result<()> {
         };
         let (shape, scale) = (x.shape, x.scale);
         let totals = |m: &Measured| (m.build + m.attention, 100.0 * m.build / m.attention);
-        // A vertical-vector pattern (128-query groups, 128 x 64 blocks) and a vertical-slash or
+        // A vertical-vector pattern (128-query groups, 128 x --vv-block-n blocks) and a vertical-slash or
         // grid one (its own blocks): plan on the CPU (timed), then measure.
         let vv_opts = IndexOptions {
             block_m: Some(128),
@@ -269,9 +269,10 @@ fn main() -> Result<()> {
             let (m, plan_ms) = run_vv(&mut x, &pattern)?;
             let (total, share_pct) = totals(&m);
             println!(
-                "vv-e2e N={n:<6} top_k={keep:<5} density={:.4} plan={plan_ms:.0} ms (CPU, once per shape) \
+                "vv-e2e N={n:<6} top_k={keep:<5} (128 x {} blocks) density={:.4} plan={plan_ms:.0} ms (CPU, once per shape) \
                  index={:.3} ms ({} strategy, {} groups on the slow path, {} ranked exactly; columns {}; {} heads per score chunk) \
                  attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    {}\n    kernels (last build): {}",
+                args.vv_block_n,
                 m.density,
                 m.build,
                 m.first.strategy,
@@ -315,9 +316,10 @@ fn main() -> Result<()> {
             let (m, plan_ms) = run_vv(&mut x, &pattern)?;
             let (total, share_pct) = totals(&m);
             println!(
-                "vv-e2e N={n:<6} keep={budget} density={:.4} plan={plan_ms:.0} ms index={:.3} ms ({} heads per score \
+                "vv-e2e N={n:<6} keep={budget} (128 x {} blocks) density={:.4} plan={plan_ms:.0} ms index={:.3} ms ({} heads per score \
                  chunk; columns {}) attention={:.3} ms total={total:.3} ms index/attention={share_pct:.1}%\n    \
                  {}\n    kernels (last build): {}",
+                args.vv_block_n,
                 m.density,
                 m.build,
                 m.first.chunk_heads,

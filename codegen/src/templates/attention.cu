@@ -1,9 +1,9 @@
 {{HEADER}}
 // Forward attention over weft's sparse index (FlashAttention-2 schedule).
-// One CTA computes one index row: BM query rows of one head against the row's tiles. A tile
-// is either a key block from the block list (BN consecutive keys) or a chunk of up to BN
-// gathered key columns; both land in the same shared-memory tile, so columns run on the same
-// tensor-core math as blocks. Online softmax in f32 (log2 domain), mma.sync m16n8k16,
+// One CTA computes one index row (a persistent one a sequence of rows): BM query rows of one
+// head against the row's tiles. A tile is either a key block from the block list (BN
+// consecutive keys) or a chunk of up to BN gathered key columns; both land in the same
+// shared-memory tile, so columns run on the same tensor-core math as blocks. Online softmax in f32 (log2 domain), mma.sync m16n8k16,
 // ldmatrix, and cp.async double buffering of the K/V tiles. Self-contained: no headers.
 // With WEFT_WGMMA (KernelConfig::wgmma, sm_90a) the two products run as warpgroup MMAs
 // instead: one warpgroup per 64 rows (16 rows per warp, as mma.sync with MT = 1, so the
@@ -112,7 +112,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     extern __shared__ __align__(16) unsigned char smem[];
 #if WEFT_WGMMA
     // Swizzled panels start on 1024 bytes (the swizzle's period); the config asks for 1024 spare.
-    u16* sQ = (u16*)(smem + (1024 - smem_u32(smem) % 1024) % 1024);  // [BM][ROW]
+    u16* sQ = (u16*)(smem + (1024 - smem_u32(smem) % 1024) % 1024);  // [Q_BUFFERS][BM][ROW]
 #else
     u16* sQ = (u16*)smem;                           // [BM][ROW]
 #endif
@@ -180,8 +180,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
 #if WEFT_PERSISTENT
     // Rows head by head, the CTAs at work sharing one head's K and V in L2 as the grid's CTAs do
     // without WEFT_PERSISTENT (every head's last query blocks first ran dense attention 1.3x
-    // slower); within a head the last query blocks first (the heaviest under causal masks). A
-    // CTA takes every gridDim.x-th.
+    // slower); within a head the batch's last query blocks first (under causal masks the
+    // heaviest of a single sequence). A CTA takes every gridDim.x-th.
     const int rows = index_heads * seq_qb[batch];
     auto begin_nth_row = [&](int w) { begin_row(seq_qb[batch] - 1 - w % seq_qb[batch], w / seq_qb[batch]); };
 #else
@@ -421,364 +421,364 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     // The consumers' work on the current row: its tiles are numbers g0, g0 + 1, ... of the
     // CTA's sequence (0, 1, ... without WEFT_PERSISTENT), and its Q is in buffer qbuf.
     auto consume_row = [&](int g0, int qbuf) {
-    // Index position of this thread's first row in m-tile `mt` (the second is 8 below).
-    const int row0 = qb * BM + cwarp * 16 * MT + lane / 4;
-    float m[MT][2], l[MT][2];                          // running row max (log2 units), this thread's row-sum share
-    float o[MT][DT][4];
+        // Index position of this thread's first row in m-tile `mt` (the second is 8 below).
+        const int row0 = qb * BM + cwarp * 16 * MT + lane / 4;
+        float m[MT][2], l[MT][2];                          // running row max (log2 units), this thread's row-sum share
+        float o[MT][DT][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        m[mt][0] = m[mt][1] = neg_inf();
-        l[mt][0] = l[mt][1] = 0.f;
+        for (int mt = 0; mt < MT; ++mt) {
+            m[mt][0] = m[mt][1] = neg_inf();
+            l[mt][0] = l[mt][1] = 0.f;
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
-    }
-    u32 qf[Q_IN_REGS ? KQ : 1][4];
-
-    // ldmatrix addresses: one shared-window base per operand and lane; every fragment below is
-    // that base plus a compile-time offset (plus the stage), which folds into the instruction.
-    const int mat = lane / 8;  // which 8x8 matrix of an x4 load this lane addresses
-    const u32 q_addr = smem_u32(sQ) + 2 * ((warp * 16 * MT + lane % 16) * LDS + (lane / 16) * 8);
-    const u32 k_addr = smem_u32(sK) + 2 * (((mat / 2) * 8 + lane % 8) * LDS + (mat % 2) * 8);
-    const u32 v_addr = smem_u32(sV) + 2 * (((mat % 2) * 8 + lane % 8) * LDS + (mat / 2) * 8);
-
-#if WEFT_WGMMA
-    // O += P V for the tile in `stage`, issued and committed, not waited for: V read transposed
-    // through descriptors (16 keys = 16 rows of 128 bytes into every 64-column panel), P from
-    // registers. The caller fences pa and O first.
-    auto pv_wgmma = [&](float(&acc)[DT * 4], u32(&p)[BN / 16][4], int stage) {
-        const u32 v_base = smem_u32(sV) + stage * STAGE_BYTES;
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk)
-            wgmma_rs_n{{D}}_mn(acc, p[kk], smem_desc(v_base + kk * 16 * 128, BN * 128, 1024), true);
-        wgmma_commit();
-    };
-    // The warpgroup schedule overlaps each tile's softmax with the previous tile's P V
-    // (FlashAttention-3's intra-warpgroup pipelining): iteration t issues S_t = Q K_t^T and
-    // then O += P_{t-1} V_{t-1}, waits for S_t alone, and masks and exponentiates tile t while
-    // the tensor cores finish P_{t-1} V_{t-1}. V lags K by a tile: after its barrier (and
-    // before its MMAs, which ptxas would serialise around the copies) iteration t copies group
-    // t + STAGES - 1, K_{t+STAGES-1} into the stage of K_{t-1} (last read by S_{t-1}) and
-    // V_{t+STAGES-2} into the stage of V_{t-2} (last read by P_{t-2} V_{t-2}); every warpgroup
-    // waited for both before this iteration's barrier, so one barrier per tile suffices.
-    u32 pa[BN / 16][4];  // the previous tile's P as bf16 pairs: the A operand of its P V
-    float(&oacc)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
-    // With a producer, the two computing warpgroups also take turns issuing their MMAs
-    // (FlashAttention-3's ping-pong): warpgroup 0 syncs on named barrier 1 and then arrives on
-    // 2, warpgroup 1 the reverse, so one's softmax runs while the other's MMAs do. Warpgroup 1
-    // arrives once first so that warpgroup 0 starts; warpgroup 0 takes the last arrival at the
-    // end.
-    if constexpr (PINGPONG) {
-        if (cwarp / 4 == 1 && ntiles > 0) named_arrive(1, 256);
-    }
-#endif
-    for (int t = 0; t < ntiles; ++t) {
-        const int g = g0 + t, stage = g % STAGES;
-#if WEFT_WGMMA && WEFT_PRODUCER
-        // K_t has landed (the fill number g / STAGES of its stage), and V_{t-1}, which this
-        // iteration's P V reads (waited for here, not between the MMAs and their wait, where
-        // ptxas would serialise them).
-        mbar_wait(bar_full_k + 8 * stage, (u32)(g / STAGES) & 1u);
-        if (t > 0) mbar_wait(bar_full_v + 8 * ((g - 1) % STAGES), (u32)((g - 1) / STAGES) & 1u);
-        fence_async_shared();  // the copies, ordered before the wgmma unit's reads
-#elif WEFT_WGMMA
-        // Groups t + 1 .. t + STAGES - 2 may still be in flight; group t (K_t, V_{t-1}) and
-        // everything older must be complete.
-        cp_async_wait<STAGES - 2>();
-        fence_async_shared();  // this thread's copies, visible to the wgmma unit after the barrier
-        __syncthreads();
-        load_group(t + STAGES - 1);
-#else
-        // Tile t + STAGES - 1 goes into the stage tile t - 1 used (freed by the barrier that
-        // ended the last iteration); then every group but the newest STAGES - 1 is complete,
-        // which includes tile t's.
-        if (t + STAGES - 1 < ntiles) load_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES, true, true);
-        cp_async_commit();
-        cp_async_wait<STAGES - 1>();
-        __syncthreads();
-#endif
-
-        if constexpr (Q_IN_REGS && !WEFT_WGMMA) {
-            if (t == 0) {
-#pragma unroll
-                for (int kk = 0; kk < KQ; ++kk) ldmatrix_x4(qf[kk], q_addr + 2 * (kk * 16));
-            }
+            for (int dt = 0; dt < DT; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
         }
+        u32 qf[Q_IN_REGS ? KQ : 1][4];
 
-        // S = Q K^T for this warp's MT x 16 rows and the tile's BN keys; the first k-step
-        // starts from a zero accumulator.
-        float s[MT][NT][4];
+        // ldmatrix addresses: one shared-window base per operand and lane; every fragment below is
+        // that base plus a compile-time offset (plus the stage), which folds into the instruction.
+        const int mat = lane / 8;  // which 8x8 matrix of an x4 load this lane addresses
+        const u32 q_addr = smem_u32(sQ) + 2 * ((warp * 16 * MT + lane % 16) * LDS + (lane / 16) * 8);
+        const u32 k_addr = smem_u32(sK) + 2 * (((mat / 2) * 8 + lane % 8) * LDS + (mat % 2) * 8);
+        const u32 v_addr = smem_u32(sV) + 2 * (((mat % 2) * 8 + lane % 8) * LDS + (mat / 2) * 8);
+
 #if WEFT_WGMMA
-        {
-            // This warpgroup's 64 rows of Q against the tile: both operands K-major in
-            // shared memory, 16 columns (32 bytes) per step, the next panel every 64.
-            float(&acc)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
-            const u32 q_base = smem_u32(sQ + qbuf * BM * ROW) + (cwarp / 4) * 64 * 128;
-            const u32 k_base = smem_u32(sK) + stage * STAGE_BYTES;
-            fence_registers(acc);
-            fence_registers(pa);
-            fence_registers(oacc);
-            if constexpr (PINGPONG) named_sync(1 + cwarp / 4, 256);  // this warpgroup's turn
-            wgmma_fence();
+        // O += P V for the tile in `stage`, issued and committed, not waited for: V read transposed
+        // through descriptors (16 keys = 16 rows of 128 bytes into every 64-column panel), P from
+        // registers. The caller fences pa and O first.
+        auto pv_wgmma = [&](float(&acc)[DT * 4], u32(&p)[BN / 16][4], int stage) {
+            const u32 v_base = smem_u32(sV) + stage * STAGE_BYTES;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk)
+                wgmma_rs_n{{D}}_mn(acc, p[kk], smem_desc(v_base + kk * 16 * 128, BN * 128, 1024), true);
+            wgmma_commit();
+        };
+        // The warpgroup schedule overlaps each tile's softmax with the previous tile's P V
+        // (FlashAttention-3's intra-warpgroup pipelining): iteration t issues S_t = Q K_t^T and
+        // then O += P_{t-1} V_{t-1}, waits for S_t alone, and masks and exponentiates tile t while
+        // the tensor cores finish P_{t-1} V_{t-1}. V lags K by a tile: after its barrier (and
+        // before its MMAs, which ptxas would serialise around the copies) iteration t copies group
+        // t + STAGES - 1, K_{t+STAGES-1} into the stage of K_{t-1} (last read by S_{t-1}) and
+        // V_{t+STAGES-2} into the stage of V_{t-2} (last read by P_{t-2} V_{t-2}); every warpgroup
+        // waited for both before this iteration's barrier, so one barrier per tile suffices.
+        u32 pa[BN / 16][4];  // the previous tile's P as bf16 pairs: the A operand of its P V
+        float(&oacc)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
+        // With a producer, the two computing warpgroups also take turns issuing their MMAs
+        // (FlashAttention-3's ping-pong): warpgroup 0 syncs on named barrier 1 and then arrives on
+        // 2, warpgroup 1 the reverse, so one's softmax runs while the other's MMAs do. Warpgroup 1
+        // arrives once first so that warpgroup 0 starts; warpgroup 0 takes the last arrival at the
+        // end.
+        if constexpr (PINGPONG) {
+            if (cwarp / 4 == 1 && ntiles > 0) named_arrive(1, 256);
+        }
+#endif
+        for (int t = 0; t < ntiles; ++t) {
+            const int g = g0 + t, stage = g % STAGES;
+#if WEFT_WGMMA && WEFT_PRODUCER
+            // K_t has landed (the fill number g / STAGES of its stage), and V_{t-1}, which this
+            // iteration's P V reads (waited for here, not between the MMAs and their wait, where
+            // ptxas would serialise them).
+            mbar_wait(bar_full_k + 8 * stage, (u32)(g / STAGES) & 1u);
+            if (t > 0) mbar_wait(bar_full_v + 8 * ((g - 1) % STAGES), (u32)((g - 1) / STAGES) & 1u);
+            fence_async_shared();  // the copies, ordered before the wgmma unit's reads
+#elif WEFT_WGMMA
+            // Groups t + 1 .. t + STAGES - 2 may still be in flight; group t (K_t, V_{t-1}) and
+            // everything older must be complete.
+            cp_async_wait<STAGES - 2>();
+            fence_async_shared();  // this thread's copies, visible to the wgmma unit after the barrier
+            __syncthreads();
+            load_group(t + STAGES - 1);
+#else
+            // Tile t + STAGES - 1 goes into the stage tile t - 1 used (freed by the barrier that
+            // ended the last iteration); then every group but the newest STAGES - 1 is complete,
+            // which includes tile t's.
+            if (t + STAGES - 1 < ntiles) load_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES, true, true);
+            cp_async_commit();
+            cp_async_wait<STAGES - 1>();
+            __syncthreads();
+#endif
+
+            if constexpr (Q_IN_REGS && !WEFT_WGMMA) {
+                if (t == 0) {
+#pragma unroll
+                    for (int kk = 0; kk < KQ; ++kk) ldmatrix_x4(qf[kk], q_addr + 2 * (kk * 16));
+                }
+            }
+
+            // S = Q K^T for this warp's MT x 16 rows and the tile's BN keys; the first k-step
+            // starts from a zero accumulator.
+            float s[MT][NT][4];
+#if WEFT_WGMMA
+            {
+                // This warpgroup's 64 rows of Q against the tile: both operands K-major in
+                // shared memory, 16 columns (32 bytes) per step, the next panel every 64.
+                float(&acc)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
+                const u32 q_base = smem_u32(sQ + qbuf * BM * ROW) + (cwarp / 4) * 64 * 128;
+                const u32 k_base = smem_u32(sK) + stage * STAGE_BYTES;
+                fence_registers(acc);
+                fence_registers(pa);
+                fence_registers(oacc);
+                if constexpr (PINGPONG) named_sync(1 + cwarp / 4, 256);  // this warpgroup's turn
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < KQ; ++kk) {
+                    const u32 at = (kk % 4) * 32;
+                    wgmma_ss_n{{BN}}(acc, smem_desc(q_base + (kk / 4) * BM * 128 + at, 16, 1024),
+                                   smem_desc(k_base + (kk / 4) * BN * 128 + at, 16, 1024), kk > 0);
+                }
+                wgmma_commit();
+                if (t > 0) {
+                    pv_wgmma(oacc, pa, (g - 1) % STAGES);
+                    if constexpr (PINGPONG) named_arrive(2 - cwarp / 4, 256);  // the other's turn
+                    wgmma_wait<1>();  // S_t; P_{t-1} V_{t-1} may still run
+                } else {
+                    if constexpr (PINGPONG) named_arrive(2 - cwarp / 4, 256);
+                    wgmma_wait<0>();
+                }
+                fence_registers(acc);
+                // The next iteration copies K_{t+STAGES}: its index entries, into L1 now.
+                if constexpr (GATHERS && !WEFT_PRODUCER) prefetch_tile(t + STAGES);
+            }
+#else
+            const u32 k_stage = k_addr + stage * STAGE_BYTES;
 #pragma unroll
             for (int kk = 0; kk < KQ; ++kk) {
-                const u32 at = (kk % 4) * 32;
-                wgmma_ss_n{{BN}}(acc, smem_desc(q_base + (kk / 4) * BM * 128 + at, 16, 1024),
-                               smem_desc(k_base + (kk / 4) * BN * 128 + at, 16, 1024), kk > 0);
-            }
-            wgmma_commit();
-            if (t > 0) {
-                pv_wgmma(oacc, pa, (g - 1) % STAGES);
-                if constexpr (PINGPONG) named_arrive(2 - cwarp / 4, 256);  // the other's turn
-                wgmma_wait<1>();  // S_t; P_{t-1} V_{t-1} may still run
-            } else {
-                if constexpr (PINGPONG) named_arrive(2 - cwarp / 4, 256);
-                wgmma_wait<0>();
-            }
-            fence_registers(acc);
-            // The next iteration copies K_{t+STAGES}: its index entries, into L1 now.
-            if constexpr (GATHERS && !WEFT_PRODUCER) prefetch_tile(t + STAGES);
-        }
-#else
-        const u32 k_stage = k_addr + stage * STAGE_BYTES;
-#pragma unroll
-        for (int kk = 0; kk < KQ; ++kk) {
-            u32 qa[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                if constexpr (Q_IN_REGS) {
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) qa[mt][i] = qf[kk][i];
-                } else {
-                    ldmatrix_x4(qa[mt], q_addr + 2 * (mt * 16 * LDS + kk * 16));
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < NT; j += 2) {
-                u32 b[4];
-                ldmatrix_x4(b, k_stage + 2 * (j * 8 * LDS + kk * 16));
+                u32 qa[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    if (kk == 0) {
-                        mma_zero(s[mt][j], qa[mt], b[0], b[1]);
-                        mma_zero(s[mt][j + 1], qa[mt], b[2], b[3]);
+                    if constexpr (Q_IN_REGS) {
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) qa[mt][i] = qf[kk][i];
                     } else {
-                        mma(s[mt][j], qa[mt], b[0], b[1]);
-                        mma(s[mt][j + 1], qa[mt], b[2], b[3]);
+                        ldmatrix_x4(qa[mt], q_addr + 2 * (mt * 16 * LDS + kk * 16));
                     }
                 }
-            }
-        }
-#endif
-
-        // Mask; the scale is folded into exp2 below. A tile with nothing to mask skips the
-        // per-pair test: a key block in range without a predicate, or a whole chunk of BN
-        // columns none of which carries one (the warp reads the chunk's mask ids together).
-        bool full;
-        if (t < (int)nblocks) {
-            full = bmask[t] == FULL && ((int)bidx[t] + 1) * BN <= nk;
-        } else {
-            const int first = (t - (int)nblocks) * BN;
-            bool clean = first + BN <= (int)ncols;
 #pragma unroll
-            for (int k = lane; k < BN; k += 32) clean = clean && cmask[first + k] == FULL;
-            full = __all_sync(0xffffffff, clean);
-        }
-        if (!full) {
-            const int* kpos = sKeyPos + stage * BN;
-            const u16* kmask = sKeyMask + stage * BN;
-            // Whether query `qpos` keeps key `key` of the tile.
-            auto keeps = [&](int key, int qpos) {
-                const int kp = kpos[key];
-                const u16 id = kmask[key];
-                return kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
-            };
-            if constexpr (MASKS <= 4) {
-                // Few predicates: every test inlined; each key's loads serve all of the thread's rows.
-                // (The test is written out rather than calling `keeps`: with the lambda, ptxas
-                // spilled 76 B instead of 8 at 128 x 64 tiles.)
+                for (int j = 0; j < NT; j += 2) {
+                    u32 b[4];
+                    ldmatrix_x4(b, k_stage + 2 * (j * 8 * LDS + kk * 16));
 #pragma unroll
-                for (int j = 0; j < NT; ++j) {
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        const int key = j * 8 + (lane % 4) * 2 + c;
-                        const int kp = kpos[key];
-                        const u16 id = kmask[key];
-#pragma unroll
-                        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-                            for (int i = 0; i < 2; ++i) {
-                                const int qpos = row0 + mt * 16 + 8 * i;
-                                const bool keep = kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
-                                if (!keep) s[mt][j][2 * i + c] = neg_inf();
-                            }
+                    for (int mt = 0; mt < MT; ++mt) {
+                        if (kk == 0) {
+                            mma_zero(s[mt][j], qa[mt], b[0], b[1]);
+                            mma_zero(s[mt][j + 1], qa[mt], b[2], b[3]);
+                        } else {
+                            mma(s[mt][j], qa[mt], b[0], b[1]);
+                            mma(s[mt][j + 1], qa[mt], b[2], b[3]);
                         }
                     }
                 }
-            } else {
-                // Many predicates (e.g. one per head): the tests run in a rolled loop into a
-                // bit set, so the predicate switch is compiled once per 64 scores, not once
-                // per score, and compile time stays flat in the mask count.
-                constexpr int SCORES = NT * 2 * MT * 2;
-                constexpr int WORDS = (SCORES + 63) / 64;
-                unsigned long long kept[WORDS];
-#pragma unroll
-                for (int w = 0; w < WORDS; ++w) {
-                    unsigned long long bits = 0;
-#pragma unroll 1
-                    for (int e = w * 64; e < min(SCORES, w * 64 + 64); ++e) {
-                        // e = ((j * 2 + c) * MT + mt) * 2 + i
-                        const int i = e % 2, mt = (e / 2) % MT, c = (e / (2 * MT)) % 2, j = e / (4 * MT);
-                        bits |= (unsigned long long)keeps(j * 8 + (lane % 4) * 2 + c, row0 + mt * 16 + 8 * i) << (e - w * 64);
-                    }
-                    kept[w] = bits;
-                }
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c)
-#pragma unroll
-                        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                            for (int i = 0; i < 2; ++i) {
-                                const int e = ((j * 2 + c) * MT + mt) * 2 + i;
-                                if (!((kept[e / 64] >> (e % 64)) & 1)) s[mt][j][2 * i + c] = neg_inf();
-                            }
             }
-        }
+#endif
+
+            // Mask; the scale is folded into exp2 below. A tile with nothing to mask skips the
+            // per-pair test: a key block in range without a predicate, or a whole chunk of BN
+            // columns none of which carries one (the warp reads the chunk's mask ids together).
+            bool full;
+            if (t < (int)nblocks) {
+                full = bmask[t] == FULL && ((int)bidx[t] + 1) * BN <= nk;
+            } else {
+                const int first = (t - (int)nblocks) * BN;
+                bool clean = first + BN <= (int)ncols;
+#pragma unroll
+                for (int k = lane; k < BN; k += 32) clean = clean && cmask[first + k] == FULL;
+                full = __all_sync(0xffffffff, clean);
+            }
+            if (!full) {
+                const int* kpos = sKeyPos + stage * BN;
+                const u16* kmask = sKeyMask + stage * BN;
+                // Whether query `qpos` keeps key `key` of the tile.
+                auto keeps = [&](int key, int qpos) {
+                    const int kp = kpos[key];
+                    const u16 id = kmask[key];
+                    return kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
+                };
+                if constexpr (MASKS <= 4) {
+                    // Few predicates: every test inlined; each key's loads serve all of the thread's rows.
+                    // (The test is written out rather than calling `keeps`: with the lambda, ptxas
+                    // spilled 76 B instead of 8 at 128 x 64 tiles.)
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+                        for (int c = 0; c < 2; ++c) {
+                            const int key = j * 8 + (lane % 4) * 2 + c;
+                            const int kp = kpos[key];
+                            const u16 id = kmask[key];
+#pragma unroll
+                            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                                for (int i = 0; i < 2; ++i) {
+                                    const int qpos = row0 + mt * 16 + 8 * i;
+                                    const bool keep = kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
+                                    if (!keep) s[mt][j][2 * i + c] = neg_inf();
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    // Many predicates (e.g. one per head): the tests run in a rolled loop into a
+                    // bit set, so the predicate switch is compiled once per 64 scores, not once
+                    // per score, and compile time stays flat in the mask count.
+                    constexpr int SCORES = NT * 2 * MT * 2;
+                    constexpr int WORDS = (SCORES + 63) / 64;
+                    unsigned long long kept[WORDS];
+#pragma unroll
+                    for (int w = 0; w < WORDS; ++w) {
+                        unsigned long long bits = 0;
+#pragma unroll 1
+                        for (int e = w * 64; e < min(SCORES, w * 64 + 64); ++e) {
+                            // e = ((j * 2 + c) * MT + mt) * 2 + i
+                            const int i = e % 2, mt = (e / 2) % MT, c = (e / (2 * MT)) % 2, j = e / (4 * MT);
+                            bits |= (unsigned long long)keeps(j * 8 + (lane % 4) * 2 + c, row0 + mt * 16 + 8 * i) << (e - w * 64);
+                        }
+                        kept[w] = bits;
+                    }
+#pragma unroll
+                    for (int j = 0; j < NT; ++j)
+#pragma unroll
+                        for (int c = 0; c < 2; ++c)
+#pragma unroll
+                            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                                for (int i = 0; i < 2; ++i) {
+                                    const int e = ((j * 2 + c) * MT + mt) * 2 + i;
+                                    if (!((kept[e / 64] >> (e % 64)) & 1)) s[mt][j][2 * i + c] = neg_inf();
+                                }
+                }
+            }
 
 #if WEFT_PRODUCER
-        // K_t and its key positions and mask ids are done with (S_t completed before the masks).
-        mbar_arrive(bar_empty_k + 8 * stage);
+            // K_t and its key positions and mask ids are done with (S_t completed before the masks).
+            mbar_arrive(bar_empty_k + 8 * stage);
 #endif
-        // Online softmax per row (two rows per m-tile and thread; a quad shares a row).
-        float alpha[MT][2];
-        bool rescale = false;
+            // Online softmax per row (two rows per m-tile and thread; a quad shares a row).
+            float alpha[MT][2];
+            bool rescale = false;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    // Raw scores: the max commutes with the positive scale.
+                    float raw = neg_inf();
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) raw = fmaxf(raw, fmaxf(s[mt][j][2 * i], s[mt][j][2 * i + 1]));
+                    raw = fmaxf(raw, __shfl_xor_sync(0xffffffff, raw, 1));
+                    raw = fmaxf(raw, __shfl_xor_sync(0xffffffff, raw, 2));
+                    const float mx = fmaxf(m[mt][i], raw * scale_log2);
+                    const float base = mx == neg_inf() ? 0.f : mx;
+                    alpha[mt][i] = m[mt][i] == neg_inf() ? 0.f : exp2f(m[mt][i] - base);
+                    rescale |= m[mt][i] != mx;
+                    m[mt][i] = mx;
+                    float sum = 0.f;
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+                        // One FFMA and one EX2 per score.
+                        s[mt][j][2 * i] = exp2f(fmaf(s[mt][j][2 * i], scale_log2, -base));
+                        s[mt][j][2 * i + 1] = exp2f(fmaf(s[mt][j][2 * i + 1], scale_log2, -base));
+                        sum += s[mt][j][2 * i] + s[mt][j][2 * i + 1];
+                    }
+                    l[mt][i] = l[mt][i] * alpha[mt][i] + sum;
+                }
+            }
+#if WEFT_WGMMA
+            wgmma_wait<0>();  // P_{t-1} V_{t-1}: O holds tiles up to t - 1, and pa may be rewritten
+            fence_registers(oacc);
+            fence_registers(pa);  // (pa's old values stay put until here: the MMA read them)
+#if WEFT_PRODUCER
+            // V_{t-1} is done with: P_{t-1} V_{t-1} completed.
+            if (t > 0) mbar_arrive(bar_empty_v + 8 * ((g - 1) % STAGES));
+#endif
+#endif
+            // Rescale O only when some row of the warp has a new maximum: after the first tiles
+            // the running max rarely moves, and this saves MT x DT x 4 multiplies per tile.
+            if (__any_sync(0xffffffff, rescale)) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int dt = 0; dt < DT; ++dt) {
+                        o[mt][dt][0] *= alpha[mt][0];
+                        o[mt][dt][1] *= alpha[mt][0];
+                        o[mt][dt][2] *= alpha[mt][1];
+                        o[mt][dt][3] *= alpha[mt][1];
+                    }
+            }
+
+            // O += P V: the S accumulators become the A operand without leaving registers.
+#if WEFT_WGMMA
+            // P_t's fragments wait in registers for the next iteration (or the loop's end) to
+            // issue P_t V_t.
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) p_fragment(s[0], kk, pa[kk]);
+#else
+            const u32 v_stage = v_addr + stage * STAGE_BYTES;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                u32 a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) p_fragment(s[mt], kk, a[mt]);
+#pragma unroll
+                for (int dt = 0; dt < DT; dt += 2) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, v_stage + 2 * (kk * 16 * LDS + dt * 8));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma(o[mt][dt], a[mt], b[0], b[1]);
+                        mma(o[mt][dt + 1], a[mt], b[2], b[3]);
+                    }
+                }
+            }
+            __syncthreads();  // the stage is refilled by the next iteration's load
+#endif
+        }
+        cp_async_wait<0>();
+#if WEFT_WGMMA
+        if constexpr (PINGPONG) {
+            if (cwarp / 4 == 0 && ntiles > 0) named_sync(1, 256);
+        }
+        if (ntiles > 0) {
+            // The last tile's P V, once its V has landed.
+            const int last = g0 + ntiles - 1;
+#if WEFT_PRODUCER
+            mbar_wait(bar_full_v + 8 * (last % STAGES), (u32)(last / STAGES) & 1u);
+            fence_async_shared();
+#else
+            fence_async_shared();
+            __syncthreads();
+#endif
+            fence_registers(pa);
+            fence_registers(oacc);
+            wgmma_fence();
+            pv_wgmma(oacc, pa, last % STAGES);
+            wgmma_wait<0>();
+            fence_registers(oacc);
+#if WEFT_PERSISTENT
+            // The row's last V and its Q are done with (its last S completed before its masks).
+            mbar_arrive(bar_empty_v + 8 * (last % STAGES));
+            mbar_arrive(bar_q_empty + 8 * qbuf);
+#endif
+        }
+#endif
+
+        // Normalize and write the output rows at their tokens, with the natural-log log-sum-exp.
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                // Raw scores: the max commutes with the positive scale.
-                float raw = neg_inf();
+                float sum = l[mt][i];
+                sum += __shfl_xor_sync(0xffffffff, sum, 1);
+                sum += __shfl_xor_sync(0xffffffff, sum, 2);
+                const int qpos = row0 + mt * 16 + 8 * i;
+                if (qpos < nq) {
+                    const int tok = weft_token(qpos, nq);
+                    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+                    u16* dst = O + ((size_t)h * total_q + seq_q[b] + tok) * D + (lane % 4) * 2;
 #pragma unroll
-                for (int j = 0; j < NT; ++j) raw = fmaxf(raw, fmaxf(s[mt][j][2 * i], s[mt][j][2 * i + 1]));
-                raw = fmaxf(raw, __shfl_xor_sync(0xffffffff, raw, 1));
-                raw = fmaxf(raw, __shfl_xor_sync(0xffffffff, raw, 2));
-                const float mx = fmaxf(m[mt][i], raw * scale_log2);
-                const float base = mx == neg_inf() ? 0.f : mx;
-                alpha[mt][i] = m[mt][i] == neg_inf() ? 0.f : exp2f(m[mt][i] - base);
-                rescale |= m[mt][i] != mx;
-                m[mt][i] = mx;
-                float sum = 0.f;
-#pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    // One FFMA and one EX2 per score.
-                    s[mt][j][2 * i] = exp2f(fmaf(s[mt][j][2 * i], scale_log2, -base));
-                    s[mt][j][2 * i + 1] = exp2f(fmaf(s[mt][j][2 * i + 1], scale_log2, -base));
-                    sum += s[mt][j][2 * i] + s[mt][j][2 * i + 1];
-                }
-                l[mt][i] = l[mt][i] * alpha[mt][i] + sum;
-            }
-        }
-#if WEFT_WGMMA
-        wgmma_wait<0>();  // P_{t-1} V_{t-1}: O holds tiles up to t - 1, and pa may be rewritten
-        fence_registers(oacc);
-        fence_registers(pa);  // (pa's old values stay put until here: the MMA read them)
-#if WEFT_PRODUCER
-        // V_{t-1} is done with: P_{t-1} V_{t-1} completed.
-        if (t > 0) mbar_arrive(bar_empty_v + 8 * ((g - 1) % STAGES));
-#endif
-#endif
-        // Rescale O only when some row of the warp has a new maximum: after the first tiles
-        // the running max rarely moves, and this saves MT x DT x 4 multiplies per tile.
-        if (__any_sync(0xffffffff, rescale)) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt) {
-                    o[mt][dt][0] *= alpha[mt][0];
-                    o[mt][dt][1] *= alpha[mt][0];
-                    o[mt][dt][2] *= alpha[mt][1];
-                    o[mt][dt][3] *= alpha[mt][1];
-                }
-        }
-
-        // O += P V: the S accumulators become the A operand without leaving registers.
-#if WEFT_WGMMA
-        // P_t's fragments wait in registers for the next iteration (or the loop's end) to
-        // issue P_t V_t.
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) p_fragment(s[0], kk, pa[kk]);
-#else
-        const u32 v_stage = v_addr + stage * STAGE_BYTES;
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            u32 a[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) p_fragment(s[mt], kk, a[mt]);
-#pragma unroll
-            for (int dt = 0; dt < DT; dt += 2) {
-                u32 b[4];
-                ldmatrix_x4_trans(b, v_stage + 2 * (kk * 16 * LDS + dt * 8));
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma(o[mt][dt], a[mt], b[0], b[1]);
-                    mma(o[mt][dt + 1], a[mt], b[2], b[3]);
+                    for (int dt = 0; dt < DT; ++dt)
+                        *(u32*)(dst + dt * 8) = pack(o[mt][dt][2 * i] * inv, o[mt][dt][2 * i + 1] * inv);
+                    if (lane % 4 == 0)
+                        LSE[(size_t)h * total_q + seq_q[b] + tok] = sum > 0.f ? (m[mt][i] + log2f(sum)) * 0.69314718055994531f : neg_inf();
                 }
             }
         }
-        __syncthreads();  // the stage is refilled by the next iteration's load
-#endif
-    }
-    cp_async_wait<0>();
-#if WEFT_WGMMA
-    if constexpr (PINGPONG) {
-        if (cwarp / 4 == 0 && ntiles > 0) named_sync(1, 256);
-    }
-    if (ntiles > 0) {
-        // The last tile's P V, once its V has landed.
-        const int last = g0 + ntiles - 1;
-#if WEFT_PRODUCER
-        mbar_wait(bar_full_v + 8 * (last % STAGES), (u32)(last / STAGES) & 1u);
-        fence_async_shared();
-#else
-        fence_async_shared();
-        __syncthreads();
-#endif
-        fence_registers(pa);
-        fence_registers(oacc);
-        wgmma_fence();
-        pv_wgmma(oacc, pa, last % STAGES);
-        wgmma_wait<0>();
-        fence_registers(oacc);
-#if WEFT_PERSISTENT
-        // The row's last V and its Q are done with (its last S completed before its masks).
-        mbar_arrive(bar_empty_v + 8 * (last % STAGES));
-        mbar_arrive(bar_q_empty + 8 * qbuf);
-#endif
-    }
-#endif
-
-    // Normalize and write the output rows at their tokens, with the natural-log log-sum-exp.
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            float sum = l[mt][i];
-            sum += __shfl_xor_sync(0xffffffff, sum, 1);
-            sum += __shfl_xor_sync(0xffffffff, sum, 2);
-            const int qpos = row0 + mt * 16 + 8 * i;
-            if (qpos < nq) {
-                const int tok = weft_token(qpos, nq);
-                const float inv = sum > 0.f ? 1.f / sum : 0.f;
-                u16* dst = O + ((size_t)h * total_q + seq_q[b] + tok) * D + (lane % 4) * 2;
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt)
-                    *(u32*)(dst + dt * 8) = pack(o[mt][dt][2 * i] * inv, o[mt][dt][2 * i + 1] * inv);
-                if (lane % 4 == 0)
-                    LSE[(size_t)h * total_q + seq_q[b] + tok] = sum > 0.f ? (m[mt][i] + log2f(sum)) * 0.69314718055994531f : neg_inf();
-            }
-        }
-    }
     };
 #if WEFT_PERSISTENT
     // The consumers' rows, in the producer's order (n counts the rows with tiles, as there).
