@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine: every GPU test binary in gpu-bin/, logs to $OUT (or ./gpu-logs).
-# Arguments, when given, name the binaries to run (globs under gpu-bin/), so that a suite
-# longer than one device call can be split:
-#     bash scripts/gpu-run.sh test-runtime-gpu
+# Arguments, when given, name the binaries to run (globs under gpu-bin/), each optionally with
+# test-name filters after a colon (comma-separated; `--skip` filters with a leading `!`), so
+# that a suite longer than one device call (10 minutes) can be split:
+#     bash scripts/gpu-run.sh 'test-runtime-gpu:wgmma,block_indexes,layer'
+#     bash scripts/gpu-run.sh 'test-runtime-gpu:!wgmma,!block_indexes,!layer'
 #     bash scripts/gpu-run.sh 'test-autotune-*' test-runtime-nvrtc_compile test-runtime-layer_plan
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,15 +13,27 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 status=0
 patterns=("${@:-test-*}")
-binaries=$(for p in "${patterns[@]}"; do ls -d gpu-bin/$p 2>/dev/null; done)
-if [ -z "$binaries" ]; then
+runs=0
+for p in "${patterns[@]}"; do
+    glob=${p%%:*}
+    filters=()
+    if [[ $p == *:* ]]; then
+        IFS=',' read -r -a parts <<<"${p#*:}"
+        for f in "${parts[@]}"; do
+            if [[ $f == !* ]]; then filters+=(--skip "${f#!}"); else filters+=("$f"); fi
+        done
+    fi
+    for t in $(ls -d gpu-bin/$glob 2>/dev/null); do
+        name=$(basename "$t")
+        log="$out/$name${filters[*]:+-part$runs}.log"
+        runs=$((runs + 1))
+        echo "== $name ${filters[*]}"
+        "$t" --nocapture --test-threads=1 "${filters[@]}" 2>&1 | tee "$log" | grep -E "^(ok|FAIL|GPU|test |test result)" || true
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    done
+done
+if [ "$runs" -eq 0 ]; then
     echo "no test binaries in gpu-bin/ match: ${patterns[*]} (run scripts/gpu.sh on the build machine first)" >&2
     exit 1
 fi
-for t in $binaries; do
-    name=$(basename "$t")
-    echo "== $name"
-    "$t" --nocapture --test-threads=1 2>&1 | tee "$out/$name.log" | grep -E "^(ok|FAIL|GPU|test |test result)" || true
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-done
 exit $status
