@@ -105,7 +105,10 @@ for r in ours:
     for name, ms in peers.items():
         # Peers compute the same pairs (Flex: the same mask) so the same FLOP count.
         rows.append((case, n, density, name, ms, flops / ms / 1e9))
-    print(f"done {case} N={n}", flush=True)
+    # Each case's times as soon as they are known, so that a run cut short keeps them.
+    mine = next(x[4] for x in rows if x[0] == case and x[1] == n and x[3] == "weft")
+    done = ", ".join(f"{name} {ms:.3f} ms ({ms / mine:.2f})" for name, ms in peers.items() if name != "weft")
+    print(f"done {case} N={n}: weft {mine:.3f} ms; {done or 'no peers'}", flush=True)
 
 print()
 print(f"| case | N | density | kernel | time (ms) | TFLOP/s | peer / weft |")
