@@ -196,6 +196,7 @@ fn vertical_vector_index_kernels_compile_without_spills() {
         // Per entry: none spills, except the vertical-vector `select` (512 threads, so at most
         // 128 registers), which spills a few bytes on some targets; bounded here so it cannot grow.
         let log = &c.log;
+        assert!(!log.contains("warning"), "vv index d={d}: the compiler warns:\n{log}");
         assert!(log.contains("registers") || std::env::var_os("WEFT_REQUIRE_PTXAS_REPORT").is_none(), "{log}");
         for part in log.split("Compiling entry function '").skip(1) {
             let entry = part.split('\'').next().unwrap_or_default();

@@ -135,58 +135,22 @@ __device__ __forceinline__ u32 sample_key(u32 j) {
 //                 appended, with its score, to the group's list (list_cap entries; the count
 //                 goes on past it, so the select kernel sees an overflow), and list_high counts
 //                 those at least thresh[.][1] (cols = nk).
-constexpr int SCORE_DENSE = 0, SCORE_SAMPLE = 1, SCORE_EMIT = 2;
-extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score(
-    const u16* __restrict__ pq_hi, const u16* __restrict__ pq_lo, const u16* __restrict__ K,
-    float* __restrict__ approx, int h0, int hq, int hkv, int groups, int nk, int mode, int cols,
-    const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head,
-    const float* __restrict__ thresh, u32* __restrict__ list_key, float* __restrict__ list_val,
-    u32* __restrict__ list_count, u32* __restrict__ list_high, int list_cap)
-{
-    extern __shared__ __align__(16) unsigned char smem[];
-    u16* sHi = (u16*)smem;                 // [SCORE_ROWS][LDS]
-    u16* sLo = sHi + SCORE_ROWS * LDS;     // [SCORE_ROWS][LDS]
-    u16* sK = sLo + SCORE_ROWS * LDS;      // [SCORE_COLS][LDS]
-    __shared__ u32 sCount[SCORE_ROWS], sHigh[SCORE_ROWS], sBase[SCORE_ROWS];
-    const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv);
-    const int g0 = blockIdx.x * SCORE_ROWS, c0 = blockIdx.y * SCORE_COLS;
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const u16* hi_src = pq_hi + (size_t)h * groups * D;
-    const u16* lo_src = pq_lo + (size_t)h * groups * D;
-    const u16* k_src = K + (size_t)kv * nk * D;
-    for (int i = tid; i < SCORE_ROWS * CHUNKS; i += SCORE_THREADS) {
-        const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
-        const bool ok = g0 + r < groups;
-        const size_t off = ok ? (size_t)(g0 + r) * D + col : 0;
-        cp_async16(smem_u32(sHi + r * LDS + col), hi_src + off, ok ? 16 : 0);
-        cp_async16(smem_u32(sLo + r * LDS + col), lo_src + off, ok ? 16 : 0);
-    }
-    for (int i = tid; i < SCORE_COLS * CHUNKS; i += SCORE_THREADS) {
-        const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
-        const u32 j = c0 + r, key = mode == SCORE_SAMPLE ? sample_key(j) : j;
-        const bool ok = (int)j < cols && (int)key < nk;
-        cp_async16(smem_u32(sK + r * LDS + col), k_src + (ok ? (size_t)key * D + col : 0), ok ? 16 : 0);
-    }
-    if (tid < SCORE_ROWS) sCount[tid] = sHigh[tid] = 0;
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
+[[maybe_unused]] constexpr int SCORE_DENSE = 0, SCORE_SAMPLE = 1, SCORE_EMIT = 2;
+constexpr int SCORE_NT = SCORE_COLS / 8;  // 8-key column tiles of a warp's scores
 
-    constexpr int NT = SCORE_COLS / 8;
-    const int mat = lane / 8;
-    const u32 a_off = 2 * ((warp * 16 + lane % 16) * LDS + (lane / 16) * 8);
-    const u32 hi_addr = smem_u32(sHi) + a_off, lo_addr = smem_u32(sLo) + a_off;
-    const u32 k_addr = smem_u32(sK) + 2 * (((mat / 2) * 8 + lane % 8) * LDS + (mat % 2) * 8);
-    float s[NT][4];
+// One tile's scores: the 16 x 128 of this warp (groups warp * 16 + lane / 4 (+ 8), keys
+// j * 8 + (lane % 4) * 2 (+ 1)) of pooled q (hi and lo halves at hi_addr and lo_addr, this
+// lane's ldmatrix addresses) against the 128 keys at k_addr.
+__device__ __forceinline__ void score_tile(float (&s)[SCORE_NT][4], u32 hi_addr, u32 lo_addr, u32 k_addr) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    for (int j = 0; j < SCORE_NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         u32 ahi[4], alo[4];
         ldmatrix_x4(ahi, hi_addr + 2 * (kk * 16));
         ldmatrix_x4(alo, lo_addr + 2 * (kk * 16));
 #pragma unroll
-        for (int j = 0; j < NT; j += 2) {
+        for (int j = 0; j < SCORE_NT; j += 2) {
             u32 b[4];
             ldmatrix_x4(b, k_addr + 2 * (j * 8 * LDS + kk * 16));
             mma(s[j], ahi, b[0], b[1]);
@@ -195,6 +159,20 @@ extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score(
             mma(s[j + 1], alo, b[2], b[3]);
         }
     }
+}
+
+// What `mode` does with one tile's scores (groups g0.., columns c0..): stores them (dense and
+// sample), or appends the candidates at least their group's threshold to its list (emit). The
+// whole CTA calls it; emit counts in sCount and sHigh, which must be zero (and the zeros
+// visible to every thread) before the call, and reserves through sBase.
+__device__ __forceinline__ void score_tile_out(
+    const float (&s)[SCORE_NT][4], int mode, int h, int hh, int g0, int c0, int groups, int cols,
+    float* __restrict__ approx, const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head,
+    const float* __restrict__ thresh, u32* __restrict__ list_key, float* __restrict__ list_val,
+    u32* __restrict__ list_count, u32* __restrict__ list_high, int list_cap, u32* sCount, u32* sHigh, u32* sBase)
+{
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    constexpr int NT = SCORE_NT;
     if (mode != SCORE_EMIT) {
         float* out = approx + (size_t)hh * groups * cols;
 #pragma unroll
@@ -262,6 +240,117 @@ extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score(
                 }
             }
         }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score(
+    const u16* __restrict__ pq_hi, const u16* __restrict__ pq_lo, const u16* __restrict__ K,
+    float* __restrict__ approx, int h0, int hq, int hkv, int groups, int nk, int mode, int cols,
+    const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head,
+    const float* __restrict__ thresh, u32* __restrict__ list_key, float* __restrict__ list_val,
+    u32* __restrict__ list_count, u32* __restrict__ list_high, int list_cap)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    u16* sHi = (u16*)smem;                 // [SCORE_ROWS][LDS]
+    u16* sLo = sHi + SCORE_ROWS * LDS;     // [SCORE_ROWS][LDS]
+    u16* sK = sLo + SCORE_ROWS * LDS;      // [SCORE_COLS][LDS]
+    __shared__ u32 sCount[SCORE_ROWS], sHigh[SCORE_ROWS], sBase[SCORE_ROWS];
+    const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv);
+    const int g0 = blockIdx.x * SCORE_ROWS, c0 = blockIdx.y * SCORE_COLS;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const u16* hi_src = pq_hi + (size_t)h * groups * D;
+    const u16* lo_src = pq_lo + (size_t)h * groups * D;
+    const u16* k_src = K + (size_t)kv * nk * D;
+    for (int i = tid; i < SCORE_ROWS * CHUNKS; i += SCORE_THREADS) {
+        const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
+        const bool ok = g0 + r < groups;
+        const size_t off = ok ? (size_t)(g0 + r) * D + col : 0;
+        cp_async16(smem_u32(sHi + r * LDS + col), hi_src + off, ok ? 16 : 0);
+        cp_async16(smem_u32(sLo + r * LDS + col), lo_src + off, ok ? 16 : 0);
+    }
+    for (int i = tid; i < SCORE_COLS * CHUNKS; i += SCORE_THREADS) {
+        const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
+        const u32 j = c0 + r, key = mode == SCORE_SAMPLE ? sample_key(j) : j;
+        const bool ok = (int)j < cols && (int)key < nk;
+        cp_async16(smem_u32(sK + r * LDS + col), k_src + (ok ? (size_t)key * D + col : 0), ok ? 16 : 0);
+    }
+    if (tid < SCORE_ROWS) sCount[tid] = sHigh[tid] = 0;
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    const int mat = lane / 8;
+    const u32 a_off = 2 * ((warp * 16 + lane % 16) * LDS + (lane / 16) * 8);
+    const u32 k_addr = smem_u32(sK) + 2 * (((mat / 2) * 8 + lane % 8) * LDS + (mat % 2) * 8);
+    float s[SCORE_NT][4];
+    score_tile(s, smem_u32(sHi) + a_off, smem_u32(sLo) + a_off, k_addr);
+    score_tile_out(s, mode, h, hh, g0, c0, groups, cols, approx, cand_lo, cand_hi, per_head, thresh, list_key,
+                   list_val, list_count, list_high, list_cap, sCount, sHigh, sBase);
+}
+
+// ---- score_walk: grid (ceil(groups / 64), ceil(cols / (128 * tiles)), heads of the chunk),
+// 128 threads ----
+// score's work over `tiles` consecutive 128-key tiles per CTA: the groups' pooled-q halves are
+// copied once, and each key tile is copied while the previous one is scored (two stages),
+// where score copies both for every tile in a CTA of its own (131072 CTAs at 64k tokens and
+// 32 heads: 4.8-5.6 ms, docs/PERF.md).
+extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score_walk(
+    const u16* __restrict__ pq_hi, const u16* __restrict__ pq_lo, const u16* __restrict__ K,
+    float* __restrict__ approx, int h0, int hq, int hkv, int groups, int nk, int mode, int cols,
+    const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head,
+    const float* __restrict__ thresh, u32* __restrict__ list_key, float* __restrict__ list_val,
+    u32* __restrict__ list_count, u32* __restrict__ list_high, int list_cap, int tiles)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    u16* sHi = (u16*)smem;                 // [SCORE_ROWS][LDS]
+    u16* sLo = sHi + SCORE_ROWS * LDS;     // [SCORE_ROWS][LDS]
+    u16* sK = sLo + SCORE_ROWS * LDS;      // [2][SCORE_COLS][LDS]
+    __shared__ u32 sCount[SCORE_ROWS], sHigh[SCORE_ROWS], sBase[SCORE_ROWS];
+    const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv);
+    const int g0 = blockIdx.x * SCORE_ROWS, first = blockIdx.y * tiles;
+    const int ntiles = min(tiles, (cols + SCORE_COLS - 1) / SCORE_COLS - first);
+    if (ntiles <= 0) return;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const u16* hi_src = pq_hi + (size_t)h * groups * D;
+    const u16* lo_src = pq_lo + (size_t)h * groups * D;
+    const u16* k_src = K + (size_t)kv * nk * D;
+    for (int i = tid; i < SCORE_ROWS * CHUNKS; i += SCORE_THREADS) {
+        const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
+        const bool ok = g0 + r < groups;
+        const size_t off = ok ? (size_t)(g0 + r) * D + col : 0;
+        cp_async16(smem_u32(sHi + r * LDS + col), hi_src + off, ok ? 16 : 0);
+        cp_async16(smem_u32(sLo + r * LDS + col), lo_src + off, ok ? 16 : 0);
+    }
+    // Key tile t of this CTA's run into stage t % 2 (zero-filled past the columns).
+    auto load_keys = [&](int t) {
+        const int c0 = (first + t) * SCORE_COLS;
+        u16* dst = sK + (t % 2) * SCORE_COLS * LDS;
+        for (int i = tid; i < SCORE_COLS * CHUNKS; i += SCORE_THREADS) {
+            const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
+            const u32 j = c0 + r, key = mode == SCORE_SAMPLE ? sample_key(j) : j;
+            const bool ok = (int)j < cols && (int)key < nk;
+            cp_async16(smem_u32(dst + r * LDS + col), k_src + (ok ? (size_t)key * D + col : 0), ok ? 16 : 0);
+        }
+    };
+    load_keys(0);
+    cp_async_commit();  // group 0: the pooled-q halves and key tile 0
+
+    const int mat = lane / 8;
+    const u32 a_off = 2 * ((warp * 16 + lane % 16) * LDS + (lane / 16) * 8);
+    const u32 k_off = 2 * (((mat / 2) * 8 + lane % 8) * LDS + (mat % 2) * 8);
+    for (int t = 0; t < ntiles; ++t) {
+        // Tile t + 1 into the other stage, which tile t - 1 left (the barrier that ended the
+        // last iteration); then every group but that newest one is complete: tile t's.
+        if (t + 1 < ntiles) load_keys(t + 1);
+        cp_async_commit();
+        if (tid < SCORE_ROWS) sCount[tid] = sHigh[tid] = 0;
+        cp_async_wait<1>();
+        __syncthreads();
+        float s[SCORE_NT][4];
+        score_tile(s, smem_u32(sHi) + a_off, smem_u32(sLo) + a_off, smem_u32(sK + (t % 2) * SCORE_COLS * LDS) + k_off);
+        score_tile_out(s, mode, h, hh, g0, (first + t) * SCORE_COLS, groups, cols, approx, cand_lo, cand_hi, per_head,
+                       thresh, list_key, list_val, list_count, list_high, list_cap, sCount, sHigh, sBase);
+        __syncthreads();  // the stage and the counters are reused by the next iteration
     }
 }
 
@@ -614,7 +703,7 @@ __device__ void select_exact(
 //                 in place; otherwise every candidate is scored again here (the slow path: one
 //                 CTA reads all keys three times; the sample's margins make it all but unused).
 // Either way the same keys are chosen.
-constexpr int SELECT_DENSE = 0, SELECT_LIST = 1;
+[[maybe_unused]] constexpr int SELECT_DENSE = 0, SELECT_LIST = 1;
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
     const float* __restrict__ approx, const float* __restrict__ pooled, const float* __restrict__ pq_l1,
     const u16* __restrict__ K, const float* __restrict__ kinf, const u32* __restrict__ kmax_bits,
@@ -816,7 +905,7 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) {{NAME}}_select(
 //   keys), their total, then three weighted radix passes over the weights find the weight at
 //   which the running sum from the top reaches p of the total: the keys above it, plus as
 //   many at it as the sum needs.
-constexpr int BUDGET_THRESHOLD = 0, BUDGET_TOP_P = 1;
+[[maybe_unused]] constexpr int BUDGET_THRESHOLD = 0, BUDGET_TOP_P = 1;
 // The CPU builder's score of key c: scale x repro_dot.
 __device__ __forceinline__ double exact_score(const float* pq, const u16* k_h, u32 c, double scale) {
     return __dmul_rn(scale, repro_dot(pq, k_h + (size_t)c * D));
