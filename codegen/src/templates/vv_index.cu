@@ -243,6 +243,27 @@ __device__ __forceinline__ void score_tile_out(
     }
 }
 
+// The pooled-q halves of groups g0 .. g0 + 63 into sHi and sLo (zero past `groups`), and a
+// tile of 128 keys from column c0 into sK (sample keys in SCORE_SAMPLE mode; zero past the
+// columns): cp.async by the CTA's threads, not committed.
+__device__ __forceinline__ void load_pooled(u16* sHi, u16* sLo, const u16* hi_src, const u16* lo_src, int g0, int groups) {
+    for (int i = threadIdx.x; i < SCORE_ROWS * CHUNKS; i += SCORE_THREADS) {
+        const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
+        const bool ok = g0 + r < groups;
+        const size_t off = ok ? (size_t)(g0 + r) * D + col : 0;
+        cp_async16(smem_u32(sHi + r * LDS + col), hi_src + off, ok ? 16 : 0);
+        cp_async16(smem_u32(sLo + r * LDS + col), lo_src + off, ok ? 16 : 0);
+    }
+}
+__device__ __forceinline__ void load_key_tile(u16* sK, const u16* k_src, int c0, int mode, int cols, int nk) {
+    for (int i = threadIdx.x; i < SCORE_COLS * CHUNKS; i += SCORE_THREADS) {
+        const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
+        const u32 j = c0 + r, key = mode == SCORE_SAMPLE ? sample_key(j) : j;
+        const bool ok = (int)j < cols && (int)key < nk;
+        cp_async16(smem_u32(sK + r * LDS + col), k_src + (ok ? (size_t)key * D + col : 0), ok ? 16 : 0);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score(
     const u16* __restrict__ pq_hi, const u16* __restrict__ pq_lo, const u16* __restrict__ K,
     float* __restrict__ approx, int h0, int hq, int hkv, int groups, int nk, int mode, int cols,
@@ -261,19 +282,8 @@ extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score(
     const u16* hi_src = pq_hi + (size_t)h * groups * D;
     const u16* lo_src = pq_lo + (size_t)h * groups * D;
     const u16* k_src = K + (size_t)kv * nk * D;
-    for (int i = tid; i < SCORE_ROWS * CHUNKS; i += SCORE_THREADS) {
-        const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
-        const bool ok = g0 + r < groups;
-        const size_t off = ok ? (size_t)(g0 + r) * D + col : 0;
-        cp_async16(smem_u32(sHi + r * LDS + col), hi_src + off, ok ? 16 : 0);
-        cp_async16(smem_u32(sLo + r * LDS + col), lo_src + off, ok ? 16 : 0);
-    }
-    for (int i = tid; i < SCORE_COLS * CHUNKS; i += SCORE_THREADS) {
-        const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
-        const u32 j = c0 + r, key = mode == SCORE_SAMPLE ? sample_key(j) : j;
-        const bool ok = (int)j < cols && (int)key < nk;
-        cp_async16(smem_u32(sK + r * LDS + col), k_src + (ok ? (size_t)key * D + col : 0), ok ? 16 : 0);
-    }
+    load_pooled(sHi, sLo, hi_src, lo_src, g0, groups);
+    load_key_tile(sK, k_src, c0, mode, cols, nk);
     if (tid < SCORE_ROWS) sCount[tid] = sHigh[tid] = 0;
     cp_async_commit();
     cp_async_wait<0>();
@@ -314,23 +324,10 @@ extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score_walk(
     const u16* hi_src = pq_hi + (size_t)h * groups * D;
     const u16* lo_src = pq_lo + (size_t)h * groups * D;
     const u16* k_src = K + (size_t)kv * nk * D;
-    for (int i = tid; i < SCORE_ROWS * CHUNKS; i += SCORE_THREADS) {
-        const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
-        const bool ok = g0 + r < groups;
-        const size_t off = ok ? (size_t)(g0 + r) * D + col : 0;
-        cp_async16(smem_u32(sHi + r * LDS + col), hi_src + off, ok ? 16 : 0);
-        cp_async16(smem_u32(sLo + r * LDS + col), lo_src + off, ok ? 16 : 0);
-    }
-    // Key tile t of this CTA's run into stage t % 2 (zero-filled past the columns).
+    load_pooled(sHi, sLo, hi_src, lo_src, g0, groups);
+    // Key tile t of this CTA's run into stage t % 2.
     auto load_keys = [&](int t) {
-        const int c0 = (first + t) * SCORE_COLS;
-        u16* dst = sK + (t % 2) * SCORE_COLS * LDS;
-        for (int i = tid; i < SCORE_COLS * CHUNKS; i += SCORE_THREADS) {
-            const int r = i / CHUNKS, col = (i % CHUNKS) * 8;
-            const u32 j = c0 + r, key = mode == SCORE_SAMPLE ? sample_key(j) : j;
-            const bool ok = (int)j < cols && (int)key < nk;
-            cp_async16(smem_u32(dst + r * LDS + col), k_src + (ok ? (size_t)key * D + col : 0), ok ? 16 : 0);
-        }
+        load_key_tile(sK + (t % 2) * SCORE_COLS * LDS, k_src, (first + t) * SCORE_COLS, mode, cols, nk);
     };
     load_keys(0);
     cp_async_commit();  // group 0: the pooled-q halves and key tile 0
