@@ -534,66 +534,78 @@ fn packed_batch_matches_per_sequence_references() {
     for p in &patterns {
         for (dtype, d) in [(DType::Bf16, 128usize), (DType::F16, 64)] {
             let (hq, hkv) = (4usize, 2usize);
-            let xs: Vec<Inputs> = seqs
-                .iter()
-                .enumerate()
-                .map(|(i, (nq, nk))| inputs(hq, hkv, *nq, *nk, d, dtype, 9000 + i as u64))
-                .collect();
-            let ixs: Vec<_> =
-                xs.iter().map(|x| build_index(&p.expr, &x.q, &x.k, &IndexOptions::default()).unwrap()).collect();
-            let batch = BatchIndex::concat(&ixs).unwrap();
-            // Packed [heads, total, d] buffers.
-            let pack = |get: &dyn Fn(&Inputs) -> (&Vec<u16>, usize), heads: usize| -> Vec<u16> {
-                let mut out = Vec::new();
-                for h in 0..heads {
-                    for x in &xs {
-                        let (data, n) = get(x);
-                        out.extend_from_slice(&data[h * n * d..(h + 1) * n * d]);
+            // The plain kernel at the pattern's blocks; on sm_90 also the persistent producer
+            // grid at 128 x 128 (patterns without gathered columns whose blocks allow it) on 3
+            // CTAs, so that each CTA's rows run across the sequences.
+            let large = IndexOptions { block_m: Some(128), block_n: Some(128), ..Default::default() };
+            let mut variants = vec![(IndexOptions::default(), false)];
+            if gpu.arch.sm == 90 && Schedule::Persistent.takes(p) && weft_patterns::layout(&p.expr, &large).is_ok() {
+                variants.push((large, true));
+            }
+            for (opts, persistent) in variants {
+                let xs: Vec<Inputs> = seqs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (nq, nk))| inputs(hq, hkv, *nq, *nk, d, dtype, 9000 + i as u64))
+                    .collect();
+                let ixs: Vec<_> = xs.iter().map(|x| build_index(&p.expr, &x.q, &x.k, &opts).unwrap()).collect();
+                let batch = BatchIndex::concat(&ixs).unwrap();
+                // Packed [heads, total, d] buffers.
+                let pack = |get: &dyn Fn(&Inputs) -> (&Vec<u16>, usize), heads: usize| -> Vec<u16> {
+                    let mut out = Vec::new();
+                    for h in 0..heads {
+                        for x in &xs {
+                            let (data, n) = get(x);
+                            out.extend_from_slice(&data[h * n * d..(h + 1) * n * d]);
+                        }
                     }
+                    out
+                };
+                let qp = pack(&|x| (&x.qb, x.q.tokens), hq);
+                let kp = pack(&|x| (&x.kb, x.k.tokens), hkv);
+                let vp = pack(&|x| (&x.vb, x.v.tokens), hkv);
+                let (tq, tk) = (seqs.iter().map(|s| s.0).sum::<usize>(), seqs.iter().map(|s| s.1).sum::<usize>());
+                let scale = 1.0 / (d as f64).sqrt();
+                let plain = KernelConfig::for_blocks(batch.block_m, batch.block_n, d as u32, dtype);
+                let config = if persistent { Schedule::Persistent.apply(plain.with_wgmma()) } else { plain };
+                gpu.limit_persistent_ctas(if persistent { 3 } else { 0 });
+                let kernel = emit(&KernelSpec { pattern: p, masks: &batch.masks, permutation: None, config }).unwrap();
+                let s = &gpu.stream;
+                let dix = gpu.upload_batch(&batch).unwrap();
+                let (qd, kd, vd) = (s.clone_htod(&qp).unwrap(), s.clone_htod(&kp).unwrap(), s.clone_htod(&vp).unwrap());
+                let mut out = s.clone_htod(&vec![0xffffu16; hq * tq * d]).unwrap();
+                let mut lse = s.clone_htod(&vec![f32::NAN; hq * tq]).unwrap();
+                let shape = AttnShape { hq, hkv, nq: tq, nk: tk, head_dim: d };
+                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32).unwrap();
+                s.synchronize().unwrap();
+                let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
+                let got_lse = s.clone_dtoh(&lse).unwrap();
+                let mut q0 = 0;
+                for (i, (x, ix)) in xs.iter().zip(&ixs).enumerate() {
+                    let nq = x.q.tokens;
+                    let want = attention(ix, &x.q, &x.k, &x.v, scale).unwrap();
+                    let mut g = Vec::new();
+                    let mut gl = Vec::new();
+                    for h in 0..hq {
+                        g.extend_from_slice(&got[(h * tq + q0) * d..(h * tq + q0 + nq) * d]);
+                        gl.extend_from_slice(&got_lse[h * tq + q0..h * tq + q0 + nq]);
+                    }
+                    let (rel, nan, lse_err) = compare(&g, &gl, &want);
+                    let tol = dtype.reference_tolerance();
+                    let ok = nan == 0 && rel < tol && lse_err < 2e-2;
+                    println!(
+                        "{} batch {:<16} {:<5} d={:<3} {} seq {i} ({nq} x {}) rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
+                        if ok { "ok  " } else { "FAIL" }, p.name, dtype.name(), d, if persistent { "persistent" } else { "plain     " }, x.k.tokens
+                    );
+                    if !ok {
+                        failures.push(format!("{} {} persistent={persistent} seq {i}", p.name, dtype.name()));
+                    }
+                    q0 += nq;
                 }
-                out
-            };
-            let qp = pack(&|x| (&x.qb, x.q.tokens), hq);
-            let kp = pack(&|x| (&x.kb, x.k.tokens), hkv);
-            let vp = pack(&|x| (&x.vb, x.v.tokens), hkv);
-            let (tq, tk) = (seqs.iter().map(|s| s.0).sum::<usize>(), seqs.iter().map(|s| s.1).sum::<usize>());
-            let scale = 1.0 / (d as f64).sqrt();
-            let config = KernelConfig::for_blocks(batch.block_m, batch.block_n, d as u32, dtype);
-            let kernel = emit(&KernelSpec { pattern: p, masks: &batch.masks, permutation: None, config }).unwrap();
-            let s = &gpu.stream;
-            let dix = gpu.upload_batch(&batch).unwrap();
-            let (qd, kd, vd) = (s.clone_htod(&qp).unwrap(), s.clone_htod(&kp).unwrap(), s.clone_htod(&vp).unwrap());
-            let mut out = s.clone_htod(&vec![0xffffu16; hq * tq * d]).unwrap();
-            let mut lse = s.clone_htod(&vec![f32::NAN; hq * tq]).unwrap();
-            let shape = AttnShape { hq, hkv, nq: tq, nk: tk, head_dim: d };
-            gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32).unwrap();
-            s.synchronize().unwrap();
-            let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
-            let got_lse = s.clone_dtoh(&lse).unwrap();
-            let mut q0 = 0;
-            for (i, (x, ix)) in xs.iter().zip(&ixs).enumerate() {
-                let nq = x.q.tokens;
-                let want = attention(ix, &x.q, &x.k, &x.v, scale).unwrap();
-                let mut g = Vec::new();
-                let mut gl = Vec::new();
-                for h in 0..hq {
-                    g.extend_from_slice(&got[(h * tq + q0) * d..(h * tq + q0 + nq) * d]);
-                    gl.extend_from_slice(&got_lse[h * tq + q0..h * tq + q0 + nq]);
-                }
-                let (rel, nan, lse_err) = compare(&g, &gl, &want);
-                let tol = dtype.reference_tolerance();
-                let ok = nan == 0 && rel < tol && lse_err < 2e-2;
-                println!(
-                    "{} batch {:<16} {:<5} d={:<3} seq {i} ({nq} x {}) rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
-                    if ok { "ok  " } else { "FAIL" }, p.name, dtype.name(), d, x.k.tokens
-                );
-                if !ok {
-                    failures.push(format!("{} {} seq {i}", p.name, dtype.name()));
-                }
-                q0 += nq;
             }
         }
     }
+    gpu.limit_persistent_ctas(0);
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
 
