@@ -23,7 +23,7 @@ use cudarc::driver::sys::CUevent_flags;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
-use weft_dsl::{builder, Pattern, Pred};
+use weft_dsl::{builder, Pattern};
 use weft_patterns::{build_index, IndexOptions, SparseIndex, Tensor, FULL};
 use weft_runtime::{AttnShape, Gpu};
 
@@ -106,8 +106,6 @@ struct Case {
     blocks128: Option<Vec<Vec<u32>>>,
     /// Per 64-query block: the random columns (vv cases; the same for every head).
     columns: Option<Vec<Vec<u32>>>,
-    /// The residual predicates of partial blocks (the causal case's diagonal).
-    masks: Vec<Pred>,
 }
 
 fn empty_index(heads: usize, n: usize) -> SparseIndex {
@@ -129,7 +127,7 @@ fn dense(heads: usize, n: usize, bm: usize, bn: usize) -> Case {
     for _ in 0..heads * n.div_ceil(bm) {
         push_row(&mut ix, &all, &[]);
     }
-    Case { name: "dense".into(), index: ix, blocks128: None, columns: None, masks: Vec::new() }
+    Case { name: "dense".into(), index: ix, blocks128: None, columns: None }
 }
 
 /// Causal attention: the CPU builder's index of `causal` at these blocks for one head (a
@@ -138,7 +136,7 @@ fn causal(heads: usize, n: usize, bm: usize, bn: usize) -> Result<Case> {
     let (q, k) = (Tensor::random(1, n, 16, 1), Tensor::random(1, n, 16, 2));
     let opts = IndexOptions { block_m: Some(bm), block_n: Some(bn), ..Default::default() };
     let one = build_index(&builder::causal(), &q, &k, &opts)?;
-    let mut ix = SparseIndex { block_m: bm, block_n: bn, masks: one.masks.clone(), ..empty_index(heads, n) };
+    let mut ix = SparseIndex { block_m: bm, block_n: bn, masks: one.masks, ..empty_index(heads, n) };
     for _ in 0..heads {
         for r in 0..n.div_ceil(bm) {
             let (b0, b1) = (one.block_ptr[r] as usize, one.block_ptr[r + 1] as usize);
@@ -148,8 +146,7 @@ fn causal(heads: usize, n: usize, bm: usize, bn: usize) -> Result<Case> {
             ix.col_ptr.push(ix.col_idx.len() as u32);
         }
     }
-    let masks = one.masks;
-    Ok(Case { name: "causal".into(), index: ix, blocks128: None, columns: None, masks })
+    Ok(Case { name: "causal".into(), index: ix, blocks128: None, columns: None })
 }
 
 /// Random 128 x 128 blocks, `density` of each query block row (the diagonal always kept), as
@@ -173,13 +170,7 @@ fn random_blocks(heads: usize, n: usize, density: f64, seed: u64, block_n: usize
             kept.push(row);
         }
     }
-    Case {
-        name: format!("block-{}", (density * 100.0).round()),
-        index: ix,
-        blocks128: Some(kept),
-        columns: None,
-        masks: Vec::new(),
-    }
+    Case { name: format!("block-{}", (density * 100.0).round()), index: ix, blocks128: Some(kept), columns: None }
 }
 
 /// Vertical vectors over 128-query blocks: the sink (keys 0..64), the 64-key blocks covering
@@ -214,13 +205,7 @@ fn vertical_vectors(heads: usize, n: usize, density: f64, seed: u64) -> Case {
             push_row(&mut ix, blocks, cols);
         }
     }
-    Case {
-        name: format!("vv-{}", (density * 100.0).round()),
-        index: ix,
-        blocks128: None,
-        columns: Some(columns),
-        masks: Vec::new(),
-    }
+    Case { name: format!("vv-{}", (density * 100.0).round()), index: ix, blocks128: None, columns: Some(columns) }
 }
 
 /// Rows padded to the longest with 0 (key 0 is always kept: the sink), row-major.
@@ -317,7 +302,8 @@ fn main() -> Result<()> {
                 builder::full()
             };
             let pattern = Pattern::new(&case.name, expr);
-            let masks = &case.masks;
+            // (The residual predicates of partial blocks: the causal case's diagonal.)
+            let masks = &case.index.masks;
             let config = *config;
             let kernel = emit(&KernelSpec { pattern: &pattern, masks, permutation: None, config })?;
             let dix = gpu.upload_index(ix)?;
@@ -379,7 +365,7 @@ mod tests {
             let c = causal(3, n, bm, bn).unwrap();
             assert_eq!(c.index.pairs(), 3 * (n * (n + 1) / 2) as u64, "n={n} {bm}x{bn}");
             assert_eq!(c.index.block_ptr.len(), 3 * n.div_ceil(bm) + 1);
-            assert!(!c.masks.is_empty(), "the diagonal blocks need the causal predicate");
+            assert!(!c.index.masks.is_empty(), "the diagonal blocks need the causal predicate");
         }
     }
 }
