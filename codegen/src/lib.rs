@@ -167,17 +167,7 @@ fn two_stages() -> u32 {
 impl KernelConfig {
     /// The default config for a head dim and dtype, with 64 x 64 tiles.
     pub fn new(head_dim: u32, dtype: DType) -> KernelConfig {
-        KernelConfig {
-            block_m: 64,
-            block_n: 64,
-            head_dim,
-            dtype,
-            warp_rows: 16,
-            stages: 2,
-            wgmma: false,
-            producer: false,
-            persistent: false,
-        }
+        KernelConfig::for_blocks(64, 64, head_dim, dtype)
     }
 
     /// The config used when nothing is tuned: the pattern's natural block sizes
