@@ -62,7 +62,7 @@ const HOPPER: &str = include_str!("templates/hopper.cu");
 const WGMMA: &str = include_str!("templates/wgmma.cu");
 
 /// Element type of Q, K, V and O.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum DType {
     Bf16,
     F16,
@@ -120,8 +120,9 @@ impl std::str::FromStr for DType {
     }
 }
 
-/// The tunable shape of a kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// The tunable shape of a kernel. Ordered field by field (the runtime launches a layer's
+/// config groups in that order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct KernelConfig {
     /// Query rows per CTA; must equal the index's `block_m` (16, 32, 64 or 128).
     pub block_m: u32,

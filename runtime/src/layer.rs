@@ -234,7 +234,7 @@ impl Runtime {
             tuned_of[h] = tuned;
             let exclusive =
                 matches!(p.expr, PatternExpr::Permuted { .. } | PatternExpr::Ring { .. }).then(|| hashes[h].clone());
-            groups.entry(GroupKey { config: ConfigKey(config), exclusive }).or_default().push(h);
+            groups.entry(GroupKey { config, exclusive }).or_default().push(h);
         }
 
         // A group of one dynamic pattern over every head can have its index built on the GPU
@@ -249,7 +249,7 @@ impl Runtime {
                 if !on_gpu || !single || p.expr.is_static() || dtype != DType::Bf16 || key.exclusive.is_some() {
                     return None;
                 }
-                self.device_plan(p, &hashes[heads[0]], &key.config.0, shape, scale)
+                self.device_plan(p, &hashes[heads[0]], &key.config, shape, scale)
             })
             .collect();
         let dynamic = groups
@@ -260,7 +260,7 @@ impl Runtime {
 
         let mut reports = Vec::new();
         for ((key, heads), device_plan) in groups.into_iter().zip(device_plans) {
-            let config = key.config.0;
+            let config = key.config;
             let started = Instant::now();
             // The group's index on the device, its mask table and permutation, where it was built
             // and how long that took (host builds: before the upload).
@@ -520,32 +520,13 @@ fn index_options(config: &KernelConfig, scale: f32) -> IndexOptions {
     }
 }
 
-/// Heads with equal keys share a launch: the same config and, for permuted or ring patterns
-/// (whose index layout is their own), the same pattern.
+/// Heads with equal keys share a launch: the same config (every field: heads whose configs
+/// differ only in stages or schedule launch apart) and, for permuted or ring patterns (whose
+/// index layout is their own), the same pattern. Ordered for a deterministic launch order.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct GroupKey {
-    config: ConfigKey,
+    config: KernelConfig,
     exclusive: Option<String>,
-}
-
-/// [`KernelConfig`] ordered by its fields, for deterministic launch order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ConfigKey(KernelConfig);
-
-impl Ord for ConfigKey {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        // Every field: heads whose configs differ only in stages or mma path launch apart.
-        let f = |c: &KernelConfig| {
-            (c.block_m, c.block_n, c.head_dim, c.warp_rows, c.dtype.name(), c.stages, c.wgmma, c.producer)
-        };
-        f(&self.0).cmp(&f(&o.0))
-    }
-}
-
-impl PartialOrd for ConfigKey {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
 }
 
 /// The pattern a multi-pattern group's kernel is labelled with (its header and key): the
