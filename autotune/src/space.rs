@@ -54,7 +54,8 @@ impl DeviceLimits {
 /// The Hopper path's configs (`KernelConfig::wgmma`, sm_90 only) for `pattern`: the tiles and
 /// pipeline depths of [`space`] that the path takes (64 or 128 rows and keys; head dims 64 and
 /// 128, none otherwise), on wgmma with its 16 rows per warp, and at 128 rows with and without
-/// the producer warpgroup (shared memory prunes what does not fit).
+/// the producer warpgroup, and with its persistent grid where the pattern gathers no columns
+/// (shared memory prunes what does not fit).
 pub fn hopper_space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<KernelConfig> {
     if ![64, 128].contains(&head_dim) {
         return Vec::new();
@@ -65,7 +66,12 @@ pub fn hopper_space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<Kerne
         if c.block_m < 64 || c.block_n < 64 {
             continue;
         }
-        for hopper in [c.with_wgmma(), c.hopper()] {
+        // The persistent grid where the pattern takes it: it won only on short rows in the
+        // tenth session's measurements (block-3 at 16k: 0.350 against 0.396 ms) and lost on
+        // long ones (dense and causal 5-23% slower), which is a choice per head for the timer.
+        let persistent = KernelConfig { persistent: true, ..c.hopper() };
+        let persistent = (persistent.producer && persistent.validate_for(&pattern.expr).is_ok()).then_some(persistent);
+        for hopper in [Some(c.with_wgmma()), Some(c.hopper()), persistent].into_iter().flatten() {
             if !out.contains(&hopper) {
                 out.push(hopper);
             }

@@ -90,7 +90,8 @@ fn a_failed_compile_drops_only_that_config() {
 }
 
 /// The Hopper configs (`weft autotune --wgmma`): 64/128 tiles the pattern allows, head dims 64
-/// and 128 only, 128-row tiles with and without the producer warpgroup; through
+/// and 128 only, 128-row tiles with and without the producer warpgroup (and its persistent grid
+/// where the pattern gathers no columns); through
 /// `nvrtc_compiler` they compile for sm_90a, and the two that need more than 227 KiB
 /// (128 x 128 at head dim 128, 3 stages) are pruned by shared memory.
 #[test]
@@ -101,15 +102,20 @@ fn hopper_configs_compile_for_sm_90a() {
     assert!(vv.iter().all(|c| c.block_m == 64), "q_block 64 allows 64-row tiles only: {vv:?}");
     let p = Pattern::new("window", causal() & window(256));
     let configs = hopper_space(&p, 128, DType::Bf16);
-    assert_eq!(configs.len(), 12);
+    assert_eq!(configs.len(), 15, "{configs:#?}");
     assert!(configs.iter().all(|c| c.wgmma && c.warp_rows == 16));
     let producers: Vec<_> = configs.iter().filter(|c| c.producer).collect();
-    assert!(producers.len() == 4 && producers.iter().all(|c| c.block_m == 128), "{producers:?}");
+    assert!(producers.len() == 7 && producers.iter().all(|c| c.block_m == 128), "{producers:?}");
+    // (128 x 128 tiles with 3 stages and a second Q buffer are over the shared memory limit.)
+    assert_eq!(producers.iter().filter(|c| c.persistent).count(), 3);
+    // A pattern with gathered columns gets no persistent grid.
+    let vv = hopper_space(&Pattern::new("vv", vertical_vector().q_block(128)), 128, DType::Bf16);
+    assert!(vv.iter().any(|c| c.producer) && !vv.iter().any(|c| c.persistent), "{vv:?}");
     let out =
         compile_space(&p, &index_for(&p), &configs, &DeviceLimits::HOPPER, nvrtc_compiler(weft_runtime::Arch::SM90));
     let kept = out.iter().filter(|c| matches!(c, Candidate::Kept(_))).count();
     let smem = out.iter().filter(|c| matches!(c, Candidate::Dropped(_, Pruned::SharedMemory { .. }))).count();
     let failed: Vec<_> = out.iter().filter(|c| matches!(c, Candidate::Dropped(_, Pruned::CompileFailed(_)))).collect();
     assert!(failed.is_empty(), "{failed:?}");
-    assert_eq!((kept, smem), (10, 2));
+    assert_eq!((kept, smem), (13, 2));
 }
