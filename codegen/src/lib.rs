@@ -656,8 +656,8 @@ pub fn emit_merge(head_dim: u32, dtype: DType, partial: Partial) -> Result<Kerne
 
 /// The entry points of the vertical-vector index builder ([`emit_vv_index`]), in launch
 /// order; each is `{kernel.name}_{entry}`.
-pub const VV_INDEX_ENTRIES: [&str; 10] =
-    ["pool", "kstats", "score", "threshold", "vv_exact", "budget", "select", "columns", "scan", "score_walk"];
+pub const VV_INDEX_ENTRIES: [&str; 9] =
+    ["pool", "kstats", "score", "threshold", "vv_exact", "budget", "select", "columns", "scan"];
 
 /// The entry points of the block top-k index builder (same module as [`emit_vv_index`]).
 pub const BLOCK_INDEX_ENTRIES: [&str; 6] = ["pool", "block_scores", "block_select", "block_rows", "scan", "block_top"];
@@ -698,12 +698,6 @@ pub fn block_select_shared_bytes(kblocks: usize) -> usize {
 /// Dynamic shared memory of the `score` entry: two halves of 64 pooled queries and 128 keys.
 pub fn vv_score_shared_bytes(head_dim: u32) -> u32 {
     (64 + 64 + 128) * (head_dim + 8) * 2
-}
-
-/// Dynamic shared memory of the `score_walk` entry: the pooled-q halves and two key tiles
-/// (198 KiB at head dim 256, within [`VV_INDEX_MAX_SHARED`]).
-pub fn vv_score_walk_shared_bytes(head_dim: u32) -> u32 {
-    (64 + 64 + 2 * 128) * (head_dim + 8) * 2
 }
 
 /// Dynamic shared memory of the `select` entry for `nk` keys: exact scores and keys of up to

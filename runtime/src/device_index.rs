@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use weft_codegen::{
-    block_select_shared_bytes, emit_vv_index, vv_score_shared_bytes, vv_score_walk_shared_bytes,
+    block_select_shared_bytes, emit_vv_index, vv_score_shared_bytes,
     vv_select_shared_bytes, DType, VS_LOGITS_KEYS, VS_LOGITS_ROWS, VV_COLLECT_MAX, VV_INDEX_MAX_SHARED,
     VV_TWO_CTA_SHARED,
 };
@@ -37,9 +37,6 @@ use weft_patterns::device_plan::{BlockEntries, BlockPlan, ColumnPlan};
 
 use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
 
-/// Key tiles of 128 per CTA in the vertical-vector index's `score_walk` (32 CTAs along the keys
-/// per 64 groups at 64k tokens).
-const SCORE_WALK_TILES: usize = 16;
 /// Approximate scores held at once: heads are scored in chunks below this many bytes.
 const SCORE_BYTES: usize = 2 << 30;
 
@@ -554,11 +551,6 @@ impl Gpu {
         let f = self.load_entries(&kernel, &weft_codegen::VV_INDEX_ENTRIES)?;
         let (f_pool, f_kstats, f_score, f_threshold, f_exact, f_budget, f_select, f_columns, f_scan) =
             (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7], &f[8]);
-        let f_score_walk = &f[9];
-        // score_walk when asked for (`Gpu::walk_vv_scores`; it fits at every head dim).
-        let walk = self.vv_score_walk.load(std::sync::atomic::Ordering::Relaxed)
-            && vv_score_walk_shared_bytes(d as u32) <= VV_INDEX_MAX_SHARED;
-        let walk_tiles = SCORE_WALK_TILES as i32;
 
         let s = &self.stream;
         let up = "uploading the index plan";
@@ -660,7 +652,7 @@ impl Gpu {
         b.arg(k).arg(&nk_i).arg(&mut kinf).arg(&mut kmax);
         unsafe { b.launch(launch_cfg((nk.div_ceil(64) as u32, hkv as u32, 1), 256, 0)) }.map_err(launch("kstats"))?;
         timer.mark("kstats", t0)?;
-        let score_smem = if walk { vv_score_walk_shared_bytes(d as u32) } else { vv_score_shared_bytes(d as u32) };
+        let score_smem = vv_score_shared_bytes(d as u32);
         let (dense_mode, sample_mode, emit_mode) = (0i32, 1i32, 2i32);
         let select_mode = i32::from(list_mode);
         for h0 in (0..hq).step_by(chunk) {
@@ -670,19 +662,12 @@ impl Gpu {
             macro_rules! score {
                 ($mode:expr, $cols:expr) => {{
                     let cols_i = $cols as i32;
-                    let mut b = s.launch_builder(if walk { f_score_walk } else { f_score });
+                    let mut b = s.launch_builder(f_score);
                     b.arg(&pq_hi).arg(&pq_lo).arg(k).arg(&mut approx);
                     b.arg(&h0_i).arg(&hq_i).arg(&hkv_i).arg(&groups_i).arg(&nk_i).arg(&$mode).arg(&cols_i);
                     b.arg(cand_lo).arg(cand_hi).arg(&per_head).arg(&thresh);
                     b.arg(&mut list_key).arg(&mut list_val).arg(&mut list_count).arg(&mut list_high).arg(&list_cap_i);
-                    // (score_walk: SCORE_WALK_TILES key tiles of 128 per CTA.)
-                    let per_cta = if walk {
-                        b.arg(&walk_tiles);
-                        128 * SCORE_WALK_TILES
-                    } else {
-                        128
-                    };
-                    let grid = (groups.div_ceil(64) as u32, ($cols as usize).div_ceil(per_cta) as u32, hc as u32);
+                    let grid = (groups.div_ceil(64) as u32, ($cols as usize).div_ceil(128) as u32, hc as u32);
                     unsafe { b.launch(launch_cfg(grid, 128, score_smem)) }.map_err(launch("score"))?;
                 }};
             }

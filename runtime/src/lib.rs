@@ -158,9 +158,6 @@ pub struct Gpu {
     /// The most CTAs a persistent kernel runs on; 0: one per SM (see
     /// [`Gpu::limit_persistent_ctas`]).
     persistent_ctas: std::sync::atomic::AtomicUsize,
-    /// Whether vertical-vector index builds score with `score_walk` (see
-    /// [`Gpu::walk_vv_scores`]).
-    vv_score_walk: std::sync::atomic::AtomicBool,
 }
 
 /// Where [`Gpu::load_traced`] found a kernel.
@@ -239,7 +236,6 @@ impl Gpu {
             db: None,
             index_timing: std::sync::atomic::AtomicBool::new(false),
             persistent_ctas: std::sync::atomic::AtomicUsize::new(0),
-            vv_score_walk: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -255,16 +251,6 @@ impl Gpu {
     /// CTA walk many rows.
     pub fn limit_persistent_ctas(&self, ctas: usize) {
         self.persistent_ctas.store(ctas, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether vertical-vector index builds score pooled queries against the keys with
-    /// `score_walk` (a CTA per 64 groups walks 16 key tiles, copying the pooled queries once and
-    /// each key tile while the last is scored) instead of `score` (a CTA per 64 groups and 128
-    /// keys). Off by default: written after the ninth session's device time ran out, and not
-    /// yet run. The GPU suite's vertical-vector index test runs both; once `score_walk` passes
-    /// there and is faster, it becomes the only path and this switch goes.
-    pub fn walk_vv_scores(&self, on: bool) {
-        self.vv_score_walk.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// What kernels compiled here are valid for: the key prefix of every cache entry.

@@ -848,30 +848,25 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
                             .is_err());
                         &[VvStrategy::Dense, VvStrategy::Auto]
                     };
-                    // Both scoring kernels (`score`, and `score_walk`: Gpu::walk_vv_scores).
-                    for (&strategy, walk) in strategies.iter().flat_map(|s| [(s, false), (s, true)]) {
-                        gpu.walk_vv_scores(walk);
+                    for &strategy in strategies {
                         let (ix, build) =
                             gpu.build_vv_index_with(&plan, shape, DType::Bf16, &qd, &kd, strategy).unwrap();
                         let report = build.finish(&ix).unwrap();
                         let mut got_ix = ix.to_host(&gpu).unwrap();
                         got_ix.masks = plan.skeleton.masks.clone();
                         if let Some(d) = index_difference(&got_ix, &want_ix) {
-                            diff.get_or_insert(format!("{strategy:?} walk={walk}: {d}"));
+                            diff.get_or_insert(format!("{strategy:?}: {d}"));
                         }
                         // Entries within the lists' bounds; no group needed the exact ranking
                         // over all keys (these inputs have no runs of near-equal keys that
                         // long), and every bound held.
                         if report.columns > report.capacity.1 || report.exact_groups > 0 || report.bound_failed {
-                            diff.get_or_insert(format!("{strategy:?} walk={walk}: {report:?}"));
+                            diff.get_or_insert(format!("{strategy:?}: {report:?}"));
                         }
                         columns = report.columns;
-                        if !walk {
-                            slow.push(report.slow_groups);
-                        }
+                        slow.push(report.slow_groups);
                         dix = Some(ix);
                     }
-                    gpu.walk_vv_scores(false);
                     let dix = dix.unwrap();
                     // Attention over the GPU-built index against the reference over the CPU's.
                     let qkv = (&qd, &kd, &vd);

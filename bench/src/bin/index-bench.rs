@@ -56,9 +56,6 @@ struct Args {
     /// column tiles, and the attention kernel's block_n.
     #[arg(long, default_value_t = 64)]
     vv_block_n: usize,
-    /// Score vertical-vector groups against the keys with `score_walk` (`Gpu::walk_vv_scores`).
-    #[arg(long)]
-    walk_vv_scores: bool,
     /// Run the attention on the Hopper path (wgmma, sm_90a, with the producer warpgroup at 128
     /// rows) where the index's tiles allow it (64 or 128 rows and keys).
     #[arg(long)]
@@ -221,7 +218,6 @@ fn main() -> Result<()> {
     anyhow::ensure!(matches!(args.vv_block_n, 64 | 128), "--vv-block-n must be 64 or 128, got {}", args.vv_block_n);
     let gpu = Gpu::open(0)?;
     gpu.time_index_kernels(true);
-    gpu.walk_vv_scores(args.walk_vv_scores);
     let s = gpu.stream.clone();
     let h = args.heads;
     eprintln!("GPU: {} ({} SMs)", gpu.name, gpu.sm_count);

@@ -307,57 +307,6 @@ extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score(
                    list_val, list_count, list_high, list_cap);
 }
 
-// ---- score_walk: grid (ceil(groups / 64), ceil(cols / (128 * tiles)), heads of the chunk),
-// 128 threads ----
-// score's work over `tiles` consecutive 128-key tiles per CTA: the groups' pooled-q halves are
-// copied once, and each key tile is copied while the previous one is scored (two stages),
-// where score copies both for every tile in a CTA of its own (131072 CTAs at 64k tokens and
-// 32 heads: 4.8-5.6 ms, docs/PERF.md).
-extern "C" __global__ void __launch_bounds__(SCORE_THREADS) {{NAME}}_score_walk(
-    const u16* __restrict__ pq_hi, const u16* __restrict__ pq_lo, const u16* __restrict__ K,
-    float* __restrict__ approx, int h0, int hq, int hkv, int groups, int nk, int mode, int cols,
-    const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head,
-    const float* __restrict__ thresh, u32* __restrict__ list_key, float* __restrict__ list_val,
-    u32* __restrict__ list_count, u32* __restrict__ list_high, int list_cap, int tiles)
-{
-    extern __shared__ __align__(16) unsigned char smem[];
-    u16* sHi = (u16*)smem;                 // [SCORE_ROWS][LDS]
-    u16* sLo = sHi + SCORE_ROWS * LDS;     // [SCORE_ROWS][LDS]
-    u16* sK = sLo + SCORE_ROWS * LDS;      // [2][SCORE_COLS][LDS]
-    const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv);
-    const int g0 = blockIdx.x * SCORE_ROWS, first = blockIdx.y * tiles;
-    const int ntiles = min(tiles, (cols + SCORE_COLS - 1) / SCORE_COLS - first);
-    if (ntiles <= 0) return;
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const u16* hi_src = pq_hi + (size_t)h * groups * D;
-    const u16* lo_src = pq_lo + (size_t)h * groups * D;
-    const u16* k_src = K + (size_t)kv * nk * D;
-    load_pooled(sHi, sLo, hi_src, lo_src, g0, groups);
-    // Key tile t of this CTA's run into stage t % 2.
-    auto load_keys = [&](int t) {
-        load_key_tile(sK + (t % 2) * SCORE_COLS * LDS, k_src, (first + t) * SCORE_COLS, mode, cols, nk);
-    };
-    load_keys(0);
-    cp_async_commit();  // group 0: the pooled-q halves and key tile 0
-
-    const int mat = lane / 8;
-    const u32 a_off = 2 * ((warp * 16 + lane % 16) * LDS + (lane / 16) * 8);
-    const u32 k_off = 2 * (((mat / 2) * 8 + lane % 8) * LDS + (mat % 2) * 8);
-    for (int t = 0; t < ntiles; ++t) {
-        // Tile t + 1 into the other stage, which tile t - 1 left (the barrier that ended the
-        // last iteration); then every group but that newest one is complete: tile t's.
-        if (t + 1 < ntiles) load_keys(t + 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        float s[SCORE_NT][4];
-        score_tile(s, smem_u32(sHi) + a_off, smem_u32(sLo) + a_off, smem_u32(sK + (t % 2) * SCORE_COLS * LDS) + k_off);
-        score_tile_out(s, mode, h, hh, g0, (first + t) * SCORE_COLS, groups, cols, approx, cand_lo, cand_hi, per_head,
-                       thresh, list_key, list_val, list_count, list_high, list_cap);
-        __syncthreads();  // the next iteration's copy reuses this stage
-    }
-}
-
 // The bin of a 2048-bin histogram where the running sum from the top first satisfies
 // `reached`; sets `above` to the sum of the bins above it. One warp.
 template <class T, class Reached>
