@@ -695,6 +695,12 @@ pub fn block_select_shared_bytes(kblocks: usize) -> usize {
     kblocks.next_power_of_two() * 12
 }
 
+/// Groups per CTA of the index builders' `pool` entry (128 threads, `head_dim / 8` per group):
+/// its grid is `(ceil(groups / this), heads)`.
+pub fn pool_groups_per_cta(head_dim: u32) -> usize {
+    1024 / head_dim as usize
+}
+
 /// Dynamic shared memory of the `score` entry: two halves of 64 pooled queries and 128 keys.
 pub fn vv_score_shared_bytes(head_dim: u32) -> u32 {
     (64 + 64 + 128) * (head_dim + 8) * 2

@@ -28,15 +28,17 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use weft_codegen::{
-    block_select_shared_bytes, emit_vv_index, vv_score_shared_bytes,
-    vv_select_shared_bytes, DType, VS_LOGITS_KEYS, VS_LOGITS_ROWS, VV_COLLECT_MAX, VV_INDEX_MAX_SHARED,
-    VV_TWO_CTA_SHARED,
+    block_select_shared_bytes, emit_vv_index, pool_groups_per_cta, vv_score_shared_bytes, vv_select_shared_bytes,
+    DType, VS_LOGITS_KEYS, VS_LOGITS_ROWS, VV_COLLECT_MAX, VV_INDEX_MAX_SHARED, VV_TWO_CTA_SHARED,
 };
 use weft_dsl::Budget;
 use weft_patterns::device_plan::{BlockEntries, BlockPlan, ColumnPlan};
 
 use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
 
+/// The most key blocks whose keys `block_top` holds in shared memory (8 warps x 10 bytes each:
+/// 120 KiB).
+const TOP_CACHE_MAX_BLOCKS: usize = 1536;
 /// Approximate scores held at once: heads are scored in chunks below this many bytes.
 const SCORE_BYTES: usize = 2 << 30;
 
@@ -645,7 +647,8 @@ impl Gpu {
         let mut b = s.launch_builder(f_pool);
         b.arg(q).arg(&nq_i).arg(&q_block_i).arg(&groups_i);
         b.arg(&mut pooled).arg(&mut pq_hi).arg(&mut pq_lo).arg(&mut pq_l1);
-        unsafe { b.launch(launch_cfg((groups as u32, hq as u32, 1), d as u32, 0)) }.map_err(launch("pool"))?;
+        let pool_grid = (groups.div_ceil(pool_groups_per_cta(d as u32)) as u32, hq as u32, 1);
+        unsafe { b.launch(launch_cfg(pool_grid, 128, 0)) }.map_err(launch("pool"))?;
         timer.mark("pool", t0)?;
         let t0 = timer.start()?;
         let mut b = s.launch_builder(f_kstats);
@@ -848,7 +851,8 @@ impl Gpu {
             let (mut hi, mut lo) = scratch16.split_at_mut(scratch16.len() / 2);
             let mut b = s.launch_builder(f_pool);
             b.arg(src).arg(&n).arg(&rows_per).arg(&count).arg(out).arg(&mut hi).arg(&mut lo).arg(&mut scratch_l1);
-            unsafe { b.launch(launch_cfg((count as u32, heads as u32, 1), d as u32, 0)) }.map_err(launch("pool"))?;
+            let grid = ((count as usize).div_ceil(pool_groups_per_cta(d as u32)) as u32, heads as u32, 1);
+            unsafe { b.launch(launch_cfg(grid, 128, 0)) }.map_err(launch("pool"))?;
         }
         timer.mark("pool", t0)?;
         // Every (group, key block) score, for `chunk` heads at a time (a multiple of the GQA
@@ -859,6 +863,12 @@ impl Gpu {
         let chunk = ((SCORE_BYTES / per_head_bytes).clamp(1, hq) / gqa).max(1) * gqa;
         // Safety: block_scores writes every score of the chunk before block_select reads it.
         let mut scores = unsafe { s.alloc::<f64>((chunk * groups * kblocks).max(1)) }.map_err(driver(alloc))?;
+        // block_top keeps each warp's row of keys (8 bytes each) and the list of those still in
+        // the running (2 bytes) in shared memory when 8 rows fit in 120 KiB (up to 1536 key
+        // blocks: 98304 tokens in 64-token blocks); else it rereads the scores on every pass.
+        let cache_limit = self.block_top_cache.load(std::sync::atomic::Ordering::Relaxed).min(TOP_CACHE_MAX_BLOCKS);
+        let top_cache = if words * 32 <= cache_limit { words * 32 } else { 0 };
+        let (top_cache_i, top_smem) = (top_cache as i32, (8 * top_cache * 10) as u32);
         for h0 in (0..hq).step_by(chunk) {
             let hc = chunk.min(hq - h0);
             let (hc_i, hkv_c) = (hc as i32, (hc / gqa) as i32);
@@ -881,8 +891,11 @@ impl Gpu {
             let mut b = s.launch_builder(if top { f_top } else { f_select });
             b.arg(&scores).arg(&allowed_view).arg(&per_head).arg(&groups_i).arg(&kblocks_i);
             b.arg(&mode).arg(&top_k).arg(&budget_arg).arg(&mut chosen_view);
+            if top {
+                b.arg(&top_cache_i);
+            }
             let cfg = if top {
-                launch_cfg((groups.div_ceil(8) as u32, hc as u32, 1), 256, 0)
+                launch_cfg((groups.div_ceil(8) as u32, hc as u32, 1), 256, top_smem)
             } else {
                 launch_cfg((groups as u32, hc as u32, 1), 256, select_smem as u32)
             };

@@ -158,6 +158,9 @@ pub struct Gpu {
     /// The most CTAs a persistent kernel runs on; 0: one per SM (see
     /// [`Gpu::limit_persistent_ctas`]).
     persistent_ctas: std::sync::atomic::AtomicUsize,
+    /// The most key blocks whose keys a block index's selection caches in shared memory (see
+    /// [`Gpu::limit_block_top_cache`]).
+    block_top_cache: std::sync::atomic::AtomicUsize,
 }
 
 /// Where [`Gpu::load_traced`] found a kernel.
@@ -236,6 +239,7 @@ impl Gpu {
             db: None,
             index_timing: std::sync::atomic::AtomicBool::new(false),
             persistent_ctas: std::sync::atomic::AtomicUsize::new(0),
+            block_top_cache: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -251,6 +255,13 @@ impl Gpu {
     /// CTA walk many rows.
     pub fn limit_persistent_ctas(&self, ctas: usize) {
         self.persistent_ctas.store(ctas, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Block index builds (top_k and threshold) cache each row's keys in shared memory for
+    /// rows of at most `blocks` key blocks (and at most 1536, what fits), and read the scores
+    /// on every selection pass beyond: 0 makes every build take that path (tests).
+    pub fn limit_block_top_cache(&self, blocks: usize) {
+        self.block_top_cache.store(blocks, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// What kernels compiled here are valid for: the key prefix of every cache entry.

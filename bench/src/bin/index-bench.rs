@@ -12,7 +12,9 @@
 //! sequence length and share: the CPU plan's time (static, once per shape), the device index
 //! build (median of `--reps`, host wall clock from the call until it completed), the attention
 //! (CUDA events, median), their sum, and both queued back to back with one wait at the end
-//! (host wall clock, median: what a layer call costs, launch gaps included). Compare with torch's flash backend on dense attention
+//! (host wall clock, median: what a layer call costs, launch gaps included); and the build on
+//! the stream alone (CUDA events around it, no per-kernel events: the GPU time it adds, timed
+//! as the attention is). Compare with torch's flash backend on dense attention
 //! from `bench/run.sh` in the same session.
 
 use anyhow::Result;
@@ -121,6 +123,9 @@ struct Inputs {
 /// end: what a layer call costs), its density, and the first and last build reports.
 struct Measured {
     build: f64,
+    /// The build on the stream: CUDA events before and after it, without the per-kernel events
+    /// (the GPU time it adds in front of the attention, measured as the attention is).
+    stream_build: f64,
     enqueue: f64,
     attention: f64,
     pipelined: f64,
@@ -141,8 +146,13 @@ impl Measured {
         let sizing =
             if self.first.sized_by_read { "sized by a read of the total" } else { "sized by the plan's bound" };
         format!(
-            "index+attention queued together, one wait={:.3} ms (index queued in {:.3} ms; lists {sizing}, capacity {:?}; attention [{}])",
-            self.pipelined, self.enqueue, self.first.capacity, self.config
+            "index on the stream (CUDA events)={:.3} ms = {:.1}% of the attention; index+attention queued together, one wait={:.3} ms (index queued in {:.3} ms; lists {sizing}, capacity {:?}; attention [{}])",
+            self.stream_build,
+            100.0 * self.stream_build / self.attention,
+            self.pipelined,
+            self.enqueue,
+            self.first.capacity,
+            self.config
         )
     }
 }
@@ -188,6 +198,14 @@ fn measure(
     };
     // (Without per-kernel events: what a layer call queues.)
     gpu.time_index_kernels(false);
+    let mut stream_builds = Vec::new();
+    for _ in 0..reps {
+        let start = gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let (ix, b) = build(x)?;
+        let end = gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        b.finish(&ix)?;
+        stream_builds.push(f64::from(start.elapsed_ms(&end)?));
+    }
     let mut pipelined = Vec::new();
     for _ in 0..reps {
         let t = std::time::Instant::now();
@@ -202,6 +220,7 @@ fn measure(
     let density = dix.to_host(gpu)?.pairs() as f64 / (shape.hq as f64 * n * n);
     Ok(Measured {
         build: median(builds),
+        stream_build: median(stream_builds),
         enqueue: median(enqueues),
         attention: median(attn),
         pipelined: median(pipelined),

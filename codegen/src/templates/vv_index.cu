@@ -63,32 +63,58 @@ __device__ __forceinline__ float key_float(u32 k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
-// ---- pool: grid (groups, hq), D threads ----
-extern "C" __global__ void __launch_bounds__(D) {{NAME}}_pool(
+// ---- pool: grid (ceil(groups / POOL_GROUPS), heads), 128 threads ----
+// The mean of each group's rows (q_block of them, fewer in the last group), per column: D / 8
+// threads per group, each summing 8 columns with 16-byte loads (one load per element held
+// the copy to about 3.3 TB/s), row by row in f64, then one division and a rounding to f32:
+// the CPU builder's order. Also the bf16 hi and lo halves and the group's |pooled|_1 (a bound,
+// rounded up).
+constexpr int POOL_LANES = D / 8, POOL_GROUPS = 128 / POOL_LANES;
+static_assert(POOL_LANES <= 32 && 32 % POOL_LANES == 0, "a group's lanes lie in one warp");
+extern "C" __global__ void __launch_bounds__(128) {{NAME}}_pool(
     const u16* __restrict__ Q, int nq, int q_block, int groups,
     float* __restrict__ pooled, u16* __restrict__ pq_hi, u16* __restrict__ pq_lo, float* __restrict__ pq_l1)
 {
-    __shared__ double l1[D];
-    const int g = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-    const int q0 = g * q_block, q1 = min(q0 + q_block, nq);
-    const u16* Qh = Q + (size_t)h * nq * D;
-    // Row by row in f64, then one division and a rounding to f32: the CPU builder's order.
-    double acc = 0.0;
-    for (int t = q0; t < q1; ++t) acc += (double)bf16_to_float(Qh[(size_t)t * D + d]);
-    const float p = (float)(acc / (double)max(q1 - q0, 1));
-    const u16 hi = float_to_bf16(p);
-    const u16 lo = float_to_bf16(p - bf16_to_float(hi));
-    const size_t at = ((size_t)h * groups + g) * D + d;
-    pooled[at] = p;
-    pq_hi[at] = hi;
-    pq_lo[at] = lo;
-    l1[d] = fabs((double)p);
-    __syncthreads();
-    for (int s = D / 2; s > 0; s /= 2) {
-        if (d < s) l1[d] += l1[d + s];
-        __syncthreads();
+    const int g = blockIdx.x * POOL_GROUPS + threadIdx.x / POOL_LANES, h = blockIdx.y;
+    const int lane = threadIdx.x % POOL_LANES, c0 = lane * 8;
+    const bool ok = g < groups;
+    const int q0 = g * q_block, q1 = ok ? min(q0 + q_block, nq) : q0;
+    const u16* src = Q + (size_t)h * nq * D + c0;
+    double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+#pragma unroll 8
+    for (int t = q0; t < q1; ++t) {
+        const uint4 v = *reinterpret_cast<const uint4*>(src + (size_t)t * D);
+        const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[2 * i] += (double)bf16_to_float((u16)(w[i] & 0xffffu));
+            acc[2 * i + 1] += (double)bf16_to_float((u16)(w[i] >> 16));
+        }
     }
-    if (d == 0) pq_l1[(size_t)h * groups + g] = __double2float_ru(l1[0]);
+    const double n = (double)max(q1 - q0, 1);
+    float p[8];
+    u16 hi[8], lo[8];
+    double l1 = 0.0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        p[i] = (float)(acc[i] / n);
+        hi[i] = float_to_bf16(p[i]);
+        lo[i] = float_to_bf16(p[i] - bf16_to_float(hi[i]));
+        l1 += fabs((double)p[i]);
+    }
+    auto pack = [](const u16* x) {
+        return make_uint4(x[0] | (u32)x[1] << 16, x[2] | (u32)x[3] << 16, x[4] | (u32)x[5] << 16, x[6] | (u32)x[7] << 16);
+    };
+#pragma unroll
+    for (int o = 1; o < POOL_LANES; o *= 2) l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+    if (ok) {
+        const size_t at = ((size_t)h * groups + g) * D + c0;
+        reinterpret_cast<float4*>(pooled + at)[0] = make_float4(p[0], p[1], p[2], p[3]);
+        reinterpret_cast<float4*>(pooled + at)[1] = make_float4(p[4], p[5], p[6], p[7]);
+        *reinterpret_cast<uint4*>(pq_hi + at) = pack(hi);
+        *reinterpret_cast<uint4*>(pq_lo + at) = pack(lo);
+        if (lane == 0) pq_l1[(size_t)h * groups + g] = __double2float_ru(l1);
+    }
 }
 
 // ---- kstats: grid (ceil(nk / 64), hkv), 256 threads: a warp per key, 8 keys per warp ----
@@ -1143,60 +1169,78 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_scan(const u32* __re
 
 // ---- block_scores: grid (ceil(groups / 64), ceil(kblocks / 64), hq), 256 threads ----
 // scores[h][g][kb] = scale * dot(pooled_q[h][g], pooled_k[kv][kb]) with the CPU builder's dot
-// (four accumulators over d mod 4, weft_patterns::tensor::dot); each thread holds 4 groups x 4 key blocks, the
-// pooled rows staged in shared memory as doubles, so every pooled key is read once per 64
-// groups instead of once per group.
+// (four accumulators over d mod 4, weft_patterns::tensor::dot), the pooled rows staged in
+// shared memory as doubles, so every pooled key is read once per 64 groups instead of once per
+// group. The four lanes of a quad hold the four accumulators (lane j: dimensions d = j mod 4)
+// of the same 8 groups x 8 key blocks, and combine them at the end by two shuffles in the
+// CPU's order, (a0 + a1) + (a2 + a3): 64 multiply-adds per 16 shared-memory reads, where a
+// thread holding all four accumulators of 4 x 4 pairs made 16 per 8 (0.30 -> 0.18 ms at 64k
+// with the register prefetch below, and less now).
 extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_scores(
     const float* __restrict__ pooled_q, const float* __restrict__ pooled_k, int hq, int hkv, int groups,
     int kblocks, double scale, double* __restrict__ scores)
 {
     constexpr int T = 64, DC = 32;
+    // (sK's rows are 36 doubles apart: the 16 reads of a half-warp, 4 key blocks x 4
+    // dimensions, then fall in 16 different bank pairs.)
     __shared__ double sQ[T][DC];
-    __shared__ double sK[T][DC + 1];
+    __shared__ double sK[T][DC + 4];
     const int h = blockIdx.z, kv = h / (hq / hkv), tid = threadIdx.x;
     const int g0 = blockIdx.x * T, kb0 = blockIdx.y * T;
-    const int tr = tid / 16, tk = tid % 16;  // groups g0 + 4 tr + i, key blocks kb0 + tk + 16 l
-    double acc[4][4][4];
+    const int quad = tid / 4, j = tid % 4;
+    const int qr = quad / 8, qk = quad % 8;  // groups g0 + 8 qr + i, key blocks kb0 + qk + 8 l
+    double acc[8][8];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int l = 0; l < 4; ++l)
+        for (int l = 0; l < 8; ++l) acc[i][l] = 0.0;
+    // The next DC columns are read into registers while the current ones are multiplied (one
+    // CTA fits an SM, so nothing else would hide the reads).
+    constexpr int PER = T * DC / 256;
+    float rq[PER], rk[PER];
+    auto fetch = [&](int d0) {
 #pragma unroll
-            for (int j = 0; j < 4; ++j) acc[i][l][j] = 0.0;
+        for (int n = 0; n < PER; ++n) {
+            const int i = tid + 256 * n, t = i / DC, d = d0 + i % DC;
+            rq[n] = g0 + t < groups ? pooled_q[((size_t)h * groups + g0 + t) * D + d] : 0.f;
+            rk[n] = kb0 + t < kblocks ? pooled_k[((size_t)kv * kblocks + kb0 + t) * D + d] : 0.f;
+        }
+    };
+    fetch(0);
     for (int d0 = 0; d0 < D; d0 += DC) {
-        for (int i = tid; i < T * DC; i += 256) {
-            const int t = i / DC, d = d0 + i % DC;
-            sQ[t][i % DC] = g0 + t < groups ? (double)pooled_q[((size_t)h * groups + g0 + t) * D + d] : 0.0;
-            sK[t][i % DC] = kb0 + t < kblocks ? (double)pooled_k[((size_t)kv * kblocks + kb0 + t) * D + d] : 0.0;
+#pragma unroll
+        for (int n = 0; n < PER; ++n) {
+            const int i = tid + 256 * n;
+            sQ[i / DC][i % DC] = (double)rq[n];
+            sK[i / DC][i % DC] = (double)rk[n];
         }
         __syncthreads();
-        for (int d = 0; d < DC; d += 4) {
+        if (d0 + DC < D) fetch(d0 + DC);
+#pragma unroll 2
+        for (int s = 0; s < DC / 4; ++s) {
+            const int d = 4 * s + j;
+            double a[8], b[8];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                double a[4], b[4];
+            for (int i = 0; i < 8; ++i) a[i] = sQ[8 * qr + i][d];
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    a[i] = sQ[4 * tr + i][d + j];
-                    b[i] = sK[tk + 16 * i][d + j];
-                }
+            for (int l = 0; l < 8; ++l) b[l] = sK[qk + 8 * l][d];
 #pragma unroll
-                for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < 8; ++i)
 #pragma unroll
-                    for (int l = 0; l < 4; ++l) acc[i][l][j] = fma(a[i], b[l], acc[i][l][j]);
-            }
+                for (int l = 0; l < 8; ++l) acc[i][l] = fma(a[i], b[l], acc[i][l]);
         }
         __syncthreads();
     }
+    // (IEEE addition commutes, so every lane of the quad gets the same sums.) Lane j stores the
+    // key blocks with l = j mod 4: a warp's stores of one group are 32 neighbouring doubles.
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int l = 0; l < 4; ++l) {
-            const int g = g0 + 4 * tr + i, kb = kb0 + tk + 16 * l;
-            if (g < groups && kb < kblocks) {
-                const double dot = __dadd_rn(__dadd_rn(__dadd_rn(acc[i][l][0], acc[i][l][1]),
-                                                       __dadd_rn(acc[i][l][2], acc[i][l][3])), 0.0);
-                scores[((size_t)h * groups + g) * kblocks + kb] = __dmul_rn(scale, dot);
-            }
+        for (int l = 0; l < 8; ++l) {
+            const double pair = __dadd_rn(acc[i][l], __shfl_xor_sync(0xffffffffu, acc[i][l], 1));
+            const double dot = __dadd_rn(__dadd_rn(pair, __shfl_xor_sync(0xffffffffu, pair, 2)), 0.0);
+            const int g = g0 + 8 * qr + i, kb = kb0 + qk + 8 * l;
+            if (l % 4 == j && g < groups && kb < kblocks) scores[((size_t)h * groups + g) * kblocks + kb] = __dmul_rn(scale, dot);
         }
 }
 
@@ -1270,19 +1314,26 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_select(
     for (u32 i = tid; i < keep; i += 256) atomicOr(out + sId[i] / 32, 1u << (sId[i] % 32));
 }
 
-// ---- block_top: grid (ceil(groups / 8), hq), 256 threads: one warp per (group, head) ----
+// ---- block_top: grid (ceil(groups / 8), hq), 256 threads: one warp per (group, head);
+// dynamic shared memory 8 x cache_width x 10 bytes (none when cache_width is 0) ----
 // block_select for top_k (mode 0) and threshold (mode 1) without a sort: the same choice (the
 // CPU's ranking: score descending with NaN as -inf and -0 below +0, ties to the lower block)
 // found by a radix select over 64-bit keys, eight 8-bit digits from the top, on a per-warp
 // histogram in shared memory; then the key at the cut decides, and of the blocks holding
 // exactly that key the lowest-numbered ones fill the count. A warp per row with no block-wide
 // barrier: the sort's 45 barrier stages per row made block_select latency-bound (0.62 ms for
-// 32 heads x 512 groups x 512 blocks).
-extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_top(
+// 32 heads x 512 groups x 512 blocks). With cache_width (at least the row's blocks rounded up
+// to 32) each warp keeps its row's keys in shared memory, read from the scores and the
+// allowed bits once instead of on each of the ten passes, with a list of the blocks still in
+// the running that each digit pass shortens; the histogram's atomics are one per distinct
+// digit in a warp (most keys of a row share their top digits, so per-lane atomics queued on
+// one address).
+extern "C" __global__ void __launch_bounds__(256, 1) {{NAME}}_block_top(
     const double* __restrict__ scores, const u32* __restrict__ allowed, int per_head, int groups, int kblocks,
-    int mode, int top_k, double budget_arg, u32* __restrict__ chosen)
+    int mode, int top_k, double budget_arg, u32* __restrict__ chosen, int cache_width)
 {
     __shared__ u32 sHist[8][256];
+    extern __shared__ __align__(16) unsigned char smem[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = blockIdx.x * 8 + warp, h = blockIdx.y;
     if (g >= groups) return;
@@ -1292,19 +1343,36 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_top(
     const double* row = scores + ((size_t)h * groups + g) * kblocks;
     // Block kb's key, or 0 (below every key of a real score: -inf's key is 0x000fffff...) when
     // it is not a candidate.
-    auto key_of = [&](int kb, bool& cand) -> unsigned long long {
-        cand = kb < kblocks && ((allow[kb / 32] >> (kb % 32)) & 1u);
+    auto key_from_scores = [&](int kb) -> unsigned long long {
+        const bool cand = kb < kblocks && ((allow[kb / 32] >> (kb % 32)) & 1u);
         return cand ? double_key(rank_score(row[kb])) : 0ull;
     };
-    // Candidates, and the best key (threshold mode's reference).
+    unsigned long long* cache = reinterpret_cast<unsigned long long*>(smem) + (size_t)warp * cache_width;
+    // With the cache, `live` lists the blocks still in the running (after 8 cached rows).
+    u16* live = reinterpret_cast<u16*>(reinterpret_cast<unsigned long long*>(smem) + 8 * (size_t)cache_width) +
+                (size_t)warp * cache_width;
+    if (cache_width > 0) {
+        for (int kb = lane; kb < words * 32; kb += 32) cache[kb] = key_from_scores(kb);
+        __syncwarp();
+    }
+    auto key_of = [&](int kb, bool& cand) -> unsigned long long {
+        const unsigned long long key = cache_width > 0 ? cache[kb] : key_from_scores(kb);
+        cand = key != 0;
+        return key;
+    };
+    // Candidates (listed in `live` with the cache), and the best key (threshold mode's
+    // reference).
     u32 n = 0;
     unsigned long long best = 0;
     for (int base = 0; base < words * 32; base += 32) {
         bool cand;
         const unsigned long long key = key_of(base + lane, cand);
-        n += __popc(__ballot_sync(0xffffffffu, cand));
+        const u32 ballot = __ballot_sync(0xffffffffu, cand);
+        if (cache_width > 0 && cand) live[n + __popc(ballot & ((1u << lane) - 1u))] = (u16)(base + lane);
+        n += __popc(ballot);
         if (cand && key > best) best = key;
     }
+    __syncwarp();
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) {
         const unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
@@ -1326,16 +1394,31 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_top(
     }
     // The keep-th best key: digit by digit from the top, `prefix` holds the digits found and
     // `rank` the place (from 1) wanted among the candidates that share them.
+    // With the cache each pass reads only the `alive` blocks that share the digits found so
+    // far, and then drops those that do not share the new one: after the first passes a few.
     unsigned long long prefix = 0;
     u32 rank = keep;
+    u32 alive = n;
+    auto pass_key = [&](int i, bool& cand) -> unsigned long long {
+        if (cache_width == 0) return key_of(i, cand);
+        cand = i < (int)alive;
+        return cand ? cache[live[i]] : 0ull;
+    };
     for (int shift = 56; shift >= 0 && keep > 0; shift -= 8) {
         for (int b = lane; b < 256; b += 32) hist[b] = 0;
         __syncwarp();
-        for (int base = 0; base < words * 32; base += 32) {
+        const int len = cache_width > 0 ? (int)alive : words * 32;
+        for (int base = 0; base < len; base += 32) {
             bool cand;
-            const unsigned long long key = key_of(base + lane, cand);
+            const unsigned long long key = pass_key(base + lane, cand);
             // (A shift by 64 is undefined: the first digit has no prefix to match.)
-            if (cand && (shift == 56 || (key >> (shift + 8)) == prefix)) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+            const bool counts = cand && (shift == 56 || (key >> (shift + 8)) == prefix);
+            const u32 counting = __ballot_sync(0xffffffffu, counts);
+            if (counts) {
+                const u32 digit = (u32)(key >> shift) & 255u;
+                const u32 peers = __match_any_sync(counting, digit);
+                if (lane == __ffs(peers) - 1) atomicAdd(&hist[digit], (u32)__popc(peers));
+            }
         }
         __syncwarp();
         // Lane l holds digits 8l .. 8l + 7; `above` counts the candidates with a higher digit.
@@ -1367,6 +1450,21 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_top(
         const int digit = __shfl_sync(0xffffffffu, found, src);
         rank -= __shfl_sync(0xffffffffu, found_above, src);
         prefix = (prefix << 8) | (unsigned long long)digit;
+        if (cache_width > 0 && shift > 0) {
+            // Keep the blocks whose key has the new prefix, in place: a chunk's ids are read
+            // before any is written, and writes never pass the chunk being read.
+            u32 kept = 0;
+            for (int base = 0; base < (int)alive; base += 32) {
+                const int i = base + lane;
+                const u16 id = i < (int)alive ? live[i] : 0;
+                const bool stays = i < (int)alive && (cache[id] >> shift) == prefix;
+                const u32 ballot = __ballot_sync(0xffffffffu, stays);
+                __syncwarp();
+                if (stays) live[kept + __popc(ballot & ((1u << lane) - 1u))] = id;
+                kept += __popc(ballot);
+            }
+            alive = kept;
+        }
         __syncwarp();  // the histogram is cleared for the next digit
     }
     // Every candidate above the cut key, and the first `rank` (by block number) at it.
