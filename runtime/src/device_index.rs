@@ -375,6 +375,18 @@ impl Gpu {
         }
         Ok(made)
     }
+
+    /// The index builders' module for head dim `d` ([`emit_vv_index`]), generated on first use.
+    pub(crate) fn index_kernel(&self, d: u32) -> Result<Arc<weft_codegen::Kernel>, Error> {
+        if let Some(k) = self.index_kernels.lock().ok().and_then(|m| m.get(&d).cloned()) {
+            return Ok(k);
+        }
+        let kernel = Arc::new(emit_vv_index(d).map_err(|e| usage(e.to_string()))?);
+        if let Ok(mut m) = self.index_kernels.lock() {
+            m.insert(d, kernel.clone());
+        }
+        Ok(kernel)
+    }
 }
 
 /// A vertical-vector plan on the device.
@@ -549,7 +561,7 @@ impl Gpu {
         // Sample columns: one run of 32 keys per 512 (some past nk in the last block).
         let samples = nk.div_ceil(512) * 32;
         let samples_i = samples as i32;
-        let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
+        let kernel = self.index_kernel(d as u32)?;
         let f = self.load_entries(&kernel, &weft_codegen::VV_INDEX_ENTRIES)?;
         let (f_pool, f_kstats, f_score, f_threshold, f_exact, f_budget, f_select, f_columns, f_scan) =
             (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7], &f[8]);
@@ -813,7 +825,7 @@ impl Gpu {
             Budget::Threshold(t) => (1, 0, t.ln()),
             Budget::TopP(p) => (2, 0, p),
         };
-        let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
+        let kernel = self.index_kernel(d as u32)?;
         let f = self.load_entries(&kernel, &weft_codegen::BLOCK_INDEX_ENTRIES)?;
         let (f_pool, f_scores, f_select, f_rows, f_scan, f_top) = (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5]);
         let s = &self.stream;
@@ -833,9 +845,6 @@ impl Gpu {
         let mut scratch16 =
             unsafe { s.alloc::<u16>(2 * (hq * groups).max(hkv * kblocks) * d) }.map_err(driver(alloc))?;
         let mut scratch_l1 = unsafe { s.alloc::<f32>((hq * groups).max(hkv * kblocks)) }.map_err(driver(alloc))?;
-        let mut chosen = unsafe { s.alloc::<u32>(hq * groups * words) }.map_err(driver(alloc))?;
-        let mut row_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
-        let mut block_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
         let launch = |what: &str| driver(format!("launching the block index builder's {what} kernel"));
         let (nq_i, nk_i, hq_i) = (nq as i32, nk as i32, hq as i32);
         let (groups_i, kblocks_i, bq_i, bk_i) =
@@ -855,6 +864,10 @@ impl Gpu {
             unsafe { b.launch(launch_cfg(grid, 128, 0)) }.map_err(launch("pool"))?;
         }
         timer.mark("pool", t0)?;
+        // (Allocated once the pool is queued: the GPU starts while the host allocates.)
+        let mut chosen = unsafe { s.alloc::<u32>(hq * groups * words) }.map_err(driver(alloc))?;
+        let mut row_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
+        let mut block_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
         // Every (group, key block) score, for `chunk` heads at a time (a multiple of the GQA
         // group, so each chunk's query heads map to whole key heads): the kernels index from
         // the chunk's first head, so they get views that start there.

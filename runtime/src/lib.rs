@@ -151,6 +151,9 @@ pub struct Gpu {
     modules: Mutex<HashMap<(String, Arch), CudaFunction>>,
     /// Device copies of index-building plans, by plan id (see `device_index`).
     plan_copies: Mutex<HashMap<u64, Arc<dyn std::any::Any + Send + Sync>>>,
+    /// The index builders' module per head dim (generated once: its source is long, and every
+    /// build needs it before its first launch).
+    index_kernels: Mutex<HashMap<u32, Arc<weft_codegen::Kernel>>>,
     /// The kernel database and this GPU's toolchain (its key prefix), when attached.
     db: Option<(weft_cache::Db, weft_cache::Toolchain)>,
     /// Whether index builds record CUDA events per kernel (see [`Gpu::time_index_kernels`]).
@@ -236,6 +239,7 @@ impl Gpu {
             sm_count,
             modules: Mutex::new(HashMap::new()),
             plan_copies: Mutex::new(HashMap::new()),
+            index_kernels: Mutex::new(HashMap::new()),
             db: None,
             index_timing: std::sync::atomic::AtomicBool::new(false),
             persistent_ctas: std::sync::atomic::AtomicUsize::new(0),

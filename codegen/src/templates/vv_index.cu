@@ -1173,9 +1173,10 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_scan(const u32* __re
 // shared memory as doubles, so every pooled key is read once per 64 groups instead of once per
 // group. The four lanes of a quad hold the four accumulators (lane j: dimensions d = j mod 4)
 // of the same 8 groups x 8 key blocks, and combine them at the end by two shuffles in the
-// CPU's order, (a0 + a1) + (a2 + a3): 64 multiply-adds per 16 shared-memory reads, where a
-// thread holding all four accumulators of 4 x 4 pairs made 16 per 8 (0.30 -> 0.18 ms at 64k
-// with the register prefetch below, and less now).
+// CPU's order, (a0 + a1) + (a2 + a3): 64 multiply-adds per 16 shared-memory reads. At 64k
+// (H200, tenth session): 0.30 ms with a thread holding all four accumulators of 4 x 4 pairs
+// (16 per 8 reads), 0.184 with the register prefetch below, 0.186 in quads (the FP64 pipe
+// about 40% busy, 8 warps per SM); quads of 4 x 8 pairs at two CTAs per SM took 0.219.
 extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_scores(
     const float* __restrict__ pooled_q, const float* __restrict__ pooled_k, int hq, int hkv, int groups,
     int kblocks, double scale, double* __restrict__ scores)

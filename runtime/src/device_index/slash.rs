@@ -8,9 +8,7 @@
 use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
-use weft_codegen::{
-    emit_vv_index, vs_mass_shared_bytes, DType, VS_EXP_KEYS, VS_LOGITS_KEYS, VS_LOGITS_ROWS, VV_INDEX_MAX_SHARED,
-};
+use weft_codegen::{vs_mass_shared_bytes, DType, VS_EXP_KEYS, VS_LOGITS_KEYS, VS_LOGITS_ROWS, VV_INDEX_MAX_SHARED};
 use weft_patterns::device_plan::{SlashPlan, Verticals};
 
 use super::{
@@ -42,7 +40,7 @@ impl Gpu {
         if nq + nk > i32::MAX as usize {
             return Err(usage(format!("{nq} queries and {nk} keys: GPU index building takes fewer than 2^31")));
         }
-        let kernel = emit_vv_index(d as u32).map_err(|e| usage(e.to_string()))?;
+        let kernel = self.index_kernel(d as u32)?;
         let f = self.load_entries(&kernel, &weft_codegen::VS_INDEX_ENTRIES)?;
         let (f_logits, f_exp, f_inv, f_mass, f_select, f_tiles, f_rows, f_columns, f_scan, f_grid) =
             (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7], &f[8], &f[9]);
