@@ -156,9 +156,14 @@ struct AutotuneArgs {
     /// Do not store the result.
     #[arg(long)]
     no_db: bool,
-    /// Also time the Hopper path's configs (wgmma, sm_90a; H100/H200 only).
-    #[arg(long)]
+    /// Time the Hopper path's configs too (wgmma, sm_90a; H100/H200 only). The default on
+    /// those GPUs, where the untuned kernel is on that path; this flag says so when a GPU or
+    /// head dim has none.
+    #[arg(long, conflicts_with = "no_wgmma")]
     wgmma: bool,
+    /// Time the mma.sync configs only (and the runtime's default config), also on sm_90.
+    #[arg(long)]
+    no_wgmma: bool,
 }
 
 #[derive(Args)]
@@ -762,7 +767,13 @@ fn autotune(args: AutotuneArgs) -> Result<()> {
                         head_dim,
                         dtype,
                         head: args.head,
-                        wgmma: args.wgmma,
+                        wgmma: if args.wgmma {
+                            Some(true)
+                        } else if args.no_wgmma {
+                            Some(false)
+                        } else {
+                            None
+                        },
                     };
                     let r = tune(&gpu, db.as_ref().map(|(d, _)| d), &req, &report)?;
                     bar.finish_and_clear();

@@ -46,9 +46,11 @@ pub struct TuneRequest<'a> {
     pub dtype: DType,
     /// The head the pattern is tuned for, when heads tune differently.
     pub head: Option<u32>,
-    /// Also time the Hopper path's configs ([`crate::space::hopper_space`]; sm_90 GPUs only,
-    /// ignored elsewhere).
-    pub wgmma: bool,
+    /// Whether to time the Hopper path's configs too ([`crate::space::hopper_space`]; sm_90
+    /// GPUs only): `None` does on sm_90, where the runtime's untuned default is on that path;
+    /// `Some(true)` asks for them (and says so when this GPU or head dim has none);
+    /// `Some(false)` times the mma.sync space (and the default config) only.
+    pub wgmma: Option<bool>,
 }
 
 /// One config's outcome.
@@ -153,9 +155,9 @@ pub fn tune(
     }
     let d = req.head_dim as usize;
     let mut configs = space(req.pattern, req.head_dim, req.dtype);
-    if req.wgmma {
+    if req.wgmma.unwrap_or(gpu.arch.sm == 90) {
         let hopper = if gpu.arch.sm == 90 { hopper_space(req.pattern, req.head_dim, req.dtype) } else { Vec::new() };
-        if hopper.is_empty() {
+        if hopper.is_empty() && req.wgmma == Some(true) {
             progress(&format!(
                 "--wgmma: no Hopper configs here (they need an sm_90 GPU, this one is {}, and head dim 64 or 128)",
                 gpu.arch.name()

@@ -22,7 +22,16 @@ fn pattern() -> Pattern {
 }
 
 fn request(p: &Pattern, seq: usize) -> TuneRequest<'_> {
-    TuneRequest { pattern: p, heads: 8, kv_heads: 4, seq, head_dim: 128, dtype: DType::Bf16, head: None, wgmma: false }
+    TuneRequest {
+        pattern: p,
+        heads: 8,
+        kv_heads: 4,
+        seq,
+        head_dim: 128,
+        dtype: DType::Bf16,
+        head: None,
+        wgmma: Some(false),
+    }
 }
 
 /// Re-runs this binary as `helper` with `var` set to `value`; stdout is piped.
