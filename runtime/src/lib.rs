@@ -261,9 +261,10 @@ impl Gpu {
         self.persistent_ctas.store(ctas, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Block index builds (top_k and threshold) cache each row's keys in shared memory for
-    /// rows of at most `blocks` key blocks (and at most 1536, what fits), and read the scores
-    /// on every selection pass beyond: 0 makes every build take that path (tests).
+    /// Block index builds (top_k and threshold) cache each row's keys in shared memory when its
+    /// key blocks, rounded up to a multiple of 32, are at most `blocks` (and at most 1536, what
+    /// fits), and read the scores on every selection pass beyond: 0 makes every build take
+    /// that path (tests).
     pub fn limit_block_top_cache(&self, blocks: usize) {
         self.block_top_cache.store(blocks, std::sync::atomic::Ordering::Relaxed);
     }

@@ -100,6 +100,16 @@ __device__ __forceinline__ TileSource tile_source(int t, u32 nblocks, u32 ncols,
     return s;
 }
 
+#if WEFT_PRODUCER
+// Tile number g of a CTA's sequence occupies stage g % STAGES, as that stage's (g / STAGES)-th
+// fill: the stage's mbarrier in the array at `bars` (8 bytes each), the parity of that fill's
+// phase (what the consumers' wait on the full barrier takes), and that of the release of the
+// stage's previous occupant, tile g - STAGES (what the producer's wait on the empty one takes).
+__device__ __forceinline__ u32 stage_bar(u32 bars, int g) { return bars + 8 * (g % STAGES); }
+__device__ __forceinline__ u32 fill_parity(int g) { return (u32)(g / STAGES) & 1u; }
+__device__ __forceinline__ u32 release_parity(int g) { return (u32)(g / STAGES - 1) & 1u; }
+#endif
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
     const u16* __restrict__ Q, const u16* __restrict__ K, const u16* __restrict__ V,
     u16* __restrict__ O, float* __restrict__ LSE,
@@ -359,11 +369,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
         // the fill and release numbers of the stage's barriers).
         int g0 = 0;
         auto produce = [&](int t, bool k_part) {
-            const int g = g0 + t, stage = g % STAGES;
-            const u32 empty = (k_part ? bar_empty_k : bar_empty_v) + 8 * stage;
-            const u32 full = (k_part ? bar_full_k : bar_full_v) + 8 * stage;
-            if (g >= STAGES) mbar_wait(empty, (u32)(g / STAGES - 1) & 1u);
-            load_tile(t, stage, k_part, !k_part);
+            const int g = g0 + t;
+            const u32 empty = stage_bar(k_part ? bar_empty_k : bar_empty_v, g);
+            const u32 full = stage_bar(k_part ? bar_full_k : bar_full_v, g);
+            if (g >= STAGES) mbar_wait(empty, release_parity(g));
+            load_tile(t, g % STAGES, k_part, !k_part);
             mbar_arrive_cp_async(full);
             mbar_arrive(full);
         };
@@ -477,8 +487,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             // K_t has landed (the fill number g / STAGES of its stage), and V_{t-1}, which this
             // iteration's P V reads (waited for here, not between the MMAs and their wait, where
             // ptxas would serialise them).
-            mbar_wait(bar_full_k + 8 * stage, (u32)(g / STAGES) & 1u);
-            if (t > 0) mbar_wait(bar_full_v + 8 * ((g - 1) % STAGES), (u32)((g - 1) / STAGES) & 1u);
+            mbar_wait(stage_bar(bar_full_k, g), fill_parity(g));
+            if (t > 0) mbar_wait(stage_bar(bar_full_v, g - 1), fill_parity(g - 1));
             fence_async_shared();  // the copies, ordered before the wgmma unit's reads
 #elif WEFT_WGMMA
             // Groups t + 1 .. t + STAGES - 2 may still be in flight; group t (K_t, V_{t-1}) and
@@ -648,7 +658,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
 
 #if WEFT_PRODUCER
             // K_t and its key positions and mask ids are done with (S_t completed before the masks).
-            mbar_arrive(bar_empty_k + 8 * stage);
+            mbar_arrive(stage_bar(bar_empty_k, g));
 #endif
             // Online softmax per row (two rows per m-tile and thread; a quad shares a row).
             float alpha[MT][2];
@@ -685,7 +695,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             fence_registers(pa);  // (pa's old values stay put until here: the MMA read them)
 #if WEFT_PRODUCER
             // V_{t-1} is done with: P_{t-1} V_{t-1} completed.
-            if (t > 0) mbar_arrive(bar_empty_v + 8 * ((g - 1) % STAGES));
+            if (t > 0) mbar_arrive(stage_bar(bar_empty_v, g - 1));
 #endif
 #endif
             // Rescale O only when some row of the warp has a new maximum: after the first tiles
@@ -738,7 +748,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             // The last tile's P V, once its V has landed.
             const int last = g0 + ntiles - 1;
 #if WEFT_PRODUCER
-            mbar_wait(bar_full_v + 8 * (last % STAGES), (u32)(last / STAGES) & 1u);
+            mbar_wait(stage_bar(bar_full_v, last), fill_parity(last));
             fence_async_shared();
 #else
             fence_async_shared();
@@ -752,7 +762,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             fence_registers(oacc);
 #if WEFT_PERSISTENT
             // The row's last V and its Q are done with (its last S completed before its masks).
-            mbar_arrive(bar_empty_v + 8 * (last % STAGES));
+            mbar_arrive(stage_bar(bar_empty_v, last));
             mbar_arrive(bar_q_empty + 8 * qbuf);
 #endif
         }

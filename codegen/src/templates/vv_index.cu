@@ -227,7 +227,7 @@ __device__ __forceinline__ void score_tile_out(
         const bool ok = g < groups;
         const int slot = (per_head ? h : 0) * groups + (ok ? g : 0);
         const u32 lo = ok ? cand_lo[slot] : 0, hi = ok ? cand_hi[slot] : 0;
-        const u32 width = hi > lo ? hi - lo : 0;  // keys lo .. hi - 1; none past `groups`
+        const u32 width = hi > lo ? hi - lo : 0;  // keys lo .. hi - 1 (none for a row past `groups`)
         const float t_in = ok ? thresh[2 * ((size_t)h * groups + g)] : 0.f;
         u32 m = 0;
 #pragma unroll
@@ -1233,7 +1233,7 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_scores(
         __syncthreads();
     }
     // (IEEE addition commutes, so every lane of the quad gets the same sums.) Lane j stores the
-    // key blocks with l = j mod 4: a warp's stores of one group are 32 neighbouring doubles.
+    // key blocks with l = j mod 4: each store writes 8 neighbouring doubles of a group's row.
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
