@@ -69,8 +69,9 @@ pub fn hopper_space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<Kerne
         // The persistent grid where the pattern takes it: it won only on short rows in the
         // tenth session's measurements (block-3 at 16k: 0.350 against 0.396 ms) and lost on
         // long ones (dense and causal 5-23% slower), which is a choice per head for the timer.
+        // (validate_for also refuses it without the producer, i.e. below 128 rows.)
         let persistent = KernelConfig { persistent: true, ..c.hopper() };
-        let persistent = (persistent.producer && persistent.validate_for(&pattern.expr).is_ok()).then_some(persistent);
+        let persistent = persistent.validate_for(&pattern.expr).is_ok().then_some(persistent);
         for hopper in [Some(c.with_wgmma()), Some(c.hopper()), persistent].into_iter().flatten() {
             if !out.contains(&hopper) {
                 out.push(hopper);
