@@ -30,6 +30,24 @@ pub use weft_patterns as patterns;
 pub use weft_runtime as runtime;
 pub use weft_runtime::Runtime;
 
+pub mod analysis;
 pub mod catalog;
 pub mod qk;
+pub mod search;
 pub mod viz;
+
+/// What the library's own functions (analysis, search, Q/K files) report.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Pattern(#[from] weft_dsl::Error),
+    #[error(transparent)]
+    Patterns(#[from] weft_patterns::Error),
+    #[error(transparent)]
+    Qk(#[from] qk::QkError),
+    #[error(transparent)]
+    Autotune(#[from] weft_autotune::Error),
+    /// A bad argument, with what to do instead.
+    #[error("{0}")]
+    Usage(String),
+}

@@ -6,10 +6,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use weft::analysis::{AnalysisOptions, Report, UniverseChoice};
 use weft::catalog;
 use weft::dsl::{self, Pattern};
 use weft::patterns::synthetic::{planted_qk, Plant};
-use weft::patterns::{self as pat, IndexOptions, SparseIndex, Tensor, Universe};
+use weft::patterns::{self as pat, IndexOptions, Tensor, Universe};
 
 /// Longest synthetic sequence the CPU-side commands accept.
 const MAX_SEQ: usize = 1 << 22;
@@ -370,25 +371,8 @@ fn run(command: Command) -> Result<()> {
     }
 }
 
-/// A pattern from a file, a built-in name, or DSL text.
 fn load_pattern(arg: &str) -> Result<Pattern> {
-    let path = Path::new(arg);
-    if path.is_file() {
-        return Ok(dsl::load_pattern_file(path)?);
-    }
-    if let Some(p) = catalog::builtin(arg) {
-        return Ok(p);
-    }
-    let looks_like_text = arg.contains(['(', '&', '|', ' ', '<', '>', '=']) || arg == "causal" || arg == "full";
-    if looks_like_text {
-        return Ok(dsl::parse_pattern_str("cli", arg)?);
-    }
-    let names: Vec<&str> = catalog::builtins().into_iter().map(|(n, _)| n).collect();
-    bail!(
-        "`{arg}` is neither a pattern file, nor a built-in pattern ({}), nor DSL text; \
-         quote DSL text, e.g. \"causal & window(1024)\"",
-        names.join(", ")
-    )
+    Ok(weft::analysis::load_pattern(arg, "cli")?)
 }
 
 fn print_patterns() {
@@ -485,53 +469,21 @@ fn make_input(args: &InputArgs, pattern: &Pattern) -> Result<Input> {
     Ok(Input { q, k, description })
 }
 
-struct Report {
-    index: SparseIndex,
-    /// Per head, the (stride, phase) of each grid's row lines at an estimated phase.
-    row_lines: Vec<Vec<(usize, usize)>>,
-    build_ms: f64,
-    density: f64,
-    recall: pat::Recall,
-    universe: Universe,
-    scale: f64,
-}
-
 fn analyse(pattern: &Pattern, input: &Input, args: &InputArgs) -> Result<Report> {
-    let opts = IndexOptions { block_m: args.block_m, block_n: args.block_n, ..Default::default() };
-    let start = Instant::now();
-    let resolved = pat::resolve_pattern(&pattern.expr, &input.q, &input.k, &opts)?;
-    let index = resolved.index()?;
-    let build_ms = start.elapsed().as_secs_f64() * 1e3;
-    let row_lines = resolved
-        .nodes
-        .iter()
-        .map(|n| n.row_lines().iter().filter_map(|l| Some((l.stride, l.phase?))).collect())
-        .collect();
     let universe = match args.universe {
-        UniverseArg::All => Universe::All,
-        UniverseArg::Causal => Universe::Causal,
-        UniverseArg::Auto => {
-            let text = pattern.to_string();
-            if text.contains("causal") || text.contains("window(") || pattern.expr.contains_retrieval() {
-                Universe::Causal
-            } else {
-                Universe::All
-            }
-        }
+        UniverseArg::Auto => UniverseChoice::Auto,
+        UniverseArg::All => UniverseChoice::All,
+        UniverseArg::Causal => UniverseChoice::Causal,
     };
-    let sample = (args.recall_rows > 0).then_some(args.recall_rows);
-    let recall = pat::recall(&index, &input.q, &input.k, resolved.scale, universe, sample)?;
-    Ok(Report { density: index.density(), index, row_lines, build_ms, recall, universe, scale: resolved.scale })
+    let opts =
+        AnalysisOptions { block_m: args.block_m, block_n: args.block_n, universe, recall_rows: args.recall_rows };
+    Ok(weft::analysis::analyse(pattern, &input.q, &input.k, &opts)?)
 }
 
 fn explain(pattern: &Pattern, args: &InputArgs, json: bool) -> Result<()> {
     let valid = pattern.validate();
-    if json && valid.is_err() {
-        let out = serde_json::json!({
-            "name": pattern.name, "text": pattern.to_string(), "hash": pattern.hash().to_hex(),
-            "valid": false, "errors": valid.as_ref().err().map(|e| e.to_string()),
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+    if let (true, Err(e)) = (json, &valid) {
+        println!("{}", serde_json::to_string_pretty(&weft::analysis::invalid_json(pattern, e))?);
         bail!("the pattern is invalid");
     }
     if !json {
@@ -552,27 +504,7 @@ fn explain(pattern: &Pattern, args: &InputArgs, json: bool) -> Result<()> {
     let (full, partial, cols) = r.index.entry_counts();
     let per_head_density: Vec<f64> = (0..r.index.heads).map(|h| r.index.head_density(h)).collect();
     if json {
-        let out = serde_json::json!({
-            "name": pattern.name,
-            "text": pattern.to_string(),
-            "hash": pattern.hash().to_hex(),
-            "valid": true,
-            "ir": pattern.expr,
-            "input": input.description,
-            "block_m": r.index.block_m,
-            "block_n": r.index.block_n,
-            "full_blocks": full, "partial_blocks": partial, "columns": cols,
-            "masks": r.index.masks.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
-            "row_lines_per_head": r.row_lines.iter().map(|ls| ls.iter().map(|(stride, phase)| serde_json::json!({"stride": stride, "phase": phase})).collect::<Vec<_>>()).collect::<Vec<_>>(),
-            "build_ms": r.build_ms,
-            "density": r.density,
-            "density_per_head": per_head_density,
-            "recall_mean": r.recall.mean, "recall_min": r.recall.min,
-            "recall_per_head": r.recall.per_head,
-            "recall_universe": format!("{:?}", r.universe).to_lowercase(),
-            "recall_rows_per_head": r.recall.rows,
-            "scale": r.scale,
-        });
+        let out = r.to_json(pattern, &input.description);
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
@@ -831,88 +763,43 @@ const FAMILY_COLOURS: [(&str, [u8; 3]); 6] = [
 
 fn search(args: SearchArgs) -> Result<()> {
     use weft::autotune::search::*;
-    let mode_recall = args.target_recall.unwrap_or(0.95);
-    if !(mode_recall > 0.0 && mode_recall <= 1.0) {
-        bail!("--target-recall must be in (0, 1], got {mode_recall}");
-    }
-    if let Some(b) = args.budget {
-        if !(b > 0.0 && b <= 1.0) {
-            bail!("--budget is a mean density in (0, 1], got {b}");
-        }
-    }
-    let causal = !args.bidirectional;
-    let layers = weft::qk::layers(&args.qk)?;
+    let opts = weft::search::SearchOptions {
+        target_recall: args.target_recall.unwrap_or(0.95),
+        budget: args.budget,
+        causal: !args.bidirectional,
+        cpu: args.cpu,
+    };
     let model = args.model.clone().unwrap_or_else(|| {
         args.qk.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
     });
     let start = Instant::now();
-    let gpu = if args.cpu {
-        None
-    } else {
-        match weft::runtime::Gpu::open(0) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                tracing::info!(error = %e, "no GPU for the search; recall on the CPU");
-                None
-            }
-        }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} candidate indexes, layer {msg} [{elapsed_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let progress = |p: weft::search::Progress| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.done as u64);
+        bar.set_message(format!("{}", p.layer));
     };
-    let mut backend = gpu.as_ref().map_or(Backend::Cpu, Backend::Gpu);
-    let mut all = Vec::new();
-    let mut cands = Vec::new();
-    let mut bar: Option<indicatif::ProgressBar> = None;
-    for (li, layer) in layers.iter().enumerate() {
-        let (q, k) = weft::qk::load(&args.qk, *layer)?;
-        if matches!(backend, Backend::Gpu(_)) && ![64, 128, 256].contains(&q.dim) {
-            eprintln!("head dim {} has no GPU kernel; recall on the CPU", q.dim);
-            backend = Backend::Cpu;
-        }
-        if li == 0 {
-            match (&backend, &gpu) {
-                (Backend::Gpu(_), Some(g)) => eprintln!("recall on {} with generated kernels", g.name),
-                _ => eprintln!("recall on the CPU ({} threads)", rayon::current_num_threads()),
-            }
-        }
-        if cands.is_empty() {
-            cands = candidates(k.tokens, causal);
-            let b = indicatif::ProgressBar::new((layers.len() * cands.len()) as u64);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {pos}/{len} candidate indexes, layer {msg} [{elapsed_precise}]",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            bar = Some(b);
-        }
-        if let Some(b) = &bar {
-            b.set_message(format!("{li}"));
-        }
-        let rows = sample_rows(q.tokens);
-        let tick = || {
-            if let Some(b) = &bar {
-                b.inc(1);
-            }
-        };
-        all.extend(evaluate_layer_on(backend, layer.unwrap_or(0), &q, &k, &cands, causal, &rows, &tick)?);
-    }
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
-    let chosen = match args.budget {
-        Some(b) => choose_by_budget(&all, &cands, b)?,
-        None => choose_by_recall(&all, &cands, mode_recall),
-    };
+    let outcome = weft::search::run(&args.qk, &opts, &progress)?;
+    bar.finish_and_clear();
+    let chosen = outcome.choices;
     println!(
-        "{} heads in {} layers searched in {:.1} s over {} candidates ({}; recall and density on {} sampled rows per head)",
+        "{} heads in {} layers searched in {:.1} s over {} candidates ({}; recall on {}, recall and density on {} sampled rows per head)",
         chosen.len(),
-        layers.len(),
+        outcome.layers,
         start.elapsed().as_secs_f64(),
-        cands.len(),
+        outcome.candidates,
         match args.budget {
             Some(b) => format!("mean density budget {b}"),
-            None => format!("target recall {mode_recall}"),
+            None => format!("target recall {}", opts.target_recall),
         },
-        sample_rows(weft::qk::load(&args.qk, layers[0])?.0.tokens).len()
+        outcome.backend,
+        outcome.rows_per_head
     );
     println!("{:<6} {:<48} {:>8} {:>8}", "layer", "families", "density", "recall");
     for l in summarize(&chosen) {
