@@ -157,7 +157,8 @@ fn entry_total(s: &Arc<CudaStream>, ptr: &CudaSlice<u32>) -> Result<usize, Error
 /// queued: the bound, or past [`LIST_BOUND_BYTES`] the total read back (the one wait, reported
 /// as `sized_by_read`).
 fn list_len(s: &Arc<CudaStream>, bound: usize, ptr: &CudaSlice<u32>) -> Result<(usize, bool), Error> {
-    if bound.saturating_mul(6) <= LIST_BOUND_BYTES {
+    // A CUDA graph capture cannot wait for the read: it sizes the lists by the bound.
+    if bound.saturating_mul(6) <= LIST_BOUND_BYTES || crate::capturing(s)? {
         return Ok((bound, false));
     }
     Ok((entry_total(s, ptr)?, true))
@@ -185,12 +186,21 @@ pub enum VvStrategy {
     List { capacity: Option<usize> },
 }
 
+/// An index's sequence tables for one shape (one sequence), kept on the device.
+struct SeqTables {
+    seq_q: CudaSlice<i32>,
+    seq_k: CudaSlice<i32>,
+    seq_qb: CudaSlice<i32>,
+    head_map: CudaSlice<i32>,
+}
+
 /// Copies `v` to the device; an empty list becomes one zero (kernels need a valid pointer).
 fn upload<T: cudarc::driver::DeviceRepr + Default + Clone>(
     s: &Arc<CudaStream>,
     v: &[T],
     what: &str,
 ) -> Result<CudaSlice<T>, Error> {
+    crate::refuse_in_capture(s, what)?;
     let one = [T::default()];
     s.clone_htod(if v.is_empty() { &one[..] } else { v }).map_err(driver(what))
 }
@@ -445,9 +455,27 @@ impl Gpu {
         (col_ptr, col_idx, col_mask): DeviceCsr,
     ) -> Result<DeviceIndex, Error> {
         let s = &self.stream;
-        let up = "uploading the index's sequence tables";
         let q_blocks = shape.nq.div_ceil(block_m);
-        let map: Vec<i32> = (0..shape.hq as i32).collect();
+        // The small sequence tables depend only on the shape: uploaded once, then copied on the
+        // device, so that a build queues no host-to-device copy (which a CUDA graph would
+        // capture as a read of host memory that is gone by the replay).
+        let id = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            ("sequence tables", shape.hq, shape.nq, shape.nk, q_blocks).hash(&mut h);
+            h.finish()
+        };
+        let tables = self.plan_copy(id, || {
+            let up = "uploading the index's sequence tables";
+            let map: Vec<i32> = (0..shape.hq as i32).collect();
+            Ok(SeqTables {
+                seq_q: upload(s, &[0, shape.nq as i32], up)?,
+                seq_k: upload(s, &[0, shape.nk as i32], up)?,
+                seq_qb: upload(s, &[0, q_blocks as i32], up)?,
+                head_map: upload(s, &map, up)?,
+            })
+        })?;
+        let up = "copying the index's sequence tables";
         Ok(DeviceIndex {
             heads: shape.hq,
             head_map: (0..shape.hq).collect(),
@@ -457,16 +485,16 @@ impl Gpu {
             block_n,
             batch: 1,
             q_blocks,
-            seq_q: s.clone_htod(&[0, shape.nq as i32]).map_err(driver(up))?,
-            seq_k: s.clone_htod(&[0, shape.nk as i32]).map_err(driver(up))?,
-            seq_qb: s.clone_htod(&[0, q_blocks as i32]).map_err(driver(up))?,
+            seq_q: s.clone_dtod(&tables.seq_q).map_err(driver(up))?,
+            seq_k: s.clone_dtod(&tables.seq_k).map_err(driver(up))?,
+            seq_qb: s.clone_dtod(&tables.seq_qb).map_err(driver(up))?,
             block_ptr,
             block_idx,
             block_mask,
             col_ptr,
             col_idx,
             col_mask,
-            head_map_dev: s.clone_htod(&map).map_err(driver(up))?,
+            head_map_dev: s.clone_dtod(&tables.head_map).map_err(driver(up))?,
             gathered: false,
         })
     }

@@ -22,7 +22,7 @@ use weft_dsl::{Pattern, PatternExpr};
 use weft_patterns::device_plan::AnyPlan;
 use weft_patterns::{build_index, IndexOptions, SparseIndex, Tensor};
 
-use crate::{driver, AttnShape, Error, LoadSource, Runtime};
+use crate::{driver, AttnShape, DeviceIndex, Error, LoadSource, Runtime};
 
 /// The tuning-database key of (pattern, head, shape): the tuner stores under it, the runtime
 /// looks up under it. `seq` is the key length; `gqa` the query heads per key head.
@@ -44,16 +44,36 @@ fn bucket(seq: usize, head_dim: u32, dtype: DType, gqa: usize) -> ShapeBucket {
     ShapeBucket::new(seq, head_dim, dtype.name(), gqa as u32, false)
 }
 
-/// The pattern of every query head of one layer.
+/// The pattern of every query head of one layer, with each pattern's hash computed once
+/// (a serving loop calls [`Runtime::attention_layer`] with the same plan for every layer and
+/// step; hashing is tens of microseconds a pattern).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerPlan {
-    pub patterns: Vec<Pattern>,
+    patterns: Vec<Pattern>,
+    hashes: Vec<String>,
 }
 
 impl LayerPlan {
+    /// One pattern per query head.
+    pub fn new(patterns: Vec<Pattern>) -> LayerPlan {
+        let hashes = patterns.iter().map(|p| p.hash().to_hex()).collect();
+        LayerPlan { patterns, hashes }
+    }
+
     /// The same pattern for all `heads`.
     pub fn uniform(pattern: Pattern, heads: usize) -> LayerPlan {
-        LayerPlan { patterns: vec![pattern; heads] }
+        let hash = pattern.hash().to_hex();
+        LayerPlan { patterns: vec![pattern; heads], hashes: vec![hash; heads] }
+    }
+
+    /// Each query head's pattern.
+    pub fn patterns(&self) -> &[Pattern] {
+        &self.patterns
+    }
+
+    /// Each query head's pattern hash (hex).
+    pub fn hashes(&self) -> &[String] {
+        &self.hashes
     }
 
     /// The patterns a search stored for `model`'s `layer` (`weft search --model`).
@@ -77,7 +97,7 @@ impl LayerPlan {
                 heads.keys()
             )));
         }
-        Ok(LayerPlan { patterns: heads.into_values().collect() })
+        Ok(LayerPlan::new(heads.into_values().collect()))
     }
 }
 
@@ -121,6 +141,17 @@ type IndexCacheKey = (String, usize, usize, usize, usize, usize);
 /// A device plan's key: the index key and the scale's bits.
 type PlanCacheKey = (IndexCacheKey, u32);
 
+/// A static group's key: its heads with their pattern hashes, the shape and the config.
+type StaticGroupKey = (Vec<(usize, String)>, (usize, usize, usize, usize, usize), KernelConfig);
+
+/// A gathered index on the device, with the mask table and permutation its kernel is
+/// generated with.
+struct UploadedIndex {
+    device: DeviceIndex,
+    masks: Vec<weft_dsl::Pred>,
+    permutation: Option<weft_dsl::Permutation>,
+}
+
 /// A map kept across calls that empties itself when it reaches [`STATIC_INDEX_CACHE`]
 /// entries: serving many lengths must not grow host memory without end. A poisoned lock
 /// reads as empty and stores nothing (the caller computes afresh).
@@ -154,6 +185,13 @@ pub(crate) struct LayerCache {
     /// Static plans of GPU-built indexes, by the same key and the scale's bits; `None`
     /// records a pattern the GPU cannot build at that shape.
     device_plans: BoundedCache<PlanCacheKey, Option<Arc<AnyPlan>>>,
+    /// Device indexes of groups whose patterns are all static, by the group's heads, their
+    /// pattern hashes, the shape and the config: uploaded once, so that a call of a static
+    /// layer copies nothing from the host (and can be captured in a CUDA graph).
+    static_device_indexes: BoundedCache<StaticGroupKey, Arc<UploadedIndex>>,
+    /// Generated kernels by their group's pattern names and hashes, masks, permutation and
+    /// config.
+    kernels: BoundedCache<String, Arc<weft_codegen::Kernel>>,
     /// Each (pattern, head, bucket)'s config and whether it was tuned, read from the
     /// database once per process (a tune stored later by another process is seen after a
     /// restart).
@@ -211,9 +249,9 @@ impl Runtime {
 
         // Each head's config, and the groups of heads that share one.
         let gqa = shape.hq / shape.hkv;
-        // Each head's pattern hash, computed once: the config memo, the grouping and the index
-        // cache are keyed by it.
-        let hashes: Vec<String> = plan.patterns.iter().map(|p| p.hash().to_hex()).collect();
+        // Each head's pattern hash: the config memo, the grouping and the index cache are keyed
+        // by it.
+        let hashes = plan.hashes();
         let mut groups: BTreeMap<GroupKey, Vec<usize>> = BTreeMap::new();
         let mut tuned_of = vec![false; shape.hq];
         let mut warned: Vec<String> = Vec::new();
@@ -287,9 +325,21 @@ impl Runtime {
                 }
                 None => None,
             };
-            let (device_index, masks, permutation, index_on_gpu, index_ms) = match gpu_built {
-                Some((device_index, masks)) => (device_index, masks, None, true, started.elapsed().as_secs_f64() * 1e3),
-                None => {
+            let all_static = heads.iter().all(|&h| plan.patterns[h].expr.is_static());
+            let static_key: StaticGroupKey = (
+                heads.iter().map(|&h| (h, hashes[h].clone())).collect(),
+                (shape.hq, shape.hkv, shape.nq, shape.nk, shape.head_dim),
+                config,
+            );
+            let cached = if all_static { self.layer.static_device_indexes.get(&static_key) } else { None };
+            let (uploaded, index_on_gpu, index_ms) = match (gpu_built, cached) {
+                (Some((device, masks)), _) => (
+                    Arc::new(UploadedIndex { device, masks, permutation: None }),
+                    true,
+                    started.elapsed().as_secs_f64() * 1e3,
+                ),
+                (None, Some(uploaded)) => (uploaded, false, started.elapsed().as_secs_f64() * 1e3),
+                (None, None) => {
                     // One index per distinct pattern in the group, over every head of the layer.
                     let mut by_hash: HashMap<&str, Arc<SparseIndex>> = HashMap::new();
                     for &h in &heads {
@@ -311,20 +361,40 @@ impl Runtime {
                         heads.iter().map(|&h| (by_hash[hashes[h].as_str()].as_ref(), h)).collect();
                     let index = SparseIndex::gather_heads(&parts).map_err(|e| Error::Shape(e.to_string()))?;
                     let index_ms = started.elapsed().as_secs_f64() * 1e3;
-                    let device_index = self.gpu.upload_gathered(&index, heads.clone())?;
-                    (device_index, index.masks, index.permutation, false, index_ms)
+                    let device = self.gpu.upload_gathered(&index, heads.clone())?;
+                    let uploaded =
+                        Arc::new(UploadedIndex { device, masks: index.masks, permutation: index.permutation });
+                    if all_static {
+                        self.layer.static_device_indexes.insert(static_key, uploaded.clone());
+                    }
+                    (uploaded, false, index_ms)
                 }
             };
+            let (device_index, masks) = (&uploaded.device, &uploaded.masks);
+            let permutation = uploaded.permutation;
 
             let mut names: Vec<String> = heads.iter().map(|&h| plan.patterns[h].name.clone()).collect();
             names.sort();
             names.dedup();
-            let label = if names.len() == 1 {
-                plan.patterns[heads[0]].clone()
-            } else {
-                group_label(&names, heads.iter().map(|&h| &plan.patterns[h]))
+            // Generating a kernel's source takes about a millisecond: each (patterns, masks,
+            // permutation, config) is generated once and kept.
+            let mut group_hashes: Vec<&str> = heads.iter().map(|&h| hashes[h].as_str()).collect();
+            group_hashes.sort_unstable();
+            group_hashes.dedup();
+            let kernel_key = format!("{names:?} {group_hashes:?} {masks:?} {permutation:?} {config:?}");
+            let kernel = match self.layer.kernels.get(&kernel_key) {
+                Some(k) => k,
+                None => {
+                    let label = if names.len() == 1 {
+                        plan.patterns[heads[0]].clone()
+                    } else {
+                        group_label(&names, heads.iter().map(|&h| &plan.patterns[h]))
+                    };
+                    let k = Arc::new(emit(&KernelSpec { pattern: &label, masks, permutation, config })?);
+                    self.layer.kernels.insert(kernel_key, k.clone());
+                    k
+                }
             };
-            let kernel = emit(&KernelSpec { pattern: &label, masks: &masks, permutation, config })?;
             let loading = Instant::now();
             let (_, source) = self.gpu.load_traced(&kernel)?;
             let load_ms = loading.elapsed().as_secs_f64() * 1e3;
@@ -338,10 +408,10 @@ impl Runtime {
                     "a tuned pattern's kernel was compiled at run time: its predicates depend on the input"
                 );
             }
-            self.gpu.attention(&kernel, &config, &device_index, shape, q, k, v, out, lse, scale)?;
+            self.gpu.attention(&kernel, &config, device_index, shape, q, k, v, out, lse, scale)?;
             tracing::debug!(kernel = %kernel.name, heads = ?heads, ?source, index_ms, index_on_gpu, "layer group launched");
             reports.push(LaunchReport {
-                kernel: kernel.name,
+                kernel: kernel.name.clone(),
                 config,
                 tuned,
                 heads,
@@ -501,6 +571,7 @@ impl Runtime {
             )));
         }
         let what = "copying Q and K to the host for index building";
+        crate::refuse_in_capture(&self.gpu.stream, what)?;
         let qh = self.gpu.stream.clone_dtoh(q).map_err(driver(what))?;
         let kh = self.gpu.stream.clone_dtoh(k).map_err(driver(what))?;
         let tensor = |heads, n, words: &[u16]| {

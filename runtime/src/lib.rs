@@ -26,6 +26,7 @@
 //!   warning), one launch per group of heads sharing a kernel (see the `layer` module).
 
 mod device_index;
+mod external;
 mod layer;
 pub mod nvrtc;
 
@@ -37,6 +38,7 @@ use weft_codegen::{Kernel, KernelConfig, DECODE_THREADS, MERGE_THREADS};
 use weft_patterns::{BatchIndex, SparseIndex};
 
 pub use device_index::{IndexBuild, IndexBuildReport, VvStrategy, LIST_BOUND_BYTES};
+pub use external::{Borrowed, ExternalTensors};
 pub use layer::{tune_key, LaunchReport, LayerPlan};
 pub use nvrtc::{Arch, Compiled, ResourceReport};
 
@@ -175,6 +177,31 @@ pub enum LoadSource {
     Database,
     /// Compiled with NVRTC now (and stored, when a database is attached).
     Compiled,
+}
+
+/// Refuses a host transfer (`what`) on a stream that is being captured into a CUDA graph: the
+/// graph would replay a copy of host memory that no longer holds the data, or wait for the
+/// host. The first call at a shape does such transfers (static indexes, index plans); calls
+/// after it at the same shape do none.
+pub(crate) fn refuse_in_capture(s: &CudaStream, what: &str) -> Result<(), Error> {
+    if !capturing(s)? {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "{what} needs the host, which a CUDA graph capture cannot record: run this call once at the same \
+         shapes before capturing (it prepares the indexes and plans the capture then reuses), or use a \
+         pattern whose index weft builds on the GPU"
+    )))
+}
+
+/// Whether `s` is being captured into a CUDA graph.
+pub(crate) fn capturing(s: &CudaStream) -> Result<bool, Error> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // Safety: a query on a live stream.
+    unsafe { sys::cuStreamIsCapturing(s.cu_stream(), &mut status) }
+        .result()
+        .map_err(driver("asking whether the stream is capturing"))?;
+    Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }
 
 /// The kernels take a positive finite softmax scale: they fold it into base-2 exponents and
@@ -494,6 +521,7 @@ impl Gpu {
             )));
         }
         let s = &self.stream;
+        refuse_in_capture(s, "uploading an index")?;
         // Empty lists still need a valid pointer.
         let nonempty_u32 = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
         let nonempty_u16 = |v: &[u16]| if v.is_empty() { vec![0u16] } else { v.to_vec() };
@@ -700,12 +728,17 @@ impl Runtime {
     /// Opens GPU 0 and the kernel database at `db` (default: `$WEFT_DB`, else the per-user
     /// cache directory).
     pub fn open(db: Option<&std::path::Path>) -> Result<Runtime, Error> {
+        Runtime::open_on(0, db)
+    }
+
+    /// [`Runtime::open`] on device `ordinal`.
+    pub fn open_on(ordinal: usize, db: Option<&std::path::Path>) -> Result<Runtime, Error> {
         let path = match db {
             Some(p) => p.to_path_buf(),
             None => weft_cache::default_path().map_err(|e| Error::Usage(e.to_string()))?,
         };
         let db = weft_cache::Db::open(&path).map_err(|e| Error::Usage(e.to_string()))?;
-        let mut gpu = Gpu::open(0)?;
+        let mut gpu = Gpu::open(ordinal)?;
         gpu.attach_db(db)?;
         Ok(Runtime { gpu, layer: Default::default(), gpu_index: true.into() })
     }

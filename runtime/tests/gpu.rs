@@ -691,7 +691,7 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
     let by_head =
         Pattern::new("by_head", causal() & pred(h().eq(lit(2)).or(k().lt(lit(64))).or(q().lt(k() + lit(40)))));
     let blocks32 = Pattern::new("blocks32", block().block_q(32).block_k(32).keep_where(q().ge(k())));
-    let plan = LayerPlan { patterns: vec![window.clone(), vv.clone(), by_head, window.clone(), blocks32, vv] };
+    let plan = LayerPlan::new(vec![window.clone(), vv.clone(), by_head, window.clone(), blocks32, vv]);
     let mut failures = Vec::new();
     for (dtype, d, n, tuned) in
         [(DType::Bf16, 128usize, 777usize, false), (DType::F16, 64, 1000, false), (DType::Bf16, 128, 777, true)]
@@ -725,10 +725,10 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
 
         // Launches: one per distinct config, covering every head once.
         let config_of = |h: usize| {
-            if tuned && plan.patterns[h].name == "window" {
+            if tuned && plan.patterns()[h].name == "window" {
                 tuned_config
             } else {
-                KernelConfig::default_for_arch(&plan.patterns[h].expr, d as u32, dtype, rt.gpu.arch.sm).unwrap()
+                KernelConfig::default_for_arch(&plan.patterns()[h].expr, d as u32, dtype, rt.gpu.arch.sm).unwrap()
             }
         };
         let mut configs: Vec<KernelConfig> = (0..hq).map(config_of).collect();
@@ -760,7 +760,7 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
                 scale: Some(scale),
                 ..Default::default()
             };
-            let ix = build_index(&plan.patterns[h].expr, &x.q, &x.k, &opts).unwrap();
+            let ix = build_index(&plan.patterns()[h].expr, &x.q, &x.k, &opts).unwrap();
             let want = attention(&ix, &x.q, &x.k, &x.v, scale).unwrap();
             let one = Attention {
                 out: Tensor::new(1, n, d, want.out.data[h * n * d..(h + 1) * n * d].to_vec()).unwrap(),

@@ -25,8 +25,8 @@ fn a_plan_from_search_results_has_one_pattern_per_head_in_order() {
     store(&db, "m", 0, 0, &b);
     store(&db, "other", 1, 0, &a);
     let plan = LayerPlan::from_search(&db, "m", 1).unwrap();
-    assert_eq!(plan.patterns, vec![b.clone(), a.clone(), a.clone()]);
-    assert_eq!(LayerPlan::from_search(&db, "m", 0).unwrap().patterns, vec![b]);
+    assert_eq!(plan.patterns(), vec![b.clone(), a.clone(), a.clone()]);
+    assert_eq!(LayerPlan::from_search(&db, "m", 0).unwrap().patterns(), vec![b]);
 
     // No results, and a layer with a missing head, are errors that say what to do.
     let e = LayerPlan::from_search(&db, "m", 7).unwrap_err().to_string();
@@ -35,7 +35,7 @@ fn a_plan_from_search_results_has_one_pattern_per_head_in_order() {
     store(&db, "gappy", 0, 2, &a);
     let e = LayerPlan::from_search(&db, "gappy", 0).unwrap_err().to_string();
     assert!(e.contains("miss some heads"), "{e}");
-    assert_eq!(LayerPlan::uniform(a.clone(), 3).patterns, vec![a.clone(), a.clone(), a]);
+    assert_eq!(LayerPlan::uniform(a.clone(), 3).patterns(), vec![a.clone(), a.clone(), a]);
 }
 
 #[test]

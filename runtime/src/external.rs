@@ -1,0 +1,137 @@
+//! Tensors and streams owned by another library (PyTorch): weft's kernels read and write their
+//! memory in place, on that library's stream, in the device's primary context (the one the
+//! CUDA runtime, and so PyTorch, uses).
+//!
+//! cudarc's buffers own their memory; a [`Borrowed`] buffer wraps a foreign address as one for
+//! the length of a call and gives it back (never frees it) when dropped.
+
+use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaSlice, CudaStream, DeviceRepr};
+use weft_codegen::DType;
+
+use crate::{driver, AttnShape, Error, LaunchReport, LayerPlan, Runtime};
+
+/// A device buffer owned elsewhere, seen as a [`CudaSlice`] for one call.
+pub struct Borrowed<T> {
+    slice: ManuallyDrop<CudaSlice<T>>,
+}
+
+impl<T: DeviceRepr> Borrowed<T> {
+    /// # Safety
+    /// `addr` must be device memory of `stream`'s context holding at least `len` elements of
+    /// `T`, valid (and not used by anyone else in a conflicting way) until the work queued on
+    /// `stream` with it has run. Event tracking must be off in the context (see
+    /// [`Runtime::open_external`]): a tracked slice would create events here.
+    unsafe fn new(stream: &Arc<CudaStream>, addr: u64, len: usize) -> Self {
+        // Safety: the caller's contract; the slice is never dropped as such (see Drop).
+        let slice = unsafe { stream.upgrade_device_ptr::<T>(addr as sys::CUdeviceptr, len) };
+        Borrowed { slice: ManuallyDrop::new(slice) }
+    }
+}
+
+impl<T> Deref for Borrowed<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.slice
+    }
+}
+
+impl<T> DerefMut for Borrowed<T> {
+    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.slice
+    }
+}
+
+impl<T> Drop for Borrowed<T> {
+    fn drop(&mut self) {
+        // Safety: taken once, here; `leak` hands the address back without freeing it.
+        let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
+        let _ = slice.leak();
+    }
+}
+
+/// Device addresses of one attention call's tensors, each contiguous in the layout
+/// [`Runtime::attention_layer`] takes: Q `[hq, nq, d]`, K and V `[hkv, nk, d]`, O like Q, LSE
+/// `[hq, nq]` in f32.
+#[derive(Clone, Copy, Debug)]
+pub struct ExternalTensors {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub out: u64,
+    pub lse: u64,
+}
+
+impl Runtime {
+    /// The runtime for device `ordinal` of a process where another library (PyTorch) owns the
+    /// memory and the streams: the device's primary context (shared with the CUDA runtime),
+    /// no event tracking (the caller orders its work on its own streams), and the kernel
+    /// database at `db` (default: `$WEFT_DB`, else the per-user cache directory).
+    pub fn open_external(ordinal: usize, db: Option<&std::path::Path>) -> Result<Runtime, Error> {
+        let rt = Runtime::open_on(ordinal, db)?;
+        // Safety: this runtime works on one stream at a time (`use_stream` orders a switch),
+        // so the per-buffer events cudarc records for work across streams are not needed.
+        unsafe { rt.gpu.ctx.disable_event_tracking() };
+        Ok(rt)
+    }
+
+    /// Queues the following work on the foreign stream `stream` (a `CUstream`/`cudaStream_t`
+    /// of this runtime's device; 0 is the legacy default stream). When it differs from the
+    /// last one, the last is waited for once, so that buffers this runtime keeps across calls
+    /// (index plans, static indexes) are complete before another stream reads them.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this device's primary context, kept alive by its
+    /// owner while work queued here may run.
+    pub unsafe fn use_stream(&mut self, stream: u64) -> Result<(), Error> {
+        let raw = stream as sys::CUstream;
+        if self.gpu.stream.cu_stream() == raw {
+            return Ok(());
+        }
+        // A stream being captured into a CUDA graph may not wait for the host; PyTorch
+        // synchronises the device before it starts a capture, so the old stream is idle then.
+        // Safety: the caller's contract.
+        let next = unsafe { self.gpu.ctx.wrap_borrowed_stream(raw) };
+        if !crate::capturing(&next)? {
+            self.gpu.stream.synchronize().map_err(driver("waiting for the previous stream"))?;
+        }
+        self.gpu.stream = next;
+        Ok(())
+    }
+
+    /// [`Runtime::attention_layer`] on foreign memory, queued on the stream given to
+    /// [`Runtime::use_stream`]; nothing here waits for the device.
+    ///
+    /// # Safety
+    /// Each address must be device memory of this context holding the elements `shape` and
+    /// `dtype` give it (16-bit Q, K, V and O; f32 LSE), alive until the queued work has run;
+    /// the runtime must come from [`Runtime::open_external`].
+    pub unsafe fn attention_layer_external(
+        &self,
+        plan: &LayerPlan,
+        shape: AttnShape,
+        dtype: DType,
+        t: ExternalTensors,
+        scale: Option<f32>,
+    ) -> Result<Vec<LaunchReport>, Error> {
+        if !self.gpu.ctx.is_primary() || self.gpu.ctx.is_event_tracking() {
+            return Err(Error::Usage("foreign tensors need a runtime from Runtime::open_external".into()));
+        }
+        let (q_len, kv_len) = (shape.hq * shape.nq * shape.head_dim, shape.hkv * shape.nk * shape.head_dim);
+        let s = &self.gpu.stream;
+        // Safety: the caller's contract on addresses and lengths; event tracking is off.
+        let (q, k, v, mut out, mut lse) = unsafe {
+            (
+                Borrowed::<u16>::new(s, t.q, q_len),
+                Borrowed::<u16>::new(s, t.k, kv_len),
+                Borrowed::<u16>::new(s, t.v, kv_len),
+                Borrowed::<u16>::new(s, t.out, q_len),
+                Borrowed::<f32>::new(s, t.lse, shape.hq * shape.nq),
+            )
+        };
+        self.attention_layer(plan, shape, dtype, &q, &k, &v, &mut out, &mut lse, scale)
+    }
+}
