@@ -1,0 +1,237 @@
+"""weft's kernels on torch CUDA tensors.
+
+    import weft.torch
+    out = weft.torch.attention(q, k, v, "causal & (sink(64) | local(1024) | vertical_vector(keep = top_k(2048)))")
+    out, lse = weft.torch.attention(q, k, v, plan, return_lse=True)
+
+Q is ``[B, H, N, D]``, K and V ``[B, Hkv, Nk, D]`` (GQA: Hkv divides H), contiguous, bf16 or
+fp16, on one CUDA device; head dims 64 and 128 (256 where the kernel fits). The kernels read
+and write the tensors' memory in place, on torch's current stream, with no host
+synchronisation; the output and log-sum-exp are allocated by torch. Tuned kernels load from
+the kernel database (``weft autotune``); an untuned pattern is compiled once per process and
+stored there.
+
+The op is registered as ``torch.ops.weft.attention`` with a fake implementation, so
+``torch.compile`` traces through it, and it can be captured in a CUDA graph once a first call
+at the same shapes has compiled its kernels (and, for dynamic patterns, the GPU index plans).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import Optional, Sequence, Union
+
+import torch
+
+import weft
+from . import _weft
+
+__all__ = ["attention", "runtime", "plan", "Plan"]
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+_lock = threading.Lock()
+_runtimes: dict = {}
+# Plans by key: the custom op takes the key (a string, which torch.compile treats as a
+# constant) and finds the plan here.
+_plans: dict = {}
+
+
+def runtime(device: Union[int, torch.device, None] = None) -> _weft.Runtime:
+    """The weft runtime of a CUDA device (one per process and device), on the kernel database
+    of ``$WEFT_DB`` or the per-user cache directory."""
+    if device is None:
+        index = torch.cuda.current_device()
+    elif isinstance(device, torch.device):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    else:
+        index = int(device)
+    with _lock:
+        rt = _runtimes.get(index)
+        if rt is None:
+            # torch creates the device's primary context lazily; weft runs in that context.
+            torch.cuda.init()
+            with torch.cuda.device(index):
+                torch.cuda.current_stream()
+            rt = _weft.Runtime(index, os.environ.get("WEFT_DB"))
+            _runtimes[index] = rt
+    return rt
+
+
+class Plan:
+    """A layer plan registered for the op: pass it to :func:`attention` (inside or outside
+    ``torch.compile``; build it outside, since building calls into weft's extension)."""
+
+    __slots__ = ("key", "layer_plan")
+
+    def __init__(self, layer_plan: weft.LayerPlan):
+        self.layer_plan = layer_plan
+        self.key = "plan:" + layer_plan.key
+        with _lock:
+            _plans.setdefault(self.key, layer_plan)
+
+    @property
+    def heads(self) -> int:
+        return self.layer_plan.heads
+
+    def __repr__(self) -> str:
+        return f"weft.torch.Plan({self.heads} heads)"
+
+
+def plan(spec, heads: int) -> Plan:
+    """A :class:`Plan` for ``heads`` query heads: one pattern (or its text) for every head, a
+    list with one per head, or a :class:`weft.LayerPlan` (see :func:`weft.plans_from_choices`)."""
+    return Plan(weft.plan(spec, heads))
+
+
+def _layer_plan(key: str) -> weft.LayerPlan:
+    """The plan of an op's key: registered, or (for "text:{heads}:{pattern}") built now."""
+    p = _plans.get(key)
+    if p is None:
+        kind, heads, text = key.split(":", 2)
+        if kind != "text":
+            raise ValueError(f"no weft plan is registered under {key!r}; build it with weft.torch.plan")
+        p = weft.plan(text, int(heads))
+        with _lock:
+            _plans.setdefault(key, p)
+    return p
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if not (t.is_cuda or t.is_meta):
+            raise ValueError(f"`{name}` is on {t.device}; weft's kernels need CUDA tensors (use .cuda())")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"`{name}` is {t.dtype}; weft's kernels take torch.bfloat16 or torch.float16")
+        if t.dim() != 4:
+            raise ValueError(f"`{name}` must be [batch, heads, tokens, head_dim], got shape {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(
+                f"`{name}` is not contiguous (strides {t.stride()}); weft reads [batch, heads, tokens, head_dim] "
+                "row-major: pass `.contiguous()` (e.g. after `.transpose(1, 2)`)"
+            )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    b, h, n, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
+    bk, hkv, nk, dk = k.shape
+    if bk != b or dk != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head_dim")
+    if hkv == 0 or h % hkv != 0:
+        raise ValueError(f"{hkv} key/value heads must divide {h} query heads (GQA)")
+    if min(b, h, n, nk, d) == 0:
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+# The current stream's raw handle: torch's private accessor skips building a Stream object
+# (about a microsecond a call); the public one where it is missing.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _stream(device: int) -> int:
+    if _raw_stream is not None:
+        return _raw_stream(device)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: weft.LayerPlan, scale: float):
+    """Allocates the output and LSE and queues the kernels on the current stream."""
+    b, h, n, d = q.shape
+    _, hkv, nk, _ = k.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    device = q.get_device()
+    rt = _runtimes.get(device) or runtime(device)
+    rt.attention(
+        p,
+        (h, hkv, n, nk, d),
+        _DTYPES[q.dtype],
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        out.data_ptr(),
+        lse.data_ptr(),
+        _stream(device),
+        scale,
+        False,
+        1,
+        b,
+    )
+    return out, lse
+
+
+@torch.library.custom_op("weft::attention", mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_key: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(q, k, v, _layer_plan(plan_key), scale)
+
+
+@_attention.register_fake
+def _attention_fake(q, k, v, plan_key, scale):
+    b, h, n, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+def _no_backward(ctx, grad_out, grad_lse):
+    raise NotImplementedError(
+        "weft has no backward pass yet: weft.torch.attention is forward-only (use it under torch.no_grad() "
+        "or torch.inference_mode())"
+    )
+
+
+_attention.register_autograd(_no_backward)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern_or_plan: Union[str, "Plan", weft.LayerPlan, weft.Pattern, Sequence],
+    *,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Sparse attention of ``q`` ``[B, H, N, D]`` over ``k`` and ``v`` ``[B, Hkv, Nk, D]``.
+
+    ``pattern_or_plan``: pattern text for every head, a :class:`Plan` (:func:`plan`), or what
+    :func:`plan` takes (a :class:`weft.Pattern`, a list with one pattern per query head, a
+    :class:`weft.LayerPlan` such as :func:`weft.plans_from_choices` gives). Under
+    ``torch.compile``, pass text or a :class:`Plan` built outside. ``scale`` defaults to ``1 / sqrt(D)``. Returns the output
+    ``[B, H, N, D]`` in q's dtype, and with ``return_lse`` the natural-log log-sum-exp
+    ``[B, H, N]`` in float32 (-inf for a row that keeps no key).
+
+    A causal pattern aligns the last query with the last key (``k <= q + Nk - N``).
+    """
+    _check(q, k, v)
+    heads = q.shape[1]
+    if isinstance(pattern_or_plan, str):
+        # Pattern text keys the op directly (a constant for torch.compile); parsed on first use.
+        key = f"text:{heads}:{pattern_or_plan}"
+        p = None
+    else:
+        p = pattern_or_plan if isinstance(pattern_or_plan, Plan) else plan(pattern_or_plan, heads)
+        if p.heads != heads:
+            raise ValueError(f"the plan has {p.heads} patterns for {heads} query heads; give one per head")
+        key = p.key
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    scale = float(scale)
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ):
+        # Through the registered op: torch.compile traces it, and autograd records it (its
+        # backward says that weft is forward-only).
+        out, lse = torch.ops.weft.attention(q, k, v, key, scale)
+    else:
+        # Eager inference calls the launch directly: the op dispatcher costs tens of
+        # microseconds a call, more than the launch itself.
+        out, lse = _launch(q, k, v, p.layer_plan if p is not None else _layer_plan(key), scale)
+    return (out, lse) if return_lse else out
