@@ -67,7 +67,7 @@ pub fn hopper_space(pattern: &Pattern, head_dim: u32, dtype: DType) -> Vec<Kerne
             continue;
         }
         // The persistent grid where the pattern takes it: it won only on short rows in the
-        // tenth session's measurements (block-3 at 16k: 0.350 against 0.396 ms) and lost on
+        // 2026-11-29 measurements (block-3 at 16k: 0.350 against 0.396 ms) and lost on
         // long ones (dense and causal 5-23% slower), which is a choice per head for the timer.
         // (validate_for also refuses it without the producer, i.e. below 128 rows.)
         let persistent = KernelConfig { persistent: true, ..c.hopper() };

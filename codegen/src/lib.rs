@@ -154,8 +154,8 @@ pub struct KernelConfig {
     /// tiles while the consumers finish and store the current one (FlashAttention-3's
     /// persistent schedule; for rows of few tiles, where each CTA's prologue and epilogue
     /// weigh). Q is double-buffered (BM x D more shared memory). Opt-in: correct on the GPU,
-    /// but its first row order (every head's last blocks first) ran 1.1-1.3x slower than the
-    /// plain grid, and the head-by-head order is not yet measured (docs/PERF.md). Records
+    /// but slower than the plain producer grid in the measurements (docs/PERF.md: 1.03-1.24x
+    /// in head-by-head order; faster only for short rows such as block-3 at 16k). Records
     /// stored before this field existed read as false.
     #[serde(default)]
     pub persistent: bool,

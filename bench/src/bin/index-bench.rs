@@ -15,7 +15,7 @@
 //! (host wall clock, median: what a layer call costs, launch gaps included); and the build on
 //! the stream alone (CUDA events around it, no per-kernel events: the GPU time it adds, timed
 //! as the attention is). Compare with torch's flash backend on dense attention
-//! from `bench/run.sh` in the same session.
+//! from `bench/run.sh` in the same run.
 
 use anyhow::Result;
 use clap::Parser;
