@@ -1,13 +1,15 @@
 """Host cost of one weft call from Python against the same launch queued from Rust.
 
-    python3 bench/torch_overhead.py [--calls 2000]
+    python3 bench/torch_overhead.py [--calls 400]
 
-A tiny problem (the GPU work is a few microseconds) so that host time dominates. Four timings,
-each the median over rounds of `--calls` back-to-back calls, in microseconds per call:
+Each row is the host time to queue `--calls` back-to-back calls while the GPU is held busy by
+a sleep kernel queued first (so no row waits for the GPU, and the launch queue never fills),
+the median over 7 rounds (each round runs every row), in microseconds per call:
 - rust: `Runtime.attention(..., repeat=n)`, n layer calls in one Rust loop (no Python between);
 - binding: the extension's `Runtime.attention` once per Python call (argument conversion);
 - weft.torch: `weft.torch.attention` (checks, output allocation, the launch);
 - torch.ops: the registered custom op, as torch.compile's graphs call it (dispatcher included);
+- the parts of weft.torch's eager path alone (checks; output and LSE allocation);
 - sdpa: torch's own `scaled_dot_product_attention` at the same shape, for scale.
 """
 
@@ -20,20 +22,21 @@ import torch
 import weft.torch as wt
 
 
-def per_call_us(fn, calls, rounds=7):
-    times = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn(calls)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) / calls * 1e6)
-    return statistics.median(times)
+def queue_us(fn, calls):
+    """Host microseconds per call to queue `calls` calls behind a GPU sleep."""
+    torch.cuda.synchronize()
+    # About 50 ms of GPU sleep (at 1.5-2 GHz): longer than queueing `calls` calls takes.
+    torch.cuda._sleep(100_000_000)
+    t = time.perf_counter()
+    fn(calls)
+    us = (time.perf_counter() - t) / calls * 1e6
+    torch.cuda.synchronize()
+    return us
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--calls", type=int, default=400)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     args = ap.parse_args()
@@ -62,13 +65,22 @@ def main():
         for _ in range(c):
             wt.attention(q, k, v, plan)
 
+    def torch_text(c):
+        for _ in range(c):
+            wt.attention(q, k, v, text)
+
     def torch_dispatch(c):
         for _ in range(c):
             torch.ops.weft.attention(q, k, v, plan.key, scale)
 
-    def torch_text(c):
+    def checks(c):
         for _ in range(c):
-            wt.attention(q, k, v, text)
+            wt._check(q, k, v)
+
+    def allocs(c):
+        for _ in range(c):
+            torch.empty_like(q)
+            q.new_empty((1, h, n), dtype=torch.float32)
 
     kr, vr = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
 
@@ -81,18 +93,27 @@ def main():
         ("binding (extension call per Python call)", binding),
         ("weft.torch.attention (Plan)", torch_op),
         ("weft.torch.attention (pattern text)", torch_text),
-        ("torch.ops.weft.attention (the op torch.compile calls)", torch_dispatch),
+        ("torch.ops.weft.attention (what torch.compile calls)", torch_dispatch),
+        ("  of weft.torch: input checks", checks),
+        ("  of weft.torch: output and LSE allocation", allocs),
         ("torch SDPA (for scale)", sdpa),
     ]
-    print(f"{torch.cuda.get_device_name()}, B=1 H={h} Hkv={h // 4} N={n} D={d} bf16 causal, {args.calls} calls x 7 rounds")
-    res = {}
-    for name, fn in rows:
-        fn(50)  # warm up
-        res[name] = per_call_us(fn, args.calls)
-        print(f"{name:<48} {res[name]:8.2f} us/call")
+    print(f"{torch.cuda.get_device_name()}, B=1 H={h} Hkv={h // 4} N={n} D={d} bf16 causal, "
+          f"host time to queue {args.calls} calls, median of 7 rounds")
+    for _, fn in rows:
+        fn(20)  # warm up
+    # Rounds interleave the rows, so that clock and cache drift touch every row alike.
+    samples = {name: [] for name, _ in rows}
+    for _ in range(7):
+        for name, fn in rows:
+            samples[name].append(queue_us(fn, args.calls))
+    res = {name: statistics.median(t) for name, t in samples.items()}
+    for name, _ in rows:
+        print(f"{name:<52} {res[name]:8.2f} us/call")
     base = res[rows[0][0]]
     print(f"python overhead over rust: binding {res[rows[1][0]] - base:.2f} us, "
-          f"weft.torch (Plan) {res[rows[2][0]] - base:.2f} us, (text) {res[rows[3][0]] - base:.2f} us")
+          f"weft.torch (Plan) {res[rows[2][0]] - base:.2f} us, (text) {res[rows[3][0]] - base:.2f} us, "
+          f"torch.ops {res[rows[4][0]] - base:.2f} us")
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: weft.LayerPlan
     b, h, n, d = q.shape
     _, hkv, nk, _ = k.shape
     out = torch.empty_like(q)
-    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    lse = q.new_empty((b, h, n), dtype=torch.float32)
     device = q.get_device()
     rt = _runtimes.get(device) or runtime(device)
     rt.attention(
