@@ -4,7 +4,8 @@
 #     bash scripts/gpu-run.sh            (logs under $OUT when set)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rm -rf gpu-bin && mkdir -p gpu-bin
+# (gpu-bin/python, from scripts/gpu-python.sh, is kept.)
+mkdir -p gpu-bin && find gpu-bin -maxdepth 1 -type f -delete
 cargo build --release --locked --bin weft && cargo build --release --locked -p weft-bench
 cp target/release/weft target/release/weft-bench target/release/search-bench target/release/index-bench gpu-bin/
 cargo test --release --locked -p weft-runtime -p weft-autotune --features gpu --no-run --message-format=json 2>/dev/null \

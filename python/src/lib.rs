@@ -513,11 +513,7 @@ impl PyRuntime {
         repeat: usize,
         batch: usize,
     ) -> PyResult<Option<Vec<Py<PyDict>>>> {
-        let dtype = match dtype {
-            "bf16" => weft::codegen::DType::Bf16,
-            "fp16" => weft::codegen::DType::F16,
-            other => return Err(value_error(format!("dtype must be \"bf16\" or \"fp16\", got {other:?}"))),
-        };
+        let dtype = parse_dtype(dtype)?;
         let (hq, hkv, nq, nk, head_dim) = shape;
         let shape = AttnShape { hq, hkv, nq, nk, head_dim };
         if [q, k, v, out, lse].contains(&0) {
@@ -576,6 +572,54 @@ impl PyRuntime {
             out.push(d.unbind());
         }
         Ok(Some(out))
+    }
+
+    /// Queues one layer's attention over a packed batch on `stream`: sequence `b` has
+    /// `seqs[b] = (nq, nk)` tokens; Q `[hq, sum nq, d]`, K and V `[hkv, sum nk, d]`, O like Q
+    /// and LSE `[hq, sum nq]`, contiguous, at the given device addresses (see `attention`).
+    #[pyo3(signature = (plan, heads, head_dim, seqs, dtype, q, k, v, out, lse, stream, scale = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn attention_varlen(
+        &self,
+        py: Python<'_>,
+        plan: &PyPlan,
+        heads: (usize, usize),
+        head_dim: usize,
+        seqs: Vec<(usize, usize)>,
+        dtype: &str,
+        q: u64,
+        k: u64,
+        v: u64,
+        out: u64,
+        lse: u64,
+        stream: u64,
+        scale: Option<f32>,
+    ) -> PyResult<()> {
+        let dtype = parse_dtype(dtype)?;
+        if [q, k, v, out, lse].contains(&0) {
+            return Err(value_error("a tensor's device address is 0"));
+        }
+        let tensors = ExternalTensors { q, k, v, out, lse };
+        py.detach(|| {
+            let mut rt = self.inner.lock().map_err(|_| WeftError::new_err("the runtime's lock is poisoned"))?;
+            // Safety: as `attention`: weft.torch passes live contiguous tensors of these shapes
+            // on the current stream of this runtime's device.
+            unsafe {
+                rt.use_stream(stream).map_err(runtime_error)?;
+                rt.attention_layer_varlen_external(&plan.inner, heads, head_dim, &seqs, dtype, tensors, scale)
+                    .map_err(runtime_error)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// "bf16" or "fp16" as a kernel dtype.
+fn parse_dtype(dtype: &str) -> PyResult<weft::codegen::DType> {
+    match dtype {
+        "bf16" => Ok(weft::codegen::DType::Bf16),
+        "fp16" => Ok(weft::codegen::DType::F16),
+        other => Err(value_error(format!("dtype must be \"bf16\" or \"fp16\", got {other:?}"))),
     }
 }
 

@@ -167,6 +167,47 @@ def test_cuda_graph_capture_and_replay(pattern):
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("layout", ["thd", "htd"])
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.float16, 64)])
+def test_varlen_matches_each_sequence(layout, dtype, d):
+    # Lengths not multiples of the blocks, one cross-length sequence, GQA, static and dynamic
+    # patterns per head; poisoned allocator memory.
+    seqs = [(300, 300), (1000, 1000), (77, 77), (50, 413)]
+    pats = ["causal & window(200)", PATTERNS[3], "causal", "sink(16) | local(100)"]
+    h, hkv = 4, 2
+    parts = [inputs(1, h, hkv, nq, d, dtype, seed=20 + i, nk=nk) for i, (nq, nk) in enumerate(seqs)]
+    q = torch.cat([x[0][0] for x in parts], dim=1)  # [H, total, D]
+    k = torch.cat([x[1][0] for x in parts], dim=1)
+    v = torch.cat([x[2][0] for x in parts], dim=1)
+    cu_q = [0]
+    cu_k = [0]
+    for nq, nk in seqs:
+        cu_q.append(cu_q[-1] + nq)
+        cu_k.append(cu_k[-1] + nk)
+    args = (q, k, v) if layout == "htd" else tuple(t.transpose(0, 1).contiguous() for t in (q, k, v))
+    out, lse = wt.attention_varlen(
+        *args, torch.tensor(cu_q), torch.tensor(cu_k, device="cuda"), wt.plan(pats, h), return_lse=True, layout=layout
+    )
+    if layout == "thd":
+        out = out.transpose(0, 1)
+    scale = 1 / math.sqrt(d)
+    for i, (qs, ks, vs) in enumerate(parts):
+        for head, text in enumerate(pats):
+            g = head // (h // hkv)
+            qh, kh, vh = qs[:, head : head + 1], ks[:, g : g + 1], vs[:, g : g + 1]
+            want, want_lse = sdpa_reference(qh, kh, vh, masks_of(text, qh, kh), scale)
+            got = out[head, cu_q[i] : cu_q[i + 1]]
+            torch.testing.assert_close(got.float(), want[0, 0], atol=2e-2, rtol=2e-2)
+            got_lse = lse[head, cu_q[i] : cu_q[i + 1]]
+            torch.testing.assert_close(got_lse, want_lse[0, 0], atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="ends at"):
+        wt.attention_varlen(*args, cu_q[:-1] + [cu_q[-1] - 1], cu_k, "causal", layout=layout)
+    with pytest.raises(ValueError, match="at least one"):
+        wt.attention_varlen(*args, [0, 0] + cu_q[1:], [0, 5] + cu_k[1:], "causal", layout=layout)
+    with pytest.raises(ValueError, match="sequences"):
+        wt.attention_varlen(*args, cu_q, cu_k[:2] + [cu_k[-1]], "causal", layout=layout)
+
+
 def test_bad_inputs_raise_value_errors():
     q, k, v = inputs(1, 4, 2, 128, 64, torch.bfloat16, seed=8)
     with pytest.raises(ValueError, match="CUDA tensors"):

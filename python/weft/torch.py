@@ -28,7 +28,7 @@ import torch
 import weft
 from . import _weft
 
-__all__ = ["attention", "runtime", "plan", "Plan"]
+__all__ = ["attention", "attention_varlen", "runtime", "plan", "Plan"]
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -188,6 +188,35 @@ def _no_backward(ctx, grad_out, grad_lse):
 _attention.register_autograd(_no_backward)
 
 
+def _resolve(pattern_or_plan, heads: int):
+    """The op's plan key and, when already built, the layer plan."""
+    if isinstance(pattern_or_plan, str):
+        # Pattern text keys the op directly (a constant for torch.compile); parsed on first use.
+        return f"text:{heads}:{pattern_or_plan}", None
+    p = pattern_or_plan if isinstance(pattern_or_plan, Plan) else plan(pattern_or_plan, heads)
+    if p.heads != heads:
+        raise ValueError(f"the plan has {p.heads} patterns for {heads} query heads; give one per head")
+    return p.key, p.layer_plan
+
+
+def _scale(scale: Optional[float], head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    return float(scale)
+
+
+def _through_op(q, k, v) -> bool:
+    """Whether a call goes through the registered op: under torch.compile (which traces it)
+    and where autograd records it (its backward says that weft is forward-only). Eager
+    inference calls the launch directly: the op dispatcher costs tens of microseconds a call,
+    more than the launch itself."""
+    return torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    )
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -209,29 +238,114 @@ def attention(
     A causal pattern aligns the last query with the last key (``k <= q + Nk - N``).
     """
     _check(q, k, v)
-    heads = q.shape[1]
-    if isinstance(pattern_or_plan, str):
-        # Pattern text keys the op directly (a constant for torch.compile); parsed on first use.
-        key = f"text:{heads}:{pattern_or_plan}"
-        p = None
-    else:
-        p = pattern_or_plan if isinstance(pattern_or_plan, Plan) else plan(pattern_or_plan, heads)
-        if p.heads != heads:
-            raise ValueError(f"the plan has {p.heads} patterns for {heads} query heads; give one per head")
-        key = p.key
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    if not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"scale must be positive and finite, got {scale}")
-    scale = float(scale)
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    ):
-        # Through the registered op: torch.compile traces it, and autograd records it (its
-        # backward says that weft is forward-only).
+    key, p = _resolve(pattern_or_plan, q.shape[1])
+    scale = _scale(scale, q.shape[-1])
+    if _through_op(q, k, v):
         out, lse = torch.ops.weft.attention(q, k, v, key, scale)
     else:
-        # Eager inference calls the launch directly: the op dispatcher costs tens of
-        # microseconds a call, more than the launch itself.
-        out, lse = _launch(q, k, v, p.layer_plan if p is not None else _layer_plan(key), scale)
+        out, lse = _launch(q, k, v, p if p is not None else _layer_plan(key), scale)
+    return (out, lse) if return_lse else out
+
+
+def _offsets(name: str, cu, total: int) -> list:
+    """``cu_seqlens`` as a list of ints, checked: from 0, non-decreasing, ending at ``total``."""
+    if isinstance(cu, torch.Tensor):
+        if cu.dim() != 1 or cu.dtype.is_floating_point or cu.dtype == torch.bool:
+            raise ValueError(f"`{name}` must be a 1-D integer tensor, got {cu.dtype} {tuple(cu.shape)}")
+        cu = cu.tolist()  # a CUDA tensor is read back here: one host synchronisation
+    cu = [int(x) for x in cu]
+    if len(cu) < 2 or cu[0] != 0:
+        raise ValueError(f"`{name}` must hold batch + 1 offsets starting at 0, got {cu[:8]}")
+    if any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"`{name}` must not decrease, got {cu[:8]}...")
+    if cu[-1] != total:
+        raise ValueError(f"`{name}` ends at {cu[-1]}, but the packed tensor holds {total} tokens")
+    return cu
+
+
+@torch.library.custom_op("weft::attention_varlen", mutates_args=())
+def _attention_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: list[int], plan_key: str, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_varlen(q, k, v, seqs, _layer_plan(plan_key), scale)
+
+
+@_attention_varlen.register_fake
+def _attention_varlen_fake(q, k, v, seqs, plan_key, scale):
+    h, n, _ = q.shape
+    return torch.empty_like(q), q.new_empty((h, n), dtype=torch.float32)
+
+
+_attention_varlen.register_autograd(_no_backward)
+
+
+def _launch_varlen(q, k, v, seqs: list, p: weft.LayerPlan, scale: float):
+    """Head-major packed tensors; ``seqs`` is (nq, nk) per sequence, flattened."""
+    h, n, d = q.shape
+    hkv = k.shape[0]
+    out = torch.empty_like(q)
+    lse = q.new_empty((h, n), dtype=torch.float32)
+    device = q.get_device()
+    rt = _runtimes.get(device) or runtime(device)
+    pairs = list(zip(seqs[0::2], seqs[1::2]))
+    ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
+    rt.attention_varlen(p, (h, hkv), d, pairs, _DTYPES[q.dtype], *ptrs, _stream(device), scale)
+    return out, lse
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    pattern_or_plan: Union[str, "Plan", weft.LayerPlan, weft.Pattern, Sequence],
+    *,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    layout: str = "thd",
+):
+    """Sparse attention over a packed batch of sequences of different lengths.
+
+    ``layout="thd"`` (flash-attn's and vLLM's): q ``[total_q, H, D]``, k and v
+    ``[total_k, Hkv, D]``; weft's kernels read heads outermost, so q, k and v are transposed
+    into that layout (one copy each) and the output back. ``layout="htd"``: q ``[H, total_q,
+    D]``, k and v ``[Hkv, total_k, D]``, read and written in place (no copy).
+
+    ``cu_seqlens_q`` / ``cu_seqlens_k``: the ``batch + 1`` token offsets of the sequences,
+    from 0 (a list or an integer tensor; a CUDA tensor is read back, which waits for the
+    device). Every sequence needs at least one query and one key. Each sequence's pattern is
+    evaluated at its own lengths: a causal pattern aligns its last query with its last key.
+
+    Returns the output in q's layout and dtype, and with ``return_lse`` the log-sum-exp
+    ``[H, total_q]`` in float32.
+    """
+    if layout not in ("thd", "htd"):
+        raise ValueError(f'layout must be "thd" ([tokens, heads, dim]) or "htd" ([heads, tokens, dim]), got {layout!r}')
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"`{name}` must be a 3-D tensor ({layout}), got {getattr(t, 'shape', type(t).__name__)}")
+    if layout == "thd":
+        q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))
+    # [H, N, D] is [1, H, N, D] for the checks.
+    _check(q[None], k[None], v[None])
+    h, total_q, d = q.shape
+    cu_q = _offsets("cu_seqlens_q", cu_seqlens_q, total_q)
+    cu_k = _offsets("cu_seqlens_k", cu_seqlens_k, k.shape[1])
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_q has {len(cu_q) - 1} sequences and cu_seqlens_k {len(cu_k) - 1}")
+    seqs = []
+    for b in range(len(cu_q) - 1):
+        nq, nk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
+        if nq == 0 or nk == 0:
+            raise ValueError(f"sequence {b} has {nq} queries and {nk} keys; every sequence needs at least one of each")
+        seqs += [nq, nk]
+    key, p = _resolve(pattern_or_plan, h)
+    scale = _scale(scale, d)
+    if _through_op(q, k, v):
+        out, lse = torch.ops.weft.attention_varlen(q, k, v, seqs, key, scale)
+    else:
+        out, lse = _launch_varlen(q, k, v, seqs, p if p is not None else _layer_plan(key), scale)
+    if layout == "thd":
+        out = out.transpose(0, 1).contiguous()
     return (out, lse) if return_lse else out

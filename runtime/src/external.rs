@@ -117,21 +117,62 @@ impl Runtime {
         t: ExternalTensors,
         scale: Option<f32>,
     ) -> Result<Vec<LaunchReport>, Error> {
+        // Safety: the caller's contract.
+        let (q, k, v, mut out, mut lse) = unsafe { self.borrow(shape, t)? };
+        self.attention_layer(plan, shape, dtype, &q, &k, &v, &mut out, &mut lse, scale)
+    }
+
+    /// [`Runtime::attention_layer_varlen`] on foreign memory (packed `[heads, total tokens,
+    /// d]`), queued on the stream given to [`Runtime::use_stream`].
+    ///
+    /// # Safety
+    /// As [`Runtime::attention_layer_external`], for the token totals of `seqs`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn attention_layer_varlen_external(
+        &self,
+        plan: &LayerPlan,
+        heads: (usize, usize),
+        head_dim: usize,
+        seqs: &[(usize, usize)],
+        dtype: DType,
+        t: ExternalTensors,
+        scale: Option<f32>,
+    ) -> Result<Vec<LaunchReport>, Error> {
+        let (nq, nk) = seqs.iter().fold((0usize, 0usize), |(a, b), s| (a.saturating_add(s.0), b.saturating_add(s.1)));
+        let shape = AttnShape { hq: heads.0, hkv: heads.1, nq, nk, head_dim };
+        // Safety: the caller's contract.
+        let (q, k, v, mut out, mut lse) = unsafe { self.borrow(shape, t)? };
+        self.attention_layer_varlen(plan, heads, head_dim, seqs, dtype, &q, &k, &v, &mut out, &mut lse, scale)
+    }
+
+    /// The call's tensors as borrowed buffers of the lengths `shape` gives them.
+    ///
+    /// # Safety
+    /// As [`Runtime::attention_layer_external`].
+    #[allow(clippy::type_complexity)]
+    unsafe fn borrow(
+        &self,
+        shape: AttnShape,
+        t: ExternalTensors,
+    ) -> Result<(Borrowed<u16>, Borrowed<u16>, Borrowed<u16>, Borrowed<u16>, Borrowed<f32>), Error> {
         if !self.gpu.ctx.is_primary() || self.gpu.ctx.is_event_tracking() {
             return Err(Error::Usage("foreign tensors need a runtime from Runtime::open_external".into()));
         }
-        let (q_len, kv_len) = (shape.hq * shape.nq * shape.head_dim, shape.hkv * shape.nk * shape.head_dim);
+        let len = |a: usize, b: usize, c: usize| {
+            a.checked_mul(b).and_then(|x| x.checked_mul(c)).ok_or_else(|| Error::Shape(format!("{shape:?} overflows")))
+        };
+        let (q_len, kv_len) = (len(shape.hq, shape.nq, shape.head_dim)?, len(shape.hkv, shape.nk, shape.head_dim)?);
+        let lse_len = len(shape.hq, shape.nq, 1)?;
         let s = &self.gpu.stream;
         // Safety: the caller's contract on addresses and lengths; event tracking is off.
-        let (q, k, v, mut out, mut lse) = unsafe {
-            (
+        unsafe {
+            Ok((
                 Borrowed::<u16>::new(s, t.q, q_len),
                 Borrowed::<u16>::new(s, t.k, kv_len),
                 Borrowed::<u16>::new(s, t.v, kv_len),
                 Borrowed::<u16>::new(s, t.out, q_len),
-                Borrowed::<f32>::new(s, t.lse, shape.hq * shape.nq),
-            )
-        };
-        self.attention_layer(plan, shape, dtype, &q, &k, &v, &mut out, &mut lse, scale)
+                Borrowed::<f32>::new(s, t.lse, lse_len),
+            ))
+        }
     }
 }

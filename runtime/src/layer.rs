@@ -7,9 +7,13 @@
 //! kernel's head map sends each index head to its query head. So the launch count is the
 //! number of distinct configs, not the number of heads.
 //!
-//! Index building runs on the CPU for now (Q and K are copied back for dynamic patterns;
-//! static patterns' indexes are built once per shape and kept); building them on the GPU is
-//! the job of the index kernels.
+//! Static patterns' indexes are built once per shape and kept on the device. Dynamic ones are
+//! built on the GPU where a builder takes them (one pattern over every head of a single
+//! sequence, bf16), else on the host from copies of Q and K.
+//!
+//! A packed batch of sequences of different lengths ([`Runtime::attention_layer_varlen`])
+//! runs in the same launches: each sequence's index is built at its own length and the
+//! kernels walk the concatenation.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -20,7 +24,7 @@ use weft_cache::{ShapeBucket, Toolchain, TuneKey, TuneRecord};
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::{Pattern, PatternExpr};
 use weft_patterns::device_plan::AnyPlan;
-use weft_patterns::{build_index, IndexOptions, SparseIndex, Tensor};
+use weft_patterns::{build_index, BatchIndex, IndexOptions, SparseIndex, Tensor};
 
 use crate::{driver, AttnShape, DeviceIndex, Error, LoadSource, Runtime};
 
@@ -141,8 +145,9 @@ type IndexCacheKey = (String, usize, usize, usize, usize, usize);
 /// A device plan's key: the index key and the scale's bits.
 type PlanCacheKey = (IndexCacheKey, u32);
 
-/// A static group's key: its heads with their pattern hashes, the shape and the config.
-type StaticGroupKey = (Vec<(usize, String)>, (usize, usize, usize, usize, usize), KernelConfig);
+/// A static group's key: its heads with their pattern hashes, the shape (query heads, key
+/// heads, head dim, each sequence's query and key lengths) and the config.
+type StaticGroupKey = (Vec<(usize, String)>, (usize, usize, usize, Vec<(usize, usize)>), KernelConfig);
 
 /// A gathered index on the device, with the mask table and permutation its kernel is
 /// generated with.
@@ -224,6 +229,60 @@ impl Runtime {
         lse: &mut CudaSlice<f32>,
         scale: Option<f32>,
     ) -> Result<Vec<LaunchReport>, Error> {
+        self.layer(plan, shape, &[(shape.nq, shape.nk)], dtype, q, k, v, out, lse, scale)
+    }
+
+    /// [`Runtime::attention_layer`] over a packed batch of sequences (cu_seqlens style):
+    /// sequence `b` has `seqs[b] = (nq, nk)` tokens, at consecutive token offsets in Q
+    /// `[hq, sum nq, d]`, K and V `[hkv, sum nk, d]`, O like Q and LSE `[hq, sum nq]`. Each
+    /// sequence's pattern is evaluated at its own lengths (a causal pattern aligns its last
+    /// query with its last key); one launch per kernel group covers every sequence.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_layer_varlen(
+        &self,
+        plan: &LayerPlan,
+        heads: (usize, usize),
+        head_dim: usize,
+        seqs: &[(usize, usize)],
+        dtype: DType,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        lse: &mut CudaSlice<f32>,
+        scale: Option<f32>,
+    ) -> Result<Vec<LaunchReport>, Error> {
+        if seqs.is_empty() {
+            return Err(Error::Shape("a packed batch needs at least one sequence".into()));
+        }
+        if let Some(b) = seqs.iter().position(|&(nq, nk)| nq == 0 || nk == 0) {
+            return Err(Error::Shape(format!("sequence {b} is empty ({:?} query and key tokens)", seqs[b])));
+        }
+        let total = |f: fn(&(usize, usize)) -> usize| {
+            seqs.iter()
+                .map(f)
+                .try_fold(0usize, |a, n| a.checked_add(n))
+                .ok_or_else(|| Error::Shape("too many tokens".into()))
+        };
+        let shape = AttnShape { hq: heads.0, hkv: heads.1, nq: total(|s| s.0)?, nk: total(|s| s.1)?, head_dim };
+        self.layer(plan, shape, seqs, dtype, q, k, v, out, lse, scale)
+    }
+
+    /// The layer over `seqs` (one or more sequences; `shape` holds their token totals).
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        plan: &LayerPlan,
+        shape: AttnShape,
+        seqs: &[(usize, usize)],
+        dtype: DType,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        lse: &mut CudaSlice<f32>,
+        scale: Option<f32>,
+    ) -> Result<Vec<LaunchReport>, Error> {
         if plan.patterns.len() != shape.hq {
             return Err(Error::Shape(format!(
                 "the plan has {} patterns for {} query heads; give one per head",
@@ -249,6 +308,9 @@ impl Runtime {
 
         // Each head's config, and the groups of heads that share one.
         let gqa = shape.hq / shape.hkv;
+        // A sequence's shape; the longest key length picks the tuned configs' bucket.
+        let seq_shape = |&(nq, nk): &(usize, usize)| AttnShape { nq, nk, ..shape };
+        let longest = seqs.iter().map(|s| s.1).max().unwrap_or(shape.nk);
         // Each head's pattern hash: the config memo, the grouping and the index cache are keyed
         // by it.
         let hashes = plan.hashes();
@@ -256,12 +318,12 @@ impl Runtime {
         let mut tuned_of = vec![false; shape.hq];
         let mut warned: Vec<String> = Vec::new();
         for (h, p) in plan.patterns.iter().enumerate() {
-            let (config, tuned, first) = self.config_for(p, &hashes[h], h, shape.nk, head_dim, dtype, gqa)?;
+            let (config, tuned, first) = self.config_for(p, &hashes[h], h, longest, head_dim, dtype, gqa)?;
             // Once per process and (pattern, head, bucket): a serving loop calls this per layer.
             if !tuned && first && !warned.contains(&p.name) {
                 tracing::warn!(
                     pattern = %p.name,
-                    seq = shape.nk,
+                    seq = longest,
                     head_dim,
                     dtype = dtype.name(),
                     "no tuned kernel stored for this pattern and shape on this GPU; using the default config \
@@ -275,16 +337,22 @@ impl Runtime {
             groups.entry(GroupKey { config, exclusive }).or_default().push(h);
         }
 
-        // A group of one dynamic pattern over every head can have its index built on the GPU
-        // (vertical vectors, block top-k or vertical-slash, bf16); Q and K go to the host only
-        // for the other dynamic groups.
+        // A group of one dynamic pattern over every head of one sequence can have its index
+        // built on the GPU (vertical vectors, block top-k or vertical-slash, bf16); Q and K go
+        // to the host only for the other dynamic groups.
         let on_gpu = self.gpu_index.load(std::sync::atomic::Ordering::Relaxed);
         let device_plans: Vec<Option<Arc<AnyPlan>>> = groups
             .iter()
             .map(|(key, heads)| {
                 let p = &plan.patterns[heads[0]];
                 let single = heads.len() == shape.hq && heads.iter().all(|&h| hashes[h] == hashes[heads[0]]);
-                if !on_gpu || !single || p.expr.is_static() || dtype != DType::Bf16 || key.exclusive.is_some() {
+                if !on_gpu
+                    || !single
+                    || seqs.len() != 1
+                    || p.expr.is_static()
+                    || dtype != DType::Bf16
+                    || key.exclusive.is_some()
+                {
                     return None;
                 }
                 self.device_plan(p, &hashes[heads[0]], &key.config, shape, scale)
@@ -294,7 +362,20 @@ impl Runtime {
             .iter()
             .zip(&device_plans)
             .any(|((_, heads), dp)| dp.is_none() && heads.iter().any(|&h| !plan.patterns[h].expr.is_static()));
-        let mut host = if dynamic { Some(self.host_qk(shape, dtype, q, k)?) } else { None };
+        let host_seqs = |host: (Tensor, Tensor)| -> Vec<(Tensor, Tensor)> {
+            if seqs.len() == 1 {
+                return vec![host];
+            }
+            let (mut q0, mut k0) = (0, 0);
+            seqs.iter()
+                .map(|&(nq, nk)| {
+                    let part = (token_range(&host.0, q0, q0 + nq), token_range(&host.1, k0, k0 + nk));
+                    (q0, k0) = (q0 + nq, k0 + nk);
+                    part
+                })
+                .collect()
+        };
+        let mut host = if dynamic { Some(host_seqs(self.host_qk(shape, dtype, q, k)?)) } else { None };
 
         let mut reports = Vec::new();
         for ((key, heads), device_plan) in groups.into_iter().zip(device_plans) {
@@ -316,7 +397,7 @@ impl Runtime {
                         Err(Error::Usage(why)) => {
                             tracing::warn!(heads = ?heads, %why, "GPU index building declined; building on the host");
                             if host.is_none() {
-                                host = Some(self.host_qk(shape, dtype, q, k)?);
+                                host = Some(host_seqs(self.host_qk(shape, dtype, q, k)?));
                             }
                             None
                         }
@@ -328,7 +409,7 @@ impl Runtime {
             let all_static = heads.iter().all(|&h| plan.patterns[h].expr.is_static());
             let static_key: StaticGroupKey = (
                 heads.iter().map(|&h| (h, hashes[h].clone())).collect(),
-                (shape.hq, shape.hkv, shape.nq, shape.nk, shape.head_dim),
+                (shape.hq, shape.hkv, shape.head_dim, seqs.to_vec()),
                 config,
             );
             let cached = if all_static { self.layer.static_device_indexes.get(&static_key) } else { None };
@@ -340,30 +421,37 @@ impl Runtime {
                 ),
                 (None, Some(uploaded)) => (uploaded, false, started.elapsed().as_secs_f64() * 1e3),
                 (None, None) => {
-                    // One index per distinct pattern in the group, over every head of the layer.
-                    let mut by_hash: HashMap<&str, Arc<SparseIndex>> = HashMap::new();
-                    for &h in &heads {
-                        if let std::collections::hash_map::Entry::Vacant(slot) = by_hash.entry(&hashes[h]) {
-                            // bf16 indexes of GPU-buildable patterns are numbered as a GPU
-                            // build numbers them, wherever they are built, so one tuned kernel
-                            // (its key holds the mask table) serves both.
-                            let p = &plan.patterns[h];
-                            let planned = if dtype == DType::Bf16 && !p.expr.is_static() {
-                                self.device_plan(p, &hashes[h], &config, shape, scale)
-                            } else {
-                                None
-                            };
-                            let ix = self.index_for(p, &hashes[h], &config, shape, scale, host.as_ref(), planned)?;
-                            slot.insert(ix);
+                    // Each sequence's index of the group's heads, gathered from one index per
+                    // distinct pattern over every head of the layer.
+                    let mut parts_by_seq = Vec::with_capacity(seqs.len());
+                    for (b, seq) in seqs.iter().enumerate() {
+                        let sshape = seq_shape(seq);
+                        let mut by_hash: HashMap<&str, Arc<SparseIndex>> = HashMap::new();
+                        for &h in &heads {
+                            if let std::collections::hash_map::Entry::Vacant(slot) = by_hash.entry(&hashes[h]) {
+                                // bf16 indexes of GPU-buildable patterns are numbered as a GPU
+                                // build numbers them, wherever they are built, so one tuned
+                                // kernel (its key holds the mask table) serves both.
+                                let p = &plan.patterns[h];
+                                let planned = if dtype == DType::Bf16 && !p.expr.is_static() {
+                                    self.device_plan(p, &hashes[h], &config, sshape, scale)
+                                } else {
+                                    None
+                                };
+                                let qk = host.as_ref().and_then(|v| v.get(b));
+                                let ix = self.index_for(p, &hashes[h], &config, sshape, scale, qk, planned)?;
+                                slot.insert(ix);
+                            }
                         }
+                        let parts: Vec<(&SparseIndex, usize)> =
+                            heads.iter().map(|&h| (by_hash[hashes[h].as_str()].as_ref(), h)).collect();
+                        parts_by_seq.push(SparseIndex::gather_heads(&parts).map_err(|e| Error::Shape(e.to_string()))?);
                     }
-                    let parts: Vec<(&SparseIndex, usize)> =
-                        heads.iter().map(|&h| (by_hash[hashes[h].as_str()].as_ref(), h)).collect();
-                    let index = SparseIndex::gather_heads(&parts).map_err(|e| Error::Shape(e.to_string()))?;
+                    let batch = BatchIndex::concat(&parts_by_seq).map_err(|e| Error::Shape(e.to_string()))?;
                     let index_ms = started.elapsed().as_secs_f64() * 1e3;
-                    let device = self.gpu.upload_gathered(&index, heads.clone())?;
+                    let device = self.gpu.upload_batch_mapped(&batch, heads.clone())?;
                     let uploaded =
-                        Arc::new(UploadedIndex { device, masks: index.masks, permutation: index.permutation });
+                        Arc::new(UploadedIndex { device, masks: batch.masks, permutation: batch.permutation });
                     if all_static {
                         self.layer.static_device_indexes.insert(static_key, uploaded.clone());
                     }
@@ -610,4 +698,14 @@ fn group_label<'a>(names: &[String], patterns: impl Iterator<Item = &'a Pattern>
         }
     }
     Pattern::new(format!("group({})", names.join(", ")), PatternExpr::Union(exprs))
+}
+
+/// Tokens `lo..hi` of every head of `t` (`[heads, tokens, dim]`).
+fn token_range(t: &Tensor, lo: usize, hi: usize) -> Tensor {
+    let (n, d) = (t.tokens, t.dim);
+    let mut data = Vec::with_capacity(t.heads * (hi - lo) * d);
+    for h in 0..t.heads {
+        data.extend_from_slice(&t.data[(h * n + lo) * d..(h * n + hi) * d]);
+    }
+    Tensor { heads: t.heads, tokens: hi - lo, dim: d, data }
 }

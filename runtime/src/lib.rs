@@ -512,6 +512,12 @@ impl Gpu {
         self.upload_mapped(&b, head_map, true)
     }
 
+    /// Uploads a packed batch's index of the query heads `head_map` (index head `i` serves
+    /// query head `head_map[i]`).
+    pub fn upload_batch_mapped(&self, ix: &BatchIndex, head_map: Vec<usize>) -> Result<DeviceIndex, Error> {
+        self.upload_mapped(ix, head_map, true)
+    }
+
     fn upload_mapped(&self, ix: &BatchIndex, head_map: Vec<usize>, gathered: bool) -> Result<DeviceIndex, Error> {
         if head_map.len() != ix.heads || head_map.iter().any(|h| *h > i32::MAX as usize) {
             return Err(Error::Shape(format!(

@@ -781,6 +781,100 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
 
+/// A packed batch of sequences of different lengths (one cross-length) through one layer call:
+/// every (sequence, head) matches the CPU reference of its pattern at that sequence's lengths.
+#[test]
+fn a_packed_varlen_layer_matches_each_sequence_reference() {
+    use weft_runtime::{LayerPlan, Runtime};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::open(Some(dir.path())).unwrap();
+    let plan = LayerPlan::new(vec![
+        Pattern::new("window", causal() & window(300)),
+        Pattern::new("vv", causal() & (sink(16) | local(64) | vertical_vector().keep(top_k(48)))),
+        Pattern::new("causal", causal()),
+        Pattern::new("by_head", causal() & pred(h().eq(lit(3)).or(k().lt(lit(64))).or(q().lt(k() + lit(40))))),
+    ]);
+    let (hq, hkv) = (4usize, 2usize);
+    let seqs = [(300usize, 300usize), (1000, 1000), (77, 77), (50, 413)];
+    let (tq, tk): (usize, usize) = (seqs.iter().map(|s| s.0).sum(), seqs.iter().map(|s| s.1).sum());
+    let mut failures = Vec::new();
+    for (dtype, d) in [(DType::Bf16, 128usize), (DType::F16, 64)] {
+        let xs: Vec<Inputs> =
+            seqs.iter().enumerate().map(|(b, &(nq, nk))| inputs(hq, hkv, nq, nk, d, dtype, 777 + b as u64)).collect();
+        // Packed [heads, total tokens, d]: each head's tokens, sequence after sequence.
+        let pack = |heads: usize, part: &dyn Fn(&Inputs) -> (&[u16], usize)| {
+            let mut out = Vec::new();
+            for h in 0..heads {
+                for x in &xs {
+                    let (data, n) = part(x);
+                    out.extend_from_slice(&data[h * n * d..(h + 1) * n * d]);
+                }
+            }
+            out
+        };
+        let qp = pack(hq, &|x| (&x.qb, x.q.tokens));
+        let kp = pack(hkv, &|x| (&x.kb, x.k.tokens));
+        let vp = pack(hkv, &|x| (&x.vb, x.v.tokens));
+        assert_eq!((qp.len(), kp.len()), (hq * tq * d, hkv * tk * d));
+        let s = &rt.gpu.stream;
+        let (qd, kd, vd) = (s.clone_htod(&qp).unwrap(), s.clone_htod(&kp).unwrap(), s.clone_htod(&vp).unwrap());
+        let mut out = s.clone_htod(&vec![0xffffu16; hq * tq * d]).unwrap();
+        let mut lse = s.clone_htod(&vec![f32::NAN; hq * tq]).unwrap();
+        let reports = rt
+            .attention_layer_varlen(&plan, (hq, hkv), d, &seqs, dtype, &qd, &kd, &vd, &mut out, &mut lse, None)
+            .unwrap();
+        let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
+        let got_lse = s.clone_dtoh(&lse).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut worst = (0f64, 0usize, 0f64);
+        let mut q0 = 0;
+        for (x, &(nq, _)) in xs.iter().zip(&seqs) {
+            for h in 0..hq {
+                let p = &plan.patterns()[h];
+                let c = KernelConfig::default_for_arch(&p.expr, d as u32, dtype, rt.gpu.arch.sm).unwrap();
+                let opts = IndexOptions {
+                    block_m: Some(c.block_m as usize),
+                    block_n: Some(c.block_n as usize),
+                    scale: Some(scale),
+                    ..Default::default()
+                };
+                let ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
+                let want = attention(&ix, &x.q, &x.k, &x.v, scale).unwrap();
+                let one = Attention {
+                    out: Tensor::new(1, nq, d, want.out.data[h * nq * d..(h + 1) * nq * d].to_vec()).unwrap(),
+                    lse: want.lse[h * nq..(h + 1) * nq].to_vec(),
+                };
+                let at = h * tq + q0;
+                let (rel, nan, lse_err) = compare(&got[at * d..(at + nq) * d], &got_lse[at..at + nq], &one);
+                worst = (worst.0.max(rel), worst.1 + nan, worst.2.max(lse_err));
+            }
+            q0 += nq;
+        }
+        let ok = worst.1 == 0 && worst.0 < dtype.reference_tolerance() && worst.2 < 2e-2;
+        println!(
+            "{} varlen {} d={d} seqs={seqs:?}: {} launches, rel_err={:.2e} lse_err={:.2e} unwritten={}",
+            if ok { "ok  " } else { "FAIL" },
+            dtype.name(),
+            reports.len(),
+            worst.0,
+            worst.2,
+            worst.1
+        );
+        if !ok {
+            failures.push(dtype.name());
+        }
+    }
+    // Bad batches are errors, not launches.
+    let s = &rt.gpu.stream;
+    let (q, k) = (s.alloc_zeros::<u16>(hq * 10 * 64).unwrap(), s.alloc_zeros::<u16>(hkv * 10 * 64).unwrap());
+    let (mut o, mut l) = (s.alloc_zeros::<u16>(hq * 10 * 64).unwrap(), s.alloc_zeros::<f32>(hq * 10).unwrap());
+    for bad in [&[][..], &[(0usize, 5usize), (10, 5)][..], &[(5, 5), (6, 5)][..]] {
+        let r = rt.attention_layer_varlen(&plan, (hq, hkv), 64, bad, DType::F16, &q, &k, &k, &mut o, &mut l, None);
+        assert!(r.is_err(), "{bad:?} must be refused");
+    }
+    assert!(failures.is_empty(), "failed: {failures:?}");
+}
+
 #[test]
 fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
     use weft_patterns::device_plan::{index_difference, ColumnPlan};
