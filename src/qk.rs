@@ -74,6 +74,9 @@ pub fn load(path: &Path, layer: Option<usize>) -> Result<(Tensor, Tensor), QkErr
     Ok((q, k))
 }
 
+/// The largest layer number a Q/K file may use.
+pub const MAX_LAYER: usize = 65_535;
+
 /// The layers a file holds: the `L` of every `layers.L.q`, ascending; `[None]` when it holds
 /// plain `q`/`k` instead.
 pub fn layers(path: &Path) -> Result<Vec<Option<usize>>, QkError> {
@@ -81,8 +84,21 @@ pub fn layers(path: &Path) -> Result<Vec<Option<usize>>, QkError> {
     let bytes = std::fs::read(path).map_err(|source| QkError::Io { path: p.clone(), source })?;
     let (_, meta) =
         SafeTensors::read_metadata(&bytes).map_err(|e| QkError::Format { path: p.clone(), message: e.to_string() })?;
-    let mut found: Vec<usize> =
-        meta.tensors().keys().filter_map(|n| n.strip_prefix("layers.")?.strip_suffix(".q")?.parse().ok()).collect();
+    let mut found = Vec::new();
+    for name in meta.tensors().keys() {
+        let Some(l) = name.strip_prefix("layers.").and_then(|n| n.strip_suffix(".q")) else { continue };
+        // Layer numbers key stored search results (as u32) and size the heads x layers picture.
+        match l.parse::<usize>() {
+            Ok(l) if l <= MAX_LAYER => found.push(l),
+            _ => {
+                return Err(QkError::Bad {
+                    path: p.clone(),
+                    name: name.clone(),
+                    message: format!("layer numbers are integers from 0 to {MAX_LAYER}"),
+                })
+            }
+        }
+    }
     found.sort_unstable();
     found.dedup();
     if found.is_empty() {

@@ -162,6 +162,23 @@ fn real_qk_from_safetensors() {
     weft::qk::save(&path, &bad, &bad).unwrap();
     let err = weft::qk::load(&path, None).unwrap_err().to_string();
     assert!(err.contains("tensor `q`") && err.contains("NaN"), "{err}");
+    // Layer numbers past the limit (or past u64) are refused, not truncated or allocated for.
+    let t = weft::patterns::Tensor::random(1, 8, 4, 3);
+    let raw: Vec<u8> = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    for layer in ["18446744073709551615", "99999999999999999999999", "65536"] {
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 8, 4], &raw).unwrap();
+        let names = [format!("layers.{layer}.q"), format!("layers.{layer}.k")];
+        let file = dir.path().join(format!("layer-{layer}.safetensors"));
+        safetensors::serialize_to_file(names.iter().map(|n| (n.clone(), view.clone())), &None, &file).unwrap();
+        weft()
+            .args(["search", "--no-db", "--png"])
+            .arg(dir.path().join("heads.png"))
+            .arg("--qk")
+            .arg(&file)
+            .assert()
+            .failure()
+            .stderr(predicate::str::contains("layer numbers are integers from 0 to 65535").and(no_panic()));
+    }
 }
 
 #[test]

@@ -245,7 +245,7 @@ impl Db {
             sled::Error::Io(source) => Error::Io { path: p.clone(), source },
             other => Error::Corrupt { path: p.clone(), detail: other.to_string() },
         })?;
-        let args: Vec<String> = std::env::args().collect();
+        let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
         let holder = format!("pid {}: {}", std::process::id(), args.join(" "));
         // Best effort: the holder file only improves the message another process sees.
         let _ = std::fs::write(path.join(HOLDER_FILE), holder);
