@@ -326,6 +326,7 @@ struct InputArgs {
 }
 
 fn main() -> ExitCode {
+    quiet_output_errors();
     let cli = Cli::parse();
     let filter = match cli.verbose {
         0 => "warn",
@@ -344,6 +345,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A closed pipe ends the process quietly, as it does other Unix tools (`weft explain causal |
+/// head -1`); any other failure to write the output (a full disk) is reported as an error
+/// rather than as a crash.
+fn quiet_output_errors() {
+    #[cfg(unix)]
+    // Safety: restores the default action of SIGPIPE (Rust ignores it), before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        // `print!` panics with this message when stdout cannot be written.
+        if let Some(why) = message.strip_prefix("failed printing to stdout: ") {
+            eprintln!("error: cannot write the output: {why}");
+            std::process::exit(1);
+        }
+        default(info);
+    }));
 }
 
 fn run(command: Command) -> Result<()> {

@@ -416,3 +416,25 @@ fn autotune_without_a_gpu_says_what_to_do() {
         .failure()
         .stderr(predicate::str::contains("autotune times kernels on an NVIDIA GPU").and(no_panic()));
 }
+
+#[cfg(unix)]
+#[test]
+fn closed_pipes_and_full_disks_end_without_a_panic() {
+    use std::io::Read;
+    use std::process::{Command as Std, Stdio};
+    let bin = assert_cmd::cargo::cargo_bin("weft");
+    // A reader that stops early (`| head -c 1`): a quiet end, by SIGPIPE or success.
+    let mut child =
+        Std::new(&bin).args(["emit", "vertical-vector"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut first = [0u8; 1];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "a closed pipe printed: {stderr}");
+    // A full disk: an error that says so.
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out = Std::new(&bin).arg("patterns").stdout(full).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("cannot write the output"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
