@@ -253,7 +253,7 @@ fn int_expr(e: &Expr) -> Result<IntExpr> {
         Expr::Lit(l) => match &l.lit {
             Lit::Int(_) => {
                 let v = int_lit(e, "constant")?;
-                if v.abs() > MAX_CONST {
+                if v.unsigned_abs() > MAX_CONST.unsigned_abs() {
                     return err(
                         e.span(),
                         format!("constant {v} is out of range: predicates use 32-bit integers (|c| <= {MAX_CONST})"),

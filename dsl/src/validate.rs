@@ -63,7 +63,7 @@ impl Ctx {
         match e {
             IntExpr::Var(_) => {}
             IntExpr::Const(c) => {
-                if c.abs() > MAX_CONST {
+                if c.unsigned_abs() > MAX_CONST.unsigned_abs() {
                     self.err(
                         path,
                         field,

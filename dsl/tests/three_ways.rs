@@ -179,3 +179,16 @@ proptest! {
         prop_assert_eq!(&p, &again, "printed as {}", printed);
     }
 }
+
+#[test]
+fn json_constants_out_of_range_are_refused_not_wrapped() {
+    let ir = serde_json::to_string(&parse_pattern_str("x", "(k < 12345)").unwrap().expr).unwrap();
+    assert!(ir.contains("12345"), "{ir}");
+    for c in [i64::MIN.to_string(), i64::MAX.to_string(), (-(1i64 << 31) - 1).to_string()] {
+        let file = format!("{{\"name\": \"x\", \"ir\": {}}}", ir.replace("12345", &c));
+        let e = parse_pattern_file("f.json", &file, "x").unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{c}: {e}");
+    }
+    let file = format!("{{\"name\": \"x\", \"ir\": {}}}", ir.replace("12345", &(-(1i64 << 31) + 1).to_string()));
+    assert!(parse_pattern_file("f.json", &file, "x").is_ok());
+}
