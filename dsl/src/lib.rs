@@ -141,7 +141,51 @@ pub fn parse_pattern_str(name: &str, src: &str) -> Result<Pattern, Error> {
     parse_with_origin(name, src, "<pattern>")
 }
 
+/// The deepest bracket nesting a pattern's text may have: the parser and every pass over the
+/// IR recurse on it, and a few thousand levels would overflow the stack.
+pub const MAX_NESTING: usize = 64;
+/// The most operator characters (`|`, `&`, arithmetic, comparisons) a pattern's text may hold:
+/// a chain of `a | b | c ...` nests one level per operator in the IR.
+pub const MAX_OPERATORS: usize = 1024;
+
+/// Refuses text past [`MAX_NESTING`] or [`MAX_OPERATORS`] before it is parsed.
+fn check_size(src: &str, origin: &str) -> Result<(), Error> {
+    let (mut depth, mut deepest, mut ops) = (0usize, 0usize, 0usize);
+    let mut first_over = None;
+    for (line, text) in src.lines().enumerate() {
+        for (column, c) in text.chars().enumerate() {
+            match c {
+                '(' | '[' | '{' => depth += 1,
+                ')' | ']' | '}' => depth = depth.saturating_sub(1),
+                '|' | '&' | '+' | '-' | '*' | '/' | '%' | '<' | '>' | '=' | '!' => ops += 1,
+                _ => {}
+            }
+            deepest = deepest.max(depth);
+            if (depth > MAX_NESTING || ops > MAX_OPERATORS) && first_over.is_none() {
+                first_over = Some((line + 1, column, text.to_string()));
+            }
+        }
+    }
+    let Some((line, column, text)) = first_over else { return Ok(()) };
+    let message = if deepest > MAX_NESTING {
+        format!("the pattern nests brackets {deepest} deep; at most {MAX_NESTING} levels are accepted")
+    } else {
+        format!(
+            "the pattern has {ops} operators; at most {MAX_OPERATORS} are accepted (split it into several patterns)"
+        )
+    };
+    let shown: String = text.chars().take(column + 1).skip(column.saturating_sub(40)).collect();
+    Err(Error::Syntax {
+        origin: origin.to_string(),
+        line,
+        column: column + 1,
+        message,
+        snippet: format!("{shown}\n  {}^", " ".repeat(shown.chars().count().saturating_sub(1))),
+    })
+}
+
 fn parse_with_origin(name: &str, src: &str, origin: &str) -> Result<Pattern, Error> {
+    check_size(src, origin)?;
     let expr: syn::Expr = syn::parse_str(src).map_err(|e| syntax_error(origin, src, &e))?;
     let expr = syntax::pattern(&expr).map_err(|e| syntax_error(origin, src, &e))?;
     Ok(Pattern::new(name, expr))

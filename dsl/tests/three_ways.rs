@@ -192,3 +192,19 @@ fn json_constants_out_of_range_are_refused_not_wrapped() {
     let file = format!("{{\"name\": \"x\", \"ir\": {}}}", ir.replace("12345", &(-(1i64 << 31) + 1).to_string()));
     assert!(parse_pattern_file("f.json", &file, "x").is_ok());
 }
+
+#[test]
+fn deep_or_huge_pattern_text_is_refused_before_parsing() {
+    let deep = format!("{}causal{}", "(".repeat(3000), ")".repeat(3000));
+    let e = parse_pattern_str("x", &deep).unwrap_err().to_string();
+    assert!(e.contains("nests brackets") && e.contains("at most 64"), "{e}");
+    let wide = vec!["local(1)"; 20_000].join(" | ");
+    let e = parse_pattern_str("x", &wide).unwrap_err().to_string();
+    assert!(e.contains("operators") && e.contains("at most 1024"), "{e}");
+    let file = format!("pattern = \"{wide}\"\n");
+    assert!(parse_pattern_file("f.toml", &file, "x").is_err());
+    // Within the limits: fine.
+    let ok = format!("{}causal{}", "(".repeat(60), ")".repeat(60));
+    assert!(parse_pattern_str("x", &ok).is_ok());
+    assert!(parse_pattern_str("x", &vec!["local(1)"; 500].join(" | ")).is_ok());
+}
