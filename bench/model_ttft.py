@@ -63,14 +63,26 @@ def plans_for(args, layers: int, heads: int) -> dict:
     if not args.choices:
         one = weft.plan(args.pattern, heads)
         return {layer: one for layer in range(layers)}
-    searched = weft.plans_from_choices(weft.load_choices(args.choices))
+    searched = load_searched(args.choices)
     keys = sorted(searched)
     plans = {}
     for layer in range(layers):
-        src = searched[keys[layer * len(keys) // layers]]
-        pats = src.patterns
+        pats = searched[keys[layer * len(keys) // layers]]
         plans[layer] = weft.plan([pats[h % len(pats)] for h in range(heads)], heads)
     return plans
+
+
+def load_searched(path: str) -> dict:
+    """``{layer: [pattern per head]}`` from ``weft search --json`` output, or from any list of
+    ``{"layer", "head", "pattern"}`` records whose pattern is DSL text (as
+    ``tools/model_quality.py`` writes under ``configs[i].search.heads``)."""
+    with open(path) as f:
+        items = json.load(f)
+    by_layer: dict = {}
+    for c in items:
+        p = weft.pattern(c["pattern"]) if isinstance(c["pattern"], str) else weft.Pattern.from_json(json.dumps(c["pattern"]))
+        by_layer.setdefault(int(c["layer"]), {})[int(c["head"])] = p
+    return {layer: [heads[h] for h in sorted(heads)] for layer, heads in by_layer.items()}
 
 
 def density(plans: dict, n: int) -> float:

@@ -438,3 +438,32 @@ fn closed_pipes_and_full_disks_end_without_a_panic() {
     assert!(!out.status.success() && stderr.contains("cannot write the output"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_wrong_library_under_the_cuda_names_is_an_error_not_a_crash() {
+    // Another library (libm) copied under the names cudarc loads.
+    let libm = ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let Some(libm) = libm else {
+        println!("skipped: no libm.so.6 at the usual paths to stand in for a wrong library");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["libnvrtc.so", "libnvrtc.so.13", "libcuda.so", "libcuda.so.1"] {
+        std::fs::copy(libm, dir.path().join(name)).unwrap();
+    }
+    weft()
+        .env("LD_LIBRARY_PATH", dir.path())
+        .args(["compile", "causal", "--arch", "sm_90"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("has no nvrtcVersion: it is not NVRTC").and(no_panic()));
+    weft()
+        .env("LD_LIBRARY_PATH", dir.path())
+        .args(["autotune", "causal", "--no-db"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("it is not the NVIDIA driver's library").and(no_panic()));
+}

@@ -28,6 +28,7 @@
 mod device_index;
 mod external;
 mod layer;
+mod libs;
 pub mod nvrtc;
 
 use std::collections::HashMap;
@@ -73,18 +74,9 @@ fn driver(what: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -
     move |source| Error::Driver { what, source }
 }
 
-/// Checks that libcuda can be loaded.
+/// Checks that libcuda can be loaded and is a driver for the CUDA 13 API.
 pub fn check_driver() -> Result<(), Error> {
-    if unsafe { sys::is_culib_present() } {
-        Ok(())
-    } else {
-        Err(Error::MissingLibrary {
-            library: "libcuda.so.1",
-            help: "no NVIDIA driver on this machine; GPU commands need one (code generation and \
-                   `weft compile` do not)"
-                .into(),
-        })
-    }
+    libs::check_driver()
 }
 
 /// The sparse index of a packed batch (one sequence or more) on the device.

@@ -65,18 +65,8 @@ pub struct Compiled {
 
 /// Whether libnvrtc can be loaded, with the error to show when it cannot.
 pub fn check_available() -> Result<(), Error> {
-    // cudarc panics on first use when the library is missing: ask first.
-    if unsafe { sys::is_culib_present() } {
-        Ok(())
-    } else {
-        Err(Error::MissingLibrary {
-            library: "libnvrtc.so.13",
-            help: "install the pinned NVRTC wheel (`python3 -m pip install --target .tools/nvrtc \
-                   nvidia-cuda-nvrtc==13.0.88`) and add `.tools/nvrtc/nvidia/cu13/lib` to LD_LIBRARY_PATH; \
-                   scripts/test.sh does both"
-                .into(),
-        })
-    }
+    // cudarc panics on first use when the library is missing or is not NVRTC: ask first.
+    crate::libs::check_nvrtc()
 }
 
 /// NVRTC's version as (major, minor).
