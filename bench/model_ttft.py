@@ -8,10 +8,11 @@ run on one GPU.
 Backends (``--backends``): ``sdpa-flash`` and ``sdpa-cudnn`` (transformers' SDPA path with one
 torch backend allowed), ``flex`` (transformers' flex_attention path, compiled),
 ``weft-causal`` (dense causal through weft), ``weft`` (the per-head plans). The plans come from
-``--choices``, the JSON ``weft search --json`` writes: the searched model's layers are spread
-over this model's layers and its heads repeated over these 32 (a search on a smaller model's
-captured Q/K; the patterns keep a fixed number of keys, so their cost does not depend on the
-weights), or from ``--pattern`` for every head.
+``--choices`` (the JSON ``weft search --json`` writes, or a list of ``{layer, head, pattern
+text}`` such as ``bench/data/smollm2-135m-recall95.json``): this model's layer i takes the
+middle layer of the i-th of equal runs of the searched model's layers, whose heads repeat over
+these 32 (a search on a smaller model's captured Q/K; the patterns keep a fixed number of keys,
+so their cost does not depend on the weights), or from ``--pattern`` for every head.
 
 ``--density-only`` prints the fraction of causal pairs the plans keep at each length (on the
 CPU, no GPU needed).
@@ -67,7 +68,8 @@ def plans_for(args, layers: int, heads: int) -> dict:
     keys = sorted(searched)
     plans = {}
     for layer in range(layers):
-        pats = searched[keys[layer * len(keys) // layers]]
+        # The middle layer of each of `layers` equal runs of the searched model's layers.
+        pats = searched[keys[(2 * layer + 1) * len(keys) // (2 * layers)]]
         plans[layer] = weft.plan([pats[h % len(pats)] for h in range(heads)], heads)
     return plans
 

@@ -109,6 +109,25 @@ def test_per_head_plan():
         torch.testing.assert_close(out[:, h : h + 1].float(), want, atol=2e-2, rtol=2e-2)
 
 
+def test_per_head_dynamic_plan():
+    # Heads sharing a dynamic pattern get their index built on the GPU over just those heads.
+    pats = [PATTERNS[3], "causal & window(64)", PATTERNS[6], PATTERNS[3], "block(keep = top_k(4))", PATTERNS[6]]
+    h, hkv = 6, 3
+    q, k, v = inputs(1, h, hkv, 1000, 128, torch.bfloat16, seed=11)
+    out = wt.attention(q, k, v, wt.plan(pats, h))
+    for head, text in enumerate(pats):
+        g = head // (h // hkv)
+        qh, kh, vh = q[:, head : head + 1], k[:, g : g + 1], v[:, g : g + 1]
+        want, _ = sdpa_reference(qh, kh, vh, masks_of(text, qh, kh), 1 / math.sqrt(128))
+        torch.testing.assert_close(out[:, head : head + 1].float(), want, atol=2e-2, rtol=2e-2)
+    lse = torch.empty(1, h, 1000, device="cuda")
+    ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
+    stream = torch.cuda.current_stream().cuda_stream
+    reports = wt.runtime().attention(wt.plan(pats, h).layer_plan, (h, hkv, 1000, 1000, 128), "bf16", *ptrs, stream, None, True)
+    torch.cuda.synchronize()
+    assert all(r["index_on_gpu"] for r in reports if any(not weft.pattern(pats[x]).is_static for x in r["heads"])), reports
+
+
 def test_runs_on_the_current_stream():
     q, k, v = inputs(1, 8, 8, 2048, 128, torch.bfloat16, seed=4)
     s = torch.cuda.Stream()

@@ -32,7 +32,7 @@ use weft_codegen::{
     DType, VS_LOGITS_KEYS, VS_LOGITS_ROWS, VV_COLLECT_MAX, VV_INDEX_MAX_SHARED, VV_TWO_CTA_SHARED,
 };
 use weft_dsl::Budget;
-use weft_patterns::device_plan::{BlockEntries, BlockPlan, ColumnPlan};
+use weft_patterns::device_plan::{AnyPlan, BlockEntries, BlockPlan, ColumnPlan};
 
 use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
 
@@ -505,6 +505,68 @@ fn usage(what: impl Into<String>) -> Error {
 }
 
 impl Gpu {
+    /// Builds `plan`'s index for the query heads `heads` of a layer with Q `[hq, nq, d]` and K
+    /// `[hkv, nk, d]` on the device: in place when `heads` is every head in order; otherwise
+    /// over device copies of those heads' Q and of the key head each reads (a problem of
+    /// `heads.len()` heads without GQA, which `plan` must have been made for), the index's
+    /// rows then mapped back to the layer's heads.
+    pub fn build_index_of_heads(
+        &self,
+        plan: &AnyPlan,
+        shape: AttnShape,
+        heads: &[usize],
+        dtype: DType,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+    ) -> Result<(DeviceIndex, IndexBuild), Error> {
+        let build = |shape: AttnShape, q: &CudaSlice<u16>, k: &CudaSlice<u16>| match plan {
+            AnyPlan::Columns(cp) => self.build_vv_index(cp, shape, dtype, q, k),
+            AnyPlan::Blocks(bp) => self.build_block_index(bp, shape, dtype, q, k),
+            AnyPlan::Slashes(sp) => self.build_vs_index(sp, shape, dtype, q, k),
+        };
+        if heads.iter().copied().eq(0..shape.hq) {
+            return build(shape, q, k);
+        }
+        let AttnShape { hq, hkv, nq, nk, head_dim: d } = shape;
+        if hkv == 0
+            || hq % hkv != 0
+            || heads.iter().any(|&h| h >= hq)
+            || q.len() < hq * nq * d
+            || k.len() < hkv * nk * d
+        {
+            return Err(Error::Shape(format!("heads {heads:?} of a layer of {shape:?}")));
+        }
+        let (n, gqa) = (heads.len(), hq / hkv);
+        let s = &self.stream;
+        let what = "copying a group's heads for its index build";
+        // Safety: the copies below write every element before the build reads any.
+        let mut qs = unsafe { s.alloc::<u16>(n * nq * d) }.map_err(driver(what))?;
+        let mut ks = unsafe { s.alloc::<u16>(n * nk * d) }.map_err(driver(what))?;
+        for (i, &h) in heads.iter().enumerate() {
+            let kv = h / gqa;
+            s.memcpy_dtod(&q.slice(h * nq * d..(h + 1) * nq * d), &mut qs.slice_mut(i * nq * d..(i + 1) * nq * d))
+                .map_err(driver(what))?;
+            s.memcpy_dtod(&k.slice(kv * nk * d..(kv + 1) * nk * d), &mut ks.slice_mut(i * nk * d..(i + 1) * nk * d))
+                .map_err(driver(what))?;
+        }
+        let (mut index, report) = build(AttnShape { hq: n, hkv: n, ..shape }, &qs, &ks)?;
+        // The head map's device copy is kept per head list: a build queues no host copy.
+        let id = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            ("head map", heads).hash(&mut hasher);
+            hasher.finish()
+        };
+        let map = self.plan_copy(id, || {
+            let map: Vec<i32> = heads.iter().map(|&h| h as i32).collect();
+            upload(s, &map, "uploading a head map")
+        })?;
+        index.head_map_dev = s.clone_dtod(map.as_ref()).map_err(driver("copying a head map"))?;
+        index.head_map = heads.to_vec();
+        index.gathered = true;
+        Ok((index, report))
+    }
+
     /// Builds the index of `plan` for Q `[hq, nq, d]` and K `[hkv, nk, d]` (bf16, on the
     /// device): the index `weft_patterns::build_index` builds for the same inputs, mask ids
     /// numbered as in `plan.skeleton.masks` (generate the attention kernel with those).

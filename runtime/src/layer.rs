@@ -197,6 +197,8 @@ pub(crate) struct LayerCache {
     /// Generated kernels by their group's pattern names and hashes, masks, permutation and
     /// config.
     kernels: BoundedCache<String, Arc<weft_codegen::Kernel>>,
+    /// Whether a pattern (by hash) reads the head index.
+    reads_head: BoundedCache<String, bool>,
     /// Each (pattern, head, bucket)'s config and whether it was tuned, read from the
     /// database once per process (a tune stored later by another process is seen after a
     /// restart).
@@ -308,6 +310,15 @@ impl Runtime {
 
         // Each head's config, and the groups of heads that share one.
         let gqa = shape.hq / shape.hkv;
+        // The problem of a group's heads alone, as a GPU index build sees it: every layer head
+        // when the group has them all, else each head with its own copy of its key head.
+        let sub_shape = |heads: &[usize]| {
+            if heads.len() == shape.hq {
+                shape
+            } else {
+                AttnShape { hq: heads.len(), hkv: heads.len(), ..shape }
+            }
+        };
         // A sequence's shape; the longest key length picks the tuned configs' bucket.
         let seq_shape = |&(nq, nk): &(usize, usize)| AttnShape { nq, nk, ..shape };
         let longest = seqs.iter().map(|s| s.1).max().unwrap_or(shape.nk);
@@ -315,6 +326,8 @@ impl Runtime {
         // by it.
         let hashes = plan.hashes();
         let mut groups: BTreeMap<GroupKey, Vec<usize>> = BTreeMap::new();
+        let on_gpu = self.gpu_index.load(std::sync::atomic::Ordering::Relaxed);
+        let gpu_eligible = on_gpu && seqs.len() == 1 && dtype == DType::Bf16;
         let mut tuned_of = vec![false; shape.hq];
         let mut warned: Vec<String> = Vec::new();
         for (h, p) in plan.patterns.iter().enumerate() {
@@ -334,28 +347,25 @@ impl Runtime {
             tuned_of[h] = tuned;
             let exclusive =
                 matches!(p.expr, PatternExpr::Permuted { .. } | PatternExpr::Ring { .. }).then(|| hashes[h].clone());
-            groups.entry(GroupKey { config, exclusive }).or_default().push(h);
+            // A dynamic pattern a GPU builder may take gets a launch of its own heads, so that
+            // its index is built on the GPU (over just those heads) rather than on the host.
+            let own = (exclusive.is_none() && gpu_eligible && !p.expr.is_static() && !self.reads_head(p, &hashes[h]))
+                .then(|| hashes[h].clone());
+            groups.entry(GroupKey { config, exclusive, own }).or_default().push(h);
         }
 
         // A group of one dynamic pattern over every head of one sequence can have its index
         // built on the GPU (vertical vectors, block top-k or vertical-slash, bf16); Q and K go
         // to the host only for the other dynamic groups.
-        let on_gpu = self.gpu_index.load(std::sync::atomic::Ordering::Relaxed);
         let device_plans: Vec<Option<Arc<AnyPlan>>> = groups
             .iter()
             .map(|(key, heads)| {
                 let p = &plan.patterns[heads[0]];
-                let single = heads.len() == shape.hq && heads.iter().all(|&h| hashes[h] == hashes[heads[0]]);
-                if !on_gpu
-                    || !single
-                    || seqs.len() != 1
-                    || p.expr.is_static()
-                    || dtype != DType::Bf16
-                    || key.exclusive.is_some()
-                {
+                let one_pattern = heads.iter().all(|&h| hashes[h] == hashes[heads[0]]);
+                if !gpu_eligible || !one_pattern || p.expr.is_static() || key.exclusive.is_some() {
                     return None;
                 }
-                self.device_plan(p, &hashes[heads[0]], &key.config, shape, scale)
+                self.device_plan(p, &hashes[heads[0]], &key.config, sub_shape(heads), scale)
             })
             .collect();
         let dynamic = groups
@@ -385,11 +395,7 @@ impl Runtime {
             // and how long that took (host builds: before the upload).
             let gpu_built = match device_plan.as_deref() {
                 Some(dp) => {
-                    let built = match dp {
-                        AnyPlan::Columns(cp) => self.gpu.build_vv_index(cp, shape, dtype, q, k),
-                        AnyPlan::Blocks(bp) => self.gpu.build_block_index(bp, shape, dtype, q, k),
-                        AnyPlan::Slashes(sp) => self.gpu.build_vs_index(sp, shape, dtype, q, k),
-                    };
+                    let built = self.gpu.build_index_of_heads(dp, shape, &heads, dtype, q, k);
                     match built {
                         Ok((device_index, _)) => Some((device_index, dp.masks().to_vec())),
                         // The builder declined these inputs (e.g. more scratch than it takes):
@@ -642,6 +648,17 @@ impl Runtime {
         plan
     }
 
+    /// Whether `pattern` reads the head index (`h`): its index cannot be built over a subset
+    /// of the heads renumbered from 0.
+    fn reads_head(&self, pattern: &Pattern, hash: &str) -> bool {
+        if let Some(r) = self.layer.reads_head.get(&hash.to_string()) {
+            return r;
+        }
+        let r = serde_json::to_string(&pattern.expr).map_or(true, |j| j.contains("\"var\":\"h\""));
+        self.layer.reads_head.insert(hash.to_string(), r);
+        r
+    }
+
     /// Q and K copied to the host as f32, for the CPU index builders.
     fn host_qk(
         &self,
@@ -686,6 +703,8 @@ fn index_options(config: &KernelConfig, scale: f32) -> IndexOptions {
 struct GroupKey {
     config: KernelConfig,
     exclusive: Option<String>,
+    /// A dynamic pattern whose heads launch on their own (its index built on the GPU).
+    own: Option<String>,
 }
 
 /// The pattern a multi-pattern group's kernel is labelled with (its header and key): the
