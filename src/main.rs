@@ -916,9 +916,12 @@ fn cache(db: Option<PathBuf>, action: CacheAction) -> Result<()> {
         None => default_path()?,
     };
     if let CacheAction::Clear = action {
-        return match Db::open(&path) {
-            Ok(db) => {
-                println!("removed {} entries from {}", db.clear()?, path.display());
+        // A database that cannot be read, on opening or while clearing, is deleted: it only
+        // caches what autotune and search can make again.
+        let cleared = Db::open(&path).and_then(|db| db.clear());
+        return match cleared {
+            Ok(n) => {
+                println!("removed {n} entries from {}", path.display());
                 Ok(())
             }
             Err(CacheError::Corrupt { .. }) => {

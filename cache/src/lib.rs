@@ -278,7 +278,13 @@ impl Db {
     }
 
     fn err(&self, e: sled::Error) -> Error {
-        Error::Sled { path: self.path.display().to_string(), detail: e.to_string() }
+        let path = self.path.display().to_string();
+        match e {
+            // Damaged data reads as such, with the advice on resetting the database.
+            sled::Error::Corruption { .. } => Error::Corrupt { path, detail: e.to_string() },
+            sled::Error::Io(source) => Error::Io { path, source },
+            other => Error::Sled { path, detail: other.to_string() },
+        }
     }
 
     fn tree(&self, name: &str) -> Result<sled::Tree, Error> {
@@ -413,7 +419,12 @@ impl Db {
         let mut n = 0;
         for tree in TREES {
             let t = self.tree(tree)?;
-            n += t.len();
+            // Counted key by key, stopping at the first error: on damaged data `Tree::len`
+            // would yield the same error forever.
+            for key in t.iter().keys() {
+                key.map_err(|e| self.err(e))?;
+                n += 1;
+            }
             t.clear().map_err(|e| self.err(e))?;
         }
         self.db.flush().map_err(|e| self.err(e))?;

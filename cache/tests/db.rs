@@ -189,3 +189,42 @@ fn a_tuning_record_whose_default_did_not_run_reads_back() {
     assert_eq!(old.default_ms, None);
     assert!(db.verify(None).unwrap().corrupt.is_empty());
 }
+
+#[test]
+fn damaged_data_never_hangs_and_its_errors_say_how_to_reset() {
+    // (sled's recovery may drop a damaged log tail and open what is left; either way each call
+    // must end, and an error must carry the advice.)
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = Db::open(dir.path()).unwrap();
+        for head in 0..400 {
+            db.put_tuning(&tune_key(toolchain("gpu", 1), Some(head)), &tune_record()).unwrap();
+        }
+    }
+    // Flip one byte in every 97 of sled's data file past its first 4 KiB, leaving its config
+    // readable.
+    let data = dir.path().join("db");
+    let mut bytes = std::fs::read(&data).unwrap();
+    for b in bytes.iter_mut().skip(4096).step_by(97) {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&data, bytes).unwrap();
+    // Each call ends (bounded), in success or an error that says how to reset the database.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = dir.path().to_path_buf();
+    std::thread::spawn(move || {
+        let outcome = match Db::open(&path) {
+            Err(e) => Err(e.to_string()),
+            Ok(db) => match db.entries() {
+                Err(e) => Err(e.to_string()),
+                Ok(_) => db.clear().map(|_| ()).map_err(|e| e.to_string()),
+            },
+        };
+        let _ = tx.send(outcome);
+    });
+    let outcome = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("reading a damaged database must end");
+    if let Err(msg) = &outcome {
+        assert!(msg.contains("weft cache clear"), "{msg}");
+    }
+    println!("damaged database: {outcome:?}");
+}
