@@ -340,6 +340,25 @@ fn oversized_requests_are_refused_not_attempted() {
         .assert()
         .failure()
         .stderr(predicate::str::contains("block sizes must be between").and(no_panic()));
+    // Synthetic inputs past the memory limit are refused with the estimate.
+    for (flag, value) in [("--head-dim", "100000000"), ("--heads", "1000000")] {
+        weft()
+            .args(["explain", "causal", "--seq", "64", flag, value])
+            .assert()
+            .failure()
+            .stderr(predicate::str::contains("GiB").and(no_panic()));
+    }
+    // A Q/K file passes the same bounds as synthetic input.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.safetensors");
+    let q = weft::patterns::Tensor::random(1, 300_000, 1, 1);
+    weft::qk::save(&path, &q, &q).unwrap();
+    weft()
+        .args(["explain", "causal", "--qk"])
+        .arg(&path)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("too large for the CPU reference").and(no_panic()));
 }
 
 #[test]

@@ -44,6 +44,8 @@ pub(crate) fn make_input(args: &InputArgs, pattern: &Pattern) -> Result<Input> {
             k.tokens,
             k.dim
         );
+        // A file is as bounded as synthetic input: its lengths pass the same checks.
+        check_pairs(q.heads, q.tokens, k.tokens)?;
         return Ok(Input { q, k, description });
     }
     let n = args.seq;
@@ -61,8 +63,18 @@ pub(crate) fn make_input(args: &InputArgs, pattern: &Pattern) -> Result<Input> {
     if n > MAX_SEQ {
         bail!("--seq {n} is over {MAX_SEQ} tokens, more than the CPU reference handles here");
     }
-    if (nq as u128) * (n as u128) * (args.heads as u128) > 1 << 36 {
-        bail!("{} heads x {nq} x {n} pairs is too large for the CPU reference; lower --seq or --heads", args.heads);
+    check_pairs(args.heads, nq, n)?;
+    // Planted inputs hold Q and K of every head over all tokens, then the K heads kept.
+    let floats = (args.head_dim as u128) * (n as u128) * (2 * args.heads as u128 + kvh as u128);
+    if floats * 4 > MAX_INPUT_BYTES as u128 {
+        bail!(
+            "synthetic Q/K of {} heads x {n} tokens x head dim {} need {:.1} GiB (at most {} GiB here); lower --heads, \
+             --seq or --head-dim",
+            args.heads,
+            args.head_dim,
+            (floats * 4) as f64 / (1u64 << 30) as f64,
+            MAX_INPUT_BYTES >> 30
+        );
     }
     let (q, k, what) = match args.synthetic {
         Synthetic::Planted => {
@@ -90,6 +102,20 @@ pub(crate) fn make_input(args: &InputArgs, pattern: &Pattern) -> Result<Input> {
         args.heads, args.head_dim, args.seed
     );
     Ok(Input { q, k, description })
+}
+
+/// The most memory synthetic Q/K may take.
+const MAX_INPUT_BYTES: usize = 4 << 30;
+
+/// The CPU reference walks every (head, query, key) pair: refuse problems past 2^36 pairs.
+fn check_pairs(heads: usize, nq: usize, nk: usize) -> Result<()> {
+    if nk > MAX_SEQ {
+        bail!("{nk} tokens are over {MAX_SEQ}, more than the CPU reference handles here");
+    }
+    if (nq as u128) * (nk as u128) * (heads as u128) > 1 << 36 {
+        bail!("{heads} heads x {nq} x {nk} pairs is too large for the CPU reference; lower --seq or --heads");
+    }
+    Ok(())
 }
 
 pub(crate) fn analyse(pattern: &Pattern, input: &Input, args: &InputArgs) -> Result<Report> {
