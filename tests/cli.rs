@@ -340,6 +340,17 @@ fn oversized_requests_are_refused_not_attempted() {
         .assert()
         .failure()
         .stderr(predicate::str::contains("block sizes must be between").and(no_panic()));
+    // Indexes past the tile bound are refused before they are built.
+    weft()
+        .args(["emit", "full", "--seq", "4194304"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("block pairs").and(no_panic()));
+    weft()
+        .args(["explain", "causal", "--seq", "65536", "--heads", "1", "--block-m", "1", "--block-n", "1"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("block pairs").and(no_panic()));
     // Synthetic inputs past the memory limit are refused with the estimate.
     for (flag, value) in [("--head-dim", "100000000"), ("--heads", "1000000")] {
         weft()

@@ -71,6 +71,12 @@ pub struct IndexOptions {
     pub estimates: Option<std::sync::Arc<Estimates>>,
 }
 
+/// The most (head, query block, key block) pairs an index may cover. Each can become an entry
+/// of 6 bytes; dense and causal indexes keep all or half of them, so this admits causal over
+/// 32 heads at 512k tokens in 128 x 128 blocks (and at 256k in 64 x 64) while refusing
+/// one-token blocks at 64k or dense 64 x 64 blocks at 4M, which would need tens of GiB.
+pub const MAX_TILES: usize = 1 << 31;
+
 /// A pattern resolved for an input: every dynamic choice made, per head.
 #[derive(Clone, Debug)]
 pub struct Resolved {
@@ -385,6 +391,16 @@ impl Resolved {
 
     /// Compresses the resolved pattern into the shared index format.
     pub fn index(&self) -> Result<SparseIndex, Error> {
+        // Bounded before building: every (head, query block, key block) may become an entry.
+        let tiles =
+            (self.heads as u128) * (self.nq.div_ceil(self.block_m) as u128) * (self.nk.div_ceil(self.block_n) as u128);
+        if tiles > MAX_TILES as u128 {
+            return Err(Error::Layout(format!(
+                "{} heads x {} x {} tokens in {} x {} blocks make {tiles} block pairs, over the {MAX_TILES} an index \
+                 may hold; use larger blocks or fewer tokens",
+                self.heads, self.nq, self.nk, self.block_m, self.block_n
+            )));
+        }
         let per_head: Vec<Vec<Row>> = (0..self.heads).into_par_iter().map(|h| self.head_rows(h)).collect();
         let mut table = MaskTable::default();
         let too_big = || Error::Layout("the index has more than 2^32 entries; use larger blocks".into());

@@ -77,7 +77,9 @@ pub mod synthetic;
 pub mod tensor;
 
 pub use families::Estimates;
-pub use index::{build_index, layout, resolve_pattern, BatchIndex, IndexOptions, Resolved, SparseIndex, FULL};
+pub use index::{
+    build_index, layout, resolve_pattern, BatchIndex, IndexOptions, Resolved, SparseIndex, FULL, MAX_TILES,
+};
 pub use metrics::{recall, Recall, Universe};
 pub use reference::{attention, dense_attention, Attention};
 pub use tensor::Tensor;

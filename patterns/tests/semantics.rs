@@ -508,3 +508,12 @@ proptest! {
         prop_assert_eq!(decide_exact(&p, &r), want, "{:?} over {:?}", p, r);
     }
 }
+
+#[test]
+fn indexes_past_the_tile_bound_are_refused_before_building() {
+    use weft_patterns::{build_index, IndexOptions, Tensor, MAX_TILES};
+    let (q, k) = (Tensor::zeros(1, 65536, 1), Tensor::zeros(1, 65536, 1));
+    let tiny = IndexOptions { block_m: Some(1), block_n: Some(1), ..Default::default() };
+    let e = build_index(&weft_dsl::builder::causal(), &q, &k, &tiny).unwrap_err().to_string();
+    assert!(e.contains("block pairs") && e.contains(&MAX_TILES.to_string()), "{e}");
+}
