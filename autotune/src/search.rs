@@ -367,12 +367,19 @@ const BUCKETS: usize = 200;
 /// Under a mean density of at most `budget` over all heads, the choice of one candidate per
 /// head that maximises mean recall: a multiple-choice knapsack by dynamic programming over
 /// densities discretised to 1/200 (rounded up, so the budget holds).
+///
+/// The table holds heads x (budget x heads x 200) cells: past [`MAX_KNAPSACK_CELLS`] (about
+/// 1,300 heads at budget 1) the choice is made by Lagrangian relaxation instead
+/// ([`choose_by_price`]), whose memory is linear in the heads.
 pub fn choose_by_budget(heads: &[HeadScores], cands: &[Candidate], budget: f64) -> Result<Vec<Choice>, Error> {
     let n = heads.len();
     if n == 0 {
         return Ok(Vec::new());
     }
     let cap = (budget.clamp(0.0, 1.0) * (n * BUCKETS) as f64).floor() as usize;
+    if (n as u128) * (cap as u128 + 1) > MAX_KNAPSACK_CELLS as u128 {
+        return choose_by_price(heads, cands, budget);
+    }
     let cost = |d: f64| (d * BUCKETS as f64).ceil() as usize;
     // best[c] = max total recall using total cost c over the heads so far; back pointers.
     let neg = f64::NEG_INFINITY;
@@ -413,6 +420,78 @@ pub fn choose_by_budget(heads: &[HeadScores], cands: &[Candidate], budget: f64) 
         c = prev;
     }
     Ok(out.into_iter().flatten().collect())
+}
+
+/// The most cells (16 bytes each) the budget knapsack's table may take: 512 MiB.
+pub const MAX_KNAPSACK_CELLS: usize = 1 << 25;
+
+/// Under a mean density budget, the choice per head maximising `recall - price x density`, at
+/// the lowest price whose choices fit the budget (bisection; optimal among the choices on the
+/// upper convex hull of each head's (density, recall) points), then the budget left spent on
+/// the upgrades with the most recall per density. Memory linear in the heads.
+pub fn choose_by_price(heads: &[HeadScores], cands: &[Candidate], budget: f64) -> Result<Vec<Choice>, Error> {
+    let limit = budget.clamp(0.0, 1.0) * heads.len() as f64;
+    // Each head's pick at `price`; ties go to the lower density.
+    let pick = |price: f64| -> Vec<usize> {
+        heads
+            .iter()
+            .map(|h| {
+                let value = |s: &Score| s.recall - price * s.density;
+                (0..h.scores.len())
+                    .max_by(|&a, &b| {
+                        let (sa, sb) = (&h.scores[a], &h.scores[b]);
+                        value(sa).total_cmp(&value(sb)).then(sb.density.total_cmp(&sa.density))
+                    })
+                    .unwrap_or(usize::MAX)
+            })
+            .collect()
+    };
+    let total = |picks: &[usize]| -> f64 {
+        heads.iter().zip(picks).map(|(h, &i)| h.scores.get(i).map_or(f64::INFINITY, |s| s.density)).sum()
+    };
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    let mut best = pick(lo);
+    if total(&best) > limit {
+        // Raise the price until the picks fit (or it is clear that nothing does).
+        while total(&pick(hi)) > limit && hi < 1e12 {
+            hi *= 2.0;
+        }
+        best = pick(hi);
+        if total(&best) > limit {
+            return Err(Error::Search(format!("no choice fits a mean density budget of {budget}; raise --budget")));
+        }
+        for _ in 0..100 {
+            let mid = 0.5 * (lo + hi);
+            let p = pick(mid);
+            if total(&p) <= limit {
+                (hi, best) = (mid, p);
+            } else {
+                lo = mid;
+            }
+        }
+    }
+    // The price leaves part of the budget unspent: spend it on the upgrades that buy the most
+    // recall per density, one at a time.
+    let mut left = limit - total(&best);
+    for _ in 0..heads.len() {
+        let mut upgrade: Option<(f64, usize, usize)> = None;
+        for (hi, (h, &cur)) in heads.iter().zip(&best).enumerate() {
+            let now = &h.scores[cur];
+            for (si, s) in h.scores.iter().enumerate() {
+                let (gain, cost) = (s.recall - now.recall, s.density - now.density);
+                if gain > 0.0 && cost <= left {
+                    let rate = if cost > 0.0 { gain / cost } else { f64::INFINITY };
+                    if upgrade.is_none_or(|(r, _, _)| rate > r) {
+                        upgrade = Some((rate, hi, si));
+                    }
+                }
+            }
+        }
+        let Some((_, hi, si)) = upgrade else { break };
+        left -= heads[hi].scores[si].density - heads[hi].scores[best[hi]].density;
+        best[hi] = si;
+    }
+    Ok(heads.iter().zip(best).map(|(h, i)| choice(h, &h.scores[i], cands)).collect())
 }
 
 /// What one layer's heads chose.
