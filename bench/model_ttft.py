@@ -22,6 +22,7 @@ after one warm-up) in milliseconds, the host waiting for the GPU at the end of e
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -154,34 +155,23 @@ def attention_ms(name: str, n: int, plans: dict, repeat: int) -> float:
     q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-    if name in ("sdpa-flash", "sdpa-cudnn"):
-        backend = SDPBackend.FLASH_ATTENTION if name == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
-
-        def calls():
-            return [lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)]
-
+    # The calls one timing covers, and the SDPA backend allowed (none for weft).
+    backends = {"sdpa-flash": [SDPBackend.FLASH_ATTENTION], "sdpa-cudnn": [SDPBackend.CUDNN_ATTENTION]}
+    if name in backends:
+        fns = [lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)]
     elif name == "weft-causal":
-
-        def calls():
-            return [lambda: wt.attention(q, k, v, "causal")]
-
+        fns = [lambda: wt.attention(q, k, v, "causal")]
     elif name == "weft":
-
-        def calls():
-            return [lambda p=wt.Plan(p): wt.attention(q, k, v, p) for p in plans.values()]
-
+        fns = [lambda p=wt.Plan(p): wt.attention(q, k, v, p) for p in plans.values()]
     else:
         raise ValueError(f"{name} has no attention-only timing")
-    fns = calls()
+    # weft's calls run outside any SDPA backend restriction.
+    restrict = (lambda: sdpa_kernel(backends[name])) if name in backends else contextlib.nullcontext
     times = []
     for i in range(repeat + 1):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        if name.startswith("sdpa"):
-            with sdpa_kernel([backend]):
-                for f in fns:
-                    f()
-        else:
+        with restrict():
             for f in fns:
                 f()
         end.record()

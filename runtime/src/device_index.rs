@@ -186,6 +186,15 @@ pub enum VvStrategy {
     List { capacity: Option<usize> },
 }
 
+/// The [`Gpu::plan_copy`] id of a device copy that is not a plan's (tag it, so that ids of
+/// different kinds of copy do not meet).
+fn copy_id(key: impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
 /// An index's sequence tables for one shape (one sequence), kept on the device.
 struct SeqTables {
     seq_q: CudaSlice<i32>,
@@ -459,13 +468,7 @@ impl Gpu {
         // The small sequence tables depend only on the shape: uploaded once, then copied on the
         // device, so that a build queues no host-to-device copy (which a CUDA graph would
         // capture as a read of host memory that is gone by the replay).
-        let id = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            ("sequence tables", shape.hq, shape.nq, shape.nk, q_blocks).hash(&mut h);
-            h.finish()
-        };
-        let tables = self.plan_copy(id, || {
+        let tables = self.plan_copy(copy_id(("sequence tables", shape.hq, shape.nq, shape.nk, q_blocks)), || {
             let up = "uploading the index's sequence tables";
             let map: Vec<i32> = (0..shape.hq as i32).collect();
             Ok(SeqTables {
@@ -551,13 +554,7 @@ impl Gpu {
         }
         let (mut index, report) = build(AttnShape { hq: n, hkv: n, ..shape }, &qs, &ks)?;
         // The head map's device copy is kept per head list: a build queues no host copy.
-        let id = {
-            use std::hash::{Hash, Hasher};
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            ("head map", heads).hash(&mut hasher);
-            hasher.finish()
-        };
-        let map = self.plan_copy(id, || {
+        let map = self.plan_copy(copy_id(("head map", heads)), || {
             let map: Vec<i32> = heads.iter().map(|&h| h as i32).collect();
             upload(s, &map, "uploading a head map")
         })?;

@@ -138,11 +138,10 @@ impl Runtime {
         t: ExternalTensors,
         scale: Option<f32>,
     ) -> Result<Vec<LaunchReport>, Error> {
-        let (nq, nk) = seqs.iter().fold((0usize, 0usize), |(a, b), s| (a.saturating_add(s.0), b.saturating_add(s.1)));
-        let shape = AttnShape { hq: heads.0, hkv: heads.1, nq, nk, head_dim };
+        let shape = crate::layer::varlen_shape(heads, head_dim, seqs)?;
         // Safety: the caller's contract.
         let (q, k, v, mut out, mut lse) = unsafe { self.borrow(shape, t)? };
-        self.attention_layer_varlen(plan, heads, head_dim, seqs, dtype, &q, &k, &v, &mut out, &mut lse, scale)
+        self.layer(plan, shape, seqs, dtype, &q, &k, &v, &mut out, &mut lse, scale)
     }
 
     /// The call's tensors as borrowed buffers of the lengths `shape` gives them.

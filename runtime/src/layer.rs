@@ -254,25 +254,13 @@ impl Runtime {
         lse: &mut CudaSlice<f32>,
         scale: Option<f32>,
     ) -> Result<Vec<LaunchReport>, Error> {
-        if seqs.is_empty() {
-            return Err(Error::Shape("a packed batch needs at least one sequence".into()));
-        }
-        if let Some(b) = seqs.iter().position(|&(nq, nk)| nq == 0 || nk == 0) {
-            return Err(Error::Shape(format!("sequence {b} is empty ({:?} query and key tokens)", seqs[b])));
-        }
-        let total = |f: fn(&(usize, usize)) -> usize| {
-            seqs.iter()
-                .map(f)
-                .try_fold(0usize, |a, n| a.checked_add(n))
-                .ok_or_else(|| Error::Shape("too many tokens".into()))
-        };
-        let shape = AttnShape { hq: heads.0, hkv: heads.1, nq: total(|s| s.0)?, nk: total(|s| s.1)?, head_dim };
+        let shape = varlen_shape(heads, head_dim, seqs)?;
         self.layer(plan, shape, seqs, dtype, q, k, v, out, lse, scale)
     }
 
     /// The layer over `seqs` (one or more sequences; `shape` holds their token totals).
     #[allow(clippy::too_many_arguments)]
-    fn layer(
+    pub(crate) fn layer(
         &self,
         plan: &LayerPlan,
         shape: AttnShape,
@@ -717,6 +705,28 @@ fn group_label<'a>(names: &[String], patterns: impl Iterator<Item = &'a Pattern>
         }
     }
     Pattern::new(format!("group({})", names.join(", ")), PatternExpr::Union(exprs))
+}
+
+/// The shape of a packed batch: its heads and head dim, and its sequences' token totals.
+/// Refuses an empty batch, an empty sequence and totals that overflow.
+pub(crate) fn varlen_shape(
+    heads: (usize, usize),
+    head_dim: usize,
+    seqs: &[(usize, usize)],
+) -> Result<AttnShape, Error> {
+    if seqs.is_empty() {
+        return Err(Error::Shape("a packed batch needs at least one sequence".into()));
+    }
+    if let Some(b) = seqs.iter().position(|&(nq, nk)| nq == 0 || nk == 0) {
+        return Err(Error::Shape(format!("sequence {b} is empty ({:?} query and key tokens)", seqs[b])));
+    }
+    let total = |f: fn(&(usize, usize)) -> usize| {
+        seqs.iter()
+            .map(f)
+            .try_fold(0usize, |a, n| a.checked_add(n))
+            .ok_or_else(|| Error::Shape("too many tokens".into()))
+    };
+    Ok(AttnShape { hq: heads.0, hkv: heads.1, nq: total(|s| s.0)?, nk: total(|s| s.1)?, head_dim })
 }
 
 /// Tokens `lo..hi` of every head of `t` (`[heads, tokens, dim]`).
