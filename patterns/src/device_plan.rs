@@ -25,8 +25,8 @@ mod slash;
 use rayon::prelude::*;
 use weft_dsl::{Budget, GridLines, PatternExpr, Pred, Var, VerticalVector};
 
-use crate::families::{resolve, ColSel, HeadInputs, Node};
-use crate::index::{and, cov, layout, settle, Cov, Entry, MaskTable};
+use crate::families::{resolve, HeadInputs, Node};
+use crate::index::{and, choose_all, cov, layout, settle, Cov, Entry, MaskTable};
 use crate::interval::{decide, Region};
 use crate::{Error, IndexOptions, SparseIndex, Tensor, FULL};
 pub use slash::{SlashChoice, SlashPlan, Verticals};
@@ -357,17 +357,6 @@ fn preds_use_h(e: &PatternExpr) -> bool {
         },
         PatternExpr::Union(items) | PatternExpr::Intersect(items) => items.iter().any(preds_use_h),
         _ => false,
-    }
-}
-
-/// Replaces every column selection of `n` with one that chooses every key: what a chosen
-/// column's coverage is, whichever it is.
-fn choose_all(n: &Node, nq: usize, nk: usize) -> Node {
-    match n {
-        Node::Columns(_) => Node::Columns(ColSel { bq: nq.max(1), cols: vec![(0..nk as u32).collect()] }),
-        Node::Union(items) => Node::Union(items.iter().map(|i| choose_all(i, nq, nk)).collect()),
-        Node::Intersect(items) => Node::Intersect(items.iter().map(|i| choose_all(i, nq, nk)).collect()),
-        other => other.clone(),
     }
 }
 

@@ -311,24 +311,54 @@ fn block(b: &Block, inp: &HeadInputs<'_>, ctx: &Pred) -> BlockSel {
 
 fn vertical_vector(v: &VerticalVector, inp: &HeadInputs<'_>, ctx: &Pred) -> ColSel {
     let bq = v.q_block as usize;
-    let groups = inp.nq().div_ceil(bq);
-    let cols = (0..groups)
-        .map(|g| {
-            let (q0, q1) = (g * bq, ((g + 1) * bq).min(inp.nq()));
-            if !inp.wants(q0, q1) {
-                return Vec::new();
-            }
-            let pq = inp.pooled_q(q0, q1);
-            // Sink columns are always kept, so they do not compete for the budget.
-            let keys: Vec<usize> =
-                (v.sink as usize..inp.nk()).filter(|&c| allowed(ctx, &inp.region(q0, q1, c, c + 1))).collect();
-            // Scores with repro::dot (one accumulator, as the GPU builder's exact scores).
-            let cands: Vec<(u32, f64)> =
-                keys.iter().zip(scaled_dots(inp, &pq, &keys)).map(|(&c, s)| (c as u32, s)).collect();
-            select(&cands, v.keep)
-        })
-        .collect();
-    ColSel { bq, cols }
+    let scores = column_scores(v, inp, ctx);
+    ColSel {
+        bq,
+        cols: scores.iter().map(|cands| if cands.is_empty() { Vec::new() } else { select(cands, v.keep) }).collect(),
+    }
+}
+
+/// Per query group of a vertical vector: `(key, score)` of every key its context allows past
+/// the sink (empty for groups no wanted row is in). Shared through the estimates by builds of
+/// the whole index that differ only in their budget (a search's top-k candidates).
+fn column_scores(v: &VerticalVector, inp: &HeadInputs<'_>, ctx: &Pred) -> Arc<ColumnScores> {
+    let bq = v.q_block as usize;
+    let compute = || {
+        let groups = inp.nq().div_ceil(bq);
+        let scores = (0..groups)
+            .map(|g| {
+                let (q0, q1) = (g * bq, ((g + 1) * bq).min(inp.nq()));
+                if !inp.wants(q0, q1) {
+                    return Vec::new();
+                }
+                let pq = inp.pooled_q(q0, q1);
+                // Sink columns are always kept, so they do not compete for the budget.
+                let keys: Vec<usize> =
+                    (v.sink as usize..inp.nk()).filter(|&c| allowed(ctx, &inp.region(q0, q1, c, c + 1))).collect();
+                // Scores with repro::dot (one accumulator, as the GPU builder's exact scores),
+                // best first as `select` ranks them, so that ranking them again is one pass.
+                let mut cands: Vec<(u32, f64)> =
+                    keys.iter().zip(scaled_dots(inp, &pq, &keys)).map(|(&c, s)| (c as u32, s)).collect();
+                cands.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                cands
+            })
+            .collect();
+        Arc::new(scores)
+    };
+    // Only whole builds share: a row-restricted build leaves groups empty.
+    let Some(est) = inp.estimates.filter(|_| inp.wanted.is_none()) else { return compute() };
+    let key = (
+        inp.q.data.as_ptr() as usize,
+        inp.k.data.as_ptr() as usize,
+        inp.h,
+        ctx.to_string(),
+        (bq, v.sink as usize),
+        inp.scale.to_bits(),
+    );
+    let Ok(mut cells) = est.columns.lock() else { return compute() };
+    let cell = cells.entry(key).or_default().clone();
+    drop(cells);
+    cell.get_or_init(compute).clone()
 }
 
 /// `scale * repro::dot(q, k_c)` for each key `c` of `keys`, in order: eight keys at a time
@@ -364,10 +394,16 @@ pub struct Estimates {
     /// One cell per key, filled once: concurrent builds wait for the first instead of
     /// computing the same mass again.
     mass: Mutex<HashMap<EstimateKey, Arc<OnceLock<Arc<LastRowsMass>>>>>,
+    /// Vertical vectors' column scores per query group, for whole builds.
+    columns: Mutex<HashMap<ColumnKey, Arc<OnceLock<Arc<ColumnScores>>>>>,
 }
 
 /// (Q address, K address, head, context predicate, last rows, scale bits).
 type EstimateKey = (usize, usize, usize, String, usize, u64);
+/// Per query group, `(key, score)` best first.
+type ColumnScores = Vec<Vec<(u32, f64)>>;
+/// (Q address, K address, head, context predicate, (q_block, sink), scale bits).
+type ColumnKey = (usize, usize, usize, String, (usize, usize), u64);
 
 /// [`LastRowsMass`] of `inp`'s head, from the shared estimates when there are some.
 fn last_rows_mass(inp: &HeadInputs<'_>, ctx: &Pred, last: usize) -> Arc<LastRowsMass> {

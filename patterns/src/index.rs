@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use weft_dsl::{Env, PatternExpr, Permutation, Pred, Var};
 
-use crate::families::{resolve, Estimates, HeadInputs, Node};
+use crate::families::{resolve, ColSel, Estimates, HeadInputs, Node};
 use crate::interval::{decide, decide_exact, Region};
 use crate::permute;
 use crate::tensor::{check_qkv, Tensor};
@@ -269,7 +269,21 @@ pub(crate) fn settle(c: Cov, r: &Region) -> Option<Entry> {
     }
 }
 
+/// Replaces every column selection of `n` with one that chooses every key: what a chosen
+/// column's coverage is, whichever it is.
+pub(crate) fn choose_all(n: &Node, nq: usize, nk: usize) -> Node {
+    match n {
+        Node::Columns(_) => Node::Columns(ColSel { bq: nq.max(1), cols: vec![(0..nk as u32).collect()] }),
+        Node::Union(items) => Node::Union(items.iter().map(|i| choose_all(i, nq, nk)).collect()),
+        Node::Intersect(items) => Node::Intersect(items.iter().map(|i| choose_all(i, nq, nk)).collect()),
+        other => other.clone(),
+    }
+}
+
 type Row = (Vec<(u32, Entry)>, Vec<(u32, Entry)>);
+
+/// A masked entry by (mask id, query rows, keys), half-open ranges.
+type EntryKey = (u16, (usize, usize), (usize, usize));
 
 /// An index's mask predicates, each stored once, with ids below [`FULL`].
 #[derive(Default)]
@@ -325,6 +339,7 @@ impl Resolved {
         let nkb = self.nk.div_ceil(bn);
         let sels = node.column_sels();
         let selects_blocks = node.has_block_sels();
+        let choose_all = (sels.len() == 1 && !selects_blocks).then(|| choose_all(node, self.nq, self.nk));
         (0..self.nq.div_ceil(bm))
             .map(|qb| {
                 let (q0, q1) = (qb * bm, ((qb + 1) * bm).min(self.nq));
@@ -367,23 +382,68 @@ impl Resolved {
                 let mut cands: Vec<u32> = sels.iter().flat_map(|s| s.columns_for_row(q0).iter().copied()).collect();
                 cands.sort_unstable();
                 cands.dedup();
-                let cols = cands
-                    .into_iter()
-                    .filter_map(|c| {
-                        let r = self.region(h, q0, q1, c as usize, c as usize + 1);
-                        let here = cov(node, &r, Some(c as usize));
-                        let kb = c as usize / bn;
-                        // Only what the block entry of this key does not already compute.
-                        let extra = match blocks.binary_search_by_key(&(kb as u32), |e| e.0) {
-                            Err(_) => here,
-                            Ok(i) => match &blocks[i].1 {
-                                Entry::Full => Cov::None,
-                                Entry::Mask(pb) => and(here, Cov::Mask(!pb.clone())),
-                            },
-                        };
-                        settle(extra, &r).map(|e| (c, e))
-                    })
-                    .collect();
+                // A column inside a masked block entry whose mask never reads the key ends
+                // the same way in every such block of this row: settled once per mask.
+                let mut settled: Vec<(Pred, Option<Entry>)> = Vec::new();
+                // What column `c` adds to the row's blocks; `here`: its own coverage, when
+                // already known.
+                let mut col_entry = |c: u32, here: Option<Cov>| {
+                    let r = self.region(h, q0, q1, c as usize, c as usize + 1);
+                    let kb = c as usize / bn;
+                    let block = blocks.binary_search_by_key(&(kb as u32), |e| e.0).ok().map(|i| &blocks[i].1);
+                    let here = || here.clone().unwrap_or_else(|| cov(node, &r, Some(c as usize)));
+                    // Only what the block entry of this key does not already compute.
+                    match block {
+                        None => settle(here(), &r),
+                        Some(Entry::Full) => None,
+                        Some(Entry::Mask(pb)) => {
+                            let here = here();
+                            if here == Cov::All && !pb.uses(Var::K) {
+                                if let Some((_, e)) = settled.iter().find(|(p, _)| p == pb) {
+                                    return e.clone().map(|e| (c, e));
+                                }
+                                let e = settle(Cov::Mask(!pb.clone()), &r);
+                                settled.push((pb.clone(), e.clone()));
+                                return e.map(|e| (c, e));
+                            }
+                            settle(and(here, Cov::Mask(!pb.clone())), &r)
+                        }
+                    }
+                    .map(|e| (c, e))
+                };
+                let cols = match &choose_all {
+                    // One column selection and no block selections: the coverage of a chosen
+                    // column is the node's with every column chosen, which interval analysis
+                    // decides for whole ranges of keys (halved until decided), so a row costs
+                    // about its boundaries x log keys evaluations rather than one per column.
+                    Some(all) => {
+                        let mut out = Vec::with_capacity(cands.len());
+                        let mut stack = vec![(0usize, cands.len(), 0usize, self.nk)];
+                        while let Some((i0, i1, k0, k1)) = stack.pop() {
+                            if i0 == i1 {
+                                continue;
+                            }
+                            if i1 - i0 > 2 && k1 - k0 > 1 {
+                                match cov(all, &self.region(h, q0, q1, k0, k1), Some(k0)) {
+                                    Cov::None => continue,
+                                    Cov::All => {
+                                        out.extend(cands[i0..i1].iter().filter_map(|&c| col_entry(c, Some(Cov::All))));
+                                        continue;
+                                    }
+                                    Cov::Mask(_) => {}
+                                }
+                                let mid = (k0 + k1) / 2;
+                                let im = i0 + cands[i0..i1].partition_point(|&c| (c as usize) < mid);
+                                stack.push((im, i1, mid, k1));
+                                stack.push((i0, im, k0, mid));
+                            } else {
+                                out.extend(cands[i0..i1].iter().filter_map(|&c| col_entry(c, None)));
+                            }
+                        }
+                        out
+                    }
+                    None => cands.into_iter().filter_map(|c| col_entry(c, None)).collect(),
+                };
                 (blocks, cols)
             })
             .collect()
@@ -495,10 +555,18 @@ impl SparseIndex {
     pub fn for_each_key(&self, h: usize, q: usize, mut f: impl FnMut(usize)) {
         let qb = q / self.block_m;
         for (kb, m) in self.blocks(h, qb) {
-            for k in kb * self.block_n..((kb + 1) * self.block_n).min(self.nk) {
-                if self.passes(m, h, q, k) {
-                    f(k)
-                }
+            let keys = kb * self.block_n..((kb + 1) * self.block_n).min(self.nk);
+            // Within one row a mask is often decided for the whole block (a causal mask away
+            // from the diagonal, a row line): only the others are checked key by key.
+            let whole = match self.masks.get(m as usize) {
+                _ if m == FULL => Some(true),
+                Some(p) => decide(p, &Region::new(h, (q, q + 1), (keys.start, keys.end), (self.nq, self.nk))),
+                None => Some(false),
+            };
+            match whole {
+                Some(true) => keys.for_each(&mut f),
+                Some(false) => {}
+                None => keys.filter(|&k| self.passes(m, h, q, k)).for_each(&mut f),
             }
         }
         for (c, m) in self.columns(h, qb) {
@@ -514,10 +582,22 @@ impl SparseIndex {
         let qb = q / self.block_m;
         let mut n = 0;
         for (kb, m) in self.blocks(h, qb) {
-            let keys = kb * self.block_n..((kb + 1) * self.block_n).min(self.nk);
-            n += if m == FULL { keys.len() } else { keys.filter(|&k| self.passes(m, h, q, k)).count() };
+            let keys = (kb * self.block_n, ((kb + 1) * self.block_n).min(self.nk));
+            n += self.count(m, h, (q, q + 1), keys);
         }
-        n + self.columns(h, qb).filter(|&(c, m)| self.passes(m, h, q, c)).count()
+        n += self.columns(h, qb).map(|(c, m)| self.count(m, h, (q, q + 1), (c, c + 1))).sum::<u64>();
+        n as usize
+    }
+
+    /// Pairs of rows `qs` x keys `ks` (half-open, index coordinates) that mask `m` passes at
+    /// head `h`: whole regions where intervals decide the mask, pair by pair only near its
+    /// edges.
+    fn count(&self, m: u16, h: usize, qs: (usize, usize), ks: (usize, usize)) -> u64 {
+        let r = crate::interval::Region::new(h, qs, ks, (self.nq, self.nk));
+        if m == FULL {
+            return r.pairs();
+        }
+        self.masks.get(m as usize).map_or(0, |p| crate::interval::count(p, &r))
     }
 
     /// Whether the index computes pair `(q, k)` of head `h` (index coordinates).
@@ -530,24 +610,43 @@ impl SparseIndex {
 
     /// Pairs computed for head `h`.
     pub fn head_pairs(&self, h: usize) -> u64 {
+        self.pairs_of(h, &mut HashMap::new())
+    }
+
+    /// Pairs computed for each head: [`SparseIndex::head_pairs`] of every head, with the
+    /// counts of masked entries that do not depend on the head (a causal or local boundary,
+    /// the same in every head) made once.
+    pub fn pairs_per_head(&self) -> Vec<u64> {
+        let mut counted = HashMap::new();
+        (0..self.heads).map(|h| self.pairs_of(h, &mut counted)).collect()
+    }
+
+    /// Head `h`'s pairs; `counted` remembers the counts of head-independent masked entries
+    /// by (mask, rows, keys).
+    fn pairs_of(&self, h: usize, counted: &mut HashMap<EntryKey, u64>) -> u64 {
+        // A mask that never reads the key passes the same rows of a query block whichever
+        // keys an entry covers: counted once per (query block, mask), then multiplied.
+        let q_only: Vec<bool> = self.masks.iter().map(|p| !p.uses(Var::K)).collect();
+        let any_head: Vec<bool> = self.masks.iter().map(|p| !p.uses(Var::H)).collect();
+        let mut rows_passing: HashMap<u16, u64> = HashMap::new();
         let mut n = 0u64;
         for qb in 0..self.q_blocks() {
-            let (q0, q1) = (qb * self.block_m, ((qb + 1) * self.block_m).min(self.nq));
-            for (kb, m) in self.blocks(h, qb) {
-                let (k0, k1) = (kb * self.block_n, ((kb + 1) * self.block_n).min(self.nk));
-                if m == FULL {
-                    n += ((q1 - q0) * (k1 - k0)) as u64;
-                } else {
-                    for q in q0..q1 {
-                        n += (k0..k1).filter(|&k| self.passes(m, h, q, k)).count() as u64;
-                    }
-                }
-            }
-            for (c, m) in self.columns(h, qb) {
+            let qs = (qb * self.block_m, ((qb + 1) * self.block_m).min(self.nq));
+            rows_passing.clear();
+            let entries = self
+                .blocks(h, qb)
+                .map(|(kb, m)| (m, (kb * self.block_n, ((kb + 1) * self.block_n).min(self.nk))))
+                .chain(self.columns(h, qb).map(|(c, m)| (m, (c, c + 1))));
+            for (m, ks) in entries {
                 n += if m == FULL {
-                    (q1 - q0) as u64
+                    ((qs.1 - qs.0) * (ks.1 - ks.0)) as u64
+                } else if q_only.get(m as usize).copied().unwrap_or(false) {
+                    let rows = *rows_passing.entry(m).or_insert_with(|| self.count(m, h, qs, (ks.0, ks.0 + 1)));
+                    rows * (ks.1 - ks.0) as u64
+                } else if any_head.get(m as usize).copied().unwrap_or(false) {
+                    *counted.entry((m, qs, ks)).or_insert_with(|| self.count(m, h, qs, ks))
                 } else {
-                    (q0..q1).filter(|&q| self.passes(m, h, q, c)).count() as u64
+                    self.count(m, h, qs, ks)
                 };
             }
         }

@@ -175,6 +175,23 @@ proptest! {
         }
     }
 
+    /// Pair counts (density's numerator) agree with membership, per head and per row.
+    #[test]
+    fn pair_counts_match_membership(e in arb_pattern(), s in arb_shape()) {
+        let x = inputs(&s);
+        let ix = build_index(&e, &x.q, &x.k, &IndexOptions::default()).unwrap();
+        for h in 0..s.hq {
+            let mut total = 0u64;
+            for q in 0..s.nq {
+                let row = (0..s.nk).filter(|&k| ix.contains(h, q, k)).count();
+                prop_assert_eq!(ix.row_len(h, q), row, "head {} row {}", h, q);
+                total += row as u64;
+            }
+            prop_assert_eq!(ix.head_pairs(h), total, "head {}", h);
+            prop_assert_eq!(ix.pairs_per_head()[h], total, "head {}", h);
+        }
+    }
+
     #[test]
     fn reference_over_index_equals_dense_masked(e in arb_pattern(), s in arb_shape()) {
         let x = inputs(&s);
