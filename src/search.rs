@@ -6,7 +6,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use weft_autotune::search::{
-    candidates, choose_by_budget, choose_by_recall, evaluate_layer_on, sample_rows, Backend, Choice,
+    candidates, choose_by_budget, choose_by_recall, evaluate_layer_on, exact_scores, sample_rows, Backend, Candidate,
+    Choice,
 };
 
 use crate::Error;
@@ -55,8 +56,10 @@ pub struct SearchOutcome {
     pub choices: Vec<Choice>,
     pub layers: usize,
     pub candidates: usize,
-    /// Query rows per head that recall and density were estimated on.
+    /// Query rows per head that recall was measured on (density is counted over all rows).
     pub rows_per_head: usize,
+    /// Query rows per head in the file.
+    pub rows_total: usize,
     /// Where recall was computed ("the CPU", or the GPU's name).
     pub backend: String,
 }
@@ -88,7 +91,7 @@ pub fn run(path: &Path, opts: &SearchOptions, progress: &(dyn Fn(Progress) + Syn
     let mut backend = gpu.as_ref().map_or(Backend::Cpu, Backend::Gpu);
     let mut all = Vec::new();
     let mut cands = Vec::new();
-    let mut rows_per_head = 0;
+    let (mut rows_per_head, mut rows_total) = (0, 0);
     let done = AtomicUsize::new(0);
     for (li, layer) in layers.iter().enumerate() {
         let (q, k) = crate::qk::load(path, *layer)?;
@@ -99,8 +102,12 @@ pub fn run(path: &Path, opts: &SearchOptions, progress: &(dyn Fn(Progress) + Syn
         if cands.is_empty() {
             cands = candidates(k.tokens, opts.causal);
         }
-        let rows = sample_rows(q.tokens);
-        rows_per_head = rows.len();
+        // A GPU measures every row (recall exact); the CPU samples them.
+        let rows = match backend {
+            Backend::Gpu(_) => (0..q.tokens).collect(),
+            Backend::Cpu => sample_rows(q.tokens),
+        };
+        (rows_per_head, rows_total) = (rows.len(), q.tokens);
         let total = layers.len() * cands.len();
         let tick = || {
             let done = done.fetch_add(1, Ordering::Relaxed) + 1;
@@ -116,5 +123,66 @@ pub fn run(path: &Path, opts: &SearchOptions, progress: &(dyn Fn(Progress) + Syn
         (Backend::Gpu(_), Some(g)) => g.name.clone(),
         _ => "the CPU".to_string(),
     };
-    Ok(SearchOutcome { choices, layers: layers.len(), candidates: cands.len(), rows_per_head, backend })
+    Ok(SearchOutcome { choices, layers: layers.len(), candidates: cands.len(), rows_per_head, rows_total, backend })
+}
+
+/// A choice measured exactly: recall and density over every row of its head.
+#[derive(Clone, Debug)]
+pub struct Verified {
+    pub choice: Choice,
+    pub exact_recall: f64,
+    pub exact_density: f64,
+}
+
+/// Measures every choice on every row of the Q/K file at `path` (on the CPU): what a search's
+/// estimates are checked against. `progress` is called once per layer measured.
+pub fn verify(
+    path: &Path,
+    choices: &[Choice],
+    causal: bool,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<Vec<Verified>, Error> {
+    let layers = crate::qk::layers(path)?;
+    let mut out = Vec::with_capacity(choices.len());
+    for (li, layer) in layers.iter().enumerate() {
+        let here: Vec<&Choice> = choices.iter().filter(|c| c.layer == layer.unwrap_or(0)).collect();
+        if here.is_empty() {
+            continue;
+        }
+        let (q, k) = crate::qk::load(path, *layer)?;
+        // The layer's distinct patterns, each index built once; each head measured on its own.
+        let mut cands: Vec<Candidate> = Vec::new();
+        let mut own = vec![usize::MAX; q.heads];
+        for c in &here {
+            let ci = match cands.iter().position(|x| x.pattern == c.pattern) {
+                Some(i) => i,
+                None => {
+                    cands.push(Candidate { family: c.family.clone(), pattern: c.pattern.clone() });
+                    cands.len() - 1
+                }
+            };
+            match own.get_mut(c.head) {
+                Some(slot) => *slot = ci,
+                None => {
+                    return Err(Error::Usage(format!(
+                        "layer {} has {} heads in {}, no head {}",
+                        c.layer,
+                        q.heads,
+                        path.display(),
+                        c.head
+                    )))
+                }
+            }
+        }
+        if let Some(h) = own.iter().position(|&c| c == usize::MAX) {
+            return Err(Error::Usage(format!("no choice for layer {} head {h} to verify", layer.unwrap_or(0))));
+        }
+        let scores = exact_scores(&q, &k, &cands, &own, causal)?;
+        for c in here {
+            let s = &scores[c.head];
+            out.push(Verified { choice: c.clone(), exact_recall: s.recall, exact_density: s.density });
+        }
+        progress(Progress { layer: li, done: li + 1, total: layers.len() });
+    }
+    Ok(out)
 }

@@ -9,11 +9,20 @@
 //!   maximises mean recall, by a multiple-choice knapsack over each head's recall-density
 //!   points (as VecAttention allocates its budget).
 //!
-//! Recall and density are **estimated on sampled rows**: the last 64 queries (where decoding
-//! and MInference's estimate look) and 32 rows of eight 64-query blocks spread evenly along
-//! the sequence ([`sample_rows`]). Indexes are built only for those rows (`IndexOptions::rows`), and the
-//! full softmax of each sampled row is computed once per head and shared by all candidates.
-//! `tests/search.rs` measures how close the estimate is to exact recall.
+//! **Density is exact**: each candidate's index is built over every row and its pairs counted
+//! (a causal mask's edge by interval analysis, not pair by pair), over the universe's pairs.
+//! Fixed-width patterns (windows, top-k columns and blocks) cost relatively more on short rows
+//! and grids less, so any sample of rows would misprice one family against another.
+//!
+//! **Recall is estimated on sampled rows** ([`sample_rows`]): one row drawn from each of
+//! [`SAMPLED_ROWS`] equal strata of the whole causal range, never the last [`ESTIMATE_ROWS`]
+//! queries that vertical-slash and grid candidates pick their keys from (those rows would
+//! flatter exactly the candidates that read them). Each row's full softmax is computed once
+//! per head and shared by all candidates. Each score carries the estimate's standard error,
+//! and [`choose_by_recall`] asks `recall - RECALL_MARGIN_SE x se >= target`, so that heads stay
+//! at the target on exact recall. On a GPU backend every row is measured: recall is exact.
+//! `tests/search.rs` compares both with exact values; `weft search --verify` does it on real
+//! captures.
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -76,26 +85,37 @@ pub fn candidates(n: usize, is_causal: bool) -> Vec<Candidate> {
         .collect()
 }
 
-/// Sampled query blocks spread along the sequence, besides the last 64 queries.
-pub const SPREAD_BLOCKS: usize = 8;
-/// Rows taken from each spread block.
-pub const SPREAD_ROWS: usize = 32;
+/// Query rows recall is estimated on (one per stratum).
+pub const SAMPLED_ROWS: usize = 512;
+/// The last queries, which vertical-slash and grid candidates estimate their keys from: never
+/// sampled for recall (at least as many as any candidate's `last_q`).
+pub const ESTIMATE_ROWS: usize = 64;
+/// Standard errors of the recall estimate a choice must clear the target by.
+pub const RECALL_MARGIN_SE: f64 = 3.0;
 
-/// The rows recall is estimated on: the last 64 queries and the first [`SPREAD_ROWS`] rows of
-/// [`SPREAD_BLOCKS`] 64-query blocks spread evenly along the sequence (all rows when that is
-/// not fewer).
+/// The rows recall is estimated on: the range before the last [`ESTIMATE_ROWS`] queries cut
+/// into [`SAMPLED_ROWS`] equal strata, one row drawn from each (a fixed hash of the stratum
+/// and `nq`, so searches repeat). All rows of that range when there are no more than
+/// [`SAMPLED_ROWS`]; every row when the sequence is too short to leave any out.
 pub fn sample_rows(nq: usize) -> Vec<usize> {
-    if nq <= 64 + SPREAD_BLOCKS * SPREAD_ROWS {
-        return (0..nq).collect();
+    let range = if nq > 2 * ESTIMATE_ROWS { nq - ESTIMATE_ROWS } else { nq };
+    if range <= SAMPLED_ROWS {
+        return (0..range).collect();
     }
-    let mut rows: Vec<usize> = (nq - 64..nq).collect();
-    for i in 0..SPREAD_BLOCKS {
-        let start = ((2 * i + 1) * nq / (2 * SPREAD_BLOCKS)) / 64 * 64;
-        rows.extend(start..(start + SPREAD_ROWS).min(nq - 64));
-    }
-    rows.sort_unstable();
-    rows.dedup();
-    rows
+    (0..SAMPLED_ROWS)
+        .map(|i| {
+            let (a, b) = (i * range / SAMPLED_ROWS, (i + 1) * range / SAMPLED_ROWS);
+            a + (splitmix((nq as u64) << 32 | i as u64) % (b - a) as u64) as usize
+        })
+        .collect()
+}
+
+/// SplitMix64's output function: a well-mixed fixed hash of `x`.
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// `a . b` in f32 with eight independent accumulators (vectorizes; recall needs no f64 here,
@@ -116,8 +136,33 @@ fn dot32(a: &[f32], b: &[f32]) -> f32 {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Score {
     pub candidate: usize,
+    /// Exact: pairs kept over the universe's pairs (causal pairs for a causal model).
     pub density: f64,
+    /// Mean share of each row's softmax mass kept, over the sampled rows.
     pub recall: f64,
+    /// Standard error of `recall` (0 when every row was measured).
+    #[serde(default)]
+    pub recall_se: f64,
+}
+
+/// Mean and standard error of `n` per-row recalls drawn from `population` rows (with the
+/// finite-population correction: no error once every row is measured).
+fn mean_se(sum: f64, sum_sq: f64, n: usize, population: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let nf = n as f64;
+    let mean = sum / nf;
+    if n < 2 || n >= population {
+        return (mean, 0.0);
+    }
+    let var = ((sum_sq - nf * mean * mean) / (nf - 1.0)).max(0.0);
+    (mean, (var / nf * (1.0 - nf / population as f64)).sqrt())
+}
+
+/// Exact density of every head of `ix`: its pairs over `universe` pairs.
+fn densities(ix: &weft_patterns::SparseIndex, universe: u64) -> Vec<f64> {
+    ix.pairs_per_head().into_iter().map(|p| p as f64 / universe.max(1) as f64).collect()
 }
 
 /// All candidates' scores on one head.
@@ -141,9 +186,10 @@ pub enum Backend<'a> {
     Gpu(&'a weft_runtime::Gpu),
 }
 
-/// Scores every candidate on every head of one layer. `rows`: the sampled query rows (see
-/// [`sample_rows`]); `progress` is called after each candidate's indexes are built. The
-/// indexes are built on the CPU either way; `backend` computes the recall.
+/// Scores every candidate on every head of one layer. `rows`: the query rows recall is
+/// measured on (see [`sample_rows`]; density is always exact); `progress` is called after each
+/// candidate's indexes are built. The indexes are built on the CPU either way; `backend`
+/// computes the recall.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_layer_on(
     backend: Backend<'_>,
@@ -156,64 +202,20 @@ pub fn evaluate_layer_on(
     progress: &(dyn Fn() + Sync),
 ) -> Result<Vec<HeadScores>, Error> {
     let group = weft_patterns::tensor::check_qkv(q, k, None)?;
-    let (nq, nk) = (q.tokens, k.tokens);
-    let scale = 1.0 / (q.dim as f64).sqrt();
-    // One set of last-query estimates for all candidates: vertical-slash and grid candidates
-    // read the same softmax mass.
-    let estimates = Some(std::sync::Arc::new(weft_patterns::Estimates::default()));
-    let opts = IndexOptions { rows: Some(rows.to_vec()), scale: Some(scale), estimates, ..Default::default() };
-    // Candidates build concurrently (and each build over heads): one build of 32 heads does
-    // not fill a machine with many cores.
-    let indexes = cands
-        .par_iter()
-        .map(|c| {
-            let started = std::time::Instant::now();
-            let ix = resolve_pattern(&c.pattern.expr, q, k, &opts)?.index()?;
-            tracing::debug!(candidate = %c.pattern.name, ms = started.elapsed().as_secs_f64() * 1e3, "index built");
-            progress();
-            Ok(ix)
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
-    // Keys each sampled row sees (its universe), and their total: density's denominator.
-    let visible = |t: usize| if causal { (t + nk + 1).saturating_sub(nq).min(nk) } else { nk };
-    let universe: usize = rows.iter().map(|&t| visible(t)).sum();
+    let (indexes, density) = build_candidates(q, k, cands, causal, progress)?;
     if let Backend::Gpu(gpu) = backend {
-        return gpu_scores(gpu, layer, q, k, cands, &indexes, causal, rows, universe, scale);
+        return gpu_scores(gpu, layer, q, k, cands, &indexes, &density, causal, rows);
     }
+    let all: Vec<&weft_patterns::SparseIndex> = indexes.iter().collect();
     let out = (0..q.heads)
         .into_par_iter()
         .map(|h| {
-            // Softmax of each sampled row over its universe, once per head.
-            let probs: Vec<Vec<f32>> = rows
-                .iter()
-                .map(|&t| {
-                    let n = visible(t);
-                    let logits: Vec<f64> =
-                        (0..n).map(|j| scale * f64::from(dot32(q.row(h, t), k.row(h / group, j)))).collect();
-                    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let w: Vec<f64> = logits.iter().map(|s| (s - max).exp()).collect();
-                    let total: f64 = w.iter().sum();
-                    w.iter().map(|x| (x / total) as f32).collect()
-                })
-                .collect();
-            let scores = indexes
-                .iter()
+            let scores = row_mass_sums(q, k, h / group, h, causal, rows, &all)
+                .into_iter()
                 .enumerate()
-                .map(|(ci, ix)| {
-                    let (mut kept, mut mass) = (0usize, 0f64);
-                    for (r, &t) in rows.iter().enumerate() {
-                        ix.for_each_key(h, t, |j| {
-                            if let Some(p) = probs[r].get(j) {
-                                kept += 1;
-                                mass += f64::from(*p);
-                            }
-                        });
-                    }
-                    Score {
-                        candidate: ci,
-                        density: kept as f64 / universe.max(1) as f64,
-                        recall: mass / rows.len().max(1) as f64,
-                    }
+                .map(|(ci, (sum, sum_sq))| {
+                    let (recall, recall_se) = mean_se(sum, sum_sq, rows.len(), q.tokens);
+                    Score { candidate: ci, density: density[ci][h], recall, recall_se }
                 })
                 .collect();
             HeadScores { layer, head: h, scores }
@@ -222,9 +224,111 @@ pub fn evaluate_layer_on(
     Ok(out)
 }
 
-/// [`Backend::Gpu`]'s scores: each candidate's index (already restricted to the sampled rows)
-/// runs through its generated kernel, and so does the universe (dense or causal), whose
-/// log-sum-exp is each row's full softmax mass.
+/// Every head measured exactly, over all its rows, on its own candidate `cands[own[h]]`: what
+/// a search's estimates are checked against (on the CPU).
+pub fn exact_scores(
+    q: &Tensor,
+    k: &Tensor,
+    cands: &[Candidate],
+    own: &[usize],
+    causal: bool,
+) -> Result<Vec<Score>, Error> {
+    let group = weft_patterns::tensor::check_qkv(q, k, None)?;
+    if own.len() != q.heads || own.iter().any(|&c| c >= cands.len()) {
+        return Err(Error::Search(format!("{} heads need one candidate each among {}", q.heads, cands.len())));
+    }
+    let (indexes, density) = build_candidates(q, k, cands, causal, &|| {})?;
+    let rows: Vec<usize> = (0..q.tokens).collect();
+    Ok((0..q.heads)
+        .into_par_iter()
+        .map(|h| {
+            let ci = own[h];
+            let (sum, sum_sq) = row_mass_sums(q, k, h / group, h, causal, &rows, &[&indexes[ci]])[0];
+            let (recall, recall_se) = mean_se(sum, sum_sq, rows.len(), q.tokens);
+            Score { candidate: ci, density: density[ci][h], recall, recall_se }
+        })
+        .collect())
+}
+
+/// Every candidate's index over all rows (concurrently), with its exact density per head.
+fn build_candidates(
+    q: &Tensor,
+    k: &Tensor,
+    cands: &[Candidate],
+    causal: bool,
+    progress: &(dyn Fn() + Sync),
+) -> Result<(Vec<weft_patterns::SparseIndex>, Vec<Vec<f64>>), Error> {
+    let (nq, nk) = (q.tokens, k.tokens);
+    let scale = 1.0 / (q.dim as f64).sqrt();
+    // One set of estimates for all candidates: vertical-slash and grid candidates read the
+    // same last-query softmax mass, vertical vectors of every budget the same column scores.
+    let estimates = Some(std::sync::Arc::new(weft_patterns::Estimates::default()));
+    // Every row is built: density is counted over all of them.
+    let opts = IndexOptions { scale: Some(scale), estimates, ..Default::default() };
+    // Keys each row sees (its universe) summed over all rows: density's denominator.
+    let universe: u64 = (0..nq).map(|t| visible(causal, t, nq, nk) as u64).sum();
+    // Candidates build concurrently (and each build over heads): one build of 32 heads does
+    // not fill a machine with many cores.
+    Ok(cands
+        .par_iter()
+        .map(|c| {
+            let started = std::time::Instant::now();
+            let ix = resolve_pattern(&c.pattern.expr, q, k, &opts)?.index()?;
+            let built = started.elapsed().as_secs_f64() * 1e3;
+            let density = densities(&ix, universe);
+            tracing::debug!(candidate = %c.pattern.name, ms = built, density_ms = started.elapsed().as_secs_f64() * 1e3 - built, "index built");
+            progress();
+            Ok((ix, density))
+        })
+        .collect::<Result<Vec<_>, Error>>()?
+        .into_iter()
+        .unzip())
+}
+
+/// Keys query row `t` sees: all `nk`, or under causality those at or before its position.
+fn visible(causal: bool, t: usize, nq: usize, nk: usize) -> usize {
+    if causal {
+        (t + nk + 1).saturating_sub(nq).min(nk)
+    } else {
+        nk
+    }
+}
+
+/// For query head `h` (key head `kv`), over `rows`: per index, the sum and the sum of squares
+/// of each row's kept share of its softmax mass. Row by row: the softmax over the row's
+/// universe once, then every index's kept mass (memory for one row, however many rows).
+fn row_mass_sums(
+    q: &Tensor,
+    k: &Tensor,
+    kv: usize,
+    h: usize,
+    causal: bool,
+    rows: &[usize],
+    indexes: &[&weft_patterns::SparseIndex],
+) -> Vec<(f64, f64)> {
+    let scale = 1.0 / (q.dim as f64).sqrt();
+    let mut sums = vec![(0f64, 0f64); indexes.len()];
+    let mut probs: Vec<f32> = Vec::new();
+    for &t in rows {
+        let n = visible(causal, t, q.tokens, k.tokens);
+        let logits: Vec<f64> = (0..n).map(|j| scale * f64::from(dot32(q.row(h, t), k.row(kv, j)))).collect();
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = logits.iter().map(|s| (s - max).exp()).sum();
+        probs.clear();
+        probs.extend(logits.iter().map(|s| ((s - max).exp() / total) as f32));
+        for (ix, sum) in indexes.iter().zip(&mut sums) {
+            let mut mass = 0f64;
+            ix.for_each_key(h, t, |j| mass += probs.get(j).map_or(0.0, |p| f64::from(*p)));
+            sum.0 += mass;
+            sum.1 += mass * mass;
+        }
+    }
+    sums
+}
+
+/// [`Backend::Gpu`]'s scores: each candidate's index runs through its generated kernel, and
+/// so does the universe (dense or causal), whose log-sum-exp is each row's full softmax mass;
+/// recall is read off the rows in `rows`. `density[c][h]`: exact densities.
 #[allow(clippy::too_many_arguments)]
 fn gpu_scores(
     gpu: &weft_runtime::Gpu,
@@ -233,11 +337,11 @@ fn gpu_scores(
     k: &Tensor,
     cands: &[Candidate],
     indexes: &[weft_patterns::SparseIndex],
+    density: &[Vec<f64>],
     causal: bool,
     rows: &[usize],
-    universe_pairs: usize,
-    scale: f64,
 ) -> Result<Vec<HeadScores>, Error> {
+    let scale = 1.0 / (q.dim as f64).sqrt();
     use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
     let gpu_err = |e: weft_runtime::Error| Error::Search(format!("GPU recall: {e}"));
     let d = q.dim;
@@ -253,7 +357,7 @@ fn gpu_scores(
     let mut out = s.alloc_zeros::<u16>(hq * nq * d).map_err(driver)?;
     let mut lse = s.alloc_zeros::<f32>(hq * nq).map_err(driver)?;
     let universe = Pattern::new("universe", if causal { weft_dsl::builder::causal() } else { full() });
-    let opts = IndexOptions { rows: Some(rows.to_vec()), scale: Some(scale), ..Default::default() };
+    let opts = IndexOptions { scale: Some(scale), ..Default::default() };
     let uix = resolve_pattern(&universe.expr, q, k, &opts)?.index()?;
     // Every kernel first, so the new ones compile in parallel (a candidate whose predicates
     // depend on the data, such as a grid's phase per head, gets a new kernel per layer).
@@ -283,19 +387,17 @@ fn gpu_scores(
         let per_head: Vec<Score> = (0..hq)
             .into_par_iter()
             .map(|h| {
-                let (mut kept, mut mass) = (0usize, 0f64);
+                let (mut sum, mut sum_sq) = (0f64, 0f64);
                 for &t in rows {
                     let (a, u) = (lse_kept[h * nq + t], lse_universe[h * nq + t]);
                     if a.is_finite() && u.is_finite() {
-                        mass += (f64::from(a) - f64::from(u)).exp().min(1.0);
+                        let mass = (f64::from(a) - f64::from(u)).exp().min(1.0);
+                        sum += mass;
+                        sum_sq += mass * mass;
                     }
-                    kept += ix.row_len(h, t);
                 }
-                Score {
-                    candidate: ci,
-                    density: kept as f64 / universe_pairs.max(1) as f64,
-                    recall: mass / rows.len().max(1) as f64,
-                }
+                let (recall, recall_se) = mean_se(sum, sum_sq, rows.len(), nq);
+                Score { candidate: ci, density: density[ci][h], recall, recall_se }
             })
             .collect();
         for (h, sc) in per_head.into_iter().enumerate() {
@@ -312,8 +414,12 @@ pub struct Choice {
     pub head: usize,
     pub family: String,
     pub pattern: Pattern,
+    /// Exact share of the universe's pairs computed.
     pub density: f64,
+    /// Estimated recall, and its standard error.
     pub recall: f64,
+    #[serde(default)]
+    pub recall_se: f64,
 }
 
 fn choice(h: &HeadScores, s: &Score, cands: &[Candidate]) -> Choice {
@@ -325,6 +431,7 @@ fn choice(h: &HeadScores, s: &Score, cands: &[Candidate]) -> Choice {
         pattern: c.pattern.clone(),
         density: s.density,
         recall: s.recall,
+        recall_se: s.recall_se,
     }
 }
 
@@ -332,8 +439,9 @@ fn choice(h: &HeadScores, s: &Score, cands: &[Candidate]) -> Choice {
 /// never chosen over `dense` by [`choose_by_recall`].
 pub const MAX_SPARSE_DENSITY: f64 = 0.8;
 
-/// Per head, the lowest-density candidate whose recall reaches `target`; dense when none does
-/// at a density below [`MAX_SPARSE_DENSITY`].
+/// Per head, the lowest-density candidate whose recall reaches `target` by a margin of
+/// [`RECALL_MARGIN_SE`] standard errors of its estimate; dense when none does at a density
+/// below [`MAX_SPARSE_DENSITY`].
 pub fn choose_by_recall(heads: &[HeadScores], cands: &[Candidate], target: f64) -> Vec<Choice> {
     heads
         .iter()
@@ -342,7 +450,10 @@ pub fn choose_by_recall(heads: &[HeadScores], cands: &[Candidate], target: f64) 
             let best = h
                 .scores
                 .iter()
-                .filter(|s| s.recall >= target && (s.density <= MAX_SPARSE_DENSITY || is_dense(s)))
+                .filter(|s| {
+                    s.recall - RECALL_MARGIN_SE * s.recall_se >= target
+                        && (s.density <= MAX_SPARSE_DENSITY || is_dense(s))
+                })
                 .min_by(|a, b| a.density.total_cmp(&b.density).then(b.recall.total_cmp(&a.recall)))
                 .or_else(|| h.scores.iter().find(is_dense))
                 .or_else(|| h.scores.iter().max_by(|a, b| a.recall.total_cmp(&b.recall)));
@@ -355,32 +466,41 @@ pub fn choose_by_recall(heads: &[HeadScores], cands: &[Candidate], target: f64) 
                     pattern: Pattern::new("dense", full()),
                     density: 1.0,
                     recall: 1.0,
+                    recall_se: 0.0,
                 },
             }
         })
         .collect()
 }
 
-/// Density resolution of the budget knapsack (buckets per head).
-const BUCKETS: usize = 200;
+/// Density resolution of the budget knapsack (buckets per head): each head's cost is rounded
+/// up to 1/1000, so that a budget is spent to within about 0.05% of density per head...
+const BUCKETS: usize = 1000;
+/// ...or as coarse as 1/200 where the finer table would not fit [`MAX_KNAPSACK_CELLS`].
+const MIN_BUCKETS: usize = 200;
 
 /// Under a mean density of at most `budget` over all heads, the choice of one candidate per
 /// head that maximises mean recall: a multiple-choice knapsack by dynamic programming over
-/// densities discretised to 1/200 (rounded up, so the budget holds).
+/// densities discretised to 1/1000 (1/200 for many heads; rounded up, so the budget holds).
 ///
-/// The table holds heads x (budget x heads x 200) cells: past [`MAX_KNAPSACK_CELLS`] (about
-/// 1,300 heads at budget 1) the choice is made by Lagrangian relaxation instead
+/// The table holds heads x (budget x heads x buckets) cells: past [`MAX_KNAPSACK_CELLS`] at
+/// 1/200 (about 1,300 heads at budget 1) the choice is made by Lagrangian relaxation instead
 /// ([`choose_by_price`]), whose memory is linear in the heads.
 pub fn choose_by_budget(heads: &[HeadScores], cands: &[Candidate], budget: f64) -> Result<Vec<Choice>, Error> {
     let n = heads.len();
     if n == 0 {
         return Ok(Vec::new());
     }
-    let cap = (budget.clamp(0.0, 1.0) * (n * BUCKETS) as f64).floor() as usize;
-    if (n as u128) * (cap as u128 + 1) > MAX_KNAPSACK_CELLS as u128 {
+    let cells = |buckets: usize| {
+        let cap = (budget.clamp(0.0, 1.0) * (n * buckets) as f64).floor() as usize;
+        ((n as u128) * (cap as u128 + 1), cap)
+    };
+    let Some(buckets) = [BUCKETS, 500, MIN_BUCKETS].into_iter().find(|&b| cells(b).0 <= MAX_KNAPSACK_CELLS as u128)
+    else {
         return choose_by_price(heads, cands, budget);
-    }
-    let cost = |d: f64| (d * BUCKETS as f64).ceil() as usize;
+    };
+    let cap = cells(buckets).1;
+    let cost = |d: f64| (d * buckets as f64).ceil() as usize;
     // best[c] = max total recall using total cost c over the heads so far; back pointers.
     let neg = f64::NEG_INFINITY;
     let mut best = vec![neg; cap + 1];

@@ -76,9 +76,13 @@ pub(crate) struct SearchArgs {
     #[arg(long, value_name = "FILE")]
     pub(crate) png: Option<PathBuf>,
     /// Compute recall on the CPU even when a GPU is present (by default GPU 0 computes it with
-    /// generated kernels, for head dims 64, 128 and 256).
+    /// generated kernels, for head dims 64, 128 and 256, over every row).
     #[arg(long)]
     pub(crate) cpu: bool,
+    /// Afterwards, measure every choice's recall and density exactly over all rows (on the
+    /// CPU) and report them against the estimates.
+    #[arg(long)]
+    pub(crate) verify: bool,
 }
 
 #[derive(Subcommand)]
