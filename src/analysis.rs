@@ -46,6 +46,9 @@ pub struct Report {
     pub build_ms: f64,
     /// Kept pairs over all `nq x nk` pairs.
     pub density: f64,
+    /// Kept pairs over the universe's pairs (causal pairs for a causal universe), per head:
+    /// the density `weft search` reports.
+    pub universe_density_per_head: Vec<f64>,
     pub recall: pat::Recall,
     pub universe: Universe,
     pub scale: f64,
@@ -77,7 +80,42 @@ pub fn analyse(pattern: &Pattern, q: &Tensor, k: &Tensor, opts: &AnalysisOptions
     };
     let sample = (opts.recall_rows > 0).then_some(opts.recall_rows);
     let recall = pat::recall(&index, q, k, resolved.scale, universe, sample)?;
-    Ok(Report { density: index.density(), index, row_lines, build_ms, recall, universe, scale: resolved.scale })
+    let pairs = universe_pairs(universe, index.nq, index.nk).max(1) as f64;
+    let universe_density_per_head = index.pairs_per_head().into_iter().map(|p| p as f64 / pairs).collect();
+    Ok(Report {
+        density: index.density(),
+        universe_density_per_head,
+        index,
+        row_lines,
+        build_ms,
+        recall,
+        universe,
+        scale: resolved.scale,
+    })
+}
+
+/// Pairs of one head in `universe`: `nq x nk`, or the causal ones (`k <= q + nk - nq`).
+pub fn universe_pairs(universe: Universe, nq: usize, nk: usize) -> u64 {
+    match universe {
+        Universe::All => nq as u64 * nk as u64,
+        Universe::Causal => (0..nq).map(|t| (t + nk + 1).saturating_sub(nq).min(nk) as u64).sum(),
+    }
+}
+
+impl Report {
+    /// Mean over heads of [`Report::universe_density_per_head`].
+    pub fn universe_density(&self) -> f64 {
+        let n = self.universe_density_per_head.len().max(1) as f64;
+        self.universe_density_per_head.iter().sum::<f64>() / n
+    }
+
+    /// What the universe's pairs are, for messages: "causal pairs" or "all pairs".
+    pub fn universe_name(&self) -> &'static str {
+        match self.universe {
+            Universe::All => "all pairs",
+            Universe::Causal => "causal pairs",
+        }
+    }
 }
 
 impl Report {
@@ -105,6 +143,8 @@ impl Report {
             "build_ms": self.build_ms,
             "density": self.density,
             "density_per_head": per_head_density,
+            "density_universe": self.universe_density(),
+            "density_universe_per_head": self.universe_density_per_head,
             "recall_mean": self.recall.mean, "recall_min": self.recall.min,
             "recall_per_head": self.recall.per_head,
             "recall_universe": format!("{:?}", self.universe).to_lowercase(),

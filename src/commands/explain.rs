@@ -181,11 +181,21 @@ pub(crate) fn explain(pattern: &Pattern, args: &InputArgs, json: bool) -> Result
             r.index.block_m
         );
     }
-    println!(
-        "density   {:.2}% of all pairs (per head: {})",
-        100.0 * r.density,
-        per_head_density.iter().map(|d| format!("{:.1}%", 100.0 * d)).collect::<Vec<_>>().join(", ")
-    );
+    if r.universe == Universe::All {
+        println!(
+            "density   {:.2}% of all pairs (per head: {})",
+            100.0 * r.density,
+            per_head_density.iter().map(|d| format!("{:.1}%", 100.0 * d)).collect::<Vec<_>>().join(", ")
+        );
+    } else {
+        // The share `weft search` reports, then the share of every pair.
+        println!(
+            "density   {:.2}% of causal pairs, {:.2}% of all pairs (per head, of causal pairs: {})",
+            100.0 * r.universe_density(),
+            100.0 * r.density,
+            r.universe_density_per_head.iter().map(|d| format!("{:.1}%", 100.0 * d)).collect::<Vec<_>>().join(", ")
+        );
+    }
     println!(
         "recall    {:.2}% mean, {:.2}% worst row, of the {} softmax mass ({} rows per head; per head: {})",
         100.0 * r.recall.mean,
@@ -240,10 +250,14 @@ pub(crate) fn mask(
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {} (bool [{}, {}], token order)", path.display(), slice.nq, slice.nk);
     }
-    println!(
-        "head {head}: density {:.2}%, recall {:.2}%",
-        100.0 * r.index.head_density(head),
-        100.0 * r.recall.per_head[head]
-    );
+    let density = match r.universe {
+        Universe::All => format!("{:.2}% of all pairs", 100.0 * r.index.head_density(head)),
+        Universe::Causal => format!(
+            "{:.2}% of causal pairs, {:.2}% of all pairs",
+            100.0 * r.universe_density_per_head[head],
+            100.0 * r.index.head_density(head)
+        ),
+    };
+    println!("head {head}: density {density}, recall {:.2}%", 100.0 * r.recall.per_head[head]);
     Ok(())
 }

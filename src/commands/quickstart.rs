@@ -52,7 +52,11 @@ pub(crate) fn quickstart(out: &Path) -> Result<()> {
     let r = analyse(&pattern, &input, &args)?;
     let (full, partial, cols) = r.index.entry_counts();
     println!("   built in {:.1} ms: {full} full blocks, {partial} partial blocks, {cols} columns", r.build_ms);
-    println!("   density {:.2}% of pairs, recall {:.2}% of the softmax mass", 100.0 * r.density, 100.0 * r.recall.mean);
+    println!(
+        "   density {:.2}% of all pairs, recall {:.2}% of the softmax mass",
+        100.0 * r.density,
+        100.0 * r.recall.mean
+    );
 
     println!("\n3. Reference attention over the index, checked against dense masked attention:\n");
     let v = Tensor::random(input.k.heads, input.k.tokens, 64, 11);
