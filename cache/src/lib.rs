@@ -15,17 +15,30 @@
 //! not decode as corrupt. Each write is flushed before it returns, so a process killed in the
 //! middle of a tune leaves every finished record intact.
 //!
-//! sled allows one process per database: a second one gets [`Error::Locked`] naming the path
-//! and, from the `holder` file the first wrote, its process id and command line. A database
-//! sled cannot read gets [`Error::Corrupt`], which says how to reset it.
+//! sled allows one process at a time to have a database open. So that many processes can share
+//! one (a server process per GPU, an autotune while they run), a [`Db`] is a handle that opens
+//! sled only for the duration of one operation (a lookup, one record written, a listing) and
+//! closes it after: readers and writers alike hold it for milliseconds. A process that finds it
+//! held retries with backoff, says so on standard error after [`WAIT_NOTICE`], and gives up
+//! with [`Error::Locked`] (naming the holder's process id and command line, from the `holder`
+//! file each opener writes) after the timeout: [`DEFAULT_TIMEOUT`], or `WEFT_DB_TIMEOUT`
+//! seconds. A database sled cannot read gets [`Error::Corrupt`], which says how to reset it.
 //!
 //! The default location is a per-user cache directory ([`default_path`]), overridden by the
 //! `WEFT_DB` environment variable (and by `--db` on the command line).
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+/// A raw (key, value) pair of a tree.
+type KeyValue = (sled::IVec, sled::IVec);
+
+/// Entries written per operation by [`Db::import`].
+pub const IMPORT_BATCH: usize = 256;
 
 /// Version of the value envelope; bumped when a record's layout changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -35,14 +48,23 @@ pub const TREES: [&str; 3] = ["kernels", "tuning", "search"];
 
 const HOLDER_FILE: &str = "holder";
 
+/// How long an operation waits for a database another process holds, unless `WEFT_DB_TIMEOUT`
+/// (seconds) says otherwise. Operations hold it for milliseconds; a wait this long means a
+/// process stopped while holding it, or something outside weft keeps it open.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// After this long waiting, a line on standard error says which process holds the database.
+pub const WAIT_NOTICE: Duration = Duration::from_secs(3);
+
 /// Everything that can go wrong with the database.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "the kernel database {path} is in use by another process ({holder}); sled allows one process at a time: \
-         wait for it to finish, or use another database with --db or WEFT_DB"
+        "the kernel database {path} stayed held by another process ({holder}) for {waited_s} s; \
+         weft holds it only for one read or write at a time, so that process is stuck or is not weft: \
+         stop it, wait longer (WEFT_DB_TIMEOUT=<seconds>), or use another database with --db or WEFT_DB"
     )]
-    Locked { path: String, holder: String },
+    Locked { path: String, holder: String, waited_s: u64 },
     #[error(
         "the kernel database {path} cannot be read ({detail}); it only caches tuned kernels: reset it with \
          `weft cache clear --db {path}` or delete that directory"
@@ -178,13 +200,19 @@ pub struct SearchKey {
 }
 
 /// The pattern chosen for one head.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SearchRecord {
     /// The pattern (serialized `weft_dsl::Pattern`).
     pub pattern: serde_json::Value,
     pub recall: f64,
     pub density: f64,
     pub created: u64,
+    /// The candidate family (empty in records written before it was kept).
+    #[serde(default)]
+    pub family: String,
+    /// Standard error of `recall` (0: measured on every row, or not recorded).
+    #[serde(default)]
+    pub recall_se: f64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -211,10 +239,13 @@ pub struct Verification {
     pub stale: Vec<(String, String)>,
 }
 
-/// An open kernel database.
+/// A kernel database: its path, opened for each operation (see the crate's documentation).
 pub struct Db {
     path: PathBuf,
-    db: sled::Db,
+    /// Serialises this process's operations: sled's lock also refuses a second open from
+    /// the same process.
+    turn: Mutex<()>,
+    timeout: Duration,
 }
 
 fn now() -> u64 {
@@ -230,26 +261,83 @@ fn tree_key(parts: &[&str]) -> String {
     parts.join("/")
 }
 
+/// The wait for a held database: `WEFT_DB_TIMEOUT` seconds, else [`DEFAULT_TIMEOUT`].
+fn timeout_from_env() -> Result<Duration, Error> {
+    match std::env::var("WEFT_DB_TIMEOUT") {
+        Err(_) => Ok(DEFAULT_TIMEOUT),
+        Ok(v) => v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 86_400.0)
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| Error::Format(format!("WEFT_DB_TIMEOUT must be seconds between 0 and 86400, got `{v}`"))),
+    }
+}
+
 impl Db {
-    /// Opens (creating if needed) the database at `path`.
+    /// The database at `path` (created if needed), checked by opening it once; it is not
+    /// held between operations. Waits up to `WEFT_DB_TIMEOUT` seconds (default
+    /// [`DEFAULT_TIMEOUT`]) whenever another process holds it.
     pub fn open(path: &Path) -> Result<Db, Error> {
+        Db::open_with_timeout(path, timeout_from_env()?)
+    }
+
+    /// [`Db::open`] with an explicit wait for a database another process holds.
+    pub fn open_with_timeout(path: &Path, timeout: Duration) -> Result<Db, Error> {
         let p = path.display().to_string();
         std::fs::create_dir_all(path).map_err(|source| Error::Io { path: p.clone(), source })?;
-        let db = sled::Config::new().path(path).open().map_err(|e| match e {
-            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                let holder = std::fs::read_to_string(path.join(HOLDER_FILE))
-                    .map(|h| h.trim().to_string())
-                    .unwrap_or_else(|_| "holder unknown".into());
-                Error::Locked { path: p.clone(), holder }
+        let db = Db { path: path.to_path_buf(), turn: Mutex::new(()), timeout };
+        db.with(|_| Ok(()))?;
+        Ok(db)
+    }
+
+    /// Runs `f` on the database opened for it, then closes it.
+    fn with<R>(&self, f: impl FnOnce(&sled::Db) -> Result<R, Error>) -> Result<R, Error> {
+        // A panic elsewhere while holding the turn leaves nothing half-done here.
+        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        let db = self.acquire()?;
+        f(&db)
+    }
+
+    /// Opens sled, waiting (with backoff) while another process holds it.
+    fn acquire(&self) -> Result<sled::Db, Error> {
+        let p = self.path.display().to_string();
+        let holder = || {
+            std::fs::read_to_string(self.path.join(HOLDER_FILE))
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "holder unknown".into())
+        };
+        let start = Instant::now();
+        let (mut pause, mut told) = (Duration::from_millis(2), false);
+        loop {
+            // No background flusher: writes flush themselves, and the lock goes with the handle.
+            match sled::Config::new().path(&self.path).flush_every_ms(None).open() {
+                Ok(db) => {
+                    let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
+                    // Best effort: the holder file only improves the message another process sees.
+                    let _ = std::fs::write(
+                        self.path.join(HOLDER_FILE),
+                        format!("pid {}: {}", std::process::id(), args.join(" ")),
+                    );
+                    return Ok(db);
+                }
+                Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                    let waited = start.elapsed();
+                    if waited >= self.timeout {
+                        return Err(Error::Locked { path: p, holder: holder(), waited_s: waited.as_secs() });
+                    }
+                    if !told && waited >= WAIT_NOTICE {
+                        eprintln!("weft: waiting for the kernel database {p}, held by {}", holder());
+                        told = true;
+                    }
+                    std::thread::sleep(pause.min(self.timeout.saturating_sub(waited)));
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(sled::Error::Io(source)) => return Err(Error::Io { path: p, source }),
+                Err(other) => return Err(Error::Corrupt { path: p, detail: other.to_string() }),
             }
-            sled::Error::Io(source) => Error::Io { path: p.clone(), source },
-            other => Error::Corrupt { path: p.clone(), detail: other.to_string() },
-        })?;
-        let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
-        let holder = format!("pid {}: {}", std::process::id(), args.join(" "));
-        // Best effort: the holder file only improves the message another process sees.
-        let _ = std::fs::write(path.join(HOLDER_FILE), holder);
-        Ok(Db { path: path.to_path_buf(), db })
+        }
     }
 
     /// Deletes the database directory at `path` (for a database too damaged to open). Refuses
@@ -287,21 +375,23 @@ impl Db {
         }
     }
 
-    fn tree(&self, name: &str) -> Result<sled::Tree, Error> {
-        self.db.open_tree(name).map_err(|e| self.err(e))
+    fn tree(&self, db: &sled::Db, name: &str) -> Result<sled::Tree, Error> {
+        db.open_tree(name).map_err(|e| self.err(e))
     }
 
     fn put<T: Serialize>(&self, tree: &str, key: &str, value: &T) -> Result<(), Error> {
         let bytes = serde_json::to_vec(&Envelope { schema: SCHEMA_VERSION, value })
             .map_err(|e| Error::Format(format!("cannot encode a {tree} record: {e}")))?;
-        self.tree(tree)?.insert(key.as_bytes(), bytes).map_err(|e| self.err(e))?;
-        // A finished record survives a kill that follows.
-        self.db.flush().map_err(|e| self.err(e))?;
-        Ok(())
+        self.with(|db| {
+            self.tree(db, tree)?.insert(key.as_bytes(), bytes).map_err(|e| self.err(e))?;
+            // A finished record survives a kill that follows.
+            db.flush().map_err(|e| self.err(e))?;
+            Ok(())
+        })
     }
 
     fn get<T: DeserializeOwned>(&self, tree: &str, key: &str) -> Result<Option<T>, Error> {
-        let Some(bytes) = self.tree(tree)?.get(key.as_bytes()).map_err(|e| self.err(e))? else {
+        let Some(bytes) = self.with(|db| self.tree(db, tree)?.get(key.as_bytes()).map_err(|e| self.err(e)))? else {
             return Ok(None);
         };
         match serde_json::from_slice::<Envelope<T>>(&bytes) {
@@ -356,6 +446,26 @@ impl Db {
         self.put("search", &Self::search_key(key), record)
     }
 
+    /// Stores many search results in one operation.
+    pub fn put_searches(&self, records: &[(SearchKey, SearchRecord)]) -> Result<(), Error> {
+        let encoded = records
+            .iter()
+            .map(|(k, r)| {
+                serde_json::to_vec(&Envelope { schema: SCHEMA_VERSION, value: r })
+                    .map(|b| (Self::search_key(k), b))
+                    .map_err(|e| Error::Format(format!("cannot encode a search record: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.with(|db| {
+            let t = self.tree(db, "search")?;
+            for (k, b) in encoded {
+                t.insert(k.as_bytes(), b).map_err(|e| self.err(e))?;
+            }
+            db.flush().map_err(|e| self.err(e))?;
+            Ok(())
+        })
+    }
+
     /// The search result of one head.
     pub fn search(&self, key: &SearchKey) -> Result<Option<SearchRecord>, Error> {
         self.get("search", &Self::search_key(key))
@@ -366,8 +476,11 @@ impl Db {
         let prefix = Self::search_key(&SearchKey { model: model.to_string(), layer: 0, head: 0 });
         let prefix = &prefix[..prefix.rfind("/l").unwrap_or(prefix.len()) + 1];
         let mut out = Vec::new();
-        for item in self.tree("search")?.scan_prefix(prefix.as_bytes()) {
-            let (k, v) = item.map_err(|e| self.err(e))?;
+        let items = self.with(|db| {
+            let t = self.tree(db, "search")?;
+            t.scan_prefix(prefix.as_bytes()).collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+        })?;
+        for (k, v) in items {
             let key = String::from_utf8_lossy(&k).into_owned();
             let parts: Vec<&str> = key.rsplitn(3, '/').collect();
             let layer = parts.get(1).and_then(|l| l.strip_prefix('l')).and_then(|l| l.parse().ok());
@@ -387,9 +500,8 @@ impl Db {
     /// a string saying so).
     pub fn entries(&self) -> Result<Vec<Entry>, Error> {
         let mut out = Vec::new();
-        for tree in TREES {
-            for item in self.tree(tree)?.iter() {
-                let (k, v) = item.map_err(|e| self.err(e))?;
+        for (tree, items) in self.read_all()? {
+            for (k, v) in items {
                 let value = serde_json::from_slice(&v)
                     .unwrap_or_else(|e| serde_json::Value::String(format!("<undecodable: {e}>")));
                 out.push(Entry { tree: tree.to_string(), key: String::from_utf8_lossy(&k).into_owned(), value });
@@ -398,37 +510,56 @@ impl Db {
         Ok(out)
     }
 
-    /// Adds exported entries (overwriting equal keys); returns how many.
+    /// Every tree's (key, value) pairs, read in one operation.
+    fn read_all(&self) -> Result<Vec<(&'static str, Vec<KeyValue>)>, Error> {
+        self.with(|db| {
+            TREES
+                .iter()
+                .map(|&tree| {
+                    let items = self.tree(db, tree)?.iter().collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))?;
+                    Ok((tree, items))
+                })
+                .collect()
+        })
+    }
+
+    /// Adds exported entries (overwriting equal keys); returns how many. Written in batches
+    /// of [`IMPORT_BATCH`], each its own operation, so that other processes are not kept
+    /// waiting through a large import.
     pub fn import(&self, entries: &[Entry]) -> Result<usize, Error> {
-        for e in entries {
-            if !TREES.contains(&e.tree.as_str()) {
-                return Err(Error::Format(format!(
-                    "unknown tree `{}` in the import; expected one of {TREES:?}",
-                    e.tree
-                )));
-            }
-            let bytes = serde_json::to_vec(&e.value).map_err(|err| Error::Format(err.to_string()))?;
-            self.tree(&e.tree)?.insert(e.key.as_bytes(), bytes).map_err(|err| self.err(err))?;
+        if let Some(e) = entries.iter().find(|e| !TREES.contains(&e.tree.as_str())) {
+            return Err(Error::Format(format!("unknown tree `{}` in the import; expected one of {TREES:?}", e.tree)));
         }
-        self.db.flush().map_err(|e| self.err(e))?;
+        for batch in entries.chunks(IMPORT_BATCH) {
+            self.with(|db| {
+                for e in batch {
+                    let bytes = serde_json::to_vec(&e.value).map_err(|err| Error::Format(err.to_string()))?;
+                    self.tree(db, &e.tree)?.insert(e.key.as_bytes(), bytes).map_err(|err| self.err(err))?;
+                }
+                db.flush().map_err(|e| self.err(e))?;
+                Ok(())
+            })?;
+        }
         Ok(entries.len())
     }
 
     /// Removes every entry; returns how many.
     pub fn clear(&self) -> Result<usize, Error> {
-        let mut n = 0;
-        for tree in TREES {
-            let t = self.tree(tree)?;
-            // Counted key by key, stopping at the first error: on damaged data `Tree::len`
-            // would yield the same error forever.
-            for key in t.iter().keys() {
-                key.map_err(|e| self.err(e))?;
-                n += 1;
+        self.with(|db| {
+            let mut n = 0;
+            for tree in TREES {
+                let t = self.tree(db, tree)?;
+                // Counted key by key, stopping at the first error: on damaged data `Tree::len`
+                // would yield the same error forever.
+                for key in t.iter().keys() {
+                    key.map_err(|e| self.err(e))?;
+                    n += 1;
+                }
+                t.clear().map_err(|e| self.err(e))?;
             }
-            t.clear().map_err(|e| self.err(e))?;
-        }
-        self.db.flush().map_err(|e| self.err(e))?;
-        Ok(n)
+            db.flush().map_err(|e| self.err(e))?;
+            Ok(n)
+        })
     }
 
     /// Checks every entry: it decodes with this schema, and (when `current` is given) it was
@@ -436,9 +567,8 @@ impl Db {
     pub fn verify(&self, current: Option<&Toolchain>) -> Result<Verification, Error> {
         let mut v = Verification::default();
         let current_key = current.map(Toolchain::key);
-        for tree in TREES {
-            for item in self.tree(tree)?.iter() {
-                let (k, bytes) = item.map_err(|e| self.err(e))?;
+        for (tree, items) in self.read_all()? {
+            for (k, bytes) in items {
                 let key = String::from_utf8_lossy(&k).into_owned();
                 v.checked += 1;
                 let problem = match tree {

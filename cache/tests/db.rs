@@ -48,7 +48,13 @@ fn records_round_trip_and_persist() {
     let h200 = toolchain("NVIDIA H200", 580);
     let kk = KernelKey { toolchain: h200.clone(), kernel: "k1".into(), arch: "sm_90".into() };
     let sk = SearchKey { model: "org/model".into(), layer: 3, head: 7 };
-    let sr = SearchRecord { pattern: serde_json::json!({"name": "p"}), recall: 0.96, density: 0.1, created: 1 };
+    let sr = SearchRecord {
+        pattern: serde_json::json!({"name": "p"}),
+        recall: 0.96,
+        density: 0.1,
+        created: 1,
+        ..Default::default()
+    };
     {
         let db = Db::open(dir.path()).unwrap();
         db.put_kernel(&kk, &kernel_record()).unwrap();
@@ -134,13 +140,57 @@ fn undecodable_and_old_schema_entries_are_reported() {
 }
 
 #[test]
-fn a_second_opener_is_told_who_holds_the_lock() {
+fn handles_share_a_database_and_a_held_one_is_waited_for() {
     let dir = tempfile::tempdir().unwrap();
-    let _first = Db::open(dir.path()).unwrap();
-    let second = Db::open(dir.path()).err().expect("the database is locked");
-    let msg = second.to_string();
-    assert!(msg.contains("in use by another process") && msg.contains(&format!("pid {}", std::process::id())), "{msg}");
-    assert!(msg.contains(&dir.path().display().to_string()));
+    let key = SearchKey { model: "m".into(), layer: 1, head: 2 };
+    let rec =
+        SearchRecord { pattern: serde_json::json!("p"), recall: 0.9, density: 0.1, created: 0, ..Default::default() };
+    // Two handles (as two processes would have) both read and write.
+    let (a, b) = (Db::open(dir.path()).unwrap(), Db::open(dir.path()).unwrap());
+    a.put_search(&key, &rec).unwrap();
+    assert_eq!(b.search(&key).unwrap().unwrap().recall, 0.9);
+    // Something holding sled itself: refused after the timeout, naming the holder.
+    let held = sled::Config::new().path(dir.path()).open().unwrap();
+    let started = std::time::Instant::now();
+    let e = Db::open_with_timeout(dir.path(), std::time::Duration::from_millis(300)).err().expect("held");
+    let msg = e.to_string();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert!(msg.contains("stayed held by another process") && msg.contains("WEFT_DB_TIMEOUT"), "{msg}");
+    assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+    // Released while another operation waits: that operation goes on.
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(held);
+    });
+    let c = Db::open_with_timeout(dir.path(), std::time::Duration::from_secs(20)).unwrap();
+    assert_eq!(c.search(&key).unwrap().unwrap().recall, 0.9);
+    release.join().unwrap();
+}
+
+#[test]
+fn a_bad_timeout_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // Read at open: set for this process only while it opens (tests run in threads, so the
+    // variable is set through a child process instead).
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["open_from_env", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("WEFT_TEST_DB", dir.path())
+        .env("WEFT_DB_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("WEFT_DB_TIMEOUT must be seconds"), "{text}");
+}
+
+/// The child process of the test above, not a test of its own.
+#[test]
+#[ignore = "helper process of a_bad_timeout_is_an_error"]
+fn open_from_env() {
+    let Ok(path) = std::env::var("WEFT_TEST_DB") else { return };
+    match Db::open(std::path::Path::new(&path)) {
+        Ok(_) => println!("opened"),
+        Err(e) => println!("{e}"),
+    }
 }
 
 #[test]
@@ -150,7 +200,13 @@ fn a_corrupt_database_says_how_to_reset_it() {
         let db = Db::open(dir.path()).unwrap();
         db.put_search(
             &SearchKey { model: "m".into(), layer: 0, head: 0 },
-            &SearchRecord { pattern: serde_json::json!(null), recall: 1.0, density: 1.0, created: 0 },
+            &SearchRecord {
+                pattern: serde_json::json!(null),
+                recall: 1.0,
+                density: 1.0,
+                created: 0,
+                ..Default::default()
+            },
         )
         .unwrap();
     }

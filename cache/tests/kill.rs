@@ -21,8 +21,13 @@ fn writer() {
     let Ok(path) = std::env::var("WEFT_KILL_WRITER") else { return };
     let db = Db::open(std::path::Path::new(&path)).unwrap();
     for i in 0.. {
-        let rec =
-            SearchRecord { pattern: serde_json::json!({"i": i}), recall: 0.5, density: 0.5, created: u64::from(i) };
+        let rec = SearchRecord {
+            pattern: serde_json::json!({"i": i}),
+            recall: 0.5,
+            density: 0.5,
+            created: u64::from(i),
+            ..Default::default()
+        };
         db.put_search(&key(i), &rec).unwrap();
         println!("done {i}");
     }

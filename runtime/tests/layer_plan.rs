@@ -8,7 +8,13 @@ use weft_dsl::Pattern;
 use weft_runtime::{tune_key, LayerPlan};
 
 fn store(db: &Db, model: &str, layer: u32, head: u32, p: &Pattern) {
-    let record = SearchRecord { pattern: serde_json::to_value(p).unwrap(), recall: 0.9, density: 0.1, created: 0 };
+    let record = SearchRecord {
+        pattern: serde_json::to_value(p).unwrap(),
+        recall: 0.9,
+        density: 0.1,
+        created: 0,
+        ..Default::default()
+    };
     db.put_search(&SearchKey { model: model.into(), layer, head }, &record).unwrap();
 }
 
