@@ -3,7 +3,6 @@
 //! and the Python package both run it; printing and storing are the caller's.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use weft_autotune::search::{
     candidates, choose_by_budget, choose_by_recall, evaluate_layer_on, exact_scores, sample_rows, Backend, Candidate,
@@ -92,7 +91,8 @@ pub fn run(path: &Path, opts: &SearchOptions, progress: &(dyn Fn(Progress) + Syn
     let mut all = Vec::new();
     let mut cands = Vec::new();
     let (mut rows_per_head, mut rows_total) = (0, 0);
-    let done = AtomicUsize::new(0);
+    // Counted and reported under one lock, so that reports arrive in order from any thread.
+    let done = std::sync::Mutex::new(0usize);
     for (li, layer) in layers.iter().enumerate() {
         let (q, k) = crate::qk::load(path, *layer)?;
         if matches!(backend, Backend::Gpu(_)) && ![64, 128, 256].contains(&q.dim) {
@@ -110,8 +110,9 @@ pub fn run(path: &Path, opts: &SearchOptions, progress: &(dyn Fn(Progress) + Syn
         (rows_per_head, rows_total) = (rows.len(), q.tokens);
         let total = layers.len() * cands.len();
         let tick = || {
-            let done = done.fetch_add(1, Ordering::Relaxed) + 1;
-            progress(Progress { layer: li, done, total });
+            let mut done = done.lock().unwrap_or_else(|e| e.into_inner());
+            *done += 1;
+            progress(Progress { layer: li, done: *done, total });
         };
         all.extend(evaluate_layer_on(backend, layer.unwrap_or(0), &q, &k, &cands, opts.causal, &rows, &tick)?);
     }

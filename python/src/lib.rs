@@ -411,6 +411,41 @@ fn search_json(
     Ok((json, outcome.layers, outcome.candidates, outcome.rows_per_head, outcome.backend))
 }
 
+/// The choices `weft search --model MODEL` stored in the kernel database `db` (default:
+/// `$WEFT_DB`, else the per-user cache directory), as the JSON list `search_json` returns.
+#[pyfunction]
+#[pyo3(signature = (model, db = None))]
+fn search_results_json(py: Python<'_>, model: String, db: Option<std::path::PathBuf>) -> PyResult<String> {
+    let results = py
+        .detach(|| -> Result<_, weft::cache::Error> {
+            let path = match db {
+                Some(p) => p,
+                None => weft::cache::default_path()?,
+            };
+            let records = weft::cache::Db::open(&path)?.search_results(&model)?;
+            Ok((path, records))
+        })
+        .map_err(value_error)?;
+    let (path, records) = results;
+    if records.is_empty() {
+        return Err(value_error(format!(
+            "the kernel database {} holds no search results for model `{model}`: run `weft search --qk FILE --model {model}` \
+             (see `weft cache ls` for the models it holds)",
+            path.display()
+        )));
+    }
+    let choices: Vec<serde_json::Value> = records
+        .into_iter()
+        .map(|(k, r)| {
+            serde_json::json!({
+                "layer": k.layer, "head": k.head, "family": r.family, "pattern": r.pattern,
+                "density": r.density, "recall": r.recall, "recall_se": r.recall_se,
+            })
+        })
+        .collect();
+    serde_json::to_string(&choices).map_err(value_error)
+}
+
 /// The patterns of one layer's query heads, built once and reused for every call.
 #[pyclass(module = "weft._weft", name = "LayerPlan", frozen)]
 struct PyPlan {
@@ -643,6 +678,7 @@ fn _weft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(families, m)?)?;
     m.add_function(wrap_pyfunction!(builtins, m)?)?;
     m.add_function(wrap_pyfunction!(search_json, m)?)?;
+    m.add_function(wrap_pyfunction!(search_results_json, m)?)?;
     m.add_function(wrap_pyfunction!(driver_present, m)?)?;
     Ok(())
 }

@@ -252,6 +252,31 @@ def test_search_matches_the_command_and_covers_every_head(tmp_path):
     assert sorted(plans) == [0, 1] and plans[1].heads == 4
 
 
+@needs_cli
+def test_load_search_reads_what_the_command_stored(tmp_path):
+    pytest.importorskip("safetensors")
+    f = tmp_path / "model.safetensors"
+    save_qk(f, [(rand((4, 300, 32), 40), rand((2, 300, 32), 41))])
+    db = tmp_path / "db"
+    with pytest.raises(ValueError, match="no search results for model `tiny`"):
+        weft.load_search("tiny", db)
+    cli = subprocess.run(
+        [WEFT_BIN, "search", "--qk", str(f), "--target-recall", "0.9", "--cpu", "--model", "tiny", "--db", str(db),
+         "--json", str(tmp_path / "c.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+    # What the database holds is what the JSON holds (numbers to within JSON's rounding).
+    stored, written = weft.load_search("tiny", db), weft.load_choices(tmp_path / "c.json")
+    assert [(c.layer, c.head, c.family, c.pattern) for c in stored] == [
+        (c.layer, c.head, c.family, c.pattern) for c in written
+    ]
+    for a, b in zip(stored, written):
+        assert (a.density, a.recall, a.recall_se) == pytest.approx((b.density, b.recall, b.recall_se), rel=1e-12)
+    assert sorted(weft.plans_from_choices(weft.load_search("tiny", db))) == [0]
+
+
 def test_search_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="target recall"):
         weft.search(tmp_path / "x.safetensors", target_recall=1.5)

@@ -52,6 +52,7 @@ __all__ = [
     "reference_attention",
     "search",
     "load_choices",
+    "load_search",
 ]
 
 
@@ -170,7 +171,9 @@ def reference_attention(
 
 @dataclass(frozen=True)
 class Choice:
-    """The pattern a search chose for one head."""
+    """The pattern a search chose for one head: ``density`` is the exact share of the causal
+    (or, for a bidirectional search, all) pairs it computes; ``recall`` the estimated share of
+    the softmax mass it keeps, with its standard error ``recall_se``."""
 
     layer: int
     head: int
@@ -178,6 +181,8 @@ class Choice:
     pattern: Pattern
     density: float
     recall: float
+    #: Standard error of ``recall`` (0 when every row was measured).
+    recall_se: float = 0.0
 
 
 def _choices(items: list) -> list:
@@ -189,6 +194,7 @@ def _choices(items: list) -> list:
             pattern=Pattern.from_json(json.dumps(c["pattern"])),
             density=c["density"],
             recall=c["recall"],
+            recall_se=c.get("recall_se", 0.0),
         )
         for c in items
     ]
@@ -217,6 +223,14 @@ def load_choices(path: Union[str, PathLike]) -> list:
     """The choices ``weft search --json FILE`` wrote."""
     with open(path) as f:
         return _choices(json.load(f))
+
+
+def load_search(model: str, db: Optional[Union[str, PathLike]] = None) -> list:
+    """The choices ``weft search --model MODEL`` stored in the kernel database ``db``
+    (default: ``$WEFT_DB``, else the per-user cache directory), in (layer, head) order: what
+    :func:`weft.hf.apply` and :func:`plans_from_choices` take. The database is read and
+    released at once, so a running search or autotune is not disturbed."""
+    return _choices(json.loads(_weft.search_results_json(model, None if db is None else str(db))))
 
 
 def plans_from_choices(choices: Sequence[Choice]) -> dict:
