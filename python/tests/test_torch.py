@@ -166,6 +166,35 @@ def test_eager_calls_match_the_registered_op():
     torch.testing.assert_close(direct_lse, op_lse, atol=0, rtol=0)
 
 
+def test_an_lse_nobody_asked_for_goes_to_a_kept_scratch_buffer():
+    wt._lse_scratch.clear()
+    q, k, v = inputs(2, 8, 2, 300, 64, torch.bfloat16, seed=12)
+    want, _ = wt.attention(q, k, v, "causal", return_lse=True)
+    assert not wt._lse_scratch, "a returned LSE is the caller's own tensor"
+    torch.testing.assert_close(wt.attention(q, k, v, "causal"), want, atol=0, rtol=0)
+    bufs = wt._lse_scratch[q.get_device()]
+    assert len(bufs) == 1 and bufs[0].numel() >= 2 * 8 * 300
+    # A larger call adds a larger buffer and keeps the first (a graph may still write it).
+    q2, k2, v2 = inputs(2, 8, 2, 900, 64, torch.bfloat16, seed=13)
+    wt.attention(q2, k2, v2, "causal")
+    assert len(bufs) == 2 and bufs[1].numel() >= 2 * 8 * 900
+    # While capturing, a call the scratch is too small for gets its own LSE from the graph's pool.
+    q3, k3, v3 = inputs(4, 8, 2, 1000, 64, torch.bfloat16, seed=14)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        wt.attention(q3, k3, v3, "causal", return_lse=True)  # plans built outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = wt.attention(q3, k3, v3, "causal")
+    assert len(bufs) == 2
+    out.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, wt.attention(q3, k3, v3, "causal"), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("pattern", ["causal", "causal & (sink(64) | local(64) | vertical_vector(q_block = 128, keep = top_k(100)))"])
 def test_cuda_graph_capture_and_replay(pattern):
     q, k, v = inputs(1, 8, 2, 1024, 128, torch.bfloat16, seed=6)
