@@ -22,6 +22,47 @@ pub const MAX_CONST: i64 = i32::MAX as i64;
 /// Largest token count accepted in a parameter (sink, local, strides, ...).
 pub const MAX_TOKENS: u32 = 1 << 24;
 
+/// Positions and lengths (`q`, `k`, `nq`, `nk`) a predicate must be exact for: below 2^31.
+pub const MAX_POSITION: i128 = 1 << 31;
+/// Heads (`h`) a predicate must be exact for: below 2^16.
+pub const MAX_HEAD: i128 = 1 << 16;
+
+/// The values `e` can take for positions below [`MAX_POSITION`] and heads below [`MAX_HEAD`],
+/// or `None` when some part of it can leave 64-bit integers. Predicates are evaluated in 64-bit
+/// integers (the CPU saturates where the GPU would wrap): refusing expressions that can
+/// overflow is what keeps the two equal on every input.
+pub fn int_range(e: &IntExpr) -> Option<(i128, i128)> {
+    let fits = |(lo, hi): (i128, i128)| (lo >= i64::MIN as i128 && hi <= i64::MAX as i128).then_some((lo, hi));
+    let r = match e {
+        IntExpr::Var(Var::H) => (0, MAX_HEAD - 1),
+        IntExpr::Var(_) => (0, MAX_POSITION - 1),
+        IntExpr::Const(c) => (*c as i128, *c as i128),
+        IntExpr::Neg(a) => {
+            let (lo, hi) = int_range(a)?;
+            (-hi, -lo)
+        }
+        IntExpr::Bin { op, lhs, rhs } => {
+            let ((a, b), (c, d)) = (int_range(lhs)?, int_range(rhs)?);
+            match op {
+                IntOp::Add => (a + c, b + d),
+                IntOp::Sub => (a - d, b - c),
+                IntOp::Mul => {
+                    let p = [a * c, a * d, b * c, b * d];
+                    (*p.iter().min()?, *p.iter().max()?)
+                }
+                // Validation asks for a positive constant divisor: Euclidean division by it is
+                // floor division, and the remainder lies in 0..divisor.
+                IntOp::Div if c > 0 => (a.div_euclid(c), b.div_euclid(c)),
+                IntOp::Rem if c > 0 => (0, d - 1),
+                IntOp::Div | IntOp::Rem => (a.min(0).min(-b.abs()), b.max(0).max(a.abs())),
+                IntOp::Min => (a.min(c), b.min(d)),
+                IntOp::Max => (a.max(c), b.max(d)),
+            }
+        }
+    };
+    fits(r)
+}
+
 struct Ctx {
     errors: Vec<ValidationError>,
 }
@@ -86,12 +127,29 @@ impl Ctx {
         }
     }
 
+    /// The whole comparison side `e` must stay in 64-bit integers (see [`int_range`]); its
+    /// parts were checked by [`Ctx::int`]. One message per expression, naming it.
+    fn no_overflow(&mut self, path: &str, field: &'static str, e: &IntExpr) {
+        if int_range(e).is_none() {
+            self.err(
+                path,
+                field,
+                format!(
+                    "`{e}` can overflow 64-bit integers for positions up to 2^31: predicates are exact 64-bit \
+                     integer arithmetic; use smaller constants or fewer products"
+                ),
+            );
+        }
+    }
+
     fn pred(&mut self, path: &str, field: &'static str, p: &Pred) {
         match p {
             Pred::Const(_) => {}
             Pred::Cmp { lhs, rhs, .. } => {
                 self.int(path, field, lhs);
                 self.int(path, field, rhs);
+                self.no_overflow(path, field, lhs);
+                self.no_overflow(path, field, rhs);
             }
             Pred::And(a, b) | Pred::Or(a, b) => {
                 self.pred(path, field, a);

@@ -173,10 +173,79 @@ proptest! {
     /// Printing then parsing a predicate keeps its IR; evaluation agrees with Rust's own.
     #[test]
     fn predicates_round_trip(src in arb_pred()) {
-        let p = parse(&format!("({src})"));
+        let p = match parse_pattern_str("p", &format!("({src})")) {
+            Ok(p) => p,
+            // Refused because it can overflow (tested below); other errors are failures.
+            Err(e) if e.to_string().contains("can overflow") => return Ok(()),
+            Err(e) => panic!("{src}: {e}"),
+        };
         let printed = p.to_string();
         let again = parse(&format!("({printed})"));
         prop_assert_eq!(&p, &again, "printed as {}", printed);
+    }
+}
+
+/// Exact evaluation in 128 bits: what 64-bit evaluation must equal for an accepted predicate.
+fn exact_int(e: &weft_dsl::IntExpr, env: &weft_dsl::Env) -> i128 {
+    use weft_dsl::{IntExpr, IntOp};
+    match e {
+        IntExpr::Var(v) => i128::from(env.get(*v)),
+        IntExpr::Const(c) => i128::from(*c),
+        IntExpr::Neg(a) => -exact_int(a, env),
+        IntExpr::Bin { op, lhs, rhs } => {
+            let (a, b) = (exact_int(lhs, env), exact_int(rhs, env));
+            match op {
+                IntOp::Add => a + b,
+                IntOp::Sub => a - b,
+                IntOp::Mul => a * b,
+                IntOp::Div => a.div_euclid(b),
+                IntOp::Rem => a.rem_euclid(b),
+                IntOp::Min => a.min(b),
+                IntOp::Max => a.max(b),
+            }
+        }
+    }
+}
+
+fn comparisons(p: &weft_dsl::Pred, out: &mut Vec<(weft_dsl::IntExpr, weft_dsl::IntExpr)>) {
+    use weft_dsl::Pred;
+    match p {
+        Pred::Const(_) => {}
+        Pred::Cmp { lhs, rhs, .. } => out.push((lhs.clone(), rhs.clone())),
+        Pred::And(a, b) | Pred::Or(a, b) => {
+            comparisons(a, out);
+            comparisons(b, out);
+        }
+        Pred::Not(a) => comparisons(a, out),
+    }
+}
+
+#[test]
+fn predicates_that_can_overflow_are_refused() {
+    for src in ["q * 2147483647 * 2147483647 > k", "q * k * nq < 5", "(k * 2147483647 + q * 2147483647) * 2 > 0"] {
+        let e = parse_pattern_str("x", &format!("({src})")).unwrap_err().to_string();
+        assert!(e.contains("can overflow 64-bit integers"), "{src}: {e}");
+    }
+    for src in ["q * 2147483647 > k", "q * k < nq * nk", "-(q * 2147483647) <= k - 2147483647"] {
+        assert!(parse_pattern_str("x", &format!("({src})")).is_ok(), "{src}");
+    }
+}
+
+proptest! {
+    /// Every accepted predicate is exact in 64 bits at any position below 2^31: the CPU's
+    /// saturating evaluation never saturates, so it equals the GPU's wrapping one.
+    #[test]
+    fn accepted_predicates_never_overflow(src in arb_pred(), q in 0i64..(1 << 31), k in 0i64..(1 << 31),
+            nq in 0i64..(1 << 31), nk in 0i64..(1 << 31), h in 0i64..(1 << 16)) {
+        let Ok(p) = parse_pattern_str("p", &format!("({src})")) else { return Ok(()) };
+        let PatternExpr::Static(pred) = &p.expr else { return Ok(()) };
+        let env = weft_dsl::Env { q, k, h, nq, nk };
+        let mut sides = Vec::new();
+        comparisons(pred, &mut sides);
+        for (a, b) in sides {
+            prop_assert_eq!(i128::from(a.eval(&env)), exact_int(&a, &env), "{}", a);
+            prop_assert_eq!(i128::from(b.eval(&env)), exact_int(&b, &env), "{}", b);
+        }
     }
 }
 
