@@ -1,6 +1,7 @@
 //! The tuner on the GPU, end to end: a tune whose winner is verified and stored, loaded by a
-//! cold process from the database (no NVRTC), and a tuner killed with SIGKILL mid-tune that
-//! leaves a database with every finished record intact.
+//! cold process from the database (no NVRTC), eight such processes loading while a tune
+//! writes, and a tuner killed with SIGKILL mid-tune that leaves a database with every
+//! finished record intact.
 //!
 //! Child processes are this test binary re-run with an environment variable set (as in
 //! `cache/tests/kill.rs`). Built with `--features gpu`; run on the GPU machine by
@@ -109,6 +110,43 @@ fn tune_then_a_cold_process_loads_the_winner() {
         assert!(lines[0].contains("source=Database") && lines[0].contains("tuned=true"), "{}", lines[0]);
         assert!(lines[0].contains("outputs_ok=true"), "{}", lines[0]);
     }
+}
+
+/// Eight processes open the runtime on one database and load a tuned kernel from it while
+/// this process tunes another bucket into the same database: every process gets its kernel
+/// from the database, and the database verifies clean afterwards.
+#[test]
+fn eight_processes_load_kernels_while_a_tune_writes() {
+    if std::env::var_os("WEFT_COLD_LOAD").is_some() || std::env::var_os("WEFT_TUNE_CHILD").is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = pattern();
+    let gpu = Gpu::open(0).expect("a GPU");
+    let db = weft_cache::Db::open(dir.path()).unwrap();
+    tune(&gpu, Some(&db), &request(&p, 2048), &|_| {}).unwrap();
+    let children: Vec<_> = (0..8).map(|_| child("cold_loader", "WEFT_COLD_LOAD", dir.path())).collect();
+    // Meanwhile: a tune of another bucket, writing its records one at a time.
+    let r = tune(&gpu, Some(&db), &request(&p, 4096), &|_| {}).unwrap();
+    let mut loaded = 0;
+    for mut c in children {
+        let out = BufReader::new(c.stdout.take().unwrap());
+        let lines: Vec<String> =
+            out.lines().map_while(Result::ok).filter_map(|l| l.find("loaded ").map(|i| l[i..].to_string())).collect();
+        assert!(c.wait().unwrap().success(), "a loading process failed");
+        assert_eq!(lines.len(), 1, "one launch expected: {lines:?}");
+        assert!(lines[0].contains("source=Database") && lines[0].contains("tuned=true"), "{}", lines[0]);
+        assert!(lines[0].contains("outputs_ok=true"), "{}", lines[0]);
+        loaded += 1;
+    }
+    let v = db.verify(None).unwrap();
+    println!(
+        "ok   8 processes loaded the tuned kernel from the database while a tune of {} configs wrote to it; {} entries verified, none corrupt",
+        r.timings.len(),
+        v.checked
+    );
+    assert_eq!(loaded, 8);
+    assert!(v.corrupt.is_empty(), "{:?}", v.corrupt);
 }
 
 /// Child: tunes one bucket after another, saying after each that its records are stored.

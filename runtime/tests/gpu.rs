@@ -28,6 +28,12 @@ fn families() -> Vec<Pattern> {
         Pattern::new("dense", full()),
         Pattern::new("causal", causal()),
         Pattern::new("documents", causal() & pred((q() / 300).eq(k() / 300).or(k().lt(lit(4))))),
+        // Products past 32 bits (q x (2^31 - 1) ~ 2^41): predicates are exact 64-bit integers
+        // on both sides, and validation refuses any that could leave 64 bits.
+        Pattern::new(
+            "wide_ints",
+            causal() & pred(((q() * lit(2147483647)) % 1000003).lt(lit(600000)).or(k().lt(lit(4)))),
+        ),
         Pattern::new("sliding_window", window(200) | sink(8)),
         Pattern::new("block_topk", causal() & block().keep(top_k(5))),
         Pattern::new(
