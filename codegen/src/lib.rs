@@ -473,16 +473,19 @@ fn prelude(masks: &[Pred], permutation: Option<Permutation>, dtype: DType) -> St
 }
 
 /// The kernel key (a hash of everything the source depends on) and the source header.
+/// `templates`: the templates the source is made from.
 fn key_and_header(
     kind: &str,
+    templates: &[&str],
     pattern: Option<&Pattern>,
     config: &str,
     masks: &[Pred],
     permutation: Option<Permutation>,
 ) -> (String, String) {
-    // The templates' text is part of the key too, so an edited template can never load a
-    // kernel stored from the old one, even where CODEGEN_VERSION was not bumped.
-    let templates = blake3::hash([PRELUDE, ATTENTION, DECODE, MERGE, VV_INDEX, VS_INDEX, WGMMA].concat().as_bytes());
+    // The text of the templates this kernel is made from is part of the key too, so an edited
+    // template can never load a kernel stored from the old one, even where CODEGEN_VERSION was
+    // not bumped; and editing one leaves the keys of kernels made without it alone.
+    let templates = blake3::hash(templates.concat().as_bytes());
     let mut key_input = format!("weft-codegen/{CODEGEN_VERSION}\ntemplates {templates}\n{kind}\n{config}\n");
     if let Some(p) = pattern {
         let _ = writeln!(key_input, "{}", p.hash());
@@ -518,7 +521,14 @@ pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
     })?;
     let gathers = gathers_columns(&spec.pattern.expr);
     let config = format!("{c} threads={} shared_bytes={}", c.threads(), c.shared_bytes());
-    let (key, header) = key_and_header("attention", Some(spec.pattern), &config, spec.masks, spec.permutation);
+    let (key, header) = key_and_header(
+        "attention",
+        &[PRELUDE, ATTENTION, WGMMA],
+        Some(spec.pattern),
+        &config,
+        spec.masks,
+        spec.permutation,
+    );
     let name = format!("weft_attn_{}", &key[..16]);
     let source = ATTENTION
         .replace("{{HEADER}}", &header)
@@ -600,7 +610,8 @@ pub fn emit_decode(spec: &DecodeSpec<'_>) -> Result<Kernel, Error> {
         spec.head_dim,
         spec.dtype.name()
     );
-    let (key, header) = key_and_header("decode", Some(spec.pattern), &config, spec.masks, spec.permutation);
+    let (key, header) =
+        key_and_header("decode", &[PRELUDE, DECODE], Some(spec.pattern), &config, spec.masks, spec.permutation);
     let name = format!("weft_decode_{}", &key[..16]);
     let source = DECODE
         .replace("{{HEADER}}", &header)
@@ -635,7 +646,7 @@ pub const MERGE_THREADS: u32 = 128;
 pub fn emit_merge(head_dim: u32, dtype: DType, partial: Partial) -> Result<Kernel, Error> {
     check_head_dim(head_dim)?;
     let config = format!("merge head_dim={head_dim} dtype={} partial={partial:?}", dtype.name());
-    let (key, header) = key_and_header("merge", None, &config, &[], None);
+    let (key, header) = key_and_header("merge", &[PRELUDE, MERGE], None, &config, &[], None);
     let name = format!("weft_merge_{}", &key[..16]);
     let (part_t, load) = match partial {
         Partial::F32 => ("float", "    return parts[i];"),
@@ -746,7 +757,7 @@ pub fn emit_vv_index(head_dim: u32) -> Result<Kernel, Error> {
 fn generate_vv_index(head_dim: u32) -> Kernel {
     use weft_patterns::repro;
     let config = format!("vv-index head_dim={head_dim} dtype=bf16");
-    let (key, header) = key_and_header("vv-index", None, &config, &[], None);
+    let (key, header) = key_and_header("vv-index", &[PRELUDE, VV_INDEX, VS_INDEX], None, &config, &[], None);
     let name = format!("weft_vvix_{}", &key[..16]);
     let bits = |x: f64| format!("{:#018x}LL", x.to_bits());
     let coef: Vec<String> = repro::EXP_COEF.iter().map(|c| bits(*c)).collect();
@@ -784,13 +795,8 @@ pub fn emit_wgmma_probe(head_dim: u32) -> Result<Kernel, Error> {
         return Err(Error::Config(format!("the wgmma probe takes head_dim 64 or 128, got {head_dim}")));
     }
     let keys = WGMMA_PROBE_KEYS;
-    // The probe's template is not among the ones every kernel key covers (only the attention
-    // kernels' helpers are), so its hash goes into this key.
-    let config = format!(
-        "wgmma-probe head_dim={head_dim} keys={keys} template={}",
-        blake3::hash([HOPPER, WGMMA].concat().as_bytes())
-    );
-    let (key, header) = key_and_header("wgmma-probe", None, &config, &[], None);
+    let config = format!("wgmma-probe head_dim={head_dim} keys={keys}");
+    let (key, header) = key_and_header("wgmma-probe", &[PRELUDE, HOPPER, WGMMA], None, &config, &[], None);
     let name = format!("weft_wgmma_{}", &key[..16]);
     let source = HOPPER
         .replace("{{HEADER}}", &header)

@@ -215,7 +215,7 @@ __device__ __forceinline__ void score_tile_out(
     // in a bit mask (bit 2 j + e); the quad counts them, one lane reserves their slots with one
     // atomic, and each lane writes its own after its quad neighbours'. No shared-memory atomics
     // and no barrier: the counting with both in shared memory, and its divergent branches, were
-    // most of this kernel's instructions (Nsight Compute, tenth session). With a 3-10% budget
+    // most of this kernel's instructions (measured with Nsight Compute). With a 3-10% budget
     // most warps find no candidate in a tile and skip everything after the marking.
     constexpr u32 FULL = 0xffffffffu;
     const int quad = lane % 4;
@@ -1174,7 +1174,7 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_scan(const u32* __re
 // group. The four lanes of a quad hold the four accumulators (lane j: dimensions d = j mod 4)
 // of the same 8 groups x 8 key blocks, and combine them at the end by two shuffles in the
 // CPU's order, (a0 + a1) + (a2 + a3): 64 multiply-adds per 16 shared-memory reads. At 64k
-// (H200, tenth session): 0.30 ms with a thread holding all four accumulators of 4 x 4 pairs
+// (H200): 0.30 ms with a thread holding all four accumulators of 4 x 4 pairs
 // (16 per 8 reads), 0.184 with the register prefetch below, 0.186 in quads (the FP64 pipe
 // about 40% busy, 8 warps per SM); quads of 4 x 8 pairs at two CTAs per SM took 0.219.
 extern "C" __global__ void __launch_bounds__(256) {{NAME}}_block_scores(
