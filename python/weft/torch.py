@@ -118,7 +118,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.get_device() == k.get_device() == v.get_device()) or q.is_meta != k.is_meta or q.is_meta != v.is_meta:
+    # Each is on CUDA or meta (above); get_device() is the CUDA index, or -1 for meta.
+    if not (q.get_device() == k.get_device() == v.get_device()):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     b, h, n, d = q.shape
     if k.shape != v.shape:
