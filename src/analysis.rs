@@ -164,15 +164,39 @@ pub fn invalid_json(pattern: &Pattern, error: &weft_dsl::Error) -> serde_json::V
 
 /// A pattern from a file, a built-in name, or DSL text, as every command and the Python
 /// package accept it; DSL text is named `text_name`.
+///
+/// A built-in name wins over a file of the same name in the working directory (write the
+/// file as a path, `./causal`, to read it); an argument that looks like a path (it ends in
+/// `.toml` or `.json`, or holds a `/` and no DSL operator or space) must name a readable
+/// regular file, and the error says what it names instead.
 pub fn load_pattern(arg: &str, text_name: &str) -> Result<Pattern, Error> {
     let path = Path::new(arg);
-    if path.is_file() {
-        return Ok(weft_dsl::load_pattern_file(path)?);
-    }
-    if let Some(p) = catalog::builtin(arg) {
-        return Ok(p);
-    }
     let looks_like_text = arg.contains(['(', '&', '|', ' ', '<', '>', '=']) || arg == "causal" || arg == "full";
+    let as_path = arg.ends_with(".toml") || arg.ends_with(".json") || (arg.contains('/') && !looks_like_text);
+    if !as_path {
+        if let Some(p) = catalog::builtin(arg) {
+            return Ok(p);
+        }
+    }
+    // `metadata` follows links: a loop or a dangling link is an error here.
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => return Ok(weft_dsl::load_pattern_file(path)?),
+        Ok(m) if m.is_dir() => {
+            return Err(Error::Usage(format!("`{arg}` is a directory, not a pattern file (.toml or .json)")))
+        }
+        Ok(_) => {
+            return Err(Error::Usage(format!(
+                "`{arg}` is not a regular file (a FIFO, socket or device), so it is not read as a pattern file"
+            )))
+        }
+        Err(e) if as_path => {
+            return Err(Error::Usage(match e.kind() {
+                std::io::ErrorKind::NotFound => format!("pattern file `{arg}` does not exist"),
+                _ => format!("cannot read pattern file `{arg}`: {e}"),
+            }))
+        }
+        Err(_) => {}
+    }
     if looks_like_text {
         return Ok(weft_dsl::parse_pattern_str(text_name, arg)?);
     }

@@ -54,12 +54,36 @@ fn tensor(st: &SafeTensors<'_>, path: &str, name: &str) -> Result<Tensor, QkErro
     Ok(t)
 }
 
+/// What is wrong with a file safetensors refused, as a sentence (its errors name variants).
+fn describe(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => "it is shorter than the 8-byte header length safetensors files begin with".into(),
+        E::HeaderTooLarge => "its first 8 bytes announce a header larger than safetensors allows (100 MB)".into(),
+        E::InvalidHeaderLength => "its first 8 bytes announce a header longer than the file".into(),
+        E::InvalidHeader => "its header is not UTF-8 text".into(),
+        E::InvalidHeaderStart => "its header does not start with `{` (not a JSON object)".into(),
+        E::InvalidHeaderDeserialization => {
+            "its header is not the JSON safetensors expects ({name: {dtype, shape, data_offsets}})".into()
+        }
+        E::InvalidOffset(name) => {
+            format!(
+                "tensor `{name}`'s data offsets do not fit the file or its dtype and shape (cut short, or overlapping)"
+            )
+        }
+        E::TensorInvalidInfo => "a tensor's dtype, shape and byte length disagree".into(),
+        E::MetadataIncompleteBuffer => "its tensors do not cover the data that follows the header".into(),
+        E::ValidationOverflow => "a tensor's shape overflows when multiplied out".into(),
+        other => other.to_string(),
+    }
+}
+
 /// Reads Q and K (of `layer`, when given) from a safetensors file.
 pub fn load(path: &Path, layer: Option<usize>) -> Result<(Tensor, Tensor), QkError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| QkError::Io { path: p.clone(), source })?;
     let st =
-        SafeTensors::deserialize(&bytes).map_err(|e| QkError::Format { path: p.clone(), message: e.to_string() })?;
+        SafeTensors::deserialize(&bytes).map_err(|e| QkError::Format { path: p.clone(), message: describe(&e) })?;
     let (qn, kn) = match layer {
         Some(l) => (format!("layers.{l}.q"), format!("layers.{l}.k")),
         None => ("q".to_string(), "k".to_string()),
@@ -83,7 +107,7 @@ pub fn layers(path: &Path) -> Result<Vec<Option<usize>>, QkError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| QkError::Io { path: p.clone(), source })?;
     let (_, meta) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| QkError::Format { path: p.clone(), message: e.to_string() })?;
+        SafeTensors::read_metadata(&bytes).map_err(|e| QkError::Format { path: p.clone(), message: describe(&e) })?;
     let mut found = Vec::new();
     for name in meta.tensors().keys() {
         let Some(l) = name.strip_prefix("layers.").and_then(|n| n.strip_suffix(".q")) else { continue };

@@ -504,3 +504,58 @@ fn a_wrong_library_under_the_cuda_names_is_an_error_not_a_crash() {
         .failure()
         .stderr(predicate::str::contains("it is not the NVIDIA driver's library").and(no_panic()));
 }
+
+/// Each bad input says what it is and what to do.
+#[test]
+fn bad_inputs_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fails = |args: &[&str], what: &str| {
+        weft().args(args).current_dir(d).assert().failure().stderr(predicate::str::contains(what).and(no_panic()));
+    };
+    // Paths given as patterns: a directory, a missing file, a symlink loop, a FIFO.
+    std::fs::create_dir(d.join("dir")).unwrap();
+    fails(&["explain", "./dir"], "is a directory, not a pattern file");
+    fails(&["explain", "missing.toml"], "pattern file `missing.toml` does not exist");
+    std::os::unix::fs::symlink(d.join("l1"), d.join("l2")).unwrap();
+    std::os::unix::fs::symlink(d.join("l2"), d.join("l1")).unwrap();
+    fails(&["explain", "./l1"], "cannot read pattern file `./l1`");
+    let fifo = d.join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    fails(&["explain", "./fifo"], "not a regular file");
+    // A file named like a built-in: the built-in wins; written as a path, the file is read.
+    std::fs::write(d.join("causal"), "name = \"mine\"\npattern = \"full\"\n").unwrap();
+    weft()
+        .args(["explain", "causal"])
+        .current_dir(d)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("pattern   causal"));
+    weft().args(["explain", "./causal"]).current_dir(d).assert().success().stdout(predicate::str::contains("mine"));
+    // Budgets.
+    fails(&["explain", "block(keep = top_k(1.5))"], "n must be a positive integer");
+    fails(&["explain", "block(keep = top_k(-1))"], "n must be a positive integer, got -1");
+    // --db naming a file.
+    std::fs::write(d.join("afile"), "x").unwrap();
+    fails(&["cache", "ls", "--db", "afile"], "is a file, not a kernel database");
+    // Safetensors files that are not.
+    std::fs::write(d.join("short.safetensors"), "{}").unwrap();
+    fails(&["search", "--qk", "short.safetensors", "--no-db"], "shorter than the 8-byte header length");
+    let mut header = 7u64.to_le_bytes().to_vec();
+    header.extend_from_slice(b"{\"a\": 1");
+    std::fs::write(d.join("json.safetensors"), header).unwrap();
+    fails(&["search", "--qk", "json.safetensors", "--no-db"], "header is not the JSON safetensors expects");
+    // An import of values that are not records: counted and refused, each with its reason.
+    std::fs::write(
+        d.join("import.json"),
+        r#"[{"tree": "search", "key": "a", "value": null}, {"tree": "search", "key": "b", "value": "text"},
+            {"tree": "nope", "key": "c", "value": 1}]"#,
+    )
+    .unwrap();
+    weft()
+        .args(["cache", "import", "--db", "db", "import.json"])
+        .current_dir(d)
+        .assert()
+        .failure()
+        .stdout(predicate::str::contains("imported 0 entries").and(predicate::str::contains("rejected 3")));
+}

@@ -229,6 +229,14 @@ pub struct Entry {
     pub value: serde_json::Value,
 }
 
+/// What [`Db::import`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ImportReport {
+    pub imported: usize,
+    /// (tree/key, why) of each entry not imported.
+    pub rejected: Vec<(String, String)>,
+}
+
 /// What [`Db::verify`] found.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Verification {
@@ -286,6 +294,12 @@ impl Db {
     /// [`Db::open`] with an explicit wait for a database another process holds.
     pub fn open_with_timeout(path: &Path, timeout: Duration) -> Result<Db, Error> {
         let p = path.display().to_string();
+        if path.exists() && !path.is_dir() {
+            return Err(Error::Format(format!(
+                "{p} is a file, not a kernel database: a database is a directory (give --db or WEFT_DB a directory \
+                 path; it is created if missing)"
+            )));
+        }
         std::fs::create_dir_all(path).map_err(|source| Error::Io { path: p.clone(), source })?;
         let db = Db { path: path.to_path_buf(), turn: Mutex::new(()), timeout };
         db.with(|_| Ok(()))?;
@@ -523,14 +537,28 @@ impl Db {
         })
     }
 
-    /// Adds exported entries (overwriting equal keys); returns how many. Written in batches
-    /// of [`IMPORT_BATCH`], each its own operation, so that other processes are not kept
-    /// waiting through a large import.
-    pub fn import(&self, entries: &[Entry]) -> Result<usize, Error> {
-        if let Some(e) = entries.iter().find(|e| !TREES.contains(&e.tree.as_str())) {
-            return Err(Error::Format(format!("unknown tree `{}` in the import; expected one of {TREES:?}", e.tree)));
+    /// Adds exported entries (overwriting equal keys). Each is checked first: a known tree,
+    /// and a value that decodes as that tree's record in this schema; the others are
+    /// rejected, with the reason, and not written. Written in batches of [`IMPORT_BATCH`],
+    /// each its own operation, so that other processes are not kept waiting through a large
+    /// import.
+    pub fn import(&self, entries: &[Entry]) -> Result<ImportReport, Error> {
+        let mut report = ImportReport::default();
+        let mut good = Vec::with_capacity(entries.len());
+        for e in entries {
+            let bytes = serde_json::to_vec(&e.value).map_err(|err| Error::Format(err.to_string()))?;
+            let problem = match e.tree.as_str() {
+                "kernels" => check::<KernelRecord>(&bytes),
+                "tuning" => check::<TuneRecord>(&bytes),
+                "search" => check::<SearchRecord>(&bytes),
+                other => Some(format!("unknown tree `{other}`; expected one of {TREES:?}")),
+            };
+            match problem {
+                Some(why) => report.rejected.push((format!("{}/{}", e.tree, e.key), why)),
+                None => good.push(e),
+            }
         }
-        for batch in entries.chunks(IMPORT_BATCH) {
+        for batch in good.chunks(IMPORT_BATCH) {
             self.with(|db| {
                 for e in batch {
                     let bytes = serde_json::to_vec(&e.value).map_err(|err| Error::Format(err.to_string()))?;
@@ -539,8 +567,9 @@ impl Db {
                 db.flush().map_err(|e| self.err(e))?;
                 Ok(())
             })?;
+            report.imported += batch.len();
         }
-        Ok(entries.len())
+        Ok(report)
     }
 
     /// Removes every entry; returns how many.
@@ -595,13 +624,20 @@ struct SchemaOnly {
     schema: u32,
 }
 
+/// What is wrong with a stored value, if anything (at most [`MAX_REASON`] characters: a
+/// decoding error may quote the value, which can be megabytes).
 fn check<T: DeserializeOwned>(bytes: &[u8]) -> Option<String> {
-    match serde_json::from_slice::<SchemaOnly>(bytes) {
-        Err(e) => return Some(e.to_string()),
-        Ok(s) if s.schema != SCHEMA_VERSION => {
-            return Some(format!("schema {} (this weft reads {SCHEMA_VERSION})", s.schema))
-        }
-        Ok(_) => {}
+    let why = match serde_json::from_slice::<SchemaOnly>(bytes) {
+        Err(e) => Some(e.to_string()),
+        Ok(s) if s.schema != SCHEMA_VERSION => Some(format!("schema {} (this weft reads {SCHEMA_VERSION})", s.schema)),
+        Ok(_) => serde_json::from_slice::<Envelope<T>>(bytes).err().map(|e| e.to_string()),
+    }?;
+    if why.chars().count() <= MAX_REASON {
+        return Some(why);
     }
-    serde_json::from_slice::<Envelope<T>>(bytes).err().map(|e| e.to_string())
+    let cut: String = why.chars().take(MAX_REASON).collect();
+    Some(format!("{cut}... ({} bytes of message cut; the value is {} bytes)", why.len() - cut.len(), bytes.len()))
 }
+
+/// The longest reason [`check`] gives.
+const MAX_REASON: usize = 300;

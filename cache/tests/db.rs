@@ -113,27 +113,51 @@ fn export_import_and_clear() {
     let json = serde_json::to_string(&exported).unwrap();
     let dst = Db::open(b.path()).unwrap();
     let back: Vec<Entry> = serde_json::from_str(&json).unwrap();
-    assert_eq!(dst.import(&back).unwrap(), 2);
+    assert_eq!(dst.import(&back).unwrap(), ImportReport { imported: 2, rejected: vec![] });
     assert_eq!(dst.entries().unwrap(), exported);
     assert_eq!(
         dst.tuning(&tune_key(tc, None)).unwrap().unwrap(),
         src.tuning(&tune_key(toolchain("NVIDIA H200", 580), None)).unwrap().unwrap()
     );
-    let bad = vec![Entry { tree: "nope".into(), key: "x".into(), value: serde_json::json!(1) }];
-    assert!(dst.import(&bad).unwrap_err().to_string().contains("unknown tree `nope`"));
-    assert_eq!(dst.clear().unwrap(), 2);
+    // Unknown trees and values that are not records are rejected with the reason, the rest kept.
+    let huge = "x".repeat(1 << 20);
+    let bad = vec![
+        Entry { tree: "nope".into(), key: "x".into(), value: serde_json::json!(1) },
+        Entry { tree: "search".into(), key: "null".into(), value: serde_json::Value::Null },
+        Entry { tree: "tuning".into(), key: "huge".into(), value: serde_json::json!({"schema": 1, "value": huge}) },
+        Entry {
+            tree: "search".into(),
+            key: "ok".into(),
+            value: serde_json::json!({"schema": 1, "value": {"pattern": null, "recall": 1.0, "density": 1.0, "created": 0}}),
+        },
+    ];
+    let r = dst.import(&bad).unwrap();
+    assert_eq!(r.imported, 1);
+    let reasons: Vec<&str> = r
+        .rejected
+        .iter()
+        .map(|(k, why)| {
+            assert!(why.len() < 500, "{k}: a reason of {} bytes", why.len());
+            k.as_str()
+        })
+        .collect();
+    assert_eq!(reasons, ["nope/x", "search/null", "tuning/huge"]);
+    assert!(r.rejected[0].1.contains("unknown tree `nope`"));
+    assert_eq!(dst.clear().unwrap(), 3);
     assert!(dst.entries().unwrap().is_empty());
 }
 
 #[test]
 fn undecodable_and_old_schema_entries_are_reported() {
     let dir = tempfile::tempdir().unwrap();
+    // Written past the import's checks, as damage or an older weft would leave them.
+    {
+        let raw = sled::open(dir.path()).unwrap();
+        raw.open_tree("tuning").unwrap().insert("garbage", br#"{"schema": 1, "value": 5}"#.to_vec()).unwrap();
+        raw.open_tree("search").unwrap().insert("future", br#"{"schema": 99, "value": {}}"#.to_vec()).unwrap();
+        raw.flush().unwrap();
+    }
     let db = Db::open(dir.path()).unwrap();
-    db.import(&[
-        Entry { tree: "tuning".into(), key: "garbage".into(), value: serde_json::json!({"schema": 1, "value": 5}) },
-        Entry { tree: "search".into(), key: "future".into(), value: serde_json::json!({"schema": 99, "value": {}}) },
-    ])
-    .unwrap();
     let v = db.verify(None).unwrap();
     assert_eq!(v.corrupt.len(), 2, "{v:?}");
     assert!(v.corrupt.iter().any(|c| c.2.contains("schema 99")));

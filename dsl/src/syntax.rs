@@ -212,7 +212,23 @@ fn budget(e: &Expr) -> Result<Budget> {
     let bad = || syn::Error::new(e.span(), "expected a budget: top_k(n), top_p(p) or threshold(t)");
     let c = call_of(e).ok_or_else(bad)?;
     Ok(match c.name.as_str() {
-        "top_k" => Budget::TopK(lit_u32(one_arg(&c, "count")?, "top_k")?),
+        "top_k" => {
+            let n = one_arg(&c, "count")?;
+            let positive =
+                |got: String| syn::Error::new(n.span(), format!("`top_k(n)`: n must be a positive integer, got {got}"));
+            match int_lit(n, "top_k") {
+                Ok(v) if v >= 1 => Budget::TopK(u32::try_from(v).map_err(|_| {
+                    syn::Error::new(
+                        n.span(),
+                        format!("`top_k(n)`: n must be at most {}, got {v}", crate::validate::MAX_TOKENS),
+                    )
+                })?),
+                Ok(v) => return Err(positive(v.to_string())),
+                Err(e) => {
+                    return Err(syn::Error::new(n.span(), format!("`top_k(n)`: n must be a positive integer; {e}")))
+                }
+            }
+        }
         "top_p" => Budget::TopP(lit_f64(one_arg(&c, "mass")?, "top_p")?),
         "threshold" => Budget::Threshold(lit_f64(one_arg(&c, "threshold")?, "threshold")?),
         _ => return Err(bad()),
@@ -501,18 +517,21 @@ fn family(c: &Call<'_>, place: Place) -> Result<PatternExpr> {
         "block" => {
             c.check(&["block_q", "block_k", "keep"], 0)?;
             let d = Block::default();
-            let keep = match c.get("keep") {
-                None => d.keep,
-                Some(e) => match call_of(e) {
-                    Some(k) if k.name == "blocks" => BlockKeep::Where(predicate(one_arg(&k, "block predicate")?)?),
-                    _ => BlockKeep::Budget(budget(e).map_err(|_| {
-                        syn::Error::new(
+            let keep =
+                match c.get("keep") {
+                    None => d.keep,
+                    Some(e) => match call_of(e) {
+                        Some(k) if k.name == "blocks" => BlockKeep::Where(predicate(one_arg(&k, "block predicate")?)?),
+                        // A budget's own errors say what is wrong with its argument.
+                        Some(k) if ["top_k", "top_p", "threshold"].contains(&k.name.as_str()) => {
+                            BlockKeep::Budget(budget(e)?)
+                        }
+                        _ => return err(
                             e.span(),
                             "expected top_k(n), top_p(p), threshold(t) or blocks(predicate over block indices q, k)",
-                        )
-                    })?),
-                },
-            };
+                        ),
+                    },
+                };
             PatternExpr::Block(Block {
                 block_q: c.u32_or("block_q", d.block_q)?,
                 block_k: c.u32_or("block_k", d.block_k)?,

@@ -77,7 +77,22 @@ pub(crate) fn cache(db: Option<PathBuf>, action: CacheAction) -> Result<()> {
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let entries: Vec<Entry> = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a `weft cache export --json` file", file.display()))?;
-            println!("imported {} entries into {}", db.import(&entries)?, path.display());
+            let report = db.import(&entries)?;
+            println!(
+                "imported {} entries into {}, rejected {}",
+                report.imported,
+                path.display(),
+                report.rejected.len()
+            );
+            for (key, why) in report.rejected.iter().take(20) {
+                println!("rejected {key}: {why}");
+            }
+            if report.rejected.len() > 20 {
+                println!("... and {} more rejected", report.rejected.len() - 20);
+            }
+            if !report.rejected.is_empty() {
+                bail!("{} of {} entries were not imported (see above)", report.rejected.len(), entries.len());
+            }
         }
         CacheAction::Verify => {
             let current = weft::runtime::Gpu::open(0).ok().and_then(|g| g.toolchain().ok());
