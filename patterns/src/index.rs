@@ -379,9 +379,34 @@ impl Resolved {
                     }
                     out
                 };
-                let mut cands: Vec<u32> = sels.iter().flat_map(|s| s.columns_for_row(q0).iter().copied()).collect();
-                cands.sort_unstable();
-                cands.dedup();
+                // One selection's columns are already ascending: read in place (a grid of
+                // stride 1 chooses every key of every row).
+                let merged: Vec<u32>;
+                let cands: &[u32] = match sels.as_slice() {
+                    [one] if one.columns_for_row(q0).is_sorted_by(|a, b| a < b) => one.columns_for_row(q0),
+                    _ => {
+                        let mut all: Vec<u32> =
+                            sels.iter().flat_map(|s| s.columns_for_row(q0).iter().copied()).collect();
+                        all.sort_unstable();
+                        all.dedup();
+                        merged = all;
+                        &merged
+                    }
+                };
+                // Full block entries before each position of `blocks`: a key range wholly inside
+                // full blocks adds no column.
+                let full_before: Vec<usize> = std::iter::once(0)
+                    .chain(blocks.iter().scan(0, |n, (_, e)| {
+                        *n += usize::from(*e == Entry::Full);
+                        Some(*n)
+                    }))
+                    .collect();
+                let all_full = |k0: usize, k1: usize| {
+                    let (b0, b1) = (k0 / bn, k1.div_ceil(bn));
+                    let i0 = blocks.partition_point(|e| (e.0 as usize) < b0);
+                    let i1 = blocks.partition_point(|e| (e.0 as usize) < b1);
+                    k0 % bn == 0 && (k1 % bn == 0 || k1 == self.nk) && full_before[i1] - full_before[i0] == b1 - b0
+                };
                 // A column inside a masked block entry whose mask never reads the key ends
                 // the same way in every such block of this row: settled once per mask.
                 let mut settled: Vec<(Pred, Option<Entry>)> = Vec::new();
@@ -424,6 +449,9 @@ impl Resolved {
                                 continue;
                             }
                             if i1 - i0 > 2 && k1 - k0 > 1 {
+                                if all_full(k0, k1) {
+                                    continue;
+                                }
                                 match cov(all, &self.region(h, q0, q1, k0, k1), Some(k0)) {
                                     Cov::None => continue,
                                     Cov::All => {
@@ -432,7 +460,12 @@ impl Resolved {
                                     }
                                     Cov::Mask(_) => {}
                                 }
-                                let mid = (k0 + k1) / 2;
+                                // Halves split at a block boundary where one lies inside, so
+                                // that runs of full blocks are skipped whole.
+                                let mid = match (k0 + k1) / 2 / bn * bn {
+                                    m if m > k0 => m,
+                                    _ => (k0 + k1) / 2,
+                                };
                                 let im = i0 + cands[i0..i1].partition_point(|&c| (c as usize) < mid);
                                 stack.push((im, i1, mid, k1));
                                 stack.push((i0, im, k0, mid));
@@ -442,7 +475,7 @@ impl Resolved {
                         }
                         out
                     }
-                    None => cands.into_iter().filter_map(|c| col_entry(c, None)).collect(),
+                    None => cands.iter().filter_map(|&c| col_entry(c, None)).collect(),
                 };
                 (blocks, cols)
             })

@@ -44,6 +44,15 @@ pub fn quantize(row: &[f32], bits: u32) -> Vec<f32> {
 /// cluster), empty clusters keep their centroid. Returns (assignment per key, centroids).
 pub fn clusters(k: &Tensor, head: usize, size: usize) -> (Vec<usize>, Vec<Vec<f64>>) {
     let nk = k.tokens;
+    if size <= 1 && nk > 0 {
+        return singletons(k, head);
+    }
+    lloyd(k, head, size)
+}
+
+/// [`clusters`] by its definition.
+fn lloyd(k: &Tensor, head: usize, size: usize) -> (Vec<usize>, Vec<Vec<f64>>) {
+    let nk = k.tokens;
     let n = nk.div_ceil(size.max(1)).max(1);
     let mut cent: Vec<Vec<f64>> =
         (0..n).map(|c| k.row(head, c * nk / n).iter().map(|x| f64::from(*x)).collect()).collect();
@@ -74,6 +83,20 @@ pub fn clusters(k: &Tensor, head: usize, size: usize) -> (Vec<usize>, Vec<Vec<f6
             }
         }
     }
+    (assign, cent)
+}
+
+/// [`clusters`] of size 1 without its quadratic steps, with the same result: every key starts
+/// as its own centroid, so each key is nearest (distance 0) to the first key equal to it, and
+/// those centroids never move.
+fn singletons(k: &Tensor, head: usize) -> (Vec<usize>, Vec<Vec<f64>>) {
+    let nk = k.tokens;
+    let mut first: std::collections::HashMap<Vec<u32>, usize> = std::collections::HashMap::new();
+    // Equal values, equal bits: -0.0 is counted as 0.0 (adding 0.0 turns it into 0.0).
+    let assign = (0..nk)
+        .map(|t| *first.entry(k.row(head, t).iter().map(|x| (x + 0.0).to_bits()).collect()).or_insert(t))
+        .collect();
+    let cent = (0..nk).map(|t| k.row(head, t).iter().map(|x| f64::from(*x)).collect()).collect();
     (assign, cent)
 }
 
@@ -183,4 +206,24 @@ pub(crate) fn select_head(r: &Retrieval, inp: &HeadInputs<'_>, _ctx: &Pred) -> C
         })
         .collect();
     ColSel { bq: 1, cols }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn singleton_clusters_equal_their_definition() {
+        let mut k = Tensor::random(2, 300, 8, 3);
+        // Duplicate keys (the later ones join the first) and a negative zero.
+        for t in [40usize, 41, 299] {
+            let row: Vec<f32> = k.row(1, 7).to_vec();
+            k.data[(300 + t) * 8..(300 + t + 1) * 8].copy_from_slice(&row);
+        }
+        k.data[(300 + 50) * 8..(300 + 51) * 8].copy_from_slice(&[0.0; 8]);
+        k.data[(300 + 60) * 8..(300 + 61) * 8].copy_from_slice(&[-0.0; 8]);
+        for head in 0..2 {
+            assert_eq!(singletons(&k, head), lloyd(&k, head, 1), "head {head}");
+        }
+    }
 }

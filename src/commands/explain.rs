@@ -126,7 +126,17 @@ pub(crate) fn analyse(pattern: &Pattern, input: &Input, args: &InputArgs) -> Res
     };
     let opts =
         AnalysisOptions { block_m: args.block_m, block_n: args.block_n, universe, recall_rows: args.recall_rows };
-    Ok(weft::analysis::analyse(pattern, &input.q, &input.k, &opts)?)
+    // Long inputs take a while (an index over every row, then recall): a spinner on a terminal
+    // says what is running, from the first second.
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_message(format!(
+        "building the index of {} over {} x {} tokens, then measuring recall",
+        pattern.name, input.q.tokens, input.k.tokens
+    ));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let r = weft::analysis::analyse(pattern, &input.q, &input.k, &opts);
+    spinner.finish_and_clear();
+    Ok(r?)
 }
 
 pub(crate) fn explain(pattern: &Pattern, args: &InputArgs, json: bool) -> Result<()> {
