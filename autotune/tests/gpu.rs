@@ -99,17 +99,23 @@ fn tune_then_a_cold_process_loads_the_winner() {
     }
     // Two cold processes: the first and a repeat (the page cache is warm for the second).
     for run in 0..2 {
-        let mut c = child("cold_loader", "WEFT_COLD_LOAD", dir.path());
-        let out = BufReader::new(c.stdout.take().unwrap());
-        // libtest prints "test cold_loader ... " without a newline first: take the line's tail.
-        let lines: Vec<String> =
-            out.lines().map_while(Result::ok).filter_map(|l| l.find("loaded ").map(|i| l[i..].to_string())).collect();
-        assert!(c.wait().unwrap().success(), "the cold process failed");
-        assert_eq!(lines.len(), 1, "one launch expected: {lines:?}");
-        println!("ok   cold process {run}: {}", lines[0]);
-        assert!(lines[0].contains("source=Database") && lines[0].contains("tuned=true"), "{}", lines[0]);
-        assert!(lines[0].contains("outputs_ok=true"), "{}", lines[0]);
+        let line = loaded_from_the_database(child("cold_loader", "WEFT_COLD_LOAD", dir.path()));
+        println!("ok   cold process {run}: {line}");
     }
+}
+
+/// The line a `cold_loader` process printed, checked: it ran one launch of the tuned kernel,
+/// loaded from the database, with the right outputs.
+fn loaded_from_the_database(mut c: std::process::Child) -> String {
+    let out = BufReader::new(c.stdout.take().unwrap());
+    // libtest prints "test cold_loader ... " without a newline first: take the line's tail.
+    let lines: Vec<String> =
+        out.lines().map_while(Result::ok).filter_map(|l| l.find("loaded ").map(|i| l[i..].to_string())).collect();
+    assert!(c.wait().unwrap().success(), "the cold process failed");
+    assert_eq!(lines.len(), 1, "one launch expected: {lines:?}");
+    assert!(lines[0].contains("source=Database") && lines[0].contains("tuned=true"), "{}", lines[0]);
+    assert!(lines[0].contains("outputs_ok=true"), "{}", lines[0]);
+    lines[0].clone()
 }
 
 /// Eight processes open the runtime on one database and load a tuned kernel from it while
@@ -128,17 +134,7 @@ fn eight_processes_load_kernels_while_a_tune_writes() {
     let children: Vec<_> = (0..8).map(|_| child("cold_loader", "WEFT_COLD_LOAD", dir.path())).collect();
     // Meanwhile: a tune of another bucket, writing its records one at a time.
     let r = tune(&gpu, Some(&db), &request(&p, 4096), &|_| {}).unwrap();
-    let mut loaded = 0;
-    for mut c in children {
-        let out = BufReader::new(c.stdout.take().unwrap());
-        let lines: Vec<String> =
-            out.lines().map_while(Result::ok).filter_map(|l| l.find("loaded ").map(|i| l[i..].to_string())).collect();
-        assert!(c.wait().unwrap().success(), "a loading process failed");
-        assert_eq!(lines.len(), 1, "one launch expected: {lines:?}");
-        assert!(lines[0].contains("source=Database") && lines[0].contains("tuned=true"), "{}", lines[0]);
-        assert!(lines[0].contains("outputs_ok=true"), "{}", lines[0]);
-        loaded += 1;
-    }
+    let loaded = children.into_iter().map(loaded_from_the_database).count();
     let v = db.verify(None).unwrap();
     println!(
         "ok   8 processes loaded the tuned kernel from the database while a tune of {} configs wrote to it; {} entries verified, none corrupt",
