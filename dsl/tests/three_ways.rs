@@ -98,7 +98,7 @@ fn errors_say_what_is_accepted() {
         ("vertical_vector(q_block = 96)", "must be 64 or 128, got 96"),
         ("block(block_q = 100)", "power of two between 16 and 256"),
         ("vertical_vector(keep = top_p(1.5))", "top_p must be in (0, 1]"),
-        ("vertical_vector(keep = top_k(0))", "between 1 and"),
+        ("vertical_vector(keep = top_k(0))", "n must be a positive integer, got 0"),
         ("grid(stride = 0)", "stride: must be between 1"),
         ("grid(stride = 8, phase = 8)", "must be below the stride"),
         ("grid(phase = 1)", "missing `stride`"),
