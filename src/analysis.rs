@@ -46,6 +46,8 @@ pub struct Report {
     pub build_ms: f64,
     /// Kept pairs over all `nq x nk` pairs.
     pub density: f64,
+    /// The same per head.
+    pub density_per_head: Vec<f64>,
     /// Kept pairs over the universe's pairs (causal pairs for a causal universe), per head:
     /// the density `weft search` reports.
     pub universe_density_per_head: Vec<f64>,
@@ -80,10 +82,16 @@ pub fn analyse(pattern: &Pattern, q: &Tensor, k: &Tensor, opts: &AnalysisOptions
     };
     let sample = (opts.recall_rows > 0).then_some(opts.recall_rows);
     let recall = pat::recall(&index, q, k, resolved.scale, universe, sample)?;
-    let pairs = universe_pairs(universe, index.nq, index.nk).max(1) as f64;
-    let universe_density_per_head = index.pairs_per_head().into_iter().map(|p| p as f64 / pairs).collect();
+    // Pairs counted once (a mask intervals cannot decide is counted pair by pair): both
+    // densities come from them.
+    let per_head = index.pairs_per_head();
+    let universe_size = universe_pairs(universe, index.nq, index.nk).max(1) as f64;
+    let all_pairs = (index.heads as f64 * index.nq as f64 * index.nk as f64).max(1.0);
+    let universe_density_per_head = per_head.iter().map(|&p| p as f64 / universe_size).collect();
+    let head_pairs = (index.nq as f64 * index.nk as f64).max(1.0);
     Ok(Report {
-        density: index.density(),
+        density: per_head.iter().sum::<u64>() as f64 / all_pairs,
+        density_per_head: per_head.iter().map(|&p| p as f64 / head_pairs).collect(),
         universe_density_per_head,
         index,
         row_lines,
@@ -122,7 +130,6 @@ impl Report {
     /// The document `weft explain --json` prints for a valid pattern.
     pub fn to_json(&self, pattern: &Pattern, input: &str) -> serde_json::Value {
         let (full, partial, cols) = self.index.entry_counts();
-        let per_head_density: Vec<f64> = (0..self.index.heads).map(|h| self.index.head_density(h)).collect();
         let row_lines: Vec<Vec<serde_json::Value>> = self
             .row_lines
             .iter()
@@ -142,7 +149,7 @@ impl Report {
             "row_lines_per_head": row_lines,
             "build_ms": self.build_ms,
             "density": self.density,
-            "density_per_head": per_head_density,
+            "density_per_head": self.density_per_head,
             "density_universe": self.universe_density(),
             "density_universe_per_head": self.universe_density_per_head,
             "recall_mean": self.recall.mean, "recall_min": self.recall.min,

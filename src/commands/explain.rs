@@ -161,7 +161,6 @@ pub(crate) fn explain(pattern: &Pattern, args: &InputArgs, json: bool) -> Result
     let input = make_input(args, pattern)?;
     let r = analyse(pattern, &input, args)?;
     let (full, partial, cols) = r.index.entry_counts();
-    let per_head_density: Vec<f64> = (0..r.index.heads).map(|h| r.index.head_density(h)).collect();
     if json {
         let out = r.to_json(pattern, &input.description);
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -195,7 +194,7 @@ pub(crate) fn explain(pattern: &Pattern, args: &InputArgs, json: bool) -> Result
         println!(
             "density   {:.2}% of all pairs (per head: {})",
             100.0 * r.density,
-            per_head_density.iter().map(|d| format!("{:.1}%", 100.0 * d)).collect::<Vec<_>>().join(", ")
+            r.density_per_head.iter().map(|d| format!("{:.1}%", 100.0 * d)).collect::<Vec<_>>().join(", ")
         );
     } else {
         // The share `weft search` reports, then the share of every pair.
@@ -261,11 +260,11 @@ pub(crate) fn mask(
         println!("wrote {} (bool [{}, {}], token order)", path.display(), slice.nq, slice.nk);
     }
     let density = match r.universe {
-        Universe::All => format!("{:.2}% of all pairs", 100.0 * r.index.head_density(head)),
+        Universe::All => format!("{:.2}% of all pairs", 100.0 * r.density_per_head[head]),
         Universe::Causal => format!(
             "{:.2}% of causal pairs, {:.2}% of all pairs",
             100.0 * r.universe_density_per_head[head],
-            100.0 * r.index.head_density(head)
+            100.0 * r.density_per_head[head]
         ),
     };
     println!("head {head}: density {density}, recall {:.2}%", 100.0 * r.recall.per_head[head]);
