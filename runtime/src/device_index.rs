@@ -268,7 +268,7 @@ impl KernelTimer {
     }
 }
 
-/// Plans whose device copies are kept (the oldest are dropped past this many).
+/// Plans whose device copies are kept (the least recently used are dropped past this many).
 const PLAN_COPIES: usize = 16;
 
 /// A plan's column rules on the device.
@@ -381,16 +381,27 @@ impl Gpu {
         id: u64,
         make: impl FnOnce() -> Result<T, Error>,
     ) -> Result<Arc<T>, Error> {
-        let cached = self.plan_copies.lock().ok().and_then(|m| m.get(&id).cloned());
+        static USES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let tick = USES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cached = self.plan_copies.lock().ok().and_then(|mut m| {
+            let e = m.get_mut(&id)?;
+            e.0 = tick;
+            Some(e.1.clone())
+        });
         if let Some(c) = cached.and_then(|c| c.downcast::<T>().ok()) {
             return Ok(c);
         }
         let made = Arc::new(make()?);
         if let Ok(mut m) = self.plan_copies.lock() {
+            // The least recently used goes: never a copy this call has just used, which a
+            // capture replaying the call needs (dropping them all once dropped a plan uploaded
+            // moments before, so that the next call, under capture, had to upload it again).
             if m.len() >= PLAN_COPIES {
-                m.clear();
+                if let Some(old) = m.iter().min_by_key(|(_, e)| e.0).map(|(k, _)| *k) {
+                    m.remove(&old);
+                }
             }
-            m.insert(id, made.clone());
+            m.insert(id, (tick, made.clone()));
         }
         Ok(made)
     }

@@ -135,6 +135,9 @@ fn entry_key(kernel: &Kernel, entry: Option<&str>) -> String {
     }
 }
 
+/// A device copy of an index-building plan (its type is the builder's).
+type PlanCopy = Arc<dyn std::any::Any + Send + Sync>;
+
 /// One GPU with its stream and loaded kernels.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -143,8 +146,9 @@ pub struct Gpu {
     pub name: String,
     pub sm_count: u32,
     modules: Mutex<HashMap<(String, Arch), CudaFunction>>,
-    /// Device copies of index-building plans, by plan id (see `device_index`).
-    plan_copies: Mutex<HashMap<u64, Arc<dyn std::any::Any + Send + Sync>>>,
+    /// Device copies of index-building plans, by plan id, with when each was last used (see
+    /// `device_index`).
+    plan_copies: Mutex<HashMap<u64, (u64, PlanCopy)>>,
     /// The index builders' module per head dim (generated once: its source is long, and every
     /// build needs it before its first launch).
     index_kernels: Mutex<HashMap<u32, Arc<weft_codegen::Kernel>>>,
