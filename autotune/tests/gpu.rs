@@ -35,6 +35,12 @@ fn request(p: &Pattern, seq: usize) -> TuneRequest<'_> {
     }
 }
 
+/// Whether this process is one of the helper processes below (the tests proper then do
+/// nothing).
+fn in_child() -> bool {
+    std::env::var_os("WEFT_COLD_LOAD").is_some() || std::env::var_os("WEFT_TUNE_CHILD").is_some()
+}
+
 /// Re-runs this binary as `helper` with `var` set to `value`; stdout is piped.
 fn child(helper: &str, var: &str, value: &Path) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
@@ -76,7 +82,7 @@ fn cold_loader() {
 
 #[test]
 fn tune_then_a_cold_process_loads_the_winner() {
-    if std::env::var_os("WEFT_COLD_LOAD").is_some() || std::env::var_os("WEFT_TUNE_CHILD").is_some() {
+    if in_child() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -123,7 +129,7 @@ fn loaded_from_the_database(mut c: std::process::Child) -> String {
 /// from the database, and the database verifies clean afterwards.
 #[test]
 fn eight_processes_load_kernels_while_a_tune_writes() {
-    if std::env::var_os("WEFT_COLD_LOAD").is_some() || std::env::var_os("WEFT_TUNE_CHILD").is_some() {
+    if in_child() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -161,7 +167,7 @@ fn tuner() {
 
 #[test]
 fn sigkill_mid_tune_keeps_every_finished_record() {
-    if std::env::var_os("WEFT_COLD_LOAD").is_some() || std::env::var_os("WEFT_TUNE_CHILD").is_some() {
+    if in_child() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -207,7 +213,7 @@ fn sigkill_mid_tune_keeps_every_finished_record() {
 fn search_recall_on_the_gpu_agrees_with_the_cpu() {
     use weft_autotune::search::{candidates, evaluate_layer_on, sample_rows, Backend};
     use weft_patterns::synthetic::{planted_qk, Plant};
-    if std::env::var_os("WEFT_COLD_LOAD").is_some() || std::env::var_os("WEFT_TUNE_CHILD").is_some() {
+    if in_child() {
         return;
     }
     let gpu = Gpu::open(0).expect("a GPU");
@@ -249,7 +255,7 @@ fn search_recall_on_the_gpu_agrees_with_the_cpu() {
 #[test]
 fn decode_split_count_is_tuned_verified_and_stored() {
     use weft_autotune::decode::{tune_decode, DecodeTuneRequest, SPLITS};
-    if std::env::var_os("WEFT_COLD_LOAD").is_some() || std::env::var_os("WEFT_TUNE_CHILD").is_some() {
+    if in_child() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
