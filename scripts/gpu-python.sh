@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Python package's wheel (and pytest's, for a machine without them) into
-# gpu-bin/python/, which the device tool carries to the GPU machine. There:
+# gpu-bin/python/, to be copied to a GPU machine with torch. There:
 #     bash scripts/gpu-python-run.sh         (the GPU pytest suite and the call-overhead benchmark)
 set -euo pipefail
 cd "$(dirname "$0")/.."

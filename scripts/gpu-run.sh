@@ -2,7 +2,7 @@
 # Runs on the GPU machine: every GPU test binary in gpu-bin/, logs to $OUT (or ./gpu-logs).
 # Arguments, when given, name the binaries to run (globs under gpu-bin/), each optionally with
 # test-name filters after a colon (comma-separated; `--skip` filters with a leading `!`), so
-# that a suite longer than one device call (10 minutes) can be split:
+# that a long suite can be run in parts (e.g. under a time limit per run):
 #     bash scripts/gpu-run.sh 'test-runtime-gpu:wgmma,block_indexes,layer'
 #     bash scripts/gpu-run.sh 'test-runtime-gpu:!wgmma,!block_indexes,!layer'
 #     bash scripts/gpu-run.sh 'test-autotune-*' test-runtime-nvrtc_compile test-runtime-layer_plan

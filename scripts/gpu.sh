@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the GPU test binaries (and the weft CLI) on this machine into gpu-bin/, which the
-# device tool carries to the GPU machine. There, one command runs them all:
+# Builds the GPU test binaries (and the weft CLI) on a build machine into gpu-bin/, to be
+# copied to a GPU machine (which needs no Rust toolchain). There, one command runs them all:
 #     bash scripts/gpu-run.sh            (logs under $OUT when set)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -85,7 +85,7 @@ pub fn analyse(pattern: &Pattern, q: &Tensor, k: &Tensor, opts: &AnalysisOptions
     // Pairs counted once (a mask intervals cannot decide is counted pair by pair): both
     // densities come from them.
     let per_head = index.pairs_per_head();
-    let universe_size = universe_pairs(universe, index.nq, index.nk).max(1) as f64;
+    let universe_size = universe.pairs(index.nq, index.nk).max(1) as f64;
     let all_pairs = (index.heads as f64 * index.nq as f64 * index.nk as f64).max(1.0);
     let universe_density_per_head = per_head.iter().map(|&p| p as f64 / universe_size).collect();
     let head_pairs = (index.nq as f64 * index.nk as f64).max(1.0);
@@ -100,14 +100,6 @@ pub fn analyse(pattern: &Pattern, q: &Tensor, k: &Tensor, opts: &AnalysisOptions
         universe,
         scale: resolved.scale,
     })
-}
-
-/// Pairs of one head in `universe`: `nq x nk`, or the causal ones (`k <= q + nk - nq`).
-pub fn universe_pairs(universe: Universe, nq: usize, nk: usize) -> u64 {
-    match universe {
-        Universe::All => nq as u64 * nk as u64,
-        Universe::Causal => (0..nq).map(|t| (t + nk + 1).saturating_sub(nq).min(nk) as u64).sum(),
-    }
 }
 
 impl Report {

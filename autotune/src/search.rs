@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use weft_dsl::builder::*;
 use weft_dsl::{Pattern, PatternExpr};
-use weft_patterns::{resolve_pattern, IndexOptions, Tensor};
+use weft_patterns::{resolve_pattern, IndexOptions, Tensor, Universe};
 
 use crate::Error;
 
@@ -266,7 +266,7 @@ fn build_candidates(
     // Every row is built: density is counted over all of them.
     let opts = IndexOptions { scale: Some(scale), estimates, ..Default::default() };
     // Keys each row sees (its universe) summed over all rows: density's denominator.
-    let universe: u64 = (0..nq).map(|t| visible(causal, t, nq, nk) as u64).sum();
+    let universe = universe(causal).pairs(nq, nk);
     // Candidates build concurrently (and each build over heads): one build of 32 heads does
     // not fill a machine with many cores.
     Ok(cands
@@ -287,10 +287,14 @@ fn build_candidates(
 
 /// Keys query row `t` sees: all `nk`, or under causality those at or before its position.
 fn visible(causal: bool, t: usize, nq: usize, nk: usize) -> usize {
+    universe(causal).keys(t, nq, nk)
+}
+
+fn universe(causal: bool) -> Universe {
     if causal {
-        (t + nk + 1).saturating_sub(nq).min(nk)
+        Universe::Causal
     } else {
-        nk
+        Universe::All
     }
 }
 

@@ -23,6 +23,23 @@ impl Universe {
             Universe::Causal => k + nq <= q + nk,
         }
     }
+
+    /// How many keys query row `q` sees: all `nk`, or the first `q + nk - nq + 1` (at most
+    /// `nk`) under causality.
+    pub fn keys(self, q: usize, nq: usize, nk: usize) -> usize {
+        match self {
+            Universe::All => nk,
+            Universe::Causal => (q + nk + 1).saturating_sub(nq).min(nk),
+        }
+    }
+
+    /// Pairs of one head: what density is a share of.
+    pub fn pairs(self, nq: usize, nk: usize) -> u64 {
+        match self {
+            Universe::All => nq as u64 * nk as u64,
+            Universe::Causal => (0..nq).map(|q| self.keys(q, nq, nk) as u64).sum(),
+        }
+    }
 }
 
 /// Recall of an index: the share of the universe's softmax mass on the kept pairs.

@@ -201,7 +201,7 @@ pub(crate) fn select_head(r: &Retrieval, inp: &HeadInputs<'_>, _ctx: &Pred) -> C
             if !inp.wanted.is_none_or(|w| w[q]) {
                 return Vec::new();
             }
-            let visible = (q + nk + 1).saturating_sub(nq).min(nk);
+            let visible = crate::metrics::Universe::Causal.keys(q, nq, nk);
             kept_for_row(r, inp.q.row(inp.h, q), inp.k, inp.kv, &units, &cents, visible, inp.scale)
         })
         .collect();

@@ -200,7 +200,7 @@ fn check_wgmma_tiles(schedules: &[Schedule]) {
             if !schedules.contains(&schedule) || !schedule.takes(&p) {
                 continue;
             }
-            // Two cases per tile (the suite runs in one device call of at most 10 minutes):
+            // Two cases per tile (so that the whole suite runs in under 10 minutes):
             // bf16 at d=128 over 1000 tokens with GQA, and fp16 or bf16 at d=64 over 333.
             let small = if stages == 3 { DType::Bf16 } else { DType::F16 };
             for (dtype, d, n, hq, hkv) in [(DType::Bf16, 128usize, 1000usize, 4usize, 2usize), (small, 64, 333, 2, 2)] {

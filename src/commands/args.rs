@@ -4,6 +4,36 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 
+/// Where a command that stores results keeps them.
+#[derive(Args)]
+pub(crate) struct DbArgs {
+    /// Kernel database for the results (default: $WEFT_DB, else the per-user cache directory).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) db: Option<PathBuf>,
+    /// Do not store the results in the database.
+    #[arg(long)]
+    pub(crate) no_db: bool,
+}
+
+impl DbArgs {
+    /// The database and its path, or `None` with `--no-db`.
+    pub(crate) fn open(&self) -> anyhow::Result<Option<(weft::cache::Db, PathBuf)>> {
+        if self.no_db {
+            return Ok(None);
+        }
+        let path = db_path(self.db.clone())?;
+        Ok(Some((weft::cache::Db::open(&path)?, path)))
+    }
+}
+
+/// `--db`, else `$WEFT_DB`, else the per-user cache directory.
+pub(crate) fn db_path(db: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match db {
+        Some(p) => p,
+        None => weft::cache::default_path()?,
+    })
+}
+
 #[derive(Args)]
 pub(crate) struct AutotuneArgs {
     /// The pattern: a file, a built-in name or DSL text (or use --from-search).
@@ -30,12 +60,8 @@ pub(crate) struct AutotuneArgs {
     /// Store the result for this head only (for patterns whose heads differ).
     #[arg(long)]
     pub(crate) head: Option<u32>,
-    /// Kernel database (default: $WEFT_DB, else the per-user cache directory).
-    #[arg(long, value_name = "DIR")]
-    pub(crate) db: Option<PathBuf>,
-    /// Do not store the result.
-    #[arg(long)]
-    pub(crate) no_db: bool,
+    #[command(flatten)]
+    pub(crate) db: DbArgs,
     /// Time the Hopper path's configs too (wgmma, sm_90a; H100/H200 only). The default on
     /// those GPUs, where the untuned kernel is on that path; this flag says so when a GPU or
     /// head dim has none.
@@ -63,12 +89,8 @@ pub(crate) struct SearchArgs {
     /// Model name the results are stored under (default: the file name).
     #[arg(long)]
     pub(crate) model: Option<String>,
-    /// Kernel database for the results (default: $WEFT_DB, else the per-user cache directory).
-    #[arg(long, value_name = "DIR")]
-    pub(crate) db: Option<PathBuf>,
-    /// Do not store the results in the database.
-    #[arg(long)]
-    pub(crate) no_db: bool,
+    #[command(flatten)]
+    pub(crate) db: DbArgs,
     /// Write every choice as JSON here.
     #[arg(long, value_name = "FILE")]
     pub(crate) json: Option<PathBuf>,

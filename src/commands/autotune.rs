@@ -13,15 +13,7 @@ pub(crate) fn autotune(args: AutotuneArgs) -> Result<()> {
         bail!("--seq must be between 1 and {MAX_SEQ}, got {s}");
     }
     let kv_heads = args.kv_heads.unwrap_or(args.heads);
-    let db = if args.no_db {
-        None
-    } else {
-        let path = match &args.db {
-            Some(p) => p.clone(),
-            None => weft::cache::default_path()?,
-        };
-        Some((weft::cache::Db::open(&path)?, path))
-    };
+    let db = args.db.open()?;
     // The patterns: one given, or every distinct one a search chose for a model.
     let patterns: Vec<Pattern> = match (&args.pattern, &args.from_search) {
         (Some(p), _) => vec![load_pattern(p)?],

@@ -22,11 +22,8 @@ fn summary(e: &weft::cache::Entry) -> String {
 }
 
 pub(crate) fn cache(db: Option<PathBuf>, action: CacheAction) -> Result<()> {
-    use weft::cache::{default_path, Db, Entry, Error as CacheError};
-    let path = match db {
-        Some(p) => p,
-        None => default_path()?,
-    };
+    use weft::cache::{Db, Entry, Error as CacheError};
+    let path = super::args::db_path(db)?;
     if let CacheAction::Clear = action {
         // A database that cannot be read, on opening or while clearing, is deleted: it only
         // caches what autotune and search can make again.

@@ -113,12 +113,7 @@ pub(crate) fn search(args: SearchArgs) -> Result<()> {
         let legend: Vec<String> = FAMILY_COLOURS.iter().map(|(n, c)| format!("{n} rgb{c:?}")).collect();
         println!("wrote {} (columns: layers, rows: heads; lighter = sparser): {}", path.display(), legend.join(", "));
     }
-    if !args.no_db {
-        let path = match &args.db {
-            Some(p) => p.clone(),
-            None => weft::cache::default_path()?,
-        };
-        let db = weft::cache::Db::open(&path)?;
+    if let Some((db, path)) = args.db.open()? {
         let records = chosen
             .iter()
             .map(|c| {
