@@ -2,10 +2,15 @@
 
 use weft_dsl::{Pattern, PatternExpr, Permutation, Pred};
 
-use crate::keys::{key_and_header, prelude};
-use crate::templates::{ATTENTION, PRELUDE, WGMMA};
-use crate::wgmma::wgmma_helpers;
-use crate::{Error, Kernel, KernelConfig};
+use crate::abi::{cuda_structs, Entry};
+use crate::keys::{constant, key_and_header, masks};
+use crate::templates::{closure, defines, render};
+use crate::wgmma::wgmma_ops;
+use crate::{DType, Error, Kernel, KernelConfig};
+
+/// The attention kernel's entry point: the kernel's own name; its block size is the config's
+/// ([`KernelConfig::threads`]), this `threads` is unused.
+pub const ATTENTION_ENTRY: Entry = Entry { name: "", threads: 0, params: "AttentionParams" };
 
 /// Everything a kernel depends on.
 #[derive(Clone, Debug)]
@@ -30,30 +35,44 @@ pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
     let config = format!("{c} threads={} shared_bytes={}", c.threads(), c.shared_bytes());
     let (key, header) = key_and_header(
         "attention",
-        &[PRELUDE, ATTENTION, WGMMA],
+        &closure("attention.cu"),
         Some(spec.pattern),
         &config,
         spec.masks,
         spec.permutation,
     );
     let name = format!("weft_attn_{}", &key[..16]);
-    let source = ATTENTION
-        .replace("{{HEADER}}", &header)
-        .replace("{{PRELUDE}}", &prelude(spec.masks, spec.permutation, c.dtype))
-        .replace("{{NAME}}", &name)
-        .replace("{{BM}}", &c.block_m.to_string())
-        .replace("{{BN}}", &c.block_n.to_string())
-        .replace("{{D}}", &c.head_dim.to_string())
-        .replace("{{MT}}", &(c.warp_rows / 16).to_string())
-        .replace("{{STAGES}}", &c.stages.to_string())
-        .replace("{{GATHERS}}", if gathers { "true" } else { "false" })
-        .replace("{{WGMMA}}", if c.wgmma { "1" } else { "0" })
-        .replace("{{PRODUCER}}", if c.producer { "1" } else { "0" })
-        .replace("{{PERSISTENT}}", if c.persistent { "1" } else { "0" })
-        .replace(
-            "{{WGMMA_HELPERS}}",
-            &if c.wgmma { wgmma_helpers(c.block_n, c.head_dim, c.dtype) } else { String::new() },
-        );
+    let mut cfg = format!("#define WEFT_KERNEL {name}\n");
+    cfg += &defines(&[
+        ("WEFT_F16", c.dtype == DType::F16),
+        ("WEFT_WGMMA", c.wgmma),
+        ("WEFT_PRODUCER", c.producer),
+        ("WEFT_PERSISTENT", c.persistent),
+    ]);
+    cfg += &constant("int", "BM", c.block_m, "query rows per CTA (the index's block_m)");
+    cfg += &constant("int", "BN", c.block_n, "keys per tile (the index's block_n)");
+    cfg += &constant("int", "D", c.head_dim, "head dimension");
+    cfg += &constant("int", "STAGES", c.stages, "K/V tiles in flight (cp.async pipeline depth)");
+    cfg += &constant("bool", "GATHERS", gathers, "the pattern can list single key columns");
+    cfg += &constant("int", "MT", c.warp_rows / 16, "16-row m-tiles per warp: each K/V fragment feeds MT mma");
+    cfg += &constant("int", "KERNEL_THREADS", c.threads(), "the launch's block size (KernelConfig::threads)");
+    cfg += &constant("int", "KERNEL_SHARED_BYTES", c.shared_bytes(), "the launch's dynamic shared memory");
+    let source = render(
+        &header,
+        "attention.cu",
+        &[
+            ("config.cuh", Some(cfg)),
+            ("masks.cuh", Some(masks(spec.masks, spec.permutation))),
+            ("params.cuh", Some(cuda_structs(&[ATTENTION_ENTRY.params]))),
+            // The Hopper helpers only in wgmma kernels (the template includes them under #if):
+            // a generated header of `None` leaves a note in the include's place.
+            if c.wgmma {
+                ("wgmma_ops.cuh", Some(wgmma_ops(c.block_n, c.head_dim, c.dtype)))
+            } else {
+                ("wgmma.cuh", None)
+            },
+        ],
+    );
     Ok(Kernel {
         name,
         source,

@@ -2,9 +2,10 @@
 
 use weft_dsl::{Pattern, Permutation, Pred};
 
+use crate::abi::{cuda_structs, Entry};
 use crate::config::check_head_dim;
-use crate::keys::{key_and_header, prelude};
-use crate::templates::{DECODE, MERGE, PRELUDE};
+use crate::keys::{constant, key_and_header, masks};
+use crate::templates::{closure, defines, render};
 use crate::{DType, Error, Kernel};
 
 /// Everything a decode kernel depends on: an index with one query per row (`block_m = 1`).
@@ -22,6 +23,9 @@ pub struct DecodeSpec<'a> {
 /// Threads per CTA of the decode kernel.
 pub const DECODE_THREADS: u32 = 128;
 
+/// The decode kernel's entry point (the kernel's own name).
+pub const DECODE_ENTRY: Entry = Entry { name: "", threads: DECODE_THREADS, params: "DecodeParams" };
+
 /// Generates the split-key decode kernel: partial outputs (f32) and log-sum-exps per split,
 /// combined by [`emit_merge`]`(.., Partial::F32)`.
 pub fn emit_decode(spec: &DecodeSpec<'_>) -> Result<Kernel, Error> {
@@ -37,14 +41,22 @@ pub fn emit_decode(spec: &DecodeSpec<'_>) -> Result<Kernel, Error> {
         spec.dtype.name()
     );
     let (key, header) =
-        key_and_header("decode", &[PRELUDE, DECODE], Some(spec.pattern), &config, spec.masks, spec.permutation);
+        key_and_header("decode", &closure("decode.cu"), Some(spec.pattern), &config, spec.masks, spec.permutation);
     let name = format!("weft_decode_{}", &key[..16]);
-    let source = DECODE
-        .replace("{{HEADER}}", &header)
-        .replace("{{PRELUDE}}", &prelude(spec.masks, spec.permutation, spec.dtype))
-        .replace("{{NAME}}", &name)
-        .replace("{{BN}}", &spec.block_n.to_string())
-        .replace("{{D}}", &spec.head_dim.to_string());
+    let mut cfg = format!("#define WEFT_KERNEL {name}\n");
+    cfg += &defines(&[("WEFT_F16", spec.dtype == DType::F16)]);
+    cfg += &constant("int", "BN", spec.block_n, "keys per block entry (the index's block_n)");
+    cfg += &constant("int", "D", spec.head_dim, "head dimension");
+    cfg += &constant("int", "KERNEL_THREADS", DECODE_THREADS, "the launch's block size (DECODE_THREADS)");
+    let source = render(
+        &header,
+        "decode.cu",
+        &[
+            ("config.cuh", Some(cfg)),
+            ("masks.cuh", Some(masks(spec.masks, spec.permutation))),
+            ("params.cuh", Some(cuda_structs(&[DECODE_ENTRY.params]))),
+        ],
+    );
     Ok(Kernel {
         name,
         source,
@@ -68,25 +80,28 @@ pub enum Partial {
 /// Threads per CTA of the merge kernel (one warp per row).
 pub const MERGE_THREADS: u32 = 128;
 
+/// The merge kernel's entry point (the kernel's own name).
+pub const MERGE_ENTRY: Entry = Entry { name: "", threads: MERGE_THREADS, params: "MergeParams" };
+
 /// Generates the log-sum-exp merge of partial results over disjoint key sets.
 pub fn emit_merge(head_dim: u32, dtype: DType, partial: Partial) -> Result<Kernel, Error> {
     check_head_dim(head_dim)?;
     let config = format!("merge head_dim={head_dim} dtype={} partial={partial:?}", dtype.name());
-    let (key, header) = key_and_header("merge", &[PRELUDE, MERGE], None, &config, &[], None);
+    let (key, header) = key_and_header("merge", &closure("merge.cu"), None, &config, &[], None);
     let name = format!("weft_merge_{}", &key[..16]);
-    let (part_t, load) = match partial {
-        Partial::F32 => ("float", "    return parts[i];"),
-        Partial::Dtype => (
-            "u16",
-            "    float lo, hi;\n    unpack(parts[i] , lo, hi);  // the value sits in the low half\n    return lo;",
-        ),
-    };
-    let source = MERGE
-        .replace("{{HEADER}}", &header)
-        .replace("{{PRELUDE}}", &prelude(&[], None, dtype))
-        .replace("{{NAME}}", &name)
-        .replace("{{D}}", &head_dim.to_string())
-        .replace("{{PART_T}}", part_t)
-        .replace("{{PART_LOAD}}", load);
+    let f32_parts = partial == Partial::F32;
+    let mut cfg = format!("#define WEFT_KERNEL {name}\n");
+    cfg += &defines(&[("WEFT_F16", dtype == DType::F16), ("WEFT_PARTIAL_F32", f32_parts)]);
+    cfg += &format!(
+        "typedef {} PartT;  // the partials' element type\n",
+        if f32_parts { "float" } else { "unsigned short" }
+    );
+    cfg += &constant("int", "D", head_dim, "head dimension");
+    cfg += &constant("int", "KERNEL_THREADS", MERGE_THREADS, "the launch's block size (MERGE_THREADS)");
+    let source = render(
+        &header,
+        "merge.cu",
+        &[("config.cuh", Some(cfg)), ("params.cuh", Some(cuda_structs(&[MERGE_ENTRY.params])))],
+    );
     Ok(Kernel { name, source, key, threads: MERGE_THREADS, shared_bytes: 0, head_dim, arch_specific: false })
 }

@@ -1,33 +1,100 @@
-//! The module of GPU index builders ([`emit_vv_index`]): its entry points and their launch
-//! geometry.
+//! The module of GPU index builders ([`emit_index_module`]: vertical vectors, blocks,
+//! vertical-slash and grids): its entry points and their launch geometry.
 
+use crate::abi::cuda_structs;
 use crate::config::{check_head_dim, HEAD_DIMS};
-use crate::keys::{key_and_header, prelude};
-use crate::templates::{PRELUDE, VS_INDEX, VV_INDEX};
-use crate::{DType, Error, Kernel};
+use crate::keys::{constant, key_and_header};
+use crate::templates::{closure, defines, render};
+use crate::{Error, Kernel};
 
-/// The entry points of the vertical-vector index builder ([`emit_vv_index`]), in launch
-/// order; each is `{kernel.name}_{entry}`.
-pub const VV_INDEX_ENTRIES: [&str; 9] =
-    ["pool", "kstats", "score", "threshold", "vv_exact", "budget", "select", "columns", "scan"];
+/// Every entry point of the index module ([`emit_index_module`]), each `{kernel.name}_{name}`,
+/// with its threads per CTA and parameter struct ([`crate::abi`]): the generated source takes
+/// its `__launch_bounds__` from here (as `{NAME}_THREADS`), the launches their block size.
+pub mod entry {
+    use crate::abi::Entry;
 
-/// The entry points of the block top-k index builder (same module as [`emit_vv_index`]).
-pub const BLOCK_INDEX_ENTRIES: [&str; 6] = ["pool", "block_scores", "block_select", "block_rows", "scan", "block_top"];
+    const fn e(name: &'static str, threads: u32, params: &'static str) -> Entry {
+        Entry { name, threads, params }
+    }
+    pub const POOL: Entry = e("pool", 128, "PoolParams");
+    pub const KSTATS: Entry = e("kstats", 256, "KstatsParams");
+    pub const SCORE: Entry = e("score", 128, "ScoreParams");
+    pub const THRESHOLD: Entry = e("threshold", SELECT_THREADS, "ThresholdParams");
+    pub const SELECT: Entry = e("select", SELECT_THREADS, "SelectParams");
+    pub const BUDGET: Entry = e("budget", SELECT_THREADS, "BudgetParams");
+    pub const VV_EXACT: Entry = e("vv_exact", 256, "VvExactParams");
+    pub const COLUMNS: Entry = e("columns", 128, "ColumnsParams");
+    pub const SCAN: Entry = e("scan", 1024, "ScanParams");
+    pub const BLOCK_SCORES: Entry = e("block_scores", 256, "BlockScoresParams");
+    pub const BLOCK_SELECT: Entry = e("block_select", 256, "BlockSelectParams");
+    pub const BLOCK_TOP: Entry = e("block_top", 256, "BlockTopParams");
+    pub const BLOCK_ROWS: Entry = e("block_rows", 128, "BlockRowsParams");
+    pub const VS_LOGITS: Entry = e("vs_logits", 256, "VsLogitsParams");
+    pub const VS_EXP: Entry = e("vs_exp", 256, "VsExpParams");
+    pub const VS_INV: Entry = e("vs_inv", 256, "VsInvParams");
+    pub const VS_MASS: Entry = e("vs_mass", 256, "VsMassParams");
+    pub const VS_SELECT: Entry = e("vs_select", 1024, "VsSelectParams");
+    pub const GRID_SELECT: Entry = e("grid_select", 1024, "GridSelectParams");
+    pub const VS_TILES: Entry = e("vs_tiles", 128, "VsTilesParams");
 
-/// The entry points of the vertical-slash index builder, which also builds grids of column
-/// lines (`grid_select` in place of `vs_select`); same module as [`emit_vv_index`].
-pub const VS_INDEX_ENTRIES: [&str; 10] = [
-    "vs_logits",
-    "vs_exp",
-    "vs_inv",
-    "vs_mass",
-    "vs_select",
-    "vs_tiles",
-    "block_rows",
-    "columns",
-    "scan",
-    "grid_select",
-];
+    /// Threads of `select` and of the passes that share its block shape (threshold, budget).
+    const SELECT_THREADS: u32 = 512;
+
+    /// All of them, in source order.
+    pub const ALL: [Entry; 20] = [
+        POOL,
+        KSTATS,
+        SCORE,
+        THRESHOLD,
+        SELECT,
+        BUDGET,
+        VV_EXACT,
+        COLUMNS,
+        SCAN,
+        BLOCK_SCORES,
+        BLOCK_SELECT,
+        BLOCK_TOP,
+        BLOCK_ROWS,
+        VS_LOGITS,
+        VS_EXP,
+        VS_INV,
+        VS_MASS,
+        VS_SELECT,
+        GRID_SELECT,
+        VS_TILES,
+    ];
+    /// The vertical-vector builder's, in launch order.
+    pub const VERTICAL_VECTOR: [Entry; 9] = [POOL, KSTATS, SCORE, THRESHOLD, VV_EXACT, BUDGET, SELECT, COLUMNS, SCAN];
+    /// The block top-k / top-p / threshold builder's.
+    pub const BLOCK: [Entry; 6] = [POOL, BLOCK_SCORES, BLOCK_SELECT, BLOCK_ROWS, SCAN, BLOCK_TOP];
+    /// The vertical-slash builder's (grids of column lines take `grid_select` for `vs_select`).
+    pub const SLASH: [Entry; 10] =
+        [VS_LOGITS, VS_EXP, VS_INV, VS_MASS, VS_SELECT, VS_TILES, BLOCK_ROWS, COLUMNS, SCAN, GRID_SELECT];
+}
+
+/// Groups per CTA of the `score` entry (4 warps x 16) and keys per CTA: its grid is
+/// `(ceil(groups / SCORE_ROWS), ceil(cols / SCORE_COLS), heads)`.
+pub const SCORE_ROWS: usize = 64;
+pub const SCORE_COLS: usize = 128;
+
+/// Bins of the `select` entry's radix histograms (11 bits).
+pub const HIST: usize = 2048;
+
+/// Keys per group the `select` entry scores exactly.
+pub const UNSURE_CAP: usize = 4096;
+
+/// Index rows per CTA of the `columns` and `block_rows` entries (a warp per row).
+pub const ROWS_PER_CTA: usize = 4;
+
+/// Keys per CTA of the `kstats` entry (a warp per key, 8 keys per warp): its grid is
+/// `(ceil(nk / KSTATS_KEYS), hkv)`.
+pub const KSTATS_KEYS: usize = 64;
+
+/// Groups per CTA of the `block_top` entry (a warp per group).
+pub const BLOCK_TOP_GROUPS: usize = 8;
+
+/// Query groups and key blocks per CTA of the `block_scores` entry.
+pub const BLOCK_SCORE_TILE: usize = 64;
 
 /// Keys per CTA of the `vs_exp` entry (its grid is `ceil(nk / VS_EXP_KEYS)` wide).
 pub const VS_EXP_KEYS: usize = 2048;
@@ -36,6 +103,9 @@ pub const VS_EXP_KEYS: usize = 2048;
 /// `(ceil(nk / VS_LOGITS_KEYS), ceil(last / VS_LOGITS_ROWS), heads)`).
 pub const VS_LOGITS_KEYS: usize = 256;
 pub const VS_LOGITS_ROWS: usize = 64;
+
+/// Keys (or diagonals) per CTA of the `vs_mass` entry, one per thread.
+pub const VS_MASS_KEYS: usize = 256;
 
 /// Dynamic shared memory of the `vs_mass` entry for `last` estimated rows.
 pub fn vs_mass_shared_bytes(last: usize) -> usize {
@@ -53,16 +123,17 @@ pub fn pool_groups_per_cta(head_dim: u32) -> usize {
     1024 / head_dim as usize
 }
 
-/// Dynamic shared memory of the `score` entry: two halves of 64 pooled queries and 128 keys.
+/// Dynamic shared memory of the `score` entry: two halves of [`SCORE_ROWS`] pooled queries and
+/// [`SCORE_COLS`] keys.
 pub fn vv_score_shared_bytes(head_dim: u32) -> u32 {
-    (64 + 64 + 128) * (head_dim + 8) * 2
+    ((2 * SCORE_ROWS + SCORE_COLS) as u32) * (head_dim + 8) * 2
 }
 
 /// Dynamic shared memory of the `select` entry for `nk` keys: exact scores and keys of up to
-/// 4096 unsure keys, a 2048-bin histogram, the pooled query, `collect` collected keys (8 bytes
+/// [`UNSURE_CAP`] unsure keys, a [`HIST`]-bin histogram, the pooled query, `collect` collected keys (8 bytes
 /// each) and a bit per key.
 pub fn vv_select_shared_bytes(head_dim: u32, nk: usize, collect: usize) -> usize {
-    4096 * (8 + 4) + 2048 * 4 + head_dim as usize * 4 + collect * 8 + nk.div_ceil(32) * 4
+    UNSURE_CAP * (8 + 4) + HIST * 4 + head_dim as usize * 4 + collect * 8 + nk.div_ceil(32) * 4
 }
 
 /// Keys the `select` entry collects into shared memory at most (its fast path).
@@ -72,51 +143,86 @@ pub const VV_COLLECT_MAX: usize = 12288;
 /// their static shared memory and the per-CTA reserve).
 pub const VV_TWO_CTA_SHARED: usize = 108 * 1024;
 
-/// The most dynamic shared memory a vertical-vector index kernel may take (the `select`
+/// The most dynamic shared memory an index module entry may take (the `select`
 /// entry's limit, which bounds the keys it serves).
-pub const VV_INDEX_MAX_SHARED: u32 = 200 * 1024;
+pub const INDEX_MAX_SHARED: u32 = 200 * 1024;
 
-/// Generates the index builders' module for bf16 inputs of `head_dim`: vertical-vector
-/// ([`VV_INDEX_ENTRIES`]), block ([`BLOCK_INDEX_ENTRIES`]) and vertical-slash
-/// ([`VS_INDEX_ENTRIES`]) entry points; see the templates for the methods.
+/// Generates the index builders' module for bf16 inputs of `head_dim`: the vertical-vector
+/// ([`entry::VERTICAL_VECTOR`]), block ([`entry::BLOCK`]) and vertical-slash / grid
+/// ([`entry::SLASH`]) builders' entry points; see the templates (`index.cu`) for the methods.
 ///
 /// The module depends on `head_dim` alone, and every device index build asks for it (to find
 /// its loaded module by key), so it is generated once per head dim and process: generating it
 /// took about 0.6 ms, most of what queueing a whole build costs the host.
-pub fn emit_vv_index(head_dim: u32) -> Result<Kernel, Error> {
+pub fn emit_index_module(head_dim: u32) -> Result<Kernel, Error> {
+    index_module(head_dim).cloned()
+}
+
+/// [`emit_index_module`] without the copy: the module generated once per process.
+pub fn index_module(head_dim: u32) -> Result<&'static Kernel, Error> {
     static EMITTED: std::sync::OnceLock<[Kernel; HEAD_DIMS.len()]> = std::sync::OnceLock::new();
     check_head_dim(head_dim)?;
-    let emitted = EMITTED.get_or_init(|| HEAD_DIMS.map(generate_vv_index));
+    let emitted = EMITTED.get_or_init(|| HEAD_DIMS.map(generate_index_module));
     emitted
         .iter()
         .find(|k| k.head_dim == head_dim)
-        .cloned()
         .ok_or_else(|| Error::Config(format!("no index module for head_dim {head_dim}")))
 }
 
-/// [`emit_vv_index`]'s module text for a checked `head_dim`.
-fn generate_vv_index(head_dim: u32) -> Kernel {
-    use weft_patterns::repro;
-    let config = format!("vv-index head_dim={head_dim} dtype=bf16");
-    let (key, header) = key_and_header("vv-index", &[PRELUDE, VV_INDEX, VS_INDEX], None, &config, &[], None);
-    let name = format!("weft_vvix_{}", &key[..16]);
+/// [`emit_index_module`]'s module for a checked `head_dim`.
+fn generate_index_module(head_dim: u32) -> Kernel {
+    use weft_patterns::{device_plan, repro};
+    let config = format!("index-module head_dim={head_dim} dtype=bf16");
+    let (key, header) = key_and_header("index-module", &closure("index.cu"), None, &config, &[], None);
+    let name = format!("weft_index_{}", &key[..16]);
     let bits = |x: f64| format!("{:#018x}LL", x.to_bits());
     let coef: Vec<String> = repro::EXP_COEF.iter().map(|c| bits(*c)).collect();
-    let source = format!("{VV_INDEX}{VS_INDEX}")
-        .replace("{{HEADER}}", &header)
-        .replace("{{PRELUDE}}", &prelude(&[], None, DType::Bf16))
-        .replace("{{NAME}}", &name)
-        .replace("{{D}}", &head_dim.to_string())
-        .replace("{{DROP}}", &format!("{:#x}", weft_patterns::device_plan::DROP))
-        .replace("{{PER_COLUMN}}", &format!("{:#x}", weft_patterns::device_plan::PER_COLUMN))
-        .replace("{{PER_LINE}}", &format!("{:#x}", weft_patterns::device_plan::PER_LINE))
-        .replace("{{SUM_CHUNK}}", &repro::SUM_CHUNK.to_string())
-        .replace("{{VS_EXP_KEYS}}", &VS_EXP_KEYS.to_string())
-        .replace("{{VS_LOGITS_KEYS}}", &VS_LOGITS_KEYS.to_string())
-        .replace("{{VS_LOGITS_ROWS}}", &VS_LOGITS_ROWS.to_string())
-        .replace("{{LOG2E}}", &bits(repro::LOG2E))
-        .replace("{{LN2_HI}}", &bits(repro::LN2_HI))
-        .replace("{{LN2_LO}}", &bits(repro::LN2_LO))
-        .replace("{{EXP_COEF}}", &coef.join(", "));
-    Kernel { name, source, key, threads: 512, shared_bytes: VV_INDEX_MAX_SHARED, head_dim, arch_specific: false }
+    let mut cfg = format!("#define WEFT_ENTRY(entry) {name}_##entry\n");
+    cfg += &defines(&[("WEFT_F16", false)]);
+    cfg += &constant("int", "D", head_dim, "head dimension");
+    for e in entry::ALL {
+        cfg += &e.threads_constant();
+        cfg.push('\n');
+    }
+    cfg += &constant("int", "SCORE_ROWS", SCORE_ROWS, "groups per score CTA (4 warps x 16)");
+    cfg += &constant("int", "SCORE_COLS", SCORE_COLS, "keys per score CTA");
+    cfg += &constant("int", "HIST", HIST, "bins of the radix histograms (11 bits)");
+    cfg += &constant("int", "UNSURE_CAP", UNSURE_CAP, "keys per group scored exactly");
+    cfg += &constant("int", "ROWS_PER_CTA", ROWS_PER_CTA, "index rows per columns / block_rows CTA");
+    cfg += &constant("int", "KSTATS_KEYS", KSTATS_KEYS, "keys per kstats CTA");
+    cfg += &constant("int", "BLOCK_TOP_GROUPS", BLOCK_TOP_GROUPS, "groups per block_top CTA");
+    cfg += &constant("int", "BLOCK_SCORE_TILE", BLOCK_SCORE_TILE, "groups and key blocks per block_scores CTA");
+    cfg += &constant("int", "VS_ROWS", VS_LOGITS_ROWS, "estimated rows per vs_logits CTA (8 per warp)");
+    cfg += &constant("int", "VS_KEYS", VS_LOGITS_KEYS, "keys per vs_logits CTA (8 per lane)");
+    cfg += &constant("int", "VS_EXP_KEYS", VS_EXP_KEYS, "keys per vs_exp CTA");
+    cfg += &constant("int", "VS_MASS_KEYS", VS_MASS_KEYS, "keys or diagonals per vs_mass CTA");
+    cfg += &constant("int", "SUM_CHUNK", repro::SUM_CHUNK, "keys per partial row sum (repro::SUM_CHUNK)");
+    cfg += &constant(
+        "unsigned short",
+        "DROP_CODE",
+        format!("{:#x}", device_plan::DROP),
+        "column rule: the row's blocks compute this key",
+    );
+    cfg += &constant(
+        "unsigned int",
+        "PER_COLUMN",
+        format!("{:#x}", device_plan::PER_COLUMN),
+        "rule codes from here on index per-key codes",
+    );
+    cfg += &constant(
+        "unsigned int",
+        "PER_LINE",
+        format!("{:#x}", device_plan::PER_LINE),
+        "line codes from here on index per-offset codes",
+    );
+    cfg += &constant("long long", "LOG2E_BITS", bits(repro::LOG2E), "repro::LOG2E");
+    cfg += &constant("long long", "LN2_HI_BITS", bits(repro::LN2_HI), "repro::LN2_HI");
+    cfg += &constant("long long", "LN2_LO_BITS", bits(repro::LN2_LO), "repro::LN2_LO");
+    cfg += &format!("#define EXP_COEF_BITS {}  // repro::EXP_COEF\n", coef.join(", "));
+    let structs: Vec<&str> = entry::ALL.iter().map(|e| e.params).collect();
+    let source =
+        render(&header, "index.cu", &[("config.cuh", Some(cfg)), ("params.cuh", Some(cuda_structs(&structs)))]);
+    // A module of several entry points: no block size of its own (each entry's is in
+    // `entry`); its shared bytes are the most dynamic shared memory any entry may ask for.
+    Kernel { name, source, key, threads: 0, shared_bytes: INDEX_MAX_SHARED, head_dim, arch_specific: false }
 }

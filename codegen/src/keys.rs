@@ -1,40 +1,40 @@
-//! Kernel keys (a hash of everything a source depends on) and source headers, and the shared
-//! prelude every kernel starts with.
+//! Kernel keys (a hash of everything a source depends on), source headers, and the generated
+//! headers every kernel shares (mask predicates, config constants).
 
 use std::fmt::Write as _;
 
 use weft_dsl::{Pattern, Permutation, Pred};
 
 use crate::predicates::{cuda_pred, token_body};
-use crate::templates::PRELUDE;
-use crate::DType;
 
 /// Bumped whenever generated code changes meaning; part of every kernel key and of the
 /// toolchain key of every stored kernel (2: kernels take a head map).
 pub const CODEGEN_VERSION: u32 = 2;
 
-/// The shared helpers with the mask table, token map and dtype filled in.
-pub(crate) fn prelude(masks: &[Pred], permutation: Option<Permutation>, dtype: DType) -> String {
+/// The generated `masks.cuh`: the index's mask predicates as a `switch` over mask ids, and the
+/// map from index positions to token rows (the permutation's inverse, or the identity).
+pub(crate) fn masks(masks: &[Pred], permutation: Option<Permutation>) -> String {
     let mut cases = String::new();
     for (i, m) in masks.iter().enumerate() {
         let _ = writeln!(cases, "    case {i}: return {};  // {m}", cuda_pred(m));
     }
-    let (mma_type, cvt_type, unpack) = match dtype {
-        DType::Bf16 => ("bf16", "bf16x2", "    lo = __uint_as_float(v << 16);\n    hi = __uint_as_float(v & 0xffff0000u);"),
-        DType::F16 => (
-            "f16",
-            "f16x2",
-            "    asm(\"{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }\" : \"=f\"(lo), \"=f\"(hi) : \"r\"(v));",
-        ),
-    };
-    PRELUDE
-        .replace("{{MASK_CASES}}", cases.trim_end_matches('\n'))
-        .replace("{{MASK_COUNT}}", &masks.len().to_string())
-        .replace("{{TOKEN_BODY}}", &token_body(permutation))
-        .replace("{{IDENTITY_TOKENS}}", if permutation.is_none() { "true" } else { "false" })
-        .replace("{{MMA_TYPE}}", mma_type)
-        .replace("{{CVT_TYPE}}", cvt_type)
-        .replace("{{UNPACK_BODY}}", unpack)
+    format!(
+        "// The index's mask predicates (positions are index positions).\n\
+         [[maybe_unused]] constexpr int MASKS = {count};  // predicates in the table below\n\
+         __device__ __forceinline__ bool weft_mask(int id, long long q, long long k, long long h, long long nq, long long nk) {{\n\
+         \x20   switch (id) {{\n{cases}\x20   default: return false;\n\x20   }}\n}}\n\
+         // Index position -> token row.\n\
+         [[maybe_unused]] constexpr bool IDENTITY_TOKENS = {identity};  // position p is token p (no permutation)\n\
+         __device__ __forceinline__ int weft_token(int pos, int n) {{\n{body}\n}}\n",
+        count = masks.len(),
+        identity = permutation.is_none(),
+        body = token_body(permutation),
+    )
+}
+
+/// One line of a generated config: `constexpr {ty} {name} = {value};  // {doc}`.
+pub(crate) fn constant(ty: &str, name: &str, value: impl std::fmt::Display, doc: &str) -> String {
+    format!("constexpr {ty} {name} = {value};  // {doc}\n")
 }
 
 /// The kernel key (a hash of everything the source depends on) and the source header.

@@ -43,6 +43,7 @@
 //! ([`KernelConfig::default_for_arch`]); patterns of mostly gathered columns take it at 128
 //! rows only.
 
+pub mod abi;
 mod attention;
 mod config;
 mod decode;
@@ -54,13 +55,15 @@ mod templates;
 mod tests;
 mod wgmma;
 
-pub use attention::{emit, gathers_columns, KernelSpec};
+pub use attention::{emit, gathers_columns, KernelSpec, ATTENTION_ENTRY};
 pub use config::{DType, KernelConfig};
-pub use decode::{emit_decode, emit_merge, DecodeSpec, Partial, DECODE_THREADS, MERGE_THREADS};
+pub use decode::{
+    emit_decode, emit_merge, DecodeSpec, Partial, DECODE_ENTRY, DECODE_THREADS, MERGE_ENTRY, MERGE_THREADS,
+};
 pub use index::*;
 pub use keys::CODEGEN_VERSION;
 pub use predicates::cuda_pred;
-pub use wgmma::{emit_wgmma_probe, WGMMA_PROBE_KEYS};
+pub use wgmma::{emit_wgmma_probe, PROBE_ENTRY, WGMMA_PROBE_KEYS};
 
 /// A generated kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -118,7 +118,12 @@ fn wgmma_configs_are_checked_and_sized() {
     }
     let k =
         emit(&KernelSpec { pattern: &Pattern::new("p", full()), masks: &[], permutation: None, config: w }).unwrap();
-    assert!(k.arch_specific && k.source.contains("#define WEFT_WGMMA 1") && k.source.contains("wgmma_ss_n128("));
+    assert!(
+        k.arch_specific
+            && k.source.contains("#define WEFT_WGMMA 1")
+            && k.source.contains("wgmma.mma_async.sync.aligned.m64n128k16")
+            && k.source.contains("wgmma_qk(")
+    );
     // Records stored before the field existed read as the mma.sync path.
     let old = r#"{"block_m":64,"block_n":64,"head_dim":128,"dtype":"Bf16","warp_rows":16,"stages":2}"#;
     let c: KernelConfig = serde_json::from_str(old).unwrap();
@@ -145,4 +150,110 @@ fn wgmma_configs_are_checked_and_sized() {
     let vv = Pattern::new("vv", vertical_vector().q_block(128).keep(top_k(8)));
     let e = emit(&KernelSpec { pattern: &vv, masks: &[], permutation: None, config: ps }).unwrap_err().to_string();
     assert!(e.contains("without gathered key columns"), "{e}");
+}
+
+/// The generated header `name` as it appears in rendered `source` (between its marker and the
+/// next section's).
+fn generated_section<'a>(source: &'a str, name: &str) -> &'a str {
+    let marker = format!("// ---- {name} (generated) ----\n");
+    let start = source.find(&marker).map(|i| i + marker.len()).unwrap_or(source.len());
+    let end = source[start..].find("\n// ---- ").map(|i| start + i + 1).unwrap_or(source.len());
+    &source[start..end]
+}
+
+/// The samples of the generated headers kept in the templates folder, so that every template
+/// opens and compiles on its own: what codegen generates for a default bf16 attention kernel
+/// (causal, head dim 128), with the constants of the other kernels' configs added (first
+/// definition of each name wins: they agree where they overlap).
+fn sample_headers() -> Vec<(&'static str, String)> {
+    let pattern = Pattern::new("sample", causal());
+    let causal_mask = [weft_dsl::Pred::Cmp {
+        op: weft_dsl::CmpOp::Le,
+        lhs: weft_dsl::IntExpr::Var(weft_dsl::Var::K),
+        rhs: weft_dsl::IntExpr::Var(weft_dsl::Var::Q),
+    }];
+    let config = KernelConfig::new(128, DType::Bf16);
+    let attention =
+        emit(&KernelSpec { pattern: &pattern, masks: &causal_mask, permutation: None, config }).unwrap().source;
+    let decode = emit_decode(&DecodeSpec {
+        pattern: &pattern,
+        masks: &causal_mask,
+        permutation: None,
+        block_n: 64,
+        head_dim: 128,
+        dtype: DType::Bf16,
+    })
+    .unwrap()
+    .source;
+    let merge = emit_merge(128, DType::Bf16, Partial::F32).unwrap().source;
+    let probe = emit_wgmma_probe(128).unwrap().source;
+    let index = emit_index_module(128).unwrap().source;
+    let mut config = String::new();
+    let mut defined = std::collections::HashSet::new();
+    for source in [&attention, &decode, &merge, &probe, &index] {
+        for line in generated_section(source, "config.cuh").lines() {
+            let name = line
+                .trim_start_matches("#define ")
+                .split(['=', ';', '(', ' '])
+                .find(|w| {
+                    !w.is_empty()
+                        && !["constexpr", "int", "bool", "unsigned", "short", "long", "typedef", "float"].contains(w)
+                })
+                .unwrap_or(line)
+                .to_string();
+            let name = if line.starts_with("typedef") { line.to_string() } else { name };
+            if defined.insert(name) {
+                config.push_str(line);
+                config.push('\n');
+            }
+        }
+    }
+    let all: Vec<&str> = abi::all_params().iter().map(|(n, _, _)| *n).collect();
+    let lead = "// Sample of a header weft-codegen generates per kernel (see templates.rs), so that the\n\
+                // templates open and compile on their own; tests check it is what codegen generates.\n\
+                #pragma once\n";
+    // Kernel names hash the templates: the samples take fixed ones, so that editing a template
+    // does not change them.
+    for (kind, key) in [("attn", &attention), ("index", &index)] {
+        let marker = format!("weft_{kind}_");
+        if let Some(at) = key.find(&marker) {
+            let name = &key[at..at + marker.len() + 16];
+            config = config.replace(name, &format!("weft_{kind}_sample"));
+        }
+    }
+    vec![
+        ("config.cuh", format!("{lead}{config}")),
+        ("masks.cuh", format!("{lead}#include \"prelude.cuh\"\n{}", crate::keys::masks(&causal_mask, None))),
+        ("params.cuh", format!("{lead}#include \"prelude.cuh\"\n{}", abi_structs(&all))),
+        ("wgmma_ops.cuh", format!("{lead}#include \"prelude.cuh\"\n{}", crate::wgmma::wgmma_ops(64, 128, DType::Bf16))),
+    ]
+}
+
+fn abi_structs(names: &[&str]) -> String {
+    names.iter().filter_map(|n| abi::cuda_struct(n)).collect()
+}
+
+#[test]
+fn the_sample_headers_are_what_codegen_generates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/templates");
+    let bless = std::env::var_os("WEFT_BLESS").is_some();
+    for (name, text) in sample_headers() {
+        let path = dir.join(name);
+        if bless {
+            std::fs::write(&path, &text).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(on_disk, text, "{name} differs from what codegen generates: rerun with WEFT_BLESS=1");
+    }
+}
+
+#[test]
+fn every_entry_names_a_declared_parameter_struct() {
+    let declared: Vec<&str> = abi::all_params().iter().map(|(n, _, _)| *n).collect();
+    for e in entry::ALL.iter().chain([&ATTENTION_ENTRY]) {
+        assert!(declared.contains(&e.params), "{} takes {}, which abi.rs does not declare", e.name, e.params);
+    }
+    for root in ["attention.cu", "decode.cu", "merge.cu", "hopper.cu", "index.cu"] {
+        assert!(!crate::templates::closure(root).is_empty(), "{root} is a template");
+    }
 }

@@ -1,8 +1,12 @@
 //! Hopper warpgroup MMA helpers and their probe kernel ([`emit_wgmma_probe`]).
 
-use crate::keys::{key_and_header, prelude};
-use crate::templates::{HOPPER, PRELUDE, WGMMA};
+use crate::abi::{cuda_structs, Entry};
+use crate::keys::{constant, key_and_header};
+use crate::templates::{closure, defines, render};
 use crate::{DType, Error, Kernel};
+
+/// The probe's entry point (the kernel's own name): one warpgroup.
+pub const PROBE_ENTRY: Entry = Entry { name: "", threads: 128, params: "ProbeParams" };
 
 /// Keys in the tile of [`emit_wgmma_probe`].
 pub const WGMMA_PROBE_KEYS: u32 = 64;
@@ -20,32 +24,38 @@ pub fn emit_wgmma_probe(head_dim: u32) -> Result<Kernel, Error> {
     }
     let keys = WGMMA_PROBE_KEYS;
     let config = format!("wgmma-probe head_dim={head_dim} keys={keys}");
-    let (key, header) = key_and_header("wgmma-probe", &[PRELUDE, HOPPER, WGMMA], None, &config, &[], None);
+    let (key, header) = key_and_header("wgmma-probe", &closure("hopper.cu"), None, &config, &[], None);
     let name = format!("weft_wgmma_{}", &key[..16]);
-    let source = HOPPER
-        .replace("{{HEADER}}", &header)
-        .replace("{{PRELUDE}}", &prelude(&[], None, DType::Bf16))
-        .replace("{{WGMMA_HELPERS}}", &wgmma_helpers(keys, head_dim, DType::Bf16))
-        .replace("{{NAME}}", &name)
-        .replace("{{D}}", &head_dim.to_string())
-        .replace("{{KEYS}}", &keys.to_string());
+    let mut cfg = format!("#define WEFT_KERNEL {name}\n");
+    cfg += &defines(&[("WEFT_F16", false)]);
+    cfg += &constant("int", "D", head_dim, "head dim (columns of Q, K, V)");
+    cfg += &constant("int", "KEYS", keys, "keys in the probe's tile");
+    let source = render(
+        &header,
+        "hopper.cu",
+        &[
+            ("config.cuh", Some(cfg)),
+            ("params.cuh", Some(cuda_structs(&[PROBE_ENTRY.params]))),
+            ("wgmma_ops.cuh", Some(wgmma_ops(keys, head_dim, DType::Bf16))),
+        ],
+    );
     // Q, K and V tiles, and 1024 bytes to align them to the swizzle's period.
     let shared_bytes = (64 + 2 * keys) * head_dim * 2 + 1024;
-    Ok(Kernel { name, source, key, threads: 128, shared_bytes, head_dim, arch_specific: true })
+    Ok(Kernel { name, source, key, threads: PROBE_ENTRY.threads, shared_bytes, head_dim, arch_specific: true })
 }
 
-/// The wgmma helpers (`templates/wgmma.cu`) with the wrappers for S (`n` = `keys`: A and B in
-/// shared memory) and for O (`n` = `head_dim`: A in registers, B transposed), for `dtype`.
-pub(crate) fn wgmma_helpers(keys: u32, head_dim: u32, dtype: DType) -> String {
-    let wrappers = [wgmma_wrapper(keys, false, dtype), wgmma_wrapper(head_dim, true, dtype)].join("\n");
-    WGMMA.replace("{{WGMMA_WRAPPERS}}", &wrappers)
+/// The generated `wgmma_ops.cuh`: `wgmma_qk`, the m64n`keys`k16 product S = Q K^T with A and B
+/// in shared memory, and `wgmma_pv`, the m64n`head_dim`k16 product O += P V with A (P) in
+/// registers and B (V) read transposed, for `dtype`.
+pub(crate) fn wgmma_ops(keys: u32, head_dim: u32, dtype: DType) -> String {
+    [wgmma_wrapper("wgmma_qk", keys, false, dtype), wgmma_wrapper("wgmma_pv", head_dim, true, dtype)].join("\n")
 }
 
 /// A `wgmma` m64n`n`k16 wrapper (`dtype` inputs, f32 accumulators), one asm statement with its
-/// `n / 2` accumulators as operands: `wgmma_ss_n{n}` takes A and B from shared memory (both
-/// K-major), `wgmma_rs_n{n}_mn` takes A from registers and B from shared memory read transposed
+/// `n / 2` accumulators as operands, named `name`: without `registers_a` it takes A and B from
+/// shared memory (both K-major), with it A from registers and B from shared memory read transposed
 /// (MN-major). `accumulate` false overwrites the accumulators.
-fn wgmma_wrapper(n: u32, registers_a: bool, dtype: DType) -> String {
+fn wgmma_wrapper(name: &str, n: u32, registers_a: bool, dtype: DType) -> String {
     let acc = n / 2;
     let ty = match dtype {
         DType::Bf16 => "bf16",
@@ -57,7 +67,7 @@ fn wgmma_wrapper(n: u32, registers_a: bool, dtype: DType) -> String {
     if registers_a {
         let (a, b, flag) = (acc, acc + 4, acc + 5);
         format!(
-            "__device__ __forceinline__ void wgmma_rs_n{n}_mn(float (&d)[{acc}], const u32 (&a)[4], unsigned long long db, bool accumulate) {{\n\
+            "__device__ __forceinline__ void {name}(float (&d)[{acc}], const u32 (&a)[4], unsigned long long db, bool accumulate) {{\n\
              \x20   asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{flag}, 0;\\n\"\n\
              \x20                \"{shape} {{{d_list}}}, {{%{a}, %{a1}, %{a2}, %{a3}}}, %{b}, p, 1, 1, 1;\\n}}\\n\"\n\
              \x20                : {d_ops}\n\
@@ -69,7 +79,7 @@ fn wgmma_wrapper(n: u32, registers_a: bool, dtype: DType) -> String {
     } else {
         let (da, db, flag) = (acc, acc + 1, acc + 2);
         format!(
-            "__device__ __forceinline__ void wgmma_ss_n{n}(float (&d)[{acc}], unsigned long long da, unsigned long long db, bool accumulate) {{\n\
+            "__device__ __forceinline__ void {name}(float (&d)[{acc}], unsigned long long da, unsigned long long db, bool accumulate) {{\n\
              \x20   asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{flag}, 0;\\n\"\n\
              \x20                \"{shape} {{{d_list}}}, %{da}, %{db}, p, 1, 1, 0, 0;\\n}}\\n\"\n\
              \x20                : {d_ops}\n\

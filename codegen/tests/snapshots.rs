@@ -40,12 +40,13 @@ fn permuted_grid_token_map() {
 }
 
 #[test]
-fn vertical_vector_index_builder_bf16_d128() {
-    let k = weft_codegen::emit_vv_index(128).unwrap();
-    assert_eq!(k, weft_codegen::emit_vv_index(128).unwrap(), "emission must be deterministic");
-    // The header and the constants the host and the template share; the body is the template.
-    let lines: Vec<&str> =
-        k.source.lines().filter(|l| l.starts_with("// ") || l.starts_with("constexpr")).take(40).collect();
+fn index_module_bf16_d128() {
+    let k = weft_codegen::emit_index_module(128).unwrap();
+    assert_eq!(k, weft_codegen::emit_index_module(128).unwrap(), "emission must be deterministic");
+    // The header and the generated config (the constants the host and the templates share);
+    // the body is the templates.
+    let config = k.source.split("// ---- prelude.cuh ----").next().unwrap();
+    let lines: Vec<&str> = config.lines().filter(|l| !l.starts_with("//   ") && !l.is_empty()).collect();
     insta::assert_snapshot!(lines.join("\n"));
 }
 
@@ -55,8 +56,8 @@ fn wgmma_probe_wrappers_bf16_d128() {
     assert_eq!(k, weft_codegen::emit_wgmma_probe(128).unwrap(), "emission must be deterministic");
     assert!(weft_codegen::emit_wgmma_probe(256).is_err(), "head_dim 256 is refused");
     // The generated part: the header and the two wgmma wrappers (the rest is the template).
-    let start = k.source.find("__device__ __forceinline__ void wgmma_ss_").unwrap();
-    let end = k.source.find("// ---- probe").unwrap();
+    let start = k.source.find("__device__ __forceinline__ void wgmma_qk").unwrap();
+    let end = k.source.find("// This thread's accumulators").unwrap();
     let head: Vec<&str> = k.source.lines().take_while(|l| l.starts_with("// ")).collect();
     insta::assert_snapshot!(format!("{}\n...\n{}", head.join("\n"), &k.source[start..end]));
 }

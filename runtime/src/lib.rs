@@ -27,6 +27,7 @@
 
 mod device_index;
 mod external;
+mod launch;
 mod layer;
 mod libs;
 pub mod nvrtc;
@@ -34,8 +35,11 @@ pub mod nvrtc;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg};
-use weft_codegen::{Kernel, KernelConfig, DECODE_THREADS, MERGE_THREADS};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream};
+use weft_codegen::abi::{AttentionParams, DecodeParams, DevPtr, MergeParams};
+use weft_codegen::{Kernel, KernelConfig, ATTENTION_ENTRY, DECODE_ENTRY, MERGE_ENTRY, MERGE_THREADS};
+
+use launch::{launch, launch_threads, Args};
 use weft_patterns::{BatchIndex, SparseIndex};
 
 pub use device_index::{IndexBuild, IndexBuildReport, VvStrategy, LIST_BOUND_BYTES};
@@ -109,10 +113,17 @@ pub struct DeviceIndex {
 }
 
 impl DeviceIndex {
-    /// The six CSR arrays, in the order every generated kernel takes them.
-    fn push_csr<'a>(&'a self, b: &mut LaunchArgs<'a>) {
-        b.arg(&self.block_ptr).arg(&self.block_idx).arg(&self.block_mask);
-        b.arg(&self.col_ptr).arg(&self.col_idx).arg(&self.col_mask);
+    /// The six CSR arrays' addresses: block_ptr, block_idx, block_mask, col_ptr, col_idx,
+    /// col_mask.
+    fn csr<'a>(&'a self, a: &mut Args<'a>) -> [DevPtr; 6] {
+        [
+            a.r(&self.block_ptr),
+            a.r(&self.block_idx),
+            a.r(&self.block_mask),
+            a.r(&self.col_ptr),
+            a.r(&self.col_idx),
+            a.r(&self.col_mask),
+        ]
     }
 }
 
@@ -151,7 +162,7 @@ pub struct Gpu {
     plan_copies: Mutex<HashMap<u64, (u64, PlanCopy)>>,
     /// The index builders' module per head dim (generated once: its source is long, and every
     /// build needs it before its first launch).
-    index_kernels: Mutex<HashMap<u32, Arc<weft_codegen::Kernel>>>,
+
     /// The kernel database and this GPU's toolchain (its key prefix), when attached.
     db: Option<(weft_cache::Db, weft_cache::Toolchain)>,
     /// Whether index builds record CUDA events per kernel (see [`Gpu::time_index_kernels`]).
@@ -262,7 +273,6 @@ impl Gpu {
             sm_count,
             modules: Mutex::new(HashMap::new()),
             plan_copies: Mutex::new(HashMap::new()),
-            index_kernels: Mutex::new(HashMap::new()),
             db: None,
             index_timing: std::sync::atomic::AtomicBool::new(false),
             persistent_ctas: std::sync::atomic::AtomicUsize::new(0),
@@ -392,6 +402,16 @@ impl Gpu {
         };
         let entries: Vec<Option<&str>> = entries.iter().map(|e| Some(*e)).collect();
         self.install_entries(kernel, cubin, ptx, &entries)
+    }
+
+    /// [`Gpu::load_entries`] for the entry points of a codegen table.
+    pub(crate) fn load_module(
+        &self,
+        kernel: &Kernel,
+        entries: &[weft_codegen::abi::Entry],
+    ) -> Result<launch::Module, Error> {
+        let names: Vec<&str> = entries.iter().map(|e| e.name).collect();
+        Ok(launch::Module::new(entries, self.load_entries(kernel, &names)?))
     }
 
     /// Takes the kernel database back (to hand it to another `Gpu`: sled allows one opener).
@@ -586,28 +606,66 @@ impl Gpu {
         } else {
             (index.q_blocks as u32, index.heads as u32, 1)
         };
-        let cfg = LaunchConfig {
-            grid_dim: grid,
-            block_dim: (config.threads(), 1, 1),
-            shared_mem_bytes: config.shared_bytes(),
+        let mut a = Args::new(&self.stream);
+        let [block_ptr, block_idx, block_mask, col_ptr, col_idx, col_mask] = index.csr(&mut a);
+        let params = AttentionParams {
+            q: a.r(q),
+            k: a.r(k),
+            v: a.r(v),
+            o: a.w(out),
+            lse: a.w(lse),
+            block_ptr,
+            block_idx,
+            block_mask,
+            col_ptr,
+            col_idx,
+            col_mask,
+            seq_q: a.r(&index.seq_q),
+            seq_k: a.r(&index.seq_k),
+            seq_qb: a.r(&index.seq_qb),
+            head_map: a.r(&index.head_map_dev),
+            batch: index.batch as i32,
+            total_q: shape.nq as i32,
+            total_k: shape.nk as i32,
+            hq: shape.hq as i32,
+            hkv: shape.hkv as i32,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            index_heads: index.heads as i32,
         };
-        let (nq, nk, hq, hkv) = (shape.nq as i32, shape.nk as i32, shape.hq as i32, shape.hkv as i32);
-        let batch = index.batch as i32;
-        let scale_log2 = scale * std::f32::consts::LOG2_E;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(q).arg(k).arg(v).arg(out).arg(lse);
-        index.push_csr(&mut b);
-        b.arg(&index.seq_q).arg(&index.seq_k).arg(&index.seq_qb).arg(&index.head_map_dev);
-        let index_heads = index.heads as i32;
-        b.arg(&batch).arg(&nq).arg(&nk).arg(&hq).arg(&hkv).arg(&scale_log2).arg(&index_heads);
-        // Safety: the argument list matches the generated signature, and `check_launch`
-        // verified every buffer's length against the shapes the kernel indexes with.
-        unsafe { b.launch(cfg) }.map_err(driver(format!("launching {}", kernel.name)))?;
-        Ok(())
+        // Safety: every address comes from `a`, and `check_launch` verified each buffer's
+        // length against the shapes the kernel indexes with.
+        unsafe {
+            launch_threads(&self.stream, &f, &ATTENTION_ENTRY, grid, config.threads(), config.shared_bytes(), params, a)
+        }
     }
 }
 
 impl Gpu {
+    /// Runs the wgmma probe `kernel` ([`weft_codegen::emit_wgmma_probe`]): S = Q K^T and
+    /// O = bf16(S) V for Q `[64, d]`, K and V `[keys, d]` (bf16 bits), S and O in f32.
+    pub fn wgmma_probe(
+        &self,
+        kernel: &Kernel,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        s: &mut CudaSlice<f32>,
+        o: &mut CudaSlice<f32>,
+    ) -> Result<(), Error> {
+        let (d, keys) = (kernel.head_dim as usize, weft_codegen::WGMMA_PROBE_KEYS as usize);
+        if q.len() != 64 * d || k.len() != keys * d || v.len() != keys * d || s.len() != 64 * keys || o.len() != 64 * d
+        {
+            return Err(Error::Shape(format!(
+                "the wgmma probe takes Q [64, {d}], K and V [{keys}, {d}], S and O to match"
+            )));
+        }
+        let f = self.load(kernel)?;
+        let mut a = Args::new(&self.stream);
+        let params = weft_codegen::abi::ProbeParams { q: a.r(q), k: a.r(k), v: a.r(v), s: a.w(s), o: a.w(o) };
+        // Safety: addresses from `a`, lengths checked above.
+        unsafe { launch(&self.stream, &f, &weft_codegen::PROBE_ENTRY, (1, 1, 1), kernel.shared_bytes, params, a) }
+    }
+
     /// Decode over an index with one query per row (`block_m = 1`): `splits` CTAs per row
     /// write f32 partials that `merge` (from `emit_merge(.., Partial::F32)`) combines into
     /// `out` and `lse`. `splits` = 0 picks enough splits to fill the GPU.
@@ -651,20 +709,30 @@ impl Gpu {
         let mut opart = s.alloc_zeros::<f32>(splits * rows * shape.head_dim).map_err(driver(what))?;
         let mut lpart = s.alloc_zeros::<f32>(splits * rows).map_err(driver(what))?;
         let f = self.load(kernel)?;
-        let cfg = LaunchConfig {
-            grid_dim: ((shape.nq * splits) as u32, shape.hq as u32, 1),
-            block_dim: (DECODE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+        let grid = ((shape.nq * splits) as u32, shape.hq as u32, 1);
+        let mut a = Args::new(s);
+        let [block_ptr, block_idx, block_mask, col_ptr, col_idx, col_mask] = index.csr(&mut a);
+        let params = DecodeParams {
+            q: a.r(q),
+            k: a.r(k),
+            v: a.r(v),
+            opart: a.w(&mut opart),
+            lsepart: a.w(&mut lpart),
+            block_ptr,
+            block_idx,
+            block_mask,
+            col_ptr,
+            col_idx,
+            col_mask,
+            nq: shape.nq as i32,
+            nk: shape.nk as i32,
+            hq: shape.hq as i32,
+            hkv: shape.hkv as i32,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            splits: splits as i32,
         };
-        let (nq, nk, hq, hkv, sp) =
-            (shape.nq as i32, shape.nk as i32, shape.hq as i32, shape.hkv as i32, splits as i32);
-        let scale_log2 = scale * std::f32::consts::LOG2_E;
-        let mut b = s.launch_builder(&f);
-        b.arg(q).arg(k).arg(v).arg(&mut opart).arg(&mut lpart);
-        index.push_csr(&mut b);
-        b.arg(&nq).arg(&nk).arg(&hq).arg(&hkv).arg(&scale_log2).arg(&sp);
-        // Safety: arguments match the generated decode signature; lengths checked above.
-        unsafe { b.launch(cfg) }.map_err(driver(format!("launching {}", kernel.name)))?;
+        // Safety: addresses from `a`; lengths checked above, partials allocated for them.
+        unsafe { launch(s, &f, &DECODE_ENTRY, grid, 0, params, a) }?;
         self.merge(merge, &opart, &lpart, splits, rows, shape.head_dim, out, lse)
     }
 
@@ -702,17 +770,18 @@ impl Gpu {
         }
         let f = self.load(merge)?;
         let per = (MERGE_THREADS / 32) as usize;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(per) as u32, 1, 1),
-            block_dim: (MERGE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+        let grid = (rows.div_ceil(per) as u32, 1, 1);
+        let mut a = Args::new(&self.stream);
+        let params = MergeParams {
+            parts: a.r(partials),
+            lses: a.r(lses),
+            o: a.w(out),
+            lse: a.w(lse),
+            nparts: parts as i32,
+            rows: rows as i32,
         };
-        let (np, nr) = (parts as i32, rows as i32);
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(partials).arg(lses).arg(out).arg(lse).arg(&np).arg(&nr);
-        // Safety: arguments match the generated merge signature; lengths checked above.
-        unsafe { b.launch(cfg) }.map_err(driver(format!("launching {}", merge.name)))?;
-        Ok(())
+        // Safety: addresses from `a`; lengths checked above.
+        unsafe { launch(&self.stream, &f, &MERGE_ENTRY, grid, 0, params, a) }
     }
 }
 

@@ -175,6 +175,21 @@ pub fn compile_kernel(kernel: &weft_codegen::Kernel, arch: Arch) -> Result<Compi
 }
 
 fn compile_for(source: &str, name: &str, arch: Arch, arch_name: &str) -> Result<Compiled, Error> {
+    compile_with(source, name, arch, arch_name, &[])
+}
+
+/// Compiles a template file as it is, its `#include`s found in `include_dir` (the templates
+/// folder, whose generated headers are samples): the check that every template is valid CUDA
+/// on its own. Generated kernels need no include path.
+pub fn compile_template(path: &std::path::Path, include_dir: &std::path::Path, arch: Arch) -> Result<Compiled, Error> {
+    let source =
+        std::fs::read_to_string(path).map_err(|e| Error::Usage(format!("reading template {}: {e}", path.display())))?;
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("template");
+    let include = format!("--include-path={}", include_dir.display());
+    compile_with(&source, name, arch, &format!("{}a", arch.name()), &[include])
+}
+
+fn compile_with(source: &str, name: &str, arch: Arch, arch_name: &str, extra: &[String]) -> Result<Compiled, Error> {
     check_available()?;
     let start = std::time::Instant::now();
     let file = format!("{name}.cu");
@@ -183,7 +198,8 @@ fn compile_for(source: &str, name: &str, arch: Arch, arch_name: &str) -> Result<
     let nvrtc_err =
         |what: &str, e: result::NvrtcError| Error::Nvrtc { message: format!("{what}: {e:?}"), log: String::new() };
     let prog = result::create_program(&src, Some(&file_c)).map_err(|e| nvrtc_err("nvrtcCreateProgram", e))?;
-    let options = options_for(arch_name);
+    let mut options = options_for(arch_name);
+    options.extend_from_slice(extra);
     let compiled = unsafe { result::compile_program(prog, &options) };
     let log = unsafe { result::get_program_log(prog) }.map(to_string).unwrap_or_default();
     let finish = |r: Result<Compiled, Error>| {

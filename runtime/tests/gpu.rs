@@ -1387,7 +1387,6 @@ fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
 /// tolerance.
 #[test]
 fn wgmma_probe_matches_exact_products() {
-    use cudarc::driver::{LaunchConfig, PushKernelArg};
     let gpu = Gpu::open(0).expect("a GPU");
     if gpu.arch.sm != 90 {
         println!("skipped: the wgmma probe needs sm_90, this GPU is {}", gpu.arch.name());
@@ -1398,7 +1397,6 @@ fn wgmma_probe_matches_exact_products() {
     let mut failures = Vec::new();
     for (d, seed) in [(64usize, 11u64), (128, 12)] {
         let kernel = weft_codegen::emit_wgmma_probe(d as u32).unwrap();
-        let f = gpu.load(&kernel).unwrap();
         let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         let mut values = |n: usize| -> Vec<f32> {
             (0..n)
@@ -1416,12 +1414,7 @@ fn wgmma_probe_matches_exact_products() {
             (s.clone_htod(&bits(&q)).unwrap(), s.clone_htod(&bits(&k)).unwrap(), s.clone_htod(&bits(&v)).unwrap());
         let mut sd = s.clone_htod(&vec![f32::NAN; 64 * keys]).unwrap();
         let mut od = s.clone_htod(&vec![f32::NAN; 64 * d]).unwrap();
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: kernel.shared_bytes };
-        let mut b = s.launch_builder(&f);
-        b.arg(&qd).arg(&kd).arg(&vd).arg(&mut sd).arg(&mut od);
-        // Safety: the arguments match the probe's signature and each buffer has the size it
-        // indexes.
-        unsafe { b.launch(cfg) }.unwrap();
+        gpu.wgmma_probe(&kernel, &qd, &kd, &vd, &mut sd, &mut od).unwrap();
         let (got_s, got_o) = (s.clone_dtoh(&sd).unwrap(), s.clone_dtoh(&od).unwrap());
         // The CPU's S, P = bf16(S) rounded to nearest even, and O.
         let bf16 = |x: f32| {

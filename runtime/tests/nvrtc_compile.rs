@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 use weft_codegen::{
-    emit, emit_decode, emit_merge, emit_vv_index, DType, DecodeSpec, KernelConfig, KernelSpec, Partial,
+    emit, emit_decode, emit_index_module, emit_merge, DType, DecodeSpec, KernelConfig, KernelSpec, Partial,
 };
 use weft_dsl::builder::*;
 use weft_dsl::{Pattern, Permutation, RingLayout, Score, Unit};
@@ -176,21 +176,22 @@ fn compile_errors_carry_the_log_and_the_line() {
 }
 
 #[test]
-fn vertical_vector_index_kernels_compile_without_spills() {
+fn index_module_kernels_compile_without_spills() {
     version().expect("NVRTC is required for this test");
     let jobs: Vec<_> = [64u32, 128, 256]
         .into_iter()
         .flat_map(|d| [(d, Arch::SM80), (d, Arch::SM90)])
-        .map(|(d, arch)| (emit_vv_index(d).unwrap(), d, arch))
+        .map(|(d, arch)| (emit_index_module(d).unwrap(), d, arch))
         .collect();
     jobs.par_iter().for_each(|(kernel, d, arch)| {
         let c = compile(&kernel.source, &kernel.name, *arch).unwrap_or_else(|e| panic!("vv index d={d}: {e}"));
-        for entry in weft_codegen::VV_INDEX_ENTRIES
-            .iter()
-            .chain(&weft_codegen::BLOCK_INDEX_ENTRIES)
-            .chain(&weft_codegen::VS_INDEX_ENTRIES)
-        {
-            assert!(c.ptx.contains(&format!(".entry {}_{entry}", kernel.name)), "d={d}: no entry {entry}");
+        for entry in weft_codegen::entry::ALL {
+            let name = format!("{}_{}", kernel.name, entry.name);
+            assert!(c.ptx.contains(&format!(".entry {name}")), "d={d}: no entry {}", entry.name);
+            // The block size the launches use is the one the source was generated with.
+            let bounds = c.ptx.split(&format!(".entry {name}(")).nth(1).and_then(|s| s.split(".maxntid").nth(1));
+            let threads = bounds.and_then(|s| s.trim_start().split(',').next()).and_then(|s| s.trim().parse().ok());
+            assert_eq!(threads, Some(entry.threads), "d={d}: {name}'s launch bounds");
         }
         assert!(c.ptx.contains("mma.sync.aligned.m16n8k16"), "d={d}: the score entry has no tensor-core mma");
         // Per entry: none spills, except the vertical-vector `select` (512 threads, so at most
@@ -280,4 +281,17 @@ fn wgmma_probe_compiles_for_sm_90a() {
     // compile_arch_specific (compile_kernel, Gpu::load: `Kernel::arch_specific`).
     let kernel = weft_codegen::emit_wgmma_probe(128).unwrap();
     assert!(compile(&kernel.source, &kernel.name, Arch::SM90).is_err(), "wgmma compiled for plain sm_90");
+}
+
+#[test]
+fn every_template_compiles_on_its_own_with_the_sample_headers() {
+    // What an editor (or nvcc, clangd) sees opening a template: the sample generated headers
+    // in the templates folder stand in for a kernel's.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../codegen/src/templates");
+    let arch: Arch = "sm_90".parse().unwrap();
+    ["attention.cu", "decode.cu", "merge.cu", "hopper.cu", "index.cu"].par_iter().for_each(|root| {
+        let c = weft_runtime::nvrtc::compile_template(&dir.join(root), &dir, arch)
+            .unwrap_or_else(|e| panic!("{root} does not compile on its own: {e}"));
+        assert!(!c.log.contains("warning"), "{root}: the compiler warns:\n{}", c.log);
+    });
 }

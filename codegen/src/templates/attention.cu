@@ -1,39 +1,37 @@
-{{HEADER}}
 // Forward attention over weft's sparse index (FlashAttention-2 schedule).
 // One CTA computes one index row (a persistent one a sequence of rows): BM query rows of one
 // head against the row's tiles. A tile is either a key block from the block list (BN
 // consecutive keys) or a chunk of up to BN gathered key columns; both land in the same
 // shared-memory tile, so columns run on the same tensor-core math as blocks. Online softmax in f32 (log2 domain), mma.sync m16n8k16,
-// ldmatrix, and cp.async double buffering of the K/V tiles. Self-contained: no headers.
+// ldmatrix, and cp.async double buffering of the K/V tiles.
 // With WEFT_WGMMA (KernelConfig::wgmma, sm_90a) the two products run as warpgroup MMAs
 // instead: one warpgroup per 64 rows (16 rows per warp, as mma.sync with MT = 1, so the
 // accumulators have the same layout and the masks and softmax below serve both), Q, K and V
 // in 128-byte swizzled panels read through descriptors, P from registers.
 
-{{PRELUDE}}
-#define WEFT_WGMMA {{WGMMA}}
+#include "config.cuh"   // generated per kernel: its config, entry points and names
+#include "prelude.cuh"
+#include "params.cuh"   // generated from weft-codegen abi.rs: the parameter structs
+#include "masks.cuh"    // generated per kernel: the index's mask predicates and token map
+// WEFT_WGMMA, WEFT_PRODUCER and WEFT_PERSISTENT come from the config:
 // With WEFT_PRODUCER (KernelConfig::producer, wgmma only) a producer warpgroup copies the K/V
 // tiles and the consumer warpgroups only compute (FlashAttention-3's warp specialisation):
 // mbarriers per stage say when a tile has landed (full) and when every consumer is done with
 // it (empty), so no barrier holds the whole CTA, and setmaxnreg moves registers from the
 // producer to the consumers.
-#define WEFT_PRODUCER {{PRODUCER}}
 // With WEFT_PERSISTENT (KernelConfig::persistent, producer only) the grid has one CTA per SM,
 // and each CTA runs index rows blockIdx.x, blockIdx.x + gridDim.x, ... (heaviest query blocks
 // first). Producer and consumers number the tiles of all their rows in one sequence, so the
 // stage mbarriers carry from row to row and the producer copies the next row's Q (into the
 // other of two Q buffers) and first tiles while the consumers finish and store this one.
-#define WEFT_PERSISTENT {{PERSISTENT}}
-{{WGMMA_HELPERS}}
-constexpr int BM = {{BM}};          // query rows per CTA (the index's block_m)
-constexpr int BN = {{BN}};          // keys per tile (the index's block_n)
-constexpr int D = {{D}};            // head dimension
-constexpr int STAGES = {{STAGES}};           // K/V tiles in flight (cp.async pipeline depth)
-constexpr bool GATHERS = {{GATHERS}};        // the pattern can list single key columns
-constexpr int MT = {{MT}};            // 16-row m-tiles per warp: each K/V fragment feeds MT mma
+#if WEFT_WGMMA
+#include "wgmma.cuh"
+#endif
+// BM, BN, D, STAGES, GATHERS and MT come from the config (KernelConfig).
 constexpr int WARPS = BM / (16 * MT);
 constexpr bool Q_IN_REGS = MT == 1; // with one m-tile, Q's fragments stay in registers
 constexpr int THREADS = (WARPS + (WEFT_PRODUCER ? 4 : 0)) * 32;
+static_assert(THREADS == KERNEL_THREADS, "the block size the host launches (KernelConfig::threads)");
 constexpr int LOADERS = WEFT_PRODUCER ? 128 : THREADS;  // the threads that copy tiles
 #if WEFT_PRODUCER
 constexpr int CONSUMER_WARPS = WARPS;  // the warps that compute (all but the producer's)
@@ -110,15 +108,38 @@ __device__ __forceinline__ u32 fill_parity(int g) { return (u32)(g / STAGES) & 1
 __device__ __forceinline__ u32 release_parity(int g) { return (u32)(g / STAGES - 1) & 1u; }
 #endif
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
-    const u16* __restrict__ Q, const u16* __restrict__ K, const u16* __restrict__ V,
-    u16* __restrict__ O, float* __restrict__ LSE,
-    const u32* __restrict__ block_ptr, const u32* __restrict__ block_idx, const u16* __restrict__ block_mask,
-    const u32* __restrict__ col_ptr, const u32* __restrict__ col_idx, const u16* __restrict__ col_mask,
-    const int* __restrict__ seq_q, const int* __restrict__ seq_k, const int* __restrict__ seq_qb,
-    const int* __restrict__ head_map,
-    int batch, int total_q, int total_k, int hq, int hkv, float scale_log2, int index_heads)
+extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(const AttentionParams params)
 {
+    const u16* __restrict__ Q = params.q;
+    const u16* __restrict__ K = params.k;
+    const u16* __restrict__ V = params.v;
+    u16* __restrict__ O = params.o;
+    float* __restrict__ LSE = params.lse;
+    const u32* __restrict__ block_ptr = params.block_ptr;
+    const u32* __restrict__ block_idx = params.block_idx;
+    const u16* __restrict__ block_mask = params.block_mask;
+    const u32* __restrict__ col_ptr = params.col_ptr;
+    const u32* __restrict__ col_idx = params.col_idx;
+    const u16* __restrict__ col_mask = params.col_mask;
+    const int* __restrict__ seq_q = params.seq_q;
+    const int* __restrict__ seq_k = params.seq_k;
+    const int* __restrict__ seq_qb = params.seq_qb;
+    const int* __restrict__ head_map = params.head_map;
+    const int batch = params.batch;
+    const int total_q = params.total_q;
+    const int total_k = params.total_k;
+    const int hq = params.hq;
+    const int hkv = params.hkv;
+    const float scale_log2 = params.scale_log2;
+    const int index_heads = params.index_heads;
+
+    // The layout below, in bytes, within what the host gives the launch (KernelConfig::shared_bytes):
+    // Q, K and V tiles, key positions and mask ids, 1024 to align swizzled panels, mbarriers
+    // (each 8 bytes, at most 8 of alignment).
+    static_assert(2 * (Q_BUFFERS * BM + 2 * STAGES * BN) * ROW + STAGES * BN * (4 + 2) +
+                          (WEFT_WGMMA ? 1024 : 0) + (WEFT_PRODUCER ? 8 + 32 * STAGES + 16 * WEFT_PERSISTENT : 0) <=
+                      KERNEL_SHARED_BYTES,
+                  "the shared memory the host gives the launch (KernelConfig::shared_bytes)");
     extern __shared__ __align__(16) unsigned char smem[];
 #if WEFT_WGMMA
     // Swizzled panels start on 1024 bytes (the swizzle's period); the config asks for 1024 spare.
@@ -459,7 +480,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
             const u32 v_base = smem_u32(sV) + stage * STAGE_BYTES;
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk)
-                wgmma_rs_n{{D}}_mn(acc, p[kk], smem_desc(v_base + kk * 16 * 128, BN * 128, 1024), true);
+                wgmma_pv(acc, p[kk], smem_desc(v_base + kk * 16 * 128, BN * 128, 1024), true);
             wgmma_commit();
         };
         // The warpgroup schedule overlaps each tile's softmax with the previous tile's P V
@@ -532,7 +553,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{NAME}}(
 #pragma unroll
                 for (int kk = 0; kk < KQ; ++kk) {
                     const u32 at = (kk % 4) * 32;
-                    wgmma_ss_n{{BN}}(acc, smem_desc(q_base + (kk / 4) * BM * 128 + at, 16, 1024),
+                    wgmma_qk(acc, smem_desc(q_base + (kk / 4) * BM * 128 + at, 16, 1024),
                                    smem_desc(k_base + (kk / 4) * BN * 128 + at, 16, 1024), kk > 0);
                 }
                 wgmma_commit();

@@ -1,4 +1,3 @@
-{{HEADER}}
 // Decode over weft's sparse index: one query row per index row (block_m = 1), e.g. a
 // retrieval operator's kept keys. The row's keys (its key blocks, then its columns) are split
 // into `splits` contiguous ranges, one CTA each, so a single token still fills the GPU; each
@@ -7,19 +6,35 @@
 // writes an f32 partial output and its log-sum-exp for the merge kernel. Memory-bound: keys
 // are read once, as whole rows (coalesced per warp).
 
-{{PRELUDE}}
-constexpr int BN = {{BN}};          // keys per block entry (the index's block_n)
-constexpr int D = {{D}};            // head dimension
+#include "config.cuh"   // generated per kernel: its config, entry points and names
+#include "prelude.cuh"
+#include "params.cuh"   // generated from weft-codegen abi.rs: the parameter structs
+#include "masks.cuh"    // generated per kernel: the index's mask predicates and token map
+// BN (keys per block entry: the index's block_n) and D come from the config.
 constexpr int WARPS = 4;
+static_assert(WARPS * 32 == KERNEL_THREADS, "the block size the host launches (DECODE_THREADS)");
 constexpr int E = D / 32;           // elements per lane
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32) {{NAME}}(
-    const u16* __restrict__ Q, const u16* __restrict__ K, const u16* __restrict__ V,
-    float* __restrict__ Opart, float* __restrict__ LSEpart,
-    const u32* __restrict__ block_ptr, const u32* __restrict__ block_idx, const u16* __restrict__ block_mask,
-    const u32* __restrict__ col_ptr, const u32* __restrict__ col_idx, const u16* __restrict__ col_mask,
-    int nq, int nk, int hq, int hkv, float scale_log2, int splits)
+extern "C" __global__ void __launch_bounds__(WARPS * 32) WEFT_KERNEL(const DecodeParams params)
 {
+    const u16* __restrict__ Q = params.q;
+    const u16* __restrict__ K = params.k;
+    const u16* __restrict__ V = params.v;
+    float* __restrict__ Opart = params.opart;
+    float* __restrict__ LSEpart = params.lsepart;
+    const u32* __restrict__ block_ptr = params.block_ptr;
+    const u32* __restrict__ block_idx = params.block_idx;
+    const u16* __restrict__ block_mask = params.block_mask;
+    const u32* __restrict__ col_ptr = params.col_ptr;
+    const u32* __restrict__ col_idx = params.col_idx;
+    const u16* __restrict__ col_mask = params.col_mask;
+    const int nq = params.nq;
+    const int nk = params.nk;
+    const int hq = params.hq;
+    const int hkv = params.hkv;
+    const float scale_log2 = params.scale_log2;
+    const int splits = params.splits;
+
     __shared__ float s_m[WARPS], s_l[WARPS];
     __shared__ float s_acc[WARPS][D];
 

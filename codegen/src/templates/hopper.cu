@@ -1,4 +1,3 @@
-{{HEADER}}
 // Hopper (sm_90a) building blocks of the attention kernel's wgmma path: warpgroup MMAs reading
 // their operands from shared memory through matrix descriptors, in the 128-byte swizzled layout.
 // The probe kernel below exercises each of them once, on inputs whose products and sums are
@@ -20,12 +19,13 @@
 // {a0, a1, a2, a3} = rows (g, g + 8) x columns (2 t, 2 t + 8), two bf16 each, which is how the
 // accumulators of S become P without a trip through shared memory.
 
-{{PRELUDE}}
-constexpr int D = {{D}};          // head dim (columns of Q, K, V)
-constexpr int KEYS = {{KEYS}};    // keys in the probe's tile
+#include "config.cuh"   // generated per kernel: its config, entry points and names
+#include "prelude.cuh"
+#include "params.cuh"   // generated from weft-codegen abi.rs: the parameter structs
+// D (columns of Q, K, V) and KEYS (keys in the probe's tile) come from the config.
 constexpr int PANEL = 64;         // bf16 columns per 128-byte panel row
 
-{{WGMMA_HELPERS}}
+#include "wgmma.cuh"
 
 // This thread's accumulators of an m64nN product into `out` (row-major, N columns): rows `row`
 // and `row + 8`, columns 8 j + 2 t and the next.
@@ -44,10 +44,14 @@ __device__ __forceinline__ void store_rows(float* out, int n, int row, int t, co
 // ---- probe: one warpgroup (128 threads) ----
 // Q [64][D], K and V [KEYS][D] (bf16, row-major). Writes S = Q K^T ([64][KEYS], f32, from
 // shared-memory operands) and O = bf16(S) V ([64][D], f32, P from registers, V read transposed).
-extern "C" __global__ void __launch_bounds__(128) {{NAME}}(
-    const u16* __restrict__ Q, const u16* __restrict__ K, const u16* __restrict__ V,
-    float* __restrict__ S, float* __restrict__ O)
+extern "C" __global__ void __launch_bounds__(128) WEFT_KERNEL(const ProbeParams params)
 {
+    const u16* __restrict__ Q = params.q;
+    const u16* __restrict__ K = params.k;
+    const u16* __restrict__ V = params.v;
+    float* __restrict__ S = params.s;
+    float* __restrict__ O = params.o;
+
     extern __shared__ unsigned char smem_raw[];
     // Panels must start on 1024 bytes (the swizzle pattern's period): the launch asks for 1024
     // bytes more than the tiles take.
@@ -79,7 +83,7 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}(
     for (int kk = 0; kk < D / 16; ++kk) {
         const u32 at = (kk % 4) * 32;  // 16 columns = 32 bytes into the panel
         const u32 qa = q0 + (kk / 4) * 64 * 128 + at, kb = k0 + (kk / 4) * KEYS * 128 + at;
-        wgmma_ss_n{{KEYS}}(s, smem_desc(qa, 16, 1024), smem_desc(kb, 16, 1024), kk > 0);
+        wgmma_qk(s, smem_desc(qa, 16, 1024), smem_desc(kb, 16, 1024), kk > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -107,7 +111,7 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}(
 #pragma unroll
     for (int ks = 0; ks < KEYS / 16; ++ks) {
         // 16 keys = 16 rows of 128 bytes further into every panel of V.
-        wgmma_rs_n{{D}}_mn(o, p[ks], smem_desc(v0 + ks * 16 * 128, KEYS * 128, 1024), ks > 0);
+        wgmma_pv(o, p[ks], smem_desc(v0 + ks * 16 * 128, KEYS * 128, 1024), ks > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();

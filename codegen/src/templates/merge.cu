@@ -1,21 +1,34 @@
-{{HEADER}}
 // Exact merge of partial attention results over disjoint key sets (split-KV decode, ring
 // steps): lse = log(sum_s exp(lse_s)), O = sum_s exp(lse_s - lse) O_s. One warp per row.
 
-{{PRELUDE}}
-constexpr int D = {{D}};
+#include "config.cuh"   // generated per kernel: its config, entry points and names
+#include "prelude.cuh"
+#include "params.cuh"   // generated from weft-codegen abi.rs: the parameter structs
+// D and PartT (the partials' element type: float, or the attention dtype) come from the config.
 constexpr int E = D / 32;
-constexpr int ROWS_PER_CTA = 4;
+constexpr int MERGE_ROWS = 4;
+static_assert(MERGE_ROWS * 32 == KERNEL_THREADS, "the block size the host launches (MERGE_THREADS)");
 
-__device__ __forceinline__ float part_value(const {{PART_T}}* parts, size_t i) {
-{{PART_LOAD}}
+__device__ __forceinline__ float part_value(const PartT* parts, size_t i) {
+#if WEFT_PARTIAL_F32
+    return parts[i];
+#else
+    float lo, hi;
+    unpack(parts[i], lo, hi);  // the value sits in the low half
+    return lo;
+#endif
 }
 
-extern "C" __global__ void __launch_bounds__(ROWS_PER_CTA * 32) {{NAME}}(
-    const {{PART_T}}* __restrict__ parts, const float* __restrict__ lses,
-    u16* __restrict__ O, float* __restrict__ LSE, int nparts, int rows)
+extern "C" __global__ void __launch_bounds__(MERGE_ROWS * 32) WEFT_KERNEL(const MergeParams params)
 {
-    const int row = blockIdx.x * ROWS_PER_CTA + threadIdx.x / 32, lane = threadIdx.x % 32;
+    const PartT* __restrict__ parts = (const PartT*)params.parts;
+    const float* __restrict__ lses = params.lses;
+    u16* __restrict__ O = params.o;
+    float* __restrict__ LSE = params.lse;
+    const int nparts = params.nparts;
+    const int rows = params.rows;
+
+    const int row = blockIdx.x * MERGE_ROWS + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
     float mx = neg_inf();
     for (int s = 0; s < nparts; ++s) mx = fmaxf(mx, lses[(size_t)s * rows + row]);

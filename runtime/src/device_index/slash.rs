@@ -1,4 +1,4 @@
-//! Vertical-slash indexes built on the device (see `vs_index.cu` for the method).
+//! Vertical-slash indexes built on the device (see `index_slash.cuh` for the method).
 //!
 //! The estimate is exact (f64, the CPU builder's operations in its order), so the index is the
 //! one `weft_patterns::build_index` builds, with no bounds and no fallback. It costs
@@ -7,14 +7,22 @@
 
 use std::time::Instant;
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
-use weft_codegen::{vs_mass_shared_bytes, DType, VS_EXP_KEYS, VS_LOGITS_KEYS, VS_LOGITS_ROWS, VV_INDEX_MAX_SHARED};
+use cudarc::driver::CudaSlice;
+use weft_codegen::abi::{
+    ColumnsParams, GridSelectParams, VsExpParams, VsInvParams, VsLogitsParams, VsMassParams, VsSelectParams,
+    VsTilesParams,
+};
+use weft_codegen::{
+    entry, vs_mass_shared_bytes, DType, INDEX_MAX_SHARED, ROWS_PER_CTA, VS_EXP_KEYS, VS_LOGITS_KEYS, VS_LOGITS_ROWS,
+    VS_MASS_KEYS,
+};
 use weft_patterns::device_plan::{SlashPlan, Verticals};
 
 use super::{
-    alloc_lists, check_build_inputs, launch_cfg, list_len, upload, usage, DeviceEntries, DeviceRules, IndexBuild,
+    alloc_lists, check_build_inputs, list_len, scan, upload, usage, DeviceEntries, DeviceRules, IndexBuild,
     KernelTimer, LineArgs, SCORE_BYTES,
 };
+use crate::launch::Args;
 use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
 
 impl Gpu {
@@ -34,16 +42,14 @@ impl Gpu {
         check_build_inputs(&plan.shape, shape, dtype, q, k)?;
         let last = plan.last;
         // (last_q is at most 4096 by validation; this guards plans built by hand.)
-        if vs_mass_shared_bytes(last) > VV_INDEX_MAX_SHARED as usize {
+        if vs_mass_shared_bytes(last) > INDEX_MAX_SHARED as usize {
             return Err(usage(format!("last_q = {last} is more than GPU vertical-slash building takes")));
         }
         if nq + nk > i32::MAX as usize {
             return Err(usage(format!("{nq} queries and {nk} keys: GPU index building takes fewer than 2^31")));
         }
         let kernel = self.index_kernel(d as u32)?;
-        let f = self.load_entries(&kernel, &weft_codegen::VS_INDEX_ENTRIES)?;
-        let (f_logits, f_exp, f_inv, f_mass, f_select, f_tiles, f_rows, f_columns, f_scan, f_grid) =
-            (&f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7], &f[8], &f[9]);
+        let m = self.load_module(kernel, &entry::SLASH)?;
         let s = &self.stream;
         let (up, alloc) = ("uploading the vertical-slash plan", "allocating vertical-slash index buffers");
         let q_blocks = plan.shape.q_blocks();
@@ -89,66 +95,120 @@ impl Gpu {
         let (mut block_count, mut col_count) = (fresh32(rows)?, fresh32(rows)?);
         let (mut block_ptr, mut col_ptr) = (fresh32(rows + 1)?, fresh32(rows + 1)?);
 
-        let launch = |what: &str| driver(format!("launching the vertical-slash index builder's {what} kernel"));
         let (nq_i, nk_i, hq_i, hkv_i, last_i) = (nq as i32, nk as i32, hq as i32, hkv as i32, last as i32);
         let (vk_i, sk_i, block_i, groups_i, kblocks_i) =
             (vk as i32, sk as i32, plan.block as i32, groups as i32, kblocks as i32);
         let per_head_i = i32::from(plan.shape.per_head);
         let mut timer = KernelTimer::new(self);
-        // Safety (every launch below): argument lists match the template's signatures and each
-        // buffer has the length the kernel indexes.
+        // Safety (every launch below): each address comes from the launch's `Args`, and each
+        // buffer has the length the entry indexes.
         for h0 in (0..hq).step_by(chunk).filter(|_| estimate) {
             let hc = chunk.min(hq - h0);
             let h0_i = h0 as i32;
             s.memset_zeros(&mut rowmax).map_err(driver("clearing row maxima"))?;
             let t0 = timer.start()?;
-            let mut b = s.launch_builder(f_logits);
-            b.arg(q).arg(k).arg(&nq_i).arg(&nk_i).arg(&hq_i).arg(&hkv_i).arg(&h0_i).arg(&last_i);
-            b.arg(allowed).arg(&per_head_i).arg(&plan.shape.scale).arg(&mut weights).arg(&mut rowmax);
+            let mut a = Args::new(s);
+            let params = VsLogitsParams {
+                q: a.r(q),
+                k: a.r(k),
+                nq: nq_i,
+                nk: nk_i,
+                hq: hq_i,
+                hkv: hkv_i,
+                h0: h0_i,
+                last: last_i,
+                allowed: a.r(allowed),
+                per_head: per_head_i,
+                scale: plan.shape.scale,
+                logits: a.w(&mut weights),
+                rowmax: a.w(&mut rowmax),
+            };
             let grid = (nk.div_ceil(VS_LOGITS_KEYS) as u32, last.div_ceil(VS_LOGITS_ROWS) as u32, hc as u32);
-            unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("vs_logits"))?;
+            unsafe { m.launch(s, &entry::VS_LOGITS, grid, 0, params, a) }?;
             timer.mark("logits", t0)?;
             let t0 = timer.start()?;
-            let mut b = s.launch_builder(f_exp);
-            b.arg(&mut weights).arg(&rowmax).arg(&nk_i).arg(&last_i).arg(&mut partial);
+            let mut a = Args::new(s);
+            let params = VsExpParams {
+                weights: a.w(&mut weights),
+                rowmax: a.r(&rowmax),
+                nk: nk_i,
+                last: last_i,
+                partial: a.w(&mut partial),
+            };
             let grid = (nk.div_ceil(VS_EXP_KEYS) as u32, last as u32, hc as u32);
-            unsafe { b.launch(launch_cfg(grid, 256, 0)) }.map_err(launch("vs_exp"))?;
+            unsafe { m.launch(s, &entry::VS_EXP, grid, 0, params, a) }?;
             timer.mark("exp", t0)?;
             let t0 = timer.start()?;
-            let mut b = s.launch_builder(f_inv);
-            b.arg(&partial).arg(&nk_i).arg(&last_i).arg(&mut inv);
-            unsafe { b.launch(launch_cfg((hc as u32, 1, 1), 256, 0)) }.map_err(launch("vs_inv"))?;
-            let mut b = s.launch_builder(f_mass);
-            let slashes_i = slashes as i32;
-            b.arg(&weights).arg(&inv).arg(&nq_i).arg(&nk_i).arg(&last_i).arg(&h0_i).arg(&slashes_i);
-            b.arg(&mut vert).arg(&mut slash);
-            let grid = (if slashes > 0 { nq + nk } else { nk }.div_ceil(256) as u32, hc as u32, 1);
-            unsafe { b.launch(launch_cfg(grid, 256, vs_mass_shared_bytes(last) as u32)) }.map_err(launch("vs_mass"))?;
+            let mut a = Args::new(s);
+            let params = VsInvParams { partial: a.r(&partial), nk: nk_i, last: last_i, inv: a.w(&mut inv) };
+            unsafe { m.launch(s, &entry::VS_INV, (hc as u32, 1, 1), 0, params, a) }?;
+            let mut a = Args::new(s);
+            let params = VsMassParams {
+                weights: a.r(&weights),
+                inv_rows: a.r(&inv),
+                nq: nq_i,
+                nk: nk_i,
+                last: last_i,
+                h0: h0_i,
+                slashes: slashes as i32,
+                vert: a.w(&mut vert),
+                slash: a.w(&mut slash),
+            };
+            let grid = (if slashes > 0 { nq + nk } else { nk }.div_ceil(VS_MASS_KEYS) as u32, hc as u32, 1);
+            unsafe { m.launch(s, &entry::VS_MASS, grid, vs_mass_shared_bytes(last) as u32, params, a) }?;
             timer.mark("mass", t0)?;
         }
         let t0 = timer.start()?;
         match plan.verticals {
             Verticals::TopK(_) => {
-                let mut b = s.launch_builder(f_select);
-                b.arg(&vert).arg(&slash).arg(&nq_i).arg(&nk_i).arg(&hq_i).arg(&vk_i).arg(&sk_i);
-                b.arg(&mut vlist).arg(&mut slist).arg(&mut counts);
-                unsafe { b.launch(launch_cfg((hq as u32, 2, 1), 1024, 0)) }.map_err(launch("vs_select"))?;
+                let mut a = Args::new(s);
+                let params = VsSelectParams {
+                    vert: a.r(&vert),
+                    slash: a.r(&slash),
+                    nq: nq_i,
+                    nk: nk_i,
+                    hq: hq_i,
+                    vertical_k: vk_i,
+                    slash_k: sk_i,
+                    vlist: a.w(&mut vlist),
+                    slist: a.w(&mut slist),
+                    counts: a.w(&mut counts),
+                };
+                unsafe { m.launch(s, &entry::VS_SELECT, (hq as u32, 2, 1), 0, params, a) }?;
             }
             Verticals::Grid { stride, phase, cols } => {
                 let stride_i =
                     i32::try_from(stride).map_err(|_| usage(format!("grid stride {stride} is too large")))?;
-                let phase_i = phase.map_or(-1, |p| p.min(nk) as i32);
-                let cols_i = i32::from(cols);
-                let mut b = s.launch_builder(f_grid);
-                b.arg(&vert).arg(&nk_i).arg(&hq_i).arg(&stride_i).arg(&phase_i).arg(&cols_i).arg(&vk_i);
-                b.arg(&mut vlist).arg(&mut counts).arg(&mut phases);
-                unsafe { b.launch(launch_cfg((hq as u32, 1, 1), 1024, 0)) }.map_err(launch("grid_select"))?;
+                let mut a = Args::new(s);
+                let params = GridSelectParams {
+                    vert: a.r(&vert),
+                    nk: nk_i,
+                    hq: hq_i,
+                    stride: stride_i,
+                    phase: phase.map_or(-1, |p| p.min(nk) as i32),
+                    cols: i32::from(cols),
+                    cap: vk_i,
+                    vlist: a.w(&mut vlist),
+                    counts: a.w(&mut counts),
+                    phases: a.w(&mut phases),
+                };
+                unsafe { m.launch(s, &entry::GRID_SELECT, (hq as u32, 1, 1), 0, params, a) }?;
             }
         }
-        let mut b = s.launch_builder(f_tiles);
-        b.arg(&slist).arg(&counts).arg(&hq_i).arg(&sk_i).arg(&nq_i).arg(&nk_i).arg(&block_i);
-        b.arg(&groups_i).arg(&kblocks_i).arg(&mut tiles);
-        unsafe { b.launch(launch_cfg((groups as u32, hq as u32, 1), 128, 0)) }.map_err(launch("vs_tiles"))?;
+        let mut a = Args::new(s);
+        let params = VsTilesParams {
+            slist: a.r(&slist),
+            counts: a.r(&counts),
+            hq: hq_i,
+            slash_k: sk_i,
+            nq: nq_i,
+            nk: nk_i,
+            block: block_i,
+            groups: groups_i,
+            kblocks: kblocks_i,
+            tiles: a.w(&mut tiles),
+        };
+        unsafe { m.launch(s, &entry::VS_TILES, (groups as u32, hq as u32, 1), 0, params, a) }?;
         timer.mark("select", t0)?;
 
         let too_large = |what: &str, n: usize| usage(format!("{what} {n} is too large for GPU index building"));
@@ -160,8 +220,8 @@ impl Gpu {
             len: plan.lines.len as i32,
             rule_base: i32::try_from(slot_rows).map_err(|_| too_large("rule rows", slot_rows))?,
         };
-        let (q_blocks_i, bm_i, rows_i) = (q_blocks as i32, plan.shape.block_m as i32, rows as i32);
-        let row_grid = (rows.div_ceil(4).max(1) as u32, 1, 1);
+        let (q_blocks_i, bm_i) = (q_blocks as i32, plan.shape.block_m as i32);
+        let row_grid = (rows.div_ceil(ROWS_PER_CTA).max(1) as u32, 1, 1);
         // Both row passes: 0 counts into the counts, 1 writes at the pointers.
         let rows_pass = |pass: i32,
                          counts_out: (&mut CudaSlice<u32>, &mut CudaSlice<u32>),
@@ -170,18 +230,41 @@ impl Gpu {
                          cols: (&mut CudaSlice<u32>, &mut CudaSlice<u16>)|
          -> Result<(), Error> {
             let dims = [per_head_i, hq_i, q_blocks_i, bm_i, block_i, groups_i, kblocks_i];
-            entries.launch_rows(s, f_rows, &tiles, lines, dims, pass, (counts_out.0, ptrs.0, blocks.0, blocks.1))?;
+            entries.launch_rows(s, &m, &tiles, lines, dims, pass, (counts_out.0, ptrs.0, blocks.0, blocks.1))?;
             // Verticals: one list per head (a single "group" spanning every query).
-            let (one, words_i, list) = (1i32, words as i32, 0i32);
-            let mut b = s.launch_builder(f_columns);
-            b.arg(&vlist).arg(&counts).arg(&vk_i).arg(&list);
-            b.arg(&rules.ptr).arg(&rules.c0).arg(&rules.c1).arg(&rules.code).arg(&rules.codes).arg(&per_head_i);
-            b.arg(&hq_i).arg(&q_blocks_i).arg(&bm_i).arg(&nq_i).arg(&one).arg(&pass);
-            b.arg(&tiles).arg(&block_i).arg(&groups_i).arg(&words_i);
-            b.arg(lines.phase).arg(&lines.stride).arg(&lines.len).arg(&lines.rule_base).arg(lines.codes);
-            b.arg(counts_out.1).arg(ptrs.1).arg(cols.0).arg(cols.1);
-            unsafe { b.launch(launch_cfg(row_grid, 128, 0)) }.map_err(launch("columns"))?;
-            Ok(())
+            let mut a = Args::new(s);
+            let params = ColumnsParams {
+                chosen: a.r(&vlist),
+                chosen_count: a.r(&counts),
+                cap: vk_i,
+                words: 0,
+                rule_ptr: a.r(&rules.ptr),
+                rule_c0: a.r(&rules.c0),
+                rule_c1: a.r(&rules.c1),
+                rule_code: a.r(&rules.code),
+                codes: a.r(&rules.codes),
+                per_head: per_head_i,
+                hq: hq_i,
+                q_blocks: q_blocks_i,
+                block_m: bm_i,
+                q_block: nq_i,
+                groups: 1,
+                pass,
+                tiles: a.r(&tiles),
+                tile_block: block_i,
+                tile_groups: groups_i,
+                tile_words: words as i32,
+                line_phase: a.r(lines.phase),
+                line_stride: lines.stride,
+                line_len: lines.len,
+                line_rule_base: lines.rule_base,
+                line_codes: a.r(lines.codes),
+                row_count: a.w(counts_out.1),
+                col_ptr: a.r(ptrs.1),
+                col_idx: a.w(cols.0),
+                col_mask: a.w(cols.1),
+            };
+            unsafe { m.launch(s, &entry::COLUMNS, row_grid, 0, params, a) }
         };
         let t0 = timer.start()?;
         let (mut n_idx, mut n_mask) =
@@ -196,9 +279,7 @@ impl Gpu {
             (&mut m_idx, &mut m_mask),
         )?;
         for (count, ptr) in [(&block_count, &mut block_ptr), (&col_count, &mut col_ptr)] {
-            let mut b = s.launch_builder(f_scan);
-            b.arg(count).arg(&rows_i).arg(ptr);
-            unsafe { b.launch(launch_cfg((1, 1, 1), 1024, 0)) }.map_err(launch("scan"))?;
+            scan(s, &m, count, rows, ptr)?;
         }
         timer.mark("count+scan", t0)?;
         // Lists at their bounds: a row holds at most the plan's entries of its row and one

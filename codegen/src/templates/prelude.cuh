@@ -1,3 +1,16 @@
+// Shared helpers of every kernel: types, PTX wrappers (cp.async, ldmatrix, mma.sync), the
+// sparse index's row view. The element type comes from the config (WEFT_F16).
+#pragma once
+#include "config.cuh"
+
+#if WEFT_F16
+#define WEFT_MMA_TYPE "f16"
+#define WEFT_CVT_TYPE "f16x2"
+#else
+#define WEFT_MMA_TYPE "bf16"
+#define WEFT_CVT_TYPE "bf16x2"
+#endif
+
 typedef unsigned short u16;
 typedef unsigned int u32;
 
@@ -6,26 +19,11 @@ typedef unsigned int u32;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
-// ---- the index's mask predicates (positions are index positions) ----
+// ---- integer helpers of the mask predicates (masks.cuh): 64-bit, Euclidean division ----
 __device__ __forceinline__ long long weft_div(long long a, long long c) { return a >= 0 ? a / c : -((-a + c - 1) / c); }
 __device__ __forceinline__ long long weft_rem(long long a, long long c) { return a - c * weft_div(a, c); }
 __device__ __forceinline__ long long weft_min(long long a, long long b) { return a < b ? a : b; }
 __device__ __forceinline__ long long weft_max(long long a, long long b) { return a > b ? a : b; }
-
-[[maybe_unused]] constexpr int MASKS = {{MASK_COUNT}};  // predicates in the table below
-
-__device__ __forceinline__ bool weft_mask(int id, long long q, long long k, long long h, long long nq, long long nk) {
-    switch (id) {
-{{MASK_CASES}}
-    default: return false;
-    }
-}
-
-// ---- index position -> token row ----
-[[maybe_unused]] constexpr bool IDENTITY_TOKENS = {{IDENTITY_TOKENS}};  // position p is token p (no permutation)
-__device__ __forceinline__ int weft_token(int pos, int n) {
-{{TOKEN_BODY}}
-}
 
 // ---- PTX helpers ----
 // A generic pointer into shared memory as a 32-bit shared-window address. Not volatile, so the
@@ -46,14 +44,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
 }
 // c += a (16x16, row) * b (16x8, col), f32 accumulate.
 __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.{{MMA_TYPE}}.{{MMA_TYPE}}.f32 "
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." WEFT_MMA_TYPE "." WEFT_MMA_TYPE ".f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 // c = a * b with a zero accumulator (the first k-step), so no registers are cleared first.
 __device__ __forceinline__ void mma_zero(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.{{MMA_TYPE}}.{{MMA_TYPE}}.f32 "
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." WEFT_MMA_TYPE "." WEFT_MMA_TYPE ".f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};"
                  : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
@@ -61,7 +59,7 @@ __device__ __forceinline__ void mma_zero(float (&c)[4], const u32 (&a)[4], u32 b
 // Two floats to a packed pair, `lo` in the low half.
 __device__ __forceinline__ u32 pack(float lo, float hi) {
     u32 r;
-    asm("cvt.rn.{{CVT_TYPE}}.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    asm("cvt.rn." WEFT_CVT_TYPE ".f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
 
@@ -88,6 +86,11 @@ __device__ __forceinline__ IndexRow index_row(int row, const u32* block_ptr, con
 
 // Two packed 16-bit values to floats (`lo` from the low half).
 __device__ __forceinline__ void unpack(u32 v, float& lo, float& hi) {
-{{UNPACK_BODY}}
+#if WEFT_F16
+    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }" : "=f"(lo), "=f"(hi) : "r"(v));
+#else
+    lo = __uint_as_float(v << 16);
+    hi = __uint_as_float(v & 0xffff0000u);
+#endif
 }
 

@@ -65,4 +65,4 @@ template <int N> __device__ __forceinline__ void fence_registers(u32 (&a)[N][4])
 #pragma unroll
         for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
 }
-{{WGMMA_WRAPPERS}}
+#include "wgmma_ops.cuh"  // generated per kernel: wgmma_qk (S = Q K^T) and wgmma_pv (O += P V) for its shapes

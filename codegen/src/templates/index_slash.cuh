@@ -1,3 +1,11 @@
+// Vertical-slash and grid selection (vs_*, grid_select) and vv_exact.
+#pragma once
+#include "config.cuh"
+#include "prelude.cuh"
+#include "params.cuh"
+#include "index_common.cuh"
+#include "index_repro.cuh"
+
 
 // ======================================================================================
 // Vertical-slash index building (weft_patterns::device_plan::SlashPlan).
@@ -13,12 +21,11 @@
 // Everything is exact, so there are no bounds and no slow path: the GPU index is the CPU's.
 // ======================================================================================
 
-constexpr int VS_ROWS = {{VS_LOGITS_ROWS}};   // estimated rows per logits CTA (8 per warp)
-constexpr int VS_KEYS = {{VS_LOGITS_KEYS}};  // keys per logits CTA (8 per lane)
+// VS_ROWS (estimated rows per logits CTA, 8 per warp), VS_KEYS (keys per logits CTA, 8 per lane),
+// VS_EXP_KEYS (keys per vs_exp CTA) and SUM_CHUNK (keys per partial row sum, repro::SUM_CHUNK)
+// come from the config.
 constexpr int VS_DC = 16;                // dimensions staged in shared memory per step
 static_assert(VS_ROWS == 8 * 8 && VS_KEYS == 8 * 32, "vs_logits: 8 warps x 8 rows, 32 lanes x 8 keys");
-constexpr int VS_EXP_KEYS = {{VS_EXP_KEYS}};  // keys per vs_exp CTA
-constexpr int SUM_CHUNK = {{SUM_CHUNK}}; // keys per partial row sum (repro::SUM_CHUNK)
 
 // double_key / key_double (doubles to ordered keys) come from the vertical-vector part.
 
@@ -85,11 +92,22 @@ struct PooledGroups {
 // exact in f64), -inf where the plan does not allow the pair; rowmax[hh][r] = the row's
 // largest (as a key). Each thread holds 8 rows x 8 keys, so shared-memory reads (16 doubles
 // per 64 multiply-adds) keep up with the f64 units.
-extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_logits(
-    const u16* __restrict__ Q, const u16* __restrict__ K, int nq, int nk, int hq, int hkv, int h0, int last,
-    const u32* __restrict__ allowed, int per_head, double scale,
-    double* __restrict__ logits, unsigned long long* __restrict__ rowmax)
+extern "C" __global__ void __launch_bounds__(VS_LOGITS_THREADS) WEFT_ENTRY(vs_logits)(const VsLogitsParams params)
 {
+    const u16* __restrict__ Q = params.q;
+    const u16* __restrict__ K = params.k;
+    const int nq = params.nq;
+    const int nk = params.nk;
+    const int hq = params.hq;
+    const int hkv = params.hkv;
+    const int h0 = params.h0;
+    const int last = params.last;
+    const u32* __restrict__ allowed = params.allowed;
+    const int per_head = params.per_head;
+    const double scale = params.scale;
+    double* __restrict__ logits = params.logits;
+    unsigned long long* __restrict__ rowmax = params.rowmax;
+
     const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv), tid = threadIdx.x;
     const int k0 = blockIdx.x * VS_KEYS, r0 = blockIdx.y * VS_ROWS;
     const int tr = tid / 32, tk = tid % 32;  // rows r0 + 8 tr + i, keys k0 + tk + 32 l
@@ -121,10 +139,14 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_logits(
 // ---- vs_exp: grid (ceil(nk / VS_EXP_KEYS), last, heads of the chunk), 256 threads ----
 // In place: logits -> repro_exp(logit - row max) (0 for pairs not allowed, and for rows with
 // none); partial[hh][r][chunk] = the chunk's weights summed left to right.
-extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_exp(
-    double* __restrict__ weights, const unsigned long long* __restrict__ rowmax, int nk, int last,
-    double* __restrict__ partial)
+extern "C" __global__ void __launch_bounds__(VS_EXP_THREADS) WEFT_ENTRY(vs_exp)(const VsExpParams params)
 {
+    double* __restrict__ weights = params.weights;
+    const unsigned long long* __restrict__ rowmax = params.rowmax;
+    const int nk = params.nk;
+    const int last = params.last;
+    double* __restrict__ partial = params.partial;
+
     __shared__ double e[VS_EXP_KEYS];
     const int hh = blockIdx.z, r = blockIdx.y, tid = threadIdx.x;
     const int c0 = blockIdx.x * VS_EXP_KEYS;
@@ -155,9 +177,13 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_exp(
 // ---- vs_inv: grid (heads of the chunk), 256 threads ----
 // inv[hh][r] = 1 / (row r's total: its chunk sums left to right), or 0 for a row with no key.
 // Once per row here, so that each vs_mass CTA reads `last` doubles instead of every partial.
-extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_inv(
-    const double* __restrict__ partial, int nk, int last, double* __restrict__ inv)
+extern "C" __global__ void __launch_bounds__(VS_INV_THREADS) WEFT_ENTRY(vs_inv)(const VsInvParams params)
 {
+    const double* __restrict__ partial = params.partial;
+    const int nk = params.nk;
+    const int last = params.last;
+    double* __restrict__ inv = params.inv;
+
     const int hh = blockIdx.x, tid = threadIdx.x;
     const int chunks = (nk + SUM_CHUNK - 1) / SUM_CHUNK;
     for (int r = tid; r < last; r += 256) {
@@ -173,16 +199,25 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_inv(
 // Per key c: vert[h][c] = sum over rows in order of weight * inv (vs_inv), and, unless
 // `slashes` is 0 (a grid reads no diagonals), per diagonal i = r + nk - c: slash[h][i] likewise
 // (the CPU's order; pairs not allowed, and rows with no key, add +0, which changes no sum).
-extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_mass(
-    const double* __restrict__ weights, const double* __restrict__ inv_rows, int nq, int nk, int last, int h0,
-    int slashes, double* __restrict__ vert, double* __restrict__ slash)
+extern "C" __global__ void __launch_bounds__(VS_MASS_THREADS) WEFT_ENTRY(vs_mass)(const VsMassParams params)
 {
+    const double* __restrict__ weights = params.weights;
+    const double* __restrict__ inv_rows = params.inv_rows;
+    const int nq = params.nq;
+    const int nk = params.nk;
+    const int last = params.last;
+    const int h0 = params.h0;
+    const int slashes = params.slashes;
+    double* __restrict__ vert = params.vert;
+    double* __restrict__ slash = params.slash;
+
     extern __shared__ __align__(16) unsigned char smem[];
     double* inv = (double*)smem;
     const int hh = blockIdx.y, h = h0 + hh, tid = threadIdx.x;
     for (int r = tid; r < last; r += 256) inv[r] = inv_rows[(size_t)hh * last + r];
     __syncthreads();
-    const long long i = (long long)blockIdx.x * 256 + tid;
+    static_assert(VS_MASS_THREADS == VS_MASS_KEYS, "vs_mass: a thread per key or diagonal");
+    const long long i = (long long)blockIdx.x * VS_MASS_KEYS + tid;
     const double* w = weights + (size_t)hh * last * nk;
     if (i < nk) {
         double m = 0.0;
@@ -205,10 +240,19 @@ extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vs_mass(
 // slash[h]. Ties go to the lower id, zero masses are never kept. Eight 8-bit radix passes over
 // the masses' bits (positive doubles order as integers) find the cut; one ordered pass writes
 // the chosen ids ascending to vlist[h] / slist[h] and their count to counts[y * hq + h].
-extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_vs_select(
-    const double* __restrict__ vert, const double* __restrict__ slash, int nq, int nk, int hq, int vertical_k,
-    int slash_k, u32* __restrict__ vlist, u32* __restrict__ slist, int* __restrict__ counts)
+extern "C" __global__ void __launch_bounds__(VS_SELECT_THREADS) WEFT_ENTRY(vs_select)(const VsSelectParams params)
 {
+    const double* __restrict__ vert = params.vert;
+    const double* __restrict__ slash = params.slash;
+    const int nq = params.nq;
+    const int nk = params.nk;
+    const int hq = params.hq;
+    const int vertical_k = params.vertical_k;
+    const int slash_k = params.slash_k;
+    u32* __restrict__ vlist = params.vlist;
+    u32* __restrict__ slist = params.slist;
+    int* __restrict__ counts = params.counts;
+
     __shared__ u32 hist[256];
     __shared__ u32 w_eq[32], w_take[32];
     __shared__ u32 s_positive, s_bin, s_need;
@@ -269,6 +313,8 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_vs_select(
         if (lane == 0) w_eq[warp] = __popc(tie_bits);
         __syncthreads();
         u32 ties_before = ties_seen, tile_ties = 0;
+        // (Unrolled by 8, not fully: fully unrolled, both scans spill on sm_80.)
+#pragma unroll 8
         for (int w = 0; w < 32; ++w) {
             if (w < warp) ties_before += w_eq[w];
             tile_ties += w_eq[w];
@@ -278,6 +324,7 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_vs_select(
         if (lane == 0) w_take[warp] = __popc(take_bits);
         __syncthreads();
         u32 at = written, tile_take = 0;
+#pragma unroll 8
         for (int w = 0; w < 32; ++w) {
             if (w < warp) at += w_take[w];
             tile_take += w_take[w];
@@ -306,10 +353,19 @@ __device__ __forceinline__ void warp_argmax(double& best, int& pos) {
 // lowest position, as weft_patterns' grid_phase) to phases[h]; with column lines (`cols`)
 // the keys phase, phase + stride, ... to vlist[h] (cap per head) and their count to
 // counts[h]; no slashes (counts[hq + h] = 0).
-extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_grid_select(
-    const double* __restrict__ vert, int nk, int hq, int stride, int phase, int cols, int cap,
-    u32* __restrict__ vlist, int* __restrict__ counts, int* __restrict__ phases)
+extern "C" __global__ void __launch_bounds__(GRID_SELECT_THREADS) WEFT_ENTRY(grid_select)(const GridSelectParams params)
 {
+    const double* __restrict__ vert = params.vert;
+    const int nk = params.nk;
+    const int hq = params.hq;
+    const int stride = params.stride;
+    const int phase = params.phase;
+    const int cols = params.cols;
+    const int cap = params.cap;
+    u32* __restrict__ vlist = params.vlist;
+    int* __restrict__ counts = params.counts;
+    int* __restrict__ phases = params.phases;
+
     __shared__ double w_best[32];
     __shared__ int w_pos[32];
     __shared__ int s_phase;
@@ -352,10 +408,19 @@ extern "C" __global__ void __launch_bounds__(1024) {{NAME}}_grid_select(
 // ---- vs_tiles: grid (groups, hq), 128 threads ----
 // tiles[(h * groups + g) * words ..]: bit kb set when one of head h's slashes crosses pattern
 // tile (g, kb): diagonal i meets row q at key q + nk - i.
-extern "C" __global__ void __launch_bounds__(128) {{NAME}}_vs_tiles(
-    const u32* __restrict__ slist, const int* __restrict__ counts, int hq, int slash_k, int nq, int nk, int block,
-    int groups, int kblocks, u32* __restrict__ tiles)
+extern "C" __global__ void __launch_bounds__(VS_TILES_THREADS) WEFT_ENTRY(vs_tiles)(const VsTilesParams params)
 {
+    const u32* __restrict__ slist = params.slist;
+    const int* __restrict__ counts = params.counts;
+    const int hq = params.hq;
+    const int slash_k = params.slash_k;
+    const int nq = params.nq;
+    const int nk = params.nk;
+    const int block = params.block;
+    const int groups = params.groups;
+    const int kblocks = params.kblocks;
+    u32* __restrict__ tiles = params.tiles;
+
     const int g = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
     const int words = (kblocks + 31) / 32;
     u32* out = tiles + ((size_t)h * groups + g) * words;
@@ -378,11 +443,22 @@ extern "C" __global__ void __launch_bounds__(128) {{NAME}}_vs_tiles(
 // scale * repro::dot(pooled q of group g, k_c) for every key (the CPU builder's score), and
 // best[hh][g] the largest over the group's candidates cand_lo..cand_hi (as a key; 0 for
 // none: clear it first). The tiles are vs_logits' with pooled rows for the last queries.
-extern "C" __global__ void __launch_bounds__(256) {{NAME}}_vv_exact(
-    const float* __restrict__ pooled, const u16* __restrict__ K, int groups, int nk, int hq, int hkv, int h0,
-    const u32* __restrict__ cand_lo, const u32* __restrict__ cand_hi, int per_head, double scale,
-    double* __restrict__ exact, unsigned long long* __restrict__ best)
+extern "C" __global__ void __launch_bounds__(VV_EXACT_THREADS) WEFT_ENTRY(vv_exact)(const VvExactParams params)
 {
+    const float* __restrict__ pooled = params.pooled;
+    const u16* __restrict__ K = params.k;
+    const int groups = params.groups;
+    const int nk = params.nk;
+    const int hq = params.hq;
+    const int hkv = params.hkv;
+    const int h0 = params.h0;
+    const u32* __restrict__ cand_lo = params.cand_lo;
+    const u32* __restrict__ cand_hi = params.cand_hi;
+    const int per_head = params.per_head;
+    const double scale = params.scale;
+    double* __restrict__ exact = params.exact;
+    unsigned long long* __restrict__ best = params.best;
+
     const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv), tid = threadIdx.x;
     const int k0 = blockIdx.x * VS_KEYS, g0 = blockIdx.y * VS_ROWS;
     const int tr = tid / 32, tk = tid % 32;  // groups g0 + 8 tr + i, keys k0 + tk + 32 l

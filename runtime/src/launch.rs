@@ -1,0 +1,138 @@
+//! Launches through the parameter structs of `weft_codegen::abi`: every entry point takes one
+//! `#[repr(C)]` struct by value, filled by field name here and read by field name in the
+//! kernel, whose layout codegen asserts in the generated source. [`Args`] collects the device
+//! addresses of a launch's buffers and holds cudarc's stream-ordering guards for them until the
+//! launch is queued (as cudarc's own argument builder does for slices).
+
+use cudarc::driver::{
+    CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop,
+};
+use weft_codegen::abi::{DevPtr, Entry, Params};
+
+use crate::{driver, Error};
+
+/// The buffers of one launch.
+pub(crate) struct Args<'a> {
+    stream: &'a CudaStream,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Args<'a> {
+    pub(crate) fn new(stream: &'a CudaStream) -> Self {
+        Args { stream, guards: Vec::with_capacity(16) }
+    }
+
+    /// The address of a buffer the kernel reads.
+    pub(crate) fn r<T>(&mut self, buffer: &'a impl DevicePtr<T>) -> DevPtr {
+        let (ptr, guard) = buffer.device_ptr(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    /// The address of a buffer the kernel writes.
+    pub(crate) fn w<T>(&mut self, buffer: &'a mut impl DevicePtrMut<T>) -> DevPtr {
+        let (ptr, guard) = buffer.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+}
+
+/// A parameter struct as the kernel's by-value argument.
+#[repr(transparent)]
+struct ByValue<P>(P);
+
+// Safety: `Params` are `#[repr(C)]` plain data (device addresses and scalars) whose layout the
+// generated source asserts field by field.
+unsafe impl<P: Params> DeviceRepr for ByValue<P> {}
+
+/// Launches entry `entry` (function `f`) with `params` on `stream`: `grid` CTAs of the entry's
+/// threads, `shared` bytes of dynamic shared memory.
+///
+/// # Safety
+/// Every address in `params` must come from `args` (or be 0 where the kernel reads nothing)
+/// and cover what the kernel indexes for the sizes in `params`.
+pub(crate) unsafe fn launch<P: Params>(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    entry: &Entry,
+    grid: (u32, u32, u32),
+    shared: u32,
+    params: P,
+    args: Args<'_>,
+) -> Result<(), Error> {
+    launch_threads(stream, f, entry, grid, entry.threads, shared, params, args)
+}
+
+/// [`launch`] with a block size that is the kernel config's rather than the entry's (the
+/// attention kernel's, [`weft_codegen::KernelConfig::threads`]).
+///
+/// # Safety
+/// As [`launch`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn launch_threads<P: Params>(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    entry: &Entry,
+    grid: (u32, u32, u32),
+    threads: u32,
+    shared: u32,
+    params: P,
+    args: Args<'_>,
+) -> Result<(), Error> {
+    if entry.params != P::NAME {
+        return Err(Error::Usage(format!(
+            "entry {} takes {}, not {} (a weft bug: please report it)",
+            entry.name,
+            entry.params,
+            P::NAME
+        )));
+    }
+    let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: shared };
+    let value = ByValue(params);
+    let mut b = stream.launch_builder(f);
+    b.arg(&value);
+    // Safety: the caller's contract; the struct is the entry's only parameter.
+    unsafe { b.launch(cfg) }.map_err(driver(format!("launching {}", describe(entry))))?;
+    // The guards record the buffers' use after the launch is queued.
+    drop(args);
+    Ok(())
+}
+
+fn describe(entry: &Entry) -> String {
+    if entry.name.is_empty() {
+        entry.params.trim_end_matches("Params").to_lowercase()
+    } else {
+        format!("the {} entry", entry.name)
+    }
+}
+
+/// The loaded entry points of a module, found by their [`Entry`].
+pub(crate) struct Module {
+    functions: Vec<(Entry, CudaFunction)>,
+}
+
+impl Module {
+    pub(crate) fn new(entries: &[Entry], functions: Vec<CudaFunction>) -> Module {
+        Module { functions: entries.iter().copied().zip(functions).collect() }
+    }
+
+    /// Launches `entry` of this module: see [`launch`].
+    ///
+    /// # Safety
+    /// As [`launch`].
+    pub(crate) unsafe fn launch<P: Params>(
+        &self,
+        stream: &CudaStream,
+        entry: &Entry,
+        grid: (u32, u32, u32),
+        shared: u32,
+        params: P,
+        args: Args<'_>,
+    ) -> Result<(), Error> {
+        let Some((_, f)) = self.functions.iter().find(|(e, _)| e == entry) else {
+            return Err(Error::Usage(format!("entry {} was not loaded (a weft bug: please report it)", entry.name)));
+        };
+        // Safety: the caller's contract.
+        unsafe { launch(stream, f, entry, grid, shared, params, args) }
+    }
+}
