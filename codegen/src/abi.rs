@@ -1,9 +1,16 @@
-//! The host-device boundary: every kernel entry point takes one `#[repr(C)]` parameter struct
-//! by value (as FlashAttention's `Flash_fwd_params`), declared here once. The generated source
-//! gets the CUDA mirror of the structs it uses ([`cuda_structs`]), with `static_assert`s on
-//! every field's offset and the struct's size, so a kernel whose layout differs from the host's
-//! does not compile (the NVRTC tests compile every kernel on the CPU machine). Kernels read
-//! fields by name; the runtime fills them by name: no argument is passed by position.
+//! The host-device boundary, declared once. Every kernel entry point's parameters are a
+//! `#[repr(C)]` struct here (as FlashAttention's `Flash_fwd_params`), each field with its CUDA
+//! declaration. The generated source gets each entry's parameter list from it (`{NAME}_PARAMS`,
+//! a macro over the declarations in the struct's order, with `static_assert`s that every CUDA
+//! type has the host field's size and alignment), and the runtime fills the struct by field
+//! name and passes its fields in that order ([`Params::args`]): no argument is written out by
+//! position on either side, and a kernel whose parameters differ from the host's in number,
+//! order (from the same list) or size does not compile or is not launched. The NVRTC tests
+//! compile every kernel on the CPU machine.
+//!
+//! The parameters stay separate kernel parameters (not one struct by value) because CUDA gives
+//! `__restrict__` pointer parameters non-coherent loads, which pointers read out of a struct
+//! parameter do not get (the block-sparse kernels ran up to 7% slower that way).
 //!
 //! The entry points themselves (name, threads per CTA, parameter struct) are [`Entry`]s; the
 //! generated source takes its `__launch_bounds__` from the same table the launches read.
@@ -13,11 +20,11 @@ use std::fmt::Write as _;
 /// A device address as kernels receive it (`CUdeviceptr`); 0 for an unused pointer.
 pub type DevPtr = u64;
 
-/// One field of a parameter struct, in its host layout.
+/// One field of a parameter struct.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Field {
     pub name: &'static str,
-    /// The field's CUDA type (`const u16*`, `int`, ...).
+    /// The kernel parameter's CUDA declaration (`const u16* __restrict__ Q`, `int nq`).
     pub cuda: &'static str,
     /// Byte offset in the `#[repr(C)]` struct.
     pub offset: usize,
@@ -25,13 +32,63 @@ pub struct Field {
     pub align: usize,
 }
 
-/// A kernel's parameter struct: `#[repr(C)]` plain data (device addresses and scalars), passed
-/// by value as the entry point's only argument.
+impl Field {
+    /// The CUDA type of the declaration (without `__restrict__` and the name).
+    pub fn cuda_type(&self) -> String {
+        let ty = self.cuda.rsplit_once(' ').map_or(self.cuda, |(ty, _)| ty);
+        ty.replace("__restrict__", "").split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// One kernel argument: a reference to a field of a parameter struct, typed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg<'a> {
+    Ptr(&'a DevPtr),
+    I32(&'a i32),
+    U32(&'a u32),
+    F32(&'a f32),
+    F64(&'a f64),
+}
+
+/// The field types a parameter struct may hold.
+pub trait AsArg {
+    fn as_arg(&self) -> Arg<'_>;
+}
+
+impl AsArg for DevPtr {
+    fn as_arg(&self) -> Arg<'_> {
+        Arg::Ptr(self)
+    }
+}
+impl AsArg for i32 {
+    fn as_arg(&self) -> Arg<'_> {
+        Arg::I32(self)
+    }
+}
+impl AsArg for u32 {
+    fn as_arg(&self) -> Arg<'_> {
+        Arg::U32(self)
+    }
+}
+impl AsArg for f32 {
+    fn as_arg(&self) -> Arg<'_> {
+        Arg::F32(self)
+    }
+}
+impl AsArg for f64 {
+    fn as_arg(&self) -> Arg<'_> {
+        Arg::F64(self)
+    }
+}
+
+/// A kernel's parameters: `#[repr(C)]` plain data (device addresses and scalars).
 pub trait Params: Copy + Default + Send + Sync + 'static {
-    /// The struct's name, on both sides.
+    /// The struct's name.
     const NAME: &'static str;
     /// Its fields in declaration order.
     fn fields() -> Vec<Field>;
+    /// Its fields as the kernel's arguments, in declaration order.
+    fn args(&self) -> Vec<Arg<'_>>;
     /// Its size in bytes on the host.
     fn size() -> usize {
         std::mem::size_of::<Self>()
@@ -56,6 +113,9 @@ macro_rules! params {
                     align: std::mem::align_of::<$ty>(),
                 }),*]
             }
+            fn args(&self) -> Vec<Arg<'_>> {
+                vec![$(AsArg::as_arg(&self.$field)),*]
+            }
         }
     )*
 
@@ -69,411 +129,429 @@ macro_rules! params {
 params! {
     /// The attention kernel ([`crate::emit`]): Q, K, V, O `[tokens, heads, D]` rows, the sparse index in CSR form, packed-batch offsets and the head map.
     AttentionParams {
-        q: DevPtr = "const u16*",
-        k: DevPtr = "const u16*",
-        v: DevPtr = "const u16*",
-        o: DevPtr = "u16*",
-        lse: DevPtr = "float*",
-        block_ptr: DevPtr = "const u32*",
-        block_idx: DevPtr = "const u32*",
-        block_mask: DevPtr = "const u16*",
-        col_ptr: DevPtr = "const u32*",
-        col_idx: DevPtr = "const u32*",
-        col_mask: DevPtr = "const u16*",
-        seq_q: DevPtr = "const int*",
-        seq_k: DevPtr = "const int*",
-        seq_qb: DevPtr = "const int*",
-        head_map: DevPtr = "const int*",
-        batch: i32 = "int",
-        total_q: i32 = "int",
-        total_k: i32 = "int",
-        hq: i32 = "int",
-        hkv: i32 = "int",
-        scale_log2: f32 = "float",
-        index_heads: i32 = "int",
+        q: DevPtr = "const u16* __restrict__ Q",
+        k: DevPtr = "const u16* __restrict__ K",
+        v: DevPtr = "const u16* __restrict__ V",
+        o: DevPtr = "u16* __restrict__ O",
+        lse: DevPtr = "float* __restrict__ LSE",
+        block_ptr: DevPtr = "const u32* __restrict__ block_ptr",
+        block_idx: DevPtr = "const u32* __restrict__ block_idx",
+        block_mask: DevPtr = "const u16* __restrict__ block_mask",
+        col_ptr: DevPtr = "const u32* __restrict__ col_ptr",
+        col_idx: DevPtr = "const u32* __restrict__ col_idx",
+        col_mask: DevPtr = "const u16* __restrict__ col_mask",
+        seq_q: DevPtr = "const int* __restrict__ seq_q",
+        seq_k: DevPtr = "const int* __restrict__ seq_k",
+        seq_qb: DevPtr = "const int* __restrict__ seq_qb",
+        head_map: DevPtr = "const int* __restrict__ head_map",
+        batch: i32 = "int batch",
+        total_q: i32 = "int total_q",
+        total_k: i32 = "int total_k",
+        hq: i32 = "int hq",
+        hkv: i32 = "int hkv",
+        scale_log2: f32 = "float scale_log2",
+        index_heads: i32 = "int index_heads",
     }
     /// The split-KV decode kernel ([`crate::emit_decode`]): f32 partials per split for the merge.
     DecodeParams {
-        q: DevPtr = "const u16*",
-        k: DevPtr = "const u16*",
-        v: DevPtr = "const u16*",
-        opart: DevPtr = "float*",
-        lsepart: DevPtr = "float*",
-        block_ptr: DevPtr = "const u32*",
-        block_idx: DevPtr = "const u32*",
-        block_mask: DevPtr = "const u16*",
-        col_ptr: DevPtr = "const u32*",
-        col_idx: DevPtr = "const u32*",
-        col_mask: DevPtr = "const u16*",
-        nq: i32 = "int",
-        nk: i32 = "int",
-        hq: i32 = "int",
-        hkv: i32 = "int",
-        scale_log2: f32 = "float",
-        splits: i32 = "int",
+        q: DevPtr = "const u16* __restrict__ Q",
+        k: DevPtr = "const u16* __restrict__ K",
+        v: DevPtr = "const u16* __restrict__ V",
+        opart: DevPtr = "float* __restrict__ Opart",
+        lsepart: DevPtr = "float* __restrict__ LSEpart",
+        block_ptr: DevPtr = "const u32* __restrict__ block_ptr",
+        block_idx: DevPtr = "const u32* __restrict__ block_idx",
+        block_mask: DevPtr = "const u16* __restrict__ block_mask",
+        col_ptr: DevPtr = "const u32* __restrict__ col_ptr",
+        col_idx: DevPtr = "const u32* __restrict__ col_idx",
+        col_mask: DevPtr = "const u16* __restrict__ col_mask",
+        nq: i32 = "int nq",
+        nk: i32 = "int nk",
+        hq: i32 = "int hq",
+        hkv: i32 = "int hkv",
+        scale_log2: f32 = "float scale_log2",
+        splits: i32 = "int splits",
     }
     /// The log-sum-exp merge ([`crate::emit_merge`]); `parts` is f32 or the attention dtype (`Partial`).
     MergeParams {
-        parts: DevPtr = "const void*",
-        lses: DevPtr = "const float*",
-        o: DevPtr = "u16*",
-        lse: DevPtr = "float*",
-        nparts: i32 = "int",
-        rows: i32 = "int",
+        parts: DevPtr = "const PartT* __restrict__ parts",
+        lses: DevPtr = "const float* __restrict__ lses",
+        o: DevPtr = "u16* __restrict__ O",
+        lse: DevPtr = "float* __restrict__ LSE",
+        nparts: i32 = "int nparts",
+        rows: i32 = "int rows",
     }
     /// The wgmma probe ([`crate::emit_wgmma_probe`]).
     ProbeParams {
-        q: DevPtr = "const u16*",
-        k: DevPtr = "const u16*",
-        v: DevPtr = "const u16*",
-        s: DevPtr = "float*",
-        o: DevPtr = "float*",
+        q: DevPtr = "const u16* __restrict__ Q",
+        k: DevPtr = "const u16* __restrict__ K",
+        v: DevPtr = "const u16* __restrict__ V",
+        s: DevPtr = "float* __restrict__ S",
+        o: DevPtr = "float* __restrict__ O",
     }
     /// The index builders' `pool` entry ([`crate::emit_index_module`]).
     PoolParams {
-        q: DevPtr = "const u16*",
-        nq: i32 = "int",
-        q_block: i32 = "int",
-        groups: i32 = "int",
-        pooled: DevPtr = "float*",
-        pq_hi: DevPtr = "u16*",
-        pq_lo: DevPtr = "u16*",
-        pq_l1: DevPtr = "float*",
+        q: DevPtr = "const u16* __restrict__ Q",
+        nq: i32 = "int nq",
+        q_block: i32 = "int q_block",
+        groups: i32 = "int groups",
+        pooled: DevPtr = "float* __restrict__ pooled",
+        pq_hi: DevPtr = "u16* __restrict__ pq_hi",
+        pq_lo: DevPtr = "u16* __restrict__ pq_lo",
+        pq_l1: DevPtr = "float* __restrict__ pq_l1",
     }
     /// The index builders' `kstats` entry ([`crate::emit_index_module`]).
     KstatsParams {
-        k: DevPtr = "const u16*",
-        nk: i32 = "int",
-        kinf: DevPtr = "float*",
-        kmax_bits: DevPtr = "u32*",
+        k: DevPtr = "const u16* __restrict__ K",
+        nk: i32 = "int nk",
+        kinf: DevPtr = "float* __restrict__ kinf",
+        kmax_bits: DevPtr = "u32* __restrict__ kmax_bits",
     }
     /// The index builders' `score` entry ([`crate::emit_index_module`]).
     ScoreParams {
-        pq_hi: DevPtr = "const u16*",
-        pq_lo: DevPtr = "const u16*",
-        k: DevPtr = "const u16*",
-        approx: DevPtr = "float*",
-        h0: i32 = "int",
-        hq: i32 = "int",
-        hkv: i32 = "int",
-        groups: i32 = "int",
-        nk: i32 = "int",
-        mode: i32 = "int",
-        cols: i32 = "int",
-        cand_lo: DevPtr = "const u32*",
-        cand_hi: DevPtr = "const u32*",
-        per_head: i32 = "int",
-        thresh: DevPtr = "const float*",
-        list_key: DevPtr = "u32*",
-        list_val: DevPtr = "float*",
-        list_count: DevPtr = "u32*",
-        list_high: DevPtr = "u32*",
-        list_cap: i32 = "int",
+        pq_hi: DevPtr = "const u16* __restrict__ pq_hi",
+        pq_lo: DevPtr = "const u16* __restrict__ pq_lo",
+        k: DevPtr = "const u16* __restrict__ K",
+        approx: DevPtr = "float* __restrict__ approx",
+        h0: i32 = "int h0",
+        hq: i32 = "int hq",
+        hkv: i32 = "int hkv",
+        groups: i32 = "int groups",
+        nk: i32 = "int nk",
+        mode: i32 = "int mode",
+        cols: i32 = "int cols",
+        cand_lo: DevPtr = "const u32* __restrict__ cand_lo",
+        cand_hi: DevPtr = "const u32* __restrict__ cand_hi",
+        per_head: i32 = "int per_head",
+        thresh: DevPtr = "const float* __restrict__ thresh",
+        list_key: DevPtr = "u32* __restrict__ list_key",
+        list_val: DevPtr = "float* __restrict__ list_val",
+        list_count: DevPtr = "u32* __restrict__ list_count",
+        list_high: DevPtr = "u32* __restrict__ list_high",
+        list_cap: i32 = "int list_cap",
     }
     /// The index builders' `threshold` entry ([`crate::emit_index_module`]).
     ThresholdParams {
-        sample: DevPtr = "const float*",
-        samples: i32 = "int",
-        pq_l1: DevPtr = "const float*",
-        kmax_bits: DevPtr = "const u32*",
-        cand_lo: DevPtr = "const u32*",
-        cand_hi: DevPtr = "const u32*",
-        per_head: i32 = "int",
-        h0: i32 = "int",
-        hq: i32 = "int",
-        hkv: i32 = "int",
-        groups: i32 = "int",
-        top_k: i32 = "int",
-        thresh: DevPtr = "float*",
+        sample: DevPtr = "const float* __restrict__ sample",
+        samples: i32 = "int samples",
+        pq_l1: DevPtr = "const float* __restrict__ pq_l1",
+        kmax_bits: DevPtr = "const u32* __restrict__ kmax_bits",
+        cand_lo: DevPtr = "const u32* __restrict__ cand_lo",
+        cand_hi: DevPtr = "const u32* __restrict__ cand_hi",
+        per_head: i32 = "int per_head",
+        h0: i32 = "int h0",
+        hq: i32 = "int hq",
+        hkv: i32 = "int hkv",
+        groups: i32 = "int groups",
+        top_k: i32 = "int top_k",
+        thresh: DevPtr = "float* __restrict__ thresh",
     }
     /// The index builders' `select` entry ([`crate::emit_index_module`]).
     SelectParams {
-        approx: DevPtr = "const float*",
-        pooled: DevPtr = "const float*",
-        pq_l1: DevPtr = "const float*",
-        k: DevPtr = "const u16*",
-        kinf: DevPtr = "const float*",
-        kmax_bits: DevPtr = "const u32*",
-        cand_lo: DevPtr = "const u32*",
-        cand_hi: DevPtr = "const u32*",
-        per_head: i32 = "int",
-        h0: i32 = "int",
-        hq: i32 = "int",
-        hkv: i32 = "int",
-        groups: i32 = "int",
-        nk: i32 = "int",
-        top_k: i32 = "int",
-        keep_in: DevPtr = "const u32*",
-        scale: f64 = "double",
-        cap: i32 = "int",
-        collect_cap: i32 = "int",
-        mode: i32 = "int",
-        list_key: DevPtr = "const u32*",
-        list_val: DevPtr = "const float*",
-        list_count: DevPtr = "const u32*",
-        list_high: DevPtr = "const u32*",
-        list_cap: i32 = "int",
-        chosen: DevPtr = "u32*",
-        chosen_count: DevPtr = "int*",
-        status: DevPtr = "int*",
+        approx: DevPtr = "const float* __restrict__ approx",
+        pooled: DevPtr = "const float* __restrict__ pooled",
+        pq_l1: DevPtr = "const float* __restrict__ pq_l1",
+        k: DevPtr = "const u16* __restrict__ K",
+        kinf: DevPtr = "const float* __restrict__ kinf",
+        kmax_bits: DevPtr = "const u32* __restrict__ kmax_bits",
+        cand_lo: DevPtr = "const u32* __restrict__ cand_lo",
+        cand_hi: DevPtr = "const u32* __restrict__ cand_hi",
+        per_head: i32 = "int per_head",
+        h0: i32 = "int h0",
+        hq: i32 = "int hq",
+        hkv: i32 = "int hkv",
+        groups: i32 = "int groups",
+        nk: i32 = "int nk",
+        top_k: i32 = "int top_k",
+        keep_in: DevPtr = "const u32* __restrict__ keep_in",
+        scale: f64 = "double scale",
+        cap: i32 = "int cap",
+        collect_cap: i32 = "int collect_cap",
+        mode: i32 = "int mode",
+        list_key: DevPtr = "const u32* __restrict__ list_key",
+        list_val: DevPtr = "const float* __restrict__ list_val",
+        list_count: DevPtr = "const u32* __restrict__ list_count",
+        list_high: DevPtr = "const u32* __restrict__ list_high",
+        list_cap: i32 = "int list_cap",
+        chosen: DevPtr = "u32* __restrict__ chosen",
+        chosen_count: DevPtr = "int* __restrict__ chosen_count",
+        status: DevPtr = "int* __restrict__ status",
     }
     /// The index builders' `budget` entry ([`crate::emit_index_module`]).
     BudgetParams {
-        approx: DevPtr = "const float*",
-        pooled: DevPtr = "const float*",
-        pq_l1: DevPtr = "const float*",
-        k: DevPtr = "const u16*",
-        kinf: DevPtr = "const float*",
-        kmax_bits: DevPtr = "const u32*",
-        cand_lo: DevPtr = "const u32*",
-        cand_hi: DevPtr = "const u32*",
-        per_head: i32 = "int",
-        h0: i32 = "int",
-        hq: i32 = "int",
-        hkv: i32 = "int",
-        groups: i32 = "int",
-        nk: i32 = "int",
-        scale: f64 = "double",
-        mode: i32 = "int",
-        arg: f64 = "double",
-        exact: DevPtr = "const double*",
-        best: DevPtr = "const unsigned long long*",
-        weights: DevPtr = "u32*",
-        keep_out: DevPtr = "u32*",
+        approx: DevPtr = "const float* __restrict__ approx",
+        pooled: DevPtr = "const float* __restrict__ pooled",
+        pq_l1: DevPtr = "const float* __restrict__ pq_l1",
+        k: DevPtr = "const u16* __restrict__ K",
+        kinf: DevPtr = "const float* __restrict__ kinf",
+        kmax_bits: DevPtr = "const u32* __restrict__ kmax_bits",
+        cand_lo: DevPtr = "const u32* __restrict__ cand_lo",
+        cand_hi: DevPtr = "const u32* __restrict__ cand_hi",
+        per_head: i32 = "int per_head",
+        h0: i32 = "int h0",
+        hq: i32 = "int hq",
+        hkv: i32 = "int hkv",
+        groups: i32 = "int groups",
+        nk: i32 = "int nk",
+        scale: f64 = "double scale",
+        mode: i32 = "int mode",
+        arg: f64 = "double arg",
+        exact: DevPtr = "const double* __restrict__ exact",
+        best: DevPtr = "const unsigned long long* __restrict__ best",
+        weights: DevPtr = "u32* __restrict__ weights",
+        keep_out: DevPtr = "u32* __restrict__ keep_out",
     }
     /// The index builders' `columns` entry ([`crate::emit_index_module`]).
     ColumnsParams {
-        chosen: DevPtr = "const u32*",
-        chosen_count: DevPtr = "const int*",
-        cap: i32 = "int",
-        words: i32 = "int",
-        rule_ptr: DevPtr = "const u32*",
-        rule_c0: DevPtr = "const u32*",
-        rule_c1: DevPtr = "const u32*",
-        rule_code: DevPtr = "const u32*",
-        codes: DevPtr = "const u32*",
-        per_head: i32 = "int",
-        hq: i32 = "int",
-        q_blocks: i32 = "int",
-        block_m: i32 = "int",
-        q_block: i32 = "int",
-        groups: i32 = "int",
-        pass: i32 = "int",
-        tiles: DevPtr = "const u32*",
-        tile_block: i32 = "int",
-        tile_groups: i32 = "int",
-        tile_words: i32 = "int",
-        line_phase: DevPtr = "const int*",
-        line_stride: i32 = "int",
-        line_len: i32 = "int",
-        line_rule_base: i32 = "int",
-        line_codes: DevPtr = "const u16*",
-        row_count: DevPtr = "u32*",
-        col_ptr: DevPtr = "const u32*",
-        col_idx: DevPtr = "u32*",
-        col_mask: DevPtr = "u16*",
+        chosen: DevPtr = "const u32* __restrict__ chosen",
+        chosen_count: DevPtr = "const int* __restrict__ chosen_count",
+        cap: i32 = "int cap",
+        words: i32 = "int words",
+        rule_ptr: DevPtr = "const u32* __restrict__ rule_ptr",
+        rule_c0: DevPtr = "const u32* __restrict__ rule_c0",
+        rule_c1: DevPtr = "const u32* __restrict__ rule_c1",
+        rule_code: DevPtr = "const u32* __restrict__ rule_code",
+        codes: DevPtr = "const u32* __restrict__ codes",
+        per_head: i32 = "int per_head",
+        hq: i32 = "int hq",
+        q_blocks: i32 = "int q_blocks",
+        block_m: i32 = "int block_m",
+        q_block: i32 = "int q_block",
+        groups: i32 = "int groups",
+        pass: i32 = "int pass",
+        tiles: DevPtr = "const u32* __restrict__ tiles",
+        tile_block: i32 = "int tile_block",
+        tile_groups: i32 = "int tile_groups",
+        tile_words: i32 = "int tile_words",
+        line_phase: DevPtr = "const int* __restrict__ line_phase",
+        line_stride: i32 = "int line_stride",
+        line_len: i32 = "int line_len",
+        line_rule_base: i32 = "int line_rule_base",
+        line_codes: DevPtr = "const u16* __restrict__ line_codes",
+        row_count: DevPtr = "u32* __restrict__ row_count",
+        col_ptr: DevPtr = "const u32* __restrict__ col_ptr",
+        col_idx: DevPtr = "u32* __restrict__ col_idx",
+        col_mask: DevPtr = "u16* __restrict__ col_mask",
     }
     /// The index builders' `scan` entry ([`crate::emit_index_module`]).
     ScanParams {
-        row_count: DevPtr = "const u32*",
-        rows: i32 = "int",
-        col_ptr: DevPtr = "u32*",
+        row_count: DevPtr = "const u32* __restrict__ row_count",
+        rows: i32 = "int rows",
+        col_ptr: DevPtr = "u32* __restrict__ col_ptr",
     }
     /// The index builders' `block_scores` entry ([`crate::emit_index_module`]).
     BlockScoresParams {
-        pooled_q: DevPtr = "const float*",
-        pooled_k: DevPtr = "const float*",
-        hq: i32 = "int",
-        hkv: i32 = "int",
-        groups: i32 = "int",
-        kblocks: i32 = "int",
-        scale: f64 = "double",
-        scores: DevPtr = "double*",
+        pooled_q: DevPtr = "const float* __restrict__ pooled_q",
+        pooled_k: DevPtr = "const float* __restrict__ pooled_k",
+        hq: i32 = "int hq",
+        hkv: i32 = "int hkv",
+        groups: i32 = "int groups",
+        kblocks: i32 = "int kblocks",
+        scale: f64 = "double scale",
+        scores: DevPtr = "double* __restrict__ scores",
     }
     /// The index builders' `block_select` entry ([`crate::emit_index_module`]).
     BlockSelectParams {
-        scores: DevPtr = "const double*",
-        allowed: DevPtr = "const u32*",
-        per_head: i32 = "int",
-        groups: i32 = "int",
-        kblocks: i32 = "int",
-        mode: i32 = "int",
-        top_k: i32 = "int",
-        budget_arg: f64 = "double",
-        chosen: DevPtr = "u32*",
+        scores: DevPtr = "const double* __restrict__ scores",
+        allowed: DevPtr = "const u32* __restrict__ allowed",
+        per_head: i32 = "int per_head",
+        groups: i32 = "int groups",
+        kblocks: i32 = "int kblocks",
+        mode: i32 = "int mode",
+        top_k: i32 = "int top_k",
+        budget_arg: f64 = "double budget_arg",
+        chosen: DevPtr = "u32* __restrict__ chosen",
     }
     /// The index builders' `block_top` entry ([`crate::emit_index_module`]).
     BlockTopParams {
-        scores: DevPtr = "const double*",
-        allowed: DevPtr = "const u32*",
-        per_head: i32 = "int",
-        groups: i32 = "int",
-        kblocks: i32 = "int",
-        mode: i32 = "int",
-        top_k: i32 = "int",
-        budget_arg: f64 = "double",
-        chosen: DevPtr = "u32*",
-        cache_width: i32 = "int",
+        scores: DevPtr = "const double* __restrict__ scores",
+        allowed: DevPtr = "const u32* __restrict__ allowed",
+        per_head: i32 = "int per_head",
+        groups: i32 = "int groups",
+        kblocks: i32 = "int kblocks",
+        mode: i32 = "int mode",
+        top_k: i32 = "int top_k",
+        budget_arg: f64 = "double budget_arg",
+        chosen: DevPtr = "u32* __restrict__ chosen",
+        cache_width: i32 = "int cache_width",
     }
     /// The index builders' `block_rows` entry ([`crate::emit_index_module`]).
     BlockRowsParams {
-        chosen: DevPtr = "const u32*",
-        entry_ptr: DevPtr = "const u32*",
-        entry_kb: DevPtr = "const u32*",
-        entry_pattern_kb: DevPtr = "const u32*",
-        code_sel: DevPtr = "const u16*",
-        code_not: DevPtr = "const u16*",
-        code_line: DevPtr = "const u32*",
-        line_phase: DevPtr = "const int*",
-        line_stride: i32 = "int",
-        line_len: i32 = "int",
-        line_codes: DevPtr = "const u16*",
-        per_head: i32 = "int",
-        hq: i32 = "int",
-        q_blocks: i32 = "int",
-        block_m: i32 = "int",
-        block_q: i32 = "int",
-        groups: i32 = "int",
-        kblocks: i32 = "int",
-        pass: i32 = "int",
-        row_count: DevPtr = "u32*",
-        block_ptr: DevPtr = "const u32*",
-        block_idx: DevPtr = "u32*",
-        block_mask: DevPtr = "u16*",
+        chosen: DevPtr = "const u32* __restrict__ chosen",
+        entry_ptr: DevPtr = "const u32* __restrict__ entry_ptr",
+        entry_kb: DevPtr = "const u32* __restrict__ entry_kb",
+        entry_pattern_kb: DevPtr = "const u32* __restrict__ entry_pattern_kb",
+        code_sel: DevPtr = "const u16* __restrict__ code_sel",
+        code_not: DevPtr = "const u16* __restrict__ code_not",
+        code_line: DevPtr = "const u32* __restrict__ code_line",
+        line_phase: DevPtr = "const int* __restrict__ line_phase",
+        line_stride: i32 = "int line_stride",
+        line_len: i32 = "int line_len",
+        line_codes: DevPtr = "const u16* __restrict__ line_codes",
+        per_head: i32 = "int per_head",
+        hq: i32 = "int hq",
+        q_blocks: i32 = "int q_blocks",
+        block_m: i32 = "int block_m",
+        block_q: i32 = "int block_q",
+        groups: i32 = "int groups",
+        kblocks: i32 = "int kblocks",
+        pass: i32 = "int pass",
+        row_count: DevPtr = "u32* __restrict__ row_count",
+        block_ptr: DevPtr = "const u32* __restrict__ block_ptr",
+        block_idx: DevPtr = "u32* __restrict__ block_idx",
+        block_mask: DevPtr = "u16* __restrict__ block_mask",
     }
     /// The index builders' `vs_logits` entry ([`crate::emit_index_module`]).
     VsLogitsParams {
-        q: DevPtr = "const u16*",
-        k: DevPtr = "const u16*",
-        nq: i32 = "int",
-        nk: i32 = "int",
-        hq: i32 = "int",
-        hkv: i32 = "int",
-        h0: i32 = "int",
-        last: i32 = "int",
-        allowed: DevPtr = "const u32*",
-        per_head: i32 = "int",
-        scale: f64 = "double",
-        logits: DevPtr = "double*",
-        rowmax: DevPtr = "unsigned long long*",
+        q: DevPtr = "const u16* __restrict__ Q",
+        k: DevPtr = "const u16* __restrict__ K",
+        nq: i32 = "int nq",
+        nk: i32 = "int nk",
+        hq: i32 = "int hq",
+        hkv: i32 = "int hkv",
+        h0: i32 = "int h0",
+        last: i32 = "int last",
+        allowed: DevPtr = "const u32* __restrict__ allowed",
+        per_head: i32 = "int per_head",
+        scale: f64 = "double scale",
+        logits: DevPtr = "double* __restrict__ logits",
+        rowmax: DevPtr = "unsigned long long* __restrict__ rowmax",
     }
     /// The index builders' `vs_exp` entry ([`crate::emit_index_module`]).
     VsExpParams {
-        weights: DevPtr = "double*",
-        rowmax: DevPtr = "const unsigned long long*",
-        nk: i32 = "int",
-        last: i32 = "int",
-        partial: DevPtr = "double*",
+        weights: DevPtr = "double* __restrict__ weights",
+        rowmax: DevPtr = "const unsigned long long* __restrict__ rowmax",
+        nk: i32 = "int nk",
+        last: i32 = "int last",
+        partial: DevPtr = "double* __restrict__ partial",
     }
     /// The index builders' `vs_inv` entry ([`crate::emit_index_module`]).
     VsInvParams {
-        partial: DevPtr = "const double*",
-        nk: i32 = "int",
-        last: i32 = "int",
-        inv: DevPtr = "double*",
+        partial: DevPtr = "const double* __restrict__ partial",
+        nk: i32 = "int nk",
+        last: i32 = "int last",
+        inv: DevPtr = "double* __restrict__ inv",
     }
     /// The index builders' `vs_mass` entry ([`crate::emit_index_module`]).
     VsMassParams {
-        weights: DevPtr = "const double*",
-        inv_rows: DevPtr = "const double*",
-        nq: i32 = "int",
-        nk: i32 = "int",
-        last: i32 = "int",
-        h0: i32 = "int",
-        slashes: i32 = "int",
-        vert: DevPtr = "double*",
-        slash: DevPtr = "double*",
+        weights: DevPtr = "const double* __restrict__ weights",
+        inv_rows: DevPtr = "const double* __restrict__ inv_rows",
+        nq: i32 = "int nq",
+        nk: i32 = "int nk",
+        last: i32 = "int last",
+        h0: i32 = "int h0",
+        slashes: i32 = "int slashes",
+        vert: DevPtr = "double* __restrict__ vert",
+        slash: DevPtr = "double* __restrict__ slash",
     }
     /// The index builders' `vs_select` entry ([`crate::emit_index_module`]).
     VsSelectParams {
-        vert: DevPtr = "const double*",
-        slash: DevPtr = "const double*",
-        nq: i32 = "int",
-        nk: i32 = "int",
-        hq: i32 = "int",
-        vertical_k: i32 = "int",
-        slash_k: i32 = "int",
-        vlist: DevPtr = "u32*",
-        slist: DevPtr = "u32*",
-        counts: DevPtr = "int*",
+        vert: DevPtr = "const double* __restrict__ vert",
+        slash: DevPtr = "const double* __restrict__ slash",
+        nq: i32 = "int nq",
+        nk: i32 = "int nk",
+        hq: i32 = "int hq",
+        vertical_k: i32 = "int vertical_k",
+        slash_k: i32 = "int slash_k",
+        vlist: DevPtr = "u32* __restrict__ vlist",
+        slist: DevPtr = "u32* __restrict__ slist",
+        counts: DevPtr = "int* __restrict__ counts",
     }
     /// The index builders' `grid_select` entry ([`crate::emit_index_module`]).
     GridSelectParams {
-        vert: DevPtr = "const double*",
-        nk: i32 = "int",
-        hq: i32 = "int",
-        stride: i32 = "int",
-        phase: i32 = "int",
-        cols: i32 = "int",
-        cap: i32 = "int",
-        vlist: DevPtr = "u32*",
-        counts: DevPtr = "int*",
-        phases: DevPtr = "int*",
+        vert: DevPtr = "const double* __restrict__ vert",
+        nk: i32 = "int nk",
+        hq: i32 = "int hq",
+        stride: i32 = "int stride",
+        phase: i32 = "int phase",
+        cols: i32 = "int cols",
+        cap: i32 = "int cap",
+        vlist: DevPtr = "u32* __restrict__ vlist",
+        counts: DevPtr = "int* __restrict__ counts",
+        phases: DevPtr = "int* __restrict__ phases",
     }
     /// The index builders' `vs_tiles` entry ([`crate::emit_index_module`]).
     VsTilesParams {
-        slist: DevPtr = "const u32*",
-        counts: DevPtr = "const int*",
-        hq: i32 = "int",
-        slash_k: i32 = "int",
-        nq: i32 = "int",
-        nk: i32 = "int",
-        block: i32 = "int",
-        groups: i32 = "int",
-        kblocks: i32 = "int",
-        tiles: DevPtr = "u32*",
+        slist: DevPtr = "const u32* __restrict__ slist",
+        counts: DevPtr = "const int* __restrict__ counts",
+        hq: i32 = "int hq",
+        slash_k: i32 = "int slash_k",
+        nq: i32 = "int nq",
+        nk: i32 = "int nk",
+        block: i32 = "int block",
+        groups: i32 = "int groups",
+        kblocks: i32 = "int kblocks",
+        tiles: DevPtr = "u32* __restrict__ tiles",
     }
     /// The index builders' `vv_exact` entry ([`crate::emit_index_module`]).
     VvExactParams {
-        pooled: DevPtr = "const float*",
-        k: DevPtr = "const u16*",
-        groups: i32 = "int",
-        nk: i32 = "int",
-        hq: i32 = "int",
-        hkv: i32 = "int",
-        h0: i32 = "int",
-        cand_lo: DevPtr = "const u32*",
-        cand_hi: DevPtr = "const u32*",
-        per_head: i32 = "int",
-        scale: f64 = "double",
-        exact: DevPtr = "double*",
-        best: DevPtr = "unsigned long long*",
+        pooled: DevPtr = "const float* __restrict__ pooled",
+        k: DevPtr = "const u16* __restrict__ K",
+        groups: i32 = "int groups",
+        nk: i32 = "int nk",
+        hq: i32 = "int hq",
+        hkv: i32 = "int hkv",
+        h0: i32 = "int h0",
+        cand_lo: DevPtr = "const u32* __restrict__ cand_lo",
+        cand_hi: DevPtr = "const u32* __restrict__ cand_hi",
+        per_head: i32 = "int per_head",
+        scale: f64 = "double scale",
+        exact: DevPtr = "double* __restrict__ exact",
+        best: DevPtr = "unsigned long long* __restrict__ best",
     }
 }
 
-/// The CUDA definition of parameter struct `name` and the asserts that pin its layout to the
-/// host's; `None` for a name that is not a parameter struct.
-pub fn cuda_struct(name: &str) -> Option<String> {
-    let (name, fields, size) = all_params().into_iter().find(|(n, _, _)| *n == name)?;
-    let mut s = format!("struct {name} {{\n");
-    for f in &fields {
-        let _ = writeln!(s, "    {} {};", f.cuda, f.name);
+/// The macro an entry point's CUDA signature uses for parameter struct `name`:
+/// `AttentionParams` -> `ATTENTION_PARAMS`.
+pub fn params_macro(name: &str) -> String {
+    let base = name.strip_suffix("Params").unwrap_or(name);
+    let mut out = String::new();
+    for (i, c) in base.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
     }
-    s.push_str("};\n");
-    // C lays out fields in order, each at the next multiple of its alignment: with the same
-    // sizes and alignments in the same order, and the same total size, every offset agrees
-    // (NVRTC has no offsetof; `c_layout` checks the rule against Rust's offsets).
-    let _ = writeln!(
-        s,
-        "static_assert(sizeof({name}) == {size}, \"{name}: the host layout (weft-codegen abi.rs) differs\");"
-    );
+    out + "_PARAMS"
+}
+
+/// The CUDA parameter list of struct `name` (a macro, see [`params_macro`]) and the asserts
+/// that each parameter's type has the host field's size and alignment; `None` for a name that
+/// is not a parameter struct.
+pub fn cuda_params(name: &str) -> Option<String> {
+    let (name, fields, _) = all_params().into_iter().find(|(n, _, _)| *n == name)?;
+    let mut s = format!("// {name} (weft-codegen abi.rs), in its field order.\n#define {}", params_macro(name));
+    for (i, f) in fields.iter().enumerate() {
+        let sep = if i + 1 < fields.len() { "," } else { "" };
+        let _ = write!(s, " \\\n    {}{sep}", f.cuda);
+    }
+    s.push('\n');
+    // One assert per CUDA type, naming the fields of that type.
+    let mut types: Vec<(String, usize, usize, Vec<&str>)> = Vec::new();
     for f in &fields {
+        let ty = f.cuda_type();
+        match types.iter_mut().find(|(t, size, align, _)| *t == ty && *size == f.size && *align == f.align) {
+            Some((_, _, _, names)) => names.push(f.name),
+            None => types.push((ty, f.size, f.align, vec![f.name])),
+        }
+    }
+    for (ty, size, align, names) in types {
         let _ = writeln!(
             s,
-            "static_assert(sizeof({name}::{n}) == {} && alignof(decltype({name}::{n})) == {}, \"{name}::{n}: the host layout differs\");",
-            f.size,
-            f.align,
-            n = f.name
+            "static_assert(sizeof({ty}) == {size} && alignof({ty}) == {align}, \"{name}: the host's {} differ\");",
+            names.join(", ")
         );
     }
     Some(s)
 }
 
-/// The CUDA definitions of `names` (see [`cuda_struct`]), in that order.
+/// The CUDA parameter lists of `names` (see [`cuda_params`]), in that order; names that are
+/// not parameter structs are skipped (`every_entry_names_a_declared_parameter_struct` checks
+/// the tables).
 pub(crate) fn cuda_structs(names: &[&str]) -> String {
-    let mut out = String::from("// ---- parameter structs (weft-codegen abi.rs; layout asserted) ----\n");
+    let mut out = String::from("// ---- entry point parameters (weft-codegen abi.rs) ----\n");
     for n in names {
-        out.push_str(&cuda_struct(n).unwrap_or_else(|| panic!("{n} is declared in abi.rs")));
+        out.push_str(&cuda_params(n).unwrap_or_default());
     }
     out
 }
@@ -494,36 +572,43 @@ impl Entry {
     }
 }
 
-/// The offsets and size C gives fields of these sizes and alignments, in order: what the CUDA
-/// side derives from the sizes and alignments [`cuda_struct`] asserts.
-pub fn c_layout(fields: &[Field]) -> (Vec<usize>, usize) {
-    let (mut at, mut align) = (0usize, 1usize);
-    let offsets = fields
-        .iter()
-        .map(|f| {
-            at = at.next_multiple_of(f.align);
-            align = align.max(f.align);
-            let here = at;
-            at += f.size;
-            here
-        })
-        .collect();
-    (offsets, at.next_multiple_of(align))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn every_struct_has_the_c_layout_its_cuda_mirror_derives() {
-        for (name, fields, size) in all_params() {
-            let (offsets, c_size) = c_layout(&fields);
-            let rust: Vec<usize> = fields.iter().map(|f| f.offset).collect();
-            assert_eq!((offsets, c_size), (rust, size), "{name}");
-            let cuda = cuda_struct(name).unwrap();
-            assert!(cuda.contains(&format!("static_assert(sizeof({name}) == {size},")), "{cuda}");
-            assert_eq!(cuda.matches("static_assert").count(), fields.len() + 1, "{cuda}");
+    fn every_struct_declares_its_fields_once_with_cuda_types_of_their_size() {
+        for (name, fields, _) in all_params() {
+            let mut names: Vec<&str> = fields.iter().map(|f| f.name).collect();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), fields.len(), "{name}: a field twice");
+            for f in &fields {
+                let ty = f.cuda_type();
+                let want = if ty.ends_with('*') { 8 } else { 0 };
+                let size = match ty.as_str() {
+                    "int" | "float" | "u32" => 4,
+                    "double" | "long long" | "unsigned long long" => 8,
+                    _ => want,
+                };
+                assert_eq!(size, f.size, "{name}::{}: {ty} is not {} bytes", f.name, f.size);
+            }
+            let cuda = cuda_params(name).unwrap();
+            assert!(cuda.contains(&format!("#define {}", params_macro(name))), "{cuda}");
+            for f in &fields {
+                assert!(cuda.contains(&format!("sizeof({}) == {}", f.cuda_type(), f.size)), "{name}::{}", f.name);
+            }
         }
+        assert_eq!(params_macro("VsLogitsParams"), "VS_LOGITS_PARAMS");
+    }
+
+    #[test]
+    fn args_follow_the_fields() {
+        let p = AttentionParams { q: 7, hq: 3, scale_log2: 0.5, ..Default::default() };
+        let args = p.args();
+        assert_eq!(args.len(), AttentionParams::fields().len());
+        assert_eq!(args[0], Arg::Ptr(&7));
+        assert_eq!(args[18], Arg::I32(&3));
+        assert_eq!(args[20], Arg::F32(&0.5));
     }
 }

@@ -230,7 +230,7 @@ fn sample_headers() -> Vec<(&'static str, String)> {
 }
 
 fn abi_structs(names: &[&str]) -> String {
-    names.iter().filter_map(|n| abi::cuda_struct(n)).collect()
+    names.iter().filter_map(|n| abi::cuda_params(n)).collect()
 }
 
 #[test]

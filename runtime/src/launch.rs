@@ -1,13 +1,11 @@
-//! Launches through the parameter structs of `weft_codegen::abi`: every entry point takes one
-//! `#[repr(C)]` struct by value, filled by field name here and read by field name in the
-//! kernel, whose layout codegen asserts in the generated source. [`Args`] collects the device
-//! addresses of a launch's buffers and holds cudarc's stream-ordering guards for them until the
-//! launch is queued (as cudarc's own argument builder does for slices).
+//! Launches through the parameter structs of `weft_codegen::abi`: filled by field name here,
+//! passed in the struct's field order ([`Params::args`]), the order codegen declares the entry
+//! point's parameters in. [`Args`] collects the device addresses of a launch's buffers and
+//! holds cudarc's stream-ordering guards for them until the launch is queued (as cudarc's own
+//! argument builder does for slices).
 
-use cudarc::driver::{
-    CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop,
-};
-use weft_codegen::abi::{DevPtr, Entry, Params};
+use cudarc::driver::{CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop};
+use weft_codegen::abi::{Arg, DevPtr, Entry, Params};
 
 use crate::{driver, Error};
 
@@ -36,14 +34,6 @@ impl<'a> Args<'a> {
         ptr
     }
 }
-
-/// A parameter struct as the kernel's by-value argument.
-#[repr(transparent)]
-struct ByValue<P>(P);
-
-// Safety: `Params` are `#[repr(C)]` plain data (device addresses and scalars) whose layout the
-// generated source asserts field by field.
-unsafe impl<P: Params> DeviceRepr for ByValue<P> {}
 
 /// Launches entry `entry` (function `f`) with `params` on `stream`: `grid` CTAs of the entry's
 /// threads, `shared` bytes of dynamic shared memory.
@@ -88,10 +78,17 @@ pub(crate) unsafe fn launch_threads<P: Params>(
         )));
     }
     let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: shared };
-    let value = ByValue(params);
     let mut b = stream.launch_builder(f);
-    b.arg(&value);
-    // Safety: the caller's contract; the struct is the entry's only parameter.
+    for arg in params.args() {
+        match arg {
+            Arg::Ptr(v) => b.arg(v),
+            Arg::I32(v) => b.arg(v),
+            Arg::U32(v) => b.arg(v),
+            Arg::F32(v) => b.arg(v),
+            Arg::F64(v) => b.arg(v),
+        };
+    }
+    // Safety: the caller's contract; the entry's parameters are the struct's fields, in order.
     unsafe { b.launch(cfg) }.map_err(driver(format!("launching {}", describe(entry))))?;
     // The guards record the buffers' use after the launch is queued.
     drop(args);

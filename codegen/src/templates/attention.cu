@@ -108,30 +108,8 @@ __device__ __forceinline__ u32 fill_parity(int g) { return (u32)(g / STAGES) & 1
 __device__ __forceinline__ u32 release_parity(int g) { return (u32)(g / STAGES - 1) & 1u; }
 #endif
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(const AttentionParams params)
+extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(ATTENTION_PARAMS)
 {
-    const u16* __restrict__ Q = params.q;
-    const u16* __restrict__ K = params.k;
-    const u16* __restrict__ V = params.v;
-    u16* __restrict__ O = params.o;
-    float* __restrict__ LSE = params.lse;
-    const u32* __restrict__ block_ptr = params.block_ptr;
-    const u32* __restrict__ block_idx = params.block_idx;
-    const u16* __restrict__ block_mask = params.block_mask;
-    const u32* __restrict__ col_ptr = params.col_ptr;
-    const u32* __restrict__ col_idx = params.col_idx;
-    const u16* __restrict__ col_mask = params.col_mask;
-    const int* __restrict__ seq_q = params.seq_q;
-    const int* __restrict__ seq_k = params.seq_k;
-    const int* __restrict__ seq_qb = params.seq_qb;
-    const int* __restrict__ head_map = params.head_map;
-    const int batch = params.batch;
-    const int total_q = params.total_q;
-    const int total_k = params.total_k;
-    const int hq = params.hq;
-    const int hkv = params.hkv;
-    const float scale_log2 = params.scale_log2;
-    const int index_heads = params.index_heads;
 
     // The layout below, in bytes, within what the host gives the launch (KernelConfig::shared_bytes):
     // Q, K and V tiles, key positions and mask ids, 1024 to align swizzled panels, mbarriers

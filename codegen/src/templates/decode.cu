@@ -15,25 +15,8 @@ constexpr int WARPS = 4;
 static_assert(WARPS * 32 == KERNEL_THREADS, "the block size the host launches (DECODE_THREADS)");
 constexpr int E = D / 32;           // elements per lane
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32) WEFT_KERNEL(const DecodeParams params)
+extern "C" __global__ void __launch_bounds__(WARPS * 32) WEFT_KERNEL(DECODE_PARAMS)
 {
-    const u16* __restrict__ Q = params.q;
-    const u16* __restrict__ K = params.k;
-    const u16* __restrict__ V = params.v;
-    float* __restrict__ Opart = params.opart;
-    float* __restrict__ LSEpart = params.lsepart;
-    const u32* __restrict__ block_ptr = params.block_ptr;
-    const u32* __restrict__ block_idx = params.block_idx;
-    const u16* __restrict__ block_mask = params.block_mask;
-    const u32* __restrict__ col_ptr = params.col_ptr;
-    const u32* __restrict__ col_idx = params.col_idx;
-    const u16* __restrict__ col_mask = params.col_mask;
-    const int nq = params.nq;
-    const int nk = params.nk;
-    const int hq = params.hq;
-    const int hkv = params.hkv;
-    const float scale_log2 = params.scale_log2;
-    const int splits = params.splits;
 
     __shared__ float s_m[WARPS], s_l[WARPS];
     __shared__ float s_acc[WARPS][D];

@@ -44,13 +44,8 @@ __device__ __forceinline__ void store_rows(float* out, int n, int row, int t, co
 // ---- probe: one warpgroup (128 threads) ----
 // Q [64][D], K and V [KEYS][D] (bf16, row-major). Writes S = Q K^T ([64][KEYS], f32, from
 // shared-memory operands) and O = bf16(S) V ([64][D], f32, P from registers, V read transposed).
-extern "C" __global__ void __launch_bounds__(128) WEFT_KERNEL(const ProbeParams params)
+extern "C" __global__ void __launch_bounds__(128) WEFT_KERNEL(PROBE_PARAMS)
 {
-    const u16* __restrict__ Q = params.q;
-    const u16* __restrict__ K = params.k;
-    const u16* __restrict__ V = params.v;
-    float* __restrict__ S = params.s;
-    float* __restrict__ O = params.o;
 
     extern __shared__ unsigned char smem_raw[];
     // Panels must start on 1024 bytes (the swizzle pattern's period): the launch asks for 1024

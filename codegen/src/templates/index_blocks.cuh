@@ -21,16 +21,8 @@
 // (H200): 0.30 ms with a thread holding all four accumulators of 4 x 4 pairs
 // (16 per 8 reads), 0.184 with the register prefetch below, 0.186 in quads (the FP64 pipe
 // about 40% busy, 8 warps per SM); quads of 4 x 8 pairs at two CTAs per SM took 0.219.
-extern "C" __global__ void __launch_bounds__(BLOCK_SCORES_THREADS) WEFT_ENTRY(block_scores)(const BlockScoresParams params)
+extern "C" __global__ void __launch_bounds__(BLOCK_SCORES_THREADS) WEFT_ENTRY(block_scores)(BLOCK_SCORES_PARAMS)
 {
-    const float* __restrict__ pooled_q = params.pooled_q;
-    const float* __restrict__ pooled_k = params.pooled_k;
-    const int hq = params.hq;
-    const int hkv = params.hkv;
-    const int groups = params.groups;
-    const int kblocks = params.kblocks;
-    const double scale = params.scale;
-    double* __restrict__ scores = params.scores;
 
     constexpr int T = BLOCK_SCORE_TILE, DC = 32;
     // (sK's rows are 36 doubles apart: the 16 reads of a half-warp, 4 key blocks x 4
@@ -101,17 +93,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK_SCORES_THREADS) WEFT_ENTRY(bl
 // Sets bit kb of chosen[(h * groups + g) * words ..] for each chosen pattern key block, from
 // the candidates' scores (block_scores). Mode 0: top_k(top_k); 1: threshold (budget_arg =
 // ln t); 2: top_p (budget_arg = p).
-extern "C" __global__ void __launch_bounds__(BLOCK_SELECT_THREADS) WEFT_ENTRY(block_select)(const BlockSelectParams params)
+extern "C" __global__ void __launch_bounds__(BLOCK_SELECT_THREADS) WEFT_ENTRY(block_select)(BLOCK_SELECT_PARAMS)
 {
-    const double* __restrict__ scores = params.scores;
-    const u32* __restrict__ allowed = params.allowed;
-    const int per_head = params.per_head;
-    const int groups = params.groups;
-    const int kblocks = params.kblocks;
-    const int mode = params.mode;
-    const int top_k = params.top_k;
-    const double budget_arg = params.budget_arg;
-    u32* __restrict__ chosen = params.chosen;
 
     extern __shared__ __align__(16) unsigned char smem[];
     const int g = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
@@ -188,18 +171,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK_SELECT_THREADS) WEFT_ENTRY(bl
 // the running that each digit pass shortens; the histogram's atomics are one per distinct
 // digit in a warp (most keys of a row share their top digits, so per-lane atomics queued on
 // one address).
-extern "C" __global__ void __launch_bounds__(BLOCK_TOP_THREADS, 1) WEFT_ENTRY(block_top)(const BlockTopParams params)
+extern "C" __global__ void __launch_bounds__(BLOCK_TOP_THREADS, 1) WEFT_ENTRY(block_top)(BLOCK_TOP_PARAMS)
 {
-    const double* __restrict__ scores = params.scores;
-    const u32* __restrict__ allowed = params.allowed;
-    const int per_head = params.per_head;
-    const int groups = params.groups;
-    const int kblocks = params.kblocks;
-    const int mode = params.mode;
-    const int top_k = params.top_k;
-    const double budget_arg = params.budget_arg;
-    u32* __restrict__ chosen = params.chosen;
-    const int cache_width = params.cache_width;
 
     __shared__ u32 sHist[8][256];
     extern __shared__ __align__(16) unsigned char smem[];

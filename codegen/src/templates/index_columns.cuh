@@ -162,28 +162,8 @@ __device__ __forceinline__ void load_key_tile(u16* sK, const u16* k_src, int c0,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(SCORE_THREADS) WEFT_ENTRY(score)(const ScoreParams params)
+extern "C" __global__ void __launch_bounds__(SCORE_THREADS) WEFT_ENTRY(score)(SCORE_PARAMS)
 {
-    const u16* __restrict__ pq_hi = params.pq_hi;
-    const u16* __restrict__ pq_lo = params.pq_lo;
-    const u16* __restrict__ K = params.k;
-    float* __restrict__ approx = params.approx;
-    const int h0 = params.h0;
-    const int hq = params.hq;
-    const int hkv = params.hkv;
-    const int groups = params.groups;
-    const int nk = params.nk;
-    const int mode = params.mode;
-    const int cols = params.cols;
-    const u32* __restrict__ cand_lo = params.cand_lo;
-    const u32* __restrict__ cand_hi = params.cand_hi;
-    const int per_head = params.per_head;
-    const float* __restrict__ thresh = params.thresh;
-    u32* __restrict__ list_key = params.list_key;
-    float* __restrict__ list_val = params.list_val;
-    u32* __restrict__ list_count = params.list_count;
-    u32* __restrict__ list_high = params.list_high;
-    const int list_cap = params.list_cap;
 
     extern __shared__ __align__(16) unsigned char smem[];
     u16* sHi = (u16*)smem;                 // [SCORE_ROWS][LDS]
@@ -315,21 +295,8 @@ __device__ __forceinline__ float group_bound(const float* pq_l1, const u32* kmax
 // largest with a margin, less 3 bounds (keys at or above it are emitted), thresh[1] = that
 // plus 3 bounds (keys at or above it are counted: the list is complete when keep of them are).
 // Groups that keep all or none of their candidates, or whose sample is too small, emit nothing.
-extern "C" __global__ void __launch_bounds__(THRESHOLD_THREADS) WEFT_ENTRY(threshold)(const ThresholdParams params)
+extern "C" __global__ void __launch_bounds__(THRESHOLD_THREADS) WEFT_ENTRY(threshold)(THRESHOLD_PARAMS)
 {
-    const float* __restrict__ sample = params.sample;
-    const int samples = params.samples;
-    const float* __restrict__ pq_l1 = params.pq_l1;
-    const u32* __restrict__ kmax_bits = params.kmax_bits;
-    const u32* __restrict__ cand_lo = params.cand_lo;
-    const u32* __restrict__ cand_hi = params.cand_hi;
-    const int per_head = params.per_head;
-    const int h0 = params.h0;
-    const int hq = params.hq;
-    const int hkv = params.hkv;
-    const int groups = params.groups;
-    const int top_k = params.top_k;
-    float* __restrict__ thresh = params.thresh;
 
     __shared__ u32 hist[HIST];
     __shared__ u32 sBin, sAbove, sSampled;
@@ -439,36 +406,8 @@ __device__ void select_exact(
 //                 CTA reads all keys three times; the sample's margins make it all but unused).
 // Either way the same keys are chosen.
 [[maybe_unused]] constexpr int SELECT_DENSE = 0, SELECT_LIST = 1;
-extern "C" __global__ void __launch_bounds__(SELECT_THREADS) WEFT_ENTRY(select)(const SelectParams params)
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS) WEFT_ENTRY(select)(SELECT_PARAMS)
 {
-    const float* __restrict__ approx = params.approx;
-    const float* __restrict__ pooled = params.pooled;
-    const float* __restrict__ pq_l1 = params.pq_l1;
-    const u16* __restrict__ K = params.k;
-    const float* __restrict__ kinf = params.kinf;
-    const u32* __restrict__ kmax_bits = params.kmax_bits;
-    const u32* __restrict__ cand_lo = params.cand_lo;
-    const u32* __restrict__ cand_hi = params.cand_hi;
-    const int per_head = params.per_head;
-    const int h0 = params.h0;
-    const int hq = params.hq;
-    const int hkv = params.hkv;
-    const int groups = params.groups;
-    const int nk = params.nk;
-    const int top_k = params.top_k;
-    const u32* __restrict__ keep_in = params.keep_in;
-    const double scale = params.scale;
-    const int cap = params.cap;
-    const int collect_cap = params.collect_cap;
-    const int mode = params.mode;
-    const u32* __restrict__ list_key = params.list_key;
-    const float* __restrict__ list_val = params.list_val;
-    const u32* __restrict__ list_count = params.list_count;
-    const u32* __restrict__ list_high = params.list_high;
-    const int list_cap = params.list_cap;
-    u32* __restrict__ chosen = params.chosen;
-    int* __restrict__ chosen_count = params.chosen_count;
-    int* __restrict__ status = params.status;
 
     extern __shared__ __align__(16) unsigned char smem[];
     double* uScore = (double*)smem;                   // [UNSURE_CAP] exact scores of unsure keys
@@ -667,29 +606,8 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS) WEFT_ENTRY(select)(
 __device__ __forceinline__ double exact_score(const float* pq, const u16* k_h, u32 c, double scale) {
     return __dmul_rn(scale, repro_dot(pq, k_h + (size_t)c * D));
 }
-extern "C" __global__ void __launch_bounds__(BUDGET_THREADS) WEFT_ENTRY(budget)(const BudgetParams params)
+extern "C" __global__ void __launch_bounds__(BUDGET_THREADS) WEFT_ENTRY(budget)(BUDGET_PARAMS)
 {
-    const float* __restrict__ approx = params.approx;
-    const float* __restrict__ pooled = params.pooled;
-    const float* __restrict__ pq_l1 = params.pq_l1;
-    const u16* __restrict__ K = params.k;
-    const float* __restrict__ kinf = params.kinf;
-    const u32* __restrict__ kmax_bits = params.kmax_bits;
-    const u32* __restrict__ cand_lo = params.cand_lo;
-    const u32* __restrict__ cand_hi = params.cand_hi;
-    const int per_head = params.per_head;
-    const int h0 = params.h0;
-    const int hq = params.hq;
-    const int hkv = params.hkv;
-    const int groups = params.groups;
-    const int nk = params.nk;
-    const double scale = params.scale;
-    const int mode = params.mode;
-    const double arg = params.arg;
-    const double* __restrict__ exact = params.exact;
-    const unsigned long long* __restrict__ best = params.best;
-    u32* __restrict__ weights = params.weights;
-    u32* __restrict__ keep_out = params.keep_out;
 
     __shared__ unsigned long long wHist[HIST];
     __shared__ u32 nHist[HIST];

@@ -32,37 +32,8 @@ __device__ __forceinline__ u16 line_code(u32 code, const u16* __restrict__ line_
 // With tile_words > 0 (vertical-slash), a chosen key inside a tile set in `tiles` (tile_block
 // square, tile_groups query groups per head) is dropped: the tile computes it. Query blocks
 // holding grid row lines (line_offset) read the rule rows from line_rule_base on.
-extern "C" __global__ void __launch_bounds__(COLUMNS_THREADS) WEFT_ENTRY(columns)(const ColumnsParams params)
+extern "C" __global__ void __launch_bounds__(COLUMNS_THREADS) WEFT_ENTRY(columns)(COLUMNS_PARAMS)
 {
-    const u32* __restrict__ chosen = params.chosen;
-    const int* __restrict__ chosen_count = params.chosen_count;
-    const int cap = params.cap;
-    const int words = params.words;
-    const u32* __restrict__ rule_ptr = params.rule_ptr;
-    const u32* __restrict__ rule_c0 = params.rule_c0;
-    const u32* __restrict__ rule_c1 = params.rule_c1;
-    const u32* __restrict__ rule_code = params.rule_code;
-    const u32* __restrict__ codes = params.codes;
-    const int per_head = params.per_head;
-    const int hq = params.hq;
-    const int q_blocks = params.q_blocks;
-    const int block_m = params.block_m;
-    const int q_block = params.q_block;
-    const int groups = params.groups;
-    const int pass = params.pass;
-    const u32* __restrict__ tiles = params.tiles;
-    const int tile_block = params.tile_block;
-    const int tile_groups = params.tile_groups;
-    const int tile_words = params.tile_words;
-    const int* __restrict__ line_phase = params.line_phase;
-    const int line_stride = params.line_stride;
-    const int line_len = params.line_len;
-    const int line_rule_base = params.line_rule_base;
-    const u16* __restrict__ line_codes = params.line_codes;
-    u32* __restrict__ row_count = params.row_count;
-    const u32* __restrict__ col_ptr = params.col_ptr;
-    u32* __restrict__ col_idx = params.col_idx;
-    u16* __restrict__ col_mask = params.col_mask;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row = blockIdx.x * ROWS_PER_CTA + warp;
@@ -139,11 +110,8 @@ extern "C" __global__ void __launch_bounds__(COLUMNS_THREADS) WEFT_ENTRY(columns
 }
 
 // ---- scan: one CTA of 1024 threads: col_ptr[0] = 0, col_ptr[r + 1] = sum of counts to r ----
-extern "C" __global__ void __launch_bounds__(SCAN_THREADS) WEFT_ENTRY(scan)(const ScanParams params)
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS) WEFT_ENTRY(scan)(SCAN_PARAMS)
 {
-    const u32* __restrict__ row_count = params.row_count;
-    const int rows = params.rows;
-    u32* __restrict__ col_ptr = params.col_ptr;
 
     __shared__ u32 part[1024];
     const int tid = threadIdx.x;
@@ -171,31 +139,8 @@ extern "C" __global__ void __launch_bounds__(SCAN_THREADS) WEFT_ENTRY(scan)(cons
 // Each possible key block of the row gets its code when its pattern block is chosen, else
 // the other, or in a query block holding grid row lines (line_offset) its line code; pass 0
 // counts entries into row_count, pass 1 writes them at block_ptr.
-extern "C" __global__ void __launch_bounds__(BLOCK_ROWS_THREADS) WEFT_ENTRY(block_rows)(const BlockRowsParams params)
+extern "C" __global__ void __launch_bounds__(BLOCK_ROWS_THREADS) WEFT_ENTRY(block_rows)(BLOCK_ROWS_PARAMS)
 {
-    const u32* __restrict__ chosen = params.chosen;
-    const u32* __restrict__ entry_ptr = params.entry_ptr;
-    const u32* __restrict__ entry_kb = params.entry_kb;
-    const u32* __restrict__ entry_pattern_kb = params.entry_pattern_kb;
-    const u16* __restrict__ code_sel = params.code_sel;
-    const u16* __restrict__ code_not = params.code_not;
-    const u32* __restrict__ code_line = params.code_line;
-    const int* __restrict__ line_phase = params.line_phase;
-    const int line_stride = params.line_stride;
-    const int line_len = params.line_len;
-    const u16* __restrict__ line_codes = params.line_codes;
-    const int per_head = params.per_head;
-    const int hq = params.hq;
-    const int q_blocks = params.q_blocks;
-    const int block_m = params.block_m;
-    const int block_q = params.block_q;
-    const int groups = params.groups;
-    const int kblocks = params.kblocks;
-    const int pass = params.pass;
-    u32* __restrict__ row_count = params.row_count;
-    const u32* __restrict__ block_ptr = params.block_ptr;
-    u32* __restrict__ block_idx = params.block_idx;
-    u16* __restrict__ block_mask = params.block_mask;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row = blockIdx.x * ROWS_PER_CTA + warp;

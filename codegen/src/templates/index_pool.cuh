@@ -13,16 +13,8 @@
 // rounded up).
 constexpr int POOL_LANES = D / 8, POOL_GROUPS = 128 / POOL_LANES;
 static_assert(POOL_LANES <= 32 && 32 % POOL_LANES == 0, "a group's lanes lie in one warp");
-extern "C" __global__ void __launch_bounds__(POOL_THREADS) WEFT_ENTRY(pool)(const PoolParams params)
+extern "C" __global__ void __launch_bounds__(POOL_THREADS) WEFT_ENTRY(pool)(POOL_PARAMS)
 {
-    const u16* __restrict__ Q = params.q;
-    const int nq = params.nq;
-    const int q_block = params.q_block;
-    const int groups = params.groups;
-    float* __restrict__ pooled = params.pooled;
-    u16* __restrict__ pq_hi = params.pq_hi;
-    u16* __restrict__ pq_lo = params.pq_lo;
-    float* __restrict__ pq_l1 = params.pq_l1;
 
     const int g = blockIdx.x * POOL_GROUPS + threadIdx.x / POOL_LANES, h = blockIdx.y;
     const int lane = threadIdx.x % POOL_LANES, c0 = lane * 8;
@@ -69,12 +61,8 @@ extern "C" __global__ void __launch_bounds__(POOL_THREADS) WEFT_ENTRY(pool)(cons
 // ---- kstats: grid (ceil(nk / 64), hkv), 256 threads: a warp per key, 8 keys per warp ----
 // One atomic per CTA for the head's maximum: 64 keys share it (atomics on one address per
 // key serialised and cost more than the reads).
-extern "C" __global__ void __launch_bounds__(KSTATS_THREADS) WEFT_ENTRY(kstats)(const KstatsParams params)
+extern "C" __global__ void __launch_bounds__(KSTATS_THREADS) WEFT_ENTRY(kstats)(KSTATS_PARAMS)
 {
-    const u16* __restrict__ K = params.k;
-    const int nk = params.nk;
-    float* __restrict__ kinf = params.kinf;
-    u32* __restrict__ kmax_bits = params.kmax_bits;
 
     __shared__ float wmax[8];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, h = blockIdx.y;

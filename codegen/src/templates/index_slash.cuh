@@ -92,21 +92,8 @@ struct PooledGroups {
 // exact in f64), -inf where the plan does not allow the pair; rowmax[hh][r] = the row's
 // largest (as a key). Each thread holds 8 rows x 8 keys, so shared-memory reads (16 doubles
 // per 64 multiply-adds) keep up with the f64 units.
-extern "C" __global__ void __launch_bounds__(VS_LOGITS_THREADS) WEFT_ENTRY(vs_logits)(const VsLogitsParams params)
+extern "C" __global__ void __launch_bounds__(VS_LOGITS_THREADS) WEFT_ENTRY(vs_logits)(VS_LOGITS_PARAMS)
 {
-    const u16* __restrict__ Q = params.q;
-    const u16* __restrict__ K = params.k;
-    const int nq = params.nq;
-    const int nk = params.nk;
-    const int hq = params.hq;
-    const int hkv = params.hkv;
-    const int h0 = params.h0;
-    const int last = params.last;
-    const u32* __restrict__ allowed = params.allowed;
-    const int per_head = params.per_head;
-    const double scale = params.scale;
-    double* __restrict__ logits = params.logits;
-    unsigned long long* __restrict__ rowmax = params.rowmax;
 
     const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv), tid = threadIdx.x;
     const int k0 = blockIdx.x * VS_KEYS, r0 = blockIdx.y * VS_ROWS;
@@ -139,13 +126,8 @@ extern "C" __global__ void __launch_bounds__(VS_LOGITS_THREADS) WEFT_ENTRY(vs_lo
 // ---- vs_exp: grid (ceil(nk / VS_EXP_KEYS), last, heads of the chunk), 256 threads ----
 // In place: logits -> repro_exp(logit - row max) (0 for pairs not allowed, and for rows with
 // none); partial[hh][r][chunk] = the chunk's weights summed left to right.
-extern "C" __global__ void __launch_bounds__(VS_EXP_THREADS) WEFT_ENTRY(vs_exp)(const VsExpParams params)
+extern "C" __global__ void __launch_bounds__(VS_EXP_THREADS) WEFT_ENTRY(vs_exp)(VS_EXP_PARAMS)
 {
-    double* __restrict__ weights = params.weights;
-    const unsigned long long* __restrict__ rowmax = params.rowmax;
-    const int nk = params.nk;
-    const int last = params.last;
-    double* __restrict__ partial = params.partial;
 
     __shared__ double e[VS_EXP_KEYS];
     const int hh = blockIdx.z, r = blockIdx.y, tid = threadIdx.x;
@@ -177,12 +159,8 @@ extern "C" __global__ void __launch_bounds__(VS_EXP_THREADS) WEFT_ENTRY(vs_exp)(
 // ---- vs_inv: grid (heads of the chunk), 256 threads ----
 // inv[hh][r] = 1 / (row r's total: its chunk sums left to right), or 0 for a row with no key.
 // Once per row here, so that each vs_mass CTA reads `last` doubles instead of every partial.
-extern "C" __global__ void __launch_bounds__(VS_INV_THREADS) WEFT_ENTRY(vs_inv)(const VsInvParams params)
+extern "C" __global__ void __launch_bounds__(VS_INV_THREADS) WEFT_ENTRY(vs_inv)(VS_INV_PARAMS)
 {
-    const double* __restrict__ partial = params.partial;
-    const int nk = params.nk;
-    const int last = params.last;
-    double* __restrict__ inv = params.inv;
 
     const int hh = blockIdx.x, tid = threadIdx.x;
     const int chunks = (nk + SUM_CHUNK - 1) / SUM_CHUNK;
@@ -199,17 +177,8 @@ extern "C" __global__ void __launch_bounds__(VS_INV_THREADS) WEFT_ENTRY(vs_inv)(
 // Per key c: vert[h][c] = sum over rows in order of weight * inv (vs_inv), and, unless
 // `slashes` is 0 (a grid reads no diagonals), per diagonal i = r + nk - c: slash[h][i] likewise
 // (the CPU's order; pairs not allowed, and rows with no key, add +0, which changes no sum).
-extern "C" __global__ void __launch_bounds__(VS_MASS_THREADS) WEFT_ENTRY(vs_mass)(const VsMassParams params)
+extern "C" __global__ void __launch_bounds__(VS_MASS_THREADS) WEFT_ENTRY(vs_mass)(VS_MASS_PARAMS)
 {
-    const double* __restrict__ weights = params.weights;
-    const double* __restrict__ inv_rows = params.inv_rows;
-    const int nq = params.nq;
-    const int nk = params.nk;
-    const int last = params.last;
-    const int h0 = params.h0;
-    const int slashes = params.slashes;
-    double* __restrict__ vert = params.vert;
-    double* __restrict__ slash = params.slash;
 
     extern __shared__ __align__(16) unsigned char smem[];
     double* inv = (double*)smem;
@@ -240,18 +209,8 @@ extern "C" __global__ void __launch_bounds__(VS_MASS_THREADS) WEFT_ENTRY(vs_mass
 // slash[h]. Ties go to the lower id, zero masses are never kept. Eight 8-bit radix passes over
 // the masses' bits (positive doubles order as integers) find the cut; one ordered pass writes
 // the chosen ids ascending to vlist[h] / slist[h] and their count to counts[y * hq + h].
-extern "C" __global__ void __launch_bounds__(VS_SELECT_THREADS) WEFT_ENTRY(vs_select)(const VsSelectParams params)
+extern "C" __global__ void __launch_bounds__(VS_SELECT_THREADS) WEFT_ENTRY(vs_select)(VS_SELECT_PARAMS)
 {
-    const double* __restrict__ vert = params.vert;
-    const double* __restrict__ slash = params.slash;
-    const int nq = params.nq;
-    const int nk = params.nk;
-    const int hq = params.hq;
-    const int vertical_k = params.vertical_k;
-    const int slash_k = params.slash_k;
-    u32* __restrict__ vlist = params.vlist;
-    u32* __restrict__ slist = params.slist;
-    int* __restrict__ counts = params.counts;
 
     __shared__ u32 hist[256];
     __shared__ u32 w_eq[32], w_take[32];
@@ -353,18 +312,8 @@ __device__ __forceinline__ void warp_argmax(double& best, int& pos) {
 // lowest position, as weft_patterns' grid_phase) to phases[h]; with column lines (`cols`)
 // the keys phase, phase + stride, ... to vlist[h] (cap per head) and their count to
 // counts[h]; no slashes (counts[hq + h] = 0).
-extern "C" __global__ void __launch_bounds__(GRID_SELECT_THREADS) WEFT_ENTRY(grid_select)(const GridSelectParams params)
+extern "C" __global__ void __launch_bounds__(GRID_SELECT_THREADS) WEFT_ENTRY(grid_select)(GRID_SELECT_PARAMS)
 {
-    const double* __restrict__ vert = params.vert;
-    const int nk = params.nk;
-    const int hq = params.hq;
-    const int stride = params.stride;
-    const int phase = params.phase;
-    const int cols = params.cols;
-    const int cap = params.cap;
-    u32* __restrict__ vlist = params.vlist;
-    int* __restrict__ counts = params.counts;
-    int* __restrict__ phases = params.phases;
 
     __shared__ double w_best[32];
     __shared__ int w_pos[32];
@@ -408,18 +357,8 @@ extern "C" __global__ void __launch_bounds__(GRID_SELECT_THREADS) WEFT_ENTRY(gri
 // ---- vs_tiles: grid (groups, hq), 128 threads ----
 // tiles[(h * groups + g) * words ..]: bit kb set when one of head h's slashes crosses pattern
 // tile (g, kb): diagonal i meets row q at key q + nk - i.
-extern "C" __global__ void __launch_bounds__(VS_TILES_THREADS) WEFT_ENTRY(vs_tiles)(const VsTilesParams params)
+extern "C" __global__ void __launch_bounds__(VS_TILES_THREADS) WEFT_ENTRY(vs_tiles)(VS_TILES_PARAMS)
 {
-    const u32* __restrict__ slist = params.slist;
-    const int* __restrict__ counts = params.counts;
-    const int hq = params.hq;
-    const int slash_k = params.slash_k;
-    const int nq = params.nq;
-    const int nk = params.nk;
-    const int block = params.block;
-    const int groups = params.groups;
-    const int kblocks = params.kblocks;
-    u32* __restrict__ tiles = params.tiles;
 
     const int g = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
     const int words = (kblocks + 31) / 32;
@@ -443,21 +382,8 @@ extern "C" __global__ void __launch_bounds__(VS_TILES_THREADS) WEFT_ENTRY(vs_til
 // scale * repro::dot(pooled q of group g, k_c) for every key (the CPU builder's score), and
 // best[hh][g] the largest over the group's candidates cand_lo..cand_hi (as a key; 0 for
 // none: clear it first). The tiles are vs_logits' with pooled rows for the last queries.
-extern "C" __global__ void __launch_bounds__(VV_EXACT_THREADS) WEFT_ENTRY(vv_exact)(const VvExactParams params)
+extern "C" __global__ void __launch_bounds__(VV_EXACT_THREADS) WEFT_ENTRY(vv_exact)(VV_EXACT_PARAMS)
 {
-    const float* __restrict__ pooled = params.pooled;
-    const u16* __restrict__ K = params.k;
-    const int groups = params.groups;
-    const int nk = params.nk;
-    const int hq = params.hq;
-    const int hkv = params.hkv;
-    const int h0 = params.h0;
-    const u32* __restrict__ cand_lo = params.cand_lo;
-    const u32* __restrict__ cand_hi = params.cand_hi;
-    const int per_head = params.per_head;
-    const double scale = params.scale;
-    double* __restrict__ exact = params.exact;
-    unsigned long long* __restrict__ best = params.best;
 
     const int hh = blockIdx.z, h = h0 + hh, kv = h / (hq / hkv), tid = threadIdx.x;
     const int k0 = blockIdx.x * VS_KEYS, g0 = blockIdx.y * VS_ROWS;

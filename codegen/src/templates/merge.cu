@@ -19,14 +19,8 @@ __device__ __forceinline__ float part_value(const PartT* parts, size_t i) {
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(MERGE_ROWS * 32) WEFT_KERNEL(const MergeParams params)
+extern "C" __global__ void __launch_bounds__(MERGE_ROWS * 32) WEFT_KERNEL(MERGE_PARAMS)
 {
-    const PartT* __restrict__ parts = (const PartT*)params.parts;
-    const float* __restrict__ lses = params.lses;
-    u16* __restrict__ O = params.o;
-    float* __restrict__ LSE = params.lse;
-    const int nparts = params.nparts;
-    const int rows = params.rows;
 
     const int row = blockIdx.x * MERGE_ROWS + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;

@@ -2,675 +2,466 @@
 // templates open and compile on their own; tests check it is what codegen generates.
 #pragma once
 #include "prelude.cuh"
-struct AttentionParams {
-    const u16* q;
-    const u16* k;
-    const u16* v;
-    u16* o;
-    float* lse;
-    const u32* block_ptr;
-    const u32* block_idx;
-    const u16* block_mask;
-    const u32* col_ptr;
-    const u32* col_idx;
-    const u16* col_mask;
-    const int* seq_q;
-    const int* seq_k;
-    const int* seq_qb;
-    const int* head_map;
-    int batch;
-    int total_q;
-    int total_k;
-    int hq;
-    int hkv;
-    float scale_log2;
-    int index_heads;
-};
-static_assert(sizeof(AttentionParams) == 152, "AttentionParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(AttentionParams::q) == 8 && alignof(decltype(AttentionParams::q)) == 8, "AttentionParams::q: the host layout differs");
-static_assert(sizeof(AttentionParams::k) == 8 && alignof(decltype(AttentionParams::k)) == 8, "AttentionParams::k: the host layout differs");
-static_assert(sizeof(AttentionParams::v) == 8 && alignof(decltype(AttentionParams::v)) == 8, "AttentionParams::v: the host layout differs");
-static_assert(sizeof(AttentionParams::o) == 8 && alignof(decltype(AttentionParams::o)) == 8, "AttentionParams::o: the host layout differs");
-static_assert(sizeof(AttentionParams::lse) == 8 && alignof(decltype(AttentionParams::lse)) == 8, "AttentionParams::lse: the host layout differs");
-static_assert(sizeof(AttentionParams::block_ptr) == 8 && alignof(decltype(AttentionParams::block_ptr)) == 8, "AttentionParams::block_ptr: the host layout differs");
-static_assert(sizeof(AttentionParams::block_idx) == 8 && alignof(decltype(AttentionParams::block_idx)) == 8, "AttentionParams::block_idx: the host layout differs");
-static_assert(sizeof(AttentionParams::block_mask) == 8 && alignof(decltype(AttentionParams::block_mask)) == 8, "AttentionParams::block_mask: the host layout differs");
-static_assert(sizeof(AttentionParams::col_ptr) == 8 && alignof(decltype(AttentionParams::col_ptr)) == 8, "AttentionParams::col_ptr: the host layout differs");
-static_assert(sizeof(AttentionParams::col_idx) == 8 && alignof(decltype(AttentionParams::col_idx)) == 8, "AttentionParams::col_idx: the host layout differs");
-static_assert(sizeof(AttentionParams::col_mask) == 8 && alignof(decltype(AttentionParams::col_mask)) == 8, "AttentionParams::col_mask: the host layout differs");
-static_assert(sizeof(AttentionParams::seq_q) == 8 && alignof(decltype(AttentionParams::seq_q)) == 8, "AttentionParams::seq_q: the host layout differs");
-static_assert(sizeof(AttentionParams::seq_k) == 8 && alignof(decltype(AttentionParams::seq_k)) == 8, "AttentionParams::seq_k: the host layout differs");
-static_assert(sizeof(AttentionParams::seq_qb) == 8 && alignof(decltype(AttentionParams::seq_qb)) == 8, "AttentionParams::seq_qb: the host layout differs");
-static_assert(sizeof(AttentionParams::head_map) == 8 && alignof(decltype(AttentionParams::head_map)) == 8, "AttentionParams::head_map: the host layout differs");
-static_assert(sizeof(AttentionParams::batch) == 4 && alignof(decltype(AttentionParams::batch)) == 4, "AttentionParams::batch: the host layout differs");
-static_assert(sizeof(AttentionParams::total_q) == 4 && alignof(decltype(AttentionParams::total_q)) == 4, "AttentionParams::total_q: the host layout differs");
-static_assert(sizeof(AttentionParams::total_k) == 4 && alignof(decltype(AttentionParams::total_k)) == 4, "AttentionParams::total_k: the host layout differs");
-static_assert(sizeof(AttentionParams::hq) == 4 && alignof(decltype(AttentionParams::hq)) == 4, "AttentionParams::hq: the host layout differs");
-static_assert(sizeof(AttentionParams::hkv) == 4 && alignof(decltype(AttentionParams::hkv)) == 4, "AttentionParams::hkv: the host layout differs");
-static_assert(sizeof(AttentionParams::scale_log2) == 4 && alignof(decltype(AttentionParams::scale_log2)) == 4, "AttentionParams::scale_log2: the host layout differs");
-static_assert(sizeof(AttentionParams::index_heads) == 4 && alignof(decltype(AttentionParams::index_heads)) == 4, "AttentionParams::index_heads: the host layout differs");
-struct DecodeParams {
-    const u16* q;
-    const u16* k;
-    const u16* v;
-    float* opart;
-    float* lsepart;
-    const u32* block_ptr;
-    const u32* block_idx;
-    const u16* block_mask;
-    const u32* col_ptr;
-    const u32* col_idx;
-    const u16* col_mask;
-    int nq;
-    int nk;
-    int hq;
-    int hkv;
-    float scale_log2;
-    int splits;
-};
-static_assert(sizeof(DecodeParams) == 112, "DecodeParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(DecodeParams::q) == 8 && alignof(decltype(DecodeParams::q)) == 8, "DecodeParams::q: the host layout differs");
-static_assert(sizeof(DecodeParams::k) == 8 && alignof(decltype(DecodeParams::k)) == 8, "DecodeParams::k: the host layout differs");
-static_assert(sizeof(DecodeParams::v) == 8 && alignof(decltype(DecodeParams::v)) == 8, "DecodeParams::v: the host layout differs");
-static_assert(sizeof(DecodeParams::opart) == 8 && alignof(decltype(DecodeParams::opart)) == 8, "DecodeParams::opart: the host layout differs");
-static_assert(sizeof(DecodeParams::lsepart) == 8 && alignof(decltype(DecodeParams::lsepart)) == 8, "DecodeParams::lsepart: the host layout differs");
-static_assert(sizeof(DecodeParams::block_ptr) == 8 && alignof(decltype(DecodeParams::block_ptr)) == 8, "DecodeParams::block_ptr: the host layout differs");
-static_assert(sizeof(DecodeParams::block_idx) == 8 && alignof(decltype(DecodeParams::block_idx)) == 8, "DecodeParams::block_idx: the host layout differs");
-static_assert(sizeof(DecodeParams::block_mask) == 8 && alignof(decltype(DecodeParams::block_mask)) == 8, "DecodeParams::block_mask: the host layout differs");
-static_assert(sizeof(DecodeParams::col_ptr) == 8 && alignof(decltype(DecodeParams::col_ptr)) == 8, "DecodeParams::col_ptr: the host layout differs");
-static_assert(sizeof(DecodeParams::col_idx) == 8 && alignof(decltype(DecodeParams::col_idx)) == 8, "DecodeParams::col_idx: the host layout differs");
-static_assert(sizeof(DecodeParams::col_mask) == 8 && alignof(decltype(DecodeParams::col_mask)) == 8, "DecodeParams::col_mask: the host layout differs");
-static_assert(sizeof(DecodeParams::nq) == 4 && alignof(decltype(DecodeParams::nq)) == 4, "DecodeParams::nq: the host layout differs");
-static_assert(sizeof(DecodeParams::nk) == 4 && alignof(decltype(DecodeParams::nk)) == 4, "DecodeParams::nk: the host layout differs");
-static_assert(sizeof(DecodeParams::hq) == 4 && alignof(decltype(DecodeParams::hq)) == 4, "DecodeParams::hq: the host layout differs");
-static_assert(sizeof(DecodeParams::hkv) == 4 && alignof(decltype(DecodeParams::hkv)) == 4, "DecodeParams::hkv: the host layout differs");
-static_assert(sizeof(DecodeParams::scale_log2) == 4 && alignof(decltype(DecodeParams::scale_log2)) == 4, "DecodeParams::scale_log2: the host layout differs");
-static_assert(sizeof(DecodeParams::splits) == 4 && alignof(decltype(DecodeParams::splits)) == 4, "DecodeParams::splits: the host layout differs");
-struct MergeParams {
-    const void* parts;
-    const float* lses;
-    u16* o;
-    float* lse;
-    int nparts;
-    int rows;
-};
-static_assert(sizeof(MergeParams) == 40, "MergeParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(MergeParams::parts) == 8 && alignof(decltype(MergeParams::parts)) == 8, "MergeParams::parts: the host layout differs");
-static_assert(sizeof(MergeParams::lses) == 8 && alignof(decltype(MergeParams::lses)) == 8, "MergeParams::lses: the host layout differs");
-static_assert(sizeof(MergeParams::o) == 8 && alignof(decltype(MergeParams::o)) == 8, "MergeParams::o: the host layout differs");
-static_assert(sizeof(MergeParams::lse) == 8 && alignof(decltype(MergeParams::lse)) == 8, "MergeParams::lse: the host layout differs");
-static_assert(sizeof(MergeParams::nparts) == 4 && alignof(decltype(MergeParams::nparts)) == 4, "MergeParams::nparts: the host layout differs");
-static_assert(sizeof(MergeParams::rows) == 4 && alignof(decltype(MergeParams::rows)) == 4, "MergeParams::rows: the host layout differs");
-struct ProbeParams {
-    const u16* q;
-    const u16* k;
-    const u16* v;
-    float* s;
-    float* o;
-};
-static_assert(sizeof(ProbeParams) == 40, "ProbeParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(ProbeParams::q) == 8 && alignof(decltype(ProbeParams::q)) == 8, "ProbeParams::q: the host layout differs");
-static_assert(sizeof(ProbeParams::k) == 8 && alignof(decltype(ProbeParams::k)) == 8, "ProbeParams::k: the host layout differs");
-static_assert(sizeof(ProbeParams::v) == 8 && alignof(decltype(ProbeParams::v)) == 8, "ProbeParams::v: the host layout differs");
-static_assert(sizeof(ProbeParams::s) == 8 && alignof(decltype(ProbeParams::s)) == 8, "ProbeParams::s: the host layout differs");
-static_assert(sizeof(ProbeParams::o) == 8 && alignof(decltype(ProbeParams::o)) == 8, "ProbeParams::o: the host layout differs");
-struct PoolParams {
-    const u16* q;
-    int nq;
-    int q_block;
-    int groups;
-    float* pooled;
-    u16* pq_hi;
-    u16* pq_lo;
-    float* pq_l1;
-};
-static_assert(sizeof(PoolParams) == 56, "PoolParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(PoolParams::q) == 8 && alignof(decltype(PoolParams::q)) == 8, "PoolParams::q: the host layout differs");
-static_assert(sizeof(PoolParams::nq) == 4 && alignof(decltype(PoolParams::nq)) == 4, "PoolParams::nq: the host layout differs");
-static_assert(sizeof(PoolParams::q_block) == 4 && alignof(decltype(PoolParams::q_block)) == 4, "PoolParams::q_block: the host layout differs");
-static_assert(sizeof(PoolParams::groups) == 4 && alignof(decltype(PoolParams::groups)) == 4, "PoolParams::groups: the host layout differs");
-static_assert(sizeof(PoolParams::pooled) == 8 && alignof(decltype(PoolParams::pooled)) == 8, "PoolParams::pooled: the host layout differs");
-static_assert(sizeof(PoolParams::pq_hi) == 8 && alignof(decltype(PoolParams::pq_hi)) == 8, "PoolParams::pq_hi: the host layout differs");
-static_assert(sizeof(PoolParams::pq_lo) == 8 && alignof(decltype(PoolParams::pq_lo)) == 8, "PoolParams::pq_lo: the host layout differs");
-static_assert(sizeof(PoolParams::pq_l1) == 8 && alignof(decltype(PoolParams::pq_l1)) == 8, "PoolParams::pq_l1: the host layout differs");
-struct KstatsParams {
-    const u16* k;
-    int nk;
-    float* kinf;
-    u32* kmax_bits;
-};
-static_assert(sizeof(KstatsParams) == 32, "KstatsParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(KstatsParams::k) == 8 && alignof(decltype(KstatsParams::k)) == 8, "KstatsParams::k: the host layout differs");
-static_assert(sizeof(KstatsParams::nk) == 4 && alignof(decltype(KstatsParams::nk)) == 4, "KstatsParams::nk: the host layout differs");
-static_assert(sizeof(KstatsParams::kinf) == 8 && alignof(decltype(KstatsParams::kinf)) == 8, "KstatsParams::kinf: the host layout differs");
-static_assert(sizeof(KstatsParams::kmax_bits) == 8 && alignof(decltype(KstatsParams::kmax_bits)) == 8, "KstatsParams::kmax_bits: the host layout differs");
-struct ScoreParams {
-    const u16* pq_hi;
-    const u16* pq_lo;
-    const u16* k;
-    float* approx;
-    int h0;
-    int hq;
-    int hkv;
-    int groups;
-    int nk;
-    int mode;
-    int cols;
-    const u32* cand_lo;
-    const u32* cand_hi;
-    int per_head;
-    const float* thresh;
-    u32* list_key;
-    float* list_val;
-    u32* list_count;
-    u32* list_high;
-    int list_cap;
-};
-static_assert(sizeof(ScoreParams) == 136, "ScoreParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(ScoreParams::pq_hi) == 8 && alignof(decltype(ScoreParams::pq_hi)) == 8, "ScoreParams::pq_hi: the host layout differs");
-static_assert(sizeof(ScoreParams::pq_lo) == 8 && alignof(decltype(ScoreParams::pq_lo)) == 8, "ScoreParams::pq_lo: the host layout differs");
-static_assert(sizeof(ScoreParams::k) == 8 && alignof(decltype(ScoreParams::k)) == 8, "ScoreParams::k: the host layout differs");
-static_assert(sizeof(ScoreParams::approx) == 8 && alignof(decltype(ScoreParams::approx)) == 8, "ScoreParams::approx: the host layout differs");
-static_assert(sizeof(ScoreParams::h0) == 4 && alignof(decltype(ScoreParams::h0)) == 4, "ScoreParams::h0: the host layout differs");
-static_assert(sizeof(ScoreParams::hq) == 4 && alignof(decltype(ScoreParams::hq)) == 4, "ScoreParams::hq: the host layout differs");
-static_assert(sizeof(ScoreParams::hkv) == 4 && alignof(decltype(ScoreParams::hkv)) == 4, "ScoreParams::hkv: the host layout differs");
-static_assert(sizeof(ScoreParams::groups) == 4 && alignof(decltype(ScoreParams::groups)) == 4, "ScoreParams::groups: the host layout differs");
-static_assert(sizeof(ScoreParams::nk) == 4 && alignof(decltype(ScoreParams::nk)) == 4, "ScoreParams::nk: the host layout differs");
-static_assert(sizeof(ScoreParams::mode) == 4 && alignof(decltype(ScoreParams::mode)) == 4, "ScoreParams::mode: the host layout differs");
-static_assert(sizeof(ScoreParams::cols) == 4 && alignof(decltype(ScoreParams::cols)) == 4, "ScoreParams::cols: the host layout differs");
-static_assert(sizeof(ScoreParams::cand_lo) == 8 && alignof(decltype(ScoreParams::cand_lo)) == 8, "ScoreParams::cand_lo: the host layout differs");
-static_assert(sizeof(ScoreParams::cand_hi) == 8 && alignof(decltype(ScoreParams::cand_hi)) == 8, "ScoreParams::cand_hi: the host layout differs");
-static_assert(sizeof(ScoreParams::per_head) == 4 && alignof(decltype(ScoreParams::per_head)) == 4, "ScoreParams::per_head: the host layout differs");
-static_assert(sizeof(ScoreParams::thresh) == 8 && alignof(decltype(ScoreParams::thresh)) == 8, "ScoreParams::thresh: the host layout differs");
-static_assert(sizeof(ScoreParams::list_key) == 8 && alignof(decltype(ScoreParams::list_key)) == 8, "ScoreParams::list_key: the host layout differs");
-static_assert(sizeof(ScoreParams::list_val) == 8 && alignof(decltype(ScoreParams::list_val)) == 8, "ScoreParams::list_val: the host layout differs");
-static_assert(sizeof(ScoreParams::list_count) == 8 && alignof(decltype(ScoreParams::list_count)) == 8, "ScoreParams::list_count: the host layout differs");
-static_assert(sizeof(ScoreParams::list_high) == 8 && alignof(decltype(ScoreParams::list_high)) == 8, "ScoreParams::list_high: the host layout differs");
-static_assert(sizeof(ScoreParams::list_cap) == 4 && alignof(decltype(ScoreParams::list_cap)) == 4, "ScoreParams::list_cap: the host layout differs");
-struct ThresholdParams {
-    const float* sample;
-    int samples;
-    const float* pq_l1;
-    const u32* kmax_bits;
-    const u32* cand_lo;
-    const u32* cand_hi;
-    int per_head;
-    int h0;
-    int hq;
-    int hkv;
-    int groups;
-    int top_k;
-    float* thresh;
-};
-static_assert(sizeof(ThresholdParams) == 80, "ThresholdParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(ThresholdParams::sample) == 8 && alignof(decltype(ThresholdParams::sample)) == 8, "ThresholdParams::sample: the host layout differs");
-static_assert(sizeof(ThresholdParams::samples) == 4 && alignof(decltype(ThresholdParams::samples)) == 4, "ThresholdParams::samples: the host layout differs");
-static_assert(sizeof(ThresholdParams::pq_l1) == 8 && alignof(decltype(ThresholdParams::pq_l1)) == 8, "ThresholdParams::pq_l1: the host layout differs");
-static_assert(sizeof(ThresholdParams::kmax_bits) == 8 && alignof(decltype(ThresholdParams::kmax_bits)) == 8, "ThresholdParams::kmax_bits: the host layout differs");
-static_assert(sizeof(ThresholdParams::cand_lo) == 8 && alignof(decltype(ThresholdParams::cand_lo)) == 8, "ThresholdParams::cand_lo: the host layout differs");
-static_assert(sizeof(ThresholdParams::cand_hi) == 8 && alignof(decltype(ThresholdParams::cand_hi)) == 8, "ThresholdParams::cand_hi: the host layout differs");
-static_assert(sizeof(ThresholdParams::per_head) == 4 && alignof(decltype(ThresholdParams::per_head)) == 4, "ThresholdParams::per_head: the host layout differs");
-static_assert(sizeof(ThresholdParams::h0) == 4 && alignof(decltype(ThresholdParams::h0)) == 4, "ThresholdParams::h0: the host layout differs");
-static_assert(sizeof(ThresholdParams::hq) == 4 && alignof(decltype(ThresholdParams::hq)) == 4, "ThresholdParams::hq: the host layout differs");
-static_assert(sizeof(ThresholdParams::hkv) == 4 && alignof(decltype(ThresholdParams::hkv)) == 4, "ThresholdParams::hkv: the host layout differs");
-static_assert(sizeof(ThresholdParams::groups) == 4 && alignof(decltype(ThresholdParams::groups)) == 4, "ThresholdParams::groups: the host layout differs");
-static_assert(sizeof(ThresholdParams::top_k) == 4 && alignof(decltype(ThresholdParams::top_k)) == 4, "ThresholdParams::top_k: the host layout differs");
-static_assert(sizeof(ThresholdParams::thresh) == 8 && alignof(decltype(ThresholdParams::thresh)) == 8, "ThresholdParams::thresh: the host layout differs");
-struct SelectParams {
-    const float* approx;
-    const float* pooled;
-    const float* pq_l1;
-    const u16* k;
-    const float* kinf;
-    const u32* kmax_bits;
-    const u32* cand_lo;
-    const u32* cand_hi;
-    int per_head;
-    int h0;
-    int hq;
-    int hkv;
-    int groups;
-    int nk;
-    int top_k;
-    const u32* keep_in;
-    double scale;
-    int cap;
-    int collect_cap;
-    int mode;
-    const u32* list_key;
-    const float* list_val;
-    const u32* list_count;
-    const u32* list_high;
-    int list_cap;
-    u32* chosen;
-    int* chosen_count;
-    int* status;
-};
-static_assert(sizeof(SelectParams) == 192, "SelectParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(SelectParams::approx) == 8 && alignof(decltype(SelectParams::approx)) == 8, "SelectParams::approx: the host layout differs");
-static_assert(sizeof(SelectParams::pooled) == 8 && alignof(decltype(SelectParams::pooled)) == 8, "SelectParams::pooled: the host layout differs");
-static_assert(sizeof(SelectParams::pq_l1) == 8 && alignof(decltype(SelectParams::pq_l1)) == 8, "SelectParams::pq_l1: the host layout differs");
-static_assert(sizeof(SelectParams::k) == 8 && alignof(decltype(SelectParams::k)) == 8, "SelectParams::k: the host layout differs");
-static_assert(sizeof(SelectParams::kinf) == 8 && alignof(decltype(SelectParams::kinf)) == 8, "SelectParams::kinf: the host layout differs");
-static_assert(sizeof(SelectParams::kmax_bits) == 8 && alignof(decltype(SelectParams::kmax_bits)) == 8, "SelectParams::kmax_bits: the host layout differs");
-static_assert(sizeof(SelectParams::cand_lo) == 8 && alignof(decltype(SelectParams::cand_lo)) == 8, "SelectParams::cand_lo: the host layout differs");
-static_assert(sizeof(SelectParams::cand_hi) == 8 && alignof(decltype(SelectParams::cand_hi)) == 8, "SelectParams::cand_hi: the host layout differs");
-static_assert(sizeof(SelectParams::per_head) == 4 && alignof(decltype(SelectParams::per_head)) == 4, "SelectParams::per_head: the host layout differs");
-static_assert(sizeof(SelectParams::h0) == 4 && alignof(decltype(SelectParams::h0)) == 4, "SelectParams::h0: the host layout differs");
-static_assert(sizeof(SelectParams::hq) == 4 && alignof(decltype(SelectParams::hq)) == 4, "SelectParams::hq: the host layout differs");
-static_assert(sizeof(SelectParams::hkv) == 4 && alignof(decltype(SelectParams::hkv)) == 4, "SelectParams::hkv: the host layout differs");
-static_assert(sizeof(SelectParams::groups) == 4 && alignof(decltype(SelectParams::groups)) == 4, "SelectParams::groups: the host layout differs");
-static_assert(sizeof(SelectParams::nk) == 4 && alignof(decltype(SelectParams::nk)) == 4, "SelectParams::nk: the host layout differs");
-static_assert(sizeof(SelectParams::top_k) == 4 && alignof(decltype(SelectParams::top_k)) == 4, "SelectParams::top_k: the host layout differs");
-static_assert(sizeof(SelectParams::keep_in) == 8 && alignof(decltype(SelectParams::keep_in)) == 8, "SelectParams::keep_in: the host layout differs");
-static_assert(sizeof(SelectParams::scale) == 8 && alignof(decltype(SelectParams::scale)) == 8, "SelectParams::scale: the host layout differs");
-static_assert(sizeof(SelectParams::cap) == 4 && alignof(decltype(SelectParams::cap)) == 4, "SelectParams::cap: the host layout differs");
-static_assert(sizeof(SelectParams::collect_cap) == 4 && alignof(decltype(SelectParams::collect_cap)) == 4, "SelectParams::collect_cap: the host layout differs");
-static_assert(sizeof(SelectParams::mode) == 4 && alignof(decltype(SelectParams::mode)) == 4, "SelectParams::mode: the host layout differs");
-static_assert(sizeof(SelectParams::list_key) == 8 && alignof(decltype(SelectParams::list_key)) == 8, "SelectParams::list_key: the host layout differs");
-static_assert(sizeof(SelectParams::list_val) == 8 && alignof(decltype(SelectParams::list_val)) == 8, "SelectParams::list_val: the host layout differs");
-static_assert(sizeof(SelectParams::list_count) == 8 && alignof(decltype(SelectParams::list_count)) == 8, "SelectParams::list_count: the host layout differs");
-static_assert(sizeof(SelectParams::list_high) == 8 && alignof(decltype(SelectParams::list_high)) == 8, "SelectParams::list_high: the host layout differs");
-static_assert(sizeof(SelectParams::list_cap) == 4 && alignof(decltype(SelectParams::list_cap)) == 4, "SelectParams::list_cap: the host layout differs");
-static_assert(sizeof(SelectParams::chosen) == 8 && alignof(decltype(SelectParams::chosen)) == 8, "SelectParams::chosen: the host layout differs");
-static_assert(sizeof(SelectParams::chosen_count) == 8 && alignof(decltype(SelectParams::chosen_count)) == 8, "SelectParams::chosen_count: the host layout differs");
-static_assert(sizeof(SelectParams::status) == 8 && alignof(decltype(SelectParams::status)) == 8, "SelectParams::status: the host layout differs");
-struct BudgetParams {
-    const float* approx;
-    const float* pooled;
-    const float* pq_l1;
-    const u16* k;
-    const float* kinf;
-    const u32* kmax_bits;
-    const u32* cand_lo;
-    const u32* cand_hi;
-    int per_head;
-    int h0;
-    int hq;
-    int hkv;
-    int groups;
-    int nk;
-    double scale;
-    int mode;
-    double arg;
-    const double* exact;
-    const unsigned long long* best;
-    u32* weights;
-    u32* keep_out;
-};
-static_assert(sizeof(BudgetParams) == 144, "BudgetParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(BudgetParams::approx) == 8 && alignof(decltype(BudgetParams::approx)) == 8, "BudgetParams::approx: the host layout differs");
-static_assert(sizeof(BudgetParams::pooled) == 8 && alignof(decltype(BudgetParams::pooled)) == 8, "BudgetParams::pooled: the host layout differs");
-static_assert(sizeof(BudgetParams::pq_l1) == 8 && alignof(decltype(BudgetParams::pq_l1)) == 8, "BudgetParams::pq_l1: the host layout differs");
-static_assert(sizeof(BudgetParams::k) == 8 && alignof(decltype(BudgetParams::k)) == 8, "BudgetParams::k: the host layout differs");
-static_assert(sizeof(BudgetParams::kinf) == 8 && alignof(decltype(BudgetParams::kinf)) == 8, "BudgetParams::kinf: the host layout differs");
-static_assert(sizeof(BudgetParams::kmax_bits) == 8 && alignof(decltype(BudgetParams::kmax_bits)) == 8, "BudgetParams::kmax_bits: the host layout differs");
-static_assert(sizeof(BudgetParams::cand_lo) == 8 && alignof(decltype(BudgetParams::cand_lo)) == 8, "BudgetParams::cand_lo: the host layout differs");
-static_assert(sizeof(BudgetParams::cand_hi) == 8 && alignof(decltype(BudgetParams::cand_hi)) == 8, "BudgetParams::cand_hi: the host layout differs");
-static_assert(sizeof(BudgetParams::per_head) == 4 && alignof(decltype(BudgetParams::per_head)) == 4, "BudgetParams::per_head: the host layout differs");
-static_assert(sizeof(BudgetParams::h0) == 4 && alignof(decltype(BudgetParams::h0)) == 4, "BudgetParams::h0: the host layout differs");
-static_assert(sizeof(BudgetParams::hq) == 4 && alignof(decltype(BudgetParams::hq)) == 4, "BudgetParams::hq: the host layout differs");
-static_assert(sizeof(BudgetParams::hkv) == 4 && alignof(decltype(BudgetParams::hkv)) == 4, "BudgetParams::hkv: the host layout differs");
-static_assert(sizeof(BudgetParams::groups) == 4 && alignof(decltype(BudgetParams::groups)) == 4, "BudgetParams::groups: the host layout differs");
-static_assert(sizeof(BudgetParams::nk) == 4 && alignof(decltype(BudgetParams::nk)) == 4, "BudgetParams::nk: the host layout differs");
-static_assert(sizeof(BudgetParams::scale) == 8 && alignof(decltype(BudgetParams::scale)) == 8, "BudgetParams::scale: the host layout differs");
-static_assert(sizeof(BudgetParams::mode) == 4 && alignof(decltype(BudgetParams::mode)) == 4, "BudgetParams::mode: the host layout differs");
-static_assert(sizeof(BudgetParams::arg) == 8 && alignof(decltype(BudgetParams::arg)) == 8, "BudgetParams::arg: the host layout differs");
-static_assert(sizeof(BudgetParams::exact) == 8 && alignof(decltype(BudgetParams::exact)) == 8, "BudgetParams::exact: the host layout differs");
-static_assert(sizeof(BudgetParams::best) == 8 && alignof(decltype(BudgetParams::best)) == 8, "BudgetParams::best: the host layout differs");
-static_assert(sizeof(BudgetParams::weights) == 8 && alignof(decltype(BudgetParams::weights)) == 8, "BudgetParams::weights: the host layout differs");
-static_assert(sizeof(BudgetParams::keep_out) == 8 && alignof(decltype(BudgetParams::keep_out)) == 8, "BudgetParams::keep_out: the host layout differs");
-struct ColumnsParams {
-    const u32* chosen;
-    const int* chosen_count;
-    int cap;
-    int words;
-    const u32* rule_ptr;
-    const u32* rule_c0;
-    const u32* rule_c1;
-    const u32* rule_code;
-    const u32* codes;
-    int per_head;
-    int hq;
-    int q_blocks;
-    int block_m;
-    int q_block;
-    int groups;
-    int pass;
-    const u32* tiles;
-    int tile_block;
-    int tile_groups;
-    int tile_words;
-    const int* line_phase;
-    int line_stride;
-    int line_len;
-    int line_rule_base;
-    const u16* line_codes;
-    u32* row_count;
-    const u32* col_ptr;
-    u32* col_idx;
-    u16* col_mask;
-};
-static_assert(sizeof(ColumnsParams) == 184, "ColumnsParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(ColumnsParams::chosen) == 8 && alignof(decltype(ColumnsParams::chosen)) == 8, "ColumnsParams::chosen: the host layout differs");
-static_assert(sizeof(ColumnsParams::chosen_count) == 8 && alignof(decltype(ColumnsParams::chosen_count)) == 8, "ColumnsParams::chosen_count: the host layout differs");
-static_assert(sizeof(ColumnsParams::cap) == 4 && alignof(decltype(ColumnsParams::cap)) == 4, "ColumnsParams::cap: the host layout differs");
-static_assert(sizeof(ColumnsParams::words) == 4 && alignof(decltype(ColumnsParams::words)) == 4, "ColumnsParams::words: the host layout differs");
-static_assert(sizeof(ColumnsParams::rule_ptr) == 8 && alignof(decltype(ColumnsParams::rule_ptr)) == 8, "ColumnsParams::rule_ptr: the host layout differs");
-static_assert(sizeof(ColumnsParams::rule_c0) == 8 && alignof(decltype(ColumnsParams::rule_c0)) == 8, "ColumnsParams::rule_c0: the host layout differs");
-static_assert(sizeof(ColumnsParams::rule_c1) == 8 && alignof(decltype(ColumnsParams::rule_c1)) == 8, "ColumnsParams::rule_c1: the host layout differs");
-static_assert(sizeof(ColumnsParams::rule_code) == 8 && alignof(decltype(ColumnsParams::rule_code)) == 8, "ColumnsParams::rule_code: the host layout differs");
-static_assert(sizeof(ColumnsParams::codes) == 8 && alignof(decltype(ColumnsParams::codes)) == 8, "ColumnsParams::codes: the host layout differs");
-static_assert(sizeof(ColumnsParams::per_head) == 4 && alignof(decltype(ColumnsParams::per_head)) == 4, "ColumnsParams::per_head: the host layout differs");
-static_assert(sizeof(ColumnsParams::hq) == 4 && alignof(decltype(ColumnsParams::hq)) == 4, "ColumnsParams::hq: the host layout differs");
-static_assert(sizeof(ColumnsParams::q_blocks) == 4 && alignof(decltype(ColumnsParams::q_blocks)) == 4, "ColumnsParams::q_blocks: the host layout differs");
-static_assert(sizeof(ColumnsParams::block_m) == 4 && alignof(decltype(ColumnsParams::block_m)) == 4, "ColumnsParams::block_m: the host layout differs");
-static_assert(sizeof(ColumnsParams::q_block) == 4 && alignof(decltype(ColumnsParams::q_block)) == 4, "ColumnsParams::q_block: the host layout differs");
-static_assert(sizeof(ColumnsParams::groups) == 4 && alignof(decltype(ColumnsParams::groups)) == 4, "ColumnsParams::groups: the host layout differs");
-static_assert(sizeof(ColumnsParams::pass) == 4 && alignof(decltype(ColumnsParams::pass)) == 4, "ColumnsParams::pass: the host layout differs");
-static_assert(sizeof(ColumnsParams::tiles) == 8 && alignof(decltype(ColumnsParams::tiles)) == 8, "ColumnsParams::tiles: the host layout differs");
-static_assert(sizeof(ColumnsParams::tile_block) == 4 && alignof(decltype(ColumnsParams::tile_block)) == 4, "ColumnsParams::tile_block: the host layout differs");
-static_assert(sizeof(ColumnsParams::tile_groups) == 4 && alignof(decltype(ColumnsParams::tile_groups)) == 4, "ColumnsParams::tile_groups: the host layout differs");
-static_assert(sizeof(ColumnsParams::tile_words) == 4 && alignof(decltype(ColumnsParams::tile_words)) == 4, "ColumnsParams::tile_words: the host layout differs");
-static_assert(sizeof(ColumnsParams::line_phase) == 8 && alignof(decltype(ColumnsParams::line_phase)) == 8, "ColumnsParams::line_phase: the host layout differs");
-static_assert(sizeof(ColumnsParams::line_stride) == 4 && alignof(decltype(ColumnsParams::line_stride)) == 4, "ColumnsParams::line_stride: the host layout differs");
-static_assert(sizeof(ColumnsParams::line_len) == 4 && alignof(decltype(ColumnsParams::line_len)) == 4, "ColumnsParams::line_len: the host layout differs");
-static_assert(sizeof(ColumnsParams::line_rule_base) == 4 && alignof(decltype(ColumnsParams::line_rule_base)) == 4, "ColumnsParams::line_rule_base: the host layout differs");
-static_assert(sizeof(ColumnsParams::line_codes) == 8 && alignof(decltype(ColumnsParams::line_codes)) == 8, "ColumnsParams::line_codes: the host layout differs");
-static_assert(sizeof(ColumnsParams::row_count) == 8 && alignof(decltype(ColumnsParams::row_count)) == 8, "ColumnsParams::row_count: the host layout differs");
-static_assert(sizeof(ColumnsParams::col_ptr) == 8 && alignof(decltype(ColumnsParams::col_ptr)) == 8, "ColumnsParams::col_ptr: the host layout differs");
-static_assert(sizeof(ColumnsParams::col_idx) == 8 && alignof(decltype(ColumnsParams::col_idx)) == 8, "ColumnsParams::col_idx: the host layout differs");
-static_assert(sizeof(ColumnsParams::col_mask) == 8 && alignof(decltype(ColumnsParams::col_mask)) == 8, "ColumnsParams::col_mask: the host layout differs");
-struct ScanParams {
-    const u32* row_count;
-    int rows;
-    u32* col_ptr;
-};
-static_assert(sizeof(ScanParams) == 24, "ScanParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(ScanParams::row_count) == 8 && alignof(decltype(ScanParams::row_count)) == 8, "ScanParams::row_count: the host layout differs");
-static_assert(sizeof(ScanParams::rows) == 4 && alignof(decltype(ScanParams::rows)) == 4, "ScanParams::rows: the host layout differs");
-static_assert(sizeof(ScanParams::col_ptr) == 8 && alignof(decltype(ScanParams::col_ptr)) == 8, "ScanParams::col_ptr: the host layout differs");
-struct BlockScoresParams {
-    const float* pooled_q;
-    const float* pooled_k;
-    int hq;
-    int hkv;
-    int groups;
-    int kblocks;
-    double scale;
-    double* scores;
-};
-static_assert(sizeof(BlockScoresParams) == 48, "BlockScoresParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(BlockScoresParams::pooled_q) == 8 && alignof(decltype(BlockScoresParams::pooled_q)) == 8, "BlockScoresParams::pooled_q: the host layout differs");
-static_assert(sizeof(BlockScoresParams::pooled_k) == 8 && alignof(decltype(BlockScoresParams::pooled_k)) == 8, "BlockScoresParams::pooled_k: the host layout differs");
-static_assert(sizeof(BlockScoresParams::hq) == 4 && alignof(decltype(BlockScoresParams::hq)) == 4, "BlockScoresParams::hq: the host layout differs");
-static_assert(sizeof(BlockScoresParams::hkv) == 4 && alignof(decltype(BlockScoresParams::hkv)) == 4, "BlockScoresParams::hkv: the host layout differs");
-static_assert(sizeof(BlockScoresParams::groups) == 4 && alignof(decltype(BlockScoresParams::groups)) == 4, "BlockScoresParams::groups: the host layout differs");
-static_assert(sizeof(BlockScoresParams::kblocks) == 4 && alignof(decltype(BlockScoresParams::kblocks)) == 4, "BlockScoresParams::kblocks: the host layout differs");
-static_assert(sizeof(BlockScoresParams::scale) == 8 && alignof(decltype(BlockScoresParams::scale)) == 8, "BlockScoresParams::scale: the host layout differs");
-static_assert(sizeof(BlockScoresParams::scores) == 8 && alignof(decltype(BlockScoresParams::scores)) == 8, "BlockScoresParams::scores: the host layout differs");
-struct BlockSelectParams {
-    const double* scores;
-    const u32* allowed;
-    int per_head;
-    int groups;
-    int kblocks;
-    int mode;
-    int top_k;
-    double budget_arg;
-    u32* chosen;
-};
-static_assert(sizeof(BlockSelectParams) == 56, "BlockSelectParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(BlockSelectParams::scores) == 8 && alignof(decltype(BlockSelectParams::scores)) == 8, "BlockSelectParams::scores: the host layout differs");
-static_assert(sizeof(BlockSelectParams::allowed) == 8 && alignof(decltype(BlockSelectParams::allowed)) == 8, "BlockSelectParams::allowed: the host layout differs");
-static_assert(sizeof(BlockSelectParams::per_head) == 4 && alignof(decltype(BlockSelectParams::per_head)) == 4, "BlockSelectParams::per_head: the host layout differs");
-static_assert(sizeof(BlockSelectParams::groups) == 4 && alignof(decltype(BlockSelectParams::groups)) == 4, "BlockSelectParams::groups: the host layout differs");
-static_assert(sizeof(BlockSelectParams::kblocks) == 4 && alignof(decltype(BlockSelectParams::kblocks)) == 4, "BlockSelectParams::kblocks: the host layout differs");
-static_assert(sizeof(BlockSelectParams::mode) == 4 && alignof(decltype(BlockSelectParams::mode)) == 4, "BlockSelectParams::mode: the host layout differs");
-static_assert(sizeof(BlockSelectParams::top_k) == 4 && alignof(decltype(BlockSelectParams::top_k)) == 4, "BlockSelectParams::top_k: the host layout differs");
-static_assert(sizeof(BlockSelectParams::budget_arg) == 8 && alignof(decltype(BlockSelectParams::budget_arg)) == 8, "BlockSelectParams::budget_arg: the host layout differs");
-static_assert(sizeof(BlockSelectParams::chosen) == 8 && alignof(decltype(BlockSelectParams::chosen)) == 8, "BlockSelectParams::chosen: the host layout differs");
-struct BlockTopParams {
-    const double* scores;
-    const u32* allowed;
-    int per_head;
-    int groups;
-    int kblocks;
-    int mode;
-    int top_k;
-    double budget_arg;
-    u32* chosen;
-    int cache_width;
-};
-static_assert(sizeof(BlockTopParams) == 64, "BlockTopParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(BlockTopParams::scores) == 8 && alignof(decltype(BlockTopParams::scores)) == 8, "BlockTopParams::scores: the host layout differs");
-static_assert(sizeof(BlockTopParams::allowed) == 8 && alignof(decltype(BlockTopParams::allowed)) == 8, "BlockTopParams::allowed: the host layout differs");
-static_assert(sizeof(BlockTopParams::per_head) == 4 && alignof(decltype(BlockTopParams::per_head)) == 4, "BlockTopParams::per_head: the host layout differs");
-static_assert(sizeof(BlockTopParams::groups) == 4 && alignof(decltype(BlockTopParams::groups)) == 4, "BlockTopParams::groups: the host layout differs");
-static_assert(sizeof(BlockTopParams::kblocks) == 4 && alignof(decltype(BlockTopParams::kblocks)) == 4, "BlockTopParams::kblocks: the host layout differs");
-static_assert(sizeof(BlockTopParams::mode) == 4 && alignof(decltype(BlockTopParams::mode)) == 4, "BlockTopParams::mode: the host layout differs");
-static_assert(sizeof(BlockTopParams::top_k) == 4 && alignof(decltype(BlockTopParams::top_k)) == 4, "BlockTopParams::top_k: the host layout differs");
-static_assert(sizeof(BlockTopParams::budget_arg) == 8 && alignof(decltype(BlockTopParams::budget_arg)) == 8, "BlockTopParams::budget_arg: the host layout differs");
-static_assert(sizeof(BlockTopParams::chosen) == 8 && alignof(decltype(BlockTopParams::chosen)) == 8, "BlockTopParams::chosen: the host layout differs");
-static_assert(sizeof(BlockTopParams::cache_width) == 4 && alignof(decltype(BlockTopParams::cache_width)) == 4, "BlockTopParams::cache_width: the host layout differs");
-struct BlockRowsParams {
-    const u32* chosen;
-    const u32* entry_ptr;
-    const u32* entry_kb;
-    const u32* entry_pattern_kb;
-    const u16* code_sel;
-    const u16* code_not;
-    const u32* code_line;
-    const int* line_phase;
-    int line_stride;
-    int line_len;
-    const u16* line_codes;
-    int per_head;
-    int hq;
-    int q_blocks;
-    int block_m;
-    int block_q;
-    int groups;
-    int kblocks;
-    int pass;
-    u32* row_count;
-    const u32* block_ptr;
-    u32* block_idx;
-    u16* block_mask;
-};
-static_assert(sizeof(BlockRowsParams) == 144, "BlockRowsParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(BlockRowsParams::chosen) == 8 && alignof(decltype(BlockRowsParams::chosen)) == 8, "BlockRowsParams::chosen: the host layout differs");
-static_assert(sizeof(BlockRowsParams::entry_ptr) == 8 && alignof(decltype(BlockRowsParams::entry_ptr)) == 8, "BlockRowsParams::entry_ptr: the host layout differs");
-static_assert(sizeof(BlockRowsParams::entry_kb) == 8 && alignof(decltype(BlockRowsParams::entry_kb)) == 8, "BlockRowsParams::entry_kb: the host layout differs");
-static_assert(sizeof(BlockRowsParams::entry_pattern_kb) == 8 && alignof(decltype(BlockRowsParams::entry_pattern_kb)) == 8, "BlockRowsParams::entry_pattern_kb: the host layout differs");
-static_assert(sizeof(BlockRowsParams::code_sel) == 8 && alignof(decltype(BlockRowsParams::code_sel)) == 8, "BlockRowsParams::code_sel: the host layout differs");
-static_assert(sizeof(BlockRowsParams::code_not) == 8 && alignof(decltype(BlockRowsParams::code_not)) == 8, "BlockRowsParams::code_not: the host layout differs");
-static_assert(sizeof(BlockRowsParams::code_line) == 8 && alignof(decltype(BlockRowsParams::code_line)) == 8, "BlockRowsParams::code_line: the host layout differs");
-static_assert(sizeof(BlockRowsParams::line_phase) == 8 && alignof(decltype(BlockRowsParams::line_phase)) == 8, "BlockRowsParams::line_phase: the host layout differs");
-static_assert(sizeof(BlockRowsParams::line_stride) == 4 && alignof(decltype(BlockRowsParams::line_stride)) == 4, "BlockRowsParams::line_stride: the host layout differs");
-static_assert(sizeof(BlockRowsParams::line_len) == 4 && alignof(decltype(BlockRowsParams::line_len)) == 4, "BlockRowsParams::line_len: the host layout differs");
-static_assert(sizeof(BlockRowsParams::line_codes) == 8 && alignof(decltype(BlockRowsParams::line_codes)) == 8, "BlockRowsParams::line_codes: the host layout differs");
-static_assert(sizeof(BlockRowsParams::per_head) == 4 && alignof(decltype(BlockRowsParams::per_head)) == 4, "BlockRowsParams::per_head: the host layout differs");
-static_assert(sizeof(BlockRowsParams::hq) == 4 && alignof(decltype(BlockRowsParams::hq)) == 4, "BlockRowsParams::hq: the host layout differs");
-static_assert(sizeof(BlockRowsParams::q_blocks) == 4 && alignof(decltype(BlockRowsParams::q_blocks)) == 4, "BlockRowsParams::q_blocks: the host layout differs");
-static_assert(sizeof(BlockRowsParams::block_m) == 4 && alignof(decltype(BlockRowsParams::block_m)) == 4, "BlockRowsParams::block_m: the host layout differs");
-static_assert(sizeof(BlockRowsParams::block_q) == 4 && alignof(decltype(BlockRowsParams::block_q)) == 4, "BlockRowsParams::block_q: the host layout differs");
-static_assert(sizeof(BlockRowsParams::groups) == 4 && alignof(decltype(BlockRowsParams::groups)) == 4, "BlockRowsParams::groups: the host layout differs");
-static_assert(sizeof(BlockRowsParams::kblocks) == 4 && alignof(decltype(BlockRowsParams::kblocks)) == 4, "BlockRowsParams::kblocks: the host layout differs");
-static_assert(sizeof(BlockRowsParams::pass) == 4 && alignof(decltype(BlockRowsParams::pass)) == 4, "BlockRowsParams::pass: the host layout differs");
-static_assert(sizeof(BlockRowsParams::row_count) == 8 && alignof(decltype(BlockRowsParams::row_count)) == 8, "BlockRowsParams::row_count: the host layout differs");
-static_assert(sizeof(BlockRowsParams::block_ptr) == 8 && alignof(decltype(BlockRowsParams::block_ptr)) == 8, "BlockRowsParams::block_ptr: the host layout differs");
-static_assert(sizeof(BlockRowsParams::block_idx) == 8 && alignof(decltype(BlockRowsParams::block_idx)) == 8, "BlockRowsParams::block_idx: the host layout differs");
-static_assert(sizeof(BlockRowsParams::block_mask) == 8 && alignof(decltype(BlockRowsParams::block_mask)) == 8, "BlockRowsParams::block_mask: the host layout differs");
-struct VsLogitsParams {
-    const u16* q;
-    const u16* k;
-    int nq;
-    int nk;
-    int hq;
-    int hkv;
-    int h0;
-    int last;
-    const u32* allowed;
-    int per_head;
-    double scale;
-    double* logits;
-    unsigned long long* rowmax;
-};
-static_assert(sizeof(VsLogitsParams) == 80, "VsLogitsParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(VsLogitsParams::q) == 8 && alignof(decltype(VsLogitsParams::q)) == 8, "VsLogitsParams::q: the host layout differs");
-static_assert(sizeof(VsLogitsParams::k) == 8 && alignof(decltype(VsLogitsParams::k)) == 8, "VsLogitsParams::k: the host layout differs");
-static_assert(sizeof(VsLogitsParams::nq) == 4 && alignof(decltype(VsLogitsParams::nq)) == 4, "VsLogitsParams::nq: the host layout differs");
-static_assert(sizeof(VsLogitsParams::nk) == 4 && alignof(decltype(VsLogitsParams::nk)) == 4, "VsLogitsParams::nk: the host layout differs");
-static_assert(sizeof(VsLogitsParams::hq) == 4 && alignof(decltype(VsLogitsParams::hq)) == 4, "VsLogitsParams::hq: the host layout differs");
-static_assert(sizeof(VsLogitsParams::hkv) == 4 && alignof(decltype(VsLogitsParams::hkv)) == 4, "VsLogitsParams::hkv: the host layout differs");
-static_assert(sizeof(VsLogitsParams::h0) == 4 && alignof(decltype(VsLogitsParams::h0)) == 4, "VsLogitsParams::h0: the host layout differs");
-static_assert(sizeof(VsLogitsParams::last) == 4 && alignof(decltype(VsLogitsParams::last)) == 4, "VsLogitsParams::last: the host layout differs");
-static_assert(sizeof(VsLogitsParams::allowed) == 8 && alignof(decltype(VsLogitsParams::allowed)) == 8, "VsLogitsParams::allowed: the host layout differs");
-static_assert(sizeof(VsLogitsParams::per_head) == 4 && alignof(decltype(VsLogitsParams::per_head)) == 4, "VsLogitsParams::per_head: the host layout differs");
-static_assert(sizeof(VsLogitsParams::scale) == 8 && alignof(decltype(VsLogitsParams::scale)) == 8, "VsLogitsParams::scale: the host layout differs");
-static_assert(sizeof(VsLogitsParams::logits) == 8 && alignof(decltype(VsLogitsParams::logits)) == 8, "VsLogitsParams::logits: the host layout differs");
-static_assert(sizeof(VsLogitsParams::rowmax) == 8 && alignof(decltype(VsLogitsParams::rowmax)) == 8, "VsLogitsParams::rowmax: the host layout differs");
-struct VsExpParams {
-    double* weights;
-    const unsigned long long* rowmax;
-    int nk;
-    int last;
-    double* partial;
-};
-static_assert(sizeof(VsExpParams) == 32, "VsExpParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(VsExpParams::weights) == 8 && alignof(decltype(VsExpParams::weights)) == 8, "VsExpParams::weights: the host layout differs");
-static_assert(sizeof(VsExpParams::rowmax) == 8 && alignof(decltype(VsExpParams::rowmax)) == 8, "VsExpParams::rowmax: the host layout differs");
-static_assert(sizeof(VsExpParams::nk) == 4 && alignof(decltype(VsExpParams::nk)) == 4, "VsExpParams::nk: the host layout differs");
-static_assert(sizeof(VsExpParams::last) == 4 && alignof(decltype(VsExpParams::last)) == 4, "VsExpParams::last: the host layout differs");
-static_assert(sizeof(VsExpParams::partial) == 8 && alignof(decltype(VsExpParams::partial)) == 8, "VsExpParams::partial: the host layout differs");
-struct VsInvParams {
-    const double* partial;
-    int nk;
-    int last;
-    double* inv;
-};
-static_assert(sizeof(VsInvParams) == 24, "VsInvParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(VsInvParams::partial) == 8 && alignof(decltype(VsInvParams::partial)) == 8, "VsInvParams::partial: the host layout differs");
-static_assert(sizeof(VsInvParams::nk) == 4 && alignof(decltype(VsInvParams::nk)) == 4, "VsInvParams::nk: the host layout differs");
-static_assert(sizeof(VsInvParams::last) == 4 && alignof(decltype(VsInvParams::last)) == 4, "VsInvParams::last: the host layout differs");
-static_assert(sizeof(VsInvParams::inv) == 8 && alignof(decltype(VsInvParams::inv)) == 8, "VsInvParams::inv: the host layout differs");
-struct VsMassParams {
-    const double* weights;
-    const double* inv_rows;
-    int nq;
-    int nk;
-    int last;
-    int h0;
-    int slashes;
-    double* vert;
-    double* slash;
-};
-static_assert(sizeof(VsMassParams) == 56, "VsMassParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(VsMassParams::weights) == 8 && alignof(decltype(VsMassParams::weights)) == 8, "VsMassParams::weights: the host layout differs");
-static_assert(sizeof(VsMassParams::inv_rows) == 8 && alignof(decltype(VsMassParams::inv_rows)) == 8, "VsMassParams::inv_rows: the host layout differs");
-static_assert(sizeof(VsMassParams::nq) == 4 && alignof(decltype(VsMassParams::nq)) == 4, "VsMassParams::nq: the host layout differs");
-static_assert(sizeof(VsMassParams::nk) == 4 && alignof(decltype(VsMassParams::nk)) == 4, "VsMassParams::nk: the host layout differs");
-static_assert(sizeof(VsMassParams::last) == 4 && alignof(decltype(VsMassParams::last)) == 4, "VsMassParams::last: the host layout differs");
-static_assert(sizeof(VsMassParams::h0) == 4 && alignof(decltype(VsMassParams::h0)) == 4, "VsMassParams::h0: the host layout differs");
-static_assert(sizeof(VsMassParams::slashes) == 4 && alignof(decltype(VsMassParams::slashes)) == 4, "VsMassParams::slashes: the host layout differs");
-static_assert(sizeof(VsMassParams::vert) == 8 && alignof(decltype(VsMassParams::vert)) == 8, "VsMassParams::vert: the host layout differs");
-static_assert(sizeof(VsMassParams::slash) == 8 && alignof(decltype(VsMassParams::slash)) == 8, "VsMassParams::slash: the host layout differs");
-struct VsSelectParams {
-    const double* vert;
-    const double* slash;
-    int nq;
-    int nk;
-    int hq;
-    int vertical_k;
-    int slash_k;
-    u32* vlist;
-    u32* slist;
-    int* counts;
-};
-static_assert(sizeof(VsSelectParams) == 64, "VsSelectParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(VsSelectParams::vert) == 8 && alignof(decltype(VsSelectParams::vert)) == 8, "VsSelectParams::vert: the host layout differs");
-static_assert(sizeof(VsSelectParams::slash) == 8 && alignof(decltype(VsSelectParams::slash)) == 8, "VsSelectParams::slash: the host layout differs");
-static_assert(sizeof(VsSelectParams::nq) == 4 && alignof(decltype(VsSelectParams::nq)) == 4, "VsSelectParams::nq: the host layout differs");
-static_assert(sizeof(VsSelectParams::nk) == 4 && alignof(decltype(VsSelectParams::nk)) == 4, "VsSelectParams::nk: the host layout differs");
-static_assert(sizeof(VsSelectParams::hq) == 4 && alignof(decltype(VsSelectParams::hq)) == 4, "VsSelectParams::hq: the host layout differs");
-static_assert(sizeof(VsSelectParams::vertical_k) == 4 && alignof(decltype(VsSelectParams::vertical_k)) == 4, "VsSelectParams::vertical_k: the host layout differs");
-static_assert(sizeof(VsSelectParams::slash_k) == 4 && alignof(decltype(VsSelectParams::slash_k)) == 4, "VsSelectParams::slash_k: the host layout differs");
-static_assert(sizeof(VsSelectParams::vlist) == 8 && alignof(decltype(VsSelectParams::vlist)) == 8, "VsSelectParams::vlist: the host layout differs");
-static_assert(sizeof(VsSelectParams::slist) == 8 && alignof(decltype(VsSelectParams::slist)) == 8, "VsSelectParams::slist: the host layout differs");
-static_assert(sizeof(VsSelectParams::counts) == 8 && alignof(decltype(VsSelectParams::counts)) == 8, "VsSelectParams::counts: the host layout differs");
-struct GridSelectParams {
-    const double* vert;
-    int nk;
-    int hq;
-    int stride;
-    int phase;
-    int cols;
-    int cap;
-    u32* vlist;
-    int* counts;
-    int* phases;
-};
-static_assert(sizeof(GridSelectParams) == 56, "GridSelectParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(GridSelectParams::vert) == 8 && alignof(decltype(GridSelectParams::vert)) == 8, "GridSelectParams::vert: the host layout differs");
-static_assert(sizeof(GridSelectParams::nk) == 4 && alignof(decltype(GridSelectParams::nk)) == 4, "GridSelectParams::nk: the host layout differs");
-static_assert(sizeof(GridSelectParams::hq) == 4 && alignof(decltype(GridSelectParams::hq)) == 4, "GridSelectParams::hq: the host layout differs");
-static_assert(sizeof(GridSelectParams::stride) == 4 && alignof(decltype(GridSelectParams::stride)) == 4, "GridSelectParams::stride: the host layout differs");
-static_assert(sizeof(GridSelectParams::phase) == 4 && alignof(decltype(GridSelectParams::phase)) == 4, "GridSelectParams::phase: the host layout differs");
-static_assert(sizeof(GridSelectParams::cols) == 4 && alignof(decltype(GridSelectParams::cols)) == 4, "GridSelectParams::cols: the host layout differs");
-static_assert(sizeof(GridSelectParams::cap) == 4 && alignof(decltype(GridSelectParams::cap)) == 4, "GridSelectParams::cap: the host layout differs");
-static_assert(sizeof(GridSelectParams::vlist) == 8 && alignof(decltype(GridSelectParams::vlist)) == 8, "GridSelectParams::vlist: the host layout differs");
-static_assert(sizeof(GridSelectParams::counts) == 8 && alignof(decltype(GridSelectParams::counts)) == 8, "GridSelectParams::counts: the host layout differs");
-static_assert(sizeof(GridSelectParams::phases) == 8 && alignof(decltype(GridSelectParams::phases)) == 8, "GridSelectParams::phases: the host layout differs");
-struct VsTilesParams {
-    const u32* slist;
-    const int* counts;
-    int hq;
-    int slash_k;
-    int nq;
-    int nk;
-    int block;
-    int groups;
-    int kblocks;
-    u32* tiles;
-};
-static_assert(sizeof(VsTilesParams) == 56, "VsTilesParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(VsTilesParams::slist) == 8 && alignof(decltype(VsTilesParams::slist)) == 8, "VsTilesParams::slist: the host layout differs");
-static_assert(sizeof(VsTilesParams::counts) == 8 && alignof(decltype(VsTilesParams::counts)) == 8, "VsTilesParams::counts: the host layout differs");
-static_assert(sizeof(VsTilesParams::hq) == 4 && alignof(decltype(VsTilesParams::hq)) == 4, "VsTilesParams::hq: the host layout differs");
-static_assert(sizeof(VsTilesParams::slash_k) == 4 && alignof(decltype(VsTilesParams::slash_k)) == 4, "VsTilesParams::slash_k: the host layout differs");
-static_assert(sizeof(VsTilesParams::nq) == 4 && alignof(decltype(VsTilesParams::nq)) == 4, "VsTilesParams::nq: the host layout differs");
-static_assert(sizeof(VsTilesParams::nk) == 4 && alignof(decltype(VsTilesParams::nk)) == 4, "VsTilesParams::nk: the host layout differs");
-static_assert(sizeof(VsTilesParams::block) == 4 && alignof(decltype(VsTilesParams::block)) == 4, "VsTilesParams::block: the host layout differs");
-static_assert(sizeof(VsTilesParams::groups) == 4 && alignof(decltype(VsTilesParams::groups)) == 4, "VsTilesParams::groups: the host layout differs");
-static_assert(sizeof(VsTilesParams::kblocks) == 4 && alignof(decltype(VsTilesParams::kblocks)) == 4, "VsTilesParams::kblocks: the host layout differs");
-static_assert(sizeof(VsTilesParams::tiles) == 8 && alignof(decltype(VsTilesParams::tiles)) == 8, "VsTilesParams::tiles: the host layout differs");
-struct VvExactParams {
-    const float* pooled;
-    const u16* k;
-    int groups;
-    int nk;
-    int hq;
-    int hkv;
-    int h0;
-    const u32* cand_lo;
-    const u32* cand_hi;
-    int per_head;
-    double scale;
-    double* exact;
-    unsigned long long* best;
-};
-static_assert(sizeof(VvExactParams) == 88, "VvExactParams: the host layout (weft-codegen abi.rs) differs");
-static_assert(sizeof(VvExactParams::pooled) == 8 && alignof(decltype(VvExactParams::pooled)) == 8, "VvExactParams::pooled: the host layout differs");
-static_assert(sizeof(VvExactParams::k) == 8 && alignof(decltype(VvExactParams::k)) == 8, "VvExactParams::k: the host layout differs");
-static_assert(sizeof(VvExactParams::groups) == 4 && alignof(decltype(VvExactParams::groups)) == 4, "VvExactParams::groups: the host layout differs");
-static_assert(sizeof(VvExactParams::nk) == 4 && alignof(decltype(VvExactParams::nk)) == 4, "VvExactParams::nk: the host layout differs");
-static_assert(sizeof(VvExactParams::hq) == 4 && alignof(decltype(VvExactParams::hq)) == 4, "VvExactParams::hq: the host layout differs");
-static_assert(sizeof(VvExactParams::hkv) == 4 && alignof(decltype(VvExactParams::hkv)) == 4, "VvExactParams::hkv: the host layout differs");
-static_assert(sizeof(VvExactParams::h0) == 4 && alignof(decltype(VvExactParams::h0)) == 4, "VvExactParams::h0: the host layout differs");
-static_assert(sizeof(VvExactParams::cand_lo) == 8 && alignof(decltype(VvExactParams::cand_lo)) == 8, "VvExactParams::cand_lo: the host layout differs");
-static_assert(sizeof(VvExactParams::cand_hi) == 8 && alignof(decltype(VvExactParams::cand_hi)) == 8, "VvExactParams::cand_hi: the host layout differs");
-static_assert(sizeof(VvExactParams::per_head) == 4 && alignof(decltype(VvExactParams::per_head)) == 4, "VvExactParams::per_head: the host layout differs");
-static_assert(sizeof(VvExactParams::scale) == 8 && alignof(decltype(VvExactParams::scale)) == 8, "VvExactParams::scale: the host layout differs");
-static_assert(sizeof(VvExactParams::exact) == 8 && alignof(decltype(VvExactParams::exact)) == 8, "VvExactParams::exact: the host layout differs");
-static_assert(sizeof(VvExactParams::best) == 8 && alignof(decltype(VvExactParams::best)) == 8, "VvExactParams::best: the host layout differs");
+// AttentionParams (weft-codegen abi.rs), in its field order.
+#define ATTENTION_PARAMS \
+    const u16* __restrict__ Q, \
+    const u16* __restrict__ K, \
+    const u16* __restrict__ V, \
+    u16* __restrict__ O, \
+    float* __restrict__ LSE, \
+    const u32* __restrict__ block_ptr, \
+    const u32* __restrict__ block_idx, \
+    const u16* __restrict__ block_mask, \
+    const u32* __restrict__ col_ptr, \
+    const u32* __restrict__ col_idx, \
+    const u16* __restrict__ col_mask, \
+    const int* __restrict__ seq_q, \
+    const int* __restrict__ seq_k, \
+    const int* __restrict__ seq_qb, \
+    const int* __restrict__ head_map, \
+    int batch, \
+    int total_q, \
+    int total_k, \
+    int hq, \
+    int hkv, \
+    float scale_log2, \
+    int index_heads
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "AttentionParams: the host's q, k, v, block_mask, col_mask differ");
+static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "AttentionParams: the host's o differ");
+static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "AttentionParams: the host's lse differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "AttentionParams: the host's block_ptr, block_idx, col_ptr, col_idx differ");
+static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "AttentionParams: the host's seq_q, seq_k, seq_qb, head_map differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "AttentionParams: the host's batch, total_q, total_k, hq, hkv, index_heads differ");
+static_assert(sizeof(float) == 4 && alignof(float) == 4, "AttentionParams: the host's scale_log2 differ");
+// DecodeParams (weft-codegen abi.rs), in its field order.
+#define DECODE_PARAMS \
+    const u16* __restrict__ Q, \
+    const u16* __restrict__ K, \
+    const u16* __restrict__ V, \
+    float* __restrict__ Opart, \
+    float* __restrict__ LSEpart, \
+    const u32* __restrict__ block_ptr, \
+    const u32* __restrict__ block_idx, \
+    const u16* __restrict__ block_mask, \
+    const u32* __restrict__ col_ptr, \
+    const u32* __restrict__ col_idx, \
+    const u16* __restrict__ col_mask, \
+    int nq, \
+    int nk, \
+    int hq, \
+    int hkv, \
+    float scale_log2, \
+    int splits
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "DecodeParams: the host's q, k, v, block_mask, col_mask differ");
+static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "DecodeParams: the host's opart, lsepart differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "DecodeParams: the host's block_ptr, block_idx, col_ptr, col_idx differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "DecodeParams: the host's nq, nk, hq, hkv, splits differ");
+static_assert(sizeof(float) == 4 && alignof(float) == 4, "DecodeParams: the host's scale_log2 differ");
+// MergeParams (weft-codegen abi.rs), in its field order.
+#define MERGE_PARAMS \
+    const PartT* __restrict__ parts, \
+    const float* __restrict__ lses, \
+    u16* __restrict__ O, \
+    float* __restrict__ LSE, \
+    int nparts, \
+    int rows
+static_assert(sizeof(const PartT*) == 8 && alignof(const PartT*) == 8, "MergeParams: the host's parts differ");
+static_assert(sizeof(const float*) == 8 && alignof(const float*) == 8, "MergeParams: the host's lses differ");
+static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "MergeParams: the host's o differ");
+static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "MergeParams: the host's lse differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "MergeParams: the host's nparts, rows differ");
+// ProbeParams (weft-codegen abi.rs), in its field order.
+#define PROBE_PARAMS \
+    const u16* __restrict__ Q, \
+    const u16* __restrict__ K, \
+    const u16* __restrict__ V, \
+    float* __restrict__ S, \
+    float* __restrict__ O
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "ProbeParams: the host's q, k, v differ");
+static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "ProbeParams: the host's s, o differ");
+// PoolParams (weft-codegen abi.rs), in its field order.
+#define POOL_PARAMS \
+    const u16* __restrict__ Q, \
+    int nq, \
+    int q_block, \
+    int groups, \
+    float* __restrict__ pooled, \
+    u16* __restrict__ pq_hi, \
+    u16* __restrict__ pq_lo, \
+    float* __restrict__ pq_l1
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PoolParams: the host's q differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PoolParams: the host's nq, q_block, groups differ");
+static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "PoolParams: the host's pooled, pq_l1 differ");
+static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "PoolParams: the host's pq_hi, pq_lo differ");
+// KstatsParams (weft-codegen abi.rs), in its field order.
+#define KSTATS_PARAMS \
+    const u16* __restrict__ K, \
+    int nk, \
+    float* __restrict__ kinf, \
+    u32* __restrict__ kmax_bits
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "KstatsParams: the host's k differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "KstatsParams: the host's nk differ");
+static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "KstatsParams: the host's kinf differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "KstatsParams: the host's kmax_bits differ");
+// ScoreParams (weft-codegen abi.rs), in its field order.
+#define SCORE_PARAMS \
+    const u16* __restrict__ pq_hi, \
+    const u16* __restrict__ pq_lo, \
+    const u16* __restrict__ K, \
+    float* __restrict__ approx, \
+    int h0, \
+    int hq, \
+    int hkv, \
+    int groups, \
+    int nk, \
+    int mode, \
+    int cols, \
+    const u32* __restrict__ cand_lo, \
+    const u32* __restrict__ cand_hi, \
+    int per_head, \
+    const float* __restrict__ thresh, \
+    u32* __restrict__ list_key, \
+    float* __restrict__ list_val, \
+    u32* __restrict__ list_count, \
+    u32* __restrict__ list_high, \
+    int list_cap
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "ScoreParams: the host's pq_hi, pq_lo, k differ");
+static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "ScoreParams: the host's approx, list_val differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "ScoreParams: the host's h0, hq, hkv, groups, nk, mode, cols, per_head, list_cap differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "ScoreParams: the host's cand_lo, cand_hi differ");
+static_assert(sizeof(const float*) == 8 && alignof(const float*) == 8, "ScoreParams: the host's thresh differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "ScoreParams: the host's list_key, list_count, list_high differ");
+// ThresholdParams (weft-codegen abi.rs), in its field order.
+#define THRESHOLD_PARAMS \
+    const float* __restrict__ sample, \
+    int samples, \
+    const float* __restrict__ pq_l1, \
+    const u32* __restrict__ kmax_bits, \
+    const u32* __restrict__ cand_lo, \
+    const u32* __restrict__ cand_hi, \
+    int per_head, \
+    int h0, \
+    int hq, \
+    int hkv, \
+    int groups, \
+    int top_k, \
+    float* __restrict__ thresh
+static_assert(sizeof(const float*) == 8 && alignof(const float*) == 8, "ThresholdParams: the host's sample, pq_l1 differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "ThresholdParams: the host's samples, per_head, h0, hq, hkv, groups, top_k differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "ThresholdParams: the host's kmax_bits, cand_lo, cand_hi differ");
+static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "ThresholdParams: the host's thresh differ");
+// SelectParams (weft-codegen abi.rs), in its field order.
+#define SELECT_PARAMS \
+    const float* __restrict__ approx, \
+    const float* __restrict__ pooled, \
+    const float* __restrict__ pq_l1, \
+    const u16* __restrict__ K, \
+    const float* __restrict__ kinf, \
+    const u32* __restrict__ kmax_bits, \
+    const u32* __restrict__ cand_lo, \
+    const u32* __restrict__ cand_hi, \
+    int per_head, \
+    int h0, \
+    int hq, \
+    int hkv, \
+    int groups, \
+    int nk, \
+    int top_k, \
+    const u32* __restrict__ keep_in, \
+    double scale, \
+    int cap, \
+    int collect_cap, \
+    int mode, \
+    const u32* __restrict__ list_key, \
+    const float* __restrict__ list_val, \
+    const u32* __restrict__ list_count, \
+    const u32* __restrict__ list_high, \
+    int list_cap, \
+    u32* __restrict__ chosen, \
+    int* __restrict__ chosen_count, \
+    int* __restrict__ status
+static_assert(sizeof(const float*) == 8 && alignof(const float*) == 8, "SelectParams: the host's approx, pooled, pq_l1, kinf, list_val differ");
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "SelectParams: the host's k differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "SelectParams: the host's kmax_bits, cand_lo, cand_hi, keep_in, list_key, list_count, list_high differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "SelectParams: the host's per_head, h0, hq, hkv, groups, nk, top_k, cap, collect_cap, mode, list_cap differ");
+static_assert(sizeof(double) == 8 && alignof(double) == 8, "SelectParams: the host's scale differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "SelectParams: the host's chosen differ");
+static_assert(sizeof(int*) == 8 && alignof(int*) == 8, "SelectParams: the host's chosen_count, status differ");
+// BudgetParams (weft-codegen abi.rs), in its field order.
+#define BUDGET_PARAMS \
+    const float* __restrict__ approx, \
+    const float* __restrict__ pooled, \
+    const float* __restrict__ pq_l1, \
+    const u16* __restrict__ K, \
+    const float* __restrict__ kinf, \
+    const u32* __restrict__ kmax_bits, \
+    const u32* __restrict__ cand_lo, \
+    const u32* __restrict__ cand_hi, \
+    int per_head, \
+    int h0, \
+    int hq, \
+    int hkv, \
+    int groups, \
+    int nk, \
+    double scale, \
+    int mode, \
+    double arg, \
+    const double* __restrict__ exact, \
+    const unsigned long long* __restrict__ best, \
+    u32* __restrict__ weights, \
+    u32* __restrict__ keep_out
+static_assert(sizeof(const float*) == 8 && alignof(const float*) == 8, "BudgetParams: the host's approx, pooled, pq_l1, kinf differ");
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "BudgetParams: the host's k differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "BudgetParams: the host's kmax_bits, cand_lo, cand_hi differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "BudgetParams: the host's per_head, h0, hq, hkv, groups, nk, mode differ");
+static_assert(sizeof(double) == 8 && alignof(double) == 8, "BudgetParams: the host's scale, arg differ");
+static_assert(sizeof(const double*) == 8 && alignof(const double*) == 8, "BudgetParams: the host's exact differ");
+static_assert(sizeof(const unsigned long long*) == 8 && alignof(const unsigned long long*) == 8, "BudgetParams: the host's best differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "BudgetParams: the host's weights, keep_out differ");
+// ColumnsParams (weft-codegen abi.rs), in its field order.
+#define COLUMNS_PARAMS \
+    const u32* __restrict__ chosen, \
+    const int* __restrict__ chosen_count, \
+    int cap, \
+    int words, \
+    const u32* __restrict__ rule_ptr, \
+    const u32* __restrict__ rule_c0, \
+    const u32* __restrict__ rule_c1, \
+    const u32* __restrict__ rule_code, \
+    const u32* __restrict__ codes, \
+    int per_head, \
+    int hq, \
+    int q_blocks, \
+    int block_m, \
+    int q_block, \
+    int groups, \
+    int pass, \
+    const u32* __restrict__ tiles, \
+    int tile_block, \
+    int tile_groups, \
+    int tile_words, \
+    const int* __restrict__ line_phase, \
+    int line_stride, \
+    int line_len, \
+    int line_rule_base, \
+    const u16* __restrict__ line_codes, \
+    u32* __restrict__ row_count, \
+    const u32* __restrict__ col_ptr, \
+    u32* __restrict__ col_idx, \
+    u16* __restrict__ col_mask
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "ColumnsParams: the host's chosen, rule_ptr, rule_c0, rule_c1, rule_code, codes, tiles, col_ptr differ");
+static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "ColumnsParams: the host's chosen_count, line_phase differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "ColumnsParams: the host's cap, words, per_head, hq, q_blocks, block_m, q_block, groups, pass, tile_block, tile_groups, tile_words, line_stride, line_len, line_rule_base differ");
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "ColumnsParams: the host's line_codes differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "ColumnsParams: the host's row_count, col_idx differ");
+static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "ColumnsParams: the host's col_mask differ");
+// ScanParams (weft-codegen abi.rs), in its field order.
+#define SCAN_PARAMS \
+    const u32* __restrict__ row_count, \
+    int rows, \
+    u32* __restrict__ col_ptr
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "ScanParams: the host's row_count differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "ScanParams: the host's rows differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "ScanParams: the host's col_ptr differ");
+// BlockScoresParams (weft-codegen abi.rs), in its field order.
+#define BLOCK_SCORES_PARAMS \
+    const float* __restrict__ pooled_q, \
+    const float* __restrict__ pooled_k, \
+    int hq, \
+    int hkv, \
+    int groups, \
+    int kblocks, \
+    double scale, \
+    double* __restrict__ scores
+static_assert(sizeof(const float*) == 8 && alignof(const float*) == 8, "BlockScoresParams: the host's pooled_q, pooled_k differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "BlockScoresParams: the host's hq, hkv, groups, kblocks differ");
+static_assert(sizeof(double) == 8 && alignof(double) == 8, "BlockScoresParams: the host's scale differ");
+static_assert(sizeof(double*) == 8 && alignof(double*) == 8, "BlockScoresParams: the host's scores differ");
+// BlockSelectParams (weft-codegen abi.rs), in its field order.
+#define BLOCK_SELECT_PARAMS \
+    const double* __restrict__ scores, \
+    const u32* __restrict__ allowed, \
+    int per_head, \
+    int groups, \
+    int kblocks, \
+    int mode, \
+    int top_k, \
+    double budget_arg, \
+    u32* __restrict__ chosen
+static_assert(sizeof(const double*) == 8 && alignof(const double*) == 8, "BlockSelectParams: the host's scores differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "BlockSelectParams: the host's allowed differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "BlockSelectParams: the host's per_head, groups, kblocks, mode, top_k differ");
+static_assert(sizeof(double) == 8 && alignof(double) == 8, "BlockSelectParams: the host's budget_arg differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "BlockSelectParams: the host's chosen differ");
+// BlockTopParams (weft-codegen abi.rs), in its field order.
+#define BLOCK_TOP_PARAMS \
+    const double* __restrict__ scores, \
+    const u32* __restrict__ allowed, \
+    int per_head, \
+    int groups, \
+    int kblocks, \
+    int mode, \
+    int top_k, \
+    double budget_arg, \
+    u32* __restrict__ chosen, \
+    int cache_width
+static_assert(sizeof(const double*) == 8 && alignof(const double*) == 8, "BlockTopParams: the host's scores differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "BlockTopParams: the host's allowed differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "BlockTopParams: the host's per_head, groups, kblocks, mode, top_k, cache_width differ");
+static_assert(sizeof(double) == 8 && alignof(double) == 8, "BlockTopParams: the host's budget_arg differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "BlockTopParams: the host's chosen differ");
+// BlockRowsParams (weft-codegen abi.rs), in its field order.
+#define BLOCK_ROWS_PARAMS \
+    const u32* __restrict__ chosen, \
+    const u32* __restrict__ entry_ptr, \
+    const u32* __restrict__ entry_kb, \
+    const u32* __restrict__ entry_pattern_kb, \
+    const u16* __restrict__ code_sel, \
+    const u16* __restrict__ code_not, \
+    const u32* __restrict__ code_line, \
+    const int* __restrict__ line_phase, \
+    int line_stride, \
+    int line_len, \
+    const u16* __restrict__ line_codes, \
+    int per_head, \
+    int hq, \
+    int q_blocks, \
+    int block_m, \
+    int block_q, \
+    int groups, \
+    int kblocks, \
+    int pass, \
+    u32* __restrict__ row_count, \
+    const u32* __restrict__ block_ptr, \
+    u32* __restrict__ block_idx, \
+    u16* __restrict__ block_mask
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "BlockRowsParams: the host's chosen, entry_ptr, entry_kb, entry_pattern_kb, code_line, block_ptr differ");
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "BlockRowsParams: the host's code_sel, code_not, line_codes differ");
+static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "BlockRowsParams: the host's line_phase differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "BlockRowsParams: the host's line_stride, line_len, per_head, hq, q_blocks, block_m, block_q, groups, kblocks, pass differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "BlockRowsParams: the host's row_count, block_idx differ");
+static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "BlockRowsParams: the host's block_mask differ");
+// VsLogitsParams (weft-codegen abi.rs), in its field order.
+#define VS_LOGITS_PARAMS \
+    const u16* __restrict__ Q, \
+    const u16* __restrict__ K, \
+    int nq, \
+    int nk, \
+    int hq, \
+    int hkv, \
+    int h0, \
+    int last, \
+    const u32* __restrict__ allowed, \
+    int per_head, \
+    double scale, \
+    double* __restrict__ logits, \
+    unsigned long long* __restrict__ rowmax
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "VsLogitsParams: the host's q, k differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "VsLogitsParams: the host's nq, nk, hq, hkv, h0, last, per_head differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "VsLogitsParams: the host's allowed differ");
+static_assert(sizeof(double) == 8 && alignof(double) == 8, "VsLogitsParams: the host's scale differ");
+static_assert(sizeof(double*) == 8 && alignof(double*) == 8, "VsLogitsParams: the host's logits differ");
+static_assert(sizeof(unsigned long long*) == 8 && alignof(unsigned long long*) == 8, "VsLogitsParams: the host's rowmax differ");
+// VsExpParams (weft-codegen abi.rs), in its field order.
+#define VS_EXP_PARAMS \
+    double* __restrict__ weights, \
+    const unsigned long long* __restrict__ rowmax, \
+    int nk, \
+    int last, \
+    double* __restrict__ partial
+static_assert(sizeof(double*) == 8 && alignof(double*) == 8, "VsExpParams: the host's weights, partial differ");
+static_assert(sizeof(const unsigned long long*) == 8 && alignof(const unsigned long long*) == 8, "VsExpParams: the host's rowmax differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "VsExpParams: the host's nk, last differ");
+// VsInvParams (weft-codegen abi.rs), in its field order.
+#define VS_INV_PARAMS \
+    const double* __restrict__ partial, \
+    int nk, \
+    int last, \
+    double* __restrict__ inv
+static_assert(sizeof(const double*) == 8 && alignof(const double*) == 8, "VsInvParams: the host's partial differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "VsInvParams: the host's nk, last differ");
+static_assert(sizeof(double*) == 8 && alignof(double*) == 8, "VsInvParams: the host's inv differ");
+// VsMassParams (weft-codegen abi.rs), in its field order.
+#define VS_MASS_PARAMS \
+    const double* __restrict__ weights, \
+    const double* __restrict__ inv_rows, \
+    int nq, \
+    int nk, \
+    int last, \
+    int h0, \
+    int slashes, \
+    double* __restrict__ vert, \
+    double* __restrict__ slash
+static_assert(sizeof(const double*) == 8 && alignof(const double*) == 8, "VsMassParams: the host's weights, inv_rows differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "VsMassParams: the host's nq, nk, last, h0, slashes differ");
+static_assert(sizeof(double*) == 8 && alignof(double*) == 8, "VsMassParams: the host's vert, slash differ");
+// VsSelectParams (weft-codegen abi.rs), in its field order.
+#define VS_SELECT_PARAMS \
+    const double* __restrict__ vert, \
+    const double* __restrict__ slash, \
+    int nq, \
+    int nk, \
+    int hq, \
+    int vertical_k, \
+    int slash_k, \
+    u32* __restrict__ vlist, \
+    u32* __restrict__ slist, \
+    int* __restrict__ counts
+static_assert(sizeof(const double*) == 8 && alignof(const double*) == 8, "VsSelectParams: the host's vert, slash differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "VsSelectParams: the host's nq, nk, hq, vertical_k, slash_k differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "VsSelectParams: the host's vlist, slist differ");
+static_assert(sizeof(int*) == 8 && alignof(int*) == 8, "VsSelectParams: the host's counts differ");
+// GridSelectParams (weft-codegen abi.rs), in its field order.
+#define GRID_SELECT_PARAMS \
+    const double* __restrict__ vert, \
+    int nk, \
+    int hq, \
+    int stride, \
+    int phase, \
+    int cols, \
+    int cap, \
+    u32* __restrict__ vlist, \
+    int* __restrict__ counts, \
+    int* __restrict__ phases
+static_assert(sizeof(const double*) == 8 && alignof(const double*) == 8, "GridSelectParams: the host's vert differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "GridSelectParams: the host's nk, hq, stride, phase, cols, cap differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "GridSelectParams: the host's vlist differ");
+static_assert(sizeof(int*) == 8 && alignof(int*) == 8, "GridSelectParams: the host's counts, phases differ");
+// VsTilesParams (weft-codegen abi.rs), in its field order.
+#define VS_TILES_PARAMS \
+    const u32* __restrict__ slist, \
+    const int* __restrict__ counts, \
+    int hq, \
+    int slash_k, \
+    int nq, \
+    int nk, \
+    int block, \
+    int groups, \
+    int kblocks, \
+    u32* __restrict__ tiles
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "VsTilesParams: the host's slist differ");
+static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "VsTilesParams: the host's counts differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "VsTilesParams: the host's hq, slash_k, nq, nk, block, groups, kblocks differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "VsTilesParams: the host's tiles differ");
+// VvExactParams (weft-codegen abi.rs), in its field order.
+#define VV_EXACT_PARAMS \
+    const float* __restrict__ pooled, \
+    const u16* __restrict__ K, \
+    int groups, \
+    int nk, \
+    int hq, \
+    int hkv, \
+    int h0, \
+    const u32* __restrict__ cand_lo, \
+    const u32* __restrict__ cand_hi, \
+    int per_head, \
+    double scale, \
+    double* __restrict__ exact, \
+    unsigned long long* __restrict__ best
+static_assert(sizeof(const float*) == 8 && alignof(const float*) == 8, "VvExactParams: the host's pooled differ");
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "VvExactParams: the host's k differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "VvExactParams: the host's groups, nk, hq, hkv, h0, per_head differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "VvExactParams: the host's cand_lo, cand_hi differ");
+static_assert(sizeof(double) == 8 && alignof(double) == 8, "VvExactParams: the host's scale differ");
+static_assert(sizeof(double*) == 8 && alignof(double*) == 8, "VvExactParams: the host's exact differ");
+static_assert(sizeof(unsigned long long*) == 8 && alignof(unsigned long long*) == 8, "VvExactParams: the host's best differ");
