@@ -8,15 +8,15 @@
 
 use std::time::Instant;
 
-use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use weft_cache::{Db, TuneRecord};
 use weft_codegen::{emit_decode, emit_merge, DType, DecodeSpec, Partial};
 use weft_dsl::Pattern;
 use weft_patterns::{attention, build_index, IndexOptions, Tensor};
+use weft_runtime::timing::{median as median_of, time_calls};
 use weft_runtime::{AttnShape, Gpu};
 
-use crate::tune::{gpu_err, relative_error, rounded};
+use crate::tune::{relative_error, rounded};
 use crate::Error;
 
 /// Split counts tried; 0 is the runtime's automatic choice (enough CTAs to fill the GPU).
@@ -82,39 +82,27 @@ pub fn tune_decode(
         head_dim: req.head_dim,
         dtype: req.dtype,
     };
-    let kernel = emit_decode(&spec).map_err(|e| Error::Search(e.to_string()))?;
-    let merge = emit_merge(req.head_dim, req.dtype, Partial::F32).map_err(|e| Error::Search(e.to_string()))?;
-    gpu.load_all(&[&kernel, &merge]).map_err(gpu_err)?;
-    let s = &gpu.stream;
-    let dix = gpu.upload_index(&ix).map_err(gpu_err)?;
-    let (qd, kd, vd) =
-        (s.clone_htod(&qb).map_err(gpu_err)?, s.clone_htod(&kb).map_err(gpu_err)?, s.clone_htod(&vb).map_err(gpu_err)?);
-    let mut out = s.alloc_zeros::<u16>(hq * d).map_err(gpu_err)?;
-    let mut lse = s.alloc_zeros::<f32>(hq).map_err(gpu_err)?;
+    let kernel = emit_decode(&spec)?;
+    let merge = emit_merge(req.head_dim, req.dtype, Partial::F32)?;
+    gpu.load_all(&[&kernel, &merge])?;
+    let s = gpu.stream();
+    let dix = gpu.upload_index(&ix)?;
+    let (qd, kd, vd) = (s.clone_htod(&qb)?, s.clone_htod(&kb)?, s.clone_htod(&vb)?);
+    let mut out = s.alloc_zeros::<u16>(hq * d)?;
+    let mut lse = s.alloc_zeros::<f32>(hq)?;
     let shape = AttnShape { hq, hkv, nq: 1, nk, head_dim: d };
     let scale = 1.0 / (d as f64).sqrt();
     let run = |splits: usize, out: &mut CudaSlice<u16>, lse: &mut CudaSlice<f32>| {
-        gpu.decode(&kernel, &merge, &dix, shape, &qd, &kd, &vd, out, lse, scale as f32, splits).map_err(gpu_err)
+        gpu.decode(&kernel, &merge, &dix, shape, &qd, &kd, &vd, out, lse, scale as f32, splits).map_err(Error::from)
     };
 
     let mut timings = Vec::new();
     for splits in SPLITS {
-        let mut times = Vec::new();
-        let mut failed = None;
-        for rep in 0..REPS + 2 {
-            let t0 = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(gpu_err)?;
-            if let Err(e) = run(splits, &mut out, &mut lse) {
-                failed = Some(e.to_string());
-                break;
-            }
-            let t1 = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(gpu_err)?;
-            t1.synchronize().map_err(gpu_err)?;
-            if rep >= 2 {
-                times.push(f64::from(t0.elapsed_ms(&t1).map_err(gpu_err)?));
-            }
-        }
-        times.sort_by(f64::total_cmp);
-        let median = failed.is_none().then(|| times[times.len() / 2]);
+        let (times, failed) = match time_calls(s, 2, REPS, |_| run(splits, &mut out, &mut lse), |_| false) {
+            Ok(times) => (times, None),
+            Err(e) => (Vec::new(), Some(e.to_string())),
+        };
+        let median = median_of(&times);
         progress(&match (median, &failed) {
             (Some(m), _) => format!("splits {splits}: {m:.4} ms"),
             (None, Some(e)) => format!("splits {splits}: failed: {e}"),
@@ -129,10 +117,10 @@ pub fn tune_decode(
     order.sort_by(|a, b| a.1.total_cmp(&b.1));
     let mut winner = None;
     for (splits, ms) in order {
-        let mut o = s.clone_htod(&vec![0xffffu16; hq * d]).map_err(gpu_err)?;
-        let mut l = s.clone_htod(&vec![f32::NAN; hq]).map_err(gpu_err)?;
+        let mut o = s.clone_htod(&vec![0xffffu16; hq * d])?;
+        let mut l = s.clone_htod(&vec![f32::NAN; hq])?;
         run(splits, &mut o, &mut l)?;
-        let got = req.dtype.decode(&s.clone_dtoh(&o).map_err(gpu_err)?);
+        let got = req.dtype.decode(&s.clone_dtoh(&o)?);
         let err = relative_error(&got, &want.out.data);
         if err < req.dtype.reference_tolerance() {
             winner = Some((splits, ms, err));
@@ -144,7 +132,7 @@ pub fn tune_decode(
         winner.ok_or_else(|| Error::Search("no split count both ran and passed the reference check".into()))?;
     let auto_ms = timings.iter().find(|(s, _)| *s == 0).and_then(|(_, t)| *t);
     if let Some(db) = db {
-        let tc = gpu.toolchain().map_err(gpu_err)?;
+        let tc = gpu.toolchain()?;
         let key = weft_runtime::tune_key(tc, req.pattern, None, nk, req.head_dim, req.dtype, hq / hkv);
         let record = TuneRecord {
             best: serde_json::json!({ "splits": best_splits }),
@@ -154,7 +142,7 @@ pub fn tune_decode(
             kernel: kernel.key.clone(),
             created: weft_cache::timestamp(),
         };
-        db.put_tuning(&key, &record).map_err(|e| Error::Search(e.to_string()))?;
+        db.put_tuning(&key, &record)?;
     }
     Ok(DecodeTuneResult {
         best_splits,

@@ -28,6 +28,20 @@ pub mod tune;
 pub enum Error {
     #[error(transparent)]
     Patterns(#[from] weft_patterns::Error),
+    #[error(transparent)]
+    Codegen(#[from] weft_codegen::Error),
+    /// Compiling, loading or launching on the GPU.
+    #[error("GPU: {0}")]
+    Gpu(#[from] weft_runtime::Error),
+    /// CUDA events and copies of the timing loops.
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error(transparent)]
+    Cache(#[from] weft_cache::Error),
+    /// The search has no answer (no candidates, a budget nothing fits).
     #[error("search: {0}")]
     Search(String),
+    /// The tuner has no answer (no config ran and passed the check).
+    #[error("tune: {0}")]
+    Tune(String),
 }

@@ -347,19 +347,17 @@ fn gpu_scores(
 ) -> Result<Vec<HeadScores>, Error> {
     let scale = 1.0 / (q.dim as f64).sqrt();
     use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
-    let gpu_err = |e: weft_runtime::Error| Error::Search(format!("GPU recall: {e}"));
     let d = q.dim;
     if ![64, 128, 256].contains(&d) {
         return Err(Error::Search(format!("GPU recall needs head dim 64, 128 or 256, not {d}; use the CPU")));
     }
     let (hq, nq, nk) = (q.heads, q.tokens, k.tokens);
     let shape = weft_runtime::AttnShape { hq, hkv: k.heads, nq, nk, head_dim: d };
-    let s = &gpu.stream;
+    let s = gpu.stream();
     let up = |t: &Tensor| s.clone_htod(&DType::Bf16.encode(&t.data));
-    let driver = |e: cudarc::driver::DriverError| Error::Search(format!("GPU recall: {e}"));
-    let (qd, kd) = (up(q).map_err(driver)?, up(k).map_err(driver)?);
-    let mut out = s.alloc_zeros::<u16>(hq * nq * d).map_err(driver)?;
-    let mut lse = s.alloc_zeros::<f32>(hq * nq).map_err(driver)?;
+    let (qd, kd) = (up(q)?, up(k)?);
+    let mut out = s.alloc_zeros::<u16>(hq * nq * d)?;
+    let mut lse = s.alloc_zeros::<f32>(hq * nq)?;
     let universe = Pattern::new("universe", if causal { weft_dsl::builder::causal() } else { full() });
     let opts = IndexOptions { scale: Some(scale), ..Default::default() };
     let uix = resolve_pattern(&universe.expr, q, k, &opts)?.index()?;
@@ -369,18 +367,18 @@ fn gpu_scores(
         let config = KernelConfig::for_blocks(ix.block_m, ix.block_n, d as u32, DType::Bf16);
         emit(&KernelSpec { pattern, masks: &ix.masks, permutation: ix.permutation, config })
             .map(|k| (k, config))
-            .map_err(|e| Error::Search(e.to_string()))
+            .map_err(Error::from)
     };
     let kernels: Vec<_> = std::iter::once(kernel(&universe, &uix))
         .chain(cands.iter().zip(indexes).map(|(c, ix)| kernel(&c.pattern, ix)))
         .collect::<Result<_, _>>()?;
-    gpu.load_all(&kernels.iter().map(|(k, _)| k).collect::<Vec<_>>()).map_err(gpu_err)?;
+    gpu.load_all(&kernels.iter().map(|(k, _)| k).collect::<Vec<_>>())?;
     // Each row's log-sum-exp over the keys of `ix` (V is K: the output is not used).
     let mut run = |i: usize, ix: &weft_patterns::SparseIndex| -> Result<Vec<f32>, Error> {
         let (kernel, config) = &kernels[i];
-        let dix = gpu.upload_index(ix).map_err(gpu_err)?;
-        gpu.attention(kernel, config, &dix, shape, &qd, &kd, &kd, &mut out, &mut lse, scale as f32).map_err(gpu_err)?;
-        s.clone_dtoh(&lse).map_err(driver)
+        let dix = gpu.upload_index(ix)?;
+        gpu.attention(kernel, config, &dix, shape, &qd, &kd, &kd, &mut out, &mut lse, scale as f32)?;
+        s.clone_dtoh(&lse).map_err(Error::from)
     };
     let lse_universe = run(0, &uix)?;
     let mut scores: Vec<Vec<Score>> = vec![Vec::with_capacity(cands.len()); hq];

@@ -15,12 +15,12 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use cudarc::driver::sys::CUevent_flags;
 use rayon::prelude::*;
 use weft_cache::{Db, TuneRecord};
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::Pattern;
 use weft_patterns::{attention, build_index, IndexOptions, SparseIndex, Tensor};
+use weft_runtime::timing::{median as median_of, time_calls};
 use weft_runtime::{AttnShape, Gpu};
 
 use crate::space::{compile_space, hopper_space, nvrtc_compiler, space, Candidate, DeviceLimits};
@@ -78,10 +78,6 @@ pub struct TuneResult {
     pub seconds: f64,
 }
 
-pub(crate) fn gpu_err(e: impl std::fmt::Display) -> Error {
-    Error::Search(format!("GPU: {e}"))
-}
-
 /// The index a config is tuned and checked on. bf16 indexes of patterns the GPU builders take
 /// are numbered as a GPU build numbers them (as the runtime numbers them for bf16 layers), so
 /// the tuned kernel's key (which holds the mask table) is the one the runtime asks for.
@@ -104,18 +100,16 @@ fn verify(gpu: &Gpu, req: &TuneRequest<'_>, config: &KernelConfig) -> Result<f64
     let scale = 1.0 / (d as f64).sqrt();
     let want = attention(&ix, &q, &k, &v, scale)?;
     let kernel =
-        emit(&KernelSpec { pattern: req.pattern, masks: &ix.masks, permutation: ix.permutation, config: *config })
-            .map_err(|e| Error::Search(e.to_string()))?;
-    let s = &gpu.stream;
-    let dix = gpu.upload_index(&ix).map_err(gpu_err)?;
-    let (qd, kd, vd) =
-        (s.clone_htod(&qb).map_err(gpu_err)?, s.clone_htod(&kb).map_err(gpu_err)?, s.clone_htod(&vb).map_err(gpu_err)?);
-    let mut out = s.clone_htod(&vec![0xffffu16; hq * n * d]).map_err(gpu_err)?;
-    let mut lse = s.clone_htod(&vec![f32::NAN; hq * n]).map_err(gpu_err)?;
+        emit(&KernelSpec { pattern: req.pattern, masks: &ix.masks, permutation: ix.permutation, config: *config })?;
+    let s = gpu.stream();
+    let dix = gpu.upload_index(&ix)?;
+    let (qd, kd, vd) = (s.clone_htod(&qb)?, s.clone_htod(&kb)?, s.clone_htod(&vb)?);
+    let mut out = s.clone_htod(&vec![0xffffu16; hq * n * d])?;
+    let mut lse = s.clone_htod(&vec![f32::NAN; hq * n])?;
     let shape = AttnShape { hq, hkv, nq: n, nk: n, head_dim: d };
-    gpu.attention(&kernel, config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32).map_err(gpu_err)?;
-    s.synchronize().map_err(gpu_err)?;
-    let got = req.dtype.decode(&s.clone_dtoh(&out).map_err(gpu_err)?);
+    gpu.attention(&kernel, config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32)?;
+    s.synchronize()?;
+    let got = req.dtype.decode(&s.clone_dtoh(&out)?);
     Ok(relative_error(&got, &want.out.data))
 }
 
@@ -167,8 +161,7 @@ pub fn tune(
     }
     // The runtime's untuned config is always timed, so the result says what tuning gained
     // (on sm_90 it is often a Hopper config, which the plain space leaves out).
-    let default = KernelConfig::default_for_arch(&req.pattern.expr, req.head_dim, req.dtype, gpu.arch.sm)
-        .map_err(|e| Error::Search(e.to_string()))?;
+    let default = KernelConfig::default_for_arch(&req.pattern.expr, req.head_dim, req.dtype, gpu.arch.sm)?;
     if !configs.contains(&default) {
         configs.push(default);
     }
@@ -199,14 +192,14 @@ pub fn tune(
     };
     let limits = DeviceLimits::for_sm(gpu.arch.sm);
     let candidates = compile_space(req.pattern, &ix_for, &configs, &limits, nvrtc_compiler(gpu.arch));
-    let s = &gpu.stream;
+    let s = gpu.stream();
     let mut dev_sets = Vec::new();
     for (q, k, v) in &sets {
-        let up = |t: &Tensor| s.clone_htod(&req.dtype.encode(&t.data)).map_err(gpu_err);
+        let up = |t: &Tensor| s.clone_htod(&req.dtype.encode(&t.data)).map_err(Error::from);
         dev_sets.push((up(q)?, up(k)?, up(v)?));
     }
-    let mut out = s.alloc_zeros::<u16>(req.heads * req.seq * d).map_err(gpu_err)?;
-    let mut lse = s.alloc_zeros::<f32>(req.heads * req.seq).map_err(gpu_err)?;
+    let mut out = s.alloc_zeros::<u16>(req.heads * req.seq * d)?;
+    let mut lse = s.alloc_zeros::<f32>(req.heads * req.seq)?;
     let shape = AttnShape { hq: req.heads, hkv: req.kv_heads, nq: req.seq, nk: req.seq, head_dim: d };
     let scale = 1.0 / (d as f32).sqrt();
     let mut timings = Vec::new();
@@ -226,36 +219,31 @@ pub fn tune(
         if pairs.is_none() {
             pairs = Some(ix.pairs());
         }
-        gpu.load_cubin(&kept.kernel, kept.cubin.clone(), kept.ptx.clone()).map_err(gpu_err)?;
-        let dix = gpu.upload_index(&ix).map_err(gpu_err)?;
-        let mut times: Vec<f64> = Vec::new();
-        let mut note = String::new();
-        for run in 0..MAX_REPS + 2 {
-            let (qd, kd, vd) = &dev_sets[run % INPUT_SETS];
-            let t0 = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(gpu_err)?;
-            if let Err(e) =
+        gpu.load_cubin(&kept.kernel, kept.cubin.clone(), kept.ptx.clone())?;
+        let dix = gpu.upload_index(&ix)?;
+        // Two warm-up calls, then up to MAX_REPS timed, rotating the input sets; a config whose
+        // median after EARLY_REPS is far behind the best so far stops there.
+        let mut eliminated = false;
+        let run = time_calls(
+            s,
+            2,
+            MAX_REPS,
+            |i| {
+                let (qd, kd, vd) = &dev_sets[i % INPUT_SETS];
                 gpu.attention(&kept.kernel, &kept.config, &dix, shape, qd, kd, vd, &mut out, &mut lse, scale)
-            {
-                note = format!("failed: {e}");
-                times.clear();
-                break;
-            }
-            let t1 = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(gpu_err)?;
-            t1.synchronize().map_err(gpu_err)?;
-            if run >= 2 {
-                times.push(f64::from(t0.elapsed_ms(&t1).map_err(gpu_err)?));
-            }
-            if times.len() == EARLY_REPS {
-                let mut t = times.clone();
-                t.sort_by(f64::total_cmp);
-                if t[t.len() / 2] > ELIMINATE_ABOVE * best_so_far {
-                    note = "eliminated early".into();
-                    break;
-                }
-            }
-        }
-        times.sort_by(f64::total_cmp);
-        let median = (!times.is_empty()).then(|| times[times.len() / 2]);
+            },
+            |times| {
+                eliminated =
+                    times.len() == EARLY_REPS && median_of(times).is_some_and(|m| m > ELIMINATE_ABOVE * best_so_far);
+                eliminated
+            },
+        );
+        let (times, note) = match run {
+            Ok(times) if eliminated => (times, "eliminated early".to_string()),
+            Ok(times) => (times, String::new()),
+            Err(e) => (Vec::new(), format!("failed: {e}")),
+        };
+        let median = median_of(&times);
         if let Some(m) = median {
             best_so_far = best_so_far.min(m);
         }
@@ -276,32 +264,23 @@ pub fn tune(
         progress(&format!("{}: failed the reference check (error {err:.2e}); not stored", t.config));
     }
     let (best, verified_error) =
-        winner.ok_or_else(|| Error::Search("no config both ran and passed the reference check".into()))?;
+        winner.ok_or_else(|| Error::Tune("no config both ran and passed the reference check".into()))?;
     let default_ms = timings.iter().find(|t| t.config == default).and_then(|t| t.median_ms);
     let best_ms = best.median_ms.unwrap_or(f64::NAN);
     if let Some(db) = db {
-        let tc = gpu.toolchain().map_err(gpu_err)?;
+        let tc = gpu.toolchain()?;
         let compiled = candidates
             .iter()
             .find_map(|c| match c {
                 Candidate::Kept(k) if k.config == best.config => Some(k),
                 _ => None,
             })
-            .ok_or_else(|| Error::Search("the winner's compiled kernel is missing".into()))?;
+            .ok_or_else(|| Error::Tune("the winner's compiled kernel is missing".into()))?;
         let kernel = &compiled.kernel;
         let kernel_key =
             weft_cache::KernelKey { toolchain: tc.clone(), kernel: kernel.key.clone(), arch: gpu.arch.name() };
-        let kernel_record = weft_cache::KernelRecord {
-            name: kernel.name.clone(),
-            cubin: compiled.cubin.clone(),
-            ptx: compiled.ptx.clone(),
-            options: compiled.options.clone(),
-            threads: kernel.threads,
-            shared_bytes: kernel.shared_bytes,
-            head_dim: kernel.head_dim,
-            created: weft_cache::timestamp(),
-        };
-        db.put_kernel(&kernel_key, &kernel_record).map_err(|e| Error::Search(e.to_string()))?;
+        let kernel_record = weft_runtime::kernel_record(kernel, &compiled.cubin, &compiled.ptx, &compiled.options);
+        db.put_kernel(&kernel_key, &kernel_record)?;
         let key = weft_runtime::tune_key(
             tc,
             req.pattern,
@@ -320,7 +299,7 @@ pub fn tune(
             kernel: kernel.key.clone(),
             created: weft_cache::timestamp(),
         };
-        db.put_tuning(&key, &record).map_err(|e| Error::Search(e.to_string()))?;
+        db.put_tuning(&key, &record)?;
     }
     Ok(TuneResult {
         best: best.config,

@@ -59,7 +59,7 @@ fn cold_loader() {
     let Some(path) = std::env::var_os("WEFT_COLD_LOAD") else { return };
     let rt = Runtime::open(Some(Path::new(&path))).unwrap();
     let (hq, hkv, n, d) = (8usize, 4usize, 2048usize, 128usize);
-    let s = &rt.gpu.stream;
+    let s = rt.gpu.stream();
     let q = s.clone_htod(&DType::Bf16.encode(&vec![0.01; hq * n * d])).unwrap();
     let k = s.clone_htod(&DType::Bf16.encode(&vec![0.02; hkv * n * d])).unwrap();
     let v = s.clone_htod(&DType::Bf16.encode(&vec![1.0; hkv * n * d])).unwrap();

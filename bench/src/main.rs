@@ -19,12 +19,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cudarc::driver::sys::CUevent_flags;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::{builder, Pattern};
 use weft_patterns::{build_index, IndexOptions, SparseIndex, Tensor, FULL};
+use weft_runtime::timing::time_calls;
 use weft_runtime::{AttnShape, Gpu};
 
 #[derive(Parser)]
@@ -275,7 +275,7 @@ fn main() -> Result<()> {
             let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
             std::fs::write(args.out.join(format!("{name}_{n}.bf16")), bytes)?;
         }
-        let s = &gpu.stream;
+        let s = gpu.stream();
         let (qd, kd, vd) = (s.clone_htod(&q)?, s.clone_htod(&k)?, s.clone_htod(&v)?);
         let mut out = s.alloc_zeros::<u16>(h * n * D)?;
         let mut lse = s.alloc_zeros::<f32>(h * n)?;
@@ -309,16 +309,13 @@ fn main() -> Result<()> {
             let dix = gpu.upload_index(ix)?;
             let shape = AttnShape { hq: h, hkv: h, nq: n, nk: n, head_dim: D };
             let scale = 1.0 / (D as f32).sqrt();
-            let mut times = Vec::new();
-            for i in 0..args.reps + 3 {
-                let start = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-                gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale)?;
-                let end = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-                end.synchronize()?;
-                if i >= 3 {
-                    times.push(start.elapsed_ms(&end)? as f64);
-                }
-            }
+            let mut times = time_calls(
+                s,
+                3,
+                args.reps,
+                |_| gpu.attention(&kernel, &config, &dix, shape, &qd, &kd, &vd, &mut out, &mut lse, scale),
+                |_| false,
+            )?;
             times.sort_by(f64::total_cmp);
             let ms = times[times.len() / 2];
             let tflops = 4.0 * pairs as f64 * D as f64 / (ms * 1e-3) / 1e12;

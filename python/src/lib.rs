@@ -46,8 +46,10 @@ fn lib_error(e: weft::Error) -> PyErr {
 fn runtime_error(e: weft::runtime::Error) -> PyErr {
     use weft::runtime::Error as E;
     match e {
-        E::Shape(_) | E::Usage(_) | E::Codegen(_) => value_error(e),
-        E::MissingLibrary { .. } | E::Driver { .. } | E::Nvrtc { .. } => WeftError::new_err(e.to_string()),
+        E::Shape(_) | E::Usage(_) | E::Codegen(_) | E::Index(_) => value_error(e),
+        E::MissingLibrary { .. } | E::Driver { .. } | E::Nvrtc { .. } | E::Cache(_) => {
+            WeftError::new_err(e.to_string())
+        }
     }
 }
 

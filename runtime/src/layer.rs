@@ -83,7 +83,7 @@ impl LayerPlan {
     /// The patterns a search stored for `model`'s `layer` (`weft search --model`).
     pub fn from_search(db: &weft_cache::Db, model: &str, layer: u32) -> Result<LayerPlan, Error> {
         let usage = |m: String| Error::Usage(m);
-        let results = db.search_results(model).map_err(|e| usage(e.to_string()))?;
+        let results = db.search_results(model)?;
         let mut heads: BTreeMap<u32, Pattern> = BTreeMap::new();
         for (key, record) in results.into_iter().filter(|(k, _)| k.layer == layer) {
             let p: Pattern = serde_json::from_value(record.pattern).map_err(|e| {
@@ -439,9 +439,9 @@ impl Runtime {
                         }
                         let parts: Vec<(&SparseIndex, usize)> =
                             heads.iter().map(|&h| (by_hash[hashes[h].as_str()].as_ref(), h)).collect();
-                        parts_by_seq.push(SparseIndex::gather_heads(&parts).map_err(|e| Error::Shape(e.to_string()))?);
+                        parts_by_seq.push(SparseIndex::gather_heads(&parts)?);
                     }
-                    let batch = BatchIndex::concat(&parts_by_seq).map_err(|e| Error::Shape(e.to_string()))?;
+                    let batch = BatchIndex::concat(&parts_by_seq)?;
                     let index_ms = started.elapsed().as_secs_f64() * 1e3;
                     let device = self.gpu.upload_batch_mapped(&batch, heads.clone())?;
                     let uploaded =
@@ -667,9 +667,7 @@ impl Runtime {
         crate::refuse_in_capture(&self.gpu.stream, what)?;
         let qh = self.gpu.stream.clone_dtoh(q).map_err(driver(what))?;
         let kh = self.gpu.stream.clone_dtoh(k).map_err(driver(what))?;
-        let tensor = |heads, n, words: &[u16]| {
-            Tensor::new(heads, n, d, dtype.decode(words)).map_err(|e| Error::Shape(e.to_string()))
-        };
+        let tensor = |heads, n, words: &[u16]| Tensor::new(heads, n, d, dtype.decode(words)).map_err(Error::from);
         Ok((tensor(s.hq, s.nq, &qh)?, tensor(s.hkv, s.nk, &kh)?))
     }
 }

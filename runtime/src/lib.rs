@@ -25,12 +25,15 @@
 //!   each head with the config tuned for its pattern and shape (or the default, with a
 //!   warning), one launch per group of heads sharing a kernel (see the `layer` module).
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod device_index;
 mod external;
 mod launch;
 mod layer;
 mod libs;
 pub mod nvrtc;
+pub mod timing;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -71,6 +74,12 @@ pub enum Error {
     Usage(String),
     #[error(transparent)]
     Codegen(#[from] weft_codegen::Error),
+    /// The kernel database.
+    #[error(transparent)]
+    Cache(#[from] weft_cache::Error),
+    /// An index or its inputs (building, gathering heads, packing a batch).
+    #[error("index: {0}")]
+    Index(#[from] weft_patterns::Error),
 }
 
 fn driver(what: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
@@ -149,10 +158,34 @@ fn entry_key(kernel: &Kernel, entry: Option<&str>) -> String {
 /// A device copy of an index-building plan (its type is the builder's).
 type PlanCopy = Arc<dyn std::any::Any + Send + Sync>;
 
+/// Knobs of a [`Gpu`] for tests and benchmarks ([`Gpu::set_options`]); the defaults are what
+/// every user gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuOptions {
+    /// Index builds time each kernel with CUDA events, for [`IndexBuildReport::kernel_ms`]
+    /// (benchmarks); off by default, since the events cost host time on every build.
+    pub time_index_kernels: bool,
+    /// The most CTAs persistent kernels ([`KernelConfig::persistent`]) run on; 0 (the
+    /// default): one per SM. Fewer leave SMs to concurrent work, and in tests make each CTA
+    /// walk many rows.
+    pub persistent_ctas: usize,
+    /// Block index builds (top_k and threshold) cache each row's keys in shared memory when
+    /// its key blocks, rounded up to a multiple of 32, are at most this many (and at most 1536,
+    /// what fits), and read the scores on every selection pass beyond: 0 makes every build take
+    /// that path (tests). Default: no limit of its own.
+    pub block_top_cache: usize,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions { time_index_kernels: false, persistent_ctas: 0, block_top_cache: usize::MAX }
+    }
+}
+
 /// One GPU with its stream and loaded kernels.
 pub struct Gpu {
-    pub ctx: Arc<CudaContext>,
-    pub stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
     pub arch: Arch,
     pub name: String,
     pub sm_count: u32,
@@ -160,19 +193,10 @@ pub struct Gpu {
     /// Device copies of index-building plans, by plan id, with when each was last used (see
     /// `device_index`).
     plan_copies: Mutex<HashMap<u64, (u64, PlanCopy)>>,
-    /// The index builders' module per head dim (generated once: its source is long, and every
-    /// build needs it before its first launch).
-
     /// The kernel database and this GPU's toolchain (its key prefix), when attached.
     db: Option<(weft_cache::Db, weft_cache::Toolchain)>,
-    /// Whether index builds record CUDA events per kernel (see [`Gpu::time_index_kernels`]).
-    index_timing: std::sync::atomic::AtomicBool,
-    /// The most CTAs a persistent kernel runs on; 0: one per SM (see
-    /// [`Gpu::limit_persistent_ctas`]).
-    persistent_ctas: std::sync::atomic::AtomicUsize,
-    /// The most key blocks whose keys a block index's selection caches in shared memory (see
-    /// [`Gpu::limit_block_top_cache`]).
-    block_top_cache: std::sync::atomic::AtomicUsize,
+    /// [`GpuOptions`] (a lock: launches read it once each).
+    options: Mutex<GpuOptions>,
 }
 
 /// Where [`Gpu::load_traced`] found a kernel.
@@ -274,32 +298,30 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             plan_copies: Mutex::new(HashMap::new()),
             db: None,
-            index_timing: std::sync::atomic::AtomicBool::new(false),
-            persistent_ctas: std::sync::atomic::AtomicUsize::new(0),
-            block_top_cache: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            options: Mutex::new(GpuOptions::default()),
         })
     }
 
-    /// Whether index builds time each kernel with CUDA events, for
-    /// [`IndexBuildReport::kernel_ms`] (benchmarks); off by default, since the events cost host
-    /// time on every build.
-    pub fn time_index_kernels(&self, on: bool) {
-        self.index_timing.store(on, std::sync::atomic::Ordering::Relaxed);
+    /// The stream every launch and copy of this GPU is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
     }
 
-    /// Runs persistent kernels ([`KernelConfig::persistent`]) on at most `ctas` CTAs instead of
-    /// one per SM (0 restores that): to leave SMs to concurrent work, and in tests, to make each
-    /// CTA walk many rows.
-    pub fn limit_persistent_ctas(&self, ctas: usize) {
-        self.persistent_ctas.store(ctas, std::sync::atomic::Ordering::Relaxed);
+    /// The CUDA context (the device's primary context).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
     }
 
-    /// Block index builds (top_k and threshold) cache each row's keys in shared memory when its
-    /// key blocks, rounded up to a multiple of 32, are at most `blocks` (and at most 1536, what
-    /// fits), and read the scores on every selection pass beyond: 0 makes every build take
-    /// that path (tests).
-    pub fn limit_block_top_cache(&self, blocks: usize) {
-        self.block_top_cache.store(blocks, std::sync::atomic::Ordering::Relaxed);
+    /// The test and benchmark knobs now in force.
+    pub fn options(&self) -> GpuOptions {
+        self.options.lock().map(|o| *o).unwrap_or_default()
+    }
+
+    /// Sets the test and benchmark knobs.
+    pub fn set_options(&self, options: GpuOptions) {
+        if let Ok(mut o) = self.options.lock() {
+            *o = options;
+        }
     }
 
     /// What kernels compiled here are valid for: the key prefix of every cache entry.
@@ -470,16 +492,7 @@ impl Gpu {
     fn store(&self, kernel: &Kernel, compiled: &Compiled) -> Result<(), Error> {
         tracing::debug!(kernel = %kernel.name, ms = compiled.millis, report = ?compiled.report, "compiled");
         let Some((db, key)) = self.db_key(kernel) else { return Ok(()) };
-        let record = weft_cache::KernelRecord {
-            name: kernel.name.clone(),
-            cubin: compiled.cubin.clone(),
-            ptx: compiled.ptx.clone(),
-            options: compiled.options.clone(),
-            threads: kernel.threads,
-            shared_bytes: kernel.shared_bytes,
-            head_dim: kernel.head_dim,
-            created: weft_cache::timestamp(),
-        };
+        let record = kernel_record(kernel, &compiled.cubin, &compiled.ptx, &compiled.options);
         db.put_kernel(&key, &record).map_err(|e| Error::Usage(format!("storing {}: {e}", kernel.name)))
     }
 
@@ -512,7 +525,7 @@ impl Gpu {
 
     /// Copies the index of one sequence to the device.
     pub fn upload_index(&self, ix: &SparseIndex) -> Result<DeviceIndex, Error> {
-        let b = BatchIndex::single(ix).map_err(|e| Error::Shape(e.to_string()))?;
+        let b = BatchIndex::single(ix)?;
         self.upload_batch(&b)
     }
 
@@ -524,7 +537,7 @@ impl Gpu {
     /// Copies an index whose heads serve the layer's query heads `head_map` (one entry per
     /// index head, e.g. from [`SparseIndex::gather_heads`]) to the device.
     pub fn upload_gathered(&self, ix: &SparseIndex, head_map: Vec<usize>) -> Result<DeviceIndex, Error> {
-        let b = BatchIndex::single(ix).map_err(|e| Error::Shape(e.to_string()))?;
+        let b = BatchIndex::single(ix)?;
         self.upload_mapped(&b, head_map, true)
     }
 
@@ -596,11 +609,11 @@ impl Gpu {
         if index.q_blocks == 0 {
             return Ok(());
         }
-        // A persistent kernel takes one CTA per SM (or fewer: `limit_persistent_ctas`; at most
+        // A persistent kernel takes one CTA per SM (or fewer: `GpuOptions::persistent_ctas`; at most
         // one per row) and walks the rows.
         let rows = index.q_blocks * index.heads;
         let grid = if config.persistent {
-            let limit = self.persistent_ctas.load(std::sync::atomic::Ordering::Relaxed);
+            let limit = self.options().persistent_ctas;
             let ctas = if limit == 0 { self.sm_count.max(1) as usize } else { limit };
             (rows.min(ctas) as u32, 1, 1)
         } else {
@@ -806,9 +819,9 @@ impl Runtime {
     pub fn open_on(ordinal: usize, db: Option<&std::path::Path>) -> Result<Runtime, Error> {
         let path = match db {
             Some(p) => p.to_path_buf(),
-            None => weft_cache::default_path().map_err(|e| Error::Usage(e.to_string()))?,
+            None => weft_cache::default_path()?,
         };
-        let db = weft_cache::Db::open(&path).map_err(|e| Error::Usage(e.to_string()))?;
+        let db = weft_cache::Db::open(&path)?;
         let mut gpu = Gpu::open(ordinal)?;
         gpu.attach_db(db)?;
         Ok(Runtime { gpu, layer: Default::default(), gpu_index: true.into() })
@@ -818,6 +831,20 @@ impl Runtime {
     /// default) or always on the host (for comparison, or to rule the GPU builder out).
     pub fn set_gpu_index(&self, on: bool) {
         self.gpu_index.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The database record of `kernel` compiled to `cubin` and `ptx` with NVRTC `options`.
+pub fn kernel_record(kernel: &Kernel, cubin: &[u8], ptx: &str, options: &[String]) -> weft_cache::KernelRecord {
+    weft_cache::KernelRecord {
+        name: kernel.name.clone(),
+        cubin: cubin.to_vec(),
+        ptx: ptx.to_string(),
+        options: options.to_vec(),
+        threads: kernel.threads,
+        shared_bytes: kernel.shared_bytes,
+        head_dim: kernel.head_dim,
+        created: weft_cache::timestamp(),
     }
 }
 

@@ -73,6 +73,7 @@ pub fn check_available() -> Result<(), Error> {
 pub fn version() -> Result<(i32, i32), Error> {
     check_available()?;
     let (mut major, mut minor) = (0, 0);
+    // Safety: two out-parameters; libnvrtc was loaded by `check_available`.
     unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
         .result()
         .map_err(|e| Error::Nvrtc { message: format!("nvrtcVersion: {e:?}"), log: String::new() })?;
@@ -200,9 +201,12 @@ fn compile_with(source: &str, name: &str, arch: Arch, arch_name: &str, extra: &[
     let prog = result::create_program(&src, Some(&file_c)).map_err(|e| nvrtc_err("nvrtcCreateProgram", e))?;
     let mut options = options_for(arch_name);
     options.extend_from_slice(extra);
+    // Safety: `prog` is a live program created above; the options outlive the call.
     let compiled = unsafe { result::compile_program(prog, &options) };
+    // Safety: `prog` is live (destroyed only by `finish`).
     let log = unsafe { result::get_program_log(prog) }.map(to_string).unwrap_or_default();
     let finish = |r: Result<Compiled, Error>| {
+        // Safety: destroys `prog` once; nothing uses it afterwards.
         let _ = unsafe { result::destroy_program(prog) };
         r
     };
@@ -212,13 +216,16 @@ fn compile_with(source: &str, name: &str, arch: Arch, arch_name: &str, extra: &[
             log: annotate(&log, &file, source),
         }));
     }
+    // Safety: `prog` compiled successfully and is live.
     let ptx = match unsafe { result::get_ptx(prog) } {
         Ok(p) => to_string(p),
         Err(e) => return finish(Err(nvrtc_err("nvrtcGetPTX", e))),
     };
     let mut size = 0usize;
+    // Safety: an out-parameter call on the live, compiled `prog`.
     let cubin = unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }.result().and_then(|_| {
         let mut buf = vec![0u8; size];
+        // Safety: `buf` holds the `size` bytes NVRTC reported for this program's CUBIN.
         unsafe { sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char) }.result().map(|_| buf)
     });
     let cubin = match cubin {

@@ -10,7 +10,7 @@ use weft_dsl::builder::*;
 use weft_dsl::{Pattern, Permutation, RingLayout, Score, Unit};
 use weft_patterns::synthetic::{planted_qk, Plant};
 use weft_patterns::{attention, build_index, ring, Attention, IndexOptions, Tensor};
-use weft_runtime::{AttnShape, Gpu, VvStrategy};
+use weft_runtime::{AttnShape, Gpu, GpuOptions, VvStrategy};
 
 mod common;
 
@@ -136,7 +136,7 @@ fn check_family(
     let want = attention(&ix, &q, &k, &v, scale).unwrap();
     let config = config(ix.block_m, ix.block_n);
     let kernel = emit(&KernelSpec { pattern: p, masks: &ix.masks, permutation: ix.permutation, config }).unwrap();
-    let s = &gpu.stream;
+    let s = gpu.stream();
     let dix = gpu.upload_index(&ix).unwrap();
     let (qd, kd, vd) = (s.clone_htod(&qb).unwrap(), s.clone_htod(&kb).unwrap(), s.clone_htod(&vb).unwrap());
     let shape = AttnShape { hq, hkv, nq: n, nk: n, head_dim: d };
@@ -216,7 +216,10 @@ fn check_wgmma_tiles(schedules: &[Schedule]) {
                         ..KernelConfig::for_blocks(bm, bn, d as u32, dtype).with_wgmma()
                     })
                 };
-                gpu.limit_persistent_ctas(if dtype == DType::Bf16 && d == 128 { 3 } else { 1 });
+                gpu.set_options(GpuOptions {
+                    persistent_ctas: if dtype == DType::Bf16 && d == 128 { 3 } else { 1 },
+                    ..gpu.options()
+                });
                 let case = FamilyCase { p: &p, opts, dtype, d, n, hq, hkv, seed };
                 let label = match schedule {
                     Schedule::Plain => format!("wgmma stages={stages}"),
@@ -229,7 +232,7 @@ fn check_wgmma_tiles(schedules: &[Schedule]) {
             }
         }
     }
-    gpu.limit_persistent_ctas(0);
+    gpu.set_options(GpuOptions { persistent_ctas: 0, ..gpu.options() });
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
 
@@ -248,7 +251,7 @@ fn run_and_compare(
     scale: f64,
     want: &Attention,
 ) -> (f64, usize, f64) {
-    let s = &gpu.stream;
+    let s = gpu.stream();
     let mut out = s.clone_htod(&vec![0xffffu16; shape.hq * shape.nq * shape.head_dim]).unwrap();
     let mut lse = s.clone_htod(&vec![f32::NAN; shape.hq * shape.nq]).unwrap();
     gpu.attention(kernel, config, index, shape, qkv.0, qkv.1, qkv.2, &mut out, &mut lse, scale as f32).unwrap();
@@ -320,7 +323,7 @@ fn check_device_built(
     scale: f64,
     build: impl FnOnce(&CudaSlice<u16>, &CudaSlice<u16>) -> (weft_runtime::DeviceIndex, weft_runtime::IndexBuild),
 ) -> DeviceBuilt {
-    let s = &gpu.stream;
+    let s = gpu.stream();
     let (qd, kd, vd) = (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
     let (dix, build) = build(&qd, &kd);
     let report = build.finish(&dix).unwrap();
@@ -437,7 +440,7 @@ fn retrieval_decode_matches_the_cpu_reference() {
                 };
                 let kernel = emit_decode(&spec).unwrap();
                 let merge = emit_merge(d as u32, dtype, Partial::F32).unwrap();
-                let s = &gpu.stream;
+                let s = gpu.stream();
                 let dix = gpu.upload_index(&ix).unwrap();
                 let (qd, kd, vd) =
                     (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
@@ -477,7 +480,7 @@ fn ring_steps_merged_on_the_gpu_match_the_cpu_reference() {
             let ix = build_index(&p.expr, &x.q, &x.k, &IndexOptions::default()).unwrap();
             let scale = 1.0 / (d as f64).sqrt();
             let want = attention(&ix, &x.q, &x.k, &x.v, scale).unwrap();
-            let s = &gpu.stream;
+            let s = gpu.stream();
             let (qd, kd, vd) =
                 (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
             let shape = AttnShape { hq, hkv, nq: n, nk: n, head_dim: d };
@@ -574,9 +577,9 @@ fn packed_batch_matches_per_sequence_references() {
                 let scale = 1.0 / (d as f64).sqrt();
                 let plain = KernelConfig::for_blocks(batch.block_m, batch.block_n, d as u32, dtype);
                 let config = if persistent { Schedule::Persistent.apply(plain.with_wgmma()) } else { plain };
-                gpu.limit_persistent_ctas(if persistent { 3 } else { 0 });
+                gpu.set_options(GpuOptions { persistent_ctas: if persistent { 3 } else { 0 }, ..gpu.options() });
                 let kernel = emit(&KernelSpec { pattern: p, masks: &batch.masks, permutation: None, config }).unwrap();
-                let s = &gpu.stream;
+                let s = gpu.stream();
                 let dix = gpu.upload_batch(&batch).unwrap();
                 let (qd, kd, vd) = (s.clone_htod(&qp).unwrap(), s.clone_htod(&kp).unwrap(), s.clone_htod(&vp).unwrap());
                 let mut out = s.clone_htod(&vec![0xffffu16; hq * tq * d]).unwrap();
@@ -611,7 +614,7 @@ fn packed_batch_matches_per_sequence_references() {
             }
         }
     }
-    gpu.limit_persistent_ctas(0);
+    gpu.set_options(GpuOptions { persistent_ctas: 0, ..gpu.options() });
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
 
@@ -647,7 +650,7 @@ fn kernels_load_from_the_database_without_nvrtc() {
     // The stored kernel computes the right thing.
     let scale = 1.0 / (d as f64).sqrt();
     let want = attention(&ix, &x.q, &x.k, &x.v, scale).unwrap();
-    let s = &second.stream;
+    let s = second.stream();
     let dix = second.upload_index(&ix).unwrap();
     let (qd, kd, vd) = (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
     let mut out = s.clone_htod(&vec![0xffffu16; hq * n * d]).unwrap();
@@ -721,7 +724,7 @@ fn a_layer_with_mixed_patterns_runs_grouped_and_matches_the_reference() {
         }
         let rt = Runtime::open(Some(dir.path())).unwrap();
         let x = inputs(hq, hkv, n, n, d, dtype, 4242 + n as u64);
-        let s = &rt.gpu.stream;
+        let s = rt.gpu.stream();
         let (qd, kd, vd) = (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
         let mut out = s.clone_htod(&vec![0xffffu16; hq * n * d]).unwrap();
         let mut lse = s.clone_htod(&vec![f32::NAN; hq * n]).unwrap();
@@ -828,7 +831,7 @@ fn a_packed_varlen_layer_matches_each_sequence_reference() {
         let kp = pack(hkv, &|x| (&x.kb, x.k.tokens));
         let vp = pack(hkv, &|x| (&x.vb, x.v.tokens));
         assert_eq!((qp.len(), kp.len()), (hq * tq * d, hkv * tk * d));
-        let s = &rt.gpu.stream;
+        let s = rt.gpu.stream();
         let (qd, kd, vd) = (s.clone_htod(&qp).unwrap(), s.clone_htod(&kp).unwrap(), s.clone_htod(&vp).unwrap());
         let mut out = s.clone_htod(&vec![0xffffu16; hq * tq * d]).unwrap();
         let mut lse = s.clone_htod(&vec![f32::NAN; hq * tq]).unwrap();
@@ -877,7 +880,7 @@ fn a_packed_varlen_layer_matches_each_sequence_reference() {
         }
     }
     // Bad batches are errors, not launches.
-    let s = &rt.gpu.stream;
+    let s = rt.gpu.stream();
     let (q, k) = (s.alloc_zeros::<u16>(hq * 10 * 64).unwrap(), s.alloc_zeros::<u16>(hkv * 10 * 64).unwrap());
     let (mut o, mut l) = (s.alloc_zeros::<u16>(hq * 10 * 64).unwrap(), s.alloc_zeros::<f32>(hq * 10).unwrap());
     for bad in [&[][..], &[(0usize, 5usize), (10, 5)][..], &[(5, 5), (6, 5)][..]] {
@@ -921,7 +924,7 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
                     let opts = IndexOptions { scale: Some(scale), ..Default::default() };
                     let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
                     let plan = ColumnPlan::new(&p.expr, hq, nq, nk, &opts).unwrap();
-                    let s = &gpu.stream;
+                    let s = gpu.stream();
                     let (qd, kd, vd) =
                         (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
                     let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
@@ -1077,7 +1080,7 @@ fn vertical_vector_groups_with_many_near_equal_keys_are_ranked_exactly_on_the_gp
                     }
                 }
             }
-            let s = &gpu.stream;
+            let s = gpu.stream();
             let (qd, kd) = (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap());
             let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
             let scale = 1.0 / (d as f64).sqrt();
@@ -1123,7 +1126,7 @@ fn a_layer_whose_pattern_the_gpu_cannot_build_falls_back_to_the_host() {
     let p = Pattern::new("causal_vv", causal() & vertical_vector().q_block(64).keep(top_k(100)).sink(16).local(64));
     let (hq, hkv, nq, nk, d) = (4usize, 2usize, 900usize, 5000usize, 128usize);
     let x = inputs(hq, hkv, nq, nk, d, DType::F16, 4242);
-    let s = &rt.gpu.stream;
+    let s = rt.gpu.stream();
     let (qd, kd, vd) = (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
     let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
     let scale = 1.0 / (d as f64).sqrt();
@@ -1157,7 +1160,7 @@ fn layer_on_gpu_built_index(rt: &weft_runtime::Runtime, p: &Pattern) {
     use weft_runtime::LayerPlan;
     let (hq, hkv, nq, nk, d) = (4usize, 2usize, 900usize, 5000usize, 128usize);
     let x = inputs(hq, hkv, nq, nk, d, DType::Bf16, 777);
-    let s = &rt.gpu.stream;
+    let s = rt.gpu.stream();
     let (qd, kd, vd) = (s.clone_htod(&x.qb).unwrap(), s.clone_htod(&x.kb).unwrap(), s.clone_htod(&x.vb).unwrap());
     let shape = AttnShape { hq, hkv, nq, nk, head_dim: d };
     let plan = LayerPlan::uniform(p.clone(), hq);
@@ -1359,11 +1362,14 @@ fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
                         // The selection without its shared-memory cache of keys on one tie mode
                         // (rows of more than 1536 key blocks take that path).
                         let cached = ties != "pairs";
-                        gpu.limit_block_top_cache(if cached { usize::MAX } else { 0 });
+                        gpu.set_options(GpuOptions {
+                            block_top_cache: if cached { usize::MAX } else { 0 },
+                            ..gpu.options()
+                        });
                         let r = check_device_built(&gpu, p, &x, shape, &plan.masks, &want_ix, scale, |q, k| {
                             gpu.build_block_index(&plan, shape, DType::Bf16, q, k).unwrap()
                         });
-                        gpu.limit_block_top_cache(usize::MAX);
+                        gpu.set_options(GpuOptions { block_top_cache: usize::MAX, ..gpu.options() });
                         let DeviceBuilt { ok, rel, nan, lse_err, .. } = r;
                         let line = format!(
                         "block index {:<24} n={n:<2} nq={nq:<4} nk={nk:<4} hq={hq} hkv={hkv} d={d:<3} ties={ties:<5} cached={cached:<5} blocks={} same_index={} rel_err={rel:.2e} lse_err={lse_err:.2e} unwritten={nan}",
@@ -1393,7 +1399,7 @@ fn wgmma_probe_matches_exact_products() {
         return;
     }
     let keys = weft_codegen::WGMMA_PROBE_KEYS as usize;
-    let s = &gpu.stream;
+    let s = gpu.stream();
     let mut failures = Vec::new();
     for (d, seed) in [(64usize, 11u64), (128, 12)] {
         let kernel = weft_codegen::emit_wgmma_probe(d as u32).unwrap();

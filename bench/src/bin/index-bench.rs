@@ -19,14 +19,14 @@
 
 use anyhow::Result;
 use clap::Parser;
-use cudarc::driver::sys::CUevent_flags;
 use rayon::prelude::*;
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::builder::*;
 use weft_dsl::Pattern;
 use weft_patterns::device_plan::{BlockPlan, ColumnPlan, SlashPlan};
 use weft_patterns::IndexOptions;
-use weft_runtime::{AttnShape, DeviceIndex, Gpu, IndexBuild, IndexBuildReport};
+use weft_runtime::timing::time_calls;
+use weft_runtime::{AttnShape, DeviceIndex, Gpu, GpuOptions, IndexBuild, IndexBuildReport};
 
 #[derive(Parser)]
 #[command(about = "Time vertical-vector index building on the GPU plus the attention over it")]
@@ -88,22 +88,11 @@ fn time_attention(
     reps: usize,
     mut launch: impl FnMut() -> Result<(), weft_runtime::Error>,
 ) -> Result<Vec<f64>> {
-    let mut times = Vec::new();
-    for i in 0..reps + 3 {
-        let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        launch()?;
-        let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        end.synchronize()?;
-        if i >= 3 {
-            times.push(f64::from(start.elapsed_ms(&end)?));
-        }
-    }
-    Ok(times)
+    Ok(time_calls(stream, 3, reps, |_| launch(), |_| false)?)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    weft_runtime::timing::median(&v).unwrap_or(f64::NAN)
 }
 
 /// The device buffers of one sequence length.
@@ -192,19 +181,25 @@ fn measure(
     let kernel = emit(&KernelSpec { pattern, masks, permutation: None, config })?;
     let attn = {
         let Inputs { q, k, v, out, lse, shape, scale } = &mut *x;
-        time_attention(&gpu.stream, reps, || {
+        time_attention(gpu.stream(), reps, || {
             gpu.attention(&kernel, &config, &dix, *shape, q, k, v, out, lse, *scale as f32)
         })?
     };
     // (Without per-kernel events: what a layer call queues.)
-    gpu.time_index_kernels(false);
-    let mut stream_builds = Vec::new();
-    for _ in 0..reps {
-        let start = gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        let (ix, b) = build(x)?;
-        let end = gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    gpu.set_options(GpuOptions { time_index_kernels: false, ..gpu.options() });
+    let mut built = Vec::new();
+    let stream_builds = time_calls(
+        gpu.stream(),
+        0,
+        reps,
+        |_| -> Result<()> {
+            built.push(build(x)?);
+            Ok(())
+        },
+        |_| false,
+    )?;
+    for (ix, b) in built {
         b.finish(&ix)?;
-        stream_builds.push(f64::from(start.elapsed_ms(&end)?));
     }
     let mut pipelined = Vec::new();
     for _ in 0..reps {
@@ -212,10 +207,10 @@ fn measure(
         let (ix, _) = build(x)?;
         let Inputs { q, k, v, out, lse, shape, scale } = &mut *x;
         gpu.attention(&kernel, &config, &ix, *shape, q, k, v, out, lse, *scale as f32)?;
-        gpu.stream.synchronize()?;
+        gpu.stream().synchronize()?;
         pipelined.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    gpu.time_index_kernels(true);
+    gpu.set_options(GpuOptions { time_index_kernels: true, ..gpu.options() });
     let (shape, n) = (x.shape, x.shape.nq as f64);
     let density = dix.to_host(gpu)?.pairs() as f64 / (shape.hq as f64 * n * n);
     Ok(Measured {
@@ -236,8 +231,8 @@ fn main() -> Result<()> {
     let args = Args::parse();
     anyhow::ensure!(matches!(args.vv_block_n, 64 | 128), "--vv-block-n must be 64 or 128, got {}", args.vv_block_n);
     let gpu = Gpu::open(0)?;
-    gpu.time_index_kernels(true);
-    let s = gpu.stream.clone();
+    gpu.set_options(GpuOptions { time_index_kernels: true, ..gpu.options() });
+    let s = gpu.stream().clone();
     let h = args.heads;
     eprintln!("GPU: {} ({} SMs)", gpu.name, gpu.sm_count);
     for &n in &args.seq {

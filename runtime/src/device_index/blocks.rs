@@ -58,11 +58,15 @@ impl Gpu {
         let (allowed, entries) = (&copy.0, &copy.1);
         // Safety (the unsafe allocations here): pool writes every pooled element (and its
         // unused halves), block_select every word of each group's choice.
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut pooled_q = unsafe { s.alloc::<f32>(hq * groups * d) }.map_err(driver(alloc))?;
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut pooled_k = unsafe { s.alloc::<f32>(hkv * kblocks * d) }.map_err(driver(alloc))?;
         // The pool kernel also writes bf16 halves and norms, unused here.
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut scratch16 =
             unsafe { s.alloc::<u16>(2 * (hq * groups).max(hkv * kblocks) * d) }.map_err(driver(alloc))?;
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut scratch_l1 = unsafe { s.alloc::<f32>((hq * groups).max(hkv * kblocks)) }.map_err(driver(alloc))?;
         let (nq_i, nk_i, hq_i) = (nq as i32, nk as i32, hq as i32);
         let (groups_i, kblocks_i, bq_i, bk_i) =
@@ -88,10 +92,12 @@ impl Gpu {
                 pq_l1: a.w(&mut scratch_l1),
             };
             let grid = ((count as usize).div_ceil(pool_groups_per_cta(d as u32)) as u32, heads as u32, 1);
+            // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
             unsafe { m.launch(s, &entry::POOL, grid, 0, params, a) }?;
         }
         timer.mark("pool", t0)?;
         // (Allocated once the pool is queued: the GPU starts while the host allocates.)
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut chosen = unsafe { s.alloc::<u32>(hq * groups * words) }.map_err(driver(alloc))?;
         let mut row_count = s.alloc_zeros::<u32>(rows.max(1)).map_err(driver(alloc))?;
         let mut block_ptr = s.alloc_zeros::<u32>(rows + 1).map_err(driver(alloc))?;
@@ -106,7 +112,7 @@ impl Gpu {
         // block_top keeps each warp's row of keys (8 bytes each) and the list of those still in
         // the running (2 bytes) in shared memory when 8 rows fit in 120 KiB (up to 1536 key
         // blocks: 98304 tokens in 64-token blocks); else it rereads the scores on every pass.
-        let cache_limit = self.block_top_cache.load(std::sync::atomic::Ordering::Relaxed).min(TOP_CACHE_MAX_BLOCKS);
+        let cache_limit = self.options().block_top_cache.min(TOP_CACHE_MAX_BLOCKS);
         let top_cache = if words * 32 <= cache_limit { words * 32 } else { 0 };
         let (top_cache_i, top_smem) = (top_cache as i32, (8 * top_cache * 10) as u32);
         for h0 in (0..hq).step_by(chunk) {
@@ -127,6 +133,7 @@ impl Gpu {
                 scores: a.w(&mut scores),
             };
             let grid = (groups.div_ceil(BLOCK_SCORE_TILE) as u32, kblocks.div_ceil(BLOCK_SCORE_TILE) as u32, hc as u32);
+            // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
             unsafe { m.launch(s, &entry::BLOCK_SCORES, grid, 0, params, a) }?;
             timer.mark("score", t0)?;
             let t0 = timer.start()?;
@@ -150,6 +157,7 @@ impl Gpu {
                     cache_width: top_cache_i,
                 };
                 let grid = (groups.div_ceil(BLOCK_TOP_GROUPS) as u32, hc as u32, 1);
+                // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
                 unsafe { m.launch(s, &entry::BLOCK_TOP, grid, top_smem, params, a) }?;
             } else {
                 let params = BlockSelectParams {
@@ -164,6 +172,7 @@ impl Gpu {
                     chosen: a.w(&mut chosen_view),
                 };
                 let grid = (groups as u32, hc as u32, 1);
+                // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
                 unsafe { m.launch(s, &entry::BLOCK_SELECT, grid, select_smem as u32, params, a) }?;
             }
             timer.mark("select", t0)?;

@@ -164,12 +164,18 @@ impl Gpu {
         // key's maximum, select each group's chosen keys up to the count the column pass reads,
         // and the emission each list entry below its count before select reads it; buffers
         // that atomics or partial writes fill are cleared.
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut pooled = unsafe { s.alloc::<f32>(hq * groups * d) }.map_err(driver(alloc))?;
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut pq_hi = unsafe { s.alloc::<u16>(hq * groups * d) }.map_err(driver(alloc))?;
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut pq_lo = unsafe { s.alloc::<u16>(hq * groups * d) }.map_err(driver(alloc))?;
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut pq_l1 = unsafe { s.alloc::<f32>(hq * groups) }.map_err(driver(alloc))?;
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut kinf = unsafe { s.alloc::<f32>(hkv * nk) }.map_err(driver(alloc))?;
         let mut kmax = s.alloc_zeros::<u32>(hkv).map_err(driver(alloc))?;
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut chosen = unsafe { s.alloc::<u32>(hq * groups * chosen_len) }.map_err(driver(alloc))?;
         let mut chosen_count = s.alloc_zeros::<i32>(hq * groups).map_err(driver(alloc))?;
         // [largest exact-ranking code, groups on the slow path, groups ranked exactly]
@@ -184,8 +190,10 @@ impl Gpu {
         // Safety: vv_exact writes every pair's exact score, and the budget pass each
         // candidate's weight, before they are read.
         let mut exact = unsafe { s.alloc::<f64>(pairs) }.map_err(driver(alloc))?;
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut weights = unsafe { s.alloc::<u32>(pairs) }.map_err(driver(alloc))?;
         let mut best = s.alloc_zeros::<u64>(if top_p { chunk * groups } else { 1 }).map_err(driver(alloc))?;
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut keep_count =
             unsafe { s.alloc::<u32>(if top_k.is_none() { hq * groups } else { 1 }) }.map_err(driver(alloc))?;
         // (mode, argument) of the budget pass: threshold(t) takes ln t, top_p(p) takes p.
@@ -196,7 +204,9 @@ impl Gpu {
         };
         let lists = if list_mode { hq * groups } else { 1 };
         let mut thresh = s.alloc_zeros::<f32>(2 * lists).map_err(driver(alloc))?;
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut list_key = unsafe { s.alloc::<u32>(lists * list_cap) }.map_err(driver(alloc))?;
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut list_val = unsafe { s.alloc::<f32>(lists * list_cap) }.map_err(driver(alloc))?;
         let mut list_count = s.alloc_zeros::<u32>(lists).map_err(driver(alloc))?;
         let mut list_high = s.alloc_zeros::<u32>(lists).map_err(driver(alloc))?;
@@ -221,12 +231,14 @@ impl Gpu {
             pq_l1: a.w(&mut pq_l1),
         };
         let pool_grid = (groups.div_ceil(pool_groups_per_cta(d as u32)) as u32, hq as u32, 1);
+        // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
         unsafe { m.launch(s, &entry::POOL, pool_grid, 0, params, a) }?;
         timer.mark("pool", t0)?;
         let t0 = timer.start()?;
         let mut a = Args::new(s);
         let params = KstatsParams { k: a.r(k), nk: nk_i, kinf: a.w(&mut kinf), kmax_bits: a.w(&mut kmax) };
         let grid = (nk.div_ceil(KSTATS_KEYS) as u32, hkv as u32, 1);
+        // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
         unsafe { m.launch(s, &entry::KSTATS, grid, 0, params, a) }?;
         timer.mark("kstats", t0)?;
         let score_smem = vv_score_shared_bytes(d as u32);
@@ -263,6 +275,7 @@ impl Gpu {
                         list_cap: list_cap_i,
                     };
                     let grid = (groups.div_ceil(SCORE_ROWS) as u32, cols.div_ceil(SCORE_COLS) as u32, hc as u32);
+                    // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
                     unsafe { m.launch(s, &entry::SCORE, grid, score_smem, params, a) }?;
                 }};
             }
@@ -287,6 +300,7 @@ impl Gpu {
                     top_k: top_k_i,
                     thresh: a.w(&mut thresh),
                 };
+                // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
                 unsafe { m.launch(s, &entry::THRESHOLD, (groups as u32, hc as u32, 1), 0, params, a) }?;
                 timer.mark("threshold", t0)?;
                 let t0 = timer.start()?;
@@ -316,6 +330,7 @@ impl Gpu {
                     best: a.w(&mut best),
                 };
                 let grid = (nk.div_ceil(VS_LOGITS_KEYS) as u32, groups.div_ceil(VS_LOGITS_ROWS) as u32, hc as u32);
+                // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
                 unsafe { m.launch(s, &entry::VV_EXACT, grid, 0, params, a) }?;
                 timer.mark("exact", t0)?;
             }
@@ -345,6 +360,7 @@ impl Gpu {
                     weights: a.w(&mut weights),
                     keep_out: a.w(&mut keep_count),
                 };
+                // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
                 unsafe { m.launch(s, &entry::BUDGET, (groups as u32, hc as u32, 1), 0, params, a) }?;
                 timer.mark("budget", t0)?;
             }
@@ -381,6 +397,7 @@ impl Gpu {
                 chosen_count: a.w(&mut chosen_count),
                 status: a.w(&mut status),
             };
+            // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
             unsafe { m.launch(s, &entry::SELECT, (groups as u32, hc as u32, 1), select_smem as u32, params, a) }?;
             timer.mark("select", t0)?;
         }
@@ -428,6 +445,7 @@ impl Gpu {
                 col_mask: a.w(col_mask),
             };
             let grid = (rows.div_ceil(ROWS_PER_CTA).max(1) as u32, 1, 1);
+            // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
             unsafe { m.launch(s, &entry::COLUMNS, grid, 0, params, a) }
         };
         let mut none_idx = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;

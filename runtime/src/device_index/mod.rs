@@ -19,7 +19,7 @@
 //! length) past about 85k tokens at 10% kept.
 //!
 //! Kernel timings ([`IndexBuildReport::kernel_ms`]) need CUDA events around the launches, which
-//! cost host time on every build; they are recorded only after [`Gpu::time_index_kernels`].
+//! cost host time on every build; they are recorded only after [`GpuOptions::time_index_kernels`](crate::GpuOptions::time_index_kernels).
 
 mod blocks;
 mod columns;
@@ -85,7 +85,7 @@ pub struct IndexBuildReport {
     /// read); `blocks` and `columns` never exceed them.
     pub capacity: (usize, usize),
     /// GPU milliseconds per kernel (CUDA events; chunks summed), in launch order; empty unless
-    /// [`Gpu::time_index_kernels`] was set before the build, and for block builds (not timed
+    /// [`GpuOptions::time_index_kernels`](crate::GpuOptions::time_index_kernels) was set before the build, and for block builds (not timed
     /// per kernel).
     pub kernel_ms: Vec<(&'static str, f64)>,
 }
@@ -229,7 +229,7 @@ fn scan(
 }
 
 /// CUDA events around an index builder's launches, for [`IndexBuildReport::kernel_ms`].
-/// Records nothing unless `on` (see [`Gpu::time_index_kernels`]).
+/// Records nothing unless `on` (see [`GpuOptions::time_index_kernels`](crate::GpuOptions::time_index_kernels)).
 struct KernelTimer {
     stream: Arc<CudaStream>,
     on: bool,
@@ -239,7 +239,7 @@ struct KernelTimer {
 
 impl KernelTimer {
     fn new(gpu: &Gpu) -> Self {
-        let on = gpu.index_timing.load(std::sync::atomic::Ordering::Relaxed);
+        let on = gpu.options().time_index_kernels;
         KernelTimer { stream: gpu.stream.clone(), on, marks: Vec::new() }
     }
 
@@ -568,6 +568,7 @@ impl Gpu {
         let what = "copying a group's heads for its index build";
         // Safety: the copies below write every element before the build reads any.
         let mut qs = unsafe { s.alloc::<u16>(n * nq * d) }.map_err(driver(what))?;
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let mut ks = unsafe { s.alloc::<u16>(n * nk * d) }.map_err(driver(what))?;
         for (i, &h) in heads.iter().enumerate() {
             let kv = h / gqa;

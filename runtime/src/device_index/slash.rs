@@ -78,6 +78,7 @@ impl Gpu {
         // partial sums per chunk, masses per head, lists up to their counts, tiles, counts and
         // pointers per row), so they need no clearing.
         let fresh = |n: usize| unsafe { s.alloc::<f64>(n.max(1)) }.map_err(driver(alloc));
+        // Safety: uninitialised; the kernels write it before reading it (see the allocations' comment).
         let fresh32 = |n: usize| unsafe { s.alloc::<u32>(n.max(1)) }.map_err(driver(alloc));
         // The estimate's buffers (none for a grid with a given phase; no diagonal masses for
         // any grid).
@@ -124,6 +125,7 @@ impl Gpu {
                 rowmax: a.w(&mut rowmax),
             };
             let grid = (nk.div_ceil(VS_LOGITS_KEYS) as u32, last.div_ceil(VS_LOGITS_ROWS) as u32, hc as u32);
+            // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
             unsafe { m.launch(s, &entry::VS_LOGITS, grid, 0, params, a) }?;
             timer.mark("logits", t0)?;
             let t0 = timer.start()?;
@@ -136,11 +138,13 @@ impl Gpu {
                 partial: a.w(&mut partial),
             };
             let grid = (nk.div_ceil(VS_EXP_KEYS) as u32, last as u32, hc as u32);
+            // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
             unsafe { m.launch(s, &entry::VS_EXP, grid, 0, params, a) }?;
             timer.mark("exp", t0)?;
             let t0 = timer.start()?;
             let mut a = Args::new(s);
             let params = VsInvParams { partial: a.r(&partial), nk: nk_i, last: last_i, inv: a.w(&mut inv) };
+            // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
             unsafe { m.launch(s, &entry::VS_INV, (hc as u32, 1, 1), 0, params, a) }?;
             let mut a = Args::new(s);
             let params = VsMassParams {
@@ -155,6 +159,7 @@ impl Gpu {
                 slash: a.w(&mut slash),
             };
             let grid = (if slashes > 0 { nq + nk } else { nk }.div_ceil(VS_MASS_KEYS) as u32, hc as u32, 1);
+            // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
             unsafe { m.launch(s, &entry::VS_MASS, grid, vs_mass_shared_bytes(last) as u32, params, a) }?;
             timer.mark("mass", t0)?;
         }
@@ -174,6 +179,7 @@ impl Gpu {
                     slist: a.w(&mut slist),
                     counts: a.w(&mut counts),
                 };
+                // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
                 unsafe { m.launch(s, &entry::VS_SELECT, (hq as u32, 2, 1), 0, params, a) }?;
             }
             Verticals::Grid { stride, phase, cols } => {
@@ -192,6 +198,7 @@ impl Gpu {
                     counts: a.w(&mut counts),
                     phases: a.w(&mut phases),
                 };
+                // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
                 unsafe { m.launch(s, &entry::GRID_SELECT, (hq as u32, 1, 1), 0, params, a) }?;
             }
         }
@@ -208,6 +215,7 @@ impl Gpu {
             kblocks: kblocks_i,
             tiles: a.w(&mut tiles),
         };
+        // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
         unsafe { m.launch(s, &entry::VS_TILES, (groups as u32, hq as u32, 1), 0, params, a) }?;
         timer.mark("select", t0)?;
 
@@ -264,6 +272,7 @@ impl Gpu {
                 col_idx: a.w(cols.0),
                 col_mask: a.w(cols.1),
             };
+            // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
             unsafe { m.launch(s, &entry::COLUMNS, row_grid, 0, params, a) }
         };
         let t0 = timer.start()?;
