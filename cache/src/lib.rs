@@ -154,6 +154,9 @@ pub struct KernelKey {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KernelRecord {
     pub name: String,
+    /// Stored as base64 text (records written as a JSON array of numbers, 3-4x larger, still
+    /// read).
+    #[serde(with = "cubin_text")]
     pub cubin: Vec<u8>,
     pub ptx: String,
     pub options: Vec<String>,
@@ -162,6 +165,30 @@ pub struct KernelRecord {
     pub head_dim: u32,
     /// Seconds since the Unix epoch.
     pub created: u64,
+}
+
+/// A CUBIN in a JSON record: base64 text; an array of numbers (older records) is read too.
+mod cubin_text {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Stored {
+            Text(String),
+            Numbers(Vec<u8>),
+        }
+        match Stored::deserialize(d)? {
+            Stored::Text(t) => STANDARD.decode(t).map_err(serde::de::Error::custom),
+            Stored::Numbers(v) => Ok(v),
+        }
+    }
 }
 
 /// Key of a tuning record.

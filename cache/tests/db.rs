@@ -308,3 +308,18 @@ fn damaged_data_never_hangs_and_its_errors_say_how_to_reset() {
     }
     println!("damaged database: {outcome:?}");
 }
+
+#[test]
+fn cubins_are_stored_as_base64_text_and_older_number_arrays_still_read() {
+    let r = kernel_record();
+    let json = serde_json::to_string(&r).unwrap();
+    // 256 bytes: 344 characters of base64, not the ~900 of a number array.
+    assert!(json.contains("\"cubin\":\"AAECAwQF"), "{json}");
+    assert!(json.len() < 600, "{} bytes", json.len());
+    assert_eq!(serde_json::from_str::<KernelRecord>(&json).unwrap(), r);
+    let older = serde_json::json!({
+        "name": r.name, "cubin": r.cubin, "ptx": r.ptx, "options": r.options, "threads": r.threads,
+        "shared_bytes": r.shared_bytes, "head_dim": r.head_dim, "created": r.created,
+    });
+    assert_eq!(serde_json::from_value::<KernelRecord>(older).unwrap(), r);
+}

@@ -20,6 +20,7 @@ use crate::interval::{decide, Region};
 use crate::repro;
 use crate::retrieval;
 use crate::select::{select, select_mass};
+pub use crate::selection::{BlockSel, ColSel};
 use crate::tensor::{dot, Tensor};
 use crate::Error;
 
@@ -71,42 +72,6 @@ fn pooled(t: &Tensor, head: usize, t0: usize, t1: usize) -> Vec<f32> {
     }
     let n = (t1 - t0).max(1) as f64;
     acc.into_iter().map(|a| (a / n) as f32).collect()
-}
-
-/// Blocks kept at `bq x bk` granularity.
-#[derive(Clone, Debug, PartialEq)]
-pub struct BlockSel {
-    pub bq: usize,
-    pub bk: usize,
-    pub nkb: usize,
-    /// `keep[qb * nkb + kb]`.
-    pub keep: Vec<bool>,
-}
-
-impl BlockSel {
-    /// Whether block `(qb, kb)` is kept.
-    pub fn selected(&self, qb: usize, kb: usize) -> bool {
-        kb < self.nkb && self.keep.get(qb * self.nkb + kb).copied().unwrap_or(false)
-    }
-}
-
-/// Key columns kept per group of `bq` query rows.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ColSel {
-    pub bq: usize,
-    /// Sorted columns of each query group.
-    pub cols: Vec<Vec<u32>>,
-}
-
-impl ColSel {
-    /// The columns of the group holding query row `q`.
-    pub fn columns_for_row(&self, q: usize) -> &[u32] {
-        self.cols.get(q / self.bq).map(Vec::as_slice).unwrap_or(&[])
-    }
-    /// Whether column `c` is kept for query row `q`.
-    pub fn selected(&self, q: usize, c: usize) -> bool {
-        self.columns_for_row(q).binary_search(&(c as u32)).is_ok()
-    }
 }
 
 /// A grid's row lines with an estimated phase: query rows `q % stride == phase` attend to
@@ -258,7 +223,9 @@ pub fn resolve(expr: &PatternExpr, inp: &HeadInputs<'_>, ctx: &Pred) -> Result<N
             Node::Union(vec![Node::Columns(cols), Node::Blocks(blocks)])
         }
         PatternExpr::Grid(g) => grid(g, inp, ctx),
-        PatternExpr::Retrieval(r) => Node::Columns(retrieval::select_head(r, inp, ctx)),
+        PatternExpr::Retrieval(r) => {
+            Node::Columns(retrieval::select_head(r, (inp.q, inp.k), (inp.h, inp.kv), inp.scale, inp.wanted, ctx))
+        }
         PatternExpr::Permuted { .. } | PatternExpr::Ring { .. } => {
             return Err(Error::Layout(
                 "permuted(...) and ring(...) must be outermost; the index builder strips them first".into(),

@@ -56,7 +56,10 @@
 //!   last 64 queries;
 //! - `retrieval`: see [`retrieval`];
 //! - inside an intersection, dynamic families choose among the candidates its static operands
-//!   allow (e.g. only past blocks under `causal`).
+//!   allow (e.g. only past blocks under `causal`). The exception is `retrieval`: a decode-time
+//!   operator whose units (pages, clusters) are scored whole over the causally visible keys, as
+//!   a serving cache keeps them; the intersection's static operands then mask the kept keys
+//!   (so an intersection can only remove keys from its budget, never replace them).
 //!
 //! Budgets rank candidates by score, ties to the lower index ([`select::select`]); masses
 //! (vertical-slash) rank as weights ([`select::select_mass`]). The estimates' softmax uses
@@ -73,6 +76,7 @@ pub mod repro;
 pub mod retrieval;
 pub mod ring;
 pub mod select;
+pub mod selection;
 pub mod synthetic;
 pub mod tensor;
 

@@ -15,8 +15,8 @@
 
 use weft_dsl::{Budget, Pred, Retrieval, Score, Unit};
 
-use crate::families::{ColSel, HeadInputs};
 use crate::select::select;
+use crate::selection::ColSel;
 use crate::tensor::{dot, Tensor};
 
 /// Lloyd iterations of the deterministic k-means behind `cluster(n)` units.
@@ -192,17 +192,27 @@ pub fn kept_for_row(
     keep.iter().enumerate().filter(|(_, k)| **k).map(|(t, _)| t as u32).collect()
 }
 
-/// The retrieval selection of one head: one column list per query row.
-pub(crate) fn select_head(r: &Retrieval, inp: &HeadInputs<'_>, _ctx: &Pred) -> ColSel {
-    let (nq, nk) = (inp.q.tokens, inp.k.tokens);
-    let (units, cents) = units(r, inp.k, inp.kv);
+/// The retrieval selection of one head: one column list per query row. Units are chosen over
+/// the causally visible keys whatever the intersection context `_ctx` (the documented exception
+/// to the rule in the crate doc: units are scored whole, as a cache keeps them); the context's
+/// predicates mask the kept keys afterwards.
+pub(crate) fn select_head(
+    r: &Retrieval,
+    (q, k): (&Tensor, &Tensor),
+    (h, kv): (usize, usize),
+    scale: f64,
+    wanted: Option<&[bool]>,
+    _ctx: &Pred,
+) -> ColSel {
+    let (nq, nk) = (q.tokens, k.tokens);
+    let (units, cents) = units(r, k, kv);
     let cols = (0..nq)
-        .map(|q| {
-            if !inp.wanted.is_none_or(|w| w[q]) {
+        .map(|row| {
+            if !wanted.is_none_or(|w| w[row]) {
                 return Vec::new();
             }
-            let visible = crate::metrics::Universe::Causal.keys(q, nq, nk);
-            kept_for_row(r, inp.q.row(inp.h, q), inp.k, inp.kv, &units, &cents, visible, inp.scale)
+            let visible = crate::metrics::Universe::Causal.keys(row, nq, nk);
+            kept_for_row(r, q.row(h, row), k, kv, &units, &cents, visible, scale)
         })
         .collect();
     ColSel { bq: 1, cols }

@@ -827,8 +827,9 @@ impl Runtime {
         Ok(Runtime { gpu, layer: Default::default(), gpu_index: true.into() })
     }
 
-    /// Whether [`Runtime::attention_layer`] builds vertical-vector indexes on the GPU (the
-    /// default) or always on the host (for comparison, or to rule the GPU builder out).
+    /// Whether [`Runtime::attention_layer`] builds dynamic indexes on the GPU where a builder
+    /// takes the pattern (vertical vectors, blocks, vertical-slash, grids: the default) or
+    /// always on the host (for comparison, or to rule the GPU builders out).
     pub fn set_gpu_index(&self, on: bool) {
         self.gpu_index.store(on, std::sync::atomic::Ordering::Relaxed);
     }

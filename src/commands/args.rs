@@ -115,7 +115,7 @@ pub(crate) enum CacheAction {
     Show { key: String },
     /// Write every entry as JSON (to FILE, or to standard output).
     Export {
-        /// JSON is the export format (the only one).
+        /// JSON, the export format (the only one; the flag is accepted, and is the default).
         #[arg(long)]
         json: bool,
         #[arg(value_name = "FILE")]

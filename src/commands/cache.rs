@@ -57,10 +57,8 @@ pub(crate) fn cache(db: Option<PathBuf>, action: CacheAction) -> Result<()> {
             }
             println!("{}", serde_json::to_string_pretty(&found)?);
         }
-        CacheAction::Export { json, out } => {
-            if !json {
-                bail!("give --json: JSON is the export format");
-            }
+        // JSON is the only export format: `--json` is accepted and changes nothing.
+        CacheAction::Export { json: _, out } => {
             let text = serde_json::to_string_pretty(&db.entries()?)?;
             match out {
                 Some(f) => {
@@ -73,7 +71,7 @@ pub(crate) fn cache(db: Option<PathBuf>, action: CacheAction) -> Result<()> {
         CacheAction::Import { file } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let entries: Vec<Entry> = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a `weft cache export --json` file", file.display()))?;
+                .with_context(|| format!("{} is not a `weft cache export` file", file.display()))?;
             let report = db.import(&entries)?;
             println!(
                 "imported {} entries into {}, rejected {}",
