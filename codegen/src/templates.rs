@@ -13,8 +13,15 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 
 /// The template files by name (the names their `#include`s use).
-const FILES: [(&str, &str); 14] = [
+const FILES: [(&str, &str); 21] = [
     ("attention.cu", include_str!("templates/attention.cu")),
+    ("attention_shape.cuh", include_str!("templates/attention_shape.cuh")),
+    ("attention_tiles.cuh", include_str!("templates/attention_tiles.cuh")),
+    ("attention_pipeline.cuh", include_str!("templates/attention_pipeline.cuh")),
+    ("attention_wgmma.cuh", include_str!("templates/attention_wgmma.cuh")),
+    ("attention_mask.cuh", include_str!("templates/attention_mask.cuh")),
+    ("attention_softmax.cuh", include_str!("templates/attention_softmax.cuh")),
+    ("attention_epilogue.cuh", include_str!("templates/attention_epilogue.cuh")),
     ("decode.cu", include_str!("templates/decode.cu")),
     ("merge.cu", include_str!("templates/merge.cu")),
     ("hopper.cu", include_str!("templates/hopper.cu")),

@@ -8,6 +8,14 @@
 // instead: one warpgroup per 64 rows (16 rows per warp, as mma.sync with MT = 1, so the
 // accumulators have the same layout and the masks and softmax below serve both), Q, K and V
 // in 128-byte swizzled panels read through descriptors, P from registers.
+//
+// This file holds the schedules: which rows a CTA computes (one, or a persistent sequence),
+// who copies the tiles (every thread with a cp.async pipeline, or a producer warpgroup), and
+// the consumers' main loop. The pieces they share are apart: attention_shape.cuh (the
+// derived constants), attention_tiles.cuh (where a tile's keys come from, the swizzle),
+// attention_wgmma.cuh (the two products as warpgroup MMAs), attention_mask.cuh,
+// attention_softmax.cuh, attention_epilogue.cuh, attention_pipeline.cuh (the producer's
+// stage bookkeeping).
 
 #include "config.cuh"   // generated per kernel: its config, entry points and names
 #include "prelude.cuh"
@@ -27,86 +35,16 @@
 #if WEFT_WGMMA
 #include "wgmma.cuh"
 #endif
-// BM, BN, D, STAGES, GATHERS and MT come from the config (KernelConfig).
-constexpr int WARPS = BM / (16 * MT);
-constexpr bool Q_IN_REGS = MT == 1; // with one m-tile, Q's fragments stay in registers
-constexpr int THREADS = (WARPS + (WEFT_PRODUCER ? 4 : 0)) * 32;
-static_assert(THREADS == KERNEL_THREADS, "the block size the host launches (KernelConfig::threads)");
-constexpr int LOADERS = WEFT_PRODUCER ? 128 : THREADS;  // the threads that copy tiles
-#if WEFT_PRODUCER
-constexpr int CONSUMER_WARPS = WARPS;  // the warps that compute (all but the producer's)
-// KernelConfig::validate takes the producer schedule at 128 rows only: two consumers. With
-// them (384 threads, 168 registers each at entry), the producer gives registers to the
-// consumers: 56 x 128 + 224 x 256 = 64512 of the 65536 (FlashAttention-3 gives a cp.async
-// producer 40; a gather here holds up to 16 positions).
-static_assert(WARPS == 8, "the producer schedule: two computing warpgroups");
-constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
-#endif
-constexpr int Q_BUFFERS = WEFT_PERSISTENT ? 2 : 1;
-constexpr int LDS = D + 8;          // padded shared row (elements): ldmatrix stays conflict-free
-constexpr int NT = BN / 8;          // 8-key column tiles of S per warp
-constexpr int DT = D / 8;           // 8-wide column tiles of O per warp
-constexpr int KQ = D / 16;          // k-steps of Q K^T
-constexpr int CHUNKS = D / 8;       // 16-byte chunks per row
-#if WEFT_WGMMA
-// Elements per shared row: unpadded, in swizzled panels (ldmatrix's padding is not needed).
-#define ROW D
-#define ROWS_BYTES(n) ((n) * 128)
-constexpr bool PINGPONG = WEFT_PRODUCER;  // the consumers take turns issuing MMAs (see the main loop)
-static_assert(MT == 1 && BM % 64 == 0 && (BN == 64 || BN == 128) && D <= 128, "wgmma: 64-row warpgroups");
+#include "attention_shape.cuh"
+#include "attention_tiles.cuh"
+#include "attention_pipeline.cuh"
+#include "attention_wgmma.cuh"
+#include "attention_mask.cuh"
+#include "attention_softmax.cuh"
+#include "attention_epilogue.cuh"
 
-// Byte offset of the 16 bytes at columns col..col+7 of row r in a tile of ROWS rows: 64-column
-// panels of ROWS x 128 bytes in the 128-byte swizzle.
-template <int ROWS>
-__device__ __forceinline__ u32 tile_chunk(int r, int col) {
-    return (u32)((col / 64) * ROWS * 128) + swizzle128(r, col % 64);
-}
-#else
-#define ROW LDS
-#define ROWS_BYTES(n) (2 * (n) * LDS)
-#endif
 
-// The A fragment of P for keys 16 kk .. 16 kk + 15 of a 16-row m-tile, from its exponentiated
-// S accumulators (mma.sync's and wgmma's register layouts agree): bf16 pairs, in place.
-__device__ __forceinline__ void p_fragment(const float (&s)[NT][4], int kk, u32 (&a)[4]) {
-    a[0] = pack(s[2 * kk][0], s[2 * kk][1]);
-    a[1] = pack(s[2 * kk][2], s[2 * kk][3]);
-    a[2] = pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    a[3] = pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-}
 
-// Where tile `t`'s keys come from: a key block (keys base + r) or a chunk of the column list.
-struct TileSource {
-    bool is_block;
-    int base;    // first key position of a block, or first column of the chunk
-    int count;   // keys in the tile
-    u16 mask;    // the block's mask id (columns carry their own)
-};
-
-__device__ __forceinline__ TileSource tile_source(int t, u32 nblocks, u32 ncols, const u32* bidx, const u16* bmask, int nk) {
-    TileSource s;
-    s.is_block = t < (int)nblocks;
-    if (s.is_block) {
-        s.base = (int)bidx[t] * BN;
-        s.count = min(BN, nk - s.base);
-        s.mask = bmask[t];
-    } else {
-        s.base = (t - (int)nblocks) * BN;
-        s.count = min(BN, (int)ncols - s.base);
-        s.mask = FULL;
-    }
-    return s;
-}
-
-#if WEFT_PRODUCER
-// Tile number g of a CTA's sequence occupies stage g % STAGES, as that stage's (g / STAGES)-th
-// fill: the stage's mbarrier in the array at `bars` (8 bytes each), the parity of that fill's
-// phase (what the consumers' wait on the full barrier takes), and that of the release of the
-// stage's previous occupant, tile g - STAGES (what the producer's wait on the empty one takes).
-__device__ __forceinline__ u32 stage_bar(u32 bars, int g) { return bars + 8 * (g % STAGES); }
-__device__ __forceinline__ u32 fill_parity(int g) { return (u32)(g / STAGES) & 1u; }
-__device__ __forceinline__ u32 release_parity(int g) { return (u32)(g / STAGES - 1) & 1u; }
-#endif
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(ATTENTION_PARAMS)
 {
@@ -451,16 +389,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(ATTENTION_P
         const u32 v_addr = smem_u32(sV) + 2 * (((mat % 2) * 8 + lane % 8) * LDS + (mat / 2) * 8);
 
 #if WEFT_WGMMA
-        // O += P V for the tile in `stage`, issued and committed, not waited for: V read transposed
-        // through descriptors (16 keys = 16 rows of 128 bytes into every 64-column panel), P from
-        // registers. The caller fences pa and O first.
-        auto pv_wgmma = [&](float(&acc)[DT * 4], u32(&p)[BN / 16][4], int stage) {
-            const u32 v_base = smem_u32(sV) + stage * STAGE_BYTES;
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk)
-                wgmma_pv(acc, p[kk], smem_desc(v_base + kk * 16 * 128, BN * 128, 1024), true);
-            wgmma_commit();
-        };
         // The warpgroup schedule overlaps each tile's softmax with the previous tile's P V
         // (FlashAttention-3's intra-warpgroup pipelining): iteration t issues S_t = Q K_t^T and
         // then O += P_{t-1} V_{t-1}, waits for S_t alone, and masks and exponentiates tile t while
@@ -513,13 +441,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(ATTENTION_P
                 }
             }
 
-            // S = Q K^T for this warp's MT x 16 rows and the tile's BN keys; the first k-step
-            // starts from a zero accumulator.
+            // S = Q K^T for this warp's MT x 16 rows and the tile's BN keys.
             float s[MT][NT][4];
 #if WEFT_WGMMA
             {
-                // This warpgroup's 64 rows of Q against the tile: both operands K-major in
-                // shared memory, 16 columns (32 bytes) per step, the next panel every 64.
+                // This warpgroup's 64 rows of Q against the tile.
                 float(&acc)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
                 const u32 q_base = smem_u32(sQ + qbuf * BM * ROW) + (cwarp / 4) * 64 * 128;
                 const u32 k_base = smem_u32(sK) + stage * STAGE_BYTES;
@@ -528,15 +454,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(ATTENTION_P
                 fence_registers(oacc);
                 if constexpr (PINGPONG) named_sync(1 + cwarp / 4, 256);  // this warpgroup's turn
                 wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < KQ; ++kk) {
-                    const u32 at = (kk % 4) * 32;
-                    wgmma_qk(acc, smem_desc(q_base + (kk / 4) * BM * 128 + at, 16, 1024),
-                                   smem_desc(k_base + (kk / 4) * BN * 128 + at, 16, 1024), kk > 0);
-                }
+                qk_wgmma(acc, q_base, k_base);
                 wgmma_commit();
                 if (t > 0) {
-                    pv_wgmma(oacc, pa, (g - 1) % STAGES);
+                    pv_wgmma(oacc, pa, smem_u32(sV) + (g - 1) % STAGES * STAGE_BYTES);
                     if constexpr (PINGPONG) named_arrive(2 - cwarp / 4, 256);  // the other's turn
                     wgmma_wait<1>();  // S_t; P_{t-1} V_{t-1} may still run
                 } else {
@@ -548,6 +469,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(ATTENTION_P
                 if constexpr (GATHERS && !WEFT_PRODUCER) prefetch_tile(t + STAGES);
             }
 #else
+            // (The mma.sync products stay here rather than in functions beside the wgmma ones:
+            // as functions they changed ptxas's register allocation of some mma.sync kernels.)
             const u32 k_stage = k_addr + stage * STAGE_BYTES;
 #pragma unroll
             for (int kk = 0; kk < KQ; ++kk) {
@@ -579,81 +502,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(ATTENTION_P
             }
 #endif
 
-            // Mask; the scale is folded into exp2 below. A tile with nothing to mask skips the
-            // per-pair test: a key block in range without a predicate, or a whole chunk of BN
-            // columns none of which carries one (the warp reads the chunk's mask ids together).
-            bool full;
-            if (t < (int)nblocks) {
-                full = bmask[t] == FULL && ((int)bidx[t] + 1) * BN <= nk;
-            } else {
-                const int first = (t - (int)nblocks) * BN;
-                bool clean = first + BN <= (int)ncols;
-#pragma unroll
-                for (int k = lane; k < BN; k += 32) clean = clean && cmask[first + k] == FULL;
-                full = __all_sync(0xffffffff, clean);
-            }
-            if (!full) {
-                const int* kpos = sKeyPos + stage * BN;
-                const u16* kmask = sKeyMask + stage * BN;
-                // Whether query `qpos` keeps key `key` of the tile.
-                auto keeps = [&](int key, int qpos) {
-                    const int kp = kpos[key];
-                    const u16 id = kmask[key];
-                    return kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
-                };
-                if constexpr (MASKS <= 4) {
-                    // Few predicates: every test inlined; each key's loads serve all of the thread's rows.
-                    // (The test is written out rather than calling `keeps`: with the lambda, ptxas
-                    // spilled 76 B instead of 8 at 128 x 64 tiles.)
-#pragma unroll
-                    for (int j = 0; j < NT; ++j) {
-#pragma unroll
-                        for (int c = 0; c < 2; ++c) {
-                            const int key = j * 8 + (lane % 4) * 2 + c;
-                            const int kp = kpos[key];
-                            const u16 id = kmask[key];
-#pragma unroll
-                            for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-                                for (int i = 0; i < 2; ++i) {
-                                    const int qpos = row0 + mt * 16 + 8 * i;
-                                    const bool keep = kp >= 0 && qpos < nq && (id == FULL || weft_mask(id, qpos, kp, h, nq, nk));
-                                    if (!keep) s[mt][j][2 * i + c] = neg_inf();
-                                }
-                            }
-                        }
-                    }
-                } else {
-                    // Many predicates (e.g. one per head): the tests run in a rolled loop into a
-                    // bit set, so the predicate switch is compiled once per 64 scores, not once
-                    // per score, and compile time stays flat in the mask count.
-                    constexpr int SCORES = NT * 2 * MT * 2;
-                    constexpr int WORDS = (SCORES + 63) / 64;
-                    unsigned long long kept[WORDS];
-#pragma unroll
-                    for (int w = 0; w < WORDS; ++w) {
-                        unsigned long long bits = 0;
-#pragma unroll 1
-                        for (int e = w * 64; e < min(SCORES, w * 64 + 64); ++e) {
-                            // e = ((j * 2 + c) * MT + mt) * 2 + i
-                            const int i = e % 2, mt = (e / 2) % MT, c = (e / (2 * MT)) % 2, j = e / (4 * MT);
-                            bits |= (unsigned long long)keeps(j * 8 + (lane % 4) * 2 + c, row0 + mt * 16 + 8 * i) << (e - w * 64);
-                        }
-                        kept[w] = bits;
-                    }
-#pragma unroll
-                    for (int j = 0; j < NT; ++j)
-#pragma unroll
-                        for (int c = 0; c < 2; ++c)
-#pragma unroll
-                            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                                for (int i = 0; i < 2; ++i) {
-                                    const int e = ((j * 2 + c) * MT + mt) * 2 + i;
-                                    if (!((kept[e / 64] >> (e % 64)) & 1)) s[mt][j][2 * i + c] = neg_inf();
-                                }
-                }
-            }
+            // Mask (a tile with nothing to mask skips the per-pair test).
+            const bool full = tile_is_full(t, nblocks, ncols, bidx, bmask, cmask, nk, lane);
+            if (!full) apply_masks(s, sKeyPos + stage * BN, sKeyMask + stage * BN, row0, lane, nq, nk, h);
 
 #if WEFT_PRODUCER
             // K_t and its key positions and mask ids are done with (S_t completed before the masks).
@@ -661,33 +512,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(ATTENTION_P
 #endif
             // Online softmax per row (two rows per m-tile and thread; a quad shares a row).
             float alpha[MT][2];
-            bool rescale = false;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    // Raw scores: the max commutes with the positive scale.
-                    float raw = neg_inf();
-#pragma unroll
-                    for (int j = 0; j < NT; ++j) raw = fmaxf(raw, fmaxf(s[mt][j][2 * i], s[mt][j][2 * i + 1]));
-                    raw = fmaxf(raw, __shfl_xor_sync(0xffffffff, raw, 1));
-                    raw = fmaxf(raw, __shfl_xor_sync(0xffffffff, raw, 2));
-                    const float mx = fmaxf(m[mt][i], raw * scale_log2);
-                    const float base = mx == neg_inf() ? 0.f : mx;
-                    alpha[mt][i] = m[mt][i] == neg_inf() ? 0.f : exp2f(m[mt][i] - base);
-                    rescale |= m[mt][i] != mx;
-                    m[mt][i] = mx;
-                    float sum = 0.f;
-#pragma unroll
-                    for (int j = 0; j < NT; ++j) {
-                        // One FFMA and one EX2 per score.
-                        s[mt][j][2 * i] = exp2f(fmaf(s[mt][j][2 * i], scale_log2, -base));
-                        s[mt][j][2 * i + 1] = exp2f(fmaf(s[mt][j][2 * i + 1], scale_log2, -base));
-                        sum += s[mt][j][2 * i] + s[mt][j][2 * i + 1];
-                    }
-                    l[mt][i] = l[mt][i] * alpha[mt][i] + sum;
-                }
-            }
+            const bool rescale = online_softmax(s, m, l, alpha, scale_log2);
 #if WEFT_WGMMA
             wgmma_wait<0>();  // P_{t-1} V_{t-1}: O holds tiles up to t - 1, and pa may be rewritten
             fence_registers(oacc);
@@ -697,19 +522,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(ATTENTION_P
             if (t > 0) mbar_arrive(stage_bar(bar_empty_v, g - 1));
 #endif
 #endif
-            // Rescale O only when some row of the warp has a new maximum: after the first tiles
-            // the running max rarely moves, and this saves MT x DT x 4 multiplies per tile.
-            if (__any_sync(0xffffffff, rescale)) {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int dt = 0; dt < DT; ++dt) {
-                        o[mt][dt][0] *= alpha[mt][0];
-                        o[mt][dt][1] *= alpha[mt][0];
-                        o[mt][dt][2] *= alpha[mt][1];
-                        o[mt][dt][3] *= alpha[mt][1];
-                    }
-            }
+            // Rescale O only when some row of the warp has a new maximum.
+            if (__any_sync(0xffffffff, rescale)) rescale_o(o, alpha);
 
             // O += P V: the S accumulators become the A operand without leaving registers.
 #if WEFT_WGMMA
@@ -756,7 +570,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(ATTENTION_P
             fence_registers(pa);
             fence_registers(oacc);
             wgmma_fence();
-            pv_wgmma(oacc, pa, last % STAGES);
+            pv_wgmma(oacc, pa, smem_u32(sV) + last % STAGES * STAGE_BYTES);
             wgmma_wait<0>();
             fence_registers(oacc);
 #if WEFT_PERSISTENT
@@ -768,26 +582,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(ATTENTION_P
 #endif
 
         // Normalize and write the output rows at their tokens, with the natural-log log-sum-exp.
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                float sum = l[mt][i];
-                sum += __shfl_xor_sync(0xffffffff, sum, 1);
-                sum += __shfl_xor_sync(0xffffffff, sum, 2);
-                const int qpos = row0 + mt * 16 + 8 * i;
-                if (qpos < nq) {
-                    const int tok = weft_token(qpos, nq);
-                    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-                    u16* dst = O + ((size_t)h * total_q + seq_q[b] + tok) * D + (lane % 4) * 2;
-#pragma unroll
-                    for (int dt = 0; dt < DT; ++dt)
-                        *(u32*)(dst + dt * 8) = pack(o[mt][dt][2 * i] * inv, o[mt][dt][2 * i + 1] * inv);
-                    if (lane % 4 == 0)
-                        LSE[(size_t)h * total_q + seq_q[b] + tok] = sum > 0.f ? (m[mt][i] + log2f(sum)) * 0.69314718055994531f : neg_inf();
-                }
-            }
-        }
+        store_output(o, m, l, row0, lane, nq, O, LSE, (size_t)h * total_q, seq_q + b);
     };
 #if WEFT_PERSISTENT
     // The consumers' rows, in the producer's order (n counts the rows with tiles, as there).
