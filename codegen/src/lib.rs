@@ -26,13 +26,19 @@
 //! Besides the attention kernel ([`emit`], which also takes packed batches of sequences):
 //! [`emit_decode`], a split-KV decode kernel for indexes with one query per row (retrieval
 //! operators), and [`emit_merge`], the exact log-sum-exp merge of partial results (decode
-//! splits, ring steps); [`emit_vv_index`], the module of GPU index builders (vertical vectors,
+//! splits, ring steps); [`emit_index_module`], the module of GPU index builders (vertical vectors,
 //! blocks, vertical-slash and grids).
+//!
+//! Sources are rendered from the CUDA templates in `src/templates` (`templates.rs`: files that
+//! include one another and a few headers generated per kernel, and compile on their own with
+//! the sample headers there). Every entry point's parameters are declared once, in [`abi`],
+//! and its block size in an entry table ([`entry`], [`ATTENTION_ENTRY`], ...) that the source
+//! and the runtime's launches both read.
 //!
 //! The Hopper path ([`KernelConfig::wgmma`], sm_90a only, [`Kernel::arch_specific`]) is the
 //! same kernel with its two products as warpgroup MMAs: one warpgroup per 64 query rows, Q, K
 //! and V in 128-byte swizzled shared memory read through matrix descriptors, P from registers
-//! (`templates/wgmma.cu`; [`emit_wgmma_probe`] checks the pieces alone). The index walk, masks
+//! (`templates/wgmma.cuh`, `attention_wgmma.cuh`; [`emit_wgmma_probe`] checks the pieces alone). The index walk, masks
 //! and softmax are shared, since a warp's wgmma accumulators have mma.sync's layout. Each
 //! tile's softmax overlaps the previous tile's P V (FlashAttention-3's intra-warpgroup
 //! pipelining). At 128 rows a producer warpgroup does every copy and the two computing

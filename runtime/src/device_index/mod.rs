@@ -97,7 +97,7 @@ pub struct IndexBuild {
     timer: KernelTimer,
     started: Instant,
     enqueue_ms: f64,
-    /// The vertical-vector selection's status words (see `vv_index.cu`).
+    /// The vertical-vector selection's status words (see `index_columns.cuh`).
     status: Option<CudaSlice<i32>>,
     chunk_heads: usize,
     strategy: &'static str,
