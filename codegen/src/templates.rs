@@ -13,11 +13,12 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 
 /// The template files by name (the names their `#include`s use).
-const FILES: [(&str, &str); 21] = [
+const FILES: [(&str, &str); 22] = [
     ("attention.cu", include_str!("templates/attention.cu")),
     ("attention_shape.cuh", include_str!("templates/attention_shape.cuh")),
     ("attention_tiles.cuh", include_str!("templates/attention_tiles.cuh")),
     ("attention_pipeline.cuh", include_str!("templates/attention_pipeline.cuh")),
+    ("attention_scheduler.cuh", include_str!("templates/attention_scheduler.cuh")),
     ("attention_wgmma.cuh", include_str!("templates/attention_wgmma.cuh")),
     ("attention_mask.cuh", include_str!("templates/attention_mask.cuh")),
     ("attention_softmax.cuh", include_str!("templates/attention_softmax.cuh")),

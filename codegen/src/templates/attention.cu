@@ -9,13 +9,13 @@
 // accumulators have the same layout and the masks and softmax below serve both), Q, K and V
 // in 128-byte swizzled panels read through descriptors, P from registers.
 //
-// This file holds the schedules: which rows a CTA computes (one, or a persistent sequence),
-// who copies the tiles (every thread with a cp.async pipeline, or a producer warpgroup), and
-// the consumers' main loop. The pieces they share are apart: attention_shape.cuh (the
+// This file holds the schedules: which rows a CTA computes (one, or a persistent sequence in
+// attention_scheduler.cuh's order), who copies the tiles (every thread with a cp.async
+// pipeline, or a producer warpgroup), and the consumers' main loop. The pieces they share are apart: attention_shape.cuh (the
 // derived constants), attention_tiles.cuh (where a tile's keys come from, the swizzle),
 // attention_wgmma.cuh (the two products as warpgroup MMAs), attention_mask.cuh,
 // attention_softmax.cuh, attention_epilogue.cuh, attention_pipeline.cuh (the producer's
-// stage bookkeeping).
+// stage bookkeeping and copies of a row).
 
 #include "config.cuh"   // generated per kernel: its config, entry points and names
 #include "prelude.cuh"
@@ -38,6 +38,7 @@
 #include "attention_shape.cuh"
 #include "attention_tiles.cuh"
 #include "attention_pipeline.cuh"
+#include "attention_scheduler.cuh"
 #include "attention_wgmma.cuh"
 #include "attention_mask.cuh"
 #include "attention_softmax.cuh"
@@ -125,12 +126,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(ATTENTION_P
         Vh = V + ((size_t)kv_head * total_k + seq_k[b]) * D;
     };
 #if WEFT_PERSISTENT
-    // Rows head by head, the CTAs at work sharing one head's K and V in L2 as the grid's CTAs do
-    // without WEFT_PERSISTENT (every head's last query blocks first ran dense attention 1.3x
-    // slower); within a head the batch's last query blocks first (under causal masks the
-    // heaviest of a single sequence). A CTA takes every gridDim.x-th.
+    // This CTA takes rows blockIdx.x, blockIdx.x + gridDim.x, ... below `rows` of the order
+    // attention_scheduler.cuh gives.
     const int rows = index_heads * seq_qb[batch];
-    auto begin_nth_row = [&](int w) { begin_row(seq_qb[batch] - 1 - w % seq_qb[batch], w / seq_qb[batch]); };
+    auto begin_nth_row = [&](int w) {
+        begin_row(persistent_query_block(seq_qb, batch, w), persistent_head(seq_qb, batch, w));
+    };
 #else
     begin_row((int)blockIdx.x, (int)blockIdx.y);
 #endif
@@ -295,31 +296,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) WEFT_KERNEL(ATTENTION_P
 #endif
 #if WEFT_PRODUCER
     if (tid < LOADERS) {
-        // The producer: K_t, then V_{t-1} (V lags K by a tile, as in the schedule without a
-        // producer), each into its stage once the consumers released the stage's previous
-        // occupant (the release number t / STAGES - 1), then the stage's full barrier. Each
-        // thread's arrival counts once its own copies have landed: cp.async.mbarrier.arrive
-        // (without .noinc) holds the phase open until then, the plain arrival is the one
-        // counted.
+        // The producer warpgroup: each row's tiles through produce_row_tiles
+        // (attention_pipeline.cuh), then it is done.
         setmaxnreg_dec<PRODUCER_REGS>();
-        // Tile t of the row, number g0 + t in the CTA's sequence (which picks its stage and
-        // the fill and release numbers of the stage's barriers).
-        int g0 = 0;
-        auto produce = [&](int t, bool k_part) {
-            const int g = g0 + t;
-            const u32 empty = stage_bar(k_part ? bar_empty_k : bar_empty_v, g);
-            const u32 full = stage_bar(k_part ? bar_full_k : bar_full_v, g);
-            if (g >= STAGES) mbar_wait(empty, release_parity(g));
-            load_tile(t, g % STAGES, k_part, !k_part);
-            mbar_arrive_cp_async(full);
-            mbar_arrive(full);
-        };
+        const StageBars bars{bar_full_k, bar_full_v, bar_empty_k, bar_empty_v};
+        int g0 = 0;  // the row's first tile's number in the CTA's sequence
         auto produce_row = [&]() {
-            for (int t = 0; t < ntiles; ++t) {
-                produce(t, true);
-                if (t > 0) produce(t - 1, false);
-            }
-            if (ntiles > 0) produce(ntiles - 1, false);
+            produce_row_tiles(load_tile, bars, g0, ntiles);
             g0 += ntiles;
         };
 #if WEFT_PERSISTENT

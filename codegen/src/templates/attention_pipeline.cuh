@@ -1,5 +1,5 @@
-// The producer schedule's stage bookkeeping (WEFT_PRODUCER): which mbarrier and phase parity a
-// tile's fill and release use.
+// The producer schedule (WEFT_PRODUCER): which mbarrier and phase parity a tile's fill and
+// release use, and the producer warpgroup's copies of a row.
 #pragma once
 #include "attention_shape.cuh"
 
@@ -11,4 +11,34 @@
 __device__ __forceinline__ u32 stage_bar(u32 bars, int g) { return bars + 8 * (g % STAGES); }
 __device__ __forceinline__ u32 fill_parity(int g) { return (u32)(g / STAGES) & 1u; }
 __device__ __forceinline__ u32 release_parity(int g) { return (u32)(g / STAGES - 1) & 1u; }
+
+// The producer schedule's four stage mbarrier arrays (8 bytes per stage each): K and V apart,
+// full (the stage's tile landed) and empty (the consumers are done with it).
+struct StageBars {
+    u32 full_k, full_v, empty_k, empty_v;
+};
+
+// The producer's copies of one row's `ntiles` tiles, numbered g0, g0 + 1, ... in the CTA's
+// sequence: K_t, then V_{t-1} (V lags K by a tile, as in the schedule without a producer), each into its stage once the consumers
+// released the stage's previous occupant, then the stage's full barrier. Each thread's
+// arrival counts once its own copies have landed: cp.async.mbarrier.arrive (without .noinc)
+// holds the phase open until then, the plain arrival is the one counted. `load_tile(t, stage,
+// with_k, with_v)` issues the copies of tile t.
+template <class LoadTile>
+__device__ __forceinline__ void produce_row_tiles(LoadTile& load_tile, const StageBars& bars, int g0, int ntiles) {
+    auto produce = [&](int t, bool k_part) {
+        const int g = g0 + t;
+        const u32 empty = stage_bar(k_part ? bars.empty_k : bars.empty_v, g);
+        const u32 full = stage_bar(k_part ? bars.full_k : bars.full_v, g);
+        if (g >= STAGES) mbar_wait(empty, release_parity(g));
+        load_tile(t, g % STAGES, k_part, !k_part);
+        mbar_arrive_cp_async(full);
+        mbar_arrive(full);
+    };
+    for (int t = 0; t < ntiles; ++t) {
+        produce(t, true);
+        if (t > 0) produce(t - 1, false);
+    }
+    if (ntiles > 0) produce(ntiles - 1, false);
+}
 #endif
