@@ -26,8 +26,6 @@ pub struct Field {
     pub name: &'static str,
     /// The kernel parameter's CUDA declaration (`const u16* __restrict__ Q`, `int nq`).
     pub cuda: &'static str,
-    /// Byte offset in the `#[repr(C)]` struct.
-    pub offset: usize,
     pub size: usize,
     pub align: usize,
 }
@@ -89,10 +87,6 @@ pub trait Params: Copy + Default + Send + Sync + 'static {
     fn fields() -> Vec<Field>;
     /// Its fields as the kernel's arguments, in declaration order.
     fn args(&self) -> Vec<Arg<'_>>;
-    /// Its size in bytes on the host.
-    fn size() -> usize {
-        std::mem::size_of::<Self>()
-    }
 }
 
 macro_rules! params {
@@ -108,7 +102,6 @@ macro_rules! params {
                 vec![$(Field {
                     name: stringify!($field),
                     cuda: $cuda,
-                    offset: std::mem::offset_of!($name, $field),
                     size: std::mem::size_of::<$ty>(),
                     align: std::mem::align_of::<$ty>(),
                 }),*]
@@ -119,9 +112,9 @@ macro_rules! params {
         }
     )*
 
-        /// Every parameter struct: (name, fields, size).
-        pub fn all_params() -> Vec<(&'static str, Vec<Field>, usize)> {
-            vec![$(($name::NAME, $name::fields(), $name::size())),*]
+        /// Every parameter struct: (name, fields).
+        pub fn all_params() -> Vec<(&'static str, Vec<Field>)> {
+            vec![$(($name::NAME, $name::fields())),*]
         }
     };
 }
@@ -519,7 +512,7 @@ pub fn params_macro(name: &str) -> String {
 /// that each parameter's type has the host field's size and alignment; `None` for a name that
 /// is not a parameter struct.
 pub fn cuda_params(name: &str) -> Option<String> {
-    let (name, fields, _) = all_params().into_iter().find(|(n, _, _)| *n == name)?;
+    let (name, fields) = all_params().into_iter().find(|(n, _)| *n == name)?;
     let mut s = format!("// {name} (weft-codegen abi.rs), in its field order.\n#define {}", params_macro(name));
     for (i, f) in fields.iter().enumerate() {
         let sep = if i + 1 < fields.len() { "," } else { "" };
@@ -548,7 +541,7 @@ pub fn cuda_params(name: &str) -> Option<String> {
 /// The CUDA parameter lists of `names` (see [`cuda_params`]), in that order; names that are
 /// not parameter structs are skipped (`every_entry_names_a_declared_parameter_struct` checks
 /// the tables).
-pub(crate) fn cuda_structs(names: &[&str]) -> String {
+pub(crate) fn cuda_param_lists(names: &[&str]) -> String {
     let mut out = String::from("// ---- entry point parameters (weft-codegen abi.rs) ----\n");
     for n in names {
         out.push_str(&cuda_params(n).unwrap_or_default());
@@ -578,7 +571,7 @@ mod tests {
 
     #[test]
     fn every_struct_declares_its_fields_once_with_cuda_types_of_their_size() {
-        for (name, fields, _) in all_params() {
+        for (name, fields) in all_params() {
             let mut names: Vec<&str> = fields.iter().map(|f| f.name).collect();
             names.sort_unstable();
             names.dedup();

@@ -2,7 +2,7 @@
 
 use weft_dsl::{Pattern, PatternExpr, Permutation, Pred};
 
-use crate::abi::{cuda_structs, Entry};
+use crate::abi::{cuda_param_lists, Entry};
 use crate::keys::{constant, key_and_header, masks};
 use crate::templates::{closure, defines, render};
 use crate::wgmma::wgmma_ops;
@@ -63,7 +63,7 @@ pub fn emit(spec: &KernelSpec<'_>) -> Result<Kernel, Error> {
         &[
             ("config.cuh", Some(cfg)),
             ("masks.cuh", Some(masks(spec.masks, spec.permutation))),
-            ("params.cuh", Some(cuda_structs(&[ATTENTION_ENTRY.params]))),
+            ("params.cuh", Some(cuda_param_lists(&[ATTENTION_ENTRY.params]))),
             // The Hopper helpers only in wgmma kernels (the template includes them under #if):
             // a generated header of `None` leaves a note in the include's place.
             if c.wgmma {

@@ -2,7 +2,7 @@
 
 use weft_dsl::{Pattern, Permutation, Pred};
 
-use crate::abi::{cuda_structs, Entry};
+use crate::abi::{cuda_param_lists, Entry};
 use crate::config::check_head_dim;
 use crate::keys::{constant, key_and_header, masks};
 use crate::templates::{closure, defines, render};
@@ -54,7 +54,7 @@ pub fn emit_decode(spec: &DecodeSpec<'_>) -> Result<Kernel, Error> {
         &[
             ("config.cuh", Some(cfg)),
             ("masks.cuh", Some(masks(spec.masks, spec.permutation))),
-            ("params.cuh", Some(cuda_structs(&[DECODE_ENTRY.params]))),
+            ("params.cuh", Some(cuda_param_lists(&[DECODE_ENTRY.params]))),
         ],
     );
     Ok(Kernel {
@@ -101,7 +101,7 @@ pub fn emit_merge(head_dim: u32, dtype: DType, partial: Partial) -> Result<Kerne
     let source = render(
         &header,
         "merge.cu",
-        &[("config.cuh", Some(cfg)), ("params.cuh", Some(cuda_structs(&[MERGE_ENTRY.params])))],
+        &[("config.cuh", Some(cfg)), ("params.cuh", Some(cuda_param_lists(&[MERGE_ENTRY.params])))],
     );
     Ok(Kernel { name, source, key, threads: MERGE_THREADS, shared_bytes: 0, head_dim, arch_specific: false })
 }

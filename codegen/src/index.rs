@@ -1,7 +1,7 @@
 //! The module of GPU index builders ([`emit_index_module`]: vertical vectors, blocks,
 //! vertical-slash and grids): its entry points and their launch geometry.
 
-use crate::abi::cuda_structs;
+use crate::abi::cuda_param_lists;
 use crate::config::{check_head_dim, HEAD_DIMS};
 use crate::keys::{constant, key_and_header};
 use crate::templates::{closure, defines, render};
@@ -221,7 +221,7 @@ fn generate_index_module(head_dim: u32) -> Kernel {
     cfg += &format!("#define EXP_COEF_BITS {}  // repro::EXP_COEF\n", coef.join(", "));
     let structs: Vec<&str> = entry::ALL.iter().map(|e| e.params).collect();
     let source =
-        render(&header, "index.cu", &[("config.cuh", Some(cfg)), ("params.cuh", Some(cuda_structs(&structs)))]);
+        render(&header, "index.cu", &[("config.cuh", Some(cfg)), ("params.cuh", Some(cuda_param_lists(&structs)))]);
     // A module of several entry points: no block size of its own (each entry's is in
     // `entry`); its shared bytes are the most dynamic shared memory any entry may ask for.
     Kernel { name, source, key, threads: 0, shared_bytes: INDEX_MAX_SHARED, head_dim, arch_specific: false }

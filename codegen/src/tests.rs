@@ -208,7 +208,7 @@ fn sample_headers() -> Vec<(&'static str, String)> {
             }
         }
     }
-    let all: Vec<&str> = abi::all_params().iter().map(|(n, _, _)| *n).collect();
+    let all: Vec<&str> = abi::all_params().iter().map(|(n, _)| *n).collect();
     let lead = "// Sample of a header weft-codegen generates per kernel (see templates.rs), so that the\n\
                 // templates open and compile on their own; tests check it is what codegen generates.\n\
                 #pragma once\n";
@@ -249,7 +249,7 @@ fn the_sample_headers_are_what_codegen_generates() {
 
 #[test]
 fn every_entry_names_a_declared_parameter_struct() {
-    let declared: Vec<&str> = abi::all_params().iter().map(|(n, _, _)| *n).collect();
+    let declared: Vec<&str> = abi::all_params().iter().map(|(n, _)| *n).collect();
     for e in entry::ALL.iter().chain([&ATTENTION_ENTRY]) {
         assert!(declared.contains(&e.params), "{} takes {}, which abi.rs does not declare", e.name, e.params);
     }

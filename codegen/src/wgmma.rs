@@ -1,6 +1,6 @@
 //! Hopper warpgroup MMA helpers and their probe kernel ([`emit_wgmma_probe`]).
 
-use crate::abi::{cuda_structs, Entry};
+use crate::abi::{cuda_param_lists, Entry};
 use crate::keys::{constant, key_and_header};
 use crate::templates::{closure, defines, render};
 use crate::{DType, Error, Kernel};
@@ -35,7 +35,7 @@ pub fn emit_wgmma_probe(head_dim: u32) -> Result<Kernel, Error> {
         "hopper.cu",
         &[
             ("config.cuh", Some(cfg)),
-            ("params.cuh", Some(cuda_structs(&[PROBE_ENTRY.params]))),
+            ("params.cuh", Some(cuda_param_lists(&[PROBE_ENTRY.params]))),
             ("wgmma_ops.cuh", Some(wgmma_ops(keys, head_dim, DType::Bf16))),
         ],
     );

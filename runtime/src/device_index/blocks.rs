@@ -5,7 +5,8 @@ use std::time::Instant;
 use cudarc::driver::CudaSlice;
 use weft_codegen::abi::{BlockScoresParams, BlockSelectParams, BlockTopParams, PoolParams};
 use weft_codegen::{
-    block_select_shared_bytes, entry, pool_groups_per_cta, DType, BLOCK_SCORE_TILE, BLOCK_TOP_GROUPS, INDEX_MAX_SHARED,
+    block_select_shared_bytes, entry, index_module, pool_groups_per_cta, DType, BLOCK_SCORE_TILE, BLOCK_TOP_GROUPS,
+    INDEX_MAX_SHARED,
 };
 use weft_dsl::Budget;
 use weft_patterns::device_plan::BlockPlan;
@@ -45,7 +46,7 @@ impl Gpu {
             Budget::Threshold(t) => (1, 0, t.ln()),
             Budget::TopP(p) => (2, 0, p),
         };
-        let kernel = self.index_kernel(d as u32)?;
+        let kernel = index_module(d as u32)?;
         let m = self.load_module(kernel, &entry::BLOCK)?;
         let s = &self.stream;
         let (up, alloc) = ("uploading the block index plan", "allocating block index buffers");

@@ -9,8 +9,9 @@ use weft_codegen::abi::{
     BudgetParams, ColumnsParams, KstatsParams, PoolParams, ScoreParams, SelectParams, ThresholdParams, VvExactParams,
 };
 use weft_codegen::{
-    entry, pool_groups_per_cta, vv_score_shared_bytes, vv_select_shared_bytes, DType, INDEX_MAX_SHARED, KSTATS_KEYS,
-    ROWS_PER_CTA, SCORE_COLS, SCORE_ROWS, VS_LOGITS_KEYS, VS_LOGITS_ROWS, VV_COLLECT_MAX, VV_TWO_CTA_SHARED,
+    entry, index_module, pool_groups_per_cta, vv_score_shared_bytes, vv_select_shared_bytes, DType, INDEX_MAX_SHARED,
+    KSTATS_KEYS, ROWS_PER_CTA, SCORE_COLS, SCORE_ROWS, VS_LOGITS_KEYS, VS_LOGITS_ROWS, VV_COLLECT_MAX,
+    VV_TWO_CTA_SHARED,
 };
 use weft_dsl::Budget;
 use weft_patterns::device_plan::ColumnPlan;
@@ -116,7 +117,7 @@ impl Gpu {
         // Sample columns: one run of 32 keys per 512 (some past nk in the last block).
         let samples = nk.div_ceil(512) * 32;
         let samples_i = samples as i32;
-        let kernel = self.index_kernel(d as u32)?;
+        let kernel = index_module(d as u32)?;
         let m = self.load_module(kernel, &entry::VERTICAL_VECTOR)?;
 
         let s = &self.stream;

@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use weft_codegen::abi::{BlockRowsParams, ScanParams};
-use weft_codegen::{entry, index_module, DType, ROWS_PER_CTA};
+use weft_codegen::{entry, DType, ROWS_PER_CTA};
 use weft_patterns::device_plan::{AnyPlan, BlockEntries};
 
 use crate::launch::{Args, Module};
@@ -432,12 +432,6 @@ impl Gpu {
             m.insert(id, (tick, made.clone()));
         }
         Ok(made)
-    }
-
-    /// The index builders' module for head dim `d` ([`weft_codegen::index_module`]: generated
-    /// once per process).
-    pub(crate) fn index_kernel(&self, d: u32) -> Result<&'static weft_codegen::Kernel, Error> {
-        Ok(index_module(d)?)
     }
 }
 

@@ -13,8 +13,8 @@ use weft_codegen::abi::{
     VsTilesParams,
 };
 use weft_codegen::{
-    entry, vs_mass_shared_bytes, DType, INDEX_MAX_SHARED, ROWS_PER_CTA, VS_EXP_KEYS, VS_LOGITS_KEYS, VS_LOGITS_ROWS,
-    VS_MASS_KEYS,
+    entry, index_module, vs_mass_shared_bytes, DType, INDEX_MAX_SHARED, ROWS_PER_CTA, VS_EXP_KEYS, VS_LOGITS_KEYS,
+    VS_LOGITS_ROWS, VS_MASS_KEYS,
 };
 use weft_patterns::device_plan::{SlashPlan, Verticals};
 
@@ -48,7 +48,7 @@ impl Gpu {
         if nq + nk > i32::MAX as usize {
             return Err(usage(format!("{nq} queries and {nk} keys: GPU index building takes fewer than 2^31")));
         }
-        let kernel = self.index_kernel(d as u32)?;
+        let kernel = index_module(d as u32)?;
         let m = self.load_module(kernel, &entry::SLASH)?;
         let s = &self.stream;
         let (up, alloc) = ("uploading the vertical-slash plan", "allocating vertical-slash index buffers");
