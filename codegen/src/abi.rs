@@ -550,18 +550,69 @@ pub(crate) fn cuda_param_lists(names: &[&str]) -> String {
 }
 
 /// A kernel entry point: its name suffix (`{kernel.name}_{name}`, or the kernel's name when
-/// empty), its threads per CTA and its parameter struct.
+/// empty), its threads per CTA, its parameter struct and its grid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub name: &'static str,
     pub threads: u32,
     pub params: &'static str,
+    /// How the grid follows from the extents a launch covers: see [`Entry::grid`].
+    pub grid: [Axis; 3],
 }
 
+/// One axis of an entry's grid, as a function of the extent the launch covers on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Axis {
+    /// One CTA per unit of the extent (a head, a query group, a row).
+    Each,
+    /// One CTA per `n` units (the kernel's tile on this axis, a constant of the generated
+    /// config): `ceil(extent / n)` CTAs.
+    Tiles(usize),
+    /// `n` CTAs whatever the extent (the kernel tells them apart by `blockIdx`).
+    Fixed(u32),
+}
+
+/// The largest grid CUDA launches: `x` up to 2^31 - 1, `y` and `z` up to 65535.
+const GRID_LIMITS: [usize; 3] = [i32::MAX as usize, 65535, 65535];
+
 impl Entry {
+    /// The grid of a launch covering `extents` (per axis; ignored on [`Axis::Fixed`] axes), or
+    /// an error naming the axis when it is empty or larger than CUDA launches.
+    pub fn grid(&self, extents: [usize; 3]) -> Result<(u32, u32, u32), String> {
+        let mut dims = [0u32; 3];
+        for (i, ((axis, extent), limit)) in self.grid.iter().zip(extents).zip(GRID_LIMITS).enumerate() {
+            let ctas = match *axis {
+                Axis::Each => extent,
+                Axis::Tiles(n) => extent.div_ceil(n.max(1)),
+                Axis::Fixed(n) => n as usize,
+            };
+            let what = || format!("{} grid axis {}", describe(self), ["x", "y", "z"][i]);
+            if ctas == 0 {
+                return Err(format!("{} is empty (a weft bug: please report it)", what()));
+            }
+            if ctas > limit {
+                return Err(format!(
+                    "{} needs {ctas} CTAs, more than CUDA's {limit}: split the call (fewer heads or tokens)",
+                    what()
+                ));
+            }
+            dims[i] = ctas as u32;
+        }
+        Ok((dims[0], dims[1], dims[2]))
+    }
+
     /// The `constexpr` the source's `__launch_bounds__` reads: `{NAME}_THREADS`.
     pub(crate) fn threads_constant(&self) -> String {
         format!("constexpr int {}_THREADS = {};", self.name.to_uppercase(), self.threads)
+    }
+}
+
+/// An entry as errors name it: `the select entry`, or the kernel's kind for unnamed ones.
+pub fn describe(entry: &Entry) -> String {
+    if entry.name.is_empty() {
+        entry.params.trim_end_matches("Params").to_lowercase()
+    } else {
+        format!("the {} entry", entry.name)
     }
 }
 
@@ -603,5 +654,21 @@ mod tests {
         assert_eq!(args[0], Arg::Ptr(&7));
         assert_eq!(args[18], Arg::I32(&3));
         assert_eq!(args[20], Arg::F32(&0.5));
+    }
+
+    #[test]
+    fn grids_tile_their_extents_within_cuda_limits() {
+        let e = Entry {
+            name: "t",
+            threads: 128,
+            params: "ScanParams",
+            grid: [Axis::Tiles(64), Axis::Each, Axis::Fixed(2)],
+        };
+        assert_eq!(e.grid([129, 5, 0]), Ok((3, 5, 2)));
+        assert_eq!(e.grid([64, 1, 9]), Ok((1, 1, 2)));
+        let empty = e.grid([0, 5, 1]).unwrap_err();
+        assert!(empty.contains("the t entry grid axis x is empty"), "{empty}");
+        let wide = e.grid([64, 65536, 1]).unwrap_err();
+        assert!(wide.contains("axis y needs 65536 CTAs, more than CUDA's 65535"), "{wide}");
     }
 }

@@ -2,15 +2,17 @@
 
 use weft_dsl::{Pattern, PatternExpr, Permutation, Pred};
 
-use crate::abi::{cuda_param_lists, Entry};
+use crate::abi::{cuda_param_lists, Axis, Entry};
 use crate::keys::{constant, key_and_header, masks};
 use crate::templates::{closure, defines, render};
 use crate::wgmma::wgmma_ops;
 use crate::{DType, Error, Kernel, KernelConfig};
 
 /// The attention kernel's entry point: the kernel's own name; its block size is the config's
-/// ([`KernelConfig::threads`]), this `threads` is unused.
-pub const ATTENTION_ENTRY: Entry = Entry { name: "", threads: 0, params: "AttentionParams" };
+/// ([`KernelConfig::threads`]), this `threads` is unused. Grid: x query blocks, y index heads;
+/// a persistent kernel ([`KernelConfig::persistent`]) takes x CTAs that walk all rows.
+pub const ATTENTION_ENTRY: Entry =
+    Entry { name: "", threads: 0, params: "AttentionParams", grid: [Axis::Each, Axis::Each, Axis::Fixed(1)] };
 
 /// Everything a kernel depends on.
 #[derive(Clone, Debug)]

@@ -2,7 +2,7 @@
 
 use weft_dsl::{Pattern, Permutation, Pred};
 
-use crate::abi::{cuda_param_lists, Entry};
+use crate::abi::{cuda_param_lists, Axis, Entry};
 use crate::config::check_head_dim;
 use crate::keys::{constant, key_and_header, masks};
 use crate::templates::{closure, defines, render};
@@ -23,8 +23,10 @@ pub struct DecodeSpec<'a> {
 /// Threads per CTA of the decode kernel.
 pub const DECODE_THREADS: u32 = 128;
 
-/// The decode kernel's entry point (the kernel's own name).
-pub const DECODE_ENTRY: Entry = Entry { name: "", threads: DECODE_THREADS, params: "DecodeParams" };
+/// The decode kernel's entry point (the kernel's own name). Grid: x query rows times splits,
+/// y query heads.
+pub const DECODE_ENTRY: Entry =
+    Entry { name: "", threads: DECODE_THREADS, params: "DecodeParams", grid: [Axis::Each, Axis::Each, Axis::Fixed(1)] };
 
 /// Generates the split-key decode kernel: partial outputs (f32) and log-sum-exps per split,
 /// combined by [`emit_merge`]`(.., Partial::F32)`.
@@ -80,8 +82,13 @@ pub enum Partial {
 /// Threads per CTA of the merge kernel (one warp per row).
 pub const MERGE_THREADS: u32 = 128;
 
-/// The merge kernel's entry point (the kernel's own name).
-pub const MERGE_ENTRY: Entry = Entry { name: "", threads: MERGE_THREADS, params: "MergeParams" };
+/// The merge kernel's entry point (the kernel's own name). Grid: x rows, a warp each.
+pub const MERGE_ENTRY: Entry = Entry {
+    name: "",
+    threads: MERGE_THREADS,
+    params: "MergeParams",
+    grid: [Axis::Tiles(MERGE_THREADS as usize / 32), Axis::Fixed(1), Axis::Fixed(1)],
+};
 
 /// Generates the log-sum-exp merge of partial results over disjoint key sets.
 pub fn emit_merge(head_dim: u32, dtype: DType, partial: Partial) -> Result<Kernel, Error> {

@@ -8,34 +8,60 @@ use crate::templates::{closure, defines, render};
 use crate::{Error, Kernel};
 
 /// Every entry point of the index module ([`emit_index_module`]), each `{kernel.name}_{name}`,
-/// with its threads per CTA and parameter struct ([`crate::abi`]): the generated source takes
-/// its `__launch_bounds__` from here (as `{NAME}_THREADS`), the launches their block size.
+/// with its threads per CTA, parameter struct ([`crate::abi`]) and grid: the generated source
+/// takes its `__launch_bounds__` from here (as `{NAME}_THREADS`), the launches their block
+/// size and grid; the kernels tile their axes by the same constants (emitted into the config).
 pub mod entry {
-    use crate::abi::Entry;
+    use super::{
+        BLOCK_SCORE_TILE, BLOCK_TOP_GROUPS, KSTATS_KEYS, ROWS_PER_CTA, SCORE_COLS, SCORE_ROWS, VS_EXP_KEYS,
+        VS_LOGITS_KEYS, VS_LOGITS_ROWS, VS_MASS_KEYS,
+    };
+    use crate::abi::{Axis, Entry};
+    use Axis::{Each, Fixed, Tiles};
 
-    const fn e(name: &'static str, threads: u32, params: &'static str) -> Entry {
-        Entry { name, threads, params }
+    const fn e(name: &'static str, threads: u32, params: &'static str, grid: [Axis; 3]) -> Entry {
+        Entry { name, threads, params, grid }
     }
-    pub const POOL: Entry = e("pool", 128, "PoolParams");
-    pub const KSTATS: Entry = e("kstats", 256, "KstatsParams");
-    pub const SCORE: Entry = e("score", 128, "ScoreParams");
-    pub const THRESHOLD: Entry = e("threshold", SELECT_THREADS, "ThresholdParams");
-    pub const SELECT: Entry = e("select", SELECT_THREADS, "SelectParams");
-    pub const BUDGET: Entry = e("budget", SELECT_THREADS, "BudgetParams");
-    pub const VV_EXACT: Entry = e("vv_exact", 256, "VvExactParams");
-    pub const COLUMNS: Entry = e("columns", 128, "ColumnsParams");
-    pub const SCAN: Entry = e("scan", 1024, "ScanParams");
-    pub const BLOCK_SCORES: Entry = e("block_scores", 256, "BlockScoresParams");
-    pub const BLOCK_SELECT: Entry = e("block_select", 256, "BlockSelectParams");
-    pub const BLOCK_TOP: Entry = e("block_top", 256, "BlockTopParams");
-    pub const BLOCK_ROWS: Entry = e("block_rows", 128, "BlockRowsParams");
-    pub const VS_LOGITS: Entry = e("vs_logits", 256, "VsLogitsParams");
-    pub const VS_EXP: Entry = e("vs_exp", 256, "VsExpParams");
-    pub const VS_INV: Entry = e("vs_inv", 256, "VsInvParams");
-    pub const VS_MASS: Entry = e("vs_mass", 256, "VsMassParams");
-    pub const VS_SELECT: Entry = e("vs_select", 1024, "VsSelectParams");
-    pub const GRID_SELECT: Entry = e("grid_select", 1024, "GridSelectParams");
-    pub const VS_TILES: Entry = e("vs_tiles", 128, "VsTilesParams");
+    /// x: CTAs of [`super::pool_groups_per_cta`] query groups ([`super::pool_ctas`]); y: heads.
+    pub const POOL: Entry = e("pool", 128, "PoolParams", [Each, Each, Fixed(1)]);
+    /// x: keys; y: KV heads.
+    pub const KSTATS: Entry = e("kstats", 256, "KstatsParams", [Tiles(KSTATS_KEYS), Each, Fixed(1)]);
+    /// x: query groups; y: candidate keys; z: heads.
+    pub const SCORE: Entry = e("score", 128, "ScoreParams", [Tiles(SCORE_ROWS), Tiles(SCORE_COLS), Each]);
+    /// x: query groups; y: heads (likewise `select` and `budget`).
+    pub const THRESHOLD: Entry = e("threshold", SELECT_THREADS, "ThresholdParams", [Each, Each, Fixed(1)]);
+    pub const SELECT: Entry = e("select", SELECT_THREADS, "SelectParams", [Each, Each, Fixed(1)]);
+    pub const BUDGET: Entry = e("budget", SELECT_THREADS, "BudgetParams", [Each, Each, Fixed(1)]);
+    /// x: keys; y: query groups; z: heads.
+    pub const VV_EXACT: Entry =
+        e("vv_exact", 256, "VvExactParams", [Tiles(VS_LOGITS_KEYS), Tiles(VS_LOGITS_ROWS), Each]);
+    /// x: index rows (likewise `block_rows`).
+    pub const COLUMNS: Entry = e("columns", 128, "ColumnsParams", [Tiles(ROWS_PER_CTA), Fixed(1), Fixed(1)]);
+    /// One CTA.
+    pub const SCAN: Entry = e("scan", 1024, "ScanParams", [Fixed(1), Fixed(1), Fixed(1)]);
+    /// x: query groups; y: key blocks; z: heads.
+    pub const BLOCK_SCORES: Entry =
+        e("block_scores", 256, "BlockScoresParams", [Tiles(BLOCK_SCORE_TILE), Tiles(BLOCK_SCORE_TILE), Each]);
+    /// x: query groups; y: heads.
+    pub const BLOCK_SELECT: Entry = e("block_select", 256, "BlockSelectParams", [Each, Each, Fixed(1)]);
+    /// x: query groups; y: heads.
+    pub const BLOCK_TOP: Entry = e("block_top", 256, "BlockTopParams", [Tiles(BLOCK_TOP_GROUPS), Each, Fixed(1)]);
+    pub const BLOCK_ROWS: Entry = e("block_rows", 128, "BlockRowsParams", [Tiles(ROWS_PER_CTA), Fixed(1), Fixed(1)]);
+    /// x: keys; y: estimated rows; z: heads.
+    pub const VS_LOGITS: Entry =
+        e("vs_logits", 256, "VsLogitsParams", [Tiles(VS_LOGITS_KEYS), Tiles(VS_LOGITS_ROWS), Each]);
+    /// x: keys; y: estimated rows; z: heads.
+    pub const VS_EXP: Entry = e("vs_exp", 256, "VsExpParams", [Tiles(VS_EXP_KEYS), Each, Each]);
+    /// x: heads.
+    pub const VS_INV: Entry = e("vs_inv", 256, "VsInvParams", [Each, Fixed(1), Fixed(1)]);
+    /// x: keys (and diagonals); y: heads.
+    pub const VS_MASS: Entry = e("vs_mass", 256, "VsMassParams", [Tiles(VS_MASS_KEYS), Each, Fixed(1)]);
+    /// x: heads; y: verticals and slashes.
+    pub const VS_SELECT: Entry = e("vs_select", 1024, "VsSelectParams", [Each, Fixed(2), Fixed(1)]);
+    /// x: heads.
+    pub const GRID_SELECT: Entry = e("grid_select", 1024, "GridSelectParams", [Each, Fixed(1), Fixed(1)]);
+    /// x: query groups; y: heads.
+    pub const VS_TILES: Entry = e("vs_tiles", 128, "VsTilesParams", [Each, Each, Fixed(1)]);
 
     /// Threads of `select` and of the passes that share its block shape (threshold, budget).
     const SELECT_THREADS: u32 = 512;
@@ -72,8 +98,7 @@ pub mod entry {
         [VS_LOGITS, VS_EXP, VS_INV, VS_MASS, VS_SELECT, VS_TILES, BLOCK_ROWS, COLUMNS, SCAN, GRID_SELECT];
 }
 
-/// Groups per CTA of the `score` entry (4 warps x 16) and keys per CTA: its grid is
-/// `(ceil(groups / SCORE_ROWS), ceil(cols / SCORE_COLS), heads)`.
+/// Groups per CTA of the `score` entry (4 warps x 16) and keys per CTA.
 pub const SCORE_ROWS: usize = 64;
 pub const SCORE_COLS: usize = 128;
 
@@ -86,8 +111,7 @@ pub const UNSURE_CAP: usize = 4096;
 /// Index rows per CTA of the `columns` and `block_rows` entries (a warp per row).
 pub const ROWS_PER_CTA: usize = 4;
 
-/// Keys per CTA of the `kstats` entry (a warp per key, 8 keys per warp): its grid is
-/// `(ceil(nk / KSTATS_KEYS), hkv)`.
+/// Keys per CTA of the `kstats` entry (a warp per key, 8 keys per warp).
 pub const KSTATS_KEYS: usize = 64;
 
 /// Groups per CTA of the `block_top` entry (a warp per group).
@@ -96,11 +120,10 @@ pub const BLOCK_TOP_GROUPS: usize = 8;
 /// Query groups and key blocks per CTA of the `block_scores` entry.
 pub const BLOCK_SCORE_TILE: usize = 64;
 
-/// Keys per CTA of the `vs_exp` entry (its grid is `ceil(nk / VS_EXP_KEYS)` wide).
+/// Keys per CTA of the `vs_exp` entry.
 pub const VS_EXP_KEYS: usize = 2048;
 
-/// Keys and estimated rows per CTA of the `vs_logits` entry (its grid is
-/// `(ceil(nk / VS_LOGITS_KEYS), ceil(last / VS_LOGITS_ROWS), heads)`).
+/// Keys and estimated rows per CTA of the `vs_logits` entry (and of `vv_exact`).
 pub const VS_LOGITS_KEYS: usize = 256;
 pub const VS_LOGITS_ROWS: usize = 64;
 
@@ -117,10 +140,14 @@ pub fn block_select_shared_bytes(kblocks: usize) -> usize {
     kblocks.next_power_of_two() * 12
 }
 
-/// Groups per CTA of the index builders' `pool` entry (128 threads, `head_dim / 8` per group):
-/// its grid is `(ceil(groups / this), heads)`.
+/// Groups per CTA of the index builders' `pool` entry (128 threads, `head_dim / 8` per group).
 pub fn pool_groups_per_cta(head_dim: u32) -> usize {
     1024 / head_dim as usize
+}
+
+/// CTAs of the `pool` entry for `groups` query groups per head.
+pub fn pool_ctas(groups: usize, head_dim: u32) -> usize {
+    groups.div_ceil(pool_groups_per_cta(head_dim))
 }
 
 /// Dynamic shared memory of the `score` entry: two halves of [`SCORE_ROWS`] pooled queries and

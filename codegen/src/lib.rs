@@ -32,8 +32,8 @@
 //! Sources are rendered from the CUDA templates in `src/templates` (`templates.rs`: files that
 //! include one another and a few headers generated per kernel, and compile on their own with
 //! the sample headers there). Every entry point's parameters are declared once, in [`abi`],
-//! and its block size in an entry table ([`entry`], [`ATTENTION_ENTRY`], ...) that the source
-//! and the runtime's launches both read.
+//! and its block size and grid in an entry table ([`entry`], [`ATTENTION_ENTRY`], ...) that
+//! the source and the runtime's launches both read.
 //!
 //! The Hopper path ([`KernelConfig::wgmma`], sm_90a only, [`Kernel::arch_specific`]) is the
 //! same kernel with its two products as warpgroup MMAs: one warpgroup per 64 query rows, Q, K

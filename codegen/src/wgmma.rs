@@ -1,12 +1,13 @@
 //! Hopper warpgroup MMA helpers and their probe kernel ([`emit_wgmma_probe`]).
 
-use crate::abi::{cuda_param_lists, Entry};
+use crate::abi::{cuda_param_lists, Axis, Entry};
 use crate::keys::{constant, key_and_header};
 use crate::templates::{closure, defines, render};
 use crate::{DType, Error, Kernel};
 
 /// The probe's entry point (the kernel's own name): one warpgroup.
-pub const PROBE_ENTRY: Entry = Entry { name: "", threads: 128, params: "ProbeParams" };
+pub const PROBE_ENTRY: Entry =
+    Entry { name: "", threads: 128, params: "ProbeParams", grid: [Axis::Fixed(1), Axis::Fixed(1), Axis::Fixed(1)] };
 
 /// Keys in the tile of [`emit_wgmma_probe`].
 pub const WGMMA_PROBE_KEYS: u32 = 64;

@@ -5,7 +5,7 @@
 //! argument builder does for slices).
 
 use cudarc::driver::{CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop};
-use weft_codegen::abi::{Arg, DevPtr, Entry, Params};
+use weft_codegen::abi::{describe, Arg, DevPtr, Entry, Params};
 
 use crate::{driver, Error};
 
@@ -35,8 +35,9 @@ impl<'a> Args<'a> {
     }
 }
 
-/// Launches entry `entry` (function `f`) with `params` on `stream`: `grid` CTAs of the entry's
-/// threads, `shared` bytes of dynamic shared memory.
+/// Launches entry `entry` (function `f`) with `params` on `stream`: CTAs of the entry's threads
+/// over `extents` (the grid the entry's [`Entry::grid`] makes of them), `shared` bytes of
+/// dynamic shared memory.
 ///
 /// # Safety
 /// Every address in `params` must come from `args` (or be 0 where the kernel reads nothing)
@@ -45,12 +46,12 @@ pub(crate) unsafe fn launch<P: Params>(
     stream: &CudaStream,
     f: &CudaFunction,
     entry: &Entry,
-    grid: (u32, u32, u32),
+    extents: [usize; 3],
     shared: u32,
     params: P,
     args: Args<'_>,
 ) -> Result<(), Error> {
-    launch_threads(stream, f, entry, grid, entry.threads, shared, params, args)
+    launch_threads(stream, f, entry, extents, entry.threads, shared, params, args)
 }
 
 /// [`launch`] with a block size that is the kernel config's rather than the entry's (the
@@ -63,7 +64,7 @@ pub(crate) unsafe fn launch_threads<P: Params>(
     stream: &CudaStream,
     f: &CudaFunction,
     entry: &Entry,
-    grid: (u32, u32, u32),
+    extents: [usize; 3],
     threads: u32,
     shared: u32,
     params: P,
@@ -77,6 +78,7 @@ pub(crate) unsafe fn launch_threads<P: Params>(
             P::NAME
         )));
     }
+    let grid = entry.grid(extents).map_err(Error::Shape)?;
     let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: shared };
     let mut b = stream.launch_builder(f);
     for arg in params.args() {
@@ -93,14 +95,6 @@ pub(crate) unsafe fn launch_threads<P: Params>(
     // The guards record the buffers' use after the launch is queued.
     drop(args);
     Ok(())
-}
-
-fn describe(entry: &Entry) -> String {
-    if entry.name.is_empty() {
-        entry.params.trim_end_matches("Params").to_lowercase()
-    } else {
-        format!("the {} entry", entry.name)
-    }
 }
 
 /// The loaded entry points of a module, found by their [`Entry`].
@@ -121,7 +115,7 @@ impl Module {
         &self,
         stream: &CudaStream,
         entry: &Entry,
-        grid: (u32, u32, u32),
+        extents: [usize; 3],
         shared: u32,
         params: P,
         args: Args<'_>,
@@ -130,6 +124,6 @@ impl Module {
             return Err(Error::Usage(format!("entry {} was not loaded (a weft bug: please report it)", entry.name)));
         };
         // Safety: the caller's contract.
-        unsafe { launch(stream, f, entry, grid, shared, params, args) }
+        unsafe { launch(stream, f, entry, extents, shared, params, args) }
     }
 }

@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream};
 use weft_codegen::abi::{AttentionParams, DecodeParams, DevPtr, MergeParams};
-use weft_codegen::{Kernel, KernelConfig, ATTENTION_ENTRY, DECODE_ENTRY, MERGE_ENTRY, MERGE_THREADS};
+use weft_codegen::{Kernel, KernelConfig, ATTENTION_ENTRY, DECODE_ENTRY, MERGE_ENTRY};
 
 use launch::{launch, launch_threads, Args};
 use weft_patterns::{BatchIndex, SparseIndex};
@@ -612,12 +612,12 @@ impl Gpu {
         // A persistent kernel takes one CTA per SM (or fewer: `GpuOptions::persistent_ctas`; at most
         // one per row) and walks the rows.
         let rows = index.q_blocks * index.heads;
-        let grid = if config.persistent {
+        let extents = if config.persistent {
             let limit = self.options().persistent_ctas;
             let ctas = if limit == 0 { self.sm_count.max(1) as usize } else { limit };
-            (rows.min(ctas) as u32, 1, 1)
+            [rows.min(ctas), 1, 1]
         } else {
-            (index.q_blocks as u32, index.heads as u32, 1)
+            [index.q_blocks, index.heads, 1]
         };
         let mut a = Args::new(&self.stream);
         let [block_ptr, block_idx, block_mask, col_ptr, col_idx, col_mask] = index.csr(&mut a);
@@ -648,7 +648,16 @@ impl Gpu {
         // Safety: every address comes from `a`, and `check_launch` verified each buffer's
         // length against the shapes the kernel indexes with.
         unsafe {
-            launch_threads(&self.stream, &f, &ATTENTION_ENTRY, grid, config.threads(), config.shared_bytes(), params, a)
+            launch_threads(
+                &self.stream,
+                &f,
+                &ATTENTION_ENTRY,
+                extents,
+                config.threads(),
+                config.shared_bytes(),
+                params,
+                a,
+            )
         }
     }
 }
@@ -676,7 +685,7 @@ impl Gpu {
         let mut a = Args::new(&self.stream);
         let params = weft_codegen::abi::ProbeParams { q: a.r(q), k: a.r(k), v: a.r(v), s: a.w(s), o: a.w(o) };
         // Safety: addresses from `a`, lengths checked above.
-        unsafe { launch(&self.stream, &f, &weft_codegen::PROBE_ENTRY, (1, 1, 1), kernel.shared_bytes, params, a) }
+        unsafe { launch(&self.stream, &f, &weft_codegen::PROBE_ENTRY, [1, 1, 1], kernel.shared_bytes, params, a) }
     }
 
     /// Decode over an index with one query per row (`block_m = 1`): `splits` CTAs per row
@@ -722,7 +731,6 @@ impl Gpu {
         let mut opart = s.alloc_zeros::<f32>(splits * rows * shape.head_dim).map_err(driver(what))?;
         let mut lpart = s.alloc_zeros::<f32>(splits * rows).map_err(driver(what))?;
         let f = self.load(kernel)?;
-        let grid = ((shape.nq * splits) as u32, shape.hq as u32, 1);
         let mut a = Args::new(s);
         let [block_ptr, block_idx, block_mask, col_ptr, col_idx, col_mask] = index.csr(&mut a);
         let params = DecodeParams {
@@ -745,7 +753,7 @@ impl Gpu {
             splits: splits as i32,
         };
         // Safety: addresses from `a`; lengths checked above, partials allocated for them.
-        unsafe { launch(s, &f, &DECODE_ENTRY, grid, 0, params, a) }?;
+        unsafe { launch(s, &f, &DECODE_ENTRY, [shape.nq * splits, shape.hq, 1], 0, params, a) }?;
         self.merge(merge, &opart, &lpart, splits, rows, shape.head_dim, out, lse)
     }
 
@@ -782,8 +790,6 @@ impl Gpu {
             )));
         }
         let f = self.load(merge)?;
-        let per = (MERGE_THREADS / 32) as usize;
-        let grid = (rows.div_ceil(per) as u32, 1, 1);
         let mut a = Args::new(&self.stream);
         let params = MergeParams {
             parts: a.r(partials),
@@ -794,7 +800,7 @@ impl Gpu {
             rows: rows as i32,
         };
         // Safety: addresses from `a`; lengths checked above.
-        unsafe { launch(&self.stream, &f, &MERGE_ENTRY, grid, 0, params, a) }
+        unsafe { launch(&self.stream, &f, &MERGE_ENTRY, [rows, 1, 1], 0, params, a) }
     }
 }
 

@@ -4,10 +4,7 @@ use std::time::Instant;
 
 use cudarc::driver::CudaSlice;
 use weft_codegen::abi::{BlockScoresParams, BlockSelectParams, BlockTopParams, PoolParams};
-use weft_codegen::{
-    block_select_shared_bytes, entry, index_module, pool_groups_per_cta, DType, BLOCK_SCORE_TILE, BLOCK_TOP_GROUPS,
-    INDEX_MAX_SHARED,
-};
+use weft_codegen::{block_select_shared_bytes, entry, index_module, pool_ctas, DType, INDEX_MAX_SHARED};
 use weft_dsl::Budget;
 use weft_patterns::device_plan::BlockPlan;
 
@@ -92,9 +89,8 @@ impl Gpu {
                 pq_lo: a.w(&mut lo),
                 pq_l1: a.w(&mut scratch_l1),
             };
-            let grid = ((count as usize).div_ceil(pool_groups_per_cta(d as u32)) as u32, heads as u32, 1);
             // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-            unsafe { m.launch(s, &entry::POOL, grid, 0, params, a) }?;
+            unsafe { m.launch(s, &entry::POOL, [pool_ctas(count as usize, d as u32), heads, 1], 0, params, a) }?;
         }
         timer.mark("pool", t0)?;
         // (Allocated once the pool is queued: the GPU starts while the host allocates.)
@@ -133,9 +129,8 @@ impl Gpu {
                 scale: plan.shape.scale,
                 scores: a.w(&mut scores),
             };
-            let grid = (groups.div_ceil(BLOCK_SCORE_TILE) as u32, kblocks.div_ceil(BLOCK_SCORE_TILE) as u32, hc as u32);
             // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-            unsafe { m.launch(s, &entry::BLOCK_SCORES, grid, 0, params, a) }?;
+            unsafe { m.launch(s, &entry::BLOCK_SCORES, [groups, kblocks, hc], 0, params, a) }?;
             timer.mark("score", t0)?;
             let t0 = timer.start()?;
             let allowed_view = allowed.slice(if plan.shape.per_head { h0 * groups * words } else { 0 }..);
@@ -157,9 +152,8 @@ impl Gpu {
                     chosen: a.w(&mut chosen_view),
                     cache_width: top_cache_i,
                 };
-                let grid = (groups.div_ceil(BLOCK_TOP_GROUPS) as u32, hc as u32, 1);
                 // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-                unsafe { m.launch(s, &entry::BLOCK_TOP, grid, top_smem, params, a) }?;
+                unsafe { m.launch(s, &entry::BLOCK_TOP, [groups, hc, 1], top_smem, params, a) }?;
             } else {
                 let params = BlockSelectParams {
                     scores: a.r(&scores),
@@ -172,9 +166,8 @@ impl Gpu {
                     budget_arg,
                     chosen: a.w(&mut chosen_view),
                 };
-                let grid = (groups as u32, hc as u32, 1);
                 // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-                unsafe { m.launch(s, &entry::BLOCK_SELECT, grid, select_smem as u32, params, a) }?;
+                unsafe { m.launch(s, &entry::BLOCK_SELECT, [groups, hc, 1], select_smem as u32, params, a) }?;
             }
             timer.mark("select", t0)?;
         }

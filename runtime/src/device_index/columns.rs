@@ -9,9 +9,8 @@ use weft_codegen::abi::{
     BudgetParams, ColumnsParams, KstatsParams, PoolParams, ScoreParams, SelectParams, ThresholdParams, VvExactParams,
 };
 use weft_codegen::{
-    entry, index_module, pool_groups_per_cta, vv_score_shared_bytes, vv_select_shared_bytes, DType, INDEX_MAX_SHARED,
-    KSTATS_KEYS, ROWS_PER_CTA, SCORE_COLS, SCORE_ROWS, VS_LOGITS_KEYS, VS_LOGITS_ROWS, VV_COLLECT_MAX,
-    VV_TWO_CTA_SHARED,
+    entry, index_module, pool_ctas, vv_score_shared_bytes, vv_select_shared_bytes, DType, INDEX_MAX_SHARED,
+    VV_COLLECT_MAX, VV_TWO_CTA_SHARED,
 };
 use weft_dsl::Budget;
 use weft_patterns::device_plan::ColumnPlan;
@@ -231,16 +230,14 @@ impl Gpu {
             pq_lo: a.w(&mut pq_lo),
             pq_l1: a.w(&mut pq_l1),
         };
-        let pool_grid = (groups.div_ceil(pool_groups_per_cta(d as u32)) as u32, hq as u32, 1);
         // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-        unsafe { m.launch(s, &entry::POOL, pool_grid, 0, params, a) }?;
+        unsafe { m.launch(s, &entry::POOL, [pool_ctas(groups, d as u32), hq, 1], 0, params, a) }?;
         timer.mark("pool", t0)?;
         let t0 = timer.start()?;
         let mut a = Args::new(s);
         let params = KstatsParams { k: a.r(k), nk: nk_i, kinf: a.w(&mut kinf), kmax_bits: a.w(&mut kmax) };
-        let grid = (nk.div_ceil(KSTATS_KEYS) as u32, hkv as u32, 1);
         // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-        unsafe { m.launch(s, &entry::KSTATS, grid, 0, params, a) }?;
+        unsafe { m.launch(s, &entry::KSTATS, [nk, hkv, 1], 0, params, a) }?;
         timer.mark("kstats", t0)?;
         let score_smem = vv_score_shared_bytes(d as u32);
         let (dense_mode, sample_mode, emit_mode) = (0i32, 1i32, 2i32);
@@ -275,9 +272,8 @@ impl Gpu {
                         list_high: a.w(&mut list_high),
                         list_cap: list_cap_i,
                     };
-                    let grid = (groups.div_ceil(SCORE_ROWS) as u32, cols.div_ceil(SCORE_COLS) as u32, hc as u32);
                     // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-                    unsafe { m.launch(s, &entry::SCORE, grid, score_smem, params, a) }?;
+                    unsafe { m.launch(s, &entry::SCORE, [groups, cols, hc], score_smem, params, a) }?;
                 }};
             }
             let t0 = timer.start()?;
@@ -302,7 +298,7 @@ impl Gpu {
                     thresh: a.w(&mut thresh),
                 };
                 // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-                unsafe { m.launch(s, &entry::THRESHOLD, (groups as u32, hc as u32, 1), 0, params, a) }?;
+                unsafe { m.launch(s, &entry::THRESHOLD, [groups, hc, 1], 0, params, a) }?;
                 timer.mark("threshold", t0)?;
                 let t0 = timer.start()?;
                 score!(emit_mode, nk);
@@ -330,9 +326,8 @@ impl Gpu {
                     exact: a.w(&mut exact),
                     best: a.w(&mut best),
                 };
-                let grid = (nk.div_ceil(VS_LOGITS_KEYS) as u32, groups.div_ceil(VS_LOGITS_ROWS) as u32, hc as u32);
                 // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-                unsafe { m.launch(s, &entry::VV_EXACT, grid, 0, params, a) }?;
+                unsafe { m.launch(s, &entry::VV_EXACT, [nk, groups, hc], 0, params, a) }?;
                 timer.mark("exact", t0)?;
             }
             if top_k.is_none() {
@@ -362,7 +357,7 @@ impl Gpu {
                     keep_out: a.w(&mut keep_count),
                 };
                 // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-                unsafe { m.launch(s, &entry::BUDGET, (groups as u32, hc as u32, 1), 0, params, a) }?;
+                unsafe { m.launch(s, &entry::BUDGET, [groups, hc, 1], 0, params, a) }?;
                 timer.mark("budget", t0)?;
             }
             let t0 = timer.start()?;
@@ -399,7 +394,7 @@ impl Gpu {
                 status: a.w(&mut status),
             };
             // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-            unsafe { m.launch(s, &entry::SELECT, (groups as u32, hc as u32, 1), select_smem as u32, params, a) }?;
+            unsafe { m.launch(s, &entry::SELECT, [groups, hc, 1], select_smem as u32, params, a) }?;
             timer.mark("select", t0)?;
         }
         let no_tiles = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
@@ -445,9 +440,8 @@ impl Gpu {
                 col_idx: a.w(col_idx),
                 col_mask: a.w(col_mask),
             };
-            let grid = (rows.div_ceil(ROWS_PER_CTA).max(1) as u32, 1, 1);
             // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-            unsafe { m.launch(s, &entry::COLUMNS, grid, 0, params, a) }
+            unsafe { m.launch(s, &entry::COLUMNS, [rows.max(1), 1, 1], 0, params, a) }
         };
         let mut none_idx = s.alloc_zeros::<u32>(1).map_err(driver(alloc))?;
         let mut none_mask = s.alloc_zeros::<u16>(1).map_err(driver(alloc))?;

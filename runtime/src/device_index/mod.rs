@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use weft_codegen::abi::{BlockRowsParams, ScanParams};
-use weft_codegen::{entry, DType, ROWS_PER_CTA};
+use weft_codegen::{entry, DType};
 use weft_patterns::device_plan::{AnyPlan, BlockEntries};
 
 use crate::launch::{Args, Module};
@@ -225,7 +225,7 @@ fn scan(
     let mut a = Args::new(s);
     let params = ScanParams { row_count: a.r(row_count), rows: rows as i32, col_ptr: a.w(ptr) };
     // Safety: addresses from `a`; `ptr` holds rows + 1 entries (the callers' allocations).
-    unsafe { m.launch(s, &entry::SCAN, (1, 1, 1), 0, params, a) }
+    unsafe { m.launch(s, &entry::SCAN, [1, 1, 1], 0, params, a) }
 }
 
 /// CUDA events around an index builder's launches, for [`IndexBuildReport::kernel_ms`].
@@ -394,10 +394,9 @@ impl DeviceEntries {
             block_mask: a.w(mask),
         };
         let rows = (hq * q_blocks).max(0) as usize;
-        let grid = (rows.div_ceil(ROWS_PER_CTA).max(1) as u32, 1, 1);
         // Safety: addresses from `a`, each buffer with the length the entry indexes (checked by
         // the callers' allocations).
-        unsafe { m.launch(s, &entry::BLOCK_ROWS, grid, 0, params, a) }
+        unsafe { m.launch(s, &entry::BLOCK_ROWS, [rows.max(1), 1, 1], 0, params, a) }
     }
 }
 

@@ -12,10 +12,7 @@ use weft_codegen::abi::{
     ColumnsParams, GridSelectParams, VsExpParams, VsInvParams, VsLogitsParams, VsMassParams, VsSelectParams,
     VsTilesParams,
 };
-use weft_codegen::{
-    entry, index_module, vs_mass_shared_bytes, DType, INDEX_MAX_SHARED, ROWS_PER_CTA, VS_EXP_KEYS, VS_LOGITS_KEYS,
-    VS_LOGITS_ROWS, VS_MASS_KEYS,
-};
+use weft_codegen::{entry, index_module, vs_mass_shared_bytes, DType, INDEX_MAX_SHARED};
 use weft_patterns::device_plan::{SlashPlan, Verticals};
 
 use super::{
@@ -124,9 +121,8 @@ impl Gpu {
                 logits: a.w(&mut weights),
                 rowmax: a.w(&mut rowmax),
             };
-            let grid = (nk.div_ceil(VS_LOGITS_KEYS) as u32, last.div_ceil(VS_LOGITS_ROWS) as u32, hc as u32);
             // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-            unsafe { m.launch(s, &entry::VS_LOGITS, grid, 0, params, a) }?;
+            unsafe { m.launch(s, &entry::VS_LOGITS, [nk, last, hc], 0, params, a) }?;
             timer.mark("logits", t0)?;
             let t0 = timer.start()?;
             let mut a = Args::new(s);
@@ -137,15 +133,14 @@ impl Gpu {
                 last: last_i,
                 partial: a.w(&mut partial),
             };
-            let grid = (nk.div_ceil(VS_EXP_KEYS) as u32, last as u32, hc as u32);
             // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-            unsafe { m.launch(s, &entry::VS_EXP, grid, 0, params, a) }?;
+            unsafe { m.launch(s, &entry::VS_EXP, [nk, last, hc], 0, params, a) }?;
             timer.mark("exp", t0)?;
             let t0 = timer.start()?;
             let mut a = Args::new(s);
             let params = VsInvParams { partial: a.r(&partial), nk: nk_i, last: last_i, inv: a.w(&mut inv) };
             // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-            unsafe { m.launch(s, &entry::VS_INV, (hc as u32, 1, 1), 0, params, a) }?;
+            unsafe { m.launch(s, &entry::VS_INV, [hc, 1, 1], 0, params, a) }?;
             let mut a = Args::new(s);
             let params = VsMassParams {
                 weights: a.r(&weights),
@@ -158,9 +153,11 @@ impl Gpu {
                 vert: a.w(&mut vert),
                 slash: a.w(&mut slash),
             };
-            let grid = (if slashes > 0 { nq + nk } else { nk }.div_ceil(VS_MASS_KEYS) as u32, hc as u32, 1);
+            let diagonals_or_keys = if slashes > 0 { nq + nk } else { nk };
             // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-            unsafe { m.launch(s, &entry::VS_MASS, grid, vs_mass_shared_bytes(last) as u32, params, a) }?;
+            unsafe {
+                m.launch(s, &entry::VS_MASS, [diagonals_or_keys, hc, 1], vs_mass_shared_bytes(last) as u32, params, a)
+            }?;
             timer.mark("mass", t0)?;
         }
         let t0 = timer.start()?;
@@ -180,7 +177,7 @@ impl Gpu {
                     counts: a.w(&mut counts),
                 };
                 // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-                unsafe { m.launch(s, &entry::VS_SELECT, (hq as u32, 2, 1), 0, params, a) }?;
+                unsafe { m.launch(s, &entry::VS_SELECT, [hq, 1, 1], 0, params, a) }?;
             }
             Verticals::Grid { stride, phase, cols } => {
                 let stride_i =
@@ -199,7 +196,7 @@ impl Gpu {
                     phases: a.w(&mut phases),
                 };
                 // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-                unsafe { m.launch(s, &entry::GRID_SELECT, (hq as u32, 1, 1), 0, params, a) }?;
+                unsafe { m.launch(s, &entry::GRID_SELECT, [hq, 1, 1], 0, params, a) }?;
             }
         }
         let mut a = Args::new(s);
@@ -216,7 +213,7 @@ impl Gpu {
             tiles: a.w(&mut tiles),
         };
         // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-        unsafe { m.launch(s, &entry::VS_TILES, (groups as u32, hq as u32, 1), 0, params, a) }?;
+        unsafe { m.launch(s, &entry::VS_TILES, [groups, hq, 1], 0, params, a) }?;
         timer.mark("select", t0)?;
 
         let too_large = |what: &str, n: usize| usage(format!("{what} {n} is too large for GPU index building"));
@@ -229,7 +226,6 @@ impl Gpu {
             rule_base: i32::try_from(slot_rows).map_err(|_| too_large("rule rows", slot_rows))?,
         };
         let (q_blocks_i, bm_i) = (q_blocks as i32, plan.shape.block_m as i32);
-        let row_grid = (rows.div_ceil(ROWS_PER_CTA).max(1) as u32, 1, 1);
         // Both row passes: 0 counts into the counts, 1 writes at the pointers.
         let rows_pass = |pass: i32,
                          counts_out: (&mut CudaSlice<u32>, &mut CudaSlice<u32>),
@@ -273,7 +269,7 @@ impl Gpu {
                 col_mask: a.w(cols.1),
             };
             // Safety: every address comes from `a`, each buffer sized for this entry as allocated above.
-            unsafe { m.launch(s, &entry::COLUMNS, row_grid, 0, params, a) }
+            unsafe { m.launch(s, &entry::COLUMNS, [rows.max(1), 1, 1], 0, params, a) }
         };
         let t0 = timer.start()?;
         let (mut n_idx, mut n_mask) =
