@@ -85,7 +85,7 @@ fn index_for(pattern: &Pattern, q: &Tensor, k: &Tensor, c: &KernelConfig) -> Res
     let opts =
         IndexOptions { block_m: Some(c.block_m as usize), block_n: Some(c.block_n as usize), ..Default::default() };
     if c.dtype == DType::Bf16 && !pattern.expr.is_static() {
-        return Ok(weft_patterns::device_plan::planned_index(&pattern.expr, q, k, &opts)?);
+        return Ok(weft_codegen::plan::planned_index(&pattern.expr, q, k, &opts)?);
     }
     Ok(build_index(&pattern.expr, q, k, &opts)?)
 }

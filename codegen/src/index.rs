@@ -198,7 +198,7 @@ pub fn index_module(head_dim: u32) -> Result<&'static Kernel, Error> {
 
 /// [`emit_index_module`]'s module for a checked `head_dim`.
 fn generate_index_module(head_dim: u32) -> Kernel {
-    use weft_patterns::{device_plan, repro};
+    use weft_patterns::repro;
     let config = format!("index-module head_dim={head_dim} dtype=bf16");
     let (key, header) = key_and_header("index-module", &closure("index.cu"), None, &config, &[], None);
     let name = format!("weft_index_{}", &key[..16]);
@@ -227,19 +227,19 @@ fn generate_index_module(head_dim: u32) -> Kernel {
     cfg += &constant(
         "unsigned short",
         "DROP_CODE",
-        format!("{:#x}", device_plan::DROP),
+        format!("{:#x}", crate::plan::DROP),
         "column rule: the row's blocks compute this key",
     );
     cfg += &constant(
         "unsigned int",
         "PER_COLUMN",
-        format!("{:#x}", device_plan::PER_COLUMN),
+        format!("{:#x}", crate::plan::PER_COLUMN),
         "rule codes from here on index per-key codes",
     );
     cfg += &constant(
         "unsigned int",
         "PER_LINE",
-        format!("{:#x}", device_plan::PER_LINE),
+        format!("{:#x}", crate::plan::PER_LINE),
         "line codes from here on index per-offset codes",
     );
     cfg += &constant("long long", "LOG2E_BITS", bits(repro::LOG2E), "repro::LOG2E");

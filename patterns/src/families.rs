@@ -420,7 +420,7 @@ pub(crate) fn last_rows_attention(inp: &HeadInputs<'_>, ctx: &Pred, last: usize,
 }
 
 /// The verticals and slashes (diagonal numbers) a vertical-slash leaf chooses for one head.
-pub(crate) fn vertical_slash_choice(v: &VerticalSlash, inp: &HeadInputs<'_>, ctx: &Pred) -> (Vec<u32>, Vec<u32>) {
+pub fn vertical_slash_choice(v: &VerticalSlash, inp: &HeadInputs<'_>, ctx: &Pred) -> (Vec<u32>, Vec<u32>) {
     let mass = last_rows_mass(inp, ctx, v.last_q as usize);
     let ids = |m: &[f64]| m.iter().enumerate().map(|(i, m)| (i as u32, *m)).collect::<Vec<_>>();
     (select_mass(&ids(&mass.vert), v.vertical), select_mass(&ids(&mass.slash), v.slash))
@@ -430,7 +430,7 @@ pub(crate) fn vertical_slash_choice(v: &VerticalSlash, inp: &HeadInputs<'_>, ctx
 ///
 /// Diagonal of (r, k) is numbered i = r + nk - k, in 1..nq + nk; i = nq is the causal main
 /// diagonal (k = r + nk - nq) and larger i lie further in the past.
-pub(crate) fn slash_blocks(slashes: &[u32], block: usize, nq: usize, nk: usize) -> BlockSel {
+pub fn slash_blocks(slashes: &[u32], block: usize, nq: usize, nk: usize) -> BlockSel {
     let b = block;
     let groups = nq.div_ceil(b);
     let nkb = nk.div_ceil(b);
@@ -461,12 +461,12 @@ fn vertical_slash(v: &VerticalSlash, inp: &HeadInputs<'_>, ctx: &Pred) -> (ColSe
 }
 
 /// Query rows a grid estimates its phase from (the last ones).
-pub(crate) const GRID_LAST_Q: usize = 64;
+pub const GRID_LAST_Q: usize = 64;
 
 /// A grid's phase for one head: the given one, or the heaviest in-frame position of the last
 /// [`GRID_LAST_Q`] queries' column mass, folded modulo the stride in key order (ties go to
 /// the lowest position).
-pub(crate) fn grid_phase(g: &Grid, inp: &HeadInputs<'_>, ctx: &Pred) -> usize {
+pub fn grid_phase(g: &Grid, inp: &HeadInputs<'_>, ctx: &Pred) -> usize {
     let stride = g.stride as usize;
     g.phase.map(|p| p as usize).unwrap_or_else(|| {
         let mut mass = vec![0f64; stride];
@@ -500,7 +500,7 @@ fn grid(g: &Grid, inp: &HeadInputs<'_>, ctx: &Pred) -> Node {
 /// pattern are a static predicate; rows at an estimated phase (`estimated`, or `None` for a
 /// GPU plan's placeholder) are [`RowLines`] over query blocks of `block_m` rows. GPU plans
 /// build a grid's node around these.
-pub(crate) fn grid_rows_and_sink(g: &Grid, estimated: Option<usize>, block_m: usize) -> Vec<Node> {
+pub fn grid_rows_and_sink(g: &Grid, estimated: Option<usize>, block_m: usize) -> Vec<Node> {
     let mut items = Vec::new();
     if matches!(g.lines, GridLines::Rows | GridLines::Both) {
         items.push(match g.phase {

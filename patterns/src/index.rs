@@ -205,8 +205,10 @@ pub fn build_index(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &IndexOp
     resolve_pattern(pattern, q, k, opts)?.index()
 }
 
+/// What a node keeps of a region: nothing, everything, or the keys of a predicate (the
+/// coverage analysis the index builders share with the GPU plans in weft-codegen).
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) enum Cov {
+pub enum Cov {
     None,
     All,
     Mask(Pred),
@@ -220,7 +222,8 @@ fn or(a: Cov, b: Cov) -> Cov {
     }
 }
 
-pub(crate) fn and(a: Cov, b: Cov) -> Cov {
+/// The intersection of two coverages.
+pub fn and(a: Cov, b: Cov) -> Cov {
     match (a, b) {
         (Cov::None, _) | (_, Cov::None) => Cov::None,
         (Cov::All, x) | (x, Cov::All) => x,
@@ -229,7 +232,7 @@ pub(crate) fn and(a: Cov, b: Cov) -> Cov {
 }
 
 /// What `node` keeps of region `r`; `col` is set in the column pass (a one-key region).
-pub(crate) fn cov(node: &Node, r: &Region, col: Option<usize>) -> Cov {
+pub fn cov(node: &Node, r: &Region, col: Option<usize>) -> Cov {
     let all_or_none = |b: bool| if b { Cov::All } else { Cov::None };
     match node {
         Node::Static(p) => match decide(p, r) {
@@ -250,14 +253,15 @@ pub(crate) fn cov(node: &Node, r: &Region, col: Option<usize>) -> Cov {
     }
 }
 
+/// An index entry: a full block (or column) or one masked by a predicate.
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) enum Entry {
+pub enum Entry {
     Full,
     Mask(Pred),
 }
 
 /// Settles a coverage on its region: full, empty (`None`) or a predicate that is mixed there.
-pub(crate) fn settle(c: Cov, r: &Region) -> Option<Entry> {
+pub fn settle(c: Cov, r: &Region) -> Option<Entry> {
     match c {
         Cov::None => None,
         Cov::All => Some(Entry::Full),
@@ -271,7 +275,7 @@ pub(crate) fn settle(c: Cov, r: &Region) -> Option<Entry> {
 
 /// Replaces every column selection of `n` with one that chooses every key: what a chosen
 /// column's coverage is, whichever it is.
-pub(crate) fn choose_all(n: &Node, nq: usize, nk: usize) -> Node {
+pub fn choose_all(n: &Node, nq: usize, nk: usize) -> Node {
     match n {
         Node::Columns(_) => Node::Columns(ColSel { bq: nq.max(1), cols: vec![(0..nk as u32).collect()] }),
         Node::Union(items) => Node::Union(items.iter().map(|i| choose_all(i, nq, nk)).collect()),
@@ -287,13 +291,14 @@ type EntryKey = (u16, (usize, usize), (usize, usize));
 
 /// An index's mask predicates, each stored once, with ids below [`FULL`].
 #[derive(Default)]
-pub(crate) struct MaskTable {
-    pub(crate) masks: Vec<Pred>,
+pub struct MaskTable {
+    masks: Vec<Pred>,
     ids: HashMap<Pred, u16>,
 }
 
 impl MaskTable {
-    pub(crate) fn from(masks: &[Pred]) -> MaskTable {
+    /// A table holding `masks` (ids in their order).
+    pub fn with_masks(masks: &[Pred]) -> MaskTable {
         let mut t = MaskTable::default();
         for m in masks {
             // Existing tables are below the limit already.
@@ -303,11 +308,12 @@ impl MaskTable {
     }
 
     /// The id of `p` if the table holds it.
-    pub(crate) fn get(&self, p: &Pred) -> Option<u16> {
+    pub fn get(&self, p: &Pred) -> Option<u16> {
         self.ids.get(p).copied()
     }
 
-    pub(crate) fn intern(&mut self, p: Pred) -> Result<u16, Error> {
+    /// The id of `p`, added when the table does not hold it yet.
+    pub fn intern(&mut self, p: Pred) -> Result<u16, Error> {
         if let Some(id) = self.ids.get(&p) {
             return Ok(*id);
         }
@@ -318,6 +324,16 @@ impl MaskTable {
         self.ids.insert(p.clone(), id);
         self.masks.push(p);
         Ok(id)
+    }
+
+    /// The masks by id.
+    pub fn masks(&self) -> &[Pred] {
+        &self.masks
+    }
+
+    /// The masks by id, for an index's mask list.
+    pub fn into_masks(self) -> Vec<Pred> {
+        self.masks
     }
 
     fn entry(&mut self, e: Entry) -> Result<u16, Error> {
@@ -795,7 +811,7 @@ impl SparseIndex {
     /// positions): entries where `p` is all-true stay as they are, those where it is false
     /// go, the rest carry `mask && p`.
     pub fn restrict(&self, p: &Pred) -> Result<SparseIndex, Error> {
-        let mut table = MaskTable::from(&self.masks);
+        let mut table = MaskTable::with_masks(&self.masks);
         let mut out = SparseIndex {
             permutation: self.permutation,
             ..SparseIndex::empty(self.heads, self.nq, self.nk, self.block_m, self.block_n)

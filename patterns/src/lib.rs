@@ -65,7 +65,6 @@
 //! (vertical-slash) rank as weights ([`select::select_mass`]). The estimates' softmax uses
 //! [`repro`]'s arithmetic, so that GPU builders choose exactly the same.
 
-pub mod device_plan;
 pub mod families;
 pub mod index;
 pub mod interval;

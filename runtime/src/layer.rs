@@ -21,9 +21,9 @@ use std::time::Instant;
 
 use cudarc::driver::CudaSlice;
 use weft_cache::{ShapeBucket, Toolchain, TuneKey, TuneRecord};
+use weft_codegen::plan::AnyPlan;
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::{Pattern, PatternExpr};
-use weft_patterns::device_plan::AnyPlan;
 use weft_patterns::{build_index, BatchIndex, IndexOptions, SparseIndex, Tensor};
 
 use crate::{driver, AttnShape, DeviceIndex, Error, LoadSource, Runtime};

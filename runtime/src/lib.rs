@@ -14,7 +14,7 @@
 //! check; cudarc would panic on first use, so the libraries are probed first.
 //!
 //! - The `device_index` module: indexes built on the device from Q and K, each equal to the
-//!   CPU builder's, from a static plan (`weft_patterns::device_plan`) whose device copy is
+//!   CPU builder's, from a static plan (`weft_codegen::plan`) whose device copy is
 //!   kept: [`Gpu::build_vv_index`] (vertical vectors: approximate tensor-core scores with a
 //!   proven bound, exact f64 scores at the cut, every pair's for top-p),
 //!   [`Gpu::build_block_index`] (block top-k / top-p / threshold, exact f64 scores) and

@@ -330,7 +330,7 @@ fn check_device_built(
     let within = report.blocks <= report.capacity.0 && report.columns <= report.capacity.1;
     let mut got_ix = dix.to_host(gpu).unwrap();
     got_ix.masks = masks.to_vec();
-    let diff = weft_patterns::device_plan::index_difference(&got_ix, want_ix);
+    let diff = weft_codegen::plan::index_difference(&got_ix, want_ix);
     let (rel, nan, lse_err) = compare_over_device_index(gpu, p, masks, &dix, shape, (&qd, &kd, &vd), want_ix, x, scale);
     // The lists were allocated at the plan's bounds, before any count was known: the entries
     // must fit them.
@@ -892,7 +892,7 @@ fn a_packed_varlen_layer_matches_each_sequence_reference() {
 
 #[test]
 fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
-    use weft_patterns::device_plan::{index_difference, ColumnPlan};
+    use weft_codegen::plan::{index_difference, ColumnPlan};
     let gpu = Gpu::open(0).expect("a GPU");
     let vv = |q_block: u32, n: weft_dsl::Budget, sink: u32, local: u32| {
         vertical_vector().q_block(q_block).keep(n).sink(sink).local(local)
@@ -1001,7 +1001,7 @@ fn vertical_vector_indexes_built_on_the_gpu_match_the_cpu_builder() {
 /// them, the same as the CPU builder's at those blocks.
 #[test]
 fn vertical_vector_indexes_in_128_key_blocks_match_the_cpu_builder() {
-    use weft_patterns::device_plan::ColumnPlan;
+    use weft_codegen::plan::ColumnPlan;
     let gpu = Gpu::open(0).expect("a GPU");
     let vv =
         |n: weft_dsl::Budget, sink: u32, local: u32| vertical_vector().q_block(128).keep(n).sink(sink).local(local);
@@ -1063,7 +1063,7 @@ fn vertical_vector_block_and_vertical_slash_layers_build_their_index_on_the_gpu(
 /// index must be the CPU builder's.
 #[test]
 fn vertical_vector_groups_with_many_near_equal_keys_are_ranked_exactly_on_the_gpu() {
-    use weft_patterns::device_plan::{index_difference, ColumnPlan};
+    use weft_codegen::plan::{index_difference, ColumnPlan};
     let gpu = Gpu::open(0).expect("a GPU");
     let (hq, hkv, nq, d) = (4usize, 2usize, 900usize, 128usize);
     let mut failures = Vec::new();
@@ -1212,7 +1212,7 @@ fn check_slash_plan(
     case: String,
     failures: &mut Vec<String>,
 ) {
-    use weft_patterns::device_plan::SlashPlan;
+    use weft_codegen::plan::SlashPlan;
     let scale = 1.0 / (d as f64).sqrt();
     let opts = IndexOptions { scale: Some(scale), ..Default::default() };
     let want_ix = build_index(&p.expr, &x.q, &x.k, &opts).unwrap();
@@ -1316,7 +1316,7 @@ fn grid_indexes_built_on_the_gpu_match_the_cpu_builder() {
 
 #[test]
 fn block_indexes_built_on_the_gpu_match_the_cpu_builder() {
-    use weft_patterns::device_plan::BlockPlan;
+    use weft_codegen::plan::BlockPlan;
     let gpu = Gpu::open(0).expect("a GPU");
     let mut failures = Vec::new();
     // top_k and threshold select by radix (block_top), top_p by sort (block_select).

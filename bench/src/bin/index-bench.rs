@@ -20,10 +20,10 @@
 use anyhow::Result;
 use clap::Parser;
 use rayon::prelude::*;
+use weft_codegen::plan::{BlockPlan, ColumnPlan, SlashPlan};
 use weft_codegen::{emit, DType, KernelConfig, KernelSpec};
 use weft_dsl::builder::*;
 use weft_dsl::Pattern;
-use weft_patterns::device_plan::{BlockPlan, ColumnPlan, SlashPlan};
 use weft_patterns::IndexOptions;
 use weft_runtime::timing::time_calls;
 use weft_runtime::{AttnShape, DeviceIndex, Gpu, GpuOptions, IndexBuild, IndexBuildReport};

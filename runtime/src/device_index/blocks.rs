@@ -4,9 +4,9 @@ use std::time::Instant;
 
 use cudarc::driver::CudaSlice;
 use weft_codegen::abi::{BlockScoresParams, BlockSelectParams, BlockTopParams, PoolParams};
+use weft_codegen::plan::BlockPlan;
 use weft_codegen::{block_select_shared_bytes, entry, index_module, pool_ctas, DType, INDEX_MAX_SHARED};
 use weft_dsl::Budget;
-use weft_patterns::device_plan::BlockPlan;
 
 use super::{
     alloc_lists, check_build_inputs, list_len, scan, upload, usage, DeviceEntries, IndexBuild, KernelTimer, NoLines,

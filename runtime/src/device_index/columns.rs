@@ -8,12 +8,12 @@ use cudarc::driver::CudaSlice;
 use weft_codegen::abi::{
     BudgetParams, ColumnsParams, KstatsParams, PoolParams, ScoreParams, SelectParams, ThresholdParams, VvExactParams,
 };
+use weft_codegen::plan::ColumnPlan;
 use weft_codegen::{
     entry, index_module, pool_ctas, vv_score_shared_bytes, vv_select_shared_bytes, DType, INDEX_MAX_SHARED,
     VV_COLLECT_MAX, VV_TWO_CTA_SHARED,
 };
 use weft_dsl::Budget;
-use weft_patterns::device_plan::ColumnPlan;
 
 use super::{
     alloc_lists, check_build_inputs, list_len, scan, upload, usage, DeviceCsr, DeviceRules, IndexBuild, KernelTimer,

@@ -30,8 +30,8 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use weft_codegen::abi::{BlockRowsParams, ScanParams};
+use weft_codegen::plan::{AnyPlan, BlockEntries};
 use weft_codegen::{entry, DType};
-use weft_patterns::device_plan::{AnyPlan, BlockEntries};
 
 use crate::launch::{Args, Module};
 use crate::{driver, AttnShape, DeviceIndex, Error, Gpu};
@@ -290,7 +290,7 @@ struct DeviceRules {
 }
 
 impl DeviceRules {
-    fn upload(s: &Arc<CudaStream>, r: &weft_patterns::device_plan::ColumnRules, up: &str) -> Result<Self, Error> {
+    fn upload(s: &Arc<CudaStream>, r: &weft_codegen::plan::ColumnRules, up: &str) -> Result<Self, Error> {
         Ok(DeviceRules {
             ptr: upload(s, &r.ptr, up)?,
             c0: upload(s, &r.c0, up)?,
@@ -440,7 +440,7 @@ type DeviceCsr = (CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u16>);
 /// Checks a device index build's inputs: bf16, the plan's shape (`heads, nq, nk`), GQA and the
 /// buffer lengths.
 fn check_build_inputs(
-    plan: &weft_patterns::device_plan::PlanShape,
+    plan: &weft_codegen::plan::PlanShape,
     shape: AttnShape,
     dtype: DType,
     q: &CudaSlice<u16>,

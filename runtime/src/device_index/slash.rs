@@ -12,8 +12,8 @@ use weft_codegen::abi::{
     ColumnsParams, GridSelectParams, VsExpParams, VsInvParams, VsLogitsParams, VsMassParams, VsSelectParams,
     VsTilesParams,
 };
+use weft_codegen::plan::{SlashPlan, Verticals};
 use weft_codegen::{entry, index_module, vs_mass_shared_bytes, DType, INDEX_MAX_SHARED};
-use weft_patterns::device_plan::{SlashPlan, Verticals};
 
 use super::{
     alloc_lists, check_build_inputs, list_len, scan, upload, usage, DeviceEntries, DeviceRules, IndexBuild,

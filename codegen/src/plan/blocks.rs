@@ -142,7 +142,7 @@ impl BlockPlan {
             start.index(start.nodes.iter().map(|n| replace_leaf(pattern, n, &is_budget_block, &with)).collect())
         };
         let (all, none) = (index_with(true)?, index_with(false)?);
-        let mut table = MaskTable::from(&all.masks);
+        let mut table = MaskTable::with_masks(&all.masks);
         let entries = block_entries(&all, &none, start.bn, bk, &mut table)?;
         check_mask_count(&table)?;
         // Candidates: the pattern key blocks the context allows for some pair (as the CPU
@@ -169,7 +169,7 @@ impl BlockPlan {
             budget,
             allowed,
             entries,
-            masks: table.masks,
+            masks: table.into_masks(),
         })
     }
 

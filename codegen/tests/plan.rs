@@ -3,9 +3,9 @@
 //! columns, same masks.
 
 use proptest::prelude::*;
+use weft_codegen::plan::{index_difference, BlockPlan, ColumnPlan, SlashChoice, SlashPlan};
 use weft_dsl::builder::*;
 use weft_dsl::*;
-use weft_patterns::device_plan::{index_difference, BlockPlan, ColumnPlan, SlashChoice, SlashPlan};
 use weft_patterns::*;
 
 fn patterns(n: u32, q_block: u32) -> Vec<(&'static str, PatternExpr)> {
@@ -203,7 +203,7 @@ fn vertical_slash_plans_take_top_k_budgets_only() {
 
 #[test]
 fn planned_indexes_are_build_index_numbered_as_the_gpu_numbers_them() {
-    use weft_patterns::device_plan::{planned_index, AnyPlan};
+    use weft_codegen::plan::{planned_index, AnyPlan};
     let (q, k) = (Tensor::random(2, 300, 16, 5), Tensor::random(1, 340, 16, 6));
     let opts = IndexOptions { scale: Some(0.25), ..Default::default() };
     let plannable = [

@@ -26,10 +26,11 @@ use rayon::prelude::*;
 use weft_dsl::{Pred, Var};
 
 use super::{check_mask_count, BlockEntries, ColumnRules, Entry, LineCodes, DROP, PER_COLUMN};
-use crate::families::{Node, RowLines};
-use crate::index::{and, cov, settle, Cov, MaskTable};
-use crate::interval::{decide, decide_exact, Region};
-use crate::{Error, FULL};
+use weft_patterns::families::{Node, RowLines};
+use weft_patterns::index::{and, cov, settle, Cov, MaskTable};
+use weft_patterns::interval::{decide, decide_exact, Region};
+use weft_patterns::Error;
+use weft_patterns::FULL;
 
 /// One slot node per pattern variant, each with every column chosen and no slash tile kept:
 /// the row lines a placeholder (`sym`), on no row (`off`) or on every row (`on`).
@@ -144,7 +145,7 @@ impl<'g> ChunkCodes<'g> {
 
     /// The mask of a code already in the plan's table.
     fn mask(&self, id: u16) -> &Pred {
-        &self.table.masks[id as usize]
+        &self.table.masks()[id as usize]
     }
 
     /// The line code of one code per offset: the code when they are all one, else a vector.
@@ -167,7 +168,7 @@ impl<'g> ChunkCodes<'g> {
         *self.reads_k.entry(code).or_insert_with(|| {
             (0..lines.len).any(|r| match lines.resolve(code, r) {
                 FULL | DROP => false,
-                id => table.masks[id as usize].uses(Var::K),
+                id => table.masks()[id as usize].uses(Var::K),
             })
         })
     }

@@ -1,9 +1,9 @@
 //! The encoding the GPU builders read: entry codes of column rules and row lines (`DROP`,
-//! `PER_COLUMN`, `PER_LINE`), spliced as constants into the index module's generated config
-//! (weft-codegen `index.rs`), and the run tables that use them.
+//! `PER_COLUMN`, `PER_LINE`), emitted as constants into the index module's generated config
+//! (`index.rs`), and the run tables that use them.
 
-use crate::Error;
-use crate::FULL;
+use weft_patterns::Error;
+use weft_patterns::FULL;
 
 /// Entry code of a chosen column that the row's blocks already compute (or that the pattern
 /// excludes there): it gets no column entry.
@@ -87,7 +87,7 @@ pub const PER_LINE: u32 = 0x8000_0000;
 ///
 /// With an estimated phase, the line rows of the query block starting at row `q0` sit at
 /// offsets `r, r + stride, ...` with `r = (phase - q0) mod stride`
-/// ([`crate::families::RowLines::tile_offset`]). When `r < len` (the block may hold line
+/// ([`weft_patterns::families::RowLines::tile_offset`]). When `r < len` (the block may hold line
 /// rows; a short last block holds none when `r` is past its rows, and its codes say so) its
 /// entries take their codes from line codes: a plain entry code (below `PER_LINE`), or a
 /// vector of `len` codes, one per offset, at `codes[code - PER_LINE..]`. Otherwise the block
@@ -118,7 +118,7 @@ impl LineCodes {
         if self.len == 0 {
             return None;
         }
-        Some(crate::families::RowLines::tile_offset(self.stride, phase, q0)).filter(|r| *r < self.len)
+        Some(weft_patterns::families::RowLines::tile_offset(self.stride, phase, q0)).filter(|r| *r < self.len)
     }
 
     /// The line code of one code per offset: the code itself when they are all one, else a

@@ -16,8 +16,14 @@
 //!   the row's column list with a binary search per column.
 //!
 //! The GPU then only scores, selects and compresses (`weft-runtime`'s device index builder),
-//! and the result is the index [`crate::build_index`] builds: [`ColumnPlan::assemble`] is the
+//! and the result is the index [`weft_patterns::build_index`] builds: [`ColumnPlan::assemble`] is the
 //! CPU mirror of that last step, and the tests check it against `build_index` pair for pair.
+//!
+//! The plans live in codegen because what they hold is the GPU builders' input: arrays in the
+//! encoding the index module's kernels read ([`DROP`], [`PER_COLUMN`], [`PER_LINE`], emitted
+//! into the module's config from these constants). What an entry covers is weft-patterns'
+//! (its coverage analysis: [`weft_patterns::index::cov`], [`weft_patterns::index::settle`]),
+//! which stays the oracle the plans are checked against.
 
 mod blocks;
 mod codes;
@@ -28,16 +34,17 @@ mod slash;
 use rayon::prelude::*;
 use weft_dsl::{Budget, GridLines, PatternExpr, Pred, Var, VerticalVector};
 
-use crate::families::{resolve, HeadInputs, Node};
-use crate::index::{and, choose_all, cov, layout, settle, Cov, Entry, MaskTable};
-use crate::interval::{decide, Region};
-use crate::{Error, IndexOptions, SparseIndex, Tensor, FULL};
 use blocks::block_entries;
 pub use blocks::{BlockEntries, BlockPlan};
 pub use codes::{ColumnRules, LineCodes, DROP, PER_COLUMN, PER_LINE};
 use columns::column_rules;
 pub use columns::ColumnPlan;
 pub use slash::{SlashChoice, SlashPlan, Verticals};
+use weft_patterns::families::{resolve, HeadInputs, Node};
+use weft_patterns::index::{and, choose_all, cov, layout, settle, Cov, Entry, MaskTable};
+use weft_patterns::interval::{decide, Region};
+use weft_patterns::Error;
+use weft_patterns::{IndexOptions, SparseIndex, Tensor, FULL};
 
 /// A fresh plan id (see [`ColumnPlan::id`]).
 fn next_plan_id() -> u64 {
@@ -110,14 +117,14 @@ impl PlanShape {
     }
 
     /// `pattern` resolved on the CPU for `q` and `k` with the plan's blocks and scale.
-    fn resolve(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<crate::Resolved, Error> {
+    fn resolve(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<weft_patterns::Resolved, Error> {
         let opts = IndexOptions {
             block_m: Some(self.block_m),
             block_n: Some(self.block_n),
             scale: Some(self.scale),
             ..Default::default()
         };
-        crate::resolve_pattern(pattern, q, k, &opts)
+        weft_patterns::resolve_pattern(pattern, q, k, &opts)
     }
 }
 
@@ -256,7 +263,7 @@ impl StaticStart {
     /// The index of `nodes` (one per slot, static: their choices fixed) at the plan's shape and
     /// block sizes: skeletons and the chosen / unchosen variants plans compare.
     fn index(&self, nodes: Vec<Node>) -> Result<SparseIndex, Error> {
-        crate::Resolved {
+        weft_patterns::Resolved {
             heads: nodes.len(),
             nodes,
             permutation: None,
@@ -273,7 +280,7 @@ impl StaticStart {
 
 /// Mask ids of a GPU-built index must stay below [`DROP`].
 fn check_mask_count(table: &MaskTable) -> Result<(), Error> {
-    if table.masks.len() > DROP as usize {
+    if table.masks().len() > DROP as usize {
         return Err(Error::Layout("more than 65534 distinct masks in a GPU-built index".into()));
     }
     Ok(())
@@ -405,7 +412,7 @@ impl AnyPlan {
     }
 
     /// The index of `pattern` for `q` and `k` built on the CPU through the plan: the same
-    /// entries as [`crate::build_index`], numbered with the plan's mask table, which is what
+    /// entries as [`weft_patterns::build_index`], numbered with the plan's mask table, which is what
     /// a GPU build of the same plan returns.
     pub fn index_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<SparseIndex, Error> {
         match self {
@@ -416,7 +423,7 @@ impl AnyPlan {
     }
 }
 
-/// [`crate::build_index`], numbering masks as a GPU build would when a GPU builder takes the
+/// [`weft_patterns::build_index`], numbering masks as a GPU build would when a GPU builder takes the
 /// pattern (so that a kernel generated for one index serves the other: mask tables are part
 /// of kernel keys); otherwise `build_index` itself. The scale defaults to `1 / sqrt(d)`.
 pub fn planned_index(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &IndexOptions) -> Result<SparseIndex, Error> {
@@ -427,11 +434,11 @@ pub fn planned_index(pattern: &PatternExpr, q: &Tensor, k: &Tensor, opts: &Index
             return plan.index_on_cpu(pattern, q, k);
         }
     }
-    crate::build_index(pattern, q, k, &opts_scaled)
+    weft_patterns::build_index(pattern, q, k, &opts_scaled)
 }
 
 /// The selection of the dynamic block leaf of `e` in its resolved node.
-fn dynamic_block_sel<'a>(e: &PatternExpr, node: &'a Node) -> Option<&'a crate::families::BlockSel> {
+fn dynamic_block_sel<'a>(e: &PatternExpr, node: &'a Node) -> Option<&'a weft_patterns::families::BlockSel> {
     match (e, node) {
         (PatternExpr::Block(b), Node::Blocks(sel)) if matches!(b.keep, weft_dsl::BlockKeep::Budget(_)) => Some(sel),
         (PatternExpr::Union(es), Node::Union(ns)) | (PatternExpr::Intersect(es), Node::Intersect(ns)) => {

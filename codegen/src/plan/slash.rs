@@ -27,12 +27,13 @@ use super::{
     block_entries, check_mask_count, column_rules, find_leaf, replace_leaf, static_start, BlockEntries, ColumnRules,
     Leaf, LineCodes, PlanShape, DROP,
 };
-use crate::families::{
+use weft_patterns::families::{
     grid_phase, grid_rows_and_sink, slash_blocks, vertical_slash_choice, ColSel, HeadInputs, Node, GRID_LAST_Q,
 };
-use crate::index::MaskTable;
-use crate::interval::{decide, Region};
-use crate::{Error, IndexOptions, SparseIndex, Tensor};
+use weft_patterns::index::MaskTable;
+use weft_patterns::interval::{decide, Region};
+use weft_patterns::Error;
+use weft_patterns::{IndexOptions, SparseIndex, Tensor};
 
 /// The static part of a vertical-slash index (see the module docs).
 #[derive(Clone, Debug)]
@@ -111,7 +112,7 @@ enum Rows {
     Off,
     /// On every row.
     On,
-    /// The placeholder ([`crate::families::RowLines`] without a phase).
+    /// The placeholder ([`weft_patterns::families::RowLines`] without a phase).
     Placeholder,
 }
 
@@ -182,7 +183,7 @@ impl SlashPlan {
         // Row lines at an estimated phase: codes per offset in the query block.
         let row_lines = grid.filter(|g| g.phase.is_none() && g.lines != GridLines::Cols);
         let is_target = |e: &PatternExpr| std::ptr::eq(e, leaf);
-        let bm = crate::index::layout(pattern, opts)?.0;
+        let bm = weft_patterns::index::layout(pattern, opts)?.0;
         let shape = (nq, nk, bm);
         let placeholder = vs_node(false, false, Rows::Off, shape, grid);
         let fix = |e: &PatternExpr| is_target(e).then(|| placeholder.clone());
@@ -197,7 +198,7 @@ impl SlashPlan {
         let most = if row_lines.is_some() { variant(false, false, Rows::On) } else { variant(false, true, Rows::Off) };
         let (tiles, none) = (start.index(most)?, start.index(variant(false, false, Rows::Off))?);
         let bn = start.bn;
-        let mut table = MaskTable::from(&tiles.masks);
+        let mut table = MaskTable::with_masks(&tiles.masks);
         let mut entries = block_entries(&tiles, &none, bn, b, &mut table)?;
         let mut rules = column_rules(&variant(true, false, Rows::Off), &none, &mut table, nq, nk, bm, bn)?;
         let mut lines = LineCodes::default();
@@ -221,7 +222,7 @@ impl SlashPlan {
             let inside = column_rules(
                 &variant(true, true, Rows::Off),
                 &tiles,
-                &mut MaskTable::from(&tiles.masks),
+                &mut MaskTable::with_masks(&tiles.masks),
                 nq,
                 nk,
                 bm,
@@ -285,7 +286,7 @@ impl SlashPlan {
             entries,
             rules,
             lines,
-            masks: table.masks,
+            masks: table.into_masks(),
         })
     }
 
@@ -333,7 +334,7 @@ impl SlashPlan {
     pub fn choose_on_cpu(&self, pattern: &PatternExpr, q: &Tensor, k: &Tensor) -> Result<Vec<SlashChoice>, Error> {
         let (leaf, ctx) = target(pattern)?;
         self.shape.check(q, k)?;
-        let group = crate::tensor::check_qkv(q, k, None)?;
+        let group = weft_patterns::tensor::check_qkv(q, k, None)?;
         q.check_finite("q")?;
         k.check_finite("k")?;
         Ok((0..q.heads)

@@ -1,4 +1,4 @@
-//! The vertical-vector plan ([`ColumnPlan`]): see the module docs of `device_plan`.
+//! The vertical-vector plan ([`ColumnPlan`]): see the module docs of `plan`.
 
 use super::*;
 
@@ -171,7 +171,7 @@ impl ColumnPlan {
         let groups = nq.div_ceil(q_block);
         let slots = nodes.len();
         let q_blocks = nq.div_ceil(bm);
-        let mut table = MaskTable::from(&slot_skeleton.masks);
+        let mut table = MaskTable::with_masks(&slot_skeleton.masks);
         let region =
             |h: usize, q0: usize, q1: usize, k0: usize, k1: usize| Region::new(h, (q0, q1), (k0, k1), (nq, nk));
 
@@ -245,7 +245,7 @@ impl ColumnPlan {
                 skeleton.col_ptr.push(0);
             }
         }
-        skeleton.masks = table.masks;
+        skeleton.masks = table.into_masks();
         Ok(ColumnPlan { shape, q_block, groups, budget: vv.keep, cand_lo, cand_hi, skeleton, rules })
     }
 
