@@ -99,9 +99,49 @@ def _layer_plan(key: str) -> weft.LayerPlan:
     return p
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    # Each tensor attribute read costs about 0.1 us: a call reads each once, and compares
-    # devices by index rather than through torch.device objects.
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Checks q, k and v; returns q's and k's shapes and the CUDA device index (-1 on meta).
+
+    Every eager call pays for this, and each tensor attribute read costs about 0.1 us: valid
+    CUDA inputs pass one chain of tests, each attribute read once; anything else goes to
+    :func:`_explain`, which names the problem (or passes meta tensors)."""
+    try:
+        qs, ks = q.shape, k.shape
+        dt = q.dtype
+        device = q.get_device()
+        if (
+            q.is_cuda
+            and k.is_cuda
+            and v.is_cuda
+            and dt in _DTYPES
+            and k.dtype is dt
+            and v.dtype is dt
+            and len(qs) == 4
+            and len(ks) == 4
+            and v.shape == ks
+            and qs[0] == ks[0]
+            and qs[3] == ks[3]
+            and ks[1] > 0
+            and qs[1] % ks[1] == 0
+            and qs[0] > 0
+            and qs[2] > 0
+            and ks[2] > 0
+            and qs[3] > 0
+            and k.get_device() == device
+            and v.get_device() == device
+            and q.is_contiguous()
+            and k.is_contiguous()
+            and v.is_contiguous()
+        ):
+            return qs, ks, device
+    except (AttributeError, TypeError):
+        pass
+    _explain(q, k, v)
+    return q.shape, k.shape, q.get_device()
+
+
+def _explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raises the error that names what is wrong with q, k and v (meta tensors pass)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
@@ -148,6 +188,15 @@ def _stream(device: int) -> int:
 # kernels always write one): an eager call without `return_lse` then allocates only its
 # output. Buffers are never freed, since a CUDA graph captured with one writes it on every
 # replay; each new one is at least twice the last, so they hold under twice the largest.
+class _ScratchLse:
+    """One scratch buffer, with its size and address read once (every call checks them)."""
+
+    __slots__ = ("numel", "ptr", "tensor")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.numel, self.ptr, self.tensor = tensor.numel(), tensor.data_ptr(), tensor
+
+
 _lse_scratch: dict = {}
 
 
@@ -155,23 +204,27 @@ def _scratch_lse(q: torch.Tensor, numel: int, device: int) -> Optional[int]:
     """The address of a scratch LSE buffer of at least ``numel`` floats on ``device``, or
     None where none may be made now (while a CUDA graph is being captured)."""
     bufs = _lse_scratch.get(device)
-    if bufs and bufs[-1].numel() >= numel:
-        return bufs[-1].data_ptr()
+    if bufs and bufs[-1].numel >= numel:
+        return bufs[-1].ptr
     if torch.cuda.is_current_stream_capturing():
         return None  # memory allocated during capture belongs to the graph's pool
-    size = max(numel, 2 * bufs[-1].numel() if bufs else 0)
-    buf = torch.empty(size, dtype=torch.float32, device=q.device)
+    size = max(numel, 2 * bufs[-1].numel if bufs else 0)
+    buf = _ScratchLse(torch.empty(size, dtype=torch.float32, device=q.device))
     _lse_scratch.setdefault(device, []).append(buf)
-    return buf.data_ptr()
+    return buf.ptr
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: weft.LayerPlan, scale: float, want_lse: bool = True):
     """Allocates the output (and the LSE when wanted, else a scratch buffer takes it) and
     queues the kernels on the current stream."""
-    b, h, n, d = q.shape
-    _, hkv, nk, _ = k.shape
+    return _launch_checked(q, k, v, p, scale, want_lse, q.shape, k.shape, q.get_device())
+
+
+def _launch_checked(q, k, v, p: weft.LayerPlan, scale: float, want_lse: bool, qs, ks, device: int):
+    """:func:`_launch` with the shapes and device :func:`_check` read."""
+    b, h, n, d = qs
+    _, hkv, nk, _ = ks
     out = torch.empty_like(q)
-    device = q.get_device()
     lse = None
     lse_ptr = None if want_lse else _scratch_lse(q, b * h * n, device)
     if lse_ptr is None:
@@ -266,13 +319,18 @@ def attention(
 
     A causal pattern aligns the last query with the last key (``k <= q + Nk - N``).
     """
-    _check(q, k, v)
-    key, p = _resolve(pattern_or_plan, q.shape[1])
-    scale = _scale(scale, q.shape[-1])
+    qs, ks, device = _check(q, k, v)
+    if type(pattern_or_plan) is Plan and pattern_or_plan.layer_plan.heads == qs[1]:
+        key, p = pattern_or_plan.key, pattern_or_plan.layer_plan
+    else:
+        key, p = _resolve(pattern_or_plan, qs[1])
+    scale = 1.0 / math.sqrt(qs[3]) if scale is None else _scale(scale, qs[3])
     if _through_op(q, k, v):
         out, lse = torch.ops.weft.attention(q, k, v, key, scale)
     else:
-        out, lse = _launch(q, k, v, p if p is not None else _layer_plan(key), scale, return_lse)
+        out, lse = _launch_checked(
+            q, k, v, p if p is not None else _layer_plan(key), scale, return_lse, qs, ks, device
+        )
     return (out, lse) if return_lse else out
 
 
