@@ -182,6 +182,85 @@ params! {
         s: DevPtr = "float* __restrict__ S",
         o: DevPtr = "float* __restrict__ O",
     }
+    /// The paged cache's `fill` entry ([`crate::emit_paged`]): a sequence's first `n` tokens.
+    PagedFillParams {
+        ksrc: DevPtr = "const u16* __restrict__ Ksrc",
+        vsrc: DevPtr = "const u16* __restrict__ Vsrc",
+        n: i32 = "int n",
+        seq: i32 = "int seq",
+        page_table: DevPtr = "const u32* __restrict__ page_table",
+        max_pages: i32 = "int max_pages",
+        page_size: i32 = "int page_size",
+        hkv: i32 = "int hkv",
+        kc: DevPtr = "u16* __restrict__ Kc",
+        vc: DevPtr = "u16* __restrict__ Vc",
+        kmin: DevPtr = "u16* __restrict__ kmin",
+        kmax: DevPtr = "u16* __restrict__ kmax",
+    }
+    /// The paged cache's `append` entry ([`crate::emit_paged`]): one token per sequence.
+    PagedAppendParams {
+        knew: DevPtr = "const u16* __restrict__ Knew",
+        vnew: DevPtr = "const u16* __restrict__ Vnew",
+        seq_lens: DevPtr = "const int* __restrict__ seq_lens",
+        page_table: DevPtr = "const u32* __restrict__ page_table",
+        max_pages: i32 = "int max_pages",
+        page_size: i32 = "int page_size",
+        hkv: i32 = "int hkv",
+        kc: DevPtr = "u16* __restrict__ Kc",
+        vc: DevPtr = "u16* __restrict__ Vc",
+        kmin: DevPtr = "u16* __restrict__ kmin",
+        kmax: DevPtr = "u16* __restrict__ kmax",
+    }
+    /// The paged cache's `advance` entry ([`crate::emit_paged`]).
+    PagedAdvanceParams {
+        seq_lens: DevPtr = "int* __restrict__ seq_lens",
+        batch: i32 = "int batch",
+    }
+    /// The paged cache's `retrieve` entry ([`crate::emit_paged`]): Quest's page choice per
+    /// (sequence, query head); `mode` 0 is top_k, 1 threshold.
+    PagedRetrieveParams {
+        q: DevPtr = "const u16* __restrict__ Q",
+        kmin: DevPtr = "const u16* __restrict__ kmin",
+        kmax: DevPtr = "const u16* __restrict__ kmax",
+        page_table: DevPtr = "const u32* __restrict__ page_table",
+        seq_lens: DevPtr = "const int* __restrict__ seq_lens",
+        max_pages: i32 = "int max_pages",
+        page_size: i32 = "int page_size",
+        hq: i32 = "int hq",
+        hkv: i32 = "int hkv",
+        sink: i32 = "int sink",
+        recent: i32 = "int recent",
+        mode: i32 = "int mode",
+        top_k: i32 = "int top_k",
+        ln_threshold: f64 = "double ln_threshold",
+        scale: f64 = "double scale",
+        scores: DevPtr = "unsigned long long* __restrict__ scores",
+        chunks: DevPtr = "int2* __restrict__ chunks",
+        chunk_count: DevPtr = "int* __restrict__ chunk_count",
+        cap: i32 = "int cap",
+    }
+    /// The paged cache's `attend` entry ([`crate::emit_paged`]): f32 partials per split for
+    /// the merge.
+    PagedAttendParams {
+        q: DevPtr = "const u16* __restrict__ Q",
+        kc: DevPtr = "const u16* __restrict__ Kc",
+        vc: DevPtr = "const u16* __restrict__ Vc",
+        page_table: DevPtr = "const u32* __restrict__ page_table",
+        seq_lens: DevPtr = "const int* __restrict__ seq_lens",
+        max_pages: i32 = "int max_pages",
+        page_size: i32 = "int page_size",
+        batch: i32 = "int batch",
+        hq: i32 = "int hq",
+        hkv: i32 = "int hkv",
+        chunks: DevPtr = "const int2* __restrict__ chunks",
+        chunk_count: DevPtr = "const int* __restrict__ chunk_count",
+        cap: i32 = "int cap",
+        dense: i32 = "int dense",
+        splits: i32 = "int splits",
+        scale_log2: f32 = "float scale_log2",
+        opart: DevPtr = "float* __restrict__ Opart",
+        lsepart: DevPtr = "float* __restrict__ LSEpart",
+    }
     /// The index builders' `pool` entry ([`crate::emit_index_module`]).
     PoolParams {
         q: DevPtr = "const u16* __restrict__ Q",

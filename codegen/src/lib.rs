@@ -55,6 +55,7 @@ mod config;
 mod decode;
 mod index;
 mod keys;
+pub mod paged;
 pub mod plan;
 mod predicates;
 mod templates;

@@ -188,9 +188,10 @@ fn sample_headers() -> Vec<(&'static str, String)> {
     let merge = emit_merge(128, DType::Bf16, Partial::F32).unwrap().source;
     let probe = emit_wgmma_probe(128).unwrap().source;
     let index = emit_index_module(128).unwrap().source;
+    let paged = crate::paged::emit_paged(128, DType::Bf16).unwrap().source;
     let mut config = String::new();
     let mut defined = std::collections::HashSet::new();
-    for source in [&attention, &decode, &merge, &probe, &index] {
+    for source in [&attention, &decode, &merge, &probe, &index, &paged] {
         for line in generated_section(source, "config.cuh").lines() {
             let name = line
                 .trim_start_matches("#define ")
@@ -250,10 +251,10 @@ fn the_sample_headers_are_what_codegen_generates() {
 #[test]
 fn every_entry_names_a_declared_parameter_struct() {
     let declared: Vec<&str> = abi::all_params().iter().map(|(n, _)| *n).collect();
-    for e in entry::ALL.iter().chain([&ATTENTION_ENTRY]) {
+    for e in entry::ALL.iter().chain(&crate::paged::entry::ALL).chain([&ATTENTION_ENTRY]) {
         assert!(declared.contains(&e.params), "{} takes {}, which abi.rs does not declare", e.name, e.params);
     }
-    for root in ["attention.cu", "decode.cu", "merge.cu", "hopper.cu", "index.cu"] {
+    for root in ["attention.cu", "decode.cu", "merge.cu", "hopper.cu", "index.cu", "paged.cu"] {
         assert!(!crate::templates::closure(root).is_empty(), "{root} is a template");
     }
 }

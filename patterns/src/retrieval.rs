@@ -120,7 +120,9 @@ pub fn units(r: &Retrieval, k: &Tensor, head: usize) -> (Vec<Vec<usize>>, Vec<Ve
     }
 }
 
-/// The score of one unit for query row `qrow` (before `scale`).
+/// The score of one unit for query row `qrow` (before `scale`). A zero score is +0.0: the
+/// ranking (`total_cmp`) would put -0.0 below it, and which sign a sum of zeros takes depends
+/// on the order of its terms (the GPU's paged retrieval agrees only up to that).
 pub fn unit_score(
     score: Score,
     qrow: &[f32],
@@ -129,7 +131,7 @@ pub fn unit_score(
     tokens: &[usize],
     centroid: Option<&[f64]>,
 ) -> f64 {
-    match score {
+    let s = match score {
         Score::MinMax => (0..k.dim)
             .map(|d| {
                 let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
@@ -148,7 +150,8 @@ pub fn unit_score(
         Score::Quantized(bits) => {
             tokens.iter().map(|&t| dot(qrow, &quantize(k.row(head, t), bits))).fold(f64::NEG_INFINITY, f64::max)
         }
-    }
+    };
+    s + 0.0
 }
 
 /// Kept keys of one query row, sorted.

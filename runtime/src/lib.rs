@@ -33,6 +33,7 @@ mod launch;
 mod layer;
 mod libs;
 pub mod nvrtc;
+mod paged;
 pub mod timing;
 
 use std::collections::HashMap;
@@ -49,6 +50,7 @@ pub use device_index::{IndexBuild, IndexBuildReport, VvStrategy, LIST_BOUND_BYTE
 pub use external::{Borrowed, ExternalTensors};
 pub use layer::{tune_key, LaunchReport, LayerPlan};
 pub use nvrtc::{Arch, Compiled, ResourceReport};
+pub use paged::{PagedKvCache, PagedShape};
 
 /// Everything that can go wrong compiling, loading or launching.
 #[derive(Debug, thiserror::Error)]

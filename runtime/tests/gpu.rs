@@ -1458,3 +1458,176 @@ fn wgmma_probe_matches_exact_products() {
     }
     assert!(failures.is_empty(), "wgmma probe wrong at head dims {failures:?}");
 }
+
+/// Decode over a paged cache: a batch of ragged sequences (lengths not multiples of the page
+/// size; one built by appends alone, one whose keys are all equal so that every page ties),
+/// filled then appended to, decoded densely and with Quest's pages chosen on the device. The
+/// kept tokens must be the CPU reference's (`weft_patterns::retrieval::kept_for_row`), every
+/// one, and the output attention over them.
+#[test]
+fn paged_decode_matches_the_cpu_reference() {
+    use weft_dsl::{Budget, Retrieval};
+    use weft_patterns::retrieval::{kept_for_row, units};
+    use weft_runtime::PagedShape;
+    let gpu = Gpu::open(0).expect("a GPU");
+    let mut failures = Vec::new();
+    let mut seed = 9100;
+    let appends = 3usize;
+    for (dtype, d) in [(DType::Bf16, 128usize), (DType::F16, 64)] {
+        for (hq, hkv) in [(4usize, 4usize), (8, 2), (8, 1)] {
+            for page_size in [16usize, 64] {
+                seed += 10;
+                let filled = [0usize, 774, 2998, 127, 500];
+                let lens: Vec<usize> = filled.iter().map(|n| n + appends).collect();
+                let batch = lens.len();
+                let max_pages = lens.iter().max().unwrap().div_ceil(page_size) + 1;
+                let shape = PagedShape { batch, hq, hkv, head_dim: d, page_size, max_pages, dtype };
+                // Per sequence: K and V [hkv, len, d] rounded to the dtype; sequence 4's keys
+                // are all one row (every page ties).
+                let mut ks = Vec::new();
+                let mut vs = Vec::new();
+                for (b, &n) in lens.iter().enumerate() {
+                    let mut k = Tensor::random(hkv, n, d, seed + 2 * b as u64);
+                    if b == 4 {
+                        let row: Vec<f32> = k.row(0, 0).to_vec();
+                        for t in 0..hkv * n {
+                            k.data[t * d..(t + 1) * d].copy_from_slice(&row);
+                        }
+                    }
+                    let v = Tensor::random(hkv, n, d, seed + 2 * b as u64 + 1);
+                    let (kb, kr) = round(&k.data, dtype);
+                    let (vb, vr) = round(&v.data, dtype);
+                    ks.push((kb, Tensor::new(hkv, n, d, kr).unwrap()));
+                    vs.push((vb, Tensor::new(hkv, n, d, vr).unwrap()));
+                }
+                let qt = Tensor::random(batch * hq, 1, d, seed + 99);
+                let (qb, qr) = round(&qt.data, dtype);
+                let s = gpu.stream();
+                let mut cache = gpu.paged_cache(shape).unwrap();
+                // Fill the first tokens of each sequence, then append the rest one step at a time.
+                for b in 0..batch {
+                    let n = filled[b];
+                    let take = |x: &[u16]| -> Vec<u16> {
+                        (0..hkv).flat_map(|h| x[(h * lens[b]) * d..(h * lens[b] + n) * d].to_vec()).collect()
+                    };
+                    let (kd, vd) = (s.clone_htod(&take(&ks[b].0)).unwrap(), s.clone_htod(&take(&vs[b].0)).unwrap());
+                    cache.fill(&gpu, b, &kd, &vd, n).unwrap();
+                }
+                for step in 0..appends {
+                    let new = |x: &[(Vec<u16>, Tensor)]| -> Vec<u16> {
+                        (0..batch)
+                            .flat_map(|b| {
+                                let (t, n) = (filled[b] + step, lens[b]);
+                                (0..hkv).flat_map(move |h| x[b].0[(h * n + t) * d..(h * n + t + 1) * d].to_vec())
+                            })
+                            .collect()
+                    };
+                    let (kd, vd) = (s.clone_htod(&new(&ks)).unwrap(), s.clone_htod(&new(&vs)).unwrap());
+                    cache.append(&gpu, &kd, &vd).unwrap();
+                }
+                assert_eq!(cache.lens(), &lens[..]);
+                let qd = s.clone_htod(&qb).unwrap();
+                let scale = 1.0 / (d as f64).sqrt();
+                let quest = |budget| Retrieval {
+                    unit: Unit::Page(page_size as u32),
+                    score: Score::MinMax,
+                    budget,
+                    sink: 4,
+                    recent: 40,
+                };
+                let cases = [
+                    None,
+                    Some(quest(Budget::TopK(8))),
+                    Some(quest(Budget::TopK(100_000))),
+                    Some(quest(Budget::Threshold(0.5))),
+                    Some(Retrieval { sink: 0, recent: 0, ..quest(Budget::TopK(3)) }),
+                ];
+                for r in &cases {
+                    for splits in [0usize, 3] {
+                        let mut out = s.clone_htod(&vec![0xffffu16; batch * hq * d]).unwrap();
+                        let mut lse = s.clone_htod(&vec![f32::NAN; batch * hq]).unwrap();
+                        cache.decode_step(&gpu, &qd, &mut out, &mut lse, r.as_ref(), scale as f32, splits).unwrap();
+                        let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
+                        let got_lse = s.clone_dtoh(&lse).unwrap();
+                        let kept_gpu = match r {
+                            Some(r) => cache.last_kept(&gpu, r).unwrap(),
+                            None => None,
+                        };
+                        let (mut worst, mut worst_lse, mut unwritten, mut wrong_sets, mut kept_share) =
+                            (0f64, 0f64, 0usize, 0usize, 0f64);
+                        for b in 0..batch {
+                            let q = Tensor::new(hq, 1, d, qr[b * hq * d..(b + 1) * hq * d].to_vec()).unwrap();
+                            let (k, v) = (&ks[b].1, &vs[b].1);
+                            let mut kept: Vec<Vec<u32>> = Vec::new();
+                            for h in 0..hq {
+                                let kv = h / (hq / hkv);
+                                kept.push(match r {
+                                    None => (0..lens[b] as u32).collect(),
+                                    Some(r) => {
+                                        let (u, c) = units(r, k, kv);
+                                        kept_for_row(r, q.row(h, 0), k, kv, &u, &c, lens[b], scale)
+                                    }
+                                });
+                            }
+                            if let Some(g) = &kept_gpu {
+                                for h in 0..hq {
+                                    wrong_sets += usize::from(g[b * hq + h] != kept[h]);
+                                }
+                            }
+                            kept_share += kept.iter().map(|x| x.len()).sum::<usize>() as f64 / (hq * lens[b]) as f64;
+                            let want = weft_patterns::dense_attention(
+                                |h, _, t| kept[h].binary_search(&(t as u32)).is_ok(),
+                                &q,
+                                k,
+                                v,
+                                scale,
+                            )
+                            .unwrap();
+                            let rows = b * hq..(b + 1) * hq;
+                            let (rel, nan, lse_err) =
+                                compare(&got[rows.start * d..rows.end * d], &got_lse[rows.clone()], &want);
+                            worst = worst.max(rel);
+                            worst_lse = worst_lse.max(lse_err);
+                            unwritten += nan;
+                        }
+                        let tol = dtype.reference_tolerance();
+                        let ok = unwritten == 0 && worst < tol && worst_lse < 2e-2 && wrong_sets == 0;
+                        let name = match r {
+                            None => "dense".to_string(),
+                            Some(r) => format!("{:?} sink={} recent={}", r.budget, r.sink, r.recent),
+                        };
+                        println!(
+                            "{} paged {:<30} {:<5} d={d:<3} hq={hq} hkv={hkv} page={page_size:<3} lens={lens:?} splits={splits} kept={:.3} wrong_sets={wrong_sets} rel_err={worst:.2e} lse_err={worst_lse:.2e} unwritten={unwritten}",
+                            if ok { "ok  " } else { "FAIL" },
+                            name,
+                            dtype.name(),
+                            kept_share / batch as f64,
+                        );
+                        if !ok {
+                            failures.push(format!(
+                                "{name} {} hq={hq} hkv={hkv} page={page_size} splits={splits}",
+                                dtype.name()
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Bad input is an error, not a launch: a retrieval the device does not take, a full sequence.
+    let shape = PagedShape { batch: 1, hq: 2, hkv: 1, head_dim: 64, page_size: 16, max_pages: 1, dtype: DType::Bf16 };
+    let mut cache = gpu.paged_cache(shape).unwrap();
+    let s = gpu.stream();
+    let (q, mut out, mut lse) =
+        (s.alloc_zeros::<u16>(128).unwrap(), s.alloc_zeros::<u16>(128).unwrap(), s.alloc_zeros::<f32>(2).unwrap());
+    let top_p = Retrieval { budget: weft_dsl::Budget::TopP(0.9), ..Retrieval::default() };
+    let e = cache.decode_step(&gpu, &q, &mut out, &mut lse, Some(&top_p), 0.1, 0).unwrap_err().to_string();
+    assert!(e.contains("budgets top_k and threshold"), "{e}");
+    let kv = s.alloc_zeros::<u16>(64).unwrap();
+    for _ in 0..16 {
+        cache.append(&gpu, &kv, &kv).unwrap();
+    }
+    let e = cache.append(&gpu, &kv, &kv).unwrap_err().to_string();
+    assert!(e.contains("sequence 0 is full"), "{e}");
+    assert!(failures.is_empty(), "failed: {failures:?}");
+}

@@ -212,6 +212,33 @@ fn index_module_kernels_compile_without_spills() {
     });
 }
 
+#[test]
+fn paged_cache_kernels_compile_without_spills() {
+    version().expect("NVRTC is required for this test");
+    let jobs: Vec<_> = [64u32, 128]
+        .into_iter()
+        .flat_map(|d| [DType::Bf16, DType::F16].map(|t| (d, t)))
+        .flat_map(|(d, t)| [(d, t, Arch::SM80), (d, t, Arch::SM90)])
+        .collect();
+    jobs.par_iter().for_each(|&(d, dtype, arch)| {
+        let kernel = weft_codegen::paged::emit_paged(d, dtype).unwrap();
+        let what = format!("paged d={d} {} {}", dtype.name(), arch.name());
+        let c = compile(&kernel.source, &kernel.name, arch).unwrap_or_else(|e| panic!("{what}: {e}"));
+        for entry in weft_codegen::paged::entry::ALL {
+            let name = format!("{}_{}", kernel.name, entry.name);
+            let bounds = c.ptx.split(&format!(".entry {name}(")).nth(1).and_then(|s| s.split(".maxntid").nth(1));
+            let threads = bounds.and_then(|s| s.trim_start().split(',').next()).and_then(|s| s.trim().parse().ok());
+            assert_eq!(threads, Some(entry.threads), "{what}: {name}'s launch bounds");
+        }
+        assert!(!c.log.contains("warning"), "{what}: the compiler warns:\n{}", c.log);
+        for part in c.log.split("Compiling entry function '").skip(1) {
+            let entry = part.split('\'').next().unwrap_or_default();
+            let r = weft_runtime::nvrtc::parse_report(part).unwrap_or_default();
+            assert!(r.spill_stores == 0 && r.spill_loads == 0, "{what}: {entry} spills {r:?}");
+        }
+    });
+}
+
 /// The Hopper path (`KernelConfig::wgmma`): every family whose granularity fits compiles for
 /// sm_90a at 64 x 64, 128 x 64 (2 and 3 stages) and 128 x 128 tiles, bf16 and fp16, head dims
 /// 64 and 128, with
@@ -289,7 +316,7 @@ fn every_template_compiles_on_its_own_with_the_sample_headers() {
     // in the templates folder stand in for a kernel's.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../codegen/src/templates");
     let arch: Arch = "sm_90".parse().unwrap();
-    ["attention.cu", "decode.cu", "merge.cu", "hopper.cu", "index.cu"].par_iter().for_each(|root| {
+    ["attention.cu", "decode.cu", "merge.cu", "hopper.cu", "index.cu", "paged.cu"].par_iter().for_each(|root| {
         let c = weft_runtime::nvrtc::compile_template(&dir.join(root), &dir, arch)
             .unwrap_or_else(|e| panic!("{root} does not compile on its own: {e}"));
         assert!(!c.log.contains("warning"), "{root}: the compiler warns:\n{}", c.log);

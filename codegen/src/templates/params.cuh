@@ -79,6 +79,104 @@ static_assert(sizeof(int) == 4 && alignof(int) == 4, "MergeParams: the host's np
     float* __restrict__ O
 static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "ProbeParams: the host's q, k, v differ");
 static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "ProbeParams: the host's s, o differ");
+// PagedFillParams (weft-codegen abi.rs), in its field order.
+#define PAGED_FILL_PARAMS \
+    const u16* __restrict__ Ksrc, \
+    const u16* __restrict__ Vsrc, \
+    int n, \
+    int seq, \
+    const u32* __restrict__ page_table, \
+    int max_pages, \
+    int page_size, \
+    int hkv, \
+    u16* __restrict__ Kc, \
+    u16* __restrict__ Vc, \
+    u16* __restrict__ kmin, \
+    u16* __restrict__ kmax
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedFillParams: the host's ksrc, vsrc differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedFillParams: the host's n, seq, max_pages, page_size, hkv differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedFillParams: the host's page_table differ");
+static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "PagedFillParams: the host's kc, vc, kmin, kmax differ");
+// PagedAppendParams (weft-codegen abi.rs), in its field order.
+#define PAGED_APPEND_PARAMS \
+    const u16* __restrict__ Knew, \
+    const u16* __restrict__ Vnew, \
+    const int* __restrict__ seq_lens, \
+    const u32* __restrict__ page_table, \
+    int max_pages, \
+    int page_size, \
+    int hkv, \
+    u16* __restrict__ Kc, \
+    u16* __restrict__ Vc, \
+    u16* __restrict__ kmin, \
+    u16* __restrict__ kmax
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedAppendParams: the host's knew, vnew differ");
+static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedAppendParams: the host's seq_lens differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedAppendParams: the host's page_table differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAppendParams: the host's max_pages, page_size, hkv differ");
+static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "PagedAppendParams: the host's kc, vc, kmin, kmax differ");
+// PagedAdvanceParams (weft-codegen abi.rs), in its field order.
+#define PAGED_ADVANCE_PARAMS \
+    int* __restrict__ seq_lens, \
+    int batch
+static_assert(sizeof(int*) == 8 && alignof(int*) == 8, "PagedAdvanceParams: the host's seq_lens differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAdvanceParams: the host's batch differ");
+// PagedRetrieveParams (weft-codegen abi.rs), in its field order.
+#define PAGED_RETRIEVE_PARAMS \
+    const u16* __restrict__ Q, \
+    const u16* __restrict__ kmin, \
+    const u16* __restrict__ kmax, \
+    const u32* __restrict__ page_table, \
+    const int* __restrict__ seq_lens, \
+    int max_pages, \
+    int page_size, \
+    int hq, \
+    int hkv, \
+    int sink, \
+    int recent, \
+    int mode, \
+    int top_k, \
+    double ln_threshold, \
+    double scale, \
+    unsigned long long* __restrict__ scores, \
+    int2* __restrict__ chunks, \
+    int* __restrict__ chunk_count, \
+    int cap
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedRetrieveParams: the host's q, kmin, kmax differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedRetrieveParams: the host's page_table differ");
+static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedRetrieveParams: the host's seq_lens differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedRetrieveParams: the host's max_pages, page_size, hq, hkv, sink, recent, mode, top_k, cap differ");
+static_assert(sizeof(double) == 8 && alignof(double) == 8, "PagedRetrieveParams: the host's ln_threshold, scale differ");
+static_assert(sizeof(unsigned long long*) == 8 && alignof(unsigned long long*) == 8, "PagedRetrieveParams: the host's scores differ");
+static_assert(sizeof(int2*) == 8 && alignof(int2*) == 8, "PagedRetrieveParams: the host's chunks differ");
+static_assert(sizeof(int*) == 8 && alignof(int*) == 8, "PagedRetrieveParams: the host's chunk_count differ");
+// PagedAttendParams (weft-codegen abi.rs), in its field order.
+#define PAGED_ATTEND_PARAMS \
+    const u16* __restrict__ Q, \
+    const u16* __restrict__ Kc, \
+    const u16* __restrict__ Vc, \
+    const u32* __restrict__ page_table, \
+    const int* __restrict__ seq_lens, \
+    int max_pages, \
+    int page_size, \
+    int batch, \
+    int hq, \
+    int hkv, \
+    const int2* __restrict__ chunks, \
+    const int* __restrict__ chunk_count, \
+    int cap, \
+    int dense, \
+    int splits, \
+    float scale_log2, \
+    float* __restrict__ Opart, \
+    float* __restrict__ LSEpart
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedAttendParams: the host's q, kc, vc differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedAttendParams: the host's page_table differ");
+static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedAttendParams: the host's seq_lens, chunk_count differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAttendParams: the host's max_pages, page_size, batch, hq, hkv, cap, dense, splits differ");
+static_assert(sizeof(const int2*) == 8 && alignof(const int2*) == 8, "PagedAttendParams: the host's chunks differ");
+static_assert(sizeof(float) == 4 && alignof(float) == 4, "PagedAttendParams: the host's scale_log2 differ");
+static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "PagedAttendParams: the host's opart, lsepart differ");
 // PoolParams (weft-codegen abi.rs), in its field order.
 #define POOL_PARAMS \
     const u16* __restrict__ Q, \

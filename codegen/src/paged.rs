@@ -1,0 +1,59 @@
+//! Decode over a paged KV cache ([`emit_paged`]): filling and appending to the cache with its
+//! Quest metadata, the retrieval choice of pages on the device, and split-KV attention over the
+//! kept tokens (merged by [`crate::emit_merge`]`(.., Partial::F32)`). See `templates/paged.cu`.
+
+use crate::abi::cuda_param_lists;
+use crate::config::check_head_dim;
+use crate::keys::{constant, key_and_header};
+use crate::templates::{closure, defines, render};
+use crate::{DType, Error, Kernel};
+
+/// The paged module's entry points, each `{kernel.name}_{name}`.
+pub mod entry {
+    use crate::abi::{Axis, Entry};
+    use Axis::{Each, Fixed, Tiles};
+
+    /// x: logical pages of the tokens filled; y: KV heads.
+    pub const FILL: Entry =
+        Entry { name: "fill", threads: 128, params: "PagedFillParams", grid: [Each, Each, Fixed(1)] };
+    /// x: sequences; y: KV heads.
+    pub const APPEND: Entry =
+        Entry { name: "append", threads: 128, params: "PagedAppendParams", grid: [Each, Each, Fixed(1)] };
+    /// x: sequences.
+    pub const ADVANCE: Entry = Entry {
+        name: "advance",
+        threads: ADVANCE_THREADS,
+        params: "PagedAdvanceParams",
+        grid: [Tiles(ADVANCE_THREADS as usize), Fixed(1), Fixed(1)],
+    };
+    /// The retrieval choice of pages. x: query heads; y: sequences.
+    pub const RETRIEVE: Entry =
+        Entry { name: "retrieve", threads: 256, params: "PagedRetrieveParams", grid: [Each, Each, Fixed(1)] };
+    /// Split-KV attention over the kept tokens. x: splits; y: query heads; z: sequences.
+    pub const ATTEND: Entry =
+        Entry { name: "attend", threads: 128, params: "PagedAttendParams", grid: [Each, Each, Each] };
+
+    const ADVANCE_THREADS: u32 = 256;
+
+    /// All of them, in source order.
+    pub const ALL: [Entry; 5] = [FILL, APPEND, ADVANCE, RETRIEVE, ATTEND];
+}
+
+/// Generates the paged-cache module for `head_dim` and `dtype` (its entries: [`entry::ALL`]).
+pub fn emit_paged(head_dim: u32, dtype: DType) -> Result<Kernel, Error> {
+    check_head_dim(head_dim)?;
+    let config = format!("paged head_dim={head_dim} dtype={}", dtype.name());
+    let (key, header) = key_and_header("paged", &closure("paged.cu"), None, &config, &[], None);
+    let name = format!("weft_paged_{}", &key[..16]);
+    let mut cfg = format!("#define WEFT_ENTRY(entry) {name}_##entry\n");
+    cfg += &defines(&[("WEFT_F16", dtype == DType::F16)]);
+    cfg += &constant("int", "D", head_dim, "head dimension");
+    for e in entry::ALL {
+        cfg += &e.threads_constant();
+        cfg.push('\n');
+    }
+    let structs: Vec<&str> = entry::ALL.iter().map(|e| e.params).collect();
+    let source =
+        render(&header, "paged.cu", &[("config.cuh", Some(cfg)), ("params.cuh", Some(cuda_param_lists(&structs)))]);
+    Ok(Kernel { name, source, key, threads: 0, shared_bytes: 0, head_dim, arch_specific: false })
+}

@@ -1,0 +1,350 @@
+// Decode over a paged KV cache, every step on the device (no host synchronisation), for a
+// batch of sequences of different lengths. The cache keeps K and V as pages of `page_size`
+// tokens, `[pages, page_size, hkv, D]` (vLLM's and FlashInfer's NHD layout); sequence b's
+// logical page i is physical page `page_table[b * max_pages + i]`, its length `seq_lens[b]`
+// (on the device, advanced by the step that appends). Per physical page and KV head the cache
+// keeps the page's elementwise key minimum and maximum (Quest's metadata), rebuilt whenever a
+// token enters the page. Entry points:
+//   fill     a sequence's first n tokens from weft's [hkv, n, D] layout, and their pages' metadata;
+//   append   one token per sequence at position seq_lens[b], and its page's metadata;
+//   advance  seq_lens[b] += 1 (a launch of its own: every append CTA reads the old length);
+//   retrieve (retrieval) per (sequence, query head): Quest's score of every candidate page, the
+//            pages a top_k / threshold budget keeps (exactly weft_patterns::retrieval's choice:
+//            f64 scores summed in the CPU's order, ties to the lower page), and the kept
+//            tokens as chunks of at most page_size tokens, ascending: the sink, the kept pages
+//            (clipped to the tokens between sink and recent), the recent tokens;
+//   attend   split-KV attention of each (sequence, query head) over its chunks (or, dense,
+//            over every page), f32 partials and log-sum-exps for the merge kernel.
+
+#include "config.cuh"   // generated per kernel: its config, entry points and names
+#include "prelude.cuh"
+#include "params.cuh"   // generated from weft-codegen abi.rs: the parameter structs
+// D and the entry points' thread counts come from the config.
+
+constexpr int E = D / 32;  // elements per lane of a warp holding one row
+
+// One 16-bit element (the dtype's bits) as a float.
+__device__ __forceinline__ float elem(u16 x) {
+    float lo, hi;
+    unpack((u32)x, lo, hi);
+    return lo;
+}
+
+// The cache's row of token `slot` of physical page `page`, KV head `kvh`.
+__device__ __forceinline__ size_t cache_row(u32 page, int slot, int kvh, int page_size, int hkv) {
+    return (((size_t)page * page_size + slot) * hkv + kvh) * D;
+}
+
+// Rebuilds the metadata of physical page `page`, KV head `kvh`, from its first `count` tokens
+// (the whole CTA; the tokens' writes by this CTA must be visible: after __syncthreads).
+__device__ void page_meta(const u16* __restrict__ Kc, u16* __restrict__ kmin, u16* __restrict__ kmax, u32 page, int kvh,
+                          int count, int page_size, int hkv) {
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        u16 lo = Kc[cache_row(page, 0, kvh, page_size, hkv) + d], hi = lo;
+        float flo = elem(lo), fhi = flo;
+        for (int s = 1; s < count; ++s) {
+            const u16 x = Kc[cache_row(page, s, kvh, page_size, hkv) + d];
+            const float f = elem(x);
+            if (f < flo) flo = f, lo = x;
+            if (f > fhi) fhi = f, hi = x;
+        }
+        const size_t m = ((size_t)page * hkv + kvh) * D + d;
+        kmin[m] = lo;
+        kmax[m] = hi;
+    }
+}
+
+// Grid: x logical pages of the n tokens, y KV heads.
+extern "C" __global__ void __launch_bounds__(FILL_THREADS) WEFT_ENTRY(fill)(PAGED_FILL_PARAMS)
+{
+    const int i = blockIdx.x, kvh = blockIdx.y;
+    const u32 page = page_table[(size_t)seq * max_pages + i];
+    const int t0 = i * page_size, count = min(page_size, n - t0);
+    // 16-byte pieces of the page's rows: K and V.
+    constexpr int PIECES = D / 8;
+    for (int x = threadIdx.x; x < count * PIECES; x += blockDim.x) {
+        const int s = x / PIECES, c = x % PIECES;
+        const size_t src = ((size_t)kvh * n + t0 + s) * D + c * 8;
+        const size_t dst = cache_row(page, s, kvh, page_size, hkv) + c * 8;
+        *(uint4*)(Kc + dst) = *(const uint4*)(Ksrc + src);
+        *(uint4*)(Vc + dst) = *(const uint4*)(Vsrc + src);
+    }
+    __syncthreads();
+    page_meta(Kc, kmin, kmax, page, kvh, count, page_size, hkv);
+}
+
+// Grid: x sequences, y KV heads. Knew and Vnew are [batch, hkv, D].
+extern "C" __global__ void __launch_bounds__(APPEND_THREADS) WEFT_ENTRY(append)(PAGED_APPEND_PARAMS)
+{
+    const int b = blockIdx.x, kvh = blockIdx.y;
+    const int pos = seq_lens[b];
+    const u32 page = page_table[(size_t)b * max_pages + pos / page_size];
+    const int slot = pos % page_size;
+    const size_t src = ((size_t)b * hkv + kvh) * D, dst = cache_row(page, slot, kvh, page_size, hkv);
+    for (int c = threadIdx.x; c < D / 8; c += blockDim.x) {
+        *(uint4*)(Kc + dst + c * 8) = *(const uint4*)(Knew + src + c * 8);
+        *(uint4*)(Vc + dst + c * 8) = *(const uint4*)(Vnew + src + c * 8);
+    }
+    __syncthreads();
+    page_meta(Kc, kmin, kmax, page, kvh, slot + 1, page_size, hkv);
+}
+
+// Grid: x sequences, ADVANCE_THREADS each.
+extern "C" __global__ void __launch_bounds__(ADVANCE_THREADS) WEFT_ENTRY(advance)(PAGED_ADVANCE_PARAMS)
+{
+    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b < batch) seq_lens[b] += 1;
+}
+
+// ---- retrieve ----
+// f64 to an unsigned key that sorts the same way (finite values; -0.0 is made +0.0 first).
+__device__ __forceinline__ unsigned long long score_key(double s) {
+    const unsigned long long u = (unsigned long long)__double_as_longlong(s + 0.0);
+    return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
+}
+__device__ __forceinline__ double key_score(unsigned long long k) {
+    return __longlong_as_double((long long)((k >> 63) ? (k & 0x7fffffffffffffffull) : ~k));
+}
+
+constexpr int RETRIEVE_WARPS = RETRIEVE_THREADS / 32;
+
+// Exclusive block-wide prefix sum of `v` (every thread calls it); `total` gets the sum.
+__device__ int block_scan(int v, int& total, int* s_warp) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+        const int y = __shfl_up_sync(0xffffffff, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) s_warp[warp] = x;
+    __syncthreads();
+    int before = 0;
+    total = 0;
+    for (int w = 0; w < RETRIEVE_WARPS; ++w) {
+        if (w < warp) before += s_warp[w];
+        total += s_warp[w];
+    }
+    __syncthreads();
+    return before + x - v;
+}
+
+// Grid: x query heads, y sequences.
+extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrieve)(PAGED_RETRIEVE_PARAMS)
+{
+    __shared__ unsigned int s_hist[256];
+    __shared__ int s_warp[RETRIEVE_WARPS];
+    __shared__ unsigned long long s_key;
+    __shared__ int s_count;
+
+    const int h = blockIdx.x, b = blockIdx.y;
+    const int kvh = h / (hq / hkv);
+    const int row = b * hq + h;
+    const int visible = seq_lens[b];
+    const int sink_end = min(sink, visible);
+    const int recent_from = max(visible - recent, sink_end);
+    // Candidate pages hold a visible token outside the sink and the recent tokens: the range
+    // [p_lo, p_hi) (none when the two meet).
+    const int p_lo = sink_end / page_size;
+    const int p_hi = sink_end < recent_from ? (recent_from + page_size - 1) / page_size : p_lo;
+    const int ncand = p_hi - p_lo;
+    unsigned long long* keys = scores + (size_t)row * max_pages;
+    const u32* table = page_table + (size_t)b * max_pages;
+
+    // Scores: Quest's bound, summed over d in order in f64 (the CPU reference's arithmetic).
+    const u16* qrow = Q + (size_t)row * D;
+    for (int c = threadIdx.x; c < ncand; c += blockDim.x) {
+        const u32 page = table[p_lo + c];
+        const u16* lo = kmin + ((size_t)page * hkv + kvh) * D;
+        const u16* hi = kmax + ((size_t)page * hkv + kvh) * D;
+        double s = 0.0;
+        for (int d = 0; d < D; ++d) {
+            const double qd = (double)elem(qrow[d]);
+            s += fmax(qd * (double)elem(lo[d]), qd * (double)elem(hi[d]));
+        }
+        keys[c] = score_key(scale * s);
+    }
+    __syncthreads();
+
+    // The cut: pages with keys above `cut` are kept, and the first `need_eq` (in page order)
+    // of those equal to it.
+    unsigned long long cut = 0;
+    int need_eq = 0;
+    int kept_target = mode == 0 ? min(top_k, ncand) : ncand;
+    if (mode == 1 && ncand > 0) {
+        // threshold(t): keep s >= max + ln(t), at least the best.
+        if (threadIdx.x == 0) s_key = 0;
+        __syncthreads();
+        unsigned long long mx = 0;
+        for (int c = threadIdx.x; c < ncand; c += blockDim.x) mx = max(mx, keys[c]);
+        atomicMax(&s_key, mx);
+        __syncthreads();
+        cut = score_key(key_score(s_key) + ln_threshold);
+        if (threadIdx.x == 0) s_count = 0;
+        __syncthreads();
+        int ge = 0;
+        for (int c = threadIdx.x; c < ncand; c += blockDim.x) ge += keys[c] >= cut;
+        atomicAdd(&s_count, ge);
+        __syncthreads();
+        kept_target = s_count > 0 ? s_count : 1;
+        if (s_count == 0) cut = s_key;  // the best alone (the lowest page among equals)
+        need_eq = s_count > 0 ? ncand : 1;
+        __syncthreads();
+    } else if (kept_target < ncand && kept_target > 0) {
+        // top_k: the kept_target-th largest key by an 8-bit radix select, most significant first.
+        unsigned long long prefix = 0;
+        int want = kept_target;  // rank of the cut among keys with this prefix (1 = largest)
+        for (int shift = 56; shift >= 0; shift -= 8) {
+            for (int i = threadIdx.x; i < 256; i += blockDim.x) s_hist[i] = 0;
+            __syncthreads();
+            const unsigned long long high = shift == 56 ? 0 : ~0ull << (shift + 8);
+            for (int c = threadIdx.x; c < ncand; c += blockDim.x) {
+                const unsigned long long k = keys[c];
+                if ((k & high) == prefix) atomicAdd(&s_hist[(k >> shift) & 255], 1u);
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                int above = 0, bin = 255;
+                for (; bin > 0; --bin) {
+                    if (above + (int)s_hist[bin] >= want) break;
+                    above += s_hist[bin];
+                }
+                s_count = above;
+                s_key = (unsigned long long)bin;
+            }
+            __syncthreads();
+            want -= s_count;
+            prefix |= s_key << shift;
+            __syncthreads();
+        }
+        // Keys above the cut are all kept; `want` is how many of those equal to it make up
+        // the budget (its rank among them).
+        cut = prefix;
+        need_eq = want;
+    } else if (kept_target == 0) {
+        cut = ~0ull;  // top_k(0): no page
+        need_eq = 0;
+    }
+    const bool all = mode == 0 && kept_target >= ncand;
+
+    // The chunks, ascending: the sink, the kept pages, the recent tokens.
+    int2* out = chunks + (size_t)row * cap;
+    int n = 0;  // chunks written so far (uniform across the block)
+    for (int t = 0; t < sink_end; t += page_size) {
+        if (threadIdx.x == 0 && n < cap) out[n] = make_int2(t, min(t + page_size, sink_end));
+        ++n;
+    }
+    int eq_before = 0;
+    for (int base = 0; base < ncand; base += blockDim.x) {
+        const int c = base + threadIdx.x;
+        const unsigned long long k = c < ncand ? keys[c] : 0;
+        const int eq = c < ncand && !all && k == cut;
+        int eq_total;
+        const int eq_rank = eq_before + block_scan(eq, eq_total, s_warp);
+        eq_before += eq_total;
+        const int keep = c < ncand && (all || k > cut || (eq && eq_rank < need_eq));
+        int kept_total;
+        const int at = n + block_scan(keep, kept_total, s_warp);
+        if (keep && at < cap) {
+            const int p = p_lo + c;
+            out[at] = make_int2(max(p * page_size, sink_end), min((p + 1) * page_size, recent_from));
+        }
+        n += kept_total;
+    }
+    for (int t = recent_from; t < visible; t += page_size) {
+        if (threadIdx.x == 0 && n < cap) out[n] = make_int2(t, min(t + page_size, visible));
+        ++n;
+    }
+    if (threadIdx.x == 0) chunk_count[row] = min(n, cap);
+}
+
+// ---- attend ----
+constexpr int ATTEND_WARPS = ATTEND_THREADS / 32;
+
+// Grid: x splits, y query heads, z sequences. Q is [batch, hq, D]; the partials are
+// [splits, batch * hq, D] and [splits, batch * hq].
+extern "C" __global__ void __launch_bounds__(ATTEND_THREADS) WEFT_ENTRY(attend)(PAGED_ATTEND_PARAMS)
+{
+    __shared__ float s_m[ATTEND_WARPS], s_l[ATTEND_WARPS];
+    __shared__ float s_acc[ATTEND_WARPS][D];
+
+    const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (hq / hkv);
+    const int rows = batch * hq, row = b * hq + h;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int len = seq_lens[b];
+    const int nchunks = dense ? (len + page_size - 1) / page_size : chunk_count[row];
+    const int per = (nchunks + splits - 1) / splits;
+    const int c0 = split * per, c1 = min(nchunks, c0 + per);
+    const u32* table = page_table + (size_t)b * max_pages;
+    const int2* list = dense ? nullptr : chunks + (size_t)row * cap;
+
+    float qv[E];
+    const u32* qrow = (const u32*)(Q + (size_t)row * D + lane * E);
+#pragma unroll
+    for (int i = 0; i < E / 2; ++i) {
+        unpack(qrow[i], qv[2 * i], qv[2 * i + 1]);
+        qv[2 * i] *= scale_log2;
+        qv[2 * i + 1] *= scale_log2;
+    }
+    float m = neg_inf(), l = 0.f, acc[E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) acc[i] = 0.f;
+    for (int c = c0; c < c1; ++c) {
+        const int2 span = dense ? make_int2(c * page_size, min((c + 1) * page_size, len)) : list[c];
+        for (int t = span.x + warp; t < span.y; t += ATTEND_WARPS) {
+            const size_t off = cache_row(table[t / page_size], t % page_size, kvh, page_size, hkv) + lane * E;
+            const u32* krow = (const u32*)(Kc + off);
+            const u32* vrow = (const u32*)(Vc + off);
+            float s = 0.f;
+#pragma unroll
+            for (int j = 0; j < E / 2; ++j) {
+                float x, y;
+                unpack(krow[j], x, y);
+                s = fmaf(qv[2 * j], x, fmaf(qv[2 * j + 1], y, s));
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffff, s, o);
+            const float mn = fmaxf(m, s);
+            const float alpha = m == neg_inf() ? 0.f : exp2f(m - mn);
+            const float p = exp2f(s - mn);
+            l = l * alpha + p;
+#pragma unroll
+            for (int j = 0; j < E / 2; ++j) {
+                float x, y;
+                unpack(vrow[j], x, y);
+                acc[2 * j] = fmaf(p, x, acc[2 * j] * alpha);
+                acc[2 * j + 1] = fmaf(p, y, acc[2 * j + 1] * alpha);
+            }
+            m = mn;
+        }
+    }
+
+    if (lane == 0) {
+        s_m[warp] = m;
+        s_l[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < E; ++i) s_acc[warp][lane * E + i] = acc[i];
+    __syncthreads();
+    if (warp == 0) {
+        float mx = neg_inf();
+        for (int w = 0; w < ATTEND_WARPS; ++w) mx = fmaxf(mx, s_m[w]);
+        float sum = 0.f, o[E];
+#pragma unroll
+        for (int i = 0; i < E; ++i) o[i] = 0.f;
+        if (mx != neg_inf()) {
+            for (int w = 0; w < ATTEND_WARPS; ++w) {
+                const float f = s_m[w] == neg_inf() ? 0.f : exp2f(s_m[w] - mx);
+                sum += s_l[w] * f;
+#pragma unroll
+                for (int i = 0; i < E; ++i) o[i] += s_acc[w][lane * E + i] * f;
+            }
+        }
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const size_t prow = (size_t)split * rows + row;
+#pragma unroll
+        for (int i = 0; i < E; ++i) Opart[prow * D + lane * E + i] = o[i] * inv;
+        if (lane == 0) LSEpart[prow] = sum > 0.f ? (mx + log2f(sum)) * 0.69314718055994531f : neg_inf();
+    }
+}

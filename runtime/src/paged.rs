@@ -1,0 +1,432 @@
+//! A paged KV cache on the device, and decode steps over it: dense, or with Quest's retrieval
+//! of pages chosen on the device. A step is a fixed number of launches on the GPU's stream
+//! with no host synchronisation and no allocation (its buffers are kept between steps), so a
+//! step of a fixed batch can be captured in a CUDA graph. See `codegen/src/templates/paged.cu`.
+
+use cudarc::driver::CudaSlice;
+use weft_codegen::abi::{
+    PagedAdvanceParams, PagedAppendParams, PagedAttendParams, PagedFillParams, PagedRetrieveParams,
+};
+use weft_codegen::paged::{emit_paged, entry};
+use weft_codegen::{emit_merge, DType, Kernel, Partial};
+use weft_dsl::{Budget, Retrieval, Score, Unit};
+
+use crate::launch::{Args, Module};
+use crate::{driver, Error, Gpu};
+
+/// The shape of a [`PagedKvCache`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PagedShape {
+    /// Sequences decoded together.
+    pub batch: usize,
+    /// Query heads and key/value heads (GQA: `hkv` divides `hq`).
+    pub hq: usize,
+    pub hkv: usize,
+    pub head_dim: usize,
+    /// Tokens per page.
+    pub page_size: usize,
+    /// Pages a sequence may hold: its capacity is `max_pages * page_size` tokens.
+    pub max_pages: usize,
+    pub dtype: DType,
+}
+
+impl PagedShape {
+    fn check(&self) -> Result<(), Error> {
+        let s = self;
+        if s.batch == 0 || s.hq == 0 || s.hkv == 0 || s.max_pages == 0 {
+            return Err(Error::Shape(format!("a paged cache needs at least one of everything, got {s:?}")));
+        }
+        if s.hq % s.hkv != 0 {
+            return Err(Error::Shape(format!("{} key/value heads must divide {} query heads", s.hkv, s.hq)));
+        }
+        if !(1..=1024).contains(&s.page_size) {
+            return Err(Error::Shape(format!("page_size must be 1 to 1024 tokens, got {}", s.page_size)));
+        }
+        if s.batch > 65535 || s.hq > 65535 || s.hkv > 65535 {
+            return Err(Error::Shape(format!("at most 65535 sequences and heads, got {s:?}")));
+        }
+        let tokens = s.max_pages.checked_mul(s.page_size).filter(|t| *t <= i32::MAX as usize);
+        let pages = s.batch.checked_mul(s.max_pages).filter(|p| *p <= u32::MAX as usize);
+        if tokens.is_none() || pages.is_none() {
+            return Err(Error::Shape(format!("{s:?}: too many tokens per sequence or pages in all")));
+        }
+        Ok(())
+    }
+
+    /// Physical pages: every sequence its own `max_pages` (the default page table).
+    pub fn pages(&self) -> usize {
+        self.batch * self.max_pages
+    }
+
+    /// Elements of the K (or V) cache: `[pages, page_size, hkv, head_dim]`.
+    pub fn cache_len(&self) -> usize {
+        self.pages() * self.page_size * self.hkv * self.head_dim
+    }
+}
+
+/// What a decode step keeps: every token, or Quest's pages.
+#[derive(Clone, Copy, Debug)]
+enum Keep {
+    Dense,
+    Quest { sink: i32, recent: i32, mode: i32, top_k: i32, ln_threshold: f64, cap: usize },
+}
+
+impl Keep {
+    /// The step for `retrieval` on pages of `page_size`, or why the device cannot take it.
+    fn of(retrieval: Option<&Retrieval>, s: &PagedShape) -> Result<Keep, Error> {
+        let Some(r) = retrieval else { return Ok(Keep::Dense) };
+        let usage = |why: String| Err(Error::Usage(format!("paged retrieval decode: {why}")));
+        if r.unit != Unit::Page(s.page_size as u32) || r.score != Score::MinMax {
+            return usage(format!(
+                "the device takes Quest's pages (unit = page({}), the cache's page size, score = min_max), got {:?} / {:?}",
+                s.page_size, r.unit, r.score
+            ));
+        }
+        let (mode, top_k, ln_threshold, kept) = match r.budget {
+            Budget::TopK(n) => (0, n.min(i32::MAX as u32) as i32, 0.0, (n as usize).min(s.max_pages)),
+            Budget::Threshold(t) if t > 0.0 && t.is_finite() => (1, 0, t.ln(), s.max_pages),
+            other => return usage(format!("budgets top_k and threshold run on the device, got {other:?}")),
+        };
+        let (sink, recent) = (r.sink as usize, r.recent as usize);
+        // Chunks: the sink's and the recent tokens' (a page each, one more where unaligned)
+        // and the kept pages'.
+        let cap = sink.div_ceil(s.page_size) + recent.div_ceil(s.page_size) + 1 + kept;
+        let clamp = |x: usize| x.min(i32::MAX as usize) as i32;
+        Ok(Keep::Quest { sink: clamp(sink), recent: clamp(recent), mode, top_k, ln_threshold, cap })
+    }
+
+    fn cap(&self) -> usize {
+        match self {
+            Keep::Dense => 0,
+            Keep::Quest { cap, .. } => *cap,
+        }
+    }
+}
+
+/// The buffers of a decode step, kept between steps.
+struct Workspace {
+    splits: usize,
+    cap: usize,
+    scores: CudaSlice<u64>,
+    chunks: CudaSlice<i32>,
+    counts: CudaSlice<i32>,
+    opart: CudaSlice<f32>,
+    lpart: CudaSlice<f32>,
+}
+
+/// A paged KV cache on one GPU: K and V `[pages, page_size, hkv, head_dim]` (vLLM's and
+/// FlashInfer's layout), a page table per sequence, the sequences' lengths on the device, and
+/// Quest's per-page key minimum and maximum, kept current by [`PagedKvCache::fill`] and
+/// [`PagedKvCache::append`].
+///
+/// Lengths live on the device (an append advances them there, so steps need no host copy)
+/// and in a host mirror that bounds-checks appends.
+pub struct PagedKvCache {
+    shape: PagedShape,
+    k: CudaSlice<u16>,
+    v: CudaSlice<u16>,
+    kmin: CudaSlice<u16>,
+    kmax: CudaSlice<u16>,
+    page_table: CudaSlice<u32>,
+    seq_lens: CudaSlice<i32>,
+    lens: Vec<usize>,
+    module: Module,
+    merge: Kernel,
+    work: Option<Workspace>,
+}
+
+impl Gpu {
+    /// An empty paged cache of `shape` (every sequence of length 0), its pages allocated now.
+    pub fn paged_cache(&self, shape: PagedShape) -> Result<PagedKvCache, Error> {
+        shape.check()?;
+        let kernel = emit_paged(shape.head_dim as u32, shape.dtype)?;
+        let merge = emit_merge(shape.head_dim as u32, shape.dtype, Partial::F32)?;
+        let module = self.load_module(&kernel, &entry::ALL)?;
+        let s = self.stream();
+        let what = |x: &str| format!("allocating the paged cache's {x} ({shape:?})");
+        let meta = shape.pages() * shape.hkv * shape.head_dim;
+        let table: Vec<u32> = (0..shape.pages() as u32).collect();
+        Ok(PagedKvCache {
+            k: s.alloc_zeros(shape.cache_len()).map_err(driver(what("keys")))?,
+            v: s.alloc_zeros(shape.cache_len()).map_err(driver(what("values")))?,
+            kmin: s.alloc_zeros(meta).map_err(driver(what("page minima")))?,
+            kmax: s.alloc_zeros(meta).map_err(driver(what("page maxima")))?,
+            page_table: s.clone_htod(&table).map_err(driver(what("page table")))?,
+            seq_lens: s.alloc_zeros(shape.batch).map_err(driver(what("lengths")))?,
+            lens: vec![0; shape.batch],
+            module,
+            merge,
+            work: None,
+            shape,
+        })
+    }
+}
+
+impl PagedKvCache {
+    pub fn shape(&self) -> PagedShape {
+        self.shape
+    }
+
+    /// The sequences' lengths (the host's mirror of the device's).
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// Replaces the page table: sequence `b`'s logical page `i` is physical page
+    /// `table[b * max_pages + i]` (pages may be shared, e.g. by sequences with one prefix).
+    pub fn set_page_table(&mut self, gpu: &Gpu, table: &[u32]) -> Result<(), Error> {
+        let s = self.shape;
+        if table.len() != s.pages() || table.iter().any(|p| *p as usize >= s.pages()) {
+            return Err(Error::Shape(format!(
+                "a page table of {} entries below {} expected, got {} entries",
+                s.pages(),
+                s.pages(),
+                table.len()
+            )));
+        }
+        gpu.stream().memcpy_htod(table, &mut self.page_table).map_err(driver("uploading the page table"))
+    }
+
+    /// Writes sequence `seq`'s first `n` tokens from `k` and `v` (`[hkv, n, head_dim]`, weft's
+    /// layout), replacing what it held, and sets its length to `n`.
+    pub fn fill(
+        &mut self,
+        gpu: &Gpu,
+        seq: usize,
+        k: &CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        n: usize,
+    ) -> Result<(), Error> {
+        let s = self.shape;
+        if seq >= s.batch {
+            return Err(Error::Shape(format!("sequence {seq} of a cache of {}", s.batch)));
+        }
+        if n > s.max_pages * s.page_size {
+            return Err(Error::Shape(format!(
+                "{n} tokens do not fit a sequence of {} pages of {}",
+                s.max_pages, s.page_size
+            )));
+        }
+        let want = s.hkv * n * s.head_dim;
+        if k.len() < want || v.len() < want {
+            return Err(Error::Shape(format!("{n} tokens x {} heads x {}: k or v is short", s.hkv, s.head_dim)));
+        }
+        let stream = gpu.stream();
+        if n > 0 {
+            let mut a = Args::new(stream);
+            let params = PagedFillParams {
+                ksrc: a.r(k),
+                vsrc: a.r(v),
+                n: n as i32,
+                seq: seq as i32,
+                page_table: a.r(&self.page_table),
+                max_pages: s.max_pages as i32,
+                page_size: s.page_size as i32,
+                hkv: s.hkv as i32,
+                kc: a.w(&mut self.k),
+                vc: a.w(&mut self.v),
+                kmin: a.w(&mut self.kmin),
+                kmax: a.w(&mut self.kmax),
+            };
+            // Safety: addresses from `a`; the sources hold `n` tokens (checked), the pages
+            // `max_pages` per sequence, the table entries are below `pages` (checked on upload).
+            unsafe { self.module.launch(stream, &entry::FILL, [n.div_ceil(s.page_size), s.hkv, 1], 0, params, a) }?;
+        }
+        self.lens[seq] = n;
+        let lens: Vec<i32> = self.lens.iter().map(|l| *l as i32).collect();
+        stream.memcpy_htod(&lens, &mut self.seq_lens).map_err(driver("uploading the lengths"))
+    }
+
+    /// Appends one token to every sequence: `k` and `v` are `[batch, hkv, head_dim]`.
+    pub fn append(&mut self, gpu: &Gpu, k: &CudaSlice<u16>, v: &CudaSlice<u16>) -> Result<(), Error> {
+        let s = self.shape;
+        let want = s.batch * s.hkv * s.head_dim;
+        if k.len() != want || v.len() != want {
+            return Err(Error::Shape(format!(
+                "append takes [batch {}, hkv {}, head_dim {}] keys and values, got {} and {} elements",
+                s.batch,
+                s.hkv,
+                s.head_dim,
+                k.len(),
+                v.len()
+            )));
+        }
+        if let Some(b) = self.lens.iter().position(|l| *l >= s.max_pages * s.page_size) {
+            return Err(Error::Shape(format!("sequence {b} is full ({} tokens)", self.lens[b])));
+        }
+        let stream = gpu.stream();
+        let mut a = Args::new(stream);
+        let params = PagedAppendParams {
+            knew: a.r(k),
+            vnew: a.r(v),
+            seq_lens: a.r(&self.seq_lens),
+            page_table: a.r(&self.page_table),
+            max_pages: s.max_pages as i32,
+            page_size: s.page_size as i32,
+            hkv: s.hkv as i32,
+            kc: a.w(&mut self.k),
+            vc: a.w(&mut self.v),
+            kmin: a.w(&mut self.kmin),
+            kmax: a.w(&mut self.kmax),
+        };
+        // Safety: addresses from `a`; every sequence has room for the token (checked above on
+        // the host's mirror of the lengths).
+        unsafe { self.module.launch(stream, &entry::APPEND, [s.batch, s.hkv, 1], 0, params, a) }?;
+        let mut a = Args::new(stream);
+        let params = PagedAdvanceParams { seq_lens: a.w(&mut self.seq_lens), batch: s.batch as i32 };
+        // Safety: `seq_lens` holds `batch` lengths.
+        unsafe { self.module.launch(stream, &entry::ADVANCE, [s.batch, 1, 1], 0, params, a) }?;
+        for l in &mut self.lens {
+            *l += 1;
+        }
+        Ok(())
+    }
+
+    /// One decode step: `q` `[batch, hq, head_dim]` attends over each sequence's cache (its
+    /// last query sees every token), into `out` `[batch, hq, head_dim]` and `lse` `[batch,
+    /// hq]` (natural log). `retrieval`: Quest's pages (unit = page of the cache's page size,
+    /// min_max score, top_k or threshold budget, sink and recent tokens always kept), chosen
+    /// on the device exactly as `weft_patterns::retrieval` chooses; `None` keeps every token.
+    /// `scale` is the softmax scale (the retrieval ranks `scale * score`). `splits`: key
+    /// ranges per (sequence, head) merged afterwards (0: enough to fill the GPU).
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_step(
+        &mut self,
+        gpu: &Gpu,
+        q: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        lse: &mut CudaSlice<f32>,
+        retrieval: Option<&Retrieval>,
+        scale: f32,
+        splits: usize,
+    ) -> Result<(), Error> {
+        let s = self.shape;
+        let rows = s.batch * s.hq;
+        if q.len() != rows * s.head_dim || out.len() != rows * s.head_dim || lse.len() != rows {
+            return Err(Error::Shape(format!(
+                "decode of [batch {}, hq {}, head_dim {}]: q {}, out {}, lse {} elements",
+                s.batch,
+                s.hq,
+                s.head_dim,
+                q.len(),
+                out.len(),
+                lse.len()
+            )));
+        }
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::Usage(format!("the softmax scale must be positive and finite, got {scale}")));
+        }
+        let keep = Keep::of(retrieval, &s)?;
+        let splits =
+            if splits == 0 { (4 * gpu.sm_count as usize).div_ceil(rows).clamp(1, 64) } else { splits.min(1024) };
+        self.workspace(gpu, splits, keep.cap())?;
+        let stream = gpu.stream();
+        let work = self.work.as_mut().expect("the workspace was just made");
+        let (dense, cap) = match keep {
+            Keep::Dense => (1, 0),
+            Keep::Quest { sink, recent, mode, top_k, ln_threshold, cap } => {
+                let mut a = Args::new(stream);
+                let params = PagedRetrieveParams {
+                    q: a.r(q),
+                    kmin: a.r(&self.kmin),
+                    kmax: a.r(&self.kmax),
+                    page_table: a.r(&self.page_table),
+                    seq_lens: a.r(&self.seq_lens),
+                    max_pages: s.max_pages as i32,
+                    page_size: s.page_size as i32,
+                    hq: s.hq as i32,
+                    hkv: s.hkv as i32,
+                    sink,
+                    recent,
+                    mode,
+                    top_k,
+                    ln_threshold,
+                    scale: f64::from(scale),
+                    scores: a.w(&mut work.scores),
+                    chunks: a.w(&mut work.chunks),
+                    chunk_count: a.w(&mut work.counts),
+                    cap: cap as i32,
+                };
+                // Safety: addresses from `a`; the workspace holds `max_pages` scores and `cap`
+                // chunks per (sequence, head), which bound what the kernel writes.
+                unsafe { self.module.launch(stream, &entry::RETRIEVE, [s.hq, s.batch, 1], 0, params, a) }?;
+                (0, cap)
+            }
+        };
+        let mut a = Args::new(stream);
+        let params = PagedAttendParams {
+            q: a.r(q),
+            kc: a.r(&self.k),
+            vc: a.r(&self.v),
+            page_table: a.r(&self.page_table),
+            seq_lens: a.r(&self.seq_lens),
+            max_pages: s.max_pages as i32,
+            page_size: s.page_size as i32,
+            batch: s.batch as i32,
+            hq: s.hq as i32,
+            hkv: s.hkv as i32,
+            chunks: a.r(&work.chunks),
+            chunk_count: a.r(&work.counts),
+            cap: cap as i32,
+            dense,
+            splits: splits as i32,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            opart: a.w(&mut work.opart),
+            lsepart: a.w(&mut work.lpart),
+        };
+        // Safety: addresses from `a`; the partials hold `splits` x rows; chunks (when read)
+        // were written by `retrieve` with at most `cap` per row and tokens below each length.
+        unsafe { self.module.launch(stream, &entry::ATTEND, [splits, s.hq, s.batch], 0, params, a) }?;
+        gpu.merge(&self.merge, &work.opart, &work.lpart, splits, rows, s.head_dim, out, lse)
+    }
+
+    /// The tokens the last retrieval step kept per (sequence, query head), ascending (rows
+    /// `b * hq + h`); `None` before any retrieval step. Waits for the device: for tests and
+    /// reports (recall of the kept set), not for the decode loop.
+    pub fn last_kept(&self, gpu: &Gpu, retrieval: &Retrieval) -> Result<Option<Vec<Vec<u32>>>, Error> {
+        let Some(w) = &self.work else { return Ok(None) };
+        let cap = Keep::of(Some(retrieval), &self.shape)?.cap();
+        if cap > w.cap {
+            return Ok(None);
+        }
+        let st = gpu.stream();
+        let counts = st.clone_dtoh(&w.counts).map_err(driver("reading the kept chunks"))?;
+        let chunks = st.clone_dtoh(&w.chunks).map_err(driver("reading the kept chunks"))?;
+        let rows = counts.len();
+        Ok(Some(
+            (0..rows)
+                .map(|row| {
+                    let n = (counts[row].max(0) as usize).min(cap);
+                    (0..n)
+                        .flat_map(|c| {
+                            let at = 2 * (row * cap + c);
+                            chunks[at].max(0) as u32..chunks[at + 1].max(0) as u32
+                        })
+                        .collect()
+                })
+                .collect(),
+        ))
+    }
+
+    /// Makes the step's buffers fit `splits` and `cap` (kept when they do).
+    fn workspace(&mut self, gpu: &Gpu, splits: usize, cap: usize) -> Result<(), Error> {
+        let s = self.shape;
+        if self.work.as_ref().is_some_and(|w| w.splits == splits && w.cap >= cap) {
+            return Ok(());
+        }
+        let rows = s.batch * s.hq;
+        let cap = cap.max(1);
+        let st = gpu.stream();
+        let what = "allocating the decode step's buffers";
+        self.work = Some(Workspace {
+            splits,
+            cap,
+            scores: st.alloc_zeros(rows * s.max_pages).map_err(driver(what))?,
+            chunks: st.alloc_zeros(rows * cap * 2).map_err(driver(what))?,
+            counts: st.alloc_zeros(rows).map_err(driver(what))?,
+            opart: st.alloc_zeros(splits * rows * s.head_dim).map_err(driver(what))?,
+            lpart: st.alloc_zeros(splits * rows).map_err(driver(what))?,
+        });
+        Ok(())
+    }
+}
