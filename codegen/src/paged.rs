@@ -29,7 +29,8 @@ pub mod entry {
     /// The retrieval choice of pages. x: query heads; y: sequences.
     pub const RETRIEVE: Entry =
         Entry { name: "retrieve", threads: 256, params: "PagedRetrieveParams", grid: [Each, Each, Fixed(1)] };
-    /// Split-KV attention over the kept tokens. x: splits; y: query heads; z: sequences.
+    /// Split-KV attention over the kept tokens. x: splits; y: query heads (retrieval) or groups
+    /// of [`super::heads_per_cta`] of them (dense); z: sequences.
     pub const ATTEND: Entry =
         Entry { name: "attend", threads: 128, params: "PagedAttendParams", grid: [Each, Each, Each] };
 
@@ -39,15 +40,27 @@ pub mod entry {
     pub const ALL: [Entry; 5] = [FILL, APPEND, ADVANCE, RETRIEVE, ATTEND];
 }
 
-/// Generates the paged-cache module for `head_dim` and `dtype` (its entries: [`entry::ALL`]).
-pub fn emit_paged(head_dim: u32, dtype: DType) -> Result<Kernel, Error> {
+/// Query heads a dense step's `attend` CTA serves for `group` query heads per KV head: the
+/// largest of 4, 2 and 1 that divides it (the heads share the rows they read).
+pub fn heads_per_cta(group: u32) -> u32 {
+    [4, 2, 1].into_iter().find(|h| group % h == 0).unwrap_or(1)
+}
+
+/// Generates the paged-cache module for `head_dim`, `dtype` and `group` query heads per KV
+/// head (its entries: [`entry::ALL`]).
+pub fn emit_paged(head_dim: u32, dtype: DType, group: u32) -> Result<Kernel, Error> {
     check_head_dim(head_dim)?;
-    let config = format!("paged head_dim={head_dim} dtype={}", dtype.name());
+    if group == 0 || group > 1024 {
+        return Err(Error::Config(format!("query heads per KV head must be 1 to 1024, got {group}")));
+    }
+    let config = format!("paged head_dim={head_dim} dtype={} group={group}", dtype.name());
     let (key, header) = key_and_header("paged", &closure("paged.cu"), None, &config, &[], None);
     let name = format!("weft_paged_{}", &key[..16]);
     let mut cfg = format!("#define WEFT_ENTRY(entry) {name}_##entry\n");
     cfg += &defines(&[("WEFT_F16", dtype == DType::F16)]);
     cfg += &constant("int", "D", head_dim, "head dimension");
+    cfg += &constant("int", "G", group, "query heads per KV head");
+    cfg += &constant("int", "HPC", heads_per_cta(group), "query heads per dense attend CTA (heads_per_cta)");
     for e in entry::ALL {
         cfg += &e.threads_constant();
         cfg.push('\n');

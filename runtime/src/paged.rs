@@ -7,7 +7,7 @@ use cudarc::driver::CudaSlice;
 use weft_codegen::abi::{
     PagedAdvanceParams, PagedAppendParams, PagedAttendParams, PagedFillParams, PagedRetrieveParams,
 };
-use weft_codegen::paged::{emit_paged, entry};
+use weft_codegen::paged::{emit_paged, entry, heads_per_cta};
 use weft_codegen::{emit_merge, DType, Kernel, Partial};
 use weft_dsl::{Budget, Retrieval, Score, Unit};
 
@@ -139,7 +139,7 @@ impl Gpu {
     /// An empty paged cache of `shape` (every sequence of length 0), its pages allocated now.
     pub fn paged_cache(&self, shape: PagedShape) -> Result<PagedKvCache, Error> {
         shape.check()?;
-        let kernel = emit_paged(shape.head_dim as u32, shape.dtype)?;
+        let kernel = emit_paged(shape.head_dim as u32, shape.dtype, (shape.hq / shape.hkv) as u32)?;
         let merge = emit_merge(shape.head_dim as u32, shape.dtype, Partial::F32)?;
         let module = self.load_module(&kernel, &entry::ALL)?;
         let s = self.stream();
@@ -376,7 +376,8 @@ impl PagedKvCache {
         };
         // Safety: addresses from `a`; the partials hold `splits` x rows; chunks (when read)
         // were written by `retrieve` with at most `cap` per row and tokens below each length.
-        unsafe { self.module.launch(stream, &entry::ATTEND, [splits, s.hq, s.batch], 0, params, a) }?;
+        let heads = if dense == 1 { s.hq / heads_per_cta((s.hq / s.hkv) as u32) as usize } else { s.hq };
+        unsafe { self.module.launch(stream, &entry::ATTEND, [splits, heads, s.batch], 0, params, a) }?;
         gpu.merge(&self.merge, &work.opart, &work.lpart, splits, rows, s.head_dim, out, lse)
     }
 

@@ -21,7 +21,6 @@
 #include "params.cuh"   // generated from weft-codegen abi.rs: the parameter structs
 // D and the entry points' thread counts come from the config.
 
-constexpr int E = D / 32;  // elements per lane of a warp holding one row
 
 // One 16-bit element (the dtype's bits) as a float.
 __device__ __forceinline__ float elem(u16 x) {
@@ -259,92 +258,160 @@ extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrie
 }
 
 // ---- attend ----
+// Memory-bound: each K and V row is read once per CTA with 16-byte loads, LANES lanes per row
+// (ROWS rows per warp at a time), UNROLL passes of loads issued before their math so that
+// several rows per warp are in flight. A dense step's CTA serves HPC query heads of one KV
+// head (the group's heads share every key, so the rows are read once for them); a retrieval
+// step's CTA serves one query head (each keeps its own pages). Each row slot keeps its own
+// online softmax; the CTA merges them at the end.
 constexpr int ATTEND_WARPS = ATTEND_THREADS / 32;
+constexpr int LANES = D / 8;          // lanes per row: 8 elements (16 bytes) each
+constexpr int ROWS = 32 / LANES;      // rows per warp per pass
+constexpr int SLOTS = ATTEND_WARPS * ROWS;
+constexpr int UNROLL = 4;
+constexpr int TILE = 128;             // chunks staged in shared memory at a time
+static_assert(D % 8 == 0 && 32 % LANES == 0, "a row is whole 16-byte pieces over lanes of one warp");
+// G (query heads per KV head) and HPC (heads per dense CTA, dividing G) come from the config.
 
-// Grid: x splits, y query heads, z sequences. Q is [batch, hq, D]; the partials are
-// [splits, batch * hq, D] and [splits, batch * hq].
-extern "C" __global__ void __launch_bounds__(ATTEND_THREADS) WEFT_ENTRY(attend)(PAGED_ATTEND_PARAMS)
+// Grid: x splits; y query heads (retrieval) or groups of HPC query heads (dense); z sequences.
+// Q is [batch, hq, D]; the partials are [splits, batch * hq, D] and [splits, batch * hq].
+extern "C" __global__ void __launch_bounds__(ATTEND_THREADS, 4) WEFT_ENTRY(attend)(PAGED_ATTEND_PARAMS)
 {
-    __shared__ float s_m[ATTEND_WARPS], s_l[ATTEND_WARPS];
-    __shared__ float s_acc[ATTEND_WARPS][D];
+    __shared__ int s_start[TILE], s_off[TILE + 1];
+    __shared__ float s_m[HPC][SLOTS], s_l[HPC][SLOTS];
+    __shared__ float s_acc[HPC][SLOTS][D];
 
-    const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int kvh = h / (hq / hkv);
-    const int rows = batch * hq, row = b * hq + h;
+    const int split = blockIdx.x, b = blockIdx.z;
+    const int hcount = dense ? HPC : 1;
+    const int h0 = dense ? blockIdx.y * HPC : blockIdx.y;
+    const int kvh = h0 / G;
+    const int rows = batch * hq, row0 = b * hq + h0;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int piece = lane % LANES, slot = warp * ROWS + lane / LANES;
     const int len = seq_lens[b];
-    const int nchunks = dense ? (len + page_size - 1) / page_size : chunk_count[row];
+    const int nchunks = dense ? (len + page_size - 1) / page_size : chunk_count[row0];
     const int per = (nchunks + splits - 1) / splits;
     const int c0 = split * per, c1 = min(nchunks, c0 + per);
     const u32* table = page_table + (size_t)b * max_pages;
-    const int2* list = dense ? nullptr : chunks + (size_t)row * cap;
 
-    float qv[E];
-    const u32* qrow = (const u32*)(Q + (size_t)row * D + lane * E);
+    // This lane's piece of each head's q, in the log2 domain.
+    float qv[HPC][8];
 #pragma unroll
-    for (int i = 0; i < E / 2; ++i) {
-        unpack(qrow[i], qv[2 * i], qv[2 * i + 1]);
-        qv[2 * i] *= scale_log2;
-        qv[2 * i + 1] *= scale_log2;
+    for (int j = 0; j < HPC; ++j) {
+        const uint4 w = j < hcount ? *(const uint4*)(Q + (size_t)(row0 + j) * D + piece * 8) : make_uint4(0, 0, 0, 0);
+        const u32 x[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            unpack(x[e], qv[j][2 * e], qv[j][2 * e + 1]);
+            qv[j][2 * e] *= scale_log2;
+            qv[j][2 * e + 1] *= scale_log2;
+        }
     }
-    float m = neg_inf(), l = 0.f, acc[E];
+    float m[HPC], l[HPC], acc[HPC][8];
 #pragma unroll
-    for (int i = 0; i < E; ++i) acc[i] = 0.f;
-    for (int c = c0; c < c1; ++c) {
-        const int2 span = dense ? make_int2(c * page_size, min((c + 1) * page_size, len)) : list[c];
-        for (int t = span.x + warp; t < span.y; t += ATTEND_WARPS) {
-            const size_t off = cache_row(table[t / page_size], t % page_size, kvh, page_size, hkv) + lane * E;
-            const u32* krow = (const u32*)(Kc + off);
-            const u32* vrow = (const u32*)(Vc + off);
-            float s = 0.f;
+    for (int j = 0; j < HPC; ++j) {
+        m[j] = neg_inf();
+        l[j] = 0.f;
 #pragma unroll
-            for (int j = 0; j < E / 2; ++j) {
-                float x, y;
-                unpack(krow[j], x, y);
-                s = fmaf(qv[2 * j], x, fmaf(qv[2 * j + 1], y, s));
+        for (int e = 0; e < 8; ++e) acc[j][e] = 0.f;
+    }
+
+    for (int t0 = c0; t0 < c1; t0 += TILE) {
+        // Stage up to TILE chunks: their first tokens and the running token offsets.
+        const int nt = min(TILE, c1 - t0);
+        __syncthreads();
+        if (threadIdx.x < nt) {
+            const int c = t0 + threadIdx.x;
+            int2 span;
+            if (dense) span = make_int2(c * page_size, min((c + 1) * page_size, len));
+            else span = chunks[(size_t)row0 * cap + c];
+            s_start[threadIdx.x] = span.x;
+            s_off[threadIdx.x + 1] = span.y - span.x;
+        }
+        if (threadIdx.x == 0) s_off[0] = 0;
+        __syncthreads();
+        if (threadIdx.x == 0)
+            for (int i = 1; i <= nt; ++i) s_off[i] += s_off[i - 1];
+        __syncthreads();
+        const int total = s_off[nt];
+        for (int base = 0; base < total; base += SLOTS * UNROLL) {
+            uint4 kk[UNROLL], vv[UNROLL];
+            bool ok[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int pos = base + u * SLOTS + slot;
+                ok[u] = pos < total;
+                if (ok[u]) {
+                    // The chunk holding pos: the last with s_off[i] <= pos.
+                    int lo = 0, hi = nt;
+                    while (hi - lo > 1) {
+                        const int mid = (lo + hi) / 2;
+                        if (s_off[mid] <= pos) lo = mid;
+                        else hi = mid;
+                    }
+                    const int t = s_start[lo] + pos - s_off[lo];
+                    const size_t off = cache_row(table[t / page_size], t % page_size, kvh, page_size, hkv) + piece * 8;
+                    kk[u] = *(const uint4*)(Kc + off);
+                    vv[u] = *(const uint4*)(Vc + off);
+                } else {
+                    kk[u] = vv[u] = make_uint4(0, 0, 0, 0);
+                }
             }
 #pragma unroll
-            for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffff, s, o);
-            const float mn = fmaxf(m, s);
-            const float alpha = m == neg_inf() ? 0.f : exp2f(m - mn);
-            const float p = exp2f(s - mn);
-            l = l * alpha + p;
+            for (int u = 0; u < UNROLL; ++u) {
+                float kf[8], vf[8];
+                const u32 kx[4] = {kk[u].x, kk[u].y, kk[u].z, kk[u].w};
+                const u32 vx[4] = {vv[u].x, vv[u].y, vv[u].z, vv[u].w};
 #pragma unroll
-            for (int j = 0; j < E / 2; ++j) {
-                float x, y;
-                unpack(vrow[j], x, y);
-                acc[2 * j] = fmaf(p, x, acc[2 * j] * alpha);
-                acc[2 * j + 1] = fmaf(p, y, acc[2 * j + 1] * alpha);
+                for (int e = 0; e < 4; ++e) {
+                    unpack(kx[e], kf[2 * e], kf[2 * e + 1]);
+                    unpack(vx[e], vf[2 * e], vf[2 * e + 1]);
+                }
+#pragma unroll
+                for (int j = 0; j < HPC; ++j) {
+                    float sc = 0.f;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) sc = fmaf(qv[j][e], kf[e], sc);
+#pragma unroll
+                    for (int o = LANES / 2; o > 0; o /= 2) sc += __shfl_xor_sync(0xffffffff, sc, o);
+                    if (!ok[u] || j >= hcount) continue;
+                    const float mn = fmaxf(m[j], sc);
+                    const float alpha = m[j] == neg_inf() ? 0.f : exp2f(m[j] - mn);
+                    const float p = exp2f(sc - mn);
+                    l[j] = l[j] * alpha + p;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[j][e] = fmaf(p, vf[e], acc[j][e] * alpha);
+                    m[j] = mn;
+                }
             }
-            m = mn;
         }
     }
 
-    if (lane == 0) {
-        s_m[warp] = m;
-        s_l[warp] = l;
-    }
+    // Merge the row slots of every head.
 #pragma unroll
-    for (int i = 0; i < E; ++i) s_acc[warp][lane * E + i] = acc[i];
+    for (int j = 0; j < HPC; ++j) {
+        if (piece == 0) {
+            s_m[j][slot] = m[j];
+            s_l[j][slot] = l[j];
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s_acc[j][slot][piece * 8 + e] = acc[j][e];
+    }
     __syncthreads();
-    if (warp == 0) {
+    for (int x = threadIdx.x; x < hcount * D; x += blockDim.x) {
+        const int j = x / D, e = x % D;
         float mx = neg_inf();
-        for (int w = 0; w < ATTEND_WARPS; ++w) mx = fmaxf(mx, s_m[w]);
-        float sum = 0.f, o[E];
-#pragma unroll
-        for (int i = 0; i < E; ++i) o[i] = 0.f;
+        for (int g = 0; g < SLOTS; ++g) mx = fmaxf(mx, s_m[j][g]);
+        float sum = 0.f, o = 0.f;
         if (mx != neg_inf()) {
-            for (int w = 0; w < ATTEND_WARPS; ++w) {
-                const float f = s_m[w] == neg_inf() ? 0.f : exp2f(s_m[w] - mx);
-                sum += s_l[w] * f;
-#pragma unroll
-                for (int i = 0; i < E; ++i) o[i] += s_acc[w][lane * E + i] * f;
+            for (int g = 0; g < SLOTS; ++g) {
+                const float f = s_m[j][g] == neg_inf() ? 0.f : exp2f(s_m[j][g] - mx);
+                sum += s_l[j][g] * f;
+                o += s_acc[j][g][e] * f;
             }
         }
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-        const size_t prow = (size_t)split * rows + row;
-#pragma unroll
-        for (int i = 0; i < E; ++i) Opart[prow * D + lane * E + i] = o[i] * inv;
-        if (lane == 0) LSEpart[prow] = sum > 0.f ? (mx + log2f(sum)) * 0.69314718055994531f : neg_inf();
+        const size_t prow = (size_t)split * rows + row0 + j;
+        Opart[prow * D + e] = sum > 0.f ? o / sum : 0.f;
+        if (e == 0) LSEpart[prow] = sum > 0.f ? (mx + log2f(sum)) * 0.69314718055994531f : neg_inf();
     }
 }
