@@ -374,9 +374,10 @@ impl PagedKvCache {
             opart: a.w(&mut work.opart),
             lsepart: a.w(&mut work.lpart),
         };
+        // A dense step's CTA serves the heads_per_cta query heads of one KV head that share its rows.
+        let heads = if dense == 1 { s.hq / heads_per_cta((s.hq / s.hkv) as u32) as usize } else { s.hq };
         // Safety: addresses from `a`; the partials hold `splits` x rows; chunks (when read)
         // were written by `retrieve` with at most `cap` per row and tokens below each length.
-        let heads = if dense == 1 { s.hq / heads_per_cta((s.hq / s.hkv) as u32) as usize } else { s.hq };
         unsafe { self.module.launch(stream, &entry::ATTEND, [splits, heads, s.batch], 0, params, a) }?;
         gpu.merge(&self.merge, &work.opart, &work.lpart, splits, rows, s.head_dim, out, lse)
     }
