@@ -18,7 +18,7 @@ use pyo3::types::PyDict;
 use weft::analysis::{AnalysisOptions, UniverseChoice};
 use weft::dsl::Pattern;
 use weft::patterns::{IndexOptions, SparseIndex, Tensor};
-use weft::runtime::{AttnShape, ExternalTensors, LayerPlan, Runtime};
+use weft::runtime::{AttnShape, ExternalTensors, LayerPlan, PagedKvCache, PagedShape, Runtime};
 
 pyo3::create_exception!(
     _weft,
@@ -649,6 +649,143 @@ impl PyRuntime {
             Ok(())
         })
     }
+
+    /// An empty paged cache: `batch` sequences of up to `max_pages` pages of `page_size`
+    /// tokens, `hq` query heads over `hkv` key/value heads of `head_dim`, 16-bit `dtype`.
+    #[allow(clippy::too_many_arguments)]
+    fn paged_cache(
+        &self,
+        py: Python<'_>,
+        batch: usize,
+        hq: usize,
+        hkv: usize,
+        head_dim: usize,
+        page_size: usize,
+        max_pages: usize,
+        dtype: &str,
+    ) -> PyResult<PyPagedCache> {
+        let dtype = parse_dtype(dtype)?;
+        let shape = PagedShape { batch, hq, hkv, head_dim, page_size, max_pages, dtype };
+        let cache = py.detach(|| {
+            let rt = self.inner.lock().map_err(|_| WeftError::new_err("the runtime's lock is poisoned"))?;
+            rt.paged_cache(shape).map_err(runtime_error)
+        })?;
+        Ok(PyPagedCache { inner: Mutex::new(cache), device: self.device })
+    }
+
+    /// Writes sequence `seq`'s first `n` tokens: K and V `[hkv, n, head_dim]` at `k` and `v`
+    /// (device addresses, contiguous), on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    fn paged_fill(
+        &self,
+        py: Python<'_>,
+        cache: &PyPagedCache,
+        seq: usize,
+        k: u64,
+        v: u64,
+        n: usize,
+        stream: u64,
+    ) -> PyResult<()> {
+        self.same_device(cache)?;
+        py.detach(|| {
+            let mut rt = self.inner.lock().map_err(|_| WeftError::new_err("the runtime's lock is poisoned"))?;
+            let mut c = cache.inner.lock().map_err(|_| WeftError::new_err("the cache's lock is poisoned"))?;
+            // Safety: weft.torch passes live contiguous tensors of these shapes on the current
+            // stream of this runtime's device.
+            unsafe {
+                rt.use_stream(stream).map_err(runtime_error)?;
+                rt.paged_fill_external(&mut c, seq, k, v, n).map_err(runtime_error)
+            }
+        })
+    }
+
+    /// Appends one token per sequence: K and V `[batch, hkv, head_dim]` at `k` and `v`.
+    fn paged_append(&self, py: Python<'_>, cache: &PyPagedCache, k: u64, v: u64, stream: u64) -> PyResult<()> {
+        self.same_device(cache)?;
+        py.detach(|| {
+            let mut rt = self.inner.lock().map_err(|_| WeftError::new_err("the runtime's lock is poisoned"))?;
+            let mut c = cache.inner.lock().map_err(|_| WeftError::new_err("the cache's lock is poisoned"))?;
+            // Safety: as `paged_fill`.
+            unsafe {
+                rt.use_stream(stream).map_err(runtime_error)?;
+                rt.paged_append_external(&mut c, k, v).map_err(runtime_error)
+            }
+        })
+    }
+
+    /// One decode step: Q `[batch, hq, head_dim]` at `q` into O (same shape) at `out` and LSE
+    /// `[batch, hq]` (f32) at `lse`; `retrieval` (a `retrieval(...)` pattern) keeps Quest's
+    /// pages, chosen on the device; none keeps every token.
+    #[pyo3(signature = (cache, q, out, lse, stream, scale, retrieval = None, splits = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn paged_decode(
+        &self,
+        py: Python<'_>,
+        cache: &PyPagedCache,
+        q: u64,
+        out: u64,
+        lse: u64,
+        stream: u64,
+        scale: f32,
+        retrieval: Option<&PyPattern>,
+        splits: usize,
+    ) -> PyResult<()> {
+        self.same_device(cache)?;
+        let retrieval = retrieval.map(retrieval_of).transpose()?;
+        if [q, out, lse].contains(&0) {
+            return Err(value_error("a tensor's device address is 0"));
+        }
+        py.detach(|| {
+            let mut rt = self.inner.lock().map_err(|_| WeftError::new_err("the runtime's lock is poisoned"))?;
+            let mut c = cache.inner.lock().map_err(|_| WeftError::new_err("the cache's lock is poisoned"))?;
+            // Safety: as `paged_fill`.
+            unsafe {
+                rt.use_stream(stream).map_err(runtime_error)?;
+                rt.paged_decode_external(&mut c, q, out, lse, retrieval.as_ref(), scale, splits).map_err(runtime_error)
+            }
+        })
+    }
+}
+
+/// A paged KV cache on the GPU (`weft.torch.PagedCache` wraps it): made by
+/// `Runtime.paged_cache`, filled, appended to and decoded through the runtime's `paged_*`
+/// methods.
+#[pyclass(module = "weft._weft", name = "PagedCache", frozen)]
+struct PyPagedCache {
+    inner: Mutex<PagedKvCache>,
+    device: usize,
+}
+
+#[pymethods]
+impl PyPagedCache {
+    /// The sequences' lengths.
+    #[getter]
+    fn lens(&self) -> PyResult<Vec<usize>> {
+        Ok(self.inner.lock().map_err(|_| WeftError::new_err("the cache's lock is poisoned"))?.lens().to_vec())
+    }
+}
+
+/// The retrieval operator of a pattern that is one (`retrieval(...)`), for paged decode.
+fn retrieval_of(p: &PyPattern) -> PyResult<weft::dsl::Retrieval> {
+    match &p.inner.expr {
+        weft::dsl::PatternExpr::Retrieval(r) => Ok(r.clone()),
+        _ => Err(value_error(format!(
+            "paged decode takes a retrieval pattern (`retrieval(unit = page(n), ...)`), got `{}`",
+            p.inner.expr
+        ))),
+    }
+}
+
+impl PyRuntime {
+    fn same_device(&self, cache: &PyPagedCache) -> PyResult<()> {
+        if cache.device != self.device {
+            return Err(value_error(format!(
+                "the cache lives on device {}, this runtime on {}",
+                cache.device, self.device
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// "bf16" or "fp16" as a kernel dtype.
@@ -674,6 +811,7 @@ fn _weft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyIndex>()?;
     m.add_class::<PyPlan>()?;
     m.add_class::<PyRuntime>()?;
+    m.add_class::<PyPagedCache>()?;
     m.add_function(wrap_pyfunction!(explain_json, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_index, m)?)?;
     m.add_function(wrap_pyfunction!(reference_attention, m)?)?;

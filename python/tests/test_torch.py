@@ -283,3 +283,39 @@ def test_bad_inputs_raise_value_errors():
     out = wt.attention(q, k, v, "causal")
     with pytest.raises(NotImplementedError, match="backward"):
         out.sum().backward()
+
+
+def test_paged_cache_decodes_over_what_the_cpu_reference_keeps():
+    dtype, hq, hkv, d, ps = torch.bfloat16, 8, 2, 128, 16
+    lens = [3, 700, 1501]
+    g = torch.Generator(device="cuda").manual_seed(31)
+    ks = [torch.randn(hkv, n, d, generator=g, device="cuda").to(dtype) for n in lens]
+    vs = [torch.randn(hkv, n, d, generator=g, device="cuda").to(dtype) for n in lens]
+    cache = wt.PagedCache(len(lens), hq, hkv, d, max_tokens=max(lens) + 8, page_size=ps, dtype=dtype)
+    # The first tokens by fill, the last two by appends.
+    for b, n in enumerate(lens):
+        cache.fill(b, ks[b][:, : n - 2].contiguous(), vs[b][:, : n - 2].contiguous())
+    for back in (2, 1):
+        cache.append(
+            torch.stack([k[:, n - back] for k, n in zip(ks, lens)]), torch.stack([v[:, n - back] for v, n in zip(vs, lens)])
+        )
+    assert cache.lens == lens
+    q = torch.randn(len(lens), hq, d, generator=g, device="cuda").to(dtype)
+    quest = f"retrieval(unit = page({ps}), keep = top_k(8), sink = 4, recent = 32)"
+    for text in (None, quest):
+        out, lse = cache.decode(q, text, return_lse=True)
+        for b, n in enumerate(lens):
+            qb, kb, vb = q[b][None, :, None], ks[b][None], vs[b][None]
+            if text is None:
+                mask = torch.ones(1, hq, 1, n, dtype=torch.bool, device="cuda")
+            else:
+                mask = masks_of(text, qb, kb)
+            want, want_lse = sdpa_reference(qb, kb, vb, mask, 1 / math.sqrt(d))
+            torch.testing.assert_close(out[b].float(), want[0, :, 0], atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(lse[b], want_lse[0, :, 0], atol=2e-2, rtol=0)
+    with pytest.raises(ValueError, match="top_k and threshold"):
+        cache.decode(q, f"retrieval(unit = page({ps}), keep = top_p(0.9))")
+    with pytest.raises(ValueError, match="shape"):
+        cache.decode(q[:, :4].contiguous())
+    with pytest.raises(ValueError, match="float16"):
+        cache.append(ks[0][:, :3].transpose(0, 1).half().contiguous(), vs[0][:, :3].transpose(0, 1).half().contiguous())

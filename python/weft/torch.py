@@ -28,7 +28,7 @@ import torch
 import weft
 from . import _weft
 
-__all__ = ["attention", "attention_varlen", "runtime", "plan", "Plan"]
+__all__ = ["attention", "attention_varlen", "runtime", "plan", "Plan", "PagedCache"]
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -436,3 +436,102 @@ def attention_varlen(
     if layout == "thd":
         out = out.transpose(0, 1).contiguous()
     return (out, lse) if return_lse else out
+
+
+class PagedCache:
+    """A paged KV cache on a CUDA device for decoding a batch of sequences with weft's
+    kernels: dense, or with Quest's pages chosen on the device (no host synchronisation).
+
+        cache = weft.torch.PagedCache(batch=4, heads=32, kv_heads=8, head_dim=128, max_tokens=32768)
+        cache.fill(0, k, v)             # sequence 0's prompt: k, v [kv_heads, n, head_dim]
+        cache.append(k_new, v_new)      # one token per sequence: [batch, kv_heads, head_dim]
+        out = cache.decode(q, "retrieval(unit = page(16), keep = top_k(64))")  # q [batch, heads, head_dim]
+
+    Pages of ``page_size`` tokens, ``[pages, page_size, kv_heads, head_dim]`` (vLLM's layout),
+    each sequence ``ceil(max_tokens / page_size)`` of its own, allocated when the cache is made.
+    The retrieval must use the cache's pages (``unit = page(page_size)``), Quest's
+    ``min_max`` score and a ``top_k`` or ``threshold`` budget; it keeps exactly the tokens
+    weft's CPU reference keeps. A sequence's last query sees all its tokens.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        max_tokens: int,
+        *,
+        page_size: int = 16,
+        dtype: torch.dtype = torch.bfloat16,
+        device: Union[int, torch.device, None] = None,
+    ):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+        if page_size <= 0 or max_tokens <= 0:
+            raise ValueError(f"page_size and max_tokens must be positive, got {page_size} and {max_tokens}")
+        self._rt = runtime(device)
+        self.device = torch.device("cuda", self._rt.device)
+        self.dtype, self.batch, self.heads, self.kv_heads, self.head_dim = dtype, batch, heads, kv_heads, head_dim
+        self.page_size = page_size
+        pages = -(-max_tokens // page_size)
+        self._cache = self._rt.paged_cache(batch, heads, kv_heads, head_dim, page_size, pages, _DTYPES[dtype])
+
+    @property
+    def lens(self) -> list:
+        """The sequences' lengths."""
+        return self._cache.lens
+
+    def _tensor(self, name: str, t: torch.Tensor, shape: tuple) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != self.device:
+            raise ValueError(f"`{name}` is on {t.device}; the cache is on {self.device}")
+        if t.dtype != self.dtype:
+            raise ValueError(f"`{name}` is {t.dtype}; the cache holds {self.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"`{name}` must have shape {shape}, got {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"`{name}` is not contiguous (strides {t.stride()}): pass `.contiguous()`")
+        return t
+
+    def fill(self, seq: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes sequence ``seq``'s first tokens (``k``, ``v``: ``[kv_heads, n, head_dim]``),
+        replacing what it held."""
+        if not 0 <= seq < self.batch:
+            raise ValueError(f"sequence {seq} of a cache of {self.batch}")
+        n = k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 3 else -1
+        shape = (self.kv_heads, n, self.head_dim)
+        k, v = self._tensor("k", k, shape), self._tensor("v", v, shape)
+        self._rt.paged_fill(self._cache, seq, k.data_ptr(), v.data_ptr(), n, _stream(self._rt.device))
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Appends one token to every sequence: ``k``, ``v`` ``[batch, kv_heads, head_dim]``."""
+        shape = (self.batch, self.kv_heads, self.head_dim)
+        k, v = self._tensor("k", k, shape), self._tensor("v", v, shape)
+        self._rt.paged_append(self._cache, k.data_ptr(), v.data_ptr(), _stream(self._rt.device))
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        retrieval=None,
+        *,
+        scale: Optional[float] = None,
+        return_lse: bool = False,
+        splits: int = 0,
+    ):
+        """One decode step: ``q`` ``[batch, heads, head_dim]`` over each sequence's cache.
+        ``retrieval``: a ``retrieval(...)`` pattern (text or :class:`weft.Pattern`), or None
+        for every token. Returns the output ``[batch, heads, head_dim]`` and, with
+        ``return_lse``, the log-sum-exp ``[batch, heads]`` (float32)."""
+        q = self._tensor("q", q, (self.batch, self.heads, self.head_dim))
+        pattern = None
+        if retrieval is not None:
+            pattern = retrieval if isinstance(retrieval, weft.Pattern) else weft.Pattern(retrieval)
+        scale = _scale(scale, self.head_dim)
+        out = torch.empty_like(q)
+        lse = torch.empty((self.batch, self.heads), dtype=torch.float32, device=self.device)
+        self._rt.paged_decode(
+            self._cache, q.data_ptr(), out.data_ptr(), lse.data_ptr(), _stream(self._rt.device), scale, pattern, splits
+        )
+        return (out, lse) if return_lse else out

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaSlice, CudaStream, DeviceRepr};
 use weft_codegen::DType;
 
-use crate::{driver, AttnShape, Error, LaunchReport, LayerPlan, Runtime};
+use crate::{driver, AttnShape, Error, LaunchReport, LayerPlan, PagedKvCache, PagedShape, Runtime};
 
 /// A device buffer owned elsewhere, seen as a [`CudaSlice`] for one call.
 pub struct Borrowed<T> {
@@ -142,6 +142,91 @@ impl Runtime {
         // Safety: the caller's contract.
         let (q, k, v, mut out, mut lse) = unsafe { self.borrow(shape, t)? };
         self.layer(plan, shape, seqs, dtype, &q, &k, &v, &mut out, &mut lse, scale)
+    }
+
+    /// A paged KV cache on this runtime's GPU ([`crate::Gpu::paged_cache`]).
+    pub fn paged_cache(&self, shape: PagedShape) -> Result<PagedKvCache, Error> {
+        self.gpu.paged_cache(shape)
+    }
+
+    /// [`PagedKvCache::fill`] from foreign memory: K and V `[hkv, n, head_dim]` at `k` and `v`,
+    /// queued on the stream given to [`Runtime::use_stream`].
+    ///
+    /// # Safety
+    /// As [`Runtime::attention_layer_external`], for those shapes.
+    pub unsafe fn paged_fill_external(
+        &self,
+        cache: &mut PagedKvCache,
+        seq: usize,
+        k: u64,
+        v: u64,
+        n: usize,
+    ) -> Result<(), Error> {
+        let s = cache.shape();
+        let len = s.hkv * n * s.head_dim;
+        self.check_external()?;
+        // Safety: the caller's contract.
+        let (k, v) = unsafe { (self.borrowed::<u16>(k, len), self.borrowed::<u16>(v, len)) };
+        cache.fill(&self.gpu, seq, &k, &v, n)
+    }
+
+    /// [`PagedKvCache::append`] from foreign memory: K and V `[batch, hkv, head_dim]`.
+    ///
+    /// # Safety
+    /// As [`Runtime::attention_layer_external`], for those shapes.
+    pub unsafe fn paged_append_external(&self, cache: &mut PagedKvCache, k: u64, v: u64) -> Result<(), Error> {
+        let s = cache.shape();
+        let len = s.batch * s.hkv * s.head_dim;
+        self.check_external()?;
+        // Safety: the caller's contract.
+        let (k, v) = unsafe { (self.borrowed::<u16>(k, len), self.borrowed::<u16>(v, len)) };
+        cache.append(&self.gpu, &k, &v)
+    }
+
+    /// [`PagedKvCache::decode_step`] on foreign memory: Q and O `[batch, hq, head_dim]`, LSE
+    /// `[batch, hq]` (f32).
+    ///
+    /// # Safety
+    /// As [`Runtime::attention_layer_external`], for those shapes.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn paged_decode_external(
+        &self,
+        cache: &mut PagedKvCache,
+        q: u64,
+        out: u64,
+        lse: u64,
+        retrieval: Option<&weft_dsl::Retrieval>,
+        scale: f32,
+        splits: usize,
+    ) -> Result<(), Error> {
+        let s = cache.shape();
+        let rows = s.batch * s.hq;
+        self.check_external()?;
+        // Safety: the caller's contract.
+        let (q, mut out, mut lse) = unsafe {
+            (
+                self.borrowed::<u16>(q, rows * s.head_dim),
+                self.borrowed::<u16>(out, rows * s.head_dim),
+                self.borrowed::<f32>(lse, rows),
+            )
+        };
+        cache.decode_step(&self.gpu, &q, &mut out, &mut lse, retrieval, scale, splits)
+    }
+
+    fn check_external(&self) -> Result<(), Error> {
+        if !self.gpu.ctx.is_primary() || self.gpu.ctx.is_event_tracking() {
+            return Err(Error::Usage("foreign tensors need a runtime from Runtime::open_external".into()));
+        }
+        Ok(())
+    }
+
+    /// A foreign buffer of `len` elements on the current stream.
+    ///
+    /// # Safety
+    /// As [`Borrowed::new`].
+    unsafe fn borrowed<T: DeviceRepr>(&self, addr: u64, len: usize) -> Borrowed<T> {
+        // Safety: the caller's contract.
+        unsafe { Borrowed::new(&self.gpu.stream, addr, len) }
     }
 
     /// The call's tensors as borrowed buffers of the lengths `shape` gives them.
