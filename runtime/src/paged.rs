@@ -432,3 +432,52 @@ impl PagedKvCache {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> PagedShape {
+        PagedShape { batch: 2, hq: 8, hkv: 2, head_dim: 128, page_size: 16, max_pages: 10, dtype: DType::Bf16 }
+    }
+
+    #[test]
+    fn shapes_the_kernels_cannot_take_are_errors() {
+        assert!(shape().check().is_ok());
+        for (bad, why) in [
+            (PagedShape { hkv: 3, ..shape() }, "must divide"),
+            (PagedShape { page_size: 0, ..shape() }, "page_size"),
+            (PagedShape { batch: 0, ..shape() }, "at least one"),
+            (PagedShape { max_pages: usize::MAX / 8, ..shape() }, "too many tokens"),
+            (PagedShape { hq: 70_000, hkv: 70_000, ..shape() }, "65535"),
+        ] {
+            let e = bad.check().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn quest_on_the_cache_pages_runs_on_the_device_and_other_retrievals_say_why_not() {
+        let quest =
+            Retrieval { unit: Unit::Page(16), score: Score::MinMax, budget: Budget::TopK(3), sink: 20, recent: 5 };
+        match Keep::of(Some(&quest), &shape()).unwrap() {
+            // Chunks: two for the sink, one for the recent tokens, one for an unaligned start,
+            // and the three pages.
+            Keep::Quest { mode: 0, top_k: 3, cap, .. } => assert_eq!(cap, 2 + 1 + 1 + 3),
+            other => panic!("{other:?}"),
+        }
+        let threshold = Retrieval { budget: Budget::Threshold(0.5), ..quest };
+        assert!(matches!(Keep::of(Some(&threshold), &shape()).unwrap(), Keep::Quest { mode: 1, cap: 14, .. }));
+        assert!(matches!(Keep::of(None, &shape()).unwrap(), Keep::Dense));
+        for (r, why) in [
+            (Retrieval { unit: Unit::Page(32), ..quest }, "page size"),
+            (Retrieval { unit: Unit::Token, ..quest }, "page size"),
+            (Retrieval { score: Score::Centroid, ..quest }, "min_max"),
+            (Retrieval { budget: Budget::TopP(0.9), ..quest }, "top_k and threshold"),
+            (Retrieval { budget: Budget::Threshold(0.0), ..quest }, "top_k and threshold"),
+        ] {
+            let e = Keep::of(Some(&r), &shape()).unwrap_err().to_string();
+            assert!(e.contains(why), "{r:?}: {e}");
+        }
+    }
+}
