@@ -271,6 +271,7 @@ constexpr int SLOTS = ATTEND_WARPS * ROWS;
 constexpr int UNROLL = 4;
 constexpr int TILE = 128;             // chunks staged in shared memory at a time
 static_assert(D % 8 == 0 && 32 % LANES == 0, "a row is whole 16-byte pieces over lanes of one warp");
+static_assert(ATTEND_THREADS >= TILE, "a thread per staged chunk");
 // G (query heads per KV head) and HPC (heads per dense CTA, dividing G) come from the config.
 
 // Grid: x splits; y query heads (retrieval) or groups of HPC query heads (dense); z sequences.
