@@ -65,6 +65,7 @@
 //! (vertical-slash) rank as weights ([`select::select_mass`]). The estimates' softmax uses
 //! [`repro`]'s arithmetic, so that GPU builders choose exactly the same.
 
+pub mod backward;
 pub mod families;
 pub mod index;
 pub mod interval;
@@ -79,6 +80,7 @@ pub mod selection;
 pub mod synthetic;
 pub mod tensor;
 
+pub use backward::{attention_backward, dense_attention_backward, Gradients};
 pub use families::Estimates;
 pub use index::{
     build_index, layout, resolve_pattern, BatchIndex, IndexOptions, Resolved, SparseIndex, FULL, MAX_TILES,
