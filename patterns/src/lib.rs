@@ -69,6 +69,7 @@ pub mod backward;
 pub mod families;
 pub mod index;
 pub mod interval;
+pub mod key_major;
 pub mod metrics;
 pub mod permute;
 pub mod reference;
