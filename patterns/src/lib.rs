@@ -66,6 +66,7 @@
 //! [`repro`]'s arithmetic, so that GPU builders choose exactly the same.
 
 pub mod backward;
+pub mod contract;
 pub mod families;
 pub mod index;
 pub mod interval;
