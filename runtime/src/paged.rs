@@ -90,7 +90,9 @@ impl Keep {
         let (sink, recent) = (r.sink as usize, r.recent as usize);
         // Chunks: the sink's and the recent tokens' (a page each, one more where unaligned)
         // and the kept pages'.
-        let cap = sink.div_ceil(s.page_size) + recent.div_ceil(s.page_size) + 1 + kept;
+        // A row never holds more than max_pages + 2 chunks (its candidate pages, and a sink and a
+        // recent chunk that share a page with them), whatever sink and recent are.
+        let cap = (sink.div_ceil(s.page_size) + recent.div_ceil(s.page_size) + 1 + kept).min(s.max_pages + 2);
         let clamp = |x: usize| x.min(i32::MAX as usize) as i32;
         Ok(Keep::Quest { sink: clamp(sink), recent: clamp(recent), mode, top_k, ln_threshold, cap })
     }
@@ -107,6 +109,8 @@ impl Keep {
 struct Workspace {
     splits: usize,
     cap: usize,
+    /// The row stride of the chunks the last step wrote (`None` after a dense step).
+    last_cap: Option<usize>,
     scores: CudaSlice<u64>,
     chunks: CudaSlice<i32>,
     counts: CudaSlice<i32>,
@@ -287,7 +291,7 @@ impl PagedKvCache {
     /// hq]` (natural log). `retrieval`: Quest's pages (unit = page of the cache's page size,
     /// min_max score, top_k or threshold budget, sink and recent tokens always kept), chosen
     /// on the device exactly as `weft_patterns::retrieval` chooses; `None` keeps every token.
-    /// `scale` is the softmax scale (the retrieval ranks `scale * score`). `splits`: key
+    /// `scale` is the softmax scale (the retrieval ranks `f64::from(scale) * score`). `splits`: key
     /// ranges per (sequence, head) merged afterwards (0: enough to fill the GPU).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_step(
@@ -322,6 +326,10 @@ impl PagedKvCache {
         self.workspace(gpu, splits, keep.cap())?;
         let stream = gpu.stream();
         let work = self.work.as_mut().expect("the workspace was just made");
+        work.last_cap = match keep {
+            Keep::Dense => None,
+            Keep::Quest { cap, .. } => Some(cap),
+        };
         let (dense, cap) = match keep {
             Keep::Dense => (1, 0),
             Keep::Quest { sink, recent, mode, top_k, ln_threshold, cap } => {
@@ -382,15 +390,11 @@ impl PagedKvCache {
         gpu.merge(&self.merge, &work.opart, &work.lpart, splits, rows, s.head_dim, out, lse)
     }
 
-    /// The tokens the last retrieval step kept per (sequence, query head), ascending (rows
-    /// `b * hq + h`); `None` before any retrieval step. Waits for the device: for tests and
+    /// The tokens the last step kept per (sequence, query head), ascending (rows `b * hq +
+    /// h`), when it was a retrieval step; `None` otherwise. Waits for the device: for tests and
     /// reports (recall of the kept set), not for the decode loop.
-    pub fn last_kept(&self, gpu: &Gpu, retrieval: &Retrieval) -> Result<Option<Vec<Vec<u32>>>, Error> {
-        let Some(w) = &self.work else { return Ok(None) };
-        let cap = Keep::of(Some(retrieval), &self.shape)?.cap();
-        if cap > w.cap {
-            return Ok(None);
-        }
+    pub fn last_kept(&self, gpu: &Gpu) -> Result<Option<Vec<Vec<u32>>>, Error> {
+        let Some((w, cap)) = self.work.as_ref().and_then(|w| w.last_cap.map(|c| (w, c))) else { return Ok(None) };
         let st = gpu.stream();
         let counts = st.clone_dtoh(&w.counts).map_err(driver("reading the kept chunks"))?;
         let chunks = st.clone_dtoh(&w.chunks).map_err(driver("reading the kept chunks"))?;
@@ -423,6 +427,7 @@ impl PagedKvCache {
         self.work = Some(Workspace {
             splits,
             cap,
+            last_cap: None,
             scores: st.alloc_zeros(rows * s.max_pages).map_err(driver(what))?,
             chunks: st.alloc_zeros(rows * cap * 2).map_err(driver(what))?,
             counts: st.alloc_zeros(rows).map_err(driver(what))?,
@@ -467,7 +472,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let threshold = Retrieval { budget: Budget::Threshold(0.5), ..quest };
-        assert!(matches!(Keep::of(Some(&threshold), &shape()).unwrap(), Keep::Quest { mode: 1, cap: 14, .. }));
+        assert!(matches!(Keep::of(Some(&threshold), &shape()).unwrap(), Keep::Quest { mode: 1, cap: 12, .. }));
         assert!(matches!(Keep::of(None, &shape()).unwrap(), Keep::Dense));
         for (r, why) in [
             (Retrieval { unit: Unit::Page(32), ..quest }, "page size"),

@@ -1527,7 +1527,8 @@ fn paged_decode_matches_the_cpu_reference() {
                 }
                 assert_eq!(cache.lens(), &lens[..]);
                 let qd = s.clone_htod(&qb).unwrap();
-                let scale = 1.0 / (d as f64).sqrt();
+                // The device ranks pages by the f32 softmax scale it is given, widened.
+                let scale = f64::from((1.0 / (d as f64).sqrt()) as f32);
                 let quest = |budget| Retrieval {
                     unit: Unit::Page(page_size as u32),
                     score: Score::MinMax,
@@ -1549,10 +1550,12 @@ fn paged_decode_matches_the_cpu_reference() {
                         cache.decode_step(&gpu, &qd, &mut out, &mut lse, r.as_ref(), scale as f32, splits).unwrap();
                         let got = to_f32(&s.clone_dtoh(&out).unwrap(), dtype);
                         let got_lse = s.clone_dtoh(&lse).unwrap();
-                        let kept_gpu = match r {
-                            Some(r) => cache.last_kept(&gpu, r).unwrap(),
-                            None => None,
-                        };
+                        let kept_gpu = cache.last_kept(&gpu).unwrap();
+                        assert_eq!(
+                            kept_gpu.is_some(),
+                            r.is_some(),
+                            "the kept sets of a retrieval step, none of a dense one"
+                        );
                         let (mut worst, mut worst_lse, mut unwritten, mut wrong_sets, mut kept_share) =
                             (0f64, 0f64, 0usize, 0usize, 0f64);
                         for b in 0..batch {

@@ -370,12 +370,13 @@ extern "C" __global__ void __launch_bounds__(ATTEND_THREADS, 4) WEFT_ENTRY(atten
                 }
 #pragma unroll
                 for (int j = 0; j < HPC; ++j) {
+                    if (j >= hcount) break;  // uniform over the CTA: a retrieval step serves one head
                     float sc = 0.f;
 #pragma unroll
                     for (int e = 0; e < 8; ++e) sc = fmaf(qv[j][e], kf[e], sc);
 #pragma unroll
                     for (int o = LANES / 2; o > 0; o /= 2) sc += __shfl_xor_sync(0xffffffff, sc, o);
-                    if (!ok[u] || j >= hcount) continue;
+                    if (!ok[u]) continue;
                     const float mn = fmaxf(m[j], sc);
                     const float alpha = m[j] == neg_inf() ? 0.f : exp2f(m[j] - mn);
                     const float p = exp2f(sc - mn);
