@@ -217,7 +217,8 @@ params! {
         batch: i32 = "int batch",
     }
     /// The paged cache's `retrieve` entry ([`crate::emit_paged`]): Quest's page choice per
-    /// (sequence, query head); `mode` 0 is top_k, 1 threshold.
+    /// (sequence, query head); `mode` 0 is top_k, 1 threshold (`budget_arg` = ln t), 2 top_p
+    /// (`budget_arg` = p).
     PagedRetrieveParams {
         q: DevPtr = "const u16* __restrict__ Q",
         kmin: DevPtr = "const u16* __restrict__ kmin",
@@ -232,7 +233,7 @@ params! {
         recent: i32 = "int recent",
         mode: i32 = "int mode",
         top_k: i32 = "int top_k",
-        ln_threshold: f64 = "double ln_threshold",
+        budget_arg: f64 = "double budget_arg",
         scale: f64 = "double scale",
         scores: DevPtr = "unsigned long long* __restrict__ scores",
         chunks: DevPtr = "int2* __restrict__ chunks",

@@ -196,14 +196,24 @@ pub fn index_module(head_dim: u32) -> Result<&'static Kernel, Error> {
         .ok_or_else(|| Error::Config(format!("no index module for head_dim {head_dim}")))
 }
 
+/// The constants of `repro_exp.cuh` (weft_patterns::repro::exp's, as bits) for a config.
+pub(crate) fn repro_constants() -> String {
+    use weft_patterns::repro;
+    let bits = |x: f64| format!("{:#018x}LL", x.to_bits());
+    let coef: Vec<String> = repro::EXP_COEF.iter().map(|c| bits(*c)).collect();
+    let mut cfg = constant("long long", "LOG2E_BITS", bits(repro::LOG2E), "repro::LOG2E");
+    cfg += &constant("long long", "LN2_HI_BITS", bits(repro::LN2_HI), "repro::LN2_HI");
+    cfg += &constant("long long", "LN2_LO_BITS", bits(repro::LN2_LO), "repro::LN2_LO");
+    cfg += &format!("#define EXP_COEF_BITS {}  // repro::EXP_COEF\n", coef.join(", "));
+    cfg
+}
+
 /// [`emit_index_module`]'s module for a checked `head_dim`.
 fn generate_index_module(head_dim: u32) -> Kernel {
     use weft_patterns::repro;
     let config = format!("index-module head_dim={head_dim} dtype=bf16");
     let (key, header) = key_and_header("index-module", &closure("index.cu"), None, &config, &[], None);
     let name = format!("weft_index_{}", &key[..16]);
-    let bits = |x: f64| format!("{:#018x}LL", x.to_bits());
-    let coef: Vec<String> = repro::EXP_COEF.iter().map(|c| bits(*c)).collect();
     let mut cfg = format!("#define WEFT_ENTRY(entry) {name}_##entry\n");
     cfg += &defines(&[("WEFT_F16", false)]);
     cfg += &constant("int", "D", head_dim, "head dimension");
@@ -242,10 +252,7 @@ fn generate_index_module(head_dim: u32) -> Kernel {
         format!("{:#x}", crate::plan::PER_LINE),
         "line codes from here on index per-offset codes",
     );
-    cfg += &constant("long long", "LOG2E_BITS", bits(repro::LOG2E), "repro::LOG2E");
-    cfg += &constant("long long", "LN2_HI_BITS", bits(repro::LN2_HI), "repro::LN2_HI");
-    cfg += &constant("long long", "LN2_LO_BITS", bits(repro::LN2_LO), "repro::LN2_LO");
-    cfg += &format!("#define EXP_COEF_BITS {}  // repro::EXP_COEF\n", coef.join(", "));
+    cfg += &repro_constants();
     let structs: Vec<&str> = entry::ALL.iter().map(|e| e.params).collect();
     let source =
         render(&header, "index.cu", &[("config.cuh", Some(cfg)), ("params.cuh", Some(cuda_param_lists(&structs)))]);

@@ -61,6 +61,7 @@ pub fn emit_paged(head_dim: u32, dtype: DType, group: u32) -> Result<Kernel, Err
     cfg += &constant("int", "D", head_dim, "head dimension");
     cfg += &constant("int", "G", group, "query heads per KV head");
     cfg += &constant("int", "HPC", heads_per_cta(group), "query heads per dense attend CTA (heads_per_cta)");
+    cfg += &crate::index::repro_constants();
     for e in entry::ALL {
         cfg += &e.threads_constant();
         cfg.push('\n');

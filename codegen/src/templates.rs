@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 
 /// The template files by name (the names their `#include`s use).
-const FILES: [(&str, &str); 23] = [
+const FILES: [(&str, &str); 24] = [
     ("attention.cu", include_str!("templates/attention.cu")),
     ("attention_shape.cuh", include_str!("templates/attention_shape.cuh")),
     ("attention_tiles.cuh", include_str!("templates/attention_tiles.cuh")),
@@ -26,6 +26,7 @@ const FILES: [(&str, &str); 23] = [
     ("decode.cu", include_str!("templates/decode.cu")),
     ("merge.cu", include_str!("templates/merge.cu")),
     ("paged.cu", include_str!("templates/paged.cu")),
+    ("repro_exp.cuh", include_str!("templates/repro_exp.cuh")),
     ("hopper.cu", include_str!("templates/hopper.cu")),
     ("index.cu", include_str!("templates/index.cu")),
     ("index_common.cuh", include_str!("templates/index_common.cuh")),

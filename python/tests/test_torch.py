@@ -302,7 +302,8 @@ def test_paged_cache_decodes_over_what_the_cpu_reference_keeps():
     assert cache.lens == lens
     q = torch.randn(len(lens), hq, d, generator=g, device="cuda").to(dtype)
     quest = f"retrieval(unit = page({ps}), keep = top_k(8), sink = 4, recent = 32)"
-    for text in (None, quest):
+    quest_p = f"retrieval(unit = page({ps}), keep = top_p(0.5), sink = 4, recent = 32)"
+    for text in (None, quest, quest_p):
         out, lse = cache.decode(q, text, return_lse=True)
         for b, n in enumerate(lens):
             qb, kb, vb = q[b][None, :, None], ks[b][None], vs[b][None]
@@ -313,8 +314,8 @@ def test_paged_cache_decodes_over_what_the_cpu_reference_keeps():
             want, want_lse = sdpa_reference(qb, kb, vb, mask, 1 / math.sqrt(d))
             torch.testing.assert_close(out[b].float(), want[0, :, 0], atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(lse[b], want_lse[0, :, 0], atol=2e-2, rtol=0)
-    with pytest.raises(ValueError, match="top_k and threshold"):
-        cache.decode(q, f"retrieval(unit = page({ps}), keep = top_p(0.9))")
+    with pytest.raises(ValueError, match="Quest's pages"):
+        cache.decode(q, "retrieval(unit = cluster(32), score = centroid, keep = top_k(4))")
     with pytest.raises(ValueError, match="shape"):
         cache.decode(q[:, :4].contiguous())
     with pytest.raises(ValueError, match="float16"):

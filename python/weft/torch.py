@@ -450,7 +450,7 @@ class PagedCache:
     Pages of ``page_size`` tokens, ``[pages, page_size, kv_heads, head_dim]`` (vLLM's layout),
     each sequence ``ceil(max_tokens / page_size)`` of its own, allocated when the cache is made.
     The retrieval must use the cache's pages (``unit = page(page_size)``), Quest's
-    ``min_max`` score and a ``top_k`` or ``threshold`` budget; it keeps exactly the tokens
+    ``min_max`` score and any budget (``top_k``, ``top_p``, ``threshold``); it keeps exactly the tokens
     weft's CPU reference keeps. A sequence's last query sees all its tokens.
     """
 

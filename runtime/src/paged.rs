@@ -68,7 +68,15 @@ impl PagedShape {
 #[derive(Clone, Copy, Debug)]
 enum Keep {
     Dense,
-    Quest { sink: i32, recent: i32, mode: i32, top_k: i32, ln_threshold: f64, cap: usize },
+    /// `mode` 0: top_k; 1: threshold (`budget_arg` = ln t); 2: top_p (`budget_arg` = p).
+    Quest {
+        sink: i32,
+        recent: i32,
+        mode: i32,
+        top_k: i32,
+        budget_arg: f64,
+        cap: usize,
+    },
 }
 
 impl Keep {
@@ -82,10 +90,13 @@ impl Keep {
                 s.page_size, r.unit, r.score
             ));
         }
-        let (mode, top_k, ln_threshold, kept) = match r.budget {
+        let (mode, top_k, budget_arg, kept) = match r.budget {
             Budget::TopK(n) => (0, n.min(i32::MAX as u32) as i32, 0.0, (n as usize).min(s.max_pages)),
             Budget::Threshold(t) if t > 0.0 && t.is_finite() => (1, 0, t.ln(), s.max_pages),
-            other => return usage(format!("budgets top_k and threshold run on the device, got {other:?}")),
+            Budget::TopP(p) if p > 0.0 && p <= 1.0 => (2, 0, p, s.max_pages),
+            other => {
+                return usage(format!("budgets are top_k(n), threshold(t > 0) and top_p(0 < p <= 1), got {other:?}"))
+            }
         };
         let (sink, recent) = (r.sink as usize, r.recent as usize);
         // Chunks: the sink's and the recent tokens' (a page each, one more where unaligned)
@@ -94,7 +105,7 @@ impl Keep {
         // recent chunk that share a page with them), whatever sink and recent are.
         let cap = (sink.div_ceil(s.page_size) + recent.div_ceil(s.page_size) + 1 + kept).min(s.max_pages + 2);
         let clamp = |x: usize| x.min(i32::MAX as usize) as i32;
-        Ok(Keep::Quest { sink: clamp(sink), recent: clamp(recent), mode, top_k, ln_threshold, cap })
+        Ok(Keep::Quest { sink: clamp(sink), recent: clamp(recent), mode, top_k, budget_arg, cap })
     }
 
     fn cap(&self) -> usize {
@@ -289,7 +300,7 @@ impl PagedKvCache {
     /// One decode step: `q` `[batch, hq, head_dim]` attends over each sequence's cache (its
     /// last query sees every token), into `out` `[batch, hq, head_dim]` and `lse` `[batch,
     /// hq]` (natural log). `retrieval`: Quest's pages (unit = page of the cache's page size,
-    /// min_max score, top_k or threshold budget, sink and recent tokens always kept), chosen
+    /// min_max score, any budget, sink and recent tokens always kept), chosen
     /// on the device exactly as `weft_patterns::retrieval` chooses; `None` keeps every token.
     /// `scale` is the softmax scale (the retrieval ranks `f64::from(scale) * score`). `splits`: key
     /// ranges per (sequence, head) merged afterwards (0: enough to fill the GPU).
@@ -332,7 +343,7 @@ impl PagedKvCache {
         };
         let (dense, cap) = match keep {
             Keep::Dense => (1, 0),
-            Keep::Quest { sink, recent, mode, top_k, ln_threshold, cap } => {
+            Keep::Quest { sink, recent, mode, top_k, budget_arg, cap } => {
                 let mut a = Args::new(stream);
                 let params = PagedRetrieveParams {
                     q: a.r(q),
@@ -348,7 +359,7 @@ impl PagedKvCache {
                     recent,
                     mode,
                     top_k,
-                    ln_threshold,
+                    budget_arg,
                     scale: f64::from(scale),
                     scores: a.w(&mut work.scores),
                     chunks: a.w(&mut work.chunks),
@@ -474,12 +485,14 @@ mod tests {
         let threshold = Retrieval { budget: Budget::Threshold(0.5), ..quest };
         assert!(matches!(Keep::of(Some(&threshold), &shape()).unwrap(), Keep::Quest { mode: 1, cap: 12, .. }));
         assert!(matches!(Keep::of(None, &shape()).unwrap(), Keep::Dense));
+        let top_p = Retrieval { budget: Budget::TopP(0.9), ..quest };
+        assert!(matches!(Keep::of(Some(&top_p), &shape()).unwrap(), Keep::Quest { mode: 2, cap: 12, .. }));
         for (r, why) in [
             (Retrieval { unit: Unit::Page(32), ..quest }, "page size"),
             (Retrieval { unit: Unit::Token, ..quest }, "page size"),
             (Retrieval { score: Score::Centroid, ..quest }, "min_max"),
-            (Retrieval { budget: Budget::TopP(0.9), ..quest }, "top_k and threshold"),
-            (Retrieval { budget: Budget::Threshold(0.0), ..quest }, "top_k and threshold"),
+            (Retrieval { budget: Budget::TopP(1.5), ..quest }, "top_p(0 < p <= 1)"),
+            (Retrieval { budget: Budget::Threshold(0.0), ..quest }, "threshold(t > 0)"),
         ] {
             let e = Keep::of(Some(&r), &shape()).unwrap_err().to_string();
             assert!(e.contains(why), "{r:?}: {e}");

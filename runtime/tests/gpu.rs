@@ -1541,6 +1541,8 @@ fn paged_decode_matches_the_cpu_reference() {
                     Some(quest(Budget::TopK(8))),
                     Some(quest(Budget::TopK(100_000))),
                     Some(quest(Budget::Threshold(0.5))),
+                    Some(quest(Budget::TopP(0.3))),
+                    Some(quest(Budget::TopP(1.0))),
                     Some(Retrieval { sink: 0, recent: 0, ..quest(Budget::TopK(3)) }),
                 ];
                 for r in &cases {
@@ -1623,9 +1625,9 @@ fn paged_decode_matches_the_cpu_reference() {
     let s = gpu.stream();
     let (q, mut out, mut lse) =
         (s.alloc_zeros::<u16>(128).unwrap(), s.alloc_zeros::<u16>(128).unwrap(), s.alloc_zeros::<f32>(2).unwrap());
-    let top_p = Retrieval { budget: weft_dsl::Budget::TopP(0.9), ..Retrieval::default() };
-    let e = cache.decode_step(&gpu, &q, &mut out, &mut lse, Some(&top_p), 0.1, 0).unwrap_err().to_string();
-    assert!(e.contains("budgets top_k and threshold"), "{e}");
+    let clusters = Retrieval { unit: Unit::Cluster(32), score: Score::Centroid, ..Retrieval::default() };
+    let e = cache.decode_step(&gpu, &q, &mut out, &mut lse, Some(&clusters), 0.1, 0).unwrap_err().to_string();
+    assert!(e.contains("Quest's pages"), "{e}");
     let kv = s.alloc_zeros::<u16>(64).unwrap();
     for _ in 0..16 {
         cache.append(&gpu, &kv, &kv).unwrap();

@@ -9,7 +9,7 @@
 //   append   one token per sequence at position seq_lens[b], and its page's metadata;
 //   advance  seq_lens[b] += 1 (a launch of its own: every append CTA reads the old length);
 //   retrieve (retrieval) per (sequence, query head): Quest's score of every candidate page, the
-//            pages a top_k / threshold budget keeps (exactly weft_patterns::retrieval's choice:
+//            pages a top_k / threshold / top_p budget keeps (exactly weft_patterns::retrieval's choice:
 //            f64 scores summed in the CPU's order, ties to the lower page), and the kept
 //            tokens as chunks of at most page_size tokens, ascending: the sink, the kept pages
 //            (clipped to the tokens between sink and recent), the recent tokens;
@@ -19,6 +19,7 @@
 #include "config.cuh"   // generated per kernel: its config, entry points and names
 #include "prelude.cuh"
 #include "params.cuh"   // generated from weft-codegen abi.rs: the parameter structs
+#include "repro_exp.cuh"  // top_p's fixed-point weights, as the CPU computes them
 // D and the entry points' thread counts come from the config.
 
 
@@ -132,6 +133,7 @@ __device__ int block_scan(int v, int& total, int* s_warp) {
 extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrieve)(PAGED_RETRIEVE_PARAMS)
 {
     __shared__ unsigned int s_hist[256];
+    __shared__ unsigned long long s_mass[256];
     __shared__ int s_warp[RETRIEVE_WARPS];
     __shared__ unsigned long long s_key;
     __shared__ int s_count;
@@ -170,7 +172,63 @@ extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrie
     unsigned long long cut = 0;
     int need_eq = 0;
     int kept_target = mode == 0 ? min(top_k, ncand) : ncand;
-    if (mode == 1 && ncand > 0) {
+    if (mode == 2 && ncand > 0) {
+        // top_p(p): the fewest best (score, then lower page) whose fixed-point weights
+        // top_p_weight(s - best) reach p x total x (1 - 1e-12), as weft_patterns::select sums
+        // them (exactly, in integers). An 8-bit radix select over the keys by weight instead of
+        // count finds the key at the cut; of the pages holding it, the lowest make up the rest.
+        if (threadIdx.x == 0) s_key = 0;
+        __syncthreads();
+        unsigned long long mx = 0;
+        for (int c = threadIdx.x; c < ncand; c += blockDim.x) mx = max(mx, keys[c]);
+        atomicMax(&s_key, mx);
+        __syncthreads();
+        const double best = key_score(s_key);
+        if (threadIdx.x == 0) s_mass[0] = 0;
+        __syncthreads();
+        unsigned long long part = 0;
+        for (int c = threadIdx.x; c < ncand; c += blockDim.x) part += top_p_weight(__dsub_rn(key_score(keys[c]), best));
+        atomicAdd(&s_mass[0], part);
+        __syncthreads();
+        const unsigned long long total = s_mass[0];
+        // The smallest integer sum the CPU's f64 comparison accepts (sums stay below 2^53).
+        unsigned long long want = (unsigned long long)ceil(top_p_goal(budget_arg, total));
+        if (want == 0) want = 1;
+        __syncthreads();
+        unsigned long long prefix = 0;
+        for (int shift = 56; shift >= 0; shift -= 8) {
+            for (int i = threadIdx.x; i < 256; i += blockDim.x) s_mass[i] = 0;
+            __syncthreads();
+            const unsigned long long high = shift == 56 ? 0 : ~0ull << (shift + 8);
+            for (int c = threadIdx.x; c < ncand; c += blockDim.x) {
+                const unsigned long long k = keys[c];
+                if ((k & high) == prefix) {
+                    const unsigned long long w = top_p_weight(__dsub_rn(key_score(k), best));
+                    if (w) atomicAdd(&s_mass[(k >> shift) & 255], w);
+                }
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                unsigned long long above = 0;
+                int bin = 255;
+                for (; bin > 0; --bin) {
+                    if (above + s_mass[bin] >= want) break;
+                    above += s_mass[bin];
+                }
+                s_key = (unsigned long long)bin;
+                s_mass[0] = above;  // read below, before the next pass clears it
+            }
+            __syncthreads();
+            want -= s_mass[0];
+            prefix |= s_key << shift;
+            __syncthreads();
+        }
+        // Every key above the cut is kept; of those equal to it (one weight each), enough to
+        // reach the sum, lowest pages first.
+        cut = prefix;
+        const unsigned long long w = top_p_weight(__dsub_rn(key_score(cut), best));
+        need_eq = w > 0 ? (int)min((want + w - 1) / w, (unsigned long long)ncand) : 1;
+    } else if (mode == 1 && ncand > 0) {
         // threshold(t): keep s >= max + ln(t), at least the best.
         if (threadIdx.x == 0) s_key = 0;
         __syncthreads();
@@ -178,7 +236,7 @@ extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrie
         for (int c = threadIdx.x; c < ncand; c += blockDim.x) mx = max(mx, keys[c]);
         atomicMax(&s_key, mx);
         __syncthreads();
-        cut = score_key(key_score(s_key) + ln_threshold);
+        cut = score_key(key_score(s_key) + budget_arg);
         if (threadIdx.x == 0) s_count = 0;
         __syncthreads();
         int ge = 0;

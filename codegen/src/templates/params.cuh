@@ -136,7 +136,7 @@ static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAdvanceParams: the ho
     int recent, \
     int mode, \
     int top_k, \
-    double ln_threshold, \
+    double budget_arg, \
     double scale, \
     unsigned long long* __restrict__ scores, \
     int2* __restrict__ chunks, \
@@ -146,7 +146,7 @@ static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedRetriev
 static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedRetrieveParams: the host's page_table differ");
 static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedRetrieveParams: the host's seq_lens differ");
 static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedRetrieveParams: the host's max_pages, page_size, hq, hkv, sink, recent, mode, top_k, cap differ");
-static_assert(sizeof(double) == 8 && alignof(double) == 8, "PagedRetrieveParams: the host's ln_threshold, scale differ");
+static_assert(sizeof(double) == 8 && alignof(double) == 8, "PagedRetrieveParams: the host's budget_arg, scale differ");
 static_assert(sizeof(unsigned long long*) == 8 && alignof(unsigned long long*) == 8, "PagedRetrieveParams: the host's scores differ");
 static_assert(sizeof(int2*) == 8 && alignof(int2*) == 8, "PagedRetrieveParams: the host's chunks differ");
 static_assert(sizeof(int*) == 8 && alignof(int*) == 8, "PagedRetrieveParams: the host's chunk_count differ");
