@@ -129,13 +129,66 @@ __device__ int block_scan(int v, int& total, int* s_warp) {
     return before + x - v;
 }
 
+// The largest of keys[0..n) (0 for none), for every thread of the CTA.
+__device__ unsigned long long block_max_key(const unsigned long long* keys, int n, unsigned long long* s_word) {
+    if (threadIdx.x == 0) s_word[0] = 0;
+    __syncthreads();
+    unsigned long long mx = 0;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) mx = max(mx, keys[c]);
+    atomicMax(&s_word[0], mx);
+    __syncthreads();
+    const unsigned long long r = s_word[0];
+    __syncthreads();
+    return r;
+}
+
+// The cut of a weighted radix select over keys[0..n), most significant 8-bit digit first:
+// keys rank high to low, each weighing weight(key) (1 for top_k, top_p's fixed-point weight for
+// top_p), and the cut is the key at which the running weight from the top reaches `want`.
+// Returns the weight still wanted among the keys equal to the cut (every key above it is
+// kept). Every thread of the CTA calls it.
+template <typename Weight>
+__device__ unsigned long long radix_cut(const unsigned long long* keys, int n, unsigned long long want, Weight weight,
+                                        unsigned long long* s_bins, unsigned long long* s_word,
+                                        unsigned long long& cut) {
+    unsigned long long prefix = 0;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) s_bins[i] = 0;
+        __syncthreads();
+        const unsigned long long high = shift == 56 ? 0 : ~0ull << (shift + 8);
+        for (int c = threadIdx.x; c < n; c += blockDim.x) {
+            const unsigned long long k = keys[c];
+            if ((k & high) == prefix) {
+                const unsigned long long w = weight(k);
+                if (w) atomicAdd(&s_bins[(k >> shift) & 255], w);
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned long long above = 0;
+            int bin = 255;
+            for (; bin > 0; --bin) {
+                if (above + s_bins[bin] >= want) break;
+                above += s_bins[bin];
+            }
+            s_word[0] = (unsigned long long)bin;
+            s_word[1] = above;
+        }
+        __syncthreads();
+        want -= s_word[1];
+        prefix |= s_word[0] << shift;
+        __syncthreads();
+    }
+    cut = prefix;
+    return want;
+}
+
 // Grid: x query heads, y sequences.
 extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrieve)(PAGED_RETRIEVE_PARAMS)
 {
-    __shared__ unsigned int s_hist[256];
     __shared__ unsigned long long s_mass[256];
+    __shared__ unsigned long long s_word[2];
     __shared__ int s_warp[RETRIEVE_WARPS];
-    __shared__ unsigned long long s_key;
     __shared__ int s_count;
 
     const int h = blockIdx.x, b = blockIdx.y;
@@ -177,13 +230,7 @@ extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrie
         // top_p_weight(s - best) reach p x total x (1 - 1e-12), as weft_patterns::select sums
         // them (exactly, in integers). An 8-bit radix select over the keys by weight instead of
         // count finds the key at the cut; of the pages holding it, the lowest make up the rest.
-        if (threadIdx.x == 0) s_key = 0;
-        __syncthreads();
-        unsigned long long mx = 0;
-        for (int c = threadIdx.x; c < ncand; c += blockDim.x) mx = max(mx, keys[c]);
-        atomicMax(&s_key, mx);
-        __syncthreads();
-        const double best = key_score(s_key);
+        const double best = key_score(block_max_key(keys, ncand, s_word));
         if (threadIdx.x == 0) s_mass[0] = 0;
         __syncthreads();
         unsigned long long part = 0;
@@ -195,48 +242,16 @@ extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrie
         unsigned long long want = (unsigned long long)ceil(top_p_goal(budget_arg, total));
         if (want == 0) want = 1;
         __syncthreads();
-        unsigned long long prefix = 0;
-        for (int shift = 56; shift >= 0; shift -= 8) {
-            for (int i = threadIdx.x; i < 256; i += blockDim.x) s_mass[i] = 0;
-            __syncthreads();
-            const unsigned long long high = shift == 56 ? 0 : ~0ull << (shift + 8);
-            for (int c = threadIdx.x; c < ncand; c += blockDim.x) {
-                const unsigned long long k = keys[c];
-                if ((k & high) == prefix) {
-                    const unsigned long long w = top_p_weight(__dsub_rn(key_score(k), best));
-                    if (w) atomicAdd(&s_mass[(k >> shift) & 255], w);
-                }
-            }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                unsigned long long above = 0;
-                int bin = 255;
-                for (; bin > 0; --bin) {
-                    if (above + s_mass[bin] >= want) break;
-                    above += s_mass[bin];
-                }
-                s_key = (unsigned long long)bin;
-                s_mass[0] = above;  // read below, before the next pass clears it
-            }
-            __syncthreads();
-            want -= s_mass[0];
-            prefix |= s_key << shift;
-            __syncthreads();
-        }
+        const auto weight = [best](unsigned long long k) { return top_p_weight(__dsub_rn(key_score(k), best)); };
+        want = radix_cut(keys, ncand, want, weight, s_mass, s_word, cut);
         // Every key above the cut is kept; of those equal to it (one weight each), enough to
         // reach the sum, lowest pages first.
-        cut = prefix;
-        const unsigned long long w = top_p_weight(__dsub_rn(key_score(cut), best));
+        const unsigned long long w = weight(cut);
         need_eq = w > 0 ? (int)min((want + w - 1) / w, (unsigned long long)ncand) : 1;
     } else if (mode == 1 && ncand > 0) {
         // threshold(t): keep s >= max + ln(t), at least the best.
-        if (threadIdx.x == 0) s_key = 0;
-        __syncthreads();
-        unsigned long long mx = 0;
-        for (int c = threadIdx.x; c < ncand; c += blockDim.x) mx = max(mx, keys[c]);
-        atomicMax(&s_key, mx);
-        __syncthreads();
-        cut = score_key(key_score(s_key) + budget_arg);
+        const unsigned long long best = block_max_key(keys, ncand, s_word);
+        cut = score_key(key_score(best) + budget_arg);
         if (threadIdx.x == 0) s_count = 0;
         __syncthreads();
         int ge = 0;
@@ -244,40 +259,14 @@ extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrie
         atomicAdd(&s_count, ge);
         __syncthreads();
         kept_target = s_count > 0 ? s_count : 1;
-        if (s_count == 0) cut = s_key;  // the best alone (the lowest page among equals)
+        if (s_count == 0) cut = best;  // the best alone (the lowest page among equals)
         need_eq = s_count > 0 ? ncand : 1;
         __syncthreads();
     } else if (kept_target < ncand && kept_target > 0) {
-        // top_k: the kept_target-th largest key by an 8-bit radix select, most significant first.
-        unsigned long long prefix = 0;
-        int want = kept_target;  // rank of the cut among keys with this prefix (1 = largest)
-        for (int shift = 56; shift >= 0; shift -= 8) {
-            for (int i = threadIdx.x; i < 256; i += blockDim.x) s_hist[i] = 0;
-            __syncthreads();
-            const unsigned long long high = shift == 56 ? 0 : ~0ull << (shift + 8);
-            for (int c = threadIdx.x; c < ncand; c += blockDim.x) {
-                const unsigned long long k = keys[c];
-                if ((k & high) == prefix) atomicAdd(&s_hist[(k >> shift) & 255], 1u);
-            }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                int above = 0, bin = 255;
-                for (; bin > 0; --bin) {
-                    if (above + (int)s_hist[bin] >= want) break;
-                    above += s_hist[bin];
-                }
-                s_count = above;
-                s_key = (unsigned long long)bin;
-            }
-            __syncthreads();
-            want -= s_count;
-            prefix |= s_key << shift;
-            __syncthreads();
-        }
-        // Keys above the cut are all kept; `want` is how many of those equal to it make up
-        // the budget (its rank among them).
-        cut = prefix;
-        need_eq = want;
+        // top_k: the kept_target-th largest key (each weighs 1); of the keys equal to it, the
+        // lowest pages make up the count.
+        const auto one = [](unsigned long long) { return 1ull; };
+        need_eq = (int)radix_cut(keys, ncand, (unsigned long long)kept_target, one, s_mass, s_word, cut);
     } else if (kept_target == 0) {
         cut = ~0ull;  // top_k(0): no page
         need_eq = 0;
