@@ -686,31 +686,15 @@ impl PyRuntime {
         n: usize,
         stream: u64,
     ) -> PyResult<()> {
-        self.same_device(cache)?;
-        py.detach(|| {
-            let mut rt = self.inner.lock().map_err(|_| WeftError::new_err("the runtime's lock is poisoned"))?;
-            let mut c = cache.inner.lock().map_err(|_| WeftError::new_err("the cache's lock is poisoned"))?;
-            // Safety: weft.torch passes live contiguous tensors of these shapes on the current
-            // stream of this runtime's device.
-            unsafe {
-                rt.use_stream(stream).map_err(runtime_error)?;
-                rt.paged_fill_external(&mut c, seq, k, v, n).map_err(runtime_error)
-            }
-        })
+        // Safety: weft.torch passes live contiguous tensors of these shapes on the current
+        // stream of this runtime's device.
+        self.on_cache(py, cache, stream, |rt, c| unsafe { rt.paged_fill_external(c, seq, k, v, n) })
     }
 
     /// Appends one token per sequence: K and V `[batch, hkv, head_dim]` at `k` and `v`.
     fn paged_append(&self, py: Python<'_>, cache: &PyPagedCache, k: u64, v: u64, stream: u64) -> PyResult<()> {
-        self.same_device(cache)?;
-        py.detach(|| {
-            let mut rt = self.inner.lock().map_err(|_| WeftError::new_err("the runtime's lock is poisoned"))?;
-            let mut c = cache.inner.lock().map_err(|_| WeftError::new_err("the cache's lock is poisoned"))?;
-            // Safety: as `paged_fill`.
-            unsafe {
-                rt.use_stream(stream).map_err(runtime_error)?;
-                rt.paged_append_external(&mut c, k, v).map_err(runtime_error)
-            }
-        })
+        // Safety: as `paged_fill`.
+        self.on_cache(py, cache, stream, |rt, c| unsafe { rt.paged_append_external(c, k, v) })
     }
 
     /// One decode step: Q `[batch, hq, head_dim]` at `q` into O (same shape) at `out` and LSE
@@ -730,19 +714,13 @@ impl PyRuntime {
         retrieval: Option<&PyPattern>,
         splits: usize,
     ) -> PyResult<()> {
-        self.same_device(cache)?;
         let retrieval = retrieval.map(retrieval_of).transpose()?;
         if [q, out, lse].contains(&0) {
             return Err(value_error("a tensor's device address is 0"));
         }
-        py.detach(|| {
-            let mut rt = self.inner.lock().map_err(|_| WeftError::new_err("the runtime's lock is poisoned"))?;
-            let mut c = cache.inner.lock().map_err(|_| WeftError::new_err("the cache's lock is poisoned"))?;
-            // Safety: as `paged_fill`.
-            unsafe {
-                rt.use_stream(stream).map_err(runtime_error)?;
-                rt.paged_decode_external(&mut c, q, out, lse, retrieval.as_ref(), scale, splits).map_err(runtime_error)
-            }
+        // Safety: as `paged_fill`.
+        self.on_cache(py, cache, stream, |rt, c| unsafe {
+            rt.paged_decode_external(c, q, out, lse, retrieval.as_ref(), scale, splits)
         })
     }
 }
@@ -777,14 +755,29 @@ fn retrieval_of(p: &PyPattern) -> PyResult<weft::dsl::Retrieval> {
 }
 
 impl PyRuntime {
-    fn same_device(&self, cache: &PyPagedCache) -> PyResult<()> {
+    /// Runs `f` on this runtime and `cache` (both locked, the GIL released) after switching
+    /// the runtime to `stream`, which weft.torch gives as torch's current stream of this
+    /// device (as for `attention`).
+    fn on_cache(
+        &self,
+        py: Python<'_>,
+        cache: &PyPagedCache,
+        stream: u64,
+        f: impl FnOnce(&mut Runtime, &mut PagedKvCache) -> Result<(), weft::runtime::Error> + Send,
+    ) -> PyResult<()> {
         if cache.device != self.device {
             return Err(value_error(format!(
                 "the cache lives on device {}, this runtime on {}",
                 cache.device, self.device
             )));
         }
-        Ok(())
+        py.detach(|| {
+            let mut rt = self.inner.lock().map_err(|_| WeftError::new_err("the runtime's lock is poisoned"))?;
+            let mut c = cache.inner.lock().map_err(|_| WeftError::new_err("the cache's lock is poisoned"))?;
+            // Safety: weft.torch passes the current stream of this runtime's device.
+            unsafe { rt.use_stream(stream) }.map_err(runtime_error)?;
+            f(&mut rt, &mut c).map_err(runtime_error)
+        })
     }
 }
 
