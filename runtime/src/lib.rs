@@ -726,8 +726,7 @@ impl Gpu {
         check_shapes(index, shape, [q.len(), k.len(), v.len(), out.len(), lse.len()])?;
         check_scale(scale)?;
         let rows = shape.hq * shape.nq;
-        let splits =
-            if splits == 0 { (4 * self.sm_count as usize).div_ceil(rows).clamp(1, 64) } else { splits.min(1024) };
+        let splits = self.decode_splits_for(rows, splits);
         let s = &self.stream;
         let what = "allocating decode partials";
         let mut opart = s.alloc_zeros::<f32>(splits * rows * shape.head_dim).map_err(driver(what))?;
@@ -757,6 +756,16 @@ impl Gpu {
         // Safety: addresses from `a`; lengths checked above, partials allocated for them.
         unsafe { launch(s, &f, &DECODE_ENTRY, [shape.nq * splits, shape.hq, 1], 0, params, a) }?;
         self.merge(merge, &opart, &lpart, splits, rows, shape.head_dim, out, lse)
+    }
+
+    /// Key ranges per row of a split-KV decode over `rows` rows: `requested` (at most 1024),
+    /// or for 0 enough CTAs to give each SM about four (1 to 64).
+    pub(crate) fn decode_splits_for(&self, rows: usize, requested: usize) -> usize {
+        if requested == 0 {
+            (4 * self.sm_count as usize).div_ceil(rows.max(1)).clamp(1, 64)
+        } else {
+            requested.min(1024)
+        }
     }
 
     /// Merges `parts` partial results (`[parts, rows, head_dim]` and `[parts, rows]`).

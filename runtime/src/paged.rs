@@ -332,8 +332,7 @@ impl PagedKvCache {
             return Err(Error::Usage(format!("the softmax scale must be positive and finite, got {scale}")));
         }
         let keep = Keep::of(retrieval, &s)?;
-        let splits =
-            if splits == 0 { (4 * gpu.sm_count as usize).div_ceil(rows).clamp(1, 64) } else { splits.min(1024) };
+        let splits = gpu.decode_splits_for(rows, splits);
         self.workspace(gpu, splits, keep.cap())?;
         let stream = gpu.stream();
         let work = self.work.as_mut().expect("the workspace was just made");
