@@ -196,6 +196,8 @@ params! {
         vc: DevPtr = "u16* __restrict__ Vc",
         kmin: DevPtr = "u16* __restrict__ kmin",
         kmax: DevPtr = "u16* __restrict__ kmax",
+        hot_tag: DevPtr = "u32* __restrict__ hot_tag",
+        hot_slots: i32 = "int hot_slots",
     }
     /// The paged cache's `append` entry ([`crate::emit_paged`]): one token per sequence.
     PagedAppendParams {
@@ -210,6 +212,10 @@ params! {
         vc: DevPtr = "u16* __restrict__ Vc",
         kmin: DevPtr = "u16* __restrict__ kmin",
         kmax: DevPtr = "u16* __restrict__ kmax",
+        hot_k: DevPtr = "u16* __restrict__ hot_k",
+        hot_v: DevPtr = "u16* __restrict__ hot_v",
+        hot_tag: DevPtr = "const u32* __restrict__ hot_tag",
+        hot_slots: i32 = "int hot_slots",
     }
     /// The paged cache's `advance` entry ([`crate::emit_paged`]).
     PagedAdvanceParams {
@@ -259,8 +265,34 @@ params! {
         dense: i32 = "int dense",
         splits: i32 = "int splits",
         scale_log2: f32 = "float scale_log2",
+        hot_k: DevPtr = "const u16* __restrict__ hot_k",
+        hot_v: DevPtr = "const u16* __restrict__ hot_v",
+        hot_tag: DevPtr = "const u32* __restrict__ hot_tag",
+        hot_slots: i32 = "int hot_slots",
+        hot_step: DevPtr = "unsigned* __restrict__ hot_step",
         opart: DevPtr = "float* __restrict__ Opart",
         lsepart: DevPtr = "float* __restrict__ LSEpart",
+    }
+    /// The paged cache's `stage` entry ([`crate::emit_paged`]), for a cache in host memory:
+    /// copies the pages a retrieval step kept into the GPU's cache of hot pages.
+    PagedStageParams {
+        kc: DevPtr = "const u16* __restrict__ Kc",
+        vc: DevPtr = "const u16* __restrict__ Vc",
+        page_table: DevPtr = "const u32* __restrict__ page_table",
+        max_pages: i32 = "int max_pages",
+        page_size: i32 = "int page_size",
+        hq: i32 = "int hq",
+        hkv: i32 = "int hkv",
+        chunks: DevPtr = "const int2* __restrict__ chunks",
+        chunk_count: DevPtr = "const int* __restrict__ chunk_count",
+        cap: i32 = "int cap",
+        hot_k: DevPtr = "u16* __restrict__ hot_k",
+        hot_v: DevPtr = "u16* __restrict__ hot_v",
+        hot_tag: DevPtr = "u32* __restrict__ hot_tag",
+        hot_claim: DevPtr = "unsigned long long* __restrict__ hot_claim",
+        hot_slots: i32 = "int hot_slots",
+        hot_step: DevPtr = "const unsigned* __restrict__ hot_step",
+        hot_stats: DevPtr = "unsigned long long* __restrict__ hot_stats",
     }
     /// The index builders' `pool` entry ([`crate::emit_index_module`]).
     PoolParams {

@@ -1,6 +1,8 @@
 //! Decode over a paged KV cache ([`emit_paged`]): filling and appending to the cache with its
-//! Quest metadata, the retrieval choice of pages on the device, and split-KV attention over the
-//! kept tokens (merged by [`crate::emit_merge`]`(.., Partial::F32)`). See `templates/paged.cu`.
+//! Quest metadata, the retrieval choice of pages on the device, split-KV attention over the
+//! kept tokens (merged by [`crate::emit_merge`]`(.., Partial::F32)`), and, for a cache kept in
+//! host memory, the copy of the kept pages into a GPU cache of hot pages. See
+//! `templates/paged.cu`.
 
 use crate::abi::cuda_param_lists;
 use crate::config::check_head_dim;
@@ -34,10 +36,15 @@ pub mod entry {
     pub const ATTEND: Entry =
         Entry { name: "attend", threads: 128, params: "PagedAttendParams", grid: [Each, Each, Each] };
 
+    /// A cache in host memory: copies a retrieval step's kept pages into the GPU's hot pages.
+    /// x: query heads; y: sequences.
+    pub const STAGE: Entry =
+        Entry { name: "stage", threads: 128, params: "PagedStageParams", grid: [Each, Each, Fixed(1)] };
+
     const ADVANCE_THREADS: u32 = 256;
 
     /// All of them, in source order.
-    pub const ALL: [Entry; 5] = [FILL, APPEND, ADVANCE, RETRIEVE, ATTEND];
+    pub const ALL: [Entry; 6] = [FILL, APPEND, ADVANCE, RETRIEVE, ATTEND, STAGE];
 }
 
 /// Query heads a dense step's `attend` CTA serves for `group` query heads per KV head: the
@@ -47,17 +54,19 @@ pub fn heads_per_cta(group: u32) -> u32 {
 }
 
 /// Generates the paged-cache module for `head_dim`, `dtype` and `group` query heads per KV
-/// head (its entries: [`entry::ALL`]).
-pub fn emit_paged(head_dim: u32, dtype: DType, group: u32) -> Result<Kernel, Error> {
+/// head (its entries: [`entry::ALL`]), for a cache in GPU memory or, `host`, in host memory
+/// with hot pages on the GPU.
+pub fn emit_paged(head_dim: u32, dtype: DType, group: u32, host: bool) -> Result<Kernel, Error> {
     check_head_dim(head_dim)?;
     if group == 0 || group > 1024 {
         return Err(Error::Config(format!("query heads per KV head must be 1 to 1024, got {group}")));
     }
-    let config = format!("paged head_dim={head_dim} dtype={} group={group}", dtype.name());
+    let where_ = if host { " kv=host" } else { "" };
+    let config = format!("paged head_dim={head_dim} dtype={} group={group}{where_}", dtype.name());
     let (key, header) = key_and_header("paged", &closure("paged.cu"), None, &config, &[], None);
     let name = format!("weft_paged_{}", &key[..16]);
     let mut cfg = format!("#define WEFT_ENTRY(entry) {name}_##entry\n");
-    cfg += &defines(&[("WEFT_F16", dtype == DType::F16)]);
+    cfg += &defines(&[("WEFT_F16", dtype == DType::F16), ("WEFT_HOST", host)]);
     cfg += &constant("int", "D", head_dim, "head dimension");
     cfg += &constant("int", "G", group, "query heads per KV head");
     cfg += &constant("int", "HPC", heads_per_cta(group), "query heads per dense attend CTA (heads_per_cta)");

@@ -188,7 +188,7 @@ fn sample_headers() -> Vec<(&'static str, String)> {
     let merge = emit_merge(128, DType::Bf16, Partial::F32).unwrap().source;
     let probe = emit_wgmma_probe(128).unwrap().source;
     let index = emit_index_module(128).unwrap().source;
-    let paged = crate::paged::emit_paged(128, DType::Bf16, 4).unwrap().source;
+    let paged = crate::paged::emit_paged(128, DType::Bf16, 4, true).unwrap().source;
     let mut config = String::new();
     let mut defined = std::collections::HashSet::new();
     for source in [&attention, &decode, &merge, &probe, &index, &paged] {

@@ -651,7 +651,10 @@ impl PyRuntime {
     }
 
     /// An empty paged cache: `batch` sequences of up to `max_pages` pages of `page_size`
-    /// tokens, `hq` query heads over `hkv` key/value heads of `head_dim`, 16-bit `dtype`.
+    /// tokens, `hq` query heads over `hkv` key/value heads of `head_dim`, 16-bit `dtype`; with
+    /// `host`, K and V in pinned host memory and `hot_pages` pages of one KV head cached on the
+    /// GPU.
+    #[pyo3(signature = (batch, hq, hkv, head_dim, page_size, max_pages, dtype, host = false, hot_pages = 0))]
     #[allow(clippy::too_many_arguments)]
     fn paged_cache(
         &self,
@@ -663,12 +666,17 @@ impl PyRuntime {
         page_size: usize,
         max_pages: usize,
         dtype: &str,
+        host: bool,
+        hot_pages: usize,
     ) -> PyResult<PyPagedCache> {
         let dtype = parse_dtype(dtype)?;
         let shape = PagedShape { batch, hq, hkv, head_dim, page_size, max_pages, dtype };
+        if hot_pages > 0 && !host {
+            return Err(value_error("hot_pages are for a cache in host memory (host=True)"));
+        }
         let cache = py.detach(|| {
             let rt = self.inner.lock().map_err(|_| WeftError::new_err("the runtime's lock is poisoned"))?;
-            rt.paged_cache(shape).map_err(runtime_error)
+            if host { rt.paged_cache_in_host(shape, hot_pages) } else { rt.paged_cache(shape) }.map_err(runtime_error)
         })?;
         Ok(PyPagedCache { inner: Mutex::new(cache), device: self.device })
     }
@@ -723,6 +731,29 @@ impl PyRuntime {
             rt.paged_decode_external(c, q, out, lse, retrieval.as_ref(), scale, splits)
         })
     }
+
+    /// The hot pages' counters of a cache in host memory since it was made, as a dict
+    /// (`lookups`, `hits`, `copied`, `conflicts`, `hit_rate`), after the work queued on
+    /// `stream`; None for a cache in GPU memory.
+    fn paged_hot_stats<'py>(
+        &self,
+        py: Python<'py>,
+        cache: &PyPagedCache,
+        stream: u64,
+    ) -> PyResult<Option<Bound<'py, pyo3::types::PyDict>>> {
+        let stats = self.on_cache(py, cache, stream, |rt, c| rt.paged_hot_stats(c))?;
+        stats
+            .map(|h| {
+                let d = pyo3::types::PyDict::new(py);
+                d.set_item("lookups", h.lookups)?;
+                d.set_item("hits", h.hits)?;
+                d.set_item("copied", h.copied)?;
+                d.set_item("conflicts", h.conflicts)?;
+                d.set_item("hit_rate", h.hit_rate())?;
+                Ok(d)
+            })
+            .transpose()
+    }
 }
 
 /// A paged KV cache on the GPU (`weft.torch.PagedCache` wraps it): made by
@@ -758,13 +789,13 @@ impl PyRuntime {
     /// Runs `f` on this runtime and `cache` (both locked, the GIL released) after switching
     /// the runtime to `stream`, which weft.torch gives as torch's current stream of this
     /// device (as for `attention`).
-    fn on_cache(
+    fn on_cache<R: Send>(
         &self,
         py: Python<'_>,
         cache: &PyPagedCache,
         stream: u64,
-        f: impl FnOnce(&mut Runtime, &mut PagedKvCache) -> Result<(), weft::runtime::Error> + Send,
-    ) -> PyResult<()> {
+        f: impl FnOnce(&mut Runtime, &mut PagedKvCache) -> Result<R, weft::runtime::Error> + Send,
+    ) -> PyResult<R> {
         if cache.device != self.device {
             return Err(value_error(format!(
                 "the cache lives on device {}, this runtime on {}",

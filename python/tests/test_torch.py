@@ -285,13 +285,16 @@ def test_bad_inputs_raise_value_errors():
         out.sum().backward()
 
 
-def test_paged_cache_decodes_over_what_the_cpu_reference_keeps():
+@pytest.mark.parametrize("host,hot_pages", [(False, 0), (True, 0), (True, 512)])
+def test_paged_cache_decodes_over_what_the_cpu_reference_keeps(host, hot_pages):
     dtype, hq, hkv, d, ps = torch.bfloat16, 8, 2, 128, 16
     lens = [3, 700, 1501]
     g = torch.Generator(device="cuda").manual_seed(31)
     ks = [torch.randn(hkv, n, d, generator=g, device="cuda").to(dtype) for n in lens]
     vs = [torch.randn(hkv, n, d, generator=g, device="cuda").to(dtype) for n in lens]
-    cache = wt.PagedCache(len(lens), hq, hkv, d, max_tokens=max(lens) + 8, page_size=ps, dtype=dtype)
+    cache = wt.PagedCache(
+        len(lens), hq, hkv, d, max_tokens=max(lens) + 8, page_size=ps, dtype=dtype, host=host, hot_pages=hot_pages
+    )
     # The first tokens by fill, the last two by appends.
     for b, n in enumerate(lens):
         cache.fill(b, ks[b][:, : n - 2].contiguous(), vs[b][:, : n - 2].contiguous())
@@ -303,7 +306,7 @@ def test_paged_cache_decodes_over_what_the_cpu_reference_keeps():
     q = torch.randn(len(lens), hq, d, generator=g, device="cuda").to(dtype)
     quest = f"retrieval(unit = page({ps}), keep = top_k(8), sink = 4, recent = 32)"
     quest_p = f"retrieval(unit = page({ps}), keep = top_p(0.5), sink = 4, recent = 32)"
-    for text in (None, quest, quest_p):
+    for text in (None, quest, quest_p, quest):
         out, lse = cache.decode(q, text, return_lse=True)
         for b, n in enumerate(lens):
             qb, kb, vb = q[b][None, :, None], ks[b][None], vs[b][None]
@@ -314,6 +317,14 @@ def test_paged_cache_decodes_over_what_the_cpu_reference_keeps():
             want, want_lse = sdpa_reference(qb, kb, vb, mask, 1 / math.sqrt(d))
             torch.testing.assert_close(out[b].float(), want[0, :, 0], atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(lse[b], want_lse[0, :, 0], atol=2e-2, rtol=0)
+    stats = cache.hot_stats()
+    if not host:
+        assert stats is None
+    elif hot_pages == 0:
+        assert stats["lookups"] == 0
+    else:
+        # The last step repeats the second's choice: its pages were copied then, found now.
+        assert stats["copied"] > 0 and stats["hits"] > 0 and 0 < stats["hit_rate"] <= 1, stats
     with pytest.raises(ValueError, match="Quest's pages"):
         cache.decode(q, "retrieval(unit = cluster(32), score = centroid, keep = top_k(4))")
     with pytest.raises(ValueError, match="shape"):

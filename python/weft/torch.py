@@ -449,6 +449,10 @@ class PagedCache:
 
     Pages of ``page_size`` tokens, ``[pages, page_size, kv_heads, head_dim]`` (vLLM's layout),
     each sequence ``ceil(max_tokens / page_size)`` of its own, allocated when the cache is made.
+    With ``host=True`` K and V live in pinned host memory (contexts larger than the GPU's
+    memory), read over the bus, and the pages retrieval keeps are cached on the GPU in
+    ``hot_pages`` slots of one page of one KV head each (:meth:`hot_stats` gives the hit rate);
+    the metadata, page table and lengths stay on the GPU.
     The retrieval must use the cache's pages (``unit = page(page_size)``), Quest's
     ``min_max`` score and any budget (``top_k``, ``top_p``, ``threshold``); it keeps exactly the tokens
     weft's CPU reference keeps. A sequence's last query sees all its tokens.
@@ -465,17 +469,24 @@ class PagedCache:
         page_size: int = 16,
         dtype: torch.dtype = torch.bfloat16,
         device: Union[int, torch.device, None] = None,
+        host: bool = False,
+        hot_pages: int = 0,
     ):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
         if page_size <= 0 or max_tokens <= 0:
             raise ValueError(f"page_size and max_tokens must be positive, got {page_size} and {max_tokens}")
+        if hot_pages < 0 or (hot_pages and not host):
+            raise ValueError(f"hot_pages ({hot_pages}) are a number of GPU slots for a cache in host memory (host=True)")
         self._rt = runtime(device)
         self.device = torch.device("cuda", self._rt.device)
         self.dtype, self.batch, self.heads, self.kv_heads, self.head_dim = dtype, batch, heads, kv_heads, head_dim
         self.page_size = page_size
         pages = -(-max_tokens // page_size)
-        self._cache = self._rt.paged_cache(batch, heads, kv_heads, head_dim, page_size, pages, _DTYPES[dtype])
+        self.host = host
+        self._cache = self._rt.paged_cache(
+            batch, heads, kv_heads, head_dim, page_size, pages, _DTYPES[dtype], host=host, hot_pages=hot_pages
+        )
 
     @property
     def lens(self) -> list:
@@ -535,3 +546,10 @@ class PagedCache:
             self._cache, q.data_ptr(), out.data_ptr(), lse.data_ptr(), _stream(self._rt.device), scale, pattern, splits
         )
         return (out, lse) if return_lse else out
+
+    def hot_stats(self):
+        """For a cache in host memory, the hot pages' counters since it was made (waits for the
+        GPU): ``lookups`` (a query head's kept page), ``hits`` (found on the GPU), ``copied``
+        (pages brought over the bus), ``conflicts`` (read over the bus: another page held the
+        slot) and ``hit_rate``. None for a cache in GPU memory."""
+        return self._rt.paged_hot_stats(self._cache, _stream(self._rt.device))

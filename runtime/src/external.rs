@@ -149,6 +149,17 @@ impl Runtime {
         self.gpu.paged_cache(shape)
     }
 
+    /// A paged KV cache in pinned host memory with `hot_pages` on this runtime's GPU
+    /// ([`crate::Gpu::paged_cache_in_host`]).
+    pub fn paged_cache_in_host(&self, shape: PagedShape, hot_pages: usize) -> Result<PagedKvCache, Error> {
+        self.gpu.paged_cache_in_host(shape, hot_pages)
+    }
+
+    /// The hot pages' counters of a cache in host memory ([`PagedKvCache::hot_stats`]).
+    pub fn paged_hot_stats(&self, cache: &PagedKvCache) -> Result<Option<crate::HotStats>, Error> {
+        cache.hot_stats(&self.gpu)
+    }
+
     /// [`PagedKvCache::fill`] from foreign memory: K and V `[hkv, n, head_dim]` at `k` and `v`,
     /// queued on the stream given to [`Runtime::use_stream`].
     ///

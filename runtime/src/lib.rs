@@ -29,6 +29,7 @@
 
 mod device_index;
 mod external;
+mod host_memory;
 mod launch;
 mod layer;
 mod libs;
@@ -50,7 +51,7 @@ pub use device_index::{IndexBuild, IndexBuildReport, VvStrategy, LIST_BOUND_BYTE
 pub use external::{Borrowed, ExternalTensors};
 pub use layer::{tune_key, LaunchReport, LayerPlan};
 pub use nvrtc::{Arch, Compiled, ResourceReport};
-pub use paged::{PagedKvCache, PagedShape};
+pub use paged::{HotStats, PagedKvCache, PagedShape};
 
 /// Everything that can go wrong compiling, loading or launching.
 #[derive(Debug, thiserror::Error)]

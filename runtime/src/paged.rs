@@ -1,16 +1,24 @@
-//! A paged KV cache on the device, and decode steps over it: dense, or with Quest's retrieval
-//! of pages chosen on the device. A step is a fixed number of launches on the GPU's stream
-//! with no host synchronisation and no allocation (its buffers are kept between steps), so a
-//! step of a fixed batch can be captured in a CUDA graph. See `codegen/src/templates/paged.cu`.
+//! A paged KV cache, on the device or in host memory, and decode steps over it: dense, or with
+//! Quest's retrieval of pages chosen on the device. A step is a fixed number of launches on the
+//! GPU's stream with no host synchronisation and no allocation (its buffers are kept between
+//! steps), so a step of a fixed batch can be captured in a CUDA graph. See
+//! `codegen/src/templates/paged.cu`.
+//!
+//! A cache in host memory ([`Gpu::paged_cache_in_host`]) keeps K and V pinned and mapped, read
+//! by the kernels over the bus, and its metadata, page table and lengths on the GPU, with a GPU
+//! cache of hot pages (RetroInfer's wave buffer): a retrieval step copies the pages it keeps
+//! there unless they are already there, and reads them from there.
 
 use cudarc::driver::CudaSlice;
 use weft_codegen::abi::{
-    PagedAdvanceParams, PagedAppendParams, PagedAttendParams, PagedFillParams, PagedRetrieveParams,
+    DevPtr, PagedAdvanceParams, PagedAppendParams, PagedAttendParams, PagedFillParams, PagedRetrieveParams,
+    PagedStageParams,
 };
 use weft_codegen::paged::{emit_paged, entry, heads_per_cta};
 use weft_codegen::{emit_merge, DType, Kernel, Partial};
 use weft_dsl::{Budget, Retrieval, Score, Unit};
 
+use crate::host_memory::MappedHost;
 use crate::launch::{Args, Module};
 use crate::{driver, Error, Gpu};
 
@@ -129,17 +137,104 @@ struct Workspace {
     lpart: CudaSlice<f32>,
 }
 
+/// Where a cache's K and V live.
+enum Store {
+    Device { k: CudaSlice<u16>, v: CudaSlice<u16> },
+    Host { k: MappedHost, v: MappedHost, hot: Box<Hot> },
+}
+
+/// The GPU's cache of hot pages of a cache in host memory: `slots` pages of one KV head, K and
+/// V `[slots, page_size, head_dim]`, each slot's tag (`page * hkv + kv_head + 1`, 0 empty), the
+/// claims of the current step, the step counter and the counters of [`HotStats`].
+struct Hot {
+    slots: usize,
+    k: CudaSlice<u16>,
+    v: CudaSlice<u16>,
+    tag: CudaSlice<u32>,
+    claim: CudaSlice<u64>,
+    step: CudaSlice<u32>,
+    stats: CudaSlice<u64>,
+}
+
+/// The hot pages' counters since the cache was made, summed over retrieval steps: per (query
+/// head, kept page) `lookups`, `hits` (a hot copy was there), `copied` (pages brought from host
+/// memory; one per page whatever the heads that asked) and `conflicts` (pages read from host
+/// memory because another page took their slot in the same step).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HotStats {
+    pub lookups: u64,
+    pub hits: u64,
+    pub copied: u64,
+    pub conflicts: u64,
+}
+
+impl HotStats {
+    /// The share of lookups that found their page on the GPU.
+    pub fn hit_rate(&self) -> f64 {
+        if self.lookups == 0 {
+            0.0
+        } else {
+            self.hits as f64 / self.lookups as f64
+        }
+    }
+}
+
+/// The kernels' view of the hot pages (all zero: none).
+#[derive(Clone, Copy, Default)]
+struct HotPtrs {
+    k: DevPtr,
+    v: DevPtr,
+    tag: DevPtr,
+    slots: i32,
+    step: DevPtr,
+}
+
+impl Store {
+    /// K and V for a kernel that writes them, the hot tags for one that drops stale hot copies,
+    /// and the hot slots.
+    fn fill_ptrs<'a>(&'a mut self, a: &mut Args<'a>) -> (DevPtr, DevPtr, DevPtr, i32) {
+        match self {
+            Store::Device { k, v } => (a.w(k), a.w(v), 0, 0),
+            Store::Host { k, v, hot } => (k.device_ptr(), v.device_ptr(), a.w(&mut hot.tag), hot.slots as i32),
+        }
+    }
+
+    /// K and V for `append`, and the hot pages it writes through (their tags read).
+    fn append_ptrs<'a>(&'a mut self, a: &mut Args<'a>) -> (DevPtr, DevPtr, HotPtrs) {
+        match self {
+            Store::Device { k, v } => (a.w(k), a.w(v), HotPtrs::default()),
+            Store::Host { k, v, hot } => {
+                let Hot { slots, k: hk, v: hv, tag, .. } = &mut **hot;
+                let ptrs = HotPtrs { k: a.w(hk), v: a.w(hv), tag: a.r(tag), slots: *slots as i32, step: 0 };
+                (k.device_ptr(), v.device_ptr(), ptrs)
+            }
+        }
+    }
+
+    /// K and V for `attend`, and the hot pages it reads (its step counter written).
+    fn attend_ptrs<'a>(&'a mut self, a: &mut Args<'a>) -> (DevPtr, DevPtr, HotPtrs) {
+        match self {
+            Store::Device { k, v } => (a.r(k), a.r(v), HotPtrs::default()),
+            Store::Host { k, v, hot } => {
+                let Hot { slots, k: hk, v: hv, tag, step, .. } = &mut **hot;
+                let ptrs = HotPtrs { k: a.r(hk), v: a.r(hv), tag: a.r(tag), slots: *slots as i32, step: a.w(step) };
+                (k.device_ptr(), v.device_ptr(), ptrs)
+            }
+        }
+    }
+}
+
 /// A paged KV cache on one GPU: K and V `[pages, page_size, hkv, head_dim]` (vLLM's and
 /// FlashInfer's layout), a page table per sequence, the sequences' lengths on the device, and
 /// Quest's per-page key minimum and maximum, kept current by [`PagedKvCache::fill`] and
-/// [`PagedKvCache::append`].
+/// [`PagedKvCache::append`]. K and V are in GPU memory ([`Gpu::paged_cache`]) or in pinned host
+/// memory with a GPU cache of hot pages ([`Gpu::paged_cache_in_host`]).
 ///
 /// Lengths live on the device (an append advances them there, so steps need no host copy)
 /// and in a host mirror that bounds-checks appends.
 pub struct PagedKvCache {
     shape: PagedShape,
-    k: CudaSlice<u16>,
-    v: CudaSlice<u16>,
+    store: Store,
     kmin: CudaSlice<u16>,
     kmax: CudaSlice<u16>,
     page_table: CudaSlice<u32>,
@@ -151,10 +246,59 @@ pub struct PagedKvCache {
 }
 
 impl Gpu {
-    /// An empty paged cache of `shape` (every sequence of length 0), its pages allocated now.
+    /// An empty paged cache of `shape` in GPU memory (every sequence of length 0), its pages
+    /// allocated now.
     pub fn paged_cache(&self, shape: PagedShape) -> Result<PagedKvCache, Error> {
         shape.check()?;
-        let kernel = emit_paged(shape.head_dim as u32, shape.dtype, (shape.hq / shape.hkv) as u32)?;
+        let s = self.stream();
+        let what = |x: &str| format!("allocating the paged cache's {x} ({shape:?})");
+        let store = Store::Device {
+            k: s.alloc_zeros(shape.cache_len()).map_err(driver(what("keys")))?,
+            v: s.alloc_zeros(shape.cache_len()).map_err(driver(what("values")))?,
+        };
+        self.paged_cache_with(shape, store)
+    }
+
+    /// An empty paged cache of `shape` whose K and V live in pinned host memory (for contexts
+    /// larger than the GPU's memory), with a GPU cache of `hot_pages` pages of one KV head
+    /// (`hot_pages * page_size * head_dim` elements each of K and V; 0: every read goes over
+    /// the bus). The metadata, page table and lengths stay on the GPU. The host memory is
+    /// allocated and pinned now, and not zeroed: only filled and appended tokens are read.
+    pub fn paged_cache_in_host(&self, shape: PagedShape, hot_pages: usize) -> Result<PagedKvCache, Error> {
+        shape.check()?;
+        // Hot pages are keyed by `page * hkv + kv_head + 1` in 32 bits.
+        if shape.pages().checked_mul(shape.hkv).is_none_or(|k| k >= u32::MAX as usize) {
+            return Err(Error::Shape(format!(
+                "{shape:?}: a cache in host memory holds fewer than 2^32 pages x KV heads"
+            )));
+        }
+        if hot_pages > i32::MAX as usize || hot_pages.checked_mul(shape.page_size * shape.head_dim).is_none() {
+            return Err(Error::Shape(format!("{hot_pages} hot pages: too many")));
+        }
+        let s = self.stream();
+        let what = |x: &str| format!("allocating the paged cache's {x} ({shape:?}, {hot_pages} hot pages)");
+        let bytes = shape.cache_len().checked_mul(2).ok_or_else(|| Error::Shape(format!("{shape:?}: too large")))?;
+        let hot_len = hot_pages * shape.page_size * shape.head_dim;
+        let hot = Box::new(Hot {
+            slots: hot_pages,
+            k: s.alloc_zeros(hot_len.max(1)).map_err(driver(what("hot keys")))?,
+            v: s.alloc_zeros(hot_len.max(1)).map_err(driver(what("hot values")))?,
+            tag: s.alloc_zeros(hot_pages.max(1)).map_err(driver(what("hot tags")))?,
+            claim: s.alloc_zeros(hot_pages.max(1)).map_err(driver(what("hot claims")))?,
+            step: s.alloc_zeros(1).map_err(driver(what("hot step")))?,
+            stats: s.alloc_zeros(4).map_err(driver(what("hot counters")))?,
+        });
+        let store = Store::Host {
+            k: MappedHost::new(s, bytes, &what("keys in host memory"))?,
+            v: MappedHost::new(s, bytes, &what("values in host memory"))?,
+            hot,
+        };
+        self.paged_cache_with(shape, store)
+    }
+
+    fn paged_cache_with(&self, shape: PagedShape, store: Store) -> Result<PagedKvCache, Error> {
+        let host = matches!(store, Store::Host { .. });
+        let kernel = emit_paged(shape.head_dim as u32, shape.dtype, (shape.hq / shape.hkv) as u32, host)?;
         let merge = emit_merge(shape.head_dim as u32, shape.dtype, Partial::F32)?;
         let module = self.load_module(&kernel, &entry::ALL)?;
         let s = self.stream();
@@ -162,8 +306,7 @@ impl Gpu {
         let meta = shape.pages() * shape.hkv * shape.head_dim;
         let table: Vec<u32> = (0..shape.pages() as u32).collect();
         Ok(PagedKvCache {
-            k: s.alloc_zeros(shape.cache_len()).map_err(driver(what("keys")))?,
-            v: s.alloc_zeros(shape.cache_len()).map_err(driver(what("values")))?,
+            store,
             kmin: s.alloc_zeros(meta).map_err(driver(what("page minima")))?,
             kmax: s.alloc_zeros(meta).map_err(driver(what("page maxima")))?,
             page_table: s.clone_htod(&table).map_err(driver(what("page table")))?,
@@ -229,6 +372,7 @@ impl PagedKvCache {
         let stream = gpu.stream();
         if n > 0 {
             let mut a = Args::new(stream);
+            let (kc, vc, hot_tag, hot_slots) = self.store.fill_ptrs(&mut a);
             let params = PagedFillParams {
                 ksrc: a.r(k),
                 vsrc: a.r(v),
@@ -238,10 +382,12 @@ impl PagedKvCache {
                 max_pages: s.max_pages as i32,
                 page_size: s.page_size as i32,
                 hkv: s.hkv as i32,
-                kc: a.w(&mut self.k),
-                vc: a.w(&mut self.v),
+                kc,
+                vc,
                 kmin: a.w(&mut self.kmin),
                 kmax: a.w(&mut self.kmax),
+                hot_tag,
+                hot_slots,
             };
             // Safety: addresses from `a`; the sources hold `n` tokens (checked), the pages
             // `max_pages` per sequence, the table entries are below `pages` (checked on upload).
@@ -271,6 +417,7 @@ impl PagedKvCache {
         }
         let stream = gpu.stream();
         let mut a = Args::new(stream);
+        let (kc, vc, hot) = self.store.append_ptrs(&mut a);
         let params = PagedAppendParams {
             knew: a.r(k),
             vnew: a.r(v),
@@ -279,10 +426,14 @@ impl PagedKvCache {
             max_pages: s.max_pages as i32,
             page_size: s.page_size as i32,
             hkv: s.hkv as i32,
-            kc: a.w(&mut self.k),
-            vc: a.w(&mut self.v),
+            kc,
+            vc,
             kmin: a.w(&mut self.kmin),
             kmax: a.w(&mut self.kmax),
+            hot_k: hot.k,
+            hot_v: hot.v,
+            hot_tag: hot.tag,
+            hot_slots: hot.slots,
         };
         // Safety: addresses from `a`; every sequence has room for the token (checked above on
         // the host's mirror of the lengths).
@@ -371,11 +522,40 @@ impl PagedKvCache {
                 (0, cap)
             }
         };
+        if let (Store::Host { k, v, hot }, Keep::Quest { .. }) = (&mut self.store, keep) {
+            if hot.slots > 0 {
+                let mut a = Args::new(stream);
+                let params = PagedStageParams {
+                    kc: k.device_ptr(),
+                    vc: v.device_ptr(),
+                    page_table: a.r(&self.page_table),
+                    max_pages: s.max_pages as i32,
+                    page_size: s.page_size as i32,
+                    hq: s.hq as i32,
+                    hkv: s.hkv as i32,
+                    chunks: a.r(&work.chunks),
+                    chunk_count: a.r(&work.counts),
+                    cap: cap as i32,
+                    hot_k: a.w(&mut hot.k),
+                    hot_v: a.w(&mut hot.v),
+                    hot_tag: a.w(&mut hot.tag),
+                    hot_claim: a.w(&mut hot.claim),
+                    hot_slots: hot.slots as i32,
+                    hot_step: a.r(&hot.step),
+                    hot_stats: a.w(&mut hot.stats),
+                };
+                // Safety: addresses from `a` and the mapped cache; the chunks were written by
+                // `retrieve` (at most `cap` per row, tokens below each length, so pages below
+                // `max_pages`); the hot buffers hold `slots` pages.
+                unsafe { self.module.launch(stream, &entry::STAGE, [s.hq, s.batch, 1], 0, params, a) }?;
+            }
+        }
         let mut a = Args::new(stream);
+        let (kc, vc, hot) = self.store.attend_ptrs(&mut a);
         let params = PagedAttendParams {
             q: a.r(q),
-            kc: a.r(&self.k),
-            vc: a.r(&self.v),
+            kc,
+            vc,
             page_table: a.r(&self.page_table),
             seq_lens: a.r(&self.seq_lens),
             max_pages: s.max_pages as i32,
@@ -389,6 +569,11 @@ impl PagedKvCache {
             dense,
             splits: splits as i32,
             scale_log2: scale * std::f32::consts::LOG2_E,
+            hot_k: hot.k,
+            hot_v: hot.v,
+            hot_tag: hot.tag,
+            hot_slots: hot.slots,
+            hot_step: hot.step,
             opart: a.w(&mut work.opart),
             lsepart: a.w(&mut work.lpart),
         };
@@ -398,6 +583,19 @@ impl PagedKvCache {
         // were written by `retrieve` with at most `cap` per row and tokens below each length.
         unsafe { self.module.launch(stream, &entry::ATTEND, [splits, heads, s.batch], 0, params, a) }?;
         gpu.merge(&self.merge, &work.opart, &work.lpart, splits, rows, s.head_dim, out, lse)
+    }
+
+    /// Whether K and V live in host memory ([`Gpu::paged_cache_in_host`]).
+    pub fn in_host(&self) -> bool {
+        matches!(self.store, Store::Host { .. })
+    }
+
+    /// The hot pages' counters of a cache in host memory (`None` for one in GPU memory). Waits
+    /// for the device.
+    pub fn hot_stats(&self, gpu: &Gpu) -> Result<Option<HotStats>, Error> {
+        let Store::Host { hot, .. } = &self.store else { return Ok(None) };
+        let c = gpu.stream().clone_dtoh(&hot.stats).map_err(driver("reading the hot pages' counters"))?;
+        Ok(Some(HotStats { lookups: c[0], hits: c[1], copied: c[2], conflicts: c[3] }))
     }
 
     /// The tokens the last step kept per (sequence, query head), ascending (rows `b * hq +

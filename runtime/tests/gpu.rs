@@ -1636,3 +1636,87 @@ fn paged_decode_matches_the_cpu_reference() {
     assert!(e.contains("sequence 0 is full"), "{e}");
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
+
+/// A paged cache in host memory decodes exactly as one in GPU memory (the same outputs, bit for
+/// bit, and the same kept tokens), whatever its hot pages: none (every read over the bus), a
+/// few (slots taken by other pages in the same step, read over the bus), and many (pages found
+/// hot in later steps). Steps interleave retrieval, dense decode and appends, so an appended
+/// token must reach a page's hot copy.
+#[test]
+fn paged_cache_in_host_memory_decodes_as_the_gpu_cache() {
+    use weft_dsl::{Budget, Retrieval};
+    use weft_runtime::PagedShape;
+    let gpu = Gpu::open(0).expect("a GPU");
+    let s = gpu.stream();
+    let (d, hq, hkv, page_size) = (128usize, 8usize, 2usize, 16usize);
+    let filled = [1000usize, 37, 515];
+    let (batch, steps) = (filled.len(), 4usize);
+    let max_pages = (filled.iter().max().unwrap() + steps).div_ceil(page_size);
+    let shape = PagedShape { batch, hq, hkv, head_dim: d, page_size, max_pages, dtype: DType::Bf16 };
+    let mut caches = vec![("gpu".to_string(), gpu.paged_cache(shape).unwrap())];
+    for hot in [0usize, 7, 4096] {
+        let c = gpu.paged_cache_in_host(shape, hot).unwrap();
+        assert!(c.in_host());
+        caches.push((format!("host, {hot} hot pages"), c));
+    }
+    assert!(!caches[0].1.in_host() && caches[0].1.hot_stats(&gpu).unwrap().is_none());
+    let bf16 = |n: usize, seed: u64| round(&Tensor::random(1, n, 1, seed).data, DType::Bf16).0;
+    for (b, &n) in filled.iter().enumerate() {
+        let (k, v) = (
+            s.clone_htod(&bf16(hkv * n * d, 7700 + b as u64)).unwrap(),
+            s.clone_htod(&bf16(hkv * n * d, 7800 + b as u64)).unwrap(),
+        );
+        for (_, c) in &mut caches {
+            c.fill(&gpu, b, &k, &v, n).unwrap();
+        }
+    }
+    let quest = Retrieval {
+        unit: Unit::Page(page_size as u32),
+        score: Score::MinMax,
+        budget: Budget::TopK(6),
+        sink: 4,
+        recent: 20,
+    };
+    let mut failures = Vec::new();
+    for step in 0..steps {
+        let q = s.clone_htod(&bf16(batch * hq * d, 7900 + step as u64)).unwrap();
+        for r in [Some(&quest), None, Some(&quest)] {
+            let mut results = Vec::new();
+            for (name, c) in &mut caches {
+                let mut out = s.clone_htod(&vec![0xffffu16; batch * hq * d]).unwrap();
+                let mut lse = s.clone_htod(&vec![f32::NAN; batch * hq]).unwrap();
+                c.decode_step(&gpu, &q, &mut out, &mut lse, r, 0.088, 0).unwrap();
+                let kept = c.last_kept(&gpu).unwrap();
+                results.push((name.clone(), s.clone_dtoh(&out).unwrap(), s.clone_dtoh(&lse).unwrap(), kept));
+            }
+            let (_, out0, lse0, kept0) = &results[0];
+            for (name, out, lse, kept) in &results[1..] {
+                let same =
+                    out == out0 && lse.iter().zip(lse0).all(|(a, b)| a.to_bits() == b.to_bits()) && kept == kept0;
+                let what = if r.is_some() { "quest top_k(6)" } else { "dense" };
+                println!(
+                    "{} paged {name}: step {step} {what}: {}",
+                    if same { "ok  " } else { "FAIL" },
+                    if same { "equal to the GPU cache's" } else { "differs" }
+                );
+                if !same {
+                    failures.push(format!("{name} step {step} {what}"));
+                }
+            }
+        }
+        let k = s.clone_htod(&bf16(batch * hkv * d, 8000 + step as u64)).unwrap();
+        let v = s.clone_htod(&bf16(batch * hkv * d, 8100 + step as u64)).unwrap();
+        for (_, c) in &mut caches {
+            c.append(&gpu, &k, &v).unwrap();
+        }
+    }
+    let stats: Vec<_> = caches[1..].iter().map(|(_, c)| c.hot_stats(&gpu).unwrap().unwrap()).collect();
+    println!("hot pages' counters (none, 7, 4096 slots): {stats:?}");
+    // No slots: no lookups. Few: pages lose their slot to others. Many: later steps find pages hot.
+    assert_eq!(stats[0], weft_runtime::HotStats::default());
+    assert!(stats[1].conflicts > 0, "7 slots for dozens of kept pages: {:?}", stats[1]);
+    assert!(stats[2].hits > 0 && stats[2].copied > 0, "{:?}", stats[2]);
+    // Each step's second retrieval repeats its first's queries: about half the lookups hit.
+    assert!(stats[2].hit_rate() > 0.4, "{:?}", stats[2]);
+    assert!(failures.is_empty(), "failed: {failures:?}");
+}

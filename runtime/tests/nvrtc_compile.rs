@@ -217,12 +217,12 @@ fn paged_cache_kernels_compile_without_spills() {
     version().expect("NVRTC is required for this test");
     let jobs: Vec<_> = [64u32, 128]
         .into_iter()
-        .flat_map(|d| [(d, DType::Bf16, 4u32), (d, DType::F16, 1), (d, DType::Bf16, 8)])
-        .flat_map(|(d, t, g)| [(d, t, g, Arch::SM80), (d, t, g, Arch::SM90)])
+        .flat_map(|d| [(d, DType::Bf16, 4u32, false), (d, DType::F16, 1, false), (d, DType::Bf16, 8, true)])
+        .flat_map(|(d, t, g, h)| [(d, t, g, h, Arch::SM80), (d, t, g, h, Arch::SM90)])
         .collect();
-    jobs.par_iter().for_each(|&(d, dtype, group, arch)| {
-        let kernel = weft_codegen::paged::emit_paged(d, dtype, group).unwrap();
-        let what = format!("paged d={d} {} group={group} {}", dtype.name(), arch.name());
+    jobs.par_iter().for_each(|&(d, dtype, group, host, arch)| {
+        let kernel = weft_codegen::paged::emit_paged(d, dtype, group, host).unwrap();
+        let what = format!("paged d={d} {} group={group} host={host} {}", dtype.name(), arch.name());
         let c = compile(&kernel.source, &kernel.name, arch).unwrap_or_else(|e| panic!("{what}: {e}"));
         for entry in weft_codegen::paged::entry::ALL {
             let name = format!("{}_{}", kernel.name, entry.name);

@@ -58,6 +58,7 @@ constexpr long long LOG2E_BITS = 0x3ff71547652b82feLL;  // repro::LOG2E
 constexpr long long LN2_HI_BITS = 0x3fe62e42fee00000LL;  // repro::LN2_HI
 constexpr long long LN2_LO_BITS = 0x3dea39ef35793c76LL;  // repro::LN2_LO
 #define EXP_COEF_BITS 0x3de6124613a86d09LL, 0x3e21eed8eff8d898LL, 0x3e5ae64567f544e4LL, 0x3e927e4fb7789f5cLL, 0x3ec71de3a556c734LL, 0x3efa01a01a01a01aLL, 0x3f2a01a01a01a01aLL, 0x3f56c16c16c16c17LL, 0x3f81111111111111LL, 0x3fa5555555555555LL, 0x3fc5555555555555LL, 0x3fe0000000000000LL  // repro::EXP_COEF
+#define WEFT_HOST 1
 constexpr int G = 4;  // query heads per KV head
 constexpr int HPC = 4;  // query heads per dense attend CTA (heads_per_cta)
 constexpr int FILL_THREADS = 128;
@@ -65,3 +66,4 @@ constexpr int APPEND_THREADS = 128;
 constexpr int ADVANCE_THREADS = 256;
 constexpr int RETRIEVE_THREADS = 256;
 constexpr int ATTEND_THREADS = 128;
+constexpr int STAGE_THREADS = 128;

@@ -14,7 +14,13 @@
 //            tokens as chunks of at most page_size tokens, ascending: the sink, the kept pages
 //            (clipped to the tokens between sink and recent), the recent tokens;
 //   attend   split-KV attention of each (sequence, query head) over its chunks (or, dense,
-//            over every page), f32 partials and log-sum-exps for the merge kernel.
+//            over every page), f32 partials and log-sum-exps for the merge kernel;
+//   stage    (a cache in host memory) copies the pages a retrieval step kept into the GPU's
+//            cache of hot pages, between retrieve and attend.
+// A cache in host memory is pinned and mapped: Kc and Vc are its device addresses, and every
+// kernel reads and writes it over the bus; only `stage` and `attend` use the hot pages (and
+// only a module generated for such a cache, WEFT_HOST, looks them up in `attend`: the lookup
+// costs the attend kernel of a cache in GPU memory registers it has none to spare for).
 
 #include "config.cuh"   // generated per kernel: its config, entry points and names
 #include "prelude.cuh"
@@ -35,26 +41,17 @@ __device__ __forceinline__ size_t cache_row(u32 page, int slot, int kvh, int pag
     return (((size_t)page * page_size + slot) * hkv + kvh) * D;
 }
 
-// Rebuilds the metadata of physical page `page`, KV head `kvh`, from its first `count` tokens
-// (the whole CTA; the tokens' writes by this CTA must be visible: after __syncthreads).
-__device__ void page_meta(const u16* __restrict__ Kc, u16* __restrict__ kmin, u16* __restrict__ kmax, u32 page, int kvh,
-                          int count, int page_size, int hkv) {
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        u16 lo = Kc[cache_row(page, 0, kvh, page_size, hkv) + d], hi = lo;
-        float flo = elem(lo), fhi = flo;
-        for (int s = 1; s < count; ++s) {
-            const u16 x = Kc[cache_row(page, s, kvh, page_size, hkv) + d];
-            const float f = elem(x);
-            if (f < flo) flo = f, lo = x;
-            if (f > fhi) fhi = f, hi = x;
-        }
-        const size_t m = ((size_t)page * hkv + kvh) * D + d;
-        kmin[m] = lo;
-        kmax[m] = hi;
-    }
+// The GPU's cache of hot pages (a cache in host memory only; hot_slots = 0 otherwise): slots of
+// one page of one KV head, K and V `[hot_slots, page_size, D]`, each tagged with the key
+// `page * hkv + kvh + 1` of what it holds (0: nothing). A key has one slot (direct-mapped, a
+// multiplicative hash), so the attend kernel finds a page with one load of its tag.
+__device__ __forceinline__ u32 hot_key(u32 page, int kvh, int hkv) { return page * (u32)hkv + (u32)kvh + 1u; }
+__device__ __forceinline__ int hot_slot(u32 key, int hot_slots) {
+    return (int)(((unsigned long long)(key * 2654435761u) * (unsigned)hot_slots) >> 32);
 }
 
-// Grid: x logical pages of the n tokens, y KV heads.
+// Grid: x logical pages of the n tokens, y KV heads. The page's metadata comes from the source
+// rows (the cache may be in host memory: not read back).
 extern "C" __global__ void __launch_bounds__(FILL_THREADS) WEFT_ENTRY(fill)(PAGED_FILL_PARAMS)
 {
     const int i = blockIdx.x, kvh = blockIdx.y;
@@ -69,11 +66,34 @@ extern "C" __global__ void __launch_bounds__(FILL_THREADS) WEFT_ENTRY(fill)(PAGE
         *(uint4*)(Kc + dst) = *(const uint4*)(Ksrc + src);
         *(uint4*)(Vc + dst) = *(const uint4*)(Vsrc + src);
     }
-    __syncthreads();
-    page_meta(Kc, kmin, kmax, page, kvh, count, page_size, hkv);
+    // Elementwise minimum and maximum over the page's tokens in order (the first of equal
+    // values kept, as the CPU's scan).
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        const u16* src = Ksrc + ((size_t)kvh * n + t0) * D + d;
+        u16 lo = src[0], hi = lo;
+        float flo = elem(lo), fhi = flo;
+        for (int s = 1; s < count; ++s) {
+            const u16 x = src[(size_t)s * D];
+            const float f = elem(x);
+            if (f < flo) flo = f, lo = x;
+            if (f > fhi) fhi = f, hi = x;
+        }
+        const size_t m = ((size_t)page * hkv + kvh) * D + d;
+        kmin[m] = lo;
+        kmax[m] = hi;
+    }
+    // A hot copy of the page is stale now.
+    if (hot_slots > 0 && threadIdx.x == 0) {
+        const u32 key = hot_key(page, kvh, hkv);
+        const int h = hot_slot(key, hot_slots);
+        if (hot_tag[h] == key) hot_tag[h] = 0;
+    }
 }
 
-// Grid: x sequences, y KV heads. Knew and Vnew are [batch, hkv, D].
+// Grid: x sequences, y KV heads. Knew and Vnew are [batch, hkv, D]. The page's metadata is
+// updated with the new token (what a scan of the page's tokens in order gives: its first token
+// starts it, a later one replaces a bound only when strictly beyond it), and a hot copy of the
+// page gets the token too.
 extern "C" __global__ void __launch_bounds__(APPEND_THREADS) WEFT_ENTRY(append)(PAGED_APPEND_PARAMS)
 {
     const int b = blockIdx.x, kvh = blockIdx.y;
@@ -81,12 +101,33 @@ extern "C" __global__ void __launch_bounds__(APPEND_THREADS) WEFT_ENTRY(append)(
     const u32 page = page_table[(size_t)b * max_pages + pos / page_size];
     const int slot = pos % page_size;
     const size_t src = ((size_t)b * hkv + kvh) * D, dst = cache_row(page, slot, kvh, page_size, hkv);
-    for (int c = threadIdx.x; c < D / 8; c += blockDim.x) {
-        *(uint4*)(Kc + dst + c * 8) = *(const uint4*)(Knew + src + c * 8);
-        *(uint4*)(Vc + dst + c * 8) = *(const uint4*)(Vnew + src + c * 8);
+    int hot = -1;
+    if (hot_slots > 0) {
+        const u32 key = hot_key(page, kvh, hkv);
+        const int h = hot_slot(key, hot_slots);
+        if (hot_tag[h] == key) hot = h;
     }
-    __syncthreads();
-    page_meta(Kc, kmin, kmax, page, kvh, slot + 1, page_size, hkv);
+    for (int c = threadIdx.x; c < D / 8; c += blockDim.x) {
+        const uint4 k = *(const uint4*)(Knew + src + c * 8), v = *(const uint4*)(Vnew + src + c * 8);
+        *(uint4*)(Kc + dst + c * 8) = k;
+        *(uint4*)(Vc + dst + c * 8) = v;
+        if (hot >= 0) {
+            const size_t at = ((size_t)hot * page_size + slot) * D + c * 8;
+            *(uint4*)(hot_k + at) = k;
+            *(uint4*)(hot_v + at) = v;
+        }
+    }
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        const u16 x = Knew[src + d];
+        const size_t m = ((size_t)page * hkv + kvh) * D + d;
+        if (slot == 0) {
+            kmin[m] = kmax[m] = x;
+        } else {
+            const float f = elem(x);
+            if (f < elem(kmin[m])) kmin[m] = x;
+            if (f > elem(kmax[m])) kmax[m] = x;
+        }
+    }
 }
 
 // Grid: x sequences, ADVANCE_THREADS each.
@@ -323,7 +364,8 @@ static_assert(ATTEND_THREADS >= TILE, "a thread per staged chunk");
 
 // Grid: x splits; y query heads (retrieval) or groups of HPC query heads (dense); z sequences.
 // Q is [batch, hq, D]; the partials are [splits, batch * hq, D] and [splits, batch * hq].
-extern "C" __global__ void __launch_bounds__(ATTEND_THREADS, 4) WEFT_ENTRY(attend)(PAGED_ATTEND_PARAMS)
+// Four CTAs per SM; three with the hot-page lookup (registers), whose reads are bound by the bus.
+extern "C" __global__ void __launch_bounds__(ATTEND_THREADS, WEFT_HOST ? 3 : 4) WEFT_ENTRY(attend)(PAGED_ATTEND_PARAMS)
 {
     __shared__ int s_start[TILE], s_off[TILE + 1];
     __shared__ float s_m[HPC][SLOTS], s_l[HPC][SLOTS];
@@ -341,6 +383,9 @@ extern "C" __global__ void __launch_bounds__(ATTEND_THREADS, 4) WEFT_ENTRY(atten
     const int per = (nchunks + splits - 1) / splits;
     const int c0 = split * per, c1 = min(nchunks, c0 + per);
     const u32* table = page_table + (size_t)b * max_pages;
+    // The hot pages' step counter: the next stage tells this step's claims from older ones by it.
+    if (WEFT_HOST && hot_slots > 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0)
+        *hot_step += 1;
 
     // This lane's piece of each head's q, in the log2 domain.
     float qv[HPC][8];
@@ -398,9 +443,23 @@ extern "C" __global__ void __launch_bounds__(ATTEND_THREADS, 4) WEFT_ENTRY(atten
                         else hi = mid;
                     }
                     const int t = s_start[lo] + pos - s_off[lo];
-                    const size_t off = cache_row(table[t / page_size], t % page_size, kvh, page_size, hkv) + piece * 8;
-                    kk[u] = *(const uint4*)(Kc + off);
-                    vv[u] = *(const uint4*)(Vc + off);
+                    const u32 page = table[t / page_size];
+                    const u16 *kb = Kc, *vb = Vc;
+                    size_t off = cache_row(page, t % page_size, kvh, page_size, hkv) + piece * 8;
+#if WEFT_HOST
+                    if (hot_slots > 0) {
+                        // A page with a hot copy is read from the GPU, any other from the host.
+                        const u32 key = hot_key(page, kvh, hkv);
+                        const int h = hot_slot(key, hot_slots);
+                        if (hot_tag[h] == key) {
+                            kb = hot_k;
+                            vb = hot_v;
+                            off = ((size_t)h * page_size + t % page_size) * D + piece * 8;
+                        }
+                    }
+#endif
+                    kk[u] = *(const uint4*)(kb + off);
+                    vv[u] = *(const uint4*)(vb + off);
                 } else {
                     kk[u] = vv[u] = make_uint4(0, 0, 0, 0);
                 }
@@ -463,4 +522,73 @@ extern "C" __global__ void __launch_bounds__(ATTEND_THREADS, 4) WEFT_ENTRY(atten
         Opart[prow * D + e] = sum > 0.f ? o / sum : 0.f;
         if (e == 0) LSEpart[prow] = sum > 0.f ? (mx + log2f(sum)) * 0.69314718055994531f : neg_inf();
     }
+}
+
+// ---- stage (a cache in host memory) ----
+// Grid: x query heads, y sequences. Every page a retrieval step kept for the row (sequence b,
+// query head h) gets a hot copy on the GPU unless it has one: the page's slot is claimed for
+// this step (*hot_step + 1) with a compare-and-swap, so that one CTA copies it; a page whose
+// slot another page claimed first in the same step stays in host memory, and the attend kernel
+// reads it from there (it tells by the slot's tag). hot_stats: [lookups, hits, pages copied,
+// pages left in host memory by a conflict].
+extern "C" __global__ void __launch_bounds__(STAGE_THREADS) WEFT_ENTRY(stage)(PAGED_STAGE_PARAMS)
+{
+    __shared__ unsigned long long s_stats[4];
+    const int h = blockIdx.x, b = blockIdx.y, kvh = h / (hq / hkv);
+    const int row = b * hq + h;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const unsigned long long step = (unsigned long long)(*hot_step + 1u) << 32;
+    const u32* table = page_table + (size_t)b * max_pages;
+    if (threadIdx.x < 4) s_stats[threadIdx.x] = 0;
+    __syncthreads();
+    const int n = chunk_count[row];
+    unsigned long long mine[4] = {0, 0, 0, 0};
+    for (int c = warp; c < n; c += STAGE_THREADS / 32) {
+        const int2 span = chunks[(size_t)row * cap + c];
+        for (int p = span.x / page_size; p * page_size < span.y; ++p) {
+            const u32 page = table[p];
+            const u32 key = hot_key(page, kvh, hkv);
+            const int slot = hot_slot(key, hot_slots);
+            int won = 0;
+            if (lane == 0) {
+                mine[0] += 1;
+                if (hot_tag[slot] == key) {
+                    mine[1] += 1;
+                } else {
+                    unsigned long long cur = hot_claim[slot];
+                    for (;;) {
+                        if ((cur & 0xffffffff00000000ull) == step) {
+                            mine[3] += (u32)cur != key;  // another page holds the slot this step
+                            break;
+                        }
+                        const unsigned long long prev = atomicCAS(&hot_claim[slot], cur, step | key);
+                        if (prev == cur) {
+                            won = 1;
+                            break;
+                        }
+                        cur = prev;
+                    }
+                }
+            }
+            if (!__shfl_sync(0xffffffff, won, 0)) continue;
+            constexpr int PIECES = D / 8;
+            for (int x = lane; x < page_size * PIECES; x += 32) {
+                const int r = x / PIECES, pc = x % PIECES;
+                const size_t src = cache_row(page, r, kvh, page_size, hkv) + pc * 8;
+                const size_t dst = ((size_t)slot * page_size + r) * D + pc * 8;
+                *(uint4*)(hot_k + dst) = *(const uint4*)(Kc + src);
+                *(uint4*)(hot_v + dst) = *(const uint4*)(Vc + src);
+            }
+            __syncwarp();
+            if (lane == 0) {
+                __threadfence();
+                hot_tag[slot] = key;
+                mine[2] += 1;
+            }
+        }
+    }
+    if (lane == 0)
+        for (int i = 0; i < 4; ++i) atomicAdd(&s_stats[i], mine[i]);
+    __syncthreads();
+    if (threadIdx.x < 4 && s_stats[threadIdx.x]) atomicAdd(&hot_stats[threadIdx.x], s_stats[threadIdx.x]);
 }

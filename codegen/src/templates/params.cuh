@@ -92,11 +92,14 @@ static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "ProbeParams: the hos
     u16* __restrict__ Kc, \
     u16* __restrict__ Vc, \
     u16* __restrict__ kmin, \
-    u16* __restrict__ kmax
+    u16* __restrict__ kmax, \
+    u32* __restrict__ hot_tag, \
+    int hot_slots
 static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedFillParams: the host's ksrc, vsrc differ");
-static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedFillParams: the host's n, seq, max_pages, page_size, hkv differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedFillParams: the host's n, seq, max_pages, page_size, hkv, hot_slots differ");
 static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedFillParams: the host's page_table differ");
 static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "PagedFillParams: the host's kc, vc, kmin, kmax differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "PagedFillParams: the host's hot_tag differ");
 // PagedAppendParams (weft-codegen abi.rs), in its field order.
 #define PAGED_APPEND_PARAMS \
     const u16* __restrict__ Knew, \
@@ -109,12 +112,16 @@ static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "PagedFillParams: the hos
     u16* __restrict__ Kc, \
     u16* __restrict__ Vc, \
     u16* __restrict__ kmin, \
-    u16* __restrict__ kmax
+    u16* __restrict__ kmax, \
+    u16* __restrict__ hot_k, \
+    u16* __restrict__ hot_v, \
+    const u32* __restrict__ hot_tag, \
+    int hot_slots
 static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedAppendParams: the host's knew, vnew differ");
 static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedAppendParams: the host's seq_lens differ");
-static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedAppendParams: the host's page_table differ");
-static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAppendParams: the host's max_pages, page_size, hkv differ");
-static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "PagedAppendParams: the host's kc, vc, kmin, kmax differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedAppendParams: the host's page_table, hot_tag differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAppendParams: the host's max_pages, page_size, hkv, hot_slots differ");
+static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "PagedAppendParams: the host's kc, vc, kmin, kmax, hot_k, hot_v differ");
 // PagedAdvanceParams (weft-codegen abi.rs), in its field order.
 #define PAGED_ADVANCE_PARAMS \
     int* __restrict__ seq_lens, \
@@ -168,15 +175,49 @@ static_assert(sizeof(int*) == 8 && alignof(int*) == 8, "PagedRetrieveParams: the
     int dense, \
     int splits, \
     float scale_log2, \
+    const u16* __restrict__ hot_k, \
+    const u16* __restrict__ hot_v, \
+    const u32* __restrict__ hot_tag, \
+    int hot_slots, \
+    unsigned* __restrict__ hot_step, \
     float* __restrict__ Opart, \
     float* __restrict__ LSEpart
-static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedAttendParams: the host's q, kc, vc differ");
-static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedAttendParams: the host's page_table differ");
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedAttendParams: the host's q, kc, vc, hot_k, hot_v differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedAttendParams: the host's page_table, hot_tag differ");
 static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedAttendParams: the host's seq_lens, chunk_count differ");
-static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAttendParams: the host's max_pages, page_size, batch, hq, hkv, cap, dense, splits differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAttendParams: the host's max_pages, page_size, batch, hq, hkv, cap, dense, splits, hot_slots differ");
 static_assert(sizeof(const int2*) == 8 && alignof(const int2*) == 8, "PagedAttendParams: the host's chunks differ");
 static_assert(sizeof(float) == 4 && alignof(float) == 4, "PagedAttendParams: the host's scale_log2 differ");
+static_assert(sizeof(unsigned*) == 8 && alignof(unsigned*) == 8, "PagedAttendParams: the host's hot_step differ");
 static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "PagedAttendParams: the host's opart, lsepart differ");
+// PagedStageParams (weft-codegen abi.rs), in its field order.
+#define PAGED_STAGE_PARAMS \
+    const u16* __restrict__ Kc, \
+    const u16* __restrict__ Vc, \
+    const u32* __restrict__ page_table, \
+    int max_pages, \
+    int page_size, \
+    int hq, \
+    int hkv, \
+    const int2* __restrict__ chunks, \
+    const int* __restrict__ chunk_count, \
+    int cap, \
+    u16* __restrict__ hot_k, \
+    u16* __restrict__ hot_v, \
+    u32* __restrict__ hot_tag, \
+    unsigned long long* __restrict__ hot_claim, \
+    int hot_slots, \
+    const unsigned* __restrict__ hot_step, \
+    unsigned long long* __restrict__ hot_stats
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedStageParams: the host's kc, vc differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedStageParams: the host's page_table differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedStageParams: the host's max_pages, page_size, hq, hkv, cap, hot_slots differ");
+static_assert(sizeof(const int2*) == 8 && alignof(const int2*) == 8, "PagedStageParams: the host's chunks differ");
+static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedStageParams: the host's chunk_count differ");
+static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "PagedStageParams: the host's hot_k, hot_v differ");
+static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "PagedStageParams: the host's hot_tag differ");
+static_assert(sizeof(unsigned long long*) == 8 && alignof(unsigned long long*) == 8, "PagedStageParams: the host's hot_claim, hot_stats differ");
+static_assert(sizeof(const unsigned*) == 8 && alignof(const unsigned*) == 8, "PagedStageParams: the host's hot_step differ");
 // PoolParams (weft-codegen abi.rs), in its field order.
 #define POOL_PARAMS \
     const u16* __restrict__ Q, \
