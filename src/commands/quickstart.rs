@@ -114,10 +114,77 @@ pub(crate) fn quickstart(out: &Path) -> Result<()> {
         }
         Err(e) => println!("   (not compiled: {e})"),
     }
-    println!("\nNext steps need an NVIDIA GPU:");
-    println!("   - run the kernel: scripts/gpu.sh builds the GPU tests, scripts/gpu-run.sh runs them there");
+
+    println!("\n6. The kernel on the GPU (bf16, d = 64), against the reference attention:\n");
+    match run_on_gpu(&pattern, &r.index, &input.q, &input.k, &v, r.scale) {
+        Ok(line) => println!("   {line}"),
+        Err(e) => println!("   not run: {e:#}"),
+    }
+    println!("\nNext steps:");
+    println!("   - the GPU tests: scripts/gpu.sh builds them, scripts/gpu-run.sh runs them on a GPU machine");
     println!("   - tune it and store it: weft autotune examples/patterns/video.toml --seq 16384 --heads 32");
     println!("   - load stored kernels without a compiler: weft::Runtime::open(None) in Rust");
     println!("\nTry: weft patterns | weft explain vertical-slash --seq 8192 | weft compile grid --arch sm_80");
     Ok(())
+}
+
+/// Runs the pattern's kernel over `index` on GPU 0 (inputs rounded to bf16) and compares it
+/// with the reference attention over the same rounded inputs; a line to print, or why it could
+/// not run (no GPU, no driver) or what went wrong.
+fn run_on_gpu(
+    pattern: &Pattern,
+    index: &pat::SparseIndex,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<String> {
+    use weft::codegen::{DType, KernelConfig, KernelSpec};
+    use weft::runtime::{timing, AttnShape, Gpu};
+    let gpu = Gpu::open(0)?;
+    let dtype = DType::Bf16;
+    let d = q.dim;
+    let config = KernelConfig::for_blocks(index.block_m, index.block_n, d as u32, dtype);
+    let kernel = weft::codegen::emit(&KernelSpec {
+        pattern,
+        masks: &index.masks,
+        permutation: index.permutation,
+        config,
+    })?;
+    let rounded = |t: &Tensor| -> Result<(Vec<u16>, Tensor)> {
+        let words = dtype.encode(&t.data);
+        Ok((words.clone(), Tensor::new(t.heads, t.tokens, t.dim, dtype.decode(&words))?))
+    };
+    let ((qw, qr), (kw, kr), (vw, vr)) = (rounded(q)?, rounded(k)?, rounded(v)?);
+    let want = pat::attention(index, &qr, &kr, &vr, scale)?;
+    let s = gpu.stream();
+    let (qd, kd, vd) = (s.clone_htod(&qw)?, s.clone_htod(&kw)?, s.clone_htod(&vw)?);
+    // Poisoned outputs: a row the kernel does not write shows as NaN.
+    let mut out = s.clone_htod(&vec![0xffffu16; qw.len()])?;
+    let mut lse = s.clone_htod(&vec![f32::NAN; q.heads * q.tokens])?;
+    let device_index = gpu.upload_index(index)?;
+    let shape = AttnShape { hq: q.heads, hkv: k.heads, nq: q.tokens, nk: k.tokens, head_dim: d };
+    let times = timing::time_calls::<weft::runtime::Error>(
+        s,
+        3,
+        20,
+        |_| gpu.attention(&kernel, &config, &device_index, shape, &qd, &kd, &vd, &mut out, &mut lse, scale as f32),
+        |_| false,
+    )?;
+    let got = dtype.decode(&s.clone_dtoh(&out)?);
+    let (mut err, mut norm) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(&want.out.data) {
+        err += f64::from(g - w).powi(2);
+        norm += f64::from(*w).powi(2);
+    }
+    let rel = (err / norm.max(f64::MIN_POSITIVE)).sqrt();
+    if !rel.is_finite() || rel > dtype.reference_tolerance() {
+        bail!("the GPU's output differs from the reference: relative L2 error {rel:.2e} (this is a bug in weft)");
+    }
+    let ms = timing::median(&times).unwrap_or(f64::NAN);
+    Ok(format!(
+        "ran on {} ({}) in {ms:.3} ms (median of 20); relative L2 error against the reference {rel:.2e}",
+        gpu.name,
+        gpu.arch.name()
+    ))
 }
