@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream};
 use weft_cache::{Db, TuneRecord};
 use weft_codegen::{emit_decode, emit_merge, DType, DecodeSpec, Partial};
 use weft_dsl::Pattern;
@@ -96,9 +96,39 @@ pub fn tune_decode(
         gpu.decode(&kernel, &merge, &dix, shape, &qd, &kd, &vd, out, lse, scale as f32, splits).map_err(Error::from)
     };
 
+    let timings = time_splits(s, progress, |splits| run(splits, &mut out, &mut lse))?;
+    let want = attention(&ix, &q, &k, &v, scale)?;
+    let (best_splits, best_ms, verified_error) = verified_winner(&timings, req.dtype, progress, |splits| {
+        let mut o = s.clone_htod(&vec![0xffffu16; hq * d])?;
+        let mut l = s.clone_htod(&vec![f32::NAN; hq])?;
+        run(splits, &mut o, &mut l)?;
+        Ok(relative_error(&req.dtype.decode(&s.clone_dtoh(&o)?), &want.out.data))
+    })?;
+    let record = split_record(&timings, best_splits, best_ms, kernel.key.clone());
+    if let Some(db) = db {
+        let tc = gpu.toolchain()?;
+        db.put_tuning(&weft_runtime::tune_key(tc, req.pattern, None, nk, req.head_dim, req.dtype, hq / hkv), &record)?;
+    }
+    Ok(DecodeTuneResult {
+        best_splits,
+        best_ms,
+        auto_ms: record.default_ms,
+        timings,
+        verified_error,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Times `step` at every count of [`SPLITS`] ([`REPS`] CUDA-event timed runs after two
+/// warm-ups; the median, `None` where it failed), reporting each to `progress`.
+pub(crate) fn time_splits(
+    s: &CudaStream,
+    progress: &(dyn Fn(&str) + Sync),
+    mut step: impl FnMut(usize) -> Result<(), Error>,
+) -> Result<Vec<(usize, Option<f64>)>, Error> {
     let mut timings = Vec::new();
     for splits in SPLITS {
-        let (times, failed) = match time_calls(s, 2, REPS, |_| run(splits, &mut out, &mut lse), |_| false) {
+        let (times, failed) = match time_calls(s, 2, REPS, |_| step(splits), |_| false) {
             Ok(times) => (times, None),
             Err(e) => (Vec::new(), Some(e.to_string())),
         };
@@ -110,46 +140,38 @@ pub fn tune_decode(
         });
         timings.push((splits, median));
     }
+    Ok(timings)
+}
 
-    // Fastest first; the first whose output matches the CPU reference wins.
-    let want = attention(&ix, &q, &k, &v, scale)?;
+/// The fastest split count whose output's relative error (`error_of`, a fresh run into
+/// poisoned buffers) is within `dtype`'s reference tolerance: (splits, its time, its error).
+pub(crate) fn verified_winner(
+    timings: &[(usize, Option<f64>)],
+    dtype: DType,
+    progress: &(dyn Fn(&str) + Sync),
+    mut error_of: impl FnMut(usize) -> Result<f64, Error>,
+) -> Result<(usize, f64, f64), Error> {
     let mut order: Vec<(usize, f64)> = timings.iter().filter_map(|(s, t)| t.map(|t| (*s, t))).collect();
     order.sort_by(|a, b| a.1.total_cmp(&b.1));
-    let mut winner = None;
     for (splits, ms) in order {
-        let mut o = s.clone_htod(&vec![0xffffu16; hq * d])?;
-        let mut l = s.clone_htod(&vec![f32::NAN; hq])?;
-        run(splits, &mut o, &mut l)?;
-        let got = req.dtype.decode(&s.clone_dtoh(&o)?);
-        let err = relative_error(&got, &want.out.data);
-        if err < req.dtype.reference_tolerance() {
-            winner = Some((splits, ms, err));
-            break;
+        let err = error_of(splits)?;
+        if err < dtype.reference_tolerance() {
+            return Ok((splits, ms, err));
         }
         progress(&format!("splits {splits}: failed the reference check (error {err:.2e}); not stored"));
     }
-    let (best_splits, best_ms, verified_error) =
-        winner.ok_or_else(|| Error::Search("no split count both ran and passed the reference check".into()))?;
-    let auto_ms = timings.iter().find(|(s, _)| *s == 0).and_then(|(_, t)| *t);
-    if let Some(db) = db {
-        let tc = gpu.toolchain()?;
-        let key = weft_runtime::tune_key(tc, req.pattern, None, nk, req.head_dim, req.dtype, hq / hkv);
-        let record = TuneRecord {
-            best: serde_json::json!({ "splits": best_splits }),
-            best_ms,
-            default_ms: auto_ms,
-            timings: timings.iter().map(|(s, t)| (serde_json::json!({ "splits": s }), *t)).collect(),
-            kernel: kernel.key.clone(),
-            created: weft_cache::timestamp(),
-        };
-        db.put_tuning(&key, &record)?;
-    }
-    Ok(DecodeTuneResult {
-        best_splits,
+    Err(Error::Search("no split count both ran and passed the reference check".into()))
+}
+
+/// The tuning record of a split-count tune won by `best` in `best_ms` (the automatic choice's
+/// time as the default's).
+pub(crate) fn split_record(timings: &[(usize, Option<f64>)], best: usize, best_ms: f64, kernel: String) -> TuneRecord {
+    TuneRecord {
+        best: serde_json::json!({ "splits": best }),
         best_ms,
-        auto_ms,
-        timings,
-        verified_error,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+        default_ms: timings.iter().find(|(s, _)| *s == 0).and_then(|(_, t)| *t),
+        timings: timings.iter().map(|(s, t)| (serde_json::json!({ "splits": s }), *t)).collect(),
+        kernel,
+        created: weft_cache::timestamp(),
+    }
 }

@@ -14,11 +14,13 @@
 //!
 //! - [`decode`]: the decode kernel's split-KV count for a retrieval pattern and cache length,
 //!   timed and checked the same way.
+//! - [`paged`]: the split count of decode steps over a paged KV cache, per batch and context.
 //!
 //! GPU tests (`--features gpu`, `tests/gpu.rs`): a tune loaded by a cold process, a tuner
 //! killed mid-tune, and GPU recall against the CPU's.
 
 pub mod decode;
+pub mod paged;
 pub mod search;
 pub mod space;
 pub mod tune;

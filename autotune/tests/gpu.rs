@@ -294,3 +294,77 @@ fn decode_split_count_is_tuned_verified_and_stored() {
     println!("ok   the runtime reads the tuned split count back: {r}");
     assert_eq!(Some(r), bf16_best);
 }
+
+#[test]
+fn paged_decode_split_count_is_tuned_verified_and_stored() {
+    use weft_autotune::decode::SPLITS;
+    use weft_autotune::paged::{tune_paged, PagedTuneRequest};
+    use weft_runtime::PagedShape;
+    if in_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let gpu = Gpu::open(0).expect("a GPU");
+    let db = weft_cache::Db::open(dir.path()).unwrap();
+    let quest =
+        weft_dsl::parse_pattern_str("quest", "retrieval(unit = page(16), keep = top_k(40), sink = 4, recent = 64)")
+            .unwrap();
+    let dense = Pattern::new("dense", full());
+    let mut bests = Vec::new();
+    for (p, batch, keys) in [(&quest, 4usize, 20000usize), (&dense, 3, 5000)] {
+        let req = PagedTuneRequest {
+            pattern: p,
+            batch,
+            heads: 32,
+            kv_heads: 8,
+            keys,
+            head_dim: 128,
+            dtype: DType::Bf16,
+            page_size: 16,
+        };
+        let r = tune_paged(&gpu, Some(&db), &req, &|_| {}).unwrap();
+        let times: Vec<String> =
+            r.timings.iter().map(|(s, t)| format!("{s}:{}", t.map_or("-".into(), |t| format!("{t:.4}")))).collect();
+        println!(
+            "ok   paged decode tune {} batch={batch} keys={keys}: best splits {} {:.4} ms (auto {:?} ms), error {:.2e}, {:.1} s; {}",
+            p.name,
+            r.best_splits,
+            r.best_ms,
+            r.auto_ms,
+            r.verified_error,
+            r.seconds,
+            times.join(" ")
+        );
+        assert_eq!(r.timings.len(), SPLITS.len());
+        assert!(r.verified_error < DType::Bf16.reference_tolerance());
+        let key = weft_runtime::paged_tune_key(gpu.toolchain().unwrap(), p, batch, keys, 128, DType::Bf16, 4);
+        let rec = db.tuning(&key).unwrap().expect("the paged tuning record is stored");
+        assert_eq!(rec.best["splits"].as_u64(), Some(r.best_splits as u64));
+        bests.push(r.best_splits);
+    }
+    // The runtime finds them for caches of those shapes (0 means the automatic choice won).
+    drop(db);
+    drop(gpu);
+    let rt = Runtime::open(Some(dir.path())).unwrap();
+    let weft_dsl::PatternExpr::Retrieval(r) = &quest.expr else { panic!("a retrieval pattern") };
+    for (retrieval, batch, keys, best) in [(Some(r), 4usize, 20000usize, bests[0]), (None, 3, 5000, bests[1])] {
+        let shape = PagedShape {
+            batch,
+            hq: 32,
+            hkv: 8,
+            head_dim: 128,
+            page_size: 16,
+            max_pages: keys.div_ceil(16),
+            dtype: DType::Bf16,
+        };
+        let mut cache = rt.paged_cache(shape).unwrap();
+        let s = rt.gpu.stream();
+        let kv = s.alloc_zeros::<u16>(8 * keys * 128).unwrap();
+        for b in 0..batch {
+            cache.fill(&rt.gpu, b, &kv, &kv, keys).unwrap();
+        }
+        let got = rt.paged_splits(&cache, retrieval);
+        println!("ok   the runtime reads the tuned paged split count back: {got}");
+        assert_eq!(got, best);
+    }
+}

@@ -130,13 +130,23 @@ pub struct ShapeBucket {
     /// Query heads per key head.
     pub gqa: u32,
     pub causal: bool,
+    /// Sequences decoded together (paged decode steps): the next power of two of the batch;
+    /// `None` for everything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<u32>,
 }
 
 impl ShapeBucket {
     /// The bucket of a problem.
     pub fn new(seq_len: usize, head_dim: u32, dtype: &str, gqa: u32, causal: bool) -> ShapeBucket {
         let seq = (seq_len.max(1024) as u64).next_power_of_two().min(u64::from(u32::MAX)) as u32;
-        ShapeBucket { seq, head_dim, dtype: dtype.to_string(), gqa, causal }
+        ShapeBucket { seq, head_dim, dtype: dtype.to_string(), gqa, causal, batch: None }
+    }
+
+    /// This bucket for decode steps of `batch` sequences.
+    pub fn with_batch(self, batch: usize) -> ShapeBucket {
+        let batch = (batch.max(1) as u64).next_power_of_two().min(u64::from(u32::MAX)) as u32;
+        ShapeBucket { batch: Some(batch), ..self }
     }
 }
 
@@ -453,8 +463,11 @@ impl Db {
     fn tune_key(k: &TuneKey) -> String {
         let head = k.head.map_or("all".to_string(), |h| format!("h{h}"));
         let b = &k.bucket;
-        let bucket =
+        let mut bucket =
             format!("n{}|d{}|{}|g{}|{}", b.seq, b.head_dim, b.dtype, b.gqa, if b.causal { "causal" } else { "full" });
+        if let Some(batch) = b.batch {
+            bucket += &format!("|b{batch}");
+        }
         tree_key(&[&k.toolchain.key(), &k.pattern_hash, &head, &bucket])
     }
 

@@ -102,6 +102,30 @@ fn buckets_round_up_to_powers_of_two() {
 }
 
 #[test]
+fn a_batch_bucket_files_paged_decode_apart_and_leaves_other_records_as_they_were() {
+    let plain = ShapeBucket::new(16000, 128, "bf16", 4, true);
+    assert_eq!(plain.batch, None);
+    // A bucket without a batch serializes as before the field existed.
+    assert!(!serde_json::to_string(&plain).unwrap().contains("batch"));
+    let old: ShapeBucket =
+        serde_json::from_str(r#"{"seq":16384,"head_dim":128,"dtype":"bf16","gqa":4,"causal":true}"#).unwrap();
+    assert_eq!(old, plain);
+    assert_eq!(plain.clone().with_batch(3).batch, Some(4));
+    assert_eq!(plain.clone().with_batch(0).batch, Some(1));
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).unwrap();
+    let key = tune_key(toolchain("H100", 13000), None);
+    let paged = TuneKey { bucket: key.bucket.clone().with_batch(16), ..key.clone() };
+    db.put_tuning(&key, &tune_record()).unwrap();
+    assert!(db.tuning(&paged).unwrap().is_none());
+    let mut rec = tune_record();
+    rec.best = serde_json::json!({"splits": 8});
+    db.put_tuning(&paged, &rec).unwrap();
+    assert_eq!(db.tuning(&paged).unwrap().unwrap().best["splits"], 8);
+    assert_eq!(db.tuning(&key).unwrap().unwrap().best["block_m"], 128);
+}
+
+#[test]
 fn export_import_and_clear() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let src = Db::open(a.path()).unwrap();

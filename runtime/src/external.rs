@@ -195,7 +195,8 @@ impl Runtime {
     }
 
     /// [`PagedKvCache::decode_step`] on foreign memory: Q and O `[batch, hq, head_dim]`, LSE
-    /// `[batch, hq]` (f32).
+    /// `[batch, hq]` (f32). `splits` 0 takes the count tuned for this step's shape
+    /// ([`Runtime::paged_splits`]), else the automatic choice.
     ///
     /// # Safety
     /// As [`Runtime::attention_layer_external`], for those shapes.
@@ -221,6 +222,7 @@ impl Runtime {
                 self.borrowed::<f32>(lse, rows),
             )
         };
+        let splits = if splits == 0 { self.paged_splits(cache, retrieval) } else { splits };
         cache.decode_step(&self.gpu, &q, &mut out, &mut lse, retrieval, scale, splits)
     }
 

@@ -42,6 +42,23 @@ pub fn tune_key(
     TuneKey { toolchain, pattern_hash: pattern.hash().to_hex(), head, bucket: bucket(seq, head_dim, dtype, gqa) }
 }
 
+/// The tuning key of decode steps over a paged KV cache ([`crate::PagedKvCache`]) of `batch`
+/// sequences of `keys` tokens: `pattern` is the step's retrieval pattern, or `full()` for a
+/// dense step; the bucket holds the batch too.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_tune_key(
+    toolchain: Toolchain,
+    pattern: &Pattern,
+    batch: usize,
+    keys: usize,
+    head_dim: u32,
+    dtype: DType,
+    gqa: usize,
+) -> TuneKey {
+    let key = tune_key(toolchain, pattern, None, keys, head_dim, dtype, gqa);
+    TuneKey { bucket: key.bucket.with_batch(batch), ..key }
+}
+
 /// The shape bucket of a problem, as [`tune_key`] files it.
 fn bucket(seq: usize, head_dim: u32, dtype: DType, gqa: usize) -> ShapeBucket {
     // Causality is part of the pattern (and of its hash), so the bucket does not repeat it.
@@ -514,6 +531,28 @@ impl Runtime {
         self.tuning_record(pattern, None, keys, head_dim, dtype, gqa)
             .and_then(|r| r.best.get("splits").and_then(|s| s.as_u64()))
             .map_or(0, |s| s as usize)
+    }
+
+    /// The split count tuned for decode steps over `cache` with `retrieval` (`None`: dense)
+    /// at its current longest sequence (`weft autotune` on a paged retrieval pattern, or on
+    /// `full()` with `--batch`, stores it), or 0: [`crate::PagedKvCache::decode_step`]'s
+    /// automatic choice.
+    pub fn paged_splits(&self, cache: &crate::PagedKvCache, retrieval: Option<&weft_dsl::Retrieval>) -> usize {
+        let Some((db, toolchain)) = self.gpu.db.as_ref() else { return 0 };
+        let s = cache.shape();
+        let pattern = match retrieval {
+            Some(r) => Pattern::new("paged", weft_dsl::PatternExpr::Retrieval(r.clone())),
+            None => Pattern::new("paged", weft_dsl::builder::full()),
+        };
+        let keys = cache.lens().iter().copied().max().unwrap_or(0);
+        let key = paged_tune_key(toolchain.clone(), &pattern, s.batch, keys, s.head_dim as u32, s.dtype, s.hq / s.hkv);
+        match db.tuning(&key) {
+            Ok(r) => r.and_then(|r| r.best.get("splits").and_then(|s| s.as_u64())).map_or(0, |s| s as usize),
+            Err(e) => {
+                tracing::warn!(error = %e, "tuning record ignored");
+                0
+            }
+        }
     }
 
     /// The tuning record stored for (pattern, head, bucket) under this GPU's toolchain (read

@@ -49,7 +49,7 @@ use weft_patterns::{BatchIndex, SparseIndex};
 
 pub use device_index::{IndexBuild, IndexBuildReport, VvStrategy, LIST_BOUND_BYTES};
 pub use external::{Borrowed, ExternalTensors};
-pub use layer::{tune_key, LaunchReport, LayerPlan};
+pub use layer::{paged_tune_key, tune_key, LaunchReport, LayerPlan};
 pub use nvrtc::{Arch, Compiled, ResourceReport};
 pub use paged::{HotStats, PagedKvCache, PagedShape};
 

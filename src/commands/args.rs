@@ -70,6 +70,14 @@ pub(crate) struct AutotuneArgs {
     /// Time the mma.sync configs only (and the runtime's default config), also on sm_90.
     #[arg(long)]
     pub(crate) no_wgmma: bool,
+    /// Decode over a paged KV cache instead: batches of sequences of --seq tokens each,
+    /// comma-separated; the pattern is a Quest retrieval (`retrieval(unit = page(n), ...)`) or
+    /// `full` (dense steps, pages of --page-size). Tunes the split count per batch and length.
+    #[arg(long, value_delimiter = ',', value_name = "B")]
+    pub(crate) batch: Vec<usize>,
+    /// Tokens per page of a dense paged step's cache (with --batch and `full`).
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub(crate) page_size: usize,
 }
 
 #[derive(Args)]

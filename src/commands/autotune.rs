@@ -53,6 +53,36 @@ pub(crate) fn autotune(args: AutotuneArgs) -> Result<()> {
                     bar.enable_steady_tick(std::time::Duration::from_millis(200));
                     bar.set_prefix(format!("{} n={seq} d={head_dim} {}", pattern.name, dtype.name()));
                     let report = |m: &str| bar.set_message(m.to_string());
+                    if !args.batch.is_empty() {
+                        for &batch in &args.batch {
+                            let req = weft::autotune::paged::PagedTuneRequest {
+                                pattern,
+                                batch,
+                                heads: args.heads,
+                                kv_heads,
+                                keys: seq,
+                                head_dim,
+                                dtype,
+                                page_size: args.page_size,
+                            };
+                            bar.set_prefix(format!("{} paged b={batch} n={seq} d={head_dim}", pattern.name));
+                            let r =
+                                weft::autotune::paged::tune_paged(&gpu, db.as_ref().map(|(d, _)| d), &req, &report)?;
+                            let gain =
+                                r.auto_ms.map_or("auto failed".to_string(), |a| format!("{:.2}x", a / r.best_ms));
+                            summary.push(format!(
+                                "{:<24} b={batch:<4} n={seq:<7} d={head_dim:<3} {:<5} paged splits={:<4} {:>8.4} ms  gain {gain} over auto  error {:.1e}  {:.1} s",
+                                pattern.name,
+                                dtype.name(),
+                                r.best_splits,
+                                r.best_ms,
+                                r.verified_error,
+                                r.seconds
+                            ));
+                        }
+                        bar.finish_and_clear();
+                        continue;
+                    }
                     if pattern.expr.contains_retrieval() {
                         // Decode: one query per sequence over `seq` cached keys; the split count is tuned.
                         let req = weft::autotune::decode::DecodeTuneRequest {

@@ -145,12 +145,8 @@ fn run_on_gpu(
     let dtype = DType::Bf16;
     let d = q.dim;
     let config = KernelConfig::for_blocks(index.block_m, index.block_n, d as u32, dtype);
-    let kernel = weft::codegen::emit(&KernelSpec {
-        pattern,
-        masks: &index.masks,
-        permutation: index.permutation,
-        config,
-    })?;
+    let kernel =
+        weft::codegen::emit(&KernelSpec { pattern, masks: &index.masks, permutation: index.permutation, config })?;
     let rounded = |t: &Tensor| -> Result<(Vec<u16>, Tensor)> {
         let words = dtype.encode(&t.data);
         Ok((words.clone(), Tensor::new(t.heads, t.tokens, t.dim, dtype.decode(&words))?))
