@@ -196,6 +196,9 @@ params! {
         vc: DevPtr = "u16* __restrict__ Vc",
         kmin: DevPtr = "u16* __restrict__ kmin",
         kmax: DevPtr = "u16* __restrict__ kmax",
+        codes: DevPtr = "signed char* __restrict__ codes",
+        cscale: DevPtr = "float* __restrict__ cscale",
+        key_bits: i32 = "int key_bits",
         hot_tag: DevPtr = "u32* __restrict__ hot_tag",
         hot_slots: i32 = "int hot_slots",
     }
@@ -212,6 +215,9 @@ params! {
         vc: DevPtr = "u16* __restrict__ Vc",
         kmin: DevPtr = "u16* __restrict__ kmin",
         kmax: DevPtr = "u16* __restrict__ kmax",
+        codes: DevPtr = "signed char* __restrict__ codes",
+        cscale: DevPtr = "float* __restrict__ cscale",
+        key_bits: i32 = "int key_bits",
         hot_k: DevPtr = "u16* __restrict__ hot_k",
         hot_v: DevPtr = "u16* __restrict__ hot_v",
         hot_tag: DevPtr = "const u32* __restrict__ hot_tag",
@@ -222,13 +228,17 @@ params! {
         seq_lens: DevPtr = "int* __restrict__ seq_lens",
         batch: i32 = "int batch",
     }
-    /// The paged cache's `retrieve` entry ([`crate::emit_paged`]): Quest's page choice per
-    /// (sequence, query head); `mode` 0 is top_k, 1 threshold (`budget_arg` = ln t), 2 top_p
+    /// The paged cache's `retrieve` entry ([`crate::emit_paged`]): the page choice per
+    /// (sequence, query head); `score_mode` 0 is Quest's bound, 1 the best token's score over
+    /// quantized keys (ParisKV); `mode` 0 is top_k, 1 threshold (`budget_arg` = ln t), 2 top_p
     /// (`budget_arg` = p).
     PagedRetrieveParams {
         q: DevPtr = "const u16* __restrict__ Q",
         kmin: DevPtr = "const u16* __restrict__ kmin",
         kmax: DevPtr = "const u16* __restrict__ kmax",
+        codes: DevPtr = "const signed char* __restrict__ codes",
+        cscale: DevPtr = "const float* __restrict__ cscale",
+        score_mode: i32 = "int score_mode",
         page_table: DevPtr = "const u32* __restrict__ page_table",
         seq_lens: DevPtr = "const int* __restrict__ seq_lens",
         max_pages: i32 = "int max_pages",

@@ -653,8 +653,8 @@ impl PyRuntime {
     /// An empty paged cache: `batch` sequences of up to `max_pages` pages of `page_size`
     /// tokens, `hq` query heads over `hkv` key/value heads of `head_dim`, 16-bit `dtype`; with
     /// `host`, K and V in pinned host memory and `hot_pages` pages of one KV head cached on the
-    /// GPU.
-    #[pyo3(signature = (batch, hq, hkv, head_dim, page_size, max_pages, dtype, host = false, hot_pages = 0))]
+    /// GPU; with `key_bits`, every key also quantized to that many bits on the GPU.
+    #[pyo3(signature = (batch, hq, hkv, head_dim, page_size, max_pages, dtype, host = false, hot_pages = 0, key_bits = 0))]
     #[allow(clippy::too_many_arguments)]
     fn paged_cache(
         &self,
@@ -668,15 +668,17 @@ impl PyRuntime {
         dtype: &str,
         host: bool,
         hot_pages: usize,
+        key_bits: u32,
     ) -> PyResult<PyPagedCache> {
         let dtype = parse_dtype(dtype)?;
         let shape = PagedShape { batch, hq, hkv, head_dim, page_size, max_pages, dtype };
         if hot_pages > 0 && !host {
             return Err(value_error("hot_pages are for a cache in host memory (host=True)"));
         }
+        let options = weft::runtime::PagedOptions { host, hot_pages, key_bits };
         let cache = py.detach(|| {
             let rt = self.inner.lock().map_err(|_| WeftError::new_err("the runtime's lock is poisoned"))?;
-            if host { rt.paged_cache_in_host(shape, hot_pages) } else { rt.paged_cache(shape) }.map_err(runtime_error)
+            rt.paged_cache_with_options(shape, options).map_err(runtime_error)
         })?;
         Ok(PyPagedCache { inner: Mutex::new(cache), device: self.device })
     }

@@ -293,7 +293,16 @@ def test_paged_cache_decodes_over_what_the_cpu_reference_keeps(host, hot_pages):
     ks = [torch.randn(hkv, n, d, generator=g, device="cuda").to(dtype) for n in lens]
     vs = [torch.randn(hkv, n, d, generator=g, device="cuda").to(dtype) for n in lens]
     cache = wt.PagedCache(
-        len(lens), hq, hkv, d, max_tokens=max(lens) + 8, page_size=ps, dtype=dtype, host=host, hot_pages=hot_pages
+        len(lens),
+        hq,
+        hkv,
+        d,
+        max_tokens=max(lens) + 8,
+        page_size=ps,
+        dtype=dtype,
+        host=host,
+        hot_pages=hot_pages,
+        key_bits=4,
     )
     # The first tokens by fill, the last two by appends.
     for b, n in enumerate(lens):
@@ -306,7 +315,8 @@ def test_paged_cache_decodes_over_what_the_cpu_reference_keeps(host, hot_pages):
     q = torch.randn(len(lens), hq, d, generator=g, device="cuda").to(dtype)
     quest = f"retrieval(unit = page({ps}), keep = top_k(8), sink = 4, recent = 32)"
     quest_p = f"retrieval(unit = page({ps}), keep = top_p(0.5), sink = 4, recent = 32)"
-    for text in (None, quest, quest_p, quest):
+    paris = f"retrieval(unit = page({ps}), score = quantized(4), keep = top_k(8), sink = 4, recent = 32)"
+    for text in (None, quest, quest_p, quest, paris):
         out, lse = cache.decode(q, text, return_lse=True)
         for b, n in enumerate(lens):
             qb, kb, vb = q[b][None, :, None], ks[b][None], vs[b][None]
@@ -325,7 +335,7 @@ def test_paged_cache_decodes_over_what_the_cpu_reference_keeps(host, hot_pages):
     else:
         # The last step repeats the second's choice: its pages were copied then, found now.
         assert stats["copied"] > 0 and stats["hits"] > 0 and 0 < stats["hit_rate"] <= 1, stats
-    with pytest.raises(ValueError, match="Quest's pages"):
+    with pytest.raises(ValueError, match="the cache's pages"):
         cache.decode(q, "retrieval(unit = cluster(32), score = centroid, keep = top_k(4))")
     with pytest.raises(ValueError, match="shape"):
         cache.decode(q[:, :4].contiguous())

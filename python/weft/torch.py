@@ -440,7 +440,7 @@ def attention_varlen(
 
 class PagedCache:
     """A paged KV cache on a CUDA device for decoding a batch of sequences with weft's
-    kernels: dense, or with Quest's pages chosen on the device (no host synchronisation).
+    kernels: dense, or with pages chosen on the device (no host synchronisation).
 
         cache = weft.torch.PagedCache(batch=4, heads=32, kv_heads=8, head_dim=128, max_tokens=32768)
         cache.fill(0, k, v)             # sequence 0's prompt: k, v [kv_heads, n, head_dim]
@@ -452,10 +452,12 @@ class PagedCache:
     With ``host=True`` K and V live in pinned host memory (contexts larger than the GPU's
     memory), read over the bus, and the pages retrieval keeps are cached on the GPU in
     ``hot_pages`` slots of one page of one KV head each (:meth:`hot_stats` gives the hit rate);
-    the metadata, page table and lengths stay on the GPU.
-    The retrieval must use the cache's pages (``unit = page(page_size)``), Quest's
-    ``min_max`` score and any budget (``top_k``, ``top_p``, ``threshold``); it keeps exactly the tokens
-    weft's CPU reference keeps. A sequence's last query sees all its tokens.
+    the metadata, page table and lengths stay on the GPU. With ``key_bits`` (1, 2, 4 or 8) every
+    key is also kept quantized on the GPU, for retrieval by ``score = quantized(key_bits)``.
+    The retrieval must use the cache's pages (``unit = page(page_size)``), Quest's ``min_max``
+    score or ``quantized(key_bits)`` (ParisKV: a page scores its best token), and any budget
+    (``top_k``, ``top_p``, ``threshold``); it keeps exactly the tokens weft's CPU reference
+    keeps. A sequence's last query sees all its tokens.
     """
 
     def __init__(
@@ -471,6 +473,7 @@ class PagedCache:
         device: Union[int, torch.device, None] = None,
         host: bool = False,
         hot_pages: int = 0,
+        key_bits: int = 0,
     ):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
@@ -485,7 +488,16 @@ class PagedCache:
         pages = -(-max_tokens // page_size)
         self.host = host
         self._cache = self._rt.paged_cache(
-            batch, heads, kv_heads, head_dim, page_size, pages, _DTYPES[dtype], host=host, hot_pages=hot_pages
+            batch,
+            heads,
+            kv_heads,
+            head_dim,
+            page_size,
+            pages,
+            _DTYPES[dtype],
+            host=host,
+            hot_pages=hot_pages,
+            key_bits=key_bits,
         )
 
     @property

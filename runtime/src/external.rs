@@ -149,10 +149,14 @@ impl Runtime {
         self.gpu.paged_cache(shape)
     }
 
-    /// A paged KV cache in pinned host memory with `hot_pages` on this runtime's GPU
-    /// ([`crate::Gpu::paged_cache_in_host`]).
-    pub fn paged_cache_in_host(&self, shape: PagedShape, hot_pages: usize) -> Result<PagedKvCache, Error> {
-        self.gpu.paged_cache_in_host(shape, hot_pages)
+    /// A paged KV cache kept as `options` say on this runtime's GPU
+    /// ([`crate::Gpu::paged_cache_with_options`]).
+    pub fn paged_cache_with_options(
+        &self,
+        shape: PagedShape,
+        options: crate::PagedOptions,
+    ) -> Result<PagedKvCache, Error> {
+        self.gpu.paged_cache_with_options(shape, options)
     }
 
     /// The hot pages' counters of a cache in host memory ([`PagedKvCache::hot_stats`]).

@@ -51,7 +51,7 @@ pub use device_index::{IndexBuild, IndexBuildReport, VvStrategy, LIST_BOUND_BYTE
 pub use external::{Borrowed, ExternalTensors};
 pub use layer::{paged_tune_key, tune_key, LaunchReport, LayerPlan};
 pub use nvrtc::{Arch, Compiled, ResourceReport};
-pub use paged::{HotStats, PagedKvCache, PagedShape};
+pub use paged::{HotStats, PagedKvCache, PagedOptions, PagedShape};
 
 /// Everything that can go wrong compiling, loading or launching.
 #[derive(Debug, thiserror::Error)]

@@ -80,6 +80,8 @@ enum Keep {
     Quest {
         sink: i32,
         recent: i32,
+        /// 0: Quest's bound; 1: the best token over quantized keys.
+        score_mode: i32,
         mode: i32,
         top_k: i32,
         budget_arg: f64,
@@ -88,16 +90,27 @@ enum Keep {
 }
 
 impl Keep {
-    /// The step for `retrieval` on pages of `page_size`, or why the device cannot take it.
-    fn of(retrieval: Option<&Retrieval>, s: &PagedShape) -> Result<Keep, Error> {
+    /// The step for `retrieval` on pages of `page_size` (keys quantized to `key_bits`, 0: not
+    /// kept), or why the device cannot take it.
+    fn of(retrieval: Option<&Retrieval>, s: &PagedShape, key_bits: u32) -> Result<Keep, Error> {
         let Some(r) = retrieval else { return Ok(Keep::Dense) };
         let usage = |why: String| Err(Error::Usage(format!("paged retrieval decode: {why}")));
-        if r.unit != Unit::Page(s.page_size as u32) || r.score != Score::MinMax {
+        if r.unit != Unit::Page(s.page_size as u32) {
             return usage(format!(
-                "the device takes Quest's pages (unit = page({}), the cache's page size, score = min_max), got {:?} / {:?}",
-                s.page_size, r.unit, r.score
+                "the device retrieves the cache's pages (unit = page({})), got {:?}",
+                s.page_size, r.unit
             ));
         }
+        let score_mode = match r.score {
+            Score::MinMax => 0,
+            Score::Quantized(b) if b == key_bits => 1,
+            Score::Quantized(b) => {
+                return usage(format!(
+                    "score = quantized({b}) needs a cache that keeps its keys quantized to {b} bits (PagedOptions::key_bits; this one: {key_bits})"
+                ))
+            }
+            other => return usage(format!("the device scores pages by min_max or quantized(bits), got {other:?}")),
+        };
         let (mode, top_k, budget_arg, kept) = match r.budget {
             Budget::TopK(n) => (0, n.min(i32::MAX as u32) as i32, 0.0, (n as usize).min(s.max_pages)),
             Budget::Threshold(t) if t > 0.0 && t.is_finite() => (1, 0, t.ln(), s.max_pages),
@@ -113,7 +126,7 @@ impl Keep {
         // recent chunk that share a page with them), whatever sink and recent are.
         let cap = (sink.div_ceil(s.page_size) + recent.div_ceil(s.page_size) + 1 + kept).min(s.max_pages + 2);
         let clamp = |x: usize| x.min(i32::MAX as usize) as i32;
-        Ok(Keep::Quest { sink: clamp(sink), recent: clamp(recent), mode, top_k, budget_arg, cap })
+        Ok(Keep::Quest { sink: clamp(sink), recent: clamp(recent), score_mode, mode, top_k, budget_arg, cap })
     }
 
     fn cap(&self) -> usize {
@@ -141,6 +154,14 @@ struct Workspace {
 enum Store {
     Device { k: CudaSlice<u16>, v: CudaSlice<u16> },
     Host { k: MappedHost, v: MappedHost, hot: Box<Hot> },
+}
+
+/// Quantized keys ([`PagedOptions::key_bits`]): codes `[pages, page_size, hkv, head_dim]` and
+/// scales `[pages, page_size, hkv]` (one element each when `bits` is 0).
+struct Codes {
+    bits: u32,
+    codes: CudaSlice<i8>,
+    scale: CudaSlice<f32>,
 }
 
 /// The GPU's cache of hot pages of a cache in host memory: `slots` pages of one KV head, K and
@@ -235,6 +256,7 @@ impl Store {
 pub struct PagedKvCache {
     shape: PagedShape,
     store: Store,
+    codes: Codes,
     kmin: CudaSlice<u16>,
     kmax: CudaSlice<u16>,
     page_table: CudaSlice<u32>,
@@ -245,58 +267,95 @@ pub struct PagedKvCache {
     work: Option<Workspace>,
 }
 
+/// Where a [`PagedKvCache`] keeps K and V, and what it keeps beside them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PagedOptions {
+    /// K and V in pinned host memory (for contexts larger than the GPU's memory), read by the
+    /// kernels over the bus; the metadata, page table and lengths stay on the GPU.
+    pub host: bool,
+    /// With `host`: the GPU's cache of hot pages, in pages of one KV head
+    /// (`hot_pages * page_size * head_dim` elements each of K and V; 0: every read goes over
+    /// the bus).
+    pub hot_pages: usize,
+    /// Every key also quantized to this many bits (1, 2, 4 or 8; 0: none), kept on the GPU
+    /// and current on fill and append, for retrieval that scores pages by their best token over
+    /// quantized keys (`score = quantized(bits)`, ParisKV): a byte per element and an f32 scale
+    /// per token and KV head.
+    pub key_bits: u32,
+}
+
 impl Gpu {
     /// An empty paged cache of `shape` in GPU memory (every sequence of length 0), its pages
     /// allocated now.
     pub fn paged_cache(&self, shape: PagedShape) -> Result<PagedKvCache, Error> {
-        shape.check()?;
-        let s = self.stream();
-        let what = |x: &str| format!("allocating the paged cache's {x} ({shape:?})");
-        let store = Store::Device {
-            k: s.alloc_zeros(shape.cache_len()).map_err(driver(what("keys")))?,
-            v: s.alloc_zeros(shape.cache_len()).map_err(driver(what("values")))?,
-        };
-        self.paged_cache_with(shape, store)
+        self.paged_cache_with_options(shape, PagedOptions::default())
     }
 
-    /// An empty paged cache of `shape` whose K and V live in pinned host memory (for contexts
-    /// larger than the GPU's memory), with a GPU cache of `hot_pages` pages of one KV head
-    /// (`hot_pages * page_size * head_dim` elements each of K and V; 0: every read goes over
-    /// the bus). The metadata, page table and lengths stay on the GPU. The host memory is
-    /// allocated and pinned now, and not zeroed: only filled and appended tokens are read.
+    /// An empty paged cache of `shape` whose K and V live in pinned host memory, with a GPU
+    /// cache of `hot_pages` pages of one KV head ([`PagedOptions`]).
     pub fn paged_cache_in_host(&self, shape: PagedShape, hot_pages: usize) -> Result<PagedKvCache, Error> {
-        shape.check()?;
-        // Hot pages are keyed by `page * hkv + kv_head + 1` in 32 bits.
-        if shape.pages().checked_mul(shape.hkv).is_none_or(|k| k >= u32::MAX as usize) {
-            return Err(Error::Shape(format!(
-                "{shape:?}: a cache in host memory holds fewer than 2^32 pages x KV heads"
-            )));
-        }
-        if hot_pages > i32::MAX as usize || hot_pages.checked_mul(shape.page_size * shape.head_dim).is_none() {
-            return Err(Error::Shape(format!("{hot_pages} hot pages: too many")));
-        }
-        let s = self.stream();
-        let what = |x: &str| format!("allocating the paged cache's {x} ({shape:?}, {hot_pages} hot pages)");
-        let bytes = shape.cache_len().checked_mul(2).ok_or_else(|| Error::Shape(format!("{shape:?}: too large")))?;
-        let hot_len = hot_pages * shape.page_size * shape.head_dim;
-        let hot = Box::new(Hot {
-            slots: hot_pages,
-            k: s.alloc_zeros(hot_len.max(1)).map_err(driver(what("hot keys")))?,
-            v: s.alloc_zeros(hot_len.max(1)).map_err(driver(what("hot values")))?,
-            tag: s.alloc_zeros(hot_pages.max(1)).map_err(driver(what("hot tags")))?,
-            claim: s.alloc_zeros(hot_pages.max(1)).map_err(driver(what("hot claims")))?,
-            step: s.alloc_zeros(1).map_err(driver(what("hot step")))?,
-            stats: s.alloc_zeros(4).map_err(driver(what("hot counters")))?,
-        });
-        let store = Store::Host {
-            k: MappedHost::new(s, bytes, &what("keys in host memory"))?,
-            v: MappedHost::new(s, bytes, &what("values in host memory"))?,
-            hot,
-        };
-        self.paged_cache_with(shape, store)
+        self.paged_cache_with_options(shape, PagedOptions { host: true, hot_pages, ..PagedOptions::default() })
     }
 
-    fn paged_cache_with(&self, shape: PagedShape, store: Store) -> Result<PagedKvCache, Error> {
+    /// An empty paged cache of `shape` kept as `options` say. Host memory is allocated and
+    /// pinned now, and not zeroed: only filled and appended tokens are read.
+    pub fn paged_cache_with_options(&self, shape: PagedShape, options: PagedOptions) -> Result<PagedKvCache, Error> {
+        shape.check()?;
+        let PagedOptions { host, hot_pages, key_bits } = options;
+        if ![0, 1, 2, 4, 8].contains(&key_bits) {
+            return Err(Error::Shape(format!("quantized keys take 1, 2, 4 or 8 bits (0: none), got {key_bits}")));
+        }
+        if hot_pages > 0 && !host {
+            return Err(Error::Usage("hot pages are for a cache in host memory".into()));
+        }
+        let s = self.stream();
+        let what = |x: &str| format!("allocating the paged cache's {x} ({shape:?}, {options:?})");
+        let store = if !host {
+            Store::Device {
+                k: s.alloc_zeros(shape.cache_len()).map_err(driver(what("keys")))?,
+                v: s.alloc_zeros(shape.cache_len()).map_err(driver(what("values")))?,
+            }
+        } else {
+            // Hot pages are keyed by `page * hkv + kv_head + 1` in 32 bits.
+            if shape.pages().checked_mul(shape.hkv).is_none_or(|k| k >= u32::MAX as usize) {
+                return Err(Error::Shape(format!(
+                    "{shape:?}: a cache in host memory holds fewer than 2^32 pages x KV heads"
+                )));
+            }
+            if hot_pages > i32::MAX as usize || hot_pages.checked_mul(shape.page_size * shape.head_dim).is_none() {
+                return Err(Error::Shape(format!("{hot_pages} hot pages: too many")));
+            }
+            let bytes =
+                shape.cache_len().checked_mul(2).ok_or_else(|| Error::Shape(format!("{shape:?}: too large")))?;
+            let hot_len = hot_pages * shape.page_size * shape.head_dim;
+            let hot = Box::new(Hot {
+                slots: hot_pages,
+                k: s.alloc_zeros(hot_len.max(1)).map_err(driver(what("hot keys")))?,
+                v: s.alloc_zeros(hot_len.max(1)).map_err(driver(what("hot values")))?,
+                tag: s.alloc_zeros(hot_pages.max(1)).map_err(driver(what("hot tags")))?,
+                claim: s.alloc_zeros(hot_pages.max(1)).map_err(driver(what("hot claims")))?,
+                step: s.alloc_zeros(1).map_err(driver(what("hot step")))?,
+                stats: s.alloc_zeros(4).map_err(driver(what("hot counters")))?,
+            });
+            Store::Host {
+                k: MappedHost::new(s, bytes, &what("keys in host memory"))?,
+                v: MappedHost::new(s, bytes, &what("values in host memory"))?,
+                hot,
+            }
+        };
+        // Quantized keys: a byte per element, a scale per token and KV head (one of each when none).
+        let rows = if key_bits > 0 { shape.cache_len() / shape.head_dim } else { 1 };
+        let codes = Codes {
+            bits: key_bits,
+            codes: s
+                .alloc_zeros(rows * if key_bits > 0 { shape.head_dim } else { 1 })
+                .map_err(driver(what("key codes")))?,
+            scale: s.alloc_zeros(rows).map_err(driver(what("key code scales")))?,
+        };
+        self.paged_cache_with(shape, store, codes)
+    }
+
+    fn paged_cache_with(&self, shape: PagedShape, store: Store, codes: Codes) -> Result<PagedKvCache, Error> {
         let host = matches!(store, Store::Host { .. });
         let kernel = emit_paged(shape.head_dim as u32, shape.dtype, (shape.hq / shape.hkv) as u32, host)?;
         let merge = emit_merge(shape.head_dim as u32, shape.dtype, Partial::F32)?;
@@ -307,6 +366,7 @@ impl Gpu {
         let table: Vec<u32> = (0..shape.pages() as u32).collect();
         Ok(PagedKvCache {
             store,
+            codes,
             kmin: s.alloc_zeros(meta).map_err(driver(what("page minima")))?,
             kmax: s.alloc_zeros(meta).map_err(driver(what("page maxima")))?,
             page_table: s.clone_htod(&table).map_err(driver(what("page table")))?,
@@ -386,6 +446,9 @@ impl PagedKvCache {
                 vc,
                 kmin: a.w(&mut self.kmin),
                 kmax: a.w(&mut self.kmax),
+                codes: a.w(&mut self.codes.codes),
+                cscale: a.w(&mut self.codes.scale),
+                key_bits: self.codes.bits as i32,
                 hot_tag,
                 hot_slots,
             };
@@ -430,6 +493,9 @@ impl PagedKvCache {
             vc,
             kmin: a.w(&mut self.kmin),
             kmax: a.w(&mut self.kmax),
+            codes: a.w(&mut self.codes.codes),
+            cscale: a.w(&mut self.codes.scale),
+            key_bits: self.codes.bits as i32,
             hot_k: hot.k,
             hot_v: hot.v,
             hot_tag: hot.tag,
@@ -482,7 +548,7 @@ impl PagedKvCache {
         if !(scale.is_finite() && scale > 0.0) {
             return Err(Error::Usage(format!("the softmax scale must be positive and finite, got {scale}")));
         }
-        let keep = Keep::of(retrieval, &s)?;
+        let keep = Keep::of(retrieval, &s, self.codes.bits)?;
         let splits = gpu.decode_splits_for(rows, splits);
         self.workspace(gpu, splits, keep.cap())?;
         let stream = gpu.stream();
@@ -493,12 +559,15 @@ impl PagedKvCache {
         };
         let (dense, cap) = match keep {
             Keep::Dense => (1, 0),
-            Keep::Quest { sink, recent, mode, top_k, budget_arg, cap } => {
+            Keep::Quest { sink, recent, score_mode, mode, top_k, budget_arg, cap } => {
                 let mut a = Args::new(stream);
                 let params = PagedRetrieveParams {
                     q: a.r(q),
                     kmin: a.r(&self.kmin),
                     kmax: a.r(&self.kmax),
+                    codes: a.r(&self.codes.codes),
+                    cscale: a.r(&self.codes.scale),
+                    score_mode,
                     page_table: a.r(&self.page_table),
                     seq_lens: a.r(&self.seq_lens),
                     max_pages: s.max_pages as i32,
@@ -670,28 +739,32 @@ mod tests {
     }
 
     #[test]
-    fn quest_on_the_cache_pages_runs_on_the_device_and_other_retrievals_say_why_not() {
+    fn quest_and_quantized_pages_run_on_the_device_and_other_retrievals_say_why_not() {
         let quest =
             Retrieval { unit: Unit::Page(16), score: Score::MinMax, budget: Budget::TopK(3), sink: 20, recent: 5 };
-        match Keep::of(Some(&quest), &shape()).unwrap() {
+        match Keep::of(Some(&quest), &shape(), 0).unwrap() {
             // Chunks: two for the sink, one for the recent tokens, one for an unaligned start,
             // and the three pages.
-            Keep::Quest { mode: 0, top_k: 3, cap, .. } => assert_eq!(cap, 2 + 1 + 1 + 3),
+            Keep::Quest { score_mode: 0, mode: 0, top_k: 3, cap, .. } => assert_eq!(cap, 2 + 1 + 1 + 3),
             other => panic!("{other:?}"),
         }
         let threshold = Retrieval { budget: Budget::Threshold(0.5), ..quest };
-        assert!(matches!(Keep::of(Some(&threshold), &shape()).unwrap(), Keep::Quest { mode: 1, cap: 12, .. }));
-        assert!(matches!(Keep::of(None, &shape()).unwrap(), Keep::Dense));
+        assert!(matches!(Keep::of(Some(&threshold), &shape(), 0).unwrap(), Keep::Quest { mode: 1, cap: 12, .. }));
+        assert!(matches!(Keep::of(None, &shape(), 0).unwrap(), Keep::Dense));
         let top_p = Retrieval { budget: Budget::TopP(0.9), ..quest };
-        assert!(matches!(Keep::of(Some(&top_p), &shape()).unwrap(), Keep::Quest { mode: 2, cap: 12, .. }));
-        for (r, why) in [
-            (Retrieval { unit: Unit::Page(32), ..quest }, "page size"),
-            (Retrieval { unit: Unit::Token, ..quest }, "page size"),
-            (Retrieval { score: Score::Centroid, ..quest }, "min_max"),
-            (Retrieval { budget: Budget::TopP(1.5), ..quest }, "top_p(0 < p <= 1)"),
-            (Retrieval { budget: Budget::Threshold(0.0), ..quest }, "threshold(t > 0)"),
+        assert!(matches!(Keep::of(Some(&top_p), &shape(), 0).unwrap(), Keep::Quest { mode: 2, cap: 12, .. }));
+        let paris = Retrieval { score: Score::Quantized(4), ..quest };
+        assert!(matches!(Keep::of(Some(&paris), &shape(), 4).unwrap(), Keep::Quest { score_mode: 1, .. }));
+        for (r, bits, why) in [
+            (Retrieval { unit: Unit::Page(32), ..quest }, 0, "the cache's pages (unit = page(16))"),
+            (Retrieval { unit: Unit::Token, ..quest }, 0, "the cache's pages"),
+            (Retrieval { score: Score::Centroid, ..quest }, 0, "min_max or quantized(bits)"),
+            (paris.clone(), 0, "quantized to 4 bits (PagedOptions::key_bits; this one: 0)"),
+            (paris, 8, "this one: 8"),
+            (Retrieval { budget: Budget::TopP(1.5), ..quest }, 0, "top_p(0 < p <= 1)"),
+            (Retrieval { budget: Budget::Threshold(0.0), ..quest }, 0, "threshold(t > 0)"),
         ] {
-            let e = Keep::of(Some(&r), &shape()).unwrap_err().to_string();
+            let e = Keep::of(Some(&r), &shape(), bits).unwrap_err().to_string();
             assert!(e.contains(why), "{r:?}: {e}");
         }
     }

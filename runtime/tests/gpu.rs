@@ -1461,17 +1461,19 @@ fn wgmma_probe_matches_exact_products() {
 
 /// Decode over a paged cache: a batch of ragged sequences (lengths not multiples of the page
 /// size; one built by appends alone, one whose keys are all equal so that every page ties),
-/// filled then appended to, decoded densely and with Quest's pages chosen on the device. The
-/// kept tokens must be the CPU reference's (`weft_patterns::retrieval::kept_for_row`), every
-/// one, and the output attention over them.
+/// filled then appended to, decoded densely and with pages chosen on the device by Quest's
+/// bound and by quantized keys (ParisKV; 1, 4 and 8 bits). The kept tokens must be the CPU
+/// reference's (`weft_patterns::retrieval::kept_for_row`), every one, and the output attention
+/// over them.
 #[test]
 fn paged_decode_matches_the_cpu_reference() {
     use weft_dsl::{Budget, Retrieval};
     use weft_patterns::retrieval::{kept_for_row, units};
-    use weft_runtime::PagedShape;
+    use weft_runtime::{PagedOptions, PagedShape};
     let gpu = Gpu::open(0).expect("a GPU");
     let mut failures = Vec::new();
     let mut seed = 9100;
+    let mut bits_cycle = [4u32, 1, 8].into_iter().cycle();
     let appends = 3usize;
     for (dtype, d) in [(DType::Bf16, 128usize), (DType::F16, 64)] {
         for (hq, hkv) in [(4usize, 4usize), (8, 2), (8, 1)] {
@@ -1503,7 +1505,9 @@ fn paged_decode_matches_the_cpu_reference() {
                 let qt = Tensor::random(batch * hq, 1, d, seed + 99);
                 let (qb, qr) = round(&qt.data, dtype);
                 let s = gpu.stream();
-                let mut cache = gpu.paged_cache(shape).unwrap();
+                let key_bits = bits_cycle.next().unwrap();
+                let mut cache =
+                    gpu.paged_cache_with_options(shape, PagedOptions { key_bits, ..PagedOptions::default() }).unwrap();
                 // Fill the first tokens of each sequence, then append the rest one step at a time.
                 for b in 0..batch {
                     let n = filled[b];
@@ -1544,6 +1548,8 @@ fn paged_decode_matches_the_cpu_reference() {
                     Some(quest(Budget::TopP(0.3))),
                     Some(quest(Budget::TopP(1.0))),
                     Some(Retrieval { sink: 0, recent: 0, ..quest(Budget::TopK(3)) }),
+                    Some(Retrieval { score: Score::Quantized(key_bits), ..quest(Budget::TopK(8)) }),
+                    Some(Retrieval { score: Score::Quantized(key_bits), ..quest(Budget::TopP(0.3)) }),
                 ];
                 for r in &cases {
                     for splits in [0usize, 3] {
@@ -1599,7 +1605,7 @@ fn paged_decode_matches_the_cpu_reference() {
                         let ok = unwritten == 0 && worst < tol && worst_lse < 2e-2 && wrong_sets == 0;
                         let name = match r {
                             None => "dense".to_string(),
-                            Some(r) => format!("{:?} sink={} recent={}", r.budget, r.sink, r.recent),
+                            Some(r) => format!("{:?} {:?} sink={} recent={}", r.score, r.budget, r.sink, r.recent),
                         };
                         println!(
                             "{} paged {:<30} {:<5} d={d:<3} hq={hq} hkv={hkv} page={page_size:<3} lens={lens:?} splits={splits} kept={:.3} wrong_sets={wrong_sets} rel_err={worst:.2e} lse_err={worst_lse:.2e} unwritten={unwritten}",
@@ -1627,7 +1633,7 @@ fn paged_decode_matches_the_cpu_reference() {
         (s.alloc_zeros::<u16>(128).unwrap(), s.alloc_zeros::<u16>(128).unwrap(), s.alloc_zeros::<f32>(2).unwrap());
     let clusters = Retrieval { unit: Unit::Cluster(32), score: Score::Centroid, ..Retrieval::default() };
     let e = cache.decode_step(&gpu, &q, &mut out, &mut lse, Some(&clusters), 0.1, 0).unwrap_err().to_string();
-    assert!(e.contains("Quest's pages"), "{e}");
+    assert!(e.contains("the cache's pages"), "{e}");
     let kv = s.alloc_zeros::<u16>(64).unwrap();
     for _ in 0..16 {
         cache.append(&gpu, &kv, &kv).unwrap();

@@ -8,7 +8,8 @@
 //   fill     a sequence's first n tokens from weft's [hkv, n, D] layout, and their pages' metadata;
 //   append   one token per sequence at position seq_lens[b], and its page's metadata;
 //   advance  seq_lens[b] += 1 (a launch of its own: every append CTA reads the old length);
-//   retrieve (retrieval) per (sequence, query head): Quest's score of every candidate page, the
+//   retrieve (retrieval) per (sequence, query head): the score of every candidate page (Quest's
+//            bound, or the best token over quantized keys), the
 //            pages a top_k / threshold / top_p budget keeps (exactly weft_patterns::retrieval's choice:
 //            f64 scores summed in the CPU's order, ties to the lower page), and the kept
 //            tokens as chunks of at most page_size tokens, ascending: the sink, the kept pages
@@ -39,6 +40,50 @@ __device__ __forceinline__ float elem(u16 x) {
 // The cache's row of token `slot` of physical page `page`, KV head `kvh`.
 __device__ __forceinline__ size_t cache_row(u32 page, int slot, int kvh, int page_size, int hkv) {
     return (((size_t)page * page_size + slot) * hkv + kvh) * D;
+}
+
+// ---- quantized keys (ParisKV) ----
+// A key row quantized per token as weft_patterns::retrieval::quantize: with b >= 2 bits the
+// codes clamp(round(x / s), -L, L), s = max|x| / L, L = 2^(b-1) - 1 (all zero, s = 0, for a
+// zero row); with 1 bit the sign (x >= 0: +1), s the mean magnitude. The kernels are built with
+// fast math, so each f32 operation is done in f64 and rounded to f32 once: that is the f32
+// operation's correctly rounded result, as the CPU computes it. (Rows whose magnitudes are all
+// below f32's normal range may differ: fast math flushes those to zero.)
+__device__ __forceinline__ float f32_of(double x) { return __double2float_rn(x); }
+
+__device__ void quantize_row(const u16* __restrict__ row, int bits, signed char* __restrict__ code,
+                             float* __restrict__ scale) {
+    if (bits <= 1) {
+        float sum = 0.f;  // in order, as an iterator's f32 sum
+        for (int d = 0; d < D; ++d) sum = f32_of((double)sum + (double)fabsf(elem(row[d])));
+        for (int d = 0; d < D; ++d) code[d] = elem(row[d]) >= 0.f ? 1 : -1;
+        *scale = f32_of((double)sum / (double)D);
+        return;
+    }
+    const float levels = (float)((1 << (bits - 1)) - 1);
+    float mx = 0.f;
+    for (int d = 0; d < D; ++d) mx = fmaxf(mx, fabsf(elem(row[d])));
+    const float s = f32_of((double)mx / (double)levels);
+    for (int d = 0; d < D; ++d) {
+        const float x = mx == 0.f ? 0.f : f32_of((double)elem(row[d]) / (double)s);
+        code[d] = (signed char)fminf(fmaxf(roundf(x), -levels), levels);
+    }
+    *scale = mx == 0.f ? 0.f : s;
+}
+
+// q . k' in f64 for the dequantized key k'_d = code_d * s (rounded to f32), summed as
+// weft_patterns::dot sums: four accumulators over d mod 4, then (a0 + a1) + (a2 + a3). The
+// products and sums are explicit so that no multiply-add is fused.
+__device__ double quantized_dot(const u16* __restrict__ qrow, const signed char* __restrict__ code, float s) {
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int d = 0; d < D; d += 4) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const double k = (double)f32_of((double)code[d + i] * (double)s);
+            acc[i] = __dadd_rn(acc[i], __dmul_rn((double)elem(qrow[d + i]), k));
+        }
+    }
+    return __dadd_rn(__dadd_rn(acc[0], acc[1]), __dadd_rn(acc[2], acc[3]));
 }
 
 // The GPU's cache of hot pages (a cache in host memory only; hot_slots = 0 otherwise): slots of
@@ -82,6 +127,12 @@ extern "C" __global__ void __launch_bounds__(FILL_THREADS) WEFT_ENTRY(fill)(PAGE
         kmin[m] = lo;
         kmax[m] = hi;
     }
+    // Quantized keys, a row per thread.
+    if (key_bits > 0)
+        for (int s = threadIdx.x; s < count; s += blockDim.x) {
+            const size_t at = ((size_t)page * page_size + s) * hkv + kvh;
+            quantize_row(Ksrc + ((size_t)kvh * n + t0 + s) * D, key_bits, codes + at * D, cscale + at);
+        }
     // A hot copy of the page is stale now.
     if (hot_slots > 0 && threadIdx.x == 0) {
         const u32 key = hot_key(page, kvh, hkv);
@@ -116,6 +167,10 @@ extern "C" __global__ void __launch_bounds__(APPEND_THREADS) WEFT_ENTRY(append)(
             *(uint4*)(hot_k + at) = k;
             *(uint4*)(hot_v + at) = v;
         }
+    }
+    if (key_bits > 0 && threadIdx.x == 0) {
+        const size_t at = ((size_t)page * page_size + slot) * hkv + kvh;
+        quantize_row(Knew + src, key_bits, codes + at * D, cscale + at);
     }
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         const u16 x = Knew[src + d];
@@ -246,10 +301,21 @@ extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrie
     unsigned long long* keys = scores + (size_t)row * max_pages;
     const u32* table = page_table + (size_t)b * max_pages;
 
-    // Scores: Quest's bound, summed over d in order in f64 (the CPU reference's arithmetic).
+    // Scores: Quest's bound, summed over d in order in f64 (the CPU reference's arithmetic),
+    // or (score_mode 1) the best of the page's tokens' scores over quantized keys.
     const u16* qrow = Q + (size_t)row * D;
     for (int c = threadIdx.x; c < ncand; c += blockDim.x) {
         const u32 page = table[p_lo + c];
+        if (score_mode == 1) {
+            const int t0 = (p_lo + c) * page_size, count = min(page_size, visible - t0);
+            double best = neg_inf();
+            for (int s = 0; s < count; ++s) {
+                const size_t at = ((size_t)page * page_size + s) * hkv + kvh;
+                best = fmax(best, quantized_dot(qrow, codes + at * D, cscale[at]));
+            }
+            keys[c] = score_key(scale * best);
+            continue;
+        }
         const u16* lo = kmin + ((size_t)page * hkv + kvh) * D;
         const u16* hi = kmax + ((size_t)page * hkv + kvh) * D;
         double s = 0.0;

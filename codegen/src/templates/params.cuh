@@ -93,12 +93,17 @@ static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "ProbeParams: the hos
     u16* __restrict__ Vc, \
     u16* __restrict__ kmin, \
     u16* __restrict__ kmax, \
+    signed char* __restrict__ codes, \
+    float* __restrict__ cscale, \
+    int key_bits, \
     u32* __restrict__ hot_tag, \
     int hot_slots
 static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedFillParams: the host's ksrc, vsrc differ");
-static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedFillParams: the host's n, seq, max_pages, page_size, hkv, hot_slots differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedFillParams: the host's n, seq, max_pages, page_size, hkv, key_bits, hot_slots differ");
 static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedFillParams: the host's page_table differ");
 static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "PagedFillParams: the host's kc, vc, kmin, kmax differ");
+static_assert(sizeof(signed char*) == 8 && alignof(signed char*) == 8, "PagedFillParams: the host's codes differ");
+static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "PagedFillParams: the host's cscale differ");
 static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "PagedFillParams: the host's hot_tag differ");
 // PagedAppendParams (weft-codegen abi.rs), in its field order.
 #define PAGED_APPEND_PARAMS \
@@ -113,6 +118,9 @@ static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "PagedFillParams: the hos
     u16* __restrict__ Vc, \
     u16* __restrict__ kmin, \
     u16* __restrict__ kmax, \
+    signed char* __restrict__ codes, \
+    float* __restrict__ cscale, \
+    int key_bits, \
     u16* __restrict__ hot_k, \
     u16* __restrict__ hot_v, \
     const u32* __restrict__ hot_tag, \
@@ -120,8 +128,10 @@ static_assert(sizeof(u32*) == 8 && alignof(u32*) == 8, "PagedFillParams: the hos
 static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedAppendParams: the host's knew, vnew differ");
 static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedAppendParams: the host's seq_lens differ");
 static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedAppendParams: the host's page_table, hot_tag differ");
-static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAppendParams: the host's max_pages, page_size, hkv, hot_slots differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAppendParams: the host's max_pages, page_size, hkv, key_bits, hot_slots differ");
 static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "PagedAppendParams: the host's kc, vc, kmin, kmax, hot_k, hot_v differ");
+static_assert(sizeof(signed char*) == 8 && alignof(signed char*) == 8, "PagedAppendParams: the host's codes differ");
+static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "PagedAppendParams: the host's cscale differ");
 // PagedAdvanceParams (weft-codegen abi.rs), in its field order.
 #define PAGED_ADVANCE_PARAMS \
     int* __restrict__ seq_lens, \
@@ -133,6 +143,9 @@ static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAdvanceParams: the ho
     const u16* __restrict__ Q, \
     const u16* __restrict__ kmin, \
     const u16* __restrict__ kmax, \
+    const signed char* __restrict__ codes, \
+    const float* __restrict__ cscale, \
+    int score_mode, \
     const u32* __restrict__ page_table, \
     const int* __restrict__ seq_lens, \
     int max_pages, \
@@ -150,9 +163,11 @@ static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAdvanceParams: the ho
     int* __restrict__ chunk_count, \
     int cap
 static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedRetrieveParams: the host's q, kmin, kmax differ");
+static_assert(sizeof(const signed char*) == 8 && alignof(const signed char*) == 8, "PagedRetrieveParams: the host's codes differ");
+static_assert(sizeof(const float*) == 8 && alignof(const float*) == 8, "PagedRetrieveParams: the host's cscale differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedRetrieveParams: the host's score_mode, max_pages, page_size, hq, hkv, sink, recent, mode, top_k, cap differ");
 static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedRetrieveParams: the host's page_table differ");
 static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedRetrieveParams: the host's seq_lens differ");
-static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedRetrieveParams: the host's max_pages, page_size, hq, hkv, sink, recent, mode, top_k, cap differ");
 static_assert(sizeof(double) == 8 && alignof(double) == 8, "PagedRetrieveParams: the host's budget_arg, scale differ");
 static_assert(sizeof(unsigned long long*) == 8 && alignof(unsigned long long*) == 8, "PagedRetrieveParams: the host's scores differ");
 static_assert(sizeof(int2*) == 8 && alignof(int2*) == 8, "PagedRetrieveParams: the host's chunks differ");
