@@ -228,11 +228,10 @@ params! {
         seq_lens: DevPtr = "int* __restrict__ seq_lens",
         batch: i32 = "int batch",
     }
-    /// The paged cache's `retrieve` entry ([`crate::emit_paged`]): the page choice per
-    /// (sequence, query head); `score_mode` 0 is Quest's bound, 1 the best token's score over
-    /// quantized keys (ParisKV); `mode` 0 is top_k, 1 threshold (`budget_arg` = ln t), 2 top_p
-    /// (`budget_arg` = p).
-    PagedRetrieveParams {
+    /// The paged cache's `score` entry ([`crate::emit_paged`]): every candidate page's score
+    /// for every query head (sortable keys, `[batch * hq, max_pages]`); `score_mode` 0 is
+    /// Quest's bound, 1 the best token's score over quantized keys (ParisKV).
+    PagedScoreParams {
         q: DevPtr = "const u16* __restrict__ Q",
         kmin: DevPtr = "const u16* __restrict__ kmin",
         kmax: DevPtr = "const u16* __restrict__ kmax",
@@ -247,11 +246,23 @@ params! {
         hkv: i32 = "int hkv",
         sink: i32 = "int sink",
         recent: i32 = "int recent",
+        scale: f64 = "double scale",
+        scores: DevPtr = "unsigned long long* __restrict__ scores",
+    }
+    /// The paged cache's `retrieve` entry ([`crate::emit_paged`]): the page choice per
+    /// (sequence, query head) over the scores `score` wrote; `mode` 0 is top_k, 1 threshold
+    /// (`budget_arg` = ln t), 2 top_p (`budget_arg` = p).
+    PagedRetrieveParams {
+        seq_lens: DevPtr = "const int* __restrict__ seq_lens",
+        max_pages: i32 = "int max_pages",
+        page_size: i32 = "int page_size",
+        hq: i32 = "int hq",
+        sink: i32 = "int sink",
+        recent: i32 = "int recent",
         mode: i32 = "int mode",
         top_k: i32 = "int top_k",
         budget_arg: f64 = "double budget_arg",
-        scale: f64 = "double scale",
-        scores: DevPtr = "unsigned long long* __restrict__ scores",
+        scores: DevPtr = "const unsigned long long* __restrict__ scores",
         chunks: DevPtr = "int2* __restrict__ chunks",
         chunk_count: DevPtr = "int* __restrict__ chunk_count",
         cap: i32 = "int cap",

@@ -28,6 +28,14 @@ pub mod entry {
         params: "PagedAdvanceParams",
         grid: [Tiles(ADVANCE_THREADS as usize), Fixed(1), Fixed(1)],
     };
+    /// Every candidate page's score for every query head. x: tiles of candidate pages; y: KV
+    /// heads; z: sequences.
+    pub const SCORE: Entry = Entry {
+        name: "score",
+        threads: SCORE_THREADS,
+        params: "PagedScoreParams",
+        grid: [Tiles(SCORE_THREADS as usize), Each, Each],
+    };
     /// The retrieval choice of pages. x: query heads; y: sequences.
     pub const RETRIEVE: Entry =
         Entry { name: "retrieve", threads: 256, params: "PagedRetrieveParams", grid: [Each, Each, Fixed(1)] };
@@ -42,9 +50,10 @@ pub mod entry {
         Entry { name: "stage", threads: 128, params: "PagedStageParams", grid: [Each, Each, Fixed(1)] };
 
     const ADVANCE_THREADS: u32 = 256;
+    const SCORE_THREADS: u32 = 128;
 
     /// All of them, in source order.
-    pub const ALL: [Entry; 6] = [FILL, APPEND, ADVANCE, RETRIEVE, ATTEND, STAGE];
+    pub const ALL: [Entry; 7] = [FILL, APPEND, ADVANCE, SCORE, RETRIEVE, ATTEND, STAGE];
 }
 
 /// Query heads a dense step's `attend` CTA serves for `group` query heads per KV head: the

@@ -12,7 +12,7 @@
 use cudarc::driver::CudaSlice;
 use weft_codegen::abi::{
     DevPtr, PagedAdvanceParams, PagedAppendParams, PagedAttendParams, PagedFillParams, PagedRetrieveParams,
-    PagedStageParams,
+    PagedScoreParams, PagedStageParams,
 };
 use weft_codegen::paged::{emit_paged, entry, heads_per_cta};
 use weft_codegen::{emit_merge, DType, Kernel, Partial};
@@ -516,8 +516,9 @@ impl PagedKvCache {
 
     /// One decode step: `q` `[batch, hq, head_dim]` attends over each sequence's cache (its
     /// last query sees every token), into `out` `[batch, hq, head_dim]` and `lse` `[batch,
-    /// hq]` (natural log). `retrieval`: Quest's pages (unit = page of the cache's page size,
-    /// min_max score, any budget, sink and recent tokens always kept), chosen
+    /// hq]` (natural log). `retrieval`: pages (unit = page of the cache's page size) scored
+    /// by Quest's bound (min_max) or by quantized keys (quantized(bits), when the cache keeps
+    /// them: [`PagedOptions::key_bits`]), any budget, sink and recent tokens always kept, chosen
     /// on the device exactly as `weft_patterns::retrieval` chooses; `None` keeps every token.
     /// `scale` is the softmax scale (the retrieval ranks `f64::from(scale) * score`). `splits`: key
     /// ranges per (sequence, head) merged afterwards (0: enough to fill the GPU).
@@ -561,7 +562,7 @@ impl PagedKvCache {
             Keep::Dense => (1, 0),
             Keep::Quest { sink, recent, score_mode, mode, top_k, budget_arg, cap } => {
                 let mut a = Args::new(stream);
-                let params = PagedRetrieveParams {
+                let params = PagedScoreParams {
                     q: a.r(q),
                     kmin: a.r(&self.kmin),
                     kmax: a.r(&self.kmax),
@@ -576,17 +577,30 @@ impl PagedKvCache {
                     hkv: s.hkv as i32,
                     sink,
                     recent,
+                    scale: f64::from(scale),
+                    scores: a.w(&mut work.scores),
+                };
+                // Safety: addresses from `a`; the workspace holds `max_pages` scores per
+                // (sequence, head), and a sequence's candidates are among its `max_pages` pages.
+                unsafe { self.module.launch(stream, &entry::SCORE, [s.max_pages, s.hkv, s.batch], 0, params, a) }?;
+                let mut a = Args::new(stream);
+                let params = PagedRetrieveParams {
+                    seq_lens: a.r(&self.seq_lens),
+                    max_pages: s.max_pages as i32,
+                    page_size: s.page_size as i32,
+                    hq: s.hq as i32,
+                    sink,
+                    recent,
                     mode,
                     top_k,
                     budget_arg,
-                    scale: f64::from(scale),
-                    scores: a.w(&mut work.scores),
+                    scores: a.r(&work.scores),
                     chunks: a.w(&mut work.chunks),
                     chunk_count: a.w(&mut work.counts),
                     cap: cap as i32,
                 };
                 // Safety: addresses from `a`; the workspace holds `max_pages` scores and `cap`
-                // chunks per (sequence, head), which bound what the kernel writes.
+                // chunks per (sequence, head), which bound what the kernel reads and writes.
                 unsafe { self.module.launch(stream, &entry::RETRIEVE, [s.hq, s.batch, 1], 0, params, a) }?;
                 (0, cap)
             }

@@ -9,7 +9,8 @@
 //! (`top_k` of `--keep` of the pages, sink 64 and recent 64 tokens): its time, its floor (the
 //! bytes it must read: each query head's page metadata and kept K and V, over the copy
 //! bandwidth) and its speedup over the dense step. Times are CUDA-event medians of `--reps`
-//! steps after a warm-up; a step is `retrieve` + `attend` + the merge (dense: `attend` + merge).
+//! steps after a warm-up; a step is `score` + `retrieve` + `attend` + the merge (dense: `attend`
+//! + merge).
 
 use std::sync::Arc;
 

@@ -8,8 +8,9 @@
 //   fill     a sequence's first n tokens from weft's [hkv, n, D] layout, and their pages' metadata;
 //   append   one token per sequence at position seq_lens[b], and its page's metadata;
 //   advance  seq_lens[b] += 1 (a launch of its own: every append CTA reads the old length);
-//   retrieve (retrieval) per (sequence, query head): the score of every candidate page (Quest's
-//            bound, or the best token over quantized keys), the
+//   score    (retrieval) every candidate page's score for every query head (Quest's bound, or
+//            the best token over quantized keys), spread over the GPU;
+//   retrieve (retrieval) per (sequence, query head), over those scores: the
 //            pages a top_k / threshold / top_p budget keeps (exactly weft_patterns::retrieval's choice:
 //            f64 scores summed in the CPU's order, ties to the lower page), and the kept
 //            tokens as chunks of at most page_size tokens, ascending: the sink, the kept pages
@@ -69,21 +70,6 @@ __device__ void quantize_row(const u16* __restrict__ row, int bits, signed char*
         code[d] = (signed char)fminf(fmaxf(roundf(x), -levels), levels);
     }
     *scale = mx == 0.f ? 0.f : s;
-}
-
-// q . k' in f64 for the dequantized key k'_d = code_d * s (rounded to f32), summed as
-// weft_patterns::dot sums: four accumulators over d mod 4, then (a0 + a1) + (a2 + a3). The
-// products and sums are explicit so that no multiply-add is fused.
-__device__ double quantized_dot(const u16* __restrict__ qrow, const signed char* __restrict__ code, float s) {
-    double acc[4] = {0.0, 0.0, 0.0, 0.0};
-    for (int d = 0; d < D; d += 4) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const double k = (double)f32_of((double)code[d + i] * (double)s);
-            acc[i] = __dadd_rn(acc[i], __dmul_rn((double)elem(qrow[d + i]), k));
-        }
-    }
-    return __dadd_rn(__dadd_rn(acc[0], acc[1]), __dadd_rn(acc[2], acc[3]));
 }
 
 // The GPU's cache of hot pages (a cache in host memory only; hot_slots = 0 otherwise): slots of
@@ -279,6 +265,95 @@ __device__ unsigned long long radix_cut(const unsigned long long* keys, int n, u
     return want;
 }
 
+// The candidate pages of a sequence of `visible` tokens: those holding a visible token outside
+// the sink and the recent tokens, the logical pages [p_lo, p_lo + ncand) (none when the two
+// meet).
+__device__ __forceinline__ void candidates(int visible, int sink, int recent, int page_size, int& p_lo, int& ncand) {
+    const int sink_end = min(sink, visible);
+    const int recent_from = max(visible - recent, sink_end);
+    p_lo = sink_end / page_size;
+    const int p_hi = sink_end < recent_from ? (recent_from + page_size - 1) / page_size : p_lo;
+    ncand = p_hi - p_lo;
+}
+
+// ---- score ----
+// Query heads scored per pass over a page's metadata or codes.
+constexpr int HC = G < 8 ? G : 8;
+
+// Grid: x tiles of SCORE_THREADS candidate pages, y KV heads, z sequences. A thread scores one
+// candidate page for every query head of the KV head (HC at a time, reading the page's
+// metadata or codes once per pass): Quest's bound, summed over d in order in f64 (the CPU
+// reference's arithmetic), or (score_mode 1) the best of the page's tokens' scores over
+// quantized keys. Spread over the whole GPU, so that a long sequence's scores are not one
+// CTA's reads.
+extern "C" __global__ void __launch_bounds__(SCORE_THREADS) WEFT_ENTRY(score)(PAGED_SCORE_PARAMS)
+{
+    __shared__ double s_q[HC][D];
+    const int kvh = blockIdx.y, b = blockIdx.z;
+    const int visible = seq_lens[b];
+    int p_lo, ncand;
+    candidates(visible, sink, recent, page_size, p_lo, ncand);
+    if (blockIdx.x * SCORE_THREADS >= ncand) return;  // the whole CTA
+    const int c = blockIdx.x * SCORE_THREADS + threadIdx.x;
+    const u32* table = page_table + (size_t)b * max_pages;
+    const int row0 = b * hq + kvh * G;
+    for (int h0 = 0; h0 < G; h0 += HC) {
+        __syncthreads();
+        for (int x = threadIdx.x; x < HC * D; x += SCORE_THREADS) {
+            const int j = x / D, d = x % D;
+            s_q[j][d] = h0 + j < G ? (double)elem(Q[(size_t)(row0 + h0 + j) * D + d]) : 0.0;
+        }
+        __syncthreads();
+        if (c >= ncand) continue;
+        const u32 page = table[p_lo + c];
+        double sc[HC];
+        if (score_mode == 1) {
+            // The dequantized key k'_d = code_d * s (rounded to f32); q . k' summed as
+            // weft_patterns::dot sums (four accumulators over d mod 4, then (a0 + a1) + (a2 + a3)),
+            // with explicit products and sums so that no multiply-add is fused.
+            const int count = min(page_size, visible - (p_lo + c) * page_size);
+#pragma unroll
+            for (int j = 0; j < HC; ++j) sc[j] = neg_inf();
+            for (int t = 0; t < count; ++t) {
+                const size_t at = ((size_t)page * page_size + t) * hkv + kvh;
+                const signed char* code = codes + at * D;
+                const double ks = (double)cscale[at];
+                double acc[HC][4];
+#pragma unroll
+                for (int j = 0; j < HC; ++j)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) acc[j][i] = 0.0;
+#pragma unroll 1  // unrolled, ptxas spilled at d = 64 for sm_80
+                for (int d = 0; d < D; d += 4) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const double k = (double)f32_of((double)code[d + i] * ks);
+#pragma unroll
+                        for (int j = 0; j < HC; ++j) acc[j][i] = __dadd_rn(acc[j][i], __dmul_rn(s_q[j][d + i], k));
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < HC; ++j)
+                    sc[j] = fmax(sc[j], __dadd_rn(__dadd_rn(acc[j][0], acc[j][1]), __dadd_rn(acc[j][2], acc[j][3])));
+            }
+        } else {
+            const u16* lo = kmin + ((size_t)page * hkv + kvh) * D;
+            const u16* hi = kmax + ((size_t)page * hkv + kvh) * D;
+#pragma unroll
+            for (int j = 0; j < HC; ++j) sc[j] = 0.0;
+            for (int d = 0; d < D; ++d) {
+                const double l = (double)elem(lo[d]), u = (double)elem(hi[d]);
+#pragma unroll
+                for (int j = 0; j < HC; ++j) sc[j] += fmax(s_q[j][d] * l, s_q[j][d] * u);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < HC; ++j)
+            if (h0 + j < G) scores[(size_t)(row0 + h0 + j) * max_pages + c] = score_key(scale * sc[j]);
+    }
+}
+
+// ---- retrieve ----
 // Grid: x query heads, y sequences.
 extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrieve)(PAGED_RETRIEVE_PARAMS)
 {
@@ -288,44 +363,14 @@ extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrie
     __shared__ int s_count;
 
     const int h = blockIdx.x, b = blockIdx.y;
-    const int kvh = h / (hq / hkv);
     const int row = b * hq + h;
     const int visible = seq_lens[b];
     const int sink_end = min(sink, visible);
     const int recent_from = max(visible - recent, sink_end);
-    // Candidate pages hold a visible token outside the sink and the recent tokens: the range
-    // [p_lo, p_hi) (none when the two meet).
-    const int p_lo = sink_end / page_size;
-    const int p_hi = sink_end < recent_from ? (recent_from + page_size - 1) / page_size : p_lo;
-    const int ncand = p_hi - p_lo;
-    unsigned long long* keys = scores + (size_t)row * max_pages;
-    const u32* table = page_table + (size_t)b * max_pages;
-
-    // Scores: Quest's bound, summed over d in order in f64 (the CPU reference's arithmetic),
-    // or (score_mode 1) the best of the page's tokens' scores over quantized keys.
-    const u16* qrow = Q + (size_t)row * D;
-    for (int c = threadIdx.x; c < ncand; c += blockDim.x) {
-        const u32 page = table[p_lo + c];
-        if (score_mode == 1) {
-            const int t0 = (p_lo + c) * page_size, count = min(page_size, visible - t0);
-            double best = neg_inf();
-            for (int s = 0; s < count; ++s) {
-                const size_t at = ((size_t)page * page_size + s) * hkv + kvh;
-                best = fmax(best, quantized_dot(qrow, codes + at * D, cscale[at]));
-            }
-            keys[c] = score_key(scale * best);
-            continue;
-        }
-        const u16* lo = kmin + ((size_t)page * hkv + kvh) * D;
-        const u16* hi = kmax + ((size_t)page * hkv + kvh) * D;
-        double s = 0.0;
-        for (int d = 0; d < D; ++d) {
-            const double qd = (double)elem(qrow[d]);
-            s += fmax(qd * (double)elem(lo[d]), qd * (double)elem(hi[d]));
-        }
-        keys[c] = score_key(scale * s);
-    }
-    __syncthreads();
+    int p_lo, ncand;
+    candidates(visible, sink, recent, page_size, p_lo, ncand);
+    // The candidates' scores, as `score` wrote them.
+    const unsigned long long* keys = scores + (size_t)row * max_pages;
 
     // The cut: pages with keys above `cut` are kept, and the first `need_eq` (in page order)
     // of those equal to it.

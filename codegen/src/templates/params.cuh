@@ -138,8 +138,8 @@ static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "PagedAppendParams: t
     int batch
 static_assert(sizeof(int*) == 8 && alignof(int*) == 8, "PagedAdvanceParams: the host's seq_lens differ");
 static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAdvanceParams: the host's batch differ");
-// PagedRetrieveParams (weft-codegen abi.rs), in its field order.
-#define PAGED_RETRIEVE_PARAMS \
+// PagedScoreParams (weft-codegen abi.rs), in its field order.
+#define PAGED_SCORE_PARAMS \
     const u16* __restrict__ Q, \
     const u16* __restrict__ kmin, \
     const u16* __restrict__ kmax, \
@@ -154,22 +154,35 @@ static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAdvanceParams: the ho
     int hkv, \
     int sink, \
     int recent, \
+    double scale, \
+    unsigned long long* __restrict__ scores
+static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedScoreParams: the host's q, kmin, kmax differ");
+static_assert(sizeof(const signed char*) == 8 && alignof(const signed char*) == 8, "PagedScoreParams: the host's codes differ");
+static_assert(sizeof(const float*) == 8 && alignof(const float*) == 8, "PagedScoreParams: the host's cscale differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedScoreParams: the host's score_mode, max_pages, page_size, hq, hkv, sink, recent differ");
+static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedScoreParams: the host's page_table differ");
+static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedScoreParams: the host's seq_lens differ");
+static_assert(sizeof(double) == 8 && alignof(double) == 8, "PagedScoreParams: the host's scale differ");
+static_assert(sizeof(unsigned long long*) == 8 && alignof(unsigned long long*) == 8, "PagedScoreParams: the host's scores differ");
+// PagedRetrieveParams (weft-codegen abi.rs), in its field order.
+#define PAGED_RETRIEVE_PARAMS \
+    const int* __restrict__ seq_lens, \
+    int max_pages, \
+    int page_size, \
+    int hq, \
+    int sink, \
+    int recent, \
     int mode, \
     int top_k, \
     double budget_arg, \
-    double scale, \
-    unsigned long long* __restrict__ scores, \
+    const unsigned long long* __restrict__ scores, \
     int2* __restrict__ chunks, \
     int* __restrict__ chunk_count, \
     int cap
-static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedRetrieveParams: the host's q, kmin, kmax differ");
-static_assert(sizeof(const signed char*) == 8 && alignof(const signed char*) == 8, "PagedRetrieveParams: the host's codes differ");
-static_assert(sizeof(const float*) == 8 && alignof(const float*) == 8, "PagedRetrieveParams: the host's cscale differ");
-static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedRetrieveParams: the host's score_mode, max_pages, page_size, hq, hkv, sink, recent, mode, top_k, cap differ");
-static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedRetrieveParams: the host's page_table differ");
 static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedRetrieveParams: the host's seq_lens differ");
-static_assert(sizeof(double) == 8 && alignof(double) == 8, "PagedRetrieveParams: the host's budget_arg, scale differ");
-static_assert(sizeof(unsigned long long*) == 8 && alignof(unsigned long long*) == 8, "PagedRetrieveParams: the host's scores differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedRetrieveParams: the host's max_pages, page_size, hq, sink, recent, mode, top_k, cap differ");
+static_assert(sizeof(double) == 8 && alignof(double) == 8, "PagedRetrieveParams: the host's budget_arg differ");
+static_assert(sizeof(const unsigned long long*) == 8 && alignof(const unsigned long long*) == 8, "PagedRetrieveParams: the host's scores differ");
 static_assert(sizeof(int2*) == 8 && alignof(int2*) == 8, "PagedRetrieveParams: the host's chunks differ");
 static_assert(sizeof(int*) == 8 && alignof(int*) == 8, "PagedRetrieveParams: the host's chunk_count differ");
 // PagedAttendParams (weft-codegen abi.rs), in its field order.
