@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seq=${1:-16384,65536}
-cases=${2:-dense,block-10,block-3,vv-10,vv-3}
+cases=${2:-dense,causal,block-10,block-3,vv-10,vv-3,cvv-10,cvv-3}
 shift $(( $# < 2 ? $# : 2 ))
 data=${BENCH_DATA:-/tmp/weft-bench-data}
 out=${OUT:-bench-logs}

@@ -8,7 +8,11 @@
 //! - `block-10`, `block-3`: random 128 x 128 blocks, a fixed number per query block row
 //!   (the diagonal always kept), FlexAttention's "random blocks" measurement;
 //! - `vv-10`, `vv-3`: vertical vectors at token granularity: per 128-query block, the first 64
-//!   keys, the 64-key blocks around the diagonal, and random single key columns.
+//!   keys, the 64-key blocks around the diagonal, and random single key columns;
+//! - `cvv-10`, `cvv-3`: the same under a causal mask, a decoder's prefill (`causal & (sink(64) |
+//!   local(64) | vertical_vector(q_block = 128))`): the band's blocks up to the diagonal (the
+//!   diagonal ones masked), random columns before the query block, 10% / 3% of each row's
+//!   visible keys.
 //!
 //! Indexes are built directly (random masks, not from Q/K), so the timing is of the attention
 //! kernel alone. Timing: CUDA events (CU_EVENT_DEFAULT) around each launch, 3 warm-ups, the
@@ -36,8 +40,8 @@ struct Args {
     /// Heads.
     #[arg(long, default_value_t = 32)]
     heads: usize,
-    /// Cases to run (dense, causal, block-10, block-3, vv-10, vv-3).
-    #[arg(long, value_delimiter = ',', default_values_t = ["dense".to_string(), "block-10".into(), "block-3".into(), "vv-10".into(), "vv-3".into()])]
+    /// Cases to run (dense, causal, block-10, block-3, vv-10, vv-3, cvv-10, cvv-3).
+    #[arg(long, value_delimiter = ',', default_values_t = ["dense".to_string(), "causal".into(), "block-10".into(), "block-3".into(), "vv-10".into(), "vv-3".into(), "cvv-10".into(), "cvv-3".into()])]
     cases: Vec<String>,
     /// Where to write inputs, masks and timings.
     #[arg(long, default_value = "bench-data")]
@@ -208,6 +212,50 @@ fn vertical_vectors(heads: usize, n: usize, density: f64, seed: u64) -> Case {
     Case { name: format!("vv-{}", (density * 100.0).round()), index: ix, blocks128: None, columns: Some(columns) }
 }
 
+/// Causal vertical vectors over 128-query blocks: of the causal index at 128 x 64 (its diagonal
+/// blocks masked), the sink block and the band's blocks (2qb - 1, 2qb, 2qb + 1) up to the
+/// diagonal, and random single columns before the query block up to `density` of the row's
+/// visible keys (128 qb + 128); the same for every head.
+fn causal_vertical_vectors(heads: usize, n: usize, density: f64, seed: u64) -> Result<Case> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let one = causal(1, n, 128, 64)?.index;
+    let mut ix = SparseIndex { block_m: 128, masks: one.masks.clone(), ..empty_index(heads, n) };
+    let mut rows = Vec::new();
+    let mut columns = Vec::new();
+    for qb in 0..n.div_ceil(128) {
+        let (b0, b1) = (one.block_ptr[qb] as usize, one.block_ptr[qb + 1] as usize);
+        let band = [0, (2 * qb as u32).saturating_sub(1), 2 * qb as u32, 2 * qb as u32 + 1];
+        let kept: Vec<(u32, u16)> = (b0..b1)
+            .filter(|&e| band.contains(&one.block_idx[e]))
+            .map(|e| (one.block_idx[e], one.block_mask[e]))
+            .collect();
+        let want = ((density * (128 * qb + 128).min(n) as f64).round() as usize).saturating_sub(kept.len() * 64);
+        let before = 128 * qb as u32;
+        let free = (0..before).filter(|c| !band.contains(&(c / 64))).count();
+        let mut cols = std::collections::BTreeSet::new();
+        while cols.len() < want.min(free) {
+            let c = rng.random_range(0..before.max(1));
+            if c < before && !band.contains(&(c / 64)) {
+                cols.insert(c);
+            }
+        }
+        let cols: Vec<u32> = cols.into_iter().collect();
+        columns.push(cols.clone());
+        rows.push((kept, cols));
+    }
+    for _h in 0..heads {
+        for (kept, cols) in &rows {
+            ix.block_idx.extend(kept.iter().map(|(b, _)| *b));
+            ix.block_mask.extend(kept.iter().map(|(_, m)| *m));
+            ix.col_idx.extend_from_slice(cols);
+            ix.col_mask.extend(cols.iter().map(|_| FULL));
+            ix.block_ptr.push(ix.block_idx.len() as u32);
+            ix.col_ptr.push(ix.col_idx.len() as u32);
+        }
+    }
+    Ok(Case { name: format!("cvv-{}", (density * 100.0).round()), index: ix, blocks128: None, columns: Some(columns) })
+}
+
 /// Rows padded to the longest with 0 (key 0 is always kept: the sink), row-major.
 fn write_u32(path: &Path, rows: &[Vec<u32>]) -> Result<()> {
     let width = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -254,7 +302,7 @@ fn main() -> Result<()> {
                 runs.push((format!("{case_name}-variant"), *c));
             }
             runs.push((case_name.clone(), configs[0]));
-        } else if case_name.starts_with("vv-") {
+        } else if case_name.starts_with("vv-") || case_name.starts_with("cvv-") {
             runs.push((case_name.clone(), vv));
         } else {
             runs.push((case_name.clone(), sparse));
@@ -287,6 +335,8 @@ fn main() -> Result<()> {
                 "block-3" => random_blocks(h, n, 0.03, n as u64 + 1, config.block_n as usize),
                 "vv-10" => vertical_vectors(h, n, 0.10, n as u64 + 2),
                 "vv-3" => vertical_vectors(h, n, 0.03, n as u64 + 3),
+                "cvv-10" => causal_vertical_vectors(h, n, 0.10, n as u64 + 4)?,
+                "cvv-3" => causal_vertical_vectors(h, n, 0.03, n as u64 + 5)?,
                 other => anyhow::bail!("unknown case `{other}`"),
             };
             let ix = &case.index;
@@ -294,8 +344,11 @@ fn main() -> Result<()> {
             let density = pairs as f64 / (h as f64 * n as f64 * n as f64);
             // The kernel is generated as for the pattern the index stands for (the runtime
             // passes the user's pattern): vertical vectors gather columns, the rest do not.
-            let expr = if case.columns.is_some() {
-                builder::sink(64) | builder::local(64) | builder::vertical_vector().q_block(128)
+            let vv = || builder::sink(64) | builder::local(64) | builder::vertical_vector().q_block(128);
+            let expr = if case.name.starts_with("cvv") {
+                builder::causal() & vv()
+            } else if case.columns.is_some() {
+                vv()
             } else if case.name == "causal" {
                 builder::causal()
             } else {
@@ -363,6 +416,37 @@ mod tests {
             assert_eq!(c.index.pairs(), 3 * (n * (n + 1) / 2) as u64, "n={n} {bm}x{bn}");
             assert_eq!(c.index.block_ptr.len(), 3 * n.div_ceil(bm) + 1);
             assert!(!c.index.masks.is_empty(), "the diagonal blocks need the causal predicate");
+        }
+    }
+
+    #[test]
+    fn causal_vertical_vectors_keep_only_visible_keys_at_about_their_density() {
+        let n = 4096;
+        for density in [0.10, 0.03] {
+            let c = causal_vertical_vectors(2, n, density, 5).unwrap();
+            let ix = &c.index;
+            // Every kept pair is causal: the index's pairs are the dense mask's, under causality.
+            let mut visible = 0u64;
+            for h in 0..2 {
+                for q in 0..n {
+                    for k in 0..n {
+                        if ix.contains_token(h, q, k) {
+                            assert!(k <= q, "density {density}: head {h} keeps ({q}, {k})");
+                            visible += 1;
+                        }
+                    }
+                }
+            }
+            assert_eq!(visible, ix.pairs());
+            // The causal area's share: at least the target; above it where the sink and the band
+            // alone (256 keys a row) exceed it, which at 4096 tokens is most rows at 3%.
+            let share = ix.pairs() as f64 / (2.0 * (n * (n + 1) / 2) as f64);
+            assert!(share >= 0.98 * density && share < density + 0.10, "density {density}: {share:.3}");
+            // The same columns for every head, before their query block.
+            let cols = c.columns.as_ref().unwrap();
+            for (qb, row) in cols.iter().enumerate() {
+                assert!(row.iter().all(|&c| (c as usize) < 128 * qb), "row {qb}");
+            }
         }
     }
 }
