@@ -200,6 +200,17 @@ pub struct Gpu {
     db: Option<(weft_cache::Db, weft_cache::Toolchain)>,
     /// [`GpuOptions`] (a lock: launches read it once each).
     options: Mutex<GpuOptions>,
+    /// [`Gpu::decode`]'s split-KV partials, kept for the next call of the same size on the
+    /// same stream (a decode loop allocates them once).
+    decode_partials: Mutex<Option<DecodePartials>>,
+}
+
+/// Partial outputs and log-sum-exps of a split-KV decode, and the stream they were last used
+/// on.
+struct DecodePartials {
+    stream: usize,
+    opart: CudaSlice<f32>,
+    lpart: CudaSlice<f32>,
 }
 
 /// Where [`Gpu::load_traced`] found a kernel.
@@ -302,6 +313,7 @@ impl Gpu {
             plan_copies: Mutex::new(HashMap::new()),
             db: None,
             options: Mutex::new(GpuOptions::default()),
+            decode_partials: Mutex::new(None),
         })
     }
 
@@ -729,9 +741,21 @@ impl Gpu {
         let rows = shape.hq * shape.nq;
         let splits = self.decode_splits_for(rows, splits);
         let s = &self.stream;
-        let what = "allocating decode partials";
-        let mut opart = s.alloc_zeros::<f32>(splits * rows * shape.head_dim).map_err(driver(what))?;
-        let mut lpart = s.alloc_zeros::<f32>(splits * rows).map_err(driver(what))?;
+        // The partials of the last call when they fit and were used on this stream (its work
+        // is ordered before this call's), else new ones.
+        let (olen, llen) = (splits * rows * shape.head_dim, splits * rows);
+        let mut kept =
+            self.decode_partials.lock().map_err(|_| Error::Usage("the decode partials' lock is poisoned".into()))?;
+        let id = s.cu_stream() as usize;
+        if !kept.as_ref().is_some_and(|p| p.stream == id && p.opart.len() == olen && p.lpart.len() == llen) {
+            let what = "allocating decode partials";
+            *kept = Some(DecodePartials {
+                stream: id,
+                opart: s.alloc_zeros::<f32>(olen).map_err(driver(what))?,
+                lpart: s.alloc_zeros::<f32>(llen).map_err(driver(what))?,
+            });
+        }
+        let DecodePartials { opart, lpart, .. } = kept.as_mut().expect("just made");
         let f = self.load(kernel)?;
         let mut a = Args::new(s);
         let [block_ptr, block_idx, block_mask, col_ptr, col_idx, col_mask] = index.csr(&mut a);
@@ -739,8 +763,8 @@ impl Gpu {
             q: a.r(q),
             k: a.r(k),
             v: a.r(v),
-            opart: a.w(&mut opart),
-            lsepart: a.w(&mut lpart),
+            opart: a.w(opart),
+            lsepart: a.w(lpart),
             block_ptr,
             block_idx,
             block_mask,
@@ -756,7 +780,7 @@ impl Gpu {
         };
         // Safety: addresses from `a`; lengths checked above, partials allocated for them.
         unsafe { launch(s, &f, &DECODE_ENTRY, [shape.nq * splits, shape.hq, 1], 0, params, a) }?;
-        self.merge(merge, &opart, &lpart, splits, rows, shape.head_dim, out, lse)
+        self.merge(merge, opart, lpart, splits, rows, shape.head_dim, out, lse)
     }
 
     /// Key ranges per row of a split-KV decode over `rows` rows: `requested` (at most 1024),
