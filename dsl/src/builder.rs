@@ -238,7 +238,7 @@ setters!(Block { block_q: u32, block_k: u32 });
 setters!(VerticalVector { q_block: u32, keep: Budget, sink: u32, local: u32 });
 setters!(VerticalSlash { block: u32, last_q: u32, vertical: Budget, slash: Budget });
 setters!(Grid { stride: u32, lines: GridLines, sink: u32 });
-setters!(Retrieval { unit: Unit, score: Score, budget: Budget, sink: u32, recent: u32 });
+setters!(Retrieval { unit: Unit, score: Score, budget: Budget, sink: u32, recent: u32, per: Per });
 
 impl Block {
     /// Dynamic keep: a budget over pooled block scores.

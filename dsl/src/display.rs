@@ -231,11 +231,17 @@ impl Display for PatternExpr {
                 }
                 write!(f, ", lines = {}, sink = {})", g.lines, g.sink)
             }
-            PatternExpr::Retrieval(r) => write!(
-                f,
-                "retrieval(unit = {}, score = {}, keep = {}, sink = {}, recent = {})",
-                r.unit, r.score, r.budget, r.sink, r.recent
-            ),
+            PatternExpr::Retrieval(r) => {
+                write!(
+                    f,
+                    "retrieval(unit = {}, score = {}, keep = {}, sink = {}, recent = {}",
+                    r.unit, r.score, r.budget, r.sink, r.recent
+                )?;
+                if r.per == Per::KvHead {
+                    f.write_str(", per = kv_head")?;
+                }
+                f.write_str(")")
+            }
             PatternExpr::Union(items) | PatternExpr::Intersect(items) => {
                 let (op, p) = if matches!(self, PatternExpr::Union(_)) { (" | ", 1) } else { (" & ", 2) };
                 for (i, item) in items.iter().enumerate() {

@@ -319,10 +319,41 @@ pub struct Retrieval {
     pub budget: Budget,
     pub sink: u32,
     pub recent: u32,
+    /// Whose choice it is: each query head's (the default), or one per KV head for the query
+    /// heads that share it (GQA). Absent from the IR when the default, so that the hashes of
+    /// patterns written before it stay as they were.
+    #[serde(default, skip_serializing_if = "Per::is_query_head")]
+    pub per: Per,
 }
 
 impl Default for Retrieval {
     fn default() -> Self {
-        Retrieval { unit: Unit::Page(16), score: Score::MinMax, budget: Budget::TopK(64), sink: 4, recent: 64 }
+        Retrieval {
+            unit: Unit::Page(16),
+            score: Score::MinMax,
+            budget: Budget::TopK(64),
+            sink: 4,
+            recent: 64,
+            per: Per::QueryHead,
+        }
+    }
+}
+
+/// Who a retrieval operator's choice belongs to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Per {
+    /// Every query head chooses its own units.
+    #[default]
+    QueryHead,
+    /// The query heads of a KV head choose together: a unit scores the best of their scaled
+    /// scores (for Quest's bound, still an upper bound for each head), and all of them attend
+    /// over the units it keeps, so the KV head's kept keys are read once.
+    KvHead,
+}
+
+impl Per {
+    pub fn is_query_head(&self) -> bool {
+        *self == Per::QueryHead
     }
 }

@@ -583,7 +583,7 @@ fn family(c: &Call<'_>, place: Place) -> Result<PatternExpr> {
             PatternExpr::Grid(Grid { stride, phase, lines, sink: c.u32_or("sink", 0)? })
         }
         "retrieval" => {
-            c.check(&["unit", "score", "keep", "sink", "recent"], 0)?;
+            c.check(&["unit", "score", "keep", "sink", "recent", "per"], 0)?;
             let d = Retrieval::default();
             let unit = match c.get("unit") {
                 None => d.unit,
@@ -614,6 +614,15 @@ fn family(c: &Call<'_>, place: Place) -> Result<PatternExpr> {
                 budget: c.budget_or("keep", d.budget)?,
                 sink: c.u32_or("sink", d.sink)?,
                 recent: c.u32_or("recent", d.recent)?,
+                per: match c.get("per") {
+                    None => d.per,
+                    Some(e) => {
+                        choice(e, "whose choice", &[("query_head", false), ("kv_head", false)], |n, _| match n {
+                            "kv_head" => Per::KvHead,
+                            _ => Per::QueryHead,
+                        })?
+                    }
+                },
             })
         }
         "permuted" => {

@@ -36,6 +36,7 @@ fn builder_text_and_file_agree() {
             retrieval().unit(weft_dsl::Unit::Cluster(32)).score(weft_dsl::Score::Centroid).budget(top_p(0.9)).into(),
             "retrieval(unit = cluster(32), score = centroid, keep = top_p(0.9))",
         ),
+        (retrieval().budget(top_k(32)).per(weft_dsl::Per::KvHead).into(), "retrieval(keep = top_k(32), per = kv_head)"),
         (causal() & pred((k() % 64).eq(lit(0)).or((q() - k()).lt(lit(128)))), "causal & (k % 64 == 0 || q - k < 128)"),
         (
             block().block_q(128).block_k(32).keep_where(q().ge(k()).and(h().lt(lit(4)))).into(),
@@ -73,6 +74,18 @@ fn hash_ignores_name_order_and_repeats_but_not_parameters() {
     // The written sugar and the predicate it stands for are one pattern.
     assert_eq!(parse("sink(64)").hash(), parse("k < 64").hash());
     assert_eq!(a.hash().to_hex().len(), 64);
+}
+
+#[test]
+fn a_retrieval_chosen_per_kv_head_is_another_pattern_and_the_default_keeps_its_hash() {
+    let own = parse("retrieval(unit = page(16), keep = top_k(32))");
+    let shared = parse("retrieval(unit = page(16), keep = top_k(32), per = kv_head)");
+    assert_ne!(own.hash(), shared.hash());
+    assert_eq!(own.hash(), parse("retrieval(unit = page(16), keep = top_k(32), per = query_head)").hash());
+    // The default is absent from the IR, so that patterns written before `per` hash as they did.
+    assert!(!own.to_json().contains("per") && shared.to_json().contains("\"per\": \"kv_head\""));
+    assert_eq!(shared.to_string().matches("per = kv_head").count(), 1, "{shared}");
+    assert!(syntax_message("retrieval(per = group)").contains("kv_head"));
 }
 
 #[test]

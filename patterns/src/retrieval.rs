@@ -11,9 +11,12 @@
 //!   elementwise key minimum and maximum; `centroid` is `q . c`; `quantized(b)` is `q . k'`
 //!   with `k'` the key quantized per token to `b` bits ([`quantize`]), a page scoring its best
 //!   token;
-//! - the budget ranks `scale * score` (ties: lower unit first) exactly as the other families.
+//! - the budget ranks `scale * score` (ties: lower unit first) exactly as the other families;
+//! - `per = kv_head`: the query heads of a KV head choose together, a unit ranking by the
+//!   largest of their `scale * score` (the first head's, then `f64::max` with each next
+//!   head's), and every one of them keeps what the group keeps.
 
-use weft_dsl::{Budget, Pred, Retrieval, Score, Unit};
+use weft_dsl::{Budget, Per, Pred, Retrieval, Score, Unit};
 
 use crate::select::select;
 use crate::selection::ColSel;
@@ -166,7 +169,24 @@ pub fn kept_for_row(
     visible: usize,
     scale: f64,
 ) -> Vec<u32> {
-    if visible == 0 {
+    kept_for_rows(r, &[qrow], k, head, units, centroids, visible, scale)
+}
+
+/// Kept keys of query rows that choose together (the query heads of KV head `head` at one
+/// position, `per = kv_head`; a single row otherwise), sorted: a unit ranks by the largest of
+/// the rows' `scale * score`, the first row's then `f64::max` with each next one's.
+#[allow(clippy::too_many_arguments)]
+pub fn kept_for_rows(
+    r: &Retrieval,
+    qrows: &[&[f32]],
+    k: &Tensor,
+    head: usize,
+    units: &[Vec<usize>],
+    centroids: &[Vec<f64>],
+    visible: usize,
+    scale: f64,
+) -> Vec<u32> {
+    if visible == 0 || qrows.is_empty() {
         return Vec::new();
     }
     let sink = (r.sink as usize).min(visible);
@@ -177,7 +197,9 @@ pub fn kept_for_row(
         .enumerate()
         .filter(|(_, toks)| toks.iter().any(|&t| t < visible && !forced(t)))
         .map(|(u, toks)| {
-            (u as u32, scale * unit_score(r.score, qrow, k, head, toks, centroids.get(u).map(Vec::as_slice)))
+            let c = centroids.get(u).map(Vec::as_slice);
+            let of = |q: &[f32]| scale * unit_score(r.score, q, k, head, toks, c);
+            (u as u32, qrows[1..].iter().fold(of(qrows[0]), |best, q| best.max(of(q))))
         })
         .collect();
     let budget: Budget = r.budget;
@@ -209,13 +231,22 @@ pub(crate) fn select_head(
 ) -> ColSel {
     let (nq, nk) = (q.tokens, k.tokens);
     let (units, cents) = units(r, k, kv);
+    // The heads whose rows choose together: this one, or its KV head's.
+    let heads = match r.per {
+        Per::QueryHead => h..h + 1,
+        Per::KvHead => {
+            let group = (q.heads / k.heads.max(1)).max(1);
+            kv * group..(kv + 1) * group
+        }
+    };
     let cols = (0..nq)
         .map(|row| {
             if !wanted.is_none_or(|w| w[row]) {
                 return Vec::new();
             }
             let visible = crate::metrics::Universe::Causal.keys(row, nq, nk);
-            kept_for_row(r, q.row(h, row), k, kv, &units, &cents, visible, scale)
+            let rows: Vec<&[f32]> = heads.clone().map(|g| q.row(g, row)).collect();
+            kept_for_rows(r, &rows, k, kv, &units, &cents, visible, scale)
         })
         .collect();
     ColSel { bq: 1, cols }
@@ -237,6 +268,61 @@ mod tests {
         k.data[(300 + 60) * 8..(300 + 61) * 8].copy_from_slice(&[-0.0; 8]);
         for head in 0..2 {
             assert_eq!(singletons(&k, head), lloyd(&k, head, 1), "head {head}");
+        }
+    }
+
+    /// `per = kv_head`: the heads of a group keep one set, the top units by the largest of
+    /// their scaled scores (checked by sorting), and with one query head per KV head the
+    /// choice is each head's own.
+    #[test]
+    fn heads_that_share_a_kv_head_choose_together_by_their_best_score() {
+        let (d, nk) = (16usize, 500usize);
+        let k = Tensor::random(2, nk, d, 7);
+        let q = Tensor::random(8, 1, d, 8);
+        let scale = 0.25;
+        for (score, unit) in [(Score::MinMax, Unit::Page(16)), (Score::Quantized(4), Unit::Page(16))] {
+            let r = Retrieval { unit, score, budget: Budget::TopK(5), sink: 4, recent: 20, per: Per::KvHead };
+            let ix =
+                crate::build_index(&weft_dsl::PatternExpr::Retrieval(r.clone()), &q, &k, &Default::default()).unwrap();
+            for kv in 0..2 {
+                let (u, c) = units(&r, &k, kv);
+                let rows: Vec<&[f32]> = (4 * kv..4 * kv + 4).map(|h| q.row(h, 0)).collect();
+                let group = kept_for_rows(&r, &rows, &k, kv, &u, &c, nk, scale);
+                // By sorting: candidates (not only sink or recent), best first, lower unit on ties.
+                let mut ranked: Vec<(usize, f64)> = (0..u.len())
+                    .filter(|&i| u[i].iter().any(|&t| t >= 4 && t < nk - 20))
+                    .map(|i| {
+                        let best = rows
+                            .iter()
+                            .map(|q| scale * unit_score(score, q, &k, kv, &u[i], None))
+                            .fold(f64::NEG_INFINITY, f64::max);
+                        (i, best)
+                    })
+                    .collect();
+                ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                let mut want: Vec<u32> = (0..4).chain(nk - 20..nk).map(|t| t as u32).collect();
+                for (i, _) in &ranked[..5] {
+                    want.extend(u[*i].iter().map(|&t| t as u32));
+                }
+                want.sort_unstable();
+                want.dedup();
+                assert_eq!(group, want, "{score:?} kv head {kv}");
+                // Every head of the group keeps it in the index (one query row, nk keys).
+                for h in 4 * kv..4 * kv + 4 {
+                    let kept: Vec<u32> = (0..nk as u32).filter(|&t| ix.contains_token(h, 0, t as usize)).collect();
+                    assert_eq!(kept, group, "{score:?} head {h}");
+                }
+            }
+            // One query head per KV head: each head's own choice.
+            let q2 = Tensor::random(2, 1, d, 9);
+            for h in 0..2 {
+                let (u, c) = units(&r, &k, h);
+                let own = Retrieval { per: Per::QueryHead, ..r.clone() };
+                assert_eq!(
+                    kept_for_rows(&r, &[q2.row(h, 0)], &k, h, &u, &c, nk, scale),
+                    kept_for_row(&own, q2.row(h, 0), &k, h, &u, &c, nk, scale)
+                );
+            }
         }
     }
 }

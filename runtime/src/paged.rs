@@ -101,6 +101,9 @@ impl Keep {
                 s.page_size, r.unit
             ));
         }
+        if r.per != weft_dsl::Per::QueryHead {
+            return usage("per = kv_head is chosen on the CPU only (weft_patterns::retrieval); the device chooses per query head".into());
+        }
         let score_mode = match r.score {
             Score::MinMax => 0,
             Score::Quantized(b) if b == key_bits => 1,
@@ -755,7 +758,7 @@ mod tests {
     #[test]
     fn quest_and_quantized_pages_run_on_the_device_and_other_retrievals_say_why_not() {
         let quest =
-            Retrieval { unit: Unit::Page(16), score: Score::MinMax, budget: Budget::TopK(3), sink: 20, recent: 5 };
+            Retrieval { unit: Unit::Page(16), budget: Budget::TopK(3), sink: 20, recent: 5, ..Retrieval::default() };
         match Keep::of(Some(&quest), &shape(), 0).unwrap() {
             // Chunks: two for the sink, one for the recent tokens, one for an unaligned start,
             // and the three pages.

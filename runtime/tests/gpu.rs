@@ -1544,6 +1544,7 @@ fn paged_decode_matches_the_cpu_reference() {
                     budget,
                     sink: 4,
                     recent: 40,
+                    ..Retrieval::default()
                 };
                 let cases = [
                     None,
@@ -1687,6 +1688,7 @@ fn paged_cache_in_host_memory_decodes_as_the_gpu_cache() {
         budget: Budget::TopK(6),
         sink: 4,
         recent: 20,
+        ..Retrieval::default()
     };
     let mut failures = Vec::new();
     for step in 0..steps {

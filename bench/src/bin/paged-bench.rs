@@ -157,6 +157,7 @@ fn quest(args: &Args, pages: usize) -> (Retrieval, usize) {
         budget: Budget::TopK(kept_pages as u32),
         sink: 64,
         recent: 64,
+        ..Retrieval::default()
     };
     (r, kept_pages)
 }

@@ -224,7 +224,11 @@ fn lower(e: &PatternExpr, k: &TokenStream) -> TokenStream {
                 Score::Quantized(b) => quote!(#k::Score::Quantized(#b)),
             };
             let (b, sink, recent) = (budget(&r.budget, k), r.sink, r.recent);
-            quote!(#k::PatternExpr::Retrieval(#k::Retrieval { unit: #unit, score: #score, budget: #b, sink: #sink, recent: #recent }))
+            let per = match r.per {
+                Per::QueryHead => quote!(#k::Per::QueryHead),
+                Per::KvHead => quote!(#k::Per::KvHead),
+            };
+            quote!(#k::PatternExpr::Retrieval(#k::Retrieval { unit: #unit, score: #score, budget: #b, sink: #sink, recent: #recent, per: #per }))
         }
         PatternExpr::Union(items) | PatternExpr::Intersect(items) => {
             let ctor = if matches!(e, PatternExpr::Union(_)) { quote!(Union) } else { quote!(Intersect) };
