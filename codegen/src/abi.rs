@@ -230,7 +230,8 @@ params! {
     }
     /// The paged cache's `score` entry ([`crate::emit_paged`]): every candidate page's score
     /// for every query head (sortable keys, `[batch * hq, max_pages]`); `score_mode` 0 is
-    /// Quest's bound, 1 the best token's score over quantized keys (ParisKV).
+    /// Quest's bound, 1 the best token's score over quantized keys (ParisKV); `shared` 1: one
+    /// score per KV head, the best of its heads', in its first head's row.
     PagedScoreParams {
         q: DevPtr = "const u16* __restrict__ Q",
         kmin: DevPtr = "const u16* __restrict__ kmin",
@@ -247,6 +248,7 @@ params! {
         sink: i32 = "int sink",
         recent: i32 = "int recent",
         scale: f64 = "double scale",
+        shared: i32 = "int shared",
         scores: DevPtr = "unsigned long long* __restrict__ scores",
     }
     /// The paged cache's `retrieve` entry ([`crate::emit_paged`]): the page choice per
@@ -257,6 +259,7 @@ params! {
         max_pages: i32 = "int max_pages",
         page_size: i32 = "int page_size",
         hq: i32 = "int hq",
+        group: i32 = "int group",
         sink: i32 = "int sink",
         recent: i32 = "int recent",
         mode: i32 = "int mode",
@@ -284,6 +287,7 @@ params! {
         chunk_count: DevPtr = "const int* __restrict__ chunk_count",
         cap: i32 = "int cap",
         dense: i32 = "int dense",
+        shared: i32 = "int shared",
         splits: i32 = "int splits",
         scale_log2: f32 = "float scale_log2",
         hot_k: DevPtr = "const u16* __restrict__ hot_k",
@@ -307,6 +311,7 @@ params! {
         chunks: DevPtr = "const int2* __restrict__ chunks",
         chunk_count: DevPtr = "const int* __restrict__ chunk_count",
         cap: i32 = "int cap",
+        group: i32 = "int group",
         hot_k: DevPtr = "u16* __restrict__ hot_k",
         hot_v: DevPtr = "u16* __restrict__ hot_v",
         hot_tag: DevPtr = "u32* __restrict__ hot_tag",

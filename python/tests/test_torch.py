@@ -316,7 +316,8 @@ def test_paged_cache_decodes_over_what_the_cpu_reference_keeps(host, hot_pages):
     quest = f"retrieval(unit = page({ps}), keep = top_k(8), sink = 4, recent = 32)"
     quest_p = f"retrieval(unit = page({ps}), keep = top_p(0.5), sink = 4, recent = 32)"
     paris = f"retrieval(unit = page({ps}), score = quantized(4), keep = top_k(8), sink = 4, recent = 32)"
-    for text in (None, quest, quest_p, quest, paris):
+    shared = f"retrieval(unit = page({ps}), keep = top_k(8), sink = 4, recent = 32, per = kv_head)"
+    for text in (None, quest, quest_p, quest, paris, shared):
         out, lse = cache.decode(q, text, return_lse=True)
         for b, n in enumerate(lens):
             qb, kb, vb = q[b][None, :, None], ks[b][None], vs[b][None]

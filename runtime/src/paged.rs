@@ -82,6 +82,9 @@ enum Keep {
         recent: i32,
         /// 0: Quest's bound; 1: the best token over quantized keys.
         score_mode: i32,
+        /// Query heads per choice: 1, or the group size when the heads of a KV head choose
+        /// together (`per = kv_head`).
+        group: usize,
         mode: i32,
         top_k: i32,
         budget_arg: f64,
@@ -100,9 +103,6 @@ impl Keep {
                 "the device retrieves the cache's pages (unit = page({})), got {:?}",
                 s.page_size, r.unit
             ));
-        }
-        if r.per != weft_dsl::Per::QueryHead {
-            return usage("per = kv_head is chosen on the CPU only (weft_patterns::retrieval); the device chooses per query head".into());
         }
         let score_mode = match r.score {
             Score::MinMax => 0,
@@ -129,7 +129,8 @@ impl Keep {
         // recent chunk that share a page with them), whatever sink and recent are.
         let cap = (sink.div_ceil(s.page_size) + recent.div_ceil(s.page_size) + 1 + kept).min(s.max_pages + 2);
         let clamp = |x: usize| x.min(i32::MAX as usize) as i32;
-        Ok(Keep::Quest { sink: clamp(sink), recent: clamp(recent), score_mode, mode, top_k, budget_arg, cap })
+        let group = if r.per == weft_dsl::Per::KvHead { s.hq / s.hkv } else { 1 };
+        Ok(Keep::Quest { sink: clamp(sink), recent: clamp(recent), score_mode, group, mode, top_k, budget_arg, cap })
     }
 
     fn cap(&self) -> usize {
@@ -144,8 +145,9 @@ impl Keep {
 struct Workspace {
     splits: usize,
     cap: usize,
-    /// The row stride of the chunks the last step wrote (`None` after a dense step).
-    last_cap: Option<usize>,
+    /// The row stride of the chunks the last step wrote and its query heads per choice (`None`
+    /// after a dense step).
+    last_cap: Option<(usize, usize)>,
     scores: CudaSlice<u64>,
     chunks: CudaSlice<i32>,
     counts: CudaSlice<i32>,
@@ -559,11 +561,11 @@ impl PagedKvCache {
         let work = self.work.as_mut().expect("the workspace was just made");
         work.last_cap = match keep {
             Keep::Dense => None,
-            Keep::Quest { cap, .. } => Some(cap),
+            Keep::Quest { cap, group, .. } => Some((cap, group)),
         };
-        let (dense, cap) = match keep {
-            Keep::Dense => (1, 0),
-            Keep::Quest { sink, recent, score_mode, mode, top_k, budget_arg, cap } => {
+        let (dense, cap, group) = match keep {
+            Keep::Dense => (1, 0, 1),
+            Keep::Quest { sink, recent, score_mode, group, mode, top_k, budget_arg, cap } => {
                 let mut a = Args::new(stream);
                 let params = PagedScoreParams {
                     q: a.r(q),
@@ -581,6 +583,7 @@ impl PagedKvCache {
                     sink,
                     recent,
                     scale: f64::from(scale),
+                    shared: i32::from(group > 1),
                     scores: a.w(&mut work.scores),
                 };
                 // Safety: addresses from `a`; the workspace holds `max_pages` scores per
@@ -592,6 +595,7 @@ impl PagedKvCache {
                     max_pages: s.max_pages as i32,
                     page_size: s.page_size as i32,
                     hq: s.hq as i32,
+                    group: group as i32,
                     sink,
                     recent,
                     mode,
@@ -604,8 +608,8 @@ impl PagedKvCache {
                 };
                 // Safety: addresses from `a`; the workspace holds `max_pages` scores and `cap`
                 // chunks per (sequence, head), which bound what the kernel reads and writes.
-                unsafe { self.module.launch(stream, &entry::RETRIEVE, [s.hq, s.batch, 1], 0, params, a) }?;
-                (0, cap)
+                unsafe { self.module.launch(stream, &entry::RETRIEVE, [s.hq / group, s.batch, 1], 0, params, a) }?;
+                (0, cap, group)
             }
         };
         if let (Store::Host { k, v, hot }, Keep::Quest { .. }) = (&mut self.store, keep) {
@@ -622,6 +626,7 @@ impl PagedKvCache {
                     chunks: a.r(&work.chunks),
                     chunk_count: a.r(&work.counts),
                     cap: cap as i32,
+                    group: group as i32,
                     hot_k: a.w(&mut hot.k),
                     hot_v: a.w(&mut hot.v),
                     hot_tag: a.w(&mut hot.tag),
@@ -633,7 +638,7 @@ impl PagedKvCache {
                 // Safety: addresses from `a` and the mapped cache; the chunks were written by
                 // `retrieve` (at most `cap` per row, tokens below each length, so pages below
                 // `max_pages`); the hot buffers hold `slots` pages.
-                unsafe { self.module.launch(stream, &entry::STAGE, [s.hq, s.batch, 1], 0, params, a) }?;
+                unsafe { self.module.launch(stream, &entry::STAGE, [s.hq / group, s.batch, 1], 0, params, a) }?;
             }
         }
         let mut a = Args::new(stream);
@@ -653,6 +658,7 @@ impl PagedKvCache {
             chunk_count: a.r(&work.counts),
             cap: cap as i32,
             dense,
+            shared: i32::from(group > 1),
             splits: splits as i32,
             scale_log2: scale * std::f32::consts::LOG2_E,
             hot_k: hot.k,
@@ -663,8 +669,10 @@ impl PagedKvCache {
             opart: a.w(&mut work.opart),
             lsepart: a.w(&mut work.lpart),
         };
-        // A dense step's CTA serves the heads_per_cta query heads of one KV head that share its rows.
-        let heads = if dense == 1 { s.hq / heads_per_cta((s.hq / s.hkv) as u32) as usize } else { s.hq };
+        // A dense step's CTA, and a step whose KV heads' heads choose together, serve the
+        // heads_per_cta query heads of one KV head that share their rows.
+        let grouped = dense == 1 || group > 1;
+        let heads = if grouped { s.hq / heads_per_cta((s.hq / s.hkv) as u32) as usize } else { s.hq };
         // Safety: addresses from `a`; the partials hold `splits` x rows; chunks (when read)
         // were written by `retrieve` with at most `cap` per row and tokens below each length.
         unsafe { self.module.launch(stream, &entry::ATTEND, [splits, heads, s.batch], 0, params, a) }?;
@@ -685,10 +693,13 @@ impl PagedKvCache {
     }
 
     /// The tokens the last step kept per (sequence, query head), ascending (rows `b * hq +
-    /// h`), when it was a retrieval step; `None` otherwise. Waits for the device: for tests and
-    /// reports (recall of the kept set), not for the decode loop.
+    /// h`; heads that chose together have the same), when it was a retrieval step; `None`
+    /// otherwise. Waits for the device: for tests and reports (recall of the kept set), not for
+    /// the decode loop.
     pub fn last_kept(&self, gpu: &Gpu) -> Result<Option<Vec<Vec<u32>>>, Error> {
-        let Some((w, cap)) = self.work.as_ref().and_then(|w| w.last_cap.map(|c| (w, c))) else { return Ok(None) };
+        let Some((w, (cap, group))) = self.work.as_ref().and_then(|w| w.last_cap.map(|c| (w, c))) else {
+            return Ok(None);
+        };
         let st = gpu.stream();
         let counts = st.clone_dtoh(&w.counts).map_err(driver("reading the kept chunks"))?;
         let chunks = st.clone_dtoh(&w.chunks).map_err(driver("reading the kept chunks"))?;
@@ -696,6 +707,8 @@ impl PagedKvCache {
         Ok(Some(
             (0..rows)
                 .map(|row| {
+                    // The row that holds the choice: the head's, or its group's first head's.
+                    let row = row - row % group;
                     let n = (counts[row].max(0) as usize).min(cap);
                     (0..n)
                         .flat_map(|c| {
@@ -771,7 +784,10 @@ mod tests {
         let top_p = Retrieval { budget: Budget::TopP(0.9), ..quest };
         assert!(matches!(Keep::of(Some(&top_p), &shape(), 0).unwrap(), Keep::Quest { mode: 2, cap: 12, .. }));
         let paris = Retrieval { score: Score::Quantized(4), ..quest };
-        assert!(matches!(Keep::of(Some(&paris), &shape(), 4).unwrap(), Keep::Quest { score_mode: 1, .. }));
+        assert!(matches!(Keep::of(Some(&paris), &shape(), 4).unwrap(), Keep::Quest { score_mode: 1, group: 1, .. }));
+        let shared = Retrieval { per: weft_dsl::Per::KvHead, ..quest.clone() };
+        let group = shape().hq / shape().hkv;
+        assert!(matches!(Keep::of(Some(&shared), &shape(), 0).unwrap(), Keep::Quest { group: g, .. } if g == group));
         for (r, bits, why) in [
             (Retrieval { unit: Unit::Page(32), ..quest }, 0, "the cache's pages (unit = page(16))"),
             (Retrieval { unit: Unit::Token, ..quest }, 0, "the cache's pages"),

@@ -1473,7 +1473,7 @@ fn wgmma_probe_matches_exact_products() {
 #[test]
 fn paged_decode_matches_the_cpu_reference() {
     use weft_dsl::{Budget, Retrieval};
-    use weft_patterns::retrieval::{kept_for_row, units};
+    use weft_patterns::retrieval::{kept_for_rows, units};
     use weft_runtime::{PagedOptions, PagedShape};
     let gpu = Gpu::open(0).expect("a GPU");
     let mut failures = Vec::new();
@@ -1556,6 +1556,12 @@ fn paged_decode_matches_the_cpu_reference() {
                     Some(Retrieval { sink: 0, recent: 0, ..quest(Budget::TopK(3)) }),
                     Some(Retrieval { score: Score::Quantized(key_bits), ..quest(Budget::TopK(8)) }),
                     Some(Retrieval { score: Score::Quantized(key_bits), ..quest(Budget::TopP(0.3)) }),
+                    Some(Retrieval { per: weft_dsl::Per::KvHead, ..quest(Budget::TopK(8)) }),
+                    Some(Retrieval {
+                        per: weft_dsl::Per::KvHead,
+                        score: Score::Quantized(key_bits),
+                        ..quest(Budget::Threshold(0.5))
+                    }),
                 ];
                 for r in &cases {
                     for splits in [0usize, 3] {
@@ -1582,7 +1588,12 @@ fn paged_decode_matches_the_cpu_reference() {
                                     None => (0..lens[b] as u32).collect(),
                                     Some(r) => {
                                         let (u, c) = units(r, k, kv);
-                                        kept_for_row(r, q.row(h, 0), k, kv, &u, &c, lens[b], scale)
+                                        // The heads that choose together: this one, or its KV head's.
+                                        let g = hq / hkv;
+                                        let heads =
+                                            if r.per == weft_dsl::Per::KvHead { kv * g..kv * g + g } else { h..h + 1 };
+                                        let rows: Vec<&[f32]> = heads.map(|x| q.row(x, 0)).collect();
+                                        kept_for_rows(r, &rows, k, kv, &u, &c, lens[b], scale)
                                     }
                                 });
                             }
@@ -1611,7 +1622,9 @@ fn paged_decode_matches_the_cpu_reference() {
                         let ok = unwritten == 0 && worst < tol && worst_lse < 2e-2 && wrong_sets == 0;
                         let name = match r {
                             None => "dense".to_string(),
-                            Some(r) => format!("{:?} {:?} sink={} recent={}", r.score, r.budget, r.sink, r.recent),
+                            Some(r) => {
+                                format!("{:?} {:?} {:?} sink={} recent={}", r.per, r.score, r.budget, r.sink, r.recent)
+                            }
                         };
                         println!(
                             "{} paged {:<30} {:<5} d={d:<3} hq={hq} hkv={hkv} page={page_size:<3} lens={lens:?} splits={splits} kept={:.3} wrong_sets={wrong_sets} rel_err={worst:.2e} lse_err={worst_lse:.2e} unwritten={unwritten}",

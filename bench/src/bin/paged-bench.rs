@@ -8,7 +8,8 @@
 //! K and V bytes over its time, and that as a share of the copy bandwidth), and the Quest step
 //! (`top_k` of `--keep` of the pages, sink 64 and recent 64 tokens): its time, its floor (the
 //! bytes it must read: each query head's page metadata and kept K and V, over the copy
-//! bandwidth) and its speedup over the dense step. Times are CUDA-event medians of `--reps`
+//! bandwidth) and its speedup over the dense step; and the same with the pages chosen per KV
+//! head (`per = kv_head`), whose floor reads each KV head's metadata and kept K and V once. Times are CUDA-event medians of `--reps`
 //! steps after a warm-up; a step is `score` + `retrieve` + `attend` + the merge (dense: `attend`
 //! + merge).
 
@@ -85,21 +86,25 @@ fn main() -> Result<()> {
         args.keep * 100.0,
         args.copy_mib
     );
-    println!("| batch | context | dense ms | dense GB/s | of copy | Quest ms | Quest floor ms | of floor | speedup |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| batch | context | dense ms | dense GB/s | of copy | Quest ms | Quest floor ms | of floor | speedup | per KV head ms | its floor ms | speedup |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &ctx in &args.context {
         let pages = ctx.div_ceil(args.page);
         let kv_src = kv_source(&s, &args, ctx)?;
         for &batch in &args.batch {
             let cache_gib = cache_gib(&args, batch, ctx);
             if cache_gib > args.max_gib {
-                println!("| {batch} | {ctx} | skipped: {cache_gib:.0} GiB of cache |  |  |  |  |  |  |");
+                println!("| {batch} | {ctx} | skipped: {cache_gib:.0} GiB of cache |  |  |  |  |  |  |  |  |  |");
                 continue;
             }
             let mut cache = gpu.paged_cache(shape(&args, batch, pages))?;
             let dense_ms = time_steps(&args, &gpu, &mut cache, &kv_src, ctx, None)?;
             let (quest, kept_pages) = quest(&args, pages);
             let quest_ms = time_steps(&args, &gpu, &mut cache, &kv_src, ctx, Some(&quest))?;
+            let shared = Retrieval { per: weft_dsl::Per::KvHead, ..quest.clone() };
+            let shared_ms = time_steps(&args, &gpu, &mut cache, &kv_src, ctx, Some(&shared))?;
             let kv_bytes = (batch * ctx * args.kv_heads * D * 2 * 2) as f64;
             let dense_gbs = kv_bytes / (dense_ms * 1e-3) / 1e9;
             // Quest's floor: per query head, its KV head's page minima and maxima, and the kept
@@ -108,11 +113,14 @@ fn main() -> Result<()> {
             let floor_bytes =
                 (batch * args.heads) as f64 * ((pages * D * 2 * 2) as f64 + (kept_tokens * D * 2 * 2) as f64);
             let floor_ms = floor_bytes / (copy_gbs * 1e9) * 1e3;
+            // Per KV head: each KV head's page metadata and kept K and V, read once for its heads.
+            let shared_floor_ms = floor_ms * args.kv_heads as f64 / args.heads as f64;
             println!(
-                "| {batch} | {ctx} | {dense_ms:.3} | {dense_gbs:.0} | {:.0}% | {quest_ms:.3} | {floor_ms:.3} | {:.2}x | {:.1}x |",
+                "| {batch} | {ctx} | {dense_ms:.3} | {dense_gbs:.0} | {:.0}% | {quest_ms:.3} | {floor_ms:.3} | {:.2}x | {:.1}x | {shared_ms:.3} | {shared_floor_ms:.3} | {:.1}x |",
                 100.0 * dense_gbs / copy_gbs,
                 quest_ms / floor_ms,
-                dense_ms / quest_ms
+                dense_ms / quest_ms,
+                dense_ms / shared_ms
             );
         }
     }

@@ -297,6 +297,7 @@ extern "C" __global__ void __launch_bounds__(SCORE_THREADS) WEFT_ENTRY(score)(PA
     const int c = blockIdx.x * SCORE_THREADS + threadIdx.x;
     const u32* table = page_table + (size_t)b * max_pages;
     const int row0 = b * hq + kvh * G;
+    double group_best = 0.0;  // shared: the best of the heads' scaled scores so far
     for (int h0 = 0; h0 < G; h0 += HC) {
         __syncthreads();
         for (int x = threadIdx.x; x < HC * D; x += SCORE_THREADS) {
@@ -348,13 +349,20 @@ extern "C" __global__ void __launch_bounds__(SCORE_THREADS) WEFT_ENTRY(score)(PA
             }
         }
 #pragma unroll
-        for (int j = 0; j < HC; ++j)
-            if (h0 + j < G) scores[(size_t)(row0 + h0 + j) * max_pages + c] = score_key(scale * sc[j]);
+        for (int j = 0; j < HC; ++j) {
+            if (h0 + j >= G) break;
+            const double scaled = scale * sc[j];
+            if (!shared) scores[(size_t)(row0 + h0 + j) * max_pages + c] = score_key(scaled);
+            // The first head's, then fmax with each next one's (as f64::max folds them).
+            else group_best = h0 + j == 0 ? scaled : fmax(group_best, scaled);
+        }
     }
+    if (shared && c < ncand) scores[(size_t)row0 * max_pages + c] = score_key(group_best);
 }
 
 // ---- retrieve ----
-// Grid: x query heads, y sequences.
+// Grid: x choosing rows of a sequence (query heads, or with `group` G the KV heads, whose
+// first query head's row holds the choice), y sequences.
 extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrieve)(PAGED_RETRIEVE_PARAMS)
 {
     __shared__ unsigned long long s_mass[256];
@@ -362,7 +370,7 @@ extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrie
     __shared__ int s_warp[RETRIEVE_WARPS];
     __shared__ int s_count;
 
-    const int h = blockIdx.x, b = blockIdx.y;
+    const int h = blockIdx.x * group, b = blockIdx.y;
     const int row = b * hq + h;
     const int visible = seq_lens[b];
     const int sink_end = min(sink, visible);
@@ -483,14 +491,18 @@ extern "C" __global__ void __launch_bounds__(ATTEND_THREADS, WEFT_HOST ? 3 : 4) 
     __shared__ float s_acc[HPC][SLOTS][D];
 
     const int split = blockIdx.x, b = blockIdx.z;
-    const int hcount = dense ? HPC : 1;
-    const int h0 = dense ? blockIdx.y * HPC : blockIdx.y;
+    // A dense step, and a retrieval whose KV head's heads share the kept chunks (`shared`, in
+    // the row of the KV head's first query head), serve HPC heads a CTA.
+    const bool grouped = dense || shared;
+    const int hcount = grouped ? HPC : 1;
+    const int h0 = grouped ? blockIdx.y * HPC : blockIdx.y;
     const int kvh = h0 / G;
     const int rows = batch * hq, row0 = b * hq + h0;
+    const int crow = shared ? b * hq + kvh * G : row0;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int piece = lane % LANES, slot = warp * ROWS + lane / LANES;
     const int len = seq_lens[b];
-    const int nchunks = dense ? (len + page_size - 1) / page_size : chunk_count[row0];
+    const int nchunks = dense ? (len + page_size - 1) / page_size : chunk_count[crow];
     const int per = (nchunks + splits - 1) / splits;
     const int c0 = split * per, c1 = min(nchunks, c0 + per);
     const u32* table = page_table + (size_t)b * max_pages;
@@ -528,7 +540,7 @@ extern "C" __global__ void __launch_bounds__(ATTEND_THREADS, WEFT_HOST ? 3 : 4) 
             const int c = t0 + threadIdx.x;
             int2 span;
             if (dense) span = make_int2(c * page_size, min((c + 1) * page_size, len));
-            else span = chunks[(size_t)row0 * cap + c];
+            else span = chunks[(size_t)crow * cap + c];
             s_start[threadIdx.x] = span.x;
             s_off[threadIdx.x + 1] = span.y - span.x;
         }
@@ -587,7 +599,7 @@ extern "C" __global__ void __launch_bounds__(ATTEND_THREADS, WEFT_HOST ? 3 : 4) 
                 }
 #pragma unroll
                 for (int j = 0; j < HPC; ++j) {
-                    if (j >= hcount) break;  // uniform over the CTA: a retrieval step serves one head
+                    if (j >= hcount) break;  // uniform over the CTA: a per-head retrieval serves one head
                     float sc = 0.f;
 #pragma unroll
                     for (int e = 0; e < 8; ++e) sc = fmaf(qv[j][e], kf[e], sc);
@@ -636,7 +648,7 @@ extern "C" __global__ void __launch_bounds__(ATTEND_THREADS, WEFT_HOST ? 3 : 4) 
 }
 
 // ---- stage (a cache in host memory) ----
-// Grid: x query heads, y sequences. Every page a retrieval step kept for the row (sequence b,
+// Grid: x choosing rows (query heads, or KV heads with `group` G), y sequences. Every page a retrieval step kept for the row (sequence b,
 // query head h) gets a hot copy on the GPU unless it has one: the page's slot is claimed for
 // this step (*hot_step + 1) with a compare-and-swap, so that one CTA copies it; a page whose
 // slot another page claimed first in the same step stays in host memory, and the attend kernel
@@ -645,7 +657,7 @@ extern "C" __global__ void __launch_bounds__(ATTEND_THREADS, WEFT_HOST ? 3 : 4) 
 extern "C" __global__ void __launch_bounds__(STAGE_THREADS) WEFT_ENTRY(stage)(PAGED_STAGE_PARAMS)
 {
     __shared__ unsigned long long s_stats[4];
-    const int h = blockIdx.x, b = blockIdx.y, kvh = h / (hq / hkv);
+    const int h = blockIdx.x * group, b = blockIdx.y, kvh = h / (hq / hkv);
     const int row = b * hq + h;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const unsigned long long step = (unsigned long long)(*hot_step + 1u) << 32;
