@@ -155,11 +155,12 @@ static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAdvanceParams: the ho
     int sink, \
     int recent, \
     double scale, \
+    int shared, \
     unsigned long long* __restrict__ scores
 static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedScoreParams: the host's q, kmin, kmax differ");
 static_assert(sizeof(const signed char*) == 8 && alignof(const signed char*) == 8, "PagedScoreParams: the host's codes differ");
 static_assert(sizeof(const float*) == 8 && alignof(const float*) == 8, "PagedScoreParams: the host's cscale differ");
-static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedScoreParams: the host's score_mode, max_pages, page_size, hq, hkv, sink, recent differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedScoreParams: the host's score_mode, max_pages, page_size, hq, hkv, sink, recent, shared differ");
 static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedScoreParams: the host's page_table differ");
 static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedScoreParams: the host's seq_lens differ");
 static_assert(sizeof(double) == 8 && alignof(double) == 8, "PagedScoreParams: the host's scale differ");
@@ -170,6 +171,7 @@ static_assert(sizeof(unsigned long long*) == 8 && alignof(unsigned long long*) =
     int max_pages, \
     int page_size, \
     int hq, \
+    int group, \
     int sink, \
     int recent, \
     int mode, \
@@ -180,7 +182,7 @@ static_assert(sizeof(unsigned long long*) == 8 && alignof(unsigned long long*) =
     int* __restrict__ chunk_count, \
     int cap
 static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedRetrieveParams: the host's seq_lens differ");
-static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedRetrieveParams: the host's max_pages, page_size, hq, sink, recent, mode, top_k, cap differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedRetrieveParams: the host's max_pages, page_size, hq, group, sink, recent, mode, top_k, cap differ");
 static_assert(sizeof(double) == 8 && alignof(double) == 8, "PagedRetrieveParams: the host's budget_arg differ");
 static_assert(sizeof(const unsigned long long*) == 8 && alignof(const unsigned long long*) == 8, "PagedRetrieveParams: the host's scores differ");
 static_assert(sizeof(int2*) == 8 && alignof(int2*) == 8, "PagedRetrieveParams: the host's chunks differ");
@@ -201,6 +203,7 @@ static_assert(sizeof(int*) == 8 && alignof(int*) == 8, "PagedRetrieveParams: the
     const int* __restrict__ chunk_count, \
     int cap, \
     int dense, \
+    int shared, \
     int splits, \
     float scale_log2, \
     const u16* __restrict__ hot_k, \
@@ -213,7 +216,7 @@ static_assert(sizeof(int*) == 8 && alignof(int*) == 8, "PagedRetrieveParams: the
 static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedAttendParams: the host's q, kc, vc, hot_k, hot_v differ");
 static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedAttendParams: the host's page_table, hot_tag differ");
 static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedAttendParams: the host's seq_lens, chunk_count differ");
-static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAttendParams: the host's max_pages, page_size, batch, hq, hkv, cap, dense, splits, hot_slots differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedAttendParams: the host's max_pages, page_size, batch, hq, hkv, cap, dense, shared, splits, hot_slots differ");
 static_assert(sizeof(const int2*) == 8 && alignof(const int2*) == 8, "PagedAttendParams: the host's chunks differ");
 static_assert(sizeof(float) == 4 && alignof(float) == 4, "PagedAttendParams: the host's scale_log2 differ");
 static_assert(sizeof(unsigned*) == 8 && alignof(unsigned*) == 8, "PagedAttendParams: the host's hot_step differ");
@@ -230,6 +233,7 @@ static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "PagedAttendParams: t
     const int2* __restrict__ chunks, \
     const int* __restrict__ chunk_count, \
     int cap, \
+    int group, \
     u16* __restrict__ hot_k, \
     u16* __restrict__ hot_v, \
     u32* __restrict__ hot_tag, \
@@ -239,7 +243,7 @@ static_assert(sizeof(float*) == 8 && alignof(float*) == 8, "PagedAttendParams: t
     unsigned long long* __restrict__ hot_stats
 static_assert(sizeof(const u16*) == 8 && alignof(const u16*) == 8, "PagedStageParams: the host's kc, vc differ");
 static_assert(sizeof(const u32*) == 8 && alignof(const u32*) == 8, "PagedStageParams: the host's page_table differ");
-static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedStageParams: the host's max_pages, page_size, hq, hkv, cap, hot_slots differ");
+static_assert(sizeof(int) == 4 && alignof(int) == 4, "PagedStageParams: the host's max_pages, page_size, hq, hkv, cap, group, hot_slots differ");
 static_assert(sizeof(const int2*) == 8 && alignof(const int2*) == 8, "PagedStageParams: the host's chunks differ");
 static_assert(sizeof(const int*) == 8 && alignof(const int*) == 8, "PagedStageParams: the host's chunk_count differ");
 static_assert(sizeof(u16*) == 8 && alignof(u16*) == 8, "PagedStageParams: the host's hot_k, hot_v differ");
