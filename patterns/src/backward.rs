@@ -5,11 +5,19 @@
 //! `D = dO . O`, `dS_j = P_j (dO . v_j - D)`; then `dQ = scale * sum_j dS_j k_j`,
 //! `dK_j += scale * dS_j q` and `dV_j += P_j dO`. Under GQA a key/value head's gradients sum
 //! over the query heads that share it. A row that keeps no key contributes nothing.
+//!
+//! [`ring_attention_backward`] computes the same as a ring of workers would: each query's
+//! worker recomputes `P_j = exp(scale * q . k_j - lse)` from the forward's log-sum-exp for the
+//! keys of the shard visiting at each step, adds to its dQ, and adds to the dK and dV that
+//! travel with the shard back to its owner.
 
 use rayon::prelude::*;
 
+use weft_dsl::RingLayout;
+
 use crate::index::SparseIndex;
 use crate::reference::{check_index, kept_keys};
+use crate::ring::{shard_at_step, worker_of};
 use crate::tensor::{check_qkv, dot, Tensor};
 use crate::Error;
 
@@ -33,7 +41,39 @@ pub fn attention_backward(
     scale: f64,
 ) -> Result<Gradients, Error> {
     check_index(ix, q, k)?;
-    backward(|h, t| kept_keys(ix, h, t), q, k, v, dout, scale)
+    backward(|h, t| kept_keys(ix, h, t), |_, _, keys| vec![keys.to_vec()], q, k, v, dout, scale)
+}
+
+/// [`attention_backward`] as a ring of `workers` computes it (`layout` assigns tokens to
+/// workers): per query, one pass per ring step over the keys of the shard visiting its worker,
+/// with `P` recomputed from the whole row's log-sum-exp. Equal to [`attention_backward`] up to
+/// rounding (the sums run step by step).
+#[allow(clippy::too_many_arguments)]
+pub fn ring_attention_backward(
+    ix: &SparseIndex,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dout: &Tensor,
+    scale: f64,
+    workers: usize,
+    layout: RingLayout,
+) -> Result<Gradients, Error> {
+    check_index(ix, q, k)?;
+    if workers == 0 {
+        return Err(Error::Shape("a ring needs at least one worker".into()));
+    }
+    let (nq, nk) = (q.tokens, k.tokens);
+    let steps = |_h: usize, t: usize, keys: &[usize]| -> Vec<Vec<usize>> {
+        let w = worker_of(layout, t, nq, workers);
+        (0..workers)
+            .map(|s| {
+                let shard = shard_at_step(w, s, workers);
+                keys.iter().copied().filter(|&j| worker_of(layout, j, nk, workers) == shard).collect()
+            })
+            .collect()
+    };
+    backward(|h, t| kept_keys(ix, h, t), steps, q, k, v, dout, scale)
 }
 
 /// The gradients of attention over every pair for which `mask(head, q, k)` holds.
@@ -45,11 +85,16 @@ pub fn dense_attention_backward(
     dout: &Tensor,
     scale: f64,
 ) -> Result<Gradients, Error> {
-    backward(|h, t| (0..k.tokens).filter(|&j| mask(h, t, j)).collect(), q, k, v, dout, scale)
+    let keys_of = |h, t| (0..k.tokens).filter(|&j| mask(h, t, j)).collect();
+    backward(keys_of, |_, _, keys| vec![keys.to_vec()], q, k, v, dout, scale)
 }
 
+/// The gradients over the keys `keys_of(head, query)` keeps, each row's keys taken in the
+/// groups `steps_of(head, query, keys)` gives (one group, or a ring's steps), `P` from the row's
+/// log-sum-exp over all of them.
 fn backward(
     keys_of: impl Fn(usize, usize) -> Vec<usize> + Sync,
+    steps_of: impl Fn(usize, usize, &[usize]) -> Vec<Vec<usize>> + Sync,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -81,31 +126,35 @@ fn backward(
                         continue;
                     }
                     let qrow = q.row(h, t);
-                    let s: Vec<f64> = keys.iter().map(|&j| scale * dot(qrow, k.row(kv, j))).collect();
+                    let score = |j: usize| scale * dot(qrow, k.row(kv, j));
+                    // The forward's row: its log-sum-exp and output, then D = dO . O.
+                    let s: Vec<f64> = keys.iter().map(|&j| score(j)).collect();
                     let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
-                    let sum: f64 = e.iter().sum();
-                    let p: Vec<f64> = e.iter().map(|x| x / sum).collect();
+                    let lse = max + s.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
                     let go: Vec<f64> = dout.row(h, t).iter().map(|x| f64::from(*x)).collect();
                     let mut o = vec![0f64; dvd];
-                    for (&j, pj) in keys.iter().zip(&p) {
+                    for (&j, sj) in keys.iter().zip(&s) {
+                        let pj = (sj - lse).exp();
                         for (oi, x) in o.iter_mut().zip(v.row(kv, j)) {
                             *oi += pj * f64::from(*x);
                         }
                     }
                     let big_d: f64 = go.iter().zip(&o).map(|(a, b)| a * b).sum();
                     let dq_row = &mut dq[(g * nq + t) * d..(g * nq + t + 1) * d];
-                    for (&j, pj) in keys.iter().zip(&p) {
-                        let dp: f64 = go.iter().zip(v.row(kv, j)).map(|(a, b)| a * f64::from(*b)).sum();
-                        let ds = pj * (dp - big_d);
-                        for (x, kx) in dq_row.iter_mut().zip(k.row(kv, j)) {
-                            *x += scale * ds * f64::from(*kx);
-                        }
-                        for (x, qx) in dk[j * d..(j + 1) * d].iter_mut().zip(qrow) {
-                            *x += scale * ds * f64::from(*qx);
-                        }
-                        for (x, gx) in dv[j * dvd..(j + 1) * dvd].iter_mut().zip(&go) {
-                            *x += pj * gx;
+                    for step in steps_of(h, t, &keys) {
+                        for j in step {
+                            let pj = (score(j) - lse).exp();
+                            let dp: f64 = go.iter().zip(v.row(kv, j)).map(|(a, b)| a * f64::from(*b)).sum();
+                            let ds = pj * (dp - big_d);
+                            for (x, kx) in dq_row.iter_mut().zip(k.row(kv, j)) {
+                                *x += scale * ds * f64::from(*kx);
+                            }
+                            for (x, qx) in dk[j * d..(j + 1) * d].iter_mut().zip(qrow) {
+                                *x += scale * ds * f64::from(*qx);
+                            }
+                            for (x, gx) in dv[j * dvd..(j + 1) * dvd].iter_mut().zip(&go) {
+                                *x += pj * gx;
+                            }
                         }
                     }
                 }
@@ -197,6 +246,28 @@ mod tests {
                 assert!((g.dv[kv * per_head + i] - sum).abs() < 1e-12, "dv");
             }
         }
+    }
+
+    #[test]
+    fn ring_backward_steps_sum_to_one_workers_gradients() {
+        use weft_dsl::builder::*;
+        let (q, k, v) =
+            (Tensor::random(4, 200, 16, 21), Tensor::random(2, 200, 16, 22), Tensor::random(2, 200, 16, 23));
+        let dout = Tensor::random(4, 200, 16, 24);
+        let opts = crate::IndexOptions { block_m: Some(32), block_n: Some(32), ..Default::default() };
+        let ix = crate::build_index(&(causal() & (sink(8) | window(50))), &q, &k, &opts).unwrap();
+        let one = attention_backward(&ix, &q, &k, &v, &dout, 0.25).unwrap();
+        for (workers, layout) in [(1, RingLayout::Contiguous), (2, RingLayout::ZigZag), (4, RingLayout::Striped(16))] {
+            let ring = ring_attention_backward(&ix, &q, &k, &v, &dout, 0.25, workers, layout).unwrap();
+            for (name, a, b) in [("dq", &ring.dq, &one.dq), ("dk", &ring.dk, &one.dk), ("dv", &ring.dv, &one.dv)] {
+                let worst = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0f64, f64::max);
+                assert!(worst < 1e-12, "{workers} workers {layout:?}: {name} off by {worst:e}");
+            }
+            if workers == 1 {
+                assert_eq!(ring, one, "one worker is the plain backward");
+            }
+        }
+        assert!(ring_attention_backward(&ix, &q, &k, &v, &dout, 0.25, 0, RingLayout::Contiguous).is_err());
     }
 
     #[test]

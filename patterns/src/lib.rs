@@ -82,7 +82,7 @@ pub mod selection;
 pub mod synthetic;
 pub mod tensor;
 
-pub use backward::{attention_backward, dense_attention_backward, Gradients};
+pub use backward::{attention_backward, dense_attention_backward, ring_attention_backward, Gradients};
 pub use families::Estimates;
 pub use index::{
     build_index, layout, resolve_pattern, BatchIndex, IndexOptions, Resolved, SparseIndex, FULL, MAX_TILES,
