@@ -265,15 +265,20 @@ __device__ unsigned long long radix_cut(const unsigned long long* keys, int n, u
     return want;
 }
 
-// The candidate pages of a sequence of `visible` tokens: those holding a visible token outside
-// the sink and the recent tokens, the logical pages [p_lo, p_lo + ncand) (none when the two
-// meet).
-__device__ __forceinline__ void candidates(int visible, int sink, int recent, int page_size, int& p_lo, int& ncand) {
-    const int sink_end = min(sink, visible);
-    const int recent_from = max(visible - recent, sink_end);
-    p_lo = sink_end / page_size;
-    const int p_hi = sink_end < recent_from ? (recent_from + page_size - 1) / page_size : p_lo;
-    ncand = p_hi - p_lo;
+// A sequence of `visible` tokens: its sink [0, sink_end), its recent tokens [recent_from,
+// visible), and its candidate pages, those holding a visible token outside both: the logical
+// pages [p_lo, p_lo + ncand) (none when the two meet).
+struct Candidates {
+    int sink_end, recent_from, p_lo, ncand;
+};
+__device__ __forceinline__ Candidates candidates(int visible, int sink, int recent, int page_size) {
+    Candidates c;
+    c.sink_end = min(sink, visible);
+    c.recent_from = max(visible - recent, c.sink_end);
+    c.p_lo = c.sink_end / page_size;
+    const int p_hi = c.sink_end < c.recent_from ? (c.recent_from + page_size - 1) / page_size : c.p_lo;
+    c.ncand = p_hi - c.p_lo;
+    return c;
 }
 
 // ---- score ----
@@ -291,8 +296,8 @@ extern "C" __global__ void __launch_bounds__(SCORE_THREADS) WEFT_ENTRY(score)(PA
     __shared__ double s_q[HC][D];
     const int kvh = blockIdx.y, b = blockIdx.z;
     const int visible = seq_lens[b];
-    int p_lo, ncand;
-    candidates(visible, sink, recent, page_size, p_lo, ncand);
+    const Candidates cand = candidates(visible, sink, recent, page_size);
+    const int p_lo = cand.p_lo, ncand = cand.ncand;
     if (blockIdx.x * SCORE_THREADS >= ncand) return;  // the whole CTA
     const int c = blockIdx.x * SCORE_THREADS + threadIdx.x;
     const u32* table = page_table + (size_t)b * max_pages;
@@ -373,10 +378,8 @@ extern "C" __global__ void __launch_bounds__(RETRIEVE_THREADS) WEFT_ENTRY(retrie
     const int h = blockIdx.x * group, b = blockIdx.y;
     const int row = b * hq + h;
     const int visible = seq_lens[b];
-    const int sink_end = min(sink, visible);
-    const int recent_from = max(visible - recent, sink_end);
-    int p_lo, ncand;
-    candidates(visible, sink, recent, page_size, p_lo, ncand);
+    const Candidates cand = candidates(visible, sink, recent, page_size);
+    const int sink_end = cand.sink_end, recent_from = cand.recent_from, p_lo = cand.p_lo, ncand = cand.ncand;
     // The candidates' scores, as `score` wrote them.
     const unsigned long long* keys = scores + (size_t)row * max_pages;
 
