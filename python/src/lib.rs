@@ -672,9 +672,6 @@ impl PyRuntime {
     ) -> PyResult<PyPagedCache> {
         let dtype = parse_dtype(dtype)?;
         let shape = PagedShape { batch, hq, hkv, head_dim, page_size, max_pages, dtype };
-        if hot_pages > 0 && !host {
-            return Err(value_error("hot_pages are for a cache in host memory (host=True)"));
-        }
         let options = weft::runtime::PagedOptions { host, hot_pages, key_bits };
         let cache = py.detach(|| {
             let rt = self.inner.lock().map_err(|_| WeftError::new_err("the runtime's lock is poisoned"))?;
