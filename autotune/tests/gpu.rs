@@ -363,8 +363,10 @@ fn paged_decode_split_count_is_tuned_verified_and_stored() {
         for b in 0..batch {
             cache.fill(&rt.gpu, b, &kv, &kv, keys).unwrap();
         }
-        let got = rt.paged_splits(&cache, retrieval);
+        let got = rt.paged_splits(&mut cache, retrieval);
         println!("ok   the runtime reads the tuned paged split count back: {got}");
         assert_eq!(got, best);
+        // The second step's answer comes from the cache's memo: the same.
+        assert_eq!(rt.paged_splits(&mut cache, retrieval), best);
     }
 }

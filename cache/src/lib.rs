@@ -139,8 +139,12 @@ pub struct ShapeBucket {
 impl ShapeBucket {
     /// The bucket of a problem.
     pub fn new(seq_len: usize, head_dim: u32, dtype: &str, gqa: u32, causal: bool) -> ShapeBucket {
-        let seq = (seq_len.max(1024) as u64).next_power_of_two().min(u64::from(u32::MAX)) as u32;
-        ShapeBucket { seq, head_dim, dtype: dtype.to_string(), gqa, causal, batch: None }
+        ShapeBucket { seq: Self::seq_bucket(seq_len), head_dim, dtype: dtype.to_string(), gqa, causal, batch: None }
+    }
+
+    /// The sequence-length bucket of `seq_len` keys (the [`ShapeBucket::seq`] field).
+    pub fn seq_bucket(seq_len: usize) -> u32 {
+        (seq_len.max(1024) as u64).next_power_of_two().min(u64::from(u32::MAX)) as u32
     }
 
     /// This bucket for decode steps of `batch` sequences.

@@ -536,23 +536,31 @@ impl Runtime {
     /// The split count tuned for decode steps over `cache` with `retrieval` (`None`: dense)
     /// at its current longest sequence (`weft autotune` on a paged retrieval pattern, or on
     /// `full()` with `--batch`, stores it), or 0: [`crate::PagedKvCache::decode_step`]'s
-    /// automatic choice.
-    pub fn paged_splits(&self, cache: &crate::PagedKvCache, retrieval: Option<&weft_dsl::Retrieval>) -> usize {
+    /// automatic choice. The answer is kept in the cache for its retrieval and length bucket,
+    /// so that a decode loop hashes the pattern and reads the database once a bucket, not
+    /// every step.
+    pub fn paged_splits(&self, cache: &mut crate::PagedKvCache, retrieval: Option<&weft_dsl::Retrieval>) -> usize {
         let Some((db, toolchain)) = self.gpu.db.as_ref() else { return 0 };
+        let keys = cache.lens().iter().copied().max().unwrap_or(0);
+        let seq = weft_cache::ShapeBucket::seq_bucket(keys);
+        if let Some(t) = cache.tuned.as_ref().filter(|t| t.seq == seq && t.retrieval.as_ref() == retrieval) {
+            return t.splits;
+        }
         let s = cache.shape();
         let pattern = match retrieval {
             Some(r) => Pattern::new("paged", weft_dsl::PatternExpr::Retrieval(r.clone())),
             None => Pattern::new("paged", weft_dsl::builder::full()),
         };
-        let keys = cache.lens().iter().copied().max().unwrap_or(0);
         let key = paged_tune_key(toolchain.clone(), &pattern, s.batch, keys, s.head_dim as u32, s.dtype, s.hq / s.hkv);
-        match db.tuning(&key) {
+        let splits = match db.tuning(&key) {
             Ok(r) => r.and_then(|r| r.best.get("splits").and_then(|s| s.as_u64())).map_or(0, |s| s as usize),
             Err(e) => {
                 tracing::warn!(error = %e, "tuning record ignored");
                 0
             }
-        }
+        };
+        cache.tuned = Some(crate::paged::TunedSplits { retrieval: retrieval.cloned(), seq, splits });
+        splits
     }
 
     /// The tuning record stored for (pattern, head, bucket) under this GPU's toolchain (read

@@ -270,6 +270,16 @@ pub struct PagedKvCache {
     module: Module,
     merge: Kernel,
     work: Option<Workspace>,
+    /// The split count [`crate::Runtime::paged_splits`] last found, for the retrieval and
+    /// sequence-length bucket it was found for: a decode loop reads the database once a bucket.
+    pub(crate) tuned: Option<TunedSplits>,
+}
+
+/// A tuned split count and what it was looked up for.
+pub(crate) struct TunedSplits {
+    pub(crate) retrieval: Option<Retrieval>,
+    pub(crate) seq: u32,
+    pub(crate) splits: usize,
 }
 
 /// Where a [`PagedKvCache`] keeps K and V, and what it keeps beside them.
@@ -380,6 +390,7 @@ impl Gpu {
             module,
             merge,
             work: None,
+            tuned: None,
             shape,
         })
     }
