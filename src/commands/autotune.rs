@@ -68,16 +68,12 @@ pub(crate) fn autotune(args: AutotuneArgs) -> Result<()> {
                             bar.set_prefix(format!("{} paged b={batch} n={seq} d={head_dim}", pattern.name));
                             let r =
                                 weft::autotune::paged::tune_paged(&gpu, db.as_ref().map(|(d, _)| d), &req, &report)?;
-                            let gain =
-                                r.auto_ms.map_or("auto failed".to_string(), |a| format!("{:.2}x", a / r.best_ms));
                             summary.push(format!(
-                                "{:<24} b={batch:<4} n={seq:<7} d={head_dim:<3} {:<5} paged splits={:<4} {:>8.4} ms  gain {gain} over auto  error {:.1e}  {:.1} s",
+                                "{:<24} b={batch:<4} n={seq:<7} d={head_dim:<3} {:<5} paged splits={:<4} {}",
                                 pattern.name,
                                 dtype.name(),
                                 r.best_splits,
-                                r.best_ms,
-                                r.verified_error,
-                                r.seconds
+                                split_outcome(&r)
                             ));
                         }
                         bar.finish_and_clear();
@@ -108,15 +104,12 @@ pub(crate) fn autotune(args: AutotuneArgs) -> Result<()> {
                             let name = if *splits == 0 { "auto".to_string() } else { splits.to_string() };
                             println!("{name:<14} {:>10}", t.map_or("-".into(), |m| format!("{m:.4}")));
                         }
-                        let gain = r.auto_ms.map_or("auto failed".to_string(), |a| format!("{:.2}x", a / r.best_ms));
                         summary.push(format!(
-                            "{:<24} n={seq:<6} d={head_dim:<3} {:<5} decode splits={:<24} {:>8.4} ms  gain {gain} over auto  error {:.1e}  {:.1} s",
+                            "{:<24} n={seq:<6} d={head_dim:<3} {:<5} decode splits={:<24} {}",
                             pattern.name,
                             dtype.name(),
                             r.best_splits,
-                            r.best_ms,
-                            r.verified_error,
-                            r.seconds
+                            split_outcome(&r)
                         ));
                         continue;
                     }
@@ -178,4 +171,11 @@ pub(crate) fn autotune(args: AutotuneArgs) -> Result<()> {
         println!("stored in {}", path.display());
     }
     Ok(())
+}
+
+/// A split-count tune's time, gain over the automatic choice, error and duration, for the
+/// summary.
+fn split_outcome(r: &weft::autotune::decode::DecodeTuneResult) -> String {
+    let gain = r.auto_ms.map_or("auto failed".to_string(), |a| format!("{:.2}x", a / r.best_ms));
+    format!("{:>8.4} ms  gain {gain} over auto  error {:.1e}  {:.1} s", r.best_ms, r.verified_error, r.seconds)
 }
